@@ -1,0 +1,1 @@
+"""The ``polypseg`` command line. Each concern registers its commands from its own module."""

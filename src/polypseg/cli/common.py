@@ -1,0 +1,35 @@
+"""Helpers shared by the CLI modules: console, one-line user errors, device choice."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+from polypseg.errors import PolypsegError
+
+console = Console(stderr=True)
+
+
+class UsageError(PolypsegError):
+    """A bad command-line value; the message names the option."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on one line and exit with ``code``."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; validates explicit choices."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    return device

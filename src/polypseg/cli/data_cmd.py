@@ -1,0 +1,72 @@
+"""``polypseg data check|download|cache``."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from polypseg.cli.common import console
+
+SHOWN_PER_KIND = 10
+
+
+def register(app: typer.Typer) -> None:
+    data_app = typer.Typer(help="Check, download and preprocess datasets.", no_args_is_help=True)
+    app.add_typer(data_app, name="data")
+
+    @data_app.command("check")
+    def check(
+        root: Path = typer.Argument(..., help="Dataset folder (images/ + masks/, or Original/ + 'Ground Truth/')."),
+        show_all: bool = typer.Option(False, "--all", help=f"List every problem (default: the first {SHOWN_PER_KIND} of each kind)."),
+    ) -> None:
+        """Decode every pair and report counts, sizes and problems; exit code 1 if there are errors."""
+        from polypseg.data import check_dataset
+
+        report = check_dataset(root, progress=True)
+        console.print(f"{root}: {report.pairs} pairs", highlight=False)
+        if report.min_size:
+            console.print(
+                f"sizes: {report.distinct_sizes} distinct, smallest {report.min_size[1]}x{report.min_size[0]}, "
+                f"largest {report.max_size[1]}x{report.max_size[0]} (width x height)",
+                highlight=False,
+            )
+        by_kind: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for problem in report.problems:
+            by_kind[(problem.severity, problem.kind)].append(problem.message)
+        for (severity, kind), messages in sorted(by_kind.items()):
+            colour = "red" if severity == "error" else "yellow"
+            console.print(f"[{colour}]{severity}[/]: {len(messages)} {kind}", highlight=False)
+            for message in messages if show_all else messages[:SHOWN_PER_KIND]:
+                console.print(f"  {message}", highlight=False, soft_wrap=True)
+            if not show_all and len(messages) > SHOWN_PER_KIND:
+                console.print(f"  ... and {len(messages) - SHOWN_PER_KIND} more (--all lists them)")
+        console.print(f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)")
+        if not report.ok:
+            raise typer.Exit(1)
+
+    @data_app.command("download")
+    def download(
+        name: str = typer.Argument(..., help="Dataset name: kvasir-seg."),
+        to: Path = typer.Option(..., "--to", help="Parent folder; the dataset lands in TO/NAME."),
+        url: Optional[str] = typer.Option(None, "--url", help="Override the official URL (e.g. a local mirror or file://...)."),
+    ) -> None:
+        """Download, verify (per-file SHA-256 manifest shipped with polypseg) and unpack a dataset. Safe to rerun."""
+        from polypseg.download import download_dataset
+
+        path = download_dataset(name, to, url=url)
+        console.print(f"{name} ready at {path}", highlight=False)
+
+    @data_app.command("cache")
+    def cache(
+        root: Path = typer.Argument(..., help="Dataset folder."),
+        size: int = typer.Option(256, "--size", min=16, help="Square size the images are resized to."),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default $POLYPSEG_CACHE or ~/.cache/polypseg)."),
+    ) -> None:
+        """Build the preprocessed cache (JPEG-packed images, bit-packed masks) ahead of training."""
+        from polypseg.data import build_cache, default_cache_dir
+
+        data = build_cache(root, size, cache_dir=cache_dir)
+        console.print(f"{len(data.stems)} pairs at {size}px cached in {cache_dir or default_cache_dir()}", highlight=False)

@@ -1,0 +1,70 @@
+"""Entry point: ``polypseg <command> --help`` documents every command."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from polypseg import __version__
+from polypseg.cli.common import console
+from polypseg.errors import PolypsegError
+
+app = typer.Typer(
+    name="polypseg",
+    help="Explainable polyp segmentation: train, cross-validate, explain, predict, export, report, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each module defines ``register(app)``; a module whose optional dependencies are missing
+# only loses its own commands.
+COMMAND_MODULES = (
+    "polypseg.cli.data_cmd",
+    "polypseg.cli.train_cmd",
+    "polypseg.cli.explain_cmd",
+    "polypseg.cli.predict_cmd",
+    "polypseg.cli.report_cmd",
+    "polypseg.cli.serve_cmd",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"polypseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Explainable polyp segmentation in colonoscopy images (PolypSeg-GradCAM and beyond)."""
+
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(_name)
+    except ModuleNotFoundError as _error:
+        if _error.name and _error.name.startswith("polypseg.cli."):
+            continue  # command module not present in this build
+        raise
+    _module.register(app)
+
+
+def main() -> None:
+    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except PolypsegError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; finished work is kept (rerun with --resume to continue)")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""``polypseg train`` (one split) and ``polypseg cv`` (K-fold cross-validation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from polypseg.cli.common import UsageError, console
+from polypseg.config import RECIPES, RunConfig, apply_overrides, get_recipe
+
+DATA_HELP = "Dataset folder (images/ + masks/, or CVC-ClinicDB's Original/ + 'Ground Truth/'). Default: the bundled 40-image Kvasir-SEG sample."
+
+
+def _data_or_sample(data: Optional[Path]) -> Path:
+    if data is not None:
+        return data
+    from polypseg.sample_data import sample_dataset_path
+
+    return sample_dataset_path()
+
+
+def build_config(
+    recipe: str,
+    encoder_weights: Optional[str],
+    skip_connections: Optional[bool],
+    epochs: Optional[int],
+    batch_size: Optional[int],
+    lr: Optional[float],
+    loss: Optional[str],
+    image_size: Optional[int],
+    seed: Optional[int],
+    overrides: list[str],
+) -> RunConfig:
+    """The named recipe with the command-line options applied (shortcuts first, then ``--set``)."""
+    try:
+        config = get_recipe(recipe)
+        shortcuts = {
+            "model.encoder_weights": encoder_weights,
+            "model.skip_connections": skip_connections,
+            "train.epochs": epochs,
+            "train.batch_size": batch_size,
+            "train.lr": lr,
+            "train.loss": loss,
+            "train.image_size": image_size,
+            "train.seed": seed,
+        }
+        for key, value in shortcuts.items():
+            if value is not None:
+                section, name = key.split(".")
+                setattr(getattr(config, section), name, value)
+        apply_overrides(config, overrides)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    from polypseg.losses import LOSSES
+
+    if config.train.loss not in LOSSES:
+        raise UsageError(f"--loss {config.train.loss}: choose one of {', '.join(LOSSES)}")
+    weights = config.model.encoder_weights
+    if weights not in ("none", "imagenet") and not Path(weights).is_file():
+        raise UsageError(f"--encoder-weights {weights}: not 'imagenet', 'none' or an existing file")
+    if weights != "none":
+        from polypseg.models import create_model
+
+        create_model(config.model)  # fail now, not after caching the data, if the weights cannot be had
+    return config
+
+
+# Options shared by train and cv (typer needs them spelled out per command).
+RecipeOpt = typer.Option("paper", "--recipe", help=f"Named recipe: {', '.join(RECIPES)} (see docs/recipes.md).")
+WeightsOpt = typer.Option(None, "--encoder-weights", help="imagenet | none | PATH to a torchvision ResNet state dict (.pth/.safetensors). Recipe default: none.")
+SkipOpt = typer.Option(None, "--skip/--no-skip", help="U-Net skip connections (--no-skip: the paper's skip ablation).")
+EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs.")
+BatchOpt = typer.Option(None, "--batch-size", min=1, help="Override the recipe's batch size (global, across GPUs).")
+LrOpt = typer.Option(None, "--lr", min=0.0, help="Override the recipe's learning rate.")
+LossOpt = typer.Option(None, "--loss", help="dice | dice_bce | bce | focal_dice | tversky.")
+SizeOpt = typer.Option(None, "--image-size", min=32, help="Override the training resolution (square).")
+SeedOpt = typer.Option(None, "--seed", help="Seed for training (and the split, for cv).")
+SetOpt = typer.Option([], "--set", help="Any config field, e.g. --set train.ema_decay=0.999 (repeatable).")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("cv")
+    def cv_command(
+        out: Path = typer.Option(..., "--out", help="Run folder (created; holds splits.json, fold_*/, summary.*)."),
+        data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
+        folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
+        recipe: str = RecipeOpt,
+        encoder_weights: Optional[str] = WeightsOpt,
+        skip: Optional[bool] = SkipOpt,
+        epochs: Optional[int] = EpochsOpt,
+        batch_size: Optional[int] = BatchOpt,
+        lr: Optional[float] = LrOpt,
+        loss: Optional[str] = LossOpt,
+        image_size: Optional[int] = SizeOpt,
+        seed: Optional[int] = SeedOpt,
+        overrides: list[str] = SetOpt,
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (finished folds are kept as they are)."),
+        explain: bool = typer.Option(True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."),
+        explain_max_images: Optional[int] = typer.Option(None, "--explain-max-images", min=1, help="Limit the Grad-CAM checks to the first N held-out images per fold."),
+        device: str = DeviceOpt,
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the preprocessed cache lives (default $POLYPSEG_CACHE or ~/.cache/polypseg)."),
+        progress: bool = ProgressOpt,
+    ) -> None:
+        """K-fold cross-validation: train each fold, pool out-of-fold predictions, write RUN/summary.{json,md}.
+
+        Example (the paper's setting): polypseg cv --data Kvasir-SEG --out runs/paper --recipe paper
+        """
+        from polypseg.cv import run_cv
+
+        config = None
+        if not resume:
+            config = build_config(recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides)
+        elif any(v is not None for v in (encoder_weights, skip, epochs, batch_size, lr, loss, image_size)) or overrides:
+            raise UsageError("--resume continues a run with its saved config; drop the recipe options")
+        summary = run_cv(
+            _data_or_sample(data),
+            out,
+            config,
+            folds=folds,
+            seed=seed if seed is not None else 0,
+            resume=resume,
+            device=device,
+            progress=progress,
+            explain=explain,
+            explain_max_images=explain_max_images,
+            cache_dir=cache_dir,
+        )
+        if summary:
+            ms = summary["mean_std"]["at_chosen"]
+            console.print(
+                f"Dice {ms['dice'][0]:.4f} ± {ms['dice'][1]:.4f}, IoU {ms['iou'][0]:.4f} ± {ms['iou'][1]:.4f} "
+                f"at threshold {summary['threshold']:g}"
+            )
+            console.print(f"summary: {Path(out) / 'summary.md'}")
+            if (Path(out) / "report.html").is_file():
+                console.print(f"report:  {Path(out) / 'report.html'}")
+
+    @app.command("train")
+    def train_command(
+        out: Path = typer.Option(..., "--out", help="Output folder (best.safetensors/json, history.json, test_metrics.json)."),
+        data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
+        test_list: Optional[Path] = typer.Option(None, "--test-list", help="File of stems held out as the test set (one per line), evaluated once at the end, e.g. the PraNet split."),
+        recipe: str = RecipeOpt,
+        encoder_weights: Optional[str] = WeightsOpt,
+        skip: Optional[bool] = SkipOpt,
+        epochs: Optional[int] = EpochsOpt,
+        batch_size: Optional[int] = BatchOpt,
+        lr: Optional[float] = LrOpt,
+        loss: Optional[str] = LossOpt,
+        image_size: Optional[int] = SizeOpt,
+        seed: Optional[int] = SeedOpt,
+        overrides: list[str] = SetOpt,
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training in --out."),
+        device: str = DeviceOpt,
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Preprocessed cache folder."),
+        progress: bool = ProgressOpt,
+    ) -> None:
+        """Train one model on one split: the data minus --test-list, best epoch chosen on an inner validation split."""
+        from polypseg.train_split import train_single_split
+
+        if resume and (out / "config.json").is_file():
+            config = RunConfig.load(out / "config.json")
+        else:
+            config = build_config(recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides)
+        result = train_single_split(
+            _data_or_sample(data), out, config, test_list=test_list, resume=resume, device=device, progress=progress, cache_dir=cache_dir
+        )
+        console.print(f"checkpoint: {result['checkpoint']}")
+        if "test" in result:
+            t = result["test"]["at"]["0.5"]
+            console.print(f"test ({result['test']['n_images']} images): Dice {t['dice']:.4f}, IoU {t['iou']:.4f} at 0.5")

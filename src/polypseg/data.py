@@ -1,0 +1,421 @@
+"""Reading polyp datasets as published, checking them, and a compact preprocessed cache.
+
+Layouts understood (pairs are always matched by file stem, never by sorted order):
+
+* Kvasir-SEG and any generic folder: ``images/`` + ``masks/`` (jpg, png, bmp, tif...).
+* CVC-ClinicDB: ``Original/`` + ``Ground Truth/`` (TIFF; Pillow cannot open these, tifffile can).
+
+Masks are reduced to one channel and binarised at ``> 127`` at their original resolution;
+resizing a mask is always nearest-neighbour, so it stays binary.
+"""
+
+from __future__ import annotations
+
+from polypseg.errors import PolypsegError
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from polypseg.io_utils import atomic_write
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+LAYOUTS = (("images", "masks"), ("Original", "Ground Truth"))
+CACHE_FORMAT = "polypseg-cache-v1"
+# Large enough for any colonoscopy frame, small enough to stop decompression bombs.
+Image.MAX_IMAGE_PIXELS = 100_000_000
+
+
+class DataError(PolypsegError):
+    """A dataset folder or file cannot be used; the message names the path."""
+
+
+class ImageReadError(DataError):
+    """One image or mask file cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    stem: str
+    image: Path
+    mask: Path | None = None
+
+
+@dataclass
+class DatasetIndex:
+    """The pairs found under a dataset root, plus the files that could not be paired."""
+
+    root: Path
+    samples: list[Sample]
+    unpaired_images: list[Path] = field(default_factory=list)
+    unpaired_masks: list[Path] = field(default_factory=list)
+    duplicate_stems: list[Path] = field(default_factory=list)
+
+    @property
+    def stems(self) -> list[str]:
+        return [s.stem for s in self.samples]
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        # 16-bit (or wider) data: scale by the dtype's range, not per image, so a fixed
+        # threshold means the same thing for every file.
+        max_value = np.iinfo(array.dtype).max
+        return (array.astype(np.float64) * (255.0 / max_value)).round().astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        scale = 255.0 if float(np.nanmax(array)) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(array) * scale, 0, 255).round().astype(np.uint8)
+    raise ImageReadError(f"unsupported pixel type {array.dtype}")
+
+
+def _decode(path: Path) -> np.ndarray:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            array = np.asarray(tifffile.imread(path))
+        else:
+            with Image.open(path) as image:
+                image.load()
+                if image.mode == "P":
+                    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+                elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    array = np.asarray(image).astype(np.uint16 if image.mode.startswith("I;16") else np.int64)
+                    if array.dtype == np.int64:
+                        array = np.clip(array, 0, 65535).astype(np.uint16)
+                    return array
+                elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV", "1", "LA", "F"):
+                    image = image.convert("RGBA" if image.mode == "LA" else ("L" if image.mode in ("1", "F") else "RGB"))
+                array = np.asarray(image)
+    except FileNotFoundError:
+        raise ImageReadError(f"file not found: {path}") from None
+    except Exception as error:  # noqa: BLE001 - any decoder failure means this file is unusable
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageReadError(f"cannot decode {path}: {reason}") from None
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar TIFF
+    return array
+
+
+def read_image(path: Path | str) -> np.ndarray:
+    """Read an image as ``uint8`` RGB ``(H, W, 3)``; grayscale, RGBA and 16-bit are converted."""
+    path = Path(path)
+    array = _to_uint8(_decode(path))
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]  # colonoscopy frames have no meaningful transparency
+    elif array.ndim == 3 and array.shape[2] == 2:
+        array = np.repeat(array[:, :, :1], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+        raise ImageReadError(f"cannot use {path}: unexpected image shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def read_mask(path: Path | str) -> np.ndarray:
+    """Read a mask as ``bool (H, W)``: one channel (max over colour channels), binarised at > 127."""
+    path = Path(path)
+    array = _to_uint8(_decode(path))
+    if array.ndim == 3:
+        array = array[:, :, :3].max(axis=2) if array.shape[2] >= 3 else array[:, :, 0]
+    if array.ndim != 2:
+        raise ImageReadError(f"cannot use mask {path}: unexpected shape {array.shape}")
+    return array > 127
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def find_layout(root: Path) -> tuple[Path, Path]:
+    """Return the ``(images, masks)`` folders of a dataset root, or raise :class:`DataError`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    for images_name, masks_name in LAYOUTS:
+        if (root / images_name).is_dir() and (root / masks_name).is_dir():
+            return root / images_name, root / masks_name
+    # A download unpacks into one sub-folder (e.g. Kvasir-SEG/): accept that too.
+    children = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    if len(children) == 1:
+        return find_layout(children[0])
+    expected = " or ".join(f"'{i}/' + '{m}/'" for i, m in LAYOUTS)
+    raise DataError(f"{root} has no {expected} folders")
+
+
+def index_dataset(root: Path | str) -> DatasetIndex:
+    """Pair images and masks under ``root`` by file stem."""
+    root = Path(root)
+    images_dir, masks_dir = find_layout(root)
+    images: dict[str, Path] = {}
+    masks: dict[str, Path] = {}
+    duplicates: list[Path] = []
+    for folder, table in ((images_dir, images), (masks_dir, masks)):
+        for path in _list_images(folder):
+            if path.stem in table:
+                duplicates.append(path)
+            else:
+                table[path.stem] = path
+    samples = [Sample(stem, images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
+    return DatasetIndex(
+        root=root,
+        samples=samples,
+        unpaired_images=[images[s] for s in sorted(images) if s not in masks],
+        unpaired_masks=[masks[s] for s in sorted(masks) if s not in images],
+        duplicate_stems=duplicates,
+    )
+
+
+def load_split_file(path: Path | str) -> list[str]:
+    """Read a list of stems (one per line, ``#`` comments allowed)."""
+    lines = Path(path).read_text().splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset check
+
+
+@dataclass
+class Problem:
+    severity: str  # "error" | "warning"
+    kind: str
+    path: Path
+    message: str
+
+
+@dataclass
+class CheckReport:
+    root: Path
+    pairs: int = 0
+    min_size: tuple[int, int] | None = None
+    max_size: tuple[int, int] | None = None
+    distinct_sizes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check_dataset(root: Path | str, progress: bool = False) -> CheckReport:
+    """Decode every pair and report problems, each naming its file.
+
+    Errors (the dataset cannot be used as is): unpaired files, duplicate stems, undecodable files,
+    image/mask size mismatches. Warnings: empty masks, masks with values other than 0/255
+    (e.g. JPEG masks; they are binarised at > 127 when read).
+    """
+    index = index_dataset(root)
+    report = CheckReport(root=Path(root), pairs=len(index.samples))
+    for path in index.unpaired_images:
+        report.problems.append(Problem("error", "unpaired", path, f"{path}: image has no mask with the same stem"))
+    for path in index.unpaired_masks:
+        report.problems.append(Problem("error", "unpaired", path, f"{path}: mask has no image with the same stem"))
+    for path in index.duplicate_stems:
+        report.problems.append(Problem("error", "duplicate", path, f"{path}: another file has the same stem"))
+    sizes: set[tuple[int, int]] = set()
+    for sample in _progress(index.samples, progress, "checking"):
+        try:
+            image = read_image(sample.image)
+        except ImageReadError as error:
+            report.problems.append(Problem("error", "undecodable", sample.image, str(error)))
+            continue
+        assert sample.mask is not None
+        try:
+            raw = _to_uint8(_decode(sample.mask))
+        except ImageReadError as error:
+            report.problems.append(Problem("error", "undecodable", sample.mask, str(error)))
+            continue
+        height, width = image.shape[:2]
+        sizes.add((height, width))
+        if raw.shape[:2] != (height, width):
+            report.problems.append(
+                Problem(
+                    "error",
+                    "size-mismatch",
+                    sample.mask,
+                    f"{sample.mask}: mask is {raw.shape[1]}x{raw.shape[0]}, image is {width}x{height}",
+                )
+            )
+            continue
+        gray = raw[:, :, :3].max(axis=2) if raw.ndim == 3 else raw
+        if not (gray > 127).any():
+            report.problems.append(Problem("warning", "empty-mask", sample.mask, f"{sample.mask}: mask is empty"))
+        off_values = int(np.count_nonzero((gray != 0) & (gray != 255)))
+        if off_values:
+            share = off_values / gray.size
+            report.problems.append(
+                Problem(
+                    "warning",
+                    "non-binary",
+                    sample.mask,
+                    f"{sample.mask}: {off_values} pixels ({share:.2%}) are neither 0 nor 255; binarised at > 127",
+                )
+            )
+    if sizes:
+        report.min_size = min(sizes, key=lambda s: s[0] * s[1])
+        report.max_size = max(sizes, key=lambda s: s[0] * s[1])
+        report.distinct_sizes = len(sizes)
+    return report
+
+
+def _progress(items: Sequence, enabled: bool, description: str) -> Iterable:
+    if not enabled:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, transient=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessed cache
+
+
+@dataclass
+class CachedData:
+    """A dataset resized once to ``size x size``: images ``uint8 (N, S, S, 3)``, masks ``bool (N, S, S)``."""
+
+    stems: list[str]
+    images: np.ndarray
+    masks: np.ndarray
+    original_sizes: list[tuple[int, int]]
+    size: int
+
+    def subset(self, stems: Sequence[str]) -> CachedData:
+        position = {s: i for i, s in enumerate(self.stems)}
+        missing = [s for s in stems if s not in position]
+        if missing:
+            raise DataError(f"{len(missing)} stem(s) not in the dataset, e.g. '{missing[0]}'")
+        rows = np.array([position[s] for s in stems], dtype=np.int64)
+        return CachedData(
+            stems=list(stems),
+            images=self.images[rows],
+            masks=self.masks[rows],
+            original_sizes=[self.original_sizes[i] for i in rows],
+            size=self.size,
+        )
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize an RGB ``uint8`` image to ``size`` (int = square, or ``(height, width)``), antialiased."""
+    height, width = (size, size) if isinstance(size, int) else size
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a binary mask with nearest-neighbour, so it stays binary."""
+    height, width = (size, size) if isinstance(size, int) else size
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+    return np.asarray(resized) > 127
+
+
+def _cache_key(samples: Sequence[Sample], size: int) -> str:
+    digest = hashlib.sha256(f"{CACHE_FORMAT}:{size}".encode())
+    for sample in samples:
+        for path in (sample.image, sample.mask):
+            if path is None:
+                continue
+            stat = path.stat()
+            digest.update(f"{sample.stem}|{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("POLYPSEG_CACHE", Path.home() / ".cache" / "polypseg"))
+
+
+def build_cache(
+    root: Path | str,
+    size: int,
+    cache_dir: Path | str | None = None,
+    progress: bool = True,
+) -> CachedData:
+    """Load ``root`` resized to ``size`` from the cache, building the cache file on first use.
+
+    The cache is one ``.npz`` per (dataset content, size): images stored as JPEG (quality 95)
+    bytes and masks as packed bits, about 30 MB for all of Kvasir-SEG at 256 px, so it can be
+    copied to a GPU machine. It is decoded into memory once per process; training then never
+    touches the disk. The key covers file names, sizes and modification times.
+    """
+    index = index_dataset(root)
+    if not index.samples:
+        raise DataError(f"no image/mask pairs found under {root}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache_dir / f"{Path(root).resolve().name}-{size}px-{_cache_key(index.samples, size)}.npz"
+    if not path.is_file():
+        _write_cache(index.samples, size, path, progress)
+    return load_cache(path)
+
+
+def _write_cache(samples: Sequence[Sample], size: int, path: Path, progress: bool) -> None:
+    encoded: list[bytes] = []
+    masks = np.zeros((len(samples), size, size), dtype=bool)
+    original_sizes = []
+    for i, sample in enumerate(_progress(samples, progress, f"caching {len(samples)} pairs at {size}px")):
+        image = read_image(sample.image)
+        assert sample.mask is not None
+        mask = read_mask(sample.mask)
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"{sample.mask}: mask size {mask.shape[::-1]} differs from image size {image.shape[1::-1]}")
+        original_sizes.append(image.shape[:2])
+        buffer = io.BytesIO()
+        Image.fromarray(resize_image(image, size)).save(buffer, format="JPEG", quality=95)
+        encoded.append(buffer.getvalue())
+        masks[i] = resize_mask(mask, size)
+    offsets = np.cumsum([0] + [len(b) for b in encoded]).astype(np.int64)
+    payload = {
+        "format": np.array(CACHE_FORMAT),
+        "stems": np.array(json.dumps([s.stem for s in samples])),
+        "size": np.array(size),
+        "jpeg": np.frombuffer(b"".join(encoded), dtype=np.uint8),
+        "offsets": offsets,
+        "masks": np.packbits(masks.reshape(len(samples), -1), axis=1),
+        "original_sizes": np.array(original_sizes, dtype=np.int64),
+    }
+    atomic_write(path, lambda tmp: _savez(tmp, payload))
+
+
+def _savez(tmp: Path, payload: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **payload)
+
+
+def load_cache(path: Path | str) -> CachedData:
+    """Decode a cache file written by :func:`build_cache` (no pickle: ``allow_pickle=False``)."""
+    with np.load(path, allow_pickle=False) as data:
+        if str(data["format"]) != CACHE_FORMAT:
+            raise DataError(f"{path} is not a polypseg cache")
+        stems = json.loads(str(data["stems"]))
+        size = int(data["size"])
+        jpeg = data["jpeg"]
+        offsets = data["offsets"]
+        masks = np.unpackbits(data["masks"], axis=1, count=size * size).reshape(len(stems), size, size).astype(bool)
+        original_sizes = [tuple(int(v) for v in row) for row in data["original_sizes"]]
+    images = np.empty((len(stems), size, size, 3), dtype=np.uint8)
+    for i in range(len(stems)):
+        with Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())) as image:
+            images[i] = np.asarray(image.convert("RGB"))
+    return CachedData(stems=stems, images=images, masks=masks, original_sizes=original_sizes, size=size)

@@ -1,0 +1,91 @@
+"""Batched prediction on preprocessed data and evaluation against masks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+
+from polypseg.metrics import DEFAULT_THRESHOLDS, SegmentationMetrics
+from polypseg.transforms import normalize
+
+
+def autocast_for(device: torch.device | str, enabled: bool = True):  # noqa: ANN201
+    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
+    device = torch.device(device)
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device | str = "cpu",
+    batch_size: int = 32,
+    tta_flip: bool = False,
+    amp: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sigmoid probabilities ``float32 (N, S, S)`` on CPU for ``uint8`` images ``(N, S, S, 3)`` or ``(N, 3, S, S)``.
+
+    With ``tta_flip`` the probabilities of the image and its horizontal and vertical flips are averaged.
+    """
+    device = torch.device(device)
+    model.eval()
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if images.shape[-1] == 3 and images.shape[1] != 3:
+        images = images.permute(0, 3, 1, 2)
+    channels_last = device.type == "cuda"
+    out = torch.empty((images.shape[0], images.shape[2], images.shape[3]), dtype=torch.float32)
+    starts = range(0, images.shape[0], batch_size)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description="predicting", transient=True)
+    for start in starts:
+        batch = normalize(images[start : start + batch_size].to(device, non_blocking=True))
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast_for(device, amp):
+            probs = torch.sigmoid(model(batch).float())
+            if tta_flip:
+                probs = probs + torch.sigmoid(model(batch.flip(3)).float()).flip(3)
+                probs = probs + torch.sigmoid(model(batch.flip(2)).float()).flip(2)
+                probs = probs / 3
+        out[start : start + batch.shape[0]] = probs[:, 0].float().cpu()
+    return out
+
+
+def evaluate_probabilities(
+    probs: torch.Tensor,
+    masks: torch.Tensor | np.ndarray,
+    stems: Sequence[str] | None = None,
+    thresholds: Sequence[float] = (0.5,) + DEFAULT_THRESHOLDS,
+    chunk: int = 64,
+) -> SegmentationMetrics:
+    """Accumulate metrics over ``probs (N, S, S)`` vs binary ``masks (N, S, S)`` in chunks."""
+    if isinstance(masks, np.ndarray):
+        masks = torch.from_numpy(masks)
+    metric = SegmentationMetrics(thresholds=thresholds)
+    for start in range(0, probs.shape[0], chunk):
+        metric.update(
+            probs[start : start + chunk],
+            masks[start : start + chunk],
+            None if stems is None else list(stems[start : start + chunk]),
+        )
+    return metric
+
+
+def quantize_probabilities(probs: torch.Tensor) -> np.ndarray:
+    """``float [0, 1]`` -> ``uint8`` (round(p * 255)): 4x smaller out-of-fold files, error <= 0.002."""
+    return (probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def dequantize_probabilities(probs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(probs.astype(np.float32) / 255.0)

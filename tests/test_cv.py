@@ -1,0 +1,98 @@
+"""Cross-validation discipline: split saved once and reused, folds finished are untouched, OOF pooled."""
+
+import json
+
+import numpy as np
+import pytest
+
+from polypseg.cv import RunError, make_splits, run_cv, summarize_run
+
+from helpers import tiny_config, write_synthetic_dataset
+
+
+def test_splits_partition_and_are_seeded():
+    stems = [f"s{i}" for i in range(23)]
+    splits = make_splits(stems, folds=5, seed=3, val_fraction=0.2)
+    tests = [set(f["test"]) for f in splits["folds"]]
+    assert set().union(*tests) == set(stems)
+    assert sum(len(t) for t in tests) == len(stems)  # disjoint
+    for fold in splits["folds"]:
+        assert not set(fold["val"]) & set(fold["test"])
+        assert not set(fold["train"]) & set(fold["test"])
+        assert set(fold["train"]) | set(fold["val"]) | set(fold["test"]) == set(stems)
+        assert len(fold["val"]) == round(0.2 * (len(stems) - len(fold["test"])))
+    assert make_splits(list(reversed(stems)), 5, 3, 0.2) == splits  # input order does not matter
+    assert make_splits(stems, 5, 4, 0.2) != splits
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    return write_synthetic_dataset(tmp_path / "data", n=8)
+
+
+def _run(dataset, out, cache, **kwargs):
+    config = tiny_config(epochs=1, image_size=32)
+    return run_cv(dataset, out, config, folds=2, device="cpu", progress=False, explain=False, report=False, cache_dir=cache, **kwargs)
+
+
+def test_cv_end_to_end_and_resume(dataset, tmp_path):
+    run = tmp_path / "run"
+    summary = _run(dataset, run, tmp_path / "cache")
+    assert summary["n_images"] == 8 and summary["folds"] == 2
+    assert 0.3 <= summary["threshold"] <= 0.7
+    for key in ("dice", "iou", "auc", "sensitivity", "precision"):
+        mean, std = summary["mean_std"]["at_0.5"][key]
+        assert np.isfinite(mean) or key in ("sensitivity", "precision")
+    oof_stems = []
+    for fold in (0, 1):
+        with np.load(run / f"fold_{fold}" / "oof.npz") as data:
+            oof_stems += list(data["stems"])
+            assert data["probs"].dtype == np.uint8
+    assert sorted(oof_stems) == sorted(json.loads((run / "splits.json").read_text())["stems"])
+    assert (run / "summary.md").read_text().startswith("# Cross-validation summary")
+
+    with pytest.raises(RunError, match="--resume"):
+        _run(dataset, run, tmp_path / "cache")
+
+    # simulate a kill during fold 1: its evaluation is lost, fold 0 stays finished
+    (run / "fold_1" / "metrics.json").unlink()
+    fold0_mtime = (run / "fold_0" / "metrics.json").stat().st_mtime_ns
+    splits_before = (run / "splits.json").read_text()
+    resumed = run_cv(dataset, run, None, resume=True, device="cpu", progress=False, explain=False, report=False, cache_dir=tmp_path / "cache")
+    assert (run / "fold_0" / "metrics.json").stat().st_mtime_ns == fold0_mtime
+    assert (run / "fold_1" / "metrics.json").is_file()
+    assert (run / "splits.json").read_text() == splits_before
+    assert resumed["mean_std"]["at_0.5"]["dice"] == pytest.approx(summary["mean_std"]["at_0.5"]["dice"])
+
+
+def test_split_of_other_data_is_refused(dataset, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "splits.json").write_text(json.dumps({"stems": ["x"], "k": 2, "folds": []}))
+    with pytest.raises(RunError, match="different data"):
+        _run(dataset, run, tmp_path / "cache")
+
+
+def test_resume_without_run_is_refused(tmp_path):
+    with pytest.raises(RunError, match="no run"):
+        run_cv(tmp_path / "data", tmp_path / "empty", None, resume=True, progress=False)
+
+
+def test_summary_pools_out_of_fold_predictions(tmp_path):
+    """A hand-made run: the threshold sweep and per-fold table come from the OOF files."""
+    run = tmp_path / "run"
+    probs = np.zeros((2, 4, 4), dtype=np.uint8)
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[:, :2, :2] = True
+    probs[:, :2, :2] = round(0.62 * 255)  # right above 0.6
+    probs[:, 2, 2] = round(0.57 * 255)  # a false positive at <= 0.55
+    for fold in (0, 1):
+        (run / f"fold_{fold}").mkdir(parents=True)
+        np.savez(run / f"fold_{fold}" / "oof.npz", stems=np.array([f"a{fold}", f"b{fold}"]), probs=probs, masks=masks)
+    (run / "config.json").write_text(json.dumps({"run": {"train": {"recipe": "hand"}}, "data": "x"}))
+    summary = summarize_run(run)
+    assert summary["threshold"] == pytest.approx(0.6)
+    assert summary["pooled"]["at"]["0.6"]["dice"] == pytest.approx(1.0)
+    assert summary["pooled"]["at"]["0.5"]["dice"] == pytest.approx(2 * 4 / (2 * 4 + 1))
+    assert tuple(summary["mean_std"]["at_chosen"]["dice"]) == (pytest.approx(1.0), pytest.approx(0.0))
+    assert summary["pooled"]["auc"] == pytest.approx(1.0)

@@ -1,0 +1,161 @@
+"""Readers, pairing by stem, dataset check and the preprocessed cache."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from polypseg.data import (
+    DataError,
+    ImageReadError,
+    build_cache,
+    check_dataset,
+    index_dataset,
+    load_cache,
+    read_image,
+    read_mask,
+    resize_mask,
+)
+from polypseg.sample_data import sample_dataset_path
+
+from helpers import write_synthetic_dataset
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def test_pairs_by_stem_not_by_sorted_order(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for stem in ("b", "a", "c"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / f"{stem}.jpg")
+    for stem in ("a", "c", "z"):  # 'b' has no mask, 'z' has no image
+        Image.new("L", (8, 8)).save(tmp_path / "masks" / f"{stem}.png")
+    index = index_dataset(tmp_path)
+    assert [(s.stem, s.image.stem, s.mask.stem) for s in index.samples] == [("a", "a", "a"), ("c", "c", "c")]
+    assert [p.name for p in index.unpaired_images] == ["b.jpg"]
+    assert [p.name for p in index.unpaired_masks] == ["z.png"]
+
+
+def test_jpeg_like_mask_is_binarised_above_127(tmp_path):
+    values = np.array([[0, 100, 127], [128, 200, 255]], dtype=np.uint8)
+    rgb = np.repeat(values[:, :, None], 3, axis=2)
+    Image.fromarray(rgb).save(tmp_path / "m.png")
+    assert read_mask(tmp_path / "m.png").tolist() == [[False, False, False], [True, True, True]]
+
+
+def test_image_conversions(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    assert read_image(tmp_path / "gray.png").shape == (3, 4, 3)
+    Image.new("RGBA", (5, 4), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
+    assert read_image(tmp_path / "rgba.png")[0, 0].tolist() == [10, 20, 30]
+    deep = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    converted = read_image(tmp_path / "deep.png")
+    assert converted.dtype == np.uint8 and converted.shape == (3, 4, 3)
+    assert converted[2, 3, 0] == round(55000 * 255 / 65535)  # scaled by the dtype's range, not per image
+    Image.new("P", (4, 4)).save(tmp_path / "palette.png")
+    assert read_image(tmp_path / "palette.png").shape == (4, 4, 3)
+
+
+def test_tiff_read_with_tifffile(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (6, 7, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "1.tif", image)
+    np.testing.assert_array_equal(read_image(tmp_path / "1.tif"), image)
+    mask = np.zeros((6, 7), dtype=np.uint8)
+    mask[2:4, 2:5] = 255
+    mask[0, 0] = 60  # faint value, as in some CVC-ClinicDB masks
+    tifffile.imwrite(tmp_path / "1m.tif", mask)
+    assert read_mask(tmp_path / "1m.tif").sum() == 6
+
+
+def test_corrupt_file_error_names_it(tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageReadError, match="broken.jpg"):
+        read_image(tmp_path / "broken.jpg")
+
+
+def test_check_reports_each_problem_by_file(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "d", n=4)
+    (root / "images" / "case00.jpg").write_bytes(b"garbage")  # undecodable
+    Image.new("L", (10, 10)).save(root / "masks" / "case01.png")  # size mismatch (and empty)
+    Image.new("L", (48, 40)).save(root / "masks" / "orphan.png")  # unpaired mask
+    Image.new("L", (40, 48)).save(root / "masks" / "case02.png")  # empty mask, right size
+    report = check_dataset(root)
+    kinds = {(p.kind, Path(p.path).name) for p in report.problems}
+    assert ("undecodable", "case00.jpg") in kinds
+    assert ("size-mismatch", "case01.png") in kinds
+    assert ("unpaired", "orphan.png") in kinds
+    assert ("empty-mask", "case02.png") in kinds
+    assert not report.ok
+    assert all(Path(p.path).name in p.message for p in report.problems)
+
+
+def test_check_clean_dataset_is_ok(tmp_path):
+    report = check_dataset(write_synthetic_dataset(tmp_path / "d", n=3))
+    assert report.ok and report.pairs == 3 and report.min_size == (48, 40)
+
+
+def test_missing_layout_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="images"):
+        index_dataset(tmp_path)
+    with pytest.raises(DataError, match="not found"):
+        index_dataset(tmp_path / "nope")
+
+
+def test_nearest_resize_keeps_masks_binary():
+    mask = np.zeros((37, 53), dtype=bool)
+    mask[5:30, 10:40] = True
+    resized = resize_mask(mask, 16)
+    assert resized.dtype == bool and resized.shape == (16, 16)
+    assert 0 < resized.mean() < 1
+
+
+def test_cache_round_trip_and_reuse(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "d", n=5)
+    cache = build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    assert cache.images.shape == (5, 32, 32, 3) and cache.masks.shape == (5, 32, 32)
+    assert cache.masks.dtype == bool and cache.masks.any()
+    assert cache.original_sizes[0] == (48, 40)
+    files = list((tmp_path / "cache").glob("*.npz"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    again = build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    assert files[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    np.testing.assert_array_equal(again.masks, cache.masks)
+    # the disc is bright in the image and in the mask at the same place
+    assert cache.images[0][cache.masks[0]].mean() > cache.images[0][~cache.masks[0]].mean() + 50
+    subset = cache.subset(["case03", "case01"])
+    assert subset.stems == ["case03", "case01"]
+    np.testing.assert_array_equal(subset.masks[0], cache.masks[3])
+
+
+def test_cache_refuses_pickle(tmp_path):
+    np.savez(tmp_path / "bad.npz", format=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError):
+        load_cache(tmp_path / "bad.npz")
+
+
+def test_bundled_sample_is_valid():
+    report = check_dataset(sample_dataset_path())
+    assert report.ok and report.pairs == 40
+
+
+@pytest.mark.skipif(not (SHARED / "cvc-clinicdb-test62").is_dir(), reason="shared datasets not present")
+def test_real_cvc_clinicdb_tiffs():
+    index = index_dataset(SHARED / "cvc-clinicdb-test62")
+    assert len(index.samples) == 62
+    image = read_image(index.samples[0].image)
+    mask = read_mask(index.samples[0].mask)
+    assert image.shape == (288, 384, 3) and mask.shape == (288, 384) and mask.any()
+
+
+@pytest.mark.skipif(not (SHARED / "kvasir-seg").is_dir(), reason="shared datasets not present")
+def test_real_kvasir_pairs_by_stem():
+    index = index_dataset(SHARED / "kvasir-seg")
+    assert len(index.samples) == 1000 and not index.unpaired_images and not index.unpaired_masks
+    sample = index.samples[0]
+    assert read_mask(sample.mask).shape == read_image(sample.image).shape[:2]

@@ -1,0 +1,108 @@
+"""Metrics against hand-computed values on tiny masks."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from polypseg.metrics import (
+    SegmentationMetrics,
+    confusion,
+    dice_score,
+    iou_score,
+    mean_std,
+    roc_auc_from_histograms,
+)
+
+
+def masks(*rows: str) -> torch.Tensor:
+    return torch.tensor([[c == "1" for c in row] for row in rows])
+
+
+def test_confusion_counts_by_hand():
+    pred = masks("1100", "0000")
+    target = masks("1000", "1000")
+    tp, fp, fn, tn = confusion(pred, target)
+    assert (tp.item(), fp.item(), fn.item(), tn.item()) == (1, 1, 1, 5)
+
+
+def test_dice_and_iou_by_hand():
+    pred = masks("1100", "0000")
+    target = masks("1000", "1000")
+    # Dice = 2*1 / (2 + 2) = 0.5; IoU = 1 / 3
+    assert dice_score(pred, target).item() == pytest.approx(0.5)
+    assert iou_score(pred, target).item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    "pred, target, dice, iou",
+    [
+        (masks("00", "00"), masks("00", "00"), 1.0, 1.0),  # empty vs empty counts as perfect
+        (masks("11", "11"), masks("11", "11"), 1.0, 1.0),  # all-positive, perfect
+        (masks("10", "01"), masks("10", "01"), 1.0, 1.0),  # perfect
+        (masks("10", "00"), masks("01", "00"), 0.0, 0.0),  # disjoint
+        (masks("00", "00"), masks("01", "00"), 0.0, 0.0),  # missed polyp
+        (masks("11", "00"), masks("00", "00"), 0.0, 0.0),  # false alarm on an empty image
+        (masks("11", "11"), masks("10", "00"), 2 / 5, 1 / 4),  # all-positive prediction
+    ],
+)
+def test_edge_cases(pred, target, dice, iou):
+    assert dice_score(pred, target).item() == pytest.approx(dice)
+    assert iou_score(pred, target).item() == pytest.approx(iou)
+
+
+def test_batch_is_per_image_then_mean():
+    pred = torch.stack([masks("11", "00"), masks("00", "00")])
+    target = torch.stack([masks("11", "00"), masks("01", "00")])
+    metric = SegmentationMetrics(thresholds=(0.5,))
+    metric.update(pred.float(), target)
+    result = metric.at_threshold(0.5)
+    assert result["dice"] == pytest.approx((1.0 + 0.0) / 2)  # mean of per-image, not pooled (2*2/5)
+    # pooled pixels: tp=2, fp=0, fn=1
+    assert result["sensitivity"] == pytest.approx(2 / 3)
+    assert result["precision"] == pytest.approx(1.0)
+
+
+def test_accumulator_equals_single_update():
+    torch.manual_seed(0)
+    probs = torch.rand(6, 8, 8)
+    target = torch.rand(6, 8, 8) > 0.5
+    once = SegmentationMetrics()
+    once.update(probs, target)
+    chunked = SegmentationMetrics()
+    chunked.update(probs[:2], target[:2])
+    chunked.update(probs[2:], target[2:])
+    assert once.compute() == chunked.compute()
+
+
+def test_auc_matches_sklearn_on_binned_probabilities():
+    torch.manual_seed(1)
+    target = torch.rand(3, 16, 16) > 0.7
+    probs = (torch.rand(3, 16, 16) * 0.6 + target * 0.3).clamp(0, 1)
+    metric = SegmentationMetrics(bins=1000)
+    metric.update(probs, target)
+    binned = ((probs * 1000).long().clamp(max=999).float() + 0.5) / 1000
+    expected = roc_auc_score(target.reshape(-1).numpy(), binned.reshape(-1).numpy())
+    assert metric.auc() == pytest.approx(expected, abs=1e-12)
+
+
+def test_auc_perfect_and_random():
+    assert roc_auc_from_histograms(np.array([0, 0, 5]), np.array([5, 0, 0])) == pytest.approx(1.0)
+    assert roc_auc_from_histograms(np.array([5, 0, 0]), np.array([0, 0, 5])) == pytest.approx(0.0)
+    assert roc_auc_from_histograms(np.array([0, 4, 0]), np.array([0, 4, 0])) == pytest.approx(0.5)  # all ties
+
+
+def test_best_threshold_picks_highest_dice():
+    target = masks("1100", "0000")[None]
+    probs = torch.tensor([[[0.62, 0.62, 0.58, 0.1], [0.1, 0.1, 0.1, 0.1]]])
+    metric = SegmentationMetrics()
+    metric.update(probs, target)
+    # at 0.6 the prediction is exact; at <= 0.55 one false positive appears
+    assert metric.best_threshold() == pytest.approx(0.6)
+    assert metric.at_threshold(0.6)["dice"] == pytest.approx(1.0)
+
+
+def test_mean_std_uses_sample_std():
+    mean, std = mean_std([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0)
+    assert std == pytest.approx(1.0)

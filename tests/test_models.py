@@ -1,0 +1,155 @@
+"""Every registered model builds on tiny CPU input: forward, backward, save/load (smp's habit)."""
+
+import pytest
+import torch
+
+from polypseg.checkpoint import load_checkpoint, save_checkpoint
+from polypseg.config import ModelConfig, RunConfig
+from polypseg.models import (
+    MODELS,
+    EncoderWeightsError,
+    NoSkipUnetDecoder,
+    count_parameters,
+    create_model,
+    final_decoder_layer,
+)
+
+SMALL = dict(encoder="resnet18")
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_every_model_forward_backward_save_load(arch, tmp_path):
+    config = ModelConfig(arch=arch, **SMALL)
+    model = create_model(config)
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 1, 64, 64)
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    path = save_checkpoint(tmp_path / "m", model, RunConfig(model=config))
+    loaded = load_checkpoint(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x))
+
+
+def test_paper_model_is_unet_resnet34_with_24_4m_parameters():
+    model = create_model()
+    assert 24_300_000 < count_parameters(model) < 24_500_000
+    assert type(model).__name__ == "Unet"
+    assert model.decoder.blocks[0].interpolation_mode == "nearest"
+
+
+def test_skip_ablation_removes_skip_inputs():
+    with_skips = create_model(**SMALL)
+    no_skips = create_model(skip_connections=False, **SMALL)
+    assert isinstance(no_skips.decoder, NoSkipUnetDecoder)
+    # first conv of each block only sees the upsampled path: fewer input channels
+    assert no_skips.decoder.blocks[0].conv1[0].in_channels == 512
+    assert with_skips.decoder.blocks[0].conv1[0].in_channels == 512 + 256
+    assert count_parameters(no_skips) < count_parameters(with_skips)
+    assert no_skips(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_skip_ablation_output_ignores_encoder_skip_features():
+    model = create_model(skip_connections=False, **SMALL).eval()
+    features = model.encoder(torch.randn(1, 3, 64, 64))
+    changed = [f.clone() for f in features]
+    for f in changed[:-1]:
+        f.normal_()  # scramble every skip feature, keep the bottleneck
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder(features), model.decoder(changed))
+
+
+def test_skip_ablation_only_for_unet():
+    with pytest.raises(ValueError, match="unet"):
+        create_model(arch="fpn", skip_connections=False, **SMALL)
+
+
+def test_final_decoder_layer_is_last_block():
+    model = create_model(**SMALL)
+    assert final_decoder_layer(model) is model.decoder.blocks[-1]
+
+
+def test_encoder_weights_from_torchvision_state_dict(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = create_model(encoder="resnet18", encoder_weights=str(tmp_path / "resnet18.pth"))
+    torch.testing.assert_close(model.encoder.conv1.weight, reference.conv1.weight)
+    torch.testing.assert_close(model.encoder.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_encoder_weights_from_safetensors(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    reference = torchvision.models.resnet18(weights=None)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "r18.safetensors"))
+    model = create_model(encoder="resnet18", encoder_weights=str(tmp_path / "r18.safetensors"))
+    torch.testing.assert_close(model.encoder.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+
+
+def test_encoder_weights_wrong_architecture_is_one_line_error(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(EncoderWeightsError, match="do not fit") as info:
+        create_model(encoder="resnet34", encoder_weights=str(tmp_path / "r18.pth"))
+    assert "\n" not in str(info.value)
+
+
+def test_encoder_weights_refuse_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    import pickle
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"conv1.weight": Evil()}))
+    with pytest.raises(EncoderWeightsError, match="cannot read"):
+        create_model(encoder="resnet18", encoder_weights=str(tmp_path / "evil.pth"))
+
+
+def test_missing_weights_file():
+    with pytest.raises(EncoderWeightsError, match="not found"):
+        create_model(encoder="resnet18", encoder_weights="/nonexistent/w.pth")
+
+
+def test_imagenet_offline_without_cache_fails_fast_with_advice(tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "https://polypseg-no-such-host.invalid")
+    started = time.monotonic()
+    with pytest.raises(EncoderWeightsError, match="--encoder-weights") as info:
+        create_model(encoder="resnet18", encoder_weights="imagenet")
+    assert time.monotonic() - started < 10
+    assert "\n" not in str(info.value)
+
+
+def test_imagenet_weights_come_from_local_cache_when_offline(tmp_path, monkeypatch):
+    """smp's normal mechanism: a Hugging Face cache filled earlier is used without network."""
+    import json
+
+    from huggingface_hub import constants as hf_constants
+    from safetensors.torch import save_file
+    from segmentation_models_pytorch.encoders import encoders
+
+    settings = encoders["resnet18"]["pretrained_settings"]["imagenet"]
+    repo, revision = settings["repo_id"], settings["revision"]
+    cache = tmp_path / "hub"
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (cache / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    reference = create_model(encoder="resnet18").encoder
+    state = {k: v.clone().fill_(0.125) if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+    save_file(state, str(snapshot / "model.safetensors"))
+    (snapshot / "config.json").write_text(json.dumps({}))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    model = create_model(encoder="resnet18", encoder_weights="imagenet")
+    assert torch.all(model.encoder.conv1.weight == 0.125)

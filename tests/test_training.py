@@ -1,0 +1,87 @@
+"""Training on tiny data: learns, writes checkpoints, resumes exactly where it stopped."""
+
+import json
+
+import pytest
+import torch
+
+from polypseg import training
+from polypseg.checkpoint import load_checkpoint
+from polypseg.config import TrainConfig
+from polypseg.data import build_cache
+from polypseg.losses import LOSSES, create_loss
+from polypseg.training import lr_factor, train_model
+
+from helpers import tiny_config, write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = write_synthetic_dataset(tmp_path_factory.mktemp("data"), n=12)
+    return build_cache(root, 32, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_schedules():
+    config = TrainConfig(schedule="onecycle", warmup_epochs=1)
+    assert lr_factor(config, 0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(config, 9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(config, 10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(config, 99, 100, 10) < 0.01
+    assert lr_factor(TrainConfig(schedule="constant"), 50, 100, 10) == 1.0
+    cosine = TrainConfig(schedule="cosine")
+    assert lr_factor(cosine, 50, 100, 10) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_losses_are_low_for_right_answer(name):
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 2:6, 2:6] = 1
+    loss = create_loss(name)
+    good = loss(target * 20 - 10, target)
+    bad = loss(10 - target * 20, target)
+    assert torch.isfinite(good) and good < bad
+
+
+def test_train_writes_best_history_and_learns(tiny_data, tmp_path):
+    config = tiny_config(epochs=3, image_size=32)
+    config.train.lr = 3e-3
+    result = train_model(config, tiny_data.subset(tiny_data.stems[:8]), tiny_data.subset(tiny_data.stems[8:]), tmp_path, device="cpu", progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all("val_dice" in h and "train_loss" in h for h in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    best = load_checkpoint(tmp_path / "best")
+    assert best.metadata["epoch"] == result.best_epoch
+    assert best.metadata["selected_on"] == "inner validation split"
+
+
+def test_existing_run_needs_resume(tiny_data, tmp_path):
+    config = tiny_config(epochs=1, image_size=32)
+    train_model(config, tiny_data, None, tmp_path, device="cpu", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_model(config, tiny_data, None, tmp_path, device="cpu", progress=False)
+
+
+def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "STATE_EVERY_S", 0.0)  # save state after every epoch
+    config = tiny_config(epochs=3, image_size=32)
+    config.train.ema_decay = 0.9
+    train_model(config, tiny_data, None, tmp_path / "straight", device="cpu", progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_model(config, tiny_data, None, tmp_path / "resumed", device="cpu", progress=False, on_epoch=stop_after_two)
+    assert json.loads((tmp_path / "resumed" / "last_state.json").read_text())["epoch"] == 2
+    train_model(config, tiny_data, None, tmp_path / "resumed", device="cpu", progress=False, resume=True)
+    history = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    straight = load_checkpoint(tmp_path / "straight" / "best").model.state_dict()
+    resumed = load_checkpoint(tmp_path / "resumed" / "best").model.state_dict()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], msg=key)
