@@ -96,3 +96,16 @@ def test_summary_pools_out_of_fold_predictions(tmp_path):
     assert summary["pooled"]["at"]["0.5"]["dice"] == pytest.approx(2 * 4 / (2 * 4 + 1))
     assert tuple(summary["mean_std"]["at_chosen"]["dice"]) == (pytest.approx(1.0), pytest.approx(0.0))
     assert summary["pooled"]["auc"] == pytest.approx(1.0)
+
+
+def test_copied_splits_keep_test_folds_with_other_validation_share(tmp_path):
+    from polypseg.cv import load_or_create_splits
+
+    stems = [f"s{i}" for i in range(20)]
+    original = load_or_create_splits(tmp_path / "a", stems, 4, 0, 0.1) if (tmp_path / "a").mkdir() is None else None
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "splits.json").write_text(json.dumps(original))
+    reused = load_or_create_splits(tmp_path / "b", stems, 4, 0, 0.0)
+    assert [f["test"] for f in reused["folds"]] == [f["test"] for f in original["folds"]]
+    assert all(not f["val"] for f in reused["folds"])
+    assert all(len(f["train"]) == 15 for f in reused["folds"])

@@ -159,3 +159,15 @@ def test_real_kvasir_pairs_by_stem():
     assert len(index.samples) == 1000 and not index.unpaired_images and not index.unpaired_masks
     sample = index.samples[0]
     assert read_mask(sample.mask).shape == read_image(sample.image).shape[:2]
+
+
+def test_cache_file_can_stand_in_for_the_dataset(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "d", n=3)
+    from polypseg.data import cache_path
+
+    build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    portable = cache_path(root, 32, tmp_path / "cache")
+    direct = build_cache(portable, 32)
+    assert direct.stems == ["case00", "case01", "case02"]
+    with pytest.raises(DataError, match="--size 64"):
+        build_cache(portable, 64)

@@ -162,7 +162,7 @@ def _demo() -> RunConfig:
     train = TrainConfig(
         recipe="demo",
         image_size=128,
-        epochs=4,
+        epochs=6,
         batch_size=8,
         lr=1e-3,
         loss="dice_bce",

@@ -63,20 +63,32 @@ def make_splits(
     stems = sorted(stems)
     rng = np.random.default_rng(seed)
     order = [stems[i] for i in rng.permutation(len(stems))]
-    assignments = [order[i::folds] for i in range(folds)]
+    return splits_from_test_folds(stems, [sorted(order[i::folds]) for i in range(folds)], seed, val_fraction)
+
+
+def splits_from_test_folds(
+    stems: Sequence[str], tests: Sequence[Sequence[str]], seed: int, val_fraction: float
+) -> dict[str, Any]:
+    """Complete given test folds with each fold's training part and a seeded inner validation split."""
+    stems = sorted(stems)
     result = []
-    for fold, test in enumerate(assignments):
-        rest = sorted(s for i, part in enumerate(assignments) if i != fold for s in part)
+    for fold, test in enumerate(tests):
+        test_set = set(test)
+        rest = [s for s in stems if s not in test_set]
         n_val = int(round(val_fraction * len(rest)))
         fold_rng = np.random.default_rng([seed, fold])
         val = sorted(rest[i] for i in fold_rng.choice(len(rest), size=n_val, replace=False)) if n_val else []
         val_set = set(val)
         result.append({"fold": fold, "train": [s for s in rest if s not in val_set], "val": val, "test": sorted(test)})
-    return {"seed": seed, "k": folds, "val_fraction": val_fraction, "stems": stems, "folds": result}
+    return {"seed": seed, "k": len(tests), "val_fraction": val_fraction, "stems": stems, "folds": result}
 
 
 def load_or_create_splits(run_dir: Path, stems: Sequence[str], folds: int, seed: int, val_fraction: float) -> dict[str, Any]:
-    """Reuse ``RUN/splits.json`` if present (checking it fits the data), else create and save it."""
+    """Reuse ``RUN/splits.json`` if present (checking it fits the data), else create and save it.
+
+    A ``splits.json`` copied from another run keeps its test folds; if that run used another
+    inner-validation share, each fold's train/val division is redrawn from the same test folds.
+    """
     path = run_dir / "splits.json"
     if path.is_file():
         splits = read_json(path)
@@ -84,6 +96,10 @@ def load_or_create_splits(run_dir: Path, stems: Sequence[str], folds: int, seed:
             raise RunError(f"{path} was made for different data ({len(splits['stems'])} stems vs {len(stems)}); use a new --out")
         if splits["k"] != folds:
             raise RunError(f"{path} has {splits['k']} folds, not {folds}; use --folds {splits['k']} or a new --out")
+        if splits.get("val_fraction") != val_fraction:
+            tests = [f["test"] for f in sorted(splits["folds"], key=lambda f: f["fold"])]
+            splits = splits_from_test_folds(stems, tests, splits.get("seed", seed), val_fraction)
+            atomic_write_json(path, splits)
         return splits
     splits = make_splits(stems, folds, seed, val_fraction)
     atomic_write_json(path, splits)

@@ -355,19 +355,31 @@ def build_cache(
 ) -> CachedData:
     """Load ``root`` resized to ``size`` from the cache, building the cache file on first use.
 
+    ``root`` may also be a cache file itself (``.npz``), as written by ``polypseg data cache --out``.
     The cache is one ``.npz`` per (dataset content, size): images stored as JPEG (quality 95)
     bytes and masks as packed bits, about 30 MB for all of Kvasir-SEG at 256 px, so it can be
     copied to a GPU machine. It is decoded into memory once per process; training then never
     touches the disk. The key covers file names, sizes and modification times.
     """
+    if Path(root).is_file() and Path(root).suffix == ".npz":
+        # A cache file given directly (e.g. carried to a GPU machine without the raw images).
+        cached = load_cache(root)
+        if cached.size != size:
+            raise DataError(f"{root} holds {cached.size}px images, but {size}px are needed; rebuild it with --size {size}")
+        return cached
+    path = cache_path(root, size, cache_dir)
+    if not path.is_file():
+        _write_cache(index_dataset(root).samples, size, path, progress)
+    return load_cache(path)
+
+
+def cache_path(root: Path | str, size: int, cache_dir: Path | str | None = None) -> Path:
+    """Where the cache of ``root`` at ``size`` lives (its name encodes the dataset's content)."""
     index = index_dataset(root)
     if not index.samples:
         raise DataError(f"no image/mask pairs found under {root}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache_dir / f"{Path(root).resolve().name}-{size}px-{_cache_key(index.samples, size)}.npz"
-    if not path.is_file():
-        _write_cache(index.samples, size, path, progress)
-    return load_cache(path)
+    return cache_dir / f"{Path(root).resolve().name}-{size}px-{_cache_key(index.samples, size)}.npz"
 
 
 def _write_cache(samples: Sequence[Sample], size: int, path: Path, progress: bool) -> None:

@@ -64,9 +64,19 @@ def register(app: typer.Typer) -> None:
         root: Path = typer.Argument(..., help="Dataset folder."),
         size: int = typer.Option(256, "--size", min=16, help="Square size the images are resized to."),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default $POLYPSEG_CACHE or ~/.cache/polypseg)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Also copy the cache to this .npz file; pass it as --data to train without the raw images (e.g. on a GPU machine)."),
     ) -> None:
         """Build the preprocessed cache (JPEG-packed images, bit-packed masks) ahead of training."""
-        from polypseg.data import build_cache, default_cache_dir
+        import shutil
+
+        from polypseg.data import build_cache, cache_path
 
         data = build_cache(root, size, cache_dir=cache_dir)
-        console.print(f"{len(data.stems)} pairs at {size}px cached in {cache_dir or default_cache_dir()}", highlight=False)
+        path = cache_path(root, size, cache_dir)
+        if out is not None:
+            if out.suffix != ".npz":
+                raise typer.BadParameter("must end in .npz", param_hint="--out")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out)
+            path = out
+        console.print(f"{len(data.stems)} pairs at {size}px cached in {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False)
