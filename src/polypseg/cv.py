@@ -123,10 +123,13 @@ def run_cv(
     explain_max_images: int | None = None,
     cache_dir: Path | str | None = None,
     report: bool = True,
+    only_folds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) K-fold cross-validation and return the summary written to ``RUN/summary.json``.
 
     ``config`` is required for a new run; with ``resume=True`` the run's saved config is used.
+    ``only_folds`` restricts this invocation to some folds (e.g. recipe selection on fold 0); the
+    summary then covers the folds finished so far.
     """
     run_dir = Path(out)
     context = DistributedContext.from_env()
@@ -156,6 +159,8 @@ def run_cv(
 
     for fold in splits["folds"]:
         index = fold["fold"]
+        if only_folds is not None and index not in only_folds:
+            continue
         fold_dir = run_dir / f"fold_{index}"
         if (fold_dir / "metrics.json").is_file():
             continue  # finished folds are never touched again

@@ -7,8 +7,6 @@ and only then renamed into place, so a destination folder either verifies or doe
 
 from __future__ import annotations
 
-from polypseg.errors import PolypsegError
-
 import hashlib
 import http.client
 import json
@@ -21,6 +19,8 @@ import zipfile
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from polypseg.errors import PolypsegError
 
 KVASIR_SEG_URL = "https://datasets.simula.no/downloads/kvasir-seg.zip"
 

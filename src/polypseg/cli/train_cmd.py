@@ -101,6 +101,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (finished folds are kept as they are)."),
         explain: bool = typer.Option(True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."),
         explain_max_images: Optional[int] = typer.Option(None, "--explain-max-images", min=1, help="Limit the Grad-CAM checks to the first N held-out images per fold."),
+        only_fold: list[int] = typer.Option([], "--only-fold", help="Run only this fold (repeatable), e.g. to choose a recipe on fold 0; the summary covers finished folds."),
         device: str = DeviceOpt,
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the preprocessed cache lives (default $POLYPSEG_CACHE or ~/.cache/polypseg)."),
         progress: bool = ProgressOpt,
@@ -128,6 +129,7 @@ def register(app: typer.Typer) -> None:
             explain=explain,
             explain_max_images=explain_max_images,
             cache_dir=cache_dir,
+            only_folds=only_fold or None,
         )
         if summary:
             ms = summary["mean_std"]["at_chosen"]
