@@ -109,3 +109,13 @@ def test_copied_splits_keep_test_folds_with_other_validation_share(tmp_path):
     assert [f["test"] for f in reused["folds"]] == [f["test"] for f in original["folds"]]
     assert all(not f["val"] for f in reused["folds"])
     assert all(len(f["train"]) == 15 for f in reused["folds"])
+
+
+def test_cv_measures_gradcam_per_fold(dataset, tmp_path):
+    config = tiny_config(epochs=1, image_size=32)
+    summary = run_cv(dataset, tmp_path / "run", config, folds=2, device="cpu", progress=False, explain=True,
+                     explain_max_images=2, report=False, cache_dir=tmp_path / "cache")
+    fold_metrics = json.loads((tmp_path / "run" / "fold_0" / "metrics.json").read_text())
+    assert len(fold_metrics["explainability"]["per_image"]) == 2
+    assert "energy_inside" in summary["explainability"]
+    assert "Grad-CAM checks" in (tmp_path / "run" / "summary.md").read_text()

@@ -229,12 +229,15 @@ def _explain_fold(model: torch.nn.Module, test: CachedData, device: torch.device
     from polypseg.explain_metrics import evaluate_explanations
 
     subset = test if max_images is None else test.subset(test.stems[:max_images])
-    steps = 20 if device.type == "cuda" else 8
-    report = evaluate_explanations(
-        model, subset.images, subset.masks, threshold=0.5, device=device, deletion_steps=steps
+    return evaluate_explanations(
+        model,
+        subset.images,
+        subset.masks,
+        threshold=0.5,
+        device=device,
+        deletion_steps=20 if device.type == "cuda" else 8,
+        stems=subset.stems,
     )
-    report["n_images"] = len(subset.stems)
-    return report
 
 
 def load_oof(run_dir: Path | str) -> tuple[list[str], torch.Tensor, torch.Tensor, list[int]]:
@@ -273,7 +276,7 @@ def summarize_run(run_dir: Path | str, elapsed_s: float | None = None) -> dict[s
         if metrics_file.is_file():
             explain = read_json(metrics_file).get("explainability")
             if explain:
-                entry["explainability"] = explain.get("mean_std", explain)
+                entry["explainability"] = explain["mean_std"]
         per_fold.append(entry)
     config = read_json(run_dir / "config.json")
     pos, neg = pooled.histograms
@@ -310,10 +313,14 @@ def summarize_run(run_dir: Path | str, elapsed_s: float | None = None) -> dict[s
     return summary
 
 
-def _mean_over_folds(folds: list[dict[str, Any]]) -> dict[str, Any]:
+def _mean_over_folds(folds: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
     """Mean +- std across folds of each explanation metric's per-fold mean."""
-    names = sorted({k for f in folds for k, v in f.items() if isinstance(v, (list, tuple)) and len(v) == 2})
-    return {name: mean_std([f[name][0] for f in folds if name in f]) for name in names}
+    names = sorted({name for fold in folds for name in fold})
+    result = {}
+    for name in names:
+        values = [fold[name]["mean"] for fold in folds if name in fold and fold[name].get("n", 1)]
+        result[name] = mean_std([v for v in values if v is not None and not np.isnan(v)])
+    return result
 
 
 def _fmt(value: Any, std: Any = None) -> str:

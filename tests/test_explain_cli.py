@@ -1,0 +1,193 @@
+"""``polypseg explain`` end to end on tiny synthetic data, plus gallery selection and rendering."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from polypseg.checkpoint import save_checkpoint
+from polypseg.config import ModelConfig, RunConfig, TrainConfig
+from polypseg.errors import PolypsegError
+from polypseg.gallery import render_gallery, render_panel, select_cases, write_gallery
+from polypseg.models import create_model
+
+SIZES = {"a": (40, 48), "b": (36, 36), "c": (52, 30)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = RunConfig(model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32))
+    model = create_model(config.model)
+    root = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(root / "best", model, config, threshold=0.5)
+    return root / "best.safetensors"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for stem, (height, width) in SIZES.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / "images" / f"{stem}.png")
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[5:20, 8:25] = 255
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+    (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    (root / "masks" / "broken.png").write_bytes(b"not a png either")
+    return root
+
+
+def _invoke(*args: str) -> object:
+    from polypseg.cli.main import app
+
+    return CliRunner().invoke(app, ["explain", *args])
+
+
+def test_explain_dataset_root(checkpoint: Path, dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _invoke(str(dataset), "--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "2")
+    assert result.exit_code == 0, result.output
+    assert "broken.jpg" in result.output  # named ...
+    for stem, size in SIZES.items():  # ... and nothing else lost
+        heatmap = np.load(out / f"{stem}_heatmap.npy")
+        assert heatmap.shape == size and heatmap.dtype == np.float32
+        assert 0 <= heatmap.min() and heatmap.max() <= 1
+        with Image.open(out / f"{stem}_panel.png") as panel:
+            assert panel.format == "PNG" and panel.width > panel.height
+    assert not list(out.glob("broken*"))
+
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["stem"] for r in rows] == ["a", "b", "c"]
+    for row in rows:
+        assert row["has_ground_truth"] == "True"
+        assert 0 <= float(row["dice"]) <= 1
+        assert 0 <= float(row["energy_inside"]) <= 1
+        assert row["pointing_game"] in ("0", "1")
+        assert row["deletion_auc"] != ""
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["explained"] == 3
+    assert [Path(p).name for p in summary["skipped"]] == ["broken.jpg"]
+    assert summary["mean_std"]["dice"]["n"] == 3
+    assert summary["settings"]["threshold"] == 0.5 and summary["settings"]["image_size"] == 32
+
+    page = (out / "gallery.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+    assert "broken.jpg" in page
+
+
+def test_explain_files_with_masks_png16_no_gallery(checkpoint: Path, dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    files = [str(dataset / "images" / "a.png"), str(dataset / "images" / "c.png")]
+    result = _invoke(
+        *files,
+        "--model", str(checkpoint.with_suffix("")),
+        "--out", str(out),
+        "--masks", str(dataset / "masks"),
+        "--heatmap-format", "png16",
+        "--no-gallery",
+        "--deletion-steps", "0",
+        "--threshold", "0.4",
+        "--layer", "decoder.block3",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with Image.open(out / "a_heatmap.png") as png:
+        assert png.mode.startswith("I;16") and png.size == (48, 40)
+        levels = np.asarray(png)
+    assert levels.max() == 65535 or levels.max() == 0
+    assert not (out / "gallery.html").exists()
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["stem"] for r in rows] == ["a", "c"] and rows[0]["dice"] != "" and rows[0]["deletion_auc"] == ""
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["threshold"] == 0.4 and settings["layer"] == "decoder.block3"
+
+
+def test_explain_run_folder_fold_choice_and_user_errors(checkpoint: Path, dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for fold in (0, 1):
+        (run / f"fold_{fold}").mkdir(parents=True)
+        for suffix in (".safetensors", ".json"):
+            (run / f"fold_{fold}" / f"best{suffix}").write_bytes(checkpoint.with_suffix(suffix).read_bytes())
+    image = str(dataset / "images" / "b.png")
+    out = tmp_path / "out"
+    result = _invoke(image, "--model", str(run), "--out", str(out), "--fold", "1", "--deletion-steps", "0", "--no-gallery")
+    assert result.exit_code == 0, result.output
+    assert "fold_1" in json.loads((out / "summary.json").read_text())["checkpoint"]
+
+    bad_fold = _invoke(image, "--model", str(run), "--out", str(out), "--fold", "7")
+    assert isinstance(bad_fold.exception, PolypsegError) and "--fold 7" in str(bad_fold.exception)
+    bad_layer = _invoke(image, "--model", str(run), "--out", str(out), "--layer", "decoder.block99")
+    assert isinstance(bad_layer.exception, PolypsegError) and "--layer decoder.block99" in str(bad_layer.exception)
+    missing = _invoke(str(tmp_path / "nope.png"), "--model", str(run), "--out", str(out))
+    assert isinstance(missing.exception, PolypsegError) and "nope.png" in str(missing.exception)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gallery
+
+
+def test_select_cases_best_median_worst_without_repeats() -> None:
+    records = [{"stem": f"s{i}", "dice": d} for i, d in enumerate([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6])]
+    groups = select_cases(records, per_group=3)
+    dice = {name: sorted(r["dice"] for r in group) for name, group in groups.items()}
+    assert dice == {"best": [0.7, 0.8, 0.9], "median": [0.4, 0.5, 0.6], "worst": [0.1, 0.2, 0.3]}
+    assert list(groups) == ["best", "median", "worst"]
+
+    few = select_cases(records[:4], per_group=3)  # 4 records: each shown once
+    shown = [r["stem"] for group in few.values() for r in group]
+    assert sorted(shown) == ["s0", "s1", "s2", "s3"]
+    assert [r["dice"] for r in few["best"]] == [0.9, 0.5, 0.3]
+
+    no_truth = select_cases([{"stem": "x", "dice": float("nan")}, {"stem": "y"}], per_group=1)
+    assert list(no_truth) == ["all"] and [r["stem"] for r in no_truth["all"]] == ["x", "y"]
+
+
+def test_render_panel_and_gallery_page(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    heat = rng.random((30, 40)).astype(np.float32)
+    prediction = np.zeros((30, 40), dtype=bool)
+    prediction[5:15, 5:20] = True
+    with_gt = render_panel(image, heat, prediction, prediction, title="x")
+    without_gt = render_panel(image, heat, np.zeros((30, 40), dtype=bool))
+    with Image.open(io.BytesIO(with_gt)) as a, Image.open(io.BytesIO(without_gt)) as b:
+        assert a.width > b.width  # the ground-truth column is there only when given
+
+    records = [{"stem": "<b>", "dice": 0.5, "energy_inside": float("nan")}]
+    page = render_gallery({"best": records}, {"<b>": with_gt}, title="T & T")
+    assert "&lt;b&gt;" in page and "<b><b>" not in page and "T &amp; T" in page
+    path = write_gallery(tmp_path / "g.html", records, {"<b>": with_gt})
+    assert path.read_text().count("data:image/png;base64,") == 1
+
+
+CVC = Path("/work/shared/datasets/cvc-clinicdb-test62")
+
+
+@pytest.mark.skipif(not (CVC / "Original").is_dir(), reason="shared CVC-ClinicDB data not present")
+def test_explain_cvc_tiff_layout(checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "cvc"
+    for folder in ("Original", "Ground Truth"):
+        (root / folder).mkdir(parents=True)
+        for path in sorted((CVC / folder).glob("*.tif"))[:2]:
+            shutil.copy(path, root / folder / path.name)  # copies: the shared data stay untouched
+    out = tmp_path / "out"
+    result = _invoke(str(root), "--model", str(checkpoint), "--out", str(out), "--deletion-steps", "0", "--no-gallery")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 2 and all(r["has_ground_truth"] == "True" and r["dice"] != "" for r in rows)
+    stem = rows[0]["stem"]
+    assert np.load(out / f"{stem}_heatmap.npy").shape == (288, 384)  # CVC-ClinicDB frames are 384x288
