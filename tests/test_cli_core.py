@@ -14,7 +14,24 @@ runner = CliRunner()
 
 
 def polypseg(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "polypseg.cli.main", *args], capture_output=True, text=True, timeout=300)
+    """Run the real entry point (``main()``: the one-line error handling) in this process."""
+    import contextlib
+    import io
+
+    from polypseg.cli import main as cli_main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        old_argv = sys.argv
+        sys.argv = ["polypseg", *args]
+        try:
+            cli_main.main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            sys.argv = old_argv
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def test_help_lists_commands():
@@ -48,3 +65,21 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 def test_resume_refuses_new_recipe_options(tmp_path):
     result = polypseg("cv", "--out", str(tmp_path / "r"), "--resume", "--epochs", "3")
     assert result.returncode == 2 and "--resume" in result.stderr
+
+
+def test_download_of_wrong_archive_is_refused_and_leaves_nothing(tmp_path):
+    import zipfile
+
+    archive = tmp_path / "kvasir.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("Kvasir-SEG/images/only.jpg", b"not the real dataset")
+        zf.writestr("Kvasir-SEG/masks/only.jpg", b"not the real dataset")
+    result = polypseg("data", "download", "kvasir-seg", "--to", str(tmp_path / "data"), "--url", archive.as_uri())
+    assert result.returncode == 2, result.stderr
+    assert "missing file" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "kvasir-seg").exists()
+
+
+def test_console_script_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "polypseg.cli.main", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("polypseg ")
