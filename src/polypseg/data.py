@@ -62,7 +62,8 @@ class DatasetIndex:
         return [s.stem for s in self.samples]
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Any integer, bool or float pixel array -> uint8, scaled by the dtype's range (never per image)."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:
@@ -111,7 +112,7 @@ def _decode(path: Path) -> np.ndarray:
 def read_image(path: Path | str) -> np.ndarray:
     """Read an image as ``uint8`` RGB ``(H, W, 3)``; grayscale, RGBA and 16-bit are converted."""
     path = Path(path)
-    array = _to_uint8(_decode(path))
+    array = to_uint8(_decode(path))
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     elif array.ndim == 3 and array.shape[2] == 1:
@@ -128,7 +129,7 @@ def read_image(path: Path | str) -> np.ndarray:
 def read_mask(path: Path | str) -> np.ndarray:
     """Read a mask as ``bool (H, W)``: one channel (max over colour channels), binarised at > 127."""
     path = Path(path)
-    array = _to_uint8(_decode(path))
+    array = to_uint8(_decode(path))
     if array.ndim == 3:
         array = array[:, :, :3].max(axis=2) if array.shape[2] >= 3 else array[:, :, 0]
     if array.ndim != 2:
@@ -243,7 +244,7 @@ def check_dataset(root: Path | str, progress: bool = False) -> CheckReport:
             continue
         assert sample.mask is not None
         try:
-            raw = _to_uint8(_decode(sample.mask))
+            raw = to_uint8(_decode(sample.mask))
         except ImageReadError as error:
             report.problems.append(Problem("error", "undecodable", sample.mask, str(error)))
             continue

@@ -1,0 +1,214 @@
+"""Upload checks: decode untrusted image bytes within size and pixel limits.
+
+Every failure raises an :class:`UploadError` subclass carrying the HTTP status the API answers
+with and a one-line message naming the upload, so bad input never becomes a 500.
+Pixel dimensions are read from the file header *before* the pixel data is decoded, so a
+decompression bomb (a small file claiming a huge image) is refused without allocating it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from polypseg.data import to_uint8
+from polypseg.errors import PolypsegError
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# (magic prefix, format) for the formats the API accepts; WebP is checked separately (RIFF....WEBP).
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+    (b"BM", "BMP"),
+)
+ACCEPTED_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
+
+
+class UploadError(PolypsegError):
+    """An upload the API refuses; ``status_code`` and ``code`` go into the JSON error."""
+
+    status_code = 400
+    code = "bad_upload"
+
+
+class UploadTooLarge(UploadError):
+    status_code = 413
+    code = "upload_too_large"
+
+
+class TooManyPixels(UploadError):
+    status_code = 413
+    code = "too_many_pixels"
+
+
+class NotAnImage(UploadError):
+    status_code = 415
+    code = "not_an_image"
+
+
+class CorruptImage(UploadError):
+    status_code = 400
+    code = "corrupt_image"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says, before any pixel is decoded."""
+
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the file's magic bytes, or ``None``."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def check_size(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
+    """Refuse empty uploads and uploads over ``max_bytes``."""
+    if not data:
+        raise CorruptImage(f"{name}: the upload is empty")
+    if len(data) > max_bytes:
+        raise UploadTooLarge(f"{name}: {_mb(len(data))} is over the upload limit of {_mb(max_bytes)}")
+
+
+def probe_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read format and dimensions from the header only; enforce ``max_pixels``."""
+    if not data:
+        raise CorruptImage(f"{name}: the upload is empty")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise NotAnImage(f"{name}: not an image (accepted: {', '.join(ACCEPTED_FORMATS)})")
+    if fmt == "TIFF":
+        width, height = _tiff_size(data, name)
+    else:
+        try:
+            with _open_pil(data) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as error:
+            claimed = re.search(r"\((\d+) pixels\)", str(error))
+            size = f"{int(claimed.group(1)):,} pixels" if claimed else "an image far larger than that"
+            raise TooManyPixels(f"{name}: the header claims {size}, over the limit of {max_pixels:,}") from None
+        except Exception as error:  # noqa: BLE001 - any header failure means the upload is unusable
+            raise CorruptImage(f"{name}: cannot read the {fmt} header ({_reason(error)})") from None
+    if width < 1 or height < 1:
+        raise CorruptImage(f"{name}: the {fmt} header gives an empty image ({width}x{height})")
+    if width * height > max_pixels:
+        raise TooManyPixels(f"{name}: {width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}")
+    return ImageInfo(fmt, width, height)
+
+
+def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode an upload to ``uint8`` RGB ``(H, W, 3)``, like :func:`polypseg.data.read_image`.
+
+    Grayscale, RGBA, palette and 16-bit images are converted; truncated or corrupt files raise
+    :class:`CorruptImage`. Probes the header first (see :func:`probe_image`).
+    """
+    info = probe_image(data, name, max_pixels)
+    try:
+        array = _decode_tiff(data) if info.format == "TIFF" else _decode_pil(data)
+    except Image.DecompressionBombError:
+        raise TooManyPixels(f"{name}: image is over the pixel limit") from None
+    except UploadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated data, bad compression stream, ...
+        raise CorruptImage(f"{name}: truncated or corrupt {info.format} ({_reason(error)})") from None
+    array = _to_rgb(array, name)
+    if array.shape[:2] != (info.height, info.width):
+        raise CorruptImage(f"{name}: decoded size {array.shape[1]}x{array.shape[0]} differs from the header's {info.width}x{info.height}")
+    return array
+
+
+def _open_pil(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        # Our own max_pixels check replaces Pillow's warning; its hard error still applies.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def _decode_pil(data: bytes) -> np.ndarray:
+    with _open_pil(data) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+        if image.mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image)
+            if image.mode == "I":
+                array = np.clip(array, 0, 65535)
+            return array.astype(np.uint16)
+        elif image.mode in ("1", "F"):
+            image = image.convert("L")
+        elif image.mode == "LA":
+            image = image.convert("RGBA")
+        elif image.mode not in ("L", "RGB", "RGBA"):
+            image = image.convert("RGB")
+        return np.asarray(image)
+
+
+def _tiff_size(data: bytes, name: str) -> tuple[int, int]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages.first
+            return int(page.imagewidth), int(page.imagelength)
+    except Exception as error:  # noqa: BLE001 - any tifffile failure means the upload is unusable
+        raise CorruptImage(f"{name}: cannot read the TIFF header ({_reason(error)})") from None
+
+
+def _decode_tiff(data: bytes) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        array = np.asarray(tif.pages.first.asarray())
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # planar TIFF
+    return array
+
+
+def _to_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    try:
+        array = to_uint8(array)
+    except PolypsegError:
+        raise CorruptImage(f"{name}: unsupported pixel type {array.dtype}") from None
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] in (1, 2):
+        array = np.repeat(array[:, :, :1], 3, axis=2)  # gray or gray+alpha
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]  # colonoscopy frames have no meaningful transparency
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise CorruptImage(f"{name}: unexpected image shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text if len(text) > 8 else f"{type(error).__name__}: {text}".rstrip(": ")
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MB"

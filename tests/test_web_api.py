@@ -1,0 +1,558 @@
+"""The HTTP API with FastAPI's test client: answers match the library, bad input is a clear 4xx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from polypseg.checkpoint import save_checkpoint
+from polypseg.explain import explain_images
+from polypseg.inference import Prediction
+from polypseg.models import count_parameters, create_model
+from polypseg.web import encoding
+from polypseg.web.app import STATIC_DIR, WebSettings, create_app
+from polypseg.web.service import InferenceService, ServiceBusy
+from polypseg.web.validation import decode_image_bytes
+
+from helpers import tiny_config
+
+THRESHOLD = 0.45
+
+
+def make_checkpoint(path: Path, threshold: float = THRESHOLD) -> Path:
+    config = tiny_config(image_size=64)
+    torch.manual_seed(0)
+    model = create_model(config.model)
+    return save_checkpoint(path, model, config, metrics={"dice": 0.61, "iou": 0.5}, threshold=threshold)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def service(checkpoint: Path) -> InferenceService:
+    return InferenceService.from_checkpoint(checkpoint, device="cpu", max_batch=4)
+
+
+@pytest.fixture()
+def client(service: InferenceService):
+    with TestClient(create_app(service, WebSettings())) as test_client:
+        yield test_client
+
+
+def image_rgb(height: int = 40, width: int = 52, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(20, 90, size=(height, width, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    image[(yy - height // 2) ** 2 + (xx - width // 2) ** 2 <= (min(height, width) // 4) ** 2] = [210, 120, 110]
+    return image
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def post(client: TestClient, endpoint: str, data: bytes, name: str = "x.png", **params) -> dict:
+    response = client.post(endpoint, params=params, files={"file": (name, data, "application/octet-stream")})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def png_array(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG header claiming ``width x height`` RGB with almost no pixel data (a bomb)."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b"")
+
+
+# ----------------------------------------------------------------------------------- answers
+
+
+def test_segment_matches_the_predictor(client: TestClient, service: InferenceService):
+    image = image_rgb()
+    body = post(client, "/v1/segment", encode(image), include_probability="true")
+    expected = service.predictor.predict([image])[0]
+    mask = png_array(body["mask_png_base64"])
+    assert mask.shape == (40, 52) and set(np.unique(mask)) <= {0, 255}
+    assert (body["width"], body["height"]) == (52, 40)
+    assert body["threshold"] == pytest.approx(THRESHOLD)
+    np.testing.assert_array_equal(mask > 0, expected.mask)
+    assert body["area_pixels"] == int(expected.mask.sum())
+    assert body["area_fraction"] == pytest.approx(expected.mask.mean())
+    assert body["mean_confidence"] == pytest.approx(float(expected.mean_confidence), abs=1e-6)
+    probability = png_array(body["probability_png_base64"]).astype(int)
+    assert np.abs(probability - np.rint(expected.probability * 255)).max() <= 1
+    assert "uncertainty_png_base64" not in body  # a single checkpoint has no fold disagreement
+
+
+def test_rle_decodes_to_the_png_mask(client: TestClient):
+    data = encode(image_rgb(seed=3))
+    png_mask = png_array(post(client, "/v1/segment", data, threshold=0.5)["mask_png_base64"]) > 0
+    body = post(client, "/v1/segment", data, mask_format="rle", threshold=0.5)
+    assert "mask_png_base64" not in body and body["mask_rle"]["size"] == [40, 52]
+    assert 0 < png_mask.sum() < png_mask.size, "the test image should give a partial mask"
+    np.testing.assert_array_equal(encoding.rle_decode(body["mask_rle"]), png_mask)
+
+
+def test_rle_is_coco_column_major():
+    mask = np.array([[0, 1, 1], [0, 1, 0]], dtype=bool)
+    # column-major: col0 = 0,0; col1 = 1,1; col2 = 1,0 -> runs 2 zeros, 3 ones, 1 zero
+    assert encoding.rle_encode(mask) == {"size": [2, 3], "counts": [2, 3, 1]}
+    assert encoding.rle_encode(np.ones((2, 2), bool))["counts"] == [0, 4]
+    np.testing.assert_array_equal(encoding.rle_decode(encoding.rle_encode(mask)), mask)
+
+
+def test_threshold_parameter_rethresholds(client: TestClient, service: InferenceService):
+    image = image_rgb(seed=5)
+    data = encode(image)
+    probability = service.predictor.predict([image])[0].probability
+    low, high = np.quantile(probability, [0.2, 0.8])
+    areas = []
+    for threshold in (round(float(low), 3), round(float(high), 3)):
+        body = post(client, "/v1/segment", data, threshold=threshold)
+        assert body["threshold"] == pytest.approx(threshold)
+        assert body["area_pixels"] == int((probability >= threshold).sum())
+        areas.append(body["area_pixels"])
+    assert areas[0] > areas[1]
+
+
+def test_explain_matches_library_grad_cam(client: TestClient, service: InferenceService):
+    image = image_rgb(seed=7)
+    data = encode(image)
+    body = post(client, "/v1/explain", data)
+    heatmaps, _ = explain_images(service.predictor.models[0], [image], image_size=64, threshold=THRESHOLD)
+    heatmap = png_array(body["heatmap_png_base64"])
+    assert heatmap.shape == (40, 52) and heatmap.dtype == np.uint8
+    assert np.abs(heatmap.astype(int) - np.rint(heatmaps[0] * 255)).max() <= 1
+    assert png_array(body["overlay_png_base64"]).shape == (40, 52, 3)
+    assert body["threshold"] == pytest.approx(THRESHOLD) and body["layer"] == "decoder.final"
+    deep = post(client, "/v1/explain", data, heatmap_bits=16, include_overlay="false")
+    heatmap16 = png_array(deep["heatmap_png_base64"])
+    assert heatmap16.dtype in (np.uint16, np.int32) and "overlay_png_base64" not in deep
+    assert np.abs(heatmap16.astype(np.int64) - np.rint(heatmaps[0] * 65535)).max() <= 300
+
+
+def test_raw_body_upload(client: TestClient):
+    response = client.post("/v1/segment", content=encode(image_rgb(), "JPEG"), headers={"Content-Type": "image/jpeg"})
+    assert response.status_code == 200, response.text
+    assert response.json()["name"] == "request body"
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["gray", "rgba", "palette", "gray16", "tiff16", "tiff_rgb", "bmp", "webp"],
+)
+def test_converted_formats_are_accepted(client: TestClient, kind: str):
+    rgb = image_rgb(height=30, width=34, seed=11)
+    gray = rgb[:, :, 0]
+    if kind == "gray":
+        data = encode(gray)
+    elif kind == "rgba":
+        data = encode(np.dstack([rgb, np.full(gray.shape, 128, np.uint8)]))
+    elif kind == "palette":
+        data = encode(np.asarray(Image.fromarray(rgb).convert("P")))
+    elif kind == "gray16":
+        data = encode(gray.astype(np.uint16) * 257)
+    elif kind in ("tiff16", "tiff_rgb"):
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, gray.astype(np.uint16) * 257 if kind == "tiff16" else rgb)
+        data = buffer.getvalue()
+    else:
+        data = encode(rgb, kind.upper())
+    body = post(client, "/v1/segment", data, name=f"upload.{kind}")
+    assert (body["width"], body["height"]) == (34, 30)
+    if kind in ("gray16", "tiff16"):
+        # 16-bit is scaled by its range, so v * 257 must segment exactly like 8-bit v
+        reference = post(client, "/v1/segment", encode(gray))
+        assert body["mask_png_base64"] == reference["mask_png_base64"]
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) * 2 // 3]
+
+
+BAD_UPLOADS = {
+    "text": (b"patient notes, not an image", "notes.txt", 415, "not_an_image"),
+    "empty": (b"", "empty.png", 400, "corrupt_image"),
+    "truncated_jpeg": (truncated(encode(image_rgb(), "JPEG")), "cut.jpg", 400, "corrupt_image"),
+    "truncated_png": (truncated(encode(image_rgb())), "cut.png", 400, "corrupt_image"),
+    "corrupt_tiff": (b"II*\x00" + b"\xff" * 64, "bad.tif", 400, "corrupt_image"),
+    "bomb": (png_header_only(30000, 30000), "bomb.png", 413, "too_many_pixels"),
+    "pdf": (b"%PDF-1.4\n" + b"0" * 100, "scan.pdf", 415, "not_an_image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_UPLOADS))
+def test_bad_uploads_are_clear_4xx(client: TestClient, case: str):
+    data, name, status, code = BAD_UPLOADS[case]
+    for endpoint in ("/v1/segment", "/v1/explain"):
+        response = client.post(endpoint, files={"file": (name, data, "application/octet-stream")})
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert body["code"] == code
+        assert "\n" not in body["error"] and len(body["error"]) < 300
+        if case != "empty":
+            assert name in body["error"]
+    assert client.get("/v1/health").json()["status"] == "ok"
+    assert post(client, "/v1/segment", encode(image_rgb()))["width"] == 52
+
+
+def test_upload_and_pixel_limits(service: InferenceService):
+    settings = WebSettings(max_upload_bytes=3000, max_pixels=2000)
+    with TestClient(create_app(service, settings)) as client:
+        big = encode(np.random.default_rng(0).integers(0, 255, (60, 60, 3), dtype=np.uint8))
+        assert len(big) > 3000
+        response = client.post("/v1/segment", files={"file": ("big.png", big, "image/png")})
+        assert response.status_code == 413 and response.json()["code"] == "upload_too_large"
+        # no Content-Length (chunked): the limit applies while the body streams in
+        response = client.post("/v1/segment", content=iter([big[:2000], big[2000:]]), headers={"Content-Type": "image/png"})
+        assert response.status_code == 413 and response.json()["code"] == "upload_too_large"
+        small_but_wide = encode(np.zeros((10, 250), np.uint8))  # 2500 px > 2000
+        response = client.post("/v1/segment", files={"file": ("wide.png", small_but_wide, "image/png")})
+        assert response.status_code == 413 and response.json()["code"] == "too_many_pixels"
+        assert "wide.png" in response.json()["error"] and "2,500" in response.json()["error"]
+        assert client.post("/v1/segment", files={"file": ("ok.png", encode(np.zeros((40, 40), np.uint8)), "image/png")}).status_code == 200
+
+
+def test_bad_parameters_and_requests(client: TestClient):
+    data = encode(image_rgb())
+    for params in ({"threshold": 1.5}, {"threshold": 0}, {"mask_format": "bmp"}):
+        response = client.post("/v1/segment", params=params, files={"file": ("x.png", data, "image/png")})
+        assert response.status_code == 422 and next(iter(params)) in response.json()["error"]
+    response = client.post("/v1/explain", params={"heatmap_bits": 12}, files={"file": ("x.png", data, "image/png")})
+    assert response.status_code == 422
+    response = client.post("/v1/segment", data={"note": "no file"}, files={"other": ("", b"", "text/plain")})
+    assert response.status_code in (400, 415)
+    response = client.post("/v1/segment", content=b'{"image": 1}', headers={"Content-Type": "application/json"})
+    assert response.status_code == 415 and "application/json" in response.json()["error"]
+    assert client.get("/v1/nothing").status_code == 404
+
+
+def test_decoder_refuses_bombs_before_allocating():
+    # 100000 x 100000 would be 30 GB if decoded; refused from the header alone.
+    with pytest.raises(Exception) as error:
+        decode_image_bytes(png_header_only(100_000, 100_000), "huge.png")
+    assert getattr(error.value, "status_code", None) == 413 and "huge.png" in str(error.value)
+
+
+# ----------------------------------------------------------------------------------- queue
+
+
+class BlockingPredictor:
+    """Stands in for the predictor: blocks until released, fails on all-zero images."""
+
+    threshold = 0.5
+    image_size = 32
+    device = "cpu"
+    metadata: dict = {}
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.models = [torch.nn.Conv2d(3, 1, 1)]
+        self.batch_sizes: list[int] = []
+
+    def predict(self, images):
+        self.release.wait(10)
+        self.batch_sizes.append(len(images))
+        if any(not image.any() for image in images):
+            raise RuntimeError("boom")
+        return [Prediction(np.full(image.shape[:2], image[0, 0, 0] / 255, np.float32), self.threshold) for image in images]
+
+
+def test_full_queue_answers_503_with_retry_after():
+    predictor = BlockingPredictor()
+    service = InferenceService(predictor, max_queue=2, max_batch=2)
+    with TestClient(create_app(service)) as client:
+        tickets = [service.reserve(10), service.reserve(10)]
+        with pytest.raises(ServiceBusy):
+            service.reserve(10)
+        response = client.post("/v1/segment", files={"file": ("x.png", encode(image_rgb()), "image/png")})
+        assert response.status_code == 503
+        assert response.json()["error"] == "server busy, retry later"
+        assert int(response.headers["Retry-After"]) > 0
+        for ticket in tickets:
+            ticket.release()
+        assert service.pending == 0
+        predictor.release.set()
+
+
+def test_worker_batches_and_isolates_failures():
+    predictor = BlockingPredictor()
+    service = InferenceService(predictor, max_queue=8, max_batch=4)
+    service.start()
+    try:
+        images = [np.full((4, 4, 3), value, np.uint8) for value in (1, 0, 3, 4)]
+        futures = [service.submit(service.reserve(16), "segment", image) for image in images]
+        predictor.release.set()
+        assert futures[0].result(10).probability[0, 0] == pytest.approx(1 / 255)
+        assert futures[3].result(10).probability[0, 0] == pytest.approx(4 / 255)
+        with pytest.raises(RuntimeError):
+            futures[1].result(10)
+        assert max(predictor.batch_sizes) > 1, "queued jobs should run as one batch"
+        assert service.pending == 0
+    finally:
+        service.stop()
+
+
+def test_explain_without_a_torch_model_is_501():
+    predictor = BlockingPredictor()
+    predictor.release.set()
+    service = InferenceService(predictor, explain_model=None)
+    with TestClient(create_app(service)) as client:
+        response = client.post("/v1/explain", files={"file": ("x.png", encode(image_rgb()), "image/png")})
+        assert response.status_code == 501 and response.json()["code"] == "explain_unavailable"
+        assert service.pending == 0
+        assert client.post("/v1/segment", files={"file": ("x.png", encode(image_rgb()), "image/png")}).status_code == 200
+
+
+# ----------------------------------------------------------------------------------- auth
+
+
+def test_token_protects_every_api_call(service: InferenceService):
+    with TestClient(create_app(service, WebSettings(token="s3cret"))) as client:
+        data = encode(image_rgb())
+        calls = [
+            ("get", "/v1/health", {}),
+            ("get", "/v1/model", {}),
+            ("get", "/v1/samples", {}),
+            ("post", "/v1/segment", {"files": {"file": ("x.png", data, "image/png")}}),
+            ("post", "/v1/explain", {"files": {"file": ("x.png", data, "image/png")}}),
+        ]
+        for method, path, kwargs in calls:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                response = getattr(client, method)(path, headers=headers, **kwargs)
+                assert response.status_code == 401, (path, headers)
+                assert response.json()["code"] == "unauthorized" and response.headers["WWW-Authenticate"] == "Bearer"
+            response = getattr(client, method)(path, headers={"Authorization": "Bearer s3cret"}, **kwargs)
+            assert response.status_code == 200, (path, response.text)
+        assert client.get("/").status_code == 200  # the page itself holds no data; it asks for the token
+
+
+def test_no_token_means_open_api(client: TestClient):
+    assert client.get("/v1/health").status_code == 200
+
+
+# ----------------------------------------------------------------------------------- service info
+
+
+def test_health_model_and_openapi(client: TestClient, service: InferenceService):
+    health = client.get("/v1/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.headers["Cache-Control"] == "no-store"
+    info = client.get("/v1/model").json()
+    assert info["architecture"]["encoder"] == "resnet18" and info["architecture"]["arch"] == "unet"
+    assert info["architecture"]["parameters"] == count_parameters(service.predictor.models[0])
+    assert info["architecture"]["input_size"] == 64
+    assert info["threshold"] == pytest.approx(THRESHOLD)
+    assert info["metrics"]["dice"] == pytest.approx(0.61)
+    assert info["training"]["recipe"] == "demo"
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/segment", "/v1/explain", "/v1/health", "/v1/model", "/v1/samples"):
+        assert path in paths
+    assert "multipart/form-data" in paths["/v1/segment"]["post"]["requestBody"]["content"]
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    for asset in re.findall(r'(?:src|href)="([^"]+)"', docs.text):
+        assert asset.startswith("/"), asset
+        assert client.get(asset).status_code == 200, asset
+
+
+def test_samples(client: TestClient):
+    names = client.get("/v1/samples").json()["samples"]
+    assert len(names) >= 10 and all(name.endswith(".jpg") for name in names)
+    response = client.get(f"/v1/samples/{names[0]}")
+    assert response.status_code == 200 and response.content[:3] == b"\xff\xd8\xff"
+    for bad in ("nope.jpg", "..%2F..%2FNOTICE.md", "..%2Fmasks%2F" + names[0].replace(".jpg", ".png")):
+        assert client.get(f"/v1/samples/{bad}").status_code == 404
+
+
+# ----------------------------------------------------------------------------------- offline page
+
+
+EXTERNAL = re.compile(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", re.IGNORECASE)
+
+
+def test_page_loads_nothing_from_other_hosts(client: TestClient):
+    files = [p for p in STATIC_DIR.iterdir() if p.suffix in (".html", ".js", ".css", ".svg")]
+    assert {"index.html", "app.js", "style.css"} <= {p.name for p in files}
+    for path in files:
+        text = path.read_text()
+        # an SVG's xmlns is a namespace name, never fetched
+        text = re.sub(r'xmlns(:\w+)?="[^"]*"', "", text)
+        assert not EXTERNAL.search(text), f"{path.name} references another host: {EXTERNAL.search(text).group(0)}"
+        assert "@import" not in text and "fonts.g" not in text
+    page = client.get("/")
+    assert page.status_code == 200
+    for asset in re.findall(r'(?:src|href)="([^"]+)"', page.text):
+        assert asset.startswith("/") and not asset.startswith("//"), asset
+        assert client.get(asset).status_code == 200, asset
+    csp = page.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert "connect-src 'self'" in csp and "img-src 'self' data: blob:" in csp
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    assert "<script>" not in page.text  # inline scripts would be blocked by the CSP
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def test_serve_refuses_a_bad_model_with_one_line(tmp_path: Path):
+    from polypseg.cli.main import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["serve", "--model", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "nowhere" in missing.output and "Traceback" not in missing.output
+    bad = make_checkpoint(tmp_path / "broken")
+    bad.write_bytes(b"not safetensors")
+    result = runner.invoke(app, ["serve", "--model", str(bad)])
+    assert result.exit_code == 2 and "broken" in result.output and "Traceback" not in result.output
+
+
+def test_serve_binds_loopback_by_default_and_warns_without_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    import uvicorn
+
+    from polypseg.cli.main import app
+
+    calls: list[dict] = []
+    monkeypatch.setattr(uvicorn, "run", lambda web_app, **kw: calls.append({"app": web_app, **kw}))
+    monkeypatch.delenv("POLYPSEG_TOKEN", raising=False)
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000 and "warning" not in result.output
+    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--host", "0.0.0.0", "--port", "9001"])
+    assert result.exit_code == 0 and "without authentication" in result.output
+    assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == 9001
+    monkeypatch.setenv("POLYPSEG_TOKEN", "from-env")
+    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--host", "0.0.0.0", "--max-upload-mb", "5"])
+    assert result.exit_code == 0 and "without authentication" not in result.output
+    settings = calls[-1]["app"].state.settings
+    assert settings.token == "from-env" and settings.max_upload_bytes == 5 * 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------- CV run ensemble
+
+
+def make_run(root: Path) -> Path:
+    import json
+
+    for fold in range(2):
+        config = tiny_config(image_size=64)
+        torch.manual_seed(fold)
+        save_checkpoint(root / f"fold_{fold}" / "best", create_model(config.model), config, metrics={"dice": 0.5 + fold / 10})
+    (root / "config.json").write_text(json.dumps({"run": config.to_dict(), "data": "/secret/site/kvasir-seg", "folds": 2, "seed": 0}))
+    (root / "splits.json").write_text(json.dumps({"seed": 0, "k": 2, "stems": [], "folds": []}))
+    summary = {
+        "threshold": 0.55,
+        "n_images": 10,
+        "folds": 2,
+        "mean_std": {"at_chosen": {"dice": [0.7, 0.05]}},
+        "pooled": {"auc": 0.9, "at": {"0.5": {}}},
+    }
+    (root / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def test_cv_run_serves_the_fold_ensemble(tmp_path: Path):
+    run = make_run(tmp_path / "run")
+    service = InferenceService.from_checkpoint(run, device="cpu")
+    image = image_rgb(seed=2)
+    with TestClient(create_app(service)) as client:
+        body = post(client, "/v1/segment", encode(image))
+        expected = service.predictor.predict([image])[0]
+        assert body["n_models"] == 2 and body["threshold"] == pytest.approx(0.55)
+        disagreement = png_array(body["uncertainty_png_base64"]).astype(int)
+        assert disagreement.shape == (40, 52) and disagreement.max() > 0
+        assert np.abs(disagreement - np.rint(np.clip(2 * expected.uncertainty, 0, 1) * 255)).max() <= 1
+        assert body["mean_uncertainty"] == pytest.approx(float(expected.uncertainty.mean()), rel=1e-5)
+
+        fold0 = service.predictor.models[0]
+        heatmaps, _ = explain_images(fold0, [image], image_size=64, threshold=0.55)
+        cam = post(client, "/v1/explain", encode(image))
+        assert cam["model_index"] == 0
+        assert np.abs(png_array(cam["heatmap_png_base64"]).astype(int) - np.rint(heatmaps[0] * 255)).max() <= 1
+
+        info = client.get("/v1/model").json()
+        assert info["ensemble"]["models"] == 2
+        assert info["training"]["data"] == "kvasir-seg" and "secret" not in str(info)
+        assert info["training"]["folds"] == 2
+        assert info["cross_validation"]["mean_std"]["at_chosen"]["dice"] == [0.7, 0.05]
+        assert info["cross_validation"]["pooled_auc"] == 0.9
+
+
+# ----------------------------------------------------------------------------------- video
+
+
+def write_video(path: Path, frames: int = 12, size: tuple[int, int] = (48, 64)) -> Path:
+    """A small H.264 MP4 (MPEG-4 Part 2 where libx264 is missing) of a square moving right."""
+    import av
+
+    height, width = size
+    with av.open(str(path), "w") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            image = np.full((height, width, 3), 40, np.uint8)
+            image[10:30, 5 + 3 * i : 25 + 3 * i] = [220, 120, 110]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_video_upload_gives_per_frame_results(service: InferenceService, tmp_path: Path):
+    from polypseg.video import read_frames
+
+    path = write_video(tmp_path / "clip.mp4")
+    frames = [frame for _, _, frame in read_frames(path)]
+    expected = service.predictor.predict(frames[:10])
+    with TestClient(create_app(service, WebSettings(max_video_frames=10))) as client:
+        response = client.post("/v1/segment-video", params={"include_masks": "true"}, files={"file": ("clip.mp4", path.read_bytes(), "video/mp4")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["width"], body["height"], body["fps"]) == (64, 48, 10.0)
+        assert body["frames"] == 10 and body["frames_limited"] and "first 10 frames" in body["warning"]
+        assert [row["frame"] for row in body["per_frame"]] == list(range(10))
+        assert body["per_frame"][0]["iou_with_previous"] is None
+        for row, mask_rle, prediction in zip(body["per_frame"], body["masks_rle"], expected):
+            mask = encoding.rle_decode(mask_rle)
+            assert mask.shape == (48, 64) and row["area_pixels"] == int(mask.sum())
+            assert abs(row["area_pixels"] - prediction.area_pixels) <= 0.01 * mask.size
+        ious = [row["iou_with_previous"] for row in body["per_frame"][1:]]
+        assert body["consistency"] == pytest.approx(float(np.mean(ious)), abs=1e-5)
+
+        raw = client.post("/v1/segment-video", content=path.read_bytes(), headers={"Content-Type": "video/mp4"})
+        assert raw.status_code == 200 and "masks_rle" not in raw.json()
+        for data, name in ((b"junk" * 100, "junk.mp4"), (path.read_bytes()[:300], "cut.mp4")):
+            bad = client.post("/v1/segment-video", files={"file": (name, data, "video/mp4")})
+            assert bad.status_code == 415 and bad.json()["code"] == "not_a_video" and name in bad.json()["error"]
+        assert client.get("/v1/health").json()["limits"]["max_video_frames"] == 10
