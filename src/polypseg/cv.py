@@ -373,11 +373,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def _write_report(run_dir: Path) -> None:
+    """The HTML report is a view of the finished run: a failure here must not fail the run."""
+    from polypseg.reporting import write_report
+
     try:
-        from polypseg.reporting import write_report
-    except ImportError:
-        return
-    write_report(run_dir)
+        write_report(run_dir)
+    except Exception as error:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"the report could not be written ({error}); the run is complete, retry with: polypseg report {run_dir}", stacklevel=2)
 
 
 def pooled_metrics(run_dir: Path | str) -> SegmentationMetrics:

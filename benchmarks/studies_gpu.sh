@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue #5's measurements: the skip-connection ablation and the external validation, for real.
+# On the lent H100 (after benchmarks/prepare_gpu_carry.sh here; carry .whl and .gpucache):
+#   source benchmarks/gpu_env.sh && bash benchmarks/studies_gpu.sh
+# Anywhere else, with the datasets themselves:
+#   bash benchmarks/studies_gpu.sh --kvasir ../shared/datasets/kvasir-seg --cvc ../shared/datasets/cvc-clinicdb-test62
+#
+# 1. polypseg study skip-ablation on Kvasir-SEG: paper recipe, random encoder init, 5 folds, the
+#    same seed and folds for both arms                                  -> RUNS/skip-ablation/
+# 2. polypseg evaluate of both arms on CVC-ClinicDB-62, no retraining  -> RUNS/external-cvc62/
+# 3. Small result files only (never weights) -> RESULTS/skip-ablation/ and RESULTS/external-cvc62/,
+#    with the GPU, versions and wall times; copy them to docs/runs/ for docs/results.md.
+#
+# Options: --kvasir PATH, --cvc PATH (dataset folders or `polypseg data cache --out` files; default
+# the carried .gpucache/*-256.npz), --runs DIR (default /tmp/runs), --results DIR (default $OUT,
+# the folder a GPU call brings back, else docs/runs), --folds 5, --recipe paper, --device auto,
+# --set section.field=value (repeatable, passed to both arms). Rerunning resumes finished folds.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+KVASIR="$REPO/.gpucache/kvasir-seg-256.npz"
+CVC="$REPO/.gpucache/cvc-clinicdb-test62-256.npz"
+RUNS="/tmp/runs"
+RESULTS="${OUT:-$REPO/docs/runs}"
+FOLDS=5 RECIPE="paper" DEVICE="auto"
+SETS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --kvasir) KVASIR="$2"; shift 2 ;;
+    --cvc) CVC="$2"; shift 2 ;;
+    --runs) RUNS="$2"; shift 2 ;;
+    --results) RESULTS="$2"; shift 2 ;;
+    --folds) FOLDS="$2"; shift 2 ;;
+    --recipe) RECIPE="$2"; shift 2 ;;
+    --device) DEVICE="$2"; shift 2 ;;
+    --set) SETS+=(--set "$2"); shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ -e "$KVASIR" ]] || { echo "error: --kvasir $KVASIR: not found (a dataset folder or a cache .npz)" >&2; exit 2; }
+[[ -e "$CVC" ]] || { echo "error: --cvc $CVC: not found (a dataset folder or a cache .npz)" >&2; exit 2; }
+
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+polypseg() { "$PY" -m polypseg.cli.main "$@"; }
+
+started=$(date +%s)
+polypseg study skip-ablation --data "$KVASIR" --out "$RUNS/skip-ablation" --recipe "$RECIPE" --folds "$FOLDS" \
+  --encoder-weights none --device "$DEVICE" --no-progress --resume "${SETS[@]}"
+ablation_s=$(( $(date +%s) - started ))
+
+started=$(date +%s)
+for arm in with-skips no-skips; do
+  polypseg evaluate --model "$RUNS/skip-ablation/$arm" --data "$CVC" --out "$RUNS/external-cvc62/$arm" \
+    --device "$DEVICE" --no-progress
+done
+external_s=$(( $(date +%s) - started ))
+
+for arm in with-skips no-skips; do
+  src="$RUNS/skip-ablation/$arm" dst="$RESULTS/skip-ablation/$arm"
+  mkdir -p "$dst" "$RESULTS/external-cvc62/$arm"
+  cp "$src"/{config.json,splits.json,summary.json,summary.md} "$dst/"
+  for fold_dir in "$src"/fold_*; do
+    mkdir -p "$dst/$(basename "$fold_dir")"
+    cp "$fold_dir/history.json" "$dst/$(basename "$fold_dir")/"
+  done
+  cp "$RUNS/external-cvc62/$arm"/external_*.{json,md} "$RESULTS/external-cvc62/$arm/"
+done
+cp "$RUNS/skip-ablation"/skip_ablation.{md,json} "$RESULTS/skip-ablation/"
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "command: bash benchmarks/studies_gpu.sh --folds $FOLDS --recipe $RECIPE ${SETS[*]}"
+  echo "data: $KVASIR; external: $CVC"
+  echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
+  "$PY" -c "import torch, polypseg; print(f'torch: {torch.__version__} (CUDA {torch.version.cuda})'); print(f'polypseg: {polypseg.__version__}')"
+  echo "skip ablation wall time (both arms, with Grad-CAM checks and reports): ${ablation_s} s"
+  echo "external validation wall time (both arms): ${external_s} s"
+} | tee "$RESULTS/skip-ablation/ENVIRONMENT.txt"
+cp "$RESULTS/skip-ablation/ENVIRONMENT.txt" "$RESULTS/external-cvc62/ENVIRONMENT.txt"
+echo "results: $RESULTS/skip-ablation/skip_ablation.md, $RESULTS/external-cvc62/*/external_*.md"

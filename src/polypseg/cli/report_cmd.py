@@ -1,0 +1,218 @@
+"""``polypseg report | compare | evaluate`` and ``polypseg study skip-ablation | encoder-init | pranet | external``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from polypseg.cli.common import UsageError, console
+
+METRIC_ALIASES = {"bf1": "boundary_f1", "boundary-f1": "boundary_f1", "sens": "sensitivity", "prec": "precision"}
+
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+CacheOpt = typer.Option(None, "--cache-dir", help="Preprocessed cache folder (default $POLYPSEG_CACHE or ~/.cache/polypseg).")
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted study in --out (finished runs and folds are kept).")
+
+
+def _metrics(names: list[str]) -> list[str]:
+    from polypseg.reporting.compare import COMPARE_METRICS
+
+    resolved = [METRIC_ALIASES.get(n.lower(), n.lower()) for n in names]
+    for name, value in zip(names, resolved):
+        if value not in COMPARE_METRICS:
+            raise UsageError(f"--metric {name}: choose one of {', '.join(COMPARE_METRICS)}")
+    return resolved
+
+
+def _evaluate(model: Path, data: Path, out: Optional[Path], device: str, cache_dir: Optional[Path], progress: bool) -> None:
+    from polypseg.cli.common import resolve_device
+    from polypseg.studies import evaluate_external
+
+    result = evaluate_external(model, data, out=out, device=resolve_device(device), cache_dir=cache_dir, progress=progress)
+    t = f"{result['threshold']:g}"
+    best = next((m for m in result["models"] if m["name"] == "ensemble"), result["models"][0])
+    drop = best["dice_drop"].get(t)
+    console.print(
+        f"{best['name']} on {result['dataset']} ({result['n_images']} images, {result['resolution']} px): "
+        f"Dice {best['at'][t]['dice']:.4f} at {t}" + (f", drop {drop:+.4f} vs in-domain" if drop is not None else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    for warning in result["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    for path in result["written"]:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+def _study_config(recipe: str, encoder_weights: Optional[str], epochs: Optional[int], image_size: Optional[int], seed: Optional[int], overrides: list[str]):  # noqa: ANN202
+    from polypseg.cli.train_cmd import build_config
+
+    return build_config(recipe, encoder_weights, None, epochs, None, None, None, image_size, seed, overrides)
+
+
+def _data_or_sample(data: Optional[Path]) -> Path:
+    from polypseg.sample_data import sample_dataset_path
+
+    return data if data is not None else sample_dataset_path()
+
+
+def _print_study(path: Path) -> None:
+    typer.echo(path.read_text())
+    console.print(f"wrote {path} and {path.with_suffix('.json')}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report")
+    def report_command(
+        run: Path = typer.Argument(..., help="CV run folder (written by polypseg cv)."),
+        out_html: Optional[Path] = typer.Option(None, "--out-html", help="Where to write the HTML (default RUN/report.html)."),
+        device: str = typer.Option("cpu", "--device", help="Device for the gallery's Grad-CAM: cpu | auto | cuda."),
+    ) -> None:
+        """Write RUN/report.html (self-contained, opens offline) and RUN/figures/*.png; works on a partial run."""
+        from polypseg.cli.common import resolve_device
+        from polypseg.reporting import write_report
+
+        path = write_report(run, out_html=out_html, device=resolve_device(device))
+        console.print(f"report: {path}", highlight=False, soft_wrap=True)
+
+    @app.command("compare")
+    def compare_command(
+        runs: list[Path] = typer.Argument(..., help="Two or more CV run folders on the same splits; the first is the reference."),
+        metric: list[str] = typer.Option(["dice"], "--metric", help="Metric(s) for the paired test: dice, iou, boundary_f1, auc, sensitivity, precision (repeatable)."),
+        threshold: str = typer.Option("0.5", "--threshold", help="0.5 (or any value in (0, 1)) for every run, or 'chosen' for each run's own threshold."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Also write the table to this .md file (and the numbers to the .json beside it)."),
+    ) -> None:
+        """One table of the runs' metrics (mean ± std over folds), the differences and paired tests across folds."""
+        from polypseg.io_utils import atomic_write_json, atomic_write_text
+        from polypseg.reporting.compare import compare_runs
+
+        metrics = _metrics(metric)
+        comparison = compare_runs(runs, threshold=threshold if threshold == "chosen" else _threshold(threshold))
+        text = comparison.to_markdown(metrics)
+        typer.echo(text)
+        if out is not None:
+            atomic_write_text(out, text)
+            atomic_write_json(out.with_suffix(".json"), comparison.to_dict())
+            console.print(f"wrote {out} and {out.with_suffix('.json')}", highlight=False, soft_wrap=True)
+
+    @app.command("evaluate")
+    def evaluate_command(
+        model: Path = typer.Option(..., "--model", help="CV run folder (each fold and their ensemble) or one checkpoint."),
+        data: Path = typer.Option(..., "--data", help="Another dataset (images/ + masks/, or Original/ + 'Ground Truth/')."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Folder for external_<dataset>.json/.md (default: the run folder)."),
+        device: str = DeviceOpt,
+        cache_dir: Optional[Path] = CacheOpt,
+        progress: bool = ProgressOpt,
+    ) -> None:
+        """External validation without retraining: Dice, IoU, boundary F1 at the run's threshold and 0.5, and the Dice drop."""
+        _evaluate(model, data, out, device, cache_dir, progress)
+
+    study = typer.Typer(help="The paper's proposed studies, each one resumable command (see docs/studies.md).", no_args_is_help=True)
+    app.add_typer(study, name="study")
+
+    @study.command("skip-ablation")
+    def skip_ablation_command(
+        out: Path = typer.Option(..., "--out", help="Study folder: OUT/with-skips, OUT/no-skips, OUT/skip_ablation.{md,json}."),
+        data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder. Default: the bundled 40-image sample."),
+        recipe: str = typer.Option("paper", "--recipe", help="Named recipe: paper, strong, demo."),
+        folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed for training and the split (default 0)."),
+        encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet | none | PATH (recipe default: none)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
+        image_size: Optional[int] = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
+        overrides: list[str] = typer.Option([], "--set", help="Any config field, e.g. --set train.batch_size=32 (repeatable)."),
+        explain: bool = typer.Option(True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."),
+        resume: bool = ResumeOpt,
+        device: str = DeviceOpt,
+        cache_dir: Optional[Path] = CacheOpt,
+        progress: bool = ProgressOpt,
+    ) -> None:
+        """U-Net with vs without skip connections on identical folds: Dice, IoU and boundary F1 with paired tests."""
+        from polypseg.studies import run_skip_ablation
+
+        config = _study_config(recipe, encoder_weights, epochs, image_size, seed, overrides)
+        run_skip_ablation(
+            _data_or_sample(data), out, config, folds=folds, seed=seed or 0, resume=resume,
+            device=device, progress=progress, explain=explain, cache_dir=cache_dir,
+        )
+        _print_study(out / "skip_ablation.md")
+
+    @study.command("encoder-init")
+    def encoder_init_command(
+        out: Path = typer.Option(..., "--out", help="Study folder: OUT/imagenet, OUT/random, OUT/encoder_init.{md,json}."),
+        data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder. Default: the bundled 40-image sample."),
+        encoder_weights: str = typer.Option("imagenet", "--encoder-weights", help="The pretrained arm's weights: imagenet (smp's Hugging Face cache) or PATH to a torchvision ResNet state dict."),
+        recipe: str = typer.Option("paper", "--recipe", help="Named recipe: paper, strong, demo."),
+        folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed for training and the split (default 0)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
+        image_size: Optional[int] = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
+        overrides: list[str] = typer.Option([], "--set", help="Any config field (repeatable)."),
+        explain: bool = typer.Option(True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."),
+        resume: bool = ResumeOpt,
+        device: str = DeviceOpt,
+        cache_dir: Optional[Path] = CacheOpt,
+        progress: bool = ProgressOpt,
+    ) -> None:
+        """ImageNet vs random encoder initialisation on identical folds; stops at once if the weights cannot be had."""
+        from polypseg.studies import run_encoder_init
+
+        if encoder_weights == "none":
+            raise UsageError("--encoder-weights none: the pretrained arm needs 'imagenet' or a PATH (the random arm is built in)")
+        if encoder_weights != "imagenet" and not Path(encoder_weights).is_file():
+            raise UsageError(f"--encoder-weights {encoder_weights}: not 'imagenet' or an existing file")
+        config = _study_config(recipe, None, epochs, image_size, seed, overrides)
+        run_encoder_init(
+            _data_or_sample(data), out, config, imagenet_weights=encoder_weights, folds=folds, seed=seed or 0,
+            resume=resume, device=device, progress=progress, explain=explain, cache_dir=cache_dir,
+        )
+        _print_study(out / "encoder_init.md")
+
+    @study.command("pranet")
+    def pranet_command(
+        data: Path = typer.Option(..., "--data", help="Kvasir-SEG folder (images/ + masks/)."),
+        test_list: Path = typer.Option(..., "--test-list", help="The 100 test stems, e.g. datasets/splits/pranet_kvasir_test100.txt."),
+        out: Path = typer.Option(..., "--out", help="Output folder (checkpoint, test_metrics.json, pranet.{md,json})."),
+        recipe: str = typer.Option("paper", "--recipe", help="Named recipe: paper, strong, demo."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Training seed."),
+        encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet | none | PATH (recipe default: none)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
+        image_size: Optional[int] = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
+        overrides: list[str] = typer.Option([], "--set", help="Any config field (repeatable)."),
+        resume: bool = ResumeOpt,
+        device: str = DeviceOpt,
+        cache_dir: Optional[Path] = CacheOpt,
+        progress: bool = ProgressOpt,
+    ) -> None:
+        """The PraNet protocol: train on the data minus --test-list, test once on it; mDice, mIoU (+ S, wF, E, MAE)."""
+        from polypseg.studies import run_pranet
+
+        config = _study_config(recipe, encoder_weights, epochs, image_size, seed, overrides)
+        run_pranet(data, test_list, out, config, resume=resume, device=device, progress=progress, cache_dir=cache_dir)
+        _print_study(out / "pranet.md")
+
+    @study.command("external")
+    def external_command(
+        model: Path = typer.Option(..., "--model", help="CV run folder (each fold and their ensemble) or one checkpoint."),
+        data: Path = typer.Option(..., "--data", help="Another dataset."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Folder for external_<dataset>.json/.md (default: the run folder)."),
+        resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry: evaluation has no state and is simply rerun."),
+        device: str = DeviceOpt,
+        cache_dir: Optional[Path] = CacheOpt,
+        progress: bool = ProgressOpt,
+    ) -> None:
+        """External validation (same as polypseg evaluate)."""
+        _evaluate(model, data, out, device, cache_dir, progress)
+
+
+def _threshold(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"--threshold {value}: use a number in (0, 1) or 'chosen'") from None
+    if not 0 < number < 1:
+        raise UsageError(f"--threshold {value}: must lie strictly between 0 and 1")
+    return number

@@ -1,0 +1,122 @@
+"""Example cases for the report: pick best / median / worst out-of-fold images, recompute their Grad-CAM."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from polypseg.checkpoint import CheckpointError, load_checkpoint
+from polypseg.data import DataError, build_cache, index_dataset, read_image, resize_image
+
+
+@dataclass
+class Case:
+    """One out-of-fold image at model resolution: what the report shows about it."""
+
+    stem: str
+    fold: int
+    dice: float
+    boundary_f1: float
+    mask: np.ndarray  # bool (S, S)
+    prob: np.ndarray  # float32 (S, S)
+    threshold: float
+    image: np.ndarray | None = None  # uint8 (S, S, 3)
+    heatmap: np.ndarray | None = None  # float32 (S, S) in [0, 1]
+    energy_inside: float = float("nan")
+
+    @property
+    def pred(self) -> np.ndarray:
+        return self.prob >= self.threshold
+
+
+def select_cases(scores: Sequence[float], stems: Sequence[str], n: int) -> dict[str, list[int]]:
+    """Indices of the ``n`` best, ``n`` median and ``n`` worst scores (ties broken by stem)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], stems[i]))  # ascending
+    n = min(n, len(order))
+    middle = max(0, len(order) // 2 - n // 2)
+    return {
+        "best": order[::-1][:n],
+        "median": order[middle : middle + n],
+        "worst": order[:n],
+    }
+
+
+def _like_training_cache(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize and JPEG(95) round-trip exactly as :func:`polypseg.data.build_cache` does, so the
+    heatmap is computed on the same pixels the out-of-fold prediction was made from."""
+    buffer = io.BytesIO()
+    Image.fromarray(resize_image(image, size)).save(buffer, format="JPEG", quality=95)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return np.asarray(decoded.convert("RGB"))
+
+
+def load_case_images(data_root: Path | str, stems: Sequence[str], size: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Images for ``stems`` at model resolution, read from the dataset folder (or the run's cache file);
+    also the problems met.
+
+    From a folder, only the few files shown are decoded (not the whole dataset); a missing folder or
+    an unreadable file is reported, never raised.
+    """
+    problems: list[str] = []
+    if Path(data_root).suffix == ".npz":  # the run was trained from a cache file: read the same pixels back
+        try:
+            cache = build_cache(data_root, size, progress=False)
+        except (DataError, OSError, ValueError) as error:
+            return {}, [f"data cache unavailable ({error}); cases are shown without image and heatmap"]
+        position = {s: i for i, s in enumerate(cache.stems)}
+        problems = [f"{stem}: not found in {data_root}" for stem in stems if stem not in position]
+        return {s: cache.images[position[s]] for s in stems if s in position}, problems
+    try:
+        index = index_dataset(data_root)
+    except DataError as error:
+        return {}, [f"dataset folder unavailable ({error}); cases are shown without image and heatmap"]
+    by_stem = {s.stem: s for s in index.samples}
+    images: dict[str, np.ndarray] = {}
+    for stem in stems:
+        sample = by_stem.get(stem)
+        if sample is None:
+            problems.append(f"{stem}: not found in {data_root}")
+            continue
+        try:
+            images[stem] = _like_training_cache(read_image(sample.image), size)
+        except DataError as error:
+            problems.append(str(error))
+    return images, problems
+
+
+def add_heatmaps(run_dir: Path, cases: Sequence[Case], device: str | torch.device = "cpu") -> list[str]:
+    """Grad-CAM (the paper's: final decoder block, masked-logit-sum target) for every case with an image,
+    each with the model of the fold that held it out. Returns the problems met."""
+    from polypseg.explain import MaskedLogitSum, SegmentationGradCAM, autocast_for
+    from polypseg.explain_metrics import energy_inside
+    from polypseg.transforms import images_to_tensor, normalize
+
+    device = torch.device(device)
+    problems: list[str] = []
+    by_fold: dict[int, list[Case]] = defaultdict(list)
+    for case in cases:
+        if case.image is not None:
+            by_fold[case.fold].append(case)
+    for fold, fold_cases in sorted(by_fold.items()):
+        try:
+            checkpoint = load_checkpoint(run_dir / f"fold_{fold}" / "best", device=device)
+        except CheckpointError as error:
+            problems.append(f"fold {fold}: {error}; its cases are shown without heatmap")
+            continue
+        threshold = fold_cases[0].threshold
+        batch = normalize(images_to_tensor(np.stack([c.image for c in fold_cases])).to(device))
+        with SegmentationGradCAM(checkpoint.model) as cam, autocast_for(device):
+            heatmaps = cam(batch, MaskedLogitSum(threshold))
+        for case, heatmap in zip(fold_cases, heatmaps.float().cpu().numpy()):
+            case.heatmap = heatmap
+            case.energy_inside = float(energy_inside(heatmap, case.mask))
+    return problems

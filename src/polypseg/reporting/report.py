@@ -1,0 +1,371 @@
+"""``RUN/report.html``: everything about one cross-validation run on one self-contained page."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polypseg import __version__
+from polypseg.boundary import boundary_f1, default_tolerance
+from polypseg.errors import PolypsegError
+from polypseg.io_utils import atomic_write_text, read_json
+from polypseg.metrics import METRIC_NAMES, dice_score, iou_score, precision_recall_from_histograms
+from polypseg.reporting import figures
+from polypseg.reporting.cases import Case, add_heatmaps, load_case_images, select_cases
+from polypseg.reporting.compare import finished_folds
+
+EXPLAIN_LABELS = {
+    "dice": ("Dice of the explained prediction", "higher is better"),
+    "energy_inside": ("Energy inside ground truth", "share of heatmap mass inside the polyp; higher is better"),
+    "pointing_game": ("Pointing game", "heatmap maximum inside the polyp; higher is better"),
+    "topk_iou": ("Top-15% IoU", "IoU of the most salient 15% of pixels with the polyp; higher is better"),
+    "deletion_auc": ("Deletion AUC", "score left as salient pixels are removed; lower is better"),
+    "insertion_auc": ("Insertion AUC", "score as salient pixels are revealed; higher is better"),
+}
+BOX_LABELS = {"dice": "Dice", "iou": "IoU", "boundary_f1": "Boundary F1"}
+
+
+class ReportError(PolypsegError):
+    """A folder that holds no run (or no finished fold) to report on."""
+
+
+def write_report(
+    run_dir: Path | str,
+    out_html: Path | str | None = None,
+    device: str = "cpu",
+    n_cases: int = 4,
+    n_worst: int = 6,
+) -> Path:
+    """Write ``RUN/report.html`` (self-contained: figures embedded, no external resources) and ``RUN/figures/*.png``.
+
+    Works on a partially finished run (the finished folds are shown). Returns the HTML path.
+    """
+    from polypseg.cv import load_oof, summarize_run
+    from polypseg.reporting.html import render_report
+
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise ReportError(f"{run} is not a polypseg run folder (no config.json)")
+    done = finished_folds(run)
+    if not done:
+        raise ReportError(f"{run} has no finished fold yet (fold_*/oof.npz); nothing to report")
+    config = read_json(run / "config.json")
+    summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else None
+    if summary is None or summary.get("folds") != len(done):
+        summary = summarize_run(run)  # a partial or interrupted run: summarise the folds that exist
+    threshold = float(summary["threshold"])
+    size = int(config["run"]["train"]["image_size"])
+    tolerance = default_tolerance(size)
+    figures_dir = run / "figures"
+    notes: list[str] = []
+
+    stems, probs, masks, fold_ids = load_oof(run)
+    fold_array = np.asarray(fold_ids)
+    pred_t, pred_05 = probs >= threshold, probs >= 0.5
+    per_image = {
+        "dice": dice_score(pred_t, masks).numpy(),
+        "iou": iou_score(pred_t, masks).numpy(),
+        "boundary_f1": np.asarray(boundary_f1(pred_t, masks, tolerance)),
+    }
+    bf1_05 = np.asarray(boundary_f1(pred_05, masks, tolerance))
+    folds = sorted(set(fold_ids))
+    bf1_fold = {
+        "at_0.5": [float(bf1_05[fold_array == f].mean()) for f in folds],
+        "at_chosen": [float(per_image["boundary_f1"][fold_array == f].mean()) for f in folds],
+    }
+
+    embedded: list[dict[str, Any]] = []
+
+    def add_figure(key: str, title: str, caption: str, figure: Any) -> None:
+        data = figures.save_png(figure, figures_dir / f"{key}.png")
+        embedded.append({"id": key, "title": title, "caption": caption, "png": data, "file": f"figures/{key}.png"})
+
+    histories = {int(p.parent.name.split("_")[1]): read_json(p) for p in run.glob("fold_*/history.json")}
+    histories = {fold: history for fold, history in histories.items() if history}
+    if histories:
+        add_figure(
+            "training_curves",
+            "Training and validation curves",
+            "Training loss (solid) and inner-validation loss (dashed) per epoch, with the inner-validation Dice used to "
+            "pick each fold's best epoch. The test fold never enters these curves.",
+            figures.training_curves(histories),
+        )
+    pooled_at = summary["pooled"]["at"]
+    add_figure(
+        "threshold_sweep",
+        "Threshold sensitivity",
+        f"Pooled out-of-fold Dice, IoU, sensitivity and precision against the decision threshold (0.30-0.70). "
+        f"The chosen threshold ({threshold:g}, {summary.get('threshold_selection', 'best pooled Dice')}) is marked.",
+        figures.threshold_sweep(pooled_at, threshold),
+    )
+    positive, negative = _histograms(run)
+    recall, precision = precision_recall_from_histograms(positive, negative)
+    average_precision = float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+    auc = float(summary["pooled"]["auc"])
+    add_figure(
+        "roc_pr",
+        "Pixel ROC and precision-recall",
+        "Every out-of-fold pixel of every fold pooled; curves from 1000-bin probability histograms.",
+        figures.roc_pr_curves(positive, negative, auc, average_precision),
+    )
+    add_figure(
+        "fold_boxplots",
+        "Per-fold distributions",
+        f"Per-image Dice, IoU and boundary F1 (tolerance {tolerance} px) at threshold {threshold:g}; "
+        "triangles mark means.",
+        figures.fold_boxplots(
+            {BOX_LABELS[name]: {f: values[fold_array == f] for f in folds} for name, values in per_image.items()}, threshold
+        ),
+    )
+
+    # Cases: chosen on per-image Dice at the chosen threshold over all out-of-fold images.
+    picks = select_cases(per_image["dice"], stems, n_cases)
+    worst_idx = select_cases(per_image["dice"], stems, n_worst)["worst"]
+    needed = sorted({i for group in picks.values() for i in group} | set(worst_idx))
+    cases = {
+        i: Case(
+            stem=stems[i],
+            fold=int(fold_ids[i]),
+            dice=float(per_image["dice"][i]),
+            boundary_f1=float(per_image["boundary_f1"][i]),
+            mask=masks[i].numpy(),
+            prob=probs[i].numpy(),
+            threshold=threshold,
+        )
+        for i in needed
+    }
+    images, problems = load_case_images(config["data"], [cases[i].stem for i in needed], size)
+    notes += problems
+    for case in cases.values():
+        case.image = images.get(case.stem)
+    torch_device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    notes += add_heatmaps(run, list(cases.values()), torch_device)
+    add_figure(
+        "gradcam_gallery",
+        "Grad-CAM gallery",
+        f"Best, median and worst out-of-fold images by Dice at {threshold:g}, each explained by the model of the fold "
+        "that held it out. Heatmap: Grad-CAM on the final decoder block, target = sum of the logits inside the "
+        "predicted mask (the paper's). Contours: ground truth solid green, prediction dashed magenta.",
+        figures.case_gallery({label: [cases[i] for i in group] for label, group in picks.items()}),
+    )
+    add_figure(
+        "worst_cases",
+        "Worst cases",
+        f"The {len(worst_idx)} lowest-Dice out-of-fold images: image, ground truth, predicted probability (mask "
+        f"contour at {threshold:g} in magenta, ground truth dashed green) and Grad-CAM overlay.",
+        figures.worst_cases([cases[i] for i in worst_idx]),
+    )
+
+    context = {
+        "title": f"polypseg report: {run.name}",
+        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": __version__,
+        "settings": _settings(run, config, summary, done),
+        "partial": len(done) < int(config.get("folds", len(done))),
+        "threshold": threshold,
+        "summary_rows": _summary_rows(summary, threshold, bf1_fold),
+        "fold_rows": _fold_rows(summary, bf1_fold),
+        "sweep_rows": [
+            {"threshold": t, **{k: _num(v) for k, v in m.items()}, "chosen": abs(float(t) - threshold) < 1e-9}
+            for t, m in sorted(pooled_at.items(), key=lambda kv: float(kv[0]))
+        ],
+        "pooled": {"auc": _num(auc), "ap": _num(average_precision)},
+        "figures": {f["id"]: f for f in embedded},
+        "explain": _explain_section(run, folds),
+        "case_rows": [
+            {
+                "group": label,
+                "stem": cases[i].stem,
+                "fold": cases[i].fold,
+                "dice": _num(cases[i].dice),
+                "bf1": _num(cases[i].boundary_f1),
+                "energy": _num(cases[i].energy_inside),
+            }
+            for label, group in (
+                ("best", picks["best"]),
+                ("median", picks["median"]),
+                ("worst", list(dict.fromkeys(worst_idx + picks["worst"]))),
+            )
+            for i in group
+        ],
+        "external": _external_rows(run),
+        "tolerance": tolerance,
+        "notes": notes,
+    }
+    html = render_report(context)
+    out = Path(out_html) if out_html is not None else run / "report.html"
+    atomic_write_text(out, html)
+    return out
+
+
+def _histograms(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    path = run / "pooled_histograms.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return data["positive"], data["negative"]
+    from polypseg.cv import pooled_metrics
+
+    return pooled_metrics(run).histograms
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    value = float(value)
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _pm(pair: Any) -> str:
+    if pair is None:
+        return "n/a"
+    mean, std = pair
+    if mean is None or not math.isfinite(float(mean)):
+        return "n/a"
+    return _num(mean) if std is None else f"{_num(mean)} ± {_num(std)}"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+def _settings(run: Path, config: dict[str, Any], summary: dict[str, Any], done: list[int]) -> list[tuple[str, str]]:
+    model, train = config["run"]["model"], config["run"]["train"]
+    rows = [
+        ("run folder", str(run.resolve())),
+        ("data", f"{config['data']} ({summary['n_images']} out-of-fold images)"),
+        ("folds", f"{len(done)} of {config.get('folds', len(done))} finished (split seed {config.get('seed', 0)})"),
+        ("recipe", f"{train['recipe']}: {train['epochs']} epochs, batch {train['batch_size']}, {train['optimizer']} lr {train['lr']:g}, "
+                   f"{train['schedule']} schedule, loss {train['loss']}"),
+        ("model", f"{model['arch']} / {model['encoder']}, encoder init {model['encoder_weights']}, "
+                  f"skip connections {'on' if model['skip_connections'] else 'off'}, decoder {tuple(model['decoder_channels'])}"),
+        ("resolution", f"{train['image_size']} x {train['image_size']} px (metrics at this resolution)"),
+        ("threshold", f"{summary['threshold']:g} ({summary.get('threshold_selection', '')})"),
+    ]
+    if summary.get("wall_time_s") is not None:
+        rows.append(("wall time", f"{summary['wall_time_s']:.0f} s"))
+    return rows
+
+
+def _summary_rows(summary: dict[str, Any], threshold: float, bf1_fold: dict[str, list[float]]) -> list[dict[str, Any]]:
+    rows = []
+    for key, label in (("at_0.5", "ours @ 0.5"), ("at_chosen", f"ours @ {threshold:g} (chosen)")):
+        ms = summary["mean_std"][key]
+        rows.append({"label": label, **{m: _pm(ms[m]) for m in METRIC_NAMES}, "bf1": _pm(_mean_std(bf1_fold[key])), "ours": True})
+    paper = summary.get("paper")
+    if paper:
+        rows.append(
+            {
+                "label": f"paper @ {paper['threshold']} (ImageNet encoder)",
+                **{m: _pm(paper[m]) for m in METRIC_NAMES},
+                "bf1": "n/a",
+                "ours": False,
+            }
+        )
+    return rows
+
+
+def _fold_rows(summary: dict[str, Any], bf1_fold: dict[str, list[float]]) -> list[dict[str, Any]]:
+    rows = []
+    for i, f in enumerate(summary["per_fold"]):
+        a, c = f["at_0.5"], f["at_chosen"]
+        rows.append(
+            {
+                "fold": f["fold"],
+                "n": f["n_test"],
+                "dice05": _num(a["dice"]),
+                "iou05": _num(a["iou"]),
+                "bf105": _num(bf1_fold["at_0.5"][i]),
+                "auc": _num(a["auc"]),
+                "dice": _num(c["dice"]),
+                "iou": _num(c["iou"]),
+                "bf1": _num(bf1_fold["at_chosen"][i]),
+                "sens": _num(c["sensitivity"]),
+                "prec": _num(c["precision"]),
+            }
+        )
+    return rows
+
+
+def _metric_mean(value: Any) -> float:
+    """A per-fold explanation summary value: ``{"mean", "std", "n"}`` or ``[mean, std]``."""
+    if isinstance(value, dict):
+        return float(value.get("mean", float("nan")))
+    if isinstance(value, (list, tuple)):
+        return float(value[0])
+    return float(value)
+
+
+def _explain_section(run: Path, folds: list[int]) -> dict[str, Any]:
+    per_fold: dict[int, dict[str, float]] = {}
+    settings: dict[str, Any] = {}
+    counts: dict[int, int] = {}
+    for fold in folds:
+        path = run / f"fold_{fold}" / "metrics.json"
+        explain = read_json(path).get("explainability") if path.is_file() else None
+        if not explain:
+            continue
+        stats = explain.get("mean_std", explain)
+        per_fold[fold] = {k: _metric_mean(v) for k, v in stats.items() if k in EXPLAIN_LABELS}
+        counts[fold] = int(explain.get("n_images", 0))
+        settings = explain.get("settings", settings)
+    if not per_fold:
+        return {"measured": False}
+    names = [k for k in EXPLAIN_LABELS if any(k in m for m in per_fold.values())]
+    rows = []
+    for name in names:
+        values = [per_fold[f][name] for f in sorted(per_fold) if name in per_fold[f] and math.isfinite(per_fold[f][name])]
+        label, meaning = EXPLAIN_LABELS[name]
+        rows.append(
+            {
+                "label": label,
+                "meaning": meaning,
+                "folds": [_num(per_fold[f].get(name)) for f in sorted(per_fold)],
+                "mean": _pm(_mean_std(values)) if values else "n/a",
+            }
+        )
+    described = "; ".join(
+        f"{label} {settings[key]}{unit}"
+        for key, label, unit in (
+            ("method", "method", ""),
+            ("layer", "layer", ""),
+            ("target", "target:", ""),
+            ("deletion_steps", "deletion/insertion steps", ""),
+            ("resolution", "at", " px"),
+        )
+        if key in settings
+    )
+    return {"measured": True, "folds": sorted(per_fold), "counts": [counts[f] for f in sorted(per_fold)], "rows": rows, "settings": described}
+
+
+def _external_rows(run: Path) -> list[dict[str, Any]]:
+    results = []
+    for path in sorted(run.glob("external_*.json")):
+        try:
+            data = read_json(path)
+            t = f"{float(data['threshold']):g}"
+            ensemble = next(m for m in data["models"] if m["name"] == "ensemble") if any(
+                m["name"] == "ensemble" for m in data["models"]
+            ) else data["models"][0]
+            folds = data.get("fold_mean_std", {}).get(t, {})
+            results.append(
+                {
+                    "dataset": data["dataset"],
+                    "n": data["n_images"],
+                    "threshold": t,
+                    "in_domain": _num(data["in_domain"]["dice"].get(t)),
+                    "folds_dice": _pm(folds.get("dice")),
+                    "ensemble_dice": _num(ensemble["at"][t]["dice"]),
+                    "ensemble_iou": _num(ensemble["at"][t]["iou"]),
+                    "drop": _num(ensemble["dice_drop"].get(t)),
+                    "file": path.name,
+                }
+            )
+        except (KeyError, ValueError, StopIteration, TypeError):
+            continue  # an older or foreign file: not worth failing the report
+    return results

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from polypseg.cli.main import app
+from polypseg.cv import load_oof
+from polypseg.io_utils import read_json
+from polypseg.metrics import dice_score
+from polypseg.reporting import ReportError, write_report
+
+SECTIONS = ("summary", "curves", "threshold", "roc", "folds", "explainability", "worst", "notes")
+FIGURES = ("training_curves", "threshold_sweep", "roc_pr", "fold_boxplots", "gradcam_gallery", "worst_cases")
+
+
+@pytest.fixture(scope="module")
+def report(tiny_cv_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The tiny run copied, then reported through the CLI (``polypseg report RUN``)."""
+    run = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(tiny_cv_run, run)
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    return run, (run / "report.html").read_text()
+
+
+def test_report_has_every_section_and_figure(report: tuple[Path, str]) -> None:
+    run, html = report
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in html, section
+    for name in FIGURES:
+        path = run / "figures" / f"{name}.png"
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+    embedded = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(embedded) == len(FIGURES)
+    assert embedded[FIGURES.index("roc_pr")] and len(set(embedded)) == len(FIGURES)
+
+
+def test_report_is_self_contained(report: tuple[Path, str]) -> None:
+    _, html = report
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html and "<link" not in html
+    assert not re.search(r'src="(?!data:)', html)  # every image is embedded
+
+
+def test_report_numbers_match_the_run(report: tuple[Path, str]) -> None:
+    run, html = report
+    summary = read_json(run / "summary.json")
+    t = summary["threshold"]
+    dice, std = summary["mean_std"]["at_chosen"]["dice"]
+    assert f"ours @ {t:g} (chosen)" in html
+    assert f"{dice:.4f} ± {std:.4f}" in html
+    # the worst case shown is the lowest per-image Dice at the chosen threshold, computed independently
+    stems, probs, masks, _ = load_oof(run)
+    worst = stems[int(np.argmin(dice_score(probs >= t, masks).numpy()))]
+    worst_rows = re.findall(r'<tr><td>worst</td><td class="text">([^<]+)</td>', html)
+    assert worst_rows[0] == worst
+    # the explainability table carries the fold means measured during cv
+    fold0 = read_json(run / "fold_0" / "metrics.json")["explainability"]["mean_std"]["energy_inside"]["mean"]
+    assert f"{fold0:.4f}" in html
+
+
+def test_report_of_a_partial_run(tiny_cv_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_cv_run, run)
+    for name in ("oof.npz", "metrics.json"):
+        (run / "fold_1" / name).unlink()
+    (run / "summary.json").unlink()
+    html = write_report(run, n_cases=2, n_worst=2).read_text()
+    assert "Partial run" in html
+    assert "1 of 2 finished" in html
+    assert read_json(run / "summary.json")["folds"] == 1
+
+
+def test_report_without_the_dataset_shows_cases_without_heatmaps(tiny_cv_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_cv_run, run, ignore=shutil.ignore_patterns("figures", "report.html"))
+    config = read_json(run / "config.json")
+    config["data"] = str(tmp_path / "moved-away")
+    (run / "config.json").write_text(json.dumps(config))
+    html = write_report(run, out_html=tmp_path / "elsewhere.html", n_cases=2, n_worst=2).read_text()
+    assert "dataset folder unavailable" in html
+    assert (tmp_path / "elsewhere.html").is_file() and not (run / "report.html").exists()
+    assert (run / "figures" / "worst_cases.png").is_file()
+
+
+def test_report_of_a_run_trained_from_a_cache_file(tiny_cv_run: Path, tmp_path: Path) -> None:
+    from polypseg.data import cache_path
+    from polypseg.sample_data import sample_dataset_path
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_cv_run, run, ignore=shutil.ignore_patterns("figures", "report.html"))
+    config = read_json(run / "config.json")
+    config["data"] = str(cache_path(sample_dataset_path(), 64, tiny_cv_run.parent / "cache"))  # as on a GPU machine
+    (run / "config.json").write_text(json.dumps(config))
+    html = write_report(run, n_cases=2, n_worst=2).read_text()
+    assert "unavailable" not in html  # images (and so heatmaps) come from the cache file
+    assert "<tr><td>worst</td>" in html
+
+
+def test_report_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="no config.json"):
+        write_report(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ReportError, match="no finished fold") as info:
+        write_report(tmp_path)
+    assert "\n" not in str(info.value)

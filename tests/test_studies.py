@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import TINY_MODEL, tiny_config, write_synthetic_dataset
+from polypseg.checkpoint import find_checkpoints, load_checkpoint
+from polypseg.cli.common import UsageError
+from polypseg.cli.main import app
+from polypseg.cv import RunError
+from polypseg.data import build_cache
+from polypseg.evaluation import predict_probabilities
+from polypseg.io_utils import atomic_write_json, read_json
+from polypseg.metrics import dice_score
+from polypseg.models import EncoderWeightsError, NoSkipUnetDecoder
+from polypseg.studies import (
+    StudyError,
+    _share_splits,
+    dataset_name,
+    evaluate_external,
+    evaluate_pranet,
+    literature_metrics,
+    run_pranet,
+    run_skip_ablation,
+)
+
+TINY_SETS = [
+    "--set", f"model.encoder={TINY_MODEL['encoder']}",
+    "--set", "model.decoder_channels=[16,16,16,16,16]",
+    "--set", "train.batch_size=4",
+]
+
+
+@pytest.fixture(scope="module")
+def external_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "synthetic-ext", n=8)
+
+
+def test_external_evaluation_of_a_cv_run(tiny_cv_run: Path, external_data: Path, tmp_path: Path) -> None:
+    result = evaluate_external(tiny_cv_run, external_data, out=tmp_path, device="cpu", cache_dir=tmp_path / "cache", progress=False)
+    assert (tmp_path / "external_synthetic-ext.json").is_file() and (tmp_path / "external_synthetic-ext.md").is_file()
+    assert [m["name"] for m in result["models"]] == ["fold_0", "fold_1", "ensemble"]
+    summary = read_json(tiny_cv_run / "summary.json")
+    t = summary["threshold"]
+    assert result["threshold"] == t and 0.5 in result["thresholds"] and result["n_images"] == 8
+    assert result["warnings"] == []
+
+    # the ensemble, recomputed independently: mean probability of the fold models
+    cache = build_cache(external_data, 64, cache_dir=tmp_path / "cache", progress=False)
+    probs = torch.stack([predict_probabilities(load_checkpoint(p).model, cache.images) for p in find_checkpoints(tiny_cv_run)]).mean(0)
+    expected = dice_score(probs >= t, torch.from_numpy(cache.masks)).mean().item()
+    ensemble = result["models"][-1]
+    assert ensemble["at"][f"{t:g}"]["dice"] == pytest.approx(expected, abs=1e-6)
+
+    in_domain = summary["pooled"]["at"][f"{t:g}"]["dice"]
+    assert result["in_domain"]["dice"][f"{t:g}"] == pytest.approx(in_domain)
+    assert ensemble["dice_drop"][f"{t:g}"] == pytest.approx(in_domain - expected, abs=1e-6)
+    fold0 = result["models"][0]
+    assert fold0["in_domain_own_fold_dice"][f"{t:g}"] == summary["per_fold"][0]["at_chosen"]["dice"]
+    markdown = (tmp_path / "external_synthetic-ext.md").read_text()
+    assert "| **ensemble** |" in markdown and "| folds, mean ± std |" in markdown and "64×64 px" in markdown
+
+
+def test_external_alias_on_one_checkpoint(tiny_cv_run: Path, external_data: Path, tmp_path: Path) -> None:
+    checkpoint = tiny_cv_run / "fold_1" / "best.safetensors"
+    result = CliRunner().invoke(
+        app,
+        ["study", "external", "--model", str(checkpoint), "--data", str(external_data), "--out", str(tmp_path),
+         "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    data = read_json(tmp_path / "external_synthetic-ext.json")
+    assert [m["name"] for m in data["models"]] == ["fold_1"]
+    assert data["in_domain"]["source"] is None and data["models"][0]["dice_drop"]["0.5"] is None
+
+
+def test_evaluating_on_the_training_data_is_flagged(tiny_cv_run: Path, external_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_cv_run, run, ignore=shutil.ignore_patterns("figures", "report.html", "last_state.*"))
+    config = read_json(run / "config.json")
+    config["data"] = str(external_data)  # pretend the run was trained on the data evaluated now
+    atomic_write_json(run / "config.json", config)
+    splits = read_json(run / "splits.json")
+    splits["stems"] += ["case00", "case01"]
+    atomic_write_json(run / "splits.json", splits)
+    result = evaluate_external(run, external_data, device="cpu", cache_dir=tmp_path / "cache", progress=False)
+    assert any("not an external validation" in w for w in result["warnings"])
+    assert any("2 image name(s)" in w for w in result["warnings"])
+    assert "**Warning:**" in (run / "external_synthetic-ext.md").read_text()
+
+
+def test_encoder_init_without_weights_stops_at_once(external_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+    from segmentation_models_pytorch.encoders import encoders
+
+    settings = encoders["resnet18"]["pretrained_settings"]["imagenet"]
+    if isinstance(try_to_load_from_cache(settings["repo_id"], "model.safetensors", revision=settings["revision"]), str):
+        pytest.skip("ImageNet weights for resnet18 are cached on this machine")
+    monkeypatch.setattr(constants, "ENDPOINT", "https://polypseg-offline.invalid")  # unreachable, online or not
+    out = tmp_path / "study"
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        app, ["study", "encoder-init", "--out", str(out), "--data", str(external_data), "--recipe", "demo", "--no-progress", *TINY_SETS]
+    )
+    assert time.monotonic() - started < 10
+    assert isinstance(result.exception, EncoderWeightsError)
+    message = str(result.exception)
+    assert "\n" not in message and "stopped before training" in message and "--encoder-weights PATH" in message
+    assert not out.exists()
+
+
+def test_encoder_init_rejects_bad_weights(external_data: Path, tmp_path: Path) -> None:
+    garbage = tmp_path / "resnet18.pth"
+    garbage.write_bytes(b"not a state dict")
+    args = ["study", "encoder-init", "--out", str(tmp_path / "s"), "--data", str(external_data), "--recipe", "demo", *TINY_SETS]
+    result = CliRunner().invoke(app, [*args, "--encoder-weights", str(garbage)])
+    assert isinstance(result.exception, EncoderWeightsError) and str(garbage) in str(result.exception)
+    result = CliRunner().invoke(app, [*args, "--encoder-weights", "none"])
+    assert isinstance(result.exception, UsageError)
+    assert not (tmp_path / "s").exists()
+
+
+def test_skip_ablation_end_to_end(external_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ablation"
+    cache = tmp_path / "cache"
+    result = CliRunner().invoke(
+        app,
+        ["study", "skip-ablation", "--out", str(out), "--data", str(external_data), "--recipe", "demo", "--folds", "2",
+         "--epochs", "1", "--image-size", "32", "--no-explain", "--device", "cpu", "--cache-dir", str(cache), "--no-progress",
+         *TINY_SETS],
+    )
+    assert result.exit_code == 0, result.output
+    with_skips, no_skips = out / "with-skips", out / "no-skips"
+    assert read_json(with_skips / "splits.json") == read_json(no_skips / "splits.json")
+    assert read_json(with_skips / "config.json")["run"]["model"]["skip_connections"] is True
+    assert read_json(no_skips / "config.json")["run"]["model"]["skip_connections"] is False
+    assert isinstance(load_checkpoint(no_skips / "fold_0" / "best").model.decoder, NoSkipUnetDecoder)
+    assert (with_skips / "report.html").is_file() and (no_skips / "report.html").is_file()
+
+    text = (out / "skip_ablation.md").read_text()
+    for needle in ("| with-skips |", "| no-skips |", "| Δ no-skips − with-skips |", "Boundary F1",
+                   "### Paired test across folds: Boundary F1", "## At each run's chosen threshold"):
+        assert needle in text, needle
+    data = read_json(out / "skip_ablation.json")
+    assert [r["name"] for r in data["at_0.5"]["runs"]] == ["with-skips", "no-skips"]
+    assert set(data["at_0.5"]["paired_tests"]["no-skips"]) >= {"dice", "iou", "boundary_f1"}
+
+    # finished work is kept on --resume, and refused without it
+    weights = no_skips / "fold_1" / "best.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    config = tiny_config()
+    kwargs = dict(folds=2, device="cpu", progress=False, explain=False, cache_dir=cache, report=False)
+    run_skip_ablation(external_data, out, config, resume=True, **kwargs)
+    assert weights.stat().st_mtime_ns == stamp
+    with pytest.raises(RunError, match="--resume"):
+        run_skip_ablation(external_data, out, config, **kwargs)
+
+
+def test_studies_refuse_runs_on_other_folds(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    atomic_write_json(first / "splits.json", {"k": 2, "folds": [{"fold": 0, "test": ["x"]}]})
+    atomic_write_json(second / "splits.json", {"k": 2, "folds": [{"fold": 0, "test": ["y"]}]})
+    with pytest.raises(StudyError, match="must share their folds"):
+        _share_splits(first, second)
+    third = tmp_path / "c"
+    _share_splits(first, third)
+    assert read_json(third / "splits.json") == read_json(first / "splits.json")
+
+
+def test_pranet_protocol(external_data: Path, tmp_path: Path) -> None:
+    test_list = tmp_path / "test.txt"
+    test_list.write_text("# held out\ncase00\ncase03\ncase05\n")
+    out = tmp_path / "pranet"
+    config = tiny_config(image_size=32)
+    result = run_pranet(external_data, test_list, out, config, device="cpu", progress=False, cache_dir=tmp_path / "cache")
+    assert result["n_test"] == 3 and result["per_image"]["stems"] == ["case00", "case03", "case05"]
+    assert read_json(out / "split.json")["test"] == ["case00", "case03", "case05"]
+    assert result["original_resolution"]["mdice"] == pytest.approx(np.mean(result["per_image"]["dice"]), abs=1e-6)
+    # at model resolution our numbers are the ones train_single_split measured on its own
+    own = read_json(out / "test_metrics.json")["at"]["0.5"]
+    assert result["model_resolution"]["mdice"] == pytest.approx(own["dice"])
+    assert result["model_resolution"]["miou"] == pytest.approx(own["iou"])
+    text = (out / "pranet.md").read_text()
+    assert "| PraNet | 0.898 | 0.840 |" in text and "| ours, original resolution |" in text
+    try:
+        import py_sod_metrics  # noqa: F401
+    except ImportError:
+        assert result["literature_metrics"] is None and "pip install" in text
+    else:
+        assert 0.0 <= result["literature_metrics"]["s_measure"] <= 1.0
+    with pytest.raises(StudyError, match="--resume"):
+        run_pranet(external_data, test_list, out, config, device="cpu", progress=False, cache_dir=tmp_path / "cache")
+
+    # from a cache file (as on a GPU machine) the original masks are not there: model resolution only
+    from polypseg.data import cache_path
+
+    npz = cache_path(external_data, 32, tmp_path / "cache")
+    cached = evaluate_pranet(out, npz, test_list, device="cpu", progress=False)
+    assert cached["original_resolution"] is None
+    assert cached["model_resolution"]["mdice"] == pytest.approx(result["model_resolution"]["mdice"])
+    assert "cache file" in (out / "pranet.md").read_text()
+
+
+def test_dataset_names() -> None:
+    assert dataset_name("data/cvc-clinicdb-test62") == "cvc-clinicdb-test62"
+    assert dataset_name(".gpucache/cvc-clinicdb-test62-256.npz") == "cvc-clinicdb-test62"
+    assert dataset_name("cache/kvasir-seg-256px-0123456789abcdef.npz") == "kvasir-seg"
+
+
+def test_literature_metrics_on_hand_made_maps() -> None:
+    pytest.importorskip("py_sod_metrics")
+    yy, xx = np.mgrid[:64, :80]
+    masks = [(yy - 30) ** 2 + (xx - 40) ** 2 <= r**2 for r in (10, 16)]
+    perfect = literature_metrics([m.astype(np.float64) for m in masks], masks)
+    assert perfect["s_measure"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["weighted_f"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["max_e_measure"] == pytest.approx(1.0, abs=1e-3)  # pysodmetrics adds an epsilon
+    assert perfect["mae"] == pytest.approx(0.0, abs=1e-9)
+    shifted = literature_metrics([np.roll(m, 8, axis=1).astype(np.float64) * 0.9 for m in masks], masks)
+    for name in ("s_measure", "weighted_f", "max_e_measure"):
+        assert shifted[name] < perfect[name] - 0.05, name
+    assert shifted["mae"] > 0.01
