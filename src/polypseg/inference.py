@@ -1,0 +1,553 @@
+"""Inference on images of any size: one checkpoint, a cross-validation ensemble, or an ONNX model.
+
+``Predictor.from_checkpoint(path)`` accepts a checkpoint (``NAME.safetensors`` + ``NAME.json``),
+a CV run folder (the mean probability of its fold models, with the per-pixel standard deviation
+across folds as an uncertainty map) or an exported ``.onnx`` file. Images are resized to the
+training size, and the probability map is resized back (bilinear) before thresholding, so masks
+always have the input's size.
+
+Backends: ``torch`` (on CUDA with bf16 autocast and channels-last, optionally ``torch.compile``)
+and ``onnxruntime``. ``backend="auto"`` picks torch on CUDA and onnxruntime on CPU, where it is
+the faster of the two (docs/benchmarks.md); the ONNX file is exported next to the checkpoint on
+first use (``NAME.onnx``). A validated int8 model (``NAME.int8.onnx``, from
+``polypseg export --int8 --validate``) is preferred on CPU when its measured Dice change is within
+:data:`polypseg.export.MAX_INT8_DICE_CHANGE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from polypseg.data import ImageReadError, read_image, resize_image, to_uint8
+from polypseg.errors import PolypsegError
+from polypseg.transforms import images_to_tensor, normalize, resize_probabilities
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[np.ndarray, "PIL.Image.Image", str, Path]  # noqa: F821
+Runner = Callable[[torch.Tensor], torch.Tensor]
+BACKENDS = ("auto", "torch", "onnxruntime")
+COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default")
+
+
+class PredictorError(PolypsegError):
+    """A model cannot be loaded for inference, or an option does not fit it."""
+
+
+@dataclass
+class Prediction:
+    """One image's result, at the input image's size.
+
+    ``mean_confidence`` is the mean probability over the pixels of the mask (how sure the model
+    is about the polyp it reports); it is 0.0 when the mask is empty.
+    """
+
+    probability: np.ndarray  # float32 (H, W) in [0, 1]
+    threshold: float
+    uncertainty: np.ndarray | None = None  # float32 (H, W): std of the fold probabilities
+    source: str = ""
+    mask: np.ndarray = field(init=False, repr=False)  # bool (H, W): probability >= threshold
+
+    def __post_init__(self) -> None:
+        self.mask = self.probability >= self.threshold
+
+    @property
+    def area_pixels(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def area_fraction(self) -> float:
+        return self.area_pixels / max(self.mask.size, 1)
+
+    @property
+    def mean_confidence(self) -> float:
+        if not self.mask.any():
+            return 0.0
+        return float(self.probability[self.mask].mean())
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        return self.probability.shape[0], self.probability.shape[1]
+
+    def with_threshold(self, threshold: float) -> Prediction:
+        """The same probabilities thresholded again (the model is not rerun)."""
+        return dataclasses.replace(self, threshold=float(threshold))
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
+    """Grayscale, RGBA, 16-bit or float ``[0, 1]`` arrays -> ``uint8 (H, W, 3)`` (as :func:`polypseg.data.read_image`)."""
+    array = np.asarray(array)
+    if array.dtype.kind == "i" and array.dtype.itemsize > 2:  # PIL "I" mode holds 16-bit data
+        array = np.clip(array, 0, 65535).astype(np.uint16)
+    try:
+        array = to_uint8(array)
+    except ImageReadError as error:
+        raise ImageReadError(f"cannot use {name}: {error}") from None
+    if array.ndim == 3 and array.shape[2] in (1, 2):
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]  # endoscopy frames carry no meaningful transparency
+    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+        raise ImageReadError(f"cannot use {name}: unexpected image shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def load_input(item: ImageInput, index: int = 0) -> tuple[np.ndarray, str]:
+    """An input as ``(uint8 RGB (H, W, 3), name)``; raises :class:`polypseg.data.ImageReadError` naming it."""
+    if isinstance(item, (str, Path)):
+        return read_image(item), str(item)
+    if _is_pil(item):
+        name = getattr(item, "filename", "") or f"image {index}"
+        image = item
+        if image.mode not in ("RGB", "RGBA", "L", "I;16", "I;16B", "I;16L", "I", "F"):
+            image = image.convert("RGBA" if image.mode in ("LA", "PA") else "RGB")
+        return to_rgb_uint8(np.asarray(image), name), name
+    if isinstance(item, np.ndarray):
+        return to_rgb_uint8(item, f"array {index}"), f"array {index}"
+    raise TypeError(f"unsupported input type {type(item).__name__}; pass a path, a PIL image or a numpy array")
+
+
+# --------------------------------------------------------------------------------------------
+# Runners: normalised (N, 3, S, S) on the predictor's device -> probabilities (N, 1, S, S) float32
+
+
+def _torch_runner(model: nn.Module, device: torch.device, compile_mode: str | None) -> Runner:
+    from polypseg.evaluation import autocast_for
+
+    cuda = device.type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+
+    def probabilities(x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(device):
+            logits = model(x)
+        return torch.sigmoid(logits.float())
+
+    if not compile_mode:
+        if not cuda:
+            return probabilities
+        return lambda x: probabilities(x.contiguous(memory_format=torch.channels_last))
+
+    # One graph per batch size (dynamic=False). "reduce-overhead" and "max-autotune" replay CUDA
+    # graphs, which is what makes batch-1 latency launch-free; sigmoid and the cast are fused in.
+    compiled = torch.compile(probabilities, mode=compile_mode, dynamic=False)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+            torch.compiler.cudagraph_mark_step_begin()
+        # clone: a CUDA-graph output lives in a pool the next replay overwrites
+        return compiled(x).clone()
+
+    return run
+
+
+def _onnx_runner(session: Any) -> Runner:
+    input_name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {input_name: x.detach().cpu().numpy().astype(np.float32, copy=False)})[0]
+        return torch.from_numpy(out).to(x.device)
+
+    return run
+
+
+def _with_flip_tta(run: Runner) -> Runner:
+    """Mean of the image and its horizontal and vertical flips (same views as evaluation's TTA)."""
+
+    def tta(x: torch.Tensor) -> torch.Tensor:
+        return (run(x) + run(x.flip(3)).flip(3) + run(x.flip(2)).flip(2)) / 3
+
+    return tta
+
+
+# --------------------------------------------------------------------------------------------
+# Predictor
+
+
+class Predictor:
+    """Batched inference with one model or an ensemble; see :meth:`from_checkpoint`."""
+
+    def __init__(
+        self,
+        runners: Sequence[Runner],
+        *,
+        image_size: int,
+        threshold: float = 0.5,
+        device: str | torch.device = "cpu",
+        backend: str = "torch",
+        models: Sequence[nn.Module] = (),
+        metadata: dict[str, Any] | None = None,
+        tta: bool = False,
+        batch_size: int = 8,
+        compile_mode: str | None = None,
+    ) -> None:
+        if not runners:
+            raise PredictorError("a predictor needs at least one model")
+        if batch_size < 1:
+            raise PredictorError(f"batch_size must be >= 1, got {batch_size}")
+        self._runners = list(runners)
+        self.image_size = int(image_size)
+        self.threshold = float(threshold)
+        self.device = torch.device(device)
+        self.backend = backend
+        self.models = list(models)
+        self.metadata = metadata or {}
+        self.tta = tta
+        self.batch_size = int(batch_size)
+        self.compile_mode = compile_mode
+
+    def __repr__(self) -> str:
+        return (
+            f"Predictor(backend={self.backend!r}, models={len(self._runners)}, device={str(self.device)!r}, "
+            f"image_size={self.image_size}, threshold={self.threshold:g}, tta={self.tta})"
+        )
+
+    @property
+    def n_models(self) -> int:
+        return len(self._runners)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module | Sequence[nn.Module],
+        *,
+        image_size: int = 256,
+        threshold: float = 0.5,
+        device: str | torch.device = "auto",
+        tta: bool = False,
+        batch_size: int = 8,
+        compile: bool | str = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> Predictor:
+        """A torch predictor over in-memory model(s) returning logits (several = ensemble)."""
+        device = _resolve_device(device)
+        models = [model] if isinstance(model, nn.Module) else list(model)
+        compile_mode = _compile_mode(compile)
+        runners = []
+        for m in models:
+            m.eval().to(device)
+            run = _torch_runner(m, device, compile_mode)
+            runners.append(_with_flip_tta(run) if tta else run)
+        return cls(
+            runners,
+            image_size=image_size,
+            threshold=threshold,
+            device=device,
+            backend="torch",
+            models=models,
+            metadata=metadata,
+            tta=tta,
+            batch_size=batch_size,
+            compile_mode=compile_mode,
+        )
+
+    @classmethod
+    def from_onnx(
+        cls,
+        paths: Path | str | Sequence[Path | str],
+        *,
+        device: str | torch.device = "cpu",
+        threshold: float | None = None,
+        tta: bool = False,
+        batch_size: int = 8,
+        metadata: dict[str, Any] | None = None,
+    ) -> Predictor:
+        """An onnxruntime predictor over exported model(s); sizes and threshold come from their sidecars."""
+        from polypseg.export import create_session, read_onnx_metadata
+
+        device = _resolve_device(device)
+        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        runners, sidecars = [], []
+        for path in paths:
+            if not path.is_file():
+                raise PredictorError(f"ONNX model not found: {path}")
+            sidecars.append(read_onnx_metadata(path))
+            run = _onnx_runner(create_session(path, device=str(device)))
+            runners.append(_with_flip_tta(run) if tta else run)
+        sizes = {s["image_size"] for s in sidecars}
+        if len(sizes) != 1:
+            raise PredictorError(f"ONNX models disagree on input size: {sorted(sizes)}")
+        meta = {
+            "onnx": [str(p) for p in paths],
+            "config": sidecars[0].get("config", {}),
+            "metrics": sidecars[0].get("metrics", {}),
+        }
+        if any(s.get("quantization") for s in sidecars):
+            meta["quantization"] = [s.get("quantization") for s in sidecars]
+        meta.update(metadata or {})
+        if threshold is None:
+            threshold = float(sidecars[0].get("threshold", 0.5))
+        return cls(
+            runners,
+            image_size=sizes.pop(),
+            threshold=threshold,
+            device=device,
+            backend="onnxruntime",
+            metadata=meta,
+            tta=tta,
+            batch_size=batch_size,
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path_or_run: Path | str,
+        *,
+        device: str | torch.device = "auto",
+        backend: str = "auto",
+        tta: bool = False,
+        threshold: float | None = None,
+        fold: int | None = None,
+        batch_size: int = 8,
+        compile: bool | str = False,
+    ) -> Predictor:
+        """Load a checkpoint, a CV run folder (ensemble of its folds; ``fold=K`` for one) or an ``.onnx`` file.
+
+        The threshold defaults to the run's ``summary.json`` threshold, else the checkpoints' own,
+        else 0.5. ``backend="auto"``: torch on CUDA, onnxruntime on CPU (exported and cached as
+        ``NAME.onnx`` next to each checkpoint on first use; falls back to torch if that fails).
+        """
+        from polypseg.checkpoint import find_checkpoints, load_checkpoint, read_metadata
+        from polypseg.io_utils import read_json
+
+        if backend not in BACKENDS:
+            raise PredictorError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+        device = _resolve_device(device)
+        path = Path(path_or_run)
+        if path.suffix == ".onnx":
+            if backend == "torch":
+                raise PredictorError(f"{path} is an ONNX model: use backend 'onnxruntime' or 'auto'")
+            return cls.from_onnx(path, device=device, threshold=threshold, tta=tta, batch_size=batch_size)
+
+        checkpoints = find_checkpoints(path)
+        if fold is not None:
+            folds = {_fold_index(c): c for c in checkpoints}
+            if fold not in folds:
+                raise PredictorError(f"--fold {fold}: {path} has folds {sorted(k for k in folds if k is not None)}")
+            checkpoints = [folds[fold]]
+        metas = [read_metadata(c) for c in checkpoints]
+        summary: dict[str, Any] = {}
+        if path.is_dir() and (path / "summary.json").is_file():
+            summary = read_json(path / "summary.json")
+        if threshold is None:
+            threshold = float(summary.get("threshold", metas[0].get("threshold", 0.5)))
+        metadata: dict[str, Any] = {
+            "checkpoints": [str(c) for c in checkpoints],
+            "config": metas[0]["config"],
+            "metrics": metas[0].get("metrics", {})
+            if len(metas) == 1
+            else {f"fold_{_fold_index(c)}": m.get("metrics", {}) for c, m in zip(checkpoints, metas)},
+        }
+        if summary:
+            metadata["summary"] = summary
+        image_size = int(metas[0]["config"].get("train", {}).get("image_size", 256))
+        if any(int(m["config"].get("train", {}).get("image_size", 256)) != image_size for m in metas):
+            raise PredictorError(f"the checkpoints under {path} were trained at different image sizes")
+
+        compile_mode = _compile_mode(compile)
+        if compile_mode and backend == "onnxruntime":
+            raise PredictorError("compile applies to the torch backend, not onnxruntime")
+        if backend == "auto":
+            backend = "torch" if device.type == "cuda" or compile_mode else "onnxruntime"
+            if backend == "onnxruntime":
+                try:
+                    onnx_paths = [_preferred_onnx(c) for c in checkpoints]
+                except Exception as error:  # noqa: BLE001 - any export failure: fall back to torch, say why
+                    warnings.warn(f"onnxruntime unavailable for {path} ({str(error).splitlines()[0]}); using torch", stacklevel=2)
+                    backend = "torch"
+            if backend == "onnxruntime":
+                return cls.from_onnx(
+                    onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
+                )
+        elif backend == "onnxruntime":
+            from polypseg.export import cached_onnx
+
+            onnx_paths = [cached_onnx(c) for c in checkpoints]
+            return cls.from_onnx(
+                onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
+            )
+
+        models = [load_checkpoint(c, device="cpu").model for c in checkpoints]
+        return cls.from_model(
+            models,
+            image_size=image_size,
+            threshold=threshold,
+            device=device,
+            tta=tta,
+            batch_size=batch_size,
+            compile=compile,
+            metadata=metadata,
+        )
+
+    # ---------------------------------------------------------------- prediction
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean probability over models and, for an ensemble, their per-pixel std (population)."""
+        with torch.inference_mode():
+            batch = batch.to(self.device, non_blocking=True)
+            if len(self._runners) == 1:
+                return self._runners[0](batch), None
+            stacked = torch.stack([run(batch) for run in self._runners])
+            return stacked.mean(0), stacked.std(0, correction=0)
+
+    def predict_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalised ``(N, 3, S, S)`` -> probabilities ``float32 (N, 1, S, S)`` on the predictor's device."""
+        return self._forward(batch)[0]
+
+    def _upload(self, images: np.ndarray) -> torch.Tensor:
+        tensor = images_to_tensor(images)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return normalize(tensor.to(self.device, non_blocking=True))
+
+    def predict_resized(self, images: np.ndarray) -> np.ndarray:
+        """``uint8 (N, S, S, 3)`` already at :attr:`image_size` -> probabilities ``float32 (N, S, S)`` (numpy)."""
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3) or images.dtype != np.uint8:
+            raise PredictorError(
+                f"predict_resized expects uint8 (N, {self.image_size}, {self.image_size}, 3), got {images.dtype} {images.shape}"
+            )
+        out = np.empty(images.shape[:3], dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            probs = self.predict_tensor(self._upload(images[start : start + self.batch_size]))
+            out[start : start + len(probs)] = probs[:, 0].float().cpu().numpy()
+        return out
+
+    def predict(
+        self,
+        inputs: ImageInput | Iterable[ImageInput],
+        on_error: Callable[[str, Exception], None] | None = None,
+    ) -> list[Prediction]:
+        """Predict arrays, PIL images or paths of any size; results come back at each input's size.
+
+        An input that cannot be read raises :class:`polypseg.data.ImageReadError` naming it, or,
+        with ``on_error``, is reported as ``on_error(name, error)`` and left out of the result.
+        """
+        if isinstance(inputs, (np.ndarray, str, Path)) or _is_pil(inputs):
+            inputs = [inputs]  # type: ignore[list-item]
+        results: list[Prediction] = []
+        pending: list[tuple[np.ndarray, str]] = []
+        for index, item in enumerate(inputs):  # type: ignore[arg-type]
+            try:
+                pending.append(load_input(item, index))
+            except ImageReadError as error:
+                if on_error is None:
+                    raise
+                on_error(str(item) if isinstance(item, (str, Path)) else f"input {index}", error)
+                continue
+            if len(pending) == self.batch_size:
+                results += self._predict_images(pending)
+                pending = []
+        if pending:
+            results += self._predict_images(pending)
+        return results
+
+    def predict_one(self, image: ImageInput) -> Prediction:
+        """One input -> one :class:`Prediction` (raises if it cannot be read)."""
+        return self.predict([image])[0]
+
+    def _predict_images(self, items: list[tuple[np.ndarray, str]]) -> list[Prediction]:
+        size = self.image_size
+        resized = np.stack([img if img.shape[:2] == (size, size) else resize_image(img, size) for img, _ in items])
+        mean, std = self._forward(self._upload(resized))
+        results = []
+        for i, (image, name) in enumerate(items):
+            shape = image.shape[:2]
+            probability = resize_probabilities(mean[i : i + 1].float(), shape)[0, 0].cpu().numpy()
+            uncertainty = None
+            if std is not None:
+                uncertainty = resize_probabilities(std[i : i + 1].float(), shape)[0, 0].cpu().numpy()
+            results.append(Prediction(probability.astype(np.float32, copy=False), self.threshold, uncertainty, name))
+        return results
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _is_pil(item: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(item, Image.Image)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PredictorError(f"device '{device}': CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise PredictorError(f"device '{device}': use auto, cpu, cuda or cuda:N")
+    return torch.device(device)
+
+
+def _compile_mode(compile: bool | str | None) -> str | None:
+    if compile in (False, None, "", "none", "eager"):
+        return None
+    if compile is True:
+        return "max-autotune"
+    if compile not in COMPILE_MODES:
+        raise PredictorError(f"compile mode '{compile}': choose one of none, {', '.join(COMPILE_MODES)}")
+    return str(compile)
+
+
+def _fold_index(checkpoint: Path) -> int | None:
+    name = checkpoint.parent.name
+    if name.startswith("fold_") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def _preferred_onnx(checkpoint: Path) -> Path:
+    """For ``backend="auto"`` on CPU: a validated int8 model if one exists, else the cached fp32 export."""
+    from polypseg.export import cached_onnx, int8_path_for, int8_validated
+
+    int8 = int8_path_for(checkpoint)
+    if int8.is_file() and int8_validated(int8, checkpoint):
+        return int8
+    return cached_onnx(checkpoint)
+
+
+def overlay_mask(
+    image: np.ndarray,
+    mask: np.ndarray,
+    color: tuple[int, int, int] = (0, 255, 0),
+    alpha: float = 0.35,
+) -> np.ndarray:
+    """The image with the mask tinted in ``color`` and its outline drawn opaque (``uint8 (H, W, 3)``)."""
+    from scipy.ndimage import binary_erosion
+
+    out = image.copy()
+    if not mask.any():
+        return out
+    tint = np.asarray(color, dtype=np.float32)
+    # Blend only the masked pixels: a full-frame float copy would cost more than the model on CPU.
+    out[mask] = ((1 - alpha) * image[mask].astype(np.float32) + alpha * tint).round().astype(np.uint8)
+    # Outline about 0.4% of the short side thick, so it stays visible on large frames.
+    width = max(1, round(min(mask.shape) / 250))
+    outline = mask & ~binary_erosion(mask, iterations=width, border_value=0)
+    out[outline] = np.asarray(color, dtype=np.uint8)
+    return out

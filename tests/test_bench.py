@@ -1,0 +1,107 @@
+"""Benchmark: result keys and consistency (no timing thresholds), device naming, CLI rows."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_config
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from polypseg.bench import BenchError, benchmark, device_name, load_for_bench, random_checkpoint
+from polypseg.checkpoint import load_checkpoint, save_checkpoint
+from polypseg.cli.main import app
+from polypseg.inference import Predictor
+from polypseg.models import create_model
+
+KEYS = {
+    "median_ms",
+    "p90_ms",
+    "images_per_s",
+    "device_name",
+    "backend",
+    "batch_size",
+    "image_size",
+    "pipeline",
+    "precision",
+    "mode",
+}
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("pipeline", ["model", "end-to-end"])
+def test_benchmark_module_returns_consistent_figures(pipeline: str) -> None:
+    result = benchmark(_Tiny(), batch_size=3, image_size=32, warmup=1, repeats=4, pipeline=pipeline, device="cpu")
+    assert KEYS <= set(result)
+    assert result["batch_size"] == 3 and result["image_size"] == 32 and result["pipeline"] == pipeline
+    assert result["backend"] == "torch" and result["precision"] == "fp32" and result["mode"] == "eager"
+    assert 0 < result["min_ms"] <= result["median_ms"] <= result["p90_ms"]
+    assert result["images_per_s"] == pytest.approx(3 / (result["median_ms"] / 1000))
+    assert result["device_name"] == device_name("cpu")
+
+
+def test_device_name_names_cpu_and_cores() -> None:
+    name = device_name("cpu")
+    assert name.endswith("cores)") and len(name) > len(" (2 cores)")
+
+
+def test_benchmark_rejects_bad_options() -> None:
+    predictor = Predictor.from_model(_Tiny(), image_size=32, device="cpu")
+    with pytest.raises(BenchError, match="pipeline"):
+        benchmark(predictor, pipeline="disk")
+    with pytest.raises(BenchError, match="image_size"):
+        benchmark(predictor, image_size=64)
+    with pytest.raises(BenchError, match="mode"):
+        benchmark(predictor, mode="max-autotune")
+
+
+def test_random_checkpoint_is_the_default_architecture(tmp_path: Path) -> None:
+    path = random_checkpoint(tmp_path, image_size=64)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.config.model.encoder == "resnet34" and checkpoint.config.train.image_size == 64
+    predictor = load_for_bench("random", "torch", device="cpu", image_size=64, workdir=tmp_path)
+    assert predictor.image_size == 64 and predictor.backend == "torch"
+
+
+def test_bench_cli_all_backends_writes_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from polypseg import export
+
+    # The torch.export-based exporter is covered in test_export.py; the TorchScript one is quicker.
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
+    config = tiny_config(image_size=32)
+    checkpoint = save_checkpoint(tmp_path / "tiny", create_model(config.model).eval(), config)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(calibration / f"{i}.png")
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(checkpoint), "--backend", "all", "--device", "cpu", "--repeats", "2", "--warmup", "1"]
+    args += ["--batch-size", "2", "--calibration", str(calibration), "--json", str(out), "--markdown"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [(r["backend"], r["pipeline"]) for r in rows] == [
+        (backend, pipeline) for backend in ("torch", "onnxruntime", "onnxruntime-int8") for pipeline in ("model", "end-to-end")
+    ]
+    assert [r["precision"] for r in rows[::2]] == ["fp32", "fp32", "int8"]
+    assert all(KEYS <= set(r) and r["batch_size"] == 2 for r in rows)
+    assert "| device | backend |" in result.stdout and "images/s" in result.output
+
+
+def test_bench_cli_rejects_unknown_backend(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "--model", "random", "--backend", "tensorrt", "--device", "cpu"])
+    assert result.exit_code == 2 and "--backend tensorrt" in result.output and "Traceback" not in result.output

@@ -1,0 +1,202 @@
+"""ONNX export vs PyTorch, the onnxruntime backend of Predictor, its cache, and int8 quantization."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import tiny_config, write_synthetic_dataset
+
+from polypseg.checkpoint import save_checkpoint
+from polypseg.export import (
+    ExportError,
+    _export_graph,
+    _Probability,
+    cached_onnx,
+    create_session,
+    export_onnx,
+    int8_path_for,
+    int8_validated,
+    measure_dice_change,
+    onnx_sidecar,
+    quantize_onnx_int8,
+    read_onnx_metadata,
+    record_dice_change,
+    verify_onnx,
+)
+from polypseg.inference import Predictor, _preferred_onnx
+from polypseg.models import create_model
+from polypseg.sample_data import sample_dataset_path
+
+
+def _save_tiny(path: Path, seed: int = 0) -> Path:
+    config = tiny_config(image_size=64)
+    torch.manual_seed(seed)
+    return save_checkpoint(path, create_model(config.model).eval(), config, threshold=0.4, metrics={"dice": 0.5})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny checkpoint and its cached ONNX export (one export for the whole module)."""
+    checkpoint = _save_tiny(tmp_path_factory.mktemp("export") / "tiny")
+    return checkpoint, cached_onnx(checkpoint)
+
+
+def _images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (rng.integers(30, 90), rng.integers(30, 90), 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_export_writes_graph_and_sidecar_and_matches_torch(exported: tuple[Path, Path]) -> None:
+    checkpoint, onnx_path = exported
+    assert onnx_path == checkpoint.with_suffix(".onnx")
+    meta = read_onnx_metadata(onnx_path)
+    assert meta["image_size"] == 64 and meta["threshold"] == 0.4 and meta["output"] == "probability"
+    assert meta["config"]["model"]["encoder"] == "resnet18" and meta["metrics"] == {"dice": 0.5}
+    graph = onnx.load(str(onnx_path)).graph
+    assert graph.node[-1].op_type == "Sigmoid"
+    real = sorted((sample_dataset_path() / "images").glob("*.jpg"))[:3]
+    assert verify_onnx(checkpoint, onnx_path, random_images=3) < 1e-4
+    assert verify_onnx(checkpoint, onnx_path, images=real, random_images=0) < 1e-4
+
+
+def test_dynamic_batch(exported: tuple[Path, Path]) -> None:
+    _, onnx_path = exported
+    session = create_session(onnx_path)
+    x = np.random.default_rng(0).standard_normal((5, 3, 64, 64)).astype(np.float32)
+    batched = session.run(None, {"image": x})[0]
+    assert batched.shape == (5, 1, 64, 64)
+    single = session.run(None, {"image": x[2:3]})[0]
+    np.testing.assert_allclose(batched[2:3], single, atol=1e-5)
+
+
+def test_onnxruntime_backend_matches_torch_predictor(exported: tuple[Path, Path]) -> None:
+    checkpoint, onnx_path = exported
+    stamp = onnx_path.stat().st_mtime_ns
+    ort_predictor = Predictor.from_checkpoint(checkpoint, device="cpu", backend="onnxruntime", batch_size=3)
+    assert onnx_path.stat().st_mtime_ns == stamp  # cache reused, not re-exported
+    auto = Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto")
+    assert ort_predictor.backend == auto.backend == "onnxruntime" and ort_predictor.models == []
+    torch_predictor = Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch")
+    images = _images(4)
+    for a, b in zip(ort_predictor.predict(images), torch_predictor.predict(images)):
+        assert a.probability.shape == b.probability.shape
+        np.testing.assert_allclose(a.probability, b.probability, atol=1e-4)
+    assert ort_predictor.threshold == 0.4 and ort_predictor.image_size == 64
+    tta = Predictor.from_checkpoint(checkpoint, device="cpu", backend="onnxruntime", tta=True).predict_one(images[0])
+    tta_torch = Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch", tta=True).predict_one(images[0])
+    np.testing.assert_allclose(tta.probability, tta_torch.probability, atol=1e-4)
+
+
+def test_onnx_file_loads_directly_with_its_sidecar(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    _, onnx_path = exported
+    predictor = Predictor.from_checkpoint(onnx_path, device="cpu")
+    assert predictor.backend == "onnxruntime" and predictor.threshold == 0.4 and predictor.image_size == 64
+    assert predictor.metadata["config"]["model"]["encoder"] == "resnet18"
+    # Without a sidecar the input size comes from the graph and the threshold is 0.5.
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes(onnx_path.read_bytes())
+    bare_predictor = Predictor.from_checkpoint(bare, device="cpu")
+    assert bare_predictor.image_size == 64 and bare_predictor.threshold == 0.5
+    image = _images(1)[0]
+    np.testing.assert_allclose(bare_predictor.predict_one(image).probability, predictor.predict_one(image).probability)
+
+
+def test_cache_is_reused_then_renewed_when_weights_change(
+    exported: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+    import json
+
+    from polypseg import export
+
+    # The cache logic does not depend on the exporter: use the quicker TorchScript one here.
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
+
+    source_checkpoint, source_onnx = exported
+    checkpoint = tmp_path / "model.safetensors"
+    for suffix in (".safetensors", ".json", ".onnx"):
+        checkpoint.with_suffix(suffix).write_bytes(source_checkpoint.with_suffix(suffix).read_bytes())
+    os.utime(checkpoint, ns=(10**18, 10**18))
+    meta = read_onnx_metadata(source_onnx)
+    meta["source"] = {"weights": checkpoint.name, "size": checkpoint.stat().st_size, "mtime_ns": 10**18}
+    onnx_sidecar(checkpoint.with_suffix(".onnx")).write_text(json.dumps(meta))
+    stamp = checkpoint.with_suffix(".onnx").stat().st_mtime_ns
+    assert cached_onnx(checkpoint) == checkpoint.with_suffix(".onnx")
+    assert checkpoint.with_suffix(".onnx").stat().st_mtime_ns == stamp  # fingerprint matches: reused
+
+    image = _images(1)[0]
+    before = Predictor.from_checkpoint(checkpoint.with_suffix(".onnx"), device="cpu").predict_one(image).probability
+    _save_tiny(tmp_path / "model", seed=1)  # new weights under the same name
+    renewed = cached_onnx(checkpoint)
+    assert renewed == checkpoint.with_suffix(".onnx")
+    after = Predictor.from_checkpoint(renewed, device="cpu").predict_one(image).probability
+    reference = Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch").predict_one(image).probability
+    assert np.abs(after - before).max() > 1e-3
+    np.testing.assert_allclose(after, reference, atol=1e-4)
+
+
+def test_torchscript_exporter_fallback_agrees(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    from polypseg.checkpoint import load_checkpoint
+
+    checkpoint, onnx_path = exported
+    wrapped = _Probability(load_checkpoint(checkpoint).model).eval()
+    legacy = tmp_path / "legacy.onnx"
+    _export_graph(wrapped, 64, legacy, opset=17, dynamic_batch=True, dynamo=False)
+    assert not wrapped.training  # the exporter must not leave BatchNorm in training mode
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    a = create_session(legacy).run(None, {"image": x})[0]
+    b = create_session(onnx_path).run(None, {"image": x})[0]
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_int8_quantization_validation_and_auto_choice(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, onnx_path = exported
+    int8 = quantize_onnx_int8(onnx_path, int8_path_for(checkpoint), sample_dataset_path(), max_images=8)
+    assert int8 == checkpoint.with_suffix(".int8.onnx")
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    meta = read_onnx_metadata(int8)
+    assert meta["quantization"]["calibration_images"] == 8 and meta["quantization"]["dice_change"] is None
+    predictor = Predictor.from_checkpoint(int8, device="cpu")
+    fp32 = Predictor.from_checkpoint(onnx_path, device="cpu")
+    image = _images(1)[0]
+    difference = np.abs(predictor.predict_one(image).probability - fp32.predict_one(image).probability)
+    assert 0 < difference.mean() < 0.05  # quantized, and still close
+
+    # Not validated: the CPU default stays fp32.
+    assert not int8_validated(int8, checkpoint)
+    assert _preferred_onnx(checkpoint) == onnx_path
+    data = write_synthetic_dataset(tmp_path / "data", n=3)
+    change = measure_dice_change(onnx_path, int8, data, progress=False)
+    assert change["n"] == 3 and 0 <= change["dice_reference"] <= 1
+    assert change["dice_change"] == pytest.approx(change["dice_candidate"] - change["dice_reference"])
+    record_dice_change(int8, {**change, "dice_change": 0.001})
+    assert int8_validated(int8, checkpoint) and _preferred_onnx(checkpoint) == int8
+    record_dice_change(int8, {**change, "dice_change": -0.02})
+    assert not int8_validated(int8, checkpoint) and _preferred_onnx(checkpoint) == onnx_path
+    int8.unlink()
+    onnx_sidecar(int8).unlink()
+
+
+def test_same_model_has_zero_dice_change(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    _, onnx_path = exported
+    data = write_synthetic_dataset(tmp_path / "data", n=2)
+    assert measure_dice_change(onnx_path, onnx_path, data, progress=False)["dice_change"] == 0
+
+
+def test_export_errors_name_the_file(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, _ = exported
+    with pytest.raises(ExportError, match="must end in .onnx"):
+        export_onnx(checkpoint, tmp_path / "model.bin")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(ExportError, match="broken.onnx"):
+        Predictor.from_checkpoint(broken, device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no images in .*empty"):
+        quantize_onnx_int8(exported[1], tmp_path / "q.onnx", tmp_path / "empty")

@@ -1,0 +1,188 @@
+"""``polypseg predict`` and ``polypseg export`` end to end on tiny models and files."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_config
+from PIL import Image
+from typer.testing import CliRunner
+
+from polypseg import export
+from polypseg.checkpoint import save_checkpoint
+from polypseg.cli.main import app
+from polypseg.models import create_model
+
+
+def _save_tiny(path: Path, seed: int = 0) -> Path:
+    config = tiny_config(image_size=64)
+    torch.manual_seed(seed)
+    return save_checkpoint(path, create_model(config.model).eval(), config, threshold=0.5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture()
+def fast_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The torch.export-based exporter is covered in test_export.py; here the quicker one will do.
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
+
+
+def _invoke(*args: str):  # noqa: ANN202
+    return CliRunner().invoke(app, list(args))
+
+
+def _folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(root / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8)).save(root / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (33, 47, 4), dtype=np.uint8)).save(root / "rgba.png")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_predict_folder_with_a_corrupt_file(checkpoint: Path, tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "in")
+    out = tmp_path / "out"
+    result = _invoke(
+        "predict", str(folder), "--model", str(checkpoint), "--out", str(out), "--backend", "torch", "--batch-size", "2"
+    )
+    assert result.exit_code == 0, result.output
+    assert "corrupt.jpg" in result.output and "Traceback" not in result.output
+    with open(out / "predictions.csv") as handle:
+        rows = {Path(r["file"]).name: r for r in csv.DictReader(handle)}
+    assert set(rows) == {"rgb.jpg", "gray.png", "rgba.png"}
+    assert list(next(iter(rows.values()))) == [
+        "file",
+        "width",
+        "height",
+        "area_pixels",
+        "area_fraction",
+        "mean_confidence",
+        "threshold",
+    ]
+    for name, (width, height) in {"rgb.jpg": (70, 50), "gray.png": (30, 40), "rgba.png": (47, 33)}.items():
+        stem = Path(name).stem
+        mask = np.asarray(Image.open(out / "masks" / f"{stem}.png"))
+        assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
+        assert int(rows[name]["area_pixels"]) == int((mask == 255).sum())
+        assert (int(rows[name]["width"]), int(rows[name]["height"])) == (width, height)
+        assert float(rows[name]["area_fraction"]) == pytest.approx(int(rows[name]["area_pixels"]) / (width * height), abs=1e-6)
+        assert np.asarray(Image.open(out / "overlays" / f"{stem}.png")).shape == (height, width, 3)
+    with open(out / "skipped.csv") as handle:
+        assert [Path(r["file"]).name for r in csv.DictReader(handle)] == ["corrupt.jpg"]
+
+
+def test_predict_exit_codes(checkpoint: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"nope")
+    nothing = _invoke("predict", str(corrupt), "--model", str(checkpoint), "--out", str(tmp_path / "o1"), "--backend", "torch")
+    assert nothing.exit_code == 1 and "corrupt.png" in nothing.output
+    missing_model = _invoke("predict", str(corrupt), "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2"))
+    assert missing_model.exit_code == 2 and "nowhere" in missing_model.output and "Traceback" not in missing_model.output
+    no_inputs = _invoke("predict", str(tmp_path / "absent.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "o3"))
+    assert no_inputs.exit_code == 2 and "absent.jpg" in no_inputs.output
+    bad_smooth = _invoke("predict", str(corrupt), "--model", str(checkpoint), "--out", str(tmp_path / "o4"), "--smooth", "2")
+    assert bad_smooth.exit_code == 2 and "--smooth" in bad_smooth.output
+
+
+def test_predict_run_folder_saves_probabilities_and_uncertainty(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for fold in (0, 1):
+        (run / f"fold_{fold}").mkdir(parents=True)
+        _save_tiny(run / f"fold_{fold}" / "best", seed=fold)
+    (run / "summary.json").write_text(json.dumps({"threshold": 0.3}))
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (36, 52, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "out"
+    result = _invoke(
+        "predict",
+        str(image),
+        "--model",
+        str(run),
+        "--out",
+        str(out),
+        "--backend",
+        "torch",
+        "--save-probabilities",
+        "--no-overlays",
+    )
+    assert result.exit_code == 0, result.output
+    with open(out / "predictions.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert float(row["threshold"]) == 0.3 and float(row["uncertainty_mean"]) > 0
+    probability = np.asarray(Image.open(out / "probabilities" / "x.png"))
+    uncertainty = np.asarray(Image.open(out / "uncertainty" / "x.png"))
+    assert probability.shape == uncertainty.shape == (36, 52)
+    mask = np.asarray(Image.open(out / "masks" / "x.png")) == 255
+    # masks come from the float probabilities; the 8-bit copy agrees up to rounding at the threshold
+    assert np.mean(mask == (probability >= round(0.3 * 255))) > 0.99
+    assert not (out / "overlays").exists()
+
+
+def test_predict_video_with_smoothing(checkpoint: Path, tmp_path: Path) -> None:
+    video = tmp_path / "clip.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        for i in range(6):
+            frame = np.full((32, 48, 3), 40, np.uint8)
+            frame[8:24, 4 + 4 * i : 20 + 4 * i] = 220
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    out = tmp_path / "out"
+    result = _invoke(
+        "predict", str(video), "--model", str(checkpoint), "--out", str(out), "--backend", "torch", "--smooth", "0.5"
+    )
+    assert result.exit_code == 0, result.output
+    assert "consistency" in result.output and "alpha 0.5" in result.output
+    assert (out / "clip_overlay.mp4").is_file()
+    with open(out / "clip_frames.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and "iou_with_previous_raw" in rows[0]
+    with open(out / "videos.csv") as handle:
+        (summary,) = list(csv.DictReader(handle))
+    assert int(summary["frames"]) == 6 and summary["consistency_smoothed"] != ""
+    assert not (out / "predictions.csv").exists()
+
+
+def test_export_cli_reports_difference(checkpoint: Path, tmp_path: Path, fast_exporter: None) -> None:
+    out = tmp_path / "model.onnx"
+    result = _invoke(
+        "export", "--model", str(checkpoint), "--format", "onnx", "--out", str(out), "--json", str(tmp_path / "r.json")
+    )
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and export.onnx_sidecar(out).is_file()
+    assert "max |p_onnx - p_torch|" in result.output
+    (report,) = json.loads((tmp_path / "r.json").read_text())
+    assert report["max_abs_diff_random"] < 1e-4 and report["max_abs_diff_real"] < 1e-4
+    wrong = _invoke("export", "--model", str(checkpoint), "--format", "tflite")
+    assert wrong.exit_code == 2 and "--format tflite" in wrong.output
+
+
+def test_predict_with_onnxruntime_backend(checkpoint: Path, tmp_path: Path, fast_exporter: None) -> None:
+    folder = _folder(tmp_path / "in")
+    torch_out, ort_out = tmp_path / "torch", tmp_path / "ort"
+    assert (
+        _invoke("predict", str(folder), "--model", str(checkpoint), "--out", str(torch_out), "--backend", "torch").exit_code == 0
+    )
+    result = _invoke("predict", str(folder), "--model", str(checkpoint), "--out", str(ort_out), "--backend", "onnxruntime")
+    assert result.exit_code == 0, result.output and "onnxruntime" in result.output
+    for name in ("rgb", "gray", "rgba"):
+        a = np.asarray(Image.open(torch_out / "masks" / f"{name}.png"))
+        b = np.asarray(Image.open(ort_out / "masks" / f"{name}.png"))
+        assert np.mean(a == b) > 0.999
