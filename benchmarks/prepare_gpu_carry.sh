@@ -6,8 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/datasets}
+EXCLUDE="$(git rev-parse --git-dir)/info/exclude"
+mkdir -p "$(dirname "$EXCLUDE")"
 for ignored in /.whl/ /.gpucache/; do
-  grep -qxF "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >> .git/info/exclude
+  grep -qxF "$ignored" "$EXCLUDE" 2>/dev/null || echo "$ignored" >> "$EXCLUDE"
 done
 mkdir -p .whl .gpucache
 # The GPU image has torch, timm, safetensors, huggingface_hub, typer, rich, matplotlib, onnx(runtime):
