@@ -23,6 +23,7 @@ from polypseg import __version__
 from polypseg.checkpoint import load_checkpoint
 from polypseg.config import RunConfig
 from polypseg.data import CachedData, DataError, build_cache
+from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
 from polypseg.evaluation import (
     dequantize_probabilities,
@@ -198,7 +199,7 @@ def evaluate_fold(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Predict the held-out fold once with the fold's best checkpoint; write ``oof.npz`` and ``metrics.json``."""
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    torch_device = resolve_device(device)
     checkpoint = load_checkpoint(fold_dir / "best", device=torch_device)
     probs = predict_probabilities(
         checkpoint.model,

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from polypseg.data import ImageReadError, read_image, resize_image, to_uint8
+from polypseg.devices import DeviceError, resolve_device
 from polypseg.errors import PolypsegError
 from polypseg.transforms import images_to_tensor, normalize, resize_probabilities
 
@@ -493,15 +494,10 @@ def _is_pil(item: Any) -> bool:
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PredictorError(f"device '{device}': CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise PredictorError(f"device '{device}': use auto, cpu, cuda or cuda:N")
-    return torch.device(device)
+    try:
+        return resolve_device(device)
+    except DeviceError as error:  # the Predictor API reports all its option errors as PredictorError
+        raise PredictorError(str(error)) from None
 
 
 def _compile_mode(compile: bool | str | None) -> str | None:

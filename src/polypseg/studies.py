@@ -25,6 +25,7 @@ from polypseg.boundary import boundary_f1, default_tolerance
 from polypseg.checkpoint import find_checkpoints, load_checkpoint
 from polypseg.config import RunConfig
 from polypseg.data import build_cache, index_dataset, load_split_file, read_mask
+from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
 from polypseg.evaluation import evaluate_probabilities, predict_probabilities
 from polypseg.io_utils import atomic_write_json, atomic_write_text, read_json
@@ -41,12 +42,6 @@ PRANET_LITERATURE = {
 
 class StudyError(PolypsegError):
     """A study cannot start or continue (bad folders, mismatched runs)."""
-
-
-def _torch_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _copy_config(config: RunConfig) -> RunConfig:
@@ -94,7 +89,7 @@ def evaluate_external(
     checkpoints = find_checkpoints(model)
     run_dir = model if (model / "summary.json").is_file() else None
     summary = read_json(run_dir / "summary.json") if run_dir is not None else None
-    torch_device = _torch_device(device)
+    torch_device = resolve_device(device)
 
     first = load_checkpoint(checkpoints[0], device="cpu")
     size = first.config.train.image_size
@@ -497,7 +492,7 @@ def evaluate_pranet(
 ) -> dict[str, Any]:
     """Score ``TRAIN_DIR/best`` once on the stems of ``test_list``; writes ``pranet.{md,json}`` there."""
     train_dir = Path(train_dir)
-    torch_device = _torch_device(device)
+    torch_device = resolve_device(device)
     checkpoint = load_checkpoint(train_dir / "best", device=torch_device)
     size = checkpoint.config.train.image_size
     stems = load_split_file(test_list)

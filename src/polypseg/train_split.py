@@ -10,6 +10,7 @@ import numpy as np
 from polypseg.checkpoint import load_checkpoint
 from polypseg.config import RunConfig
 from polypseg.data import DataError, build_cache, load_split_file
+from polypseg.devices import resolve_device
 from polypseg.evaluation import evaluate_probabilities, predict_probabilities
 from polypseg.io_utils import atomic_write_json
 from polypseg.training import DistributedContext, train_model
@@ -54,16 +55,12 @@ def train_single_split(
     )
     summary: dict[str, Any] = {"checkpoint": str(result.best_checkpoint), "best_epoch": result.best_epoch}
     if test_stems and context.is_main:
-        checkpoint = load_checkpoint(result.best_checkpoint, device="cuda" if device == "auto" and _cuda() else ("cpu" if device == "auto" else device))
+        torch_device = resolve_device(device)
+        checkpoint = load_checkpoint(result.best_checkpoint, device=torch_device)
         test = cache.subset(test_stems)
-        probs = predict_probabilities(checkpoint.model, test.images, device=next(checkpoint.model.parameters()).device, tta_flip=config.train.tta_flip)
+        probs = predict_probabilities(checkpoint.model, test.images, device=torch_device, tta_flip=config.train.tta_flip)
         metric = evaluate_probabilities(probs, test.masks, test.stems)
         summary["test"] = {"n_images": len(test_stems), **metric.compute(), "per_image_dice_at_0.5": dict(zip(test.stems, metric.per_image(0.5)["dice"].round(6).tolist()))}
         atomic_write_json(out / "test_metrics.json", summary["test"])
     return summary
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

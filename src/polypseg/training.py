@@ -30,6 +30,7 @@ from polypseg.checkpoint import (
 )
 from polypseg.config import RunConfig, TrainConfig
 from polypseg.data import CachedData
+from polypseg.devices import resolve_device
 from polypseg.evaluation import autocast_for, evaluate_probabilities, predict_probabilities
 from polypseg.io_utils import atomic_write_json, read_json
 from polypseg.losses import create_loss
@@ -77,11 +78,9 @@ class DistributedContext:
 
 
 def resolve_training_device(device: str, context: DistributedContext) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and context.enabled:
-        device = f"cuda:{context.local_rank}"
-    resolved = torch.device(device)
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is None and context.enabled:
+        resolved = torch.device("cuda", context.local_rank)
     if resolved.type == "cuda":
         torch.cuda.set_device(resolved)
     return resolved

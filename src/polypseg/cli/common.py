@@ -23,13 +23,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; validates explicit choices."""
-    import torch
+    """``auto`` -> ``cuda`` when available, else ``cpu``; validates explicit choices (see :mod:`polypseg.devices`)."""
+    from polypseg.devices import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise UsageError(f"--device {device}: use auto, cpu, cuda or cuda:N")
-    return device
+    return str(resolve(device, label="--device"))

@@ -356,9 +356,9 @@ def run_bench(
     from rich.table import Table
 
     from polypseg.bench import BACKENDS, PIPELINES, benchmark, load_for_bench
-    from polypseg.inference import _resolve_device
+    from polypseg.devices import resolve_device
 
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device, label="--device")
     if backend == "auto":
         backends = ["torch" if torch_device.type == "cuda" else "onnxruntime"]
     elif backend == "all":

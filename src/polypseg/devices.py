@@ -1,0 +1,27 @@
+"""Device choice shared by the library and the CLI: one meaning of ``auto`` everywhere."""
+
+from __future__ import annotations
+
+import torch
+
+from polypseg.errors import PolypsegError
+
+
+class DeviceError(PolypsegError):
+    """A requested device does not exist on this machine."""
+
+
+def resolve_device(device: str | torch.device, label: str = "device") -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; validates ``cpu``, ``cuda`` and ``cuda:N``.
+
+    ``label`` names the option in error messages (e.g. ``--device`` on the command line).
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"{label} {device}: CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DeviceError(f"{label} {device}: use auto, cpu, cuda or cuda:N")
+    return torch.device(device)

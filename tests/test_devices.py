@@ -1,0 +1,21 @@
+"""One meaning of ``--device auto`` everywhere; bad devices are one-line user errors."""
+
+import pytest
+import torch
+
+from polypseg.devices import DeviceError, resolve_device
+
+
+def test_auto_picks_cuda_only_when_available():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_bad_devices_name_the_option():
+    with pytest.raises(DeviceError, match="--device tpu"):
+        resolve_device("tpu", label="--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda:0")
