@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# Issue #7's measurement: the strong recipe, 5 folds, same splits as the paper-recipe run.
+# Issue #7's measurement: the strong recipe, 5 folds, same splits as the paper-recipe run, then
+# its fold ensemble on CVC-ClinicDB-62 without retraining. Run it once the lever study has fixed
+# the recipe (strong_levers_gpu.sh), never to choose it.
 #   source benchmarks/gpu_env.sh && bash benchmarks/cv_strong_gpu.sh [path/to/paper-run/splits.json]
+# Settings: benchmarks/common.sh. RUN (default $RUNS/strong-5fold) is resumed if it exists.
+# Small result files -> $RESULTS/strong-5fold/ (copy them to docs/runs/strong-5fold/).
 set -euo pipefail
-RUN=${RUN:-/tmp/runs/strong-5fold}
-SPLITS=${1:-docs/runs/paper-5fold/splits.json}
-OUT_DIR=${OUT:-/tmp/out}/strong-5fold
-mkdir -p "$RUN"
-if [ -f "$SPLITS" ]; then cp "$SPLITS" "$RUN/splits.json"; fi  # same folds as the paper run
-start=$(date +%s.%N)
-python3 -m polypseg.cli.main cv --data .gpucache/kvasir-seg-256.npz --out "$RUN" --recipe strong --folds 5 --no-progress
-end=$(date +%s.%N)
-echo "wall time of the whole cv command: $(echo "$end - $start" | bc) s"
-python3 -m polypseg.cli.main evaluate --model "$RUN" --data .gpucache/cvc-clinicdb-test62-256.npz --out "$RUN" || true
-mkdir -p "$OUT_DIR"
-cp "$RUN"/summary.json "$RUN"/summary.md "$RUN"/splits.json "$OUT_DIR"/
-cp "$RUN"/external_* "$OUT_DIR"/ 2>/dev/null || true
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+RUN="${RUN:-$RUNS/strong-5fold}"
+SPLITS="${1:-$REPO/docs/runs/paper-5fold/splits.json}"
+DEST="$RESULTS/strong-5fold"
+mkdir -p "$RUN" "$DEST"
+# The paper run's test folds (its inner validation part is redrawn for this recipe's val_fraction).
+[[ -f "$SPLITS" && ! -f "$RUN/splits.json" ]] && cp "$SPLITS" "$RUN/splits.json"
+resumed=no; [[ -f "$RUN/config.json" ]] && resumed=yes
+start=$(now)
+polypseg cv --data "$KVASIR" --out "$RUN" --recipe strong --folds "$FOLDS" --device "$DEVICE" --no-progress \
+  --resume "${SETS_ARRAY[@]}"
+wall=$(elapsed "$start")
+echo "wall time of the whole cv command: $wall s"
+polypseg evaluate --model "$RUN" --data "$CVC" --out "$RUN/external" --device "$DEVICE" --no-progress
+copy_run "$RUN" "$DEST"
+cp "$RUN"/external/external_*.{json,md} "$DEST"/
+{
+  environment
+  echo "command: bash benchmarks/cv_strong_gpu.sh $* (data: $KVASIR; external: $CVC; SETS: ${SETS:-none})"
+  echo "wall time of the cv command: $wall s$([[ $resumed == yes ]] && echo ' (this invocation resumed an earlier one: not the whole run)')"
+} | tee "$DEST/ENVIRONMENT.txt"

@@ -4,12 +4,13 @@
 # Issue target: 1000 heatmaps in under 10 s on an H100.
 #
 #   source benchmarks/gpu_env.sh && bash benchmarks/explain_speed.sh   # on the lent GPU machine
-#   benchmarks/explain_speed.sh                       # N=1000 BATCH=100 DEVICE=cuda
-#   N=8 BATCH=4 DEVICE=cpu benchmarks/explain_speed.sh   # smoke test without a GPU
+#   N=8 BATCH=4 DEVICE=cpu bash benchmarks/explain_speed.sh   # smoke test without a GPU
+# N images (default 1000) in batches of BATCH (default 100); other settings: benchmarks/common.sh.
+# The result line also goes to $RESULTS/bench/explain_speed.txt.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
-N="${N:-1000}" BATCH="${BATCH:-100}" DEVICE="${DEVICE:-cuda}" python3 - <<'PY'
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+mkdir -p "$RESULTS/bench"
+N="${N:-1000}" BATCH="${BATCH:-100}" DEVICE="$DEVICE" "$PY" - <<'PY' | tee "$RESULTS/bench/explain_speed.txt"
 import os
 import time
 
@@ -19,7 +20,12 @@ from polypseg.explain import MaskedLogitSum, SegmentationGradCAM, autocast_for
 from polypseg.models import create_model
 from polypseg.transforms import normalize
 
-n, batch, device = int(os.environ["N"]), int(os.environ["BATCH"]), os.environ["DEVICE"]
+from polypseg.devices import resolve_device
+
+n, batch = int(os.environ["N"]), int(os.environ["BATCH"])
+device = os.environ["DEVICE"]
+if device == "auto":
+    device = str(resolve_device("auto"))
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise SystemExit("CUDA is not available; run with DEVICE=cpu N=8 BATCH=4 for a smoke test")
 torch.backends.cudnn.benchmark = True

@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/datasets}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 EXCLUDE="$(git rev-parse --git-dir)/info/exclude"
 mkdir -p "$(dirname "$EXCLUDE")"
 for ignored in /.whl/ /.gpucache/; do
@@ -16,6 +17,6 @@ mkdir -p .whl .gpucache
 # only segmentation-models-pytorch is missing (a pure-Python wheel).
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "segmentation-models-pytorch==0.6.0"
-python3 -m polypseg.cli.main data cache "$DATA/kvasir-seg" --size 256 --out .gpucache/kvasir-seg-256.npz
-python3 -m polypseg.cli.main data cache "$DATA/cvc-clinicdb-test62" --size 256 --out .gpucache/cvc-clinicdb-test62-256.npz
+"${PYTHON:-python3}" -m polypseg.cli.main data cache "$DATA/kvasir-seg" --size 256 --out .gpucache/kvasir-seg-256.npz
+"${PYTHON:-python3}" -m polypseg.cli.main data cache "$DATA/cvc-clinicdb-test62" --size 256 --out .gpucache/cvc-clinicdb-test62-256.npz
 du -sh .whl .gpucache

@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src"
 CKPT="${1:-random}"
-VALIDATE="${2:-/work/shared/datasets/kvasir-seg}"
+VALIDATE="${2:-$PWD/../shared/datasets/kvasir-seg}"
 CALIBRATION="${3:-$VALIDATE/images}"
 OUT_DIR="${OUT_DIR:-.}"
 mkdir -p "$OUT_DIR"

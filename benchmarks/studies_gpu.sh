@@ -11,19 +11,15 @@
 # 3. Small result files only (never weights) -> RESULTS/skip-ablation/ and RESULTS/external-cvc62/,
 #    with the GPU, versions and wall times; copy them to docs/runs/ for docs/results.md.
 #
-# Options: --kvasir PATH, --cvc PATH (dataset folders or `polypseg data cache --out` files; default
-# the carried .gpucache/*-256.npz), --runs DIR (default /tmp/runs), --results DIR (default $OUT,
-# the folder a GPU call brings back, else docs/runs), --folds 5, --recipe paper, --device auto,
-# --set section.field=value (repeatable, passed to both arms). Rerunning resumes finished folds.
+# Options (defaults from benchmarks/common.sh, which also reads them from the environment):
+# --kvasir PATH, --cvc PATH (dataset folders or `polypseg data cache --out` files; default the
+# carried .gpucache/*-256.npz), --runs DIR, --results DIR, --folds 5, --recipe paper, --device auto,
+# --set section.field=value (repeatable, passed to both arms). Rerunning resumes finished folds;
+# a with-skips arm already trained in RUNS/skip-ablation/with-skips (e.g. by gpu_session.sh's paper
+# step, the same settings) is reused, not retrained.
 set -euo pipefail
-
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-KVASIR="$REPO/.gpucache/kvasir-seg-256.npz"
-CVC="$REPO/.gpucache/cvc-clinicdb-test62-256.npz"
-RUNS="/tmp/runs"
-RESULTS="${OUT:-$REPO/docs/runs}"
-FOLDS=5 RECIPE="paper" DEVICE="auto"
-SETS=()
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+RECIPE="paper"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --kvasir) KVASIR="$2"; shift 2 ;;
@@ -33,21 +29,17 @@ while [[ $# -gt 0 ]]; do
     --folds) FOLDS="$2"; shift 2 ;;
     --recipe) RECIPE="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
-    --set) SETS+=(--set "$2"); shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --set) SETS_ARRAY+=(--set "$2"); shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [[ -e "$KVASIR" ]] || { echo "error: --kvasir $KVASIR: not found (a dataset folder or a cache .npz)" >&2; exit 2; }
 [[ -e "$CVC" ]] || { echo "error: --cvc $CVC: not found (a dataset folder or a cache .npz)" >&2; exit 2; }
 
-export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python3}"
-polypseg() { "$PY" -m polypseg.cli.main "$@"; }
-
 started=$(date +%s)
 polypseg study skip-ablation --data "$KVASIR" --out "$RUNS/skip-ablation" --recipe "$RECIPE" --folds "$FOLDS" \
-  --encoder-weights none --device "$DEVICE" --no-progress --resume "${SETS[@]}"
+  --encoder-weights none --device "$DEVICE" --no-progress --resume "${SETS_ARRAY[@]}"
 ablation_s=$(( $(date +%s) - started ))
 
 started=$(date +%s)
@@ -58,24 +50,17 @@ done
 external_s=$(( $(date +%s) - started ))
 
 for arm in with-skips no-skips; do
-  src="$RUNS/skip-ablation/$arm" dst="$RESULTS/skip-ablation/$arm"
-  mkdir -p "$dst" "$RESULTS/external-cvc62/$arm"
-  cp "$src"/{config.json,splits.json,summary.json,summary.md} "$dst/"
-  for fold_dir in "$src"/fold_*; do
-    mkdir -p "$dst/$(basename "$fold_dir")"
-    cp "$fold_dir/history.json" "$dst/$(basename "$fold_dir")/"
-  done
+  copy_run "$RUNS/skip-ablation/$arm" "$RESULTS/skip-ablation/$arm"
+  mkdir -p "$RESULTS/external-cvc62/$arm"
   cp "$RUNS/external-cvc62/$arm"/external_*.{json,md} "$RESULTS/external-cvc62/$arm/"
 done
 cp "$RUNS/skip-ablation"/skip_ablation.{md,json} "$RESULTS/skip-ablation/"
 
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "command: bash benchmarks/studies_gpu.sh --folds $FOLDS --recipe $RECIPE ${SETS[*]}"
+  environment
+  echo "command: bash benchmarks/studies_gpu.sh --folds $FOLDS --recipe $RECIPE ${SETS_ARRAY[*]}"
   echo "data: $KVASIR; external: $CVC"
-  echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
-  "$PY" -c "import torch, polypseg; print(f'torch: {torch.__version__} (CUDA {torch.version.cuda})'); print(f'polypseg: {polypseg.__version__}')"
-  echo "skip ablation wall time (both arms, with Grad-CAM checks and reports): ${ablation_s} s"
+  echo "skip ablation wall time (both arms, with Grad-CAM checks and reports; an arm finished earlier is reused): ${ablation_s} s"
   echo "external validation wall time (both arms): ${external_s} s"
 } | tee "$RESULTS/skip-ablation/ENVIRONMENT.txt"
 cp "$RESULTS/skip-ablation/ENVIRONMENT.txt" "$RESULTS/external-cvc62/ENVIRONMENT.txt"

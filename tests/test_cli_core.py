@@ -62,9 +62,25 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert weights.returncode == 2 and "--encoder-weights" in weights.stderr
 
 
-def test_resume_refuses_new_recipe_options(tmp_path):
-    result = polypseg("cv", "--out", str(tmp_path / "r"), "--resume", "--epochs", "3")
-    assert result.returncode == 2 and "--resume" in result.stderr
+def test_resume_refuses_options_that_change_the_run(tmp_path):
+    import json
+
+    from polypseg.config import get_recipe
+
+    run = tmp_path / "r"
+    run.mkdir()
+    saved = {"run": get_recipe("strong").to_dict(), "data": str(tmp_path / "data"), "folds": 5, "seed": 0}
+    (run / "config.json").write_text(json.dumps(saved))
+    result = polypseg("cv", "--out", str(run), "--resume", "--epochs", "3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train.epochs: 200 -> 3" in result.stderr  # the base is the run's own recipe, not the default
+    folds = polypseg("cv", "--out", str(run), "--resume", "--folds", "10")
+    assert folds.returncode == 2 and "folds: 5 -> 10" in folds.stderr
+    trained = tmp_path / "t"
+    trained.mkdir()
+    get_recipe("strong").save(trained / "config.json")
+    recipe = polypseg("train", "--out", str(trained), "--resume", "--recipe", "paper")
+    assert recipe.returncode == 2 and "train.recipe: 'strong' -> 'paper'" in recipe.stderr
 
 
 def test_download_of_wrong_archive_is_refused_and_leaves_nothing(tmp_path):

@@ -64,6 +64,15 @@ def test_cv_end_to_end_and_resume(dataset, tmp_path):
     assert (run / "splits.json").read_text() == splits_before
     assert resumed["mean_std"]["at_0.5"]["dice"] == pytest.approx(summary["mean_std"]["at_0.5"]["dice"])
 
+    # rerunning the command that started the run, plus resume, continues it; other settings are refused
+    again = _run(dataset, run, tmp_path / "cache", resume=True)
+    assert again["mean_std"]["at_0.5"]["dice"] == pytest.approx(summary["mean_std"]["at_0.5"]["dice"])
+    changed = tiny_config(epochs=2, image_size=32)
+    with pytest.raises(RunError, match=r"train\.epochs: 1 -> 2"):
+        run_cv(dataset, run, changed, folds=2, resume=True, progress=False, report=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(RunError, match="folds: 2 -> 5"):
+        run_cv(dataset, run, None, folds=5, resume=True, progress=False, report=False, cache_dir=tmp_path / "cache")
+
 
 def test_split_of_other_data_is_refused(dataset, tmp_path):
     run = tmp_path / "run"

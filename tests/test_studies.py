@@ -154,12 +154,14 @@ def test_skip_ablation_end_to_end(external_data: Path, tmp_path: Path) -> None:
     # finished work is kept on --resume, and refused without it
     weights = no_skips / "fold_1" / "best.safetensors"
     stamp = weights.stat().st_mtime_ns
-    config = tiny_config()
+    config = tiny_config(image_size=32)  # the settings the study was started with
     kwargs = dict(folds=2, device="cpu", progress=False, explain=False, cache_dir=cache, report=False)
     run_skip_ablation(external_data, out, config, resume=True, **kwargs)
     assert weights.stat().st_mtime_ns == stamp
     with pytest.raises(RunError, match="--resume"):
         run_skip_ablation(external_data, out, config, **kwargs)
+    with pytest.raises(RunError, match=r"train\.image_size: 32 -> 64"):
+        run_skip_ablation(external_data, out, tiny_config(), resume=True, **kwargs)
 
 
 def test_studies_refuse_runs_on_other_folds(tmp_path: Path) -> None:

@@ -107,6 +107,22 @@ class RunConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def config_differences(saved: RunConfig, given: RunConfig) -> list[str]:
+    """The fields where ``given`` differs from ``saved``, as ``section.field: saved -> given`` lines."""
+
+    def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                flat.update(flatten(value, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+    old, new = flatten(saved.to_dict()), flatten(given.to_dict())
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+
 def _build(cls: type, data: dict[str, Any]) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
@@ -127,7 +143,8 @@ def _paper() -> RunConfig:
 def _strong() -> RunConfig:
     """Recipe for issue #7: from random init, longer schedule, Dice+BCE, EMA, flip TTA.
 
-    Chosen on fold 0 only; see docs/results.md for each lever's measured effect.
+    A starting point, not yet measured: each lever is to be chosen on fold 0 only (docs/results.md
+    says what has been measured so far).
     """
     train = TrainConfig(
         recipe="strong",

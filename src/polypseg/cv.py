@@ -21,7 +21,7 @@ import torch
 
 from polypseg import __version__
 from polypseg.checkpoint import load_checkpoint
-from polypseg.config import RunConfig
+from polypseg.config import RunConfig, config_differences
 from polypseg.data import CachedData, DataError, build_cache
 from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
@@ -115,8 +115,8 @@ def run_cv(
     data: Path | str,
     out: Path | str,
     config: RunConfig | None = None,
-    folds: int = 5,
-    seed: int = 0,
+    folds: int | None = None,
+    seed: int | None = None,
     resume: bool = False,
     device: str = "auto",
     progress: bool = True,
@@ -128,9 +128,12 @@ def run_cv(
 ) -> dict[str, Any]:
     """Run (or resume) K-fold cross-validation and return the summary written to ``RUN/summary.json``.
 
-    ``config`` is required for a new run; with ``resume=True`` the run's saved config is used.
-    ``only_folds`` restricts this invocation to some folds (e.g. recipe selection on fold 0); the
-    summary then covers the folds finished so far.
+    ``config`` is required for a new run (``folds`` defaults to 5, ``seed`` to 0). With
+    ``resume=True`` an existing run continues with its saved config, folds, seed and data; a
+    ``config``, ``folds`` or ``seed`` given as well must match them (so rerunning the very command
+    that started a run, plus ``--resume``, continues it), and ``resume=True`` on an empty folder
+    starts the run. ``only_folds`` restricts this invocation to some folds (e.g. recipe selection
+    on fold 0); the summary then covers the folds finished so far.
     """
     run_dir = Path(out)
     context = DistributedContext.from_env()
@@ -139,10 +142,19 @@ def run_cv(
         if not resume:
             raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out")
         saved = read_json(config_path)
-        config = RunConfig.from_dict(saved["run"])
-        folds, seed, data = saved["folds"], saved["seed"], saved["data"]
+        saved_config = RunConfig.from_dict(saved["run"])
+        changed = config_differences(saved_config, config) if config is not None else []
+        changed += [f"{name}: {old!r} -> {new!r}" for name, old, new in (("folds", saved["folds"], folds), ("seed", saved["seed"], seed)) if new is not None and new != old]
+        if changed:
+            raise RunError(
+                f"{run_dir} holds a run with other settings ({'; '.join(changed)}); "
+                "resume it without recipe options, or choose a new --out"
+            )
+        config, folds, seed, data = saved_config, saved["folds"], saved["seed"], saved["data"]
     elif config is None:
         raise RunError(f"{run_dir} holds no run to resume; give a --recipe to start one")
+    folds = 5 if folds is None else folds
+    seed = 0 if seed is None else seed
     assert config is not None
     cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress and context.is_main)
 

@@ -112,11 +112,15 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int, steps_per_epoch:
 
 
 def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer; Adam/AdamW use the fused single-kernel update when the model is on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
+    # fused=None lets torch pick its default (foreach) elsewhere; on CUDA the fused kernel launches
+    # far fewer kernels per step, which counts for a 24M-parameter model at small batch sizes.
+    fused = True if params and params[0].is_cuda else None
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     raise ValueError(f"unknown optimizer '{config.optimizer}'; choose adam, adamw or sgd")

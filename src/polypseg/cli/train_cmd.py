@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from polypseg.cli.common import UsageError, console
-from polypseg.config import RECIPES, RunConfig, apply_overrides, get_recipe
+from polypseg.config import RECIPES, RunConfig, apply_overrides, config_differences, get_recipe
 
 DATA_HELP = "Dataset folder (images/ + masks/, or CVC-ClinicDB's Original/ + 'Ground Truth/'). Default: the bundled 40-image Kvasir-SEG sample."
 
@@ -22,7 +22,7 @@ def _data_or_sample(data: Optional[Path]) -> Path:
 
 
 def build_config(
-    recipe: str,
+    recipe: str | RunConfig,
     encoder_weights: Optional[str],
     skip_connections: Optional[bool],
     epochs: Optional[int],
@@ -33,9 +33,9 @@ def build_config(
     seed: Optional[int],
     overrides: list[str],
 ) -> RunConfig:
-    """The named recipe with the command-line options applied (shortcuts first, then ``--set``)."""
+    """The named recipe (or a saved run's config) with the command-line options applied (shortcuts first, then ``--set``)."""
     try:
-        config = get_recipe(recipe)
+        config = get_recipe(recipe) if isinstance(recipe, str) else RunConfig.from_dict(recipe.to_dict())
         shortcuts = {
             "model.encoder_weights": encoder_weights,
             "model.skip_connections": skip_connections,
@@ -67,8 +67,18 @@ def build_config(
     return config
 
 
+def _saved_config(path: Path, key: str | None = None) -> RunConfig | None:
+    """The config a run folder was started with (``None`` if there is none yet)."""
+    if not path.is_file():
+        return None
+    from polypseg.io_utils import read_json
+
+    data = read_json(path)
+    return RunConfig.from_dict(data[key] if key else data)
+
+
 # Options shared by train and cv (typer needs them spelled out per command).
-RecipeOpt = typer.Option("paper", "--recipe", help=f"Named recipe: {', '.join(RECIPES)} (see docs/recipes.md).")
+RecipeOpt = typer.Option(None, "--recipe", help=f"Named recipe: {', '.join(RECIPES)} (see docs/recipes.md). Default: paper, or the run's own with --resume.")
 WeightsOpt = typer.Option(None, "--encoder-weights", help="imagenet | none | PATH to a torchvision ResNet state dict (.pth/.safetensors). Recipe default: none.")
 SkipOpt = typer.Option(None, "--skip/--no-skip", help="U-Net skip connections (--no-skip: the paper's skip ablation).")
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs.")
@@ -87,8 +97,8 @@ def register(app: typer.Typer) -> None:
     def cv_command(
         out: Path = typer.Option(..., "--out", help="Run folder (created; holds splits.json, fold_*/, summary.*)."),
         data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
-        folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
-        recipe: str = RecipeOpt,
+        folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Number of folds (default 5)."),
+        recipe: Optional[str] = RecipeOpt,
         encoder_weights: Optional[str] = WeightsOpt,
         skip: Optional[bool] = SkipOpt,
         epochs: Optional[int] = EpochsOpt,
@@ -98,7 +108,7 @@ def register(app: typer.Typer) -> None:
         image_size: Optional[int] = SizeOpt,
         seed: Optional[int] = SeedOpt,
         overrides: list[str] = SetOpt,
-        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (finished folds are kept as they are)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (finished folds are kept as they are); starts it if --out holds none. Options given with it must match the run's."),
         explain: bool = typer.Option(True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."),
         explain_max_images: Optional[int] = typer.Option(None, "--explain-max-images", min=1, help="Limit the Grad-CAM checks to the first N held-out images per fold."),
         only_fold: list[int] = typer.Option([], "--only-fold", help="Run only this fold (repeatable), e.g. to choose a recipe on fold 0; the summary covers finished folds."),
@@ -112,17 +122,19 @@ def register(app: typer.Typer) -> None:
         """
         from polypseg.cv import run_cv
 
-        config = None
-        if not resume:
-            config = build_config(recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides)
-        elif any(v is not None for v in (encoder_weights, skip, epochs, batch_size, lr, loss, image_size)) or overrides:
-            raise UsageError("--resume continues a run with its saved config; drop the recipe options")
+        saved = _saved_config(out / "config.json", key="run") if resume else None
+        options = (recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed)
+        config = None  # resuming with no options: the run's own config
+        if saved is None or any(v is not None for v in options) or overrides:
+            # Given with --resume, the result is checked against the saved config by run_cv.
+            base = recipe if recipe is not None else (saved or "paper")
+            config = build_config(base, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides)
         summary = run_cv(
             _data_or_sample(data),
             out,
             config,
             folds=folds,
-            seed=seed if seed is not None else 0,
+            seed=seed,
             resume=resume,
             device=device,
             progress=progress,
@@ -146,7 +158,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Output folder (best.safetensors/json, history.json, test_metrics.json)."),
         data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
         test_list: Optional[Path] = typer.Option(None, "--test-list", help="File of stems held out as the test set (one per line), evaluated once at the end, e.g. the PraNet split."),
-        recipe: str = RecipeOpt,
+        recipe: Optional[str] = RecipeOpt,
         encoder_weights: Optional[str] = WeightsOpt,
         skip: Optional[bool] = SkipOpt,
         epochs: Optional[int] = EpochsOpt,
@@ -164,10 +176,11 @@ def register(app: typer.Typer) -> None:
         """Train one model on one split: the data minus --test-list, best epoch chosen on an inner validation split."""
         from polypseg.train_split import train_single_split
 
-        if resume and (out / "config.json").is_file():
-            config = RunConfig.load(out / "config.json")
-        else:
-            config = build_config(recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides)
+        saved = _saved_config(out / "config.json") if resume else None
+        base = recipe if recipe is not None else (saved or "paper")
+        config = build_config(base, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides)
+        if saved is not None and (changed := config_differences(saved, config)):
+            raise UsageError(f"{out} holds a training with other settings ({'; '.join(changed)}); resume it without recipe options, or choose a new --out")
         result = train_single_split(
             _data_or_sample(data), out, config, test_list=test_list, resume=resume, device=device, progress=progress, cache_dir=cache_dir
         )

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Every pending GPU measurement (docs/benchmarks.md) as one command that a lent machine can run
+# call after call, in priority order, within the device's 10-minute limit per command.
+#
+# Here, once:        bash benchmarks/prepare_gpu_carry.sh
+# On the lent H100, with carry [".whl", ".gpucache"], the same command for every call:
+#   source benchmarks/gpu_env.sh && COMMIT=<sha> bash benchmarks/gpu_session.sh
+# Back here:         tar -xzf <files_at>/results.tar.gz -C docs/runs    (then update the docs)
+#
+# A step done earlier on this (still warm) machine is skipped, an interrupted CV run resumes, and a
+# step whose time estimate does not fit before the deadline (BUDGET_S seconds after the start,
+# default 540) is left for the next call, unless it would be the call's first step. After each
+# step, all small result files are packed into $OUT/results.tar.gz (the device brings back at
+# most 8 files) beside the log $OUT/session.log. A failed step does not stop the others.
+#
+# STEPS (default: paper explain-speed speed-b1 skip-ablation speed-b256 levers) picks steps:
+#   paper          cv_paper_gpu.sh into RUNS/skip-ablation/with-skips (the ablation's first arm)
+#   explain-speed  explain_speed.sh: 1000 Grad-CAM heatmaps
+#   speed-b1       speed_gpu.sh at batch 1; speed-b256 at batch 256 (max-autotune compiles for minutes)
+#   skip-ablation  studies_gpu.sh: the no-skips arm, then both arms on CVC-ClinicDB-62
+#   levers         strong_levers_gpu.sh, one step per lever (LEVERS, default all)
+#   strong-5fold   cv_strong_gpu.sh: only after the lever table has fixed the recipe, so never by default
+# Other settings: benchmarks/common.sh. SMOKE=1 shrinks the timing steps for a CPU smoke test.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/common.sh"
+OUT="${OUT:-/tmp/out}"
+export RESULTS="$RUNS/results"  # packed into $OUT after each step; survives between calls on a warm machine
+export RUNS DEVICE FOLDS KVASIR CVC SETS PYTHON="$PY" COMMIT
+STATE="$RUNS/.session"
+BUDGET_S="${BUDGET_S:-540}"
+STEPS="${STEPS:-paper explain-speed speed-b1 skip-ablation speed-b256 levers}"
+LEVERS="${LEVERS:-strong baseline-300ep no-ema no-crop no-tta epochs-100 batch-64-lr-4e-3}"
+started=$(now)
+mkdir -p "$OUT" "$RESULTS" "$STATE"
+exec > >(tee -a "$OUT/session.log") 2>&1
+
+# Seconds each step is expected to take on one H100 (guesses until measured; update them then).
+declare -A ESTIMATE=([paper]=240 [explain-speed]=60 [speed-b1]=180 [skip-ablation]=300 [speed-b256]=420 [levers]=200 [strong-5fold]=600)
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  export N=4 BATCH=2 COMPILE=none WARMUP=1 REPEATS=2
+  SPEED_B256=2
+else
+  SPEED_B256=256
+fi
+
+pack() { tar -czf "$OUT/results.tar.gz.tmp" -C "$RESULTS" . && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"; }
+
+# step NAME ESTIMATE_KEY COMMAND...: run COMMAND unless done already or out of time.
+step() {
+  local name="$1" estimate="${ESTIMATE[$2]}" t0
+  shift 2
+  if [[ -f "$STATE/$name.done" ]]; then echo "== $name: done in an earlier call"; return; fi
+  local spent; spent=$(elapsed "$started")
+  # The first step of a call always starts: one longer than a call resumes in the next (CV runs resume).
+  if [[ -n "$ran_one" ]] && awk -v s="$spent" -v e="$estimate" -v b="$BUDGET_S" 'BEGIN { exit !(s + e > b) }'; then
+    echo "== $name: left for the next call (${spent} s spent, about ${estimate} s needed, budget ${BUDGET_S} s)"
+    return
+  fi
+  echo "== $name: start (${spent} s spent)"
+  ran_one=yes
+  t0=$(now)
+  # A failed step is reported and the next one still runs (most steps do not depend on each other).
+  if "$@"; then
+    echo "$(elapsed "$t0")" > "$STATE/$name.done"
+    echo "== $name: done in $(cat "$STATE/$name.done") s"
+  else
+    echo "== $name: FAILED (exit $?) after $(elapsed "$t0") s"
+    failed+=("$name")
+  fi
+  pack
+}
+failed=()
+ran_one=
+
+echo "# gpu_session $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $COMMIT, steps: $STEPS"
+for name in $STEPS; do
+  case "$name" in
+    paper) step paper paper env RUN="$RUNS/skip-ablation/with-skips" bash "$HERE/cv_paper_gpu.sh" ;;
+    explain-speed) step explain-speed explain-speed bash "$HERE/explain_speed.sh" ;;
+    speed-b1) step speed-b1 speed-b1 env BATCHES=1 bash "$HERE/speed_gpu.sh" ;;
+    speed-b256) step speed-b256 speed-b256 env BATCHES="$SPEED_B256" bash "$HERE/speed_gpu.sh" ;;
+    skip-ablation) step skip-ablation skip-ablation bash "$HERE/studies_gpu.sh" ;;
+    levers) for lever in $LEVERS; do step "lever-$lever" levers bash "$HERE/strong_levers_gpu.sh" "$lever"; done ;;
+    strong-5fold) step strong-5fold strong-5fold bash "$HERE/cv_strong_gpu.sh" ;;
+    *) echo "error: unknown step '$name' (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+pack
+echo "# gpu_session finished its part in $(elapsed "$started") s; results: $OUT/results.tar.gz"
+if (( ${#failed[@]} )); then echo "# failed steps: ${failed[*]}"; exit 1; fi
