@@ -13,10 +13,11 @@
 # step, all small result files are packed into $OUT/results.tar.gz (the device brings back at
 # most 8 files) beside the log $OUT/session.log. A failed step does not stop the others.
 #
-# STEPS (default: paper explain-speed speed-b1 skip-ablation speed-b256 levers) picks steps:
+# STEPS (default: paper explain-speed speed-b1 int8-check skip-ablation speed-b256 levers) picks steps:
 #   paper          cv_paper_gpu.sh into RUNS/skip-ablation/with-skips (the ablation's first arm)
 #   explain-speed  explain_speed.sh: 1000 Grad-CAM heatmaps
 #   speed-b1       speed_gpu.sh at batch 1; speed-b256 at batch 256 (max-autotune compiles for minutes)
+#   int8-check     int8_check.sh: int8 vs fp32 Dice with the paper run's fold-0 model (on the CPU)
 #   skip-ablation  studies_gpu.sh: the no-skips arm, then both arms on CVC-ClinicDB-62
 #   levers         strong_levers_gpu.sh, one step per lever (LEVERS, default all)
 #   strong-5fold   cv_strong_gpu.sh: only after the lever table has fixed the recipe, so never by default
@@ -29,14 +30,14 @@ export RESULTS="$RUNS/results"  # packed into $OUT after each step; survives bet
 export RUNS DEVICE FOLDS KVASIR CVC SETS PYTHON="$PY" COMMIT
 STATE="$RUNS/.session"
 BUDGET_S="${BUDGET_S:-540}"
-STEPS="${STEPS:-paper explain-speed speed-b1 skip-ablation speed-b256 levers}"
+STEPS="${STEPS:-paper explain-speed speed-b1 int8-check skip-ablation speed-b256 levers}"
 LEVERS="${LEVERS:-strong baseline-300ep no-ema no-crop no-tta epochs-100 batch-64-lr-4e-3}"
 started=$(now)
 mkdir -p "$OUT" "$RESULTS" "$STATE"
 exec > >(tee -a "$OUT/session.log") 2>&1
 
 # Seconds each step is expected to take on one H100 (guesses until measured; update them then).
-declare -A ESTIMATE=([paper]=240 [explain-speed]=60 [speed-b1]=180 [skip-ablation]=300 [speed-b256]=420 [levers]=200 [strong-5fold]=600)
+declare -A ESTIMATE=([paper]=240 [explain-speed]=60 [speed-b1]=180 [int8-check]=120 [skip-ablation]=300 [speed-b256]=420 [levers]=200 [strong-5fold]=600)
 if [[ "${SMOKE:-0}" == 1 ]]; then
   export N=4 BATCH=2 COMPILE=none WARMUP=1 REPEATS=2
   SPEED_B256=2
@@ -79,6 +80,7 @@ for name in $STEPS; do
     paper) step paper paper env RUN="$RUNS/skip-ablation/with-skips" bash "$HERE/cv_paper_gpu.sh" ;;
     explain-speed) step explain-speed explain-speed bash "$HERE/explain_speed.sh" ;;
     speed-b1) step speed-b1 speed-b1 env BATCHES=1 bash "$HERE/speed_gpu.sh" ;;
+    int8-check) step int8-check int8-check env RUN="$RUNS/skip-ablation/with-skips" bash "$HERE/int8_check.sh" ;;
     speed-b256) step speed-b256 speed-b256 env BATCHES="$SPEED_B256" bash "$HERE/speed_gpu.sh" ;;
     skip-ablation) step skip-ablation skip-ablation bash "$HERE/studies_gpu.sh" ;;
     levers) for lever in $LEVERS; do step "lever-$lever" levers bash "$HERE/strong_levers_gpu.sh" "$lever"; done ;;

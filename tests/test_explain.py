@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from polypseg.explain import (
@@ -310,8 +311,8 @@ def test_batch_equals_single_images(unet: nn.Module, images: torch.Tensor, metho
 
 
 def test_unknown_method_is_a_user_error(unet: nn.Module) -> None:
-    with pytest.raises(ExplainError, match="scorecam"):
-        SegmentationGradCAM(unet, method="scorecam")
+    with pytest.raises(ExplainError, match="eigencam"):
+        SegmentationGradCAM(unet, method="eigencam")
     assert len(unet.decoder.blocks[-1]._forward_hooks) == 0
 
 
@@ -332,7 +333,7 @@ def test_bf16_autocast_close_to_float32(unet: nn.Module, images: torch.Tensor) -
 
 
 @pytest.mark.parametrize("layer", ["decoder.final", "decoder.block2"])
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "hirescam", "layercam"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "hirescam", "layercam", "scorecam"])
 def test_matches_pytorch_grad_cam(unet: nn.Module, images: torch.Tensor, layer: str, method: str) -> None:
     library = pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
@@ -342,6 +343,7 @@ def test_matches_pytorch_grad_cam(unet: nn.Module, images: torch.Tensor, layer: 
         "gradcam++": library.GradCAMPlusPlus,
         "hirescam": library.HiResCAM,
         "layercam": library.LayerCAM,
+        "scorecam": library.ScoreCAM,
     }
     with SegmentationGradCAM(unet, layer, method) as cam:
         ours, logits = cam(images, MaskedLogitSum(0.5), return_logits=True)
@@ -359,6 +361,47 @@ def test_matches_pytorch_grad_cam(unet: nn.Module, images: torch.Tensor, layer: 
     ours_minmax = (ours.numpy() - low) / (high - low + 1e-7)
     assert ours_minmax.shape == theirs.shape
     np.testing.assert_allclose(ours_minmax, theirs, atol=1e-4)
+
+
+class _MeanInside:
+    """Mean logit inside a fixed mask, for our (N, 1, H, W) outputs and the library's (1, H, W) ones.
+
+    Its scores are O(1), so Score-CAM's softmax over channels is far from one-hot (with the paper's
+    sum over thousands of pixels it picks a single channel), and the weights themselves are compared.
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        inside = output * self.mask
+        return inside.reshape(-1, *output.shape[-2:]).sum((-2, -1)) / self.mask.sum()
+
+
+def test_scorecam_weights_match_pytorch_grad_cam(unet: nn.Module, images: torch.Tensor) -> None:
+    library = pytest.importorskip("pytorch_grad_cam")
+    mask = torch.zeros(64, 64)
+    mask[16:48, 16:48] = 1
+    target = _MeanInside(mask)
+    with SegmentationGradCAM(unet, "decoder.final", "scorecam", score_batch_size=5) as cam:
+        ours = cam(images, target)
+        activation: list[torch.Tensor] = []
+        handle = resolve_layer(unet, "decoder.final").module.register_forward_hook(lambda m, i, o: activation.append(o))
+        with torch.no_grad():
+            unet(images)
+        handle.remove()
+    # the weights are soft: no channel takes most of them (so this compares more than an argmax)
+    maps = F.interpolate(activation[0], size=(64, 64), mode="bilinear", align_corners=True)
+    low = maps.amin((-2, -1), keepdim=True)
+    maps = (maps - low) / (maps.amax((-2, -1), keepdim=True) - low + 1e-8)
+    with torch.no_grad():
+        scores = torch.stack([target(unet(images[i : i + 1] * maps[i].unsqueeze(1))) for i in range(len(images))])
+    assert torch.softmax(scores, 1).max() < 0.5
+    with library.ScoreCAM(model=unet, target_layers=[resolve_layer(unet, "decoder.final").module]) as reference:
+        theirs = reference(input_tensor=images, targets=[target, target])
+    flat = ours.reshape(len(ours), -1).numpy()
+    low_, high_ = flat.min(1)[:, None, None], flat.max(1)[:, None, None]
+    np.testing.assert_allclose((ours.numpy() - low_) / (high_ - low_ + 1e-7), theirs, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ is the ReLU of the weighted channel sum, upsampled to the input size and divided
 ...     heatmaps, logits = cam(images, return_logits=True)   # (N, H, W) in [0, 1]
 
 Targets follow pytorch-grad-cam's habit: a plain callable ``target(logits (N, 1, H, W)) -> (N,)``.
+Besides Grad-CAM, the same object computes Grad-CAM++, HiResCAM and LayerCAM (from the same single
+backward pass) and Score-CAM (gradient-free: one extra forward pass per channel of the layer).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from polypseg.errors import PolypsegError
 
 Target = Callable[[torch.Tensor], torch.Tensor]
-METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")
+METHODS = ("gradcam", "gradcam++", "hirescam", "layercam", "scorecam")
 DEFAULT_LAYER = "decoder.final"
 
 
@@ -187,6 +189,22 @@ def _cam_from(activations: torch.Tensor, grads: torch.Tensor, method: str) -> to
     raise ExplainError(f"unknown CAM method '{method}'; choose one of: {', '.join(METHODS)}")
 
 
+def _fixed_target(target: Target, logits: torch.Tensor, index: int) -> Target:
+    """Image ``index``'s target with its region frozen, for scoring other inputs (Score-CAM).
+
+    The paper's target selects the pixels of the model's prediction on the *original* image; scored
+    on a masked copy of that image, it must keep those pixels rather than re-threshold the new
+    output (pytorch-grad-cam's ``SemanticSegmentationTarget`` also takes a fixed mask). Other
+    callables are applied as they are.
+    """
+    if isinstance(target, MaskedLogitSum):
+        return RegionLogitSum(torch.sigmoid(logits[index, 0].float()) >= target.threshold)
+    if isinstance(target, RegionLogitSum):
+        region = torch.as_tensor(target.region)
+        return RegionLogitSum(region[index] if region.dim() == 3 and region.shape[0] > 1 else region)
+    return target
+
+
 def normalize_heatmaps(cam: torch.Tensor) -> torch.Tensor:
     """ReLU, then divide each map by its maximum; an all-zero map stays zero (no NaN)."""
     cam = cam.clamp(min=0)
@@ -198,17 +216,22 @@ class SegmentationGradCAM:
     """Batched Grad-CAM for a model returning logits ``(N, 1, H, W)``.
 
     Hooks are registered at construction and always removed on ``__exit__`` or :meth:`release`.
-    ``method`` is ``gradcam`` (default), ``gradcam++``, ``hirescam`` or ``layercam``; all use the
-    same single backward pass. Parameter gradients are never touched (``torch.autograd.grad`` is
+    ``method`` is ``gradcam`` (default), ``gradcam++``, ``hirescam`` or ``layercam``, which share
+    one backward pass, or ``scorecam`` (Wang et al. 2020), which instead runs the model once per
+    channel of the layer on the input masked by that channel's normalised activation, in chunks
+    of ``score_batch_size`` (cheap at the default 16-channel layer). Parameter gradients are never touched (``torch.autograd.grad`` is
     taken with respect to the activation only). One instance serves one thread at a time; separate
     instances (as :func:`explain_images` creates per call) may share a model across threads.
     """
 
-    def __init__(self, model: nn.Module, layer: str | nn.Module = DEFAULT_LAYER, method: str = "gradcam") -> None:
+    def __init__(
+        self, model: nn.Module, layer: str | nn.Module = DEFAULT_LAYER, method: str = "gradcam", score_batch_size: int = 32
+    ) -> None:
         if method not in METHODS:
             raise ExplainError(f"unknown CAM method '{method}'; choose one of: {', '.join(METHODS)}")
         self.model = model
         self.method = method
+        self.score_batch_size = score_batch_size
         self._tap = resolve_layer(model, layer)
         self._activation: torch.Tensor | None = None
         self._calls = 0
@@ -288,20 +311,48 @@ class SegmentationGradCAM:
             scores = target(logits)
             if scores.shape != (images.shape[0],):
                 raise ExplainError(f"target must return one score per image, got shape {tuple(scores.shape)}")
-            (grads,) = torch.autograd.grad(scores.sum(), activation, allow_unused=True)
-            if grads is None:
-                grads = torch.zeros_like(activation)
+            grads = None
+            if self.method != "scorecam":
+                (grads,) = torch.autograd.grad(scores.sum(), activation, allow_unused=True)
+                if grads is None:
+                    grads = torch.zeros_like(activation)
         finally:
             torch.set_grad_enabled(grad_mode)
             self._active_thread = None
             self._activation = None
         with torch.no_grad():
-            cam = _cam_from(activation.detach().float(), grads.float(), self.method)
+            if grads is None:
+                cam = self._score_cam(images, activation.detach().float(), logits.detach(), target)
+            else:
+                cam = _cam_from(activation.detach().float(), grads.float(), self.method)
             cam = cam.clamp(min=0).unsqueeze(1)
             if cam.shape[-2:] != images.shape[-2:]:
                 cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)
             heatmaps = normalize_heatmaps(cam[:, 0])
         return heatmaps, logits.detach().float()
+
+
+    def _score_cam(self, images: torch.Tensor, activation: torch.Tensor, logits: torch.Tensor, target: Target) -> torch.Tensor:
+        """Score-CAM (Wang et al. 2020): channel weights = softmax over channels of the target's
+        score on the input masked by each channel's upsampled, min-max normalised activation.
+
+        Upsampling with ``align_corners=True`` and the 1e-8 in the normalisation follow
+        pytorch-grad-cam's ScoreCAM, so the two agree (tests/test_explain.py).
+        """
+        n, channels = activation.shape[:2]
+        maps = F.interpolate(activation, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        flat = maps.reshape(n, channels, -1)
+        low, high = flat.amin(-1)[..., None, None], flat.amax(-1)[..., None, None]
+        maps = (maps - low) / (high - low + 1e-8)
+        scores = torch.empty(n, channels, device=activation.device)
+        for i in range(n):
+            fixed = _fixed_target(target, logits, i)
+            for start in range(0, channels, self.score_batch_size):
+                masks = maps[i, start : start + self.score_batch_size].unsqueeze(1)  # (c, 1, H, W)
+                masked = images[i : i + 1] * masks.to(images.dtype)
+                scores[i, start : start + len(masks)] = fixed(self.model(masked)).float()
+        weights = torch.softmax(scores, dim=1)
+        return (weights[:, :, None, None] * activation).sum(1)
 
 
 def grad_cam(

@@ -334,7 +334,7 @@ def register(app: typer.Typer) -> None:
         layer: str = typer.Option(
             "decoder.final", "--layer", help="decoder.final, decoder.blockK, encoder.stageK, bottleneck, or a module path."
         ),
-        method: str = typer.Option("gradcam", "--method", help="gradcam (paper), gradcam++, hirescam or layercam."),
+        method: str = typer.Option("gradcam", "--method", help="gradcam (paper), gradcam++, hirescam, layercam or scorecam (one extra forward pass per channel of --layer)."),
         threshold: float | None = typer.Option(None, "--threshold", help="Mask threshold (default: the checkpoint's)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images per forward/backward pass."),
