@@ -31,7 +31,7 @@ export RUNS DEVICE FOLDS KVASIR CVC SETS PYTHON="$PY" COMMIT
 STATE="$RUNS/.session"
 BUDGET_S="${BUDGET_S:-540}"
 STEPS="${STEPS:-paper explain-speed speed-b1 int8-check skip-ablation speed-b256 levers}"
-LEVERS="${LEVERS:-strong baseline-300ep no-ema no-crop no-tta epochs-100 batch-64-lr-4e-3}"
+LEVERS="${LEVERS:-strong baseline-300ep no-ema no-crop no-tta epochs-100 batch-64-lr-4e-3 scse unetplusplus tversky}"
 started=$(now)
 mkdir -p "$OUT" "$RESULTS" "$STATE"
 exec > >(tee -a "$OUT/session.log") 2>&1

@@ -9,7 +9,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SPLITS="${SPLITS:-$REPO/docs/runs/paper-5fold/splits.json}"
-LEVER_NAMES=(strong baseline-300ep no-ema no-crop no-tta epochs-100 batch-64-lr-4e-3)
+LEVER_NAMES=(strong baseline-300ep no-ema no-crop no-tta epochs-100 batch-64-lr-4e-3 scse unetplusplus tversky)
 declare -A LEVERS=(
   [strong]="--recipe strong"
   [baseline-300ep]="--recipe strong --set train.epochs=300 --set train.ema_decay=0 --set train.tta_flip=false --set train.augment.crop_p=0 --set train.compile=false"
@@ -18,6 +18,9 @@ declare -A LEVERS=(
   [no-tta]="--recipe strong --set train.tta_flip=false"
   [epochs-100]="--recipe strong --set train.epochs=100"
   [batch-64-lr-4e-3]="--recipe strong --batch-size 64 --lr 4e-3"
+  [scse]="--recipe strong --set model.decoder_attention=scse"
+  [unetplusplus]="--recipe strong --set model.arch=unetplusplus"
+  [tversky]="--recipe strong --loss tversky"
 )
 (( $# )) && LEVER_NAMES=("$@")
 DEST="$RESULTS/strong-levers"

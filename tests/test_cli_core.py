@@ -58,6 +58,10 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert "nonsense" in result.stderr
     missing = polypseg("data", "check", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
+    arch = polypseg("cv", "--out", str(tmp_path / "r"), "--set", "model.arch=transunet")
+    assert arch.returncode == 2 and "unknown architecture 'transunet'" in arch.stderr and "Traceback" not in arch.stderr
+    encoder = polypseg("train", "--out", str(tmp_path / "t"), "--set", "model.encoder=resnet999")
+    assert encoder.returncode == 2 and "resnet999" in encoder.stderr and "Traceback" not in encoder.stderr
     weights = polypseg("train", "--out", str(tmp_path / "t"), "--encoder-weights", str(tmp_path / "w.pth"))
     assert weights.returncode == 2 and "--encoder-weights" in weights.stderr
 

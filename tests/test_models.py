@@ -33,6 +33,23 @@ def test_every_model_forward_backward_save_load(arch, tmp_path):
         torch.testing.assert_close(loaded.model(x), model(x))
 
 
+@pytest.mark.parametrize("arch", ["unet", "unetplusplus"])
+def test_scse_decoder_attention(arch):
+    plain = create_model(ModelConfig(arch=arch, **SMALL))
+    scse = create_model(ModelConfig(arch=arch, decoder_attention="scse", **SMALL))
+    assert count_parameters(scse) > count_parameters(plain)
+    assert any(type(m).__name__ == "SCSEModule" for m in scse.modules())
+    assert not any(type(m).__name__ == "SCSEModule" for m in plain.modules())
+    no_skip = create_model(ModelConfig(decoder_attention="scse", skip_connections=False, **SMALL))
+    assert isinstance(no_skip.decoder, NoSkipUnetDecoder) and any(type(m).__name__ == "SCSEModule" for m in no_skip.modules())
+    out = scse(torch.randn(2, 3, 64, 64))
+    out.mean().backward()
+    with pytest.raises(ValueError, match="decoder_attention"):
+        create_model(ModelConfig(arch="fpn", decoder_attention="scse", **SMALL))
+    with pytest.raises(ValueError, match="unknown decoder_attention"):
+        create_model(ModelConfig(decoder_attention="cbam", **SMALL))
+
+
 def test_paper_model_is_unet_resnet34_with_24_4m_parameters():
     model = create_model()
     assert 24_300_000 < count_parameters(model) < 24_500_000

@@ -27,6 +27,9 @@ class ModelConfig:
     encoder_weights: str = "none"
     skip_connections: bool = True
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    # U-Net / U-Net++ only: "scse" adds smp's spatial and channel squeeze-excitation after each
+    # decoder block (Roy et al. 2018); "none" is the paper's plain decoder.
+    decoder_attention: str = "none"
     in_channels: int = 3
     classes: int = 1
 

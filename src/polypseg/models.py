@@ -7,8 +7,6 @@ The head outputs logits; the sigmoid is applied by callers (losses work on logit
 
 from __future__ import annotations
 
-from polypseg.errors import PolypsegError
-
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +16,9 @@ from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
 from polypseg.config import ModelConfig
+from polypseg.errors import PolypsegError
+
+DECODER_ATTENTION = ("none", "scse")
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet": smp.Unet,
@@ -70,6 +71,11 @@ def create_model(config: ModelConfig | None = None, **overrides: Any) -> nn.Modu
         raise ValueError(f"unknown architecture '{config.arch}'; choose one of: {', '.join(available_models())}")
     if not config.skip_connections and config.arch != "unet":
         raise ValueError("the skip-connection ablation is defined for arch 'unet' only")
+    if config.decoder_attention not in DECODER_ATTENTION:
+        raise ValueError(f"unknown decoder_attention '{config.decoder_attention}'; choose one of: {', '.join(DECODER_ATTENTION)}")
+    attention = None if config.decoder_attention == "none" else config.decoder_attention
+    if attention is not None and config.arch not in ("unet", "unetplusplus"):
+        raise ValueError(f"decoder_attention '{attention}' is defined for arch 'unet' and 'unetplusplus' only")
 
     weights = config.encoder_weights or "none"
     smp_weights = "imagenet" if weights == "imagenet" else None
@@ -82,6 +88,7 @@ def create_model(config: ModelConfig | None = None, **overrides: Any) -> nn.Modu
     )
     if config.arch in ("unet", "unetplusplus"):
         kwargs["decoder_channels"] = tuple(config.decoder_channels)
+        kwargs["decoder_attention_type"] = attention
     if smp_weights is not None:
         _fail_fast_if_weights_unreachable(config.encoder)
     try:
@@ -101,6 +108,7 @@ def create_model(config: ModelConfig | None = None, **overrides: Any) -> nn.Modu
             list(model.encoder.out_channels),
             decoder_channels=tuple(config.decoder_channels),
             n_blocks=len(config.decoder_channels),
+            attention_type=attention,
         )
     if weights not in ("none", "imagenet"):
         load_encoder_weights(model, Path(weights))

@@ -60,10 +60,14 @@ def build_config(
     weights = config.model.encoder_weights
     if weights not in ("none", "imagenet") and not Path(weights).is_file():
         raise UsageError(f"--encoder-weights {weights}: not 'imagenet', 'none' or an existing file")
-    if weights != "none":
-        from polypseg.models import create_model
+    from polypseg.models import create_model
 
-        create_model(config.model)  # fail now, not after caching the data, if the weights cannot be had
+    try:
+        # Fail now, not after caching the data: unknown arch, encoder or attention, unreachable weights.
+        create_model(config.model)
+    except (ValueError, KeyError) as error:
+        message = str(error.args[0]) if error.args else str(error)
+        raise UsageError(f"invalid model settings: {message[:300]}") from None
     return config
 
 
