@@ -85,3 +85,34 @@ def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, 
     resumed = load_checkpoint(tmp_path / "resumed" / "best").model.state_dict()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], msg=key)
+
+
+@pytest.mark.parametrize("recipe", ["paper", "strong"])
+def test_training_step_never_waits_for_the_device(tmp_path, monkeypatch, recipe):
+    """No tensor becomes a Python value inside the step loop (on a GPU that is a host-device sync
+    per step, which stops the host from queueing work ahead): conversions must not grow with the
+    number of steps. Counted on CPU through the Python-level conversions."""
+    import sys
+
+    conversions = {"count": 0}
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            # torch.optim's own step counters (optimizers, AveragedModel) stay on the CPU by design,
+            # or on the device without being read (fused Adam on CUDA): not a sync.
+            if "torch/optim/" not in sys._getframe(1).f_code.co_filename.replace("\\", "/"):
+                conversions["count"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    data = build_cache(write_synthetic_dataset(tmp_path / "data", n=16), 32, cache_dir=tmp_path / "cache", progress=False)
+    counts = []
+    for n_images in (8, 16):  # 2 and 4 steps per epoch
+        config = tiny_config(recipe=recipe, epochs=1, image_size=32)
+        config.train.compile = False
+        conversions["count"] = 0
+        train_model(config, data.subset(data.stems[:n_images]), None, tmp_path / f"run{n_images}", device="cpu", progress=False)
+        counts.append(conversions["count"])
+    assert counts[0] == counts[1], counts

@@ -44,9 +44,13 @@ def augment_batch(
     images = torch.where(flip_v, images.flip(2), images)
     masks = torch.where(flip_v, masks.flip(2), masks)
 
-    rotate = rand(config.rotate_p) if config.rotate_degrees > 0 else torch.zeros(n, dtype=torch.bool, device=device)
-    crop = rand(config.crop_p) if config.crop_scale_min > 0 else torch.zeros(n, dtype=torch.bool, device=device)
-    if bool((rotate | crop).any()):
+    may_rotate = config.rotate_degrees > 0 and config.rotate_p > 0
+    may_crop = config.crop_scale_min > 0 and config.crop_p > 0
+    # Decided from the config alone, never from the drawn values: `if tensor.any()` would make the
+    # host wait for the GPU at every step and stop it from queueing the next step's work.
+    if may_rotate or may_crop:
+        rotate = rand(config.rotate_p) if may_rotate else torch.zeros(n, dtype=torch.bool, device=device)
+        crop = rand(config.crop_p) if may_crop else torch.zeros(n, dtype=torch.bool, device=device)
         angle = _uniform(n, -config.rotate_degrees, config.rotate_degrees, generator, device) * math.pi / 180
         angle = torch.where(rotate, angle, torch.zeros_like(angle))
         # Random resized crop as a zoom: keep a share `area` of the image, at a random centre.

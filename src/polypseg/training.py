@@ -238,7 +238,7 @@ def train_model(
             model.train()
             # Seeded per epoch (not from a running RNG) so a resumed run repeats the same batches.
             cpu_gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-            order = torch.randperm(n_train, generator=cpu_gen)
+            order = torch.randperm(n_train, generator=cpu_gen).to(torch_device)  # one copy per epoch, not per step
             aug_gen = torch.Generator(device=torch_device).manual_seed(tc.seed * 100_003 + epoch * 7919 + context.rank)
             loss_sum = torch.zeros((), device=torch_device)
             for step in range(steps_per_epoch):
@@ -246,7 +246,7 @@ def train_model(
                 for group in optimizer.param_groups:
                     group["lr"] = tc.lr * lr_factor(tc, global_step, total_steps, steps_per_epoch)
                 batch_index = order[step * per_rank_batch * context.world_size : (step + 1) * per_rank_batch * context.world_size]
-                batch_index = batch_index[context.rank :: context.world_size].to(torch_device)
+                batch_index = batch_index[context.rank :: context.world_size]
                 x = images[batch_index].float().div_(255)
                 y = masks[batch_index].float()
                 x, y = augment_batch(x, y, tc.augment, aug_gen)
