@@ -74,6 +74,20 @@ def test_cv_end_to_end_and_resume(dataset, tmp_path):
         run_cv(dataset, run, None, folds=5, resume=True, progress=False, report=False, cache_dir=tmp_path / "cache")
 
 
+def test_partial_run_says_so_and_completes_on_resume(dataset, tmp_path):
+    run = tmp_path / "run"
+    partial = _run(dataset, run, tmp_path / "cache", only_folds=[0])
+    assert (partial["folds"], partial["folds_planned"]) == (1, 2)
+    assert not (run / "fold_1").exists()
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["mean_std"]["at_0.5"]["dice"][1] is None  # one fold: no spread, stored as null
+    text = (run / "summary.md").read_text()
+    assert "1 of 2 folds finished (a partial run" in text and "± 0.0000" not in text
+    full = _run(dataset, run, tmp_path / "cache", resume=True)
+    assert (full["folds"], full["folds_planned"]) == (2, 2)
+    assert "2 folds," in (run / "summary.md").read_text()
+
+
 def test_split_of_other_data_is_refused(dataset, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -1,5 +1,7 @@
 """Metrics against hand-computed values on tiny masks."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,22 @@ def test_mean_std_uses_sample_std():
     mean, std = mean_std([1.0, 2.0, 3.0])
     assert mean == pytest.approx(2.0)
     assert std == pytest.approx(1.0)
+
+
+def test_mean_std_of_one_value_has_no_spread():
+    mean, std = mean_std([0.8])
+    assert mean == pytest.approx(0.8) and math.isnan(std)  # undefined, never reported as 0
+
+
+def test_json_results_are_strict_json(tmp_path):
+    import json
+
+    from polypseg.io_utils import atomic_write_json
+
+    atomic_write_json(tmp_path / "r.json", {"std": float("nan"), "values": [1.0, float("inf")], "arr": np.array([np.nan, 2.0])})
+    text = (tmp_path / "r.json").read_text()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    assert json.loads(text, parse_constant=refuse) == {"arr": [None, 2.0], "std": None, "values": [1.0, None]}

@@ -292,6 +292,7 @@ def summarize_run(run_dir: Path | str, elapsed_s: float | None = None) -> dict[s
                 entry["explainability"] = explain["mean_std"]
         per_fold.append(entry)
     config = read_json(run_dir / "config.json")
+    splits_file = run_dir / "splits.json"
     pos, neg = pooled.histograms
     summary: dict[str, Any] = {
         "polypseg_version": __version__,
@@ -300,6 +301,7 @@ def summarize_run(run_dir: Path | str, elapsed_s: float | None = None) -> dict[s
         "data": config["data"],
         "n_images": len(stems),
         "folds": len(per_fold),
+        "folds_planned": int(read_json(splits_file)["k"]) if splits_file.is_file() else len(per_fold),
         "threshold": chosen,
         "threshold_selection": "best mean Dice on pooled out-of-fold predictions, 0.30..0.70 step 0.05",
         "per_fold": per_fold,
@@ -337,10 +339,18 @@ def _mean_over_folds(folds: list[dict[str, Any]]) -> dict[str, tuple[float, floa
 
 
 def _fmt(value: Any, std: Any = None) -> str:
+    """``mean ± std``; the mean alone where the spread is undefined (one fold) or not given."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "n/a"
     text = f"{value:.4f}"
-    return text if std is None else f"{text} ± {std:.4f}"
+    return text if std is None or (isinstance(std, float) and np.isnan(std)) else f"{text} ± {std:.4f}"
+
+
+def _folds_text(summary: dict[str, Any]) -> str:
+    done, planned = summary["folds"], summary.get("folds_planned", summary["folds"])
+    if done == planned:
+        return f"{done} folds"
+    return f"{done} of {planned} folds finished (a partial run: its numbers cover those folds only)"
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -349,7 +359,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# Cross-validation summary: {summary['run']}",
         "",
-        f"Recipe `{summary['recipe']}`, {summary['n_images']} images, {summary['folds']} folds, data `{summary['data']}`.",
+        f"Recipe `{summary['recipe']}`, {summary['n_images']} images, {_folds_text(summary)}, data `{summary['data']}`.",
         f"Threshold chosen on pooled out-of-fold predictions: **{t:g}** ({summary['threshold_selection']}).",
         "Dice and IoU are per-image means (empty-vs-empty = 1); sensitivity and precision are pixel-level, pooled",
         "within each fold; AUC-ROC is pixel-level. Mean ± std (ddof=1) over folds.",

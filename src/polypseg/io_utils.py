@@ -35,7 +35,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Write strict JSON: NaN and infinities become null (Python would write ``NaN``, which browsers
+    and most JSON readers reject)."""
+    text = json.dumps(_finite(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def _finite(value: Any) -> Any:
+    import math
+
+    import numpy as np
+
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return _finite(value.tolist())
+    return value
 
 
 def _json_default(value: Any) -> Any:

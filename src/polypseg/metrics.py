@@ -174,8 +174,12 @@ class SegmentationMetrics:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1, as reported across folds)."""
+    """Mean and sample standard deviation (ddof=1, as reported across folds).
+
+    The spread of a single value is undefined, not 0: it comes back as NaN (shown as "n/a", stored
+    as null), so one finished fold is never reported as "± 0.0000".
+    """
     array = np.asarray(values, dtype=np.float64)
     if array.size == 0:
         return float("nan"), float("nan")
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else float("nan")

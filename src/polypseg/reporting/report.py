@@ -14,7 +14,7 @@ from polypseg import __version__
 from polypseg.boundary import boundary_f1, default_tolerance
 from polypseg.errors import PolypsegError
 from polypseg.io_utils import atomic_write_text, read_json
-from polypseg.metrics import METRIC_NAMES, dice_score, iou_score, precision_recall_from_histograms
+from polypseg.metrics import METRIC_NAMES, dice_score, iou_score, mean_std, precision_recall_from_histograms
 from polypseg.reporting import figures
 from polypseg.reporting.cases import Case, add_heatmaps, load_case_images, select_cases
 from polypseg.reporting.compare import finished_folds
@@ -226,12 +226,9 @@ def _pm(pair: Any) -> str:
     mean, std = pair
     if mean is None or not math.isfinite(float(mean)):
         return "n/a"
-    return _num(mean) if std is None else f"{_num(mean)} ± {_num(std)}"
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=np.float64)
-    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+    if std is None or not math.isfinite(float(std)):  # one fold: the spread is undefined
+        return _num(mean)
+    return f"{_num(mean)} ± {_num(std)}"
 
 
 def _settings(run: Path, config: dict[str, Any], summary: dict[str, Any], done: list[int]) -> list[tuple[str, str]]:
@@ -256,7 +253,7 @@ def _summary_rows(summary: dict[str, Any], threshold: float, bf1_fold: dict[str,
     rows = []
     for key, label in (("at_0.5", "ours @ 0.5"), ("at_chosen", f"ours @ {threshold:g} (chosen)")):
         ms = summary["mean_std"][key]
-        rows.append({"label": label, **{m: _pm(ms[m]) for m in METRIC_NAMES}, "bf1": _pm(_mean_std(bf1_fold[key])), "ours": True})
+        rows.append({"label": label, **{m: _pm(ms[m]) for m in METRIC_NAMES}, "bf1": _pm(mean_std(bf1_fold[key])), "ours": True})
     paper = summary.get("paper")
     if paper:
         rows.append(
@@ -326,7 +323,7 @@ def _explain_section(run: Path, folds: list[int]) -> dict[str, Any]:
                 "label": label,
                 "meaning": meaning,
                 "folds": [_num(per_fold[f].get(name)) for f in sorted(per_fold)],
-                "mean": _pm(_mean_std(values)) if values else "n/a",
+                "mean": _pm(mean_std(values)) if values else "n/a",
             }
         )
     described = "; ".join(
