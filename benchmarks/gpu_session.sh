@@ -13,7 +13,8 @@
 # step, all small result files are packed into $OUT/results.tar.gz (the device brings back at
 # most 8 files) beside the log $OUT/session.log. A failed step does not stop the others.
 #
-# STEPS (default: paper explain-speed speed-b1 int8-check skip-ablation speed-b256 levers) picks steps:
+# STEPS (default: train-speed paper explain-speed speed-b1 int8-check skip-ablation speed-b256 levers):
+#   train-speed    train_speed_gpu.sh: training images/s of the recipes (predicts every run's time)
 #   paper          cv_paper_gpu.sh into RUNS/skip-ablation/with-skips (the ablation's first arm)
 #   explain-speed  explain_speed.sh: 1000 Grad-CAM heatmaps
 #   speed-b1       speed_gpu.sh at batch 1; speed-b256 at batch 256 (max-autotune compiles for minutes)
@@ -30,16 +31,16 @@ export RESULTS="$RUNS/results"  # packed into $OUT after each step; survives bet
 export RUNS DEVICE FOLDS KVASIR CVC SETS PYTHON="$PY" COMMIT
 STATE="$RUNS/.session"
 BUDGET_S="${BUDGET_S:-540}"
-STEPS="${STEPS:-paper explain-speed speed-b1 int8-check skip-ablation speed-b256 levers}"
+STEPS="${STEPS:-train-speed paper explain-speed speed-b1 int8-check skip-ablation speed-b256 levers}"
 LEVERS="${LEVERS:-strong baseline-300ep no-ema no-crop no-tta epochs-100 batch-64-lr-4e-3 scse unetplusplus tversky}"
 started=$(now)
 mkdir -p "$OUT" "$RESULTS" "$STATE"
 exec > >(tee -a "$OUT/session.log") 2>&1
 
 # Seconds each step is expected to take on one H100 (guesses until measured; update them then).
-declare -A ESTIMATE=([paper]=240 [explain-speed]=60 [speed-b1]=180 [int8-check]=120 [skip-ablation]=300 [speed-b256]=420 [levers]=200 [strong-5fold]=600)
+declare -A ESTIMATE=([train-speed]=150 [paper]=240 [explain-speed]=60 [speed-b1]=180 [int8-check]=120 [skip-ablation]=300 [speed-b256]=420 [levers]=200 [strong-5fold]=600)
 if [[ "${SMOKE:-0}" == 1 ]]; then
-  export N=4 BATCH=2 COMPILE=none WARMUP=1 REPEATS=2
+  export N=4 BATCH=2 COMPILE=none WARMUP=1 REPEATS=2 TRAIN_STEPS=2 TRAIN_WARMUP=1
   SPEED_B256=2
 else
   SPEED_B256=256
@@ -77,6 +78,7 @@ ran_one=
 echo "# gpu_session $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $COMMIT, steps: $STEPS"
 for name in $STEPS; do
   case "$name" in
+    train-speed) step train-speed train-speed bash "$HERE/train_speed_gpu.sh" ;;
     paper) step paper paper env RUN="$RUNS/skip-ablation/with-skips" bash "$HERE/cv_paper_gpu.sh" ;;
     explain-speed) step explain-speed explain-speed bash "$HERE/explain_speed.sh" ;;
     speed-b1) step speed-b1 speed-b1 env BATCHES=1 bash "$HERE/speed_gpu.sh" ;;

@@ -105,3 +105,33 @@ def test_bench_cli_all_backends_writes_json(tmp_path: Path, monkeypatch: pytest.
 def test_bench_cli_rejects_unknown_backend(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "--model", "random", "--backend", "tensorrt", "--device", "cpu"])
     assert result.exit_code == 2 and "--backend tensorrt" in result.output and "Traceback" not in result.output
+
+
+def test_training_speed_of_a_recipe_times_the_real_step(tmp_path):
+    from polypseg.bench import benchmark_training, training_markdown
+
+    config = tiny_config(recipe="strong", image_size=32)  # EMA, crops, dice_bce: the full step
+    config.train.batch_size = 4
+    result = benchmark_training(config, device="cpu", steps=3, warmup=2, train_images=40)
+    assert result["images_per_s"] > 0 and result["first_step_s"] > 0
+    assert result["ema"] is True and result["compile"] is False  # compile applies on CUDA only
+    assert result["images_per_s"] == pytest.approx(4 / (result["step_ms"] / 1000))
+    assert result["epoch_s"] == pytest.approx(10 * result["step_ms"] / 1000)  # 40 images / batch 4
+    assert result["run_minutes"] == pytest.approx(result["epoch_s"] * config.train.epochs / 60)
+    assert "| strong |" in training_markdown([result])
+    with pytest.raises(BenchError, match="steps and warmup"):
+        benchmark_training(config, device="cpu", steps=0)
+
+
+def test_bench_train_cli(tmp_path):
+    out = tmp_path / "train_speed.json"
+    result = CliRunner().invoke(
+        app,
+        ["bench-train", "--recipe", "demo", "--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16,16,16,16,16]",
+         "--image-size", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out), "--markdown",
+         "--label", "demo-b2"],
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["batch_size"] == 2 and saved["image_size"] == 32 and saved["recipe"] == "demo"
+    assert "| demo-b2 |" in result.output and saved["label"] == "demo-b2"

@@ -77,7 +77,7 @@ def _session(tmp_path: Path, caches: dict[str, Path], **env: str) -> str:
 @pytest.mark.slow
 def test_gpu_session_runs_every_step_resumes_and_packs_results(tmp_path: Path, caches: dict[str, Path]) -> None:
     log = _session(tmp_path, caches, LEVERS="no-ema")
-    for step in ("paper", "explain-speed", "speed-b1", "int8-check", "skip-ablation", "speed-b256", "lever-no-ema"):
+    for step in ("train-speed", "paper", "explain-speed", "speed-b1", "int8-check", "skip-ablation", "speed-b256", "lever-no-ema"):
         assert f"== {step}: done in" in log, step
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as archive:
         names = {Path(name).as_posix().removeprefix("./") for name in archive.getnames()}
@@ -87,7 +87,7 @@ def test_gpu_session_runs_every_step_resumes_and_packs_results(tmp_path: Path, c
     for expected in (
         "paper-5fold/summary.json", "paper-5fold/summary.md", "paper-5fold/splits.json", "paper-5fold/ENVIRONMENT.txt",
         "paper-5fold/fold_1/history.json", "bench/explain_speed.txt", "bench/bench_gpu_b1.json", "bench/bench_gpu_b2.json",
-        "bench/int8_dice.json",
+        "bench/int8_dice.json", "bench/train_speed.md", "bench/train_speed_strong-b64.json",
         "skip-ablation/skip_ablation.md", "skip-ablation/no-skips/summary.json",
         "external-cvc62/with-skips/external_cvc.md", "external-cvc62/no-skips/external_cvc.json",
         "strong-levers/no-ema/summary.json",

@@ -193,3 +193,89 @@ def load_for_bench(
             )
         int8_paths.append(int8)
     return Predictor.from_onnx(int8_paths, device=device)
+
+
+def benchmark_training(
+    config: Any,
+    device: str = "auto",
+    steps: int = 30,
+    warmup: int = 5,
+    train_images: int = 800,
+) -> dict[str, Any]:
+    """Training throughput of a recipe: :class:`polypseg.training.TrainStep` on random data on the device.
+
+    Unlike inference latency, training is a pipelined loop (the host queues steps ahead of the GPU),
+    so ``steps`` consecutive steps are timed together with one synchronisation at the end.
+    ``first_step_s`` (the first warm-up step) includes ``torch.compile``'s compilation when the
+    recipe compiles. ``epoch_s`` and ``run_minutes`` extrapolate to ``train_images`` images per
+    epoch and the recipe's epochs (training only: no validation, evaluation or Grad-CAM checks).
+    """
+    from polypseg.devices import resolve_device
+    from polypseg.training import DistributedContext, TrainStep, seed_everything
+
+    if steps < 1 or warmup < 1:
+        raise BenchError("steps and warmup must be >= 1 (the first warm-up step is timed on its own)")
+    torch_device = resolve_device(device)
+    tc = config.train
+    seed_everything(tc.seed)
+    step = TrainStep(config, torch_device)
+    step.wrap(DistributedContext())  # one process; torch.compile if the recipe asks
+    generator = torch.Generator(device=torch_device).manual_seed(tc.seed)
+    shape = (tc.batch_size, 1, tc.image_size, tc.image_size)
+    images = torch.randint(0, 256, (tc.batch_size, 3, tc.image_size, tc.image_size), dtype=torch.uint8, device=torch_device, generator=generator)
+    masks = (torch.rand(shape, device=torch_device, generator=generator) > 0.7).to(torch.uint8)
+
+    def sync() -> None:
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+
+    start = time.perf_counter()
+    step(images, masks, tc.lr, generator)
+    sync()
+    first_step_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        step(images, masks, tc.lr, generator)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step(images, masks, tc.lr, generator)
+    sync()
+    elapsed = time.perf_counter() - start
+    if not torch.isfinite(loss):
+        raise BenchError(f"the training loss became {float(loss)}: the timing would not be of real training")
+    per_step = elapsed / steps
+    steps_per_epoch = max(1, train_images // tc.batch_size)
+    return {
+        "recipe": tc.recipe,
+        "device": str(torch_device),
+        "device_name": device_name(torch_device),
+        "precision": "bf16" if torch_device.type == "cuda" and tc.amp else "fp32",
+        "compile": bool(tc.compile and torch_device.type == "cuda"),
+        "batch_size": tc.batch_size,
+        "image_size": tc.image_size,
+        "ema": tc.ema_decay > 0,
+        "warmup": warmup,
+        "steps": steps,
+        "first_step_s": first_step_s,
+        "step_ms": per_step * 1000,
+        "images_per_s": tc.batch_size / per_step,
+        "train_images": train_images,
+        "epoch_s": steps_per_epoch * per_step,
+        "epochs": tc.epochs,
+        "run_minutes": steps_per_epoch * per_step * tc.epochs / 60,
+    }
+
+
+def training_markdown(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of :func:`benchmark_training` results."""
+    lines = [
+        "| setting | device | precision | compile | batch | EMA | step ms | images/s | first step s | epoch s | training min (epochs) |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.get('label') or r['recipe']} | {r['device_name']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | {r['batch_size']} | "
+            f"{'yes' if r['ema'] else 'no'} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | {r['first_step_s']:.1f} | "
+            f"{r['epoch_s']:.1f} | {r['run_minutes']:.1f} ({r['epochs']}) |"
+        )
+    return "\n".join(lines)

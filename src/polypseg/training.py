@@ -126,6 +126,65 @@ def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optim
     raise ValueError(f"unknown optimizer '{config.optimizer}'; choose adam, adamw or sgd")
 
 
+class TrainStep:
+    """The model, optimizer, loss and weight EMA of a run, and one optimisation step on a batch.
+
+    A step takes ``uint8`` images ``(B, 3, S, S)`` and masks ``(B, 1, S, S)`` already on the device:
+    augment, normalise, forward (bf16 autocast and channels-last on CUDA), loss, backward,
+    optimizer step, EMA update. Nothing in it reads a tensor back to the host, so on a GPU the host
+    queues the next step while this one runs. :func:`train_model` and the training-speed benchmark
+    (:func:`polypseg.bench.benchmark_training`) both run this, so the benchmark times the real step.
+    """
+
+    def __init__(self, config: RunConfig, device: torch.device) -> None:
+        tc = config.train
+        self.config, self.device = config, device
+        self.model = create_model(config.model).to(device)
+        if device.type == "cuda" and tc.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema: nn.Module | None = None
+        if tc.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        self.optimizer = create_optimizer(self.model, tc)
+        self.loss_fn = create_loss(tc.loss)
+        self.forward_model: nn.Module = self.model
+
+    def wrap(self, context: DistributedContext) -> None:
+        """DistributedDataParallel under torchrun, then ``torch.compile`` if the recipe asks (CUDA only)."""
+        if context.enabled:
+            self.forward_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if self.config.train.compile and self.device.type == "cuda":
+            self.forward_model = torch.compile(self.forward_model)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate and keep: the EMA's when the recipe averages them."""
+        return self.ema.module if self.ema is not None else self.model  # type: ignore[return-value]
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor, lr: float, generator: torch.Generator) -> torch.Tensor:
+        """One step at learning rate ``lr``; returns the batch's loss (detached, on the device)."""
+        tc = self.config.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = augment_batch(images.float().div_(255), masks.float(), tc.augment, generator)
+        x = normalize(x)
+        if self.device.type == "cuda" and tc.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(self.device, tc.amp):
+            logits = self.forward_model(x)
+        loss = self.loss_fn(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss.detach()
+
+
 @dataclass
 class TrainResult:
     best_checkpoint: Path
@@ -192,16 +251,8 @@ def train_model(
     context.setup(torch_device)
     seed_everything(tc.seed)
 
-    model = create_model(config.model).to(torch_device)
-    if torch_device.type == "cuda" and tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = None
-    if tc.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
-    optimizer = create_optimizer(model, tc)
-    loss_fn = create_loss(tc.loss)
+    step_fn = TrainStep(config, torch_device)
+    model, optimizer, ema, loss_fn = step_fn.model, step_fn.optimizer, step_fn.ema, step_fn.loss_fn
 
     n_train = len(train.stems)
     per_rank_batch = max(1, tc.batch_size // context.world_size)
@@ -218,17 +269,10 @@ def train_model(
     elif out_dir.joinpath("history.json").is_file() and not resume and context.is_main:
         raise FileExistsError(f"{out_dir} already holds a training run; pass --resume to continue it")
 
-    train_model_ = model
-    if context.enabled:
-        train_model_ = nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch_device.index] if torch_device.type == "cuda" else None
-        )
-    if tc.compile and torch_device.type == "cuda":
-        train_model_ = torch.compile(train_model_)
-
+    step_fn.wrap(context)
     images = torch.from_numpy(train.images).permute(0, 3, 1, 2).contiguous().to(torch_device)
     masks = torch.from_numpy(train.masks).unsqueeze(1).to(torch_device, dtype=torch.uint8)
-    eval_model = ema.module if ema is not None else model
+    eval_model = step_fn.eval_model
     last_state_save = time.monotonic()
 
     with _Progress(progress and context.is_main, description, total_steps) as bar:
@@ -243,25 +287,10 @@ def train_model(
             loss_sum = torch.zeros((), device=torch_device)
             for step in range(steps_per_epoch):
                 global_step = epoch * steps_per_epoch + step
-                for group in optimizer.param_groups:
-                    group["lr"] = tc.lr * lr_factor(tc, global_step, total_steps, steps_per_epoch)
+                lr = tc.lr * lr_factor(tc, global_step, total_steps, steps_per_epoch)
                 batch_index = order[step * per_rank_batch * context.world_size : (step + 1) * per_rank_batch * context.world_size]
                 batch_index = batch_index[context.rank :: context.world_size]
-                x = images[batch_index].float().div_(255)
-                y = masks[batch_index].float()
-                x, y = augment_batch(x, y, tc.augment, aug_gen)
-                x = normalize(x)
-                if torch_device.type == "cuda" and tc.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast_for(torch_device, tc.amp):
-                    logits = train_model_(x)
-                loss = loss_fn(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                loss_sum += loss.detach()
+                loss_sum += step_fn(images[batch_index], masks[batch_index], lr, aug_gen)
                 bar.advance()
             record: dict[str, Any] = {
                 "epoch": epoch + 1,

@@ -157,6 +157,44 @@ def register(app: typer.Typer) -> None:
             if (Path(out) / "report.html").is_file():
                 console.print(f"report:  {Path(out) / 'report.html'}")
 
+    @app.command("bench-train")
+    def bench_train_command(
+        recipe: Optional[str] = RecipeOpt,
+        batch_size: Optional[int] = BatchOpt,
+        image_size: Optional[int] = SizeOpt,
+        overrides: list[str] = SetOpt,
+        device: str = DeviceOpt,
+        steps: int = typer.Option(30, "--steps", min=1, help="Timed training steps (run back to back, one sync at the end)."),
+        warmup: int = typer.Option(5, "--warmup", min=1, help="Untimed steps first (the first one, with any compilation, is reported)."),
+        train_images: int = typer.Option(800, "--train-images", min=1, help="Images per epoch for the epoch and run-time estimates (800: a Kvasir-SEG fold)."),
+        label: Optional[str] = typer.Option(None, "--label", help="Name of this setting in the table (default: the recipe's)."),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
+        markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table row on stdout."),
+    ) -> None:
+        """Training speed of a recipe on this machine: step time, images/s, and the time an epoch and a fold's run would take.
+
+        Example: polypseg bench-train --recipe strong --device cuda --markdown
+        """
+        from polypseg.bench import benchmark_training, training_markdown
+        from polypseg.cli.common import resolve_device
+        from polypseg.io_utils import atomic_write_json
+
+        config = build_config(recipe or "paper", None, None, None, batch_size, None, None, image_size, None, overrides)
+        with console.status(f"timing {warmup} + {steps} training steps of recipe '{config.train.recipe}'"):
+            result = benchmark_training(config, resolve_device(device), steps=steps, warmup=warmup, train_images=train_images)
+        result["label"] = label or config.train.recipe
+        console.print(
+            f"{result['device_name']}: {result['step_ms']:.1f} ms per step of {result['batch_size']} "
+            f"= {result['images_per_s']:.0f} images/s; an epoch of {train_images} images {result['epoch_s']:.1f} s, "
+            f"{result['epochs']} epochs {result['run_minutes']:.1f} min (training only; first step {result['first_step_s']:.1f} s)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if json_path is not None:
+            atomic_write_json(json_path, result)
+        if markdown:
+            print(training_markdown([result]))
+
     @app.command("train")
     def train_command(
         out: Path = typer.Option(..., "--out", help="Output folder (best.safetensors/json, history.json, test_metrics.json)."),
