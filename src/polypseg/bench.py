@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from polypseg.config import RunConfig
 from polypseg.errors import PolypsegError
 from polypseg.inference import Predictor
 
@@ -141,7 +142,6 @@ def benchmark(
 def random_checkpoint(folder: Path | str, image_size: int = 256, seed: int = 0) -> Path:
     """Save the default architecture (U-Net, ResNet-34) with random weights, for pure speed tests."""
     from polypseg.checkpoint import save_checkpoint
-    from polypseg.config import RunConfig
     from polypseg.models import create_model
 
     torch.manual_seed(seed)
@@ -196,7 +196,7 @@ def load_for_bench(
 
 
 def benchmark_training(
-    config: Any,
+    config: RunConfig,
     device: str = "auto",
     steps: int = 30,
     warmup: int = 5,
@@ -221,9 +221,9 @@ def benchmark_training(
     step = TrainStep(config, torch_device)
     step.wrap(DistributedContext())  # one process; torch.compile if the recipe asks
     generator = torch.Generator(device=torch_device).manual_seed(tc.seed)
-    shape = (tc.batch_size, 1, tc.image_size, tc.image_size)
-    images = torch.randint(0, 256, (tc.batch_size, 3, tc.image_size, tc.image_size), dtype=torch.uint8, device=torch_device, generator=generator)
-    masks = (torch.rand(shape, device=torch_device, generator=generator) > 0.7).to(torch.uint8)
+    b, s = tc.batch_size, tc.image_size
+    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=torch_device, generator=generator)
+    masks = (torch.rand((b, 1, s, s), device=torch_device, generator=generator) > 0.7).to(torch.uint8)
 
     def sync() -> None:
         if torch_device.type == "cuda":

@@ -111,6 +111,15 @@ def _fold_data(cache: CachedData, stems: Sequence[str]) -> CachedData | None:
     return cache.subset(stems) if stems else None
 
 
+def refuse_changed_settings(run_dir: Path | str, changed: Sequence[str]) -> None:
+    """Stop a resume that would continue a run under other settings (``changed``: ``field: saved -> given``)."""
+    if changed:
+        raise RunError(
+            f"{run_dir} holds a run with other settings ({'; '.join(changed)}); "
+            "resume it without recipe options, or choose a new --out"
+        )
+
+
 def run_cv(
     data: Path | str,
     out: Path | str,
@@ -145,11 +154,7 @@ def run_cv(
         saved_config = RunConfig.from_dict(saved["run"])
         changed = config_differences(saved_config, config) if config is not None else []
         changed += [f"{name}: {old!r} -> {new!r}" for name, old, new in (("folds", saved["folds"], folds), ("seed", saved["seed"], seed)) if new is not None and new != old]
-        if changed:
-            raise RunError(
-                f"{run_dir} holds a run with other settings ({'; '.join(changed)}); "
-                "resume it without recipe options, or choose a new --out"
-            )
+        refuse_changed_settings(run_dir, changed)
         config, folds, seed, data = saved_config, saved["folds"], saved["seed"], saved["data"]
     elif config is None:
         raise RunError(f"{run_dir} holds no run to resume; give a --recipe to start one")

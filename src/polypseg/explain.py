@@ -219,8 +219,8 @@ class SegmentationGradCAM:
     ``method`` is ``gradcam`` (default), ``gradcam++``, ``hirescam`` or ``layercam``, which share
     one backward pass, or ``scorecam`` (Wang et al. 2020), which instead runs the model once per
     channel of the layer on the input masked by that channel's normalised activation, in chunks
-    of ``score_batch_size`` (cheap at the default 16-channel layer). Parameter gradients are never touched (``torch.autograd.grad`` is
-    taken with respect to the activation only). One instance serves one thread at a time; separate
+    of ``score_batch_size`` (cheap at the default 16-channel layer). Parameter gradients are never
+    touched (``torch.autograd.grad`` is taken with respect to the activation only). One instance serves one thread at a time; separate
     instances (as :func:`explain_images` creates per call) may share a model across threads.
     """
 
@@ -330,7 +330,6 @@ class SegmentationGradCAM:
                 cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)
             heatmaps = normalize_heatmaps(cam[:, 0])
         return heatmaps, logits.detach().float()
-
 
     def _score_cam(self, images: torch.Tensor, activation: torch.Tensor, logits: torch.Tensor, target: Target) -> torch.Tensor:
         """Score-CAM (Wang et al. 2020): channel weights = softmax over channels of the target's

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -42,10 +45,6 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def _finite(value: Any) -> Any:
-    import math
-
-    import numpy as np
-
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -58,8 +57,6 @@ def _finite(value: Any) -> Any:
 
 
 def _json_default(value: Any) -> Any:
-    import numpy as np
-
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from polypseg.checkpoint import load_checkpoint
-from polypseg.config import RunConfig
+from polypseg.config import RunConfig, config_differences
+from polypseg.cv import refuse_changed_settings
 from polypseg.data import DataError, build_cache, load_split_file
 from polypseg.devices import resolve_device
 from polypseg.evaluation import evaluate_probabilities, predict_probabilities
@@ -28,10 +29,14 @@ def train_single_split(
 ) -> dict[str, Any]:
     """Train on ``data`` minus the stems in ``test_list``; evaluate once on those stems if given.
 
+    With ``resume=True``, ``config`` must match the one ``out`` was started with.
+
     The best epoch is chosen on an inner validation split (``config.train.val_fraction`` of the
     training stems, seeded), never on the test stems.
     """
     out = Path(out)
+    if resume and (out / "config.json").is_file():
+        refuse_changed_settings(out, config_differences(RunConfig.load(out / "config.json"), config))
     cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress)
     test_stems: list[str] = []
     if test_list is not None:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from polypseg.cli.common import UsageError, console
-from polypseg.config import RECIPES, RunConfig, apply_overrides, config_differences, get_recipe
+from polypseg.config import RECIPES, RunConfig, apply_overrides, get_recipe
 
 DATA_HELP = "Dataset folder (images/ + masks/, or CVC-ClinicDB's Original/ + 'Ground Truth/'). Default: the bundled 40-image Kvasir-SEG sample."
 
@@ -221,8 +221,6 @@ def register(app: typer.Typer) -> None:
         saved = _saved_config(out / "config.json") if resume else None
         base = recipe if recipe is not None else (saved or "paper")
         config = build_config(base, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides)
-        if saved is not None and (changed := config_differences(saved, config)):
-            raise UsageError(f"{out} holds a training with other settings ({'; '.join(changed)}); resume it without recipe options, or choose a new --out")
         result = train_single_split(
             _data_or_sample(data), out, config, test_list=test_list, resume=resume, device=device, progress=progress, cache_dir=cache_dir
         )
