@@ -101,5 +101,96 @@ def test_download_of_wrong_archive_is_refused_and_leaves_nothing(tmp_path):
 
 
 def test_console_script_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "polypseg.cli.main", "--version"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.startswith("polypseg ")
+    import polypseg
+
+    result = subprocess.run([sys.executable, "-m", "polypseg.cli.main", "--version"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == f"polypseg {polypseg.__version__}"
+
+
+def test_version_matches_the_installed_distribution():
+    from importlib.metadata import version
+
+    from polypseg._version import __version__
+
+    assert __version__ == version("polypseg")
+
+
+# Runs in a fresh interpreter: every --help (found by walking the command tree), --version and
+# a bare `import polypseg`, then lists the heavy libraries that got imported. Not a timing test:
+# what makes start-up slow (about 7 s) is importing torch and smp, so their absence is checked.
+_HELP_WITHOUT_HEAVY_IMPORTS = r"""
+import json, sys
+import typer
+from typer.testing import CliRunner
+import polypseg
+import polypseg.cli.main
+from polypseg.cli.main import app
+
+def paths(command, prefix=()):
+    yield prefix
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from paths(sub, (*prefix, name))
+
+runner = CliRunner()
+invocations = [["--version"]] + [[*path, "--help"] for path in paths(typer.main.get_command(app))]
+failed = [(args, r.output) for args in invocations for r in [runner.invoke(app, args)] if r.exit_code != 0]
+heavy = ("torch", "torchvision", "segmentation_models_pytorch", "safetensors", "onnxruntime", "matplotlib", "fastapi", "scipy")
+print(json.dumps({"invocations": invocations, "failed": failed, "imported": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def test_help_and_version_do_not_import_torch():
+    import json
+
+    result = subprocess.run([sys.executable, "-c", _HELP_WITHOUT_HEAVY_IMPORTS], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["failed"] == []
+    assert ["cv", "--help"] in report["invocations"] and ["data", "check", "--help"] in report["invocations"]
+    assert len(report["invocations"]) >= 20  # every command and subcommand
+    assert report["imported"] == [], f"--help/--version imported {report['imported']}"
+
+
+def test_public_api_loads_on_first_use():
+    import polypseg
+    from polypseg import create_model, get_recipe, load_checkpoint  # noqa: F401  (the README's import)
+
+    assert create_model is polypseg.models.create_model and get_recipe("demo").train.recipe == "demo"
+    assert {"create_model", "load_checkpoint", "get_recipe", "__version__"} <= set(dir(polypseg))
+    import pytest
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        polypseg.no_such_name  # noqa: B018
+
+
+def _all_help_texts() -> dict[str, str]:
+    import typer
+
+    def paths(command, prefix=()):
+        yield prefix
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from paths(sub, (*prefix, name))
+
+    wide = CliRunner()
+    texts = {}
+    for path in paths(typer.main.get_command(app)):
+        result = wide.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (path, result.output)
+        texts[" ".join(path) or "polypseg"] = result.output
+    return texts
+
+
+def test_help_shows_no_value_after_flags():
+    """Flags (--help, --resume, --progress/--no-progress) take no value, so help must not print one."""
+    import re
+
+    texts = _all_help_texts()
+    for command, text in texts.items():
+        assert "<bool>" not in text and "BOOLEAN" not in text, command
+        help_line = next(line for line in text.splitlines() if "--help" in line)
+        assert re.search(r"--help\s+Show this message", help_line), (command, help_line)
+    cv = texts["cv"]
+    for flag in ("--resume", "--progress", "--no-progress", "--skip", "--explain"):
+        assert flag in cv, flag
+    # options that do take a value keep their label
+    assert "<path>" in cv and "<int" in cv and "<str>" in cv

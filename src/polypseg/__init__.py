@@ -5,21 +5,45 @@ Public API::
     from polypseg import create_model, load_checkpoint, get_recipe
     model = create_model()                      # U-Net / ResNet-34, 1 output channel (logits)
     ckpt = load_checkpoint("runs/x/fold_0/best")  # safetensors + JSON, never unpickles
+
+The names are imported on first use (PEP 562), so ``import polypseg`` and the command line's
+``--help`` and ``--version`` do not load torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from polypseg.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from polypseg.config import ModelConfig, RunConfig, TrainConfig, get_recipe  # noqa: E402
-from polypseg.models import create_model  # noqa: E402
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "__version__",
-    "create_model",
-    "load_checkpoint",
-    "save_checkpoint",
-    "get_recipe",
-    "ModelConfig",
-    "RunConfig",
-    "TrainConfig",
-]
+from polypseg._version import __version__
+
+# public name -> module that defines it
+_LAZY = {
+    "create_model": "polypseg.models",
+    "load_checkpoint": "polypseg.checkpoint",
+    "save_checkpoint": "polypseg.checkpoint",
+    "get_recipe": "polypseg.config",
+    "ModelConfig": "polypseg.config",
+    "RunConfig": "polypseg.config",
+    "TrainConfig": "polypseg.config",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names are resolved by __getattr__
+    from polypseg.checkpoint import load_checkpoint, save_checkpoint
+    from polypseg.config import ModelConfig, RunConfig, TrainConfig, get_recipe
+    from polypseg.models import create_model
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'polypseg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

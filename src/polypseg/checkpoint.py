@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from polypseg import __version__
+from polypseg._version import __version__
 from polypseg.config import RunConfig
 from polypseg.io_utils import atomic_write, atomic_write_json, read_json
 

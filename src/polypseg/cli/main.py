@@ -1,4 +1,9 @@
-"""Entry point: ``polypseg <command> --help`` documents every command."""
+"""Entry point: ``polypseg <command> --help`` documents every command.
+
+Start-up stays light: this module and the command modules import torch, smp and the other heavy
+libraries inside the command functions only, so ``--help`` and ``--version`` answer at once
+(tests/test_cli_core.py checks that they leave torch unimported).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,30 @@ import sys
 
 import typer
 
-from polypseg import __version__
+from polypseg._version import __version__
 from polypseg.cli.common import console
 from polypseg.errors import PolypsegError
+
+
+def _no_type_label_for_flags() -> None:
+    """typer 0.29 prints a type label (``<bool>``) after every flag in the rich help, ``--help``
+    included, as if the flag took a value; typer 0.28 and plain click print none. Print none."""
+    from typer.core import TyperOption
+
+    original = getattr(TyperOption, "display_type_rich", None)
+    if original is None or getattr(original, "_polypseg_flags_patched", False):
+        return  # a typer without this method (<= 0.28) labels flags correctly
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None  # --flag and --flag/--no-flag take no value
+        return original(self, ctx)
+
+    display_type_rich._polypseg_flags_patched = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_type_label_for_flags()
 
 app = typer.Typer(
     name="polypseg",
