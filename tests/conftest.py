@@ -2,11 +2,61 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from helpers import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ENV = "POLYPSEG_SHARED_DATASETS"
+
+
+def shared_dataset_candidates() -> list[Path]:
+    """Where the shared real datasets may be, first match wins: ``$POLYPSEG_SHARED_DATASETS``, then
+    ``../shared/datasets`` beside this repository, then beside the repository it was cloned from
+    (a local ``origin``), so a fresh clone anywhere still finds them."""
+    candidates = []
+    if os.environ.get(SHARED_ENV):
+        candidates.append(Path(os.environ[SHARED_ENV]).expanduser())
+    candidates.append(REPO.parent / "shared" / "datasets")
+    try:
+        origin = subprocess.run(
+            ["git", "-C", str(REPO), "remote", "get-url", "origin"], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        origin = ""
+    origin = origin.removeprefix("file://")
+    if origin and "://" not in origin and not origin.startswith("git@") and Path(origin).is_dir():
+        candidates.append(Path(origin).resolve().parent / "shared" / "datasets")
+    return list(dict.fromkeys(candidates))
+
+
+def find_shared_datasets() -> Path | None:
+    """The shared datasets folder (see :func:`shared_dataset_candidates`), or ``None``."""
+    return next((path for path in shared_dataset_candidates() if path.is_dir()), None)
+
+
+@pytest.fixture(scope="session")
+def shared_dataset() -> Callable[[str], Path]:
+    """``shared_dataset("kvasir-seg")``: that folder of the shared real datasets (read-only: copy
+    before changing anything). Skips the test, with one reason saying where it looked, only when
+    the folder is truly absent."""
+
+    def get(name: str) -> Path:
+        root = find_shared_datasets()
+        if root is None:
+            looked = ", ".join(str(p) for p in shared_dataset_candidates())
+            pytest.skip(f"shared datasets not found (looked in {looked}; set {SHARED_ENV} to their folder)")
+        path = root / name
+        if not path.is_dir():
+            pytest.skip(f"shared dataset {name} not found in {root}")
+        return path
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,6 @@ from polypseg.download import (
 from polypseg.sample_data import sample_dataset_path
 
 NAME = "kvasir-seg"
-SHARED_KVASIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "kvasir-seg"
 
 
 def _jpeg(seed: int, mask: bool = False) -> bytes:
@@ -251,10 +250,8 @@ def test_shipped_manifest() -> None:
     assert all(len(v["sha256"]) == 64 and v["size"] > 0 for v in entries.values())
 
 
-def test_shipped_manifest_matches_shared_copy() -> None:
-    if not SHARED_KVASIR.is_dir():
-        pytest.skip(f"{SHARED_KVASIR} not present")
-    assert verify_against_manifest(SHARED_KVASIR, load_manifest(NAME)) == []
+def test_shipped_manifest_matches_shared_copy(shared_dataset) -> None:
+    assert verify_against_manifest(shared_dataset(NAME), load_manifest(NAME)) == []
 
 
 def test_bundled_sample() -> None:

@@ -172,13 +172,10 @@ def test_render_panel_and_gallery_page(tmp_path: Path) -> None:
     assert path.read_text().count("data:image/png;base64,") == 1
 
 
-CVC = Path("/work/shared/datasets/cvc-clinicdb-test62")
-
-
-@pytest.mark.skipif(not (CVC / "Original").is_dir(), reason="shared CVC-ClinicDB data not present")
-def test_explain_cvc_tiff_layout(checkpoint: Path, tmp_path: Path) -> None:
+def test_explain_cvc_tiff_layout(checkpoint: Path, tmp_path: Path, shared_dataset) -> None:
     import shutil
 
+    CVC = shared_dataset("cvc-clinicdb-test62")  # skips only when the shared data are absent
     root = tmp_path / "cvc"
     for folder in ("Original", "Ground Truth"):
         (root / folder).mkdir(parents=True)

@@ -22,7 +22,7 @@ import torch
 from polypseg import __version__
 from polypseg.checkpoint import load_checkpoint
 from polypseg.config import RunConfig, config_differences
-from polypseg.data import CachedData, DataError, build_cache
+from polypseg.data import CachedData, DataError, build_cache, dataset_fingerprint
 from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
 from polypseg.evaluation import (
@@ -31,9 +31,9 @@ from polypseg.evaluation import (
     predict_probabilities,
     quantize_probabilities,
 )
-from polypseg.io_utils import atomic_write, atomic_write_json, atomic_write_text, read_json
+from polypseg.io_utils import atomic_write, atomic_write_json, atomic_write_text, read_json, remove_stale_temps
 from polypseg.metrics import DEFAULT_THRESHOLDS, METRIC_NAMES, SegmentationMetrics, mean_std
-from polypseg.training import DistributedContext, train_model, training_finished
+from polypseg.training import DistributedContext, tidy_run_folder, train_model, training_finished
 
 # PolypSeg-GradCAM (arXiv 2509.18159), Kvasir-SEG 5-fold CV, ImageNet-pretrained encoder.
 PAPER_RESULTS = {
@@ -107,6 +107,64 @@ def load_or_create_splits(run_dir: Path, stems: Sequence[str], folds: int, seed:
     return splits
 
 
+def _resumed_data(saved: str, given: Path | str | None) -> tuple[str, list[str]]:
+    """The data a resumed run reads, and the change to refuse if ``given`` is other data.
+
+    The same folder, or a copy with the same content elsewhere, is accepted (a run moved to another
+    machine); so is the bundled sample, which the command line passes when ``--data`` is omitted.
+    """
+    if given is None:
+        return saved, []
+    given_path = Path(given).resolve()
+    if str(given_path) == saved:
+        return saved, []
+    from polypseg.sample_data import sample_dataset_path
+
+    if given_path == Path(sample_dataset_path()).resolve():
+        return saved, []  # the command line's stand-in for an omitted --data
+    if not Path(saved).exists():
+        return str(given_path), []  # moved: splits.json still checks that the images are the run's
+    try:
+        if dataset_fingerprint(saved) == dataset_fingerprint(given_path):
+            return str(given_path), []
+    except DataError:
+        pass
+    return saved, [f"data: {saved!r} -> {str(given_path)!r}"]
+
+
+class _WallClock:
+    """The run's wall time summed over invocations (``RUN/invocations.json``), kept up to date
+    after each epoch so that an interrupted invocation still counts up to its last epoch."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._path = run_dir / "invocations.json"
+        self._started = time.monotonic()
+        entries: list[dict[str, Any]] = []
+        if self._path.is_file():
+            try:
+                entries = list(read_json(self._path).get("invocations", []))
+            except (ValueError, AttributeError):
+                entries = []
+        elif (run_dir / "summary.json").is_file():  # a run summarised before invocations were recorded
+            try:
+                previous = read_json(run_dir / "summary.json").get("wall_time_s")
+            except ValueError:
+                previous = None
+            if previous:
+                entries.append({"started": None, "seconds": float(previous), "note": "earlier invocations, as summarised"})
+        import datetime as _dt
+
+        self._entries = entries + [{"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0}]
+        self.tick()
+
+    def tick(self) -> None:
+        self._entries[-1]["seconds"] = round(time.monotonic() - self._started, 1)
+        atomic_write_json(self._path, {"invocations": self._entries})
+
+    def total(self) -> float:
+        return float(sum(e.get("seconds") or 0.0 for e in self._entries))
+
+
 def _fold_data(cache: CachedData, stems: Sequence[str]) -> CachedData | None:
     return cache.subset(stems) if stems else None
 
@@ -121,7 +179,7 @@ def refuse_changed_settings(run_dir: Path | str, changed: Sequence[str]) -> None
 
 
 def run_cv(
-    data: Path | str,
+    data: Path | str | None,
     out: Path | str,
     config: RunConfig | None = None,
     folds: int | None = None,
@@ -154,18 +212,25 @@ def run_cv(
         saved_config = RunConfig.from_dict(saved["run"])
         changed = config_differences(saved_config, config) if config is not None else []
         changed += [f"{name}: {old!r} -> {new!r}" for name, old, new in (("folds", saved["folds"], folds), ("seed", saved["seed"], seed)) if new is not None and new != old]
-        refuse_changed_settings(run_dir, changed)
-        config, folds, seed, data = saved_config, saved["folds"], saved["seed"], saved["data"]
+        data, data_change = _resumed_data(saved["data"], data)
+        refuse_changed_settings(run_dir, changed + data_change)
+        config, folds, seed = saved_config, saved["folds"], saved["seed"]
     elif config is None:
         raise RunError(f"{run_dir} holds no run to resume; give a --recipe to start one")
+    if data is None:
+        raise RunError(f"{run_dir} holds no run to resume; give the --data to start one")
     folds = 5 if folds is None else folds
     seed = 0 if seed is None else seed
     assert config is not None
     cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress and context.is_main)
 
     started = time.monotonic()
+    clock = None
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            remove_stale_temps(run_dir)
+        clock = _WallClock(run_dir)
         if not config_path.is_file():
             atomic_write_json(
                 config_path,
@@ -180,6 +245,8 @@ def run_cv(
         if only_folds is not None and index not in only_folds:
             continue
         fold_dir = run_dir / f"fold_{index}"
+        if resume and context.is_main:
+            tidy_run_folder(fold_dir, config.train.epochs)  # stale temps; the state of a finished fold
         if (fold_dir / "metrics.json").is_file():
             continue  # finished folds are never touched again
         if not training_finished(fold_dir, config.train.epochs):
@@ -192,14 +259,19 @@ def run_cv(
                 resume=resume,
                 progress=progress,
                 description=f"fold {index + 1}/{len(splits['folds'])}",
+                on_epoch=(lambda record: clock.tick()) if clock is not None else None,
             )
         if context.is_main:
             evaluate_fold(fold_dir, cache.subset(fold["test"]), config, device, explain, explain_max_images, progress)
+            if clock is not None:
+                clock.tick()
         context.barrier()
 
     summary: dict[str, Any] = {}
     if context.is_main:
-        summary = summarize_run(run_dir, elapsed_s=time.monotonic() - started)
+        assert clock is not None
+        clock.tick()
+        summary = summarize_run(run_dir, elapsed_s=time.monotonic() - started, wall_time_s=clock.total())
         if report:
             _write_report(run_dir)
     context.barrier()
@@ -273,8 +345,11 @@ def load_oof(run_dir: Path | str) -> tuple[list[str], torch.Tensor, torch.Tensor
     return stems, torch.cat(probs), torch.cat(masks), fold_ids
 
 
-def summarize_run(run_dir: Path | str, elapsed_s: float | None = None) -> dict[str, Any]:
-    """Pool the out-of-fold predictions, choose the threshold on them, write ``summary.{json,md}``."""
+def summarize_run(run_dir: Path | str, elapsed_s: float | None = None, wall_time_s: float | None = None) -> dict[str, Any]:
+    """Pool the out-of-fold predictions, choose the threshold on them, write ``summary.{json,md}``.
+
+    ``elapsed_s``: this invocation's time; ``wall_time_s``: the run's, summed over invocations.
+    """
     run_dir = Path(run_dir)
     stems, probs, masks, fold_ids = load_oof(run_dir)
     pooled = evaluate_probabilities(probs, masks, stems)
@@ -327,6 +402,8 @@ def summarize_run(run_dir: Path | str, elapsed_s: float | None = None) -> dict[s
         previous = read_json(run_dir / "summary.json").get("wall_time_s") if (run_dir / "summary.json").is_file() else None
         summary["wall_time_s"] = round(elapsed_s, 1) if previous is None else previous
         summary["last_invocation_s"] = round(elapsed_s, 1)
+    if wall_time_s is not None:
+        summary["wall_time_s"] = round(wall_time_s, 1)
     atomic_write(run_dir / "pooled_histograms.npz", lambda tmp: _save_npz(tmp, {"positive": pos, "negative": neg}))
     atomic_write_json(run_dir / "summary.json", summary)
     atomic_write_text(run_dir / "summary.md", summary_markdown(summary))
