@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from polypseg.io_utils import atomic_write
+from polypseg.io_utils import atomic_write, display_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 LAYOUTS = (("images", "masks"), ("Original", "Ground Truth"))
@@ -331,15 +331,38 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(resized) > 127
 
 
-def _cache_key(samples: Sequence[Sample], size: int) -> str:
-    digest = hashlib.sha256(f"{CACHE_FORMAT}:{size}".encode())
+def _samples_digest(samples: Sequence[Sample], prefix: str = "") -> str:
+    """SHA-256 over the stems, file names and file contents of ``samples`` (not sizes or times:
+    a file rewritten with other pixels and its old modification time restored is new content)."""
+    digest = hashlib.sha256(prefix.encode())
     for sample in samples:
         for path in (sample.image, sample.mask):
             if path is None:
                 continue
-            stat = path.stat()
-            digest.update(f"{sample.stem}|{path.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
+            digest.update(f"{sample.stem}|{path.name}|".encode("utf-8", "surrogateescape"))
+            try:
+                with open(path, "rb") as handle:
+                    while block := handle.read(1 << 22):
+                        digest.update(block)
+            except OSError as error:
+                raise DataError(f"cannot read {display_name(path)}: {error.strerror or error}") from None
+    return digest.hexdigest()
+
+
+def _cache_key(samples: Sequence[Sample], size: int) -> str:
+    return _samples_digest(samples, f"{CACHE_FORMAT}:{size}")[:16]
+
+
+def dataset_fingerprint(root: Path | str) -> str:
+    """Content hash of a dataset folder's pairs, or of a cache ``.npz`` file's bytes."""
+    root = Path(root)
+    if root.is_file():
+        digest = hashlib.sha256()
+        with open(root, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+        return digest.hexdigest()
+    return _samples_digest(index_dataset(root).samples)
 
 
 def default_cache_dir() -> Path:
@@ -360,7 +383,8 @@ def build_cache(
     The cache is one ``.npz`` per (dataset content, size): images stored as JPEG (quality 95)
     bytes and masks as packed bits, about 30 MB for all of Kvasir-SEG at 256 px, so it can be
     copied to a GPU machine. It is decoded into memory once per process; training then never
-    touches the disk. The key covers file names, sizes and modification times.
+    touches the disk. The key is the SHA-256 of the files' names and contents (plus the size), so
+    changed pixels always rebuild it, whatever the files' modification times say.
     """
     if Path(root).is_file() and Path(root).suffix == ".npz":
         # A cache file given directly (e.g. carried to a GPU machine without the raw images).

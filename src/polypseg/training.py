@@ -23,16 +23,21 @@ from torch import nn
 
 from polypseg.augment import augment_batch
 from polypseg.checkpoint import (
-    checkpoint_paths,
+    CheckpointError,
+    TrainingStateError,
     load_training_state,
-    save_checkpoint,
+    model_state,
+    read_metadata,
+    remove_training_state,
+    save_checkpoint_tensors,
     save_training_state,
+    training_state_exists,
 )
 from polypseg.config import RunConfig, TrainConfig
 from polypseg.data import CachedData
 from polypseg.devices import resolve_device
 from polypseg.evaluation import autocast_for, evaluate_probabilities, predict_probabilities
-from polypseg.io_utils import atomic_write_json, read_json
+from polypseg.io_utils import atomic_write_json, read_json, remove_stale_temps
 from polypseg.losses import create_loss
 from polypseg.models import create_model
 from polypseg.transforms import normalize
@@ -237,14 +242,23 @@ def train_model(
     progress: bool = True,
     description: str = "training",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    keep_state: bool | None = None,
 ) -> TrainResult:
     """Train ``config`` on ``train``; keep the best epoch on ``val`` (or the last if ``val`` is None).
 
     Writes ``out_dir/best.{safetensors,json}``, ``out_dir/history.json`` and, for ``resume``,
     ``out_dir/last_state.{safetensors,json}``. With ``resume=True`` training continues from the
     last saved state; a finished run (history complete) is returned as is.
+
+    The training state is kept only while the run is unfinished (it holds the optimizer's moments,
+    about three times the model): ``keep_state=True``, or ``POLYPSEG_KEEP_TRAINING_STATE=1`` in the
+    environment, keeps it after the last epoch as well. Resuming removes temporary files left by
+    interrupted writes, verifies the state (see :func:`polypseg.checkpoint.load_training_state`)
+    and rewrites ``best.*`` and ``history.json`` to match it.
     """
     out_dir = Path(out_dir)
+    if keep_state is None:
+        keep_state = os.environ.get("POLYPSEG_KEEP_TRAINING_STATE", "") not in ("", "0", "false", "no")
     tc = config.train
     context = DistributedContext.from_env()
     torch_device = resolve_training_device(device, context)
@@ -261,13 +275,27 @@ def train_model(
 
     history: list[dict[str, Any]] = []
     start_epoch, best_score, best_epoch = 0, -math.inf, 0
+    best_record: dict[str, Any] = {}
+    best_tensors: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights, for the state
     state_path = out_dir / LAST_STATE
-    if resume and checkpoint_paths(state_path)[1].is_file():
-        saved = load_training_state(state_path, model, optimizer, ema)
-        start_epoch, history = saved["epoch"], saved["history"]
+    say = _notes(progress and context.is_main)
+    if resume and context.is_main:
+        for stale in remove_stale_temps(out_dir):
+            say(f"removed {stale.name}, a temporary file left by an interrupted write")
+    if resume and training_finished(out_dir, tc.epochs):
+        return _finished_result(out_dir, state_path, keep_state, context)
+    if resume and training_state_exists(state_path):
+        saved = load_training_state(state_path, model, optimizer, ema, steps_per_epoch=steps_per_epoch)
+        start_epoch, history = saved["epoch"], saved["history"][: saved["epoch"]]
         best_score, best_epoch = saved["best_score"], saved["best_epoch"]
-    elif out_dir.joinpath("history.json").is_file() and not resume and context.is_main:
-        raise FileExistsError(f"{out_dir} already holds a training run; pass --resume to continue it")
+        best_score = -math.inf if best_score is None else best_score  # -inf is stored as null
+        best_record, best_tensors = saved.get("best", {}), saved.get("best_state")
+        if context.is_main:
+            _restore_consistent_files(out_dir, config, saved, step_fn.eval_model, history, say)
+    elif out_dir.joinpath("history.json").is_file() and context.is_main:
+        if not resume:
+            raise FileExistsError(f"{out_dir} already holds a training run; pass --resume to continue it")
+        say(f"{out_dir} has no saved training state (it is saved every {STATE_EVERY_S:g} s): training starts again from epoch 1")
 
     step_fn.wrap(context)
     images = torch.from_numpy(train.images).permute(0, 3, 1, 2).contiguous().to(torch_device)
@@ -306,21 +334,32 @@ def train_model(
                 score = record.get("val_dice", float(epoch))  # without validation, the latest is best
                 if score > best_score:
                     best_score, best_epoch = score, epoch + 1
-                    save_checkpoint(
-                        out_dir / BEST,
-                        eval_model,
-                        config,
-                        metrics={k: v for k, v in record.items() if k.startswith("val_")},
-                        extra={"epoch": epoch + 1, "selected_on": "inner validation split" if val is not None else "last epoch"},
-                    )
+                    best_tensors = model_state(eval_model)
+                    best_record = {
+                        "metrics": {k: v for k, v in record.items() if k.startswith("val_")},
+                        "extra": {"epoch": epoch + 1, "selected_on": "inner validation split" if val is not None else "last epoch"},
+                    }
+                    best_record["tensors_sha256"] = read_metadata(
+                        save_checkpoint_tensors(out_dir / BEST, best_tensors, config, best_record["metrics"], extra=best_record["extra"])
+                    )["tensors_sha256"]
                 atomic_write_json(out_dir / "history.json", history)
-                if is_last or time.monotonic() - last_state_save > STATE_EVERY_S:
+                # The state is one file: epoch, history, optimizer, EMA and, when the best epoch is
+                # an earlier one, its weights too, so resuming can put best.* back in step with it.
+                if (not is_last or keep_state) and (is_last or time.monotonic() - last_state_save > STATE_EVERY_S):
                     save_training_state(
                         state_path,
                         model,
                         optimizer,
-                        {"epoch": epoch + 1, "history": history, "best_score": best_score, "best_epoch": best_epoch},
+                        {
+                            "epoch": epoch + 1,
+                            "global_step": (epoch + 1) * steps_per_epoch,
+                            "history": history,
+                            "best_score": best_score,
+                            "best_epoch": best_epoch,
+                            "best": best_record,
+                        },
                         ema_model=ema,
+                        best_state=None if best_epoch == epoch + 1 else best_tensors,
                     )
                     last_state_save = time.monotonic()
             info = f"loss {record['train_loss']:.4f}" + (f" val dice {record['val_dice']:.4f}" if "val_dice" in record else "")
@@ -328,7 +367,93 @@ def train_model(
             if on_epoch is not None:
                 on_epoch(record)
     context.barrier()
+    if context.is_main and not keep_state and len(history) >= tc.epochs:
+        remove_training_state(state_path)  # finished: the optimizer state (3x the model) is not kept
     return TrainResult(best_checkpoint=out_dir / f"{BEST}.safetensors", history=history, best_epoch=best_epoch, best_score=best_score)
+
+
+def tidy_run_folder(out_dir: Path | str, epochs: int, keep_state: bool = False) -> None:
+    """On resume: remove temporary files of interrupted writes and, once training has finished,
+    the training state (runs finished by older versions kept it)."""
+    out_dir = Path(out_dir)
+    remove_stale_temps(out_dir)
+    if not keep_state and os.environ.get("POLYPSEG_KEEP_TRAINING_STATE", "") in ("", "0", "false", "no"):
+        if training_finished(out_dir, epochs):
+            remove_training_state(out_dir / LAST_STATE)
+
+
+def _notes(enabled: bool) -> Callable[[str], None]:
+    """One-line notes on stderr for the main process (what resuming did, and why)."""
+    import sys
+
+    def say(message: str) -> None:
+        if enabled:
+            print(f"note: {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _finished_result(out_dir: Path, state_path: Path, keep_state: bool, context: DistributedContext) -> TrainResult:
+    """A run whose history is complete: returned as is; a left-over training state is removed."""
+    history = read_json(out_dir / "history.json")
+    best_epoch, best_score = 0, float("nan")
+    try:
+        meta = read_metadata(out_dir / BEST)
+        best_epoch = int(meta.get("epoch", 0))
+        best_score = float(meta.get("metrics", {}).get("val_dice", float("nan")))
+    except (CheckpointError, TypeError, ValueError):
+        pass
+    if context.is_main and not keep_state:
+        remove_training_state(state_path)
+    return TrainResult(best_checkpoint=out_dir / f"{BEST}.safetensors", history=history, best_epoch=best_epoch, best_score=best_score)
+
+
+def _restore_consistent_files(
+    out_dir: Path,
+    config: RunConfig,
+    saved: dict[str, Any],
+    eval_model: nn.Module,
+    history: list[dict[str, Any]],
+    say: Callable[[str], None],
+) -> None:
+    """Put ``best.*`` and ``history.json`` back in step with the training state being resumed.
+
+    Epochs after the state were trained by the interrupted process and will be trained again; any
+    best checkpoint or history they wrote is replaced by the state's, so the resumed run continues
+    exactly from the state, never from a mix.
+    """
+    epoch = int(saved["epoch"])
+    say(f"resuming {out_dir} after epoch {epoch} (training state: {saved.get('state_format', 'one file')})")
+    written = read_json(out_dir / "history.json") if (out_dir / "history.json").is_file() else []
+    if len(written) > epoch:
+        say(f"epochs {epoch + 1}-{len(written)} ran after the last saved state and will be trained again")
+    atomic_write_json(out_dir / "history.json", history)
+    record = saved.get("best") or {}
+    best_epoch = int(saved.get("best_epoch", 0))
+    if not record or not best_epoch:  # an older state: it does not say which best.* belongs to it
+        try:
+            on_disk = int(read_metadata(out_dir / BEST).get("epoch", 0))
+        except CheckpointError:
+            on_disk = 0
+        if on_disk > epoch:
+            say(
+                f"best.* is from epoch {on_disk}, after the saved state (epoch {epoch}); this older state cannot restore "
+                "its own best epoch, so best.* is replaced only when a resumed epoch scores higher"
+            )
+        return
+    try:
+        current = read_metadata(out_dir / BEST).get("tensors_sha256")
+    except CheckpointError:
+        current = None
+    if current == record.get("tensors_sha256"):
+        return
+    tensors = saved.get("best_state")
+    if tensors is None and best_epoch == epoch:
+        tensors = model_state(eval_model)
+    if tensors is None:
+        raise TrainingStateError(f"the training state in {out_dir} lacks the weights of its best epoch ({best_epoch}); delete {out_dir}/{LAST_STATE}.* to start over")
+    save_checkpoint_tensors(out_dir / BEST, dict(tensors), config, record.get("metrics"), extra=record.get("extra"))
+    say(f"best.* restored to epoch {best_epoch}, the best epoch of the saved state")
 
 
 def _validate(model: nn.Module, val: CachedData, loss_fn: Callable, device: torch.device, tc: TrainConfig) -> dict[str, float]:

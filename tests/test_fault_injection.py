@@ -1,0 +1,242 @@
+"""Kill training between any two of its file writes, resume, and get the uninterrupted run's model.
+
+Each interruption is an exception raised from ``os.replace`` (the last step of every atomic write)
+at a chosen write: after it (the process dies between two writes) or instead of it (it dies
+mid-write and leaves its temporary file, as ``kill -9`` would). The resumed run must end with the
+same best weights and history as a run that was never interrupted, or refuse with a message that
+says why; a silently different model fails the test. States written by older versions (two files,
+no embedded record) must still resume, and one cut between its two files must be refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from polypseg import training
+from polypseg.checkpoint import (
+    STATE_FORMAT,
+    CheckpointError,
+    TrainingStateError,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
+from polypseg.data import build_cache
+from polypseg.models import create_model
+from polypseg.training import train_model
+
+from helpers import tiny_config, write_synthetic_dataset
+
+DEAD_PID = 999_999_999  # above any pid_max: a process that cannot be running
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: a BaseException, so no ``except Exception`` in the code swallows it."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Several small steps on a loaded 2-core machine: one thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = write_synthetic_dataset(tmp_path_factory.mktemp("data"), n=8)
+    cache = build_cache(root, 32, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    return cache.subset(cache.stems[:4]), cache.subset(cache.stems[4:])
+
+
+def _config():
+    config = tiny_config(epochs=3, image_size=32)
+    config.model.encoder = "mobilenet_v2"  # 2.5M parameters: dozens of saves stay quick
+    config.train.ema_decay = 0.5
+    config.train.lr = 3e-3
+    config.train.precision = "fp32"
+    return config
+
+
+def _train(data, out: Path, **kwargs):
+    train, val = data
+    return train_model(_config(), train, val, out, device="cpu", progress=False, **kwargs)
+
+
+def _outcome(run: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    best = load_checkpoint(run / "best")
+    history = [{k: v for k, v in h.items() if k != "seconds"} for h in json.loads((run / "history.json").read_text())]
+    assert best.metadata["epoch"] == max(history, key=lambda h: h["val_dice"])["epoch"]
+    return best.model.state_dict(), history
+
+
+def _assert_same(run: Path, reference: Path) -> None:
+    weights, history = _outcome(run)
+    ref_weights, ref_history = _outcome(reference)
+    assert history == ref_history
+    for key, value in ref_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted run, and the list of files it wrote, in order."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    writes: list[str] = []
+    real_replace = os.replace
+
+    def recording(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if Path(dst).parent == out:
+            writes.append(Path(dst).name)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "STATE_EVERY_S", 0.0)
+        patch.setattr(os, "replace", recording)
+        _train(data, out)
+    assert not list(out.glob("last_state.*")), "a finished run keeps no optimizer state"
+    assert "last_state.safetensors" in writes and "best.json" in writes
+    return out, writes
+
+
+def _interrupt_at(data, out: Path, target: int, before: bool) -> None:
+    """Run until write number ``target`` (0-based), then die after it or in the middle of it."""
+    real_replace = os.replace
+    count = {"n": 0}
+
+    def failing(src, dst, *args, **kwargs):
+        if Path(dst).parent != out:
+            return real_replace(src, dst, *args, **kwargs)
+        index = count["n"]
+        count["n"] += 1
+        if index == target and before:
+            # die mid-write: the temporary file stays, as after kill -9
+            shutil.copyfile(src, Path(src).with_name(f".{Path(dst).name}.pid{DEAD_PID}.abcd1234.tmp"))
+            raise Killed
+        real_replace(src, dst, *args, **kwargs)
+        if index == target:
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "STATE_EVERY_S", 0.0)
+        patch.setattr(os, "replace", failing)
+        with pytest.raises(Killed):
+            _train(data, out)
+
+
+def test_kill_between_any_two_writes_then_resume_gives_the_uninterrupted_model(data, reference, tmp_path):
+    reference_run, writes = reference
+    refused = []
+    for target, name in enumerate(writes):
+        # dying mid-write matters where a write is long: the weights files
+        for before in (False, True) if name.endswith(".safetensors") else (False,):
+            out = tmp_path / f"run-{target}-{'mid' if before else 'after'}"
+            _interrupt_at(data, out, target, before)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(training, "STATE_EVERY_S", 0.0)
+                try:
+                    _train(data, out, resume=True)
+                except CheckpointError as error:  # a refusal must say what is wrong and what to do
+                    assert "delete" in str(error) and "\n" not in str(error), str(error)
+                    refused.append((target, name, str(error)))
+                    continue
+            _assert_same(out, reference_run)
+            assert not list(out.glob(".*.tmp")), f"stale temporary files after resuming ({name})"
+            assert not list(out.glob("last_state.*")), f"the finished run kept its training state ({name})"
+    # With one-file states nothing needs refusing: every interruption is recoverable.
+    assert refused == []
+
+
+def test_checkpoint_killed_between_its_two_files_reads_as_the_new_one(tmp_path, monkeypatch):
+    config = tiny_config()
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "best", create_model(config.model), config, metrics={"val_dice": 0.1}, extra={"epoch": 1})
+    torch.manual_seed(1)
+    newer = create_model(config.model).eval()
+    real_replace = os.replace
+
+    def die_after_weights(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if Path(dst).suffix == ".safetensors":
+            raise Killed
+
+    monkeypatch.setattr(os, "replace", die_after_weights)
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path / "best", newer, config, metrics={"val_dice": 0.2}, extra={"epoch": 2})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert json.loads((tmp_path / "best.json").read_text())["epoch"] == 1  # the stale copy
+    loaded = load_checkpoint(tmp_path / "best")
+    assert loaded.metadata["epoch"] == 2 and read_metadata(tmp_path / "best")["metrics"] == {"val_dice": 0.2}
+    for key, value in newer.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# States written by older polypseg (weights + JSON, nothing embedded)
+
+
+def _make_legacy_state(run: Path, json_from: dict | None = None) -> None:
+    """Rewrite ``run/last_state.*`` as polypseg <= 0.x wrote it: bare tensors, everything else in JSON."""
+    weights = run / "last_state.safetensors"
+    tensors = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("best.")}
+    record = json_from or json.loads((run / "last_state.json").read_text())
+    legacy = {k: v for k, v in record.items() if k not in ("tensors_sha256", "global_step", "best")}
+    save_file(tensors, str(weights), metadata={"format": STATE_FORMAT})
+    (run / "last_state.json").write_text(json.dumps(legacy))
+
+
+def _interrupt_after_epoch(data, out: Path, epoch: int) -> None:
+    def stop(record):
+        if record["epoch"] == epoch:
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "STATE_EVERY_S", 0.0)
+        with pytest.raises(Killed):
+            _train(data, out, on_epoch=stop)
+
+
+def test_old_format_state_and_best_still_resume_to_the_same_model(data, reference, tmp_path):
+    reference_run, _ = reference
+    out = tmp_path / "old"
+    _interrupt_after_epoch(data, out, 2)
+    _make_legacy_state(out)
+    # best.* as older versions wrote it too: no metadata in the weights file
+    best = out / "best.safetensors"
+    save_file(load_file(str(best)), str(best), metadata={"format": "polypseg-checkpoint-v1"})
+    assert load_checkpoint(out / "best").metadata["epoch"] >= 1  # old checkpoints load from their .json
+    _train(data, out, resume=True)
+    _assert_same(out, reference_run)
+
+
+def test_old_format_state_cut_between_its_two_files_is_refused(data, tmp_path):
+    out = tmp_path / "cut"
+    _interrupt_after_epoch(data, out, 1)
+    record_epoch_1 = json.loads((out / "last_state.json").read_text())
+    shutil.rmtree(out)
+    _interrupt_after_epoch(data, out, 2)
+    # the issue's case: weights of the later epoch, record of the earlier one
+    _make_legacy_state(out, json_from=record_epoch_1)
+    with pytest.raises(TrainingStateError, match=r"inconsistent.*after 2 optimizer step.*epoch 1 \(1 steps of 1\).*delete .*last_state"):
+        _train(data, out, resume=True)
+
+
+def test_corrupt_state_is_refused_not_resumed(data, tmp_path):
+    out = tmp_path / "corrupt"
+    _interrupt_after_epoch(data, out, 1)
+    weights = out / "last_state.safetensors"
+    stat = weights.stat()
+    raw = bytearray(weights.read_bytes())
+    raw[-64:] = os.urandom(64)  # tensor bytes changed, size and time restored
+    weights.write_bytes(bytes(raw))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(TrainingStateError, match="SHA-256.*corrupt"):
+        _train(data, out, resume=True)
