@@ -194,3 +194,48 @@ def test_help_shows_no_value_after_flags():
         assert flag in cv, flag
     # options that do take a value keep their label
     assert "<path>" in cv and "<int" in cv and "<str>" in cv
+
+
+def _fake_summary(recipe: str) -> dict:
+    return {
+        "recipe": recipe,
+        "threshold": 0.45,
+        "mean_std": {"at_chosen": {"dice": [0.2951, 0.0952], "iou": [0.2, 0.07]}},
+    }
+
+
+def test_demo_run_says_its_low_score_is_expected(tmp_path, monkeypatch):
+    import polypseg.cv
+
+    monkeypatch.setattr(polypseg.cv, "run_cv", lambda *args, **kwargs: _fake_summary(kwargs.get("config", args[2]).train.recipe))
+    demo = runner.invoke(app, ["cv", "--recipe", "demo", "--out", str(tmp_path / "demo"), "--device", "cpu"])
+    assert demo.exit_code == 0, demo.output
+    assert "Dice 0.2951 ± 0.0952" in demo.output
+    assert "low score is expected" in " ".join(demo.output.split())
+    paper = runner.invoke(app, ["cv", "--recipe", "paper", "--out", str(tmp_path / "paper"), "--device", "cpu"])
+    assert paper.exit_code == 0, paper.output
+    assert "Dice 0.2951" in paper.output and "expected" not in paper.output
+
+
+def test_fold_progress_is_numbered_like_the_fold_folders(tmp_path, monkeypatch):
+    """The progress bar of fold_1 says fold 1 (folders fold_0..fold_{k-1}), not fold 2/k."""
+    import polypseg.cv
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_train_model(*args, description="", **kwargs):
+        seen.append((args[3].name, description))
+        raise Stop
+
+    monkeypatch.setattr(polypseg.cv, "train_model", fake_train_model)
+    data = write_synthetic_dataset(tmp_path / "data", n=6)
+    result = runner.invoke(
+        app,
+        ["cv", "--data", str(data), "--out", str(tmp_path / "run"), "--folds", "3", "--only-fold", "1", "--recipe", "demo",
+         "--image-size", "32", "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache")],
+    )
+    assert isinstance(result.exception, Stop), result.output
+    assert seen == [("fold_1", "fold 1 (of 0-2)")]

@@ -65,6 +65,20 @@ def test_report_numbers_match_the_run(report: tuple[Path, str]) -> None:
     # the explainability table carries the fold means measured during cv
     fold0 = read_json(run / "fold_0" / "metrics.json")["explainability"]["mean_std"]["energy_inside"]["mean"]
     assert f"{fold0:.4f}" in html
+    # and says on how many images each fold measured it (2 each: explain_max_images=2)
+    counts = [len(read_json(run / f"fold_{k}" / "metrics.json")["explainability"]["per_image"]) for k in (0, 1)]
+    assert counts == [2, 2]
+    assert "images per fold: 2, 2" in html
+
+
+def test_explained_image_count_of_each_fold() -> None:
+    from polypseg.reporting.report import _explained_images
+
+    records = [{"stem": "a", "energy_inside": 0.5}, {"stem": "b", "energy_inside": None}]
+    assert _explained_images({"per_image": records, "mean_std": {"energy_inside": {"mean": 0.5, "std": 0.0, "n": 1}}}) == 2
+    # a summary without its per-image records: the largest per-metric count
+    assert _explained_images({"mean_std": {"energy_inside": {"n": 7}, "pointing_game": {"n": 8}}}) == 8
+    assert _explained_images({"n_images": 3}) == 3
 
 
 def test_report_of_a_partial_run(tiny_cv_run: Path, tmp_path: Path) -> None:

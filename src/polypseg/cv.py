@@ -258,7 +258,7 @@ def run_cv(
                 device=device,
                 resume=resume,
                 progress=progress,
-                description=f"fold {index + 1}/{len(splits['folds'])}",
+                description=f"fold {index} (of 0-{len(splits['folds']) - 1})",  # numbered as the fold_N folders
                 on_epoch=(lambda record: clock.tick()) if clock is not None else None,
             )
         if context.is_main:

@@ -10,6 +10,11 @@ import typer
 from polypseg.cli.common import UsageError, console
 from polypseg.config import RECIPES, RunConfig, apply_overrides, get_recipe
 
+DEMO_NOTE = (
+    "note: a low score is expected here. The demo recipe is a smoke run (a few epochs from random init, "
+    "few training images per fold): it shows the whole pipeline works and says nothing about the method. "
+    "For real results: polypseg cv --recipe paper --data data/kvasir-seg (see docs/recipes.md)."
+)
 DATA_HELP = "Dataset folder (images/ + masks/, or CVC-ClinicDB's Original/ + 'Ground Truth/'). Default: the bundled 40-image Kvasir-SEG sample."
 
 
@@ -153,6 +158,8 @@ def register(app: typer.Typer) -> None:
                 f"Dice {ms['dice'][0]:.4f} ± {ms['dice'][1]:.4f}, IoU {ms['iou'][0]:.4f} ± {ms['iou'][1]:.4f} "
                 f"at threshold {summary['threshold']:g}"
             )
+            if summary.get("recipe") == "demo":
+                console.print(DEMO_NOTE, highlight=False, soft_wrap=True)
             console.print(f"summary: {Path(out) / 'summary.md'}")
             if (Path(out) / "report.html").is_file():
                 console.print(f"report:  {Path(out) / 'report.html'}")
@@ -228,3 +235,5 @@ def register(app: typer.Typer) -> None:
         if "test" in result:
             t = result["test"]["at"]["0.5"]
             console.print(f"test ({result['test']['n_images']} images): Dice {t['dice']:.4f}, IoU {t['iou']:.4f} at 0.5")
+            if config.train.recipe == "demo":
+                console.print(DEMO_NOTE, highlight=False, soft_wrap=True)

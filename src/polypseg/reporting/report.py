@@ -298,6 +298,17 @@ def _metric_mean(value: Any) -> float:
     return float(value)
 
 
+def _explained_images(explain: dict[str, Any]) -> int:
+    """Images Grad-CAM was measured on in one fold: its per-image records (cv writes them), else the
+    largest per-metric count ``n`` (metrics that are NaN for an image leave it out of their own n)."""
+    if "n_images" in explain:
+        return int(explain["n_images"])
+    if isinstance(explain.get("per_image"), list):
+        return len(explain["per_image"])
+    counts = [int(v["n"]) for v in explain.get("mean_std", {}).values() if isinstance(v, dict) and "n" in v]
+    return max(counts, default=0)
+
+
 def _explain_section(run: Path, folds: list[int]) -> dict[str, Any]:
     per_fold: dict[int, dict[str, float]] = {}
     settings: dict[str, Any] = {}
@@ -309,7 +320,7 @@ def _explain_section(run: Path, folds: list[int]) -> dict[str, Any]:
             continue
         stats = explain.get("mean_std", explain)
         per_fold[fold] = {k: _metric_mean(v) for k, v in stats.items() if k in EXPLAIN_LABELS}
-        counts[fold] = int(explain.get("n_images", 0))
+        counts[fold] = _explained_images(explain)
         settings = explain.get("settings", settings)
     if not per_fold:
         return {"measured": False}
