@@ -1,9 +1,13 @@
 """Build the bundled Kvasir-SEG sample (40 resized pairs) deterministically.
 
-Usage: python scripts/make_sample.py [SRC] [OUT]
+Usage: python scripts/make_sample.py [SRC] [TEST_LIST] [OUT]
 
-Defaults: SRC=/work/shared/datasets/kvasir-seg,
+Defaults (relative to the repository): SRC=../shared/datasets/kvasir-seg,
+TEST_LIST=../shared/datasets/splits/pranet_kvasir_test100.txt,
 OUT=src/polypseg/sample_data/kvasir-seg-sample
+
+The pairs are drawn from PraNet's 100 Kvasir-SEG test images only, which the shipped model never
+trained on, so the scores that `polypseg explain` reports on the sample are honest.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ LONG_SIDE = 256
 JPEG_QUALITY = 90
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SRC = Path("/work/shared/datasets/kvasir-seg")
+DEFAULT_SRC = REPO.parent / "shared" / "datasets" / "kvasir-seg"
+DEFAULT_TEST_LIST = REPO.parent / "shared" / "datasets" / "splits" / "pranet_kvasir_test100.txt"
 DEFAULT_OUT = REPO / "src" / "polypseg" / "sample_data" / "kvasir-seg-sample"
 
 NOTICE = f"""\
@@ -31,6 +36,9 @@ NOTICE = f"""\
 This folder holds a small subset of **Kvasir-SEG**: {N_PAIRS} image/mask pairs out of the
 1000 in the official release, resized so that the longer side is {LONG_SIDE} px. It is
 bundled only so that demos and tests run without downloading the full dataset.
+
+All {N_PAIRS} come from the 100 images of PraNet's Kvasir-SEG test split, which polypseg's
+shipped model never saw in training, so its scores on this sample are held-out scores.
 
 ## Terms and citation
 
@@ -48,7 +56,8 @@ Official download: https://datasets.simula.no/downloads/kvasir-seg.zip
 
 Built by `scripts/make_sample.py` from the official release (deterministic):
 
-- stems: the 1000 image stems sorted, then `random.Random({SEED}).sample(stems, {N_PAIRS})`;
+- stems: the 100 stems of PraNet's test list (`splits/pranet_kvasir_test100.txt`) sorted, then
+  `random.Random({SEED}).sample(stems, {N_PAIRS})`;
 - images: resized with Pillow LANCZOS so the longer side is {LONG_SIDE} px (aspect ratio
   kept), saved as `images/<stem>.jpg`, JPEG quality {JPEG_QUALITY};
 - masks: the original JPEG masks converted to one channel (`L`), binarized at > 127 at
@@ -66,19 +75,20 @@ def new_size(w: int, h: int) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def choose_stems(src: Path) -> list[str]:
-    """The reproducible subset of stems (seeded choice from the sorted stems)."""
-    stems = sorted(p.stem for p in (src / "images").glob("*.jpg"))
+def choose_stems(test_list: Path) -> list[str]:
+    """The reproducible subset of stems (seeded choice from the sorted test stems)."""
+    stems = sorted({line.strip() for line in test_list.read_text().splitlines() if line.strip()})
     return sorted(random.Random(SEED).sample(stems, N_PAIRS))
 
 
 def main() -> None:
     src = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_SRC
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else DEFAULT_OUT
+    test_list = Path(sys.argv[2]) if len(sys.argv) > 2 else DEFAULT_TEST_LIST
+    out = Path(sys.argv[3]) if len(sys.argv) > 3 else DEFAULT_OUT
     for sub in ("images", "masks"):
         shutil.rmtree(out / sub, ignore_errors=True)
         (out / sub).mkdir(parents=True)
-    for stem in choose_stems(src):
+    for stem in choose_stems(test_list):
         with Image.open(src / "images" / f"{stem}.jpg") as im:
             im = im.convert("RGB")
             size = new_size(*im.size)

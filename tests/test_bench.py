@@ -112,15 +112,37 @@ def test_training_speed_of_a_recipe_times_the_real_step(tmp_path):
 
     config = tiny_config(recipe="strong", image_size=32)  # EMA, crops, dice_bce: the full step
     config.train.batch_size = 4
-    result = benchmark_training(config, device="cpu", steps=3, warmup=2, train_images=40)
+    [result] = benchmark_training(config, device="cpu", steps=3, warmup=2, train_images=40)
     assert result["images_per_s"] > 0 and result["first_step_s"] > 0
     assert result["ema"] is True and result["compile"] is False  # compile applies on CUDA only
     assert result["images_per_s"] == pytest.approx(4 / (result["step_ms"] / 1000))
     assert result["epoch_s"] == pytest.approx(10 * result["step_ms"] / 1000)  # 40 images / batch 4
     assert result["run_minutes"] == pytest.approx(result["epoch_s"] * config.train.epochs / 60)
+    assert result["achieved_tflops"] == pytest.approx(result["train_gflop_per_image"] * result["images_per_s"] / 1000)
     assert "| strong |" in training_markdown([result])
-    with pytest.raises(BenchError, match="steps and warmup"):
+    with pytest.raises(BenchError, match="steps, warmup"):
         benchmark_training(config, device="cpu", steps=0)
+
+
+def test_training_variants_side_by_side_with_flops_and_peak():
+    from polypseg.bench import CPU_VARIANTS, benchmark_training, forward_flops, training_markdown
+
+    config = tiny_config(image_size=32)
+    config.train.batch_size = 2
+    config.train.progressive_size, config.train.progressive_epochs = 16, 1
+    rows = benchmark_training(config, device="cpu", steps=1, warmup=1, train_images=8, variants=CPU_VARIANTS, rounds=2, peak=True)
+    assert [r["variant"] for r in rows] == list(CPU_VARIANTS)
+    assert [(r["precision"], r["channels_last"]) for r in rows] == [("fp32", False), ("fp32", True), ("bf16", True)]
+    # a conv net's forward: more FLOPs at a larger size, about quadratically
+    assert forward_flops(config, 64) == pytest.approx(4 * forward_flops(config, 32), rel=0.05)
+    for r in rows:
+        assert r["train_gflop_per_image"] == pytest.approx(3 * forward_flops(config) / 1e9)
+        assert r["matmul_peak_bf16_tflops"] > 0 and r["fraction_of_bf16_peak"] > 0
+        assert r["progressive_size"] == 16 and r["progressive_step_ms"] > 0
+        # 1 epoch at 16 px and 0 at 32 (epochs=1): the run estimate is the small step's
+        assert r["run_minutes"] == pytest.approx(4 * r["progressive_step_ms"] / 1000 / 60)
+    table = training_markdown(rows)
+    assert "bf16-cl" in table and "of bf16 peak" in table and "NCHW" in table and "channels-last" in table
 
 
 def test_bench_train_cli(tmp_path):
@@ -129,9 +151,34 @@ def test_bench_train_cli(tmp_path):
         app,
         ["bench-train", "--recipe", "demo", "--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16,16,16,16,16]",
          "--image-size", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out), "--markdown",
-         "--label", "demo-b2"],
+         "--label", "demo-b2", "--variants", "recipe", "--no-peak"],
     )
     assert result.exit_code == 0, result.output
-    saved = json.loads(out.read_text())
+    [saved] = json.loads(out.read_text())
     assert saved["batch_size"] == 2 and saved["image_size"] == 32 and saved["recipe"] == "demo"
     assert "| demo-b2 |" in result.output and saved["label"] == "demo-b2"
+
+
+def test_bench_train_cli_defaults_to_the_cpu_variants_and_rejects_unknown_ones(tmp_path):
+    tiny = ["--recipe", "demo", "--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16,16,16,16,16]",
+            "--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu"]
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(app, ["bench-train", *tiny, "--rounds", "1", "--no-peak", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [row["variant"] for row in json.loads(out.read_text())] == ["fp32-nchw", "fp32-cl", "bf16-cl"]
+    result = CliRunner().invoke(app, ["bench-train", *tiny, "--variants", "fp16"])
+    assert result.exit_code == 2 and "--variants fp16" in result.output and "Traceback" not in result.output
+
+
+def test_training_breakdown_accounts_for_every_part_of_an_epoch():
+    from polypseg.bench import breakdown_markdown, training_breakdown
+
+    config = tiny_config(recipe="strong", image_size=32)  # EMA on: every phase exists
+    config.train.batch_size = 2
+    config.train.val_fraction = 0.1
+    result = training_breakdown(config, device="cpu", steps=2, warmup=1, train_images=8, val_images=4)
+    assert set(result["seconds"]) == {"augment", "forward", "backward", "optimizer", "ema", "validation", "checkpoint writes"}
+    assert all(v > 0 for v in result["seconds"].values())
+    assert result["epoch_s"] == pytest.approx(sum(result["seconds"].values()))
+    assert sum(result["shares"].values()) == pytest.approx(1.0)
+    assert "| checkpoint writes |" in breakdown_markdown(result)

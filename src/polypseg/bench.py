@@ -195,87 +195,279 @@ def load_for_bench(
     return Predictor.from_onnx(int8_paths, device=device)
 
 
+# bench-train's variants: (precision, channels-last, torch.compile). "recipe" is the recipe as it
+# would train here (polypseg.precision's rule).
+TRAIN_VARIANTS: dict[str, tuple[str, bool | None, bool]] = {
+    "recipe": ("", None, False),
+    "fp32-nchw": ("fp32", False, False),
+    "fp32-cl": ("fp32", True, False),
+    "bf16-cl": ("bf16", True, False),
+    "bf16-cl-compiled": ("bf16", True, True),
+}
+CPU_VARIANTS = ("fp32-nchw", "fp32-cl", "bf16-cl")
+
+
+def forward_flops(config: RunConfig, image_size: int | None = None) -> float:
+    """FLOPs (2 per multiply-add) of one image's forward pass, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from polypseg.models import create_model
+
+    size = image_size or config.train.image_size
+    model = create_model(config.model).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """This machine's square-matmul throughput in FLOP/s (best of ``repeats``): the roofline the model is measured against."""
+    torch_device = torch.device(device)
+    a = torch.randn(n, n, device=torch_device).to(dtype)
+    b = torch.randn(n, n, device=torch_device).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+class _TimedStep:
+    """One variant's TrainStep on fixed random data, timed in rounds (so variants can interleave)."""
+
+    def __init__(self, config: RunConfig, device: torch.device, variant: str, size: int | None = None) -> None:
+        from polypseg.training import DistributedContext, TrainStep, seed_everything
+
+        if variant not in TRAIN_VARIANTS:
+            raise BenchError(f"unknown variant '{variant}'; choose from {', '.join(TRAIN_VARIANTS)}")
+        precision, channels_last, compile_ = TRAIN_VARIANTS[variant]
+        config = RunConfig.from_dict(config.to_dict())
+        tc = config.train
+        if precision:
+            tc.precision = precision
+        seed_everything(tc.seed)
+        self.step = TrainStep(config, device, channels_last=channels_last)
+        self.step.wrap(DistributedContext())  # one process; torch.compile on CUDA if the recipe asks
+        self.compiled = bool(tc.compile and device.type == "cuda")
+        if compile_ and not self.compiled:
+            self.step.forward_model = torch.compile(self.step.forward_model)
+            self.compiled = True
+        self.device, self.tc, self.size, self.variant = device, tc, size, variant
+        self.generator = torch.Generator(device=device).manual_seed(tc.seed)
+        b, s = tc.batch_size, tc.image_size
+        self.images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=device, generator=self.generator)
+        self.masks = (torch.rand((b, 1, s, s), device=device, generator=self.generator) > 0.7).to(torch.uint8)
+        self.times: list[float] = []
+        self.first_step_s = float("nan")
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = self.step(self.images, self.masks, self.tc.lr, self.generator, size=self.size)
+        self._sync()
+        if not torch.isfinite(loss):
+            raise BenchError(f"the training loss became {float(loss)}: the timing would not be of real training")
+        if timed:
+            self.times.append((time.perf_counter() - start) / steps)
+
+    def warm_up(self, warmup: int) -> None:
+        start = time.perf_counter()
+        self.run(1, timed=False)
+        self.first_step_s = time.perf_counter() - start
+        if warmup > 1:
+            self.run(warmup - 1, timed=False)
+
+
 def benchmark_training(
     config: RunConfig,
     device: str = "auto",
     steps: int = 30,
     warmup: int = 5,
     train_images: int = 800,
-) -> dict[str, Any]:
+    variants: tuple[str, ...] = ("recipe",),
+    rounds: int = 1,
+    peak: bool = False,
+) -> list[dict[str, Any]]:
     """Training throughput of a recipe: :class:`polypseg.training.TrainStep` on random data on the device.
 
-    Unlike inference latency, training is a pipelined loop (the host queues steps ahead of the GPU),
-    so ``steps`` consecutive steps are timed together with one synchronisation at the end.
-    ``first_step_s`` (the first warm-up step) includes ``torch.compile``'s compilation when the
-    recipe compiles. ``epoch_s`` and ``run_minutes`` extrapolate to ``train_images`` images per
-    epoch and the recipe's epochs (training only: no validation, evaluation or Grad-CAM checks).
+    Training is a pipelined loop (the host queues steps ahead of the GPU), so ``steps`` consecutive
+    steps are timed together with one synchronisation at the end; with several ``variants`` (see
+    :data:`TRAIN_VARIANTS`) each round times every variant in turn, so a load change hits them
+    alike, and the median round counts. ``first_step_s`` includes ``torch.compile``'s compilation.
+    ``epoch_s`` and ``run_minutes`` extrapolate to ``train_images`` images per epoch and the
+    recipe's epochs (training only), timing the progressive-resizing size too when the recipe has
+    one. Each row has the model's achieved TFLOP/s (3x the counted forward FLOPs per image) and,
+    with ``peak``, that as a fraction of this machine's measured bf16 matmul peak.
     """
     from polypseg.devices import resolve_device
-    from polypseg.training import DistributedContext, TrainStep, seed_everything
+    from polypseg.training import epoch_size
 
-    if steps < 1 or warmup < 1:
-        raise BenchError("steps and warmup must be >= 1 (the first warm-up step is timed on its own)")
+    if steps < 1 or warmup < 1 or rounds < 1:
+        raise BenchError("steps, warmup and rounds must be >= 1 (the first warm-up step is timed on its own)")
     torch_device = resolve_device(device)
     tc = config.train
-    seed_everything(tc.seed)
-    step = TrainStep(config, torch_device)
-    step.wrap(DistributedContext())  # one process; torch.compile if the recipe asks
-    generator = torch.Generator(device=torch_device).manual_seed(tc.seed)
-    b, s = tc.batch_size, tc.image_size
-    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, device=torch_device, generator=generator)
-    masks = (torch.rand((b, 1, s, s), device=torch_device, generator=generator) > 0.7).to(torch.uint8)
-
-    def sync() -> None:
-        if torch_device.type == "cuda":
-            torch.cuda.synchronize(torch_device)
-
-    start = time.perf_counter()
-    step(images, masks, tc.lr, generator)
-    sync()
-    first_step_s = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        step(images, masks, tc.lr, generator)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step(images, masks, tc.lr, generator)
-    sync()
-    elapsed = time.perf_counter() - start
-    if not torch.isfinite(loss):
-        raise BenchError(f"the training loss became {float(loss)}: the timing would not be of real training")
-    per_step = elapsed / steps
+    low = tc.progressive_size if tc.progressive_size and tc.progressive_epochs else None
+    timers: list[tuple[_TimedStep, _TimedStep | None]] = []
+    for variant in variants:
+        main = _TimedStep(config, torch_device, variant)
+        small = _TimedStep(config, torch_device, variant, size=low) if low else None
+        main.warm_up(warmup)
+        if small:
+            small.warm_up(warmup)
+        timers.append((main, small))
+    for _ in range(rounds):
+        for main, small in timers:
+            main.run(steps)
+            if small:
+                small.run(steps)
+    flops = {size: 3 * forward_flops(config, size) for size in {tc.image_size, low or tc.image_size}}
+    peak_bf16 = matmul_peak(torch.bfloat16, device=str(torch_device)) if peak else None
+    peak_fp32 = matmul_peak(torch.float32, device=str(torch_device)) if peak else None
     steps_per_epoch = max(1, train_images // tc.batch_size)
+    rows = []
+    for main, small in timers:
+        per_step = statistics.median(main.times)
+        small_step = statistics.median(small.times) if small else per_step
+        epoch_seconds = [steps_per_epoch * (small_step if epoch_size(tc, e) else per_step) for e in range(tc.epochs)]
+        achieved = flops[tc.image_size] * tc.batch_size / per_step
+        row = {
+            "recipe": tc.recipe,
+            "variant": main.variant,
+            "device": str(torch_device),
+            "device_name": device_name(torch_device),
+            "cpu_flags": cpu_feature_summary() if torch_device.type == "cpu" else "",
+            "precision": main.step.precision,
+            "channels_last": main.step.channels_last,
+            "compile": main.compiled,
+            "batch_size": tc.batch_size,
+            "image_size": tc.image_size,
+            "ema": tc.ema_decay > 0,
+            "warmup": warmup,
+            "steps": steps,
+            "rounds": rounds,
+            "first_step_s": main.first_step_s,
+            "step_ms": per_step * 1000,
+            "images_per_s": tc.batch_size / per_step,
+            "train_gflop_per_image": flops[tc.image_size] / 1e9,
+            "achieved_tflops": achieved / 1e12,
+            "train_images": train_images,
+            "epoch_s": steps_per_epoch * per_step,
+            "epochs": tc.epochs,
+            "run_minutes": sum(epoch_seconds) / 60,
+        }
+        if small:
+            row.update({"progressive_size": low, "progressive_step_ms": small_step * 1000, "progressive_epochs": tc.progressive_epochs})
+        if peak_bf16:
+            row.update({"matmul_peak_bf16_tflops": peak_bf16 / 1e12, "matmul_peak_fp32_tflops": peak_fp32 / 1e12,
+                        "fraction_of_bf16_peak": achieved / peak_bf16})
+        rows.append(row)
+    return rows
+
+
+def training_breakdown(
+    config: RunConfig,
+    device: str = "auto",
+    steps: int = 5,
+    warmup: int = 2,
+    train_images: int = 800,
+    val_images: int = 100,
+) -> dict[str, Any]:
+    """Where an epoch's time goes: the step's phases, validation and the checkpoint writes.
+
+    The step's phases (augment, forward, backward, optimizer, EMA) are timed inside the real
+    :class:`polypseg.training.TrainStep` (with a device sync at each boundary on CUDA, so only use
+    this to see proportions); validation is ``val_images`` through the evaluation path; the writes
+    are one training state and one best checkpoint into a temporary folder. Returns seconds per
+    epoch for each part and their shares.
+    """
+    from polypseg.checkpoint import save_checkpoint, save_training_state
+    from polypseg.devices import resolve_device
+    from polypseg.evaluation import predict_probabilities
+
+    torch_device = resolve_device(device)
+    tc = config.train
+    timer = _TimedStep(config, torch_device, "recipe")
+    timer.warm_up(warmup)
+    timer.step.phase_times = {}
+    timer.run(steps)
+    steps_per_epoch = max(1, train_images // tc.batch_size)
+    parts = {phase: statistics.median(times) * steps_per_epoch for phase, times in timer.step.phase_times.items()}
+    timer.step.phase_times = None
+    images = np.random.default_rng(0).integers(0, 256, (min(val_images, 2 * tc.eval_batch_size), tc.image_size, tc.image_size, 3), dtype=np.uint8)
+    model = timer.step.eval_model
+    predict_probabilities(model, images[: tc.eval_batch_size], device=torch_device, batch_size=tc.eval_batch_size, precision=tc.precision)
+    start = time.perf_counter()
+    predict_probabilities(model, images, device=torch_device, batch_size=tc.eval_batch_size, precision=tc.precision)
+    parts["validation"] = (time.perf_counter() - start) * val_images / len(images) if tc.val_fraction > 0 else 0.0
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        save_training_state(Path(folder) / "last_state", timer.step.model, timer.step.optimizer, {"epoch": 1, "history": []}, ema_model=timer.step.ema)
+        save_checkpoint(Path(folder) / "best", model, config)
+        parts["checkpoint writes"] = time.perf_counter() - start
+    total = sum(parts.values())
     return {
         "recipe": tc.recipe,
-        "device": str(torch_device),
         "device_name": device_name(torch_device),
-        "precision": "bf16" if torch_device.type == "cuda" and tc.amp else "fp32",
-        "compile": bool(tc.compile and torch_device.type == "cuda"),
-        "batch_size": tc.batch_size,
-        "image_size": tc.image_size,
-        "ema": tc.ema_decay > 0,
-        "warmup": warmup,
-        "steps": steps,
-        "first_step_s": first_step_s,
-        "step_ms": per_step * 1000,
-        "images_per_s": tc.batch_size / per_step,
+        "precision": timer.step.precision,
+        "channels_last": timer.step.channels_last,
         "train_images": train_images,
-        "epoch_s": steps_per_epoch * per_step,
-        "epochs": tc.epochs,
-        "run_minutes": steps_per_epoch * per_step * tc.epochs / 60,
+        "val_images": val_images,
+        "epoch_s": total,
+        "seconds": parts,
+        "shares": {k: v / total for k, v in parts.items()},
+        "threads": torch.get_num_threads(),
     }
 
 
+def breakdown_markdown(result: dict[str, Any]) -> str:
+    lines = ["| part of an epoch | seconds | share |", "|---|---:|---:|"]
+    for part, seconds in result["seconds"].items():
+        lines.append(f"| {part} | {seconds:.1f} | {100 * result['shares'][part]:.1f}% |")
+    lines.append(f"| **total** | **{result['epoch_s']:.1f}** | 100% |")
+    return "\n".join(lines)
+
+
+def cpu_feature_summary() -> str:
+    """The CPU flags that decide polypseg's speed: AVX-512, its bf16/VNNI extensions, AMX."""
+    from polypseg.precision import cpu_flags
+
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+    return " ".join(flag for flag in wanted if flag in cpu_flags())
+
+
 def training_markdown(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of :func:`benchmark_training` results."""
-    lines = [
-        "| setting | device | precision | compile | batch | EMA | step ms | images/s | first step s | epoch s | training min (epochs) |",
-        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
+    """A markdown table of :func:`benchmark_training` results (with TFLOP/s and the peak fraction when measured)."""
+    with_peak = any("fraction_of_bf16_peak" in r for r in rows)
+    head = "| setting | device | precision | layout | compile | batch | EMA | step ms | images/s | TFLOP/s |"
+    rule = "|---|---|---|---|---|---:|---|---:|---:|---:|"
+    if with_peak:
+        head += " of bf16 peak |"
+        rule += "---:|"
+    head += " first step s | epoch s | training min (epochs) |"
+    rule += "---:|---:|---:|"
+    lines = [head, rule]
     for r in rows:
-        lines.append(
-            f"| {r.get('label') or r['recipe']} | {r['device_name']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | {r['batch_size']} | "
-            f"{'yes' if r['ema'] else 'no'} | {r['step_ms']:.1f} | {r['images_per_s']:.0f} | {r['first_step_s']:.1f} | "
-            f"{r['epoch_s']:.1f} | {r['run_minutes']:.1f} ({r['epochs']}) |"
+        label = r.get("label") or r["recipe"]
+        if r.get("variant", "recipe") != "recipe":
+            label = f"{label} {r['variant']}"
+        line = (
+            f"| {label} | {r['device_name']} | {r['precision']} | {'channels-last' if r.get('channels_last') else 'NCHW'} | "
+            f"{'yes' if r['compile'] else 'no'} | {r['batch_size']} | {'yes' if r['ema'] else 'no'} | {r['step_ms']:.1f} | "
+            f"{r['images_per_s']:.1f} | {r.get('achieved_tflops', float('nan')):.2f} |"
         )
+        if with_peak:
+            line += f" {100 * r.get('fraction_of_bf16_peak', float('nan')):.0f}% |"
+        line += f" {r['first_step_s']:.1f} | {r['epoch_s']:.1f} | {r['run_minutes']:.1f} ({r['epochs']}) |"
+        lines.append(line)
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from polypseg.evaluation import (
 )
 from polypseg.io_utils import atomic_write, atomic_write_json, atomic_write_text, read_json, remove_stale_temps
 from polypseg.metrics import DEFAULT_THRESHOLDS, METRIC_NAMES, SegmentationMetrics, mean_std
-from polypseg.training import DistributedContext, tidy_run_folder, train_model, training_finished
+from polypseg.training import DistributedContext, resolve_run_precision, tidy_run_folder, train_model, training_finished
 
 # PolypSeg-GradCAM (arXiv 2509.18159), Kvasir-SEG 5-fold CV, ImageNet-pretrained encoder.
 PAPER_RESULTS = {
@@ -210,6 +210,8 @@ def run_cv(
             raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose a new --out")
         saved = read_json(config_path)
         saved_config = RunConfig.from_dict(saved["run"])
+        if config is not None:
+            resolve_run_precision(config, device)
         changed = config_differences(saved_config, config) if config is not None else []
         changed += [f"{name}: {old!r} -> {new!r}" for name, old, new in (("folds", saved["folds"], folds), ("seed", saved["seed"], seed)) if new is not None and new != old]
         data, data_change = _resumed_data(saved["data"], data)
@@ -222,6 +224,7 @@ def run_cv(
     folds = 5 if folds is None else folds
     seed = 0 if seed is None else seed
     assert config is not None
+    resolve_run_precision(config, device)
     cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress and context.is_main)
 
     started = time.monotonic()
@@ -296,7 +299,7 @@ def evaluate_fold(
         device=torch_device,
         batch_size=config.train.eval_batch_size,
         tta_flip=config.train.tta_flip,
-        amp=config.train.amp,
+        precision=config.train.precision,
     )
     quantized = quantize_probabilities(probs)
     payload = {"stems": np.array(test.stems), "probs": quantized, "masks": test.masks}

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
 from torch import nn
 
+from polypseg.precision import autocast, use_channels_last
 from polypseg.metrics import DEFAULT_THRESHOLDS, SegmentationMetrics
 from polypseg.transforms import normalize
 
 
-def autocast_for(device: torch.device | str, enabled: bool = True):  # noqa: ANN201
-    """bf16 autocast on CUDA; a no-op elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
-    device = torch.device(device)
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def autocast_for(device: torch.device | str, enabled: bool = True) -> AbstractContextManager:
+    """Deprecated spelling of :func:`polypseg.precision.autocast`: ``enabled`` means ``auto``."""
+    return autocast(device, "auto" if enabled else "fp32")
 
 
 @torch.no_grad()
@@ -28,11 +26,12 @@ def predict_probabilities(
     device: torch.device | str = "cpu",
     batch_size: int = 32,
     tta_flip: bool = False,
-    amp: bool = True,
+    precision: str = "auto",
     progress: bool = False,
 ) -> torch.Tensor:
     """Sigmoid probabilities ``float32 (N, S, S)`` on CPU for ``uint8`` images ``(N, S, S, 3)`` or ``(N, 3, S, S)``.
 
+    ``precision`` follows :mod:`polypseg.precision` (``auto``: bf16 where the device has it).
     With ``tta_flip`` the probabilities of the image and its horizontal and vertical flips are averaged.
     """
     device = torch.device(device)
@@ -41,7 +40,7 @@ def predict_probabilities(
         images = torch.from_numpy(np.ascontiguousarray(images))
     if images.shape[-1] == 3 and images.shape[1] != 3:
         images = images.permute(0, 3, 1, 2)
-    channels_last = device.type == "cuda"
+    channels_last = use_channels_last(device, precision)
     out = torch.empty((images.shape[0], images.shape[2], images.shape[3]), dtype=torch.float32)
     starts = range(0, images.shape[0], batch_size)
     if progress:
@@ -52,7 +51,7 @@ def predict_probabilities(
         batch = normalize(images[start : start + batch_size].to(device, non_blocking=True))
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast_for(device, amp):
+        with autocast(device, precision):
             probs = torch.sigmoid(model(batch).float())
             if tta_flip:
                 probs = probs + torch.sigmoid(model(batch.flip(3)).float()).flip(3)

@@ -128,7 +128,7 @@ def evaluate_external(
             device=torch_device,
             batch_size=checkpoint.config.train.eval_batch_size,
             tta_flip=checkpoint.config.train.tta_flip,
-            amp=checkpoint.config.train.amp,
+            precision=checkpoint.config.train.precision,
         )
         checkpoint.model.to("cpu")
         ensemble_sum += probs
@@ -500,7 +500,7 @@ def evaluate_pranet(
     probs = predict_probabilities(
         checkpoint.model, test.images, device=torch_device,
         batch_size=checkpoint.config.train.eval_batch_size, tta_flip=checkpoint.config.train.tta_flip,
-        amp=checkpoint.config.train.amp,
+        precision=checkpoint.config.train.precision,
     )
     at_model = _model_metrics(probs, test.masks, (0.5,), default_tolerance(size))["0.5"]
 

@@ -14,7 +14,7 @@ from polypseg.data import DataError, build_cache, load_split_file
 from polypseg.devices import resolve_device
 from polypseg.evaluation import evaluate_probabilities, predict_probabilities
 from polypseg.io_utils import atomic_write_json
-from polypseg.training import DistributedContext, train_model
+from polypseg.training import DistributedContext, resolve_run_precision, train_model
 
 
 def train_single_split(
@@ -35,6 +35,7 @@ def train_single_split(
     training stems, seeded), never on the test stems.
     """
     out = Path(out)
+    resolve_run_precision(config, device)
     if resume and (out / "config.json").is_file():
         refuse_changed_settings(out, config_differences(RunConfig.load(out / "config.json"), config))
     cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress)
@@ -63,7 +64,9 @@ def train_single_split(
         torch_device = resolve_device(device)
         checkpoint = load_checkpoint(result.best_checkpoint, device=torch_device)
         test = cache.subset(test_stems)
-        probs = predict_probabilities(checkpoint.model, test.images, device=torch_device, tta_flip=config.train.tta_flip)
+        probs = predict_probabilities(
+            checkpoint.model, test.images, device=torch_device, tta_flip=config.train.tta_flip, precision=config.train.precision
+        )
         metric = evaluate_probabilities(probs, test.masks, test.stems)
         summary["test"] = {"n_images": len(test_stems), **metric.compute(), "per_image_dice_at_0.5": dict(zip(test.stems, metric.per_image(0.5)["dice"].round(6).tolist()))}
         atomic_write_json(out / "test_metrics.json", summary["test"])

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from polypseg.augment import augment_batch
@@ -36,10 +37,11 @@ from polypseg.checkpoint import (
 from polypseg.config import RunConfig, TrainConfig
 from polypseg.data import CachedData
 from polypseg.devices import resolve_device
-from polypseg.evaluation import autocast_for, evaluate_probabilities, predict_probabilities
+from polypseg.evaluation import evaluate_probabilities, predict_probabilities
 from polypseg.io_utils import atomic_write_json, read_json, remove_stale_temps
 from polypseg.losses import create_loss
 from polypseg.models import create_model
+from polypseg.precision import autocast, resolve_precision, use_channels_last
 from polypseg.transforms import normalize
 
 BEST = "best"
@@ -91,6 +93,12 @@ def resolve_training_device(device: str, context: DistributedContext) -> torch.d
     return resolved
 
 
+def resolve_run_precision(config: RunConfig, device: str | torch.device) -> RunConfig:
+    """Fix ``config.train.precision`` (``auto`` -> ``bf16``/``fp32`` on this device) so the run's config saves the choice."""
+    config.train.precision = resolve_precision(config.train.precision, resolve_device(device))
+    return config
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -135,17 +143,20 @@ class TrainStep:
     """The model, optimizer, loss and weight EMA of a run, and one optimisation step on a batch.
 
     A step takes ``uint8`` images ``(B, 3, S, S)`` and masks ``(B, 1, S, S)`` already on the device:
-    augment, normalise, forward (bf16 autocast and channels-last on CUDA), loss, backward,
+    augment, normalise, forward (bf16 autocast and channels-last per :mod:`polypseg.precision`), loss, backward,
     optimizer step, EMA update. Nothing in it reads a tensor back to the host, so on a GPU the host
     queues the next step while this one runs. :func:`train_model` and the training-speed benchmark
     (:func:`polypseg.bench.benchmark_training`) both run this, so the benchmark times the real step.
     """
 
-    def __init__(self, config: RunConfig, device: torch.device) -> None:
+    def __init__(self, config: RunConfig, device: torch.device, channels_last: bool | None = None) -> None:
         tc = config.train
         self.config, self.device = config, device
+        self.precision = resolve_precision(tc.precision, device)
+        # channels_last=None follows polypseg.precision; True/False forces it (bench-train's variants)
+        self.channels_last = use_channels_last(device, self.precision, tc.channels_last) if channels_last is None else channels_last
         self.model = create_model(config.model).to(device)
-        if device.type == "cuda" and tc.channels_last:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema: nn.Module | None = None
         if tc.ema_decay > 0:
@@ -170,24 +181,64 @@ class TrainStep:
         """The weights to evaluate and keep: the EMA's when the recipe averages them."""
         return self.ema.module if self.ema is not None else self.model  # type: ignore[return-value]
 
-    def __call__(self, images: torch.Tensor, masks: torch.Tensor, lr: float, generator: torch.Generator) -> torch.Tensor:
-        """One step at learning rate ``lr``; returns the batch's loss (detached, on the device)."""
+    def __call__(
+        self, images: torch.Tensor, masks: torch.Tensor, lr: float, generator: torch.Generator, size: int | None = None
+    ) -> torch.Tensor:
+        """One step at learning rate ``lr``, at ``size`` px if given; returns the loss (detached, on the device)."""
         tc = self.config.train
+        mark = self._mark
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = augment_batch(images.float().div_(255), masks.float(), tc.augment, generator)
+        mark(None)
+        x, y = images.float().div_(255), masks.float()
+        if size is not None and size != x.shape[-1]:
+            x, y = downsample_batch(x, y, size)
+        x, y = augment_batch(x, y, tc.augment, generator)
         x = normalize(x)
-        if self.device.type == "cuda" and tc.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_for(self.device, tc.amp):
+        mark("augment")
+        with autocast(self.device, self.precision):
             logits = self.forward_model(x)
-        loss = self.loss_fn(logits, y)
+        loss = self.loss_fn(logits.float(), y)
+        mark("forward")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        mark("backward")
         self.optimizer.step()
+        mark("optimizer")
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+        mark("ema")
         return loss.detach()
+
+    # Where a step's time goes (bench-train --breakdown): off (a no-op) unless phase_times is set.
+    phase_times: dict[str, list[float]] | None = None
+    _last_mark: float = 0.0
+
+    def _mark(self, phase: str | None) -> None:
+        if self.phase_times is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # only when measuring: it serialises host and GPU
+        now = time.perf_counter()
+        if phase is not None:
+            self.phase_times.setdefault(phase, []).append(now - self._last_mark)
+        self._last_mark = now
+
+
+def downsample_batch(images: torch.Tensor, masks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-downsample a float batch to ``size`` px; the mask's area fraction is re-binarised at 0.5."""
+    images = F.interpolate(images, size=(size, size), mode="area")
+    masks = (F.interpolate(masks, size=(size, size), mode="area") >= 0.5).to(masks.dtype)
+    return images, masks
+
+
+def epoch_size(config: TrainConfig, epoch: int) -> int | None:
+    """The training resolution of ``epoch`` (0-based) under progressive resizing; None = image_size."""
+    if config.progressive_size and epoch < config.progressive_epochs:
+        return config.progressive_size
+    return None
 
 
 @dataclass
@@ -318,7 +369,7 @@ def train_model(
                 lr = tc.lr * lr_factor(tc, global_step, total_steps, steps_per_epoch)
                 batch_index = order[step * per_rank_batch * context.world_size : (step + 1) * per_rank_batch * context.world_size]
                 batch_index = batch_index[context.rank :: context.world_size]
-                loss_sum += step_fn(images[batch_index], masks[batch_index], lr, aug_gen)
+                loss_sum += step_fn(images[batch_index], masks[batch_index], lr, aug_gen, size=epoch_size(tc, epoch))
                 bar.advance()
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
@@ -457,7 +508,7 @@ def _restore_consistent_files(
 
 
 def _validate(model: nn.Module, val: CachedData, loss_fn: Callable, device: torch.device, tc: TrainConfig) -> dict[str, float]:
-    probs = predict_probabilities(model, val.images, device=device, batch_size=tc.eval_batch_size, amp=tc.amp)
+    probs = predict_probabilities(model, val.images, device=device, batch_size=tc.eval_batch_size, precision=tc.precision)
     masks = torch.from_numpy(val.masks)
     metric = evaluate_probabilities(probs, masks, thresholds=(0.5,))
     # Dice loss on probabilities recovered as logits: same quantity the training loss measures

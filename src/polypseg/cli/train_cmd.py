@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from polypseg.cli.common import UsageError, console
+from polypseg.cli.common import UsageError, console, fail
 from polypseg.config import RECIPES, RunConfig, apply_overrides, get_recipe
 
 DEMO_NOTE = (
@@ -37,6 +37,7 @@ def build_config(
     image_size: Optional[int],
     seed: Optional[int],
     overrides: list[str],
+    precision: Optional[str] = None,
 ) -> RunConfig:
     """The named recipe (or a saved run's config) with the command-line options applied (shortcuts first, then ``--set``)."""
     try:
@@ -50,6 +51,7 @@ def build_config(
             "train.loss": loss,
             "train.image_size": image_size,
             "train.seed": seed,
+            "train.precision": precision,
         }
         for key, value in shortcuts.items():
             if value is not None:
@@ -59,6 +61,10 @@ def build_config(
     except ValueError as error:
         raise UsageError(str(error)) from None
     from polypseg.losses import LOSSES
+    from polypseg.precision import PRECISIONS
+
+    if config.train.precision not in PRECISIONS:
+        raise UsageError(f"--precision {config.train.precision}: choose one of {', '.join(PRECISIONS)}")
 
     if config.train.loss not in LOSSES:
         raise UsageError(f"--loss {config.train.loss}: choose one of {', '.join(LOSSES)}")
@@ -99,6 +105,19 @@ SeedOpt = typer.Option(None, "--seed", help="Seed for training (and the split, f
 SetOpt = typer.Option([], "--set", help="Any config field, e.g. --set train.ema_decay=0.999 (repeatable).")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+PrecisionOpt = typer.Option(
+    None,
+    "--precision",
+    help="auto | fp32 | bf16. auto: bf16 autocast + channels-last on CUDA and on CPUs with native bf16 "
+    "(amx_bf16/avx512_bf16), fp32 elsewhere; the run saves the choice. Recipe default: auto.",
+)
+
+
+def _say_precision(config: RunConfig, device: str) -> None:
+    from polypseg.cli.common import resolve_device
+    from polypseg.precision import describe
+
+    console.print(describe(config.train.precision, resolve_device(device)), highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -117,6 +136,7 @@ def register(app: typer.Typer) -> None:
         image_size: Optional[int] = SizeOpt,
         seed: Optional[int] = SeedOpt,
         overrides: list[str] = SetOpt,
+        precision: Optional[str] = PrecisionOpt,
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (finished folds are kept as they are); starts it if --out holds none. Options given with it must match the run's."),
         explain: bool = typer.Option(True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."),
         explain_max_images: Optional[int] = typer.Option(None, "--explain-max-images", min=1, help="Limit the Grad-CAM checks to the first N held-out images per fold."),
@@ -132,12 +152,13 @@ def register(app: typer.Typer) -> None:
         from polypseg.cv import run_cv
 
         saved = _saved_config(out / "config.json", key="run") if resume else None
-        options = (recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed)
+        options = (recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, precision)
         config = None  # resuming with no options: the run's own config
         if saved is None or any(v is not None for v in options) or overrides:
             # Given with --resume, the result is checked against the saved config by run_cv.
             base = recipe if recipe is not None else (saved or "paper")
-            config = build_config(base, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides)
+            config = build_config(base, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides, precision)
+        _say_precision(config or saved or get_recipe("paper"), device)
         summary = run_cv(
             _data_or_sample(data),
             out,
@@ -170,37 +191,73 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = BatchOpt,
         image_size: Optional[int] = SizeOpt,
         overrides: list[str] = SetOpt,
+        precision: Optional[str] = PrecisionOpt,
         device: str = DeviceOpt,
         steps: int = typer.Option(30, "--steps", min=1, help="Timed training steps (run back to back, one sync at the end)."),
         warmup: int = typer.Option(5, "--warmup", min=1, help="Untimed steps first (the first one, with any compilation, is reported)."),
         train_images: int = typer.Option(800, "--train-images", min=1, help="Images per epoch for the epoch and run-time estimates (800: a Kvasir-SEG fold)."),
         label: Optional[str] = typer.Option(None, "--label", help="Name of this setting in the table (default: the recipe's)."),
-        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON."),
-        markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table row on stdout."),
+        variants: str = typer.Option(
+            "auto",
+            "--variants",
+            help="Comma-separated: recipe, fp32-nchw, fp32-cl, bf16-cl, bf16-cl-compiled. auto: on CPU the first three "
+            "side by side (fp32 NCHW, fp32 channels-last, bf16 channels-last), elsewhere the recipe as it trains.",
+        ),
+        rounds: int = typer.Option(3, "--rounds", min=1, help="With several variants: timed rounds, variants interleaved in each; the median round counts."),
+        peak: bool = typer.Option(True, "--peak/--no-peak", help="Also measure this machine's bf16/fp32 matmul peak and report the model's fraction of it."),
+        breakdown: bool = typer.Option(False, "--breakdown", help="Instead: where an epoch's time goes (augment, forward, backward, optimizer, EMA, validation, checkpoint writes)."),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as a JSON list."),
+        markdown: bool = typer.Option(False, "--markdown", help="Print the markdown table on stdout."),
     ) -> None:
-        """Training speed of a recipe on this machine: step time, images/s, and the time an epoch and a fold's run would take.
+        """Training speed of a recipe on this machine: step time, images/s, TFLOP/s, and the time an epoch and a run would take.
 
-        Example: polypseg bench-train --recipe strong --device cuda --markdown
+        On CPU it times fp32 NCHW, fp32 channels-last and bf16 channels-last side by side by default.
+
+        Example: polypseg bench-train --recipe paper --device cpu --markdown
         """
-        from polypseg.bench import benchmark_training, training_markdown
+        from polypseg.bench import CPU_VARIANTS, TRAIN_VARIANTS, benchmark_training, training_markdown
         from polypseg.cli.common import resolve_device
         from polypseg.io_utils import atomic_write_json
 
-        config = build_config(recipe or "paper", None, None, None, batch_size, None, None, image_size, None, overrides)
-        with console.status(f"timing {warmup} + {steps} training steps of recipe '{config.train.recipe}'"):
-            result = benchmark_training(config, resolve_device(device), steps=steps, warmup=warmup, train_images=train_images)
-        result["label"] = label or config.train.recipe
-        console.print(
-            f"{result['device_name']}: {result['step_ms']:.1f} ms per step of {result['batch_size']} "
-            f"= {result['images_per_s']:.0f} images/s; an epoch of {train_images} images {result['epoch_s']:.1f} s, "
-            f"{result['epochs']} epochs {result['run_minutes']:.1f} min (training only; first step {result['first_step_s']:.1f} s)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        config = build_config(recipe or "paper", None, None, None, batch_size, None, None, image_size, None, overrides, precision)
+        torch_device = resolve_device(device)
+        if breakdown:
+            from polypseg.bench import breakdown_markdown, training_breakdown
+
+            with console.status(f"timing the parts of an epoch of recipe '{config.train.recipe}'"):
+                result = training_breakdown(config, torch_device, steps=steps, warmup=warmup, train_images=train_images)
+            console.print(f"{result['device_name']}, {result['precision']}, {result['threads']} threads", highlight=False)
+            print(breakdown_markdown(result))
+            if json_path is not None:
+                atomic_write_json(json_path, result)
+            return
+        if variants == "auto":
+            chosen = CPU_VARIANTS if torch_device == "cpu" and precision is None else ("recipe",)
+        else:
+            chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+            unknown = [v for v in chosen if v not in TRAIN_VARIANTS]
+            if unknown or not chosen:
+                fail(f"--variants {variants}: choose from {', '.join(TRAIN_VARIANTS)} or auto")
+        rounds = rounds if len(chosen) > 1 else 1
+        with console.status(f"timing {', '.join(chosen)}: {warmup} + {rounds} x {steps} training steps of recipe '{config.train.recipe}'"):
+            rows = benchmark_training(
+                config, torch_device, steps=steps, warmup=warmup, train_images=train_images, variants=chosen, rounds=rounds, peak=peak
+            )
+        for row in rows:
+            row["label"] = label or config.train.recipe
+            fraction = f", {100 * row['fraction_of_bf16_peak']:.0f}% of the bf16 matmul peak" if "fraction_of_bf16_peak" in row else ""
+            console.print(
+                f"{row['variant']}: {row['step_ms']:.1f} ms per step of {row['batch_size']} = {row['images_per_s']:.1f} images/s, "
+                f"{row['achieved_tflops']:.2f} TFLOP/s{fraction}; an epoch of {train_images} images {row['epoch_s']:.1f} s, "
+                f"{row['epochs']} epochs {row['run_minutes']:.1f} min (training only; first step {row['first_step_s']:.1f} s)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False)
         if json_path is not None:
-            atomic_write_json(json_path, result)
+            atomic_write_json(json_path, rows)
         if markdown:
-            print(training_markdown([result]))
+            print(training_markdown(rows))
 
     @app.command("train")
     def train_command(
@@ -217,6 +274,7 @@ def register(app: typer.Typer) -> None:
         image_size: Optional[int] = SizeOpt,
         seed: Optional[int] = SeedOpt,
         overrides: list[str] = SetOpt,
+        precision: Optional[str] = PrecisionOpt,
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training in --out."),
         device: str = DeviceOpt,
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Preprocessed cache folder."),
@@ -227,7 +285,8 @@ def register(app: typer.Typer) -> None:
 
         saved = _saved_config(out / "config.json") if resume else None
         base = recipe if recipe is not None else (saved or "paper")
-        config = build_config(base, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides)
+        config = build_config(base, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides, precision)
+        _say_precision(config, device)
         result = train_single_split(
             _data_or_sample(data), out, config, test_list=test_list, resume=resume, device=device, progress=progress, cache_dir=cache_dir
         )

@@ -1,0 +1,75 @@
+"""Shipped models: fp16 release of a checkpoint, registry with SHA-256, verified loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from polypseg import pretrained
+from polypseg.checkpoint import load_checkpoint
+from polypseg.evaluation import predict_probabilities
+from polypseg.pretrained import PretrainedError, available_models, get_model, release_model, resolve_model
+
+
+@pytest.fixture
+def released(tiny_cv_run, tmp_path):
+    release = {"training_command": "polypseg train ...", "data": {"trained_on": "tiny"}, "test_metrics": {"dice": 0.5}}
+    model = release_model(tiny_cv_run / "fold_0" / "best", "tiny-model", release, weights_dir=tmp_path, summary="a tiny model")
+    return model, tmp_path
+
+
+def test_release_writes_fp16_weights_and_a_registry_with_sha256(released, tiny_cv_run):
+    model, weights_dir = released
+    registry = json.loads((weights_dir / "models.json").read_text())["models"]
+    assert registry["tiny-model"]["file"] == "tiny-model.safetensors"
+    assert registry["tiny-model"]["sha256"] == model.sha256 and len(model.sha256) == 64
+    with safe_open(str(model.weights), "pt") as handle:
+        dtypes = {handle.get_tensor(k).dtype for k in handle.keys()}
+    assert torch.float16 in dtypes and torch.float32 not in dtypes
+    assert model.release()["training_command"] == "polypseg train ..."
+    assert model.release()["dtype"] == "float16"
+    assert [m.name for m in available_models(weights_dir)] == ["tiny-model"]
+
+
+def test_shipped_fp16_model_predicts_like_the_fp32_checkpoint(released, tiny_cv_run):
+    model, _ = released
+    original = load_checkpoint(tiny_cv_run / "fold_0" / "best")
+    shipped = load_checkpoint(model.stem)
+    assert all(p.dtype == torch.float32 for p in shipped.model.parameters())
+    images = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    a = predict_probabilities(original.model, images, precision="fp32")
+    b = predict_probabilities(shipped.model, images, precision="fp32")
+    assert (a - b).abs().max() < 1e-2
+
+
+def test_a_damaged_or_unknown_model_is_refused_by_name(released):
+    model, weights_dir = released
+    with pytest.raises(PretrainedError, match="no shipped model named 'nope'"):
+        get_model("nope", weights_dir)
+    data = bytearray(model.weights.read_bytes())
+    data[-10] ^= 0xFF
+    model.weights.write_bytes(bytes(data))
+    with pytest.raises(PretrainedError, match="tiny-model.*SHA-256"):
+        get_model("tiny-model", weights_dir)
+    model.weights.unlink()
+    with pytest.raises(PretrainedError, match="missing"):
+        get_model("tiny-model", weights_dir)
+
+
+def test_resolve_model_prefers_existing_paths_then_shipped_names(released, tiny_cv_run, monkeypatch):
+    model, weights_dir = released
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", weights_dir)
+    monkeypatch.setattr(pretrained, "DEFAULT_MODEL", "tiny-model")
+    assert resolve_model(None) == model.stem
+    assert resolve_model("tiny-model") == model.stem
+    assert resolve_model(tiny_cv_run) == tiny_cv_run
+    assert resolve_model("no/such/path") == pretrained.Path("no/such/path")
+
+
+def test_the_bundled_registry_is_consistent():
+    """Every model the package ships is listed with the SHA-256 of its file."""
+    for model in available_models():
+        assert get_model(model.name).sha256 == model.sha256
