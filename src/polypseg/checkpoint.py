@@ -278,11 +278,20 @@ def checkpoint_content_key(path: Path | str) -> str:
     Derived files (ONNX exports, int8 models) are keyed by this, so a checkpoint whose content
     changes, whatever its size and modification time, never answers from an old export.
     """
-    weights, _ = checkpoint_paths(path)
+    weights, sidecar = checkpoint_paths(path)
+    # Memo within one process, keyed by stat including ctime: rewriting a file and restoring its
+    # modification time still changes its ctime, so a changed file is always hashed again.
+    stamp = tuple((p.resolve(), s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for p, s in ((p, p.stat()) for p in (weights, sidecar) if p.exists()))
+    if stamp in _CONTENT_KEYS:
+        return _CONTENT_KEYS[stamp]
     metadata = read_metadata(path)
     digest = hashlib.sha256(file_sha256(weights).encode())
     digest.update(json_text({k: v for k, v in metadata.items() if k != "created"}).encode())
-    return digest.hexdigest()
+    _CONTENT_KEYS[stamp] = digest.hexdigest()
+    return _CONTENT_KEYS[stamp]
+
+
+_CONTENT_KEYS: dict[tuple, str] = {}
 
 
 def find_checkpoints(path: Path | str) -> list[Path]:

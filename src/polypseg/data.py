@@ -366,9 +366,19 @@ def dataset_fingerprint(root: Path | str) -> str:
 
 
 def default_cache_dir() -> Path:
+    """``$POLYPSEG_CACHE``, else ``$XDG_CACHE_HOME/polypseg``, else ``~/.cache/polypseg``.
+
+    Everything derived and re-creatable lives here (preprocessed data, ONNX exports), never in a
+    user's run folder; every entry is named by the content hash of what it was made from.
+    """
     import os
 
-    return Path(os.environ.get("POLYPSEG_CACHE", Path.home() / ".cache" / "polypseg"))
+    if os.environ.get("POLYPSEG_CACHE"):
+        return Path(os.environ["POLYPSEG_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():  # the XDG spec: a relative value is invalid and ignored
+        return Path(xdg) / "polypseg"
+    return Path.home() / ".cache" / "polypseg"
 
 
 def build_cache(

@@ -18,7 +18,7 @@ import io
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,12 @@ def int8_path_for(checkpoint: Path | str) -> Path:
 
 
 def _fingerprint(checkpoint: Path) -> dict[str, Any]:
-    from polypseg.checkpoint import checkpoint_paths
+    """What an export was made from: the checkpoint's name and the SHA-256 of its content
+    (:func:`polypseg.checkpoint.checkpoint_content_key`), never its size or modification time."""
+    from polypseg.checkpoint import checkpoint_content_key, checkpoint_paths
 
     weights, _ = checkpoint_paths(checkpoint)
-    stat = weights.stat()
-    return {"weights": weights.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"weights": weights.name, "sha256": checkpoint_content_key(weights)}
 
 
 def read_onnx_metadata(onnx_path: Path | str) -> dict[str, Any]:
@@ -176,38 +177,71 @@ def _quiet_stdout() -> Iterator[None]:
         yield
 
 
-def cached_onnx(checkpoint: Path | str) -> Path:
-    """``NAME.onnx`` next to a checkpoint, exported on first use and again if the weights changed.
+def onnx_cache_dir(cache_dir: Path | str | None = None) -> Path:
+    """Where exports made for prediction live: ``CACHE/onnx`` (see :func:`polypseg.data.default_cache_dir`)."""
+    from polypseg.data import default_cache_dir
 
-    Where the checkpoint's folder is read-only, the export goes to the polypseg cache folder.
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "onnx"
+
+
+def _cache_entry(source: dict[str, Any], cache_dir: Path | str | None) -> Path:
+    # the exporter's settings are part of what an export is made from
+    key = hashlib.sha256(f"{ONNX_FORMAT}|{DEFAULT_OPSET}|{source['sha256']}".encode()).hexdigest()[:32]
+    return onnx_cache_dir(cache_dir) / f"{key}.onnx"
+
+
+def _matches(path: Path, source: dict[str, Any]) -> bool:
+    if not (path.is_file() and onnx_sidecar(path).is_file()):
+        return False
+    try:
+        return read_onnx_metadata(path).get("source", {}).get("sha256") == source["sha256"]
+    except (ExportError, AttributeError):
+        return False
+
+
+def find_cached_onnx(
+    checkpoint: Path | str, cache_dir: Path | str | None = None, source: dict[str, Any] | None = None
+) -> Path | None:
+    """An existing export of exactly this checkpoint's content, or None.
+
+    Looks in the cache and at ``NAME.onnx`` beside the checkpoint (written by ``polypseg
+    export``); either counts only if its sidecar names the checkpoint's current content hash.
     """
     from polypseg.checkpoint import checkpoint_paths
 
     weights, _ = checkpoint_paths(checkpoint)
-    candidates = [weights.with_suffix(".onnx")]
-    try:
-        from polypseg.data import default_cache_dir
+    source = source or _fingerprint(weights)
+    for path in (_cache_entry(source, cache_dir), weights.with_suffix(".onnx")):
+        if _matches(path, source):
+            return path
+    return None
 
-        key = hashlib.sha256(str(weights.resolve()).encode()).hexdigest()[:16]
-        candidates.append(default_cache_dir() / "onnx" / f"{weights.stem}-{key}.onnx")
-    except OSError:
-        pass
-    fingerprint = _fingerprint(weights)
-    for path in candidates:
-        if path.is_file() and onnx_sidecar(path).is_file():
-            try:
-                if read_onnx_metadata(path).get("source") == fingerprint:
-                    return path
-            except ExportError:
-                pass
-    log.info("exporting %s to ONNX (once; cached as %s)", weights, candidates[0])
-    last_error: OSError | None = None
-    for path in candidates:
-        try:
-            return export_onnx(weights, path)
-        except OSError as error:
-            last_error = error
-    raise ExportError(f"cannot write an ONNX export of {weights}: {last_error}")
+
+def cached_onnx(
+    checkpoint: Path | str,
+    cache_dir: Path | str | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> Path:
+    """An ONNX export of ``checkpoint`` for prediction, made on first use and kept in the cache.
+
+    The cache entry is named by the SHA-256 of the checkpoint's content, so a checkpoint whose
+    weights or metadata change (whatever its size and modification time) is exported again, and a
+    corrupt one fails to load instead of answering from an old export. Nothing is written beside
+    the checkpoint. ``notify`` receives one line before an export starts.
+    """
+    from polypseg.checkpoint import checkpoint_paths
+
+    weights, _ = checkpoint_paths(checkpoint)
+    source = _fingerprint(weights)
+    found = find_cached_onnx(weights, cache_dir, source)
+    if found is not None:
+        return found
+    target = _cache_entry(source, cache_dir)
+    (notify or log.info)(f"exporting {weights} to ONNX (once; cached in {target.parent})")
+    try:
+        return export_onnx(weights, target)
+    except OSError as error:
+        raise ExportError(f"cannot write an ONNX export of {weights} to {target.parent}: {error.strerror or error}; pass --cache-dir") from None
 
 
 # --------------------------------------------------------------------------------------------

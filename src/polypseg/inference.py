@@ -8,8 +8,8 @@ always have the input's size.
 
 Backends: ``torch`` (on CUDA with bf16 autocast and channels-last, optionally ``torch.compile``)
 and ``onnxruntime``. ``backend="auto"`` picks torch on CUDA and onnxruntime on CPU, where it is
-the faster of the two (docs/benchmarks.md); the ONNX file is exported next to the checkpoint on
-first use (``NAME.onnx``). A validated int8 model (``NAME.int8.onnx``, from
+the faster of the two (docs/benchmarks.md); each checkpoint is exported to ONNX on first use into
+the cache folder (``~/.cache/polypseg/onnx``), keyed by its content hash. A validated int8 model (``NAME.int8.onnx``, from
 ``polypseg export --int8 --validate``) is preferred on CPU when its measured Dice change is within
 :data:`polypseg.export.MAX_INT8_DICE_CHANGE`.
 """
@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -28,9 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from polypseg.checkpoint import CheckpointError
 from polypseg.data import ImageReadError, read_image, resize_image, to_uint8
 from polypseg.devices import DeviceError, resolve_device
 from polypseg.errors import PolypsegError
+from polypseg.io_utils import display_name
 from polypseg.transforms import images_to_tensor, normalize, resize_probabilities
 
 log = logging.getLogger(__name__)
@@ -321,12 +322,17 @@ class Predictor:
         fold: int | None = None,
         batch_size: int = 8,
         compile: bool | str = False,
+        cache_dir: Path | str | None = None,
+        notify: Callable[[str], None] | None = None,
     ) -> Predictor:
         """Load a checkpoint, a CV run folder (ensemble of its folds; ``fold=K`` for one) or an ``.onnx`` file.
 
         The threshold defaults to the run's ``summary.json`` threshold, else the checkpoints' own,
-        else 0.5. ``backend="auto"``: torch on CUDA, onnxruntime on CPU (exported and cached as
-        ``NAME.onnx`` next to each checkpoint on first use; falls back to torch if that fails).
+        else 0.5. ``backend="auto"``: torch on CUDA, onnxruntime on CPU (each checkpoint exported
+        on first use into the cache, ``cache_dir/onnx`` or ``~/.cache/polypseg/onnx``, keyed by the
+        checkpoint's content hash; never into the run folder; torch if onnxruntime fails).
+        ``notify`` receives one-line notes (an export starting, a fallback to torch); by default
+        they are logged.
         """
         from polypseg.checkpoint import find_checkpoints, load_checkpoint, read_metadata
         from polypseg.io_utils import read_json
@@ -368,22 +374,23 @@ class Predictor:
         compile_mode = _compile_mode(compile)
         if compile_mode and backend == "onnxruntime":
             raise PredictorError("compile applies to the torch backend, not onnxruntime")
+        say = notify or log.warning
         if backend == "auto":
             backend = "torch" if device.type == "cuda" or compile_mode else "onnxruntime"
             if backend == "onnxruntime":
                 try:
-                    onnx_paths = [_preferred_onnx(c) for c in checkpoints]
+                    onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=True)
+                except CheckpointError:
+                    raise  # a broken checkpoint is not an onnxruntime problem: torch could not load it either
                 except Exception as error:  # noqa: BLE001 - any export failure: fall back to torch, say why
-                    warnings.warn(f"onnxruntime unavailable for {path} ({str(error).splitlines()[0]}); using torch", stacklevel=2)
+                    say(f"onnxruntime unavailable for {display_name(path)} ({str(error).splitlines()[0]}); using torch")
                     backend = "torch"
             if backend == "onnxruntime":
                 return cls.from_onnx(
                     onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
                 )
         elif backend == "onnxruntime":
-            from polypseg.export import cached_onnx
-
-            onnx_paths = [cached_onnx(c) for c in checkpoints]
+            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False)
             return cls.from_onnx(
                 onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
             )
@@ -468,6 +475,24 @@ class Predictor:
         """One input -> one :class:`Prediction` (raises if it cannot be read)."""
         return self.predict([image])[0]
 
+    def predict_model_size(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """RGB ``uint8`` images of any sizes -> probabilities ``float32 (N, S, S)`` at the model's
+        size and, for an ensemble, the per-pixel std across models (else None).
+
+        The memory-light path for large images: nothing is held at full size; bring the maps to an
+        image's size piece by piece with :func:`upsample_rows`.
+        """
+        size = self.image_size
+        means, stds = [], []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            resized = np.stack([img if img.shape[:2] == (size, size) else resize_image(img, size) for img in chunk])
+            mean, std = self._forward(self._upload(resized))
+            means.append(mean[:, 0].float().cpu().numpy())
+            if std is not None:
+                stds.append(std[:, 0].float().cpu().numpy())
+        return np.concatenate(means), (np.concatenate(stds) if stds else None)
+
     def _predict_images(self, items: list[tuple[np.ndarray, str]]) -> list[Prediction]:
         size = self.image_size
         resized = np.stack([img if img.shape[:2] == (size, size) else resize_image(img, size) for img, _ in items])
@@ -517,14 +542,106 @@ def _fold_index(checkpoint: Path) -> int | None:
     return None
 
 
-def _preferred_onnx(checkpoint: Path) -> Path:
+def _preferred_onnx(checkpoint: Path, cache_dir: Path | str | None = None, notify: Callable[[str], None] | None = None) -> Path:
     """For ``backend="auto"`` on CPU: a validated int8 model if one exists, else the cached fp32 export."""
     from polypseg.export import cached_onnx, int8_path_for, int8_validated
 
     int8 = int8_path_for(checkpoint)
     if int8.is_file() and int8_validated(int8, checkpoint):
         return int8
-    return cached_onnx(checkpoint)
+    return cached_onnx(checkpoint, cache_dir, notify)
+
+
+def _onnx_models(
+    checkpoints: Sequence[Path], cache_dir: Path | str | None, say: Callable[[str], None], prefer_int8: bool
+) -> list[Path]:
+    """The ONNX model of each checkpoint; one note before exporting the ones not cached yet."""
+    from polypseg.export import cached_onnx, find_cached_onnx, onnx_cache_dir
+
+    missing = [c for c in checkpoints if find_cached_onnx(c, cache_dir) is None]
+    if missing:
+        what = "1 model" if len(missing) == 1 else f"{len(missing)} models"
+        say(f"exporting {what} to ONNX for onnxruntime (once: kept in {display_name(onnx_cache_dir(cache_dir))}, keyed by the checkpoint's content)")
+    quiet: Callable[[str], None] = lambda message: None  # noqa: E731 - said once above
+    if prefer_int8:
+        return [_preferred_onnx(c, cache_dir, quiet) for c in checkpoints]
+    return [cached_onnx(c, cache_dir, quiet) for c in checkpoints]
+
+
+def upsample_rows(small: np.ndarray, size: tuple[int, int], rows: int = 256) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Bilinear upsampling of a ``(h, w)`` map to ``(H, W)``, yielded as ``(start, stop, rows)`` stripes.
+
+    The same interpolation as :func:`polypseg.transforms.resize_probabilities` (half-pixel centres,
+    ``align_corners=False``, clamped to [0, 1]) to float rounding, without ever holding the whole
+    ``(H, W)`` float map: peak memory is ``rows x W`` floats plus an ``h x W`` intermediate.
+    """
+    small = np.asarray(small, dtype=np.float32)
+    height, width = int(size[0]), int(size[1])
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # float32 coordinates, as PyTorch's CPU kernel computes them
+        scale = np.float32(n_in) / np.float32(n_out)
+        source = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0))
+        low = np.minimum(source.astype(np.int64), n_in - 1)
+        high = np.minimum(low + 1, n_in - 1)
+        return low, high, (source - low.astype(np.float32)).astype(np.float32)
+
+    y0, y1, wy = axis(small.shape[0], height)
+    x0, x1, wx = axis(small.shape[1], width)
+    columns = small[:, x0] * (1 - wx) + small[:, x1] * wx  # (h, W)
+    for start in range(0, height, rows):
+        stop = min(height, start + rows)
+        weight = wy[start:stop, None]
+        stripe = columns[y0[start:stop]] * (1 - weight) + columns[y1[start:stop]] * weight
+        yield start, stop, np.clip(stripe, 0.0, 1.0, out=stripe)
+
+
+def upsample_mask(small: np.ndarray, size: tuple[int, int], threshold: float, rows: int = 256) -> tuple[np.ndarray, float]:
+    """``(probability >= threshold at (H, W), mean probability inside that mask)`` from a model-size map,
+    one byte per pixel at full size."""
+    mask = np.empty((int(size[0]), int(size[1])), dtype=bool)
+    total, count = 0.0, 0
+    for start, stop, stripe in upsample_rows(small, size, rows):
+        inside = stripe >= threshold
+        mask[start:stop] = inside
+        total += float(stripe[inside].sum(dtype=np.float64))
+        count += int(inside.sum())
+    return mask, (total / count if count else 0.0)
+
+
+def upsample_uint8(small: np.ndarray, size: tuple[int, int], scale: float = 255.0, rows: int = 256) -> np.ndarray:
+    """A model-size map brought to ``(H, W)`` as ``uint8`` (``round(value * scale)``, clipped to 255)."""
+    out = np.empty((int(size[0]), int(size[1])), dtype=np.uint8)
+    for start, stop, stripe in upsample_rows(small, size, rows):
+        out[start:stop] = np.clip(np.round(stripe * scale), 0, 255)
+    return out
+
+
+def overlay_mask_inplace(
+    image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0), alpha: float = 0.35, rows: int = 256
+) -> np.ndarray:
+    """:func:`overlay_mask` drawn into ``image`` itself, stripe by stripe (no full-size copies)."""
+    from scipy.ndimage import binary_erosion
+
+    if not mask.any():
+        return image
+    tint = np.asarray(color, dtype=np.float32)
+    width = max(1, round(min(mask.shape) / 250))
+    height = mask.shape[0]
+    for start in range(0, height, rows):
+        stop = min(height, start + rows)
+        # erode with `width` rows of context on each side, so stripes join exactly
+        low, high = max(0, start - width), min(height, stop + width)
+        window = mask[low:high]
+        eroded = binary_erosion(window, iterations=width, border_value=0)
+        if low > 0:
+            eroded[:width] = False  # rows eroded only because the window ends there: not used below
+        inner = slice(start - low, stop - low)
+        part, stripe_mask = image[start:stop], mask[start:stop]
+        part[stripe_mask] = ((1 - alpha) * part[stripe_mask].astype(np.float32) + alpha * tint).round().astype(np.uint8)
+        outline = stripe_mask & ~eroded[inner]
+        part[outline] = np.asarray(color, dtype=np.uint8)
+    return image
 
 
 def overlay_mask(

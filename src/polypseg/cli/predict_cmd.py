@@ -6,7 +6,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import typer
@@ -30,57 +30,85 @@ VIDEO_COLUMNS = (
 
 
 def _warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    from polypseg.io_utils import display_name
+
+    console.print(f"[yellow]warning:[/] {escape(display_name(message))}", highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """``fail`` for messages that name files: shown as text, whatever brackets or bytes they hold."""
+    from rich.markup import escape
+
+    from polypseg.io_utils import display_name
+
+    fail(escape(display_name(message)), code=code)
+
+
+def _say(message: str) -> None:
+    from polypseg.io_utils import display_name
+
+    console.print(display_name(message), highlight=False, soft_wrap=True, markup=False)
 
 
 @dataclass
 class _Input:
     path: Path
-    name: str  # output file stem, unique within the run
+    name: str  # output file stem, unique within the run and safe for any file system
     video: bool
 
 
-def collect_inputs(inputs: list[Path], recursive: bool = False) -> tuple[list[_Input], list[tuple[str, str]]]:
-    """Files and folders -> image and video inputs with unique output names, plus ``(path, reason)`` skips."""
+def collect_inputs(inputs: list[Path], recursive: bool = False, skips: Any = None) -> tuple[list[_Input], list[tuple[str, str]]]:
+    """Files and folders -> image and video inputs with unique output names, plus ``(path, reason)`` skips.
+
+    Every input that cannot be used is named with its cause (see :mod:`polypseg.inputs`); with
+    ``skips`` (a :class:`polypseg.inputs.SkipLog`) they are reported there as they are found.
+    """
     from polypseg.data import IMAGE_EXTENSIONS
+    from polypseg.inputs import EMPTY_FOLDER, NOT_IMAGE, InputProblem, SkipLog, list_folder, path_problem, unique_names
+    from polypseg.io_utils import display_name
     from polypseg.video import is_video
 
+    log = skips if skips is not None else SkipLog(lambda message: None)
+    before = len(log)
+
     def kind(path: Path) -> str | None:
-        if path.name.startswith("."):
-            return None
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             return "image"
         return "video" if is_video(path) else None
 
     found: list[tuple[Path, bool]] = []
-    skipped: list[tuple[str, str]] = []
     for path in inputs:
-        if path.is_dir():
-            pattern = path.rglob("*") if recursive else path.iterdir()
-            members = sorted(p for p in pattern if p.is_file() and kind(p))
-            if not members:
-                skipped.append(
-                    (
-                        str(path),
-                        "no images or videos in this folder" + ("" if recursive else " (use --recursive for sub-folders)"),
-                    )
-                )
-            found += [(p, kind(p) == "video") for p in members]
-        elif path.is_file():
-            if kind(path) is None:
-                skipped.append((str(path), "not an image or video file (by extension)"))
-            else:
-                found.append((path, kind(path) == "video"))
+        problem = path_problem(path)
+        if problem is not None:
+            log.skip(path, problem)
+        elif path.is_dir():
+            members, problems = list_folder(path, recursive)
+            for item in problems:
+                log.skip(path, item)
+            usable = 0
+            for member in members:
+                if kind(member) is None or (member.is_dir() and not member.is_symlink()):
+                    continue  # folders are entered with --recursive; other files are not inputs
+                trouble = path_problem(member)
+                if trouble is not None:
+                    log.skip(member, trouble)
+                    continue
+                if member.is_dir():
+                    continue
+                found.append((member, kind(member) == "video"))
+                usable += 1
+            if not usable and not problems:
+                hint = "" if recursive else " (use --recursive for sub-folders)"
+                log.skip(path, InputProblem(EMPTY_FOLDER, f"{display_name(path)}: no images or videos in this folder{hint}"))
+        elif kind(path) is None:
+            log.skip(path, InputProblem(NOT_IMAGE, f"{display_name(path)}: not an image or video file (by extension)"))
         else:
-            skipped.append((str(path), "not found"))
-    items, used = [], set()
-    for path, video in found:
-        name, n = path.stem, 1
-        while name in used:
-            n += 1
-            name = f"{path.stem}-{n}"
-        used.add(name)
-        items.append(_Input(path, name, video))
+            found.append((path, kind(path) == "video"))
+    names = unique_names(path.stem for path, _ in found)
+    items = [_Input(path, name, video) for (path, video), name in zip(found, names)]
+    skipped = [(name, detail) for name, _, detail in log.entries[before:]]
     return items, skipped
 
 
@@ -105,6 +133,21 @@ def _write_csv(path: Path, columns: tuple[str, ...] | list[str], rows: list[dict
     atomic_write_text(path, buffer.getvalue())
 
 
+def _load_image(item: _Input) -> np.ndarray:
+    """Decode one input after checking its header against :data:`polypseg.inputs.MAX_INPUT_PIXELS`."""
+    from polypseg.data import ImageReadError, read_image
+    from polypseg.inputs import UNREADABLE, InputProblem, check_pixels
+    from polypseg.io_utils import display_name
+
+    check_pixels(item.path)
+    try:
+        return read_image(item.path)
+    except ImageReadError as error:
+        raise InputProblem(UNREADABLE, display_name(str(error))) from None
+    except MemoryError:
+        raise InputProblem(UNREADABLE, f"{display_name(item.path)}: not enough memory to decode it") from None
+
+
 def _predict_images(
     predictor: Any,
     images: list[_Input],
@@ -112,49 +155,62 @@ def _predict_images(
     batch_size: int,
     overlays: bool,
     save_probabilities: bool,
-    skipped: list[tuple[str, str]],
+    skipped: Any,
 ) -> list[dict[str, Any]]:
-    """Write masks (and overlays, probabilities) of ``images``; unreadable ones go to ``skipped``."""
+    """Write masks (and overlays, probabilities) of ``images``; unreadable ones go to ``skipped``.
+
+    The model runs at its own resolution; each map is brought to the image's size in stripes
+    (:func:`polypseg.inference.upsample_rows`) only to be written, and the overlay is drawn into the
+    decoded image itself, so the peak memory per image stays near 8 bytes per pixel.
+    """
     from rich.progress import track
 
-    from polypseg.data import ImageReadError
-    from polypseg.inference import load_input, overlay_mask
+    from polypseg.inference import overlay_mask_inplace, upsample_mask, upsample_uint8
+    from polypseg.inputs import InputProblem
+    from polypseg.io_utils import display_name
 
     rows: list[dict[str, Any]] = []
-    chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
-    for chunk in track(chunks, description=f"predicting {len(images)} image(s)", transient=True, console=console):
-        loaded = []
-        for item in chunk:
-            try:
-                loaded.append((item, load_input(item.path)[0]))
-            except ImageReadError as error:
-                _warn(f"{error}; skipped")
-                skipped.append((str(item.path), str(error)))
-        if not loaded:
+    for item in track(images, description=f"predicting {len(images)} image(s)", transient=True, console=console):
+        try:
+            image = _load_image(item)
+            mean, std = predictor.predict_model_size([image])
+        except InputProblem as problem:
+            skipped.skip(item.path, problem)
             continue
-        for (item, image), prediction in zip(loaded, predictor.predict([image for _, image in loaded])):
-            _save_png(out / "masks" / f"{item.name}.png", prediction.mask.astype(np.uint8) * 255)
-            if overlays:
-                _save_png(out / "overlays" / f"{item.name}.png", overlay_mask(image, prediction.mask))
+        shape = image.shape[:2]
+        mask, confidence = upsample_mask(mean[0], shape, predictor.threshold)
+        area = int(np.count_nonzero(mask))
+        _save_png(out / "masks" / f"{item.name}.png", _mask_png(mask))
+        if save_probabilities:
+            _save_png(out / "probabilities" / f"{item.name}.png", upsample_uint8(mean[0], shape))
+        row = {
+            "file": display_name(item.path),
+            "width": shape[1],
+            "height": shape[0],
+            "area_pixels": area,
+            "area_fraction": round(area / max(mask.size, 1), 6),
+            "mean_confidence": round(confidence, 6),
+            "threshold": predictor.threshold,
+        }
+        if std is not None:
+            # a std of probabilities is at most 0.5: stored as round(std * 510) to use all 8 bits
+            uncertainty = upsample_uint8(std[0], shape, scale=510.0)
+            row["uncertainty_mean"] = round(float(uncertainty.mean(dtype=np.float64)) / 510.0, 6)
             if save_probabilities:
-                _save_png(out / "probabilities" / f"{item.name}.png", np.round(prediction.probability * 255).astype(np.uint8))
-                if prediction.uncertainty is not None:
-                    # a std of probabilities is at most 0.5: stored as round(std * 510) to use all 8 bits
-                    uncertainty = np.round(np.clip(prediction.uncertainty * 510, 0, 255)).astype(np.uint8)
-                    _save_png(out / "uncertainty" / f"{item.name}.png", uncertainty)
-            row = {
-                "file": str(item.path),
-                "width": image.shape[1],
-                "height": image.shape[0],
-                "area_pixels": prediction.area_pixels,
-                "area_fraction": round(prediction.area_fraction, 6),
-                "mean_confidence": round(prediction.mean_confidence, 6),
-                "threshold": prediction.threshold,
-            }
-            if prediction.uncertainty is not None:
-                row["uncertainty_mean"] = round(float(prediction.uncertainty.mean()), 6)
-            rows.append(row)
+                _save_png(out / "uncertainty" / f"{item.name}.png", uncertainty)
+            del uncertainty
+        if overlays:
+            if not image.flags.writeable:  # decoded arrays can be read-only views of PIL's buffer
+                image = np.array(image)
+            _save_png(out / "overlays" / f"{item.name}.png", overlay_mask_inplace(image, mask))
+        del image, mask
+        rows.append(row)
     return rows
+
+
+def _mask_png(mask: np.ndarray) -> np.ndarray:
+    out = mask.view(np.uint8)
+    return out * np.uint8(255)
 
 
 def run_predict(
@@ -171,9 +227,15 @@ def run_predict(
     recursive: bool = False,
     fold: int | None = None,
     overlays: bool = True,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Predict images and videos into ``out``; returns counts of done and skipped inputs."""
+    """Predict images and videos into ``out``; returns counts of done and skipped inputs.
+
+    Bad inputs follow :mod:`polypseg.inputs`: each is skipped and named with its cause, the rest
+    are predicted, and the closing line counts both.
+    """
     from polypseg.inference import Predictor
+    from polypseg.inputs import FAILED, SkipLog, one_line_warnings, prepare_output_folder
     from polypseg.video import VideoError, segment_video
 
     if batch_size < 1:
@@ -182,67 +244,78 @@ def run_predict(
         raise UsageError(f"--smooth {smooth}: the EMA weight of the newest frame must be in (0, 1]")
     if threshold is not None and not 0 <= threshold <= 1:
         raise UsageError(f"--threshold {threshold}: must be in [0, 1]")
-    items, skipped = collect_inputs(inputs, recursive)
-    for path, reason in skipped:
-        _warn(f"{path}: {reason}; skipped")
-    if not items:
-        raise UsageError("no images or videos to predict (see the warnings above)")
+    if out.exists() and not out.is_dir():
+        prepare_output_folder(out)  # one line naming --out, before any work
+    skips = SkipLog(_warn)
+    with one_line_warnings(_warn):
+        items, _ = collect_inputs(inputs, recursive, skips)
+        if not items:
+            raise UsageError("no images or videos to predict (see the warnings above)")
 
-    predictor = Predictor.from_checkpoint(
-        model, device=device, backend=backend, tta=tta, threshold=threshold, fold=fold, batch_size=batch_size
-    )
-    console.print(f"model: {predictor!r}", highlight=False, soft_wrap=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-    images = [item for item in items if not item.video]
-    rows = _predict_images(predictor, images, out, batch_size, overlays, save_probabilities, skipped)
-    if images:
-        columns = list(PREDICTION_COLUMNS) + (["uncertainty_mean"] if predictor.n_models > 1 else [])
-        _write_csv(out / "predictions.csv", columns, rows)
-
-    video_rows: list[dict[str, Any]] = []
-    for item in (item for item in items if item.video):
-        try:
-            result = segment_video(predictor, item.path, out, alpha=smooth, stem=item.name, write_overlay=overlays)
-        except VideoError as error:
-            _warn(f"{error}; skipped")
-            skipped.append((str(item.path), str(error)))
-            continue
-        if result.warning:
-            _warn(result.warning)
-        speed = result.frames / max(result.seconds, 1e-9)
-        line = (
-            f"{item.path}: {result.frames} frames in {result.seconds:.1f} s ({speed:.1f} frames/s), "
-            f"consistency (mean IoU of consecutive masks) {result.consistency:.4f}"
+        predictor = Predictor.from_checkpoint(
+            model,
+            device=device,
+            backend=backend,
+            tta=tta,
+            threshold=threshold,
+            fold=fold,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            notify=_say,
         )
-        if result.consistency_smoothed is not None:
-            line += f" raw, {result.consistency_smoothed:.4f} with EMA smoothing (alpha {result.alpha:g})"
-        console.print(line, highlight=False, soft_wrap=True)
-        video_rows.append(
-            {
-                "file": str(item.path),
-                "frames": result.frames,
-                "fps": round(result.fps, 3),
-                "seconds": round(result.seconds, 3),
-                "consistency": round(result.consistency, 6),
-                "consistency_smoothed": "" if result.consistency_smoothed is None else round(result.consistency_smoothed, 6),
-                "alpha": "" if result.alpha is None else result.alpha,
-                "overlay": result.overlay.name if result.overlay else "",
-                "frames_csv": result.frames_csv.name if result.frames_csv else "",
-                "warning": result.warning or "",
-            }
-        )
-    if video_rows:
-        _write_csv(out / "videos.csv", VIDEO_COLUMNS, video_rows)
-    if skipped:
-        _write_csv(out / "skipped.csv", ("file", "reason"), [{"file": f, "reason": r} for f, r in skipped])
+        _say(f"model: {predictor!r}")
+        prepare_output_folder(out)
+
+        images = [item for item in items if not item.video]
+        rows = _predict_images(predictor, images, out, batch_size, overlays, save_probabilities, skips)
+        if images:
+            columns = list(PREDICTION_COLUMNS) + (["uncertainty_mean"] if predictor.n_models > 1 else [])
+            _write_csv(out / "predictions.csv", columns, rows)
+
+        video_rows: list[dict[str, Any]] = []
+        for item in (item for item in items if item.video):
+            try:
+                result = segment_video(predictor, item.path, out, alpha=smooth, stem=item.name, write_overlay=overlays)
+            except VideoError as error:
+                skips.skip(item.path, str(error), cause=FAILED)
+                continue
+            if result.warning:
+                _warn(result.warning)
+            speed = result.frames / max(result.seconds, 1e-9)
+            line = (
+                f"{item.path}: {result.frames} frames in {result.seconds:.1f} s ({speed:.1f} frames/s), "
+                f"consistency (mean IoU of consecutive masks) {result.consistency:.4f}"
+            )
+            if result.consistency_smoothed is not None:
+                line += f" raw, {result.consistency_smoothed:.4f} with EMA smoothing (alpha {result.alpha:g})"
+            _say(line)
+            video_rows.append(
+                {
+                    "file": str(item.path),
+                    "frames": result.frames,
+                    "fps": round(result.fps, 3),
+                    "seconds": round(result.seconds, 3),
+                    "consistency": round(result.consistency, 6),
+                    "consistency_smoothed": "" if result.consistency_smoothed is None else round(result.consistency_smoothed, 6),
+                    "alpha": "" if result.alpha is None else result.alpha,
+                    "overlay": result.overlay.name if result.overlay else "",
+                    "frames_csv": result.frames_csv.name if result.frames_csv else "",
+                    "warning": result.warning or "",
+                }
+            )
+        if video_rows:
+            _write_csv(out / "videos.csv", VIDEO_COLUMNS, [{k: _text(v) for k, v in row.items()} for row in video_rows])
+        if skips:
+            skips.write_csv(out / "skipped.csv")
     done = len(rows) + len(video_rows)
-    console.print(
-        f"{len(rows)} image(s), {len(video_rows)} video(s) predicted; {len(skipped)} input(s) skipped; outputs in {out}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    return {"images": len(rows), "videos": len(video_rows), "skipped": len(skipped), "done": done}
+    _say(skips.closing(f"{len(rows)} image(s), {len(video_rows)} video(s) predicted", out))
+    return {"images": len(rows), "videos": len(video_rows), "skipped": len(skips), "done": done}
+
+
+def _text(value: Any) -> Any:
+    from polypseg.io_utils import display_name
+
+    return display_name(value) if isinstance(value, str) else value
 
 
 def run_export(
@@ -463,10 +536,16 @@ def register(app: typer.Typer) -> None:
         recursive: bool = typer.Option(False, "--recursive", "-r", help="Search folders recursively."),
         fold: int | None = typer.Option(None, "--fold", help="Use one fold of a CV run folder instead of the ensemble."),
         overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay images and videos."),
+        cache_dir: Path | None = typer.Option(
+            None,
+            "--cache-dir",
+            help="Where ONNX exports for the CPU backend are kept (default $POLYPSEG_CACHE, $XDG_CACHE_HOME/polypseg or ~/.cache/polypseg); never the run folder.",
+        ),
     ) -> None:
         """Segment images, folders and videos: masks/, overlays/, predictions.csv; videos: overlay MP4 + per-frame CSV.
 
-        Unreadable inputs are reported by name, listed in skipped.csv and skipped.
+        Every input that cannot be used (missing, unreadable, not an image, over 40 megapixels, ...)
+        is named with its cause, listed in skipped.csv and skipped; the last line counts them.
         Exit code: 0 if at least one input was predicted, 1 if none could be, 2 for a usage error.
         """
         try:
@@ -484,11 +563,12 @@ def register(app: typer.Typer) -> None:
                 recursive,
                 fold,
                 overlays,
+                cache_dir,
             )
         except PolypsegError as error:
-            fail(str(error))
+            _fail(str(error))
         if summary["done"] == 0:
-            fail("no input could be predicted (see the warnings above)", code=1)
+            _fail("no input could be predicted (see the warnings above)", code=1)
 
     @app.command("export")
     def export(
@@ -529,7 +609,7 @@ def register(app: typer.Typer) -> None:
                 verify_images,
             )
         except PolypsegError as error:
-            fail(str(error))
+            _fail(str(error))
         if json_path is not None:
             from polypseg.io_utils import atomic_write_json
 
@@ -577,4 +657,4 @@ def register(app: typer.Typer) -> None:
                 markdown,
             )
         except PolypsegError as error:
-            fail(str(error))
+            _fail(str(error))
