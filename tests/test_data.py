@@ -135,8 +135,44 @@ def test_cache_round_trip_and_reuse(tmp_path):
 
 def test_cache_refuses_pickle(tmp_path):
     np.savez(tmp_path / "bad.npz", format=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(ValueError):
+    with pytest.raises(DataError, match=r"bad\.npz is not a usable polypseg cache: Object arrays") as caught:
         load_cache(tmp_path / "bad.npz")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(DataError, match="bad.npz"):  # given as --data
+        build_cache(tmp_path / "bad.npz", 32)
+
+
+def test_check_names_real_causes(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "d", n=3)
+    (root / "images" / "case00.jpg").unlink()
+    Image.new("RGB", (40, 48)).save(root / "images" / "case00.gif")  # GIF: not a supported format
+    (root / "images" / "case01.jpg").unlink()
+    (root / "images" / "case01.jpg").symlink_to(root / "images" / "nowhere.jpg")  # broken symlink
+    (root / "masks" / "case02.png").unlink()
+    (root / "masks" / "case02.png").symlink_to(root / "masks" / "case02.png")  # loop
+    Image.new("RGB", (1, 1)).save(root / "images" / "tiny.png")
+    Image.new("L", (1, 1)).save(root / "masks" / "tiny.png")
+    report = check_dataset(root)
+    text = "\n".join(p.message for p in report.problems)
+    assert "case00.gif: GIF is not a supported format" in text
+    assert "case01.jpg: broken symlink" in text
+    assert "case02.png: symlink loop" in text
+    assert "mask has no image with the same stem (its image is unusable, see above)" in text
+    assert any(p.kind == "tiny-image" and p.severity == "warning" and "1x1" in p.message for p in report.problems)
+
+
+def test_check_zero_pairs_is_an_error_and_images_as_a_file_is_named(tmp_path):
+    root = tmp_path / "empty"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    report = check_dataset(root)
+    assert report.pairs == 0 and not report.ok and report.errors[0].kind == "no-pairs"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "images").write_text("a file")
+    (broken / "masks").mkdir()
+    with pytest.raises(DataError, match=r"broken/images is not a folder"):
+        check_dataset(broken)
 
 
 def test_bundled_sample_is_valid():

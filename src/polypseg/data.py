@@ -26,6 +26,7 @@ from PIL import Image
 from polypseg.io_utils import atomic_write, display_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+MIN_CHECK_SIDE = 32  # `data check` warns about images smaller than this on a side
 LAYOUTS = (("images", "masks"), ("Original", "Ground Truth"))
 CACHE_FORMAT = "polypseg-cache-v1"
 # Large enough for any colonoscopy frame, small enough to stop decompression bombs.
@@ -56,6 +57,7 @@ class DatasetIndex:
     unpaired_images: list[Path] = field(default_factory=list)
     unpaired_masks: list[Path] = field(default_factory=list)
     duplicate_stems: list[Path] = field(default_factory=list)
+    rejected: list[tuple[Path, str]] = field(default_factory=list)  # (path, why it cannot be used)
 
     @property
     def stems(self) -> list[str]:
@@ -137,18 +139,71 @@ def read_mask(path: Path | str) -> np.ndarray:
     return array > 127
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+def _list_images(folder: Path, rejected: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Image files in ``folder``; with ``rejected``, the entries that look like data but cannot be
+    used are collected there with their real cause (format, broken symlink, loop, folder, ...)."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        suffix = p.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS and p.is_file():
+            found.append(p)
+        elif rejected is not None:
+            reason = _why_unusable(p)
+            if reason is not None:
+                rejected.append((p, reason))
+    return found
+
+
+_KNOWN_UNSUPPORTED = {".gif": "GIF", ".jfif": "JFIF", ".heic": "HEIC", ".svg": "SVG", ".ppm": "PPM", ".jp2": "JPEG 2000"}
+
+
+def _why_unusable(path: Path) -> str | None:
+    """Why an entry of an images/masks folder is not used, or None for unrelated files (notes, ...)."""
+    import errno
+    import os
+
+    suffix = path.suffix.lower()
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symlink (its target {display_name(os.readlink(path))} does not exist)"
+        return "vanished while listing"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symlink loop"
+        return error.strerror or str(error)
+    import stat as _stat
+
+    if _stat.S_ISDIR(info.st_mode):
+        return "a folder, not an image file" if suffix in IMAGE_EXTENSIONS else None
+    if not _stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if suffix in _KNOWN_UNSUPPORTED:
+        return f"{_KNOWN_UNSUPPORTED[suffix]} is not a supported format (use {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})"
+    return None
 
 
 def find_layout(root: Path) -> tuple[Path, Path]:
     """Return the ``(images, masks)`` folders of a dataset root, or raise :class:`DataError`."""
     root = Path(root)
     if not root.is_dir():
+        if root.exists():
+            raise DataError(f"{root} is a file, not a dataset folder (images/ + masks/)")
         raise DataError(f"dataset folder not found: {root}")
     for images_name, masks_name in LAYOUTS:
         if (root / images_name).is_dir() and (root / masks_name).is_dir():
             return root / images_name, root / masks_name
+    for images_name, masks_name in LAYOUTS:  # half a layout: name the part that is wrong
+        present = [name for name in (images_name, masks_name) if (root / name).exists() or (root / name).is_symlink()]
+        if present:
+            for name in (images_name, masks_name):
+                if not (root / name).exists() and not (root / name).is_symlink():
+                    raise DataError(f"{root / name} is missing (a dataset needs '{images_name}/' and '{masks_name}/')")
+                if not (root / name).is_dir():
+                    raise DataError(f"{root / name} is not a folder (a dataset needs '{images_name}/' and '{masks_name}/' folders)")
     # A download unpacks into one sub-folder (e.g. Kvasir-SEG/): accept that too.
     children = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
     if len(children) == 1:
@@ -164,8 +219,9 @@ def index_dataset(root: Path | str) -> DatasetIndex:
     images: dict[str, Path] = {}
     masks: dict[str, Path] = {}
     duplicates: list[Path] = []
+    rejected: list[tuple[Path, str]] = []
     for folder, table in ((images_dir, images), (masks_dir, masks)):
-        for path in _list_images(folder):
+        for path in _list_images(folder, rejected):
             if path.stem in table:
                 duplicates.append(path)
             else:
@@ -177,6 +233,7 @@ def index_dataset(root: Path | str) -> DatasetIndex:
         unpaired_images=[images[s] for s in sorted(images) if s not in masks],
         unpaired_masks=[masks[s] for s in sorted(masks) if s not in images],
         duplicate_stems=duplicates,
+        rejected=rejected,
     )
 
 
@@ -223,16 +280,28 @@ class CheckReport:
 def check_dataset(root: Path | str, progress: bool = False) -> CheckReport:
     """Decode every pair and report problems, each naming its file.
 
-    Errors (the dataset cannot be used as is): unpaired files, duplicate stems, undecodable files,
-    image/mask size mismatches. Warnings: empty masks, masks with values other than 0/255
-    (e.g. JPEG masks; they are binarised at > 127 when read).
+    Errors (the dataset cannot be used as is): no pairs at all, unpaired files, files that cannot
+    be used (with the real cause: an unsupported format such as GIF, a broken symlink, a symlink
+    loop, a folder named like an image), duplicate stems, undecodable files, image/mask size
+    mismatches. Warnings: empty masks, masks with values other than 0/255 (e.g. JPEG masks; they
+    are binarised at > 127 when read), images under :data:`MIN_CHECK_SIDE` px on a side.
     """
     index = index_dataset(root)
     report = CheckReport(root=Path(root), pairs=len(index.samples))
+    rejected_stems = {path.stem for path, _ in index.rejected}
+    for path, reason in index.rejected:
+        report.problems.append(Problem("error", "unusable", path, f"{display_name(path)}: {reason}"))
     for path in index.unpaired_images:
-        report.problems.append(Problem("error", "unpaired", path, f"{path}: image has no mask with the same stem"))
+        why = " (its mask is unusable, see above)" if path.stem in rejected_stems else ""
+        report.problems.append(Problem("error", "unpaired", path, f"{display_name(path)}: image has no mask with the same stem{why}"))
     for path in index.unpaired_masks:
-        report.problems.append(Problem("error", "unpaired", path, f"{path}: mask has no image with the same stem"))
+        why = " (its image is unusable, see above)" if path.stem in rejected_stems else ""
+        report.problems.append(Problem("error", "unpaired", path, f"{display_name(path)}: mask has no image with the same stem{why}"))
+    if not index.samples:
+        images_dir, masks_dir = find_layout(root)
+        report.problems.append(
+            Problem("error", "no-pairs", Path(root), f"{display_name(root)}: no image/mask pairs (matched by file stem in {images_dir.name}/ and {masks_dir.name}/)")
+        )
     for path in index.duplicate_stems:
         report.problems.append(Problem("error", "duplicate", path, f"{path}: another file has the same stem"))
     sizes: set[tuple[int, int]] = set()
@@ -250,6 +319,15 @@ def check_dataset(root: Path | str, progress: bool = False) -> CheckReport:
             continue
         height, width = image.shape[:2]
         sizes.add((height, width))
+        if min(height, width) < MIN_CHECK_SIDE:
+            report.problems.append(
+                Problem(
+                    "warning",
+                    "tiny-image",
+                    sample.image,
+                    f"{display_name(sample.image)}: only {width}x{height} pixels; it will be upscaled to the training size",
+                )
+            )
         if raw.shape[:2] != (height, width):
             report.problems.append(
                 Problem(
@@ -452,17 +530,23 @@ def _savez(tmp: Path, payload: dict[str, np.ndarray]) -> None:
 
 def load_cache(path: Path | str) -> CachedData:
     """Decode a cache file written by :func:`build_cache` (no pickle: ``allow_pickle=False``)."""
-    with np.load(path, allow_pickle=False) as data:
-        if str(data["format"]) != CACHE_FORMAT:
-            raise DataError(f"{path} is not a polypseg cache")
-        stems = json.loads(str(data["stems"]))
-        size = int(data["size"])
-        jpeg = data["jpeg"]
-        offsets = data["offsets"]
-        masks = np.unpackbits(data["masks"], axis=1, count=size * size).reshape(len(stems), size, size).astype(bool)
-        original_sizes = [tuple(int(v) for v in row) for row in data["original_sizes"]]
-    images = np.empty((len(stems), size, size, 3), dtype=np.uint8)
-    for i in range(len(stems)):
-        with Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())) as image:
-            images[i] = np.asarray(image.convert("RGB"))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "format" not in data.files or str(data["format"]) != CACHE_FORMAT:
+                raise DataError(f"{path} is not a polypseg cache (written by polypseg data cache --out)")
+            stems = json.loads(str(data["stems"]))
+            size = int(data["size"])
+            jpeg = data["jpeg"]
+            offsets = data["offsets"]
+            masks = np.unpackbits(data["masks"], axis=1, count=size * size).reshape(len(stems), size, size).astype(bool)
+            original_sizes = [tuple(int(v) for v in row) for row in data["original_sizes"]]
+        images = np.empty((len(stems), size, size, 3), dtype=np.uint8)
+        for i in range(len(stems)):
+            with Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())) as image:
+                images[i] = np.asarray(image.convert("RGB"))
+    except DataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - object arrays (pickle refused), truncation, bad fields: a bad file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path} is not a usable polypseg cache: {reason}") from None
     return CachedData(stems=stems, images=images, masks=masks, original_sizes=original_sizes, size=size)

@@ -27,6 +27,22 @@ from polypseg.errors import PolypsegError
 DEFAULT_TOPK = 0.15  # mean polyp area of Kvasir-SEG is 15.4% of the frame
 DEFAULT_DELETION_STEPS = 16
 METRIC_KEYS = ("dice", "energy_inside", "pointing_game", "topk_iou", "deletion_auc", "insertion_auc")
+# What each number means and on which scale, for tables, summaries and galleries.
+METRIC_SCALES = {
+    "dice": "overlap of the predicted and true masks, 0..1 (needs ground truth)",
+    "iou": "intersection over union of the predicted and true masks, 0..1 (needs ground truth)",
+    "energy_inside": "share of the heatmap's total inside the true mask, 0..1 (needs ground truth)",
+    "pointing_game": "1 if the heatmap's peak falls inside the true mask, else 0 (needs ground truth)",
+    "topk_iou": "IoU of the most salient pixels (top-k share) with the true mask, 0..1 (needs ground truth)",
+    "deletion_auc": (
+        "area under the model's mean confidence inside its own mask, relative to the whole image's (1 = unchanged), "
+        "as the most salient pixels are removed; 0..1 as a rule, lower is better"
+    ),
+    "insertion_auc": (
+        "the same as pixels are revealed on a blurred image, relative to the whole image's confidence; higher is "
+        "better; can exceed 1 when a partly revealed image scores higher than the whole one (not clipped)"
+    ),
+}
 _TIE_SEED = 0
 
 

@@ -10,13 +10,14 @@ import base64
 import html
 import io
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from polypseg.io_utils import atomic_write_text
+from polypseg.io_utils import atomic_write_text, display_name
 
 HEATMAP_CMAP = "jet"  # the Grad-CAM convention; readers compare with the paper's figures
 GROUPS = ("best", "median", "worst")
@@ -70,9 +71,13 @@ def render_panel(
     scale = ScalarMappable(norm=Normalize(0, 1), cmap=HEATMAP_CMAP)
     figure.colorbar(scale, ax=axes[col], fraction=0.046, pad=0.02)
     if title:
-        figure.suptitle(title, fontsize=9)
+        figure.suptitle(display_name(title), fontsize=9)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    with warnings.catch_warnings():
+        # a title in a script the font lacks (a CJK file name) is drawn with boxes, not warned about
+        warnings.filterwarnings("ignore", message=r"(?s).*Glyph .* missing from")
+        warnings.filterwarnings("ignore", message=r"(?s).*[Mm]atplotlib currently does not support")
+        figure.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
@@ -121,7 +126,7 @@ def _finite(value: Any) -> bool:
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return "–" if not math.isfinite(value) else f"{value:.3f}"
-    return html.escape(str(value))
+    return html.escape(display_name(str(value)))
 
 
 def render_gallery(
@@ -143,7 +148,7 @@ def render_gallery(
         "figcaption{font-size:.85rem;color:#444}.note{color:#666;font-size:.9rem}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
-    parts += [f"<p class='note'>{html.escape(note)}</p>" for note in notes]
+    parts += [f"<p class='note'>{html.escape(display_name(note))}</p>" for note in notes]
     if summary:
         parts.append("<table><tr><th>metric</th><th>mean</th><th>std</th><th>n</th></tr>")
         for name, stats in summary.items():
@@ -161,8 +166,9 @@ def render_gallery(
     for name, records in groups.items():
         parts.append(f"<h2>{html.escape(headings.get(name, name))}</h2>")
         for record in records:
-            stem = str(record["stem"])
-            png = panels.get(stem)
+            key = str(record["stem"])
+            png = panels.get(key)
+            stem = display_name(key)
             caption = ", ".join(f"{c} {_format(record[c])}" for c in columns if c in record)
             parts.append("<figure>")
             if png is not None:

@@ -22,11 +22,14 @@ def register(app: typer.Typer) -> None:
         root: Path = typer.Argument(..., help="Dataset folder (images/ + masks/, or Original/ + 'Ground Truth/')."),
         show_all: bool = typer.Option(False, "--all", help=f"List every problem (default: the first {SHOWN_PER_KIND} of each kind)."),
     ) -> None:
-        """Decode every pair and report counts, sizes and problems; exit code 1 if there are errors."""
+        """Decode every pair and report counts, sizes and problems; exit code 1 if there are errors (no pairs at all is one)."""
+        from rich.markup import escape
+
         from polypseg.data import check_dataset
+        from polypseg.io_utils import display_name
 
         report = check_dataset(root, progress=True)
-        console.print(f"{root}: {report.pairs} pairs", highlight=False)
+        console.print(f"{display_name(root)}: {report.pairs} pairs", highlight=False, markup=False)
         if report.min_size:
             console.print(
                 f"sizes: {report.distinct_sizes} distinct, smallest {report.min_size[1]}x{report.min_size[0]}, "
@@ -40,7 +43,7 @@ def register(app: typer.Typer) -> None:
             colour = "red" if severity == "error" else "yellow"
             console.print(f"[{colour}]{severity}[/]: {len(messages)} {kind}", highlight=False)
             for message in messages if show_all else messages[:SHOWN_PER_KIND]:
-                console.print(f"  {message}", highlight=False, soft_wrap=True)
+                console.print(f"  {escape(display_name(message))}", highlight=False, soft_wrap=True)
             if not show_all and len(messages) > SHOWN_PER_KIND:
                 console.print(f"  ... and {len(messages) - SHOWN_PER_KIND} more (--all lists them)")
         console.print(f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)")
