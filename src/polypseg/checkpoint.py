@@ -204,11 +204,13 @@ def read_metadata(path: Path | str) -> dict[str, Any]:
     return metadata
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 200) -> str:
     text = str(error).strip()
     if isinstance(error, KeyError) and error.args:
-        text = f"missing or unknown field {error.args[0]!r}"
-    return text.splitlines()[0] if text else type(error).__name__
+        key = str(error.args[0])
+        text = key.split(", supported", 1)[0] if " " in key else f"missing or unknown field {key!r}"
+    text = text.splitlines()[0] if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], limit: int = 3) -> str:
@@ -241,6 +243,17 @@ def _load_tensors(weights: Path, recorded_digest: str | None, error_type: type[C
     return tensors
 
 
+def config_from_metadata(metadata: Mapping[str, Any], weights: Path | str) -> RunConfig:
+    """The run config in a checkpoint's metadata, or the one-line error of a corrupt checkpoint."""
+    try:
+        config = RunConfig.from_dict(metadata["config"])
+        config.model.encoder_weights = "none"  # the weights come from the checkpoint
+        int(config.train.image_size)
+    except Exception as error:  # noqa: BLE001 - unknown fields, wrong types, a missing config: a bad file
+        raise CheckpointError(f"cannot load weights {weights}: its metadata describes no model polypseg can build ({_first_line(error)})") from None
+    return config
+
+
 def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model from the JSON config and load the safetensors weights (strict).
 
@@ -254,9 +267,8 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Che
     if not weights.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights}")
     _, digest = _embedded_sidecar(weights)
+    config = config_from_metadata(metadata, weights)
     try:
-        config = RunConfig.from_dict(metadata["config"])
-        config.model.encoder_weights = "none"  # the weights come from the checkpoint
         model = create_model(config.model)
     except Exception as error:  # noqa: BLE001 - a sidecar this version cannot build is a bad file
         raise CheckpointError(f"cannot load weights {weights}: its metadata describes no model polypseg can build ({_first_line(error)})") from None

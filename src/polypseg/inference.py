@@ -334,7 +334,7 @@ class Predictor:
         ``notify`` receives one-line notes (an export starting, a fallback to torch); by default
         they are logged.
         """
-        from polypseg.checkpoint import find_checkpoints, load_checkpoint, read_metadata
+        from polypseg.checkpoint import config_from_metadata, find_checkpoints, load_checkpoint, read_metadata
         from polypseg.io_utils import read_json
 
         if backend not in BACKENDS:
@@ -353,6 +353,7 @@ class Predictor:
                 raise PredictorError(f"--fold {fold}: {path} has folds {sorted(k for k in folds if k is not None)}")
             checkpoints = [folds[fold]]
         metas = [read_metadata(c) for c in checkpoints]
+        configs = [config_from_metadata(m, c) for c, m in zip(checkpoints, metas)]
         summary: dict[str, Any] = {}
         if path.is_dir() and (path / "summary.json").is_file():
             summary = read_json(path / "summary.json")
@@ -367,8 +368,8 @@ class Predictor:
         }
         if summary:
             metadata["summary"] = summary
-        image_size = int(metas[0]["config"].get("train", {}).get("image_size", 256))
-        if any(int(m["config"].get("train", {}).get("image_size", 256)) != image_size for m in metas):
+        image_size = int(configs[0].train.image_size)
+        if any(int(c.train.image_size) != image_size for c in configs):
             raise PredictorError(f"the checkpoints under {path} were trained at different image sizes")
 
         compile_mode = _compile_mode(compile)

@@ -83,7 +83,18 @@ def collect_inputs(inputs: list[Path], masks: Path | None, skips: Any = None) ->
     takes ``DIR/masks/x.*``). Inputs that cannot be used are skipped and named (:mod:`polypseg.inputs`).
     """
     from polypseg.data import DataError, find_layout, index_dataset
-    from polypseg.inputs import EMPTY_FOLDER, NOT_IMAGE, InputProblem, SkipLog, list_folder, path_problem, unique_names
+    from polypseg.inputs import (
+        BROKEN_LINK,
+        EMPTY_FOLDER,
+        LINK_LOOP,
+        NOT_IMAGE,
+        NOT_REGULAR,
+        InputProblem,
+        SkipLog,
+        list_folder,
+        path_problem,
+        unique_names,
+    )
     from polypseg.io_utils import display_name
 
     log = skips if skips is not None else SkipLog(_warn)
@@ -112,13 +123,22 @@ def collect_inputs(inputs: list[Path], masks: Path | None, skips: Any = None) ->
                 trouble = path_problem(member)
                 if trouble is not None:
                     log.skip(member, trouble)
-                elif not member.is_dir():
+                elif member.is_dir():
+                    log.skip(member, InputProblem(NOT_REGULAR, f"{display_name(member)}: a folder named like an image file"))
+                else:
                     found.append(member)
             if not found and not problems:
                 log.skip(path, InputProblem(EMPTY_FOLDER, f"{display_name(path)}: no image files in this folder"))
             items += [_Item(p.stem, p) for p in found]
             continue
         index = index_dataset(path)
+        images_dir = find_layout(path)[0]
+        for rejected, reason in index.rejected:
+            cause = BROKEN_LINK if "broken symlink" in reason else LINK_LOOP if "loop" in reason else NOT_IMAGE if "format" in reason else NOT_REGULAR
+            if rejected.parent == images_dir:
+                log.skip(rejected, InputProblem(cause, f"{display_name(rejected)}: {reason}"))
+            else:
+                _warn(f"{rejected}: {reason}; its image is explained without ground truth")
         items += [_Item(s.stem, s.image, s.mask, "dataset") for s in index.samples]
         items += [_Item(p.stem, p) for p in index.unpaired_images]
     if masks is not None:
@@ -144,11 +164,8 @@ def collect_inputs(inputs: list[Path], masks: Path | None, skips: Any = None) ->
             used = sum(1 for item in items if item.mask_source == "layout" and item.mask is not None and item.mask.parent == sibling)
             if used:
                 _say(f"ground truth for {used} image(s) found by the dataset layout in {sibling} (images/ + masks/, same stem)")
-    from polypseg.io_utils import safe_stem
-
+    # output files are named by stem: distinct (x, x-2, ...; metrics.csv maps each to its image)
     for item, name in zip(items, unique_names(item.stem for item in items)):
-        if name != safe_stem(item.stem):
-            _warn(f"{item.image}: another input has the stem '{item.stem}'; its outputs are named '{name}'")
         item.stem = name
     return items
 
@@ -449,7 +466,8 @@ def _print_summary(summary: dict[str, Any], out: Path, skips: Any, with_truth: i
     for name in ("metric", "mean", "std", "n"):
         table.add_column(name, justify="left" if name == "metric" else "right")
     for name, stats in summary["mean_std"].items():
-        table.add_row(name, f"{stats['mean']:.3f}", f"{stats['std']:.3f}", str(stats["n"]))
+        shown = [f"{stats[k]:.3f}" if stats["n"] and math.isfinite(stats[k]) else "–" for k in ("mean", "std")]
+        table.add_row(name, *shown, str(stats["n"]))
     console.print(table)
     if summary["explained"] and with_truth < summary["explained"]:
         missing = summary["explained"] - with_truth

@@ -66,7 +66,16 @@ def collect_inputs(inputs: list[Path], recursive: bool = False, skips: Any = Non
     ``skips`` (a :class:`polypseg.inputs.SkipLog`) they are reported there as they are found.
     """
     from polypseg.data import IMAGE_EXTENSIONS
-    from polypseg.inputs import EMPTY_FOLDER, NOT_IMAGE, InputProblem, SkipLog, list_folder, path_problem, unique_names
+    from polypseg.inputs import (
+        EMPTY_FOLDER,
+        NOT_IMAGE,
+        NOT_REGULAR,
+        InputProblem,
+        SkipLog,
+        list_folder,
+        path_problem,
+        unique_names,
+    )
     from polypseg.io_utils import display_name
     from polypseg.video import is_video
 
@@ -89,13 +98,15 @@ def collect_inputs(inputs: list[Path], recursive: bool = False, skips: Any = Non
                 log.skip(path, item)
             usable = 0
             for member in members:
-                if kind(member) is None or (member.is_dir() and not member.is_symlink()):
-                    continue  # folders are entered with --recursive; other files are not inputs
+                if kind(member) is None:
+                    continue  # other files (notes, sub-folders) are not inputs; --recursive enters folders
                 trouble = path_problem(member)
                 if trouble is not None:
                     log.skip(member, trouble)
                     continue
                 if member.is_dir():
+                    if not recursive:
+                        log.skip(member, InputProblem(NOT_REGULAR, f"{display_name(member)}: a folder named like an image or video file"))
                     continue
                 found.append((member, kind(member) == "video"))
                 usable += 1

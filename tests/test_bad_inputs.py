@@ -1,0 +1,544 @@
+"""Bad inputs for ``polypseg predict`` and ``polypseg explain``: one rule, no tracebacks, nothing lost.
+
+Every input class below is given to both commands next to two good images, in one run per command
+(so the whole matrix stays quick), and once more alone. The rule (polypseg.inputs):
+
+* a class that cannot be used is skipped and named on exactly one line, with its cause, and listed
+  in skipped.csv; the run exits 0 because the good images were done, and their outputs are the
+  same as in a run without the bad inputs; alone, it exits non-zero with a one-line error;
+* a class that is merely unusual (16-bit, CMYK, a file name that is not UTF-8, ...) just works;
+* nothing prints a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import struct
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from polypseg.checkpoint import save_checkpoint
+from polypseg.config import ModelConfig, RunConfig, TrainConfig
+from polypseg.io_utils import display_name, safe_stem
+from polypseg.models import create_model
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+RNG = np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders: each makes one input inside `folder` and returns the path to pass on the command line
+
+
+def _rgb(height: int = 30, width: int = 40) -> np.ndarray:
+    return RNG.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _save(path: Path, array: np.ndarray | Image.Image, **kwargs) -> Path:
+    image = array if isinstance(array, Image.Image) else Image.fromarray(array)
+    image.save(path, **kwargs)
+    return path
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(_rgb(48, 48)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _png_bytes(array: np.ndarray | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(_rgb(24, 24) if array is None else array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A valid, tiny PNG whose header declares ``width x height`` (a 'decompression bomb' shape)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _symlink(path: Path, target: Path | str) -> Path:
+    path.symlink_to(target)
+    return path
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _unreadable(path: Path) -> Path:
+    _save(path, _rgb())
+    path.chmod(0)
+    return path
+
+
+def _folder_with(folder: Path, name: str, make: Callable[[Path], Path]) -> Path:
+    """``folder`` (named after its case) holding one entry made by ``make(folder / name)``: the input."""
+    make(folder / name)
+    return folder
+
+
+def _exif_rotated(path: Path) -> Path:
+    image = Image.fromarray(_rgb(30, 44))
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW
+    image.save(path, exif=exif.tobytes())
+    return path
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make: Callable[[Path], Path]  # builds the input under the given folder; returns what to pass
+    works: bool  # True: processed like any image; False: skipped with `cause`
+    cause: str = ""  # a word of the one-line message (for skips)
+    shown: str = ""  # the name the message shows (default: the made path's name)
+    commands: tuple[str, ...] = ("predict", "explain")
+    needs_non_root: bool = False
+
+
+NON_UTF8 = os.fsdecode(b"bad\xff\xfe.jpg")
+
+CASES = [
+    # --- cannot be used: skipped and named, with the cause
+    Case("zero_byte", lambda d: _bytes(d / "empty.jpg", b""), False, "cannot decode"),
+    Case("truncated_jpeg", lambda d: _bytes(d / "cut.jpg", _jpeg_bytes()[:300]), False, "truncated"),
+    Case("truncated_png", lambda d: _bytes(d / "halfpng.png", _png_bytes()[:60]), False, "cannot decode"),
+    Case("text_as_png", lambda d: _bytes(d / "notes.png", b"just some text\n" * 20), False, "cannot decode"),
+    Case("random_bytes_jpg", lambda d: _bytes(d / "noise.jpg", RNG.integers(0, 256, 4000, dtype=np.uint8).tobytes()), False, "cannot decode"),
+    Case("html_as_jpg", lambda d: _bytes(d / "page.jpg", b"<!doctype html><html><body>404</body></html>"), False, "cannot decode"),
+    Case("corrupt_bmp", lambda d: _bytes(d / "bad.bmp", b"BM" + b"\x00" * 40), False, "cannot decode"),
+    Case("corrupt_webp", lambda d: _bytes(d / "bad.webp", b"RIFF\x10\x00\x00\x00WEBPVP8 garbage"), False, "cannot decode"),
+    Case("corrupt_tiff", lambda d: _bytes(d / "bad.tif", b"II*\x00" + b"\xff" * 60), False, "cannot decode"),
+    Case("huge_declared_png", lambda d: _bytes(d / "huge.png", _png_header(10_000, 10_000)), False, "over the limit"),
+    Case("bomb_declared_png", lambda d: _bytes(d / "bomb.png", _png_header(60_000, 60_000)), False, "far more than"),
+    Case("gif", lambda d: _save(d / "anim.gif", _rgb()), False, "not an image"),
+    Case("text_file", lambda d: _bytes(d / "readme.txt", b"hello"), False, "not an image"),
+    Case("no_extension", lambda d: _bytes(d / "noext", _png_bytes()), False, "not an image"),
+    Case("corrupt_video", lambda d: _bytes(d / "clip.mp4", b"\x00\x00\x00\x18ftypmp42 not really"), False, "video"),
+    Case("missing", lambda d: d / "absent.png", False, "not found"),
+    Case("missing_parent", lambda d: d / "nowhere" / "x.png", False, "not found"),
+    Case("broken_symlink", lambda d: _symlink(d / "dangling.png", d / "gone.png"), False, "broken symlink"),
+    Case("symlink_loop", lambda d: _symlink(d / "self.png", d / "self.png"), False, "symlink loop"),
+    Case("symlink_cycle", lambda d: (_symlink(d / "b.png", d / "a.png"), _symlink(d / "a.png", d / "b.png"))[1], False, "symlink loop"),
+    Case("fifo", lambda d: _fifo(d / "pipe.png"), False, "not a regular file"),
+    Case("unreadable", lambda d: _unreadable(d / "secret.png"), False, "permission denied", needs_non_root=True),
+    Case("empty_folder", lambda d: (d / "void-folder").mkdir() or d / "void-folder", False, "no image"),
+    Case("folder_of_notes", lambda d: _folder_with(d, "notes.txt", lambda p: _bytes(p, b"x")), False, "no image"),
+    Case("folder_named_jpg", lambda d: (d / "album.jpg").mkdir() or d / "album.jpg", False, "no image"),
+    Case(
+        "folder_inside_named_png",
+        lambda d: _folder_with(d, "sub.png", lambda p: p.mkdir() or p),
+        False,
+        "a folder named like an image",
+        shown="sub.png",
+    ),
+    Case(
+        "broken_symlink_in_folder",
+        lambda d: _folder_with(d, "dead.jpg", lambda p: _symlink(p, p.parent / "missing.jpg")),
+        False,
+        "broken symlink",
+        shown="dead.jpg",
+    ),
+    Case(
+        "corrupt_in_folder",
+        lambda d: _folder_with(d, "broken.jpg", lambda p: _bytes(p, b"\xff\xd8\xff\xe0 nope")),
+        False,
+        "cannot decode",
+        shown="broken.jpg",
+    ),
+    # --- unusual but fine: processed like any image
+    Case("rgba", lambda d: _save(d / "rgba.png", RNG.integers(0, 256, (30, 40, 4), dtype=np.uint8)), True),
+    Case("grayscale", lambda d: _save(d / "gray.png", RNG.integers(0, 256, (30, 40), dtype=np.uint8)), True),
+    Case("gray16", lambda d: _save(d / "gray16.png", Image.fromarray(RNG.integers(0, 65535, (30, 40), dtype=np.uint16))), True),
+    Case("palette", lambda d: _save(d / "palette.png", Image.fromarray(_rgb()).convert("P")), True),
+    Case("palette_transparent", lambda d: _save(d / "ptrans.png", Image.fromarray(_rgb()).convert("P"), transparency=0), True),
+    Case("gray_alpha", lambda d: _save(d / "la.png", Image.fromarray(_rgb()).convert("LA")), True),
+    Case("bilevel", lambda d: _save(d / "bits.png", Image.fromarray(_rgb()).convert("1")), True),
+    Case("cmyk_jpeg", lambda d: _save(d / "cmyk.jpg", Image.fromarray(_rgb()).convert("CMYK")), True),
+    Case("exif_rotated", lambda d: _exif_rotated(d / "rotated.jpg"), True),
+    Case("webp", lambda d: _save(d / "frame.webp", _rgb()), True),
+    Case("tiff_rgb", lambda d: (tifffile.imwrite(d / "cvc.tif", _rgb(28, 36)), d / "cvc.tif")[1], True),
+    Case("tiff_16bit", lambda d: (tifffile.imwrite(d / "deep.tiff", RNG.integers(0, 65535, (28, 36, 3), dtype=np.uint16)), d / "deep.tiff")[1], True),
+    Case("tiff_float", lambda d: (tifffile.imwrite(d / "float.tif", RNG.random((28, 36)).astype(np.float32)), d / "float.tif")[1], True),
+    Case("one_pixel", lambda d: _save(d / "dot.png", _rgb(1, 1)), True),
+    Case("uniform_black", lambda d: _save(d / "black.png", np.zeros((30, 40, 3), np.uint8)), True),
+    Case("png_named_jpg", lambda d: _bytes(d / "actually-png.jpg", _png_bytes()), True),
+    Case("upper_case_extension", lambda d: _save(d / "SHOUT.JPG", _rgb(), format="JPEG"), True),
+    Case("non_utf8_name", lambda d: _save(d / NON_UTF8, _rgb(), format="JPEG"), True),
+    Case("cjk_name", lambda d: _save(d / "息肉.png", _rgb()), True),
+    Case("markup_name", lambda d: _save(d / "[bold]x[link].png", _rgb()), True),
+    Case("comma_quote_name", lambda d: _save(d / 'a, "b".png', _rgb()), True),
+    Case("leading_dash_name", lambda d: _folder_with(d, "-dash.png", lambda p: _save(p, _rgb())), True, shown="-dash.png"),
+    Case("long_name", lambda d: _save(d / ("x" * 200 + ".png"), _rgb()), True),
+]
+CASE_IDS = [case.name for case in CASES]
+assert len(CASES) >= 40
+
+
+def _applicable(case: Case, command: str) -> bool:
+    return command in case.commands and not (case.needs_non_root and IS_ROOT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: a tiny model, two good images, every case built once, one run per command
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(tmp_path_factory: pytest.TempPathFactory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a loaded 2-core machine: avoid oversubscription stalls
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POLYPSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = RunConfig(model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32))
+    root = tmp_path_factory.mktemp("model")
+    save_checkpoint(root / "best", create_model(config.model), config, threshold=0.5)
+    return root / "best.safetensors"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("good")
+    _save(folder / "good1.png", _rgb(36, 52))
+    _save(folder / "good2.jpg", _rgb(40, 30), format="JPEG")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """Each case's input path and the name its message must show."""
+    root = tmp_path_factory.mktemp("cases")
+    made = {}
+    for case in CASES:
+        folder = root / case.name
+        folder.mkdir()
+        path = case.make(folder)
+        made[case.name] = (path, case.shown or path.name)
+    yield made
+    for case in CASES:  # let pytest clean up
+        if case.needs_non_root:
+            for path in (root / case.name).iterdir():
+                path.chmod(0o644)
+
+
+def _args(command: str, inputs: list[Path], model: Path, out: Path) -> list[str]:
+    args = [command, *map(str, inputs), "--model", str(model), "--out", str(out), "--device", "cpu"]
+    if command == "predict":
+        return args + ["--backend", "torch"]
+    return args + ["--deletion-steps", "0", "--no-gallery"]
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    """Run the CLI as a user would (``polypseg.cli.main.main``: user errors as one line, exit codes)."""
+    from polypseg.cli.main import main
+
+    import contextlib
+
+    captured = io.StringIO()
+    old_argv = sys.argv
+    sys.argv = ["polypseg", *args]
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            try:
+                main()
+                code = 0
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    return code, captured.getvalue()
+
+
+def _lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def runs(model: Path, good: Path, built: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Per command: a run of the good images alone, and one with every applicable case beside them."""
+    result = {}
+    for command in ("predict", "explain"):
+        inputs = [path for case in CASES if _applicable(case, command) for path in [built[case.name][0]]]
+        reference_out = tmp_path_factory.mktemp(f"{command}-reference")
+        mixed_out = tmp_path_factory.mktemp(f"{command}-mixed")
+        reference = _run(_args(command, [good], model, reference_out))
+        mixed = _run(_args(command, [good, *inputs], model, mixed_out))
+        result[command] = {"reference": reference, "mixed": mixed, "reference_out": reference_out, "out": mixed_out}
+    return result
+
+
+def _skipped_rows(out: Path) -> list[dict[str, str]]:
+    path = out / "skipped.csv"
+    return list(csv.DictReader(path.open(encoding="utf-8"))) if path.is_file() else []
+
+
+def _done_names(command: str, out: Path) -> list[str]:
+    table = "predictions.csv" if command == "predict" else "metrics.csv"
+    column = "file" if command == "predict" else "image"
+    return [Path(row[column]).name for row in csv.DictReader((out / table).open(encoding="utf-8"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The matrix
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+def test_good_files_are_done_and_unchanged_beside_every_bad_input(command: str, runs: dict) -> None:
+    run = runs[command]
+    code, output = run["mixed"]
+    assert code == 0, output
+    assert "Traceback" not in output and "UserWarning" not in output and "Glyph" not in output
+    reference, mixed = run["reference_out"], run["out"]
+    for stem in ("good1", "good2"):
+        if command == "predict":
+            a = np.asarray(Image.open(reference / "masks" / f"{stem}.png"))
+            b = np.asarray(Image.open(mixed / "masks" / f"{stem}.png"))
+        else:
+            a, b = np.load(reference / f"{stem}_heatmap.npy"), np.load(mixed / f"{stem}_heatmap.npy")
+        np.testing.assert_array_equal(a, b)
+    # the closing line counts what was skipped, by cause
+    last = _lines(output)[-1]
+    skipped = len(_skipped_rows(mixed))
+    assert f"{skipped} input(s) skipped" in last and "skipped.csv" in last, last
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_each_input_class(case: Case, command: str, runs: dict, built: dict) -> None:
+    if not _applicable(case, command):
+        pytest.skip("root reads any file" if case.needs_non_root else f"not an input of {command}")
+    code, output = runs[command]["mixed"]
+    out = runs[command]["out"]
+    path, shown = built[case.name]
+    shown_text = display_name(shown)
+    assert code == 0 and "Traceback" not in output
+    mentioning = [line for line in _lines(output) if shown_text in line and "warning:" in line]
+    skipped = [row for row in _skipped_rows(out) if Path(row["file"]).name == shown_text]
+    if case.works:
+        assert mentioning == [] and skipped == [], mentioning or skipped
+        assert shown_text in _done_names(command, out)
+        stem = safe_stem(Path(shown).stem)
+        written = out / "masks" / f"{stem}.png" if command == "predict" else out / f"{stem}_heatmap.npy"
+        assert written.is_file(), sorted(p.name for p in out.rglob("*"))
+        if command == "predict":
+            with Image.open(written) as mask:
+                assert mask.size[0] >= 1 and set(np.unique(np.asarray(mask))) <= {0, 255}
+    else:
+        cause = "not an image" if case.name == "corrupt_video" and command == "explain" else case.cause
+        assert len(mentioning) == 1, output  # named once, on one line ...
+        assert cause in mentioning[0].lower(), mentioning[0]  # ... with its cause
+        assert len(skipped) == 1 and skipped[0]["reason"]
+        assert shown_text not in _done_names(command, out)
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+@pytest.mark.parametrize("case", [c for c in CASES if not c.works], ids=[c.name for c in CASES if not c.works])
+def test_a_bad_input_alone_exits_non_zero_with_one_line(case: Case, command: str, model: Path, built: dict, tmp_path: Path) -> None:
+    if not _applicable(case, command):
+        pytest.skip("root reads any file" if case.needs_non_root else f"not an input of {command}")
+    path, shown = built[case.name]
+    code, output = _run(_args(command, [path], model, tmp_path / "out"))
+    assert code in (1, 2), output
+    assert "Traceback" not in output
+    errors = [line for line in _lines(output) if line.startswith("error:")]
+    assert len(errors) == 1, output
+    assert display_name(shown) in output
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth next to the images (explain)
+
+
+def test_explain_masks_classes(model: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:20, 10:30] = 255
+    for stem in ("ok", "nomask", "mismatch", "empty", "noisy", "broken"):
+        _save(root / "images" / f"{stem}.png", _rgb())
+    _save(root / "masks" / "ok.png", mask)
+    _save(root / "masks" / "mismatch.png", np.zeros((10, 10), np.uint8))
+    _save(root / "masks" / "empty.png", np.zeros((30, 40), np.uint8))
+    _save(root / "masks" / "noisy.jpg", mask, format="JPEG", quality=30)
+    _bytes(root / "masks" / "broken.png", b"not a png")
+    out = tmp_path / "out"
+    code, output = _run(_args("explain", [root], model, out))
+    assert code == 0 and "Traceback" not in output, output
+    rows = {row["stem"]: row for row in csv.DictReader((out / "metrics.csv").open())}
+    assert set(rows) == {"ok", "nomask", "mismatch", "empty", "noisy", "broken"}  # nothing lost
+    assert rows["ok"]["has_ground_truth"] == "True" and rows["noisy"]["has_ground_truth"] == "True"
+    assert rows["empty"]["has_ground_truth"] == "True"
+    for stem in ("nomask", "mismatch", "broken"):
+        assert rows[stem]["has_ground_truth"] == "False" and rows[stem]["dice"] == ""
+    assert sum("mismatch.png" in line and "warning:" in line for line in _lines(output)) == 1
+    assert sum("broken.png" in line and "warning:" in line for line in _lines(output)) == 1
+    assert "--masks" in output  # says how to give ground truth for the image without one
+
+
+def test_explain_an_image_beside_a_masks_folder_uses_it(model: Path, tmp_path: Path) -> None:
+    """The issue: ``explain DIR/images/x.jpg`` showed nan metrics although DIR/masks/x.png exists."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    _save(root / "images" / "x.jpg", _rgb(), format="JPEG")
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:25, 5:30] = 255
+    _save(root / "masks" / "x.png", mask)
+    out = tmp_path / "out"
+    code, output = _run(_args("explain", [root / "images" / "x.jpg"], model, out) + ["--deletion-steps", "2"])
+    assert code == 0, output
+    (row,) = csv.DictReader((out / "metrics.csv").open())
+    assert row["has_ground_truth"] == "True" and row["dice"] != "" and row["energy_inside"] != ""
+    assert "dataset layout" in output
+    summary = json.loads((out / "summary.json").read_text())
+    assert "insertion_auc" in summary["metric_scales"] and "exceed 1" in summary["metric_scales"]["insertion_auc"]
+    assert "insertion_auc" in output and "exceed 1" in output
+    assert "explained with the model" in output and summary["model"].startswith("explained with")
+
+
+def test_explain_says_which_fold_explained(model: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for fold in (0, 1):
+        (run / f"fold_{fold}").mkdir(parents=True)
+        for suffix in (".safetensors", ".json"):
+            (run / f"fold_{fold}" / f"best{suffix}").write_bytes(model.with_suffix(suffix).read_bytes())
+    image = _save(tmp_path / "x.png", _rgb())
+    code, output = _run(_args("explain", [image], run, tmp_path / "out"))
+    assert code == 0, output
+    assert "explained with fold 0's model" in output and "--fold" in output
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["fold"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and model files
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+def test_out_pointing_at_a_file_is_one_line(command: str, model: Path, good: Path, tmp_path: Path) -> None:
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    code, output = _run(_args(command, [good], model, target))
+    assert code == 2 and "Traceback" not in output, output
+    (error,) = [line for line in _lines(output) if line.startswith("error:")]
+    assert "--out" in error and "results.txt" in error
+    assert target.read_text() == "keep me"
+
+
+def _edit_sidecar(model: Path, folder: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of ``model`` whose metadata says something else, in the format of older versions
+    (metadata in the .json only), which a user can edit by hand."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    meta = json.loads(model.with_suffix(".json").read_text())
+    edit(meta)
+    save_file(load_file(str(model)), str(folder / "best.safetensors"), metadata={"format": meta["format"]})
+    (folder / "best.json").write_text(json.dumps(meta))
+    return folder / "best.safetensors"
+
+
+SIDECAR_EDITS = {
+    "unknown_arch": (lambda m: m["config"]["model"].update(arch="FancyNet"), "FancyNet"),
+    "unknown_encoder": (lambda m: m["config"]["model"].update(encoder="resnet9000"), "resnet9000"),
+    "unknown_field": (lambda m: m["config"]["model"].update(bogus=1), "bogus"),
+    "no_config": (lambda m: m.pop("config"), "config"),
+    "wrong_type": (lambda m: m["config"]["train"].update(image_size="big"), "big"),
+    "decoder_channels": (lambda m: m["config"]["model"].update(decoder_channels=[16, 8, 8, 8, 8]), "decoder.blocks.0.conv1.0.weight"),
+}
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+@pytest.mark.parametrize("edit", sorted(SIDECAR_EDITS))
+def test_bad_checkpoint_sidecar_is_the_one_line_of_a_corrupt_checkpoint(
+    command: str, edit: str, model: Path, good: Path, tmp_path: Path
+) -> None:
+    change, named = SIDECAR_EDITS[edit]
+    weights = _edit_sidecar(model, tmp_path / "model", change)
+    code, output = _run(_args(command, [good], weights, tmp_path / "out"))
+    assert code == 2 and "Traceback" not in output, output
+    (error,) = [line for line in _lines(output) if line.startswith("error:")]
+    assert f"cannot load weights {weights}" in error and named in error, error
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+def test_corrupt_weights_are_the_same_one_line(command: str, model: Path, good: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "best.json").write_bytes(model.with_suffix(".json").read_bytes())
+    raw = bytearray(model.read_bytes())
+    raw[-100:] = bytes(100)  # tensor bytes changed: the recorded SHA-256 no longer matches
+    (folder / "best.safetensors").write_bytes(bytes(raw))
+    code, output = _run(_args(command, [good], folder / "best.safetensors", tmp_path / "out"))
+    assert code == 2 and "Traceback" not in output, output
+    (error,) = [line for line in _lines(output) if line.startswith("error:")]
+    assert "cannot load weights" in error and "SHA-256" in error
+
+
+def test_npz_with_object_arrays_as_data_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "data.npz"
+    np.savez(bad, format=np.array([{"a": 1}], dtype=object))
+    code, output = _run(["cv", "--data", str(bad), "--out", str(tmp_path / "run"), "--recipe", "demo", "--device", "cpu"])
+    assert code == 2 and "Traceback" not in output, output
+    (error,) = [line for line in _lines(output) if line.startswith("error:")]
+    assert "data.npz" in error and "not a usable polypseg cache" in error
+
+
+def test_warnings_are_one_line_not_python_warnings(tmp_path: Path) -> None:
+    """A Python warning raised during a command prints as one 'warning:' line, never file:line: UserWarning."""
+    import warnings
+
+    from polypseg.inputs import one_line_warnings
+
+    seen: list[str] = []
+    with one_line_warnings(seen.append):
+        warnings.warn("something odd\nsecond line", UserWarning, stacklevel=1)
+        warnings.warn("Glyph 24687 (\\N{CJK UNIFIED IDEOGRAPH-606F}) missing from font(s) DejaVu Sans.", UserWarning, stacklevel=1)
+    assert seen == ["something odd"]
+
+
+def test_data_check_exit_codes(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    code, output = _run(["data", "check", str(empty)])
+    assert code == 1 and "no image/mask pairs" in output and "Traceback" not in output
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "images").write_text("a file")
+    (broken / "masks").mkdir()
+    code, output = _run(["data", "check", str(broken)])
+    assert code == 2 and "Traceback" not in output
+    (error,) = [line for line in _lines(output) if line.startswith("error:")]
+    assert re.search(r"broken/images is not a folder", error), error
