@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import socket
 import struct
 import threading
 import zlib
@@ -19,7 +20,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from polypseg.checkpoint import save_checkpoint
-from polypseg.explain import explain_images
+from polypseg.data import resize_image
+from polypseg.explain import RegionLogitSum, autocast_for, explain_images, grad_cam, prepare_batch, to_original_size
 from polypseg.inference import Prediction
 from polypseg.models import count_parameters, create_model
 from polypseg.web import encoding
@@ -150,10 +152,23 @@ def test_explain_matches_library_grad_cam(client: TestClient, service: Inference
     assert np.abs(heatmap.astype(int) - np.rint(heatmaps[0] * 255)).max() <= 1
     assert png_array(body["overlay_png_base64"]).shape == (40, 52, 3)
     assert body["threshold"] == pytest.approx(THRESHOLD) and body["layer"] == "decoder.final"
+    assert body["models"] == [0] and body["model_index"] == 0
+    assert body["mask_area_pixels"] == post(client, "/v1/segment", data)["area_pixels"]
     deep = post(client, "/v1/explain", data, heatmap_bits=16, include_overlay="false")
     heatmap16 = png_array(deep["heatmap_png_base64"])
     assert heatmap16.dtype in (np.uint16, np.int32) and "overlay_png_base64" not in deep
     assert np.abs(heatmap16.astype(np.int64) - np.rint(heatmaps[0] * 65535)).max() <= 300
+
+
+def test_explain_overlay_uses_a_colour_blind_safe_palette(client: TestClient):
+    image = image_rgb(seed=7)
+    for colormap in ("viridis", "cividis", "jet"):
+        params = {} if colormap == "viridis" else {"colormap": colormap}
+        body = post(client, "/v1/explain", encode(image), **params)
+        heatmap = png_array(body["heatmap_png_base64"]).astype(np.float32) / 255
+        expected = encoding.heatmap_overlay(image, heatmap, cmap=colormap)
+        assert body["colormap"] == colormap
+        assert np.abs(png_array(body["overlay_png_base64"]).astype(int) - expected).max() <= 2, colormap
 
 
 def test_raw_body_upload(client: TestClient):
@@ -200,7 +215,10 @@ def truncated(data: bytes) -> bytes:
 
 BAD_UPLOADS = {
     "text": (b"patient notes, not an image", "notes.txt", 415, "not_an_image"),
-    "empty": (b"", "empty.png", 400, "corrupt_image"),
+    "empty": (b"", "empty.png", 400, "empty_upload"),
+    "bad_png_header": (b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "header.png", 400, "corrupt_image"),
+    "bad_jpeg_header": (b"\xff\xd8\xff" + b"\x00" * 50, "header.jpg", 400, "corrupt_image"),
+    "bad_webp_header": (b"RIFF\x00\x00\x00\x00WEBP" + b"\x00" * 20, "header.webp", 400, "corrupt_image"),
     "truncated_jpeg": (truncated(encode(image_rgb(), "JPEG")), "cut.jpg", 400, "corrupt_image"),
     "truncated_png": (truncated(encode(image_rgb())), "cut.png", 400, "corrupt_image"),
     "corrupt_tiff": (b"II*\x00" + b"\xff" * 64, "bad.tif", 400, "corrupt_image"),
@@ -218,8 +236,9 @@ def test_bad_uploads_are_clear_4xx(client: TestClient, case: str):
         body = response.json()
         assert body["code"] == code
         assert "\n" not in body["error"] and len(body["error"]) < 300
-        if case != "empty":
-            assert name in body["error"]
+        # no Python object reprs or addresses, and the file name once (the page adds nothing to it)
+        assert "0x" not in body["error"] and " object" not in body["error"] and "<" not in body["error"], body["error"]
+        assert body["error"].count(name) == 1, body["error"]
     assert client.get("/v1/health").json()["status"] == "ok"
     assert post(client, "/v1/segment", encode(image_rgb()))["width"] == 52
 
@@ -246,13 +265,65 @@ def test_bad_parameters_and_requests(client: TestClient):
     for params in ({"threshold": 1.5}, {"threshold": 0}, {"mask_format": "bmp"}):
         response = client.post("/v1/segment", params=params, files={"file": ("x.png", data, "image/png")})
         assert response.status_code == 422 and next(iter(params)) in response.json()["error"]
-    response = client.post("/v1/explain", params={"heatmap_bits": 12}, files={"file": ("x.png", data, "image/png")})
-    assert response.status_code == 422
-    response = client.post("/v1/segment", data={"note": "no file"}, files={"other": ("", b"", "text/plain")})
-    assert response.status_code in (400, 415)
+    for params in ({"heatmap_bits": 12}, {"fold": 1}, {"fold": -1}, {"colormap": "rainbow"}):
+        response = client.post("/v1/explain", params=params, files={"file": ("x.png", data, "image/png")})
+        assert response.status_code == 422 and response.json()["code"] == "invalid_parameter", params
     response = client.post("/v1/segment", content=b'{"image": 1}', headers={"Content-Type": "application/json"})
     assert response.status_code == 415 and "application/json" in response.json()["error"]
-    assert client.get("/v1/nothing").status_code == 404
+
+
+def test_multipart_without_a_file_is_no_file(client: TestClient):
+    not_a_file = {"other": ("", b"", "text/plain")}  # a multipart text field, no file part
+    only_a_mask = {"mask": ("m.png", encode(np.zeros((4, 4), np.uint8)), "image/png")}
+    for endpoint, files in (("/v1/segment", not_a_file), ("/v1/segment", only_a_mask), ("/v1/explain", not_a_file), ("/v1/segment-video", not_a_file)):
+        response = client.post(endpoint, data={"note": "no file"}, files=files)
+        assert response.status_code == 400, response.text
+        assert response.json()["code"] == "no_file" and "field 'file'" in response.json()["error"]
+
+
+def test_routing_errors_are_json_and_head_is_answered(client: TestClient):
+    response = client.get("/v1/nothing")
+    assert response.status_code == 404
+    assert response.json() == {"error": "no such endpoint: GET /v1/nothing (see /docs)", "code": "not_found"}
+    response = client.post("/v1/health")
+    assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
+    assert set(response.json()) == {"error", "code"} and "GET" in response.json()["error"]
+    response = client.get("/v1/segment")
+    assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
+    assert response.headers["Cache-Control"] == "no-store"
+    for path in ("/v1/health", "/v1/model", "/v1/samples", "/"):
+        head, get = client.head(path), client.get(path)
+        assert head.status_code == 200 == get.status_code, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    assert client.get("/v1/samples/nope.jpg").json()["code"] == "not_found"
+
+
+def test_content_type_errors_name_the_media(client: TestClient):
+    response = client.post("/v1/segment-video", content=b"{}", headers={"Content-Type": "application/json"})
+    assert response.status_code == 415
+    assert "is not a video" in response.json()["error"] and " an video" not in response.json()["error"]
+    response = client.post("/v1/segment", content=b"{}", headers={"Content-Type": "application/json"})
+    assert "is not an image" in response.json()["error"]
+
+
+def test_segment_with_a_ground_truth_mask_gives_dice(client: TestClient, service: InferenceService):
+    image = image_rgb(seed=9)
+    prediction = service.predictor.predict([image])[0]
+    truth = np.zeros((40, 52), bool)
+    truth[10:30, 12:40] = True
+    files = {"file": ("x.png", encode(image), "image/png"), "mask": ("x_mask.png", encode(truth.astype(np.uint8) * 255), "image/png")}
+    body = client.post("/v1/segment", files=files).json()
+    inter = int((prediction.mask & truth).sum())
+    assert body["dice"] == pytest.approx(2 * inter / (prediction.mask.sum() + truth.sum()))
+    assert body["iou"] == pytest.approx(inter / (prediction.mask | truth).sum())
+    assert body["truth_area_pixels"] == int(truth.sum()) and body["mask_name"] == "x_mask.png"
+    # an RGB JPEG mask binarises like the library's read_mask (brightest channel > 127)
+    rgb = np.dstack([truth.astype(np.uint8) * 250] * 3)
+    jpeg = client.post("/v1/segment", files={"file": files["file"], "mask": ("m.jpg", encode(rgb, "JPEG", quality=95), "image/jpeg")}).json()
+    assert jpeg["truth_area_pixels"] == pytest.approx(int(truth.sum()), abs=4)
+    assert "dice" not in post(client, "/v1/segment", encode(image))
+    wrong = client.post("/v1/segment", files={"file": files["file"], "mask": ("small.png", encode(np.zeros((8, 8), np.uint8)), "image/png")})
+    assert wrong.status_code == 400 and wrong.json()["code"] == "mask_mismatch" and "small.png" in wrong.json()["error"]
 
 
 def test_decoder_refuses_bombs_before_allocating():
@@ -371,7 +442,7 @@ def test_health_model_and_openapi(client: TestClient, service: InferenceService)
     assert info["architecture"]["parameters"] == count_parameters(service.predictor.models[0])
     assert info["architecture"]["input_size"] == 64
     assert info["threshold"] == pytest.approx(THRESHOLD)
-    assert info["metrics"]["dice"] == pytest.approx(0.61)
+    assert info["metrics"]["validation"]["dice"] == pytest.approx(0.61) and "test" not in info["metrics"]
     assert info["training"]["recipe"] == "demo"
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/v1/segment", "/v1/explain", "/v1/health", "/v1/model", "/v1/samples"):
@@ -385,12 +456,34 @@ def test_health_model_and_openapi(client: TestClient, service: InferenceService)
 
 
 def test_samples(client: TestClient):
-    names = client.get("/v1/samples").json()["samples"]
+    listing = client.get("/v1/samples").json()
+    names = listing["samples"]
     assert len(names) >= 10 and all(name.endswith(".jpg") for name in names)
     response = client.get(f"/v1/samples/{names[0]}")
     assert response.status_code == 200 and response.content[:3] == b"\xff\xd8\xff"
     for bad in ("nope.jpg", "..%2F..%2FNOTICE.md", "..%2Fmasks%2F" + names[0].replace(".jpg", ".png")):
         assert client.get(f"/v1/samples/{bad}").status_code == 404
+    # the bundled sample has a ground-truth mask for every image
+    assert listing["masks"] == names
+    mask = client.get(f"/v1/samples/{names[0]}/mask")
+    assert mask.status_code == 200 and mask.content[:8] == b"\x89PNG\r\n\x1a\n"
+    image = np.asarray(Image.open(io.BytesIO(response.content)))
+    assert np.asarray(Image.open(io.BytesIO(mask.content))).shape[:2] == image.shape[:2]
+    assert client.get("/v1/samples/nope.jpg/mask").status_code == 404
+
+
+def test_samples_folder_with_and_without_masks(service: InferenceService, tmp_path: Path):
+    from helpers import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "set", n=3)
+    (root / "masks" / "case02.png").unlink()
+    for folder in (root, root / "images"):  # a data set folder, or its images/ folder
+        with TestClient(create_app(service, WebSettings(samples_dir=folder))) as client:
+            listing = client.get("/v1/samples").json()
+            assert listing == {"samples": ["case00.jpg", "case01.jpg", "case02.jpg"], "masks": ["case00.jpg", "case01.jpg"]}
+            assert client.get("/v1/samples/case01.jpg/mask").status_code == 200
+            missing = client.get("/v1/samples/case02.jpg/mask")
+            assert missing.status_code == 404 and "no ground-truth mask" in missing.json()["error"]
 
 
 # ----------------------------------------------------------------------------------- offline page
@@ -435,26 +528,81 @@ def test_serve_refuses_a_bad_model_with_one_line(tmp_path: Path):
     assert result.exit_code == 2 and "broken" in result.output and "Traceback" not in result.output
 
 
-def test_serve_binds_loopback_by_default_and_warns_without_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
-    import uvicorn
-
-    from polypseg.cli.main import app
+def fake_server(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Record what ``serve`` would run instead of running it."""
+    from polypseg.cli import serve_cmd
 
     calls: list[dict] = []
-    monkeypatch.setattr(uvicorn, "run", lambda web_app, **kw: calls.append({"app": web_app, **kw}))
+
+    def record(web_app, sock, host, port, log_level):
+        calls.append({"app": web_app, "host": host, "port": port, "bound": sock.getsockname()[1]})
+
+    monkeypatch.setattr(serve_cmd, "run_server", record)
+    return calls
+
+
+def test_serve_binds_loopback_by_default_and_warns_without_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    from polypseg.cli.main import app
+
+    calls = fake_server(monkeypatch)
+    # fixed ports that are free right now (the test binds them for real)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
     monkeypatch.delenv("POLYPSEG_TOKEN", raising=False)
     runner = CliRunner()
-    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu"])
+    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", str(ports[0])])
     assert result.exit_code == 0, result.output
-    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == 8000 and "warning" not in result.output
-    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--host", "0.0.0.0", "--port", "9001"])
+    assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == ports[0] == calls[-1]["bound"]
+    assert "warning" not in result.output
+    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--host", "0.0.0.0", "--port", str(ports[1])])
     assert result.exit_code == 0 and "without authentication" in result.output
-    assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == 9001
+    assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == ports[1]
     monkeypatch.setenv("POLYPSEG_TOKEN", "from-env")
-    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--host", "0.0.0.0", "--max-upload-mb", "5"])
+    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--host", "0.0.0.0", "--port", "0", "--max-upload-mb", "5"])
     assert result.exit_code == 0 and "without authentication" not in result.output
     settings = calls[-1]["app"].state.settings
     assert settings.token == "from-env" and settings.max_upload_bytes == 5 * 1024 * 1024
+
+
+def test_serve_port_zero_prints_the_real_port(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    from polypseg.cli.main import app
+
+    calls = fake_server(monkeypatch)
+    result = CliRunner().invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", "0"])
+    assert result.exit_code == 0, result.output
+    port = calls[-1]["bound"]
+    assert port > 0 and calls[-1]["port"] == port
+    assert f"http://127.0.0.1:{port}/" in result.output and ":0/" not in result.output
+
+
+def test_serve_refuses_a_taken_port_before_loading_the_model(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    from polypseg.cli.main import app
+
+    calls = fake_server(monkeypatch)
+    loaded: list[object] = []
+    monkeypatch.setattr(InferenceService, "from_checkpoint", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:") and "already in use" in lines[0]
+    assert "serving" not in result.output and not loaded and not calls
+
+
+@pytest.mark.parametrize("value", ["1.0", "1", "0", "-0.2", "1.5"])
+def test_serve_threshold_must_be_inside_zero_one(checkpoint: Path, monkeypatch: pytest.MonkeyPatch, value: str):
+    from polypseg.cli.main import app
+
+    calls = fake_server(monkeypatch)
+    result = CliRunner().invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", "0", "--threshold", value])
+    assert result.exit_code == 2 and not calls
+    assert "--threshold" in result.output and "between 0 and 1" in result.output
 
 
 # ----------------------------------------------------------------------------------- CV run ensemble
@@ -493,11 +641,16 @@ def test_cv_run_serves_the_fold_ensemble(tmp_path: Path):
         assert np.abs(disagreement - np.rint(np.clip(2 * expected.uncertainty, 0, 1) * 255)).max() <= 1
         assert body["mean_uncertainty"] == pytest.approx(float(expected.uncertainty.mean()), rel=1e-5)
 
-        fold0 = service.predictor.models[0]
-        heatmaps, _ = explain_images(fold0, [image], image_size=64, threshold=0.55)
+        # Grad-CAM explains the ensemble's mask, the one on screen: both folds, that mask as target.
         cam = post(client, "/v1/explain", encode(image))
-        assert cam["model_index"] == 0
-        assert np.abs(png_array(cam["heatmap_png_base64"]).astype(int) - np.rint(heatmaps[0] * 255)).max() <= 1
+        assert cam["models"] == [0, 1] and "model_index" not in cam and cam["combine"]
+        assert cam["mask_area_pixels"] == body["area_pixels"]
+        expected = served_mask_cam(service, image, 0.55, [0, 1])
+        assert np.abs(png_array(cam["heatmap_png_base64"]).astype(int) - np.rint(expected * 255)).max() <= 1
+        one = post(client, "/v1/explain", encode(image), fold=1)
+        assert one["models"] == [1] and one["model_index"] == 1
+        expected = served_mask_cam(service, image, 0.55, [1])
+        assert np.abs(png_array(one["heatmap_png_base64"]).astype(int) - np.rint(expected * 255)).max() <= 1
 
         info = client.get("/v1/model").json()
         assert info["ensemble"]["models"] == 2
@@ -505,6 +658,76 @@ def test_cv_run_serves_the_fold_ensemble(tmp_path: Path):
         assert info["training"]["folds"] == 2
         assert info["cross_validation"]["mean_std"]["at_chosen"]["dice"] == [0.7, 0.05]
         assert info["cross_validation"]["pooled_auc"] == 0.9
+
+
+def served_mask_cam(service: InferenceService, image: np.ndarray, threshold: float, folds: list[int]) -> np.ndarray:
+    """Reference: each fold's Grad-CAM with the served (ensemble) mask, probability >= threshold at the
+    model's input size, as target; the heatmaps averaged. Same precision rule as the library (auto)."""
+    size = service.predictor.image_size
+    resized = np.array(resize_image(image, size))[None]  # writable, as the service's np.stack gives
+    served = torch.from_numpy(service.predictor.predict_resized(resized))
+    batch = prepare_batch(resized, size, "cpu")
+    with autocast_for("cpu"):
+        maps = [grad_cam(service.predictor.models[k], batch, RegionLogitSum(served >= threshold)).float() for k in folds]
+    return to_original_size(torch.stack(maps).mean(0)[0], served[0], image.shape[:2])[0]
+
+
+def fold_probabilities(service: InferenceService, image: np.ndarray) -> list[torch.Tensor]:
+    """Each fold model's own probability map at the model's input size, computed like the predictor."""
+    size = service.predictor.image_size
+    batch = prepare_batch(np.array(resize_image(image, size))[None], size, "cpu", precision="fp32")
+    with torch.no_grad(), autocast_for("cpu"):
+        return [torch.sigmoid(m(batch).float())[0, 0] for m in service.predictor.models]
+
+
+def test_explain_follows_the_served_ensemble_mask_and_threshold(tmp_path: Path):
+    """At a threshold where the ensemble's mask is empty there is nothing to explain, even where
+    one fold alone would still predict polyp (the old heatmap explained fold 0's own mask)."""
+    service = InferenceService.from_checkpoint(make_run(tmp_path / "run"), device="cpu")
+    image = image_rgb(seed=2)
+    data = encode(image)
+    per_fold = fold_probabilities(service, image)
+    ensemble_max = float(torch.stack(per_fold).mean(0).max())
+    fold0_max = float(per_fold[0].max())
+    assert fold0_max > ensemble_max + 0.002, "the test needs a pixel where fold 0 alone is more confident"
+    high = round((fold0_max + ensemble_max) / 2, 4)
+    with TestClient(create_app(service)) as client:
+        assert post(client, "/v1/segment", data, threshold=high)["area_pixels"] == 0
+        for params in ({}, {"fold": 0}):
+            empty = post(client, "/v1/explain", data, threshold=high, **params)
+            assert empty["threshold"] == pytest.approx(high)
+            assert empty["heatmap_max"] == 0 and empty["mask_area_pixels"] == 0, params
+            assert png_array(empty["heatmap_png_base64"]).max() == 0
+        # the heatmap changes with the threshold, as the mask on screen does
+        low_threshold = round(float(np.quantile(torch.stack(per_fold).mean(0).numpy(), 0.3)), 3)
+        low = post(client, "/v1/explain", data, threshold=low_threshold)
+        middle = post(client, "/v1/explain", data, threshold=0.55)
+        assert low["mask_area_pixels"] == post(client, "/v1/segment", data, threshold=low_threshold)["area_pixels"]
+        assert low["mask_area_pixels"] > middle["mask_area_pixels"]
+        assert low["heatmap_max"] == 1
+        reference = served_mask_cam(service, image, low_threshold, [0, 1])
+        assert np.abs(png_array(low["heatmap_png_base64"]).astype(int) - np.rint(reference * 255)).max() <= 1
+
+
+def test_model_info_has_per_fold_metrics(tiny_cv_run: Path):
+    import json
+
+    service = InferenceService.from_checkpoint(tiny_cv_run, device="cpu")
+    with TestClient(create_app(service)) as client:
+        info = client.get("/v1/model").json()
+    metrics = info["metrics"]
+    assert sorted(metrics) == ["fold_0", "fold_1"]
+    for fold in ("fold_0", "fold_1"):
+        stored = json.loads((tiny_cv_run / fold / "metrics.json").read_text())
+        test = metrics[fold]["test"]
+        assert test["n_images"] == stored["n_test"] > 0
+        key = f"{test['threshold']:g}"
+        assert test["dice"] == pytest.approx(stored["at"][key]["dice"]) and "iou" in test
+        assert "val_dice" in metrics[fold]["validation"]  # the checkpoint's inner-validation score
+    assert info["explain"]["models"] == 2 and info["cross_validation"]["folds"] == 2
+    # one checkpoint of the run: its own validation and held-out metrics, not nested per fold
+    single = InferenceService.from_checkpoint(tiny_cv_run / "fold_1" / "best", device="cpu").describe()["metrics"]
+    assert single["test"]["n_images"] > 0 and "val_dice" in single["validation"]
 
 
 # ----------------------------------------------------------------------------------- video
@@ -555,4 +778,10 @@ def test_video_upload_gives_per_frame_results(service: InferenceService, tmp_pat
         for data, name in ((b"junk" * 100, "junk.mp4"), (path.read_bytes()[:300], "cut.mp4")):
             bad = client.post("/v1/segment-video", files={"file": (name, data, "video/mp4")})
             assert bad.status_code == 415 and bad.json()["code"] == "not_a_video" and name in bad.json()["error"]
+            assert "polypseg-upload" not in bad.json()["error"] and "/tmp" not in bad.json()["error"]
+        # a still image is not a video, whatever FFmpeg would make of it
+        for data, name in ((encode(image_rgb(), "JPEG"), "still.jpg"), (encode(image_rgb()), "still.png")):
+            bad = client.post("/v1/segment-video", files={"file": (name, data, "video/mp4")})
+            assert bad.status_code == 415 and bad.json()["code"] == "not_a_video", bad.text
+            assert bad.json()["error"].startswith(f"{name}: a ") and "/v1/segment" in bad.json()["error"]
         assert client.get("/v1/health").json()["limits"]["max_video_frames"] == 10

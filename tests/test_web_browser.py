@@ -1,11 +1,16 @@
 """End to end in real headless Chromium (Debian's package, driven by Playwright).
 
 Skipped when Chromium or Playwright is missing, except in CI (``CI=true``), where that fails:
-``.ci/install_browser.sh`` installs both. The screenshot goes to ``test-artifacts/web_e2e.png``.
+``.ci/install_browser.sh`` installs both. Screenshots go to ``test-artifacts/web_e2e*.png``.
+No assertion depends on how fast the machine is: every wait is for a state of the page.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
+import json
 import os
 import re
 import shutil
@@ -24,12 +29,15 @@ from polypseg.web.app import create_app
 from polypseg.web.server import BackgroundServer
 from polypseg.web.service import InferenceService
 
-from helpers import tiny_config
+from helpers import tiny_config, write_synthetic_dataset
 
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 AREA = re.compile(r"^(\d+\.\d{2}) % \(([\d,]+) px\)$")
+SAMPLES = sorted((sample_dataset_path() / "images").glob("*.jpg"))
+MASKS = sample_dataset_path() / "masks"
+HANG_MS = 600_000
 
 
 def find_chromium() -> str | None:
@@ -59,6 +67,17 @@ def require_browser():
 
 
 @pytest.fixture(scope="module")
+def browser():
+    sync_playwright, chromium = require_browser()
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+@pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> InferenceService:
     config = tiny_config(image_size=64)
     torch.manual_seed(0)
@@ -66,23 +85,121 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> InferenceService:
     return InferenceService.from_checkpoint(path, device="cpu")
 
 
-def mask_pixels(page) -> int:
-    """White pixels of the mask canvas, read back from the rendered canvas."""
-    return page.evaluate(
-        """() => {
-            const c = document.getElementById('view-mask');
-            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-            let n = 0;
-            for (let i = 0; i < d.length; i += 4) if (d[i] > 127) n++;
-            return n;
-        }"""
-    )
+@pytest.fixture(scope="module")
+def base(service: InferenceService):
+    with BackgroundServer(create_app(service)) as url:
+        yield url
 
 
-def shown_area(page) -> int:
-    match = AREA.match(page.inner_text("#area").strip())
-    assert match, f"area text not shown: {page.inner_text('#area')!r}"
-    return int(match.group(2).replace(",", ""))
+@pytest.fixture(scope="module")
+def ensemble_base(tmp_path_factory: pytest.TempPathFactory):
+    """A 2-fold CV run folder of tiny random models: the page shows the ensemble's mask."""
+    root = tmp_path_factory.mktemp("browser-run")
+    config = tiny_config(image_size=64)
+    for fold in range(2):
+        torch.manual_seed(10 + fold)
+        save_checkpoint(root / f"fold_{fold}" / "best", create_model(config.model), config, threshold=0.5)
+    (root / "config.json").write_text(json.dumps({"run": config.to_dict(), "data": "kvasir-seg", "folds": 2, "seed": 0}))
+    (root / "splits.json").write_text(json.dumps({"seed": 0, "k": 2, "stems": [], "folds": []}))
+    with BackgroundServer(create_app(InferenceService.from_checkpoint(root, device="cpu"))) as url:
+        yield url
+
+
+class Page:
+    """A fresh tab on the app that records every request and every page error."""
+
+    def __init__(self, browser, url: str, init_script: str | None = None) -> None:
+        self.context = browser.new_context(viewport={"width": 1400, "height": 950}, accept_downloads=True)
+        # Waits are for states of the page; the limit only stops a hung test, even on a loaded machine.
+        self.context.set_default_timeout(HANG_MS)
+        if init_script:
+            self.context.add_init_script(init_script)
+        self.page = self.context.new_page()
+        self.base = url
+        self.requests: list[str] = []
+        self.errors: list[str] = []
+        self.page.on("request", lambda request: self.requests.append(request.url))
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("console", lambda message: self.errors.append(message.text) if message.type == "error" else None)
+        self.page.goto(f"{url}/", wait_until="networkidle")
+        self.page.wait_for_function("() => document.getElementById('status').textContent === 'Ready.'")
+        self.page.wait_for_selector("#sample-select option:nth-child(2)", state="attached")
+
+    def close(self) -> None:
+        # Only the page's own origin, data: and blob: URLs were ever requested.
+        assert all(url.startswith(self.base) or url.startswith(("data:", "blob:")) for url in self.requests), self.requests
+        self.context.close()
+
+    def upload(self, path: Path | list[Path]) -> None:
+        self.page.set_input_files("#file-input", [str(p) for p in path] if isinstance(path, list) else str(path))
+
+    def wait_for_result(self, name: str) -> None:
+        self.page.wait_for_function(
+            "(name) => document.getElementById('result-title').dataset.name === name"
+            " && !document.getElementById('results').hidden"
+            " && document.getElementById('status').textContent.startsWith(name + ': done')",
+            arg=name,
+            timeout=HANG_MS,
+        )
+
+    def wait_for_cam(self, threshold: str) -> None:
+        self.page.wait_for_function(
+            "(t) => { const p = document.getElementById('cam-panel'); return p.dataset.explainedThreshold === t && p.dataset.state === 'ready'; }",
+            arg=threshold,
+            timeout=HANG_MS,
+        )
+
+    def set_threshold(self, value: float) -> None:
+        self.page.evaluate(
+            "(v) => { const s = document.getElementById('threshold'); s.value = String(v); s.dispatchEvent(new Event('input', {bubbles: true})); }",
+            value,
+        )
+        self.page.wait_for_function(
+            "(t) => document.getElementById('results').dataset.renderedThreshold === t", arg=f"{value:.2f}"
+        )
+
+    def canvas_gray(self, canvas_id: str) -> np.ndarray:
+        """A canvas's red channel as (H, W) uint8, read back from the page."""
+        data = self.page.evaluate(
+            """(id) => {
+                const c = document.getElementById(id);
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                const out = new Array(c.width * c.height);
+                for (let i = 0; i < out.length; i++) out[i] = d[i * 4];
+                return [c.width, c.height, out];
+            }""",
+            canvas_id,
+        )
+        width, height, values = data
+        return np.asarray(values, dtype=np.uint8).reshape(height, width)
+
+    def canvas_rgb(self, canvas_id: str) -> np.ndarray:
+        width, height, values = self.page.evaluate(
+            """(id) => {
+                const c = document.getElementById(id);
+                return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];
+            }""",
+            canvas_id,
+        )
+        return np.asarray(values, dtype=np.uint8).reshape(height, width, 4)[:, :, :3]
+
+    def mask_pixels(self) -> int:
+        return int((self.canvas_gray("view-mask") > 127).sum())
+
+    def shown_area(self) -> int:
+        text = self.page.inner_text("#area").strip()
+        match = AREA.match(text)
+        assert match, f"area text not shown: {text!r}"
+        return int(match.group(2).replace(",", ""))
+
+    def download(self, button: str):
+        with self.page.expect_download() as info:
+            self.page.click(button)
+        return info.value
+
+
+def saved_mask(download) -> np.ndarray:
+    return np.asarray(Image.open(download.path()).convert("L")) > 127
 
 
 def write_clip(path: Path, frames: int = 12) -> Path:
@@ -102,98 +219,339 @@ def write_clip(path: Path, frames: int = 12) -> Path:
     return path
 
 
-def test_page_end_to_end(service: InferenceService, tmp_path: Path):
-    sync_playwright, chromium = require_browser()
+# ----------------------------------------------------------------------------------- the page
+
+
+def test_page_end_to_end(browser, base: str, tmp_path: Path):
     clip = write_clip(tmp_path / "clip.mp4")
-    images = sorted((sample_dataset_path() / "images").glob("*.jpg"))
-    upload = images[0]
+    upload = SAMPLES[0]
     ARTIFACTS.mkdir(exist_ok=True)
-    with BackgroundServer(create_app(service)) as base:
-        api = httpx.post(f"{base}/v1/segment", files={"file": (upload.name, upload.read_bytes(), "image/jpeg")}, timeout=60).json()
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
-            )
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 950})
-                requests: list[str] = []
-                errors: list[str] = []
-                page.on("request", lambda request: requests.append(request.url))
-                page.on("pageerror", lambda error: errors.append(str(error)))
-                page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    api = httpx.post(f"{base}/v1/segment", files={"file": (upload.name, upload.read_bytes(), "image/jpeg")}, timeout=HANG_MS / 1000).json()
+    tab = Page(browser, base)
+    page = tab.page
 
-                page.goto(f"{base}/", wait_until="networkidle")
-                page.wait_for_function("() => document.getElementById('model-info').textContent.includes('resnet18')")
-                page.wait_for_selector("#sample-select option:nth-child(2)", state="attached")
+    # the drop zone is a named button that opens the file chooser from the keyboard
+    zone = page.get_by_role("button", name="Choose an image or short video to analyse, or drop one here")
+    with page.expect_file_chooser() as chooser:
+        zone.press("Enter")
+    assert chooser.value.is_multiple()
 
-                page.set_input_files("#file-input", str(upload))
-                page.wait_for_function(
-                    "() => document.getElementById('status').textContent.includes('done')", timeout=60_000
-                )
-                assert page.is_visible("#results")
-                for canvas in ("view-outline", "view-mask", "view-prob"):
-                    size = page.evaluate(f"[document.getElementById('{canvas}').width, document.getElementById('{canvas}').height]")
-                    assert size == [api["width"], api["height"]], canvas
-                page.wait_for_function(
-                    "() => document.getElementById('view-cam').complete && document.getElementById('view-cam').naturalWidth > 0"
-                )
-                assert page.evaluate("document.getElementById('view-cam').naturalWidth") == api["width"]
-                assert page.evaluate("document.getElementById('view-cam').getBoundingClientRect().width") > 100
-                assert page.input_value("#threshold") == "0.5"
-                assert page.get_attribute("#results", "data-rendered-threshold") == "0.50"
+    tab.upload(upload)
+    tab.wait_for_result(upload.name)
+    assert page.inner_text("#result-title") == f"Results for {upload.name}"
+    for canvas in ("view-outline", "view-mask", "view-prob", "view-cam"):
+        size = page.evaluate(f"[document.getElementById('{canvas}').width, document.getElementById('{canvas}').height]")
+        assert size == [api["width"], api["height"]], canvas
+        assert page.evaluate(f"document.getElementById('{canvas}').getBoundingClientRect().width") > 100
+    assert page.input_value("#threshold") == "0.5"
+    assert page.get_attribute("#results", "data-rendered-threshold") == "0.50"
+    tab.wait_for_cam("0.50")
 
-                area = shown_area(page)
-                assert area == mask_pixels(page)
-                # the page thresholds an 8-bit copy of the probabilities: within 1/255 of the API's mask
-                assert abs(area - api["area_pixels"]) <= 0.02 * api["width"] * api["height"]
-                assert page.inner_text("#confidence").strip()
-                # canvas.toBlob is asynchronous: the links get their blob URLs a moment after drawing
-                page.wait_for_function(
-                    "() => ['download-mask', 'download-overlay'].every((id) => (document.getElementById(id).getAttribute('href') || '').startsWith('blob:'))"
-                )
-                with page.expect_download() as download_info:
-                    page.click("#download-mask")
-                download = download_info.value
-                assert download.suggested_filename == f"{upload.stem}_mask.png"
-                saved = np.asarray(Image.open(download.path()).convert("L"))
-                assert saved.shape == (api["height"], api["width"]) and int((saved > 127).sum()) == area
-                page.screenshot(path=str(ARTIFACTS / "web_e2e.png"), full_page=True)
+    # every image panel has a text alternative naming what it shows
+    area = tab.shown_area()
+    for pattern in (
+        rf"^{re.escape(upload.name)} with the predicted polyp outlined and filled in blue at threshold 0\.50",
+        rf"^Predicted mask of {re.escape(upload.name)} at threshold 0\.50: white = polyp, [\d.]+ % \({area:,} px\)$",
+        rf"^Probability map of {re.escape(upload.name)}\. Colours viridis",
+        r"^(Grad-CAM of the mask shown at threshold 0\.50|Nothing to explain: the mask is empty at threshold 0\.50)",
+    ):
+        assert page.get_by_role("img", name=re.compile(pattern)).count() == 1, pattern
+    assert page.get_by_role("img", name=re.compile(r"^Colour scale of the probability map")).count() == 1
 
-                # Moving the slider re-thresholds in the browser: no new model call.
-                calls_before = sum("/v1/segment" in url for url in requests)
-                page.focus("#threshold")
-                page.keyboard.press("End")  # 0.99
-                page.wait_for_function("() => document.getElementById('results').dataset.renderedThreshold === '0.99'")
-                high = mask_pixels(page)
-                page.keyboard.press("Home")  # 0.01
-                page.wait_for_function("() => document.getElementById('results').dataset.renderedThreshold === '0.01'")
-                low = mask_pixels(page)
-                assert low > high, (low, high)
-                assert shown_area(page) == low
-                assert sum("/v1/segment" in url for url in requests) == calls_before
+    assert area == tab.mask_pixels()
+    # the page thresholds an 8-bit copy of the probabilities: within 1/255 of the API's mask
+    assert abs(area - api["area_pixels"]) <= 0.02 * api["width"] * api["height"]
+    assert page.inner_text("#confidence").strip()
+    download = tab.download("#download-mask")
+    assert download.suggested_filename == f"{upload.stem}_mask_t0.50.png"
+    saved = saved_mask(download)
+    assert saved.shape == (api["height"], api["width"]) and int(saved.sum()) == area
+    page.screenshot(path=str(ARTIFACTS / "web_e2e.png"), full_page=True)
 
-                # A bundled sample picked from the list.
-                page.select_option("#sample-select", images[1].name)
-                page.wait_for_function(
-                    f"() => document.getElementById('status').textContent.startsWith({images[1].name!r} + ': done')", timeout=60_000
-                )
-                assert shown_area(page) == mask_pixels(page)
+    # Moving the slider re-thresholds in the browser: no new segmentation call.
+    calls_before = sum("/v1/segment" in url for url in tab.requests)
+    page.focus("#threshold")
+    page.keyboard.press("End")  # 0.99
+    page.wait_for_function("() => document.getElementById('results').dataset.renderedThreshold === '0.99'")
+    high = tab.mask_pixels()
+    page.keyboard.press("Home")  # 0.01
+    page.wait_for_function("() => document.getElementById('results').dataset.renderedThreshold === '0.01'")
+    low = tab.mask_pixels()
+    assert low > high, (low, high)
+    assert tab.shown_area() == low
+    assert sum("/v1/segment" in url for url in tab.requests) == calls_before
 
-                # A short video: per-frame results, the outline follows the playback position.
-                page.set_input_files("#file-input", str(clip))
-                page.wait_for_function(
-                    "() => document.getElementById('status').textContent.startsWith('clip.mp4: 12 frames done')", timeout=60_000
-                )
-                assert page.is_visible("#video-results") and not page.is_visible("#results")
-                assert page.inner_text("#video-frames") == "12"
-                assert page.get_attribute("#video-results", "data-rendered-frame") == "0"
-                page.wait_for_function("() => document.getElementById('video').readyState >= 2", timeout=30_000)
-                page.evaluate("() => { document.getElementById('video').currentTime = 0.75; }")
-                page.wait_for_function("() => document.getElementById('video-results').dataset.renderedFrame === '7'")
-                assert page.inner_text("#video-current").startswith("8 / 12")
-                page.screenshot(path=str(ARTIFACTS / "web_e2e_video.png"), full_page=True)
+    # A bundled sample picked from the list.
+    page.select_option("#sample-select", SAMPLES[1].name)
+    tab.wait_for_result(SAMPLES[1].name)
+    assert tab.shown_area() == tab.mask_pixels()
 
-                assert all(url.startswith(base) or url.startswith(("data:", "blob:")) for url in requests), requests
-                assert not errors, errors
-            finally:
-                browser.close()
+    # A short video: per-frame results, the outline follows the playback position.
+    tab.upload(clip)
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent.startsWith('clip.mp4: 12 frames done')", timeout=HANG_MS
+    )
+    assert page.is_visible("#video-results") and not page.is_visible("#results")
+    assert page.inner_text("#video-title") == "Results for clip.mp4"
+    assert page.inner_text("#video-frames") == "12"
+    assert page.get_attribute("#video-results", "data-rendered-frame") == "0"
+    page.wait_for_function("() => document.getElementById('video').readyState >= 2", timeout=HANG_MS)
+    page.evaluate("() => { document.getElementById('video').currentTime = 0.75; }")
+    page.wait_for_function("() => document.getElementById('video-results').dataset.renderedFrame === '7'")
+    assert page.inner_text("#video-current").startswith("8 / 12")
+    page.screenshot(path=str(ARTIFACTS / "web_e2e_video.png"), full_page=True)
+    assert not tab.errors, tab.errors
+    tab.close()
+
+
+# Canvas encodings that finish in reverse order: the first toBlob call of a burst completes last,
+# as happened on a loaded machine after fast arrow-key steps of the threshold slider.
+REVERSED_TO_BLOB = """
+(() => {
+  window.__toBlobDelays = [];
+  window.__toBlobPending = 0;
+  const original = HTMLCanvasElement.prototype.toBlob;
+  HTMLCanvasElement.prototype.toBlob = function (callback, ...rest) {
+    const delay = window.__toBlobDelays.shift() || 0;
+    window.__toBlobPending += 1;
+    original.call(this, (blob) => setTimeout(() => { window.__toBlobPending -= 1; callback(blob); }, delay), ...rest);
+  };
+})();
+"""
+
+
+def probability_quantiles(url: str, upload: Path, quantiles: list[float]) -> list[float]:
+    """Thresholds (2 decimals) at quantiles of the served probability map of ``upload``."""
+    body = httpx.post(
+        f"{url}/v1/segment",
+        params={"include_probability": "true"},
+        files={"file": (upload.name, upload.read_bytes(), "image/jpeg")},
+        timeout=HANG_MS / 1000,
+    ).json()
+    probability = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["probability_png_base64"])))) / 255
+    return [round(float(np.quantile(probability, q)), 2) for q in quantiles]
+
+
+def test_downloaded_mask_is_the_mask_on_screen_after_fast_slider_steps(browser, base: str):
+    upload = SAMPLES[2]
+    steps = sorted(set(probability_quantiles(base, upload, [0.2, 0.35, 0.5, 0.65, 0.8])))
+    assert len(steps) >= 3, steps
+    tab = Page(browser, base, init_script=REVERSED_TO_BLOB)
+    page = tab.page
+    tab.upload(upload)
+    tab.wait_for_result(upload.name)
+    page.wait_for_function("() => window.__toBlobPending === 0")
+    page.evaluate("() => { window.__toBlobDelays = [900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 20, 10]; }")
+    areas = []
+    for threshold in steps:  # each step drawn, any canvas encodings finishing in reverse order
+        tab.set_threshold(threshold)
+        areas.append(tab.shown_area())
+    assert len(set(areas)) == len(areas), areas  # every step shows another mask
+    page.wait_for_function("() => window.__toBlobPending === 0")
+    download = tab.download("#download-mask")
+    shown = tab.canvas_gray("view-mask") > 127
+    saved = saved_mask(download)
+    assert download.suggested_filename == f"{upload.stem}_mask_t{steps[-1]:.2f}.png"
+    assert saved.shape == shown.shape
+    assert int(saved.sum()) == tab.shown_area() == int(shown.sum()) == areas[-1]
+    np.testing.assert_array_equal(saved, shown)
+
+    # The overlay download is the overlay on screen too (same threshold, same fill and outline).
+    overlay = tab.download("#download-overlay")
+    assert overlay.suggested_filename == f"{upload.stem}_overlay_t{steps[-1]:.2f}.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(overlay.path()).convert("RGB")), tab.canvas_rgb("view-outline"))
+
+    # A slider step not yet drawn when the button is pressed is drawn first: the file is the new mask.
+    page.evaluate(
+        "(v) => { const s = document.getElementById('threshold'); s.value = String(v); s.dispatchEvent(new Event('input')); document.getElementById('download-mask').click(); }",
+        steps[0],
+    )
+    page.wait_for_function("() => window.__toBlobPending === 0")
+    assert page.get_attribute("#results", "data-rendered-threshold") == f"{steps[0]:.2f}"
+    assert tab.shown_area() == areas[0]
+    assert not tab.errors, tab.errors
+    tab.close()
+
+
+def test_grad_cam_explains_the_mask_shown_and_follows_the_slider(browser, ensemble_base: str):
+    upload = SAMPLES[3]
+    peak = probability_quantiles(ensemble_base, upload, [1.0])[0]
+    empty_at = round(peak + 0.02, 2)  # above every pixel of the ensemble's probability
+    assert empty_at <= 0.99, "the test needs a threshold that empties the ensemble's mask"
+    tab = Page(browser, ensemble_base)
+    page = tab.page
+    tab.upload(upload)
+    tab.wait_for_result(upload.name)
+    tab.wait_for_cam("0.50")
+    caption = page.inner_text("#cam-caption")
+    assert "mean of 2 fold models" in caption and "threshold 0.50" in caption, caption
+
+    # At a threshold where the mask on screen is empty, there is nothing to explain.
+    tab.set_threshold(empty_at)
+    assert tab.shown_area() == 0
+    tab.wait_for_cam(f"{empty_at:.2f}")
+    assert page.inner_text("#cam-caption") == f"Nothing to explain: the mask is empty at threshold {empty_at:.2f}"
+    plain = tab.canvas_rgb("view-cam")
+
+    # Back to a low threshold: a heatmap again, explaining that mask.
+    tab.set_threshold(0.05)
+    tab.wait_for_cam("0.05")
+    assert tab.shown_area() > 0
+    assert page.inner_text("#cam-caption").startswith("Grad-CAM of the mask shown at threshold 0.05")
+    assert np.abs(tab.canvas_rgb("view-cam").astype(int) - plain).max() > 10
+    explained = [url for url in tab.requests if "/v1/explain" in url]
+    assert any(f"threshold={empty_at:.2f}" in url for url in explained) and any("threshold=0.05" in url for url in explained)
+    assert not tab.errors, tab.errors
+    tab.close()
+
+
+def test_a_failed_upload_clears_the_previous_result(browser, base: str, tmp_path: Path):
+    tab = Page(browser, base)
+    page = tab.page
+    tab.upload(SAMPLES[4])
+    tab.wait_for_result(SAMPLES[4].name)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(SAMPLES[5].read_bytes()[:400])
+    tab.upload(broken)
+    page.wait_for_function("() => document.getElementById('status').classList.contains('error')", timeout=HANG_MS)
+    status = page.inner_text("#status")
+    assert status.startswith("broken.jpg: ") and status.count("broken.jpg") == 1, status
+    assert not page.is_visible("#results")  # nothing of the previous image stays on screen
+    # the next good upload shows again, under its own name
+    tab.upload(SAMPLES[5])
+    tab.wait_for_result(SAMPLES[5].name)
+    # Chromium logs the refused upload's 400 itself; the page raised nothing
+    assert [e for e in tab.errors if "status of 400" not in e] == [], tab.errors
+    tab.close()
+
+
+def test_a_file_chosen_during_analysis_replaces_the_first(browser, base: str):
+    tab = Page(browser, base)
+    page = tab.page
+    held: list = []
+
+    def hold_first(route):
+        if not held:
+            held.append(route)  # the first analysis waits here until the second has finished
+        else:
+            route.continue_()
+
+    page.route(lambda url: "/v1/segment?" in url, hold_first)
+    first, second = SAMPLES[6], SAMPLES[7]
+    tab.upload(first)
+    page.wait_for_function(f"() => document.getElementById('status').textContent === 'Analysing {first.name}…'")
+    for _ in range(HANG_MS // 50):
+        if held:
+            break
+        page.wait_for_timeout(50)  # lets Playwright deliver the route event
+    assert held, "the first analysis never asked for /v1/segment"
+    tab.upload(second)
+    tab.wait_for_result(second.name)
+    try:
+        held[0].continue_()  # the first answer arrives late (its request was cancelled by the page)
+    except Exception:  # noqa: BLE001 - an aborted request can no longer be continued
+        pass
+    page.wait_for_timeout(300)
+    assert page.get_attribute("#result-title", "data-name") == second.name
+    assert page.inner_text("#status").startswith(f"{second.name}: done")
+    tab.close()
+
+
+def test_reviewer_tools(browser, base: str, tmp_path: Path):
+    tab = Page(browser, base)
+    page = tab.page
+    first, second = SAMPLES[8], SAMPLES[9]
+
+    # A sample with its ground truth: shown beside the prediction, with Dice and IoU.
+    page.select_option("#sample-select", first.name)
+    tab.wait_for_result(first.name)
+    assert page.is_visible("#truth-panel") and page.inner_text("#nav-position") == f"9 / {len(SAMPLES)} samples"
+    truth = np.asarray(Image.open(MASKS / f"{first.stem}.png").convert("RGB")).max(axis=2) > 127
+    for threshold in (0.5, 0.3):
+        tab.set_threshold(threshold)
+        shown = tab.canvas_gray("view-mask") > 127
+        inter = int((shown & truth).sum())
+        dice = 2 * inter / (shown.sum() + truth.sum())
+        assert page.inner_text("#dice") == f"{dice:.3f}"
+        assert page.inner_text("#iou") == f"{inter / (shown | truth).sum():.3f}"
+    assert page.get_by_role("img", name=re.compile(r"ground truth .* outlined in yellow, prediction at threshold 0\.30 in blue; Dice")).count() == 1
+
+    # Filled overlay: opacity and an on/off toggle (key O).
+    page.fill("#overlay-opacity", "80")
+    page.dispatch_event("#overlay-opacity", "input")
+    page.wait_for_function("() => document.getElementById('overlay-opacity-value').textContent === '80 %'")
+    page.wait_for_function("() => document.getElementById('outline-caption').textContent.includes('80 %')")
+    strong = tab.canvas_rgb("view-outline").astype(int)
+    page.focus("#zoom-reset")
+    page.keyboard.press("o")
+    page.wait_for_function("() => document.getElementById('outline-caption').textContent === 'Image (overlay off)'")
+    assert not page.is_checked("#overlay-toggle")
+    plain = tab.canvas_rgb("view-outline").astype(int)
+    inside = tab.canvas_gray("view-mask") > 127
+    assert inside.any()
+    assert np.abs(strong - plain)[inside].mean() > 20  # the fill covers the polyp pixels
+    page.keyboard.press("o")
+    assert page.is_checked("#overlay-toggle")
+
+    # Zoom and pan, the same in every panel; keys + and 0.
+    page.keyboard.press("+")
+    page.wait_for_function("() => document.getElementById('results').dataset.zoom === '1.5'")
+    transforms = page.evaluate("Array.from(document.querySelectorAll('.viewport > canvas')).map((c) => c.style.transform)")
+    assert len(set(transforms)) == 1 and "scale(1.5)" in transforms[0]
+    box = page.locator("#view-mask").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2 + 40, box["y"] + box["height"] / 2 + 30, steps=4)
+    page.mouse.up()
+    assert page.evaluate("document.getElementById('view-prob').style.transform") != transforms[0]
+    page.keyboard.press("0")
+    page.wait_for_function("() => document.getElementById('results').dataset.zoom === '1'")
+
+    # Colour-blind-safe palettes on the maps, with colour bars.
+    assert tuple(tab.canvas_rgb("bar-prob")[0, 0]) == (68, 1, 84)  # viridis
+    page.select_option("#palette", "cividis")
+    assert tuple(tab.canvas_rgb("bar-prob")[0, 0]) == (0, 34, 78) and tuple(tab.canvas_rgb("bar-cam")[0, -1]) == (254, 232, 56)
+
+    # Next / previous with the keyboard.
+    page.keyboard.press("n")
+    tab.wait_for_result(second.name)
+    assert page.inner_text("#nav-position") == f"10 / {len(SAMPLES)} samples"
+    assert page.input_value("#threshold") == "0.3"  # the reviewer's threshold is kept
+    page.keyboard.press("p")
+    tab.wait_for_result(first.name)
+    page.keyboard.press("ArrowRight")
+    tab.wait_for_result(second.name)
+    area = tab.shown_area()
+
+    # Measurements of every image shown, as CSV.
+    download = tab.download("#download-csv")
+    assert download.suggested_filename == "polypseg_measurements.csv"
+    rows = list(csv.DictReader(io.StringIO(Path(download.path()).read_text())))
+    assert [row["file"] for row in rows] == [first.name, second.name]
+    last = rows[-1]
+    assert last["threshold"] == "0.30" and int(last["area_pixels"]) == area
+    assert last["ground_truth"] == f"masks/{second.stem}"
+    assert abs(float(last["dice"]) - float(page.inner_text("#dice"))) <= 5e-4
+    assert last["mean_confidence"] and last["model"].startswith("unet / resnet18")
+    page.screenshot(path=str(ARTIFACTS / "web_e2e_review.png"), full_page=True)
+
+    # A folder with images/ and masks/: stepped through, each image with its ground truth.
+    folder = write_synthetic_dataset(tmp_path / "study", n=3, size=(60, 80))
+    page.set_input_files("#folder-input", str(folder))
+    tab.wait_for_result("case00.jpg")
+    assert page.inner_text("#nav-position") == "1 / 3 files" and page.is_visible("#truth-panel")
+    page.click("#nav-next")
+    tab.wait_for_result("case01.jpg")
+    assert page.is_visible("#dice-stat")
+    # a mask of another size is refused with a clear message, never stretched over the image
+    (tmp_path / "wrong.png").write_bytes(_png(np.zeros((10, 10), np.uint8)))
+    page.set_input_files("#truth-input", str(tmp_path / "wrong.png"))
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('wrong.png is 10 × 10 px')")
+    assert not tab.errors, tab.errors
+    tab.close()
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -23,6 +26,45 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: a free one), or :class:`OSError`.
+
+    ``serve`` binds before it loads the model, so a taken port fails at once with one line, and
+    the address it prints is the one it really listens on.
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does; a live listener still blocks the port
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(web_app: Any, sock: socket.socket, host: str, port: int, log_level: str) -> None:
+    """uvicorn on the already bound ``sock`` (tests replace this function)."""
+    import uvicorn
+
+    config = uvicorn.Config(web_app, host=host, port=port, log_level=log_level)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _bind_error(host: str, port: int, error: OSError) -> str:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if error.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is already in use (stop the other server, or choose another --port)"
+    if error.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied (ports below 1024 need privileges; choose another --port)"
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: no such local address (--host)"
+    return f"cannot listen on {where}: {error.strerror or error}"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -38,7 +80,7 @@ def register(app: typer.Typer) -> None:
             help="Segmentation backend: torch, onnxruntime (faster on CPU; Grad-CAM still runs in torch) or auto.",
         ),
         tta: bool = typer.Option(False, "--tta/--no-tta", help="Flip test-time augmentation (segmentation only)."),
-        threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Default threshold; default: the checkpoint's."),
+        threshold: float | None = typer.Option(None, help="Default threshold, 0 < t < 1; default: the run's (or checkpoint's)."),
         max_upload_mb: float = typer.Option(20.0, min=0.1, help="Largest accepted upload, in MB."),
         max_pixels: int = typer.Option(40_000_000, min=1, help="Largest accepted image, in pixels (stops decompression bombs)."),
         max_queue: int = typer.Option(64, min=1, help="Requests waiting at most; more get 503 with Retry-After."),
@@ -49,16 +91,23 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("info", help="uvicorn log level."),
     ) -> None:
         """Serve the web page and the HTTP API (POST /v1/segment, /v1/explain; GET /v1/health, /v1/model; docs at /docs)."""
-        import uvicorn
-
         from polypseg.web.app import WebSettings, create_app
         from polypseg.web.service import InferenceService
 
         token = token or None
         if backend not in ("torch", "onnxruntime", "auto"):
             fail(f"--backend {backend}: choose torch, onnxruntime or auto")
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            # the same rule as the API's ?threshold=: at 0 every pixel is polyp, at 1 none is
+            fail(f"--threshold {threshold:g}: must be between 0 and 1, exclusive")
         if samples is not None and not samples.is_dir():
             fail(f"--samples {samples}: not a folder")
+        # Bind first: a taken port fails in a second, before minutes of model loading.
+        try:
+            sock = bind_socket(host, port)
+        except OSError as error:
+            fail(_bind_error(host, port, error))
+        port = sock.getsockname()[1]
         try:
             resolved = resolve_device(device)
             with console.status(f"loading {model}"):
@@ -67,10 +116,13 @@ def register(app: typer.Typer) -> None:
                 )
                 service.warmup()
         except UsageError as error:
+            sock.close()
             fail(str(error))
         except PolypsegError as error:
+            sock.close()
             fail(f"cannot load model {model}: {error}")
         except Exception as error:  # noqa: BLE001 - any load failure stops serve with one line
+            sock.close()
             fail(f"cannot load model {model}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
         settings = WebSettings(
@@ -96,4 +148,7 @@ def register(app: typer.Typer) -> None:
             highlight=False,
             soft_wrap=True,
         )
-        uvicorn.run(web_app, host=host, port=port, log_level=log_level)
+        try:
+            run_server(web_app, sock, host, port, log_level)
+        finally:
+            sock.close()

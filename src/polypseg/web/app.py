@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from polypseg import __version__
@@ -38,16 +39,20 @@ from polypseg.web.schemas import (
     ExplainResult,
     SegmentResult,
 )
-from polypseg.web.service import ExplainUnavailable, InferenceService, ServiceBusy
+from polypseg.web.service import BadExplainRequest, ExplainUnavailable, InferenceService, ServiceBusy
 from polypseg.web.validation import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_UPLOAD_BYTES,
     CorruptImage,
+    MaskMismatch,
+    NoFile,
     NotAnImage,
     UploadError,
     UploadTooLarge,
     check_size,
+    clean_reason,
     decode_image_bytes,
+    decode_mask_bytes,
     probe_image,
 )
 from polypseg.web.video_jobs import DEFAULT_MAX_FRAMES, segment_video_bytes
@@ -64,6 +69,8 @@ PAGE_CSP = (
 DOCS_CSP = PAGE_CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
 RETRY_AFTER_SECONDS = 2
 MULTIPART_OVERHEAD = 64 * 1024
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+COLORMAPS = ("viridis", "cividis", "magma", "jet")
 
 
 @dataclass
@@ -122,6 +129,27 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class HeadMiddleware:
+    """Answer ``HEAD`` wherever ``GET`` is answered: the same status and headers, no body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
 class SecurityHeadersMiddleware:
@@ -184,7 +212,9 @@ def create_app(service: InferenceService, settings: WebSettings | None = None, m
     )
     app.state.service = service
     app.state.settings = settings
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    # Two uploads (image and optional ground-truth mask) may share one multipart body.
+    app.add_middleware(BodyLimitMiddleware, limit=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(HeadMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
 
     bearer = HTTPBearer(auto_error=False, description="Needed only when the server was started with a token.")
@@ -214,15 +244,28 @@ def create_app(service: InferenceService, settings: WebSettings | None = None, m
     async def _no_explain(request: Request, error: ExplainUnavailable) -> JSONResponse:
         return _error(501, str(error), "explain_unavailable")
 
+    @app.exception_handler(BadExplainRequest)
+    async def _bad_explain(request: Request, error: BadExplainRequest) -> JSONResponse:
+        return _error(422, str(error), "invalid_parameter")
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
         return _error(422, f"invalid {where or 'request'}: {first.get('msg', 'bad value')}", "invalid_parameter")
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return _error(error.status_code, str(error.detail), "http_error", dict(error.headers or {}))
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Routing errors (unknown path, wrong method) get the same JSON shape as every other error.
+        if error.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
+        elif error.status_code == 405:
+            allowed = (error.headers or {}).get("Allow", "")
+            message = f"method {request.method} not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
+        else:
+            message = str(error.detail)
+        code = HTTP_CODES.get(error.status_code, "http_error")
+        return _error(error.status_code, message, code, dict(error.headers or {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
@@ -231,38 +274,51 @@ def create_app(service: InferenceService, settings: WebSettings | None = None, m
 
     # ------------------------------------------------------------------ helpers
 
-    async def read_upload(request: Request, media: str = "image") -> tuple[bytes, str]:
+    async def read_upload(request: Request, media: str = "image", with_mask: bool = False) -> tuple[bytes, str, tuple[bytes, str] | None]:
+        """``(data, name, mask)``: the upload, its file name, and (``with_mask``) the optional
+        multipart field ``mask`` as ``(data, name)``."""
         content_type = request.headers.get("content-type", "").lower()
+        mask = None
+        article = "an" if media[0] in "aeiou" else "a"
         if content_type.startswith("multipart/form-data"):
             try:
-                form = await request.form(max_files=1, max_fields=16)
+                form = await request.form(max_files=2 if with_mask else 1, max_fields=16)
             except UploadError:
                 raise
             except Exception as error:  # noqa: BLE001 - malformed multipart framing
-                raise CorruptImage(f"cannot parse the multipart upload ({error})") from None
+                raise CorruptImage(f"cannot parse the multipart upload ({clean_reason(error)})") from None
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
-                uploads = [v for v in form.values() if isinstance(v, UploadFile)]
+                uploads = [v for k, v in form.multi_items() if isinstance(v, UploadFile) and k != "mask"]
                 if not uploads:
-                    raise CorruptImage("no file in the upload: send the image as multipart field 'file'")
+                    raise NoFile(f"no file in the upload: send the {media} as multipart field 'file'")
                 upload = uploads[0]
             name = Path(upload.filename or "upload").name
             data = await upload.read(settings.max_upload_bytes + 1)
             await upload.close()
+            given_mask = form.get("mask") if with_mask else None
+            if isinstance(given_mask, UploadFile):
+                mask_name = Path(given_mask.filename or "mask").name
+                mask_data = await given_mask.read(settings.max_upload_bytes + 1)
+                await given_mask.close()
+                check_size(mask_data, mask_name, settings.max_upload_bytes)
+                mask = (mask_data, mask_name)
         elif content_type.startswith((f"{media}/", "application/octet-stream")) or not content_type:
             name = "request body"
             data = await request.body()
         else:
-            raise NotAnImage(f"content type '{content_type}' is not an {media}; send {media} bytes or multipart field 'file'")
+            raise NotAnImage(
+                f"content type '{content_type}' is not {article} {media}; send {media} bytes or multipart field 'file'"
+            )
         check_size(data, name, settings.max_upload_bytes)
-        return data, name
+        return data, name, mask
 
-    async def run_job(kind: str, data: bytes, name: str, threshold: float | None) -> tuple[np.ndarray, Any]:
+    async def run_job(kind: str, data: bytes, name: str, threshold: float | None, fold: int | None = None) -> tuple[np.ndarray, Any]:
         info = probe_image(data, name, settings.max_pixels)
         ticket = service.reserve(info.pixels)
         with ticket:
             image = await run_in_threadpool(decode_image_bytes, data, name, settings.max_pixels)
-            future = service.submit(ticket, kind, image, threshold)
+            future = service.submit(ticket, kind, image, threshold, fold)
         try:
             result = await asyncio.wait_for(asyncio.wrap_future(future), settings.request_timeout)
         except asyncio.TimeoutError:
@@ -284,11 +340,33 @@ def create_app(service: InferenceService, settings: WebSettings | None = None, m
             },
         }
     }
+    segment_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "mask": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "Optional ground-truth mask of the same size (> 127 = polyp): the answer adds dice and iou.",
+                            },
+                        },
+                        "required": ["file"],
+                    }
+                },
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
 
     @app.post(
         "/v1/segment",
         tags=["inference"],
-        openapi_extra=upload_body,
+        openapi_extra=segment_body,
         dependencies=[Depends(require_token)],
         response_model=SegmentResult,
         response_model_exclude_none=True,
@@ -301,11 +379,18 @@ def create_app(service: InferenceService, settings: WebSettings | None = None, m
         include_probability: bool = Query(False, description="Add the probability map as an 8-bit PNG (round(p*255))."),
         include_image: bool = Query(False, description="Add the decoded input image as JPEG (for display)."),
     ) -> dict[str, Any]:
-        """Segment one image: mask, polyp area and mean confidence."""
+        """Segment one image: mask, polyp area and mean confidence; Dice and IoU against an optional ground-truth `mask`."""
         started = time.perf_counter()
-        data, name = await read_upload(request)
+        data, name, mask_upload = await read_upload(request, with_mask=True)
         image, prediction = await run_job("segment", data, name, threshold)
         body = await run_in_threadpool(_segment_body, image, prediction, mask_format, include_probability, include_image)
+        if mask_upload is not None:
+            truth = await run_in_threadpool(decode_mask_bytes, mask_upload[0], mask_upload[1], settings.max_pixels)
+            if truth.shape != image.shape[:2]:
+                raise MaskMismatch(
+                    f"{mask_upload[1]}: the mask is {truth.shape[1]}x{truth.shape[0]}, the image {image.shape[1]}x{image.shape[0]}"
+                )
+            body.update(_overlap(np.asarray(prediction.mask, dtype=bool), truth), mask_name=mask_upload[1])
         body.update(name=name, n_models=service.n_models, seconds=round(time.perf_counter() - started, 4))
         return body
 
@@ -321,24 +406,41 @@ def create_app(service: InferenceService, settings: WebSettings | None = None, m
     async def explain(
         request: Request,
         threshold: float | None = threshold_query,
-        include_overlay: bool = Query(True, description="Add the heatmap blended over the image (jet colours), PNG."),
+        include_overlay: bool = Query(True, description="Add the heatmap blended 50 % over the image, PNG."),
         heatmap_bits: int = Query(8, description="Bit depth of the grayscale heatmap PNG: 8 or 16."),
+        colormap: Literal[COLORMAPS] = Query(  # type: ignore[valid-type]
+            "viridis", description="Colours of the overlay: viridis, cividis, magma (perceptually uniform, colour-blind safe) or jet."
+        ),
+        fold: int | None = Query(None, ge=0, description="Explain one fold's model only (0-based); default: every model, heatmaps averaged."),
     ) -> dict[str, Any]:
-        """Grad-CAM heatmap of the final decoder block (target: logits summed inside the predicted mask)."""
+        """Grad-CAM of the served mask (final decoder block).
+
+        The target is each model's logits summed inside the mask `/v1/segment` answers at the same
+        threshold (for a CV run: the ensemble's mask); the heatmaps of the ensemble's models are averaged.
+        """
         started = time.perf_counter()
         if heatmap_bits not in (8, 16):
             raise _ApiError(422, f"invalid heatmap_bits: {heatmap_bits} (use 8 or 16)", "invalid_parameter")
-        data, name = await read_upload(request)
+        service.check_explain(fold)
+        data, name, _ = await read_upload(request)
         used = service.threshold if threshold is None else threshold
-        image, result = await run_job("explain", data, name, used)
-        body = await run_in_threadpool(_explain_body, image, result, include_overlay, heatmap_bits)
+        image, result = await run_job("explain", data, name, used, fold)
+        body = await run_in_threadpool(_explain_body, image, result, include_overlay, heatmap_bits, colormap, used)
+        explained = list(result.models)
         body.update(
             name=name,
             threshold=used,
             layer=service.explain_layer,
             method="gradcam",
-            target="sum of logits inside the predicted mask",
-            model_index=0,
+            target=(
+                "sum of logits inside the served mask (probability >= threshold"
+                + (", the ensemble's mean probability" if service.n_models > 1 else "")
+                + ")"
+            ),
+            models=explained,
+            model_index=explained[0] if len(explained) == 1 else None,
+            combine="mean of the per-model heatmaps" if len(explained) > 1 else None,
+            colormap=colormap if include_overlay else None,
             seconds=round(time.perf_counter() - started, 4),
         )
         return body
@@ -369,7 +471,7 @@ def create_app(service: InferenceService, settings: WebSettings | None = None, m
 
         Frames share the queue with image requests; only the first ``--max-video-frames`` frames are used.
         """
-        data, name = await read_upload(request, media="video")
+        data, name, _ = await read_upload(request, media="video")
         return await run_in_threadpool(
             segment_video_bytes,
             service,
@@ -408,16 +510,32 @@ def create_app(service: InferenceService, settings: WebSettings | None = None, m
 
     @app.get("/v1/samples", responses={401: ERROR_RESPONSES[401]}, tags=["samples"], dependencies=[Depends(require_token)])
     async def samples() -> dict[str, Any]:
-        """Names of the bundled sample images (Kvasir-SEG sample; see its NOTICE)."""
-        return {"samples": [p.name for p in _list_samples(samples_dir)]}
+        """Names of the sample images (by default the bundled Kvasir-SEG sample; see its NOTICE), and
+        which of them have a ground-truth mask (``GET /v1/samples/{name}/mask``)."""
+        images, masks = _sample_folders(samples_dir)
+        names = [p.name for p in _list_samples(images)]
+        stems = _mask_index(masks)
+        return {"samples": names, "masks": [n for n in names if Path(n).stem in stems]}
 
     @app.get("/v1/samples/{name}", responses={401: ERROR_RESPONSES[401]}, tags=["samples"], dependencies=[Depends(require_token)])
     async def sample(name: str) -> FileResponse:
-        """One bundled sample image, by name as listed by ``GET /v1/samples``."""
-        by_name = {p.name: p for p in _list_samples(samples_dir)}
+        """One sample image, by name as listed by ``GET /v1/samples``."""
+        images, _ = _sample_folders(samples_dir)
+        by_name = {p.name: p for p in _list_samples(images)}
         if name not in by_name:
             raise _ApiError(404, f"no sample named '{name}'", "not_found")
         return FileResponse(by_name[name])
+
+    @app.get("/v1/samples/{name}/mask", responses={401: ERROR_RESPONSES[401]}, tags=["samples"], dependencies=[Depends(require_token)])
+    async def sample_mask(name: str) -> FileResponse:
+        """The ground-truth mask of one sample image (same file stem in the data set's ``masks/`` folder)."""
+        images, masks = _sample_folders(samples_dir)
+        if name not in {p.name for p in _list_samples(images)}:
+            raise _ApiError(404, f"no sample named '{name}'", "not_found")
+        path = _mask_index(masks).get(Path(name).stem)
+        if path is None:
+            raise _ApiError(404, f"sample '{name}' has no ground-truth mask", "not_found")
+        return FileResponse(path)
 
     # ------------------------------------------------------------------ page and docs
 
@@ -475,19 +593,35 @@ def _segment_body(image: np.ndarray, prediction: Any, mask_format: str, include_
     return body
 
 
-def _explain_body(image: np.ndarray, result: Any, include_overlay: bool, heatmap_bits: int) -> dict[str, Any]:
+def _explain_body(
+    image: np.ndarray, result: Any, include_overlay: bool, heatmap_bits: int, colormap: str = "viridis", threshold: float = 0.5
+) -> dict[str, Any]:
     heatmap = np.asarray(result.heatmap, dtype=np.float32)
     as_int = encoding.unit_to_uint16(heatmap) if heatmap_bits == 16 else encoding.unit_to_uint8(heatmap)
+    served = np.asarray(result.probability) >= threshold
     body: dict[str, Any] = {
         "width": int(image.shape[1]),
         "height": int(image.shape[0]),
         "heatmap_bits": heatmap_bits,
         "heatmap_png_base64": encoding.png_base64(as_int),
         "heatmap_max": float(heatmap.max()) if heatmap.size else 0.0,
+        "mask_area_pixels": int(np.count_nonzero(served)),
     }
     if include_overlay:
-        body["overlay_png_base64"] = encoding.png_base64(encoding.heatmap_overlay(image, heatmap))
+        body["overlay_png_base64"] = encoding.png_base64(encoding.heatmap_overlay(image, heatmap, cmap=colormap))
     return body
+
+
+def _overlap(prediction: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """Dice and IoU of two boolean masks; both 1.0 when both are empty."""
+    inter = int(np.count_nonzero(prediction & truth))
+    total = int(np.count_nonzero(prediction)) + int(np.count_nonzero(truth))
+    union = total - inter
+    return {
+        "dice": 1.0 if total == 0 else 2.0 * inter / total,
+        "iou": 1.0 if union == 0 else inter / union,
+        "truth_area_pixels": int(np.count_nonzero(truth)),
+    }
 
 
 def _default_samples_dir() -> Path | None:
@@ -497,6 +631,21 @@ def _default_samples_dir() -> Path | None:
         return sample_dataset_path() / "images"
     except Exception:  # noqa: BLE001 - samples are a convenience; the API works without them
         return None
+
+
+def _sample_folders(folder: Path | None) -> tuple[Path | None, Path | None]:
+    """(images, masks) of a samples folder: a data set folder with ``images/`` (and ``masks/``), or an
+    images folder whose sibling ``masks/`` holds the ground truth."""
+    if folder is None:
+        return None, None
+    if (folder / "images").is_dir():
+        return folder / "images", folder / "masks"
+    return folder, folder.parent / "masks"
+
+
+def _mask_index(masks: Path | None) -> dict[str, Path]:
+    """Ground-truth masks by file stem."""
+    return {p.stem: p for p in _list_samples(masks)}
 
 
 def _list_samples(folder: Path | None) -> list[Path]:

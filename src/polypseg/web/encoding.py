@@ -83,13 +83,16 @@ def _lut(name: str) -> np.ndarray:
     return (colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
 
 
-def colorize(values: np.ndarray, cmap: str = "jet") -> np.ndarray:
+def colorize(values: np.ndarray, cmap: str = "viridis") -> np.ndarray:
     """Map values in [0, 1] to an RGB ``uint8`` image with a matplotlib colormap."""
     return _lut(cmap)[unit_to_uint8(values)]
 
 
-def heatmap_overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """Blend a [0, 1] heatmap (jet colours) over an RGB ``uint8`` image, like pytorch-grad-cam's ``show_cam_on_image``."""
+def heatmap_overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cmap: str = "viridis") -> np.ndarray:
+    """Blend a [0, 1] heatmap over an RGB ``uint8`` image, like pytorch-grad-cam's ``show_cam_on_image``.
+
+    The default palette is viridis (perceptually uniform, readable with colour-vision deficiencies), not jet.
+    """
     colored = colorize(heatmap, cmap).astype(np.float32)
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colored
     return np.clip(blended, 0, 255).round().astype(np.uint8)

@@ -43,10 +43,15 @@ class ExplainUnavailable(PolypsegError):
     """Grad-CAM needs a torch model and the service has none (an ONNX file was served)."""
 
 
+class BadExplainRequest(PolypsegError):
+    """An explain option that does not fit the served model (e.g. a fold it does not have)."""
+
+
 @dataclass
 class ExplainResult:
     heatmap: np.ndarray  # float32 (H, W) in [0, 1]
-    probability: np.ndarray  # float32 (H, W), from the explained model's own forward pass
+    probability: np.ndarray  # float32 (H, W): the served (ensemble) probability whose mask is explained
+    models: list[int] = field(default_factory=list)  # indices of the explained models
 
 
 class Ticket:
@@ -78,14 +83,18 @@ class _Job:
     image: np.ndarray
     threshold: float
     ticket: Ticket
+    fold: int | None = None
     future: Future = field(default_factory=Future)
 
 
 class InferenceService:
     """Owns a :class:`polypseg.inference.Predictor` and runs it from a single worker thread.
 
-    Grad-CAM runs on one torch model (for a cross-validation ensemble: fold 0) with the paper's
-    target, the logits summed inside the predicted mask at the requested threshold.
+    Grad-CAM explains the mask the service serves: the target is each model's logits summed inside
+    the *served* mask (the ensemble's mean probability >= threshold, at the model's input size), so
+    the heatmap explains exactly the mask ``segment`` answers at that threshold. For an ensemble,
+    every fold model is explained with that same target and the heatmaps are averaged (or one
+    fold's only, on request). For a single model this is the paper's target (its own mask).
     """
 
     def __init__(
@@ -99,6 +108,7 @@ class InferenceService:
         batch_wait: float = 0.005,
         explain_layer: str = "decoder.final",
         explain_model: Any = _DEFAULT,
+        explain_models: Any = _DEFAULT,
     ) -> None:
         if max_queue < 1 or max_batch < 1:
             raise ValueError("max_queue and max_batch must be at least 1")
@@ -109,10 +119,13 @@ class InferenceService:
         self.max_pending_pixels = max_pending_pixels
         self.batch_wait = batch_wait
         self.explain_layer = explain_layer
-        # Grad-CAM runs on one torch model; for a fold ensemble, fold 0's.
-        if explain_model is _DEFAULT:
-            explain_model = predictor.models[0] if getattr(predictor, "models", None) else None
-        self.explain_model = explain_model
+        # Grad-CAM needs torch models: by default the predictor's own (every fold of an ensemble).
+        if explain_models is _DEFAULT:
+            if explain_model is _DEFAULT:
+                explain_models = list(getattr(predictor, "models", None) or [])
+            else:
+                explain_models = [] if explain_model is None else [explain_model]
+        self.explain_models: list[Any] = list(explain_models or [])
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0
@@ -145,12 +158,16 @@ class InferenceService:
         if Path(path).suffix == ".onnx" and backend == "torch":
             backend = "onnxruntime"  # an exported model has no torch weights to load
         predictor = Predictor.from_checkpoint(path, device=device, backend=backend, tta=tta, threshold=threshold)
-        explain_model = None
-        if predictor.models:
-            explain_model = predictor.models[0]
-        elif Path(path).suffix != ".onnx":
-            explain_model = load_checkpoint(find_checkpoints(path)[0], device=predictor.device).model
-        return cls(predictor, source=path, explain_model=explain_model, **options)
+        explain_models: list[Any] = list(predictor.models)
+        if not explain_models and Path(path).suffix != ".onnx":
+            # onnxruntime segments; Grad-CAM needs every fold's torch weights to explain the ensemble's mask.
+            explain_models = [load_checkpoint(c, device=predictor.device).model.eval() for c in find_checkpoints(path)]
+        return cls(predictor, source=path, explain_models=explain_models, **options)
+
+    @property
+    def explain_model(self) -> Any:
+        """The first model Grad-CAM can use (``None`` when serving an ONNX file)."""
+        return self.explain_models[0] if self.explain_models else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,8 +191,9 @@ class InferenceService:
         """Run one small image through segmentation and Grad-CAM, so a broken model fails at start."""
         image = np.full((32, 32, 3), 128, dtype=np.uint8)
         self._compute("segment", self.threshold, [image])
-        if self.explain_model is not None:
-            self._compute("explain", self.threshold, [image])
+        if self.explain_models:
+            # a threshold just above 0 gives a non-empty target, so the backward pass really runs
+            self._compute("explain", 1e-6, [image])
 
     @property
     def alive(self) -> bool:
@@ -201,22 +219,40 @@ class InferenceService:
             self._pending_pixels += pixels
         return Ticket(self, pixels)
 
-    def submit(self, ticket: Ticket, kind: str, image: np.ndarray, threshold: float | None = None) -> Future:
-        """Queue ``kind`` (``"segment"`` or ``"explain"``) for one RGB ``uint8`` image."""
+    def check_explain(self, fold: int | None = None) -> None:
+        """Raise unless ``explain`` can run here with ``fold`` (``None``: every model)."""
+        if not self.explain_models:
+            raise ExplainUnavailable("Grad-CAM needs a polypseg checkpoint; this server runs an ONNX model")
+        if fold is not None and not 0 <= fold < len(self.explain_models):
+            have = f"folds 0-{len(self.explain_models) - 1}" if len(self.explain_models) > 1 else "one model (fold 0)"
+            raise BadExplainRequest(f"invalid fold: {fold} (this server has {have})")
+
+    def submit(
+        self, ticket: Ticket, kind: str, image: np.ndarray, threshold: float | None = None, fold: int | None = None
+    ) -> Future:
+        """Queue ``kind`` (``"segment"`` or ``"explain"``) for one RGB ``uint8`` image.
+
+        ``fold`` (explain only) restricts Grad-CAM to one model of the ensemble.
+        """
         if kind not in ("segment", "explain"):
             ticket.release()
             raise ValueError(f"unknown job kind '{kind}'")
-        if kind == "explain" and self.explain_model is None:
-            ticket.release()
-            raise ExplainUnavailable("Grad-CAM needs a polypseg checkpoint; this server runs an ONNX model")
-        job = _Job(kind, image, float(self.threshold if threshold is None else threshold), ticket)
+        if kind == "explain":
+            try:
+                self.check_explain(fold)
+            except PolypsegError:
+                ticket.release()
+                raise
+        job = _Job(kind, image, float(self.threshold if threshold is None else threshold), ticket, fold if kind == "explain" else None)
         self._queue.put(job)
         return job.future
 
-    def run(self, kind: str, image: np.ndarray, threshold: float | None = None, timeout: float | None = None) -> Any:
+    def run(
+        self, kind: str, image: np.ndarray, threshold: float | None = None, timeout: float | None = None, fold: int | None = None
+    ) -> Any:
         """Reserve, submit and wait: the blocking form, for scripts and tests."""
         ticket = self.reserve(int(image.shape[0]) * int(image.shape[1]))
-        return self.submit(ticket, kind, image, threshold).result(timeout)
+        return self.submit(ticket, kind, image, threshold, fold).result(timeout)
 
     def segment_stream(
         self, frames: Iterable[np.ndarray], threshold: float | None = None, timeout: float = 120.0
@@ -312,8 +348,16 @@ class InferenceService:
                 "folds": run_config.get("folds"),
             },
             "threshold": self.threshold,
-            "metrics": metadata.get("metrics") or {},
-            "explain": {"layer": self.explain_layer, "method": "gradcam", "model_index": 0} if self.explain_model is not None else None,
+            "metrics": self._metrics(metadata, run_dir),
+            "explain": {
+                "layer": self.explain_layer,
+                "method": "gradcam",
+                "target": "sum of each model's logits inside the served mask (probability >= threshold)",
+                "models": len(self.explain_models),
+                "combine": "mean of the per-model heatmaps" if len(self.explain_models) > 1 else None,
+            }
+            if self.explain_models
+            else None,
             "device": self.device,
             "backend": str(getattr(self.predictor, "backend", "torch")),
             "tta": bool(getattr(self.predictor, "tta", False)),
@@ -328,6 +372,30 @@ class InferenceService:
             if "auc" in summary.get("pooled", {}):
                 info["cross_validation"]["pooled_auc"] = summary["pooled"]["auc"]
         return info
+
+    def _metrics(self, metadata: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
+        """Per-model metrics: the checkpoint's own (inner validation) and, inside a CV run, the held-out fold's.
+
+        One checkpoint: ``{"validation": {...}, "test": {...}}``. An ensemble: the same per fold,
+        under ``"fold_K"``. ``test`` holds the fold's held-out metrics at the served threshold when
+        it was evaluated there, else at 0.5 (``test.threshold`` says which).
+        """
+        checkpoints = [Path(str(c)) for c in metadata.get("checkpoints", [])]
+        stored = metadata.get("metrics") or {}
+        if not checkpoints:
+            return dict(stored)
+        per_model: dict[str, Any] = {}
+        for path in checkpoints:
+            fold = _fold_name(path)
+            own = stored.get(fold, {}) if len(checkpoints) > 1 else stored
+            entry: dict[str, Any] = {"validation": {k: v for k, v in (own or {}).items() if _is_number(v)}}
+            test = _fold_test_metrics(path.parent / "metrics.json", self.threshold)
+            if test:
+                entry["test"] = test
+            per_model[fold or path.stem] = entry
+        if len(checkpoints) == 1:
+            return next(iter(per_model.values()))
+        return per_model
 
     def _run_dir(self) -> Path | None:
         if self.source is None:
@@ -373,24 +441,25 @@ class InferenceService:
                 return
 
     def _process(self, jobs: list[_Job]) -> None:
-        groups: dict[tuple[str, float], list[_Job]] = {}
+        groups: dict[tuple[str, float, int | None], list[_Job]] = {}
         for job in jobs:
             # Segmentation thresholds are applied after the model, so all segment jobs share a
-            # batch; Grad-CAM's target depends on the threshold, so explain jobs group by it.
-            key = ("segment", 0.0) if job.kind == "segment" else ("explain", job.threshold)
+            # batch; Grad-CAM's target depends on the threshold (and the models explained), so
+            # explain jobs group by those.
+            key = ("segment", 0.0, None) if job.kind == "segment" else ("explain", job.threshold, job.fold)
             groups.setdefault(key, []).append(job)
-        for (kind, threshold), group in groups.items():
-            self._run_group(kind, threshold, group)
+        for (kind, threshold, fold), group in groups.items():
+            self._run_group(kind, threshold, group, fold)
         self.batches += 1
 
-    def _run_group(self, kind: str, threshold: float, jobs: list[_Job]) -> None:
+    def _run_group(self, kind: str, threshold: float, jobs: list[_Job], fold: int | None = None) -> None:
         try:
-            results = self._compute(kind, threshold, [j.image for j in jobs])
+            results = self._compute(kind, threshold, [j.image for j in jobs], fold)
         except Exception as error:  # noqa: BLE001 - isolate the failing request from the others
             if len(jobs) > 1:
                 self._empty_device_cache()
                 for job in jobs:
-                    self._run_group(kind, threshold, [job])
+                    self._run_group(kind, threshold, [job], fold)
                 return
             log.exception("inference failed")
             jobs[0].future.set_exception(self._as_client_error(error))
@@ -401,21 +470,42 @@ class InferenceService:
             job.future.set_result(result)
             self.completed += 1
 
-    def _compute(self, kind: str, threshold: float, images: list[np.ndarray]) -> list[Any]:
+    def _compute(self, kind: str, threshold: float, images: list[np.ndarray], fold: int | None = None) -> list[Any]:
         if kind == "segment":
             return list(self.predictor.predict(images))
-        from polypseg.explain import explain_images
+        return self._explain(threshold, images, fold)
 
-        heatmaps, probabilities = explain_images(
-            self.explain_model,
-            images,
-            image_size=self.predictor.image_size,
-            threshold=threshold,
-            layer=self.explain_layer,
-            device=self.predictor.device,
-            batch_size=len(images),
-        )
-        return [ExplainResult(h, p) for h, p in zip(heatmaps, probabilities)]
+    def _explain(self, threshold: float, images: list[np.ndarray], fold: int | None) -> list[ExplainResult]:
+        """Grad-CAM of the served mask: target = logits inside ``served probability >= threshold``.
+
+        The served probability is the predictor's (ensemble mean, with TTA if enabled) at the
+        model's input size; every explained model gets that same region as its target, and the
+        per-model heatmaps (each divided by its maximum) are averaged.
+        """
+        import torch
+
+        from polypseg.data import resize_image
+        from polypseg.explain import RegionLogitSum, SegmentationGradCAM, autocast_for, prepare_batch, to_original_size
+
+        size = int(self.predictor.image_size)
+        device = self.predictor.device
+        resized = np.stack([img if img.shape[:2] == (size, size) else resize_image(img, size) for img in images])
+        served = torch.from_numpy(np.ascontiguousarray(self.predictor.predict_resized(resized)))  # (N, S, S)
+        region = (served >= threshold).to(device)
+        batch = prepare_batch(resized, size, device)
+        indices = list(range(len(self.explain_models))) if fold is None else [fold]
+        total: torch.Tensor | None = None
+        for index in indices:
+            with SegmentationGradCAM(self.explain_models[index], self.explain_layer) as cam, autocast_for(device):
+                maps = cam(batch, RegionLogitSum(region)).float()  # type: ignore[union-attr]
+            total = maps if total is None else total + maps
+        assert total is not None
+        mean = total / len(indices)
+        results = []
+        for i, image in enumerate(images):
+            heatmap, probability = to_original_size(mean[i], served[i], image.shape[:2])
+            results.append(ExplainResult(heatmap, probability, indices))
+        return results
 
     @staticmethod
     def _as_client_error(error: Exception) -> Exception:
@@ -428,6 +518,29 @@ class InferenceService:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _fold_name(checkpoint: Path) -> str:
+    parent = checkpoint.parent.name
+    return parent if parent.startswith("fold_") and parent[5:].isdigit() else ""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fold_test_metrics(path: Path, threshold: float) -> dict[str, Any]:
+    """A fold's held-out metrics (``fold_K/metrics.json`` of a CV run) at ``threshold`` or else 0.5."""
+    data = _read_json(path) if path.is_file() else {}
+    at = data.get("at")
+    if not isinstance(at, dict) or not at:
+        return {}
+    key = next((k for k in at if abs(float(k) - threshold) < 1e-9), None) or ("0.5" if "0.5" in at else None)
+    if key is None:
+        return {}
+    values = {k: v for k, v in at[key].items() if _is_number(v)} if isinstance(at[key], dict) else {}
+    n_images = data.get("n_test", data.get("n_images"))
+    return {"threshold": float(key), "n_images": n_images, **values}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -62,6 +62,27 @@ class CorruptImage(UploadError):
     code = "corrupt_image"
 
 
+class NoFile(UploadError):
+    """A multipart upload without a file part."""
+
+    status_code = 400
+    code = "no_file"
+
+
+class EmptyUpload(UploadError):
+    """A file (or raw body) of zero bytes."""
+
+    status_code = 400
+    code = "empty_upload"
+
+
+class MaskMismatch(UploadError):
+    """A ground-truth mask whose size differs from the image's."""
+
+    status_code = 400
+    code = "mask_mismatch"
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """What the header says, before any pixel is decoded."""
@@ -88,7 +109,7 @@ def sniff_format(data: bytes) -> str | None:
 def check_size(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
     """Refuse empty uploads and uploads over ``max_bytes``."""
     if not data:
-        raise CorruptImage(f"{name}: the upload is empty")
+        raise EmptyUpload(f"{name}: the upload is empty")
     if len(data) > max_bytes:
         raise UploadTooLarge(f"{name}: {_mb(len(data))} is over the upload limit of {_mb(max_bytes)}")
 
@@ -96,7 +117,7 @@ def check_size(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
 def probe_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Read format and dimensions from the header only; enforce ``max_pixels``."""
     if not data:
-        raise CorruptImage(f"{name}: the upload is empty")
+        raise EmptyUpload(f"{name}: the upload is empty")
     fmt = sniff_format(data)
     if fmt is None:
         raise NotAnImage(f"{name}: not an image (accepted: {', '.join(ACCEPTED_FORMATS)})")
@@ -138,6 +159,27 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
     if array.shape[:2] != (info.height, info.width):
         raise CorruptImage(f"{name}: decoded size {array.shape[1]}x{array.shape[0]} differs from the header's {info.width}x{info.height}")
     return array
+
+
+def decode_mask_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A ground-truth mask upload as ``bool (H, W)``: brightest colour channel > 127, like
+    :func:`polypseg.data.read_mask` (so JPEG-compressed masks binarise cleanly)."""
+    info = probe_image(data, name, max_pixels)
+    try:
+        array = _decode_tiff(data) if info.format == "TIFF" else _decode_pil(data)
+    except Image.DecompressionBombError:
+        raise TooManyPixels(f"{name}: image is over the pixel limit") from None
+    except Exception as error:  # noqa: BLE001 - truncated data, bad compression stream, ...
+        raise CorruptImage(f"{name}: truncated or corrupt {info.format} ({_reason(error)})") from None
+    try:
+        array = to_uint8(array)
+    except PolypsegError:
+        raise CorruptImage(f"{name}: unsupported pixel type {array.dtype}") from None
+    if array.ndim == 3:
+        array = array[:, :, :3].max(axis=2) if array.shape[2] >= 3 else array[:, :, 0]
+    if array.ndim != 2:
+        raise CorruptImage(f"{name}: unexpected mask shape {array.shape}")
+    return array > 127
 
 
 def _open_pil(data: bytes) -> Image.Image:
@@ -205,9 +247,37 @@ def _to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+# Library messages sometimes name Python objects ("<_io.BytesIO object at 0x7f...>") or temporary
+# files; neither means anything to the client, and object addresses leak server memory layout.
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+[^<>]*?(?:0x[0-9a-fA-F]+|@\s*\d+)>")
+_TEMP_PATH = re.compile(r"\s*'?(?:/[^\s'\":]*)?polypseg-upload-[^\s'\":]*'?")
+_ERRNO = re.compile(r"\[Errno -?\d+\]\s*")
+
+
+def clean_reason(error: BaseException | str, name: str = "") -> str:
+    """One short line explaining ``error`` to a client: no object addresses, no temporary paths, no
+    repeat of the upload's ``name`` (the message already starts with it)."""
+    text = str(error).strip().splitlines()[0].strip() if str(error).strip() else ""
+    if type(error).__name__ == "UnidentifiedImageError" or text.startswith("cannot identify image file"):
+        return "damaged, or not really that format"
+    text = _OBJECT_REPR.sub("", text)
+    text = _TEMP_PATH.sub("", text)
+    text = _ERRNO.sub("", text)
+    if name:
+        text = text.replace(f"'{name}'", "").replace(name, "")
+    text = re.sub(r"\s*(?:''|\"\")", "", text)
+    text = re.sub(r"\(\s*[:;,]?\s*\)", "", text)
+    text = re.sub(r"\s+", " ", text).strip(" :;,-")
+    text = re.sub(r"\s+([:;,)])", r"\1", text)
+    text = re.sub(r"[:;,]+\)", ")", text)
+    text = re.sub(r"^[:;,]\s*", "", text)
+    if len(text) <= 8 and isinstance(error, BaseException):
+        text = f"{type(error).__name__}: {text}".rstrip(": ")
+    return text[:200]
+
+
 def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return text if len(text) > 8 else f"{type(error).__name__}: {text}".rstrip(": ")
+    return clean_reason(error)
 
 
 def _mb(size: int) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 
 from polypseg.web import encoding
 from polypseg.web.service import InferenceService
-from polypseg.web.validation import CorruptImage, NotAnImage, TooManyPixels, UploadError
+from polypseg.web.validation import CorruptImage, NotAnImage, TooManyPixels, UploadError, clean_reason, sniff_format
 
 DEFAULT_MAX_FRAMES = 300
 
@@ -38,6 +38,10 @@ def segment_video_bytes(
     """
     from polypseg.video import VideoError, mask_iou, read_frames, video_info
 
+    still = sniff_format(data)
+    if still is not None:
+        # FFmpeg opens a still image as a one-frame "video"; the client meant /v1/segment.
+        raise NotAVideo(f"{name}: a {still} image, not a video; send images to /v1/segment")
     suffix = Path(name).suffix if Path(name).suffix else ".bin"
     handle, tmp = tempfile.mkstemp(prefix="polypseg-upload-", suffix=suffix)
     try:
@@ -85,9 +89,10 @@ def segment_video_bytes(
         except UploadError:
             raise
         except VideoError as error:
+            reason = clean_reason(str(error).replace(str(tmp), ""), name)
             if not rows:
-                raise CorruptImage(f"{name}: no frame could be decoded ({error})") from None
-            warning = str(error).replace(str(tmp), name)
+                raise CorruptImage(f"{name}: no frame could be decoded" + (f" ({reason})" if reason else "")) from None
+            warning = reason or f"decoding stopped after {len(rows)} frames"
         if not rows:
             raise CorruptImage(f"{name}: the video has no frames")
         ious = [r["iou_with_previous"] for r in rows if r["iou_with_previous"] is not None]

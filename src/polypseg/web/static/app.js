@@ -1,25 +1,38 @@
 "use strict";
 // polypseg page: talks to /v1 only (same origin), re-thresholds the probability map in the
-// browser so the slider never reruns the model. No external hosts, no analytics.
+// browser so the slider never reruns the segmentation model. No external hosts, no analytics.
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "polypseg-token";
 
+// Colour-blind-safe colours: prediction blue, ground truth yellow (Okabe-Ito), distinguishable
+// with any common colour-vision deficiency and against reddish mucosa.
+const PRED_RGB = [0, 180, 255];
+const TRUTH_RGB = [255, 200, 0];
+
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY),
   retry: null,          // action to repeat once a token is entered
-  width: 0,
-  height: 0,
-  prob: null,           // Uint8Array, round(p * 255), row-major
-  image: null,          // ImageBitmap of the decoded input
+  generation: 0,        // every new analysis increments it; late answers of older ones are dropped
+  controller: null,     // AbortController of the analysis in flight
   modelThreshold: 0.5,
-  name: "image",
-  busy: false,
+  modelLabel: "",
+  samples: [],
+  sampleMasks: new Set(),
+  nav: null,            // {kind: "samples" | "files", items: [...], index}
+  result: null,         // the image on screen (see showResult)
+  measurements: new Map(), // file name -> row of the CSV export
+  view: { scale: 1, x: 0, y: 0 }, // zoom and pan shared by every panel (x, y in % of the panel)
 };
 
 // ------------------------------------------------------------------ API
 
-class ApiError extends Error {}
+class ApiError extends Error {
+  constructor(message, status = 0) {
+    super(message);
+    this.status = status;
+  }
+}
 
 async function api(path, options = {}) {
   const headers = new Headers(options.headers || {});
@@ -28,7 +41,7 @@ async function api(path, options = {}) {
   if (response.status === 401) {
     $("token-form").hidden = false;
     $("token-input").focus();
-    throw new ApiError("This server needs an access token; enter it above.");
+    throw new ApiError("This server needs an access token; enter it above.", 401);
   }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
@@ -37,7 +50,7 @@ async function api(path, options = {}) {
       if (body && body.error) message = body.error;
     } catch (_) { /* not JSON */ }
     if (response.status === 503) message += " (the server is busy; try again in a moment)";
-    throw new ApiError(message);
+    throw new ApiError(message, response.status);
   }
   return response;
 }
@@ -49,6 +62,13 @@ function setStatus(text, kind = "") {
   el.textContent = text;
   el.className = `status ${kind}`;
 }
+
+// "name: message", without repeating the name when the server's message already starts with it.
+function named(name, message) {
+  return message.startsWith(`${name}:`) || message.startsWith(`${name} `) ? message : `${name}: ${message}`;
+}
+
+const isAbort = (error) => error && error.name === "AbortError";
 
 // ------------------------------------------------------------------ model info and samples
 
@@ -65,8 +85,10 @@ function pickDice(info) {
     if (block && block.dice !== undefined) return `CV Dice ${formatMetric(block.dice)}`;
   }
   const metrics = info.metrics || {};
-  for (const key of ["dice", "val_dice", "test_dice"]) {
-    if (typeof metrics[key] === "number") return `${key.replace("_", " ")} ${metrics[key].toFixed(3)}`;
+  if (metrics.test && typeof metrics.test.dice === "number") return `held-out Dice ${metrics.test.dice.toFixed(3)}`;
+  const validation = metrics.validation || metrics;
+  for (const key of ["val_dice", "dice", "test_dice"]) {
+    if (typeof validation[key] === "number") return `${key.replace("_", " ")} ${validation[key].toFixed(3)}`;
   }
   return null;
 }
@@ -81,18 +103,22 @@ async function loadModelInfo() {
   const dice = pickDice(info);
   if (dice) parts.push(dice);
   if (info.training && info.training.data) parts.push(`trained on ${info.training.data}`);
-  $("model-info").textContent = parts.join(" · ");
+  state.modelLabel = parts.join(" · ");
+  $("model-info").textContent = state.modelLabel;
   state.modelThreshold = Number(info.threshold);
-  setThreshold(state.modelThreshold);
+  $("threshold").value = String(state.modelThreshold);
+  $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
 }
 
 async function loadSamples() {
   const body = await apiJson("/v1/samples");
+  state.samples = body.samples;
+  state.sampleMasks = new Set(body.masks || []);
   const select = $("sample-select");
   for (const name of body.samples) {
     const option = document.createElement("option");
     option.value = name;
-    option.textContent = name;
+    option.textContent = state.sampleMasks.has(name) ? `${name} (with ground truth)` : name;
     select.append(option);
   }
   select.disabled = body.samples.length === 0;
@@ -112,79 +138,228 @@ async function init() {
   }
 }
 
-// ------------------------------------------------------------------ analysis
+// ------------------------------------------------------------------ decoding helpers
 
 function loadImage(src) {
   return new Promise((resolve, reject) => {
     const img = new Image();
     img.onload = () => resolve(img);
-    img.onerror = () => reject(new ApiError("the browser could not decode the server's image"));
+    img.onerror = () => reject(new ApiError("the browser could not decode the image"));
     img.src = src;
   });
 }
 
-async function decodeGrayPng(base64, width, height) {
-  const img = await loadImage(`data:image/png;base64,${base64}`);
+async function pixelsOf(src, width, height) {
+  const img = await loadImage(src);
+  if (width === undefined) { width = img.naturalWidth; height = img.naturalHeight; }
   const canvas = new OffscreenCanvas(width, height);
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   ctx.drawImage(img, 0, 0);
-  const rgba = ctx.getImageData(0, 0, width, height).data;
+  return { img, data: ctx.getImageData(0, 0, width, height).data, width, height };
+}
+
+async function decodeGrayPng(base64, width, height) {
+  const { data } = await pixelsOf(`data:image/png;base64,${base64}`, width, height);
   const gray = new Uint8Array(width * height);
-  for (let i = 0; i < gray.length; i++) gray[i] = rgba[i * 4];
+  for (let i = 0; i < gray.length; i++) gray[i] = data[i * 4];
   return gray;
 }
 
-async function analyse(blob, name) {
-  if (state.busy) return;
-  state.busy = true;
-  state.retry = () => analyse(blob, name);
-  setStatus(`Analysing ${name}…`, "busy");
+// A ground-truth mask file -> Uint8Array 0/1 at its own size (brightest channel > 127, as the library reads masks).
+async function decodeMaskBlob(blob, name) {
+  const url = URL.createObjectURL(blob);
   try {
-    const form = () => { const f = new FormData(); f.append("file", blob, name); return f; };
-    const [seg, cam] = await Promise.all([
-      apiJson("/v1/segment?include_probability=true&include_image=true", { method: "POST", body: form() }),
-      // Segmentation is shown even when Grad-CAM fails (e.g. a server running an ONNX model).
-      apiJson("/v1/explain?include_overlay=true", { method: "POST", body: form() }).catch((error) => ({ error: error.message })),
-    ]);
-    state.width = seg.width;
-    state.height = seg.height;
-    state.name = name.replace(/\.[^.]+$/, "");
-    state.prob = await decodeGrayPng(seg.probability_png_base64, seg.width, seg.height);
-    state.image = await loadImage(`data:image/jpeg;base64,${seg.image_jpeg_base64}`);
-    state.modelThreshold = seg.threshold;
-    if (cam.error) {
-      $("view-cam").removeAttribute("src");
-      $("cam-caption").textContent = `Grad-CAM unavailable: ${cam.error}`;
-    } else {
-      $("view-cam").src = `data:image/png;base64,${cam.overlay_png_base64}`;
-      $("cam-caption").textContent = `Grad-CAM (final decoder block${seg.n_models > 1 ? ", fold 0" : ""})`;
+    const probe = await loadImage(url).catch(() => { throw new ApiError(`${name}: the browser cannot read this mask file`); });
+    const { data, width, height } = await pixelsOf(url, probe.naturalWidth, probe.naturalHeight);
+    const mask = new Uint8Array(width * height);
+    for (let i = 0; i < mask.length; i++) {
+      mask[i] = Math.max(data[i * 4], data[i * 4 + 1], data[i * 4 + 2]) > 127 ? 1 : 0;
     }
-    drawMap($("view-prob"), state.prob, seg.width, seg.height);
-    const hasUncertainty = Boolean(seg.uncertainty_png_base64);
-    $("uncertainty-panel").hidden = !hasUncertainty;
-    $("uncertainty-stat").hidden = !hasUncertainty;
-    if (hasUncertainty) {
-      const unc = await decodeGrayPng(seg.uncertainty_png_base64, seg.width, seg.height);
-      drawMap($("view-uncertainty"), unc, seg.width, seg.height);
-      $("uncertainty").textContent = `mean std ${seg.mean_uncertainty.toFixed(3)}`;
-    }
-    $("image-size").textContent = `${seg.width} × ${seg.height} px`;
-    $("video-results").hidden = true;
-    $("results").hidden = false;
-    setThreshold(seg.threshold);
-    setStatus(`${name}: done in ${seg.seconds.toFixed(2)} s.`, "ok");
-  } catch (error) {
-    setStatus(`${name}: ${error.message}`, "error");
+    return { mask, width, height };
   } finally {
-    state.busy = false;
+    URL.revokeObjectURL(url);
   }
 }
 
-// ------------------------------------------------------------------ drawing
+// ------------------------------------------------------------------ analysis
 
-// Perceptually ordered dark-to-bright map (viridis anchors), interpolated to 256 entries.
-const LUT = (() => {
-  const anchors = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+function clearResults() {
+  // Nothing of the previous image may stay on screen under the next one's name.
+  state.result = null;
+  $("results").hidden = true;
+  $("video-results").hidden = true;
+  $("truth-button").disabled = true;
+}
+
+// Starts a new analysis: cancels the one in flight (the newest choice wins) and clears the screen.
+function beginAnalysis(name) {
+  if (state.controller) state.controller.abort();
+  clearTimeout(explainTimer);
+  if (explainController) explainController.abort();
+  state.controller = new AbortController();
+  state.generation += 1;
+  clearResults();
+  setStatus(`Analysing ${name}…`, "busy");
+  return { generation: state.generation, signal: state.controller.signal };
+}
+
+const current = (job) => job.generation === state.generation;
+
+// source: {name, blob, truth?: {blob, name} | null} or {name, load: async (signal) => ({blob, truth})}
+async function analyse(source) {
+  const { name } = source;
+  const job = beginAnalysis(name);
+  state.retry = () => analyse(source);
+  try {
+    if (source.load) source = { name, ...(await source.load(job.signal)) };
+    if (!current(job)) return;
+    const { blob } = source;
+    const form = new FormData();
+    form.append("file", blob, name);
+    const seg = await apiJson("/v1/segment?include_probability=true&include_image=true",
+      { method: "POST", body: form, signal: job.signal });
+    if (!current(job)) return;
+    const prob = await decodeGrayPng(seg.probability_png_base64, seg.width, seg.height);
+    const image = await loadImage(`data:image/jpeg;base64,${seg.image_jpeg_base64}`);
+    let uncertainty = null;
+    if (seg.uncertainty_png_base64) uncertainty = await decodeGrayPng(seg.uncertainty_png_base64, seg.width, seg.height);
+    if (!current(job)) return;
+    const result = {
+      name, blob, width: seg.width, height: seg.height, prob, image, uncertainty,
+      meanUncertainty: seg.mean_uncertainty, nModels: seg.n_models,
+      truth: null, truthName: null, cam: null, camThreshold: null, camPending: null,
+      mask: null, area: 0, seconds: seg.seconds,
+    };
+    let truthNote = "";
+    if (source.truth) {
+      try {
+        await attachTruth(result, source.truth.blob, source.truth.name);
+      } catch (error) {
+        truthNote = ` Ground truth not shown: ${error.message}`;
+      }
+      if (!current(job)) return;
+    }
+    state.modelThreshold = seg.threshold;
+    showResult(result);
+    setStatus(`${name}: done in ${seg.seconds.toFixed(2)} s.${truthNote}`, truthNote ? "error" : "ok");
+    requestExplain();
+  } catch (error) {
+    if (isAbort(error) || !current(job)) return;
+    clearResults();
+    setStatus(named(name, error.message), "error");
+  } finally {
+    if (current(job)) state.controller = null;
+  }
+}
+
+async function attachTruth(result, blob, truthName) {
+  const truth = await decodeMaskBlob(blob, truthName);
+  if (truth.width !== result.width || truth.height !== result.height) {
+    throw new ApiError(`${truthName} is ${truth.width} × ${truth.height} px, the image ${result.width} × ${result.height} px`);
+  }
+  result.truth = truth.mask;
+  result.truthName = truthName;
+}
+
+function showResult(result) {
+  state.result = result;
+  const title = $("result-title");
+  title.textContent = `Results for ${result.name}`;
+  title.dataset.name = result.name;
+  $("image-size").textContent = `${result.width} × ${result.height} px`;
+  const hasUncertainty = Boolean(result.uncertainty);
+  $("uncertainty-panel").hidden = !hasUncertainty;
+  $("uncertainty-stat").hidden = !hasUncertainty;
+  if (hasUncertainty) $("uncertainty").textContent = `mean std ${result.meanUncertainty.toFixed(3)}`;
+  drawMaps();
+  $("video-results").hidden = true;
+  $("results").hidden = false;
+  $("truth-button").disabled = false;
+  render();  // at the slider's threshold: a threshold the reviewer chose is kept from image to image
+  updateNavigator();
+}
+
+// ------------------------------------------------------------------ Grad-CAM of the mask on screen
+
+let explainTimer = 0;
+let explainController = null;
+
+// Grad-CAM explains the mask at the slider's threshold; the caption always says which.
+function requestExplain(delay = 0) {
+  clearTimeout(explainTimer);
+  const result = state.result;
+  if (!result || state.explainUnavailable) return;
+  const threshold = Number($("threshold").value);
+  if (result.camThreshold === threshold && !result.camPending) return;
+  result.camPending = threshold;
+  updateCamCaption();
+  explainTimer = setTimeout(() => runExplain(result, threshold), delay);
+}
+
+async function runExplain(result, threshold) {
+  if (explainController) explainController.abort();
+  explainController = new AbortController();
+  const form = new FormData();
+  form.append("file", result.blob, result.name);
+  try {
+    const cam = await apiJson(`/v1/explain?include_overlay=false&threshold=${threshold.toFixed(2)}`,
+      { method: "POST", body: form, signal: explainController.signal });
+    if (state.result !== result || result.camPending !== threshold) return;  // superseded
+    result.cam = { ...cam, heat: await decodeGrayPng(cam.heatmap_png_base64, cam.width, cam.height) };
+    result.camThreshold = threshold;
+    result.camPending = null;
+    result.camError = null;
+    drawCam();
+  } catch (error) {
+    if (isAbort(error) || state.result !== result || result.camPending !== threshold) return;
+    if (error.status === 501) state.explainUnavailable = true;  // an ONNX model: no Grad-CAM at all
+    result.camPending = null;
+    result.camError = error.message;
+    drawCam();
+  }
+}
+
+function updateCamCaption() {
+  const result = state.result;
+  const caption = $("cam-caption");
+  const panel = $("cam-panel");
+  if (!result) return;
+  const slider = Number($("threshold").value).toFixed(2);
+  let text;
+  if (result.camError) {
+    text = `Grad-CAM unavailable: ${result.camError}`;
+  } else if (!result.cam) {
+    text = `Grad-CAM of the mask at threshold ${slider}: computing…`;
+  } else {
+    const cam = result.cam;
+    const models = cam.models && cam.models.length > 1 ? `mean of ${cam.models.length} fold models` :
+      (result.nModels > 1 ? `fold ${cam.model_index} only` : "the model");
+    text = cam.heatmap_max > 0
+      ? `Grad-CAM of the mask shown at threshold ${result.camThreshold.toFixed(2)} (${models}, final decoder block)`
+      : `Nothing to explain: the mask is empty at threshold ${result.camThreshold.toFixed(2)}`;
+    if (result.camPending !== null && result.camPending !== undefined) {
+      text += ` — updating for ${result.camPending.toFixed(2)}…`;
+    }
+  }
+  caption.textContent = text;
+  panel.dataset.explainedThreshold = result.cam && !result.camError ? result.camThreshold.toFixed(2) : "";
+  panel.dataset.state = result.camError ? "error" : (result.camPending !== null && result.camPending !== undefined ? "updating" : "ready");
+  $("view-cam").setAttribute("aria-label", `${text}. ${paletteWords()}`);
+}
+
+// ------------------------------------------------------------------ palettes and drawing
+
+const PALETTES = {
+  viridis: [[68, 1, 84], [72, 24, 106], [71, 45, 123], [66, 64, 134], [59, 82, 139], [51, 99, 141], [44, 114, 142],
+    [38, 130, 142], [33, 145, 140], [31, 160, 136], [40, 174, 128], [63, 188, 115], [94, 201, 98], [132, 212, 75],
+    [173, 220, 48], [216, 226, 25], [253, 231, 37]],
+  cividis: [[0, 34, 78], [0, 46, 106], [26, 56, 111], [50, 67, 109], [67, 78, 108], [83, 90, 109], [97, 101, 111],
+    [111, 112, 115], [125, 124, 120], [140, 136, 120], [155, 148, 118], [171, 160, 114], [188, 174, 108],
+    [205, 187, 99], [222, 201, 88], [240, 216, 70], [254, 232, 56]],
+};
+const PALETTE_WORDS = { viridis: "dark purple = low, yellow = high", cividis: "dark blue = low, yellow = high" };
+
+function makeLut(anchors) {
   const lut = new Uint8ClampedArray(256 * 3);
   for (let v = 0; v < 256; v++) {
     const x = (v / 255) * (anchors.length - 1);
@@ -193,26 +368,109 @@ const LUT = (() => {
     for (let c = 0; c < 3; c++) lut[v * 3 + c] = anchors[i][c] + f * (anchors[i + 1][c] - anchors[i][c]);
   }
   return lut;
-})();
+}
+const LUTS = Object.fromEntries(Object.entries(PALETTES).map(([k, v]) => [k, makeLut(v)]));
+const palette = () => $("palette").value;
+const paletteWords = () => `Colours ${palette()}: ${PALETTE_WORDS[palette()]}`;
 
-function drawMap(canvas, values, width, height) {
+function drawMap(canvas, values, width, height, scale = 1) {
+  const lut = LUTS[palette()];
   canvas.width = width;
   canvas.height = height;
   const ctx = canvas.getContext("2d");
   const out = ctx.createImageData(width, height);
   for (let i = 0; i < values.length; i++) {
-    const v = values[i] * 3;
-    out.data[i * 4] = LUT[v];
-    out.data[i * 4 + 1] = LUT[v + 1];
-    out.data[i * 4 + 2] = LUT[v + 2];
+    const v = Math.min(255, Math.round(values[i] * scale)) * 3;
+    out.data[i * 4] = lut[v];
+    out.data[i * 4 + 1] = lut[v + 1];
+    out.data[i * 4 + 2] = lut[v + 2];
     out.data[i * 4 + 3] = 255;
   }
   ctx.putImageData(out, 0, 0);
 }
 
+function drawColorbars() {
+  const lut = LUTS[palette()];
+  for (const id of ["bar-prob", "bar-cam", "bar-uncertainty"]) {
+    const canvas = $(id);
+    const ctx = canvas.getContext("2d");
+    const out = ctx.createImageData(canvas.width, canvas.height);
+    for (let x = 0; x < canvas.width; x++) {
+      const v = Math.round((x / (canvas.width - 1)) * 255) * 3;
+      for (let y = 0; y < canvas.height; y++) {
+        const j = (y * canvas.width + x) * 4;
+        out.data[j] = lut[v]; out.data[j + 1] = lut[v + 1]; out.data[j + 2] = lut[v + 2]; out.data[j + 3] = 255;
+      }
+    }
+    ctx.putImageData(out, 0, 0);
+  }
+  $("bar-prob").setAttribute("aria-label", `Colour scale of the probability map from 0 to 1: ${PALETTE_WORDS[palette()]}`);
+  $("bar-cam").setAttribute("aria-label", `Colour scale of the Grad-CAM heatmap from 0 to its maximum: ${PALETTE_WORDS[palette()]}`);
+  $("bar-uncertainty").setAttribute("aria-label", `Colour scale of the fold disagreement, std from 0 to 0.5: ${PALETTE_WORDS[palette()]}`);
+}
+
+function drawMaps() {
+  const r = state.result;
+  drawColorbars();
+  if (!r) return;
+  drawMap($("view-prob"), r.prob, r.width, r.height);
+  $("view-prob").setAttribute("aria-label", `Probability map of ${r.name}. ${paletteWords()}`);
+  if (r.uncertainty) {
+    drawMap($("view-uncertainty"), r.uncertainty, r.width, r.height);
+    $("view-uncertainty").setAttribute("aria-label",
+      `Fold disagreement map of ${r.name}, mean std ${r.meanUncertainty.toFixed(3)}. ${paletteWords()}`);
+  }
+  drawCam();
+}
+
+function drawCam() {
+  const r = state.result;
+  if (!r) return;
+  const canvas = $("view-cam");
+  canvas.width = r.width;
+  canvas.height = r.height;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(r.image, 0, 0, r.width, r.height);
+  if (r.cam && !r.camError && r.cam.heatmap_max > 0) {
+    // The heatmap blended 50 % over the image, in the page's colour-blind-safe palette.
+    const lut = LUTS[palette()];
+    const out = ctx.getImageData(0, 0, r.width, r.height);
+    const heat = r.cam.heat;
+    for (let i = 0; i < heat.length; i++) {
+      const v = heat[i] * 3;
+      const j = i * 4;
+      out.data[j] = 0.5 * out.data[j] + 0.5 * lut[v];
+      out.data[j + 1] = 0.5 * out.data[j + 1] + 0.5 * lut[v + 1];
+      out.data[j + 2] = 0.5 * out.data[j + 2] + 0.5 * lut[v + 2];
+    }
+    ctx.putImageData(out, 0, 0);
+  }
+  updateCamCaption();
+}
+
+function outlineOf(mask, width, height, radius, paint) {
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const i = y * width + x;
+      if (!mask[i]) continue;
+      const edge = x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
+        !mask[i - 1] || !mask[i + 1] || !mask[i - width] || !mask[i + width];
+      if (!edge) continue;
+      for (let dy = -radius + 1; dy < radius; dy++) {
+        for (let dx = -radius + 1; dx < radius; dx++) {
+          const yy = y + dy;
+          const xx = x + dx;
+          if (yy >= 0 && xx >= 0 && yy < height && xx < width) paint((yy * width + xx) * 4);
+        }
+      }
+    }
+  }
+}
+
 function render() {
-  if (!state.prob) return;
-  const { width, height, prob } = state;
+  const r = state.result;
+  if (!r) return;
+  const { width, height, prob } = r;
   const threshold = Number($("threshold").value);
   // Same rule as the server: foreground where p >= threshold (p quantised to 1/255 here).
   const cut = threshold * 255;
@@ -226,6 +484,10 @@ function render() {
       confidence += prob[i];
     }
   }
+  r.mask = mask;
+  r.area = area;
+  r.threshold = threshold;
+  r.confidence = area ? confidence / area / 255 : null;
 
   const maskCanvas = $("view-mask");
   maskCanvas.width = width;
@@ -241,52 +503,86 @@ function render() {
   }
   mctx.putImageData(mdata, 0, 0);
 
+  const radius = Math.max(1, Math.round(Math.max(width, height) / 300));
   const outline = $("view-outline");
   outline.width = width;
   outline.height = height;
   const octx = outline.getContext("2d", { willReadFrequently: true });
-  octx.drawImage(state.image, 0, 0, width, height);
-  const over = octx.getImageData(0, 0, width, height);
-  const radius = Math.max(1, Math.round(Math.max(width, height) / 300));
-  for (let y = 0; y < height; y++) {
-    for (let x = 0; x < width; x++) {
-      const i = y * width + x;
-      if (!mask[i]) continue;
-      const edge = x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
-        !mask[i - 1] || !mask[i + 1] || !mask[i - width] || !mask[i + width];
-      if (!edge) continue;
-      for (let dy = -radius + 1; dy < radius; dy++) {
-        for (let dx = -radius + 1; dx < radius; dx++) {
-          const yy = y + dy;
-          const xx = x + dx;
-          if (yy < 0 || xx < 0 || yy >= height || xx >= width) continue;
-          const j = (yy * width + xx) * 4;
-          over.data[j] = 0;
-          over.data[j + 1] = 255;
-          over.data[j + 2] = 120;
-        }
+  octx.drawImage(r.image, 0, 0, width, height);
+  const showOverlay = $("overlay-toggle").checked;
+  if (showOverlay) {
+    const over = octx.getImageData(0, 0, width, height);
+    const alpha = Number($("overlay-opacity").value) / 100;
+    if (alpha > 0) {
+      for (let i = 0; i < mask.length; i++) {
+        if (!mask[i]) continue;
+        const j = i * 4;
+        for (let c = 0; c < 3; c++) over.data[j + c] = (1 - alpha) * over.data[j + c] + alpha * PRED_RGB[c];
       }
     }
+    outlineOf(mask, width, height, radius, (j) => {
+      over.data[j] = PRED_RGB[0]; over.data[j + 1] = PRED_RGB[1]; over.data[j + 2] = PRED_RGB[2];
+    });
+    octx.putImageData(over, 0, 0);
   }
-  octx.putImageData(over, 0, 0);
 
   const total = width * height;
-  $("area").textContent = `${((100 * area) / total).toFixed(2)} % (${area.toLocaleString("en")} px)`;
-  $("confidence").textContent = area ? (confidence / area / 255).toFixed(3) : "– (no polyp above threshold)";
-  updateDownload($("download-mask"), maskCanvas, `${state.name}_mask.png`);
-  updateDownload($("download-overlay"), outline, `${state.name}_overlay.png`);
-  $("results").dataset.renderedThreshold = threshold.toFixed(2);
+  const areaText = `${((100 * area) / total).toFixed(2)} % (${area.toLocaleString("en")} px)`;
+  $("area").textContent = areaText;
+  $("confidence").textContent = area ? r.confidence.toFixed(3) : "– (no polyp above threshold)";
+  const t = threshold.toFixed(2);
+  $("outline-caption").textContent = showOverlay
+    ? `Image, predicted outline and fill (${$("overlay-opacity").value} %)` : "Image (overlay off)";
+  outline.setAttribute("aria-label", showOverlay
+    ? `${r.name} with the predicted polyp outlined and filled in blue at threshold ${t}: ${areaText}`
+    : `${r.name} without overlay`);
+  maskCanvas.setAttribute("aria-label", `Predicted mask of ${r.name} at threshold ${t}: white = polyp, ${areaText}`);
+
+  renderTruth(radius);
+  recordMeasurement();
+  $("results").dataset.renderedThreshold = t;
+  $("download-mask").dataset.threshold = t;
+  updateCamCaption();
 }
 
-function updateDownload(link, canvas, filename) {
-  canvas.toBlob((blob) => {
-    if (!blob) return;
-    if (link.dataset.url) URL.revokeObjectURL(link.dataset.url);
-    const url = URL.createObjectURL(blob);
-    link.dataset.url = url;
-    link.href = url;
-    link.download = filename;
-  }, "image/png");
+function renderTruth(radius) {
+  const r = state.result;
+  const has = Boolean(r.truth);
+  $("truth-panel").hidden = !has;
+  $("dice-stat").hidden = !has;
+  $("iou-stat").hidden = !has;
+  if (!has) { r.dice = null; r.iou = null; return; }
+  const { width, height, mask, truth } = r;
+  let inter = 0;
+  let predicted = 0;
+  let actual = 0;
+  for (let i = 0; i < mask.length; i++) {
+    predicted += mask[i];
+    actual += truth[i];
+    inter += mask[i] & truth[i];
+  }
+  const sum = predicted + actual;
+  r.dice = sum === 0 ? 1 : (2 * inter) / sum;
+  r.iou = sum - inter === 0 ? 1 : inter / (sum - inter);
+  $("dice").textContent = r.dice.toFixed(3);
+  $("iou").textContent = r.iou.toFixed(3);
+
+  const canvas = $("view-truth");
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(r.image, 0, 0, width, height);
+  const over = ctx.getImageData(0, 0, width, height);
+  outlineOf(truth, width, height, radius + 1, (j) => {
+    over.data[j] = TRUTH_RGB[0]; over.data[j + 1] = TRUTH_RGB[1]; over.data[j + 2] = TRUTH_RGB[2];
+  });
+  outlineOf(mask, width, height, radius, (j) => {
+    over.data[j] = PRED_RGB[0]; over.data[j + 1] = PRED_RGB[1]; over.data[j + 2] = PRED_RGB[2];
+  });
+  ctx.putImageData(over, 0, 0);
+  $("truth-caption").dataset.truth = r.truthName;
+  canvas.setAttribute("aria-label",
+    `${r.name}: ground truth ${r.truthName} outlined in yellow, prediction at threshold ${r.threshold.toFixed(2)} in blue; Dice ${r.dice.toFixed(3)}, IoU ${r.iou.toFixed(3)}`);
 }
 
 function setThreshold(value) {
@@ -294,8 +590,235 @@ function setThreshold(value) {
   slider.value = String(value);
   $("threshold-value").textContent = Number(slider.value).toFixed(2);
   render();
+  requestExplain(250);
 }
 
+// ------------------------------------------------------------------ downloads (what is on screen)
+
+function ensureRendered() {
+  // A slider step waiting for the next animation frame is drawn now, so the file is the mask shown.
+  const r = state.result;
+  if (r && r.threshold !== Number($("threshold").value)) {
+    cancelAnimationFrame(frame);
+    render();
+  }
+}
+
+function saveBlob(blob, filename) {
+  const url = URL.createObjectURL(blob);
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = filename;
+  link.hidden = true;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}
+
+function saveCanvas(canvas, filename) {
+  // toBlob copies the canvas when it is called: the file is exactly what this click saw, however
+  // late the encoding finishes and whatever the slider does meanwhile.
+  canvas.toBlob((blob) => { if (blob) saveBlob(blob, filename); }, "image/png");
+}
+
+const stem = (name) => name.replace(/\.[^.]+$/, "");
+
+$("download-mask").addEventListener("click", () => {
+  ensureRendered();
+  const r = state.result;
+  if (r) saveCanvas($("view-mask"), `${stem(r.name)}_mask_t${r.threshold.toFixed(2)}.png`);
+});
+$("download-overlay").addEventListener("click", () => {
+  ensureRendered();
+  const r = state.result;
+  if (r) saveCanvas($("view-outline"), `${stem(r.name)}_overlay_t${r.threshold.toFixed(2)}.png`);
+});
+
+// ------------------------------------------------------------------ measurements CSV
+
+const CSV_COLUMNS = ["file", "width", "height", "threshold", "area_pixels", "area_percent", "mean_confidence",
+  "mean_fold_disagreement", "ground_truth", "dice", "iou", "model"];
+
+function recordMeasurement() {
+  const r = state.result;
+  state.measurements.delete(r.name);  // re-insert: the CSV lists images in the order last shown
+  state.measurements.set(r.name, {
+    file: r.name,
+    width: r.width,
+    height: r.height,
+    threshold: r.threshold.toFixed(2),
+    area_pixels: r.area,
+    area_percent: ((100 * r.area) / (r.width * r.height)).toFixed(4),
+    mean_confidence: r.confidence === null ? "" : r.confidence.toFixed(4),
+    mean_fold_disagreement: r.uncertainty ? r.meanUncertainty.toFixed(4) : "",
+    ground_truth: r.truthName || "",
+    dice: r.dice === null || r.dice === undefined ? "" : r.dice.toFixed(4),
+    iou: r.iou === null || r.iou === undefined ? "" : r.iou.toFixed(4),
+    model: state.modelLabel,
+  });
+  $("download-csv").textContent = `Export measurements CSV (${state.measurements.size})`;
+}
+
+function csvCell(value) {
+  let text = String(value);
+  if (/^[=+\-@\t\r]/.test(text)) text = `'${text}`;  // never a formula in a spreadsheet
+  return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+}
+
+$("download-csv").addEventListener("click", () => {
+  ensureRendered();
+  const lines = [CSV_COLUMNS.join(",")];
+  for (const row of state.measurements.values()) lines.push(CSV_COLUMNS.map((c) => csvCell(row[c])).join(","));
+  saveBlob(new Blob([lines.join("\r\n") + "\r\n"], { type: "text/csv" }), "polypseg_measurements.csv");
+});
+
+// ------------------------------------------------------------------ zoom and pan (all panels together)
+
+const MAX_ZOOM = 16;
+
+function applyView() {
+  const { scale, x, y } = state.view;
+  for (const canvas of document.querySelectorAll(".viewport > canvas")) {
+    canvas.style.transform = `translate(${x}%, ${y}%) scale(${scale})`;
+  }
+  $("zoom-value").textContent = `${Math.round(scale * 100)} %`;
+  $("results").dataset.zoom = String(scale);
+}
+
+function clampView() {
+  const v = state.view;
+  v.scale = Math.min(MAX_ZOOM, Math.max(1, v.scale));
+  const min = -(v.scale - 1) * 100;
+  v.x = Math.min(0, Math.max(min, v.x));
+  v.y = Math.min(0, Math.max(min, v.y));
+}
+
+// Zoom by `factor` keeping the point at (u, v) (fractions of the panel) where it is.
+function zoomAt(factor, u = 0.5, v = 0.5) {
+  const view = state.view;
+  const px = (u * 100 - view.x) / view.scale;
+  const py = (v * 100 - view.y) / view.scale;
+  view.scale *= factor;
+  clampView();
+  view.x = u * 100 - px * view.scale;
+  view.y = v * 100 - py * view.scale;
+  clampView();
+  applyView();
+}
+
+function resetView() {
+  state.view = { scale: 1, x: 0, y: 0 };
+  applyView();
+}
+
+$("zoom-in").addEventListener("click", () => zoomAt(1.5));
+$("zoom-out").addEventListener("click", () => zoomAt(1 / 1.5));
+$("zoom-reset").addEventListener("click", resetView);
+
+for (const viewport of document.querySelectorAll(".viewport")) {
+  viewport.addEventListener("wheel", (event) => {
+    if (!event.ctrlKey && !event.metaKey) return;  // plain wheel scrolls the page
+    event.preventDefault();
+    const box = viewport.getBoundingClientRect();
+    zoomAt(event.deltaY < 0 ? 1.25 : 0.8, (event.clientX - box.left) / box.width, (event.clientY - box.top) / box.height);
+  }, { passive: false });
+  let drag = null;
+  viewport.addEventListener("pointerdown", (event) => {
+    if (state.view.scale === 1) return;
+    drag = { x: event.clientX, y: event.clientY, view: { ...state.view } };
+    viewport.setPointerCapture(event.pointerId);
+    viewport.classList.add("dragging");
+  });
+  viewport.addEventListener("pointermove", (event) => {
+    if (!drag) return;
+    const box = viewport.getBoundingClientRect();
+    state.view.x = drag.view.x + ((event.clientX - drag.x) / box.width) * 100;
+    state.view.y = drag.view.y + ((event.clientY - drag.y) / box.height) * 100;
+    clampView();
+    applyView();
+  });
+  const stop = () => { drag = null; viewport.classList.remove("dragging"); };
+  viewport.addEventListener("pointerup", stop);
+  viewport.addEventListener("pointercancel", stop);
+  viewport.addEventListener("dblclick", resetView);
+}
+
+// ------------------------------------------------------------------ stepping through samples or a folder
+
+const IMAGE_FILE = /\.(jpe?g|png|tiff?|bmp|webp)$/i;
+const MASK_FOLDERS = /(^|\/)(masks?|ground[ _-]?truth|gt|labels?)\//i;
+
+function updateNavigator() {
+  const nav = state.nav;
+  $("navigator").hidden = !nav;
+  if (!nav) return;
+  const what = nav.kind === "samples" ? "samples" : "files";
+  $("nav-position").textContent = `${nav.index + 1} / ${nav.items.length} ${what}`;
+  $("nav-prev").disabled = nav.index <= 0;
+  $("nav-next").disabled = nav.index >= nav.items.length - 1;
+}
+
+function sampleSource(name) {
+  const load = async (signal) => {
+    const path = `/v1/samples/${encodeURIComponent(name)}`;
+    const blob = await (await api(path, { signal })).blob();
+    let truth = null;
+    if (state.sampleMasks.has(name)) {
+      const mask = await (await api(`${path}/mask`, { signal })).blob();
+      truth = { blob: mask, name: `masks/${stem(name)}` };
+    }
+    return { blob, truth };
+  };
+  return { name, load };
+}
+
+async function openNavItem(index) {
+  const nav = state.nav;
+  if (!nav || index < 0 || index >= nav.items.length) return;
+  nav.index = index;
+  updateNavigator();
+  const item = nav.items[index];
+  if (nav.kind === "samples") {
+    $("sample-select").value = item;
+    await analyse(sampleSource(item));
+  } else {
+    analyseFile(item.file, item.truth);
+  }
+}
+
+const step = (delta) => { if (state.nav) openNavItem(state.nav.index + delta); };
+$("nav-prev").addEventListener("click", () => step(-1));
+$("nav-next").addEventListener("click", () => step(1));
+
+// Several files or a folder: images to step through, masks paired with them by file name.
+function openFiles(files) {
+  const list = Array.from(files);
+  const path = (f) => f.webkitRelativePath || f.name;
+  const masks = new Map();
+  const images = [];
+  for (const file of list) {
+    if (MASK_FOLDERS.test(path(file)) && IMAGE_FILE.test(file.name)) masks.set(stem(file.name), file);
+    else if (IMAGE_FILE.test(file.name) || isVideo(file)) images.push(file);
+  }
+  images.sort((a, b) => path(a).localeCompare(path(b)));
+  if (images.length === 0) {
+    setStatus("No image in that selection.", "error");
+    return;
+  }
+  if (images.length === 1 && masks.size === 0) {
+    state.nav = null;
+    updateNavigator();
+    analyseFile(images[0]);
+    return;
+  }
+  state.nav = {
+    kind: "files",
+    items: images.map((file) => ({ file, truth: masks.get(stem(file.name)) || null })),
+    index: 0,
+  };
+  openNavItem(0);
+}
 
 // ------------------------------------------------------------------ video
 
@@ -349,16 +872,18 @@ function drawVideoOverlay(index) {
         const edge = x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
           !mask[i - 1] || !mask[i + 1] || !mask[i - width] || !mask[i + width];
         const j = i * 4;
-        out.data[j + 1] = 255;
-        out.data[j + 2] = 120;
-        out.data[j + 3] = edge ? 255 : 50;
+        out.data[j] = PRED_RGB[0];
+        out.data[j + 1] = PRED_RGB[1];
+        out.data[j + 2] = PRED_RGB[2];
+        out.data[j + 3] = edge ? 255 : 60;
       }
     }
   }
   ctx.putImageData(out, 0, 0);
   const row = video.result.per_frame[index];
-  $("video-current").textContent =
-    `${index + 1} / ${video.result.frames} · area ${(100 * row.area_fraction).toFixed(2)} % · confidence ${row.mean_confidence.toFixed(3)}`;
+  const text = `${index + 1} / ${video.result.frames} · area ${(100 * row.area_fraction).toFixed(2)} % · confidence ${row.mean_confidence.toFixed(3)}`;
+  $("video-current").textContent = text;
+  canvas.setAttribute("aria-label", `Predicted polyp outline on frame ${text}`);
   drawChart(index);
   $("video-results").dataset.renderedFrame = String(index);
 }
@@ -381,7 +906,7 @@ function drawChart(cursor) {
     ctx.fillText(v.toFixed(1), 4, y + 4);
   }
   const x = (i) => pad + (rows.length > 1 ? (i / (rows.length - 1)) * (w - pad - 10) : 0);
-  const series = [["area_fraction", "#1a7f37"], ["mean_confidence", "#d97706"]];
+  const series = [["area_fraction", "#0072b2"], ["mean_confidence", "#e69f00"]];
   for (const [key, color] of series) {
     ctx.strokeStyle = color;
     ctx.lineWidth = 2;
@@ -393,10 +918,12 @@ function drawChart(cursor) {
     ctx.stroke();
   }
   ctx.lineWidth = 1;
-  ctx.strokeStyle = "#1f6feb";
+  ctx.strokeStyle = "#1d2330";
   ctx.beginPath(); ctx.moveTo(x(cursor), pad / 2); ctx.lineTo(x(cursor), h - pad); ctx.stroke();
   ctx.fillStyle = "#5b6474";
   ctx.fillText("frame", w / 2 - 15, h - 8);
+  canvas.setAttribute("aria-label",
+    `Polyp area and mean confidence for each of ${rows.length} frames; frame ${cursor + 1} marked`);
 }
 
 function followVideo() {
@@ -409,25 +936,28 @@ function followVideo() {
   element.addEventListener("seeked", tick);
   element.addEventListener("loadeddata", tick);
   element.addEventListener("error", () => {
+    if (!video.result) return;
     $("video-caption").textContent = "This browser cannot play the file; the outline shows the first frame's mask only.";
   });
 }
 
 async function analyseVideo(file, name) {
-  if (state.busy) return;
-  state.busy = true;
+  const job = beginAnalysis(`${name} frame by frame`);
   state.retry = () => analyseVideo(file, name);
-  setStatus(`Analysing ${name} frame by frame…`, "busy");
   try {
     const form = new FormData();
     form.append("file", file, name);
-    const result = await apiJson("/v1/segment-video?include_masks=true", { method: "POST", body: form });
+    const result = await apiJson("/v1/segment-video?include_masks=true", { method: "POST", body: form, signal: job.signal });
+    if (!current(job)) return;
     video.result = result;
     video.masks.clear();
     video.frame = -1;
     if (video.url) URL.revokeObjectURL(video.url);
     video.url = URL.createObjectURL(file);
     $("video").src = video.url;
+    $("video-caption").textContent = "Video with the predicted outline";
+    $("video-title").textContent = `Results for ${name}`;
+    $("video-title").dataset.name = name;
     $("video-frames").textContent = String(result.frames);
     $("video-fps").textContent = `${result.fps} fps`;
     $("video-threshold").textContent = result.threshold.toFixed(2);
@@ -439,9 +969,11 @@ async function analyseVideo(file, name) {
     drawVideoOverlay(0);
     setStatus(`${name}: ${result.frames} frames done in ${result.seconds.toFixed(2)} s.`, "ok");
   } catch (error) {
-    setStatus(`${name}: ${error.message}`, "error");
+    if (isAbort(error) || !current(job)) return;
+    clearResults();
+    setStatus(named(name, error.message), "error");
   } finally {
-    state.busy = false;
+    if (current(job)) state.controller = null;
   }
 }
 
@@ -454,28 +986,64 @@ $("threshold").addEventListener("input", () => {
   $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
   cancelAnimationFrame(frame);
   frame = requestAnimationFrame(render);
+  requestExplain(400);  // Grad-CAM follows once the slider rests
 });
 $("threshold-reset").addEventListener("click", () => setThreshold(state.modelThreshold));
+$("overlay-toggle").addEventListener("change", render);
+$("overlay-opacity").addEventListener("input", () => {
+  $("overlay-opacity-value").textContent = `${$("overlay-opacity").value} %`;
+  cancelAnimationFrame(frame);
+  frame = requestAnimationFrame(render);
+});
+$("palette").addEventListener("change", drawMaps);
 
 const VIDEO_EXTENSIONS = /\.(mp4|m4v|avi|mov|mkv|webm|mpe?g)$/i;
 const isVideo = (file) => (file.type || "").startsWith("video/") || VIDEO_EXTENSIONS.test(file.name);
-const analyseFile = (file) => (isVideo(file) ? analyseVideo(file, file.name) : analyse(file, file.name));
+
+function analyseFile(file, truthFile = null) {
+  if (isVideo(file)) return analyseVideo(file, file.name);
+  return analyse({ blob: file, name: file.name, truth: truthFile ? { blob: truthFile, name: truthFile.name } : null });
+}
 
 $("file-input").addEventListener("change", (event) => {
-  const file = event.target.files[0];
-  if (file) analyseFile(file);
+  const files = Array.from(event.target.files);
   event.target.value = "";
+  if (files.length === 1) {
+    state.nav = null;
+    updateNavigator();
+    analyseFile(files[0]);
+  } else if (files.length > 1) {
+    openFiles(files);
+  }
+});
+$("folder-button").addEventListener("click", () => $("folder-input").click());
+$("folder-input").addEventListener("change", (event) => {
+  const files = Array.from(event.target.files);
+  event.target.value = "";
+  if (files.length) openFiles(files);
 });
 
-$("sample-select").addEventListener("change", async (event) => {
+$("truth-button").addEventListener("click", () => $("truth-input").click());
+$("truth-input").addEventListener("change", async (event) => {
+  const file = event.target.files[0];
+  event.target.value = "";
+  const r = state.result;
+  if (!file || !r) return;
+  try {
+    await attachTruth(r, file, file.name);
+    if (state.result !== r) return;
+    render();
+    setStatus(`${r.name}: compared with ${file.name}.`, "ok");
+  } catch (error) {
+    setStatus(named(file.name, error.message), "error");
+  }
+});
+
+$("sample-select").addEventListener("change", (event) => {
   const name = event.target.value;
   if (!name) return;
-  try {
-    const blob = await (await api(`/v1/samples/${encodeURIComponent(name)}`)).blob();
-    await analyse(blob, name);
-  } catch (error) {
-    setStatus(`${name}: ${error.message}`, "error");
-  }
+  state.nav = { kind: "samples", items: state.samples, index: state.samples.indexOf(name) };
+  openNavItem(state.nav.index);
 });
 
 const zone = $("drop-zone");
@@ -484,11 +1052,38 @@ zone.addEventListener("dragleave", () => zone.classList.remove("over"));
 zone.addEventListener("drop", (event) => {
   event.preventDefault();
   zone.classList.remove("over");
-  const file = event.dataTransfer.files[0];
-  if (file) analyseFile(file);
+  const files = Array.from(event.dataTransfer.files);
+  if (files.length === 1) {
+    state.nav = null;
+    updateNavigator();
+    analyseFile(files[0]);
+  } else if (files.length > 1) {
+    openFiles(files);
+  }
 });
+zone.addEventListener("click", () => $("file-input").click());
 zone.addEventListener("keydown", (event) => {
-  if (event.key === "Enter" || event.key === " ") $("file-input").click();
+  if (event.key === "Enter" || event.key === " ") {
+    event.preventDefault();
+    $("file-input").click();
+  }
+});
+
+// Keyboard shortcuts, except while typing or adjusting a control.
+document.addEventListener("keydown", (event) => {
+  if (event.ctrlKey || event.metaKey || event.altKey) return;
+  const target = event.target;
+  if (target instanceof HTMLElement && (target.closest("input, select, textarea, video") || target.isContentEditable)) return;
+  const key = event.key;
+  let handled = true;
+  if (key === "n" || key === "N" || key === "ArrowRight") step(1);
+  else if (key === "p" || key === "P" || key === "ArrowLeft") step(-1);
+  else if ((key === "o" || key === "O") && state.result) { $("overlay-toggle").checked = !$("overlay-toggle").checked; render(); }
+  else if (key === "+" || key === "=") zoomAt(1.5);
+  else if (key === "-" || key === "_") zoomAt(1 / 1.5);
+  else if (key === "0") resetView();
+  else handled = false;
+  if (handled) event.preventDefault();
 });
 
 $("token-form").addEventListener("submit", (event) => {
@@ -502,4 +1097,6 @@ $("token-form").addEventListener("submit", (event) => {
   retry();
 });
 
+drawColorbars();
+applyView();
 init();
