@@ -86,3 +86,93 @@ def test_training_state_round_trip(tmp_path):
     restored = next(iter(fresh_opt.state.values()))
     torch.testing.assert_close(first["exp_avg"], restored["exp_avg"])
     assert float(first["step"]) == float(restored["step"])
+
+
+def test_weights_file_describes_itself_and_old_pairs_still_load(tmp_path):
+    """The sidecar is embedded in the weights file (one atomic unit); files of older versions, with
+    the metadata in the .json only, load as before."""
+    from safetensors.torch import load_file, save_file
+
+    from polypseg.checkpoint import SIDECAR_KEY
+
+    config = tiny_config()
+    model = create_model(config.model).eval()
+    save_checkpoint(tmp_path / "new", model, config, metrics={"val_dice": 0.3}, extra={"epoch": 4})
+    raw = (tmp_path / "new.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    assert json.loads(header[SIDECAR_KEY])["epoch"] == 4
+    (tmp_path / "new.json").write_text(json.dumps({**json.loads(header[SIDECAR_KEY]), "epoch": 1}))  # stale copy
+    assert read_metadata(tmp_path / "new")["epoch"] == 4
+
+    save_file(load_file(str(tmp_path / "new.safetensors")), str(tmp_path / "old.safetensors"), metadata={"format": "polypseg-checkpoint-v1"})
+    (tmp_path / "old.json").write_text(json.dumps({**json.loads(header[SIDECAR_KEY]), "epoch": 7}))
+    old = load_checkpoint(tmp_path / "old")
+    assert old.metadata["epoch"] == 7
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(old.model(x), model(x))
+
+
+def test_changed_bytes_and_mismatched_shapes_are_named(tmp_path):
+    config = tiny_config()
+    save_checkpoint(tmp_path / "m", create_model(config.model), config)
+    weights = tmp_path / "m.safetensors"
+    stat = weights.stat()
+    raw = bytearray(weights.read_bytes())
+    raw[-8:] = bytes(8)
+    weights.write_bytes(bytes(raw))
+    import os
+
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(CheckpointError, match="SHA-256 recorded when it was written"):
+        load_checkpoint(tmp_path / "m")
+
+    other = tiny_config()
+    other.model.decoder_channels = (32, 16, 16, 16, 16)
+    save_checkpoint(tmp_path / "wide", create_model(other.model), other)
+    sidecar = json.loads((tmp_path / "wide.json").read_text())
+    sidecar["config"]["model"]["decoder_channels"] = list(config.model.decoder_channels)
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(tmp_path / "wide.safetensors")), str(tmp_path / "wide.safetensors"), metadata={"format": "polypseg-checkpoint-v1"})
+    (tmp_path / "wide.json").write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path / "wide")
+    message = str(caught.value)
+    assert "decoder.blocks.0.conv1.0.weight is (32, " in message and "in the model" in message and "\n" not in message
+
+
+def test_content_key_follows_content_not_size_or_time(tmp_path):
+    import os
+
+    from polypseg.checkpoint import checkpoint_content_key
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m", create_model(config.model), config)
+    first = checkpoint_content_key(tmp_path / "m")
+    assert checkpoint_content_key(tmp_path / "m.safetensors") == first
+    weights = tmp_path / "m.safetensors"
+    stat = weights.stat()
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "m", create_model(config.model), config)
+    assert weights.stat().st_size == stat.st_size
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert checkpoint_content_key(tmp_path / "m") != first
+
+
+def test_stale_temporary_files_are_removed_live_ones_kept(tmp_path):
+    import os
+
+    from polypseg.io_utils import atomic_write_text, remove_stale_temps
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left by a write
+    dead = tmp_path / ".best.safetensors.pid999999999.abcdefgh.tmp"
+    legacy = tmp_path / ".history.json.k3j4h5g6.tmp"
+    live = tmp_path / f".best.json.pid{os.getpid()}.abcdefgh.tmp"
+    unrelated = tmp_path / ".notes.tmp"
+    for path in (dead, legacy, live, unrelated):
+        path.write_text("x")
+    assert sorted(p.name for p in remove_stale_temps(tmp_path)) == sorted([dead.name, legacy.name])
+    assert live.exists() and unrelated.exists()

@@ -240,3 +240,61 @@ def test_corrupt_state_is_refused_not_resumed(data, tmp_path):
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(TrainingStateError, match="SHA-256.*corrupt"):
         _train(data, out, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-validation runs: lean folders, stale temporary files, other data, wall time
+
+
+def _cv(dataset: Path, out: Path, cache: Path, **kwargs):
+    from polypseg.cv import run_cv
+
+    config = _config()
+    config.train.epochs = 1
+    return run_cv(dataset, out, config, folds=2, device="cpu", progress=False, explain=False, report=False, cache_dir=cache, **kwargs)
+
+
+def test_cv_resume_cleans_up_refuses_other_data_and_sums_wall_time(tmp_path):
+    from polypseg.cv import RunError
+
+    dataset = write_synthetic_dataset(tmp_path / "data", n=8)
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    first = _cv(dataset, run, cache, only_folds=[0])
+    assert not list(run.rglob("last_state.*")), "a finished fold keeps no optimizer state"
+    # as an older polypseg left a finished fold: its training state kept, plus temporary files of kills
+    (run / "fold_0" / "last_state.safetensors").write_bytes(b"x" * 1000)
+    (run / "fold_0" / "last_state.json").write_text("{}")
+    stale = [
+        run / "fold_0" / f".last_state.safetensors.pid{DEAD_PID}.abcd1234.tmp",
+        run / "fold_0" / ".best.safetensors.q1w2e3r4.tmp",  # named as before pids were recorded
+        run / f".summary.json.pid{DEAD_PID}.zzzz9999.tmp",
+    ]
+    for path in stale:
+        path.write_bytes(b"partial")
+    alive = run / f".summary.json.pid{os.getpid()}.live0000.tmp"  # a live process's write: kept
+    alive.write_bytes(b"in progress")
+
+    other = write_synthetic_dataset(tmp_path / "other", n=8, seed=1)
+    with pytest.raises(RunError, match=r"data: '.*data' -> '.*other'"):
+        _cv(other, run, cache, resume=True)
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)  # the same data elsewhere (e.g. another machine) is accepted
+
+    resumed = _cv(copy, run, cache, resume=True)
+    assert resumed["folds"] == 2
+    assert not any(path.exists() for path in stale) and alive.exists()
+    assert not list(run.rglob("last_state.*"))
+    invocations = json.loads((run / "invocations.json").read_text())["invocations"]
+    assert len(invocations) == 2 and all(entry["seconds"] > 0 for entry in invocations)
+    assert resumed["wall_time_s"] == pytest.approx(sum(e["seconds"] for e in invocations), abs=0.11)
+    assert resumed["wall_time_s"] > resumed["last_invocation_s"] > 0
+    assert first["wall_time_s"] == pytest.approx(invocations[0]["seconds"], abs=0.11)
+
+
+def test_keep_state_on_request(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYPSEG_KEEP_TRAINING_STATE", "1")
+    _train(data, tmp_path / "kept")
+    assert (tmp_path / "kept" / "last_state.safetensors").is_file()
+    monkeypatch.delenv("POLYPSEG_KEEP_TRAINING_STATE")
+    _train(data, tmp_path / "lean")
+    assert not (tmp_path / "lean" / "last_state.safetensors").exists()

@@ -211,3 +211,36 @@ def test_overlay_tints_only_the_mask() -> None:
     assert np.array_equal(out[~mask], image[~mask])
     assert (out[mask][:, 1] > 100).all() and (out[mask][:, 0] < 100).all()
     assert tuple(out[5, 10]) == (0, 255, 0)  # outline drawn opaque
+
+
+def test_full_size_maps_in_stripes_match_the_whole_map_resize() -> None:
+    from polypseg.inference import overlay_mask, overlay_mask_inplace, upsample_mask, upsample_rows, upsample_uint8
+    from polypseg.transforms import resize_probabilities
+
+    rng = np.random.default_rng(0)
+    small = rng.random((64, 64)).astype(np.float32)
+    for size in ((50, 70), (333, 517), (64, 64), (1, 1)):
+        whole = resize_probabilities(torch.from_numpy(small)[None, None], size)[0, 0].numpy()
+        stripes = np.concatenate([rows for _, _, rows in upsample_rows(small, size, rows=37)])
+        assert stripes.shape == whole.shape
+        np.testing.assert_allclose(stripes, whole, atol=2e-5)
+        mask, confidence = upsample_mask(small, size, 0.5, rows=41)
+        assert np.mean(mask == (whole >= 0.5)) > 0.999
+        assert confidence == pytest.approx(float(whole[whole >= 0.5].mean()) if (whole >= 0.5).any() else 0.0, abs=1e-4)
+        assert np.abs(upsample_uint8(small, size).astype(int) - np.round(whole * 255)).max() <= 1
+    image = rng.integers(0, 256, (300, 211, 3), dtype=np.uint8)
+    mask = np.zeros((300, 211), bool)
+    mask[40:250, 30:190] = True
+    mask[120:125] = False
+    np.testing.assert_array_equal(overlay_mask_inplace(image.copy(), mask, rows=50), overlay_mask(image, mask))
+
+
+def test_predict_model_size_matches_predict() -> None:
+    torch.manual_seed(0)
+    predictor = Predictor.from_model([_PixelModel(), _PixelModel()], image_size=32, device="cpu")
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)]
+    mean, std = predictor.predict_model_size(images)
+    assert mean.shape == (2, 32, 32) and std is not None and std.shape == (2, 32, 32)
+    full = predictor.predict(images)
+    np.testing.assert_allclose(mean[1], full[1].probability, atol=1e-6)  # already at the model's size

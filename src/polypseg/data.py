@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from polypseg.io_utils import atomic_write, display_name
+from polypseg.io_utils import atomic_write, display_name, remove_stale_temps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 MIN_CHECK_SIDE = 32  # `data check` warns about images smaller than this on a side
@@ -482,6 +482,7 @@ def build_cache(
         return cached
     path = cache_path(root, size, cache_dir)
     if not path.is_file():
+        remove_stale_temps(path.parent)  # caches cut short by a kill
         _write_cache(index_dataset(root).samples, size, path, progress)
     return load_cache(path)
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from polypseg import __version__
 from polypseg.errors import PolypsegError
-from polypseg.io_utils import atomic_write, atomic_write_json, read_json
+from polypseg.io_utils import atomic_write, atomic_write_json, read_json, remove_stale_temps
 
 ONNX_FORMAT = "polypseg-onnx-v1"
 DEFAULT_OPSET = 18  # the torch.export-based exporter's native opset; onnxruntime >= 1.14 runs it
@@ -237,6 +237,7 @@ def cached_onnx(
     if found is not None:
         return found
     target = _cache_entry(source, cache_dir)
+    remove_stale_temps(target.parent)  # exports cut short by a kill
     (notify or log.info)(f"exporting {weights} to ONNX (once; cached in {target.parent})")
     try:
         return export_onnx(weights, target)
