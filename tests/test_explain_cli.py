@@ -188,3 +188,28 @@ def test_explain_cvc_tiff_layout(checkpoint: Path, tmp_path: Path, shared_datase
     assert len(rows) == 2 and all(r["has_ground_truth"] == "True" and r["dice"] != "" for r in rows)
     stem = rows[0]["stem"]
     assert np.load(out / f"{stem}_heatmap.npy").shape == (288, 384)  # CVC-ClinicDB frames are 384x288
+
+
+def test_explain_odd_names_in_csv_html_and_figures(checkpoint: Path, tmp_path: Path) -> None:
+    """The issue: a non-UTF-8 file name crashed explain (matplotlib TypeError; metrics.csv,
+    summary.json and the gallery lost) and CJK names leaked missing-glyph warnings."""
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    names = [os.fsdecode(b"bad\xff\xfe.jpg"), "息肉.png", "[bold]x.png"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(folder / name, format="PNG" if name.endswith("png") else "JPEG")
+    out = tmp_path / "out"
+    result = _invoke(str(folder), "--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "0")
+    assert result.exit_code == 0, result.output
+    assert "Glyph" not in result.output and "Traceback" not in result.output
+    rows = list(csv.DictReader((out / "metrics.csv").open(encoding="utf-8")))
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(["bad\\xff\\xfe.jpg", "息肉.png", "[bold]x.png"])
+    assert {r["stem"] for r in rows} == {"bad%FF%FE", "息肉", "[bold]x"}
+    for stem in ("bad%FF%FE", "息肉", "[bold]x"):
+        assert (out / f"{stem}_panel.png").is_file() and (out / f"{stem}_heatmap.npy").is_file()
+    page = (out / "gallery.html").read_text(encoding="utf-8")
+    assert "bad%FF%FE" in page and "息肉" in page and page.count("data:image/png;base64,") == 3
+    assert json.loads((out / "summary.json").read_text())["explained"] == 3
