@@ -23,6 +23,9 @@
 #   levers         strong_levers_gpu.sh, one step per lever (LEVERS, default all)
 #   strong-5fold   cv_strong_gpu.sh: only after the lever table has fixed the recipe, so never by default
 # Other settings: benchmarks/common.sh. SMOKE=1 shrinks the timing steps for a CPU smoke test.
+# BUDGET_S=inf never leaves a step for later (the CPU smoke test: its speed must not decide what runs).
+# PLAN=1 runs nothing: it prints what a call would do, each step taking its ESTIMATE on a simulated
+# clock that starts at 0 (steps done in an earlier call are still skipped), and writes no state.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/common.sh"
@@ -33,9 +36,19 @@ STATE="$RUNS/.session"
 BUDGET_S="${BUDGET_S:-540}"
 STEPS="${STEPS:-train-speed paper explain-speed speed-b1 int8-check skip-ablation speed-b256 levers}"
 LEVERS="${LEVERS:-strong baseline-300ep no-ema no-crop no-tta epochs-100 batch-64-lr-4e-3 scse unetplusplus tversky}"
-started=$(now)
-mkdir -p "$OUT" "$RESULTS" "$STATE"
-exec > >(tee -a "$OUT/session.log") 2>&1
+PLAN="${PLAN:-0}"
+if [[ "$BUDGET_S" != inf ]] && ! [[ "$BUDGET_S" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+  echo "error: BUDGET_S=$BUDGET_S: seconds (a number) or inf" >&2; exit 2
+fi
+# The session clock: real seconds, or under PLAN=1 a simulated one advanced by each step's estimate.
+simulated=0
+clock() { if [[ "$PLAN" == 1 ]]; then echo "$simulated"; else now; fi; }
+since() { awk -v a="$1" -v b="$(clock)" 'BEGIN { printf "%.1f", b - a }'; }
+started=$(clock)
+if [[ "$PLAN" != 1 ]]; then
+  mkdir -p "$OUT" "$RESULTS" "$STATE"
+  exec > >(tee -a "$OUT/session.log") 2>&1
+fi
 
 # Seconds each step is expected to take on one H100 (guesses until measured; update them then).
 declare -A ESTIMATE=([train-speed]=150 [paper]=240 [explain-speed]=60 [speed-b1]=180 [int8-check]=120 [skip-ablation]=300 [speed-b256]=420 [levers]=200 [strong-5fold]=600)
@@ -46,21 +59,29 @@ else
   SPEED_B256=256
 fi
 
-pack() { tar -czf "$OUT/results.tar.gz.tmp" -C "$RESULTS" . && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"; }
+pack() {
+  [[ "$PLAN" == 1 ]] && return
+  tar -czf "$OUT/results.tar.gz.tmp" -C "$RESULTS" . && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
+}
 
 # step NAME ESTIMATE_KEY COMMAND...: run COMMAND unless done already or out of time.
 step() {
   local name="$1" estimate="${ESTIMATE[$2]}" t0
   shift 2
   if [[ -f "$STATE/$name.done" ]]; then echo "== $name: done in an earlier call"; return; fi
-  local spent; spent=$(elapsed "$started")
+  local spent; spent=$(since "$started")
   # The first step of a call always starts: one longer than a call resumes in the next (CV runs resume).
-  if [[ -n "$ran_one" ]] && awk -v s="$spent" -v e="$estimate" -v b="$BUDGET_S" 'BEGIN { exit !(s + e > b) }'; then
+  if [[ -n "$ran_one" && "$BUDGET_S" != inf ]] && awk -v s="$spent" -v e="$estimate" -v b="$BUDGET_S" 'BEGIN { exit !(s + e > b) }'; then
     echo "== $name: left for the next call (${spent} s spent, about ${estimate} s needed, budget ${BUDGET_S} s)"
     return
   fi
-  echo "== $name: start (${spent} s spent)"
   ran_one=yes
+  if [[ "$PLAN" == 1 ]]; then
+    echo "== $name: would start (${spent} s spent, about ${estimate} s needed): $*"
+    simulated=$(awk -v a="$simulated" -v e="$estimate" 'BEGIN { print a + e }')
+    return
+  fi
+  echo "== $name: start (${spent} s spent)"
   t0=$(now)
   # A failed step is reported and the next one still runs (most steps do not depend on each other).
   if "$@"; then
@@ -91,5 +112,6 @@ for name in $STEPS; do
   esac
 done
 pack
-echo "# gpu_session finished its part in $(elapsed "$started") s; results: $OUT/results.tar.gz"
+if [[ "$PLAN" == 1 ]]; then echo "# gpu_session plan: about $(since "$started") s of estimated work (nothing was run)"; exit 0; fi
+echo "# gpu_session finished its part in $(since "$started") s; results: $OUT/results.tar.gz"
 if (( ${#failed[@]} )); then echo "# failed steps: ${failed[*]}"; exit 1; fi
