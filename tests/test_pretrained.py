@@ -73,3 +73,57 @@ def test_the_bundled_registry_is_consistent():
     """Every model the package ships is listed with the SHA-256 of its file."""
     for model in available_models():
         assert get_model(model.name).sha256 == model.sha256
+
+
+@pytest.fixture
+def shipped(released, monkeypatch):
+    """The tiny released model stands in for the shipped one."""
+    model, weights_dir = released
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", weights_dir)
+    monkeypatch.setattr(pretrained, "DEFAULT_MODEL", "tiny-model")
+    return model
+
+
+def test_without_model_or_inputs_explain_runs_the_shipped_model_on_the_bundled_sample(shipped, tmp_path):
+    from typer.testing import CliRunner
+
+    from polypseg.cli.main import app
+
+    out = tmp_path / "first-look"
+    result = CliRunner().invoke(app, ["explain", "--out", str(out), "--deletion-steps", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["explained"] == 40 and summary["with_ground_truth"] == 40
+    assert summary["checkpoint"] == str(shipped.weights)
+    assert (out / "gallery.html").is_file()
+    assert "mean Dice" in result.output and "gallery" in result.output
+
+
+def test_predictor_and_predict_default_to_the_shipped_model(shipped, tmp_path):
+    from typer.testing import CliRunner
+
+    from polypseg.cli.main import app
+    from polypseg.inference import Predictor
+    from polypseg.sample_data import sample_dataset_path
+
+    predictor = Predictor.from_checkpoint(device="cpu", backend="torch")
+    image = next((sample_dataset_path() / "images").glob("*.jpg"))
+    assert predictor.predict_one(image).mask.shape[:2] == predictor.predict_one(image).probability.shape[:2]
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(app, ["predict", str(image), "--out", str(out), "--backend", "torch", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (out / "predictions.csv").is_file()
+
+
+def test_models_command_lists_and_verifies(shipped):
+    from typer.testing import CliRunner
+
+    from polypseg.cli.main import app
+
+    result = CliRunner().invoke(app, ["models", "--json"])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert row["name"] == "tiny-model" and row["sha256_check"] == "verified"
+    shipped.weights.write_bytes(shipped.weights.read_bytes()[:-5] + b"xxxxx")
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 1 and "FAILED" in result.output

@@ -313,7 +313,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(
         cls,
-        path_or_run: Path | str,
+        path_or_run: Path | str | None = None,
         *,
         device: str | torch.device = "auto",
         backend: str = "auto",
@@ -327,6 +327,9 @@ class Predictor:
     ) -> Predictor:
         """Load a checkpoint, a CV run folder (ensemble of its folds; ``fold=K`` for one) or an ``.onnx`` file.
 
+        ``None`` (or a shipped model's name) loads a model shipped with polypseg, its file checked
+        against the SHA-256 in the package's registry (:mod:`polypseg.pretrained`).
+
         The threshold defaults to the run's ``summary.json`` threshold, else the checkpoints' own,
         else 0.5. ``backend="auto"``: torch on CUDA, onnxruntime on CPU (each checkpoint exported
         on first use into the cache, ``cache_dir/onnx`` or ``~/.cache/polypseg/onnx``, keyed by the
@@ -339,8 +342,10 @@ class Predictor:
 
         if backend not in BACKENDS:
             raise PredictorError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+        from polypseg.pretrained import resolve_model
+
         device = _resolve_device(device)
-        path = Path(path_or_run)
+        path = resolve_model(path_or_run)
         if path.suffix == ".onnx":
             if backend == "torch":
                 raise PredictorError(f"{path} is an ONNX model: use backend 'onnxruntime' or 'auto'")

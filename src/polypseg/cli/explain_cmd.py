@@ -7,7 +7,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import typer
@@ -269,7 +269,7 @@ def _heatmap_at(heatmap: Any, size: tuple[int, int]) -> np.ndarray:
 
 
 def run_explain(
-    model_path: Path,
+    model_path: Path | None,
     inputs: list[Path],
     out: Path,
     masks: Path | None = None,
@@ -283,8 +283,12 @@ def run_explain(
     fold: int | None = None,
     topk: float = 0.15,
     deletion_steps: int = 16,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """The command's body (also usable from Python); returns the summary written to ``summary.json``.
+
+    ``model_path`` None is the shipped model (:mod:`polypseg.pretrained`); no ``inputs`` is the
+    bundled Kvasir-SEG sample (40 of the test images the shipped model never saw, with masks).
 
     Bad inputs follow :mod:`polypseg.inputs` (skip, name the cause, count them at the end). The
     model works at its own resolution; full-size maps are made only for what is written and
@@ -319,6 +323,15 @@ def run_explain(
         raise UsageError(f"--threshold {threshold}: must be in (0, 1)")
     if out.exists() and not out.is_dir():
         prepare_output_folder(out)  # one line naming --out, before any work
+    from polypseg.precision import check_precision, use_channels_last
+    from polypseg.pretrained import resolve_model
+
+    check_precision(precision, "--precision")
+    model_path = resolve_model(model_path)
+    if not inputs:
+        from polypseg.sample_data import sample_dataset_path
+
+        inputs = [sample_dataset_path()]
     skips = SkipLog(_warn)
     with one_line_warnings(_warn):
         device = resolve_device(device)
@@ -329,7 +342,7 @@ def run_explain(
             resolve_layer(model, layer)
         except Exception as error:  # noqa: BLE001 - the message already names the layer
             raise UsageError(f"--layer {layer}: {error}") from None
-        if device.startswith("cuda"):
+        if use_channels_last(device, precision):
             model = model.to(memory_format=torch.channels_last)
         threshold = checkpoint.threshold if threshold is None else threshold
         size = checkpoint.config.train.image_size
@@ -377,8 +390,8 @@ def run_explain(
                     loaded.append((item, image, truth))
                 if not loaded:
                     continue
-                batch = prepare_batch([image for _, image, _ in loaded], size, device)
-                with autocast_for(device):
+                batch = prepare_batch([image for _, image, _ in loaded], size, device, precision)
+                with autocast_for(device, precision):
                     heatmaps, logits = cam(batch, MaskedLogitSum(threshold), return_logits=True)  # type: ignore[misc]
                 gt_small = np.stack(
                     [resize_mask(t, size) if t is not None else np.zeros((size, size), bool) for _, _, t in loaded]
@@ -441,6 +454,7 @@ def run_explain(
                 "deletion_baseline": "mean",
                 "insertion_baseline": "blur",
                 "device": device,
+                "precision": precision,
                 "heatmap_max_pixels": MAX_HEATMAP_PIXELS,
             },
         }
@@ -481,16 +495,30 @@ def _print_summary(summary: dict[str, Any], out: Path, skips: Any, with_truth: i
         "better; insertion can exceed 1 when a partly revealed image scores higher than the whole one"
     )
     _say(summary["model"])
-    _say(skips.closing(f"{summary['explained']} image(s) explained", out))
+    done = f"{summary['explained']} image(s) explained"
+    dice = summary["mean_std"].get("dice", {})
+    if with_truth and dice.get("n") and math.isfinite(dice.get("mean", float("nan"))):
+        done += f", mean Dice {dice['mean']:.3f} on the {with_truth} with ground truth"
+    gallery = out / "gallery.html"
+    if gallery.is_file():
+        done += f"; gallery {display_name(gallery)}"
+    _say(skips.closing(done, out))
 
 
 def register(app: typer.Typer) -> None:
     @app.command("explain")
     def explain(
-        inputs: list[Path] = typer.Argument(
-            ..., help="Image files, image folders, or dataset roots (images/ + masks/: ground truth used)."
+        inputs: Optional[list[Path]] = typer.Argument(
+            None,
+            help="Image files, image folders, or dataset roots (images/ + masks/: ground truth used). "
+            "Default: the bundled 40-image Kvasir-SEG sample (with masks).",
         ),
-        model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (NAME.safetensors + NAME.json) or CV run folder."),
+        model: Optional[Path] = typer.Option(
+            None,
+            "--model",
+            "-m",
+            help="Checkpoint (NAME.safetensors + NAME.json), CV run folder, or a shipped model's name. Default: the shipped model (polypseg models).",
+        ),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
         masks: Path | None = typer.Option(
             None,
@@ -509,6 +537,7 @@ def register(app: typer.Typer) -> None:
         fold: int | None = typer.Option(None, "--fold", help="Fold of a CV run folder (default: 0)."),
         topk: float = typer.Option(0.15, "--topk", help="Share of most salient pixels for top-k IoU."),
         deletion_steps: int = typer.Option(16, "--deletion-steps", help="Steps of the deletion/insertion curves (0 skips them)."),
+        precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16."),
     ) -> None:
         """Grad-CAM heatmaps with panels, metrics.csv and an HTML gallery.
 
@@ -517,8 +546,8 @@ def register(app: typer.Typer) -> None:
         Exit code: 0 if at least one image was explained, 1 if none could be, 2 for a usage error.
         """
         summary = run_explain(
-            model, inputs, out, masks, layer, method, threshold, device, batch_size,
-            heatmap_format, gallery, fold, topk, deletion_steps,
+            model, inputs or [], out, masks, layer, method, threshold, device, batch_size,
+            heatmap_format, gallery, fold, topk, deletion_steps, precision,
         )  # fmt: skip
         if summary["explained"] == 0:
             console.print("[bold red]error:[/] no image could be explained (see the warnings above)", highlight=False)

@@ -54,6 +54,7 @@ COMMAND_MODULES = (
     "polypseg.cli.predict_cmd",
     "polypseg.cli.report_cmd",
     "polypseg.cli.serve_cmd",
+    "polypseg.cli.models_cmd",
 )
 
 

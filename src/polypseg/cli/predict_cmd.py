@@ -6,7 +6,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Optional
 
 import numpy as np
 import typer
@@ -225,7 +225,7 @@ def _mask_png(mask: np.ndarray) -> np.ndarray:
 
 
 def run_predict(
-    model: Path,
+    model: Path | None,
     inputs: list[Path],
     out: Path,
     threshold: float | None = None,
@@ -527,8 +527,12 @@ def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict(
         inputs: list[Path] = typer.Argument(..., help="Image files, folders of images/videos, and videos (mp4, avi, mov, mkv)."),
-        model: Path = typer.Option(
-            ..., "--model", "-m", help="Checkpoint, CV run folder (ensemble of its folds) or exported .onnx."
+        model: Optional[Path] = typer.Option(
+            None,
+            "--model",
+            "-m",
+            help="Checkpoint, CV run folder (ensemble of its folds), exported .onnx, or a shipped model's name. "
+            "Default: the shipped model (polypseg models).",
         ),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
         threshold: float | None = typer.Option(None, "--threshold", help="Mask threshold (default: the run's or checkpoint's)."),

@@ -6,7 +6,7 @@ import errno
 import ipaddress
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -68,7 +68,12 @@ def _bind_error(host: str, port: int, error: OSError) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
-        model: Path = typer.Option(..., "--model", "-m", help="Checkpoint (NAME.safetensors) or CV run folder (fold ensemble)."),
+        model: Optional[Path] = typer.Option(
+            None,
+            "--model",
+            "-m",
+            help="Checkpoint (NAME.safetensors), CV run folder (fold ensemble) or a shipped model's name. Default: the shipped model (polypseg models).",
+        ),
         host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback exposes the server to the network."),
         port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free port)."),
         token: str | None = typer.Option(
@@ -110,7 +115,7 @@ def register(app: typer.Typer) -> None:
         port = sock.getsockname()[1]
         try:
             resolved = resolve_device(device)
-            with console.status(f"loading {model}"):
+            with console.status(f"loading {model or 'the shipped model'}"):
                 service = InferenceService.from_checkpoint(
                     model, device=resolved, backend=backend, tta=tta, threshold=threshold, max_queue=max_queue, max_batch=max_batch
                 )
@@ -120,7 +125,7 @@ def register(app: typer.Typer) -> None:
             fail(str(error))
         except PolypsegError as error:
             sock.close()
-            fail(f"cannot load model {model}: {error}")
+            fail(f"cannot load model {model or 'shipped with polypseg'}: {error}")
         except Exception as error:  # noqa: BLE001 - any load failure stops serve with one line
             sock.close()
             fail(f"cannot load model {model}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")

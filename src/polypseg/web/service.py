@@ -139,14 +139,15 @@ class InferenceService:
     @classmethod
     def from_checkpoint(
         cls,
-        path: Path | str,
+        path: Path | str | None = None,
         device: str = "auto",
         backend: str = "torch",
         tta: bool = False,
         threshold: float | None = None,
         **options: Any,
     ) -> InferenceService:
-        """Load a checkpoint or CV run folder; see :meth:`polypseg.inference.Predictor.from_checkpoint`.
+        """Load a checkpoint, CV run folder or shipped model (``None``: the default one); see
+        :meth:`polypseg.inference.Predictor.from_checkpoint`.
 
         Grad-CAM needs the torch model: with ``backend="onnxruntime"`` (or ``"auto"`` on CPU)
         segmentation runs in onnxruntime and the first checkpoint is also loaded in torch for
@@ -154,7 +155,9 @@ class InferenceService:
         """
         from polypseg.checkpoint import find_checkpoints, load_checkpoint
         from polypseg.inference import Predictor
+        from polypseg.pretrained import resolve_model
 
+        path = resolve_model(path)
         if Path(path).suffix == ".onnx" and backend == "torch":
             backend = "onnxruntime"  # an exported model has no torch weights to load
         predictor = Predictor.from_checkpoint(path, device=device, backend=backend, tta=tta, threshold=threshold)
