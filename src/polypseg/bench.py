@@ -26,7 +26,35 @@ from polypseg.errors import PolypsegError
 from polypseg.inference import Predictor
 
 PIPELINES = ("model", "end-to-end")
-BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
+# name -> (engine, precision): "bf16" rows are offered where the CPU computes bf16 natively.
+BACKEND_SPECS: dict[str, tuple[str, str]] = {
+    "torch": ("torch", "fp32"),
+    "torch-bf16": ("torch", "bf16"),
+    "onnxruntime": ("onnxruntime", "fp32"),
+    "onnxruntime-int8": ("onnxruntime", "int8"),
+    "openvino": ("openvino", "fp32"),
+    "openvino-bf16": ("openvino", "bf16"),
+    "openvino-int8": ("openvino", "int8"),
+}
+BACKENDS = tuple(BACKEND_SPECS)
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """What ``--backend all`` runs: on CUDA torch; on a CPU every engine installed, bf16 where native."""
+    from importlib.util import find_spec
+
+    from polypseg.precision import cpu_bf16_flags
+
+    if torch.device(device).type == "cuda":
+        return ["torch", "torch-bf16"]
+    names = []
+    for name, (engine, precision) in BACKEND_SPECS.items():
+        if engine == "openvino" and find_spec("openvino") is None:
+            continue
+        if precision == "bf16" and not cpu_bf16_flags():
+            continue
+        names.append(name)
+    return names
 
 
 class BenchError(PolypsegError):
@@ -48,12 +76,6 @@ def device_name(device: str | torch.device) -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{model} ({cores} cores)"
-
-
-def _precision(predictor: Predictor) -> str:
-    if predictor.backend == "onnxruntime":
-        return "int8" if predictor.metadata.get("quantization") else "fp32"
-    return "bf16" if predictor.device.type == "cuda" else "fp32"
 
 
 def benchmark(
@@ -120,7 +142,7 @@ def benchmark(
     median = float(statistics.median(times_ms))
     return {
         "backend": predictor.backend,
-        "precision": _precision(predictor),
+        "precision": predictor.precision,
         "mode": predictor.compile_mode or "eager",
         "pipeline": pipeline,
         "device": str(predictor.device),
@@ -161,8 +183,9 @@ def load_for_bench(
 ) -> Predictor:
     """A predictor for ``polypseg bench``: ``model`` is a checkpoint, a run folder, an ``.onnx`` or ``random``.
 
-    ``onnxruntime-int8`` uses ``NAME.int8.onnx`` when present, else quantizes into ``workdir``,
-    calibrated on ``calibration`` (default: the bundled Kvasir-SEG sample).
+    ``backend`` is a name of :data:`BACKEND_SPECS`. The int8 ones use ``NAME.int8.onnx`` when
+    present, else quantize into ``workdir``, calibrated on ``calibration`` (default: the bundled
+    Kvasir-SEG sample); ``openvino-int8`` runs that same int8 ONNX graph in OpenVINO.
     """
     from polypseg.export import cached_onnx, int8_path_for, quantize_onnx_int8
 
@@ -172,12 +195,13 @@ def load_for_bench(
     if str(model) == "random":
         model = random_checkpoint(workdir, image_size)
     model = Path(model)
-    if backend == "torch":
-        return Predictor.from_checkpoint(model, device=device, backend="torch", compile=compile or False)
+    engine, precision = BACKEND_SPECS[backend]
+    if engine == "torch":
+        return Predictor.from_checkpoint(model, device=device, backend="torch", compile=compile or False, precision=precision)
     if compile:
         raise BenchError(f"--compile applies to the torch backend, not {backend}")
-    if backend == "onnxruntime" or model.suffix == ".onnx":
-        return Predictor.from_checkpoint(model, device=device, backend="onnxruntime")
+    if precision != "int8" or model.suffix == ".onnx":
+        return Predictor.from_checkpoint(model, device=device, backend=engine, precision=precision)
     from polypseg.checkpoint import find_checkpoints
 
     int8_paths = []
@@ -192,6 +216,8 @@ def load_for_bench(
                 cached_onnx(checkpoint), workdir / f"{checkpoint.parent.name}-{checkpoint.stem}.int8.onnx", calibration
             )
         int8_paths.append(int8)
+    if engine == "openvino":
+        return Predictor.from_openvino(int8_paths)
     return Predictor.from_onnx(int8_paths, device=device)
 
 

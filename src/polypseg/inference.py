@@ -6,8 +6,9 @@ across folds as an uncertainty map) or an exported ``.onnx`` file. Images are re
 training size, and the probability map is resized back (bilinear) before thresholding, so masks
 always have the input's size.
 
-Backends: ``torch`` (on CUDA with bf16 autocast and channels-last, optionally ``torch.compile``)
-and ``onnxruntime``. ``backend="auto"`` picks torch on CUDA and onnxruntime on CPU, where it is
+Backends: ``torch`` (bf16 autocast and channels-last on CUDA and on CPUs with native bf16, see
+:mod:`polypseg.precision`; optionally ``torch.compile``), ``onnxruntime``, and ``openvino`` (CPU,
+bf16 where the CPU has it; the optional ``polypseg[openvino]`` extra). ``backend="auto"`` picks torch on CUDA and onnxruntime on CPU, where it is
 the faster of the two (docs/benchmarks.md); each checkpoint is exported to ONNX on first use into
 the cache folder (``~/.cache/polypseg/onnx``), keyed by its content hash. A validated int8 model (``NAME.int8.onnx``, from
 ``polypseg export --int8 --validate``) is preferred on CPU when its measured Dice change is within
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 ImageInput = Union[np.ndarray, "PIL.Image.Image", str, Path]  # noqa: F821
 Runner = Callable[[torch.Tensor], torch.Tensor]
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default")
 
 
@@ -130,20 +131,22 @@ def load_input(item: ImageInput, index: int = 0) -> tuple[np.ndarray, str]:
 # Runners: normalised (N, 3, S, S) on the predictor's device -> probabilities (N, 1, S, S) float32
 
 
-def _torch_runner(model: nn.Module, device: torch.device, compile_mode: str | None) -> Runner:
-    from polypseg.evaluation import autocast_for
+def _torch_runner(model: nn.Module, device: torch.device, compile_mode: str | None, precision: str = "auto") -> Runner:
+    from polypseg.precision import autocast, resolve_precision, use_channels_last
 
+    precision = resolve_precision(precision, device)
     cuda = device.type == "cuda"
-    if cuda:
+    channels_last = use_channels_last(device, precision)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
 
     def probabilities(x: torch.Tensor) -> torch.Tensor:
-        with autocast_for(device):
+        with autocast(device, precision):
             logits = model(x)
         return torch.sigmoid(logits.float())
 
     if not compile_mode:
-        if not cuda:
+        if not channels_last:
             return probabilities
         return lambda x: probabilities(x.contiguous(memory_format=torch.channels_last))
 
@@ -152,8 +155,9 @@ def _torch_runner(model: nn.Module, device: torch.device, compile_mode: str | No
     compiled = torch.compile(probabilities, mode=compile_mode, dynamic=False)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if cuda:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if cuda:
             torch.compiler.cudagraph_mark_step_begin()
         # clone: a CUDA-graph output lives in a pool the next replay overwrites
         return compiled(x).clone()
@@ -167,6 +171,18 @@ def _onnx_runner(session: Any) -> Runner:
     def run(x: torch.Tensor) -> torch.Tensor:
         out = session.run(None, {input_name: x.detach().cpu().numpy().astype(np.float32, copy=False)})[0]
         return torch.from_numpy(out).to(x.device)
+
+    return run
+
+
+def _openvino_runner(compiled: Any) -> Runner:
+    """An OpenVINO compiled model (the same exported ONNX graph: normalised input -> probabilities)."""
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        result = request.infer({0: x.detach().cpu().numpy().astype(np.float32, copy=False)})
+        return torch.from_numpy(np.array(result[output], dtype=np.float32, copy=True)).to(x.device)
 
     return run
 
@@ -200,6 +216,7 @@ class Predictor:
         tta: bool = False,
         batch_size: int = 8,
         compile_mode: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         if not runners:
             raise PredictorError("a predictor needs at least one model")
@@ -215,10 +232,11 @@ class Predictor:
         self.tta = tta
         self.batch_size = int(batch_size)
         self.compile_mode = compile_mode
+        self.precision = precision  # what the runners compute in: fp32, bf16 or int8
 
     def __repr__(self) -> str:
         return (
-            f"Predictor(backend={self.backend!r}, models={len(self._runners)}, device={str(self.device)!r}, "
+            f"Predictor(backend={self.backend!r}, precision={self.precision!r}, models={len(self._runners)}, device={str(self.device)!r}, "
             f"image_size={self.image_size}, threshold={self.threshold:g}, tta={self.tta})"
         )
 
@@ -240,15 +258,22 @@ class Predictor:
         batch_size: int = 8,
         compile: bool | str = False,
         metadata: dict[str, Any] | None = None,
+        precision: str = "auto",
     ) -> Predictor:
-        """A torch predictor over in-memory model(s) returning logits (several = ensemble)."""
+        """A torch predictor over in-memory model(s) returning logits (several = ensemble).
+
+        ``precision`` follows :mod:`polypseg.precision` (``auto``: bf16 on CUDA and on CPUs with native bf16).
+        """
+        from polypseg.precision import resolve_precision
+
         device = _resolve_device(device)
+        precision = resolve_precision(precision, device)
         models = [model] if isinstance(model, nn.Module) else list(model)
         compile_mode = _compile_mode(compile)
         runners = []
         for m in models:
             m.eval().to(device)
-            run = _torch_runner(m, device, compile_mode)
+            run = _torch_runner(m, device, compile_mode, precision)
             runners.append(_with_flip_tta(run) if tta else run)
         return cls(
             runners,
@@ -261,6 +286,7 @@ class Predictor:
             tta=tta,
             batch_size=batch_size,
             compile_mode=compile_mode,
+            precision=precision,
         )
 
     @classmethod
@@ -308,6 +334,67 @@ class Predictor:
             metadata=meta,
             tta=tta,
             batch_size=batch_size,
+            precision="int8" if meta.get("quantization") else "fp32",
+        )
+
+    @classmethod
+    def from_openvino(
+        cls,
+        paths: Path | str | Sequence[Path | str],
+        *,
+        precision: str = "auto",
+        threshold: float | None = None,
+        tta: bool = False,
+        batch_size: int = 8,
+        metadata: dict[str, Any] | None = None,
+    ) -> Predictor:
+        """An OpenVINO (CPU) predictor over exported ONNX model(s), the optional ``polypseg[openvino]`` extra.
+
+        ``precision``: ``auto`` runs bf16 where the CPU computes it natively (``amx_bf16`` or
+        ``avx512_bf16``), else fp32; ``fp32`` and ``bf16`` force it. A quantized (QDQ int8) model
+        runs in int8 whatever is asked.
+        """
+        from polypseg.export import read_onnx_metadata
+        from polypseg.precision import check_precision, resolve_precision
+
+        check_precision(precision)
+        try:
+            import openvino as ov
+        except ImportError:
+            raise PredictorError("the openvino backend needs OpenVINO: pip install 'polypseg[openvino]'") from None
+        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        resolved = resolve_precision(precision, "cpu")
+        core = ov.Core()
+        runners, sidecars = [], []
+        for path in paths:
+            if not path.is_file():
+                raise PredictorError(f"ONNX model not found: {path}")
+            sidecars.append(read_onnx_metadata(path))
+            config = {"INFERENCE_PRECISION_HINT": "bf16" if resolved == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+            try:
+                compiled = core.compile_model(str(path), "CPU", config)
+            except Exception as error:  # noqa: BLE001 - OpenVINO raises its own exception types
+                raise PredictorError(f"OpenVINO cannot compile {path}: {str(error).splitlines()[0]}") from None
+            run = _openvino_runner(compiled)
+            runners.append(_with_flip_tta(run) if tta else run)
+        sizes = {s["image_size"] for s in sidecars}
+        if len(sizes) != 1:
+            raise PredictorError(f"ONNX models disagree on input size: {sorted(sizes)}")
+        quantized = any(s.get("quantization") for s in sidecars)
+        meta = {"onnx": [str(p) for p in paths], "config": sidecars[0].get("config", {}), "metrics": sidecars[0].get("metrics", {})}
+        meta.update(metadata or {})
+        if threshold is None:
+            threshold = float(sidecars[0].get("threshold", 0.5))
+        return cls(
+            runners,
+            image_size=sizes.pop(),
+            threshold=threshold,
+            device="cpu",
+            backend="openvino",
+            metadata=meta,
+            tta=tta,
+            batch_size=batch_size,
+            precision="int8" if quantized else resolved,
         )
 
     @classmethod
@@ -324,6 +411,7 @@ class Predictor:
         compile: bool | str = False,
         cache_dir: Path | str | None = None,
         notify: Callable[[str], None] | None = None,
+        precision: str = "auto",
     ) -> Predictor:
         """Load a checkpoint, a CV run folder (ensemble of its folds; ``fold=K`` for one) or an ``.onnx`` file.
 
@@ -400,6 +488,13 @@ class Predictor:
             return cls.from_onnx(
                 onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
             )
+        elif backend == "openvino":
+            if device.type != "cpu":
+                raise PredictorError(f"the openvino backend runs on the CPU, not {device}")
+            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False)
+            return cls.from_openvino(
+                onnx_paths, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
+            )
 
         models = [load_checkpoint(c, device="cpu").model for c in checkpoints]
         return cls.from_model(
@@ -411,6 +506,7 @@ class Predictor:
             batch_size=batch_size,
             compile=compile,
             metadata=metadata,
+            precision=precision,
         )
 
     # ---------------------------------------------------------------- prediction

@@ -239,6 +239,7 @@ def run_predict(
     fold: int | None = None,
     overlays: bool = True,
     cache_dir: Path | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Predict images and videos into ``out``; returns counts of done and skipped inputs.
 
@@ -273,6 +274,7 @@ def run_predict(
             batch_size=batch_size,
             cache_dir=cache_dir,
             notify=_say,
+            precision=precision,
         )
         _say(f"model: {predictor!r}")
         prepare_output_folder(out)
@@ -439,14 +441,14 @@ def run_bench(
 
     from rich.table import Table
 
-    from polypseg.bench import BACKENDS, PIPELINES, benchmark, load_for_bench
+    from polypseg.bench import BACKENDS, PIPELINES, available_backends, benchmark, load_for_bench
     from polypseg.devices import resolve_device
 
     torch_device = resolve_device(device, label="--device")
     if backend == "auto":
         backends = ["torch" if torch_device.type == "cuda" else "onnxruntime"]
     elif backend == "all":
-        backends = list(BACKENDS) if torch_device.type == "cpu" else ["torch"]
+        backends = available_backends(torch_device)
     elif backend in BACKENDS:
         backends = [backend]
     else:
@@ -459,7 +461,7 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="polypseg-bench-") as workdir:
         runs = []
         for name in backends:
-            if name == "torch":
+            if name.startswith("torch"):
                 if compile_mode is None or compare_eager:
                     runs.append((name, None))
                 if compile_mode is not None:
@@ -537,7 +539,14 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
         threshold: float | None = typer.Option(None, "--threshold", help="Mask threshold (default: the run's or checkpoint's)."),
         tta: bool = typer.Option(False, "--tta", help="Average over horizontal and vertical flips."),
-        backend: str = typer.Option("auto", "--backend", help="auto (torch on CUDA, onnxruntime on CPU), torch or onnxruntime."),
+        backend: str = typer.Option(
+            "auto",
+            "--backend",
+            help="auto (torch on CUDA, onnxruntime on CPU), torch, onnxruntime, or openvino (CPU; pip install 'polypseg[openvino]').",
+        ),
+        precision: str = typer.Option(
+            "auto", "--precision", help="torch and openvino: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16."
+        ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per forward pass."),
         smooth: float | None = typer.Option(
@@ -579,6 +588,7 @@ def register(app: typer.Typer) -> None:
                 fold,
                 overlays,
                 cache_dir,
+                precision,
             )
         except PolypsegError as error:
             _fail(str(error))
@@ -636,7 +646,12 @@ def register(app: typer.Typer) -> None:
             ..., "--model", "-m", help="Checkpoint, run folder, .onnx, or 'random' (untrained default architecture)."
         ),
         batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass."),
-        backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime, onnxruntime-int8, or all."),
+        backend: str = typer.Option(
+            "auto",
+            "--backend",
+            help="auto, torch, torch-bf16, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, openvino-int8 "
+            "(OpenVINO: pip install 'polypseg[openvino]'), or all (every one installed; bf16 where the CPU has it).",
+        ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         compile: str = typer.Option(
             "none", "--compile", help="torch: none, reduce-overhead (CUDA graphs), max-autotune or default."

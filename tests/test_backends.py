@@ -1,0 +1,92 @@
+"""Inference engines side by side: torch fp32/bf16, onnxruntime fp32/int8, OpenVINO fp32/bf16/int8."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from polypseg import bench, precision
+from polypseg.checkpoint import save_checkpoint
+from polypseg.config import ModelConfig, RunConfig, TrainConfig
+from polypseg.inference import Predictor, PredictorError
+from polypseg.models import create_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = RunConfig(model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", create_model(config.model), config)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, images) -> np.ndarray:
+    return Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch", precision="fp32").predict_resized(images)
+
+
+def test_torch_predictor_reports_and_uses_its_precision(checkpoint, images, reference):
+    fp32 = Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch", precision="fp32")
+    bf16 = Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch", precision="bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    out = bf16.predict_resized(images)
+    assert out.dtype == reference.dtype and not np.array_equal(out, reference)
+    assert np.abs(out - reference).max() < 0.05
+
+
+def test_openvino_matches_torch(checkpoint, images, reference, tmp_path):
+    pytest.importorskip("openvino")
+    fp32 = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", precision="fp32", cache_dir=tmp_path)
+    assert fp32.backend == "openvino" and fp32.precision == "fp32"
+    assert np.abs(fp32.predict_resized(images) - reference).max() < 1e-4
+    bf16 = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", precision="bf16", cache_dir=tmp_path)
+    assert bf16.precision == "bf16"
+    assert np.abs(bf16.predict_resized(images) - reference).max() < 0.05
+    ensemble_checked = Predictor.from_openvino([fp32.metadata["onnx"][0]] * 2, precision="fp32")
+    assert ensemble_checked.n_models == 2
+
+
+def test_openvino_is_cpu_only_and_needs_the_extra(checkpoint, monkeypatch, tmp_path):
+    import builtins
+
+    with pytest.raises(PredictorError, match="runs on the CPU"):
+        Predictor.from_checkpoint(checkpoint, device=torch.device("meta"), backend="openvino", cache_dir=tmp_path)
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(PredictorError, match=r"polypseg\[openvino\]"):
+        Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", cache_dir=tmp_path)
+
+
+def test_backend_all_offers_bf16_only_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    plain = bench.available_backends("cpu")
+    assert "torch" in plain and "onnxruntime-int8" in plain and not any("bf16" in n for n in plain)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    native = bench.available_backends("cpu")
+    assert "torch-bf16" in native
+    assert ("openvino-bf16" in native) == ("openvino" in native)
+    assert bench.available_backends("cuda") == ["torch", "torch-bf16"]
+
+
+@pytest.mark.parametrize("name", ["torch", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "openvino-int8"])
+def test_every_bench_backend_loads_and_times(checkpoint, name, tmp_path):
+    if name.startswith("openvino"):
+        pytest.importorskip("openvino")
+    predictor = bench.load_for_bench(checkpoint, name, device="cpu", workdir=tmp_path)
+    engine, wanted = bench.BACKEND_SPECS[name]
+    assert predictor.backend == engine and predictor.precision == wanted
+    row = bench.benchmark(predictor, batch_size=1, warmup=1, repeats=2, pipeline="end-to-end")
+    assert row["precision"] == wanted and row["images_per_s"] > 0
