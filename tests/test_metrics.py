@@ -127,3 +127,19 @@ def test_json_results_are_strict_json(tmp_path):
         raise AssertionError(f"non-standard JSON constant {constant}")
 
     assert json.loads(text, parse_constant=refuse) == {"arr": [None, 2.0], "std": None, "values": [1.0, None]}
+
+
+def test_bootstrap_interval_of_the_mean():
+    from polypseg.metrics import bootstrap_ci
+
+    assert bootstrap_ci([0.8] * 10) == (pytest.approx(0.8), pytest.approx(0.8))
+    assert all(math.isnan(v) for v in bootstrap_ci([0.5]))
+    values = np.random.default_rng(1).uniform(0.5, 1.0, 400)
+    low, high = bootstrap_ci(values)
+    assert low < values.mean() < high
+    # the normal approximation: mean +- 1.96 standard errors
+    se = values.std(ddof=1) / np.sqrt(values.size)
+    assert low == pytest.approx(values.mean() - 1.96 * se, abs=0.004)
+    assert high == pytest.approx(values.mean() + 1.96 * se, abs=0.004)
+    assert bootstrap_ci(values) == bootstrap_ci(values)  # seeded
+    assert bootstrap_ci([0.0, 1.0, float("nan")]) != (float("nan"), float("nan"))  # NaN entries are dropped

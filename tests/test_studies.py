@@ -57,6 +57,9 @@ def test_external_evaluation_of_a_cv_run(tiny_cv_run: Path, external_data: Path,
     expected = dice_score(probs >= t, torch.from_numpy(cache.masks)).mean().item()
     ensemble = result["models"][-1]
     assert ensemble["at"][f"{t:g}"]["dice"] == pytest.approx(expected, abs=1e-6)
+    assert np.mean(result["per_image"]["dice"]) == pytest.approx(expected, abs=1e-5)
+    low, high = result["ci95"]["dice"]
+    assert low <= expected <= high
 
     in_domain = summary["pooled"]["at"][f"{t:g}"]["dice"]
     assert result["in_domain"]["dice"][f"{t:g}"] == pytest.approx(in_domain)
@@ -78,6 +81,8 @@ def test_external_alias_on_one_checkpoint(tiny_cv_run: Path, external_data: Path
     data = read_json(tmp_path / "external_synthetic-ext.json")
     assert [m["name"] for m in data["models"]] == ["fold_1"]
     assert data["in_domain"]["source"] is None and data["models"][0]["dice_drop"]["0.5"] is None
+    assert data["per_image"]["model"] == "fold_1" and len(data["per_image"]["dice"]) == data["n_images"]
+    assert "95% intervals" in (tmp_path / "external_synthetic-ext.md").read_text()
 
 
 def test_evaluating_on_the_training_data_is_flagged(tiny_cv_run: Path, external_data: Path, tmp_path: Path) -> None:
@@ -194,6 +199,8 @@ def test_pranet_protocol(external_data: Path, tmp_path: Path) -> None:
     assert result["model_resolution"]["miou"] == pytest.approx(own["iou"])
     text = (out / "pranet.md").read_text()
     assert "| PraNet | 0.898 | 0.840 |" in text and "| ours, original resolution |" in text
+    low, high = result["ci95"]["mdice"]
+    assert low <= result["original_resolution"]["mdice"] <= high and "95% intervals" in text
     try:
         import py_sod_metrics  # noqa: F401
     except ImportError:

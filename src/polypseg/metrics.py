@@ -183,3 +183,24 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if array.size == 0:
         return float("nan"), float("nan")
     return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else float("nan")
+
+
+def bootstrap_ci(
+    values: Sequence[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-image ``values`` (images resampled with replacement).
+
+    Seeded, so a report is reproducible. Fewer than two values have no interval (NaN, NaN).
+    """
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    if array.size < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # chunks keep memory at 1000 x n
+        stop = min(resamples, start + 1000)
+        means[start:stop] = array[rng.integers(0, array.size, (stop - start, array.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(low), float(high)

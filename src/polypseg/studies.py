@@ -29,7 +29,7 @@ from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
 from polypseg.evaluation import evaluate_probabilities, predict_probabilities
 from polypseg.io_utils import atomic_write_json, atomic_write_text, read_json
-from polypseg.metrics import dice_score, iou_score, mean_std
+from polypseg.metrics import bootstrap_ci, dice_score, iou_score, mean_std
 
 EXTERNAL_METRICS = ("dice", "iou", "boundary_f1", "sensitivity", "precision", "auc")
 # As reported by PraNet (Fan et al., MICCAI 2020, Table 1) on the same 100 Kvasir-SEG test images.
@@ -148,11 +148,27 @@ def evaluate_external(
         "models": entries,
         "warnings": warnings,
     }
+    final = ensemble_sum / len(entries)  # the ensemble, or the one model
+    truth = torch.from_numpy(cache.masks)
+    dice_per_image = dice_score(final >= threshold, truth).numpy()
+    iou_per_image = iou_score(final >= threshold, truth).numpy()
+    result["per_image"] = {
+        "stems": cache.stems,
+        "model": "ensemble" if len(entries) > 1 else entries[0]["name"],
+        "threshold": threshold,
+        "dice": dice_per_image.round(6).tolist(),
+        "iou": iou_per_image.round(6).tolist(),
+    }
+    result["ci95"] = {
+        "method": "percentile bootstrap over the images, 10000 resamples, seed 0",
+        "threshold": threshold,
+        "dice": list(bootstrap_ci(dice_per_image)),
+        "iou": list(bootstrap_ci(iou_per_image)),
+    }
     if len(entries) > 1:
-        ensemble = ensemble_sum / len(entries)
+        ensemble = final
         ens = {"name": "ensemble", "members": len(entries), "at": _model_metrics(ensemble, cache.masks, thresholds, tolerance)}
-        per_image = dice_score(ensemble >= threshold, torch.from_numpy(cache.masks)).numpy()
-        result["per_image"] = {"stems": cache.stems, f"ensemble_dice_at_{threshold:g}": per_image.round(6).tolist()}
+        result["per_image"][f"ensemble_dice_at_{threshold:g}"] = result["per_image"]["dice"]
         result["fold_mean_std"] = {
             f"{t:g}": {m: list(mean_std([e["at"][f"{t:g}"][m] for e in entries])) for m in EXTERNAL_METRICS} for t in thresholds
         }
@@ -238,6 +254,12 @@ def external_markdown(result: dict[str, Any]) -> str:
             lines.append(_external_row(entry, keys, t, bold=True))
     ref = result["in_domain"]
     lines.append("")
+    ci = result.get("ci95")
+    if ci:
+        lines.append(
+            f"95% intervals of the {result['per_image']['model']}'s per-image means at {ci['threshold']:g} ({ci['method']}): "
+            f"Dice {_f(ci['dice'][0])}-{_f(ci['dice'][1])}, IoU {_f(ci['iou'][0])}-{_f(ci['iou'][1])}."
+        )
     if ref["source"]:
         lines.append(
             f"In-domain reference ({ref['source']}): "
@@ -533,6 +555,12 @@ def evaluate_pranet(
             "resolution": "original" if scores else f"{size} px",
         },
     }
+    result["ci95"] = {
+        "method": "percentile bootstrap over the test images, 10000 resamples, seed 0",
+        "resolution": result["per_image"]["resolution"],
+        "mdice": list(bootstrap_ci(result["per_image"]["dice"])),
+        "miou": list(bootstrap_ci(result["per_image"]["iou"])),
+    }
     split = train_dir / "split.json"
     if split.is_file():
         parts = read_json(split)
@@ -595,6 +623,12 @@ def pranet_markdown(result: dict[str, Any]) -> str:
     for name, values in result["literature"].items():
         lines.append(f"| {name} | {values['mdice']:.3f} | {values['miou']:.3f} | |" + " |" * len(extra_names))
     lines.append("")
+    ci = result.get("ci95")
+    if ci:
+        lines.append(
+            f"95% intervals ({ci['method']}, {ci['resolution']} resolution): mDice {_f(ci['mdice'][0])}-{_f(ci['mdice'][1])}, "
+            f"mIoU {_f(ci['miou'][0])}-{_f(ci['miou'][1])}."
+        )
     if not at_original:
         lines.append("The data given is a cache file: scores are at the model's resolution, not the images' original one.")
     if lit:
