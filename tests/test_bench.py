@@ -182,3 +182,29 @@ def test_training_breakdown_accounts_for_every_part_of_an_epoch():
     assert result["epoch_s"] == pytest.approx(sum(result["seconds"].values()))
     assert sum(result["shares"].values()) == pytest.approx(1.0)
     assert "| checkpoint writes |" in breakdown_markdown(result)
+
+
+def test_gradcam_benchmark_times_each_precision_and_compares_heatmaps(tiny_cv_run):
+    from polypseg.bench import benchmark_gradcam
+    from polypseg.checkpoint import load_checkpoint
+    from polypseg.data import build_cache
+    from polypseg.sample_data import sample_dataset_path
+
+    checkpoint = load_checkpoint(tiny_cv_run / "fold_0" / "best")
+    images = build_cache(sample_dataset_path(), 64, cache_dir=tiny_cv_run.parent / "cache", progress=False).images[:6]
+    rows = benchmark_gradcam(checkpoint.model, n=6, batch_size=4, device="cpu", precisions=("fp32", "bf16"), images=images, compare=6)
+    fp32, bf16 = rows
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert fp32["heatmap_correlation"] == pytest.approx(1.0) and fp32["speedup_vs_fp32"] == pytest.approx(1.0)
+    assert bf16["images_compared"] >= 1 and 0.9 < bf16["heatmap_correlation"] <= 1.0 + 1e-9
+    assert all(r["n"] == 6 and r["heatmaps_per_s"] > 0 for r in rows)
+
+
+def test_bench_explain_cli(tmp_path):
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(
+        app, ["bench-explain", "--model", "random", "--images", "2", "--batch-size", "2", "--device", "cpu", "--json", str(out), "--markdown"]
+    )
+    assert result.exit_code == 0, result.output
+    assert [r["precision"] for r in json.loads(out.read_text())] == ["fp32", "bf16"]
+    assert "| bf16 |" in result.output

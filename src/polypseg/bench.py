@@ -464,6 +464,100 @@ def breakdown_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def benchmark_gradcam(
+    model: nn.Module,
+    n: int = 1000,
+    batch_size: int = 16,
+    device: str = "auto",
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
+    image_size: int = 256,
+    images: np.ndarray | None = None,
+    compare: int = 32,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Grad-CAM throughput per precision, and how far each precision's heatmaps are from fp32's.
+
+    The paper's Grad-CAM (logits inside the predicted mask, final decoder block), one forward and
+    backward pass per batch of ``batch_size``, on ``n`` images: ``images`` (``uint8 (N, S, S, 3)``,
+    cycled) or random ones. Each precision is warmed up first. ``heatmap_correlation`` is the mean
+    Pearson correlation with the fp32 heatmaps over the first ``compare`` images whose fp32 mask is
+    not empty (``None`` without fp32 or without such an image).
+    """
+    import copy
+
+    from polypseg.devices import resolve_device
+    from polypseg.explain import MaskedLogitSum, SegmentationGradCAM, autocast_for
+    from polypseg.precision import resolve_precision, use_channels_last
+    from polypseg.transforms import normalize
+
+    torch_device = resolve_device(device)
+    if images is None:
+        images = np.random.default_rng(seed).integers(0, 256, (min(n, 64), image_size, image_size, 3), dtype=np.uint8)
+    pool = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    index = torch.arange(n) % pool.shape[0]
+
+    def heatmaps(cam: SegmentationGradCAM, chosen: str, start: int, stop: int, channels_last: bool) -> torch.Tensor:
+        x = normalize(pool[index[start:stop]].to(torch_device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_for(torch_device, chosen):
+            return cam(x, MaskedLogitSum(0.5)).float()
+
+    rows, kept = [], {}
+    for precision in precisions:
+        chosen = resolve_precision(precision, torch_device)
+        channels_last = use_channels_last(torch_device, chosen)
+        local = copy.deepcopy(model).eval().to(torch_device)
+        if channels_last:
+            local = local.to(memory_format=torch.channels_last)
+        with SegmentationGradCAM(local) as cam:
+            heatmaps(cam, chosen, 0, min(n, batch_size), channels_last)  # warm-up
+            if torch_device.type == "cuda":
+                torch.cuda.synchronize(torch_device)
+            start = time.perf_counter()
+            checksum = 0.0
+            first: list[torch.Tensor] = []
+            for begin in range(0, n, batch_size):
+                maps = heatmaps(cam, chosen, begin, min(n, begin + batch_size), channels_last)
+                checksum += float(maps.sum())  # completes every batch
+                if begin < compare:
+                    first.append(maps[: max(0, compare - begin)].cpu())
+            seconds = time.perf_counter() - start
+        kept[chosen] = torch.cat(first)
+        rows.append(
+            {
+                "precision": chosen,
+                "channels_last": channels_last,
+                "device_name": device_name(torch_device),
+                "cpu_flags": cpu_feature_summary() if torch_device.type == "cpu" else "",
+                "n": n,
+                "batch_size": batch_size,
+                "image_size": int(pool.shape[-1]),
+                "seconds": seconds,
+                "heatmaps_per_s": n / seconds,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    reference = kept.get("fp32")
+    for row in rows:
+        row["heatmap_correlation"] = None
+        if reference is None:
+            continue
+        other = kept[row["precision"]]
+        values = [
+            float(np.corrcoef(reference[i].flatten().numpy(), other[i].flatten().numpy())[0, 1])
+            for i in range(min(len(reference), len(other)))
+            if reference[i].max() > 0 and other[i].max() > 0
+        ]
+        row["heatmap_correlation"] = float(np.mean(values)) if values else None
+        row["images_compared"] = len(values)
+    if reference is not None:
+        fp32_seconds = next(r["seconds"] for r in rows if r["precision"] == "fp32")
+        for row in rows:
+            row["speedup_vs_fp32"] = fp32_seconds / row["seconds"]
+    return rows
+
+
 def cpu_feature_summary() -> str:
     """The CPU flags that decide polypseg's speed: AVX-512, its bf16/VNNI extensions, AMX."""
     from polypseg.precision import cpu_flags

@@ -552,3 +552,63 @@ def register(app: typer.Typer) -> None:
         if summary["explained"] == 0:
             console.print("[bold red]error:[/] no image could be explained (see the warnings above)", highlight=False)
             raise typer.Exit(1)
+
+    @app.command("bench-explain")
+    def bench_explain(
+        model: Optional[Path] = typer.Option(
+            None, "--model", "-m", help="Checkpoint, CV run folder (fold 0), a shipped model's name, or 'random'. Default: the shipped model."
+        ),
+        data: Optional[Path] = typer.Option(
+            None, "--data", help="Images to explain, cycled to --images (default: the bundled sample; random pixels with --model random)."
+        ),
+        images: int = typer.Option(1000, "--images", min=1, help="Heatmaps to compute per precision."),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward/backward pass."),
+        precisions: str = typer.Option("fp32,bf16", "--precisions", help="Comma-separated: fp32, bf16, auto."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+        markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table on stdout."),
+    ) -> None:
+        """Grad-CAM speed per precision (heatmaps/s, speed-up over fp32) and each precision's heatmap correlation with fp32."""
+        from polypseg.bench import benchmark_gradcam
+        from polypseg.cli.common import resolve_device
+        from polypseg.io_utils import atomic_write_json
+        from polypseg.precision import check_precision
+
+        chosen = tuple(p.strip() for p in precisions.split(",") if p.strip())
+        for p in chosen:
+            check_precision(p, "--precisions")
+        if str(model) == "random":
+            from polypseg.models import create_model
+
+            net, size, pixels = create_model().eval(), 256, None
+        else:
+            from polypseg.checkpoint import load_checkpoint
+            from polypseg.data import build_cache
+            from polypseg.pretrained import resolve_model
+            from polypseg.sample_data import sample_dataset_path
+
+            checkpoint = load_checkpoint(_pick_checkpoint(resolve_model(model), None))
+            net, size = checkpoint.model, checkpoint.config.train.image_size
+            pixels = build_cache(data or sample_dataset_path(), size, progress=False).images
+        with console.status(f"timing {images} Grad-CAM heatmaps per precision ({', '.join(chosen)})"):
+            rows = benchmark_gradcam(net, n=images, batch_size=batch_size, device=resolve_device(device), precisions=chosen, image_size=size, images=pixels)
+        for row in rows:
+            corr = row["heatmap_correlation"]
+            console.print(
+                f"{row['precision']}: {row['n']} heatmaps in {row['seconds']:.1f} s = {row['heatmaps_per_s']:.1f}/s"
+                + (f", {row['speedup_vs_fp32']:.2f}x fp32" if "speedup_vs_fp32" in row else "")
+                + (f", correlation with fp32 {corr:.4f} over {row['images_compared']} images" if corr is not None else ""),
+                highlight=False,
+            )
+        console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False)
+        if json_path is not None:
+            atomic_write_json(json_path, rows)
+        if markdown:
+            print("| device | precision | layout | heatmaps | batch | seconds | heatmaps/s | vs fp32 | correlation with fp32 |")
+            print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+            for r in rows:
+                corr = "n/a" if r["heatmap_correlation"] is None else f"{r['heatmap_correlation']:.4f}"
+                print(
+                    f"| {r['device_name']} | {r['precision']} | {'channels-last' if r['channels_last'] else 'NCHW'} | {r['n']} | "
+                    f"{r['batch_size']} | {r['seconds']:.1f} | {r['heatmaps_per_s']:.1f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x | {corr} |"
+                )
