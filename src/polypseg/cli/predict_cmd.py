@@ -38,12 +38,10 @@ def _warn(message: str) -> None:
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    """``fail`` for messages that name files: shown as text, whatever brackets or bytes they hold."""
-    from rich.markup import escape
-
+    """``fail`` for messages that name files: shown as text (``fail`` escapes markup), whatever bytes they hold."""
     from polypseg.io_utils import display_name
 
-    fail(escape(display_name(message)), code=code)
+    fail(display_name(message), code=code)
 
 
 def _say(message: str) -> None:
