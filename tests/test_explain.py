@@ -413,7 +413,7 @@ def test_explain_images_returns_maps_at_original_sizes(unet: nn.Module) -> None:
 
     rng = np.random.default_rng(0)
     inputs = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in ((40, 56), (64, 64), (90, 30))]
-    heatmaps, probabilities = explain_images(unet, inputs, image_size=64, threshold=0.5, batch_size=2)
+    heatmaps, probabilities = explain_images(unet, inputs, image_size=64, threshold=0.5, batch_size=2, precision="fp32")
     assert len(heatmaps) == len(probabilities) == 3
     for image, heatmap, prob in zip(inputs, heatmaps, probabilities):
         assert heatmap.shape == prob.shape == image.shape[:2]

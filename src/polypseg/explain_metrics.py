@@ -177,10 +177,10 @@ def _baseline(images: torch.Tensor, kind: str) -> torch.Tensor:
     raise ExplainMetricsError(f"unknown baseline '{kind}'; use 'mean' or 'blur'")
 
 
-def _model_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _model_logits(model: nn.Module, x: torch.Tensor, precision: str = "auto") -> torch.Tensor:
     from polypseg.explain import autocast_for
 
-    with autocast_for(x.device):
+    with autocast_for(x.device, precision):
         return model(x).float()
 
 
@@ -195,6 +195,7 @@ def deletion_insertion_auc(
     reference_logits: torch.Tensor | None = None,
     deletion_baseline: str = "mean",
     insertion_baseline: str = "blur",
+    precision: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Deletion and insertion curves and their areas for normalised images ``(N, 3, H, W)``.
 
@@ -220,7 +221,9 @@ def deletion_insertion_auc(
     n, _, height, width = images.shape
     pixels = height * width
     if reference_logits is None:
-        reference_logits = torch.cat([_model_logits(model, images[i : i + batch_size]) for i in range(0, n, batch_size)])
+        reference_logits = torch.cat(
+            [_model_logits(model, images[i : i + batch_size], precision) for i in range(0, n, batch_size)]
+        )
     reference_logits = reference_logits.to(device).float()
     original = score_fn(reference_logits, reference_logits)
 
@@ -242,7 +245,7 @@ def deletion_insertion_auc(
         x = torch.where(keep_image, images[idx], base)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        scores[sl] = score_fn(_model_logits(model, x), reference_logits[idx])
+        scores[sl] = score_fn(_model_logits(model, x, precision), reference_logits[idx])
     relative = (scores.view(n, 2, steps) / original.view(n, 1, 1)).cpu().double()
     valid = (original > 0).cpu() & torch.isfinite(original).cpu()
     ones = torch.ones(n, 1, dtype=torch.float64)
@@ -275,6 +278,7 @@ def score_explanations(
     topk: float = DEFAULT_TOPK,
     deletion_steps: int = DEFAULT_DELETION_STEPS,
     batch_size: int = 32,
+    precision: str = "auto",
 ) -> list[dict[str, float]]:
     """All explanation metrics for one batch at model resolution, one dict per image.
 
@@ -303,6 +307,7 @@ def score_explanations(
             steps=deletion_steps,
             batch_size=batch_size,
             reference_logits=logits.detach(),
+            precision=precision,
         )
         columns["deletion_auc"] = curves["deletion_auc"]
         columns["insertion_auc"] = curves["insertion_auc"]
@@ -342,6 +347,7 @@ def evaluate_explanations(
     stems: Sequence[str] | None = None,
     method: str = "gradcam",
     progress: bool = False,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Grad-CAM every image and measure it: the explanation part of a CV fold's summary.
 
@@ -353,6 +359,7 @@ def evaluate_explanations(
     """
     from polypseg.explain import MaskedLogitSum, SegmentationGradCAM, autocast_for
     from polypseg.metrics import dice_score
+    from polypseg.precision import use_channels_last
     from polypseg.transforms import images_to_tensor, normalize
 
     images = np.asarray(images)
@@ -374,15 +381,16 @@ def evaluate_explanations(
         for start in starts:
             sl = slice(start, start + batch_size)
             batch = normalize(images_to_tensor(images[sl]).to(device))
-            if device.type == "cuda":
+            if use_channels_last(device, precision):
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast_for(device):
+            with autocast_for(device, precision):
                 heatmaps, logits = cam(batch, MaskedLogitSum(threshold), return_logits=True)  # type: ignore[misc]
             gt = torch.from_numpy(gt_masks[sl])
             dice = dice_score((torch.sigmoid(logits[:, 0]) >= threshold).cpu(), gt).numpy()
             scored = score_explanations(
-                model, batch, heatmaps, logits, gt, threshold, topk, deletion_steps, max(batch_size, 2 * deletion_steps)
-            )
+                model, batch, heatmaps, logits, gt, threshold, topk, deletion_steps, max(batch_size, 2 * deletion_steps),
+                precision,
+            )  # fmt: skip
             for stem, d, record in zip(stems[sl], dice, scored):
                 records.append({"stem": stem, "dice": float(d), **record})
     report = explanation_report(records)
