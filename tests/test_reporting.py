@@ -127,3 +127,14 @@ def test_report_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="no finished fold") as info:
         write_report(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_undefined_explanation_means_are_nan_not_a_crash():
+    """A fold whose every mask is empty stores its explanation means as null (strict JSON)."""
+    import math
+
+    from polypseg.reporting.report import _metric_mean
+
+    assert math.isnan(_metric_mean({"mean": None, "std": None, "n": 0}))
+    assert math.isnan(_metric_mean([None, None])) and math.isnan(_metric_mean(None))
+    assert _metric_mean({"mean": 0.25}) == 0.25 and _metric_mean([0.5, 0.1]) == 0.5

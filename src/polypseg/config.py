@@ -189,18 +189,22 @@ def _strong() -> RunConfig:
 
 
 def _demo() -> RunConfig:
-    """Small enough to finish on a 2-core CPU in a few minutes on the bundled 40-image sample."""
+    """Small enough to finish on a 2-core CPU in a few minutes on the bundled 40-image sample.
+
+    A smoke run of the whole pipeline, not of the paper's network: a MobileNet-V2 U-Net with a
+    thin decoder (3.1M parameters, 12 MB a fold) keeps a finished 5-fold demo run at tens of MB.
+    """
     train = TrainConfig(
         recipe="demo",
         image_size=128,
-        epochs=6,
+        epochs=15,
         batch_size=8,
-        lr=1e-3,
+        lr=3e-3,
         loss="dice_bce",
         val_fraction=0.0,
         eval_batch_size=8,
     )
-    return RunConfig(model=ModelConfig(), train=train)
+    return RunConfig(model=ModelConfig(encoder="mobilenet_v2", decoder_channels=(64, 32, 16, 16, 8)), train=train)
 
 
 def _cpu() -> RunConfig:

@@ -487,9 +487,12 @@ def _write_report(run_dir: Path) -> None:
     try:
         write_report(run_dir)
     except Exception as error:  # noqa: BLE001
-        import warnings
+        import logging
 
-        warnings.warn(f"the report could not be written ({error}); the run is complete, retry with: polypseg report {run_dir}", stacklevel=2)
+        logging.getLogger(__name__).warning(
+            "the report could not be written (%s: %s); the run is complete, retry with: polypseg report %s",
+            type(error).__name__, error, run_dir,
+        )  # fmt: skip
 
 
 def pooled_metrics(run_dir: Path | str) -> SegmentationMetrics:

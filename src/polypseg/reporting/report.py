@@ -290,12 +290,15 @@ def _fold_rows(summary: dict[str, Any], bf1_fold: dict[str, list[float]]) -> lis
 
 
 def _metric_mean(value: Any) -> float:
-    """A per-fold explanation summary value: ``{"mean", "std", "n"}`` or ``[mean, std]``."""
+    """A per-fold explanation summary value: ``{"mean", "std", "n"}`` or ``[mean, std]``.
+
+    An undefined mean (no image with a predicted or a true mask) is stored as null: NaN here.
+    """
     if isinstance(value, dict):
-        return float(value.get("mean", float("nan")))
-    if isinstance(value, (list, tuple)):
-        return float(value[0])
-    return float(value)
+        value = value.get("mean")
+    elif isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return float("nan") if value is None else float(value)
 
 
 def _explained_images(explain: dict[str, Any]) -> int:
