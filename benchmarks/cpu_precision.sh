@@ -24,8 +24,7 @@ POLYPSEG="python3 -m polypseg.cli.main"
   echo "# CPU precision benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo
   echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores;" \
-    "flags: $(grep -m1 -o -w -E 'avx512_bf16|amx_bf16|amx_tile|avx512_vnni|avx512f' /proc/cpuinfo | sort -u | xargs)" \
-    "$(grep -m1 '^flags' /proc/cpuinfo | grep -o -w -E 'avx512_bf16|amx_bf16|amx_tile|avx512_vnni|avx512f' | sort -u | xargs);" \
+    "flags: $(grep -m1 '^flags' /proc/cpuinfo | grep -o -w -E 'avx512_bf16|amx_bf16|amx_tile|avx512_vnni|avx512f' | sort -u | xargs);" \
     "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo
   echo "## 1. Training step, paper recipe (batch 16, 256 px)"
