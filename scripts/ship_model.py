@@ -1,0 +1,115 @@
+"""Ship a trained model: test it once, release it as fp16 into the package, keep its small files.
+
+Usage (after `polypseg train ... --test-list TEST --out TRAIN_DIR` has finished):
+
+    python scripts/ship_model.py TRAIN_DIR NAME [--data KVASIR] [--test-list TEST] [--external CVC]
+
+Steps, each through the library that users have:
+1. the PraNet protocol on the held-out test list (`evaluate_pranet`: original resolution, bootstrap
+   95% intervals, S-measure & co.) -> TRAIN_DIR/pranet.{json,md};
+2. external validation on CVC-ClinicDB-62 (`evaluate_external`) -> TRAIN_DIR/external_*.{json,md};
+3. the fp16 release into src/polypseg/weights/ (`release_model`), with the training command, the
+   data seen and unseen, and the test metrics in its sidecar; its fp16-vs-fp32 Dice change on the
+   test images is measured and recorded;
+4. the run's small files (config, split, history, metrics; never weights) copied to docs/runs/NAME/.
+
+Nothing here chooses anything on the test images: the recipe, epochs and threshold were fixed
+before (the best epoch on the inner validation split of the training images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("train_dir", type=Path)
+    parser.add_argument("name")
+    parser.add_argument("--data", type=Path, default=SHARED / "kvasir-seg")
+    parser.add_argument("--test-list", type=Path, default=SHARED / "splits" / "pranet_kvasir_test100.txt")
+    parser.add_argument("--external", type=Path, default=SHARED / "cvc-clinicdb-test62")
+    parser.add_argument("--command", default="", help="The training command, recorded in the sidecar.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--weights-dir", type=Path, default=None, help="Default: the package's weights/ (a dry run: elsewhere).")
+    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "runs", help="Where docs/runs/NAME/ goes.")
+    args = parser.parse_args()
+
+    from polypseg.checkpoint import load_checkpoint
+    from polypseg.data import build_cache, load_split_file
+    from polypseg.evaluation import evaluate_probabilities, predict_probabilities
+    from polypseg.io_utils import read_json
+    from polypseg.pretrained import release_model
+    from polypseg.studies import evaluate_external, evaluate_pranet
+
+    train_dir: Path = args.train_dir
+    pranet = evaluate_pranet(train_dir, args.data, args.test_list, device=args.device)
+    external = evaluate_external(train_dir / "best", args.external, out=train_dir, device=args.device)
+    split = read_json(train_dir / "split.json")
+    history = read_json(train_dir / "history.json")
+    best = load_checkpoint(train_dir / "best")
+    config = json.loads((train_dir / "config.json").read_text())
+
+    single = external["models"][0]["at"]
+    release = {
+        "training_command": args.command,
+        "recipe": config["train"]["recipe"],
+        "precision": config["train"]["precision"],
+        "epochs": config["train"]["epochs"],
+        "best_epoch": best.metadata.get("epoch"),
+        "selected_on": f"best val_dice on the inner validation split ({len(split['val'])} training images)",
+        "threshold": best.threshold,
+        "data": {
+            "trained_on": f"Kvasir-SEG: {len(split['train'])} images (+ {len(split['val'])} for the best epoch), random-init encoder",
+            "held_out": f"the {len(split['test'])} images of {args.test_list.name} (PraNet's test split); CVC-ClinicDB never seen",
+            "licence": "Kvasir-SEG: research and education only; cite Jha et al., MMM 2020",
+        },
+        "test_metrics": {
+            "kvasir_test100_original_resolution": {
+                "dice": pranet["original_resolution"]["mdice"],
+                "iou": pranet["original_resolution"]["miou"],
+                "dice_ci95_low": pranet["ci95"]["mdice"][0],
+                "dice_ci95_high": pranet["ci95"]["mdice"][1],
+            },
+            "cvc_clinicdb62": {
+                "dice": single[f"{external['threshold']:g}"]["dice"],
+                "iou": single[f"{external['threshold']:g}"]["iou"],
+                "dice_ci95_low": external["ci95"]["dice"][0],
+                "dice_ci95_high": external["ci95"]["dice"][1],
+            },
+        },
+        "history_epochs": len(history),
+    }
+    shipped = release_model(train_dir / "best", args.name, release, weights_dir=args.weights_dir, summary=(
+        f"{config['model']['arch']} / {config['model']['encoder']}, random init, Kvasir-SEG {len(split['train']) + len(split['val'])}; test Dice {release['test_metrics']['kvasir_test100_original_resolution']['dice']:.3f} "
+        f"(Kvasir-SEG test 100), {release['test_metrics']['cvc_clinicdb62']['dice']:.3f} (CVC-ClinicDB-62)"
+    ))
+
+    # fp16 storage must not change the answers: Dice of the shipped weights vs the fp32 checkpoint
+    stems = load_split_file(args.test_list)
+    test = build_cache(args.data, best.config.train.image_size, progress=False).subset(stems)
+    scores = {}
+    for label, checkpoint in (("fp32", best), ("fp16", load_checkpoint(shipped.stem))):  # noqa: B007
+        probs = predict_probabilities(checkpoint.model, test.images, precision="fp32", batch_size=16)
+        scores[label] = evaluate_probabilities(probs, test.masks, thresholds=(0.5,)).at_threshold(0.5)["dice"]
+    print(f"fp16 storage: Dice {scores['fp16']:.4f} vs fp32 {scores['fp32']:.4f} ({scores['fp16'] - scores['fp32']:+.4f})")
+    (train_dir / "fp16_check.json").write_text(json.dumps(scores, indent=2))
+
+    docs = args.docs_dir / args.name
+    docs.mkdir(parents=True, exist_ok=True)
+    for path in sorted(train_dir.iterdir()):
+        if path.suffix in (".json", ".md", ".txt", ".csv") and not path.name.startswith("last_state"):
+            shutil.copy2(path, docs / path.name)
+    print(f"shipped {shipped.name}: {shipped.weights} ({shipped.size_bytes / 1e6:.1f} MB, sha256 {shipped.sha256})")
+    print(f"small files: {docs}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
