@@ -154,6 +154,20 @@ def _paper() -> RunConfig:
     return RunConfig()
 
 
+def _heavy_augment() -> AugmentConfig:
+    """The paper's augmentations, stronger, plus random resized crops and saturation (strong, cpu)."""
+    return AugmentConfig(
+        rotate_degrees=45.0,
+        rotate_p=0.7,
+        brightness=0.25,
+        contrast=0.25,
+        color_p=0.8,
+        crop_scale_min=0.5,
+        crop_p=0.5,
+        hue_saturation=0.1,
+    )
+
+
 def _strong() -> RunConfig:
     """Recipe for issue #7: from random init, longer schedule, Dice+BCE, EMA, flip TTA.
 
@@ -170,16 +184,7 @@ def _strong() -> RunConfig:
         schedule="onecycle",
         warmup_epochs=5,
         loss="dice_bce",
-        augment=AugmentConfig(
-            rotate_degrees=45.0,
-            rotate_p=0.7,
-            brightness=0.25,
-            contrast=0.25,
-            color_p=0.8,
-            crop_scale_min=0.5,
-            crop_p=0.5,
-            hue_saturation=0.1,
-        ),
+        augment=_heavy_augment(),
         val_fraction=0.0,
         ema_decay=0.999,
         tta_flip=True,
@@ -227,16 +232,7 @@ def _cpu() -> RunConfig:
         loss="dice_bce",
         progressive_size=160,
         progressive_epochs=36,
-        augment=AugmentConfig(
-            rotate_degrees=45.0,
-            rotate_p=0.7,
-            brightness=0.25,
-            contrast=0.25,
-            color_p=0.8,
-            crop_scale_min=0.5,
-            crop_p=0.5,
-            hue_saturation=0.1,
-        ),
+        augment=_heavy_augment(),
         val_fraction=0.1,
         ema_decay=0.998,
         eval_batch_size=16,

@@ -187,6 +187,37 @@ def _openvino_runner(compiled: Any) -> Runner:
     return run
 
 
+def _onnx_paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_file():
+            raise PredictorError(f"ONNX model not found: {path}")
+    return paths
+
+
+def _onnx_sidecars(
+    paths: Sequence[Path], threshold: float | None, metadata: dict[str, Any] | None
+) -> tuple[int, dict[str, Any], float]:
+    """Input size, metadata and threshold of exported models, from the sidecars written beside them."""
+    from polypseg.export import read_onnx_metadata
+
+    sidecars = [read_onnx_metadata(path) for path in paths]
+    sizes = {s["image_size"] for s in sidecars}
+    if len(sizes) != 1:
+        raise PredictorError(f"ONNX models disagree on input size: {sorted(sizes)}")
+    meta: dict[str, Any] = {
+        "onnx": [str(p) for p in paths],
+        "config": sidecars[0].get("config", {}),
+        "metrics": sidecars[0].get("metrics", {}),
+    }
+    if any(s.get("quantization") for s in sidecars):
+        meta["quantization"] = [s.get("quantization") for s in sidecars]
+    meta.update(metadata or {})
+    if threshold is None:
+        threshold = float(sidecars[0].get("threshold", 0.5))
+    return sizes.pop(), meta, threshold
+
+
 def _with_flip_tta(run: Runner) -> Runner:
     """Mean of the image and its horizontal and vertical flips (same views as evaluation's TTA)."""
 
@@ -301,40 +332,25 @@ class Predictor:
         metadata: dict[str, Any] | None = None,
     ) -> Predictor:
         """An onnxruntime predictor over exported model(s); sizes and threshold come from their sidecars."""
-        from polypseg.export import create_session, read_onnx_metadata
+        from polypseg.export import create_session
 
         device = _resolve_device(device)
-        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-        runners, sidecars = [], []
+        paths = _onnx_paths(paths)
+        runners = []
         for path in paths:
-            if not path.is_file():
-                raise PredictorError(f"ONNX model not found: {path}")
-            sidecars.append(read_onnx_metadata(path))
             run = _onnx_runner(create_session(path, device=str(device)))
             runners.append(_with_flip_tta(run) if tta else run)
-        sizes = {s["image_size"] for s in sidecars}
-        if len(sizes) != 1:
-            raise PredictorError(f"ONNX models disagree on input size: {sorted(sizes)}")
-        meta = {
-            "onnx": [str(p) for p in paths],
-            "config": sidecars[0].get("config", {}),
-            "metrics": sidecars[0].get("metrics", {}),
-        }
-        if any(s.get("quantization") for s in sidecars):
-            meta["quantization"] = [s.get("quantization") for s in sidecars]
-        meta.update(metadata or {})
-        if threshold is None:
-            threshold = float(sidecars[0].get("threshold", 0.5))
+        image_size, meta, threshold = _onnx_sidecars(paths, threshold, metadata)
         return cls(
             runners,
-            image_size=sizes.pop(),
+            image_size=image_size,
             threshold=threshold,
             device=device,
             backend="onnxruntime",
             metadata=meta,
             tta=tta,
             batch_size=batch_size,
-            precision="int8" if meta.get("quantization") else "fp32",
+            precision="int8" if "quantization" in meta else "fp32",
         )
 
     @classmethod
@@ -354,7 +370,6 @@ class Predictor:
         ``avx512_bf16``), else fp32; ``fp32`` and ``bf16`` force it. A quantized (QDQ int8) model
         runs in int8 whatever is asked.
         """
-        from polypseg.export import read_onnx_metadata
         from polypseg.precision import check_precision, resolve_precision
 
         check_precision(precision)
@@ -362,39 +377,29 @@ class Predictor:
             import openvino as ov
         except ImportError:
             raise PredictorError("the openvino backend needs OpenVINO: pip install 'polypseg[openvino]'") from None
-        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        paths = _onnx_paths(paths)
         resolved = resolve_precision(precision, "cpu")
         core = ov.Core()
-        runners, sidecars = [], []
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if resolved == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+        runners = []
         for path in paths:
-            if not path.is_file():
-                raise PredictorError(f"ONNX model not found: {path}")
-            sidecars.append(read_onnx_metadata(path))
-            config = {"INFERENCE_PRECISION_HINT": "bf16" if resolved == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
             try:
                 compiled = core.compile_model(str(path), "CPU", config)
             except Exception as error:  # noqa: BLE001 - OpenVINO raises its own exception types
                 raise PredictorError(f"OpenVINO cannot compile {path}: {str(error).splitlines()[0]}") from None
             run = _openvino_runner(compiled)
             runners.append(_with_flip_tta(run) if tta else run)
-        sizes = {s["image_size"] for s in sidecars}
-        if len(sizes) != 1:
-            raise PredictorError(f"ONNX models disagree on input size: {sorted(sizes)}")
-        quantized = any(s.get("quantization") for s in sidecars)
-        meta = {"onnx": [str(p) for p in paths], "config": sidecars[0].get("config", {}), "metrics": sidecars[0].get("metrics", {})}
-        meta.update(metadata or {})
-        if threshold is None:
-            threshold = float(sidecars[0].get("threshold", 0.5))
+        image_size, meta, threshold = _onnx_sidecars(paths, threshold, metadata)
         return cls(
             runners,
-            image_size=sizes.pop(),
+            image_size=image_size,
             threshold=threshold,
             device="cpu",
             backend="openvino",
             metadata=meta,
             tta=tta,
             batch_size=batch_size,
-            precision="int8" if quantized else resolved,
+            precision="int8" if "quantization" in meta else resolved,
         )
 
     @classmethod
