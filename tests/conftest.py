@@ -13,6 +13,24 @@ from helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ENV = "POLYPSEG_SHARED_DATASETS"
+_CACHE_DIR: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every derived file the tests make (data caches, ONNX exports) goes to a temporary cache,
+    not the user's ~/.cache/polypseg."""
+    import tempfile
+
+    global _CACHE_DIR
+    _CACHE_DIR = Path(tempfile.mkdtemp(prefix="polypseg-test-cache-"))
+    os.environ["POLYPSEG_CACHE"] = str(_CACHE_DIR)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    if _CACHE_DIR is not None:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 def shared_dataset_candidates() -> list[Path]:

@@ -23,7 +23,6 @@ from polypseg.sample_data import sample_dataset_path
 
 from helpers import write_synthetic_dataset
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 def test_pairs_by_stem_not_by_sorted_order(tmp_path):
@@ -180,18 +179,16 @@ def test_bundled_sample_is_valid():
     assert report.ok and report.pairs == 40
 
 
-@pytest.mark.skipif(not (SHARED / "cvc-clinicdb-test62").is_dir(), reason="shared datasets not present")
-def test_real_cvc_clinicdb_tiffs():
-    index = index_dataset(SHARED / "cvc-clinicdb-test62")
+def test_real_cvc_clinicdb_tiffs(shared_dataset):
+    index = index_dataset(shared_dataset("cvc-clinicdb-test62"))
     assert len(index.samples) == 62
     image = read_image(index.samples[0].image)
     mask = read_mask(index.samples[0].mask)
     assert image.shape == (288, 384, 3) and mask.shape == (288, 384) and mask.any()
 
 
-@pytest.mark.skipif(not (SHARED / "kvasir-seg").is_dir(), reason="shared datasets not present")
-def test_real_kvasir_pairs_by_stem():
-    index = index_dataset(SHARED / "kvasir-seg")
+def test_real_kvasir_pairs_by_stem(shared_dataset):
+    index = index_dataset(shared_dataset("kvasir-seg"))
     assert len(index.samples) == 1000 and not index.unpaired_images and not index.unpaired_masks
     sample = index.samples[0]
     assert read_mask(sample.mask).shape == read_image(sample.image).shape[:2]
