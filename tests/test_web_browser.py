@@ -447,11 +447,22 @@ def test_a_file_chosen_during_analysis_replaces_the_first(browser, base: str):
     assert held, "the first analysis never asked for /v1/segment"
     tab.upload(second)
     tab.wait_for_result(second.name)
+    late = held[0].request
+    settled: list = []
+    page.on("requestfinished", lambda request: settled.append(request) if request == late else None)
+    page.on("requestfailed", lambda request: settled.append(request) if request == late else None)
     try:
         held[0].continue_()  # the first answer arrives late (its request was cancelled by the page)
-    except Exception:  # noqa: BLE001 - an aborted request can no longer be continued
-        pass
-    page.wait_for_timeout(300)
+    except Exception:  # noqa: BLE001 - an aborted request can no longer be continued: it will never arrive
+        settled.append(late)
+    if late.failure is not None:
+        settled.append(late)  # the page aborted it before it was released
+    for _ in range(HANG_MS // 50):
+        if settled:
+            break
+        page.wait_for_timeout(50)
+    assert settled, "the late answer neither arrived nor failed"
+    page.evaluate("() => new Promise(resolve => setTimeout(resolve, 100))")  # the page handles what arrived
     assert page.get_attribute("#result-title", "data-name") == second.name
     assert page.inner_text("#status").startswith(f"{second.name}: done")
     tab.close()
