@@ -66,6 +66,7 @@ def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, 
     monkeypatch.setattr(training, "STATE_EVERY_S", 0.0)  # save state after every epoch
     config = tiny_config(epochs=3, image_size=32)
     config.train.ema_decay = 0.9
+    config.train.precision = "fp32"  # bitwise comparison: oneDNN's bf16 kernels differ between CPUs
     train_model(config, tiny_data, None, tmp_path / "straight", device="cpu", progress=False)
 
     class Interrupt(Exception):
