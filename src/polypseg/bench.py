@@ -558,6 +558,21 @@ def benchmark_gradcam(
     return rows
 
 
+def gradcam_markdown(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of :func:`benchmark_gradcam` results."""
+    lines = [
+        "| device | precision | layout | heatmaps | batch | seconds | heatmaps/s | vs fp32 | correlation with fp32 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        corr = "n/a" if r["heatmap_correlation"] is None else f"{r['heatmap_correlation']:.4f}"
+        lines.append(
+            f"| {r['device_name']} | {r['precision']} | {'channels-last' if r['channels_last'] else 'NCHW'} | {r['n']} | "
+            f"{r['batch_size']} | {r['seconds']:.1f} | {r['heatmaps_per_s']:.1f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x | {corr} |"
+        )
+    return "\n".join(lines)
+
+
 def cpu_feature_summary() -> str:
     """The CPU flags that decide polypseg's speed: AVX-512, its bf16/VNNI extensions, AMX."""
     from polypseg.precision import cpu_flags

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -12,11 +11,6 @@ from torch import nn
 from polypseg.precision import autocast, use_channels_last
 from polypseg.metrics import DEFAULT_THRESHOLDS, SegmentationMetrics
 from polypseg.transforms import normalize
-
-
-def autocast_for(device: torch.device | str, enabled: bool = True) -> AbstractContextManager:
-    """Deprecated spelling of :func:`polypseg.precision.autocast`: ``enabled`` means ``auto``."""
-    return autocast(device, "auto" if enabled else "fp32")
 
 
 @torch.no_grad()

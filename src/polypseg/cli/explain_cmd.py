@@ -569,7 +569,7 @@ def register(app: typer.Typer) -> None:
         markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table on stdout."),
     ) -> None:
         """Grad-CAM speed per precision (heatmaps/s, speed-up over fp32) and each precision's heatmap correlation with fp32."""
-        from polypseg.bench import benchmark_gradcam
+        from polypseg.bench import benchmark_gradcam, gradcam_markdown
         from polypseg.cli.common import resolve_device
         from polypseg.io_utils import atomic_write_json
         from polypseg.precision import check_precision
@@ -604,11 +604,4 @@ def register(app: typer.Typer) -> None:
         if json_path is not None:
             atomic_write_json(json_path, rows)
         if markdown:
-            print("| device | precision | layout | heatmaps | batch | seconds | heatmaps/s | vs fp32 | correlation with fp32 |")
-            print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-            for r in rows:
-                corr = "n/a" if r["heatmap_correlation"] is None else f"{r['heatmap_correlation']:.4f}"
-                print(
-                    f"| {r['device_name']} | {r['precision']} | {'channels-last' if r['channels_last'] else 'NCHW'} | {r['n']} | "
-                    f"{r['batch_size']} | {r['seconds']:.1f} | {r['heatmaps_per_s']:.1f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x | {corr} |"
-                )
+            print(gradcam_markdown(rows))
