@@ -89,7 +89,8 @@ def resolve_training_device(device: str, context: DistributedContext) -> torch.d
     if resolved.type == "cuda" and resolved.index is None and context.enabled:
         resolved = torch.device("cuda", context.local_rank)
     if resolved.type == "cuda":
-        torch.cuda.set_device(resolved)
+        # set_device needs an index; a bare "cuda" means the current device.
+        torch.cuda.set_device(resolved.index if resolved.index is not None else torch.cuda.current_device())
     return resolved
 
 
