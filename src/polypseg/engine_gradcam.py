@@ -268,7 +268,9 @@ def export_gradcam_onnx(
     wrapper = LogitsAndHeadInput(model)
     was_training = model.training
     wrapper.eval()
-    example = torch.randn(2 if dynamic_batch else 1, 3, image_size, image_size)
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    example = torch.randn(2 if dynamic_batch else 1, 3, image_size, image_size, device=device)
     kwargs: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES), "opset_version": opset}
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -336,16 +338,18 @@ class EngineGradCAM:
     """The paper's Grad-CAM (:class:`polypseg.explain.SegmentationGradCAM`, ``method="gradcam"``) from
     forward passes only, in onnxruntime (fp32, int8) or OpenVINO (fp32, bf16, int8) on the CPU.
 
-    ``model``: an smp model whose head is one Conv2d + identities (else :class:`EngineGradCAMError`);
-    it is exported once at ``image_size`` (to ``onnx_path`` if given, else to a temporary file)
-    and only its head weight is kept; ``export=False`` loads an existing :func:`export_gradcam_onnx`
-    file of this same model from ``onnx_path`` instead (to build several engines from one export;
-    for ``int8``, a graph already quantized by :func:`quantize_gradcam_onnx` is used as it is).
-    With int8 the gradient uses the fp32 head weight: exact for the fp32 graph, close for the
-    quantized one. ``precision``: ``fp32``, ``bf16`` (OpenVINO, CPUs with native
-    bf16), ``int8`` (static QDQ quantization calibrated on ``calibration_images``: a folder or a
-    list of paths / ``uint8`` arrays, as :func:`polypseg.export.quantize_onnx_int8` takes) or
-    ``auto`` (bf16 where native for OpenVINO, fp32 otherwise).
+    ``model``: an smp model whose head is one Conv2d + identities (else :class:`EngineGradCAMError`),
+    in eval mode, on any device. It is exported once at ``image_size`` (to ``onnx_path`` if given,
+    else to a temporary file) and only its head weight is kept; ``export=False`` loads an existing
+    :func:`export_gradcam_onnx` file of this same model from ``onnx_path`` instead (to build several
+    engines from one export; for ``int8``, a graph already quantized by :func:`quantize_gradcam_onnx`
+    is used as it is).
+
+    ``precision``: ``fp32``; ``bf16`` (OpenVINO, on CPUs with native bf16); ``int8`` (static QDQ
+    quantization calibrated on ``calibration_images``: a folder or a list of paths / ``uint8``
+    arrays, as :func:`polypseg.export.quantize_onnx_int8` takes; the gradient then uses the fp32 head
+    weight, exact for the fp32 graph and close for the quantized one); or ``auto`` (bf16 where
+    native for OpenVINO, fp32 otherwise). One instance serves one thread at a time.
     """
 
     def __init__(
