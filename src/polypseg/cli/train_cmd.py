@@ -76,14 +76,12 @@ def build_config(
         raise UsageError(str(error)) from None
 
 
-def _saved_config(path: Path, key: str | None = None) -> RunConfig | None:
-    """The config a run folder was started with (``None`` if there is none yet)."""
-    if not path.is_file():
-        return None
-    from polypseg.io_utils import read_json
+def _saved_config(out: Path) -> RunConfig | None:
+    """The config a run folder was started with, CV run or training folder (``None`` if there is none yet)."""
+    from polypseg.runs import RunDir
 
-    data = read_json(path)
-    return RunConfig.from_dict(data[key] if key else data)
+    settings = RunDir(out).saved_settings()
+    return settings.config if settings is not None else None
 
 
 # Options shared by train and cv (typer needs them spelled out per command).
@@ -145,7 +143,7 @@ def register(app: typer.Typer) -> None:
         """
         from polypseg.cv import run_cv
 
-        saved = _saved_config(out / "config.json", key="run") if resume else None
+        saved = _saved_config(out) if resume else None
         options = (recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, precision)
         config = None  # resuming with no options: the run's own config
         if saved is None or any(v is not None for v in options) or overrides:
@@ -178,9 +176,12 @@ def register(app: typer.Typer) -> None:
             )
             if summary.get("recipe") == "demo":
                 console.print(DEMO_NOTE, highlight=False, soft_wrap=True)
-            console.print(f"summary: {Path(out) / 'summary.md'}")
-            if (Path(out) / "report.html").is_file():
-                console.print(f"report:  {Path(out) / 'report.html'}")
+            from polypseg.runs import RunDir
+
+            run = RunDir(out)
+            console.print(f"summary: {run.summary_md_path}")
+            if run.report_path.is_file():
+                console.print(f"report:  {run.report_path}")
 
     @app.command("bench-train")
     def bench_train_command(
@@ -280,7 +281,7 @@ def register(app: typer.Typer) -> None:
         """Train one model on one split: the data minus --test-list, best epoch chosen on an inner validation split."""
         from polypseg.train_split import train_single_split
 
-        saved = _saved_config(out / "config.json") if resume else None
+        saved = _saved_config(out) if resume else None
         base = recipe if recipe is not None else (saved or "paper")
         config = build_config(
             base, encoder_weights=encoder_weights, skip_connections=skip, epochs=epochs, batch_size=batch_size, lr=lr,
