@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polypseg.config import ConfigError, RunConfig, get_recipe
+from polypseg.config import ConfigError, get_recipe
 from polypseg.io_utils import atomic_write_json, read_json
 from polypseg.runs import CV, TRAIN, RunDir, RunError, RunSettings, fold_name, parse_fold_name
 from polypseg.splits import inner_validation_split

@@ -28,7 +28,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from polypseg.config import RunConfig
 from polypseg.errors import PolypsegError
@@ -57,8 +57,9 @@ OOF = "oof.npz"
 FOLD_METRICS = "metrics.json"
 
 FOLD_PREFIX = "fold_"
-CV = "cv"
-TRAIN = "train"
+RunKind = Literal["cv", "train"]
+CV: RunKind = "cv"
+TRAIN: RunKind = "train"
 
 
 class RunError(PolypsegError):
@@ -96,7 +97,7 @@ class RunSettings:
     """
 
     config: RunConfig
-    kind: str = CV
+    kind: RunKind = CV
     data: str | None = None
     folds: int | None = None
     seed: int | None = None

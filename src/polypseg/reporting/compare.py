@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from polypseg.boundary import boundary_f1, default_tolerance
 from polypseg.errors import PolypsegError
