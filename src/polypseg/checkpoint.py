@@ -316,13 +316,13 @@ def find_checkpoints(path: Path | str) -> list[Path]:
     if weights.is_file() and sidecar.is_file():
         return [weights]
     if path.is_dir():
-        direct = path / "best.safetensors"
+        from polypseg.runs import RunDir
+
+        run = RunDir(path)
+        direct = run.best_checkpoint().with_suffix(".safetensors")
         if direct.is_file():
             return [direct]
-        folds = sorted(
-            (p for p in path.glob("fold_*/best.safetensors") if p.parent.name[5:].isdigit()),
-            key=lambda p: int(p.parent.name.split("_")[1]),
-        )
+        folds = run.fold_checkpoints()
         if folds:
             return folds
     raise CheckpointError(f"no polypseg checkpoint found at {path} (expected NAME.safetensors + NAME.json, or a run folder)")

@@ -9,11 +9,23 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from polypseg.errors import PolypsegError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+
+class ConfigError(PolypsegError, ValueError):
+    """A configuration polypseg cannot run: unknown recipe, field, value or model.
+
+    Also a ``ValueError``, which is what these errors were before, so callers catching that still do.
+    """
 
 
 @dataclass
@@ -85,10 +97,6 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 32
 
-    @property
-    def thresholds(self) -> list[float]:
-        return [round(0.30 + 0.05 * i, 2) for i in range(9)]
-
 
 @dataclass
 class RunConfig:
@@ -106,6 +114,8 @@ class RunConfig:
         if "amp" in train_data:
             amp = train_data.pop("amp")
             train_data.setdefault("precision", "auto" if amp else "fp32")
+        # Configs of early versions listed the threshold sweep, which is fixed (metrics.DEFAULT_THRESHOLDS).
+        train_data.pop("thresholds", None)
         augment = _build(AugmentConfig, train_data.pop("augment", {}))
         train = _build(TrainConfig, train_data)
         train.augment = augment
@@ -141,7 +151,7 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
     values = {}
     for name, value in data.items():
         if isinstance(value, list):
@@ -246,7 +256,7 @@ RECIPES: dict[str, Any] = {"paper": _paper, "strong": _strong, "cpu": _cpu, "dem
 def get_recipe(name: str) -> RunConfig:
     """Return a fresh copy of a named recipe (``paper``, ``strong``, ``cpu``, ``demo``)."""
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe '{name}'; choose one of: {', '.join(RECIPES)}")
+        raise ConfigError(f"unknown recipe '{name}'; choose one of: {', '.join(RECIPES)}")
     return RECIPES[name]()
 
 
@@ -257,17 +267,17 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     """
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override '{item}' is not of the form section.field=value")
+            raise ConfigError(f"override '{item}' is not of the form section.field=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         target: Any = config
         for part in parts[:-1]:
             if not hasattr(target, part):
-                raise ValueError(f"override '{item}': no section '{part}'")
+                raise ConfigError(f"override '{item}': no section '{part}'")
             target = getattr(target, part)
         name = parts[-1]
         if not dataclasses.is_dataclass(target) or name not in {f.name for f in fields(target)}:
-            raise ValueError(f"override '{item}': unknown field '{key}'")
+            raise ConfigError(f"override '{item}': unknown field '{key}'")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -275,4 +285,42 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         if isinstance(value, list):
             value = tuple(value)
         setattr(target, name, value)
+    return config
+
+
+def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None, build_model: bool = True) -> RunConfig:
+    """Check ``config`` before any work is done; raise :class:`ConfigError` naming the field at fault.
+
+    Checks the choices of precision, loss, optimizer and schedule, that ``encoder_weights`` is
+    ``none``, ``imagenet`` or an existing file and (``build_model``) that the model can be built:
+    architecture, encoder, decoder options, reachable ImageNet weights. ``labels`` names fields the
+    way the caller's user knows them (the CLI passes ``{"train.loss": "--loss", ...}``).
+    """
+    from polypseg.losses import LOSSES
+    from polypseg.precision import PRECISIONS
+
+    def label(field_name: str) -> str:
+        return (labels or {}).get(field_name, field_name)
+
+    train = config.train
+    for field_name, value, choices in (
+        ("train.precision", train.precision, PRECISIONS),
+        ("train.loss", train.loss, LOSSES),
+        ("train.optimizer", train.optimizer, OPTIMIZERS),
+        ("train.schedule", train.schedule, SCHEDULES),
+    ):
+        if value not in choices:
+            raise ConfigError(f"{label(field_name)} {value}: choose one of {', '.join(choices)}")
+    weights = config.model.encoder_weights
+    if weights not in ("none", "imagenet") and not Path(weights).is_file():
+        raise ConfigError(f"{label('model.encoder_weights')} {weights}: not 'imagenet', 'none' or an existing file")
+    if build_model:
+        from polypseg.models import create_model
+
+        try:
+            # Fail now, not after caching the data: unknown arch, encoder or attention, unreachable weights.
+            create_model(config.model)
+        except (ValueError, KeyError) as error:
+            message = str(error.args[0]) if error.args else str(error)
+            raise ConfigError(f"invalid model settings: {message[:300]}") from None
     return config

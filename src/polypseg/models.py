@@ -15,7 +15,7 @@ import torch
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
-from polypseg.config import ModelConfig
+from polypseg.config import ConfigError, ModelConfig
 from polypseg.errors import PolypsegError
 
 DECODER_ATTENTION = ("none", "scse")
@@ -68,14 +68,14 @@ def create_model(config: ModelConfig | None = None, **overrides: Any) -> nn.Modu
     if overrides:
         config = ModelConfig(**{**config.__dict__, **overrides})
     if config.arch not in MODELS:
-        raise ValueError(f"unknown architecture '{config.arch}'; choose one of: {', '.join(available_models())}")
+        raise ConfigError(f"unknown architecture '{config.arch}'; choose one of: {', '.join(available_models())}")
     if not config.skip_connections and config.arch != "unet":
-        raise ValueError("the skip-connection ablation is defined for arch 'unet' only")
+        raise ConfigError("the skip-connection ablation is defined for arch 'unet' only")
     if config.decoder_attention not in DECODER_ATTENTION:
-        raise ValueError(f"unknown decoder_attention '{config.decoder_attention}'; choose one of: {', '.join(DECODER_ATTENTION)}")
+        raise ConfigError(f"unknown decoder_attention '{config.decoder_attention}'; choose one of: {', '.join(DECODER_ATTENTION)}")
     attention = None if config.decoder_attention == "none" else config.decoder_attention
     if attention is not None and config.arch not in ("unet", "unetplusplus"):
-        raise ValueError(f"decoder_attention '{attention}' is defined for arch 'unet' and 'unetplusplus' only")
+        raise ConfigError(f"decoder_attention '{attention}' is defined for arch 'unet' and 'unetplusplus' only")
 
     weights = config.encoder_weights or "none"
     smp_weights = "imagenet" if weights == "imagenet" else None

@@ -27,9 +27,11 @@ from polypseg.config import RunConfig
 from polypseg.data import build_cache, index_dataset, load_split_file, read_mask
 from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
-from polypseg.evaluation import evaluate_probabilities, predict_probabilities
-from polypseg.io_utils import atomic_write_json, atomic_write_text, read_json
+from polypseg.evaluation import evaluate_probabilities
+from polypseg.io_utils import atomic_write_json, atomic_write_text
 from polypseg.metrics import bootstrap_ci, dice_score, iou_score, mean_std
+from polypseg.runs import EXTERNAL_PREFIX, RunDir, fold_name, parse_fold_name
+from polypseg.training import predict_with_recipe
 
 EXTERNAL_METRICS = ("dice", "iou", "boundary_f1", "sensitivity", "precision", "auc")
 # As reported by PraNet (Fan et al., MICCAI 2020, Table 1) on the same 100 Kvasir-SEG test images.
@@ -87,8 +89,8 @@ def evaluate_external(
     """
     model = Path(model)
     checkpoints = find_checkpoints(model)
-    run_dir = model if (model / "summary.json").is_file() else None
-    summary = read_json(run_dir / "summary.json") if run_dir is not None else None
+    run = RunDir(model) if RunDir(model).summary_path.is_file() else None
+    summary = run.read_summary() if run is not None else None
     torch_device = resolve_device(device)
 
     first = load_checkpoint(checkpoints[0], device="cpu")
@@ -100,13 +102,13 @@ def evaluate_external(
     tolerance = default_tolerance(size)
 
     warnings: list[str] = []
-    if run_dir is not None:
-        run_config = read_json(run_dir / "config.json")
-        if Path(run_config["data"]).resolve() == data.resolve():
+    if run is not None:
+        trained_on = run.read_settings().data
+        if trained_on is not None and Path(trained_on).resolve() == data.resolve():
             warnings.append(f"{data} is the run's own training data: this is not an external validation")
-        splits = run_dir / "splits.json"
-        if splits.is_file():
-            overlap = set(read_json(splits)["stems"]) & set(cache.stems)
+        splits = run.read_splits()
+        if splits is not None:
+            overlap = set(splits["stems"]) & set(cache.stems)
             if overlap:
                 warnings.append(f"{len(overlap)} image name(s) of {data.name} also occur in the training data, e.g. '{sorted(overlap)[0]}'")
 
@@ -122,17 +124,11 @@ def evaluate_external(
         if checkpoint.config.train.image_size != size:
             raise StudyError(f"{path} was trained at {checkpoint.config.train.image_size} px, {checkpoints[0]} at {size} px")
         checkpoint.model.to(torch_device)
-        probs = predict_probabilities(
-            checkpoint.model,
-            cache.images,
-            device=torch_device,
-            batch_size=checkpoint.config.train.eval_batch_size,
-            tta_flip=checkpoint.config.train.tta_flip,
-            precision=checkpoint.config.train.precision,
-        )
+        probs = predict_with_recipe(checkpoint.model, cache.images, checkpoint.config.train, torch_device)
         checkpoint.model.to("cpu")
         ensemble_sum += probs
-        name = path.parent.name if path.parent.name.startswith("fold_") else path.stem
+        fold = parse_fold_name(path.parent.name)
+        name = fold_name(fold) if fold is not None else path.stem
         entries.append({"name": name, "checkpoint": str(path), "at": _model_metrics(probs, cache.masks, thresholds, tolerance)})
 
     result: dict[str, Any] = {
@@ -181,14 +177,14 @@ def evaluate_external(
             key: (in_domain["dice"][key] - entry["at"][key]["dice"]) if in_domain["dice"].get(key) is not None else None
             for key in entry["at"]
         }
-        fold = entry["name"].removeprefix("fold_")
-        if summary is not None and fold.isdigit():
-            own = next((f for f in summary["per_fold"] if f["fold"] == int(fold)), None)
+        fold = parse_fold_name(entry["name"])
+        if summary is not None and fold is not None:
+            own = next((f for f in summary["per_fold"] if f["fold"] == fold), None)
             if own is not None:
                 entry["in_domain_own_fold_dice"] = {"0.5": own["at_0.5"]["dice"], f"{threshold:g}": own["at_chosen"]["dice"]}
 
-    out_dir = Path(out) if out is not None else (run_dir if run_dir is not None else checkpoints[0].parent)
-    stem = f"external_{result['dataset']}"
+    out_dir = Path(out) if out is not None else (run.path if run is not None else checkpoints[0].parent)
+    stem = f"{EXTERNAL_PREFIX}{result['dataset']}"
     atomic_write_json(out_dir / f"{stem}.json", result)
     atomic_write_text(out_dir / f"{stem}.md", external_markdown(result))
     result["written"] = [str(out_dir / f"{stem}.json"), str(out_dir / f"{stem}.md")]
@@ -292,13 +288,13 @@ def _external_row(entry: dict[str, Any], keys: list[str], t: str, bold: bool = F
 
 def _share_splits(reference: Path, run_dir: Path) -> None:
     """Give ``run_dir`` the reference run's ``splits.json`` before it starts, so the folds are identical."""
-    source, target = reference / "splits.json", run_dir / "splits.json"
-    if target.is_file():
-        if read_json(target) != read_json(source):
-            raise StudyError(f"{target} differs from {source}: the study's runs must share their folds; use a new --out")
+    source, target = RunDir(reference), RunDir(run_dir)
+    if target.splits_path.is_file():
+        if target.read_splits() != source.read_splits():
+            raise StudyError(f"{target.splits_path} differs from {source.splits_path}: the study's runs must share their folds; use a new --out")
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    target.path.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source.splits_path, target.splits_path)
 
 
 def run_paired_study(
@@ -420,8 +416,8 @@ def run_encoder_init(
 
     out = Path(out)
     pretrained, scratch = _copy_config(config), _copy_config(config)
-    saved = out / "imagenet" / "config.json"
-    weights = read_json(saved)["run"]["model"]["encoder_weights"] if saved.is_file() else imagenet_weights
+    saved = RunDir(out / "imagenet").saved_settings()
+    weights = saved.config.model.encoder_weights if saved is not None else imagenet_weights
     pretrained.model.encoder_weights = weights
     scratch.model.encoder_weights = "none"
     try:
@@ -496,10 +492,12 @@ def run_pranet(
     test_list = Path(test_list)
     if not test_list.is_file():
         raise StudyError(f"--test-list {test_list}: file not found")
-    if (out / "history.json").is_file() and not resume:
+    run = RunDir(out)
+    if run.history_path().is_file() and not resume:
         raise StudyError(f"{out} already holds a training run; pass --resume to continue it, or choose a new --out")
-    if resume and (out / "config.json").is_file():
-        config = RunConfig.load(out / "config.json")
+    saved = run.saved_settings() if resume else None
+    if saved is not None:
+        config = saved.config
     train_single_split(data, out, config, test_list=test_list, resume=resume, device=device, progress=progress, cache_dir=cache_dir)
     return evaluate_pranet(out, data, test_list, device=device, cache_dir=cache_dir, progress=progress)
 
@@ -513,17 +511,13 @@ def evaluate_pranet(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score ``TRAIN_DIR/best`` once on the stems of ``test_list``; writes ``pranet.{md,json}`` there."""
-    train_dir = Path(train_dir)
+    run = RunDir(train_dir)
     torch_device = resolve_device(device)
-    checkpoint = load_checkpoint(train_dir / "best", device=torch_device)
+    checkpoint = load_checkpoint(run.best_checkpoint(), device=torch_device)
     size = checkpoint.config.train.image_size
     stems = load_split_file(test_list)
     test = build_cache(data, size, cache_dir=cache_dir, progress=progress).subset(stems)
-    probs = predict_probabilities(
-        checkpoint.model, test.images, device=torch_device,
-        batch_size=checkpoint.config.train.eval_batch_size, tta_flip=checkpoint.config.train.tta_flip,
-        precision=checkpoint.config.train.precision,
-    )
+    probs = predict_with_recipe(checkpoint.model, test.images, checkpoint.config.train, torch_device)
     at_model = _model_metrics(probs, test.masks, (0.5,), default_tolerance(size))["0.5"]
 
     original = _original_resolution(data, stems, probs, progress)
@@ -538,7 +532,7 @@ def evaluate_pranet(
     per_image = evaluate_probabilities(probs, test.masks, thresholds=(0.5,)).per_image(0.5)
     result: dict[str, Any] = {
         "polypseg_version": __version__,
-        "checkpoint": str(train_dir / "best.safetensors"),
+        "checkpoint": str(run.best_checkpoint().with_suffix(".safetensors")),
         "data": str(Path(data).resolve()),
         "test_list": str(test_list),
         "n_test": len(stems),
@@ -561,12 +555,11 @@ def evaluate_pranet(
         "mdice": list(bootstrap_ci(result["per_image"]["dice"])),
         "miou": list(bootstrap_ci(result["per_image"]["iou"])),
     }
-    split = train_dir / "split.json"
-    if split.is_file():
-        parts = read_json(split)
-        result["n_train"], result["n_val"] = len(parts["train"]), len(parts["val"])
-    atomic_write_json(train_dir / "pranet.json", result)
-    atomic_write_text(train_dir / "pranet.md", pranet_markdown(result))
+    split = run.read_split()
+    if split is not None:
+        result["n_train"], result["n_val"] = len(split["train"]), len(split["val"])
+    atomic_write_json(run.path / "pranet.json", result)
+    atomic_write_text(run.path / "pranet.md", pranet_markdown(result))
     return result
 
 

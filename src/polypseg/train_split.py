@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from polypseg.checkpoint import load_checkpoint
-from polypseg.config import RunConfig, config_differences
-from polypseg.cv import refuse_changed_settings
+from polypseg.config import RunConfig, config_differences, validate_config
 from polypseg.data import DataError, build_cache, load_split_file
 from polypseg.devices import resolve_device
-from polypseg.evaluation import evaluate_probabilities, predict_probabilities
+from polypseg.evaluation import evaluate_probabilities
 from polypseg.io_utils import atomic_write_json
-from polypseg.training import DistributedContext, resolve_run_precision, train_model
+from polypseg.runs import TRAIN, RunDir, RunError, RunSettings, refuse_changed_settings
+from polypseg.splits import inner_validation_split
+from polypseg.training import DistributedContext, predict_with_recipe, resolve_run_precision, train_model
 
 
 def train_single_split(
@@ -29,46 +29,70 @@ def train_single_split(
 ) -> dict[str, Any]:
     """Train on ``data`` minus the stems in ``test_list``; evaluate once on those stems if given.
 
-    With ``resume=True``, ``config`` must match the one ``out`` was started with.
-
     The best epoch is chosen on an inner validation split (``config.train.val_fraction`` of the
-    training stems, seeded), never on the test stems.
+    training stems, seeded with ``config.train.seed``), never on the test stems. The split is saved
+    in ``OUT/split.json`` when the run starts; ``resume=True`` continues with the saved split (and
+    ``config`` must match the saved one; a ``test_list``, if given, must match the saved test stems).
     """
-    out = Path(out)
+    run = RunDir(out)
+    validate_config(config, build_model=False)
     resolve_run_precision(config, device)
-    if resume and (out / "config.json").is_file():
-        refuse_changed_settings(out, config_differences(RunConfig.load(out / "config.json"), config))
+    if not resume and run.history_path().is_file():
+        raise RunError(f"{run.path} already holds a training run; pass --resume to continue it, or choose a new --out")
+    saved = run.saved_settings() if resume else None
+    if saved is not None:
+        if saved.kind != TRAIN:
+            raise RunError(f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out")
+        refuse_changed_settings(run.path, config_differences(saved.config, config))
     cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress)
-    test_stems: list[str] = []
+    test_stems: list[str] | None = None
     if test_list is not None:
         test_stems = load_split_file(test_list)
-        missing = sorted(set(test_stems) - set(cache.stems))
-        if missing:
-            raise DataError(f"{test_list}: {len(missing)} stem(s) not in {data}, e.g. '{missing[0]}'")
-    held_out = set(test_stems)
-    pool = [s for s in cache.stems if s not in held_out]
-    rng = np.random.default_rng(config.train.seed)
-    n_val = int(round(config.train.val_fraction * len(pool)))
-    val = sorted(pool[i] for i in rng.choice(len(pool), size=n_val, replace=False)) if n_val else []
-    train = [s for s in pool if s not in set(val)]
+        _check_stems(test_stems, cache.stems, f"{test_list}", data)
+    split = run.read_split() if resume else None
+    if split is not None:
+        train, val, test_stems = _saved_split(run, split, cache.stems, test_stems, data)
+    else:
+        test_stems = test_stems or []
+        held_out = set(test_stems)
+        train, val = inner_validation_split([s for s in cache.stems if s not in held_out], config.train.val_fraction, config.train.seed)
     context = DistributedContext.from_env()
     if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        config.save(out / "config.json")
-        atomic_write_json(out / "split.json", {"data": str(Path(data).resolve()), "train": train, "val": val, "test": test_stems})
+        run.path.mkdir(parents=True, exist_ok=True)
+        if saved is None:
+            run.write_settings(RunSettings(config=config, kind=TRAIN))
+        if split is None:
+            run.write_split({"data": str(Path(data).resolve()), "train": train, "val": val, "test": test_stems})
     result = train_model(
-        config, cache.subset(train), cache.subset(val) if val else None, out, device=device, resume=resume, progress=progress
+        config, cache.subset(train), cache.subset(val) if val else None, run.path, device=device, resume=resume, progress=progress
     )
     summary: dict[str, Any] = {"checkpoint": str(result.best_checkpoint), "best_epoch": result.best_epoch}
     if test_stems and context.is_main:
         torch_device = resolve_device(device)
         checkpoint = load_checkpoint(result.best_checkpoint, device=torch_device)
         test = cache.subset(test_stems)
-        probs = predict_probabilities(
-            checkpoint.model, test.images, device=torch_device, tta_flip=config.train.tta_flip, precision=config.train.precision
-        )
+        probs = predict_with_recipe(checkpoint.model, test.images, config.train, torch_device)
         metric = evaluate_probabilities(probs, test.masks, test.stems)
         summary["test"] = {"n_images": len(test_stems), **metric.compute(), "per_image_dice_at_0.5": dict(zip(test.stems, metric.per_image(0.5)["dice"].round(6).tolist()))}
-        atomic_write_json(out / "test_metrics.json", summary["test"])
+        atomic_write_json(run.test_metrics_path, summary["test"])
     return summary
 
+
+def _check_stems(stems: Sequence[str], available: Sequence[str], source: str, data: Path | str) -> None:
+    missing = sorted(set(stems) - set(available))
+    if missing:
+        raise DataError(f"{source}: {len(missing)} stem(s) not in {data}, e.g. '{missing[0]}'")
+
+
+def _saved_split(
+    run: RunDir, split: dict[str, Any], available: Sequence[str], test_stems: list[str] | None, data: Path | str
+) -> tuple[list[str], list[str], list[str]]:
+    """``(train, val, test)`` of a resumed run, as saved in its ``split.json`` (never redrawn)."""
+    train, val, saved_test = list(split["train"]), list(split["val"]), list(split["test"])
+    if test_stems is not None and sorted(test_stems) != sorted(saved_test):
+        raise RunError(
+            f"{run.split_path} holds other test stems ({len(saved_test)}) than the --test-list given ({len(test_stems)}); "
+            "resume with the run's own test list, or choose a new --out"
+        )
+    _check_stems(train + val + saved_test, available, f"{run.split_path}", data)
+    return train, val, saved_test if test_stems is None else test_stems

@@ -42,10 +42,9 @@ from polypseg.io_utils import atomic_write_json, read_json, remove_stale_temps
 from polypseg.losses import create_loss
 from polypseg.models import create_model
 from polypseg.precision import autocast, resolve_precision, use_channels_last
+from polypseg.runs import BEST, HISTORY, LAST_STATE
 from polypseg.transforms import normalize
 
-BEST = "best"
-LAST_STATE = "last_state"
 # Saving optimizer state for --resume costs ~0.3 s on a GPU run of 1-s epochs: do it at most
 # this often (and always at the end), so an interrupted run loses at most this much work.
 STATE_EVERY_S = 60.0
@@ -344,7 +343,7 @@ def train_model(
         best_record, best_tensors = saved.get("best", {}), saved.get("best_state")
         if context.is_main:
             _restore_consistent_files(out_dir, config, saved, step_fn.eval_model, history, say)
-    elif out_dir.joinpath("history.json").is_file() and context.is_main:
+    elif out_dir.joinpath(HISTORY).is_file() and context.is_main:
         if not resume:
             raise FileExistsError(f"{out_dir} already holds a training run; pass --resume to continue it")
         say(f"{out_dir} has no saved training state (it is saved every {STATE_EVERY_S:g} s): training starts again from epoch 1")
@@ -394,7 +393,7 @@ def train_model(
                     best_record["tensors_sha256"] = read_metadata(
                         save_checkpoint_tensors(out_dir / BEST, best_tensors, config, best_record["metrics"], extra=best_record["extra"])
                     )["tensors_sha256"]
-                atomic_write_json(out_dir / "history.json", history)
+                atomic_write_json(out_dir / HISTORY, history)
                 # The state is one file: epoch, history, optimizer, EMA and, when the best epoch is
                 # an earlier one, its weights too, so resuming can put best.* back in step with it.
                 if (not is_last or keep_state) and (is_last or time.monotonic() - last_state_save > STATE_EVERY_S):
@@ -447,7 +446,7 @@ def _notes(enabled: bool) -> Callable[[str], None]:
 
 def _finished_result(out_dir: Path, state_path: Path, keep_state: bool, context: DistributedContext) -> TrainResult:
     """A run whose history is complete: returned as is; a left-over training state is removed."""
-    history = read_json(out_dir / "history.json")
+    history = read_json(out_dir / HISTORY)
     best_epoch, best_score = 0, float("nan")
     try:
         meta = read_metadata(out_dir / BEST)
@@ -476,10 +475,10 @@ def _restore_consistent_files(
     """
     epoch = int(saved["epoch"])
     say(f"resuming {out_dir} after epoch {epoch} (training state: {saved.get('state_format', 'one file')})")
-    written = read_json(out_dir / "history.json") if (out_dir / "history.json").is_file() else []
+    written = read_json(out_dir / HISTORY) if (out_dir / HISTORY).is_file() else []
     if len(written) > epoch:
         say(f"epochs {epoch + 1}-{len(written)} ran after the last saved state and will be trained again")
-    atomic_write_json(out_dir / "history.json", history)
+    atomic_write_json(out_dir / HISTORY, history)
     record = saved.get("best") or {}
     best_epoch = int(saved.get("best_epoch", 0))
     if not record or not best_epoch:  # an older state: it does not say which best.* belongs to it
@@ -508,6 +507,13 @@ def _restore_consistent_files(
     say(f"best.* restored to epoch {best_epoch}, the best epoch of the saved state")
 
 
+def predict_with_recipe(model: nn.Module, images: np.ndarray, config: TrainConfig, device: torch.device) -> torch.Tensor:
+    """Held-out probabilities the way the recipe evaluates: its eval batch size, flip TTA and precision."""
+    return predict_probabilities(
+        model, images, device=device, batch_size=config.eval_batch_size, tta_flip=config.tta_flip, precision=config.precision
+    )
+
+
 def _validate(model: nn.Module, val: CachedData, loss_fn: Callable, device: torch.device, tc: TrainConfig) -> dict[str, float]:
     probs = predict_probabilities(model, val.images, device=device, batch_size=tc.eval_batch_size, precision=tc.precision)
     masks = torch.from_numpy(val.masks)
@@ -520,5 +526,5 @@ def _validate(model: nn.Module, val: CachedData, loss_fn: Callable, device: torc
 def training_finished(out_dir: Path | str, epochs: int) -> bool:
     """True when ``out_dir`` holds a best checkpoint and a history of ``epochs`` epochs."""
     out_dir = Path(out_dir)
-    history = out_dir / "history.json"
+    history = out_dir / HISTORY
     return (out_dir / f"{BEST}.safetensors").is_file() and history.is_file() and len(read_json(history)) >= epochs

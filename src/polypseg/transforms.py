@@ -22,13 +22,6 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize`, returning ``[0, 1]`` floats."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0, 1)
-
-
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """``uint8 (N, H, W, 3)`` or ``(H, W, 3)`` numpy -> ``uint8 (N, 3, H, W)`` tensor (no copy of values)."""
     if images.ndim == 3:

@@ -50,7 +50,7 @@ def _evaluate(model: Path, data: Path, out: Optional[Path], device: str, cache_d
 def _study_config(recipe: str, encoder_weights: Optional[str], epochs: Optional[int], image_size: Optional[int], seed: Optional[int], overrides: list[str]):  # noqa: ANN202
     from polypseg.cli.train_cmd import build_config
 
-    return build_config(recipe, encoder_weights, None, epochs, None, None, None, image_size, seed, overrides)
+    return build_config(recipe, encoder_weights=encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides)
 
 
 def _data_or_sample(data: Optional[Path]) -> Path:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from polypseg.cli.common import UsageError, console, fail
-from polypseg.config import RECIPES, RunConfig, apply_overrides, get_recipe
+from polypseg.config import RECIPES, ConfigError, RunConfig, apply_overrides, get_recipe, validate_config
 
 DEMO_NOTE = (
     "note: a low score is expected here. The demo recipe is a smoke run (a few epochs from random init, "
@@ -26,20 +27,32 @@ def _data_or_sample(data: Optional[Path]) -> Path:
     return sample_dataset_path()
 
 
+# How the command line names the config fields it validates.
+OPTION_LABELS = {
+    "train.precision": "--precision",
+    "train.loss": "--loss",
+    "train.optimizer": "--set train.optimizer",
+    "train.schedule": "--set train.schedule",
+    "model.encoder_weights": "--encoder-weights",
+}
+
+
 def build_config(
     recipe: str | RunConfig,
-    encoder_weights: Optional[str],
-    skip_connections: Optional[bool],
-    epochs: Optional[int],
-    batch_size: Optional[int],
-    lr: Optional[float],
-    loss: Optional[str],
-    image_size: Optional[int],
-    seed: Optional[int],
-    overrides: list[str],
+    *,
+    encoder_weights: Optional[str] = None,
+    skip_connections: Optional[bool] = None,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lr: Optional[float] = None,
+    loss: Optional[str] = None,
+    image_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    overrides: Sequence[str] = (),
     precision: Optional[str] = None,
 ) -> RunConfig:
-    """The named recipe (or a saved run's config) with the command-line options applied (shortcuts first, then ``--set``)."""
+    """The named recipe (or a saved run's config) with the command-line options applied (shortcuts
+    first, then ``--set``), validated by :func:`polypseg.config.validate_config`."""
     try:
         config = get_recipe(recipe) if isinstance(recipe, str) else RunConfig.from_dict(recipe.to_dict())
         shortcuts = {
@@ -57,39 +70,18 @@ def build_config(
             if value is not None:
                 section, name = key.split(".")
                 setattr(getattr(config, section), name, value)
-        apply_overrides(config, overrides)
-    except ValueError as error:
+        apply_overrides(config, list(overrides))
+        return validate_config(config, labels=OPTION_LABELS)
+    except ConfigError as error:
         raise UsageError(str(error)) from None
-    from polypseg.losses import LOSSES
-    from polypseg.precision import PRECISIONS
-
-    if config.train.precision not in PRECISIONS:
-        raise UsageError(f"--precision {config.train.precision}: choose one of {', '.join(PRECISIONS)}")
-
-    if config.train.loss not in LOSSES:
-        raise UsageError(f"--loss {config.train.loss}: choose one of {', '.join(LOSSES)}")
-    weights = config.model.encoder_weights
-    if weights not in ("none", "imagenet") and not Path(weights).is_file():
-        raise UsageError(f"--encoder-weights {weights}: not 'imagenet', 'none' or an existing file")
-    from polypseg.models import create_model
-
-    try:
-        # Fail now, not after caching the data: unknown arch, encoder or attention, unreachable weights.
-        create_model(config.model)
-    except (ValueError, KeyError) as error:
-        message = str(error.args[0]) if error.args else str(error)
-        raise UsageError(f"invalid model settings: {message[:300]}") from None
-    return config
 
 
-def _saved_config(path: Path, key: str | None = None) -> RunConfig | None:
-    """The config a run folder was started with (``None`` if there is none yet)."""
-    if not path.is_file():
-        return None
-    from polypseg.io_utils import read_json
+def _saved_config(out: Path) -> RunConfig | None:
+    """The config a run folder was started with, CV run or training folder (``None`` if there is none yet)."""
+    from polypseg.runs import RunDir
 
-    data = read_json(path)
-    return RunConfig.from_dict(data[key] if key else data)
+    settings = RunDir(out).saved_settings()
+    return settings.config if settings is not None else None
 
 
 # Options shared by train and cv (typer needs them spelled out per command).
@@ -151,13 +143,16 @@ def register(app: typer.Typer) -> None:
         """
         from polypseg.cv import run_cv
 
-        saved = _saved_config(out / "config.json", key="run") if resume else None
+        saved = _saved_config(out) if resume else None
         options = (recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, precision)
         config = None  # resuming with no options: the run's own config
         if saved is None or any(v is not None for v in options) or overrides:
             # Given with --resume, the result is checked against the saved config by run_cv.
             base = recipe if recipe is not None else (saved or "paper")
-            config = build_config(base, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides, precision)
+            config = build_config(
+                base, encoder_weights=encoder_weights, skip_connections=skip, epochs=epochs, batch_size=batch_size, lr=lr,
+                loss=loss, image_size=image_size, seed=seed, overrides=overrides, precision=precision,
+            )
         _say_precision(config or saved or get_recipe("paper"), device)
         summary = run_cv(
             _data_or_sample(data),
@@ -181,9 +176,12 @@ def register(app: typer.Typer) -> None:
             )
             if summary.get("recipe") == "demo":
                 console.print(DEMO_NOTE, highlight=False, soft_wrap=True)
-            console.print(f"summary: {Path(out) / 'summary.md'}")
-            if (Path(out) / "report.html").is_file():
-                console.print(f"report:  {Path(out) / 'report.html'}")
+            from polypseg.runs import RunDir
+
+            run = RunDir(out)
+            console.print(f"summary: {run.summary_md_path}")
+            if run.report_path.is_file():
+                console.print(f"report:  {run.report_path}")
 
     @app.command("bench-train")
     def bench_train_command(
@@ -219,7 +217,7 @@ def register(app: typer.Typer) -> None:
         from polypseg.cli.common import resolve_device
         from polypseg.io_utils import atomic_write_json
 
-        config = build_config(recipe or "paper", None, None, None, batch_size, None, None, image_size, None, overrides, precision)
+        config = build_config(recipe or "paper", batch_size=batch_size, image_size=image_size, overrides=overrides, precision=precision)
         torch_device = resolve_device(device)
         if breakdown:
             from polypseg.bench import breakdown_markdown, training_breakdown
@@ -283,9 +281,12 @@ def register(app: typer.Typer) -> None:
         """Train one model on one split: the data minus --test-list, best epoch chosen on an inner validation split."""
         from polypseg.train_split import train_single_split
 
-        saved = _saved_config(out / "config.json") if resume else None
+        saved = _saved_config(out) if resume else None
         base = recipe if recipe is not None else (saved or "paper")
-        config = build_config(base, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, overrides, precision)
+        config = build_config(
+            base, encoder_weights=encoder_weights, skip_connections=skip, epochs=epochs, batch_size=batch_size, lr=lr,
+            loss=loss, image_size=image_size, seed=seed, overrides=overrides, precision=precision,
+        )
         _say_precision(config, device)
         result = train_single_split(
             _data_or_sample(data), out, config, test_list=test_list, resume=resume, device=device, progress=progress, cache_dir=cache_dir

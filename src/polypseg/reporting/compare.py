@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from polypseg.boundary import boundary_f1, default_tolerance
 from polypseg.errors import PolypsegError
-from polypseg.evaluation import dequantize_probabilities, evaluate_probabilities
-from polypseg.io_utils import read_json
+from polypseg.evaluation import evaluate_probabilities
+from polypseg.runs import CV, RunDir, RunError, RunSettings
 
 COMPARE_METRICS = ("dice", "iou", "boundary_f1", "auc", "sensitivity", "precision")
 LABELS = {
@@ -157,7 +156,7 @@ class Comparison:
         return lines
 
     def _size(self) -> int:
-        return int(read_json(self.reference.run / "config.json")["run"]["train"]["image_size"])
+        return _read_settings(RunDir(self.reference.run)).config.train.image_size
 
 
 def min_wilcoxon_p(n: int) -> float:
@@ -178,7 +177,7 @@ def test_notes(k: int) -> list[str]:
 
 def check_same_splits(run_dirs: Sequence[Path | str]) -> dict[str, Any]:
     """Return the first run's splits after checking every run has the same fold test sets."""
-    runs = [Path(r) for r in run_dirs]
+    runs = [RunDir(r) for r in run_dirs]
     reference = _read_splits(runs[0])
     ref_tests = {f["fold"]: set(f["test"]) for f in reference["folds"]}
     for run in runs[1:]:
@@ -186,36 +185,47 @@ def check_same_splits(run_dirs: Sequence[Path | str]) -> dict[str, Any]:
         tests = {f["fold"]: set(f["test"]) for f in splits["folds"]}
         if tests.keys() != ref_tests.keys():
             raise CompareError(
-                f"runs {runs[0]} and {run} have different folds ({len(ref_tests)} vs {len(tests)}); "
+                f"runs {runs[0].path} and {run.path} have different folds ({len(ref_tests)} vs {len(tests)}); "
                 "a paired comparison needs identical splits.json"
             )
         for fold in sorted(ref_tests):
             if tests[fold] != ref_tests[fold]:
                 raise CompareError(
-                    f"runs {runs[0]} and {run} do not share the same splits (fold {fold} test sets differ); "
+                    f"runs {runs[0].path} and {run.path} do not share the same splits (fold {fold} test sets differ); "
                     "a paired comparison needs identical splits.json (same data and split seed)"
                 )
     return reference
 
 
-def _read_splits(run: Path) -> dict[str, Any]:
-    path = run / "splits.json"
-    if not path.is_file():
-        raise CompareError(f"{run} is not a CV run folder (no splits.json)")
-    return read_json(path)
+def _read_splits(run: RunDir) -> dict[str, Any]:
+    try:
+        splits = run.read_splits()
+    except RunError as error:
+        raise CompareError(str(error)) from None
+    if splits is None:
+        raise CompareError(f"{run.path} is not a CV run folder (no splits.json)")
+    return splits
 
 
-def finished_folds(run_dir: Path | str) -> list[int]:
-    """Folds of a run whose out-of-fold predictions exist, in order."""
-    return sorted(int(p.parent.name.split("_")[1]) for p in Path(run_dir).glob("fold_*/oof.npz"))
+def _read_settings(run: RunDir) -> RunSettings:
+    """The run's typed ``config.json``; :class:`CompareError` unless it is a CV run."""
+    if not run.has_settings():
+        raise CompareError(f"{run.path} is not a CV run folder (no config.json)")
+    try:
+        settings = run.read_settings()
+    except RunError as error:
+        raise CompareError(str(error)) from None
+    if settings.kind != CV:
+        raise CompareError(f"{run.path} is a single-split training folder, not a CV run folder")
+    return settings
 
 
-def _resolve_threshold(run: Path, threshold: str | float) -> float:
+def _resolve_threshold(run: RunDir, threshold: str | float) -> float:
     if isinstance(threshold, str) and threshold == "chosen":
-        summary = run / "summary.json"
-        if not summary.is_file():
-            raise CompareError(f"{run} has no summary.json, so no chosen threshold; finish it with polypseg cv --resume or use --threshold 0.5")
-        return float(read_json(summary)["threshold"])
+        summary = run.read_summary()
+        if summary is None:
+            raise CompareError(f"{run.path} has no summary.json, so no chosen threshold; finish it with polypseg cv --resume or use --threshold 0.5")
+        return float(summary["threshold"])
     try:
         value = float(threshold)
     except ValueError:
@@ -233,27 +243,25 @@ def fold_metrics(
     name: str | None = None,
 ) -> RunMetrics:
     """Per-fold Dice, IoU, boundary F1, AUC, sensitivity and precision recomputed from ``oof.npz``."""
-    run = Path(run_dir)
+    run = RunDir(run_dir)
     t = _resolve_threshold(run, threshold)
-    folds = list(folds) if folds is not None else finished_folds(run)
+    folds = list(folds) if folds is not None else run.finished_folds()
     if not folds:
-        raise CompareError(f"{run} has no finished folds (fold_*/oof.npz)")
+        raise CompareError(f"{run.path} has no finished folds (fold_*/oof.npz)")
     values: dict[str, list[float]] = {m: [] for m in COMPARE_METRICS}
     n_test = []
     for fold in folds:
-        path = run / f"fold_{fold}" / "oof.npz"
-        if not path.is_file():
-            raise CompareError(f"{path} is missing: fold {fold} of {run} is not finished")
-        with np.load(path, allow_pickle=False) as data:
-            probs = dequantize_probabilities(data["probs"])
-            masks = torch.from_numpy(data["masks"])
+        try:
+            _, probs, masks, _ = run.load_fold_oof(fold)
+        except RunError as error:
+            raise CompareError(str(error)) from None
         metric = evaluate_probabilities(probs, masks, thresholds=(t,)).at_threshold(t)
         tol = tolerance if tolerance is not None else default_tolerance(probs.shape[-1])
         metric["boundary_f1"] = float(np.mean(boundary_f1(probs >= t, masks, tol)))
         for m in COMPARE_METRICS:
             values[m].append(float(metric[m]))
         n_test.append(int(probs.shape[0]))
-    return RunMetrics(run=run, name=name or run.name, threshold=t, folds=folds, values=values, n_test=n_test)
+    return RunMetrics(run=run.path, name=name or run.name, threshold=t, folds=folds, values=values, n_test=n_test)
 
 
 def paired_test(metric: str, reference: Sequence[float], other: Sequence[float], test_share: float) -> PairedTest:
@@ -303,27 +311,25 @@ def compare_runs(
 
     Raises :class:`CompareError` if the runs' splits differ or they share no finished fold.
     """
-    runs = [Path(r) for r in run_dirs]
+    runs = [RunDir(r) for r in run_dirs]
     if len(runs) < 2:
         raise CompareError("give at least two run folders to compare")
-    for run in runs:
-        if not (run / "config.json").is_file():
-            raise CompareError(f"{run} is not a CV run folder (no config.json)")
+    settings = [_read_settings(run) for run in runs]
     splits = check_same_splits(runs)
-    common = sorted(set.intersection(*(set(finished_folds(r)) for r in runs)))
+    common = sorted(set.intersection(*(set(run.finished_folds()) for run in runs)))
     if not common:
         raise CompareError("the runs share no finished fold (fold_*/oof.npz)")
-    names = [r.name for r in runs]
+    names = [run.name for run in runs]
     if len(set(names)) < len(names):
-        names = [str(r) for r in runs]
-    metrics = [fold_metrics(r, threshold, common, tolerance, name) for r, name in zip(runs, names)]
+        names = [str(run.path) for run in runs]
+    metrics = [fold_metrics(run, threshold, common, tolerance, name) for run, name in zip(runs, names)]
     ref = metrics[0]
     test_share = 1.0 / max(2, int(splits["k"]))
     tests = {
         run.name: {m: paired_test(m, ref.values[m], run.values[m], test_share) for m in COMPARE_METRICS}
         for run in metrics[1:]
     }
-    size = int(read_json(runs[0] / "config.json")["run"]["train"]["image_size"])
+    size = settings[0].config.train.image_size
     return Comparison(
         runs=metrics,
         tests=tests,

@@ -17,7 +17,7 @@ from polypseg.io_utils import atomic_write_text, read_json
 from polypseg.metrics import METRIC_NAMES, dice_score, iou_score, mean_std, precision_recall_from_histograms
 from polypseg.reporting import figures
 from polypseg.reporting.cases import Case, add_heatmaps, load_case_images, select_cases
-from polypseg.reporting.compare import finished_folds
+from polypseg.runs import CV, RunDir, RunError, RunSettings
 
 EXPLAIN_LABELS = {
     "dice": ("Dice of the explained prediction", "higher is better"),
@@ -43,28 +43,39 @@ def write_report(
 ) -> Path:
     """Write ``RUN/report.html`` (self-contained: figures embedded, no external resources) and ``RUN/figures/*.png``.
 
-    Works on a partially finished run (the finished folds are shown). Returns the HTML path.
+    Works on a partially finished run (the finished folds are shown). Reads the run through
+    :class:`~polypseg.runs.RunDir` and writes nothing but the report and its figures: a run whose
+    ``summary.json`` is missing or behind its folds is summarised in memory. Returns the HTML path.
     """
-    from polypseg.cv import load_oof, summarize_run
     from polypseg.reporting.html import render_report
+    from polypseg.summary import compute_summary, pooled_metrics
 
-    run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise ReportError(f"{run} is not a polypseg run folder (no config.json)")
-    done = finished_folds(run)
+    run = RunDir(run_dir)
+    if not run.has_settings():
+        raise ReportError(f"{run.path} is not a polypseg run folder (no config.json)")
+    done = run.finished_folds()
     if not done:
-        raise ReportError(f"{run} has no finished fold yet (fold_*/oof.npz); nothing to report")
-    config = read_json(run / "config.json")
-    summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else None
+        raise ReportError(f"{run.path} has no finished fold yet (fold_*/oof.npz); nothing to report")
+    try:
+        settings = run.read_settings()
+    except RunError as error:
+        raise ReportError(str(error)) from None
+    if settings.kind != CV:
+        raise ReportError(f"{run.path} is a single-split training folder (polypseg train); the report covers cross-validation runs")
+    summary = run.read_summary()
+    histograms = run.read_pooled_histograms()
     if summary is None or summary.get("folds") != len(done):
-        summary = summarize_run(run)  # a partial or interrupted run: summarise the folds that exist
+        summary, pooled = compute_summary(run)  # a partial or interrupted run: the folds that exist
+        histograms = pooled.histograms
+    elif histograms is None:
+        histograms = pooled_metrics(run).histograms
     threshold = float(summary["threshold"])
-    size = int(config["run"]["train"]["image_size"])
+    size = settings.config.train.image_size
     tolerance = default_tolerance(size)
-    figures_dir = run / "figures"
+    figures_dir = run.figures_dir
     notes: list[str] = []
 
-    stems, probs, masks, fold_ids = load_oof(run)
+    stems, probs, masks, fold_ids = run.load_oof()
     fold_array = np.asarray(fold_ids)
     pred_t, pred_05 = probs >= threshold, probs >= 0.5
     per_image = {
@@ -85,8 +96,7 @@ def write_report(
         data = figures.save_png(figure, figures_dir / f"{key}.png")
         embedded.append({"id": key, "title": title, "caption": caption, "png": data, "file": f"figures/{key}.png"})
 
-    histories = {int(p.parent.name.split("_")[1]): read_json(p) for p in run.glob("fold_*/history.json")}
-    histories = {fold: history for fold, history in histories.items() if history}
+    histories = run.histories()
     if histories:
         add_figure(
             "training_curves",
@@ -103,7 +113,7 @@ def write_report(
         f"The chosen threshold ({threshold:g}, {summary.get('threshold_selection', 'best pooled Dice')}) is marked.",
         figures.threshold_sweep(pooled_at, threshold),
     )
-    positive, negative = _histograms(run)
+    positive, negative = histograms
     recall, precision = precision_recall_from_histograms(positive, negative)
     average_precision = float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
     auc = float(summary["pooled"]["auc"])
@@ -139,12 +149,12 @@ def write_report(
         )
         for i in needed
     }
-    images, problems = load_case_images(config["data"], [cases[i].stem for i in needed], size)
+    images, problems = load_case_images(str(settings.data), [cases[i].stem for i in needed], size)
     notes += problems
     for case in cases.values():
         case.image = images.get(case.stem)
     torch_device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    notes += add_heatmaps(run, list(cases.values()), torch_device)
+    notes += add_heatmaps(run.path, list(cases.values()), torch_device)
     add_figure(
         "gradcam_gallery",
         "Grad-CAM gallery",
@@ -165,8 +175,8 @@ def write_report(
         "title": f"polypseg report: {run.name}",
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "version": __version__,
-        "settings": _settings(run, config, summary, done),
-        "partial": len(done) < int(config.get("folds", len(done))),
+        "settings": _settings(run, settings, summary, done),
+        "partial": len(done) < (settings.folds or len(done)),
         "threshold": threshold,
         "summary_rows": _summary_rows(summary, threshold, bf1_fold),
         "fold_rows": _fold_rows(summary, bf1_fold),
@@ -198,19 +208,9 @@ def write_report(
         "notes": notes,
     }
     html = render_report(context)
-    out = Path(out_html) if out_html is not None else run / "report.html"
+    out = Path(out_html) if out_html is not None else run.report_path
     atomic_write_text(out, html)
     return out
-
-
-def _histograms(run: Path) -> tuple[np.ndarray, np.ndarray]:
-    path = run / "pooled_histograms.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as data:
-            return data["positive"], data["negative"]
-    from polypseg.cv import pooled_metrics
-
-    return pooled_metrics(run).histograms
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -231,17 +231,17 @@ def _pm(pair: Any) -> str:
     return f"{_num(mean)} ± {_num(std)}"
 
 
-def _settings(run: Path, config: dict[str, Any], summary: dict[str, Any], done: list[int]) -> list[tuple[str, str]]:
-    model, train = config["run"]["model"], config["run"]["train"]
+def _settings(run: RunDir, settings: RunSettings, summary: dict[str, Any], done: list[int]) -> list[tuple[str, str]]:
+    model, train = settings.config.model, settings.config.train
     rows = [
-        ("run folder", str(run.resolve())),
-        ("data", f"{config['data']} ({summary['n_images']} out-of-fold images)"),
-        ("folds", f"{len(done)} of {config.get('folds', len(done))} finished (split seed {config.get('seed', 0)})"),
-        ("recipe", f"{train['recipe']}: {train['epochs']} epochs, batch {train['batch_size']}, {train['optimizer']} lr {train['lr']:g}, "
-                   f"{train['schedule']} schedule, loss {train['loss']}"),
-        ("model", f"{model['arch']} / {model['encoder']}, encoder init {model['encoder_weights']}, "
-                  f"skip connections {'on' if model['skip_connections'] else 'off'}, decoder {tuple(model['decoder_channels'])}"),
-        ("resolution", f"{train['image_size']} x {train['image_size']} px (metrics at this resolution)"),
+        ("run folder", str(run.path.resolve())),
+        ("data", f"{settings.data} ({summary['n_images']} out-of-fold images)"),
+        ("folds", f"{len(done)} of {settings.folds or len(done)} finished (split seed {settings.seed or 0})"),
+        ("recipe", f"{train.recipe}: {train.epochs} epochs, batch {train.batch_size}, {train.optimizer} lr {train.lr:g}, "
+                   f"{train.schedule} schedule, loss {train.loss}"),
+        ("model", f"{model.arch} / {model.encoder}, encoder init {model.encoder_weights}, "
+                  f"skip connections {'on' if model.skip_connections else 'off'}, decoder {tuple(model.decoder_channels)}"),
+        ("resolution", f"{train.image_size} x {train.image_size} px (metrics at this resolution)"),
         ("threshold", f"{summary['threshold']:g} ({summary.get('threshold_selection', '')})"),
     ]
     if summary.get("wall_time_s") is not None:
@@ -312,13 +312,12 @@ def _explained_images(explain: dict[str, Any]) -> int:
     return max(counts, default=0)
 
 
-def _explain_section(run: Path, folds: list[int]) -> dict[str, Any]:
+def _explain_section(run: RunDir, folds: list[int]) -> dict[str, Any]:
     per_fold: dict[int, dict[str, float]] = {}
     settings: dict[str, Any] = {}
     counts: dict[int, int] = {}
     for fold in folds:
-        path = run / f"fold_{fold}" / "metrics.json"
-        explain = read_json(path).get("explainability") if path.is_file() else None
+        explain = (run.read_fold_metrics(fold) or {}).get("explainability")
         if not explain:
             continue
         stats = explain.get("mean_std", explain)
@@ -354,9 +353,9 @@ def _explain_section(run: Path, folds: list[int]) -> dict[str, Any]:
     return {"measured": True, "folds": sorted(per_fold), "counts": [counts[f] for f in sorted(per_fold)], "rows": rows, "settings": described}
 
 
-def _external_rows(run: Path) -> list[dict[str, Any]]:
+def _external_rows(run: RunDir) -> list[dict[str, Any]]:
     results = []
-    for path in sorted(run.glob("external_*.json")):
+    for path in run.external_results():
         try:
             data = read_json(path)
             t = f"{float(data['threshold']):g}"

@@ -1,0 +1,42 @@
+"""Configuration: migration of old configs, validation for every caller, user errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from polypseg.config import ConfigError, RunConfig, get_recipe, validate_config
+from polypseg.errors import PolypsegError
+
+
+def test_old_train_sections_migrate() -> None:
+    """``amp`` became ``precision``; ``thresholds`` (the fixed sweep, once listed in configs) is dropped."""
+    old = {k: v for k, v in get_recipe("paper").to_dict()["train"].items() if k != "precision"}
+    config = RunConfig.from_dict({"train": {**old, "amp": True, "thresholds": [0.3, 0.5, 0.7]}})
+    assert config.train.precision == "auto" and "thresholds" not in config.to_dict()["train"]
+    assert RunConfig.from_dict({"train": {"amp": False}}).train.precision == "fp32"
+
+
+def test_config_errors_are_user_errors_and_still_value_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown recipe") as info:
+        get_recipe("nope")
+    assert isinstance(info.value, PolypsegError) and isinstance(info.value, ValueError)
+    config = get_recipe("demo")
+    config.train.loss = "l7"
+    with pytest.raises(ConfigError, match=r"^train\.loss l7: choose one of"):
+        validate_config(config, build_model=False)
+    with pytest.raises(ConfigError, match=r"^--loss l7"):
+        validate_config(config, labels={"train.loss": "--loss"}, build_model=False)
+    config = get_recipe("demo")
+    config.train.schedule = "linear"
+    with pytest.raises(ConfigError, match="train.schedule linear"):
+        validate_config(config, build_model=False)
+    config = get_recipe("demo")
+    config.model.encoder_weights = "/no/such/weights.pth"
+    with pytest.raises(ConfigError, match="not 'imagenet', 'none' or an existing file"):
+        validate_config(config, build_model=False)
+    config = get_recipe("demo")
+    config.model.arch = "transunet"
+    with pytest.raises(ConfigError, match="invalid model settings: unknown architecture 'transunet'"):
+        validate_config(config)
+
+
