@@ -486,22 +486,16 @@ def benchmark_gradcam(
     import copy
 
     from polypseg.devices import resolve_device
-    from polypseg.explain import MaskedLogitSum, SegmentationGradCAM, autocast_for
+    from polypseg.explain import GradCAMDriver, MaskedLogitSum
+    from polypseg.inferer import batch_slices
     from polypseg.precision import resolve_precision, use_channels_last
-    from polypseg.transforms import normalize
 
     torch_device = resolve_device(device)
     if images is None:
         images = np.random.default_rng(seed).integers(0, 256, (min(n, 64), image_size, image_size, 3), dtype=np.uint8)
-    pool = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    index = torch.arange(n) % pool.shape[0]
-
-    def heatmaps(cam: SegmentationGradCAM, chosen: str, start: int, stop: int, channels_last: bool) -> torch.Tensor:
-        x = normalize(pool[index[start:stop]].to(torch_device))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_for(torch_device, chosen):
-            return cam(x, MaskedLogitSum(0.5)).float()
+    pool = np.ascontiguousarray(images)
+    index = np.arange(n) % pool.shape[0]
+    target = MaskedLogitSum(0.5)
 
     rows, kept = [], {}
     for precision in precisions:
@@ -510,16 +504,17 @@ def benchmark_gradcam(
         local = copy.deepcopy(model).eval().to(torch_device)
         if channels_last:
             local = local.to(memory_format=torch.channels_last)
-        with SegmentationGradCAM(local) as cam:
-            heatmaps(cam, chosen, 0, min(n, batch_size), channels_last)  # warm-up
+        with GradCAMDriver(local, device=torch_device, precision=chosen, batch_size=batch_size) as driver:
+            driver.run(pool[index[: min(n, batch_size)]], target)  # warm-up
             if torch_device.type == "cuda":
                 torch.cuda.synchronize(torch_device)
             start = time.perf_counter()
             checksum = 0.0
             first: list[torch.Tensor] = []
-            for begin in range(0, n, batch_size):
-                maps = heatmaps(cam, chosen, begin, min(n, begin + batch_size), channels_last)
+            for batch in batch_slices(n, batch_size):  # the driver's loop, without n images held at once
+                maps = driver.run(pool[index[batch]], target, batch).heatmaps.float()
                 checksum += float(maps.sum())  # completes every batch
+                begin = batch.start
                 if begin < compare:
                     first.append(maps[: max(0, compare - begin)].cpu())
             seconds = time.perf_counter() - start
@@ -532,7 +527,7 @@ def benchmark_gradcam(
                 "cpu_flags": cpu_feature_summary() if torch_device.type == "cpu" else "",
                 "n": n,
                 "batch_size": batch_size,
-                "image_size": int(pool.shape[-1]),
+                "image_size": int(pool.shape[1]),
                 "seconds": seconds,
                 "heatmaps_per_s": n / seconds,
                 "threads": torch.get_num_threads(),

@@ -301,7 +301,7 @@ def run_explain(
     from polypseg.checkpoint import load_checkpoint
     from polypseg.cli.common import resolve_device
     from polypseg.data import ImageReadError, read_image, read_mask, resize_image, resize_mask
-    from polypseg.explain import METHODS, MaskedLogitSum, SegmentationGradCAM, autocast_for, prepare_batch, resolve_layer
+    from polypseg.explain import METHODS, GradCAMDriver, MaskedLogitSum, resolve_layer
     from polypseg.explain_metrics import METRIC_KEYS, METRIC_SCALES, explanation_report, score_explanations
     from polypseg.gallery import render_panel, write_gallery
     from polypseg.inference import upsample_mask
@@ -357,7 +357,8 @@ def run_explain(
         records: list[dict[str, Any]] = []
         panels: dict[str, Path] = {}
         columns = (TextColumn("explaining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True) as progress, SegmentationGradCAM(model, layer, method) as cam:
+        driver = GradCAMDriver(model, layer, method, image_size=size, device=device, precision=precision, batch_size=batch_size)
+        with Progress(*columns, console=console, transient=True) as progress, driver:
             task = progress.add_task("explain", total=len(items))
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
@@ -390,9 +391,8 @@ def run_explain(
                     loaded.append((item, image, truth))
                 if not loaded:
                     continue
-                batch = prepare_batch([image for _, image, _ in loaded], size, device, precision)
-                with autocast_for(device, precision):
-                    heatmaps, logits = cam(batch, MaskedLogitSum(threshold), return_logits=True)  # type: ignore[misc]
+                cams = driver.run([image for _, image, _ in loaded], MaskedLogitSum(threshold))
+                batch, heatmaps, logits = cams.inputs, cams.heatmaps, cams.logits
                 gt_small = np.stack(
                     [resize_mask(t, size) if t is not None else np.zeros((size, size), bool) for _, _, t in loaded]
                 )
