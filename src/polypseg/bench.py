@@ -14,6 +14,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -600,4 +601,82 @@ def training_markdown(rows: list[dict[str, Any]]) -> str:
             line += f" {100 * r.get('fraction_of_bf16_peak', float('nan')):.0f}% |"
         line += f" {r['first_step_s']:.1f} | {r['epoch_s']:.1f} | {r['run_minutes']:.1f} ({r['epochs']}) |"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def benchmark_backends(
+    model: str | Path,
+    batch_size: int = 1,
+    backend: str = "auto",
+    device: str = "auto",
+    compile: str = "none",
+    compare_eager: bool = False,
+    repeats: int = 50,
+    warmup: int = 10,
+    image_size: int = 256,
+    pipeline: str = "both",
+    calibration: Path | None = None,
+    step: Callable[[str], None] = lambda message: None,
+) -> list[dict[str, Any]]:
+    """``polypseg bench``: time one backend, ``all`` installed ones or ``auto``'s, per pipeline; one row each.
+
+    With ``compile`` the torch backends are timed compiled (and eager too with ``compare_eager``).
+    ``step`` hears what is being loaded and timed (for a transient status line).
+    """
+    from polypseg.devices import resolve_device
+
+    torch_device = resolve_device(device, label="--device")
+    if backend == "auto":
+        backends = ["torch" if torch_device.type == "cuda" else "onnxruntime"]
+    elif backend == "all":
+        backends = available_backends(torch_device)
+    elif backend in BACKENDS:
+        backends = [backend]
+    else:
+        raise BenchError(f"--backend {backend}: choose auto, all, {', '.join(BACKENDS)}")
+    pipelines = list(PIPELINES) if pipeline == "both" else [pipeline]
+    if pipeline != "both" and pipeline not in PIPELINES:
+        raise BenchError(f"--pipeline {pipeline}: choose both, {', '.join(PIPELINES)}")
+    compile_mode = None if compile in ("none", "eager") else compile
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="polypseg-bench-") as workdir:
+        runs = []
+        for name in backends:
+            if name.startswith("torch"):
+                if compile_mode is None or compare_eager:
+                    runs.append((name, None))
+                if compile_mode is not None:
+                    runs.append((name, compile_mode))
+            else:
+                runs.append((name, None))
+        for name, mode in runs:
+            step(f"loading {name}{' (' + mode + ')' if mode else ''}")
+            predictor = load_for_bench(
+                model,
+                name,
+                device=str(torch_device),
+                compile=mode,
+                image_size=image_size,
+                calibration=calibration,
+                workdir=workdir,
+            )
+            for pipe in pipelines:
+                step(f"timing {name} {mode or 'eager'} {pipe}, batch {batch_size}")
+                row = benchmark(predictor, batch_size=batch_size, warmup=warmup, repeats=repeats, pipeline=pipe)
+                row["backend"] = name
+                rows.append(row)
+    return rows
+
+
+def bench_markdown(rows: list[dict[str, Any]]) -> str:
+    """Benchmark rows as a markdown table (for docs/benchmarks.md)."""
+    lines = [
+        "| device | backend | precision | mode | pipeline | batch | median ms | p90 ms | images/s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['device_name']} | {r['backend']} | {r['precision']} | {r['mode']} | {r['pipeline']} | {r['batch_size']} | "
+            f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['images_per_s']:.1f} |"
+        )
     return "\n".join(lines)

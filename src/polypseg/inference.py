@@ -22,23 +22,24 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from polypseg.checkpoint import CheckpointError
-from polypseg.data import ImageReadError, read_image, to_uint8
+from polypseg.data import ImageReadError
 from polypseg.devices import DeviceError, resolve_device
 from polypseg.errors import PolypsegError
 from polypseg.inferer import Runner, batch_slices, model_input, probability_runner, with_flip_tta
+from polypseg.inputs import ImageInput, load_input, to_rgb_uint8  # noqa: F401 - to_rgb_uint8 stays importable from here
+from polypseg.inputs import is_pil as _is_pil
 from polypseg.io_utils import display_name
 from polypseg.transforms import resize_probabilities
 
 log = logging.getLogger(__name__)
 
-ImageInput = Union[np.ndarray, "PIL.Image.Image", str, Path]  # noqa: F821
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default")
 
@@ -90,41 +91,6 @@ class Prediction:
 
 # --------------------------------------------------------------------------------------------
 # Inputs
-
-
-def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
-    """Grayscale, RGBA, 16-bit or float ``[0, 1]`` arrays -> ``uint8 (H, W, 3)`` (as :func:`polypseg.data.read_image`)."""
-    array = np.asarray(array)
-    if array.dtype.kind == "i" and array.dtype.itemsize > 2:  # PIL "I" mode holds 16-bit data
-        array = np.clip(array, 0, 65535).astype(np.uint16)
-    try:
-        array = to_uint8(array)
-    except ImageReadError as error:
-        raise ImageReadError(f"cannot use {name}: {error}") from None
-    if array.ndim == 3 and array.shape[2] in (1, 2):
-        array = array[:, :, 0]
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    elif array.ndim == 3 and array.shape[2] == 4:
-        array = array[:, :, :3]  # endoscopy frames carry no meaningful transparency
-    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
-        raise ImageReadError(f"cannot use {name}: unexpected image shape {array.shape}")
-    return np.ascontiguousarray(array)
-
-
-def load_input(item: ImageInput, index: int = 0) -> tuple[np.ndarray, str]:
-    """An input as ``(uint8 RGB (H, W, 3), name)``; raises :class:`polypseg.data.ImageReadError` naming it."""
-    if isinstance(item, (str, Path)):
-        return read_image(item), str(item)
-    if _is_pil(item):
-        name = getattr(item, "filename", "") or f"image {index}"
-        image = item
-        if image.mode not in ("RGB", "RGBA", "L", "I;16", "I;16B", "I;16L", "I", "F"):
-            image = image.convert("RGBA" if image.mode in ("LA", "PA") else "RGB")
-        return to_rgb_uint8(np.asarray(image), name), name
-    if isinstance(item, np.ndarray):
-        return to_rgb_uint8(item, f"array {index}"), f"array {index}"
-    raise TypeError(f"unsupported input type {type(item).__name__}; pass a path, a PIL image or a numpy array")
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,12 +561,6 @@ class Predictor:
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _is_pil(item: Any) -> bool:
-    from PIL import Image
-
-    return isinstance(item, Image.Image)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

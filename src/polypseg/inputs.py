@@ -23,7 +23,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from polypseg.io_utils import atomic_write_text, display_name
 
@@ -408,3 +411,59 @@ def write_csv(path: Path, columns: Iterable[str], rows: Iterable[dict[str, Any]]
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory inputs: arrays, PIL images and paths as RGB uint8
+
+ImageInput = Union["np.ndarray", "PIL.Image.Image", str, Path]  # noqa: F821
+
+
+def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
+    """Grayscale, RGBA, 16-bit or float ``[0, 1]`` arrays -> ``uint8 (H, W, 3)`` (as :func:`polypseg.data.read_image`)."""
+    import numpy as np
+
+    from polypseg.data import ImageReadError, to_uint8
+
+    array = np.asarray(array)
+    if array.dtype.kind == "i" and array.dtype.itemsize > 2:  # PIL "I" mode holds 16-bit data
+        array = np.clip(array, 0, 65535).astype(np.uint16)
+    try:
+        array = to_uint8(array)
+    except ImageReadError as error:
+        raise ImageReadError(f"cannot use {name}: {error}") from None
+    if array.ndim == 3 and array.shape[2] in (1, 2):
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    elif array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]  # endoscopy frames carry no meaningful transparency
+    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
+        raise ImageReadError(f"cannot use {name}: unexpected image shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def load_input(item: ImageInput, index: int = 0) -> tuple[np.ndarray, str]:
+    """An input as ``(uint8 RGB (H, W, 3), name)``; raises :class:`polypseg.data.ImageReadError` naming it."""
+    import numpy as np
+
+    from polypseg.data import read_image
+
+    if isinstance(item, (str, Path)):
+        return read_image(item), str(item)
+    if is_pil(item):
+        name = getattr(item, "filename", "") or f"image {index}"
+        image = item
+        if image.mode not in ("RGB", "RGBA", "L", "I;16", "I;16B", "I;16L", "I", "F"):
+            image = image.convert("RGBA" if image.mode in ("LA", "PA") else "RGB")
+        return to_rgb_uint8(np.asarray(image), name), name
+    if isinstance(item, np.ndarray):
+        return to_rgb_uint8(item, f"array {index}"), f"array {index}"
+    raise TypeError(f"unsupported input type {type(item).__name__}; pass a path, a PIL image or a numpy array")
+
+
+def is_pil(item: Any) -> bool:
+    """A PIL image (PIL is imported only when asked)."""
+    from PIL import Image
+
+    return isinstance(item, Image.Image)

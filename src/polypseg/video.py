@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from polypseg.errors import PolypsegError
-from polypseg.inputs import VIDEO_EXTENSIONS, is_video, write_csv
+from polypseg.inputs import VIDEO_EXTENSIONS, is_video, write_csv  # noqa: F401 - the first two stay importable from here
 
 FRAME_COLUMNS = ("frame", "time_s", "area_fraction", "mean_confidence", "iou_with_previous")
 
