@@ -53,12 +53,8 @@ def evaluate_probabilities(
     if isinstance(masks, np.ndarray):
         masks = torch.from_numpy(masks)
     metric = SegmentationMetrics(thresholds=thresholds)
-    for start in range(0, probs.shape[0], chunk):
-        metric.update(
-            probs[start : start + chunk],
-            masks[start : start + chunk],
-            None if stems is None else list(stems[start : start + chunk]),
-        )
+    for batch in batch_slices(probs.shape[0], chunk):
+        metric.update(probs[batch], masks[batch], None if stems is None else list(stems[batch]))
     return metric
 
 

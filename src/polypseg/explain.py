@@ -498,8 +498,12 @@ def explain_images(
     return heatmaps, probabilities
 
 
+def resize_heatmap(heatmap: torch.Tensor, size: Sequence[int]) -> np.ndarray:
+    """Bilinear resize of one model-size heatmap to ``(H, W)``, renormalised so its maximum stays 1."""
+    resized = torch.from_numpy(_resize_map(heatmap.float(), (int(size[0]), int(size[1]))))
+    return normalize_heatmaps(resized[None])[0].numpy()
+
+
 def to_original_size(heatmap: torch.Tensor, probability: torch.Tensor, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear resize of one model-size heatmap and probability map to ``(H, W)``; the heatmap keeps maximum 1."""
-    size = (int(size[0]), int(size[1]))
-    resized = torch.from_numpy(_resize_map(heatmap.float(), size))
-    return normalize_heatmaps(resized[None])[0].numpy(), _resize_map(probability.float(), size)
+    return resize_heatmap(heatmap, size), _resize_map(probability.float(), (int(size[0]), int(size[1])))

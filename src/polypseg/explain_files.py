@@ -18,6 +18,10 @@ from polypseg.errors import PolypsegError
 log = logging.getLogger(__name__)
 
 HEATMAP_FORMATS = ("npy", "png16")
+# Heatmaps are written at the image's size up to this many pixels, above it scaled down to fit
+# (keeping the aspect ratio): a Grad-CAM map made at the model's 256 px carries no finer detail.
+MAX_HEATMAP_PIXELS = 4_000_000
+PANEL_SIDE = 1024  # panels are drawn from copies at most this long on their longer side
 CSV_COLUMNS = (
     "stem",
     "image",
@@ -72,7 +76,7 @@ def explain_files(
     from polypseg.checkpoint import load_checkpoint
     from polypseg.data import ImageReadError, read_image, read_mask, resize_image, resize_mask
     from polypseg.devices import resolve_device
-    from polypseg.explain import METHODS, GradCAMDriver, MaskedLogitSum, resolve_layer
+    from polypseg.explain import METHODS, GradCAMDriver, MaskedLogitSum, resize_heatmap, resolve_layer
     from polypseg.explain_metrics import METRIC_KEYS, METRIC_SCALES, explanation_report, score_explanations
     from polypseg.gallery import render_panel, write_gallery
     from polypseg.inference import upsample_mask
@@ -119,13 +123,13 @@ def explain_files(
         device = str(resolve_device(device, label="--device"))
         checkpoint_path = pick_checkpoint(model_path, fold)
         checkpoint = load_checkpoint(checkpoint_path, device=device)
-        model = checkpoint.model
+        net = checkpoint.model
         try:
-            resolve_layer(model, layer)
+            resolve_layer(net, layer)
         except Exception as error:  # noqa: BLE001 - the message already names the layer
             raise PolypsegError(f"--layer {layer}: {error}") from None
         if use_channels_last(device, precision):
-            model = model.to(memory_format=torch.channels_last)
+            net = net.to(memory_format=torch.channels_last)
         threshold = checkpoint.threshold if threshold is None else threshold
         size = checkpoint.config.train.image_size
         items = collect_inputs(inputs, skips, ground_truth=True, masks=masks, notify=say)
@@ -139,7 +143,7 @@ def explain_files(
         records: list[dict[str, Any]] = []
         panels: dict[str, Path] = {}
         columns = (TextColumn("explaining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        driver = GradCAMDriver(model, layer, method, image_size=size, device=device, precision=precision, batch_size=batch_size)
+        driver = GradCAMDriver(net, layer, method, image_size=size, device=device, precision=precision, batch_size=batch_size)
         with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar, driver:
             task = bar.add_task("explain", total=len(items))
             for chunk in batch_slices(len(items), batch_size):
@@ -178,7 +182,7 @@ def explain_files(
                     [resize_mask(t, size) if t is not None else np.zeros((size, size), bool) for _, _, t in loaded]
                 )
                 scored = score_explanations(
-                    model, batch, heatmaps, logits, gt_small, threshold, topk, deletion_steps, max(batch_size, 2 * deletion_steps)
+                    net, batch, heatmaps, logits, gt_small, threshold, topk, deletion_steps, max(batch_size, 2 * deletion_steps)
                 )
                 probs = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
                 for (item, image, truth), heatmap, prob, record in zip(loaded, heatmaps.cpu(), probs, scored):
@@ -198,13 +202,13 @@ def explain_files(
                         row["dice"] = float(dice_score(pred_t, truth_t)[0])
                         row["iou"] = float(iou_score(pred_t, truth_t)[0])
                     del prediction
-                    _write_heatmap(out / item.name, _heatmap_at(heatmap, _fit(shape, MAX_HEATMAP_PIXELS)), heatmap_format)
+                    _write_heatmap(out / item.name, resize_heatmap(heatmap, _fit(shape, MAX_HEATMAP_PIXELS)), heatmap_format)
                     shown = _fit(shape, max_side=PANEL_SIDE)
                     small_image = image if shown == shape else resize_image(image, shown)
                     small_truth = None if truth is None else (truth if shown == shape else resize_mask(truth, shown))
                     small_prediction, _ = upsample_mask(prob, shown, threshold)
                     title = f"{item.name}" + (f"  Dice {row['dice']:.3f}" if truth is not None else "")
-                    png = render_panel(small_image, _heatmap_at(heatmap, shown), small_prediction, small_truth, title=title)
+                    png = render_panel(small_image, resize_heatmap(heatmap, shown), small_prediction, small_truth, title=title)
                     panel_path = out / f"{item.name}_panel.png"
                     atomic_write(panel_path, lambda tmp, data=png: tmp.write_bytes(data))
                     panels[item.name] = panel_path
@@ -311,12 +315,6 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-# Heatmaps are written at the image's size up to this many pixels, above it scaled down to fit
-# (keeping the aspect ratio): a Grad-CAM map made at the model's 256 px carries no finer detail.
-MAX_HEATMAP_PIXELS = 4_000_000
-PANEL_SIDE = 1024  # panels are drawn from copies at most this long on their longer side
-
-
 def _fit(shape: tuple[int, int], max_pixels: int | None = None, max_side: int | None = None) -> tuple[int, int]:
     height, width = shape
     scale = 1.0
@@ -325,17 +323,3 @@ def _fit(shape: tuple[int, int], max_pixels: int | None = None, max_side: int | 
     if max_side is not None and max(height, width) > max_side:
         scale = min(scale, max_side / max(height, width))
     return (max(1, round(height * scale)), max(1, round(width * scale))) if scale < 1 else (height, width)
-
-
-def _heatmap_at(heatmap: Any, size: tuple[int, int]) -> np.ndarray:
-    """A model-size heatmap at ``size`` (bilinear), renormalised so its maximum stays 1."""
-    import torch.nn.functional as F
-
-    from polypseg.explain import normalize_heatmaps
-
-    values = heatmap.float()
-    if tuple(values.shape[-2:]) != tuple(size):
-        values = F.interpolate(values[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-    return normalize_heatmaps(values.clamp(0, 1)[None])[0].numpy().astype(np.float32, copy=False)
-
-

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polypseg.errors import PolypsegError
-from polypseg.inferer import model_logits
+from polypseg.inferer import batch_slices, model_logits
 
 DEFAULT_TOPK = 0.15  # mean polyp area of Kvasir-SEG is 15.4% of the frame
 DEFAULT_DELETION_STEPS = 16
@@ -216,7 +216,7 @@ def deletion_insertion_auc(
     pixels = height * width
     if reference_logits is None:
         reference_logits = torch.cat(
-            [model_logits(model, images[i : i + batch_size], precision) for i in range(0, n, batch_size)]
+            [model_logits(model, images[batch], precision) for batch in batch_slices(n, batch_size)]
         )
     reference_logits = reference_logits.to(device).float()
     original = score_fn(reference_logits, reference_logits)
@@ -230,8 +230,7 @@ def deletion_insertion_auc(
     is_deletion = torch.tensor([True] * steps + [False] * steps, device=device).repeat(n)
     step = torch.cat([torch.arange(1, steps + 1), torch.arange(0, steps)]).to(device).repeat(n)
     scores = torch.empty(image_idx.numel(), device=device)
-    for start in range(0, image_idx.numel(), batch_size):
-        sl = slice(start, start + batch_size)
+    for sl in batch_slices(image_idx.numel(), batch_size):
         idx, deleting = image_idx[sl], is_deletion[sl].view(-1, 1, 1, 1)
         salient = ranks[idx] < counts[step[sl]].view(-1, 1, 1, 1)
         keep_image = torch.where(deleting, ~salient, salient)
