@@ -488,8 +488,8 @@ def benchmark_gradcam(
 
     from polypseg.devices import resolve_device
     from polypseg.explain import GradCAMDriver, MaskedLogitSum
-    from polypseg.inferer import batch_slices
-    from polypseg.precision import resolve_precision, use_channels_last
+    from polypseg.inferer import batch_slices, use_precision_layout
+    from polypseg.precision import resolve_precision
 
     torch_device = resolve_device(device)
     if images is None:
@@ -501,10 +501,8 @@ def benchmark_gradcam(
     rows, kept = [], {}
     for precision in precisions:
         chosen = resolve_precision(precision, torch_device)
-        channels_last = use_channels_last(torch_device, chosen)
         local = copy.deepcopy(model).eval().to(torch_device)
-        if channels_last:
-            local = local.to(memory_format=torch.channels_last)
+        channels_last = use_precision_layout(local, torch_device, chosen)
         with GradCAMDriver(local, device=torch_device, precision=chosen, batch_size=batch_size) as driver:
             driver.run(pool[index[: min(n, batch_size)]], target)  # warm-up
             if torch_device.type == "cuda":

@@ -80,7 +80,7 @@ def explain_files(
     from polypseg.explain_metrics import METRIC_KEYS, METRIC_SCALES, explanation_report, score_explanations
     from polypseg.gallery import render_panel, write_gallery
     from polypseg.inference import upsample_mask
-    from polypseg.inferer import batch_slices
+    from polypseg.inferer import batch_slices, use_precision_layout
     from polypseg.inputs import (
         UNREADABLE,
         InputFile,
@@ -109,7 +109,7 @@ def explain_files(
         raise PolypsegError(f"--threshold {threshold}: must be in (0, 1)")
     if out.exists() and not out.is_dir():
         prepare_output_folder(out)  # one line naming --out, before any work
-    from polypseg.precision import check_precision, use_channels_last
+    from polypseg.precision import check_precision
     from polypseg.pretrained import resolve_model
 
     check_precision(precision, "--precision")
@@ -128,8 +128,7 @@ def explain_files(
             resolve_layer(net, layer)
         except Exception as error:  # noqa: BLE001 - the message already names the layer
             raise PolypsegError(f"--layer {layer}: {error}") from None
-        if use_channels_last(device, precision):
-            net = net.to(memory_format=torch.channels_last)
+        use_precision_layout(net, device, precision)
         threshold = checkpoint.threshold if threshold is None else threshold
         size = checkpoint.config.train.image_size
         items = collect_inputs(inputs, skips, ground_truth=True, masks=masks, notify=say)

@@ -32,7 +32,7 @@ from polypseg.checkpoint import CheckpointError
 from polypseg.data import ImageReadError
 from polypseg.devices import DeviceError, resolve_device
 from polypseg.errors import PolypsegError
-from polypseg.inferer import Runner, batch_slices, model_input, probability_runner, with_flip_tta
+from polypseg.inferer import Runner, batch_slices, model_input, probability_runner, use_precision_layout, with_flip_tta
 from polypseg.inputs import ImageInput, load_input, to_rgb_uint8  # noqa: F401 - to_rgb_uint8 stays importable from here
 from polypseg.inputs import is_pil as _is_pil
 from polypseg.io_utils import display_name
@@ -99,13 +99,11 @@ class Prediction:
 
 def _torch_runner(model: nn.Module, device: torch.device, compile_mode: str | None, precision: str = "auto") -> Runner:
     """The core's probability runner for a model this predictor owns (made channels-last where the rule says)."""
-    from polypseg.precision import resolve_precision, use_channels_last
+    from polypseg.precision import resolve_precision
 
     precision = resolve_precision(precision, device)
     cuda = device.type == "cuda"
-    channels_last = use_channels_last(device, precision)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last = use_precision_layout(model, device, precision)
     if not compile_mode:
         return probability_runner(model, device, precision, channels_last)
     probabilities = probability_runner(model, device, precision)

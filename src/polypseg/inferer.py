@@ -85,6 +85,17 @@ def model_input(
     return batch
 
 
+def use_precision_layout(model: nn.Module, device: torch.device | str, precision: str = "auto") -> bool:
+    """Make ``model`` channels-last (in place) where the precision rule wants it; True if so.
+
+    Only for models the caller owns for inference: a training model keeps the layout its step chose.
+    """
+    channels_last = use_channels_last(device, precision)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return channels_last
+
+
 def model_logits(model: nn.Module, batch: torch.Tensor, precision: str = "auto") -> torch.Tensor:
     """``model(batch)`` under the precision rule's autocast, as ``float32``."""
     with autocast(batch.device, precision):
