@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from polypseg import __version__
+from polypseg._version import __version__
 from polypseg.errors import PolypsegError
 from polypseg.io_utils import atomic_write, atomic_write_json, read_json, remove_stale_temps
 

@@ -318,7 +318,7 @@ class InferenceService:
 
     def describe(self) -> dict[str, Any]:
         """Model card for ``GET /v1/model``: architecture, training data, metrics, threshold."""
-        from polypseg import __version__
+        from polypseg._version import __version__
         from polypseg.models import count_parameters
 
         metadata = dict(getattr(self.predictor, "metadata", {}) or {})
