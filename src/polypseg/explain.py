@@ -445,7 +445,7 @@ class GradCAMDriver:
         inputs = model_input(images, self.device, self.precision, image_size=self.image_size)
         with autocast(self.device, self.precision):
             heatmaps, logits = self._cam(inputs, target, return_logits=True)  # type: ignore[misc]
-        return CamBatch(indices or slice(0, len(inputs)), inputs, heatmaps, logits)
+        return CamBatch(indices if indices is not None else slice(0, len(inputs)), inputs, heatmaps, logits)
 
     def batches(self, images: ImageBatch, target: Target | None = None, progress: str | None = None) -> Iterator[CamBatch]:
         """:meth:`run` over ``images`` in batches of :attr:`batch_size` (``progress``: a bar so described).
