@@ -10,6 +10,7 @@ from torch import nn
 
 from polypseg.explain import (
     ExplainError,
+    GradCAMDriver,
     MaskedLogitSum,
     RegionLogitSum,
     SegmentationGradCAM,
@@ -128,6 +129,44 @@ def test_empty_prediction_gives_all_zero_heatmap_without_nan() -> None:
     assert heatmap.shape == (2, SIZE, SIZE)
     assert not torch.isnan(heatmap).any()
     assert torch.count_nonzero(heatmap) == 0
+
+
+def test_driver_batches_uint8_images_into_the_hand_checked_heatmap() -> None:
+    """The driver normalises uint8 images (ImageNet mean/std), batches them and explains each.
+
+    The model reads channel 0 only, so Grad-CAM gives channel 0 a positive weight and channel 1
+    none: each heatmap is exactly where that image's channel 0 is above the mean (255 there,
+    normalised positive; 0 elsewhere, normalised negative and cut by the ReLU)."""
+    regions = [_region(2, 3, 5, 6), _region(9, 8, 4, 5), _region(0, 0, 3, 3)]
+    model = RegionModel(regions[0]).eval()
+    images = np.zeros((3, SIZE, SIZE, 3), np.uint8)
+    for image, region in zip(images, regions):
+        image[..., 0][region.numpy()] = 255
+        image[..., 1] = 200  # bright everywhere, but the model ignores channel 1
+    with GradCAMDriver(model, device="cpu", precision="fp32", batch_size=2) as driver:
+        batches = list(driver.batches(images, WholeLogitSum()))
+    assert [b.indices for b in batches] == [slice(0, 2), slice(2, 3)]
+    heatmaps = torch.cat([b.heatmaps for b in batches])
+    for heatmap, region in zip(heatmaps, regions):
+        assert torch.equal(heatmap, region.float())
+    inside = (1 - 0.485) / 0.229
+    logits = torch.cat([b.logits for b in batches])[:, 0, 0, 0]
+    overlap = [(regions[0] & r).sum() / regions[0].sum() for r in regions]
+    outside = -0.485 / 0.229
+    expected = torch.tensor([o * inside + (1 - o) * outside for o in overlap], dtype=torch.float32)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert batches[0].inputs.shape == (2, 3, SIZE, SIZE) and batches[0].probabilities.shape == (2, SIZE, SIZE)
+
+
+def test_driver_resizes_to_the_model_size_and_releases_hooks_when_the_loop_stops_early() -> None:
+    model = PixelModel(-0.5).eval()
+    layer = resolve_layer(model).module
+    images = [np.full((20, 30, 3), 180, np.uint8), np.full((8, 8, 3), 180, np.uint8)]
+    with GradCAMDriver(model, method="hirescam", image_size=SIZE, device="cpu", batch_size=1) as driver:
+        assert len(layer._forward_hooks) == 1
+        first = next(iter(driver.batches(images)))
+    assert first.heatmaps.shape == (1, SIZE, SIZE) and first.indices == slice(0, 1)
+    assert len(layer._forward_hooks) == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from polypseg.checkpoint import save_checkpoint
 from polypseg.config import ModelConfig, RunConfig, TrainConfig
 from polypseg.errors import PolypsegError
-from polypseg.gallery import render_gallery, render_panel, select_cases, write_gallery
+from polypseg.gallery import render_gallery, render_panel, select_cases, select_records, write_gallery
 from polypseg.models import create_model
 
 SIZES = {"a": (40, 48), "b": (36, 36), "c": (52, 30)}
@@ -138,20 +138,34 @@ def test_explain_run_folder_fold_choice_and_user_errors(checkpoint: Path, datase
 # Gallery
 
 
-def test_select_cases_best_median_worst_without_repeats() -> None:
+def test_select_records_best_median_worst_without_repeats() -> None:
     records = [{"stem": f"s{i}", "dice": d} for i, d in enumerate([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6])]
-    groups = select_cases(records, per_group=3)
-    dice = {name: sorted(r["dice"] for r in group) for name, group in groups.items()}
-    assert dice == {"best": [0.7, 0.8, 0.9], "median": [0.4, 0.5, 0.6], "worst": [0.1, 0.2, 0.3]}
+    groups = select_records(records, per_group=3)
+    dice = {name: [r["dice"] for r in group] for name, group in groups.items()}
+    assert dice == {"best": [0.9, 0.8, 0.7], "median": [0.6, 0.5, 0.4], "worst": [0.1, 0.2, 0.3]}
     assert list(groups) == ["best", "median", "worst"]
 
-    few = select_cases(records[:4], per_group=3)  # 4 records: each shown once
+    few = select_records(records[:4], per_group=3)  # 4 records: each shown once, the worst first
     shown = [r["stem"] for group in few.values() for r in group]
     assert sorted(shown) == ["s0", "s1", "s2", "s3"]
-    assert [r["dice"] for r in few["best"]] == [0.9, 0.5, 0.3]
+    assert [r["dice"] for r in few["worst"]] == [0.1, 0.3, 0.5] and [r["dice"] for r in few["best"]] == [0.9]
 
-    no_truth = select_cases([{"stem": "x", "dice": float("nan")}, {"stem": "y"}], per_group=1)
+    no_truth = select_records([{"stem": "x", "dice": float("nan")}, {"stem": "y"}], per_group=1)
     assert list(no_truth) == ["all"] and [r["stem"] for r in no_truth["all"]] == ["x", "y"]
+
+
+def test_select_cases_one_rule_for_reports_and_galleries() -> None:
+    from polypseg.reporting.cases import select_cases as report_select_cases
+
+    assert report_select_cases is select_cases
+    scores = [0.5, 0.5, float("nan"), 0.9, 0.1, 0.5]
+    stems = ["c", "a", "nan", "top", "low", "b"]
+    picks = select_cases(scores, stems, 1)
+    assert picks == {"best": [3], "median": [5], "worst": [4]}
+    # ties: of equal scores the smaller stem counts as the lower; NaN never chosen
+    assert select_cases([0.5, 0.5, 0.5], ["b", "a", "c"], 1) == {"best": [2], "median": [0], "worst": [1]}
+    assert select_cases(scores, stems, 9)["worst"] == [4, 1, 5, 0, 3]
+    assert select_cases([], [], 2) == {"best": [], "median": [], "worst": []}
 
 
 def test_render_panel_and_gallery_page(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 from helpers import tiny_config, write_synthetic_dataset
 
 from polypseg.checkpoint import save_checkpoint
+from polypseg.deploy import measure_dice_change
 from polypseg.export import (
     ExportError,
     _export_graph,
@@ -21,7 +22,6 @@ from polypseg.export import (
     export_onnx,
     int8_path_for,
     int8_validated,
-    measure_dice_change,
     onnx_sidecar,
     quantize_onnx_int8,
     read_onnx_metadata,

@@ -148,6 +148,21 @@ def test_flip_tta_undoes_each_flip() -> None:
     np.testing.assert_allclose(tta_ramp, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_predictor_and_evaluation_share_one_core(tta: bool) -> None:
+    """Predictor and evaluation.predict_probabilities run the same input, precision and TTA code:
+    in fp32 on the CPU their probabilities are bit for bit the same."""
+    from polypseg.evaluation import predict_probabilities
+
+    config = tiny_config(image_size=32)
+    torch.manual_seed(0)
+    model = create_model(config.model).eval()
+    images = np.stack([_image(32, 32, seed=s) for s in range(3)])
+    predictor = Predictor.from_model(model, image_size=32, device="cpu", tta=tta, batch_size=2, precision="fp32")
+    expected = predict_probabilities(model, images, batch_size=2, tta_flip=tta, precision="fp32").numpy()
+    np.testing.assert_array_equal(predictor.predict_resized(images), expected)
+
+
 def _fake_run(root: Path, seeds: tuple[int, int], threshold: float | None) -> Path:
     for fold, seed in enumerate(seeds):
         (root / f"fold_{fold}").mkdir(parents=True)

@@ -21,9 +21,10 @@ from typer.testing import CliRunner
 
 from polypseg.checkpoint import save_checkpoint
 from polypseg.data import resize_image
-from polypseg.explain import RegionLogitSum, autocast_for, explain_images, grad_cam, prepare_batch, to_original_size
+from polypseg.explain import RegionLogitSum, explain_images, grad_cam, prepare_batch, to_original_size
 from polypseg.inference import Prediction
 from polypseg.models import count_parameters, create_model
+from polypseg.precision import autocast
 from polypseg.web import encoding
 from polypseg.web.app import STATIC_DIR, WebSettings, create_app
 from polypseg.web.service import InferenceService, ServiceBusy
@@ -667,7 +668,7 @@ def served_mask_cam(service: InferenceService, image: np.ndarray, threshold: flo
     resized = np.array(resize_image(image, size))[None]  # writable, as the service's np.stack gives
     served = torch.from_numpy(service.predictor.predict_resized(resized))
     batch = prepare_batch(resized, size, "cpu")
-    with autocast_for("cpu"):
+    with autocast("cpu", "auto"):
         maps = [grad_cam(service.predictor.models[k], batch, RegionLogitSum(served >= threshold)).float() for k in folds]
     return to_original_size(torch.stack(maps).mean(0)[0], served[0], image.shape[:2])[0]
 
@@ -676,7 +677,7 @@ def fold_probabilities(service: InferenceService, image: np.ndarray) -> list[tor
     """Each fold model's own probability map at the model's input size, computed like the predictor."""
     size = service.predictor.image_size
     batch = prepare_batch(np.array(resize_image(image, size))[None], size, "cpu", precision="fp32")
-    with torch.no_grad(), autocast_for("cpu"):
+    with torch.no_grad(), autocast("cpu", "auto"):
         return [torch.sigmoid(m(batch).float())[0, 0] for m in service.predictor.models]
 
 

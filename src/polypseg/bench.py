@@ -14,6 +14,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -486,40 +487,33 @@ def benchmark_gradcam(
     import copy
 
     from polypseg.devices import resolve_device
-    from polypseg.explain import MaskedLogitSum, SegmentationGradCAM, autocast_for
-    from polypseg.precision import resolve_precision, use_channels_last
-    from polypseg.transforms import normalize
+    from polypseg.explain import GradCAMDriver, MaskedLogitSum
+    from polypseg.inferer import batch_slices, use_precision_layout
+    from polypseg.precision import resolve_precision
 
     torch_device = resolve_device(device)
     if images is None:
         images = np.random.default_rng(seed).integers(0, 256, (min(n, 64), image_size, image_size, 3), dtype=np.uint8)
-    pool = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    index = torch.arange(n) % pool.shape[0]
-
-    def heatmaps(cam: SegmentationGradCAM, chosen: str, start: int, stop: int, channels_last: bool) -> torch.Tensor:
-        x = normalize(pool[index[start:stop]].to(torch_device))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_for(torch_device, chosen):
-            return cam(x, MaskedLogitSum(0.5)).float()
+    pool = np.ascontiguousarray(images)
+    index = np.arange(n) % pool.shape[0]
+    target = MaskedLogitSum(0.5)
 
     rows, kept = [], {}
     for precision in precisions:
         chosen = resolve_precision(precision, torch_device)
-        channels_last = use_channels_last(torch_device, chosen)
         local = copy.deepcopy(model).eval().to(torch_device)
-        if channels_last:
-            local = local.to(memory_format=torch.channels_last)
-        with SegmentationGradCAM(local) as cam:
-            heatmaps(cam, chosen, 0, min(n, batch_size), channels_last)  # warm-up
+        channels_last = use_precision_layout(local, torch_device, chosen)
+        with GradCAMDriver(local, device=torch_device, precision=chosen, batch_size=batch_size) as driver:
+            driver.run(pool[index[: min(n, batch_size)]], target)  # warm-up
             if torch_device.type == "cuda":
                 torch.cuda.synchronize(torch_device)
             start = time.perf_counter()
             checksum = 0.0
             first: list[torch.Tensor] = []
-            for begin in range(0, n, batch_size):
-                maps = heatmaps(cam, chosen, begin, min(n, begin + batch_size), channels_last)
+            for batch in batch_slices(n, batch_size):  # the driver's loop, without n images held at once
+                maps = driver.run(pool[index[batch]], target, batch).heatmaps.float()
                 checksum += float(maps.sum())  # completes every batch
+                begin = batch.start
                 if begin < compare:
                     first.append(maps[: max(0, compare - begin)].cpu())
             seconds = time.perf_counter() - start
@@ -532,7 +526,7 @@ def benchmark_gradcam(
                 "cpu_flags": cpu_feature_summary() if torch_device.type == "cpu" else "",
                 "n": n,
                 "batch_size": batch_size,
-                "image_size": int(pool.shape[-1]),
+                "image_size": int(pool.shape[1]),
                 "seconds": seconds,
                 "heatmaps_per_s": n / seconds,
                 "threads": torch.get_num_threads(),
@@ -605,4 +599,82 @@ def training_markdown(rows: list[dict[str, Any]]) -> str:
             line += f" {100 * r.get('fraction_of_bf16_peak', float('nan')):.0f}% |"
         line += f" {r['first_step_s']:.1f} | {r['epoch_s']:.1f} | {r['run_minutes']:.1f} ({r['epochs']}) |"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def benchmark_backends(
+    model: str | Path,
+    batch_size: int = 1,
+    backend: str = "auto",
+    device: str = "auto",
+    compile: str = "none",
+    compare_eager: bool = False,
+    repeats: int = 50,
+    warmup: int = 10,
+    image_size: int = 256,
+    pipeline: str = "both",
+    calibration: Path | None = None,
+    step: Callable[[str], None] = lambda message: None,
+) -> list[dict[str, Any]]:
+    """``polypseg bench``: time one backend, ``all`` installed ones or ``auto``'s, per pipeline; one row each.
+
+    With ``compile`` the torch backends are timed compiled (and eager too with ``compare_eager``).
+    ``step`` hears what is being loaded and timed (for a transient status line).
+    """
+    from polypseg.devices import resolve_device
+
+    torch_device = resolve_device(device, label="--device")
+    if backend == "auto":
+        backends = ["torch" if torch_device.type == "cuda" else "onnxruntime"]
+    elif backend == "all":
+        backends = available_backends(torch_device)
+    elif backend in BACKENDS:
+        backends = [backend]
+    else:
+        raise BenchError(f"--backend {backend}: choose auto, all, {', '.join(BACKENDS)}")
+    pipelines = list(PIPELINES) if pipeline == "both" else [pipeline]
+    if pipeline != "both" and pipeline not in PIPELINES:
+        raise BenchError(f"--pipeline {pipeline}: choose both, {', '.join(PIPELINES)}")
+    compile_mode = None if compile in ("none", "eager") else compile
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="polypseg-bench-") as workdir:
+        runs = []
+        for name in backends:
+            if name.startswith("torch"):
+                if compile_mode is None or compare_eager:
+                    runs.append((name, None))
+                if compile_mode is not None:
+                    runs.append((name, compile_mode))
+            else:
+                runs.append((name, None))
+        for name, mode in runs:
+            step(f"loading {name}{' (' + mode + ')' if mode else ''}")
+            predictor = load_for_bench(
+                model,
+                name,
+                device=str(torch_device),
+                compile=mode,
+                image_size=image_size,
+                calibration=calibration,
+                workdir=workdir,
+            )
+            for pipe in pipelines:
+                step(f"timing {name} {mode or 'eager'} {pipe}, batch {batch_size}")
+                row = benchmark(predictor, batch_size=batch_size, warmup=warmup, repeats=repeats, pipeline=pipe)
+                row["backend"] = name
+                rows.append(row)
+    return rows
+
+
+def bench_markdown(rows: list[dict[str, Any]]) -> str:
+    """Benchmark rows as a markdown table (for docs/benchmarks.md)."""
+    lines = [
+        "| device | backend | precision | mode | pipeline | batch | median ms | p90 ms | images/s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['device_name']} | {r['backend']} | {r['precision']} | {r['mode']} | {r['pipeline']} | {r['batch_size']} | "
+            f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['images_per_s']:.1f} |"
+        )
     return "\n".join(lines)

@@ -8,9 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from polypseg.precision import autocast, use_channels_last
+from polypseg.inferer import batch_slices, model_input, probability_runner, with_flip_tta
 from polypseg.metrics import DEFAULT_THRESHOLDS, SegmentationMetrics
-from polypseg.transforms import normalize
 
 
 @torch.no_grad()
@@ -34,24 +33,12 @@ def predict_probabilities(
         images = torch.from_numpy(np.ascontiguousarray(images))
     if images.shape[-1] == 3 and images.shape[1] != 3:
         images = images.permute(0, 3, 1, 2)
-    channels_last = use_channels_last(device, precision)
+    run = probability_runner(model, device, precision)
+    if tta_flip:
+        run = with_flip_tta(run)
     out = torch.empty((images.shape[0], images.shape[2], images.shape[3]), dtype=torch.float32)
-    starts = range(0, images.shape[0], batch_size)
-    if progress:
-        from rich.progress import track
-
-        starts = track(starts, description="predicting", transient=True)
-    for start in starts:
-        batch = normalize(images[start : start + batch_size].to(device, non_blocking=True))
-        if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            probs = torch.sigmoid(model(batch).float())
-            if tta_flip:
-                probs = probs + torch.sigmoid(model(batch.flip(3)).float()).flip(3)
-                probs = probs + torch.sigmoid(model(batch.flip(2)).float()).flip(2)
-                probs = probs / 3
-        out[start : start + batch.shape[0]] = probs[:, 0].float().cpu()
+    for batch in batch_slices(images.shape[0], batch_size, "predicting" if progress else None):
+        out[batch] = run(model_input(images[batch], device, precision))[:, 0].float().cpu()
     return out
 
 
@@ -66,12 +53,8 @@ def evaluate_probabilities(
     if isinstance(masks, np.ndarray):
         masks = torch.from_numpy(masks)
     metric = SegmentationMetrics(thresholds=thresholds)
-    for start in range(0, probs.shape[0], chunk):
-        metric.update(
-            probs[start : start + chunk],
-            masks[start : start + chunk],
-            None if stems is None else list(stems[start : start + chunk]),
-        )
+    for batch in batch_slices(probs.shape[0], chunk):
+        metric.update(probs[batch], masks[batch], None if stems is None else list(stems[batch]))
     return metric
 
 

@@ -8,6 +8,9 @@ is the ReLU of the weighted channel sum, upsampled to the input size and divided
 >>> with SegmentationGradCAM(model) as cam:
 ...     heatmaps, logits = cam(images, return_logits=True)   # (N, H, W) in [0, 1]
 
+:class:`GradCAMDriver` is the batch loop around it that every caller uses (CLI, web service,
+reports, explanation metrics, benchmarks): RGB ``uint8`` images in, heatmaps and logits out.
+
 Targets follow pytorch-grad-cam's habit: a plain callable ``target(logits (N, 1, H, W)) -> (N,)``.
 Besides Grad-CAM, the same object computes Grad-CAM++, HiResCAM and LayerCAM (from the same single
 backward pass) and Score-CAM (gradient-free: one extra forward pass per channel of the layer).
@@ -17,8 +20,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from polypseg.errors import PolypsegError
-from polypseg.precision import autocast, use_channels_last
+from polypseg.inferer import ImageBatch, batch_slices, model_input
+from polypseg.precision import autocast
 
 Target = Callable[[torch.Tensor], torch.Tensor]
 METHODS = ("gradcam", "gradcam++", "hirescam", "layercam", "scorecam")
@@ -369,24 +372,89 @@ def grad_cam(
 
 
 # ---------------------------------------------------------------------------------------------
-# Convenience for the CLI and the web app
-
-
-def autocast_for(device: torch.device | str, precision: str = "auto") -> AbstractContextManager:
-    """The autocast of :mod:`polypseg.precision`: bf16 on CUDA and on CPUs with native bf16 for ``auto``."""
-    return autocast(device, precision)
+# The Grad-CAM driver: every caller's batch loop
 
 
 def prepare_batch(
     images: Sequence[np.ndarray] | np.ndarray, image_size: int, device: torch.device | str, precision: str = "auto"
 ) -> torch.Tensor:
-    """RGB ``uint8`` images of any size -> normalised ``(N, 3, S, S)`` on ``device`` (channels-last where bf16 wants it)."""
-    from polypseg.transforms import preprocess
+    """RGB ``uint8`` images of any size -> normalised ``(N, 3, S, S)`` on ``device`` (:func:`polypseg.inferer.model_input`)."""
+    return model_input(images, device, precision, image_size=image_size)
 
-    batch = preprocess(images, image_size).to(device, non_blocking=True)
-    if use_channels_last(device, precision):
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    return batch
+
+@dataclass
+class CamBatch:
+    """One batch's Grad-CAM: which images, the model input, heatmaps and logits, all at the model's size."""
+
+    indices: slice  # positions of these images in the driver's input
+    inputs: torch.Tensor  # normalised (n, 3, S, S)
+    heatmaps: torch.Tensor  # float32 (n, S, S) in [0, 1]
+    logits: torch.Tensor  # float32 (n, 1, S, S), detached
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """``sigmoid(logits)``, ``float32 (n, S, S)``."""
+        return torch.sigmoid(self.logits[:, 0])
+
+
+class GradCAMDriver:
+    """The one Grad-CAM loop: model input, precision, hooks and batching for every caller.
+
+    >>> with GradCAMDriver(model, image_size=256, device="cpu") as driver:
+    ...     for cams in driver.batches(images, MaskedLogitSum(0.5)):
+    ...         cams.heatmaps, cams.probabilities                    # (n, 256, 256)
+
+    Images are RGB ``uint8`` (any sizes: each is resized to ``image_size``; ``None`` takes them
+    as they are). ``precision`` follows :mod:`polypseg.precision`. The hooks of the underlying
+    :class:`SegmentationGradCAM` are removed on exit or by :meth:`release`. ``model`` must be on
+    ``device`` (default: where its parameters are) in eval mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | nn.Module = DEFAULT_LAYER,
+        method: str = "gradcam",
+        *,
+        image_size: int | None = None,
+        device: torch.device | str | None = None,
+        precision: str = "auto",
+        batch_size: int = 16,
+    ) -> None:
+        if batch_size < 1:
+            raise ExplainError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.image_size = image_size
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.precision = precision
+        self.batch_size = batch_size
+        self._cam = SegmentationGradCAM(model, layer, method)
+
+    def __enter__(self) -> GradCAMDriver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Remove the hooks; safe to call more than once."""
+        self._cam.release()
+
+    def run(self, images: ImageBatch, target: Target | None = None, indices: slice | None = None) -> CamBatch:
+        """One batch: all of ``images`` in one forward and backward pass (``target`` defaults to :class:`MaskedLogitSum`)."""
+        inputs = model_input(images, self.device, self.precision, image_size=self.image_size)
+        with autocast(self.device, self.precision):
+            heatmaps, logits = self._cam(inputs, target, return_logits=True)  # type: ignore[misc]
+        return CamBatch(indices if indices is not None else slice(0, len(inputs)), inputs, heatmaps, logits)
+
+    def batches(self, images: ImageBatch, target: Target | None = None, progress: str | None = None) -> Iterator[CamBatch]:
+        """:meth:`run` over ``images`` in batches of :attr:`batch_size` (``progress``: a bar so described).
+
+        ``target`` applies to every batch: a :class:`RegionLogitSum` with one region per image
+        belongs with :meth:`run`.
+        """
+        for indices in batch_slices(len(images), self.batch_size, progress):
+            yield self.run(images[indices], target, indices)
 
 
 def _resize_map(values: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -417,23 +485,25 @@ def explain_images(
     """
     heatmaps: list[np.ndarray] = []
     probabilities: list[np.ndarray] = []
-    target = MaskedLogitSum(threshold)
-    with SegmentationGradCAM(model, layer, method) as cam:
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start : start + batch_size])
-            batch = prepare_batch(chunk, image_size, device, precision)
-            with autocast_for(device, precision):
-                maps, logits = cam(batch, target, return_logits=True)  # type: ignore[misc]
-            probs = torch.sigmoid(logits[:, 0])
-            for image, heatmap, prob in zip(chunk, maps, probs):
+    images = list(images)
+    driver = GradCAMDriver(
+        model, layer, method, image_size=image_size, device=device, precision=precision, batch_size=batch_size
+    )
+    with driver:
+        for cams in driver.batches(images, MaskedLogitSum(threshold)):
+            for image, heatmap, prob in zip(images[cams.indices], cams.heatmaps, cams.probabilities):
                 restored = to_original_size(heatmap, prob, image.shape[:2])
                 heatmaps.append(restored[0])
                 probabilities.append(restored[1])
     return heatmaps, probabilities
 
 
+def resize_heatmap(heatmap: torch.Tensor, size: Sequence[int]) -> np.ndarray:
+    """Bilinear resize of one model-size heatmap to ``(H, W)``, renormalised so its maximum stays 1."""
+    resized = torch.from_numpy(_resize_map(heatmap.float(), (int(size[0]), int(size[1]))))
+    return normalize_heatmaps(resized[None])[0].numpy()
+
+
 def to_original_size(heatmap: torch.Tensor, probability: torch.Tensor, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear resize of one model-size heatmap and probability map to ``(H, W)``; the heatmap keeps maximum 1."""
-    size = (int(size[0]), int(size[1]))
-    resized = torch.from_numpy(_resize_map(heatmap.float(), size))
-    return normalize_heatmaps(resized[None])[0].numpy(), _resize_map(probability.float(), size)
+    return resize_heatmap(heatmap, size), _resize_map(probability.float(), (int(size[0]), int(size[1])))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polypseg.errors import PolypsegError
+from polypseg.inferer import batch_slices, model_logits
 
 DEFAULT_TOPK = 0.15  # mean polyp area of Kvasir-SEG is 15.4% of the frame
 DEFAULT_DELETION_STEPS = 16
@@ -177,13 +178,6 @@ def _baseline(images: torch.Tensor, kind: str) -> torch.Tensor:
     raise ExplainMetricsError(f"unknown baseline '{kind}'; use 'mean' or 'blur'")
 
 
-def _model_logits(model: nn.Module, x: torch.Tensor, precision: str = "auto") -> torch.Tensor:
-    from polypseg.explain import autocast_for
-
-    with autocast_for(x.device, precision):
-        return model(x).float()
-
-
 @torch.inference_mode()
 def deletion_insertion_auc(
     model: nn.Module,
@@ -222,7 +216,7 @@ def deletion_insertion_auc(
     pixels = height * width
     if reference_logits is None:
         reference_logits = torch.cat(
-            [_model_logits(model, images[i : i + batch_size], precision) for i in range(0, n, batch_size)]
+            [model_logits(model, images[batch], precision) for batch in batch_slices(n, batch_size)]
         )
     reference_logits = reference_logits.to(device).float()
     original = score_fn(reference_logits, reference_logits)
@@ -236,8 +230,7 @@ def deletion_insertion_auc(
     is_deletion = torch.tensor([True] * steps + [False] * steps, device=device).repeat(n)
     step = torch.cat([torch.arange(1, steps + 1), torch.arange(0, steps)]).to(device).repeat(n)
     scores = torch.empty(image_idx.numel(), device=device)
-    for start in range(0, image_idx.numel(), batch_size):
-        sl = slice(start, start + batch_size)
+    for sl in batch_slices(image_idx.numel(), batch_size):
         idx, deleting = image_idx[sl], is_deletion[sl].view(-1, 1, 1, 1)
         salient = ranks[idx] < counts[step[sl]].view(-1, 1, 1, 1)
         keep_image = torch.where(deleting, ~salient, salient)
@@ -245,7 +238,7 @@ def deletion_insertion_auc(
         x = torch.where(keep_image, images[idx], base)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        scores[sl] = score_fn(_model_logits(model, x, precision), reference_logits[idx])
+        scores[sl] = score_fn(model_logits(model, x, precision), reference_logits[idx])
     relative = (scores.view(n, 2, steps) / original.view(n, 1, 1)).cpu().double()
     valid = (original > 0).cpu() & torch.isfinite(original).cpu()
     ones = torch.ones(n, 1, dtype=torch.float64)
@@ -357,10 +350,8 @@ def evaluate_explanations(
     Returns :func:`explanation_report`'s dict plus ``"settings"``. Cost per image: one
     forward+backward, plus ``2 * deletion_steps`` forwards (``deletion_steps=0`` skips them).
     """
-    from polypseg.explain import MaskedLogitSum, SegmentationGradCAM, autocast_for
+    from polypseg.explain import GradCAMDriver, MaskedLogitSum
     from polypseg.metrics import dice_score
-    from polypseg.precision import use_channels_last
-    from polypseg.transforms import images_to_tensor, normalize
 
     images = np.asarray(images)
     gt_masks = np.asarray(gt_masks).astype(bool)
@@ -370,28 +361,17 @@ def evaluate_explanations(
     stems = list(stems) if stems is not None else [str(i) for i in range(n)]
     if len(stems) != n:
         raise ExplainMetricsError(f"{len(stems)} stems for {n} images")
-    device = torch.device(device)
     records: list[dict[str, Any]] = []
-    starts = range(0, n, batch_size)
-    if progress:
-        from rich.progress import track
-
-        starts = track(starts, description="explaining", transient=True)  # type: ignore[assignment]
-    with SegmentationGradCAM(model, layer, method) as cam:
-        for start in starts:
-            sl = slice(start, start + batch_size)
-            batch = normalize(images_to_tensor(images[sl]).to(device))
-            if use_channels_last(device, precision):
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast_for(device, precision):
-                heatmaps, logits = cam(batch, MaskedLogitSum(threshold), return_logits=True)  # type: ignore[misc]
-            gt = torch.from_numpy(gt_masks[sl])
-            dice = dice_score((torch.sigmoid(logits[:, 0]) >= threshold).cpu(), gt).numpy()
+    driver = GradCAMDriver(model, layer, method, device=device, precision=precision, batch_size=batch_size)
+    with driver:
+        for cams in driver.batches(images, MaskedLogitSum(threshold), "explaining" if progress else None):
+            gt = torch.from_numpy(gt_masks[cams.indices])
+            dice = dice_score((cams.probabilities >= threshold).cpu(), gt).numpy()
             scored = score_explanations(
-                model, batch, heatmaps, logits, gt, threshold, topk, deletion_steps, max(batch_size, 2 * deletion_steps),
-                precision,
+                model, cams.inputs, cams.heatmaps, cams.logits, gt, threshold, topk, deletion_steps,
+                max(batch_size, 2 * deletion_steps), precision,
             )  # fmt: skip
-            for stem, d, record in zip(stems[sl], dice, scored):
+            for stem, d, record in zip(stems[cams.indices], dice, scored):
                 records.append({"stem": stem, "dice": float(d), **record})
     report = explanation_report(records)
     report["settings"] = {

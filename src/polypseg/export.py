@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from polypseg import __version__
+from polypseg._version import __version__
 from polypseg.errors import PolypsegError
 from polypseg.io_utils import atomic_write, atomic_write_json, read_json, remove_stale_temps
 
@@ -284,7 +284,7 @@ def verify_onnx(
     size; resized as in prediction), all in one batch so the dynamic batch axis is exercised.
     """
     from polypseg.checkpoint import load_checkpoint
-    from polypseg.inference import load_input
+    from polypseg.inputs import load_input
     from polypseg.transforms import preprocess
 
     ckpt = load_checkpoint(checkpoint, device="cpu")
@@ -348,7 +348,7 @@ class _CalibrationReader:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         from polypseg.data import ImageReadError
-        from polypseg.inference import load_input
+        from polypseg.inputs import load_input
         from polypseg.transforms import preprocess
 
         while self._position < len(self._images):
@@ -446,58 +446,8 @@ def _quiet_logging() -> Iterator[None]:
         root.setLevel(level)
 
 
-def measure_dice_change(
-    reference: Path | str,
-    candidate: Path | str,
-    data: Path | str,
-    limit: int | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Mean per-image Dice of two models on a labelled dataset, at each image's original size.
-
-    Both use the reference's threshold. Returns ``{"n", "dice_reference", "dice_candidate",
-    "dice_change"}`` with ``dice_change = candidate - reference``.
-    """
-    from polypseg.data import index_dataset, read_mask
-    from polypseg.inference import Predictor
-    from polypseg.metrics import dice_score
-
-    samples = index_dataset(data).samples
-    if not samples:
-        raise ExportError(f"no image/mask pairs under {data}")
-    if limit:
-        samples = samples[:limit]
-    ref = Predictor.from_checkpoint(
-        reference, device="cpu", backend="onnxruntime" if str(reference).endswith(".onnx") else "torch"
-    )
-    cand = Predictor.from_checkpoint(
-        candidate, device="cpu", backend="onnxruntime" if str(candidate).endswith(".onnx") else "torch"
-    )
-    cand.threshold = ref.threshold
-    scores: dict[str, list[float]] = {"reference": [], "candidate": []}
-    iterator: Any = samples
-    if progress:
-        from rich.progress import track
-
-        iterator = track(samples, description=f"Dice on {len(samples)} images", transient=True)
-    for sample in iterator:
-        target = torch.from_numpy(read_mask(sample.mask))
-        for key, predictor in (("reference", ref), ("candidate", cand)):
-            mask = predictor.predict_one(sample.image).mask
-            scores[key].append(float(dice_score(torch.from_numpy(mask), target)[0]))
-    reference_dice = float(np.mean(scores["reference"]))
-    candidate_dice = float(np.mean(scores["candidate"]))
-    return {
-        "n": len(samples),
-        "data": str(data),
-        "dice_reference": reference_dice,
-        "dice_candidate": candidate_dice,
-        "dice_change": candidate_dice - reference_dice,
-    }
-
-
 def record_dice_change(onnx_path: Path | str, result: dict[str, Any]) -> None:
-    """Store a :func:`measure_dice_change` result in a quantized model's sidecar."""
+    """Store a :func:`polypseg.deploy.measure_dice_change` result in a quantized model's sidecar."""
     sidecar = onnx_sidecar(onnx_path)
     meta = read_onnx_metadata(onnx_path)
     meta.setdefault("quantization", {}).update(

@@ -87,33 +87,48 @@ def _contour(ax: Any, mask: np.ndarray, color: str, linestyle: str = "-") -> Non
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=[color], linewidths=1.2, linestyles=linestyle)
 
 
-def select_cases(
-    records: Sequence[Mapping[str, Any]], per_group: int = 3, key: str = "dice"
-) -> dict[str, list[Mapping[str, Any]]]:
-    """Best, median and worst records by ``key`` (no record twice); ``{"all": ...}`` when no record has it."""
-    scored = [r for r in records if _finite(r.get(key))]
-    if not scored:
-        return {"all": list(records[: 3 * per_group])}
-    ranked = sorted(scored, key=lambda r: float(r[key]), reverse=True)
-    taken: set[int] = set()
-    groups: dict[str, list[Mapping[str, Any]]] = {}
+def select_cases(scores: Sequence[float], stems: Sequence[str], n: int) -> dict[str, list[int]]:
+    """Indices of the ``n`` best, ``n`` median and ``n`` worst of ``scores``: the one case selection.
+
+    Non-finite scores are left out; no index is chosen twice. Ranks are by score, ties broken
+    by stem (of equal scores, the smaller stem counts as the lower). With fewer than ``3 n`` scores the worst are taken first, then the best, then the
+    median ones (nearest the middle first). Each group lists its extreme first: ``best`` from the
+    highest, ``worst`` from the lowest, ``median`` from the highest of its own. All three keys
+    are always present.
+    """
+    finite = [i for i in range(len(scores)) if _finite(scores[i])]
+    ranked = sorted(finite, key=lambda i: (float(scores[i]), stems[i]))[::-1]  # best first
     middle = len(ranked) // 2
     candidates = {
-        "best": range(len(ranked)),
         "worst": range(len(ranked) - 1, -1, -1),
+        "best": range(len(ranked)),
         # outwards from the middle: m, m-1, m+1, m-2, ...
         "median": [middle + (i + 1) // 2 * (-1 if i % 2 else 1) for i in range(len(ranked))],
     }
-    for name in ("best", "worst", "median"):
-        chosen = []
-        for index in candidates[name]:
-            if len(chosen) == per_group:
+    taken: set[int] = set()
+    chosen: dict[str, list[int]] = {}
+    for name in ("worst", "best", "median"):
+        picks: list[int] = []
+        for rank in candidates[name]:
+            if len(picks) == n:
                 break
-            if 0 <= index < len(ranked) and index not in taken:
-                taken.add(index)
-                chosen.append(index)
-        groups[name] = [ranked[i] for i in sorted(chosen)]
-    return {name: groups[name] for name in GROUPS if groups[name]}
+            if 0 <= rank < len(ranked) and rank not in taken:
+                taken.add(rank)
+                picks.append(rank)
+        chosen[name] = picks
+    chosen["median"].sort()
+    return {name: [ranked[rank] for rank in chosen[name]] for name in GROUPS}
+
+
+def select_records(
+    records: Sequence[Mapping[str, Any]], per_group: int = 3, key: str = "dice"
+) -> dict[str, list[Mapping[str, Any]]]:
+    """:func:`select_cases` over records by ``key``: the non-empty groups, or ``{"all": ...}`` when no record has it."""
+    scores = [float(r[key]) if _finite(r.get(key)) else float("nan") for r in records]
+    if not any(_finite(v) for v in scores):
+        return {"all": list(records[: 3 * per_group])}
+    groups = select_cases(scores, [str(r.get("stem", "")) for r in records], per_group)
+    return {name: [records[i] for i in indices] for name, indices in groups.items() if indices}
 
 
 def _finite(value: Any) -> bool:
@@ -192,7 +207,7 @@ def write_gallery(
 
     ``panels`` maps each stem to its panel PNG (bytes or a file path).
     """
-    groups = select_cases(records, per_group)
+    groups = select_records(records, per_group)
     wanted = {str(r["stem"]) for group in groups.values() for r in group}
     loaded = {
         stem: (value if isinstance(value, bytes) else Path(value).read_bytes())

@@ -22,23 +22,24 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from polypseg.checkpoint import CheckpointError
-from polypseg.data import ImageReadError, read_image, resize_image, to_uint8
+from polypseg.data import ImageReadError
 from polypseg.devices import DeviceError, resolve_device
 from polypseg.errors import PolypsegError
+from polypseg.inferer import Runner, batch_slices, model_input, probability_runner, use_precision_layout, with_flip_tta
+from polypseg.inputs import ImageInput, load_input, to_rgb_uint8  # noqa: F401 - to_rgb_uint8 stays importable from here
+from polypseg.inputs import is_pil as _is_pil
 from polypseg.io_utils import display_name
-from polypseg.transforms import images_to_tensor, normalize, resize_probabilities
+from polypseg.transforms import resize_probabilities
 
 log = logging.getLogger(__name__)
 
-ImageInput = Union[np.ndarray, "PIL.Image.Image", str, Path]  # noqa: F821
-Runner = Callable[[torch.Tensor], torch.Tensor]
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default")
 
@@ -92,63 +93,20 @@ class Prediction:
 # Inputs
 
 
-def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
-    """Grayscale, RGBA, 16-bit or float ``[0, 1]`` arrays -> ``uint8 (H, W, 3)`` (as :func:`polypseg.data.read_image`)."""
-    array = np.asarray(array)
-    if array.dtype.kind == "i" and array.dtype.itemsize > 2:  # PIL "I" mode holds 16-bit data
-        array = np.clip(array, 0, 65535).astype(np.uint16)
-    try:
-        array = to_uint8(array)
-    except ImageReadError as error:
-        raise ImageReadError(f"cannot use {name}: {error}") from None
-    if array.ndim == 3 and array.shape[2] in (1, 2):
-        array = array[:, :, 0]
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    elif array.ndim == 3 and array.shape[2] == 4:
-        array = array[:, :, :3]  # endoscopy frames carry no meaningful transparency
-    if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
-        raise ImageReadError(f"cannot use {name}: unexpected image shape {array.shape}")
-    return np.ascontiguousarray(array)
-
-
-def load_input(item: ImageInput, index: int = 0) -> tuple[np.ndarray, str]:
-    """An input as ``(uint8 RGB (H, W, 3), name)``; raises :class:`polypseg.data.ImageReadError` naming it."""
-    if isinstance(item, (str, Path)):
-        return read_image(item), str(item)
-    if _is_pil(item):
-        name = getattr(item, "filename", "") or f"image {index}"
-        image = item
-        if image.mode not in ("RGB", "RGBA", "L", "I;16", "I;16B", "I;16L", "I", "F"):
-            image = image.convert("RGBA" if image.mode in ("LA", "PA") else "RGB")
-        return to_rgb_uint8(np.asarray(image), name), name
-    if isinstance(item, np.ndarray):
-        return to_rgb_uint8(item, f"array {index}"), f"array {index}"
-    raise TypeError(f"unsupported input type {type(item).__name__}; pass a path, a PIL image or a numpy array")
-
-
 # --------------------------------------------------------------------------------------------
 # Runners: normalised (N, 3, S, S) on the predictor's device -> probabilities (N, 1, S, S) float32
 
 
 def _torch_runner(model: nn.Module, device: torch.device, compile_mode: str | None, precision: str = "auto") -> Runner:
-    from polypseg.precision import autocast, resolve_precision, use_channels_last
+    """The core's probability runner for a model this predictor owns (made channels-last where the rule says)."""
+    from polypseg.precision import resolve_precision
 
     precision = resolve_precision(precision, device)
     cuda = device.type == "cuda"
-    channels_last = use_channels_last(device, precision)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-
-    def probabilities(x: torch.Tensor) -> torch.Tensor:
-        with autocast(device, precision):
-            logits = model(x)
-        return torch.sigmoid(logits.float())
-
+    channels_last = use_precision_layout(model, device, precision)
     if not compile_mode:
-        if not channels_last:
-            return probabilities
-        return lambda x: probabilities(x.contiguous(memory_format=torch.channels_last))
+        return probability_runner(model, device, precision, channels_last)
+    probabilities = probability_runner(model, device, precision)
 
     # One graph per batch size (dynamic=False). "reduce-overhead" and "max-autotune" replay CUDA
     # graphs, which is what makes batch-1 latency launch-free; sigmoid and the cast are fused in.
@@ -216,15 +174,6 @@ def _onnx_sidecars(
     if threshold is None:
         threshold = float(sidecars[0].get("threshold", 0.5))
     return sizes.pop(), meta, threshold
-
-
-def _with_flip_tta(run: Runner) -> Runner:
-    """Mean of the image and its horizontal and vertical flips (same views as evaluation's TTA)."""
-
-    def tta(x: torch.Tensor) -> torch.Tensor:
-        return (run(x) + run(x.flip(3)).flip(3) + run(x.flip(2)).flip(2)) / 3
-
-    return tta
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +254,7 @@ class Predictor:
         for m in models:
             m.eval().to(device)
             run = _torch_runner(m, device, compile_mode, precision)
-            runners.append(_with_flip_tta(run) if tta else run)
+            runners.append(with_flip_tta(run) if tta else run)
         return cls(
             runners,
             image_size=image_size,
@@ -339,7 +288,7 @@ class Predictor:
         runners = []
         for path in paths:
             run = _onnx_runner(create_session(path, device=str(device)))
-            runners.append(_with_flip_tta(run) if tta else run)
+            runners.append(with_flip_tta(run) if tta else run)
         image_size, meta, threshold = _onnx_sidecars(paths, threshold, metadata)
         return cls(
             runners,
@@ -388,7 +337,7 @@ class Predictor:
             except Exception as error:  # noqa: BLE001 - OpenVINO raises its own exception types
                 raise PredictorError(f"OpenVINO cannot compile {path}: {str(error).splitlines()[0]}") from None
             run = _openvino_runner(compiled)
-            runners.append(_with_flip_tta(run) if tta else run)
+            runners.append(with_flip_tta(run) if tta else run)
         image_size, meta, threshold = _onnx_sidecars(paths, threshold, metadata)
         return cls(
             runners,
@@ -529,11 +478,10 @@ class Predictor:
         """Normalised ``(N, 3, S, S)`` -> probabilities ``float32 (N, 1, S, S)`` on the predictor's device."""
         return self._forward(batch)[0]
 
-    def _upload(self, images: np.ndarray) -> torch.Tensor:
-        tensor = images_to_tensor(images)
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory()
-        return normalize(tensor.to(self.device, non_blocking=True))
+    def _upload(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """RGB ``uint8`` images of any sizes -> the normalised batch at :attr:`image_size` on the device."""
+        # NCHW: each runner picks its own layout (ONNX and OpenVINO take the array as it is)
+        return model_input(images, self.device, precision=None, image_size=self.image_size, pin_memory=True)
 
     def predict_resized(self, images: np.ndarray) -> np.ndarray:
         """``uint8 (N, S, S, 3)`` already at :attr:`image_size` -> probabilities ``float32 (N, S, S)`` (numpy)."""
@@ -544,9 +492,8 @@ class Predictor:
                 f"predict_resized expects uint8 (N, {self.image_size}, {self.image_size}, 3), got {images.dtype} {images.shape}"
             )
         out = np.empty(images.shape[:3], dtype=np.float32)
-        for start in range(0, len(images), self.batch_size):
-            probs = self.predict_tensor(self._upload(images[start : start + self.batch_size]))
-            out[start : start + len(probs)] = probs[:, 0].float().cpu().numpy()
+        for batch in batch_slices(len(images), self.batch_size):
+            out[batch] = self.predict_tensor(self._upload(images[batch]))[:, 0].float().cpu().numpy()
         return out
 
     def predict(
@@ -589,21 +536,16 @@ class Predictor:
         The memory-light path for large images: nothing is held at full size; bring the maps to an
         image's size piece by piece with :func:`upsample_rows`.
         """
-        size = self.image_size
         means, stds = [], []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            resized = np.stack([img if img.shape[:2] == (size, size) else resize_image(img, size) for img in chunk])
-            mean, std = self._forward(self._upload(resized))
+        for batch in batch_slices(len(images), self.batch_size):
+            mean, std = self._forward(self._upload(images[batch]))
             means.append(mean[:, 0].float().cpu().numpy())
             if std is not None:
                 stds.append(std[:, 0].float().cpu().numpy())
         return np.concatenate(means), (np.concatenate(stds) if stds else None)
 
     def _predict_images(self, items: list[tuple[np.ndarray, str]]) -> list[Prediction]:
-        size = self.image_size
-        resized = np.stack([img if img.shape[:2] == (size, size) else resize_image(img, size) for img, _ in items])
-        mean, std = self._forward(self._upload(resized))
+        mean, std = self._forward(self._upload([image for image, _ in items]))
         results = []
         for i, (image, name) in enumerate(items):
             shape = image.shape[:2]
@@ -617,12 +559,6 @@ class Predictor:
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _is_pil(item: Any) -> bool:
-    from PIL import Image
-
-    return isinstance(item, Image.Image)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:

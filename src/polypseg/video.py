@@ -8,8 +8,6 @@ masks come from the same model pass, so the two consistency figures are directly
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import tempfile
@@ -23,9 +21,8 @@ from typing import Any
 import numpy as np
 
 from polypseg.errors import PolypsegError
-from polypseg.io_utils import atomic_write_text
+from polypseg.inputs import VIDEO_EXTENSIONS, is_video, write_csv  # noqa: F401 - the first two stay importable from here
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".webm")
 FRAME_COLUMNS = ("frame", "time_s", "area_fraction", "mean_confidence", "iou_with_previous")
 
 log = logging.getLogger(__name__)
@@ -59,10 +56,6 @@ class VideoResult:
     codec: str | None = None
     seconds: float = 0.0
     warning: str | None = None  # decoding stopped early (damaged file); frames up to there are kept
-
-
-def is_video(path: Path | str) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def _open(path: Path) -> Any:
@@ -320,11 +313,7 @@ def segment_video(
     if out is not None:
         frames_csv = out / f"{stem}_frames.csv"
         columns = list(FRAME_COLUMNS) + (["iou_with_previous_raw"] if smoother is not None else [])
-        buffer = io.StringIO()
-        csv_writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        csv_writer.writeheader()
-        csv_writer.writerows(rows)
-        atomic_write_text(frames_csv, buffer.getvalue())
+        write_csv(frames_csv, columns, rows)
     return VideoResult(
         source=path,
         frames=len(rows),

@@ -1,4 +1,4 @@
-"""Helpers shared by the CLI modules: console, one-line user errors, device choice."""
+"""Helpers shared by the CLI modules: console, one-line user errors and warnings, device choice."""
 
 from __future__ import annotations
 
@@ -23,6 +23,22 @@ def fail(message: str, code: int = 2) -> NoReturn:
     # escaped: a file name such as "a[/b].jpg" is text, not rich markup
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """One ``warning:`` line; file names in it shown as text (:func:`polypseg.io_utils.display_name`)."""
+    from rich.markup import escape
+
+    from polypseg.io_utils import display_name
+
+    console.print(f"[yellow]warning:[/] {escape(display_name(message))}", highlight=False, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    """One plain line (no markup), file names shown as text."""
+    from polypseg.io_utils import display_name
+
+    console.print(display_name(message), highlight=False, soft_wrap=True, markup=False)
 
 
 def resolve_device(device: str) -> str:

@@ -14,6 +14,9 @@ from PIL import Image
 
 from polypseg.checkpoint import CheckpointError, load_checkpoint
 from polypseg.data import DataError, build_cache, index_dataset, read_image, resize_image
+from polypseg.gallery import select_cases
+
+__all__ = ["Case", "add_heatmaps", "load_case_images", "select_cases"]
 
 
 @dataclass
@@ -34,19 +37,6 @@ class Case:
     @property
     def pred(self) -> np.ndarray:
         return self.prob >= self.threshold
-
-
-def select_cases(scores: Sequence[float], stems: Sequence[str], n: int) -> dict[str, list[int]]:
-    """Indices of the ``n`` best, ``n`` median and ``n`` worst scores (ties broken by stem)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    order = sorted(range(len(scores)), key=lambda i: (scores[i], stems[i]))  # ascending
-    n = min(n, len(order))
-    middle = max(0, len(order) // 2 - n // 2)
-    return {
-        "best": order[::-1][:n],
-        "median": order[middle : middle + n],
-        "worst": order[:n],
-    }
 
 
 def _like_training_cache(image: np.ndarray, size: int) -> np.ndarray:
@@ -96,9 +86,8 @@ def load_case_images(data_root: Path | str, stems: Sequence[str], size: int) -> 
 def add_heatmaps(run_dir: Path, cases: Sequence[Case], device: str | torch.device = "cpu") -> list[str]:
     """Grad-CAM (the paper's: final decoder block, masked-logit-sum target) for every case with an image,
     each with the model of the fold that held it out. Returns the problems met."""
-    from polypseg.explain import MaskedLogitSum, SegmentationGradCAM, autocast_for
+    from polypseg.explain import GradCAMDriver, MaskedLogitSum
     from polypseg.explain_metrics import energy_inside
-    from polypseg.transforms import images_to_tensor, normalize
 
     device = torch.device(device)
     problems: list[str] = []
@@ -113,9 +102,8 @@ def add_heatmaps(run_dir: Path, cases: Sequence[Case], device: str | torch.devic
             problems.append(f"fold {fold}: {error}; its cases are shown without heatmap")
             continue
         threshold = fold_cases[0].threshold
-        batch = normalize(images_to_tensor(np.stack([c.image for c in fold_cases])).to(device))
-        with SegmentationGradCAM(checkpoint.model) as cam, autocast_for(device):
-            heatmaps = cam(batch, MaskedLogitSum(threshold))
+        with GradCAMDriver(checkpoint.model, device=device, batch_size=len(fold_cases)) as driver:
+            heatmaps = driver.run(np.stack([c.image for c in fold_cases]), MaskedLogitSum(threshold)).heatmaps
         for case, heatmap in zip(fold_cases, heatmaps.float().cpu().numpy()):
             case.heatmap = heatmap
             case.energy_inside = float(energy_inside(heatmap, case.mask))

@@ -318,7 +318,7 @@ class InferenceService:
 
     def describe(self) -> dict[str, Any]:
         """Model card for ``GET /v1/model``: architecture, training data, metrics, threshold."""
-        from polypseg import __version__
+        from polypseg._version import __version__
         from polypseg.models import count_parameters
 
         metadata = dict(getattr(self.predictor, "metadata", {}) or {})
@@ -488,19 +488,18 @@ class InferenceService:
         import torch
 
         from polypseg.data import resize_image
-        from polypseg.explain import RegionLogitSum, SegmentationGradCAM, autocast_for, prepare_batch, to_original_size
+        from polypseg.explain import GradCAMDriver, RegionLogitSum, to_original_size
 
         size = int(self.predictor.image_size)
         device = self.predictor.device
         resized = np.stack([img if img.shape[:2] == (size, size) else resize_image(img, size) for img in images])
         served = torch.from_numpy(np.ascontiguousarray(self.predictor.predict_resized(resized)))  # (N, S, S)
         region = (served >= threshold).to(device)
-        batch = prepare_batch(resized, size, device)
         indices = list(range(len(self.explain_models))) if fold is None else [fold]
         total: torch.Tensor | None = None
         for index in indices:
-            with SegmentationGradCAM(self.explain_models[index], self.explain_layer) as cam, autocast_for(device):
-                maps = cam(batch, RegionLogitSum(region)).float()  # type: ignore[union-attr]
+            with GradCAMDriver(self.explain_models[index], self.explain_layer, device=device, batch_size=len(resized)) as driver:
+                maps = driver.run(resized, RegionLogitSum(region)).heatmaps.float()
             total = maps if total is None else total + maps
         assert total is not None
         mean = total / len(indices)
