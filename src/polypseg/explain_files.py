@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from polypseg.errors import PolypsegError
+from polypseg.runs import parse_fold_name
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def explain_files(
                     [resize_mask(t, size) if t is not None else np.zeros((size, size), bool) for _, _, t in loaded]
                 )
                 scored = score_explanations(
-                    net, batch, heatmaps, logits, gt_small, threshold, topk, deletion_steps, max(batch_size, 2 * deletion_steps)
+                    net, batch, heatmaps, logits, gt_small, threshold, topk, deletion_steps, max(batch_size, 2 * deletion_steps), precision
                 )
                 probs = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
                 for (item, image, truth), heatmap, prob, record in zip(loaded, heatmaps.cpu(), probs, scored):
@@ -260,14 +261,14 @@ def pick_checkpoint(model: Path, fold: int | None) -> Path:
 
     paths = find_checkpoints(model)
     if len(paths) == 1:
-        if fold is not None and paths[0].parent.name != f"fold_{fold}":
+        if fold is not None and parse_fold_name(paths[0].parent.name) != fold:
             raise PolypsegError(f"--fold {fold}: {model} is a single checkpoint, not a CV run folder")
         return paths[0]
-    wanted = f"fold_{0 if fold is None else fold}"
+    wanted = 0 if fold is None else fold
     for path in paths:
-        if path.parent.name == wanted:
+        if parse_fold_name(path.parent.name) == wanted:
             return path
-    available = ", ".join(p.parent.name.removeprefix("fold_") for p in paths)
+    available = ", ".join(str(parse_fold_name(p.parent.name)) for p in paths)
     raise PolypsegError(f"--fold {fold}: {model} has folds {available}")
 
 
@@ -275,8 +276,7 @@ def _model_note(model: Path, checkpoint: Path, fold: int | None) -> tuple[str, i
     """Which model explains the images, in words, and its fold (None for a lone checkpoint)."""
     from polypseg.checkpoint import find_checkpoints
 
-    name = checkpoint.parent.name
-    index = int(name[5:]) if name.startswith("fold_") and name[5:].isdigit() else None
+    index = parse_fold_name(checkpoint.parent.name)
     folds = len(find_checkpoints(model)) if model.is_dir() else 1
     if index is None:
         return f"explained with the model {checkpoint}", None

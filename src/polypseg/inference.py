@@ -36,6 +36,7 @@ from polypseg.inferer import Runner, batch_slices, model_input, probability_runn
 from polypseg.inputs import ImageInput, load_input, to_rgb_uint8  # noqa: F401 - to_rgb_uint8 stays importable from here
 from polypseg.inputs import is_pil as _is_pil
 from polypseg.io_utils import display_name
+from polypseg.runs import RunDir, fold_name, parse_fold_name
 from polypseg.transforms import resize_probabilities
 
 log = logging.getLogger(__name__)
@@ -380,7 +381,6 @@ class Predictor:
         they are logged.
         """
         from polypseg.checkpoint import config_from_metadata, find_checkpoints, load_checkpoint, read_metadata
-        from polypseg.io_utils import read_json
 
         if backend not in BACKENDS:
             raise PredictorError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
@@ -402,8 +402,8 @@ class Predictor:
         metas = [read_metadata(c) for c in checkpoints]
         configs = [config_from_metadata(m, c) for c, m in zip(checkpoints, metas)]
         summary: dict[str, Any] = {}
-        if path.is_dir() and (path / "summary.json").is_file():
-            summary = read_json(path / "summary.json")
+        if path.is_dir() and RunDir(path).summary_path.is_file():
+            summary = RunDir(path).read_summary()
         if threshold is None:
             threshold = float(summary.get("threshold", metas[0].get("threshold", 0.5)))
         metadata: dict[str, Any] = {
@@ -411,7 +411,7 @@ class Predictor:
             "config": metas[0]["config"],
             "metrics": metas[0].get("metrics", {})
             if len(metas) == 1
-            else {f"fold_{_fold_index(c)}": m.get("metrics", {}) for c, m in zip(checkpoints, metas)},
+            else {fold_name(_fold_index(c)): m.get("metrics", {}) for c, m in zip(checkpoints, metas)},
         }
         if summary:
             metadata["summary"] = summary
@@ -579,10 +579,7 @@ def _compile_mode(compile: bool | str | None) -> str | None:
 
 
 def _fold_index(checkpoint: Path) -> int | None:
-    name = checkpoint.parent.name
-    if name.startswith("fold_") and name[5:].isdigit():
-        return int(name[5:])
-    return None
+    return parse_fold_name(checkpoint.parent.name)
 
 
 def _preferred_onnx(checkpoint: Path, cache_dir: Path | str | None = None, notify: Callable[[str], None] | None = None) -> Path:

@@ -15,6 +15,7 @@ from PIL import Image
 from polypseg.checkpoint import CheckpointError, load_checkpoint
 from polypseg.data import DataError, build_cache, index_dataset, read_image, resize_image
 from polypseg.gallery import select_cases
+from polypseg.runs import RunDir
 
 __all__ = ["Case", "add_heatmaps", "load_case_images", "select_cases"]
 
@@ -97,7 +98,7 @@ def add_heatmaps(run_dir: Path, cases: Sequence[Case], device: str | torch.devic
             by_fold[case.fold].append(case)
     for fold, fold_cases in sorted(by_fold.items()):
         try:
-            checkpoint = load_checkpoint(run_dir / f"fold_{fold}" / "best", device=device)
+            checkpoint = load_checkpoint(RunDir(run_dir).best_checkpoint(fold), device=device)
         except CheckpointError as error:
             problems.append(f"fold {fold}: {error}; its cases are shown without heatmap")
             continue

@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from polypseg import __version__
 from polypseg.boundary import boundary_f1, default_tolerance
+from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
 from polypseg.io_utils import atomic_write_text, read_json
 from polypseg.metrics import METRIC_NAMES, dice_score, iou_score, mean_std, precision_recall_from_histograms
 from polypseg.reporting import figures
-from polypseg.reporting.cases import Case, add_heatmaps, load_case_images, select_cases
+from polypseg.gallery import select_cases
+from polypseg.reporting.cases import Case, add_heatmaps, load_case_images
 from polypseg.runs import CV, RunDir, RunError, RunSettings
 
 EXPLAIN_LABELS = {
@@ -153,8 +154,7 @@ def write_report(
     notes += problems
     for case in cases.values():
         case.image = images.get(case.stem)
-    torch_device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    notes += add_heatmaps(run.path, list(cases.values()), torch_device)
+    notes += add_heatmaps(run.path, list(cases.values()), str(resolve_device(device)))
     add_figure(
         "gradcam_gallery",
         "Grad-CAM gallery",

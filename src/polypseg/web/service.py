@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from polypseg.errors import PolypsegError
+from polypseg.runs import fold_name, parse_fold_name
 
 log = logging.getLogger(__name__)
 
@@ -523,8 +524,8 @@ class InferenceService:
 
 
 def _fold_name(checkpoint: Path) -> str:
-    parent = checkpoint.parent.name
-    return parent if parent.startswith("fold_") and parent[5:].isdigit() else ""
+    index = parse_fold_name(checkpoint.parent.name)
+    return fold_name(index) if index is not None else ""
 
 
 def _is_number(value: Any) -> bool:
