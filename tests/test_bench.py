@@ -212,3 +212,23 @@ def test_bench_explain_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert [r["precision"] for r in json.loads(out.read_text())] == ["fp32", "bf16"]
     assert "| bf16 |" in result.output
+
+
+def test_gradcam_benchmark_engine_rows_match_torch_fp32():
+    """A forward-only engine row (closed-form head gradient) gives torch fp32's heatmaps: correlation ~1."""
+    import numpy as np
+
+    from polypseg.bench import benchmark_gradcam, gradcam_markdown
+    from polypseg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(encoder="resnet18", decoder_channels=(16, 16, 16, 16, 16)).eval()
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    rows = benchmark_gradcam(
+        model, n=4, batch_size=2, device="cpu", precisions=("fp32",), images=images, compare=4, engines=("onnxruntime",)
+    )
+    torch_row, engine_row = rows
+    assert (torch_row["engine"], engine_row["engine"], engine_row["precision"]) == ("torch", "onnxruntime", "fp32")
+    assert engine_row["images_compared"] >= 1 and engine_row["heatmap_correlation"] == pytest.approx(1.0, abs=1e-4)
+    assert engine_row["speedup_vs_fp32"] > 0
+    assert "| onnxruntime | fp32 |" in gradcam_markdown(rows)

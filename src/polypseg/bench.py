@@ -14,7 +14,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -475,8 +475,13 @@ def benchmark_gradcam(
     images: np.ndarray | None = None,
     compare: int = 32,
     seed: int = 0,
+    engines: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Grad-CAM throughput per precision, and how far each precision's heatmaps are from fp32's.
+
+    ``engines`` adds forward-only rows (:class:`polypseg.engine_gradcam.EngineGradCAM`) on the same
+    images: ``onnxruntime``, ``onnxruntime-int8``, ``openvino``, ``openvino-bf16``, ``openvino-int8``
+    (int8 calibrated on the first 64 images of the pool); their correlation is with torch fp32.
 
     The paper's Grad-CAM (logits inside the predicted mask, final decoder block), one forward and
     backward pass per batch of ``batch_size``, on ``n`` images: ``images`` (``uint8 (N, S, S, 3)``,
@@ -499,7 +504,10 @@ def benchmark_gradcam(
     target = MaskedLogitSum(0.5)
 
     rows, kept = [], {}
-    for precision in precisions:
+    for precision in [*precisions, *engines]:
+        if precision in engines:
+            rows.append(_time_engine_gradcam(model, precision, pool, index, n, batch_size, target, compare, kept))
+            continue
         chosen = resolve_precision(precision, torch_device)
         local = copy.deepcopy(model).eval().to(torch_device)
         channels_last = use_precision_layout(local, torch_device, chosen)
@@ -520,6 +528,7 @@ def benchmark_gradcam(
         kept[chosen] = torch.cat(first)
         rows.append(
             {
+                "engine": "torch",
                 "precision": chosen,
                 "channels_last": channels_last,
                 "device_name": device_name(torch_device),
@@ -537,7 +546,7 @@ def benchmark_gradcam(
         row["heatmap_correlation"] = None
         if reference is None:
             continue
-        other = kept[row["precision"]]
+        other = kept[row.get("key", row["precision"])]
         values = [
             float(np.corrcoef(reference[i].flatten().numpy(), other[i].flatten().numpy())[0, 1])
             for i in range(min(len(reference), len(other)))
@@ -546,22 +555,73 @@ def benchmark_gradcam(
         row["heatmap_correlation"] = float(np.mean(values)) if values else None
         row["images_compared"] = len(values)
     if reference is not None:
-        fp32_seconds = next(r["seconds"] for r in rows if r["precision"] == "fp32")
+        fp32_seconds = next(r["seconds"] for r in rows if r["precision"] == "fp32" and r["engine"] == "torch")
         for row in rows:
             row["speedup_vs_fp32"] = fp32_seconds / row["seconds"]
     return rows
 
 
+def _time_engine_gradcam(
+    model: nn.Module,
+    spec: str,
+    pool: np.ndarray,
+    index: np.ndarray,
+    n: int,
+    batch_size: int,
+    target: Any,
+    compare: int,
+    kept: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """One :func:`benchmark_gradcam` row for a forward-only engine (``openvino-bf16`` and so on), on the CPU."""
+    import copy
+
+    from polypseg.engine_gradcam import EngineGradCAM
+    from polypseg.inferer import batch_slices, model_input
+
+    engine, _, precision = spec.partition("-")
+    precision = precision or "fp32"
+    calibration = list(pool[:64]) if precision == "int8" else None
+    local = copy.deepcopy(model).float().eval().cpu()
+    cpu = torch.device("cpu")
+    with EngineGradCAM(local, engine, precision, image_size=int(pool.shape[1]), calibration_images=calibration) as cam:
+        cam(model_input(pool[index[: min(n, batch_size)]], cpu, "fp32"), target)  # warm-up
+        start = time.perf_counter()
+        first: list[torch.Tensor] = []
+        checksum = 0.0
+        for batch in batch_slices(n, batch_size):
+            maps = cam(model_input(pool[index[batch]], cpu, "fp32"), target)
+            checksum += float(maps.sum())
+            if batch.start < compare:
+                first.append(maps[: max(0, compare - batch.start)])
+        seconds = time.perf_counter() - start
+        chosen = cam.precision
+    kept[spec] = torch.cat(first)
+    return {
+        "engine": engine,
+        "key": spec,
+        "precision": chosen,
+        "channels_last": False,
+        "device_name": device_name(cpu),
+        "cpu_flags": cpu_feature_summary(),
+        "n": n,
+        "batch_size": batch_size,
+        "image_size": int(pool.shape[1]),
+        "seconds": seconds,
+        "heatmaps_per_s": n / seconds,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def gradcam_markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`benchmark_gradcam` results."""
     lines = [
-        "| device | precision | layout | heatmaps | batch | seconds | heatmaps/s | vs fp32 | correlation with fp32 |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| device | engine | precision | layout | heatmaps | batch | seconds | heatmaps/s | vs torch fp32 | correlation with torch fp32 |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         corr = "n/a" if r["heatmap_correlation"] is None else f"{r['heatmap_correlation']:.4f}"
         lines.append(
-            f"| {r['device_name']} | {r['precision']} | {'channels-last' if r['channels_last'] else 'NCHW'} | {r['n']} | "
+            f"| {r['device_name']} | {r.get('engine', 'torch')} | {r['precision']} | {'channels-last' if r['channels_last'] else 'NCHW'} | {r['n']} | "
             f"{r['batch_size']} | {r['seconds']:.1f} | {r['heatmaps_per_s']:.1f} | {r.get('speedup_vs_fp32', float('nan')):.2f}x | {corr} |"
         )
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from polypseg.cli.common import console, say, warn
+from polypseg.cli.common import UsageError, console, say, warn
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -112,6 +112,12 @@ def register(app: typer.Typer) -> None:
         images: int = typer.Option(1000, "--images", min=1, help="Heatmaps to compute per precision."),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward/backward pass."),
         precisions: str = typer.Option("fp32,bf16", "--precisions", help="Comma-separated: fp32, bf16, auto."),
+        engines: str = typer.Option(
+            "",
+            "--engines",
+            help="Also time forward-only Grad-CAM on CPU engines, comma-separated: onnxruntime, onnxruntime-int8, "
+            "openvino, openvino-bf16, openvino-int8 (exact for the paper's layer: the head is linear).",
+        ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
         markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table on stdout."),
@@ -125,6 +131,11 @@ def register(app: typer.Typer) -> None:
         chosen = tuple(p.strip() for p in precisions.split(",") if p.strip())
         for p in chosen:
             check_precision(p, "--precisions")
+        engine_specs = tuple(e.strip() for e in engines.split(",") if e.strip())
+        known = ("onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "openvino-int8")
+        for spec in engine_specs:
+            if spec not in known:
+                raise UsageError(f"--engines {spec}: choose from {', '.join(known)}")
         if str(model) == "random":
             from polypseg.models import create_model
 
@@ -139,12 +150,15 @@ def register(app: typer.Typer) -> None:
             checkpoint = load_checkpoint(pick_checkpoint(resolve_model(model), None))
             net, size = checkpoint.model, checkpoint.config.train.image_size
             pixels = build_cache(data or sample_dataset_path(), size, progress=False).images
-        with console.status(f"timing {images} Grad-CAM heatmaps per precision ({', '.join(chosen)})"):
-            rows = benchmark_gradcam(net, n=images, batch_size=batch_size, device=resolve_device(device), precisions=chosen, image_size=size, images=pixels)
+        with console.status(f"timing {images} Grad-CAM heatmaps per setting ({', '.join(chosen + engine_specs)})"):
+            rows = benchmark_gradcam(
+                net, n=images, batch_size=batch_size, device=resolve_device(device), precisions=chosen, image_size=size,
+                images=pixels, engines=engine_specs,
+            )
         for row in rows:
             corr = row["heatmap_correlation"]
             console.print(
-                f"{row['precision']}: {row['n']} heatmaps in {row['seconds']:.1f} s = {row['heatmaps_per_s']:.1f}/s"
+                f"{row['engine']} {row['precision']}: {row['n']} heatmaps in {row['seconds']:.1f} s = {row['heatmaps_per_s']:.1f}/s"
                 + (f", {row['speedup_vs_fp32']:.2f}x fp32" if "speedup_vs_fp32" in row else "")
                 + (f", correlation with fp32 {corr:.4f} over {row['images_compared']} images" if corr is not None else ""),
                 highlight=False,
