@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from polypseg import __version__
+from polypseg._version import __version__
 from polypseg.web.api_errors import add_error_handlers
 from polypseg.web.middleware import BodyLimitMiddleware, HeadMiddleware, SecurityHeadersMiddleware
 from polypseg.web.routers import inference, pages, samples, status
@@ -58,9 +58,7 @@ def create_app(service: InferenceService, settings: WebSettings | None = None, m
     )
     app.state.service = service
     app.state.settings = settings
-    app.state.samples_dir = (
-        settings.samples_dir if settings.samples_dir is not None else samples.default_samples_dir()
-    )
+    app.state.samples_dir = settings.samples_dir if settings.samples_dir is not None else samples.default_samples_dir()
     # Two uploads (image and optional ground-truth mask) may share one multipart body.
     app.add_middleware(BodyLimitMiddleware, limit=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(HeadMiddleware)

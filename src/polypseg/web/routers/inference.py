@@ -70,9 +70,7 @@ async def segment(
     started = time.perf_counter()
     data, name, mask_upload = await read_upload(request, settings, with_mask=True)
     image, prediction = await run_job(service, settings, "segment", data, name, threshold)
-    body = await run_in_threadpool(
-        segment_body, image, prediction, mask_format, include_probability, include_image
-    )
+    body = await run_in_threadpool(segment_body, image, prediction, mask_format, include_probability, include_image)
     if mask_upload is not None:
         mask_data, mask_name = mask_upload
         truth = await run_in_threadpool(decode_mask_bytes, mask_data, mask_name, settings.max_pixels)

@@ -54,7 +54,7 @@ def default_samples_dir() -> Path | None:
         from polypseg.sample_data import sample_dataset_path
 
         return sample_dataset_path() / "images"
-    except Exception:  # samples are a convenience; the API works without them
+    except Exception:  # noqa: BLE001 - samples are a convenience; the API works without them
         return None
 
 

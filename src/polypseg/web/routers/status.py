@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from polypseg import __version__
+from polypseg._version import __version__
 from polypseg.web.dependencies import TOKEN_REQUIRED, ServiceDep, SettingsDep
 from polypseg.web.schemas import ERROR_RESPONSES
 

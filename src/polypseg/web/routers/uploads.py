@@ -43,7 +43,7 @@ async def read_upload(
             form = await request.form(max_files=2 if with_mask else 1, max_fields=16)
         except UploadError:
             raise
-        except Exception as error:  # malformed multipart framing: any parser error is the client's
+        except Exception as error:  # noqa: BLE001 - malformed multipart framing: any parser error is the client's
             raise CorruptImage(f"cannot parse the multipart upload ({clean_reason(error)})") from None
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
