@@ -31,7 +31,7 @@ from polypseg.web.service import InferenceService
 
 from helpers import tiny_config, write_synthetic_dataset
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 AREA = re.compile(r"^(\d+\.\d{2}) % \(([\d,]+) px\)$")
