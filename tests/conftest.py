@@ -26,6 +26,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["POLYPSEG_CACHE"] = str(_CACHE_DIR)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that uses the ``tiny_cv_run`` fixture (a real cross-validation, about a minute on
+    2 cores) is marked ``slow``, so ``pytest -m "not slow"`` never builds it."""
+    for item in items:
+        if "tiny_cv_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     import shutil
 

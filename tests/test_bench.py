@@ -71,6 +71,7 @@ def test_benchmark_rejects_bad_options() -> None:
         benchmark(predictor, mode="max-autotune")
 
 
+@pytest.mark.slow
 def test_random_checkpoint_is_the_default_architecture(tmp_path: Path) -> None:
     path = random_checkpoint(tmp_path, image_size=64)
     checkpoint = load_checkpoint(path)
@@ -79,6 +80,7 @@ def test_random_checkpoint_is_the_default_architecture(tmp_path: Path) -> None:
     assert predictor.image_size == 64 and predictor.backend == "torch"
 
 
+@pytest.mark.slow
 def test_bench_cli_all_backends_writes_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from polypseg import export
 
@@ -111,6 +113,7 @@ def test_bench_cli_rejects_unknown_backend(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--backend tensorrt" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_training_speed_of_a_recipe_times_the_real_step(tmp_path):
     from polypseg.bench import benchmark_training, training_markdown
 
@@ -128,6 +131,7 @@ def test_training_speed_of_a_recipe_times_the_real_step(tmp_path):
         benchmark_training(config, device="cpu", steps=0)
 
 
+@pytest.mark.slow
 def test_training_variants_side_by_side_with_flops_and_peak():
     from polypseg.bench import CPU_VARIANTS, benchmark_training, forward_flops, training_markdown
 
@@ -149,6 +153,7 @@ def test_training_variants_side_by_side_with_flops_and_peak():
     assert "bf16-cl" in table and "of bf16 peak" in table and "NCHW" in table and "channels-last" in table
 
 
+@pytest.mark.slow
 def test_bench_train_cli(tmp_path):
     out = tmp_path / "train_speed.json"
     result = CliRunner().invoke(
@@ -163,6 +168,7 @@ def test_bench_train_cli(tmp_path):
     assert "| demo-b2 |" in result.output and saved["label"] == "demo-b2"
 
 
+@pytest.mark.slow
 def test_bench_train_cli_defaults_to_the_cpu_variants_and_rejects_unknown_ones(tmp_path):
     tiny = ["--recipe", "demo", "--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16,16,16,16,16]",
             "--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu"]
@@ -174,6 +180,7 @@ def test_bench_train_cli_defaults_to_the_cpu_variants_and_rejects_unknown_ones(t
     assert result.exit_code == 2 and "--variants fp16" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_training_breakdown_accounts_for_every_part_of_an_epoch():
     from polypseg.bench import breakdown_markdown, training_breakdown
 
@@ -204,6 +211,7 @@ def test_gradcam_benchmark_times_each_precision_and_compares_heatmaps(tiny_cv_ru
     assert all(r["n"] == 6 and r["heatmaps_per_s"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_bench_explain_cli(tmp_path):
     out = tmp_path / "rows.json"
     result = CliRunner().invoke(

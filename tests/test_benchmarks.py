@@ -33,7 +33,10 @@ TINY_SETS = " ".join(
     ]
 )
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar"),
+    pytest.mark.slow,  # the benchmark scripts, run end to end: the smoke session alone takes minutes
+]
 
 
 def _polypseg(*args: str) -> None:
@@ -72,16 +75,28 @@ def _session(tmp_path: Path, caches: dict[str, Path], **env: str) -> str:
         **env,
     }
     result = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "gpu_session.sh")], env=environment, capture_output=True, text=True, timeout=3600
+        ["bash", str(REPO / "benchmarks" / "gpu_session.sh")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )  # the timeout only stops a hung script; a loaded 2-core machine takes a few minutes
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result.stdout
 
 
-@pytest.mark.slow
 def test_gpu_session_runs_every_step_resumes_and_packs_results(tmp_path: Path, caches: dict[str, Path]) -> None:
     log = _session(tmp_path, caches, LEVERS="no-ema")
-    for step in ("train-speed", "paper", "explain-speed", "speed-b1", "int8-check", "skip-ablation", "speed-b256", "lever-no-ema"):
+    for step in (
+        "train-speed",
+        "paper",
+        "explain-speed",
+        "speed-b1",
+        "int8-check",
+        "skip-ablation",
+        "speed-b256",
+        "lever-no-ema",
+    ):
         assert f"== {step}: done in" in log, step
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as archive:
         names = {Path(name).as_posix().removeprefix("./") for name in archive.getnames()}
@@ -89,11 +104,21 @@ def test_gpu_session_runs_every_step_resumes_and_packs_results(tmp_path: Path, c
         ablation_config = json.load(archive.extractfile("./skip-ablation/with-skips/config.json"))
         levers = archive.extractfile("./strong-levers/levers.md").read().decode()
     for expected in (
-        "paper-5fold/summary.json", "paper-5fold/summary.md", "paper-5fold/splits.json", "paper-5fold/ENVIRONMENT.txt",
-        "paper-5fold/fold_1/history.json", "bench/explain_speed.txt", "bench/bench_gpu_b1.json", "bench/bench_gpu_b2.json",
-        "bench/int8_dice.json", "bench/train_speed.md", "bench/train_speed_strong-b64.json",
-        "skip-ablation/skip_ablation.md", "skip-ablation/no-skips/summary.json",
-        "external-cvc62/with-skips/external_cvc.md", "external-cvc62/no-skips/external_cvc.json",
+        "paper-5fold/summary.json",
+        "paper-5fold/summary.md",
+        "paper-5fold/splits.json",
+        "paper-5fold/ENVIRONMENT.txt",
+        "paper-5fold/fold_1/history.json",
+        "bench/explain_speed.txt",
+        "bench/bench_gpu_b1.json",
+        "bench/bench_gpu_b2.json",
+        "bench/int8_dice.json",
+        "bench/train_speed.md",
+        "bench/train_speed_strong-b64.json",
+        "skip-ablation/skip_ablation.md",
+        "skip-ablation/no-skips/summary.json",
+        "external-cvc62/with-skips/external_cvc.md",
+        "external-cvc62/no-skips/external_cvc.json",
         "strong-levers/no-ema/summary.json",
     ):
         assert expected in names, expected
@@ -115,7 +140,14 @@ def _plan(tmp_path: Path, **env: str) -> list[str]:
     """The session's ``PLAN=1`` output: what a call would run, on a simulated clock (nothing runs)."""
     result = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_session.sh")],
-        env={**os.environ, "PLAN": "1", "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"), "COMMIT": "test", **env},
+        env={
+            **os.environ,
+            "PLAN": "1",
+            "RUNS": str(tmp_path / "runs"),
+            "OUT": str(tmp_path / "out"),
+            "COMMIT": "test",
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=120,

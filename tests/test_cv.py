@@ -35,6 +35,7 @@ def _run(dataset, out, cache, **kwargs):
     return run_cv(dataset, out, config, folds=2, device="cpu", progress=False, explain=False, report=False, cache_dir=cache, **kwargs)
 
 
+@pytest.mark.slow
 def test_cv_end_to_end_and_resume(dataset, tmp_path):
     run = tmp_path / "run"
     summary = _run(dataset, run, tmp_path / "cache")
@@ -74,6 +75,7 @@ def test_cv_end_to_end_and_resume(dataset, tmp_path):
         run_cv(dataset, run, None, folds=5, resume=True, progress=False, report=False, cache_dir=tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_partial_run_says_so_and_completes_on_resume(dataset, tmp_path):
     run = tmp_path / "run"
     partial = _run(dataset, run, tmp_path / "cache", only_folds=[0])
@@ -134,6 +136,7 @@ def test_copied_splits_keep_test_folds_with_other_validation_share(tmp_path):
     assert all(len(f["train"]) == 15 for f in reused["folds"])
 
 
+@pytest.mark.slow
 def test_cv_measures_gradcam_per_fold(dataset, tmp_path):
     config = tiny_config(epochs=1, image_size=32)
     summary = run_cv(dataset, tmp_path / "run", config, folds=2, device="cpu", progress=False, explain=True,

@@ -6,23 +6,59 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from polypseg.checkpoint import load_checkpoint
 
 from helpers import write_synthetic_dataset
+
+pytestmark = pytest.mark.slow  # two torchrun processes: about a minute on 2 cores
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
     data = write_synthetic_dataset(tmp_path / "data", n=10)
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "polypseg.cli.main", "train", "--data", str(data), "--out", str(out),
-        "--recipe", "demo", "--epochs", "2", "--image-size", "32", "--batch-size", "4",
-        "--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16,16,16,16,16]",
-        "--set", "train.val_fraction=0.2", "--device", "cpu", "--no-progress",
-        "--cache-dir", str(tmp_path / "cache"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "polypseg.cli.main",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--recipe",
+        "demo",
+        "--epochs",
+        "2",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--set",
+        "model.encoder=resnet18",
+        "--set",
+        "model.decoder_channels=[16,16,16,16,16]",
+        "--set",
+        "train.val_fraction=0.2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH")])
+        ),
+    }
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())

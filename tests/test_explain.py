@@ -417,6 +417,7 @@ class _MeanInside:
         return inside.reshape(-1, *output.shape[-2:]).sum((-2, -1)) / self.mask.sum()
 
 
+@pytest.mark.slow
 def test_scorecam_weights_match_pytorch_grad_cam(unet: nn.Module, images: torch.Tensor) -> None:
     library = pytest.importorskip("pytorch_grad_cam")
     mask = torch.zeros(64, 64)

@@ -203,6 +203,7 @@ def test_explanation_report_leaves_out_nan() -> None:
     assert "energy_inside" not in report["mean_std"]
 
 
+@pytest.mark.slow
 def test_evaluate_explanations_matches_the_parts() -> None:
     from polypseg.explain import MaskedLogitSum, grad_cam
     from polypseg.models import create_model

@@ -69,6 +69,7 @@ def _images(n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(0, 256, (rng.integers(30, 90), rng.integers(30, 90), 3), dtype=np.uint8) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_export_writes_graph_and_sidecar_and_matches_torch(exported: tuple[Path, Path], cache: Path) -> None:
     checkpoint, onnx_path = exported
     # cached by content in the cache folder, never beside the checkpoint (a user's run folder)

@@ -132,6 +132,7 @@ def _interrupt_at(data, out: Path, target: int, before: bool) -> None:
             _train(data, out)
 
 
+@pytest.mark.slow
 def test_kill_between_any_two_writes_then_resume_gives_the_uninterrupted_model(data, reference, tmp_path):
     reference_run, writes = reference
     refused = []

@@ -135,6 +135,7 @@ def test_encoder_init_rejects_bad_weights(external_data: Path, tmp_path: Path) -
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_skip_ablation_end_to_end(external_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "ablation"
     cache = tmp_path / "cache"
@@ -184,6 +185,7 @@ def test_studies_refuse_runs_on_other_folds(tmp_path: Path) -> None:
     assert read_json(third / "splits.json") == read_json(first / "splits.json")
 
 
+@pytest.mark.slow
 def test_pranet_protocol(external_data: Path, tmp_path: Path) -> None:
     test_list = tmp_path / "test.txt"
     test_list.write_text("# held out\ncase00\ncase03\ncase05\n")

@@ -42,6 +42,7 @@ def test_losses_are_low_for_right_answer(name):
     assert torch.isfinite(good) and good < bad
 
 
+@pytest.mark.slow
 def test_train_writes_best_history_and_learns(tiny_data, tmp_path):
     config = tiny_config(epochs=3, image_size=32)
     config.train.lr = 3e-3
@@ -62,6 +63,7 @@ def test_existing_run_needs_resume(tiny_data, tmp_path):
         train_model(config, tiny_data, None, tmp_path, device="cpu", progress=False)
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(training, "STATE_EVERY_S", 0.0)  # save state after every epoch
     config = tiny_config(epochs=3, image_size=32)
@@ -88,6 +90,7 @@ def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, 
         torch.testing.assert_close(resumed[key], straight[key], msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["paper", "strong"])
 def test_training_step_never_waits_for_the_device(tmp_path, monkeypatch, recipe):
     """No tensor becomes a Python value inside the step loop (on a GPU that is a host-device sync

@@ -252,13 +252,20 @@ def test_upload_and_pixel_limits(service: InferenceService):
         response = client.post("/v1/segment", files={"file": ("big.png", big, "image/png")})
         assert response.status_code == 413 and response.json()["code"] == "upload_too_large"
         # no Content-Length (chunked): the limit applies while the body streams in
-        response = client.post("/v1/segment", content=iter([big[:2000], big[2000:]]), headers={"Content-Type": "image/png"})
+        response = client.post(
+            "/v1/segment", content=iter([big[:2000], big[2000:]]), headers={"Content-Type": "image/png"}
+        )
         assert response.status_code == 413 and response.json()["code"] == "upload_too_large"
         small_but_wide = encode(np.zeros((10, 250), np.uint8))  # 2500 px > 2000
         response = client.post("/v1/segment", files={"file": ("wide.png", small_but_wide, "image/png")})
         assert response.status_code == 413 and response.json()["code"] == "too_many_pixels"
         assert "wide.png" in response.json()["error"] and "2,500" in response.json()["error"]
-        assert client.post("/v1/segment", files={"file": ("ok.png", encode(np.zeros((40, 40), np.uint8)), "image/png")}).status_code == 200
+        assert (
+            client.post(
+                "/v1/segment", files={"file": ("ok.png", encode(np.zeros((40, 40), np.uint8)), "image/png")}
+            ).status_code
+            == 200
+        )
 
 
 def test_bad_parameters_and_requests(client: TestClient):
@@ -276,7 +283,12 @@ def test_bad_parameters_and_requests(client: TestClient):
 def test_multipart_without_a_file_is_no_file(client: TestClient):
     not_a_file = {"other": ("", b"", "text/plain")}  # a multipart text field, no file part
     only_a_mask = {"mask": ("m.png", encode(np.zeros((4, 4), np.uint8)), "image/png")}
-    for endpoint, files in (("/v1/segment", not_a_file), ("/v1/segment", only_a_mask), ("/v1/explain", not_a_file), ("/v1/segment-video", not_a_file)):
+    for endpoint, files in (
+        ("/v1/segment", not_a_file),
+        ("/v1/segment", only_a_mask),
+        ("/v1/explain", not_a_file),
+        ("/v1/segment-video", not_a_file),
+    ):
         response = client.post(endpoint, data={"note": "no file"}, files=files)
         assert response.status_code == 400, response.text
         assert response.json()["code"] == "no_file" and "field 'file'" in response.json()["error"]
@@ -312,7 +324,10 @@ def test_segment_with_a_ground_truth_mask_gives_dice(client: TestClient, service
     prediction = service.predictor.predict([image])[0]
     truth = np.zeros((40, 52), bool)
     truth[10:30, 12:40] = True
-    files = {"file": ("x.png", encode(image), "image/png"), "mask": ("x_mask.png", encode(truth.astype(np.uint8) * 255), "image/png")}
+    files = {
+        "file": ("x.png", encode(image), "image/png"),
+        "mask": ("x_mask.png", encode(truth.astype(np.uint8) * 255), "image/png"),
+    }
     body = client.post("/v1/segment", files=files).json()
     inter = int((prediction.mask & truth).sum())
     assert body["dice"] == pytest.approx(2 * inter / (prediction.mask.sum() + truth.sum()))
@@ -320,10 +335,15 @@ def test_segment_with_a_ground_truth_mask_gives_dice(client: TestClient, service
     assert body["truth_area_pixels"] == int(truth.sum()) and body["mask_name"] == "x_mask.png"
     # an RGB JPEG mask binarises like the library's read_mask (brightest channel > 127)
     rgb = np.dstack([truth.astype(np.uint8) * 250] * 3)
-    jpeg = client.post("/v1/segment", files={"file": files["file"], "mask": ("m.jpg", encode(rgb, "JPEG", quality=95), "image/jpeg")}).json()
+    jpeg = client.post(
+        "/v1/segment", files={"file": files["file"], "mask": ("m.jpg", encode(rgb, "JPEG", quality=95), "image/jpeg")}
+    ).json()
     assert jpeg["truth_area_pixels"] == pytest.approx(int(truth.sum()), abs=4)
     assert "dice" not in post(client, "/v1/segment", encode(image))
-    wrong = client.post("/v1/segment", files={"file": files["file"], "mask": ("small.png", encode(np.zeros((8, 8), np.uint8)), "image/png")})
+    wrong = client.post(
+        "/v1/segment",
+        files={"file": files["file"], "mask": ("small.png", encode(np.zeros((8, 8), np.uint8)), "image/png")},
+    )
     assert wrong.status_code == 400 and wrong.json()["code"] == "mask_mismatch" and "small.png" in wrong.json()["error"]
 
 
@@ -355,7 +375,9 @@ class BlockingPredictor:
         self.batch_sizes.append(len(images))
         if any(not image.any() for image in images):
             raise RuntimeError("boom")
-        return [Prediction(np.full(image.shape[:2], image[0, 0, 0] / 255, np.float32), self.threshold) for image in images]
+        return [
+            Prediction(np.full(image.shape[:2], image[0, 0, 0] / 255, np.float32), self.threshold) for image in images
+        ]
 
 
 def test_full_queue_answers_503_with_retry_after():
@@ -401,7 +423,9 @@ def test_explain_without_a_torch_model_is_501():
         response = client.post("/v1/explain", files={"file": ("x.png", encode(image_rgb()), "image/png")})
         assert response.status_code == 501 and response.json()["code"] == "explain_unavailable"
         assert service.pending == 0
-        assert client.post("/v1/segment", files={"file": ("x.png", encode(image_rgb()), "image/png")}).status_code == 200
+        assert (
+            client.post("/v1/segment", files={"file": ("x.png", encode(image_rgb()), "image/png")}).status_code == 200
+        )
 
 
 # ----------------------------------------------------------------------------------- auth
@@ -481,7 +505,10 @@ def test_samples_folder_with_and_without_masks(service: InferenceService, tmp_pa
     for folder in (root, root / "images"):  # a data set folder, or its images/ folder
         with TestClient(create_app(service, WebSettings(samples_dir=folder))) as client:
             listing = client.get("/v1/samples").json()
-            assert listing == {"samples": ["case00.jpg", "case01.jpg", "case02.jpg"], "masks": ["case00.jpg", "case01.jpg"]}
+            assert listing == {
+                "samples": ["case00.jpg", "case01.jpg", "case02.jpg"],
+                "masks": ["case00.jpg", "case01.jpg"],
+            }
             assert client.get("/v1/samples/case01.jpg/mask").status_code == 200
             missing = client.get("/v1/samples/case02.jpg/mask")
             assert missing.status_code == 404 and "no ground-truth mask" in missing.json()["error"]
@@ -558,11 +585,28 @@ def test_serve_binds_loopback_by_default_and_warns_without_token(checkpoint: Pat
     assert result.exit_code == 0, result.output
     assert calls[-1]["host"] == "127.0.0.1" and calls[-1]["port"] == ports[0] == calls[-1]["bound"]
     assert "warning" not in result.output
-    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--host", "0.0.0.0", "--port", str(ports[1])])
+    result = runner.invoke(
+        app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--host", "0.0.0.0", "--port", str(ports[1])]
+    )
     assert result.exit_code == 0 and "without authentication" in result.output
     assert calls[-1]["host"] == "0.0.0.0" and calls[-1]["port"] == ports[1]
     monkeypatch.setenv("POLYPSEG_TOKEN", "from-env")
-    result = runner.invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--host", "0.0.0.0", "--port", "0", "--max-upload-mb", "5"])
+    result = runner.invoke(
+        app,
+        [
+            "serve",
+            "--model",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--max-upload-mb",
+            "5",
+        ],
+    )
     assert result.exit_code == 0 and "without authentication" not in result.output
     settings = calls[-1]["app"].state.settings
     assert settings.token == "from-env" and settings.max_upload_bytes == 5 * 1024 * 1024
@@ -592,7 +636,9 @@ def test_serve_refuses_a_taken_port_before_loading_the_model(checkpoint: Path, m
         result = CliRunner().invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", str(port)])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:") and "already in use" in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:") and "already in use" in lines[0]
+    )
     assert "serving" not in result.output and not loaded and not calls
 
 
@@ -601,7 +647,9 @@ def test_serve_threshold_must_be_inside_zero_one(checkpoint: Path, monkeypatch: 
     from polypseg.cli.main import app
 
     calls = fake_server(monkeypatch)
-    result = CliRunner().invoke(app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", "0", "--threshold", value])
+    result = CliRunner().invoke(
+        app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", "0", "--threshold", value]
+    )
     assert result.exit_code == 2 and not calls
     assert "--threshold" in result.output and "between 0 and 1" in result.output
 
@@ -615,8 +663,12 @@ def make_run(root: Path) -> Path:
     for fold in range(2):
         config = tiny_config(image_size=64)
         torch.manual_seed(fold)
-        save_checkpoint(root / f"fold_{fold}" / "best", create_model(config.model), config, metrics={"dice": 0.5 + fold / 10})
-    (root / "config.json").write_text(json.dumps({"run": config.to_dict(), "data": "/secret/site/kvasir-seg", "folds": 2, "seed": 0}))
+        save_checkpoint(
+            root / f"fold_{fold}" / "best", create_model(config.model), config, metrics={"dice": 0.5 + fold / 10}
+        )
+    (root / "config.json").write_text(
+        json.dumps({"run": config.to_dict(), "data": "/secret/site/kvasir-seg", "folds": 2, "seed": 0})
+    )
     (root / "splits.json").write_text(json.dumps({"seed": 0, "k": 2, "stems": [], "folds": []}))
     summary = {
         "threshold": 0.55,
@@ -669,7 +721,9 @@ def served_mask_cam(service: InferenceService, image: np.ndarray, threshold: flo
     served = torch.from_numpy(service.predictor.predict_resized(resized))
     batch = prepare_batch(resized, size, "cpu")
     with autocast("cpu", "auto"):
-        maps = [grad_cam(service.predictor.models[k], batch, RegionLogitSum(served >= threshold)).float() for k in folds]
+        maps = [
+            grad_cam(service.predictor.models[k], batch, RegionLogitSum(served >= threshold)).float() for k in folds
+        ]
     return to_original_size(torch.stack(maps).mean(0)[0], served[0], image.shape[:2])[0]
 
 
@@ -760,14 +814,18 @@ def test_video_upload_gives_per_frame_results(service: InferenceService, tmp_pat
     frames = [frame for _, _, frame in read_frames(path)]
     expected = service.predictor.predict(frames[:10])
     with TestClient(create_app(service, WebSettings(max_video_frames=10))) as client:
-        response = client.post("/v1/segment-video", params={"include_masks": "true"}, files={"file": ("clip.mp4", path.read_bytes(), "video/mp4")})
+        response = client.post(
+            "/v1/segment-video",
+            params={"include_masks": "true"},
+            files={"file": ("clip.mp4", path.read_bytes(), "video/mp4")},
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         assert (body["width"], body["height"], body["fps"]) == (64, 48, 10.0)
         assert body["frames"] == 10 and body["frames_limited"] and "first 10 frames" in body["warning"]
         assert [row["frame"] for row in body["per_frame"]] == list(range(10))
         assert body["per_frame"][0]["iou_with_previous"] is None
-        for row, mask_rle, prediction in zip(body["per_frame"], body["masks_rle"], expected):
+        for row, mask_rle, prediction in zip(body["per_frame"], body["masks_rle"], expected, strict=True):
             mask = encoding.rle_decode(mask_rle)
             assert mask.shape == (48, 64) and row["area_pixels"] == int(mask.sum())
             assert abs(row["area_pixels"] - prediction.area_pixels) <= 0.01 * mask.size

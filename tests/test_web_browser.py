@@ -31,7 +31,7 @@ from polypseg.web.service import InferenceService
 
 from helpers import tiny_config, write_synthetic_dataset
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 AREA = re.compile(r"^(\d+\.\d{2}) % \(([\d,]+) px\)$")
@@ -70,7 +70,9 @@ def require_browser():
 def browser():
     sync_playwright, chromium = require_browser()
     with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        instance = playwright.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
         try:
             yield instance
         finally:
@@ -81,7 +83,9 @@ def browser():
 def service(tmp_path_factory: pytest.TempPathFactory) -> InferenceService:
     config = tiny_config(image_size=64)
     torch.manual_seed(0)
-    path = save_checkpoint(tmp_path_factory.mktemp("browser") / "tiny", create_model(config.model), config, threshold=0.5)
+    path = save_checkpoint(
+        tmp_path_factory.mktemp("browser") / "tiny", create_model(config.model), config, threshold=0.5
+    )
     return InferenceService.from_checkpoint(path, device="cpu")
 
 
@@ -99,7 +103,9 @@ def ensemble_base(tmp_path_factory: pytest.TempPathFactory):
     for fold in range(2):
         torch.manual_seed(10 + fold)
         save_checkpoint(root / f"fold_{fold}" / "best", create_model(config.model), config, threshold=0.5)
-    (root / "config.json").write_text(json.dumps({"run": config.to_dict(), "data": "kvasir-seg", "folds": 2, "seed": 0}))
+    (root / "config.json").write_text(
+        json.dumps({"run": config.to_dict(), "data": "kvasir-seg", "folds": 2, "seed": 0})
+    )
     (root / "splits.json").write_text(json.dumps({"seed": 0, "k": 2, "stems": [], "folds": []}))
     with BackgroundServer(create_app(InferenceService.from_checkpoint(root, device="cpu"))) as url:
         yield url
@@ -127,7 +133,9 @@ class Page:
 
     def close(self) -> None:
         # Only the page's own origin, data: and blob: URLs were ever requested.
-        assert all(url.startswith(self.base) or url.startswith(("data:", "blob:")) for url in self.requests), self.requests
+        assert all(url.startswith(self.base) or url.startswith(("data:", "blob:")) for url in self.requests), (
+            self.requests
+        )
         self.context.close()
 
     def upload(self, path: Path | list[Path]) -> None:
@@ -144,14 +152,16 @@ class Page:
 
     def wait_for_cam(self, threshold: str) -> None:
         self.page.wait_for_function(
-            "(t) => { const p = document.getElementById('cam-panel'); return p.dataset.explainedThreshold === t && p.dataset.state === 'ready'; }",
+            "(t) => { const p = document.getElementById('cam-panel');"
+            " return p.dataset.explainedThreshold === t && p.dataset.state === 'ready'; }",
             arg=threshold,
             timeout=HANG_MS,
         )
 
     def set_threshold(self, value: float) -> None:
         self.page.evaluate(
-            "(v) => { const s = document.getElementById('threshold'); s.value = String(v); s.dispatchEvent(new Event('input', {bubbles: true})); }",
+            "(v) => { const s = document.getElementById('threshold'); s.value = String(v);"
+            " s.dispatchEvent(new Event('input', {bubbles: true})); }",
             value,
         )
         self.page.wait_for_function(
@@ -226,7 +236,9 @@ def test_page_end_to_end(browser, base: str, tmp_path: Path):
     clip = write_clip(tmp_path / "clip.mp4")
     upload = SAMPLES[0]
     ARTIFACTS.mkdir(exist_ok=True)
-    api = httpx.post(f"{base}/v1/segment", files={"file": (upload.name, upload.read_bytes(), "image/jpeg")}, timeout=HANG_MS / 1000).json()
+    api = httpx.post(
+        f"{base}/v1/segment", files={"file": (upload.name, upload.read_bytes(), "image/jpeg")}, timeout=HANG_MS / 1000
+    ).json()
     tab = Page(browser, base)
     page = tab.page
 
@@ -363,7 +375,8 @@ def test_downloaded_mask_is_the_mask_on_screen_after_fast_slider_steps(browser, 
 
     # A slider step not yet drawn when the button is pressed is drawn first: the file is the new mask.
     page.evaluate(
-        "(v) => { const s = document.getElementById('threshold'); s.value = String(v); s.dispatchEvent(new Event('input')); document.getElementById('download-mask').click(); }",
+        "(v) => { const s = document.getElementById('threshold'); s.value = String(v);"
+        " s.dispatchEvent(new Event('input')); document.getElementById('download-mask').click(); }",
         steps[0],
     )
     page.wait_for_function("() => window.__toBlobPending === 0")
@@ -400,7 +413,9 @@ def test_grad_cam_explains_the_mask_shown_and_follows_the_slider(browser, ensemb
     assert page.inner_text("#cam-caption").startswith("Grad-CAM of the mask shown at threshold 0.05")
     assert np.abs(tab.canvas_rgb("view-cam").astype(int) - plain).max() > 10
     explained = [url for url in tab.requests if "/v1/explain" in url]
-    assert any(f"threshold={empty_at:.2f}" in url for url in explained) and any("threshold=0.05" in url for url in explained)
+    assert any(f"threshold={empty_at:.2f}" in url for url in explained) and any(
+        "threshold=0.05" in url for url in explained
+    )
     assert not tab.errors, tab.errors
     tab.close()
 
@@ -485,7 +500,12 @@ def test_reviewer_tools(browser, base: str, tmp_path: Path):
         dice = 2 * inter / (shown.sum() + truth.sum())
         assert page.inner_text("#dice") == f"{dice:.3f}"
         assert page.inner_text("#iou") == f"{inter / (shown | truth).sum():.3f}"
-    assert page.get_by_role("img", name=re.compile(r"ground truth .* outlined in yellow, prediction at threshold 0\.30 in blue; Dice")).count() == 1
+    assert (
+        page.get_by_role(
+            "img", name=re.compile(r"ground truth .* outlined in yellow, prediction at threshold 0\.30 in blue; Dice")
+        ).count()
+        == 1
+    )
 
     # Filled overlay: opacity and an on/off toggle (key O).
     page.fill("#overlay-opacity", "80")
@@ -507,7 +527,9 @@ def test_reviewer_tools(browser, base: str, tmp_path: Path):
     # Zoom and pan, the same in every panel; keys + and 0.
     page.keyboard.press("+")
     page.wait_for_function("() => document.getElementById('results').dataset.zoom === '1.5'")
-    transforms = page.evaluate("Array.from(document.querySelectorAll('.viewport > canvas')).map((c) => c.style.transform)")
+    transforms = page.evaluate(
+        "Array.from(document.querySelectorAll('.viewport > canvas')).map((c) => c.style.transform)"
+    )
     assert len(set(transforms)) == 1 and "scale(1.5)" in transforms[0]
     box = page.locator("#view-mask").bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
@@ -521,7 +543,11 @@ def test_reviewer_tools(browser, base: str, tmp_path: Path):
     # Colour-blind-safe palettes on the maps, with colour bars.
     assert tuple(tab.canvas_rgb("bar-prob")[0, 0]) == (68, 1, 84)  # viridis
     page.select_option("#palette", "cividis")
-    assert tuple(tab.canvas_rgb("bar-prob")[0, 0]) == (0, 34, 78) and tuple(tab.canvas_rgb("bar-cam")[0, -1]) == (254, 232, 56)
+    assert tuple(tab.canvas_rgb("bar-prob")[0, 0]) == (0, 34, 78) and tuple(tab.canvas_rgb("bar-cam")[0, -1]) == (
+        254,
+        232,
+        56,
+    )
 
     # Next / previous with the keyboard.
     page.keyboard.press("n")

@@ -157,7 +157,10 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
         raise CorruptImage(f"{name}: truncated or corrupt {info.format} ({_reason(error)})") from None
     array = _to_rgb(array, name)
     if array.shape[:2] != (info.height, info.width):
-        raise CorruptImage(f"{name}: decoded size {array.shape[1]}x{array.shape[0]} differs from the header's {info.width}x{info.height}")
+        raise CorruptImage(
+            f"{name}: decoded size {array.shape[1]}x{array.shape[0]} "
+            f"differs from the header's {info.width}x{info.height}"
+        )
     return array
 
 

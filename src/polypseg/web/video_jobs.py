@@ -50,9 +50,13 @@ def segment_video_bytes(
         try:
             info = video_info(tmp)
         except VideoError:
-            raise NotAVideo(f"{name}: cannot be opened as a video (not a video, or truncated; MP4, WebM, AVI and MOV work)") from None
+            raise NotAVideo(
+                f"{name}: cannot be opened as a video (not a video, or truncated; MP4, WebM, AVI and MOV work)"
+            ) from None
         if info.width * info.height > max_pixels:
-            raise TooManyPixels(f"{name}: frames of {info.width}x{info.height} are over the limit of {max_pixels:,} pixels")
+            raise TooManyPixels(
+                f"{name}: frames of {info.width}x{info.height} are over the limit of {max_pixels:,} pixels"
+            )
         started = time.perf_counter()
         rows: list[dict[str, Any]] = []
         masks: list[dict[str, Any]] = []

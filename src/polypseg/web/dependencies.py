@@ -1,0 +1,59 @@
+"""What the routers get from the app, passed explicitly through ``Depends``.
+
+``create_app`` puts the service, the settings and the samples folder on ``app.state``; handlers
+ask for them with the ``Annotated`` aliases below instead of closing over ``create_app``'s locals.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from polypseg.web.api_errors import ApiError
+from polypseg.web.service import InferenceService
+from polypseg.web.settings import WebSettings
+
+bearer = HTTPBearer(auto_error=False, description="Needed only when the server was started with a token.")
+
+
+def get_service(request: Request) -> InferenceService:
+    """The app's inference service."""
+    return request.app.state.service
+
+
+def get_settings(request: Request) -> WebSettings:
+    """The app's limits and options."""
+    return request.app.state.settings
+
+
+def get_samples_dir(request: Request) -> Path | None:
+    """The folder of sample images the app serves, or ``None`` when it has none."""
+    return request.app.state.samples_dir
+
+
+ServiceDep = Annotated[InferenceService, Depends(get_service)]
+SettingsDep = Annotated[WebSettings, Depends(get_settings)]
+SamplesDirDep = Annotated[Path | None, Depends(get_samples_dir)]
+
+
+async def require_token(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
+    """Refuse the request (401) unless it carries the server's token; no-op when the server has none."""
+    if settings.token is None:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), settings.token.encode()):
+        raise ApiError(
+            401,
+            "missing or wrong token: send 'Authorization: Bearer <token>'",
+            "unauthorized",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+TOKEN_REQUIRED = [Depends(require_token)]
