@@ -28,15 +28,6 @@ PACKAGE = "polypseg"
 HEAVY = ("torch", "torchvision", "segmentation_models_pytorch")
 LIGHT_ENTRY_POINTS = ("polypseg", "polypseg.cli.main")
 
-# Cycles in the tree when this test was written (issue #13); the refactor removes them. Once none
-# is left, test_no_import_cycles passes, which xfail(strict=True) turns into a failure: then delete
-# the mark and this list.
-KNOWN_CYCLES = (
-    ("polypseg.cv", "polypseg.reporting", "polypseg.reporting.report"),
-    ("polypseg.export", "polypseg.inference"),
-)
-
-
 @dataclass(frozen=True)
 class Import:
     """One import of a polypseg module: who imports what, where, and whether it runs at import time."""
@@ -236,19 +227,8 @@ def test_the_graph_sees_lazy_imports_and_import_tables(modules: dict[str, Module
     assert any(not edge.at_import_time for info in modules.values() for edge in info.imports)
 
 
-def test_no_new_import_cycles(modules: dict[str, ModuleInfo]) -> None:
-    """While the known cycles are being removed, no other module may join a cycle."""
-    allowed = {module for cycle in KNOWN_CYCLES for module in cycle}
-    cycles = find_cycles(modules)
-    new = [cycle for cycle in cycles if not set(cycle) <= allowed]
-    assert not new, "new import cycle(s):\n" + describe_cycles(modules, new)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="known cycles (issue #13): " + "; ".join(" <-> ".join(cycle) for cycle in KNOWN_CYCLES),
-)
 def test_no_import_cycles(modules: dict[str, ModuleInfo]) -> None:
+    """Data flows one way: no polypseg module imports, even lazily, a module that imports it back."""
     cycles = find_cycles(modules)
     if cycles:
         print(describe_cycles(modules, cycles))

@@ -288,13 +288,14 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     return config
 
 
-def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None, build_model: bool = True) -> RunConfig:
+def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None) -> RunConfig:
     """Check ``config`` before any work is done; raise :class:`ConfigError` naming the field at fault.
 
-    Checks the choices of precision, loss, optimizer and schedule, that ``encoder_weights`` is
-    ``none``, ``imagenet`` or an existing file and (``build_model``) that the model can be built:
-    architecture, encoder, decoder options, reachable ImageNet weights. ``labels`` names fields the
-    way the caller's user knows them (the CLI passes ``{"train.loss": "--loss", ...}``).
+    Checks the choices of precision, loss, optimizer and schedule and that ``encoder_weights`` is
+    ``none``, ``imagenet`` or an existing file. Whether the model can be built (architecture,
+    encoder, reachable ImageNet weights) is :func:`polypseg.models.check_model_config`'s job: the
+    config knows no models. ``labels`` names fields the way the caller's user knows them (the CLI
+    passes ``{"train.loss": "--loss", ...}``).
     """
     from polypseg.losses import LOSSES
     from polypseg.precision import PRECISIONS
@@ -314,13 +315,4 @@ def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None, 
     weights = config.model.encoder_weights
     if weights not in ("none", "imagenet") and not Path(weights).is_file():
         raise ConfigError(f"{label('model.encoder_weights')} {weights}: not 'imagenet', 'none' or an existing file")
-    if build_model:
-        from polypseg.models import create_model
-
-        try:
-            # Fail now, not after caching the data: unknown arch, encoder or attention, unreachable weights.
-            create_model(config.model)
-        except (ValueError, KeyError) as error:
-            message = str(error.args[0]) if error.args else str(error)
-            raise ConfigError(f"invalid model settings: {message[:300]}") from None
     return config

@@ -166,7 +166,7 @@ def run_cv(
     run = RunDir(out)
     context = DistributedContext.from_env()
     if config is not None:
-        validate_config(config, build_model=False)
+        validate_config(config)
     saved = run.saved_settings()
     if saved is not None:
         if not resume:

@@ -58,6 +58,18 @@ def available_models() -> list[str]:
     return sorted(MODELS)
 
 
+def check_model_config(config: ModelConfig) -> None:
+    """Build the model once to fail before any work: unknown arch, encoder or attention, unreachable weights.
+
+    Raises :class:`ConfigError` with a one-line message.
+    """
+    try:
+        create_model(config)
+    except (ValueError, KeyError) as error:
+        message = str(error.args[0]) if error.args else str(error)
+        raise ConfigError(f"invalid model settings: {message[:300]}") from None
+
+
 def create_model(config: ModelConfig | None = None, **overrides: Any) -> nn.Module:
     """Build a segmentation model from a :class:`ModelConfig` (fields may be overridden by keyword).
 

@@ -35,7 +35,7 @@ def train_single_split(
     ``config`` must match the saved one; a ``test_list``, if given, must match the saved test stems).
     """
     run = RunDir(out)
-    validate_config(config, build_model=False)
+    validate_config(config)
     resolve_run_precision(config, device)
     if not resume and run.history_path().is_file():
         raise RunError(f"{run.path} already holds a training run; pass --resume to continue it, or choose a new --out")

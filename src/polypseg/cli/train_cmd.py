@@ -71,7 +71,11 @@ def build_config(
                 section, name = key.split(".")
                 setattr(getattr(config, section), name, value)
         apply_overrides(config, list(overrides))
-        return validate_config(config, labels=OPTION_LABELS)
+        from polypseg.models import check_model_config
+
+        validate_config(config, labels=OPTION_LABELS)
+        check_model_config(config.model)
+        return config
     except ConfigError as error:
         raise UsageError(str(error)) from None
 
