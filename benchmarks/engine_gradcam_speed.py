@@ -82,7 +82,7 @@ def correlations(reference: torch.Tensor, other: torch.Tensor) -> list[float]:
     """Pearson correlation per image, over images where both heatmaps are not all zero."""
     return [
         float(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1])
-        for a, b in zip(reference, other)
+        for a, b in zip(reference, other, strict=False)
         if a.max() > 0 and b.max() > 0
     ]
 
@@ -95,7 +95,9 @@ def main() -> None:
     parser.add_argument("--model", help="a polypseg checkpoint (default: the paper's U-Net/ResNet-34, random weights)")
     parser.add_argument("--images", type=Path, help="a folder of images (default: the bundled Kvasir-SEG sample)")
     parser.add_argument("--int8", action="store_true", help="also onnxruntime/OpenVINO int8, calibrated on the images")
-    parser.add_argument("--threads", type=int, default=None, help="threads for every engine (default: each engine's own)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads for every engine (default: each engine's own)"
+    )
     args = parser.parse_args()
 
     from polypseg.sample_data import sample_dataset_path
@@ -106,8 +108,10 @@ def main() -> None:
     model, threshold, description = load_model(args.model, args.image_size, pool)
     bf16 = bool(cpu_bf16_flags())
 
-    print(f"model: {description}; {args.n} heatmaps at {args.image_size} px, batch {args.batch_size}; "
-          f"{len(paths)} images cycled; torch threads {torch.get_num_threads()}; CPU bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}")
+    print(
+        f"model: {description}; {args.n} heatmaps at {args.image_size} px, batch {args.batch_size}; "
+        f"{len(paths)} images cycled; torch threads {torch.get_num_threads()}; CPU bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}"
+    )
     started = time.perf_counter()
     runners: dict[str, HeatmapFn] = {"torch fp32": torch_heatmaps(model, "fp32", threshold)}
     if bf16:
@@ -124,9 +128,12 @@ def main() -> None:
             runners["openvino bf16"] = engine_heatmaps(EngineGradCAM(model, "openvino", "bf16", **reuse), threshold)
         if args.int8:
             int8 = {**reuse, "calibration_images": paths}
-            runners["onnxruntime int8"] = engine_heatmaps(EngineGradCAM(model, "onnxruntime", "int8", **int8), threshold)
+            runners["onnxruntime int8"] = engine_heatmaps(
+                EngineGradCAM(model, "onnxruntime", "int8", **int8), threshold
+            )
             runners["openvino int8"] = engine_heatmaps(
-                EngineGradCAM(model, "openvino", "int8", **{**reuse, "onnx_path": onnx_path.with_suffix(".int8.onnx")}), threshold
+                EngineGradCAM(model, "openvino", "int8", **{**reuse, "onnx_path": onnx_path.with_suffix(".int8.onnx")}),
+                threshold,
             )
     print(f"setup (export, compile, quantize): {time.perf_counter() - started:.1f} s")
 
@@ -140,7 +147,7 @@ def main() -> None:
     for step, begin in enumerate(range(0, args.n, args.batch_size)):
         batch = pool[index[begin : begin + args.batch_size]].contiguous()
         maps: dict[str, torch.Tensor] = {}
-        for name in names[step % len(names):] + names[: step % len(names)]:  # rotate who goes first
+        for name in names[step % len(names) :] + names[: step % len(names)]:  # rotate who goes first
             tick = time.perf_counter()
             maps[name] = runners[name](batch)
             seconds[name] += time.perf_counter() - tick
@@ -148,7 +155,9 @@ def main() -> None:
             scores[name] += correlations(maps["torch fp32"], maps[name])
 
     print()
-    print("| engine | heatmaps | seconds | heatmaps/s | vs torch fp32 | correlation with torch fp32 (mean, min) | images compared |")
+    print(
+        "| engine | heatmaps | seconds | heatmaps/s | vs torch fp32 | correlation with torch fp32 (mean, min) | images compared |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in names:
         values = scores[name]

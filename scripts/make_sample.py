@@ -92,15 +92,11 @@ def main() -> None:
         with Image.open(src / "images" / f"{stem}.jpg") as im:
             im = im.convert("RGB")
             size = new_size(*im.size)
-            im.resize(size, Image.LANCZOS).save(
-                out / "images" / f"{stem}.jpg", quality=JPEG_QUALITY
-            )
+            im.resize(size, Image.LANCZOS).save(out / "images" / f"{stem}.jpg", quality=JPEG_QUALITY)
         with Image.open(src / "masks" / f"{stem}.jpg") as m:
             # Binarize before resizing: JPEG masks hold in-between values.
             binary = (np.asarray(m.convert("L")) > 127).astype(np.uint8) * 255
-        Image.fromarray(binary).resize(size, Image.NEAREST).save(
-            out / "masks" / f"{stem}.png", optimize=True
-        )
+        Image.fromarray(binary).resize(size, Image.NEAREST).save(out / "masks" / f"{stem}.png", optimize=True)
     (out / "NOTICE.md").write_text(NOTICE, encoding="utf-8")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote {N_PAIRS} pairs to {out} ({total / 1e6:.2f} MB)")

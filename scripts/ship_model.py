@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--external", type=Path, default=SHARED / "cvc-clinicdb-test62")
     parser.add_argument("--command", default="", help="The training command, recorded in the sidecar.")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--weights-dir", type=Path, default=None, help="Default: the package's weights/ (a dry run: elsewhere).")
+    parser.add_argument(
+        "--weights-dir", type=Path, default=None, help="Default: the package's weights/ (a dry run: elsewhere)."
+    )
     parser.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "runs", help="Where docs/runs/NAME/ goes.")
     args = parser.parse_args()
 
@@ -87,19 +89,27 @@ def main() -> None:
         },
         "history_epochs": len(history),
     }
-    shipped = release_model(train_dir / "best", args.name, release, weights_dir=args.weights_dir, summary=(
-        f"{config['model']['arch']} / {config['model']['encoder']}, random init, Kvasir-SEG {len(split['train']) + len(split['val'])}; test Dice {release['test_metrics']['kvasir_test100_original_resolution']['dice']:.3f} "
-        f"(Kvasir-SEG test 100), {release['test_metrics']['cvc_clinicdb62']['dice']:.3f} (CVC-ClinicDB-62)"
-    ))
+    shipped = release_model(
+        train_dir / "best",
+        args.name,
+        release,
+        weights_dir=args.weights_dir,
+        summary=(
+            f"{config['model']['arch']} / {config['model']['encoder']}, random init, Kvasir-SEG {len(split['train']) + len(split['val'])}; test Dice {release['test_metrics']['kvasir_test100_original_resolution']['dice']:.3f} "
+            f"(Kvasir-SEG test 100), {release['test_metrics']['cvc_clinicdb62']['dice']:.3f} (CVC-ClinicDB-62)"
+        ),
+    )
 
     # fp16 storage must not change the answers: Dice of the shipped weights vs the fp32 checkpoint
     stems = load_split_file(args.test_list)
     test = build_cache(args.data, best.config.train.image_size, progress=False).subset(stems)
     scores = {}
-    for label, checkpoint in (("fp32", best), ("fp16", load_checkpoint(shipped.stem))):  # noqa: B007
+    for label, checkpoint in (("fp32", best), ("fp16", load_checkpoint(shipped.stem))):
         probs = predict_probabilities(checkpoint.model, test.images, precision="fp32", batch_size=16)
         scores[label] = evaluate_probabilities(probs, test.masks, thresholds=(0.5,)).at_threshold(0.5)["dice"]
-    print(f"fp16 storage: Dice {scores['fp16']:.4f} vs fp32 {scores['fp32']:.4f} ({scores['fp16'] - scores['fp32']:+.4f})")
+    print(
+        f"fp16 storage: Dice {scores['fp16']:.4f} vs fp32 {scores['fp32']:.4f} ({scores['fp16'] - scores['fp32']:+.4f})"
+    )
     (train_dir / "fp16_check.json").write_text(json.dumps(scores, indent=2))
 
     docs = args.docs_dir / args.name

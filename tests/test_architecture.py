@@ -28,6 +28,7 @@ PACKAGE = "polypseg"
 HEAVY = ("torch", "torchvision", "segmentation_models_pytorch")
 LIGHT_ENTRY_POINTS = ("polypseg", "polypseg.cli.main")
 
+
 @dataclass(frozen=True)
 class Import:
     """One import of a polypseg module: who imports what, where, and whether it runs at import time."""

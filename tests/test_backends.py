@@ -18,7 +18,9 @@ from polypseg.models import create_model
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    config = RunConfig(model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32))
+    config = RunConfig(
+        model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
+    )
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", create_model(config.model), config)
 
 
@@ -29,7 +31,9 @@ def images() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint, images) -> np.ndarray:
-    return Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch", precision="fp32").predict_resized(images)
+    return Predictor.from_checkpoint(checkpoint, device="cpu", backend="torch", precision="fp32").predict_resized(
+        images
+    )
 
 
 def test_torch_predictor_reports_and_uses_its_precision(checkpoint, images, reference):
@@ -81,7 +85,9 @@ def test_backend_all_offers_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert bench.available_backends("cuda") == ["torch", "torch-bf16"]
 
 
-@pytest.mark.parametrize("name", ["torch", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "openvino-int8"])
+@pytest.mark.parametrize(
+    "name", ["torch", "torch-bf16", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-bf16", "openvino-int8"]
+)
 def test_every_bench_backend_loads_and_times(checkpoint, name, tmp_path):
     if name.startswith("openvino"):
         pytest.importorskip("openvino")

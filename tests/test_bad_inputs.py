@@ -77,7 +77,12 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _symlink(path: Path, target: Path | str) -> Path:
@@ -129,10 +134,22 @@ CASES = [
     Case("truncated_jpeg", lambda d: _bytes(d / "cut.jpg", _jpeg_bytes()[:300]), False, "truncated"),
     Case("truncated_png", lambda d: _bytes(d / "halfpng.png", _png_bytes()[:60]), False, "cannot decode"),
     Case("text_as_png", lambda d: _bytes(d / "notes.png", b"just some text\n" * 20), False, "cannot decode"),
-    Case("random_bytes_jpg", lambda d: _bytes(d / "noise.jpg", RNG.integers(0, 256, 4000, dtype=np.uint8).tobytes()), False, "cannot decode"),
-    Case("html_as_jpg", lambda d: _bytes(d / "page.jpg", b"<!doctype html><html><body>404</body></html>"), False, "cannot decode"),
+    Case(
+        "random_bytes_jpg",
+        lambda d: _bytes(d / "noise.jpg", RNG.integers(0, 256, 4000, dtype=np.uint8).tobytes()),
+        False,
+        "cannot decode",
+    ),
+    Case(
+        "html_as_jpg",
+        lambda d: _bytes(d / "page.jpg", b"<!doctype html><html><body>404</body></html>"),
+        False,
+        "cannot decode",
+    ),
     Case("corrupt_bmp", lambda d: _bytes(d / "bad.bmp", b"BM" + b"\x00" * 40), False, "cannot decode"),
-    Case("corrupt_webp", lambda d: _bytes(d / "bad.webp", b"RIFF\x10\x00\x00\x00WEBPVP8 garbage"), False, "cannot decode"),
+    Case(
+        "corrupt_webp", lambda d: _bytes(d / "bad.webp", b"RIFF\x10\x00\x00\x00WEBPVP8 garbage"), False, "cannot decode"
+    ),
     Case("corrupt_tiff", lambda d: _bytes(d / "bad.tif", b"II*\x00" + b"\xff" * 60), False, "cannot decode"),
     Case("huge_declared_png", lambda d: _bytes(d / "huge.png", _png_header(10_000, 10_000)), False, "over the limit"),
     Case("bomb_declared_png", lambda d: _bytes(d / "bomb.png", _png_header(60_000, 60_000)), False, "far more than"),
@@ -144,7 +161,12 @@ CASES = [
     Case("missing_parent", lambda d: d / "nowhere" / "x.png", False, "not found"),
     Case("broken_symlink", lambda d: _symlink(d / "dangling.png", d / "gone.png"), False, "broken symlink"),
     Case("symlink_loop", lambda d: _symlink(d / "self.png", d / "self.png"), False, "symlink loop"),
-    Case("symlink_cycle", lambda d: (_symlink(d / "b.png", d / "a.png"), _symlink(d / "a.png", d / "b.png"))[1], False, "symlink loop"),
+    Case(
+        "symlink_cycle",
+        lambda d: (_symlink(d / "b.png", d / "a.png"), _symlink(d / "a.png", d / "b.png"))[1],
+        False,
+        "symlink loop",
+    ),
     Case("fifo", lambda d: _fifo(d / "pipe.png"), False, "not a regular file"),
     Case("unreadable", lambda d: _unreadable(d / "secret.png"), False, "permission denied", needs_non_root=True),
     Case("empty_folder", lambda d: (d / "void-folder").mkdir() or d / "void-folder", False, "no image"),
@@ -174,17 +196,36 @@ CASES = [
     # --- unusual but fine: processed like any image
     Case("rgba", lambda d: _save(d / "rgba.png", RNG.integers(0, 256, (30, 40, 4), dtype=np.uint8)), True),
     Case("grayscale", lambda d: _save(d / "gray.png", RNG.integers(0, 256, (30, 40), dtype=np.uint8)), True),
-    Case("gray16", lambda d: _save(d / "gray16.png", Image.fromarray(RNG.integers(0, 65535, (30, 40), dtype=np.uint16))), True),
+    Case(
+        "gray16",
+        lambda d: _save(d / "gray16.png", Image.fromarray(RNG.integers(0, 65535, (30, 40), dtype=np.uint16))),
+        True,
+    ),
     Case("palette", lambda d: _save(d / "palette.png", Image.fromarray(_rgb()).convert("P")), True),
-    Case("palette_transparent", lambda d: _save(d / "ptrans.png", Image.fromarray(_rgb()).convert("P"), transparency=0), True),
+    Case(
+        "palette_transparent",
+        lambda d: _save(d / "ptrans.png", Image.fromarray(_rgb()).convert("P"), transparency=0),
+        True,
+    ),
     Case("gray_alpha", lambda d: _save(d / "la.png", Image.fromarray(_rgb()).convert("LA")), True),
     Case("bilevel", lambda d: _save(d / "bits.png", Image.fromarray(_rgb()).convert("1")), True),
     Case("cmyk_jpeg", lambda d: _save(d / "cmyk.jpg", Image.fromarray(_rgb()).convert("CMYK")), True),
     Case("exif_rotated", lambda d: _exif_rotated(d / "rotated.jpg"), True),
     Case("webp", lambda d: _save(d / "frame.webp", _rgb()), True),
     Case("tiff_rgb", lambda d: (tifffile.imwrite(d / "cvc.tif", _rgb(28, 36)), d / "cvc.tif")[1], True),
-    Case("tiff_16bit", lambda d: (tifffile.imwrite(d / "deep.tiff", RNG.integers(0, 65535, (28, 36, 3), dtype=np.uint16)), d / "deep.tiff")[1], True),
-    Case("tiff_float", lambda d: (tifffile.imwrite(d / "float.tif", RNG.random((28, 36)).astype(np.float32)), d / "float.tif")[1], True),
+    Case(
+        "tiff_16bit",
+        lambda d: (
+            tifffile.imwrite(d / "deep.tiff", RNG.integers(0, 65535, (28, 36, 3), dtype=np.uint16)),
+            d / "deep.tiff",
+        )[1],
+        True,
+    ),
+    Case(
+        "tiff_float",
+        lambda d: (tifffile.imwrite(d / "float.tif", RNG.random((28, 36)).astype(np.float32)), d / "float.tif")[1],
+        True,
+    ),
     Case("one_pixel", lambda d: _save(d / "dot.png", _rgb(1, 1)), True),
     Case("uniform_black", lambda d: _save(d / "black.png", np.zeros((30, 40, 3), np.uint8)), True),
     Case("png_named_jpg", lambda d: _bytes(d / "actually-png.jpg", _png_bytes()), True),
@@ -193,7 +234,9 @@ CASES = [
     Case("cjk_name", lambda d: _save(d / "息肉.png", _rgb()), True),
     Case("markup_name", lambda d: _save(d / "[bold]x[link].png", _rgb()), True),
     Case("comma_quote_name", lambda d: _save(d / 'a, "b".png', _rgb()), True),
-    Case("leading_dash_name", lambda d: _folder_with(d, "-dash.png", lambda p: _save(p, _rgb())), True, shown="-dash.png"),
+    Case(
+        "leading_dash_name", lambda d: _folder_with(d, "-dash.png", lambda p: _save(p, _rgb())), True, shown="-dash.png"
+    ),
     Case("long_name", lambda d: _save(d / ("x" * 200 + ".png"), _rgb()), True),
 ]
 CASE_IDS = [case.name for case in CASES]
@@ -221,7 +264,9 @@ def _env(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    config = RunConfig(model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32))
+    config = RunConfig(
+        model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
+    )
     root = tmp_path_factory.mktemp("model")
     save_checkpoint(root / "best", create_model(config.model), config, threshold=0.5)
     return root / "best.safetensors"
@@ -261,9 +306,9 @@ def _args(command: str, inputs: list[Path], model: Path, out: Path) -> list[str]
 
 def _run(args: list[str]) -> tuple[int, str]:
     """Run the CLI as a user would (``polypseg.cli.main.main``: user errors as one line, exit codes)."""
-    from polypseg.cli.main import main
-
     import contextlib
+
+    from polypseg.cli.main import main
 
     captured = io.StringIO()
     old_argv = sys.argv
@@ -364,7 +409,9 @@ def test_each_input_class(case: Case, command: str, runs: dict, built: dict) -> 
 
 @pytest.mark.parametrize("command", ["predict", "explain"])
 @pytest.mark.parametrize("case", [c for c in CASES if not c.works], ids=[c.name for c in CASES if not c.works])
-def test_a_bad_input_alone_exits_non_zero_with_one_line(case: Case, command: str, model: Path, built: dict, tmp_path: Path) -> None:
+def test_a_bad_input_alone_exits_non_zero_with_one_line(
+    case: Case, command: str, model: Path, built: dict, tmp_path: Path
+) -> None:
     if not _applicable(case, command):
         pytest.skip("root reads any file" if case.needs_non_root else f"not an input of {command}")
     path, shown = built[case.name]
@@ -475,7 +522,10 @@ SIDECAR_EDITS = {
     "unknown_field": (lambda m: m["config"]["model"].update(bogus=1), "bogus"),
     "no_config": (lambda m: m.pop("config"), "config"),
     "wrong_type": (lambda m: m["config"]["train"].update(image_size="big"), "big"),
-    "decoder_channels": (lambda m: m["config"]["model"].update(decoder_channels=[16, 8, 8, 8, 8]), "decoder.blocks.0.conv1.0.weight"),
+    "decoder_channels": (
+        lambda m: m["config"]["model"].update(decoder_channels=[16, 8, 8, 8, 8]),
+        "decoder.blocks.0.conv1.0.weight",
+    ),
 }
 
 
@@ -509,7 +559,9 @@ def test_corrupt_weights_are_the_same_one_line(command: str, model: Path, good: 
 def test_npz_with_object_arrays_as_data_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "data.npz"
     np.savez(bad, format=np.array([{"a": 1}], dtype=object))
-    code, output = _run(["cv", "--data", str(bad), "--out", str(tmp_path / "run"), "--recipe", "demo", "--device", "cpu"])
+    code, output = _run(
+        ["cv", "--data", str(bad), "--out", str(tmp_path / "run"), "--recipe", "demo", "--device", "cpu"]
+    )
     assert code == 2 and "Traceback" not in output, output
     (error,) = [line for line in _lines(output) if line.startswith("error:")]
     assert "data.npz" in error and "not a usable polypseg cache" in error
@@ -524,7 +576,9 @@ def test_warnings_are_one_line_not_python_warnings(tmp_path: Path) -> None:
     seen: list[str] = []
     with one_line_warnings(seen.append):
         warnings.warn("something odd\nsecond line", UserWarning, stacklevel=1)
-        warnings.warn("Glyph 24687 (\\N{CJK UNIFIED IDEOGRAPH-606F}) missing from font(s) DejaVu Sans.", UserWarning, stacklevel=1)
+        warnings.warn(
+            "Glyph 24687 (\\N{CJK UNIFIED IDEOGRAPH-606F}) missing from font(s) DejaVu Sans.", UserWarning, stacklevel=1
+        )
     assert seen == ["something odd"]
 
 

@@ -9,17 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
 from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from polypseg.bench import BACKEND_SPECS, BenchError, available_backends, benchmark, device_name, load_for_bench, random_checkpoint
+from polypseg.bench import (
+    BACKEND_SPECS,
+    BenchError,
+    available_backends,
+    benchmark,
+    device_name,
+    load_for_bench,
+    random_checkpoint,
+)
 from polypseg.checkpoint import load_checkpoint, save_checkpoint
 from polypseg.cli.main import app
 from polypseg.inference import Predictor
 from polypseg.models import create_model
 from polypseg.precision import resolve_precision
+
+from helpers import tiny_config
 
 KEYS = {
     "median_ms",
@@ -50,7 +59,11 @@ def test_benchmark_module_returns_consistent_figures(pipeline: str) -> None:
     assert KEYS <= set(result)
     assert result["batch_size"] == 3 and result["image_size"] == 32 and result["pipeline"] == pipeline
     # the precision rule's choice on this machine (bf16 where the CPU computes it natively)
-    assert result["backend"] == "torch" and result["precision"] == resolve_precision("auto", "cpu") and result["mode"] == "eager"
+    assert (
+        result["backend"] == "torch"
+        and result["precision"] == resolve_precision("auto", "cpu")
+        and result["mode"] == "eager"
+    )
     assert 0 < result["min_ms"] <= result["median_ms"] <= result["p90_ms"]
     assert result["images_per_s"] == pytest.approx(3 / (result["median_ms"] / 1000))
     assert result["device_name"] == device_name("cpu")
@@ -91,9 +104,23 @@ def test_bench_cli_all_backends_writes_json(tmp_path: Path, monkeypatch: pytest.
     calibration = tmp_path / "calibration"
     calibration.mkdir()
     for i in range(2):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(calibration / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            calibration / f"{i}.png"
+        )
     out = tmp_path / "bench.json"
-    args = ["bench", "--model", str(checkpoint), "--backend", "all", "--device", "cpu", "--repeats", "2", "--warmup", "1"]
+    args = [
+        "bench",
+        "--model",
+        str(checkpoint),
+        "--backend",
+        "all",
+        "--device",
+        "cpu",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+    ]
     args += ["--batch-size", "2", "--calibration", str(calibration), "--json", str(out), "--markdown"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -138,7 +165,9 @@ def test_training_variants_side_by_side_with_flops_and_peak():
     config = tiny_config(image_size=32)
     config.train.batch_size = 2
     config.train.progressive_size, config.train.progressive_epochs = 16, 1
-    rows = benchmark_training(config, device="cpu", steps=1, warmup=1, train_images=8, variants=CPU_VARIANTS, rounds=2, peak=True)
+    rows = benchmark_training(
+        config, device="cpu", steps=1, warmup=1, train_images=8, variants=CPU_VARIANTS, rounds=2, peak=True
+    )
     assert [r["variant"] for r in rows] == list(CPU_VARIANTS)
     assert [(r["precision"], r["channels_last"]) for r in rows] == [("fp32", False), ("fp32", True), ("bf16", True)]
     # a conv net's forward: more FLOPs at a larger size, about quadratically
@@ -158,9 +187,33 @@ def test_bench_train_cli(tmp_path):
     out = tmp_path / "train_speed.json"
     result = CliRunner().invoke(
         app,
-        ["bench-train", "--recipe", "demo", "--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16,16,16,16,16]",
-         "--image-size", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out), "--markdown",
-         "--label", "demo-b2", "--variants", "recipe", "--no-peak"],
+        [
+            "bench-train",
+            "--recipe",
+            "demo",
+            "--set",
+            "model.encoder=resnet18",
+            "--set",
+            "model.decoder_channels=[16,16,16,16,16]",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+            "--markdown",
+            "--label",
+            "demo-b2",
+            "--variants",
+            "recipe",
+            "--no-peak",
+        ],
     )
     assert result.exit_code == 0, result.output
     [saved] = json.loads(out.read_text())
@@ -170,8 +223,24 @@ def test_bench_train_cli(tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_cli_defaults_to_the_cpu_variants_and_rejects_unknown_ones(tmp_path):
-    tiny = ["--recipe", "demo", "--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16,16,16,16,16]",
-            "--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--device", "cpu"]
+    tiny = [
+        "--recipe",
+        "demo",
+        "--set",
+        "model.encoder=resnet18",
+        "--set",
+        "model.decoder_channels=[16,16,16,16,16]",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+    ]
     out = tmp_path / "rows.json"
     result = CliRunner().invoke(app, ["bench-train", *tiny, "--rounds", "1", "--no-peak", "--json", str(out)])
     assert result.exit_code == 0, result.output
@@ -188,7 +257,15 @@ def test_training_breakdown_accounts_for_every_part_of_an_epoch():
     config.train.batch_size = 2
     config.train.val_fraction = 0.1
     result = training_breakdown(config, device="cpu", steps=2, warmup=1, train_images=8, val_images=4)
-    assert set(result["seconds"]) == {"augment", "forward", "backward", "optimizer", "ema", "validation", "checkpoint writes"}
+    assert set(result["seconds"]) == {
+        "augment",
+        "forward",
+        "backward",
+        "optimizer",
+        "ema",
+        "validation",
+        "checkpoint writes",
+    }
     assert all(v > 0 for v in result["seconds"].values())
     assert result["epoch_s"] == pytest.approx(sum(result["seconds"].values()))
     assert sum(result["shares"].values()) == pytest.approx(1.0)
@@ -203,7 +280,9 @@ def test_gradcam_benchmark_times_each_precision_and_compares_heatmaps(tiny_cv_ru
 
     checkpoint = load_checkpoint(tiny_cv_run / "fold_0" / "best")
     images = build_cache(sample_dataset_path(), 64, cache_dir=tiny_cv_run.parent / "cache", progress=False).images[:6]
-    rows = benchmark_gradcam(checkpoint.model, n=6, batch_size=4, device="cpu", precisions=("fp32", "bf16"), images=images, compare=6)
+    rows = benchmark_gradcam(
+        checkpoint.model, n=6, batch_size=4, device="cpu", precisions=("fp32", "bf16"), images=images, compare=6
+    )
     fp32, bf16 = rows
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
     assert fp32["heatmap_correlation"] == pytest.approx(1.0) and fp32["speedup_vs_fp32"] == pytest.approx(1.0)
@@ -215,7 +294,21 @@ def test_gradcam_benchmark_times_each_precision_and_compares_heatmaps(tiny_cv_ru
 def test_bench_explain_cli(tmp_path):
     out = tmp_path / "rows.json"
     result = CliRunner().invoke(
-        app, ["bench-explain", "--model", "random", "--images", "2", "--batch-size", "2", "--device", "cpu", "--json", str(out), "--markdown"]
+        app,
+        [
+            "bench-explain",
+            "--model",
+            "random",
+            "--images",
+            "2",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+            "--markdown",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert [r["precision"] for r in json.loads(out.read_text())] == ["fp32", "bf16"]

@@ -81,7 +81,7 @@ def test_batch_matches_a_distance_transform_reference() -> None:
     for tolerance in (0, 1, 2, 3):
         got = boundary_f1(torch.from_numpy(preds), torch.from_numpy(targets), tolerance)
         assert got.shape == (6,)
-        expected = [reference_boundary_f1(p, t, tolerance) for p, t in zip(preds, targets)]
+        expected = [reference_boundary_f1(p, t, tolerance) for p, t in zip(preds, targets, strict=False)]
         np.testing.assert_allclose(got, expected, atol=1e-12)
 
 

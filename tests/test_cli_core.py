@@ -103,7 +103,9 @@ def test_download_of_wrong_archive_is_refused_and_leaves_nothing(tmp_path):
 def test_console_script_entry_point_runs():
     import polypseg
 
-    result = subprocess.run([sys.executable, "-m", "polypseg.cli.main", "--version"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "polypseg.cli.main", "--version"], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0 and result.stdout.strip() == f"polypseg {polypseg.__version__}"
 
 
@@ -142,7 +144,9 @@ print(json.dumps({"invocations": invocations, "failed": failed, "imported": [m f
 def test_help_and_version_do_not_import_torch():
     import json
 
-    result = subprocess.run([sys.executable, "-c", _HELP_WITHOUT_HEAVY_IMPORTS], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", _HELP_WITHOUT_HEAVY_IMPORTS], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["failed"] == []
@@ -189,7 +193,12 @@ def test_help_shows_no_value_after_flags():
         assert "<bool>" not in text and "BOOLEAN" not in text, command
         assert re.search(r"--help\s+Show this message", text), command  # nothing between flag and help
     cv = texts["cv"]
-    for flag, help_start in (("--resume", "Continue"), ("--no-progress", "Show progress"), ("--no-explain", "Measure"), ("--no-skip", "U-Net")):
+    for flag, help_start in (
+        ("--resume", "Continue"),
+        ("--no-progress", "Show progress"),
+        ("--no-explain", "Measure"),
+        ("--no-skip", "U-Net"),
+    ):
         assert re.search(rf"{flag}\s+{help_start}", cv), flag
     # an option that takes a value keeps its type label (<int range> in typer 0.29, INTEGER RANGE before)
     assert re.search(r"--epochs\s+\S.*Override the recipe's epochs", cv) and not re.search(r"--epochs\s+Override", cv)
@@ -206,7 +215,9 @@ def _fake_summary(recipe: str) -> dict:
 def test_demo_run_says_its_low_score_is_expected(tmp_path, monkeypatch):
     import polypseg.cv
 
-    monkeypatch.setattr(polypseg.cv, "run_cv", lambda *args, **kwargs: _fake_summary(kwargs.get("config", args[2]).train.recipe))
+    monkeypatch.setattr(
+        polypseg.cv, "run_cv", lambda *args, **kwargs: _fake_summary(kwargs.get("config", args[2]).train.recipe)
+    )
     demo = runner.invoke(app, ["cv", "--recipe", "demo", "--out", str(tmp_path / "demo"), "--device", "cpu"])
     assert demo.exit_code == 0, demo.output
     assert "Dice 0.2951 ± 0.0952" in demo.output
@@ -233,8 +244,26 @@ def test_fold_progress_is_numbered_like_the_fold_folders(tmp_path, monkeypatch):
     data = write_synthetic_dataset(tmp_path / "data", n=6)
     result = runner.invoke(
         app,
-        ["cv", "--data", str(data), "--out", str(tmp_path / "run"), "--folds", "3", "--only-fold", "1", "--recipe", "demo",
-         "--image-size", "32", "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "cache")],
+        [
+            "cv",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--folds",
+            "3",
+            "--only-fold",
+            "1",
+            "--recipe",
+            "demo",
+            "--image-size",
+            "32",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
     )
     assert isinstance(result.exception, Stop), result.output
     assert seen == [("fold_1", "fold 1 (of 0-2)")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 from polypseg.sample_data import sample_dataset_path
-
 from test_cli_core import polypseg
 
 

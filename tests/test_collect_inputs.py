@@ -53,7 +53,9 @@ def test_missing_and_unusable_paths_are_skipped_with_their_cause_never_raised(tm
     notes = tmp_path / "notes.txt"
     notes.write_text("x")
     (tmp_path / "empty").mkdir()
-    items, skips = _collect([tmp_path / "absent.jpg", good, notes, tmp_path / "nowhere" / "x.png", tmp_path / "empty"], **options)
+    items, skips = _collect(
+        [tmp_path / "absent.jpg", good, notes, tmp_path / "nowhere" / "x.png", tmp_path / "empty"], **options
+    )
     assert [item.path for item in items] == [good]
     causes = [(Path(name).name, cause) for name, cause, _ in skips.entries]
     assert causes == [

@@ -39,7 +39,7 @@ def test_runs_share_splits_and_metrics_match_their_summaries(tiny_cv_run: Path, 
     assert read_json(tiny_cv_run / "splits.json") == read_json(second_run / "splits.json")
     comparison = compare_runs([tiny_cv_run, second_run])
     assert [r.name for r in comparison.runs] == ["run", "seed1"]
-    for run, metrics in zip((tiny_cv_run, second_run), comparison.runs):
+    for run, metrics in zip((tiny_cv_run, second_run), comparison.runs, strict=False):
         summary = read_json(run / "summary.json")
         for metric in ("dice", "iou", "auc", "sensitivity", "precision"):
             expected = [f["at_0.5"][metric] for f in summary["per_fold"]]
@@ -60,10 +60,12 @@ def test_paired_tests_match_scipy(tiny_cv_run: Path, second_run: Path) -> None:
 
 def test_chosen_threshold_uses_each_runs_own(tiny_cv_run: Path, second_run: Path) -> None:
     comparison = compare_runs([tiny_cv_run, second_run], threshold="chosen")
-    for run, metrics in zip((tiny_cv_run, second_run), comparison.runs):
+    for run, metrics in zip((tiny_cv_run, second_run), comparison.runs, strict=False):
         summary = read_json(run / "summary.json")
         assert metrics.threshold == summary["threshold"]
-        np.testing.assert_allclose(metrics.values["dice"], [f["at_chosen"]["dice"] for f in summary["per_fold"]], rtol=1e-9)
+        np.testing.assert_allclose(
+            metrics.values["dice"], [f["at_chosen"]["dice"] for f in summary["per_fold"]], rtol=1e-9
+        )
 
 
 def test_compare_cli_prints_and_writes_the_table(tiny_cv_run: Path, second_run: Path, tmp_path: Path) -> None:

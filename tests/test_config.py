@@ -41,5 +41,3 @@ def test_config_errors_are_user_errors_and_still_value_errors() -> None:
 
     with pytest.raises(ConfigError, match="invalid model settings: unknown architecture 'transunet'"):
         check_model_config(config.model)
-
-

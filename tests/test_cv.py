@@ -32,7 +32,18 @@ def dataset(tmp_path):
 
 def _run(dataset, out, cache, **kwargs):
     config = tiny_config(epochs=1, image_size=32)
-    return run_cv(dataset, out, config, folds=2, device="cpu", progress=False, explain=False, report=False, cache_dir=cache, **kwargs)
+    return run_cv(
+        dataset,
+        out,
+        config,
+        folds=2,
+        device="cpu",
+        progress=False,
+        explain=False,
+        report=False,
+        cache_dir=cache,
+        **kwargs,
+    )
 
 
 @pytest.mark.slow
@@ -59,7 +70,17 @@ def test_cv_end_to_end_and_resume(dataset, tmp_path):
     (run / "fold_1" / "metrics.json").unlink()
     fold0_mtime = (run / "fold_0" / "metrics.json").stat().st_mtime_ns
     splits_before = (run / "splits.json").read_text()
-    resumed = run_cv(dataset, run, None, resume=True, device="cpu", progress=False, explain=False, report=False, cache_dir=tmp_path / "cache")
+    resumed = run_cv(
+        dataset,
+        run,
+        None,
+        resume=True,
+        device="cpu",
+        progress=False,
+        explain=False,
+        report=False,
+        cache_dir=tmp_path / "cache",
+    )
     assert (run / "fold_0" / "metrics.json").stat().st_mtime_ns == fold0_mtime
     assert (run / "fold_1" / "metrics.json").is_file()
     assert (run / "splits.json").read_text() == splits_before
@@ -139,8 +160,18 @@ def test_copied_splits_keep_test_folds_with_other_validation_share(tmp_path):
 @pytest.mark.slow
 def test_cv_measures_gradcam_per_fold(dataset, tmp_path):
     config = tiny_config(epochs=1, image_size=32)
-    summary = run_cv(dataset, tmp_path / "run", config, folds=2, device="cpu", progress=False, explain=True,
-                     explain_max_images=2, report=False, cache_dir=tmp_path / "cache")
+    summary = run_cv(
+        dataset,
+        tmp_path / "run",
+        config,
+        folds=2,
+        device="cpu",
+        progress=False,
+        explain=True,
+        explain_max_images=2,
+        report=False,
+        cache_dir=tmp_path / "cache",
+    )
     fold_metrics = json.loads((tmp_path / "run" / "fold_0" / "metrics.json").read_text())
     assert len(fold_metrics["explainability"]["per_image"]) == 2
     assert "energy_inside" in summary["explainability"]

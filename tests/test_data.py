@@ -1,6 +1,5 @@
 """Readers, pairing by stem, dataset check and the preprocessed cache."""
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from polypseg.data import (
 from polypseg.sample_data import sample_dataset_path
 
 from helpers import write_synthetic_dataset
-
 
 
 def test_pairs_by_stem_not_by_sorted_order(tmp_path):
@@ -51,7 +49,7 @@ def test_image_conversions(tmp_path):
     assert read_image(tmp_path / "gray.png").shape == (3, 4, 3)
     Image.new("RGBA", (5, 4), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
     assert read_image(tmp_path / "rgba.png")[0, 0].tolist() == [10, 20, 30]
-    deep = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    deep = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000
     Image.fromarray(deep).save(tmp_path / "deep.png")
     converted = read_image(tmp_path / "deep.png")
     assert converted.dtype == np.uint8 and converted.shape == (3, 4, 3)

@@ -77,7 +77,7 @@ class _Server:
         server = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 server.hits += 1
                 super().do_GET()
 
@@ -136,17 +136,13 @@ def test_registry() -> None:
 
 def test_http_download_and_rerun(tmp_path, server, fake_files, fake_manifest) -> None:
     to = tmp_path / "data"
-    dest = download_dataset(
-        NAME, to, url=server.url("good.zip"), progress=True, manifest=fake_manifest
-    )
+    dest = download_dataset(NAME, to, url=server.url("good.zip"), progress=True, manifest=fake_manifest)
     assert dest == to / NAME
     _check_layout(dest, fake_files)
     assert [p.name for p in to.iterdir()] == [NAME]  # temp folder cleaned up
     assert server.hits == 1
 
-    again = download_dataset(
-        NAME, to, url=server.url("good.zip"), progress=False, manifest=fake_manifest
-    )
+    again = download_dataset(NAME, to, url=server.url("good.zip"), progress=False, manifest=fake_manifest)
     assert again == dest
     assert server.hits == 1
 
@@ -197,9 +193,7 @@ def test_http_404(tmp_path, server, fake_manifest) -> None:
 def test_zip_slip_rejected(tmp_path, server, fake_manifest) -> None:
     to = tmp_path / "a" / "b" / "data"
     with pytest.raises(DownloadError, match="unsafe path") as exc:
-        download_dataset(
-            NAME, to, url=server.url("slip.zip"), progress=False, manifest=fake_manifest
-        )
+        download_dataset(NAME, to, url=server.url("slip.zip"), progress=False, manifest=fake_manifest)
     assert "evil.txt" in str(exc.value)
     assert not any(p.name == "evil.txt" for p in tmp_path.rglob("*"))
     assert list(to.iterdir()) == []
@@ -208,9 +202,7 @@ def test_zip_slip_rejected(tmp_path, server, fake_manifest) -> None:
 def test_file_url(tmp_path, fake_files, fake_manifest) -> None:
     # A mirror zip without the top folder: the root is found wherever images/ and masks/ are.
     zip_path = _write_zip(tmp_path / "mirror.zip", dict(fake_files) | {"extra/readme.txt": b"x"})
-    dest = download_dataset(
-        NAME, tmp_path / "data", url=zip_path.as_uri(), progress=False, manifest=fake_manifest
-    )
+    dest = download_dataset(NAME, tmp_path / "data", url=zip_path.as_uri(), progress=False, manifest=fake_manifest)
     for rel, data in fake_files.items():
         assert (dest / rel).read_bytes() == data
 
@@ -219,9 +211,7 @@ def test_not_a_zip(tmp_path, fake_manifest) -> None:
     bogus = tmp_path / "bogus.zip"
     bogus.write_bytes(b"<html>not a zip</html>")
     with pytest.raises(DownloadError, match="not a valid zip"):
-        download_dataset(
-            NAME, tmp_path / "data", url=bogus.as_uri(), progress=False, manifest=fake_manifest
-        )
+        download_dataset(NAME, tmp_path / "data", url=bogus.as_uri(), progress=False, manifest=fake_manifest)
     assert list((tmp_path / "data").iterdir()) == []
 
 

@@ -51,7 +51,9 @@ def exported(unet: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ort_cam(unet: nn.Module, exported: Path) -> EngineGradCAM:
-    return EngineGradCAM(unet, engine="onnxruntime", precision="fp32", image_size=SIZE, onnx_path=exported, export=False)
+    return EngineGradCAM(
+        unet, engine="onnxruntime", precision="fp32", image_size=SIZE, onnx_path=exported, export=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,9 @@ def test_closed_form_gradient_equals_autograd(kernel: int) -> None:
 
     gradient = region_logit_gradient(region, head.weight.detach())
     torch.testing.assert_close(gradient, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gradcam_channel_weights(region, head.weight.detach()), expected.mean(dim=(2, 3)), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        gradcam_channel_weights(region, head.weight.detach()), expected.mean(dim=(2, 3)), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_closed_form_gradient_of_the_paper_target_on_a_unet(unet: nn.Module, images: torch.Tensor) -> None:
@@ -152,7 +156,9 @@ def test_openvino_fp32_equals_segmentation_gradcam(
     unet: nn.Module, exported: Path, images: torch.Tensor, torch_reference: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     pytest.importorskip("openvino")
-    with EngineGradCAM(unet, engine="openvino", precision="fp32", image_size=SIZE, onnx_path=exported, export=False) as cam:
+    with EngineGradCAM(
+        unet, engine="openvino", precision="fp32", image_size=SIZE, onnx_path=exported, export=False
+    ) as cam:
         heatmaps = cam(images)
     torch.testing.assert_close(heatmaps, torch_reference[0], rtol=0, atol=1e-4)
 
@@ -162,25 +168,37 @@ def test_openvino_bf16_correlates_with_fp32(
     unet: nn.Module, exported: Path, images: torch.Tensor, torch_reference: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     pytest.importorskip("openvino")
-    with EngineGradCAM(unet, engine="openvino", precision="bf16", image_size=SIZE, onnx_path=exported, export=False) as cam:
+    with EngineGradCAM(
+        unet, engine="openvino", precision="bf16", image_size=SIZE, onnx_path=exported, export=False
+    ) as cam:
         assert cam.precision == "bf16"
         heatmaps = cam(images)
-    for low, reference in zip(heatmaps, torch_reference[0]):
+    for low, reference in zip(heatmaps, torch_reference[0], strict=False):
         assert _correlation(low, reference) >= 0.99
 
 
 def test_onnxruntime_int8_correlates_with_fp32(
-    unet: nn.Module, exported: Path, images: torch.Tensor, torch_reference: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
+    unet: nn.Module,
+    exported: Path,
+    images: torch.Tensor,
+    torch_reference: tuple[torch.Tensor, torch.Tensor],
+    tmp_path: Path,
 ) -> None:
     calibration = [np.random.default_rng(i).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for i in range(8)]
     copy = tmp_path / "tiny.onnx"
     copy.write_bytes(exported.read_bytes())
     cam = EngineGradCAM(
-        unet, engine="onnxruntime", precision="int8", image_size=SIZE, onnx_path=copy, export=False, calibration_images=calibration
+        unet,
+        engine="onnxruntime",
+        precision="int8",
+        image_size=SIZE,
+        onnx_path=copy,
+        export=False,
+        calibration_images=calibration,
     )
     assert (tmp_path / "tiny.int8.onnx").is_file()
     heatmaps = cam(images)
-    for low, reference in zip(heatmaps, torch_reference[0]):
+    for low, reference in zip(heatmaps, torch_reference[0], strict=False):
         assert _correlation(low, reference) >= 0.95
 
 
@@ -199,7 +217,9 @@ def test_onnxruntime_int8_correlates_with_fp32(
     ],
     ids=["sigmoid", "upsampling", "two-convs", "valid-padding", "reflect-padding"],
 )
-def test_refuses_a_head_that_is_not_one_plain_conv(unet: nn.Module, head: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refuses_a_head_that_is_not_one_plain_conv(
+    unet: nn.Module, head: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(unet, "segmentation_head", head)
     with pytest.raises(EngineGradCAMError) as caught:
         EngineGradCAM(unet, image_size=SIZE)
@@ -214,7 +234,9 @@ def test_refuses_a_layer_other_than_the_head_input(unet: nn.Module, layer: str) 
     check_layer_is_head_input(unet, unet.decoder.blocks[-1])
 
 
-def test_refuses_other_methods_engines_precisions_and_targets(unet: nn.Module, ort_cam: EngineGradCAM, images: torch.Tensor) -> None:
+def test_refuses_other_methods_engines_precisions_and_targets(
+    unet: nn.Module, ort_cam: EngineGradCAM, images: torch.Tensor
+) -> None:
     with pytest.raises(EngineGradCAMError, match="gradcam"):
         EngineGradCAM(unet, image_size=SIZE, method="hirescam")
     with pytest.raises(EngineGradCAMError, match="engine"):

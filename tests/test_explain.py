@@ -140,14 +140,14 @@ def test_driver_batches_uint8_images_into_the_hand_checked_heatmap() -> None:
     regions = [_region(2, 3, 5, 6), _region(9, 8, 4, 5), _region(0, 0, 3, 3)]
     model = RegionModel(regions[0]).eval()
     images = np.zeros((3, SIZE, SIZE, 3), np.uint8)
-    for image, region in zip(images, regions):
+    for image, region in zip(images, regions, strict=False):
         image[..., 0][region.numpy()] = 255
         image[..., 1] = 200  # bright everywhere, but the model ignores channel 1
     with GradCAMDriver(model, device="cpu", precision="fp32", batch_size=2) as driver:
         batches = list(driver.batches(images, WholeLogitSum()))
     assert [b.indices for b in batches] == [slice(0, 2), slice(2, 3)]
     heatmaps = torch.cat([b.heatmaps for b in batches])
-    for heatmap, region in zip(heatmaps, regions):
+    for heatmap, region in zip(heatmaps, regions, strict=False):
         assert torch.equal(heatmap, region.float())
     inside = (1 - 0.485) / 0.229
     logits = torch.cat([b.logits for b in batches])[:, 0, 0, 0]
@@ -455,7 +455,7 @@ def test_explain_images_returns_maps_at_original_sizes(unet: nn.Module) -> None:
     inputs = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in ((40, 56), (64, 64), (90, 30))]
     heatmaps, probabilities = explain_images(unet, inputs, image_size=64, threshold=0.5, batch_size=2, precision="fp32")
     assert len(heatmaps) == len(probabilities) == 3
-    for image, heatmap, prob in zip(inputs, heatmaps, probabilities):
+    for image, heatmap, prob in zip(inputs, heatmaps, probabilities, strict=False):
         assert heatmap.shape == prob.shape == image.shape[:2]
         assert heatmap.dtype == prob.dtype == np.float32
         assert 0 <= heatmap.min() and heatmap.max() == pytest.approx(1.0)

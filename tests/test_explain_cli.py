@@ -25,7 +25,9 @@ SIZES = {"a": (40, 48), "b": (36, 36), "c": (52, 30)}
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    config = RunConfig(model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32))
+    config = RunConfig(
+        model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
+    )
     model = create_model(config.model)
     root = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(root / "best", model, config, threshold=0.5)
@@ -56,7 +58,9 @@ def _invoke(*args: str) -> object:
 
 def test_explain_dataset_root(checkpoint: Path, dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = _invoke(str(dataset), "--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "2")
+    result = _invoke(
+        str(dataset), "--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "2"
+    )
     assert result.exit_code == 0, result.output
     assert "broken.jpg" in result.output  # named ...
     for stem, size in SIZES.items():  # ... and nothing else lost
@@ -122,7 +126,9 @@ def test_explain_run_folder_fold_choice_and_user_errors(checkpoint: Path, datase
             (run / f"fold_{fold}" / f"best{suffix}").write_bytes(checkpoint.with_suffix(suffix).read_bytes())
     image = str(dataset / "images" / "b.png")
     out = tmp_path / "out"
-    result = _invoke(image, "--model", str(run), "--out", str(out), "--fold", "1", "--deletion-steps", "0", "--no-gallery")
+    result = _invoke(
+        image, "--model", str(run), "--out", str(out), "--fold", "1", "--deletion-steps", "0", "--no-gallery"
+    )
     assert result.exit_code == 0, result.output
     assert "fold_1" in json.loads((out / "summary.json").read_text())["checkpoint"]
 
@@ -214,9 +220,13 @@ def test_explain_odd_names_in_csv_html_and_figures(checkpoint: Path, tmp_path: P
     rng = np.random.default_rng(3)
     names = [os.fsdecode(b"bad\xff\xfe.jpg"), "息肉.png", "[bold]x.png"]
     for name in names:
-        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(folder / name, format="PNG" if name.endswith("png") else "JPEG")
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
+            folder / name, format="PNG" if name.endswith("png") else "JPEG"
+        )
     out = tmp_path / "out"
-    result = _invoke(str(folder), "--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "0")
+    result = _invoke(
+        str(folder), "--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "0"
+    )
     assert result.exit_code == 0, result.output
     assert "Glyph" not in result.output and "Traceback" not in result.output
     rows = list(csv.DictReader((out / "metrics.csv").open(encoding="utf-8")))

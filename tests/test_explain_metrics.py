@@ -221,7 +221,14 @@ def test_evaluate_explanations_matches_the_parts() -> None:
     threshold = float(torch.sigmoid(logits).median())  # a non-trivial predicted mask
 
     report = evaluate_explanations(
-        model, images, masks, threshold=threshold, batch_size=2, deletion_steps=2, stems=["x", "y", "z"], precision="fp32"
+        model,
+        images,
+        masks,
+        threshold=threshold,
+        batch_size=2,
+        deletion_steps=2,
+        stems=["x", "y", "z"],
+        precision="fp32",
     )
     assert [r["stem"] for r in report["per_image"]] == ["x", "y", "z"]
     heat = grad_cam(model, normalize(images_to_tensor(images)), MaskedLogitSum(threshold))

@@ -159,7 +159,9 @@ def test_kill_between_any_two_writes_then_resume_gives_the_uninterrupted_model(d
 def test_checkpoint_killed_between_its_two_files_reads_as_the_new_one(tmp_path, monkeypatch):
     config = tiny_config()
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "best", create_model(config.model), config, metrics={"val_dice": 0.1}, extra={"epoch": 1})
+    save_checkpoint(
+        tmp_path / "best", create_model(config.model), config, metrics={"val_dice": 0.1}, extra={"epoch": 1}
+    )
     torch.manual_seed(1)
     newer = create_model(config.model).eval()
     real_replace = os.replace
@@ -226,7 +228,9 @@ def test_old_format_state_cut_between_its_two_files_is_refused(data, tmp_path):
     _interrupt_after_epoch(data, out, 2)
     # the case: weights of the later epoch, record of the earlier one
     _make_legacy_state(out, json_from=record_epoch_1)
-    with pytest.raises(TrainingStateError, match=r"inconsistent.*after 2 optimizer step.*epoch 1 \(1 steps of 1\).*delete .*last_state"):
+    with pytest.raises(
+        TrainingStateError, match=r"inconsistent.*after 2 optimizer step.*epoch 1 \(1 steps of 1\).*delete .*last_state"
+    ):
         _train(data, out, resume=True)
 
 
@@ -252,7 +256,18 @@ def _cv(dataset: Path, out: Path, cache: Path, **kwargs):
 
     config = _config()
     config.train.epochs = 1
-    return run_cv(dataset, out, config, folds=2, device="cpu", progress=False, explain=False, report=False, cache_dir=cache, **kwargs)
+    return run_cv(
+        dataset,
+        out,
+        config,
+        folds=2,
+        device="cpu",
+        progress=False,
+        explain=False,
+        report=False,
+        cache_dir=cache,
+        **kwargs,
+    )
 
 
 def test_cv_resume_cleans_up_refuses_other_data_and_sums_wall_time(tmp_path):

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
 from PIL import Image
 from torch import nn
 
@@ -16,6 +15,8 @@ from polypseg.checkpoint import CheckpointError, save_checkpoint
 from polypseg.data import ImageReadError
 from polypseg.inference import Prediction, Predictor, PredictorError, overlay_mask
 from polypseg.models import create_model
+
+from helpers import tiny_config
 
 
 def _save_tiny(path: Path, seed: int = 0, threshold: float = 0.4) -> Path:
@@ -78,7 +79,9 @@ def test_corrupt_file_is_named_and_skipped_with_on_error(predictor: Predictor, t
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     errors: list[tuple[str, Exception]] = []
-    results = predictor.predict([corrupt, good, tmp_path / "missing.png"], on_error=lambda name, e: errors.append((name, e)))
+    results = predictor.predict(
+        [corrupt, good, tmp_path / "missing.png"], on_error=lambda name, e: errors.append((name, e))
+    )
     assert [r.source for r in results] == [str(good)]
     assert [Path(name).name for name, _ in errors] == ["corrupt.jpg", "missing.png"]
     assert "corrupt.jpg" in str(errors[0][1])
@@ -186,7 +189,8 @@ def test_run_folder_ensemble_mean_and_uncertainty(tmp_path: Path) -> None:
     square = _image(64, 64, seed=4)
     result = ensemble.predict_one(square)
     folds = [
-        Predictor.from_checkpoint(run, device="cpu", backend="torch", fold=k).predict_one(square).probability for k in (0, 1)
+        Predictor.from_checkpoint(run, device="cpu", backend="torch", fold=k).predict_one(square).probability
+        for k in (0, 1)
     ]
     np.testing.assert_allclose(result.probability, (folds[0] + folds[1]) / 2, atol=1e-5)
     np.testing.assert_allclose(result.uncertainty, np.abs(folds[0] - folds[1]) / 2, atol=1e-5)

@@ -120,7 +120,9 @@ def test_json_results_are_strict_json(tmp_path):
 
     from polypseg.io_utils import atomic_write_json
 
-    atomic_write_json(tmp_path / "r.json", {"std": float("nan"), "values": [1.0, float("inf")], "arr": np.array([np.nan, 2.0])})
+    atomic_write_json(
+        tmp_path / "r.json", {"std": float("nan"), "values": [1.0, float("inf")], "arr": np.array([np.nan, 2.0])}
+    )
     text = (tmp_path / "r.json").read_text()
 
     def refuse(constant: str) -> None:

@@ -41,7 +41,9 @@ def test_scse_decoder_attention(arch):
     assert any(type(m).__name__ == "SCSEModule" for m in scse.modules())
     assert not any(type(m).__name__ == "SCSEModule" for m in plain.modules())
     no_skip = create_model(ModelConfig(decoder_attention="scse", skip_connections=False, **SMALL))
-    assert isinstance(no_skip.decoder, NoSkipUnetDecoder) and any(type(m).__name__ == "SCSEModule" for m in no_skip.modules())
+    assert isinstance(no_skip.decoder, NoSkipUnetDecoder) and any(
+        type(m).__name__ == "SCSEModule" for m in no_skip.modules()
+    )
     out = scse(torch.randn(2, 3, 64, 64))
     out.mean().backward()
     with pytest.raises(ValueError, match="decoder_attention"):

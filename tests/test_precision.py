@@ -174,7 +174,7 @@ def test_gradcam_in_bf16_matches_fp32(tiny_cv_run):
         for p in ("fp32", "bf16")
     }
     compared = 0
-    for h32, p32, h16, p16 in zip(*maps["fp32"], *maps["bf16"]):
+    for h32, p32, h16, p16 in zip(*maps["fp32"], *maps["bf16"], strict=False):
         assert h16.dtype == np.float32 and h16.shape == h32.shape
         # bf16 moves a probability by about 1% on average (a few pixels near 0.5 by more)
         assert np.abs(p16 - p32).mean() < 0.02

@@ -11,7 +11,6 @@ import av
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,6 +18,8 @@ from polypseg import export
 from polypseg.checkpoint import save_checkpoint
 from polypseg.cli.main import app
 from polypseg.models import create_model
+
+from helpers import tiny_config
 
 
 def _save_tiny(path: Path, seed: int = 0) -> Path:
@@ -43,7 +44,7 @@ def fast_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
 
 
-def _invoke(*args: str):  # noqa: ANN202
+def _invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
@@ -84,7 +85,9 @@ def test_predict_folder_with_a_corrupt_file(checkpoint: Path, tmp_path: Path) ->
         assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
         assert int(rows[name]["area_pixels"]) == int((mask == 255).sum())
         assert (int(rows[name]["width"]), int(rows[name]["height"])) == (width, height)
-        assert float(rows[name]["area_fraction"]) == pytest.approx(int(rows[name]["area_pixels"]) / (width * height), abs=1e-6)
+        assert float(rows[name]["area_fraction"]) == pytest.approx(
+            int(rows[name]["area_pixels"]) / (width * height), abs=1e-6
+        )
         assert np.asarray(Image.open(out / "overlays" / f"{stem}.png")).shape == (height, width, 3)
     with open(out / "skipped.csv") as handle:
         assert [Path(r["file"]).name for r in csv.DictReader(handle)] == ["corrupt.jpg"]
@@ -93,13 +96,23 @@ def test_predict_folder_with_a_corrupt_file(checkpoint: Path, tmp_path: Path) ->
 def test_predict_exit_codes(checkpoint: Path, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"nope")
-    nothing = _invoke("predict", str(corrupt), "--model", str(checkpoint), "--out", str(tmp_path / "o1"), "--backend", "torch")
+    nothing = _invoke(
+        "predict", str(corrupt), "--model", str(checkpoint), "--out", str(tmp_path / "o1"), "--backend", "torch"
+    )
     assert nothing.exit_code == 1 and "corrupt.png" in nothing.output
-    missing_model = _invoke("predict", str(corrupt), "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2"))
-    assert missing_model.exit_code == 2 and "nowhere" in missing_model.output and "Traceback" not in missing_model.output
-    no_inputs = _invoke("predict", str(tmp_path / "absent.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "o3"))
+    missing_model = _invoke(
+        "predict", str(corrupt), "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2")
+    )
+    assert (
+        missing_model.exit_code == 2 and "nowhere" in missing_model.output and "Traceback" not in missing_model.output
+    )
+    no_inputs = _invoke(
+        "predict", str(tmp_path / "absent.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "o3")
+    )
     assert no_inputs.exit_code == 2 and "absent.jpg" in no_inputs.output
-    bad_smooth = _invoke("predict", str(corrupt), "--model", str(checkpoint), "--out", str(tmp_path / "o4"), "--smooth", "2")
+    bad_smooth = _invoke(
+        "predict", str(corrupt), "--model", str(checkpoint), "--out", str(tmp_path / "o4"), "--smooth", "2"
+    )
     assert bad_smooth.exit_code == 2 and "--smooth" in bad_smooth.output
 
 
@@ -183,9 +196,14 @@ def test_predict_with_onnxruntime_backend(checkpoint: Path, tmp_path: Path, fast
     folder = _folder(tmp_path / "in")
     torch_out, ort_out = tmp_path / "torch", tmp_path / "ort"
     assert (
-        _invoke("predict", str(folder), "--model", str(checkpoint), "--out", str(torch_out), "--backend", "torch").exit_code == 0
+        _invoke(
+            "predict", str(folder), "--model", str(checkpoint), "--out", str(torch_out), "--backend", "torch"
+        ).exit_code
+        == 0
     )
-    result = _invoke("predict", str(folder), "--model", str(checkpoint), "--out", str(ort_out), "--backend", "onnxruntime")
+    result = _invoke(
+        "predict", str(folder), "--model", str(checkpoint), "--out", str(ort_out), "--backend", "onnxruntime"
+    )
     assert result.exit_code == 0, result.output and "onnxruntime" in result.output
     # torch runs bf16 autocast on a CPU with native bf16 (polypseg.precision); onnxruntime is fp32
     agreement = 0.99 if _cpu_bf16() else 0.999
@@ -211,12 +229,16 @@ def test_predict_exports_once_into_the_cache_never_into_the_run_folder(tmp_path:
     before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     folder = _folder(tmp_path / "in")
     cache = tmp_path / "my-cache"
-    first = _invoke("predict", str(folder), "--model", str(run), "--out", str(tmp_path / "o1"), "--cache-dir", str(cache))
+    first = _invoke(
+        "predict", str(folder), "--model", str(run), "--out", str(tmp_path / "o1"), "--cache-dir", str(cache)
+    )
     assert first.exit_code == 0, first.output
     assert first.output.count("exporting 2 models to ONNX") == 1 and str(cache) in first.output.replace("\n", "")
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # the run folder is untouched
     assert len(list((cache / "onnx").glob("*.onnx"))) == 2
-    second = _invoke("predict", str(folder), "--model", str(run), "--out", str(tmp_path / "o2"), "--cache-dir", str(cache))
+    second = _invoke(
+        "predict", str(folder), "--model", str(run), "--out", str(tmp_path / "o2"), "--cache-dir", str(cache)
+    )
     assert second.exit_code == 0 and "exporting" not in second.output
     for name in ("rgb", "gray", "rgba"):
         a = np.asarray(Image.open(tmp_path / "o1" / "masks" / f"{name}.png"))

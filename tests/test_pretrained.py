@@ -17,7 +17,9 @@ from polypseg.pretrained import PretrainedError, available_models, get_model, re
 @pytest.fixture
 def released(tiny_cv_run, tmp_path):
     release = {"training_command": "polypseg train ...", "data": {"trained_on": "tiny"}, "test_metrics": {"dice": 0.5}}
-    model = release_model(tiny_cv_run / "fold_0" / "best", "tiny-model", release, weights_dir=tmp_path, summary="a tiny model")
+    model = release_model(
+        tiny_cv_run / "fold_0" / "best", "tiny-model", release, weights_dir=tmp_path, summary="a tiny model"
+    )
     return model, tmp_path
 
 
@@ -110,7 +112,9 @@ def test_predictor_and_predict_default_to_the_shipped_model(shipped, tmp_path):
     image = next((sample_dataset_path() / "images").glob("*.jpg"))
     assert predictor.predict_one(image).mask.shape[:2] == predictor.predict_one(image).probability.shape[:2]
     out = tmp_path / "pred"
-    result = CliRunner().invoke(app, ["predict", str(image), "--out", str(out), "--backend", "torch", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["predict", str(image), "--out", str(out), "--backend", "torch", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert (out / "predictions.csv").is_file()
 

@@ -76,7 +76,9 @@ def test_explained_image_count_of_each_fold() -> None:
     from polypseg.reporting.report import _explained_images
 
     records = [{"stem": "a", "energy_inside": 0.5}, {"stem": "b", "energy_inside": None}]
-    assert _explained_images({"per_image": records, "mean_std": {"energy_inside": {"mean": 0.5, "std": 0.0, "n": 1}}}) == 2
+    assert (
+        _explained_images({"per_image": records, "mean_std": {"energy_inside": {"mean": 0.5, "std": 0.0, "n": 1}}}) == 2
+    )
     # a summary without its per-image records: the largest per-metric count
     assert _explained_images({"mean_std": {"energy_inside": {"n": 7}, "pointing_game": {"n": 8}}}) == 8
     assert _explained_images({"n_images": 3}) == 3

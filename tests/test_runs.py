@@ -112,7 +112,9 @@ def test_old_config_formats_load(tmp_path: Path) -> None:
     # a CV run from before polypseg_version was recorded, whose train section had `amp` and `thresholds`
     old_train = {k: v for k, v in get_recipe("paper").to_dict()["train"].items() if k != "precision"}
     old_train.update(amp=False, thresholds=[0.3, 0.35, 0.4])
-    atomic_write_json(run.config_path, {"run": {"model": {"arch": "unet"}, "train": old_train}, "data": "/d", "folds": 5, "seed": 0})
+    atomic_write_json(
+        run.config_path, {"run": {"model": {"arch": "unet"}, "train": old_train}, "data": "/d", "folds": 5, "seed": 0}
+    )
     settings = run.read_settings()
     assert settings.kind == CV and settings.polypseg_version is None and settings.folds == 5
     assert settings.config.train.precision == "fp32" and not hasattr(settings.config.train, "thresholds")
@@ -182,14 +184,16 @@ def test_reporting_reads_runs_without_importing_the_training_side() -> None:
                 imported.add(node.module)
             elif isinstance(node, ast.Import):
                 imported.update(alias.name for alias in node.names)
-        assert not imported & {"polypseg.cv", "polypseg.training", "polypseg.train_split", "polypseg.studies"}, path.name
+        assert not imported & {"polypseg.cv", "polypseg.training", "polypseg.train_split", "polypseg.studies"}, (
+            path.name
+        )
 
 
 def test_single_split_resumes_on_its_saved_split_and_evaluates_as_the_recipe_says(tmp_path: Path, monkeypatch) -> None:
-    from helpers import tiny_config, write_synthetic_dataset
-
     from polypseg import training
     from polypseg.train_split import train_single_split
+
+    from helpers import tiny_config, write_synthetic_dataset
 
     data = write_synthetic_dataset(tmp_path / "data", n=10)
     test_list = tmp_path / "test.txt"
@@ -198,7 +202,9 @@ def test_single_split_resumes_on_its_saved_split_and_evaluates_as_the_recipe_say
     config.train.val_fraction = 0.25
     calls: list[int] = []
     predict = training.predict_probabilities
-    monkeypatch.setattr(training, "predict_probabilities", lambda *a, **k: calls.append(k.get("batch_size")) or predict(*a, **k))
+    monkeypatch.setattr(
+        training, "predict_probabilities", lambda *a, **k: calls.append(k.get("batch_size")) or predict(*a, **k)
+    )
     kwargs = dict(device="cpu", progress=False, cache_dir=tmp_path / "cache")
     out = tmp_path / "run"
     train_single_split(data, out, config, test_list=test_list, **kwargs)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import TINY_MODEL, tiny_config, write_synthetic_dataset
 from polypseg.checkpoint import find_checkpoints, load_checkpoint
 from polypseg.cli.common import UsageError
 from polypseg.cli.main import app
@@ -30,10 +29,15 @@ from polypseg.studies import (
     run_skip_ablation,
 )
 
+from helpers import TINY_MODEL, tiny_config, write_synthetic_dataset
+
 TINY_SETS = [
-    "--set", f"model.encoder={TINY_MODEL['encoder']}",
-    "--set", "model.decoder_channels=[16,16,16,16,16]",
-    "--set", "train.batch_size=4",
+    "--set",
+    f"model.encoder={TINY_MODEL['encoder']}",
+    "--set",
+    "model.decoder_channels=[16,16,16,16,16]",
+    "--set",
+    "train.batch_size=4",
 ]
 
 
@@ -43,7 +47,9 @@ def external_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_external_evaluation_of_a_cv_run(tiny_cv_run: Path, external_data: Path, tmp_path: Path) -> None:
-    result = evaluate_external(tiny_cv_run, external_data, out=tmp_path, device="cpu", cache_dir=tmp_path / "cache", progress=False)
+    result = evaluate_external(
+        tiny_cv_run, external_data, out=tmp_path, device="cpu", cache_dir=tmp_path / "cache", progress=False
+    )
     assert (tmp_path / "external_synthetic-ext.json").is_file() and (tmp_path / "external_synthetic-ext.md").is_file()
     assert [m["name"] for m in result["models"]] == ["fold_0", "fold_1", "ensemble"]
     summary = read_json(tiny_cv_run / "summary.json")
@@ -53,7 +59,9 @@ def test_external_evaluation_of_a_cv_run(tiny_cv_run: Path, external_data: Path,
 
     # the ensemble, recomputed independently: mean probability of the fold models
     cache = build_cache(external_data, 64, cache_dir=tmp_path / "cache", progress=False)
-    probs = torch.stack([predict_probabilities(load_checkpoint(p).model, cache.images) for p in find_checkpoints(tiny_cv_run)]).mean(0)
+    probs = torch.stack(
+        [predict_probabilities(load_checkpoint(p).model, cache.images) for p in find_checkpoints(tiny_cv_run)]
+    ).mean(0)
     expected = dice_score(probs >= t, torch.from_numpy(cache.masks)).mean().item()
     ensemble = result["models"][-1]
     assert ensemble["at"][f"{t:g}"]["dice"] == pytest.approx(expected, abs=1e-6)
@@ -74,8 +82,21 @@ def test_external_alias_on_one_checkpoint(tiny_cv_run: Path, external_data: Path
     checkpoint = tiny_cv_run / "fold_1" / "best.safetensors"
     result = CliRunner().invoke(
         app,
-        ["study", "external", "--model", str(checkpoint), "--data", str(external_data), "--out", str(tmp_path),
-         "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+        [
+            "study",
+            "external",
+            "--model",
+            str(checkpoint),
+            "--data",
+            str(external_data),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--no-progress",
+        ],
     )
     assert result.exit_code == 0, result.output
     data = read_json(tmp_path / "external_synthetic-ext.json")
@@ -100,7 +121,9 @@ def test_evaluating_on_the_training_data_is_flagged(tiny_cv_run: Path, external_
     assert "**Warning:**" in (run / "external_synthetic-ext.md").read_text()
 
 
-def test_encoder_init_without_weights_stops_at_once(external_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_encoder_init_without_weights_stops_at_once(
+    external_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from huggingface_hub import constants, try_to_load_from_cache
     from segmentation_models_pytorch.encoders import encoders
 
@@ -115,7 +138,19 @@ def test_encoder_init_without_weights_stops_at_once(external_data: Path, tmp_pat
 
     monkeypatch.setattr(time, "sleep", no_back_off)
     result = CliRunner().invoke(
-        app, ["study", "encoder-init", "--out", str(out), "--data", str(external_data), "--recipe", "demo", "--no-progress", *TINY_SETS]
+        app,
+        [
+            "study",
+            "encoder-init",
+            "--out",
+            str(out),
+            "--data",
+            str(external_data),
+            "--recipe",
+            "demo",
+            "--no-progress",
+            *TINY_SETS,
+        ],
     )
     assert isinstance(result.exception, EncoderWeightsError), result.exception
     message = str(result.exception)
@@ -127,7 +162,17 @@ def test_encoder_init_without_weights_stops_at_once(external_data: Path, tmp_pat
 def test_encoder_init_rejects_bad_weights(external_data: Path, tmp_path: Path) -> None:
     garbage = tmp_path / "resnet18.pth"
     garbage.write_bytes(b"not a state dict")
-    args = ["study", "encoder-init", "--out", str(tmp_path / "s"), "--data", str(external_data), "--recipe", "demo", *TINY_SETS]
+    args = [
+        "study",
+        "encoder-init",
+        "--out",
+        str(tmp_path / "s"),
+        "--data",
+        str(external_data),
+        "--recipe",
+        "demo",
+        *TINY_SETS,
+    ]
     result = CliRunner().invoke(app, [*args, "--encoder-weights", str(garbage)])
     assert isinstance(result.exception, EncoderWeightsError) and str(garbage) in str(result.exception)
     result = CliRunner().invoke(app, [*args, "--encoder-weights", "none"])
@@ -141,9 +186,29 @@ def test_skip_ablation_end_to_end(external_data: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     result = CliRunner().invoke(
         app,
-        ["study", "skip-ablation", "--out", str(out), "--data", str(external_data), "--recipe", "demo", "--folds", "2",
-         "--epochs", "1", "--image-size", "32", "--no-explain", "--device", "cpu", "--cache-dir", str(cache), "--no-progress",
-         *TINY_SETS],
+        [
+            "study",
+            "skip-ablation",
+            "--out",
+            str(out),
+            "--data",
+            str(external_data),
+            "--recipe",
+            "demo",
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--no-explain",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(cache),
+            "--no-progress",
+            *TINY_SETS,
+        ],
     )
     assert result.exit_code == 0, result.output
     with_skips, no_skips = out / "with-skips", out / "no-skips"
@@ -154,8 +219,14 @@ def test_skip_ablation_end_to_end(external_data: Path, tmp_path: Path) -> None:
     assert (with_skips / "report.html").is_file() and (no_skips / "report.html").is_file()
 
     text = (out / "skip_ablation.md").read_text()
-    for needle in ("| with-skips |", "| no-skips |", "| Δ no-skips − with-skips |", "Boundary F1",
-                   "### Paired test across folds: Boundary F1", "## At each run's chosen threshold"):
+    for needle in (
+        "| with-skips |",
+        "| no-skips |",
+        "| Δ no-skips − with-skips |",
+        "Boundary F1",
+        "### Paired test across folds: Boundary F1",
+        "## At each run's chosen threshold",
+    ):
         assert needle in text, needle
     data = read_json(out / "skip_ablation.json")
     assert [r["name"] for r in data["at_0.5"]["runs"]] == ["with-skips", "no-skips"]
@@ -191,7 +262,9 @@ def test_pranet_protocol(external_data: Path, tmp_path: Path) -> None:
     test_list.write_text("# held out\ncase00\ncase03\ncase05\n")
     out = tmp_path / "pranet"
     config = tiny_config(image_size=32)
-    result = run_pranet(external_data, test_list, out, config, device="cpu", progress=False, cache_dir=tmp_path / "cache")
+    result = run_pranet(
+        external_data, test_list, out, config, device="cpu", progress=False, cache_dir=tmp_path / "cache"
+    )
     assert result["n_test"] == 3 and result["per_image"]["stems"] == ["case00", "case03", "case05"]
     assert read_json(out / "split.json")["test"] == ["case00", "case03", "case05"]
     assert result["original_resolution"]["mdice"] == pytest.approx(np.mean(result["per_image"]["dice"]), abs=1e-6)

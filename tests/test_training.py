@@ -46,7 +46,14 @@ def test_losses_are_low_for_right_answer(name):
 def test_train_writes_best_history_and_learns(tiny_data, tmp_path):
     config = tiny_config(epochs=3, image_size=32)
     config.train.lr = 3e-3
-    result = train_model(config, tiny_data.subset(tiny_data.stems[:8]), tiny_data.subset(tiny_data.stems[8:]), tmp_path, device="cpu", progress=False)
+    result = train_model(
+        config,
+        tiny_data.subset(tiny_data.stems[:8]),
+        tiny_data.subset(tiny_data.stems[8:]),
+        tmp_path,
+        device="cpu",
+        progress=False,
+    )
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert all("val_dice" in h and "train_loss" in h for h in history)
@@ -79,7 +86,9 @@ def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, 
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_model(config, tiny_data, None, tmp_path / "resumed", device="cpu", progress=False, on_epoch=stop_after_two)
+        train_model(
+            config, tiny_data, None, tmp_path / "resumed", device="cpu", progress=False, on_epoch=stop_after_two
+        )
     assert json.loads((tmp_path / "resumed" / "last_state.json").read_text())["epoch"] == 2
     train_model(config, tiny_data, None, tmp_path / "resumed", device="cpu", progress=False, resume=True)
     history = json.loads((tmp_path / "resumed" / "history.json").read_text())
@@ -111,12 +120,16 @@ def test_training_step_never_waits_for_the_device(tmp_path, monkeypatch, recipe)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
 
-    data = build_cache(write_synthetic_dataset(tmp_path / "data", n=16), 32, cache_dir=tmp_path / "cache", progress=False)
+    data = build_cache(
+        write_synthetic_dataset(tmp_path / "data", n=16), 32, cache_dir=tmp_path / "cache", progress=False
+    )
     counts = []
     for n_images in (8, 16):  # 2 and 4 steps per epoch
         config = tiny_config(recipe=recipe, epochs=1, image_size=32)
         config.train.compile = False
         conversions["count"] = 0
-        train_model(config, data.subset(data.stems[:n_images]), None, tmp_path / f"run{n_images}", device="cpu", progress=False)
+        train_model(
+            config, data.subset(data.stems[:n_images]), None, tmp_path / f"run{n_images}", device="cpu", progress=False
+        )
         counts.append(conversions["count"])
     assert counts[0] == counts[1], counts

@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 from polypseg.inference import Predictor
-from polypseg.video import ExponentialSmoother, VideoError, VideoWriter, mask_iou, read_frames, segment_video, video_info
+from polypseg.video import (
+    ExponentialSmoother,
+    VideoError,
+    VideoWriter,
+    mask_iou,
+    read_frames,
+    segment_video,
+    video_info,
+)
 
 
 class _BrightModel(nn.Module):
@@ -60,7 +68,7 @@ def test_read_frames_round_trip(tmp_path: Path) -> None:
     decoded = list(read_frames(path))
     assert [index for index, _, _ in decoded] == list(range(8))
     assert [t for _, t, _ in decoded] == pytest.approx([i / 10 for i in range(8)], abs=1e-3)
-    for (_, _, frame), original in zip(decoded, frames):
+    for (_, _, frame), original in zip(decoded, frames, strict=False):
         assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
         assert np.abs(frame.astype(int) - original).mean() < 8  # lossy codec, same picture
 
@@ -97,9 +105,13 @@ def test_smoothing_raises_consistency_of_a_flickering_mask(tmp_path: Path, predi
         rows = list(csv.DictReader(handle))
     raw = [float(r["iou_with_previous_raw"]) for r in rows[1:]]
     assert result.consistency == pytest.approx(np.mean(raw), abs=1e-5)
-    assert result.consistency_smoothed == pytest.approx(np.mean([float(r["iou_with_previous"]) for r in rows[1:]]), abs=1e-5)
+    assert result.consistency_smoothed == pytest.approx(
+        np.mean([float(r["iou_with_previous"]) for r in rows[1:]]), abs=1e-5
+    )
     # no output folder: figures only
-    assert segment_video(predictor, path, None, alpha=1.0, progress=False).consistency == pytest.approx(result.consistency)
+    assert segment_video(predictor, path, None, alpha=1.0, progress=False).consistency == pytest.approx(
+        result.consistency
+    )
 
 
 def test_writer_pads_odd_sizes(tmp_path: Path) -> None:

@@ -31,9 +31,14 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names are resolved by __getattr__
-    from polypseg.checkpoint import load_checkpoint, save_checkpoint
-    from polypseg.config import ModelConfig, RunConfig, TrainConfig, get_recipe
-    from polypseg.models import create_model
+    # "X as X" marks a re-export (PEP 484), so linters do not call these imports unused.
+    from polypseg.checkpoint import load_checkpoint as load_checkpoint
+    from polypseg.checkpoint import save_checkpoint as save_checkpoint
+    from polypseg.config import ModelConfig as ModelConfig
+    from polypseg.config import RunConfig as RunConfig
+    from polypseg.config import TrainConfig as TrainConfig
+    from polypseg.config import get_recipe as get_recipe
+    from polypseg.models import create_model as create_model
 
 
 def __getattr__(name: str) -> Any:

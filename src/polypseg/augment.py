@@ -59,12 +59,14 @@ def augment_batch(
         shift_x = torch.where(crop, _uniform(n, -1, 1, generator, device) * (1 - scale), torch.zeros_like(scale))
         shift_y = torch.where(crop, _uniform(n, -1, 1, generator, device) * (1 - scale), torch.zeros_like(scale))
         cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-        theta = torch.stack(
-            [torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1
-        ).to(images.dtype)
+        theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1).to(
+            images.dtype
+        )
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         moved_images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        moved_masks = F.grid_sample(masks, grid.to(masks.dtype), mode="nearest", padding_mode="zeros", align_corners=False)
+        moved_masks = F.grid_sample(
+            masks, grid.to(masks.dtype), mode="nearest", padding_mode="zeros", align_corners=False
+        )
         moved = (rotate | crop).view(n, 1, 1, 1)
         images = torch.where(moved, moved_images, images)
         masks = torch.where(moved, moved_masks, masks)
@@ -76,8 +78,10 @@ def augment_batch(
         mean = images.mean(dim=(1, 2, 3), keepdim=True)
         jittered = (images - mean) * contrast + mean + brightness
         if config.hue_saturation > 0:
-            saturation = _uniform(n, 1 - config.hue_saturation, 1 + config.hue_saturation, generator, device).view(n, 1, 1, 1)
-            gray = (0.299 * jittered[:, :1] + 0.587 * jittered[:, 1:2] + 0.114 * jittered[:, 2:3])
+            saturation = _uniform(n, 1 - config.hue_saturation, 1 + config.hue_saturation, generator, device).view(
+                n, 1, 1, 1
+            )
+            gray = 0.299 * jittered[:, :1] + 0.587 * jittered[:, 1:2] + 0.114 * jittered[:, 2:3]
             jittered = (jittered - gray) * saturation + gray
         images = torch.where(jitter, jittered.clamp(0, 1), images)
     return images, masks

@@ -170,7 +170,9 @@ def random_checkpoint(folder: Path | str, image_size: int = 256, seed: int = 0) 
     torch.manual_seed(seed)
     config = RunConfig()
     config.train.image_size = image_size
-    return save_checkpoint(Path(folder) / "random", create_model(config.model).eval(), config, extra={"note": "random weights"})
+    return save_checkpoint(
+        Path(folder) / "random", create_model(config.model).eval(), config, extra={"note": "random weights"}
+    )
 
 
 def load_for_bench(
@@ -198,7 +200,9 @@ def load_for_bench(
     model = Path(model)
     engine, precision = BACKEND_SPECS[backend]
     if engine == "torch":
-        return Predictor.from_checkpoint(model, device=device, backend="torch", compile=compile or False, precision=precision)
+        return Predictor.from_checkpoint(
+            model, device=device, backend="torch", compile=compile or False, precision=precision
+        )
     if compile:
         raise BenchError(f"--compile applies to the torch backend, not {backend}")
     if precision != "int8" or model.suffix == ".onnx":
@@ -394,10 +398,21 @@ def benchmark_training(
             "run_minutes": sum(epoch_seconds) / 60,
         }
         if small:
-            row.update({"progressive_size": low, "progressive_step_ms": small_step * 1000, "progressive_epochs": tc.progressive_epochs})
+            row.update(
+                {
+                    "progressive_size": low,
+                    "progressive_step_ms": small_step * 1000,
+                    "progressive_epochs": tc.progressive_epochs,
+                }
+            )
         if peak_bf16:
-            row.update({"matmul_peak_bf16_tflops": peak_bf16 / 1e12, "matmul_peak_fp32_tflops": peak_fp32 / 1e12,
-                        "fraction_of_bf16_peak": achieved / peak_bf16})
+            row.update(
+                {
+                    "matmul_peak_bf16_tflops": peak_bf16 / 1e12,
+                    "matmul_peak_fp32_tflops": peak_fp32 / 1e12,
+                    "fraction_of_bf16_peak": achieved / peak_bf16,
+                }
+            )
         rows.append(row)
     return rows
 
@@ -431,15 +446,25 @@ def training_breakdown(
     steps_per_epoch = max(1, train_images // tc.batch_size)
     parts = {phase: statistics.median(times) * steps_per_epoch for phase, times in timer.step.phase_times.items()}
     timer.step.phase_times = None
-    images = np.random.default_rng(0).integers(0, 256, (min(val_images, 2 * tc.eval_batch_size), tc.image_size, tc.image_size, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(
+        0, 256, (min(val_images, 2 * tc.eval_batch_size), tc.image_size, tc.image_size, 3), dtype=np.uint8
+    )
     model = timer.step.eval_model
-    predict_probabilities(model, images[: tc.eval_batch_size], device=torch_device, batch_size=tc.eval_batch_size, precision=tc.precision)
+    predict_probabilities(
+        model, images[: tc.eval_batch_size], device=torch_device, batch_size=tc.eval_batch_size, precision=tc.precision
+    )
     start = time.perf_counter()
     predict_probabilities(model, images, device=torch_device, batch_size=tc.eval_batch_size, precision=tc.precision)
     parts["validation"] = (time.perf_counter() - start) * val_images / len(images) if tc.val_fraction > 0 else 0.0
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        save_training_state(Path(folder) / "last_state", timer.step.model, timer.step.optimizer, {"epoch": 1, "history": []}, ema_model=timer.step.ema)
+        save_training_state(
+            Path(folder) / "last_state",
+            timer.step.model,
+            timer.step.optimizer,
+            {"epoch": 1, "history": []},
+            ema_model=timer.step.ema,
+        )
         save_checkpoint(Path(folder) / "best", model, config)
         parts["checkpoint writes"] = time.perf_counter() - start
     total = sum(parts.values())

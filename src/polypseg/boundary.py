@@ -47,7 +47,9 @@ def _dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
     return F.conv2d(masks[:, None].float(), disk, padding=radius)[:, 0] > 0.5
 
 
-def boundary_scores(pred: Any, target: Any, tolerance: int = REFERENCE_TOLERANCE, chunk: int = 64) -> dict[str, np.ndarray]:
+def boundary_scores(
+    pred: Any, target: Any, tolerance: int = REFERENCE_TOLERANCE, chunk: int = 64
+) -> dict[str, np.ndarray]:
     """Per-image boundary ``precision``, ``recall`` and ``f1`` (float64 ``(N,)``) of binary masks ``(N, H, W)``."""
     p_all, t_all = _as_batch(pred), _as_batch(target)
     if p_all.shape != t_all.shape:

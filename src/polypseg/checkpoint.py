@@ -230,7 +230,9 @@ def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, tor
     return ". ".join(parts)
 
 
-def _load_tensors(weights: Path, recorded_digest: str | None, error_type: type[CheckpointError] = CheckpointError) -> dict[str, torch.Tensor]:
+def _load_tensors(
+    weights: Path, recorded_digest: str | None, error_type: type[CheckpointError] = CheckpointError
+) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(weights), device="cpu")
     except Exception as error:  # noqa: BLE001 - a corrupt or foreign file is a user-facing error
@@ -250,7 +252,9 @@ def config_from_metadata(metadata: Mapping[str, Any], weights: Path | str) -> Ru
         config.model.encoder_weights = "none"  # the weights come from the checkpoint
         int(config.train.image_size)
     except Exception as error:  # noqa: BLE001 - unknown fields, wrong types, a missing config: a bad file
-        raise CheckpointError(f"cannot load weights {weights}: its metadata describes no model polypseg can build ({_first_line(error)})") from None
+        raise CheckpointError(
+            f"cannot load weights {weights}: its metadata describes no model polypseg can build ({_first_line(error)})"
+        ) from None
     return config
 
 
@@ -271,11 +275,15 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Che
     try:
         model = create_model(config.model)
     except Exception as error:  # noqa: BLE001 - a sidecar this version cannot build is a bad file
-        raise CheckpointError(f"cannot load weights {weights}: its metadata describes no model polypseg can build ({_first_line(error)})") from None
+        raise CheckpointError(
+            f"cannot load weights {weights}: its metadata describes no model polypseg can build ({_first_line(error)})"
+        ) from None
     state = _load_tensors(weights, digest)
     mismatch = state_mismatch(model.state_dict(), state)
     if mismatch:
-        raise CheckpointError(f"cannot load weights {weights}: they do not fit the model described in {sidecar.name}: {mismatch}")
+        raise CheckpointError(
+            f"cannot load weights {weights}: they do not fit the model described in {sidecar.name}: {mismatch}"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except Exception as error:  # noqa: BLE001
@@ -293,7 +301,10 @@ def checkpoint_content_key(path: Path | str) -> str:
     weights, sidecar = checkpoint_paths(path)
     # Memo within one process, keyed by stat including ctime: rewriting a file and restoring its
     # modification time still changes its ctime, so a changed file is always hashed again.
-    stamp = tuple((p.resolve(), s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for p, s in ((p, p.stat()) for p in (weights, sidecar) if p.exists()))
+    stamp = tuple(
+        (p.resolve(), s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+        for p, s in ((p, p.stat()) for p in (weights, sidecar) if p.exists())
+    )
     if stamp in _CONTENT_KEYS:
         return _CONTENT_KEYS[stamp]
     metadata = read_metadata(path)
@@ -325,7 +336,9 @@ def find_checkpoints(path: Path | str) -> list[Path]:
         folds = run.fold_checkpoints()
         if folds:
             return folds
-    raise CheckpointError(f"no polypseg checkpoint found at {path} (expected NAME.safetensors + NAME.json, or a run folder)")
+    raise CheckpointError(
+        f"no polypseg checkpoint found at {path} (expected NAME.safetensors + NAME.json, or a run folder)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -361,7 +374,9 @@ def save_training_state(
     tensors = {f"model.{k}": v for k, v in model_state(model).items()}
     if ema_model is not None:
         # AveragedModel as a whole (incl. n_averaged), not unwrapped like a DDP model
-        tensors.update({f"ema.{k}": v.detach().to("cpu").contiguous().clone() for k, v in ema_model.state_dict().items()})
+        tensors.update(
+            {f"ema.{k}": v.detach().to("cpu").contiguous().clone() for k, v in ema_model.state_dict().items()}
+        )
     if best_state is not None:
         tensors.update({f"best.{k}": v.detach().to("cpu").contiguous() for k, v in best_state.items()})
     opt_state = optimizer.state_dict()
@@ -386,7 +401,11 @@ def save_training_state(
 
 
 def _optimizer_steps(tensors: Mapping[str, torch.Tensor]) -> set[int]:
-    return {int(round(float(v.reshape(-1)[0]))) for k, v in tensors.items() if k.startswith("optim.") and k.endswith(".step") and v.numel()}
+    return {
+        int(round(float(v.reshape(-1)[0])))
+        for k, v in tensors.items()
+        if k.startswith("optim.") and k.endswith(".step") and v.numel()
+    }
 
 
 def load_training_state(
@@ -412,7 +431,9 @@ def load_training_state(
     meta, digest = _embedded_sidecar(weights)
     if meta is None:  # written before the state was one file: the .json must be there, and agree
         if not sidecar.is_file():
-            raise TrainingStateError(f"the training state in {where} is incomplete: {sidecar.name} is missing; {restart}")
+            raise TrainingStateError(
+                f"the training state in {where} is incomplete: {sidecar.name} is missing; {restart}"
+            )
         try:
             meta = read_json(sidecar)
         except (ValueError, UnicodeDecodeError) as error:
@@ -433,7 +454,7 @@ def load_training_state(
                 f"but its record says epoch {epoch} ({expected} steps of {steps_per_epoch}); it was cut between two writes "
                 f"or the run's batch size or process count changed. Refusing to resume from mixed epochs; {restart}"
             )
-    model_tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model_tensors = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     target = getattr(model, "module", model)
     target = getattr(target, "_orig_mod", target)
     mismatch = state_mismatch(target.state_dict(), model_tensors)
@@ -441,9 +462,11 @@ def load_training_state(
         raise TrainingStateError(f"the training state {weights} does not fit this run's model: {mismatch}")
     target.load_state_dict(model_tensors, strict=True)
     if ema_model is not None:
-        ema_tensors = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        ema_tensors = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
         if not ema_tensors:
-            raise TrainingStateError(f"the training state {weights} has no weight average (EMA), but this run uses one; {restart}")
+            raise TrainingStateError(
+                f"the training state {weights} has no weight average (EMA), but this run uses one; {restart}"
+            )
         ema_model.load_state_dict(ema_tensors, strict=True)
     opt_state: dict[Any, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -453,7 +476,7 @@ def load_training_state(
     for param_id, values in meta.get("optimizer_scalars", {}).items():
         opt_state.setdefault(int(param_id), {}).update(values)
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
-    best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")}
+    best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
     meta = dict(meta)
     if best:
         meta["best_state"] = best

@@ -53,7 +53,9 @@ __all__ = [
 ]
 
 
-def load_or_create_splits(run_dir: RunDir | Path | str, stems: Sequence[str], folds: int, seed: int, val_fraction: float) -> dict[str, Any]:
+def load_or_create_splits(
+    run_dir: RunDir | Path | str, stems: Sequence[str], folds: int, seed: int, val_fraction: float
+) -> dict[str, Any]:
     """Reuse ``RUN/splits.json`` if present (checking it fits the data), else create and save it.
 
     A ``splits.json`` copied from another run keeps its test folds; if that run used another
@@ -64,7 +66,9 @@ def load_or_create_splits(run_dir: RunDir | Path | str, stems: Sequence[str], fo
     if splits is not None:
         path = run.splits_path
         if sorted(splits["stems"]) != sorted(stems):
-            raise RunError(f"{path} was made for different data ({len(splits['stems'])} stems vs {len(stems)}); use a new --out")
+            raise RunError(
+                f"{path} was made for different data ({len(splits['stems'])} stems vs {len(stems)}); use a new --out"
+            )
         if splits["k"] != folds:
             raise RunError(f"{path} has {splits['k']} folds, not {folds}; use --folds {splits['k']} or a new --out")
         if splits.get("val_fraction") != val_fraction:
@@ -121,10 +125,14 @@ class _WallClock:
             except RunError:
                 previous = None
             if previous:
-                entries.append({"started": None, "seconds": float(previous), "note": "earlier invocations, as summarised"})
+                entries.append(
+                    {"started": None, "seconds": float(previous), "note": "earlier invocations, as summarised"}
+                )
         import datetime as _dt
 
-        self._entries = entries + [{"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0}]
+        self._entries = entries + [
+            {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0}
+        ]
         self.tick()
 
     def tick(self) -> None:
@@ -172,11 +180,17 @@ def run_cv(
         if not resume:
             raise RunError(f"{run.path} already holds a run; pass --resume to continue it, or choose a new --out")
         if saved.kind != CV:
-            raise RunError(f"{run.path} holds a single-split training run (polypseg train), not a cross-validation run; choose a new --out")
+            raise RunError(
+                f"{run.path} holds a single-split training run (polypseg train), not a cross-validation run; choose a new --out"
+            )
         if config is not None:
             resolve_run_precision(config, device)
         changed = config_differences(saved.config, config) if config is not None else []
-        changed += [f"{name}: {old!r} -> {new!r}" for name, old, new in (("folds", saved.folds, folds), ("seed", saved.seed, seed)) if new is not None and new != old]
+        changed += [
+            f"{name}: {old!r} -> {new!r}"
+            for name, old, new in (("folds", saved.folds, folds), ("seed", saved.seed, seed))
+            if new is not None and new != old
+        ]
         data, data_change = _resumed_data(str(saved.data), data)
         refuse_changed_settings(run.path, changed + data_change)
         config, folds, seed = saved.config, saved.folds, saved.seed
@@ -199,7 +213,14 @@ def run_cv(
         clock = _WallClock(run)
         if saved is None:
             run.write_settings(
-                RunSettings(config=config, kind=CV, data=str(Path(data).resolve()), folds=folds, seed=seed, polypseg_version=__version__)
+                RunSettings(
+                    config=config,
+                    kind=CV,
+                    data=str(Path(data).resolve()),
+                    folds=folds,
+                    seed=seed,
+                    polypseg_version=__version__,
+                )
             )
         load_or_create_splits(run, cache.stems, folds, seed, config.train.val_fraction)
     context.barrier()
@@ -269,7 +290,9 @@ def evaluate_fold(
     return result
 
 
-def _explain_fold(model: torch.nn.Module, test: CachedData, device: torch.device, max_images: int | None) -> dict[str, Any]:
+def _explain_fold(
+    model: torch.nn.Module, test: CachedData, device: torch.device, max_images: int | None
+) -> dict[str, Any]:
     from polypseg.explain_metrics import evaluate_explanations
 
     subset = test if max_images is None else test.subset(test.stems[:max_images])
@@ -289,7 +312,9 @@ def load_oof(run_dir: RunDir | Path | str) -> OutOfFold:
     return RunDir(run_dir).load_oof()
 
 
-def summarize_run(run_dir: RunDir | Path | str, elapsed_s: float | None = None, wall_time_s: float | None = None) -> dict[str, Any]:
+def summarize_run(
+    run_dir: RunDir | Path | str, elapsed_s: float | None = None, wall_time_s: float | None = None
+) -> dict[str, Any]:
     """Summarise the finished folds (:func:`polypseg.summary.compute_summary`) and write
     ``summary.{json,md}`` and ``pooled_histograms.npz`` into the run; returns the summary."""
     run = RunDir(run_dir)

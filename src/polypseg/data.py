@@ -11,8 +11,6 @@ resizing a mask is always nearest-neighbour, so it stays binary.
 
 from __future__ import annotations
 
-from polypseg.errors import PolypsegError
-
 import hashlib
 import io
 import json
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from polypseg.errors import PolypsegError
 from polypseg.io_utils import atomic_write, display_name, remove_stale_temps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -99,7 +98,9 @@ def _decode(path: Path) -> np.ndarray:
                         array = np.clip(array, 0, 65535).astype(np.uint16)
                     return array
                 elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV", "1", "LA", "F"):
-                    image = image.convert("RGBA" if image.mode == "LA" else ("L" if image.mode in ("1", "F") else "RGB"))
+                    image = image.convert(
+                        "RGBA" if image.mode == "LA" else ("L" if image.mode in ("1", "F") else "RGB")
+                    )
                 array = np.asarray(image)
     except FileNotFoundError:
         raise ImageReadError(f"file not found: {path}") from None
@@ -156,7 +157,14 @@ def _list_images(folder: Path, rejected: list[tuple[Path, str]] | None = None) -
     return found
 
 
-_KNOWN_UNSUPPORTED = {".gif": "GIF", ".jfif": "JFIF", ".heic": "HEIC", ".svg": "SVG", ".ppm": "PPM", ".jp2": "JPEG 2000"}
+_KNOWN_UNSUPPORTED = {
+    ".gif": "GIF",
+    ".jfif": "JFIF",
+    ".heic": "HEIC",
+    ".svg": "SVG",
+    ".ppm": "PPM",
+    ".jp2": "JPEG 2000",
+}
 
 
 def _why_unusable(path: Path) -> str | None:
@@ -203,7 +211,9 @@ def find_layout(root: Path) -> tuple[Path, Path]:
                 if not (root / name).exists() and not (root / name).is_symlink():
                     raise DataError(f"{root / name} is missing (a dataset needs '{images_name}/' and '{masks_name}/')")
                 if not (root / name).is_dir():
-                    raise DataError(f"{root / name} is not a folder (a dataset needs '{images_name}/' and '{masks_name}/' folders)")
+                    raise DataError(
+                        f"{root / name} is not a folder (a dataset needs '{images_name}/' and '{masks_name}/' folders)"
+                    )
     # A download unpacks into one sub-folder (e.g. Kvasir-SEG/): accept that too.
     children = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
     if len(children) == 1:
@@ -293,14 +303,23 @@ def check_dataset(root: Path | str, progress: bool = False) -> CheckReport:
         report.problems.append(Problem("error", "unusable", path, f"{display_name(path)}: {reason}"))
     for path in index.unpaired_images:
         why = " (its mask is unusable, see above)" if path.stem in rejected_stems else ""
-        report.problems.append(Problem("error", "unpaired", path, f"{display_name(path)}: image has no mask with the same stem{why}"))
+        report.problems.append(
+            Problem("error", "unpaired", path, f"{display_name(path)}: image has no mask with the same stem{why}")
+        )
     for path in index.unpaired_masks:
         why = " (its image is unusable, see above)" if path.stem in rejected_stems else ""
-        report.problems.append(Problem("error", "unpaired", path, f"{display_name(path)}: mask has no image with the same stem{why}"))
+        report.problems.append(
+            Problem("error", "unpaired", path, f"{display_name(path)}: mask has no image with the same stem{why}")
+        )
     if not index.samples:
         images_dir, masks_dir = find_layout(root)
         report.problems.append(
-            Problem("error", "no-pairs", Path(root), f"{display_name(root)}: no image/mask pairs (matched by file stem in {images_dir.name}/ and {masks_dir.name}/)")
+            Problem(
+                "error",
+                "no-pairs",
+                Path(root),
+                f"{display_name(root)}: no image/mask pairs (matched by file stem in {images_dir.name}/ and {masks_dir.name}/)",
+            )
         )
     for path in index.duplicate_stems:
         report.problems.append(Problem("error", "duplicate", path, f"{path}: another file has the same stem"))
@@ -478,7 +497,9 @@ def build_cache(
         # A cache file given directly (e.g. carried to a GPU machine without the raw images).
         cached = load_cache(root)
         if cached.size != size:
-            raise DataError(f"{root} holds {cached.size}px images, but {size}px are needed; rebuild it with --size {size}")
+            raise DataError(
+                f"{root} holds {cached.size}px images, but {size}px are needed; rebuild it with --size {size}"
+            )
         return cached
     path = cache_path(root, size, cache_dir)
     if not path.is_file():

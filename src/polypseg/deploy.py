@@ -42,9 +42,9 @@ def export_checkpoints(
     """
     from polypseg.checkpoint import find_checkpoints
     from polypseg.export import (
-        ExportError,
         DEFAULT_OPSET,
         MAX_INT8_DICE_CHANGE,
+        ExportError,
         collect_images,
         export_onnx,
         int8_path_for,
@@ -60,7 +60,9 @@ def export_checkpoints(
         raise ExportError("--calibration and --validate apply to --int8 only")
     checkpoints = find_checkpoints(model)
     if out is not None and len(checkpoints) > 1:
-        raise ExportError(f"--out: {model} holds {len(checkpoints)} checkpoints; omit --out to write NAME.onnx beside each")
+        raise ExportError(
+            f"--out: {model} holds {len(checkpoints)} checkpoints; omit --out to write NAME.onnx beside each"
+        )
     real = collect_images(verify_images or calibration or sample_dataset_path())[:8]
     results = []
     for checkpoint in checkpoints:
@@ -103,10 +105,11 @@ def export_checkpoints(
                 )
                 result["dice"] = change
             else:
-                say("not validated (no --validate DIR): predict keeps fp32 as the CPU default; pass the .onnx to use int8")
+                say(
+                    "not validated (no --validate DIR): predict keeps fp32 as the CPU default; pass the .onnx to use int8"
+                )
         results.append(result)
     return results
-
 
 
 def measure_dice_change(

@@ -146,9 +146,7 @@ def _fetch(url: str, out: Path, progress: bool, dest: Path) -> None:
                         f.write(block)
                         done += len(block)
         except (OSError, http.client.HTTPException) as e:
-            raise DownloadError(
-                f"download from {url} failed: {_one_line(e) or type(e).__name__}. {hint}"
-            ) from e
+            raise DownloadError(f"download from {url} failed: {_one_line(e) or type(e).__name__}. {hint}") from e
     if total is not None and done != total:
         raise DownloadError(f"download from {url} ended early: got {done} of {total} bytes")
 
@@ -187,9 +185,7 @@ def _extract(zip_path: Path, out: Path, url: str) -> None:
         with zipfile.ZipFile(zip_path) as zf:
             for info in zf.infolist():
                 if _unsafe_member(info.filename):
-                    raise DownloadError(
-                        f"unsafe path in archive from {url}: {info.filename!r} (refusing to extract)"
-                    )
+                    raise DownloadError(f"unsafe path in archive from {url}: {info.filename!r} (refusing to extract)")
             zf.extractall(out)
     except zipfile.BadZipFile as e:
         raise DownloadError(f"archive from {url} is not a valid zip: {_one_line(e)}") from e
@@ -237,9 +233,7 @@ def download_dataset(
         problems = verify_against_manifest(dest, manifest)
         if not problems:
             return dest
-        raise DownloadError(
-            f"{dest} exists but does not verify ({_summarize(problems)}); remove it and rerun"
-        )
+        raise DownloadError(f"{dest} exists but does not verify ({_summarize(problems)}); remove it and rerun")
 
     try:
         to.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ def linear_head_conv(model: nn.Module) -> nn.Conv2d:
             f"forward-only Grad-CAM needs a segmentation head that is one Conv2d followed by identities, not {_describe(head)}"
         )
     kernel, padding = tuple(conv.kernel_size), conv.padding
-    same_size = isinstance(padding, tuple) and all(2 * p == k - 1 for p, k in zip(padding, kernel))
+    same_size = isinstance(padding, tuple) and all(2 * p == k - 1 for p, k in zip(padding, kernel, strict=False))
     if (
         conv.out_channels != 1
         or tuple(conv.stride) != (1, 1)
@@ -278,12 +278,24 @@ def export_gradcam_onnx(
             try:
                 shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
                 torch.onnx.export(
-                    wrapper, (example,), str(path), dynamo=True, dynamic_shapes=shapes, external_data=False, verbose=False, **kwargs
+                    wrapper,
+                    (example,),
+                    str(path),
+                    dynamo=True,
+                    dynamic_shapes=shapes,
+                    external_data=False,
+                    verbose=False,
+                    **kwargs,
                 )
             except Exception as error:  # noqa: BLE001 - retry with the older exporter, keep the reason
-                log.warning("torch.export-based ONNX export failed (%s); using the TorchScript exporter", str(error).splitlines()[0])
+                log.warning(
+                    "torch.export-based ONNX export failed (%s); using the TorchScript exporter",
+                    str(error).splitlines()[0],
+                )
                 axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
-                torch.onnx.export(wrapper, (example,), str(path), dynamo=False, dynamic_axes=axes, do_constant_folding=True, **kwargs)
+                torch.onnx.export(
+                    wrapper, (example,), str(path), dynamo=False, dynamic_axes=axes, do_constant_folding=True, **kwargs
+                )
     except Exception as error:  # noqa: BLE001 - both exporters failed: one line for the user
         raise ExportError(f"cannot export the model for forward-only Grad-CAM: {str(error).splitlines()[0]}") from None
     finally:
@@ -316,7 +328,10 @@ def openvino_runner(onnx_path: Path | str, precision: str = "fp32", threads: int
     except ImportError:
         raise EngineGradCAMError("the openvino engine needs OpenVINO: pip install 'polypseg[openvino]'") from None
     core = ov.Core()
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    config: dict[str, Any] = {
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+    }
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     try:
@@ -368,10 +383,14 @@ class EngineGradCAM:
         if engine not in ENGINES:
             raise EngineGradCAMError(f"unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}")
         if method != "gradcam":
-            raise EngineGradCAMError(f"forward-only Grad-CAM computes method 'gradcam' only, not '{method}'; use SegmentationGradCAM")
+            raise EngineGradCAMError(
+                f"forward-only Grad-CAM computes method 'gradcam' only, not '{method}'; use SegmentationGradCAM"
+            )
         self.engine = engine
         self.precision = _resolve_engine_precision(engine, precision)
-        reuse_int8 = self.precision == "int8" and not export and onnx_path is not None and _is_quantized(Path(onnx_path))
+        reuse_int8 = (
+            self.precision == "int8" and not export and onnx_path is not None and _is_quantized(Path(onnx_path))
+        )
         if self.precision == "int8" and calibration_images is None and not reuse_int8:
             raise EngineGradCAMError("precision 'int8' needs calibration_images (a folder of images or a list)")
         self.image_size = int(image_size)
@@ -385,7 +404,9 @@ class EngineGradCAM:
                 raise EngineGradCAMError(f"export=False needs an existing onnx_path, not {onnx_path}")
             graph = fp32_path
             if self.precision == "int8" and not reuse_int8:
-                int8_path = Path(tmp) / "gradcam.int8.onnx" if onnx_path is None else fp32_path.with_suffix(".int8.onnx")
+                int8_path = (
+                    Path(tmp) / "gradcam.int8.onnx" if onnx_path is None else fp32_path.with_suffix(".int8.onnx")
+                )
                 graph = quantize_gradcam_onnx(fp32_path, int8_path, calibration_images)
             # Both engines read the file at construction; the temporary copy may go afterwards.
             if engine == "onnxruntime":
@@ -412,7 +433,11 @@ class EngineGradCAM:
         if self._run is None:
             raise EngineGradCAMError("this EngineGradCAM was released; create a new one")
         target = target if target is not None else MaskedLogitSum()
-        batch = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, np.float32)
+        batch = (
+            images.detach().cpu().float().numpy()
+            if isinstance(images, torch.Tensor)
+            else np.asarray(images, np.float32)
+        )
         if batch.ndim != 4 or batch.shape[1] != 3 or batch.shape[2:] != (self.image_size, self.image_size):
             raise EngineGradCAMError(
                 f"images of shape {tuple(batch.shape)}: this engine was exported for (N, 3, {self.image_size}, {self.image_size})"
@@ -456,7 +481,10 @@ def _is_quantized(onnx_path: Path) -> bool:
 
 
 def quantize_gradcam_onnx(
-    fp32_path: Path | str, out_path: Path | str, calibration_images: Path | str | Sequence[Any] | None, max_images: int = 64
+    fp32_path: Path | str,
+    out_path: Path | str,
+    calibration_images: Path | str | Sequence[Any] | None,
+    max_images: int = 64,
 ) -> Path:
     """Static int8 QDQ quantization of the two-output graph with :func:`polypseg.export.quantize_onnx_int8`
     (per-channel int8 weights, uint8 activations, min-max calibration on real images)."""

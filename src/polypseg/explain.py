@@ -230,7 +230,11 @@ class SegmentationGradCAM:
     """
 
     def __init__(
-        self, model: nn.Module, layer: str | nn.Module = DEFAULT_LAYER, method: str = "gradcam", score_batch_size: int = 32
+        self,
+        model: nn.Module,
+        layer: str | nn.Module = DEFAULT_LAYER,
+        method: str = "gradcam",
+        score_batch_size: int = 32,
     ) -> None:
         if method not in METHODS:
             raise ExplainError(f"unknown CAM method '{method}'; choose one of: {', '.join(METHODS)}")
@@ -302,7 +306,9 @@ class SegmentationGradCAM:
             return heatmaps, logits
         return heatmaps
 
-    def _forward_backward(self, images: torch.Tensor, target: Target, grad_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_backward(
+        self, images: torch.Tensor, target: Target, grad_mode: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             torch.set_grad_enabled(False)
             self._active_thread = threading.get_ident()
@@ -336,7 +342,9 @@ class SegmentationGradCAM:
             heatmaps = normalize_heatmaps(cam[:, 0])
         return heatmaps, logits.detach().float()
 
-    def _score_cam(self, images: torch.Tensor, activation: torch.Tensor, logits: torch.Tensor, target: Target) -> torch.Tensor:
+    def _score_cam(
+        self, images: torch.Tensor, activation: torch.Tensor, logits: torch.Tensor, target: Target
+    ) -> torch.Tensor:
         """Score-CAM (Wang et al. 2020): channel weights = softmax over channels of the target's
         score on the input masked by each channel's upsampled, min-max normalised activation.
 
@@ -447,7 +455,9 @@ class GradCAMDriver:
             heatmaps, logits = self._cam(inputs, target, return_logits=True)  # type: ignore[misc]
         return CamBatch(indices if indices is not None else slice(0, len(inputs)), inputs, heatmaps, logits)
 
-    def batches(self, images: ImageBatch, target: Target | None = None, progress: str | None = None) -> Iterator[CamBatch]:
+    def batches(
+        self, images: ImageBatch, target: Target | None = None, progress: str | None = None
+    ) -> Iterator[CamBatch]:
         """:meth:`run` over ``images`` in batches of :attr:`batch_size` (``progress``: a bar so described).
 
         ``target`` applies to every batch: a :class:`RegionLogitSum` with one region per image
@@ -491,7 +501,7 @@ def explain_images(
     )
     with driver:
         for cams in driver.batches(images, MaskedLogitSum(threshold)):
-            for image, heatmap, prob in zip(images[cams.indices], cams.heatmaps, cams.probabilities):
+            for image, heatmap, prob in zip(images[cams.indices], cams.heatmaps, cams.probabilities, strict=False):
                 restored = to_original_size(heatmap, prob, image.shape[:2])
                 heatmaps.append(restored[0])
                 probabilities.append(restored[1])
@@ -504,6 +514,8 @@ def resize_heatmap(heatmap: torch.Tensor, size: Sequence[int]) -> np.ndarray:
     return normalize_heatmaps(resized[None])[0].numpy()
 
 
-def to_original_size(heatmap: torch.Tensor, probability: torch.Tensor, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def to_original_size(
+    heatmap: torch.Tensor, probability: torch.Tensor, size: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Bilinear resize of one model-size heatmap and probability map to ``(H, W)``; the heatmap keeps maximum 1."""
     return resize_heatmap(heatmap, size), _resize_map(probability.float(), (int(size[0]), int(size[1])))

@@ -143,7 +143,9 @@ def explain_files(
         records: list[dict[str, Any]] = []
         panels: dict[str, Path] = {}
         columns = (TextColumn("explaining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        driver = GradCAMDriver(net, layer, method, image_size=size, device=device, precision=precision, batch_size=batch_size)
+        driver = GradCAMDriver(
+            net, layer, method, image_size=size, device=device, precision=precision, batch_size=batch_size
+        )
         with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar, driver:
             task = bar.add_task("explain", total=len(items))
             for chunk in batch_slices(len(items), batch_size):
@@ -182,10 +184,21 @@ def explain_files(
                     [resize_mask(t, size) if t is not None else np.zeros((size, size), bool) for _, _, t in loaded]
                 )
                 scored = score_explanations(
-                    net, batch, heatmaps, logits, gt_small, threshold, topk, deletion_steps, max(batch_size, 2 * deletion_steps), precision
+                    net,
+                    batch,
+                    heatmaps,
+                    logits,
+                    gt_small,
+                    threshold,
+                    topk,
+                    deletion_steps,
+                    max(batch_size, 2 * deletion_steps),
+                    precision,
                 )
                 probs = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
-                for (item, image, truth), heatmap, prob, record in zip(loaded, heatmaps.cpu(), probs, scored):
+                for (item, image, truth), heatmap, prob, record in zip(
+                    loaded, heatmaps.cpu(), probs, scored, strict=False
+                ):
                     shape = image.shape[:2]
                     prediction, _ = upsample_mask(prob, shape, threshold)
                     row: dict[str, Any] = {
@@ -202,13 +215,17 @@ def explain_files(
                         row["dice"] = float(dice_score(pred_t, truth_t)[0])
                         row["iou"] = float(iou_score(pred_t, truth_t)[0])
                     del prediction
-                    _write_heatmap(out / item.name, resize_heatmap(heatmap, _fit(shape, MAX_HEATMAP_PIXELS)), heatmap_format)
+                    _write_heatmap(
+                        out / item.name, resize_heatmap(heatmap, _fit(shape, MAX_HEATMAP_PIXELS)), heatmap_format
+                    )
                     shown = _fit(shape, max_side=PANEL_SIDE)
                     small_image = image if shown == shape else resize_image(image, shown)
                     small_truth = None if truth is None else (truth if shown == shape else resize_mask(truth, shown))
                     small_prediction, _ = upsample_mask(prob, shown, threshold)
                     title = f"{item.name}" + (f"  Dice {row['dice']:.3f}" if truth is not None else "")
-                    png = render_panel(small_image, resize_heatmap(heatmap, shown), small_prediction, small_truth, title=title)
+                    png = render_panel(
+                        small_image, resize_heatmap(heatmap, shown), small_prediction, small_truth, title=title
+                    )
                     panel_path = out / f"{item.name}_panel.png"
                     atomic_write(panel_path, lambda tmp, data=png: tmp.write_bytes(data))
                     panels[item.name] = panel_path
@@ -217,7 +234,11 @@ def explain_files(
                 del loaded, batch
 
         report = explanation_report(records, keys=("dice", "iou", *METRIC_KEYS[1:]))
-        write_csv(out / "metrics.csv", CSV_COLUMNS, [{k: _csv_value(r.get(k, float("nan"))) for k in CSV_COLUMNS} for r in records])
+        write_csv(
+            out / "metrics.csv",
+            CSV_COLUMNS,
+            [{k: _csv_value(r.get(k, float("nan"))) for k in CSV_COLUMNS} for r in records],
+        )
         with_truth = sum(1 for r in records if r["has_ground_truth"])
         summary = {
             "checkpoint": str(checkpoint.path),
@@ -226,7 +247,9 @@ def explain_files(
             "explained": len(records),
             "with_ground_truth": with_truth,
             "skipped": skips.names,
-            "skipped_causes": [{"file": name, "cause": cause, "reason": detail} for name, cause, detail in skips.entries],
+            "skipped_causes": [
+                {"file": name, "cause": cause, "reason": detail} for name, cause, detail in skips.entries
+            ],
             "mean_std": report["mean_std"],
             "metric_scales": METRIC_SCALES,
             "settings": {
@@ -249,7 +272,9 @@ def explain_files(
         if gallery and records:
             notes = [f"{model_note}; layer {layer}; method {method}; threshold {threshold:g}"]
             if skips:
-                notes.append(f"{len(skips)} input(s) skipped ({skips.counts()}): " + ", ".join(Path(s).name for s in skips.names))
+                notes.append(
+                    f"{len(skips)} input(s) skipped ({skips.counts()}): " + ", ".join(Path(s).name for s in skips.names)
+                )
             notes += [f"{name}: {text}" for name, text in METRIC_SCALES.items() if name in report["mean_std"]]
             write_gallery(out / "gallery.html", records, panels, summary=report["mean_std"], notes=notes)
     return summary
@@ -282,7 +307,10 @@ def _model_note(model: Path, checkpoint: Path, fold: int | None) -> tuple[str, i
         return f"explained with the model {checkpoint}", None
     if folds > 1:
         how = "chosen with --fold" if fold is not None else "the default; --fold K picks another"
-        return f"explained with fold {index}'s model ({checkpoint}; {how}; Grad-CAM explains one model, not the {folds}-fold ensemble)", index
+        return (
+            f"explained with fold {index}'s model ({checkpoint}; {how}; Grad-CAM explains one model, not the {folds}-fold ensemble)",
+            index,
+        )
     return f"explained with fold {index}'s model ({checkpoint})", index
 
 

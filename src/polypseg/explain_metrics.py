@@ -63,7 +63,9 @@ def _batch(heatmap: Any, gt_mask: Any) -> tuple[torch.Tensor, torch.Tensor, bool
     if single:
         h, g = h[None], g[None]
     if h.dim() != 3 or h.shape != g.shape:
-        raise ExplainMetricsError(f"heatmap {tuple(h.shape)} and mask {tuple(g.shape)} must both be (H, W) or (N, H, W)")
+        raise ExplainMetricsError(
+            f"heatmap {tuple(h.shape)} and mask {tuple(g.shape)} must both be (H, W) or (N, H, W)"
+        )
     return h, g, single
 
 
@@ -307,7 +309,7 @@ def score_explanations(
     else:
         columns["deletion_auc"] = columns["insertion_auc"] = np.full(n, np.nan)
     for name, values in columns.items():
-        for record, value in zip(records, np.asarray(values, dtype=np.float64)):
+        for record, value in zip(records, np.asarray(values, dtype=np.float64), strict=False):
             record[name] = float(value)
     return records
 
@@ -371,7 +373,7 @@ def evaluate_explanations(
                 model, cams.inputs, cams.heatmaps, cams.logits, gt, threshold, topk, deletion_steps,
                 max(batch_size, 2 * deletion_steps), precision,
             )  # fmt: skip
-            for stem, d, record in zip(stems[cams.indices], dice, scored):
+            for stem, d, record in zip(stems[cams.indices], dice, scored, strict=False):
                 records.append({"stem": stem, "dice": float(d), **record})
     report = explanation_report(records)
     report["settings"] = {

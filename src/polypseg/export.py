@@ -100,7 +100,9 @@ def read_onnx_metadata(onnx_path: Path | str) -> dict[str, Any]:
         raise ExportError(f"cannot read ONNX model {onnx_path}: {str(error).splitlines()[0]}") from None
     dims = graph.input[0].type.tensor_type.shape.dim
     if len(dims) != 4 or not dims[2].dim_value:
-        raise ExportError(f"{onnx_path} has no {sidecar.name} and no fixed input size; re-export it with polypseg export")
+        raise ExportError(
+            f"{onnx_path} has no {sidecar.name} and no fixed input size; re-export it with polypseg export"
+        )
     return {"format": ONNX_FORMAT, "image_size": int(dims[2].dim_value), "threshold": 0.5, "output": "probability"}
 
 
@@ -136,7 +138,11 @@ def export_onnx(
             "polypseg_version": __version__,
             "torch_version": torch.__version__,
             "opset": opset,
-            "input": {"name": "image", "shape": ["batch" if dynamic_batch else 1, 3, size, size], "normalization": "imagenet"},
+            "input": {
+                "name": "image",
+                "shape": ["batch" if dynamic_batch else 1, 3, size, size],
+                "normalization": "imagenet",
+            },
             "output": "probability",
             "image_size": size,
             "threshold": checkpoint.threshold,
@@ -148,7 +154,9 @@ def export_onnx(
     return out
 
 
-def _export_graph(model: nn.Module, size: int, path: Path, opset: int, dynamic_batch: bool, dynamo: bool = True) -> None:
+def _export_graph(
+    model: nn.Module, size: int, path: Path, opset: int, dynamic_batch: bool, dynamo: bool = True
+) -> None:
     """``torch.onnx.export`` with the torch.export-based exporter; the TorchScript one if that fails."""
     example = torch.randn(2 if dynamic_batch else 1, 3, size, size)
     kwargs: dict[str, Any] = dict(input_names=["image"], output_names=["probability"], opset_version=opset)
@@ -158,16 +166,26 @@ def _export_graph(model: nn.Module, size: int, path: Path, opset: int, dynamic_b
             try:
                 shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
                 torch.onnx.export(
-                    model, (example,), str(path), dynamo=True, dynamic_shapes=shapes, external_data=False, verbose=False, **kwargs
+                    model,
+                    (example,),
+                    str(path),
+                    dynamo=True,
+                    dynamic_shapes=shapes,
+                    external_data=False,
+                    verbose=False,
+                    **kwargs,
                 )
                 return
             except Exception as error:  # noqa: BLE001 - retry with the older exporter, keep the reason
                 log.warning(
-                    "torch.export-based ONNX export failed (%s); using the TorchScript exporter", str(error).splitlines()[0]
+                    "torch.export-based ONNX export failed (%s); using the TorchScript exporter",
+                    str(error).splitlines()[0],
                 )
         axes = {"image": {0: "batch"}, "probability": {0: "batch"}} if dynamic_batch else None
         # The TorchScript exporter restores the module's training flag afterwards: keep it in eval.
-        torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes, do_constant_folding=True, **kwargs)
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, dynamic_axes=axes, do_constant_folding=True, **kwargs
+        )
     model.eval()
 
 
@@ -242,7 +260,9 @@ def cached_onnx(
     try:
         return export_onnx(weights, target)
     except OSError as error:
-        raise ExportError(f"cannot write an ONNX export of {weights} to {target.parent}: {error.strerror or error}; pass --cache-dir") from None
+        raise ExportError(
+            f"cannot write an ONNX export of {weights} to {target.parent}: {error.strerror or error}; pass --cache-dir"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +340,9 @@ def collect_images(source: Path | str | Sequence[Any]) -> list[Any]:
 
     def images_in(directory: Path) -> list[Path]:
         return sorted(
-            p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            p
+            for p in directory.iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
         )
 
     found = images_in(folder)
@@ -381,7 +403,13 @@ def quantize_onnx_int8(
     ``calibration_images``: a folder, a dataset root or a list of paths/arrays; the first
     ``max_images`` are used (evenly spaced over the list).
     """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     onnx_path, out = Path(onnx_path), Path(out_path)

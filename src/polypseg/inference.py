@@ -400,7 +400,7 @@ class Predictor:
                 raise PredictorError(f"--fold {fold}: {path} has folds {sorted(k for k in folds if k is not None)}")
             checkpoints = [folds[fold]]
         metas = [read_metadata(c) for c in checkpoints]
-        configs = [config_from_metadata(m, c) for c, m in zip(checkpoints, metas)]
+        configs = [config_from_metadata(m, c) for c, m in zip(checkpoints, metas, strict=False)]
         summary: dict[str, Any] = {}
         if path.is_dir() and RunDir(path).summary_path.is_file():
             summary = RunDir(path).read_summary()
@@ -411,7 +411,7 @@ class Predictor:
             "config": metas[0]["config"],
             "metrics": metas[0].get("metrics", {})
             if len(metas) == 1
-            else {fold_name(_fold_index(c)): m.get("metrics", {}) for c, m in zip(checkpoints, metas)},
+            else {fold_name(_fold_index(c)): m.get("metrics", {}) for c, m in zip(checkpoints, metas, strict=False)},
         }
         if summary:
             metadata["summary"] = summary
@@ -582,7 +582,9 @@ def _fold_index(checkpoint: Path) -> int | None:
     return parse_fold_name(checkpoint.parent.name)
 
 
-def _preferred_onnx(checkpoint: Path, cache_dir: Path | str | None = None, notify: Callable[[str], None] | None = None) -> Path:
+def _preferred_onnx(
+    checkpoint: Path, cache_dir: Path | str | None = None, notify: Callable[[str], None] | None = None
+) -> Path:
     """For ``backend="auto"`` on CPU: a validated int8 model if one exists, else the cached fp32 export."""
     from polypseg.export import cached_onnx, int8_path_for, int8_validated
 
@@ -601,7 +603,9 @@ def _onnx_models(
     missing = [c for c in checkpoints if find_cached_onnx(c, cache_dir) is None]
     if missing:
         what = "1 model" if len(missing) == 1 else f"{len(missing)} models"
-        say(f"exporting {what} to ONNX for onnxruntime (once: kept in {display_name(onnx_cache_dir(cache_dir))}, keyed by the checkpoint's content)")
+        say(
+            f"exporting {what} to ONNX for onnxruntime (once: kept in {display_name(onnx_cache_dir(cache_dir))}, keyed by the checkpoint's content)"
+        )
     quiet: Callable[[str], None] = lambda message: None  # noqa: E731 - said once above
     if prefer_int8:
         return [_preferred_onnx(c, cache_dir, quiet) for c in checkpoints]
@@ -621,7 +625,9 @@ def upsample_rows(small: np.ndarray, size: tuple[int, int], rows: int = 256) -> 
     def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # float32 coordinates, as PyTorch's CPU kernel computes them
         scale = np.float32(n_in) / np.float32(n_out)
-        source = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0))
+        source = np.maximum(
+            (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0)
+        )
         low = np.minimum(source.astype(np.int64), n_in - 1)
         high = np.minimum(low + 1, n_in - 1)
         return low, high, (source - low.astype(np.float32)).astype(np.float32)
@@ -636,7 +642,9 @@ def upsample_rows(small: np.ndarray, size: tuple[int, int], rows: int = 256) -> 
         yield start, stop, np.clip(stripe, 0.0, 1.0, out=stripe)
 
 
-def upsample_mask(small: np.ndarray, size: tuple[int, int], threshold: float, rows: int = 256) -> tuple[np.ndarray, float]:
+def upsample_mask(
+    small: np.ndarray, size: tuple[int, int], threshold: float, rows: int = 256
+) -> tuple[np.ndarray, float]:
     """``(probability >= threshold at (H, W), mean probability inside that mask)`` from a model-size map,
     one byte per pixel at full size."""
     mask = np.empty((int(size[0]), int(size[1])), dtype=bool)

@@ -144,7 +144,9 @@ class SkipLog:
     warn: Callable[[str], None]
     entries: list[tuple[str, str, str]] = field(default_factory=list)  # (name, cause, detail)
 
-    def skip(self, path: Path | str, problem: InputProblem | str, cause: str = FAILED, consequence: str = "skipped") -> None:
+    def skip(
+        self, path: Path | str, problem: InputProblem | str, cause: str = FAILED, consequence: str = "skipped"
+    ) -> None:
         if isinstance(problem, InputProblem):
             cause, detail = problem.cause, problem.detail
         else:
@@ -172,7 +174,7 @@ class SkipLog:
 
     def write_csv(self, path: Path) -> None:
         columns = ("file", "cause", "reason")
-        write_csv(path, columns, (dict(zip(columns, entry)) for entry in self.entries))
+        write_csv(path, columns, (dict(zip(columns, entry, strict=False)) for entry in self.entries))
 
 
 def prepare_output_folder(out: Path, label: str = "--out") -> None:
@@ -197,7 +199,7 @@ def one_line_warnings(warn: Callable[[str], None]) -> Iterator[None]:
     """Show Python warnings raised inside as one ``warning:`` line each, not ``file:line: UserWarning``;
     matplotlib's missing-glyph warnings (a file name in a script its font lacks) are dropped."""
 
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ARG001
+    def show(message, category, filename, lineno, file=None, line=None):
         text = str(message).strip().splitlines()
         warn(display_name(text[0] if text else category.__name__))
 
@@ -342,7 +344,9 @@ def collect_inputs(
                 skips.skip(member, trouble)
             elif member.is_dir():
                 if not recursive:
-                    skips.skip(member, InputProblem(NOT_REGULAR, f"{display_name(member)}: a folder named like an {what} file"))
+                    skips.skip(
+                        member, InputProblem(NOT_REGULAR, f"{display_name(member)}: a folder named like an {what} file")
+                    )
             else:
                 found.append(InputFile(member, member.stem, videos and is_video(member)))
                 usable += 1
@@ -354,7 +358,7 @@ def collect_inputs(
         _match_masks(found, masks, skips.warn, notify)
     elif masks is not None:
         raise PolypsegError("masks apply to ground_truth=True only")
-    for item, name in zip(found, unique_names(item.name for item in found)):
+    for item, name in zip(found, unique_names(item.name for item in found), strict=False):
         item.name = name
     return found
 
@@ -365,7 +369,15 @@ def _dataset_inputs(root: Path, images_dir: Path, skips: SkipLog) -> list[InputF
     index = index_dataset(root)
     for rejected, reason in index.rejected:
         if rejected.parent == images_dir:
-            cause = BROKEN_LINK if "broken symlink" in reason else LINK_LOOP if "loop" in reason else NOT_IMAGE if "format" in reason else NOT_REGULAR
+            cause = (
+                BROKEN_LINK
+                if "broken symlink" in reason
+                else LINK_LOOP
+                if "loop" in reason
+                else NOT_IMAGE
+                if "format" in reason
+                else NOT_REGULAR
+            )
             skips.skip(rejected, InputProblem(cause, f"{display_name(rejected)}: {reason}"))
         else:
             skips.warn(f"{rejected}: {reason}; its image is explained without ground truth")
@@ -398,9 +410,15 @@ def _match_masks(
                 item.mask = table.get(item.path.stem)
                 item.mask_source = "layout" if item.mask is not None else ""
     for sibling in layouts:
-        used = sum(1 for item in items if item.mask_source == "layout" and item.mask is not None and item.mask.parent == sibling)
+        used = sum(
+            1
+            for item in items
+            if item.mask_source == "layout" and item.mask is not None and item.mask.parent == sibling
+        )
         if used and notify is not None:
-            notify(f"ground truth for {used} image(s) found by the dataset layout in {sibling} (images/ + masks/, same stem)")
+            notify(
+                f"ground truth for {used} image(s) found by the dataset layout in {sibling} (images/ + masks/, same stem)"
+            )
 
 
 def write_csv(path: Path, columns: Iterable[str], rows: Iterable[dict[str, Any]]) -> None:

@@ -13,8 +13,9 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,9 @@ def json_text(data: Any) -> str:
     """Strict JSON text: NaN and infinities become null (Python would write ``NaN``, which browsers
     and most JSON readers reject). ASCII only: file names that are not valid UTF-8 survive as
     ``\\udcXX`` escapes and read back to the same name."""
-    return json.dumps(_finite(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False, ensure_ascii=True)
+    return json.dumps(
+        _finite(data), indent=2, sort_keys=True, default=_json_default, allow_nan=False, ensure_ascii=True
+    )
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

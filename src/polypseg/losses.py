@@ -6,7 +6,7 @@ early in training from random init, where soft Dice alone is flat.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -29,7 +29,9 @@ def _flat_bool(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).bool()
 
 
-def confusion(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def confusion(
+    pred: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-image ``(tp, fp, fn, tn)`` pixel counts for binary masks shaped ``(N, ...)`` or ``(H, W)``."""
     p, t = _flat_bool(pred), _flat_bool(target)
     tp = (p & t).sum(1)
@@ -43,7 +45,9 @@ def dice_score(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image Dice of binary masks; 1 where both are empty."""
     tp, fp, fn, _ = confusion(pred, target)
     denominator = 2 * tp + fp + fn
-    return torch.where(denominator == 0, torch.ones_like(tp, dtype=torch.float64), 2 * tp / denominator.clamp(min=1).double())
+    return torch.where(
+        denominator == 0, torch.ones_like(tp, dtype=torch.float64), 2 * tp / denominator.clamp(min=1).double()
+    )
 
 
 def iou_score(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -53,7 +57,9 @@ def iou_score(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union == 0, torch.ones_like(tp, dtype=torch.float64), tp / union.clamp(min=1).double())
 
 
-def probability_histograms(probs: torch.Tensor, target: torch.Tensor, bins: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def probability_histograms(
+    probs: torch.Tensor, target: torch.Tensor, bins: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
     """Counts of positive and negative pixels in ``bins`` equal-width probability bins on [0, 1]."""
     index = (probs.detach().float().clamp(0, 1) * bins).long().clamp(max=bins - 1).reshape(-1)
     positive = target.reshape(-1).bool()

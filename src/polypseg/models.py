@@ -7,8 +7,9 @@ The head outputs logits; the sigmoid is applied by callers (losses work on logit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
@@ -84,7 +85,9 @@ def create_model(config: ModelConfig | None = None, **overrides: Any) -> nn.Modu
     if not config.skip_connections and config.arch != "unet":
         raise ConfigError("the skip-connection ablation is defined for arch 'unet' only")
     if config.decoder_attention not in DECODER_ATTENTION:
-        raise ConfigError(f"unknown decoder_attention '{config.decoder_attention}'; choose one of: {', '.join(DECODER_ATTENTION)}")
+        raise ConfigError(
+            f"unknown decoder_attention '{config.decoder_attention}'; choose one of: {', '.join(DECODER_ATTENTION)}"
+        )
     attention = None if config.decoder_attention == "none" else config.decoder_attention
     if attention is not None and config.arch not in ("unet", "unetplusplus"):
         raise ConfigError(f"decoder_attention '{attention}' is defined for arch 'unet' and 'unetplusplus' only")

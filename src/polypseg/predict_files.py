@@ -102,7 +102,9 @@ def predict_files(
         video_rows: list[dict[str, Any]] = []
         for item in (item for item in items if item.video):
             try:
-                result = segment_video(predictor, item.path, out, alpha=smooth, stem=item.name, write_overlay=overlays, progress=progress)
+                result = segment_video(
+                    predictor, item.path, out, alpha=smooth, stem=item.name, write_overlay=overlays, progress=progress
+                )
             except VideoError as error:
                 skips.skip(item.path, str(error), cause=FAILED)
                 continue
@@ -123,7 +125,9 @@ def predict_files(
                     "fps": round(result.fps, 3),
                     "seconds": round(result.seconds, 3),
                     "consistency": round(result.consistency, 6),
-                    "consistency_smoothed": "" if result.consistency_smoothed is None else round(result.consistency_smoothed, 6),
+                    "consistency_smoothed": ""
+                    if result.consistency_smoothed is None
+                    else round(result.consistency_smoothed, 6),
                     "alpha": "" if result.alpha is None else result.alpha,
                     "overlay": result.overlay.name if result.overlay else "",
                     "frames_csv": result.frames_csv.name if result.frames_csv else "",
@@ -195,7 +199,11 @@ def _predict_images(
     from polypseg.io_utils import display_name
 
     rows: list[dict[str, Any]] = []
-    shown = track(images, description=f"predicting {len(images)} image(s)", transient=True, console=Console(stderr=True)) if progress else images
+    shown = (
+        track(images, description=f"predicting {len(images)} image(s)", transient=True, console=Console(stderr=True))
+        if progress
+        else images
+    )
     for item in shown:
         try:
             image = _load_image(item)
@@ -237,5 +245,3 @@ def _predict_images(
 def _mask_png(mask: np.ndarray) -> np.ndarray:
     out = mask.view(np.uint8)
     return out * np.uint8(255)
-
-

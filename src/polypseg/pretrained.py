@@ -83,7 +83,9 @@ def get_model(name: str | None = None, weights_dir: Path | None = None, verify: 
     models = {m.name: m for m in available_models(weights_dir)}
     if name not in models:
         known = ", ".join(models) or "none in this installation"
-        raise PretrainedError(f"no shipped model named '{name}' (shipped: {known}); pass a checkpoint or run folder instead")
+        raise PretrainedError(
+            f"no shipped model named '{name}' (shipped: {known}); pass a checkpoint or run folder instead"
+        )
     model = models[name]
     if not model.weights.is_file():
         raise PretrainedError(f"shipped model '{name}': {model.weights} is missing (reinstall polypseg)")
@@ -130,12 +132,21 @@ def release_model(
 
     source = load_checkpoint(checkpoint)
     state = {k: (v.half() if v.is_floating_point() else v) for k, v in model_state(source.model).items()}
-    extra = {k: v for k, v in source.metadata.items() if k not in ("format", "polypseg_version", "created", "config", "metrics", "threshold", "tensors_sha256")}
+    extra = {
+        k: v
+        for k, v in source.metadata.items()
+        if k not in ("format", "polypseg_version", "created", "config", "metrics", "threshold", "tensors_sha256")
+    }
     extra["release"] = {"name": name, "dtype": "float16", **release}
     weights_dir = weights_dir or WEIGHTS_DIR
     weights_dir.mkdir(parents=True, exist_ok=True)
     weights = save_checkpoint_tensors(
-        weights_dir / name, state, source.config, metrics=source.metadata.get("metrics", {}), threshold=source.threshold, extra=extra
+        weights_dir / name,
+        state,
+        source.config,
+        metrics=source.metadata.get("metrics", {}),
+        threshold=source.threshold,
+        extra=extra,
     )
     registry = _registry(weights_dir)
     registry[name] = {

@@ -128,7 +128,12 @@ class RunSettings:
             return self.config.to_dict()
         if self.kind != CV:
             raise ValueError(f"unknown run kind {self.kind!r}")
-        saved: dict[str, Any] = {"run": self.config.to_dict(), "data": self.data, "folds": self.folds, "seed": self.seed}
+        saved: dict[str, Any] = {
+            "run": self.config.to_dict(),
+            "data": self.data,
+            "folds": self.folds,
+            "seed": self.seed,
+        }
         if self.polypseg_version is not None:
             saved["polypseg_version"] = self.polypseg_version
         return saved
@@ -350,7 +355,9 @@ class RunDir(os.PathLike):
             raise RunError(f"{path} is missing: fold {fold} of {self.path} is not finished")
         with np.load(path, allow_pickle=False) as data:
             stems = [str(s) for s in data["stems"]]
-            return OutOfFold(stems, dequantize_probabilities(data["probs"]), torch.from_numpy(data["masks"]), [fold] * len(stems))
+            return OutOfFold(
+                stems, dequantize_probabilities(data["probs"]), torch.from_numpy(data["masks"]), [fold] * len(stems)
+            )
 
     def load_oof(self, folds: Sequence[int] | None = None) -> OutOfFold:
         """Out-of-fold predictions of ``folds`` (default: every finished fold), pooled in fold order."""

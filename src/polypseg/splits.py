@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 
 
-def inner_validation_split(stems: Sequence[str], val_fraction: float, seed: int, fold: int | None = None) -> tuple[list[str], list[str]]:
+def inner_validation_split(
+    stems: Sequence[str], val_fraction: float, seed: int, fold: int | None = None
+) -> tuple[list[str], list[str]]:
     """``(train, val)``: ``val_fraction`` of ``stems`` held out to choose the best epoch, seeded.
 
     The generator is seeded with ``[seed]`` for a single split and ``[seed, fold]`` for fold

@@ -58,7 +58,9 @@ def dataset_name(data: Path | str) -> str:
     return path.name
 
 
-def _model_metrics(probs: torch.Tensor, masks: np.ndarray, thresholds: Sequence[float], tolerance: int) -> dict[str, dict[str, float]]:
+def _model_metrics(
+    probs: torch.Tensor, masks: np.ndarray, thresholds: Sequence[float], tolerance: int
+) -> dict[str, dict[str, float]]:
     metric = evaluate_probabilities(probs, masks, thresholds=thresholds)
     result = {}
     for t in thresholds:
@@ -110,7 +112,9 @@ def evaluate_external(
         if splits is not None:
             overlap = set(splits["stems"]) & set(cache.stems)
             if overlap:
-                warnings.append(f"{len(overlap)} image name(s) of {data.name} also occur in the training data, e.g. '{sorted(overlap)[0]}'")
+                warnings.append(
+                    f"{len(overlap)} image name(s) of {data.name} also occur in the training data, e.g. '{sorted(overlap)[0]}'"
+                )
 
     entries: list[dict[str, Any]] = []
     ensemble_sum = torch.zeros((len(cache.stems), size, size), dtype=torch.float32)
@@ -122,14 +126,18 @@ def evaluate_external(
     for i, path in items:
         checkpoint = first if i == 0 else load_checkpoint(path, device="cpu")
         if checkpoint.config.train.image_size != size:
-            raise StudyError(f"{path} was trained at {checkpoint.config.train.image_size} px, {checkpoints[0]} at {size} px")
+            raise StudyError(
+                f"{path} was trained at {checkpoint.config.train.image_size} px, {checkpoints[0]} at {size} px"
+            )
         checkpoint.model.to(torch_device)
         probs = predict_with_recipe(checkpoint.model, cache.images, checkpoint.config.train, torch_device)
         checkpoint.model.to("cpu")
         ensemble_sum += probs
         fold = parse_fold_name(path.parent.name)
         name = fold_name(fold) if fold is not None else path.stem
-        entries.append({"name": name, "checkpoint": str(path), "at": _model_metrics(probs, cache.masks, thresholds, tolerance)})
+        entries.append(
+            {"name": name, "checkpoint": str(path), "at": _model_metrics(probs, cache.masks, thresholds, tolerance)}
+        )
 
     result: dict[str, Any] = {
         "polypseg_version": __version__,
@@ -163,10 +171,15 @@ def evaluate_external(
     }
     if len(entries) > 1:
         ensemble = final
-        ens = {"name": "ensemble", "members": len(entries), "at": _model_metrics(ensemble, cache.masks, thresholds, tolerance)}
+        ens = {
+            "name": "ensemble",
+            "members": len(entries),
+            "at": _model_metrics(ensemble, cache.masks, thresholds, tolerance),
+        }
         result["per_image"][f"ensemble_dice_at_{threshold:g}"] = result["per_image"]["dice"]
         result["fold_mean_std"] = {
-            f"{t:g}": {m: list(mean_std([e["at"][f"{t:g}"][m] for e in entries])) for m in EXTERNAL_METRICS} for t in thresholds
+            f"{t:g}": {m: list(mean_std([e["at"][f"{t:g}"][m] for e in entries])) for m in EXTERNAL_METRICS}
+            for t in thresholds
         }
         entries.append(ens)
 
@@ -181,7 +194,10 @@ def evaluate_external(
         if summary is not None and fold is not None:
             own = next((f for f in summary["per_fold"] if f["fold"] == fold), None)
             if own is not None:
-                entry["in_domain_own_fold_dice"] = {"0.5": own["at_0.5"]["dice"], f"{threshold:g}": own["at_chosen"]["dice"]}
+                entry["in_domain_own_fold_dice"] = {
+                    "0.5": own["at_0.5"]["dice"],
+                    f"{threshold:g}": own["at_chosen"]["dice"],
+                }
 
     out_dir = Path(out) if out is not None else (run.path if run is not None else checkpoints[0].parent)
     stem = f"{EXTERNAL_PREFIX}{result['dataset']}"
@@ -277,7 +293,12 @@ def external_markdown(result: dict[str, Any]) -> str:
 def _external_row(entry: dict[str, Any], keys: list[str], t: str, bold: bool = False) -> str:
     at = entry["at"]
     cells = [_f(at[k][m]) for k in keys for m in ("dice", "iou", "boundary_f1")]
-    cells += [_f(at[t]["sensitivity"]), _f(at[t]["precision"]), _f(at[t]["auc"]), _f(entry["dice_drop"].get(t), signed=True)]
+    cells += [
+        _f(at[t]["sensitivity"]),
+        _f(at[t]["precision"]),
+        _f(at[t]["auc"]),
+        _f(entry["dice_drop"].get(t), signed=True),
+    ]
     name = f"**{entry['name']}**" if bold else entry["name"]
     return f"| {name} | " + " | ".join(cells) + " |"
 
@@ -291,7 +312,9 @@ def _share_splits(reference: Path, run_dir: Path) -> None:
     source, target = RunDir(reference), RunDir(run_dir)
     if target.splits_path.is_file():
         if target.read_splits() != source.read_splits():
-            raise StudyError(f"{target.splits_path} differs from {source.splits_path}: the study's runs must share their folds; use a new --out")
+            raise StudyError(
+                f"{target.splits_path} differs from {source.splits_path}: the study's runs must share their folds; use a new --out"
+            )
         return
     target.path.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source.splits_path, target.splits_path)
@@ -315,7 +338,7 @@ def run_paired_study(
 
     out = Path(out)
     dirs = [out / name for name in arms]
-    for i, (run_dir, config) in enumerate(zip(dirs, arms.values())):
+    for i, (run_dir, config) in enumerate(zip(dirs, arms.values(), strict=False)):
         if i > 0:
             _share_splits(dirs[0], run_dir)
         if progress:
@@ -323,13 +346,24 @@ def run_paired_study(
 
             Console(stderr=True).print(f"[bold]{out.name}[/]: run {i + 1}/{len(dirs)} -> {run_dir}", highlight=False)
         run_cv(
-            data, run_dir, config, folds=folds, seed=seed, resume=resume, device=device,
-            progress=progress, explain=explain, cache_dir=cache_dir, report=report,
+            data,
+            run_dir,
+            config,
+            folds=folds,
+            seed=seed,
+            resume=resume,
+            device=device,
+            progress=progress,
+            explain=explain,
+            cache_dir=cache_dir,
+            report=report,
         )
     return dirs
 
 
-def write_paired_study(out: Path, name: str, title: str, intro: list[str], runs: Sequence[Path], metrics: Sequence[str]) -> dict[str, Any]:
+def write_paired_study(
+    out: Path, name: str, title: str, intro: list[str], runs: Sequence[Path], metrics: Sequence[str]
+) -> dict[str, Any]:
     """Compare the study's runs at 0.5 and at each run's chosen threshold; write ``OUT/<name>.{md,json}``."""
     from polypseg.reporting.compare import compare_runs, test_notes
 
@@ -379,8 +413,16 @@ def run_skip_ablation(
     if with_skips.model.arch != "unet":
         raise StudyError(f"the skip ablation is defined for arch 'unet', not '{with_skips.model.arch}'")
     runs = run_paired_study(
-        data, out, {"with-skips": with_skips, "no-skips": no_skips},
-        folds=folds, seed=seed, resume=resume, device=device, progress=progress, explain=explain, cache_dir=cache_dir,
+        data,
+        out,
+        {"with-skips": with_skips, "no-skips": no_skips},
+        folds=folds,
+        seed=seed,
+        resume=resume,
+        device=device,
+        progress=progress,
+        explain=explain,
+        cache_dir=cache_dir,
         report=report,
     )
     intro = [
@@ -390,7 +432,9 @@ def run_skip_ablation(
         "detail must pass through the 1/32-resolution features: boundary F1 measures the expected loss of contour quality.",
         f"Runs: `{runs[0]}`, `{runs[1]}`.",
     ]
-    return write_paired_study(Path(out), "skip_ablation", "Skip-connection ablation", intro, runs, ("dice", "iou", "boundary_f1"))
+    return write_paired_study(
+        Path(out), "skip_ablation", "Skip-connection ablation", intro, runs, ("dice", "iou", "boundary_f1")
+    )
 
 
 def run_encoder_init(
@@ -428,8 +472,16 @@ def run_encoder_init(
             "ImageNet arm's weights with --encoder-weights PATH; the random arm needs none."
         ) from None
     runs = run_paired_study(
-        data, out, {"imagenet": pretrained, "random": scratch},
-        folds=folds, seed=seed, resume=resume, device=device, progress=progress, explain=explain, cache_dir=cache_dir,
+        data,
+        out,
+        {"imagenet": pretrained, "random": scratch},
+        folds=folds,
+        seed=seed,
+        resume=resume,
+        device=device,
+        progress=progress,
+        explain=explain,
+        cache_dir=cache_dir,
         report=report,
     )
     intro = [
@@ -437,7 +489,9 @@ def run_encoder_init(
         f"(`{weights}`) vs randomly, trained on identical folds with the same seed. The paper uses ImageNet weights.",
         f"Runs: `{runs[0]}`, `{runs[1]}`.",
     ]
-    return write_paired_study(out, "encoder_init", "Encoder initialisation: ImageNet vs random", intro, runs, ("dice", "iou", "boundary_f1"))
+    return write_paired_study(
+        out, "encoder_init", "Encoder initialisation: ImageNet vs random", intro, runs, ("dice", "iou", "boundary_f1")
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +509,7 @@ def literature_metrics(probabilities: Sequence[np.ndarray], masks: Sequence[np.n
     except ImportError:
         return None
     sm, wfm, em, mae = sod.Smeasure(), sod.WeightedFmeasure(), sod.Emeasure(), sod.MAE()
-    for prob, mask in zip(probabilities, masks):
+    for prob, mask in zip(probabilities, masks, strict=False):
         pred = np.clip(np.round(np.asarray(prob, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
         gt = np.asarray(mask, dtype=bool).astype(np.uint8) * 255
         for metric in (sm, wfm, em, mae):
@@ -498,7 +552,9 @@ def run_pranet(
     saved = run.saved_settings() if resume else None
     if saved is not None:
         config = saved.config
-    train_single_split(data, out, config, test_list=test_list, resume=resume, device=device, progress=progress, cache_dir=cache_dir)
+    train_single_split(
+        data, out, config, test_list=test_list, resume=resume, device=device, progress=progress, cache_dir=cache_dir
+    )
     return evaluate_pranet(out, data, test_list, device=device, cache_dir=cache_dir, progress=progress)
 
 
@@ -528,7 +584,9 @@ def evaluate_pranet(
     else:  # a cache file: the original masks are not there, so everything is at model resolution
         scores = None
         literature = literature_metrics(list(probs.numpy()), list(test.masks))
-        literature_resolution = f"{size} px (model resolution: the data is a cache file, the original masks are not available)"
+        literature_resolution = (
+            f"{size} px (model resolution: the data is a cache file, the original masks are not available)"
+        )
     per_image = evaluate_probabilities(probs, test.masks, thresholds=(0.5,)).per_image(0.5)
     result: dict[str, Any] = {
         "polypseg_version": __version__,
@@ -538,7 +596,12 @@ def evaluate_pranet(
         "n_test": len(stems),
         "threshold": 0.5,
         "original_resolution": None if scores is None else {k: float(np.mean(v)) for k, v in scores.items()},
-        "model_resolution": {"size": size, "mdice": at_model["dice"], "miou": at_model["iou"], "boundary_f1": at_model["boundary_f1"]},
+        "model_resolution": {
+            "size": size,
+            "mdice": at_model["dice"],
+            "miou": at_model["iou"],
+            "boundary_f1": at_model["boundary_f1"],
+        },
         "literature_metrics": literature,
         "literature_metrics_resolution": literature_resolution if literature is not None else None,
         "literature": PRANET_LITERATURE,
@@ -601,7 +664,11 @@ def pranet_markdown(result: dict[str, Any]) -> str:
         "# PraNet protocol on Kvasir-SEG",
         "",
         f"Trained once on the data minus the {result['n_test']} images of `{result['test_list']}`"
-        + (f" ({result['n_train']} training, {result['n_val']} inner-validation images for the best epoch)" if "n_train" in result else "")
+        + (
+            f" ({result['n_train']} training, {result['n_val']} inner-validation images for the best epoch)"
+            if "n_train" in result
+            else ""
+        )
         + f", tested once on those {result['n_test']} images at threshold 0.5. mDice and mIoU are per-image means.",
         "",
         "| | mDice | mIoU | boundary F1 | S-measure | weighted F | mean E | max E | MAE |",
@@ -610,9 +677,15 @@ def pranet_markdown(result: dict[str, Any]) -> str:
     lit_cells = [_f(lit[k]) for k in extra_names] if lit else ["n/a"] * len(extra_names)
     at_original = full is not None
     if at_original:
-        lines.append(f"| ours, original resolution | {_f(full['mdice'])} | {_f(full['miou'])} | {_f(full['boundary_f1'])} | " + " | ".join(lit_cells) + " |")
+        lines.append(
+            f"| ours, original resolution | {_f(full['mdice'])} | {_f(full['miou'])} | {_f(full['boundary_f1'])} | "
+            + " | ".join(lit_cells)
+            + " |"
+        )
     model_cells = " | ".join(lit_cells) if not at_original else " |" * (len(extra_names) - 1)
-    lines.append(f"| ours, {model['size']} px | {_f(model['mdice'])} | {_f(model['miou'])} | {_f(model['boundary_f1'])} | {model_cells} |")
+    lines.append(
+        f"| ours, {model['size']} px | {_f(model['mdice'])} | {_f(model['miou'])} | {_f(model['boundary_f1'])} | {model_cells} |"
+    )
     for name, values in result["literature"].items():
         lines.append(f"| {name} | {values['mdice']:.3f} | {values['miou']:.3f} | |" + " |" * len(extra_names))
     lines.append("")
@@ -623,13 +696,19 @@ def pranet_markdown(result: dict[str, Any]) -> str:
             f"mIoU {_f(ci['miou'][0])}-{_f(ci['miou'][1])}."
         )
     if not at_original:
-        lines.append("The data given is a cache file: scores are at the model's resolution, not the images' original one.")
+        lines.append(
+            "The data given is a cache file: scores are at the model's resolution, not the images' original one."
+        )
     if lit:
         lines.append(
             "S-measure, weighted F, E-measure and MAE: `pysodmetrics`, on 8-bit probability maps min-max normalised per image "
             "as in the literature's evaluation toolbox; max E is the E-measure maximised over thresholds (PraNet's E^max)."
         )
     else:
-        lines.append("S-measure, weighted F, E-measure and MAE need `pysodmetrics`: `pip install 'polypseg[literature]'`.")
-    lines.append("Literature rows: as reported by PraNet (Fan et al., MICCAI 2020, Table 1) on the same 100 test images.")
+        lines.append(
+            "S-measure, weighted F, E-measure and MAE need `pysodmetrics`: `pip install 'polypseg[literature]'`."
+        )
+    lines.append(
+        "Literature rows: as reported by PraNet (Fan et al., MICCAI 2020, Table 1) on the same 100 test images."
+    )
     return "\n".join(lines) + "\n"

@@ -149,22 +149,40 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         + " | ".join(_fmt(*paper[m]) if paper[m][1] is not None else _fmt(paper[m][0]) for m in METRIC_NAMES)
         + " |"
     )
-    lines += ["", "## Per fold", "", "| fold | n | Dice @0.5 | IoU @0.5 | AUC | Dice @t | IoU @t | Sens @t | Prec @t |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per fold",
+        "",
+        "| fold | n | Dice @0.5 | IoU @0.5 | AUC | Dice @t | IoU @t | Sens @t | Prec @t |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for f in summary["per_fold"]:
         a, c = f["at_0.5"], f["at_chosen"]
         lines.append(
             f"| {f['fold']} | {f['n_test']} | {_fmt(a['dice'])} | {_fmt(a['iou'])} | {_fmt(a['auc'])} | "
             f"{_fmt(c['dice'])} | {_fmt(c['iou'])} | {_fmt(c['sensitivity'])} | {_fmt(c['precision'])} |"
         )
-    lines += ["", "## Threshold sweep (pooled out-of-fold)", "", "| threshold | Dice | IoU | Sensitivity | Precision |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Threshold sweep (pooled out-of-fold)",
+        "",
+        "| threshold | Dice | IoU | Sensitivity | Precision |",
+        "|---|---|---|---|---|",
+    ]
     for key, m in summary["pooled"]["at"].items():
-        lines.append(f"| {key} | {_fmt(m['dice'])} | {_fmt(m['iou'])} | {_fmt(m['sensitivity'])} | {_fmt(m['precision'])} |")
+        lines.append(
+            f"| {key} | {_fmt(m['dice'])} | {_fmt(m['iou'])} | {_fmt(m['sensitivity'])} | {_fmt(m['precision'])} |"
+        )
     if "explainability" in summary:
-        lines += ["", "## Grad-CAM checks (out-of-fold images, mean ± std over folds)", "", "| metric | value |", "|---|---|"]
+        lines += [
+            "",
+            "## Grad-CAM checks (out-of-fold images, mean ± std over folds)",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
         for name, (mean, std) in summary["explainability"].items():
             lines.append(f"| {name} | {_fmt(mean, std)} |")
     if "wall_time_s" in summary:
         lines += ["", f"Wall time of the run: {summary['wall_time_s']:.1f} s."]
     return "\n".join(lines) + "\n"
-
-

@@ -42,7 +42,9 @@ def train_single_split(
     saved = run.saved_settings() if resume else None
     if saved is not None:
         if saved.kind != TRAIN:
-            raise RunError(f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out")
+            raise RunError(
+                f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out"
+            )
         refuse_changed_settings(run.path, config_differences(saved.config, config))
     cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress)
     test_stems: list[str] | None = None
@@ -55,7 +57,9 @@ def train_single_split(
     else:
         test_stems = test_stems or []
         held_out = set(test_stems)
-        train, val = inner_validation_split([s for s in cache.stems if s not in held_out], config.train.val_fraction, config.train.seed)
+        train, val = inner_validation_split(
+            [s for s in cache.stems if s not in held_out], config.train.val_fraction, config.train.seed
+        )
     context = DistributedContext.from_env()
     if context.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -64,7 +68,13 @@ def train_single_split(
         if split is None:
             run.write_split({"data": str(Path(data).resolve()), "train": train, "val": val, "test": test_stems})
     result = train_model(
-        config, cache.subset(train), cache.subset(val) if val else None, run.path, device=device, resume=resume, progress=progress
+        config,
+        cache.subset(train),
+        cache.subset(val) if val else None,
+        run.path,
+        device=device,
+        resume=resume,
+        progress=progress,
     )
     summary: dict[str, Any] = {"checkpoint": str(result.best_checkpoint), "best_epoch": result.best_epoch}
     if test_stems and context.is_main:
@@ -73,7 +83,13 @@ def train_single_split(
         test = cache.subset(test_stems)
         probs = predict_with_recipe(checkpoint.model, test.images, config.train, torch_device)
         metric = evaluate_probabilities(probs, test.masks, test.stems)
-        summary["test"] = {"n_images": len(test_stems), **metric.compute(), "per_image_dice_at_0.5": dict(zip(test.stems, metric.per_image(0.5)["dice"].round(6).tolist()))}
+        summary["test"] = {
+            "n_images": len(test_stems),
+            **metric.compute(),
+            "per_image_dice_at_0.5": dict(
+                zip(test.stems, metric.per_image(0.5)["dice"].round(6).tolist(), strict=False)
+            ),
+        }
         atomic_write_json(run.test_metrics_path, summary["test"])
     return summary
 

@@ -154,7 +154,9 @@ class TrainStep:
         self.config, self.device = config, device
         self.precision = resolve_precision(tc.precision, device)
         # channels_last=None follows polypseg.precision; True/False forces it (bench-train's variants)
-        self.channels_last = use_channels_last(device, self.precision, tc.channels_last) if channels_last is None else channels_last
+        self.channels_last = (
+            use_channels_last(device, self.precision, tc.channels_last) if channels_last is None else channels_last
+        )
         self.model = create_model(config.model).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -255,7 +257,14 @@ class _Progress:
     def __init__(self, enabled: bool, description: str, total: int) -> None:
         self._bar = None
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(
                 TextColumn("{task.description}"),
@@ -346,7 +355,9 @@ def train_model(
     elif out_dir.joinpath(HISTORY).is_file() and context.is_main:
         if not resume:
             raise FileExistsError(f"{out_dir} already holds a training run; pass --resume to continue it")
-        say(f"{out_dir} has no saved training state (it is saved every {STATE_EVERY_S:g} s): training starts again from epoch 1")
+        say(
+            f"{out_dir} has no saved training state (it is saved every {STATE_EVERY_S:g} s): training starts again from epoch 1"
+        )
 
     step_fn.wrap(context)
     images = torch.from_numpy(train.images).permute(0, 3, 1, 2).contiguous().to(torch_device)
@@ -367,7 +378,9 @@ def train_model(
             for step in range(steps_per_epoch):
                 global_step = epoch * steps_per_epoch + step
                 lr = tc.lr * lr_factor(tc, global_step, total_steps, steps_per_epoch)
-                batch_index = order[step * per_rank_batch * context.world_size : (step + 1) * per_rank_batch * context.world_size]
+                batch_index = order[
+                    step * per_rank_batch * context.world_size : (step + 1) * per_rank_batch * context.world_size
+                ]
                 batch_index = batch_index[context.rank :: context.world_size]
                 loss_sum += step_fn(images[batch_index], masks[batch_index], lr, aug_gen, size=epoch_size(tc, epoch))
                 bar.advance()
@@ -388,10 +401,15 @@ def train_model(
                     best_tensors = model_state(eval_model)
                     best_record = {
                         "metrics": {k: v for k, v in record.items() if k.startswith("val_")},
-                        "extra": {"epoch": epoch + 1, "selected_on": "inner validation split" if val is not None else "last epoch"},
+                        "extra": {
+                            "epoch": epoch + 1,
+                            "selected_on": "inner validation split" if val is not None else "last epoch",
+                        },
                     }
                     best_record["tensors_sha256"] = read_metadata(
-                        save_checkpoint_tensors(out_dir / BEST, best_tensors, config, best_record["metrics"], extra=best_record["extra"])
+                        save_checkpoint_tensors(
+                            out_dir / BEST, best_tensors, config, best_record["metrics"], extra=best_record["extra"]
+                        )
                     )["tensors_sha256"]
                 atomic_write_json(out_dir / HISTORY, history)
                 # The state is one file: epoch, history, optimizer, EMA and, when the best epoch is
@@ -413,14 +431,18 @@ def train_model(
                         best_state=None if best_epoch == epoch + 1 else best_tensors,
                     )
                     last_state_save = time.monotonic()
-            info = f"loss {record['train_loss']:.4f}" + (f" val dice {record['val_dice']:.4f}" if "val_dice" in record else "")
+            info = f"loss {record['train_loss']:.4f}" + (
+                f" val dice {record['val_dice']:.4f}" if "val_dice" in record else ""
+            )
             bar.advance(0, info=info)
             if on_epoch is not None:
                 on_epoch(record)
     context.barrier()
     if context.is_main and not keep_state and len(history) >= tc.epochs:
         remove_training_state(state_path)  # finished: the optimizer state (3x the model) is not kept
-    return TrainResult(best_checkpoint=out_dir / f"{BEST}.safetensors", history=history, best_epoch=best_epoch, best_score=best_score)
+    return TrainResult(
+        best_checkpoint=out_dir / f"{BEST}.safetensors", history=history, best_epoch=best_epoch, best_score=best_score
+    )
 
 
 def tidy_run_folder(out_dir: Path | str, epochs: int, keep_state: bool = False) -> None:
@@ -456,7 +478,9 @@ def _finished_result(out_dir: Path, state_path: Path, keep_state: bool, context:
         pass
     if context.is_main and not keep_state:
         remove_training_state(state_path)
-    return TrainResult(best_checkpoint=out_dir / f"{BEST}.safetensors", history=history, best_epoch=best_epoch, best_score=best_score)
+    return TrainResult(
+        best_checkpoint=out_dir / f"{BEST}.safetensors", history=history, best_epoch=best_epoch, best_score=best_score
+    )
 
 
 def _restore_consistent_files(
@@ -502,25 +526,41 @@ def _restore_consistent_files(
     if tensors is None and best_epoch == epoch:
         tensors = model_state(eval_model)
     if tensors is None:
-        raise TrainingStateError(f"the training state in {out_dir} lacks the weights of its best epoch ({best_epoch}); delete {out_dir}/{LAST_STATE}.* to start over")
+        raise TrainingStateError(
+            f"the training state in {out_dir} lacks the weights of its best epoch ({best_epoch}); delete {out_dir}/{LAST_STATE}.* to start over"
+        )
     save_checkpoint_tensors(out_dir / BEST, dict(tensors), config, record.get("metrics"), extra=record.get("extra"))
     say(f"best.* restored to epoch {best_epoch}, the best epoch of the saved state")
 
 
-def predict_with_recipe(model: nn.Module, images: np.ndarray, config: TrainConfig, device: torch.device) -> torch.Tensor:
+def predict_with_recipe(
+    model: nn.Module, images: np.ndarray, config: TrainConfig, device: torch.device
+) -> torch.Tensor:
     """Held-out probabilities the way the recipe evaluates: its eval batch size, flip TTA and precision."""
     return predict_probabilities(
-        model, images, device=device, batch_size=config.eval_batch_size, tta_flip=config.tta_flip, precision=config.precision
+        model,
+        images,
+        device=device,
+        batch_size=config.eval_batch_size,
+        tta_flip=config.tta_flip,
+        precision=config.precision,
     )
 
 
-def _validate(model: nn.Module, val: CachedData, loss_fn: Callable, device: torch.device, tc: TrainConfig) -> dict[str, float]:
-    probs = predict_probabilities(model, val.images, device=device, batch_size=tc.eval_batch_size, precision=tc.precision)
+def _validate(
+    model: nn.Module, val: CachedData, loss_fn: Callable, device: torch.device, tc: TrainConfig
+) -> dict[str, float]:
+    probs = predict_probabilities(
+        model, val.images, device=device, batch_size=tc.eval_batch_size, precision=tc.precision
+    )
     masks = torch.from_numpy(val.masks)
     metric = evaluate_probabilities(probs, masks, thresholds=(0.5,))
     # Dice loss on probabilities recovered as logits: same quantity the training loss measures
     logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6)).unsqueeze(1)
-    return {"val_loss": float(loss_fn(logits, masks.unsqueeze(1).float())), "val_dice": metric.at_threshold(0.5)["dice"]}
+    return {
+        "val_loss": float(loss_fn(logits, masks.unsqueeze(1).float())),
+        "val_dice": metric.at_threshold(0.5)["dice"],
+    }
 
 
 def training_finished(out_dir: Path | str, epochs: int) -> bool:

@@ -80,7 +80,9 @@ def video_info(path: Path | str) -> VideoInfo:
     try:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or 25
-        return VideoInfo(path, stream.codec_context.width, stream.codec_context.height, float(rate), int(stream.frames or 0))
+        return VideoInfo(
+            path, stream.codec_context.width, stream.codec_context.height, float(rate), int(stream.frames or 0)
+        )
     finally:
         container.close()
 
@@ -104,7 +106,9 @@ def read_frames(path: Path | str) -> Iterator[tuple[int, float, np.ndarray]]:
             except StopIteration:
                 return
             except Exception as error:  # noqa: BLE001 - a damaged packet: keep what we have
-                raise _DecodeStopped(f"{path}: decoding stopped after {index} frames ({str(error).splitlines()[0]})") from None
+                raise _DecodeStopped(
+                    f"{path}: decoding stopped after {index} frames ({str(error).splitlines()[0]})"
+                ) from None
             seconds = float(frame.time) if frame.time is not None else index / fps
             yield index, seconds, frame.to_ndarray(format="rgb24")
             index += 1
@@ -254,7 +258,7 @@ def segment_video(
 
     def consume(batch: list[tuple[int, float, np.ndarray]]) -> None:
         predictions = predictor.predict([frame for _, _, frame in batch])
-        for (index, seconds, frame), prediction in zip(batch, predictions):
+        for (index, seconds, frame), prediction in zip(batch, predictions, strict=False):
             iou_raw = raw.update(prediction.mask)
             shown, iou = prediction, iou_raw
             if smoother is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,7 +19,9 @@ def register(app: typer.Typer) -> None:
     @data_app.command("check")
     def check(
         root: Path = typer.Argument(..., help="Dataset folder (images/ + masks/, or Original/ + 'Ground Truth/')."),
-        show_all: bool = typer.Option(False, "--all", help=f"List every problem (default: the first {SHOWN_PER_KIND} of each kind)."),
+        show_all: bool = typer.Option(
+            False, "--all", help=f"List every problem (default: the first {SHOWN_PER_KIND} of each kind)."
+        ),
     ) -> None:
         """Decode every pair and report counts, sizes and problems; exit code 1 if there are errors (no pairs at all is one)."""
         from rich.markup import escape
@@ -54,7 +55,9 @@ def register(app: typer.Typer) -> None:
     def download(
         name: str = typer.Argument(..., help="Dataset name: kvasir-seg."),
         to: Path = typer.Option(..., "--to", help="Parent folder; the dataset lands in TO/NAME."),
-        url: Optional[str] = typer.Option(None, "--url", help="Override the official URL (e.g. a local mirror or file://...)."),
+        url: str | None = typer.Option(
+            None, "--url", help="Override the official URL (e.g. a local mirror or file://...)."
+        ),
     ) -> None:
         """Download, verify (per-file SHA-256 manifest shipped with polypseg) and unpack a dataset. Safe to rerun."""
         from polypseg.download import download_dataset
@@ -66,8 +69,14 @@ def register(app: typer.Typer) -> None:
     def cache(
         root: Path = typer.Argument(..., help="Dataset folder."),
         size: int = typer.Option(256, "--size", min=16, help="Square size the images are resized to."),
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default $POLYPSEG_CACHE or ~/.cache/polypseg)."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Also copy the cache to this .npz file; pass it as --data to train without the raw images (e.g. on a GPU machine)."),
+        cache_dir: Path | None = typer.Option(
+            None, "--cache-dir", help="Cache folder (default $POLYPSEG_CACHE or ~/.cache/polypseg)."
+        ),
+        out: Path | None = typer.Option(
+            None,
+            "--out",
+            help="Also copy the cache to this .npz file; pass it as --data to train without the raw images (e.g. on a GPU machine).",
+        ),
     ) -> None:
         """Build the preprocessed cache (JPEG-packed images, bit-packed masks) ahead of training."""
         import shutil
@@ -82,4 +91,7 @@ def register(app: typer.Typer) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, out)
             path = out
-        console.print(f"{len(data.stems)} pairs at {size}px cached in {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False)
+        console.print(
+            f"{len(data.stems)} pairs at {size}px cached in {path} ({path.stat().st_size / 1e6:.1f} MB)",
+            highlight=False,
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -53,12 +53,12 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("explain")
     def explain(
-        inputs: Optional[list[Path]] = typer.Argument(
+        inputs: list[Path] | None = typer.Argument(
             None,
             help="Image files, image folders, or dataset roots (images/ + masks/: ground truth used). "
             "Default: the bundled 40-image Kvasir-SEG sample (with masks).",
         ),
-        model: Optional[Path] = typer.Option(
+        model: Path | None = typer.Option(
             None,
             "--model",
             "-m",
@@ -71,18 +71,32 @@ def register(app: typer.Typer) -> None:
             help="Folder of ground-truth masks matched by file stem (default: the masks/ beside an images/ folder, when there).",
         ),
         layer: str = typer.Option(
-            "decoder.final", "--layer", help="decoder.final, decoder.blockK, encoder.stageK, bottleneck, or a module path."
+            "decoder.final",
+            "--layer",
+            help="decoder.final, decoder.blockK, encoder.stageK, bottleneck, or a module path.",
         ),
-        method: str = typer.Option("gradcam", "--method", help="gradcam (paper), gradcam++, hirescam, layercam or scorecam (one extra forward pass per channel of --layer)."),
+        method: str = typer.Option(
+            "gradcam",
+            "--method",
+            help="gradcam (paper), gradcam++, hirescam, layercam or scorecam (one extra forward pass per channel of --layer).",
+        ),
         threshold: float | None = typer.Option(None, "--threshold", help="Mask threshold (default: the checkpoint's)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images per forward/backward pass."),
-        heatmap_format: str = typer.Option("npy", "--heatmap-format", help="npy (float32) or png16 (16-bit PNG, 65535 = 1)."),
-        gallery: bool = typer.Option(True, "--gallery/--no-gallery", help="Write gallery.html (best, median, worst by Dice)."),
+        heatmap_format: str = typer.Option(
+            "npy", "--heatmap-format", help="npy (float32) or png16 (16-bit PNG, 65535 = 1)."
+        ),
+        gallery: bool = typer.Option(
+            True, "--gallery/--no-gallery", help="Write gallery.html (best, median, worst by Dice)."
+        ),
         fold: int | None = typer.Option(None, "--fold", help="Fold of a CV run folder (default: 0)."),
         topk: float = typer.Option(0.15, "--topk", help="Share of most salient pixels for top-k IoU."),
-        deletion_steps: int = typer.Option(16, "--deletion-steps", help="Steps of the deletion/insertion curves (0 skips them)."),
-        precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16."),
+        deletion_steps: int = typer.Option(
+            16, "--deletion-steps", help="Steps of the deletion/insertion curves (0 skips them)."
+        ),
+        precision: str = typer.Option(
+            "auto", "--precision", help="auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16."
+        ),
     ) -> None:
         """Grad-CAM heatmaps with panels, metrics.csv and an HTML gallery.
 
@@ -103,11 +117,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command("bench-explain")
     def bench_explain(
-        model: Optional[Path] = typer.Option(
-            None, "--model", "-m", help="Checkpoint, CV run folder (fold 0), a shipped model's name, or 'random'. Default: the shipped model."
+        model: Path | None = typer.Option(
+            None,
+            "--model",
+            "-m",
+            help="Checkpoint, CV run folder (fold 0), a shipped model's name, or 'random'. Default: the shipped model.",
         ),
-        data: Optional[Path] = typer.Option(
-            None, "--data", help="Images to explain, cycled to --images (default: the bundled sample; random pixels with --model random)."
+        data: Path | None = typer.Option(
+            None,
+            "--data",
+            help="Images to explain, cycled to --images (default: the bundled sample; random pixels with --model random).",
         ),
         images: int = typer.Option(1000, "--images", min=1, help="Heatmaps to compute per precision."),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per forward/backward pass."),
@@ -119,7 +138,7 @@ def register(app: typer.Typer) -> None:
             "openvino, openvino-bf16, openvino-int8 (exact for the paper's layer: the head is linear).",
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+        json_path: Path | None = typer.Option(None, "--json", help="Write the rows as JSON."),
         markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table on stdout."),
     ) -> None:
         """Grad-CAM speed per precision (heatmaps/s, speed-up over fp32) and each precision's heatmap correlation with fp32."""
@@ -152,15 +171,25 @@ def register(app: typer.Typer) -> None:
             pixels = build_cache(data or sample_dataset_path(), size, progress=False).images
         with console.status(f"timing {images} Grad-CAM heatmaps per setting ({', '.join(chosen + engine_specs)})"):
             rows = benchmark_gradcam(
-                net, n=images, batch_size=batch_size, device=resolve_device(device), precisions=chosen, image_size=size,
-                images=pixels, engines=engine_specs,
+                net,
+                n=images,
+                batch_size=batch_size,
+                device=resolve_device(device),
+                precisions=chosen,
+                image_size=size,
+                images=pixels,
+                engines=engine_specs,
             )
         for row in rows:
             corr = row["heatmap_correlation"]
             console.print(
                 f"{row['engine']} {row['precision']}: {row['n']} heatmaps in {row['seconds']:.1f} s = {row['heatmaps_per_s']:.1f}/s"
                 + (f", {row['speedup_vs_fp32']:.2f}x fp32" if "speedup_vs_fp32" in row else "")
-                + (f", correlation with fp32 {corr:.4f} over {row['images_compared']} images" if corr is not None else ""),
+                + (
+                    f", correlation with fp32 {corr:.4f} over {row['images_compared']} images"
+                    if corr is not None
+                    else ""
+                ),
                 highlight=False,
             )
         console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False)

@@ -46,7 +46,9 @@ def register(app: typer.Typer) -> None:
             print(json.dumps(rows, indent=2))
             return
         if not rows:
-            console.print("no shipped model in this installation; pass --model RUN_OR_CHECKPOINT to predict/explain/serve")
+            console.print(
+                "no shipped model in this installation; pass --model RUN_OR_CHECKPOINT to predict/explain/serve"
+            )
             raise typer.Exit(1)
         for index, row in enumerate(rows):
             release = row["release"]

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 import typer
 
@@ -46,8 +46,10 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict(
-        inputs: list[Path] = typer.Argument(..., help="Image files, folders of images/videos, and videos (mp4, avi, mov, mkv)."),
-        model: Optional[Path] = typer.Option(
+        inputs: list[Path] = typer.Argument(
+            ..., help="Image files, folders of images/videos, and videos (mp4, avi, mov, mkv)."
+        ),
+        model: Path | None = typer.Option(
             None,
             "--model",
             "-m",
@@ -55,7 +57,9 @@ def register(app: typer.Typer) -> None:
             "Default: the shipped model (polypseg models).",
         ),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
-        threshold: float | None = typer.Option(None, "--threshold", help="Mask threshold (default: the run's or checkpoint's)."),
+        threshold: float | None = typer.Option(
+            None, "--threshold", help="Mask threshold (default: the run's or checkpoint's)."
+        ),
         tta: bool = typer.Option(False, "--tta", help="Average over horizontal and vertical flips."),
         backend: str = typer.Option(
             "auto",
@@ -63,7 +67,9 @@ def register(app: typer.Typer) -> None:
             help="auto (torch on CUDA, onnxruntime on CPU), torch, onnxruntime, or openvino (CPU; pip install 'polypseg[openvino]').",
         ),
         precision: str = typer.Option(
-            "auto", "--precision", help="torch and openvino: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16."
+            "auto",
+            "--precision",
+            help="torch and openvino: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.",
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per forward pass."),
@@ -76,7 +82,9 @@ def register(app: typer.Typer) -> None:
             help="Also write probabilities/ (PNG, round(p*255)) and, for ensembles, uncertainty/ (PNG, round(std*510)).",
         ),
         recursive: bool = typer.Option(False, "--recursive", "-r", help="Search folders recursively."),
-        fold: int | None = typer.Option(None, "--fold", help="Use one fold of a CV run folder instead of the ensemble."),
+        fold: int | None = typer.Option(
+            None, "--fold", help="Use one fold of a CV run folder instead of the ensemble."
+        ),
         overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Write overlay images and videos."),
         cache_dir: Path | None = typer.Option(
             None,
@@ -119,9 +127,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command("export")
     def export(
-        model: Path = typer.Option(..., "--model", "-m", help="Checkpoint, or a CV run folder (every fold is exported)."),
+        model: Path = typer.Option(
+            ..., "--model", "-m", help="Checkpoint, or a CV run folder (every fold is exported)."
+        ),
         fmt: str = typer.Option("onnx", "--format", help="Export format: onnx."),
-        out: Path | None = typer.Option(None, "--out", "-o", help="Output .onnx (default: NAME.onnx beside the checkpoint)."),
+        out: Path | None = typer.Option(
+            None, "--out", "-o", help="Output .onnx (default: NAME.onnx beside the checkpoint)."
+        ),
         opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: 18)."),
         dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Dynamic batch axis."),
         int8: bool = typer.Option(False, "--int8", help="Also write a static int8 (QDQ) model, NAME.int8.onnx."),
@@ -136,7 +148,9 @@ def register(app: typer.Typer) -> None:
             None, "--validate-limit", help="int8: use only the first N pairs of --validate."
         ),
         verify_images: Path | None = typer.Option(
-            None, "--verify-images", help="Real images to compare with PyTorch (default: calibration or bundled sample)."
+            None,
+            "--verify-images",
+            help="Real images to compare with PyTorch (default: calibration or bundled sample).",
         ),
         json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON."),
     ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,26 +11,32 @@ from polypseg.cli.common import UsageError, console
 METRIC_ALIASES = {"bf1": "boundary_f1", "boundary-f1": "boundary_f1", "sens": "sensitivity", "prec": "precision"}
 
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
-CacheOpt = typer.Option(None, "--cache-dir", help="Preprocessed cache folder (default $POLYPSEG_CACHE or ~/.cache/polypseg).")
+CacheOpt = typer.Option(
+    None, "--cache-dir", help="Preprocessed cache folder (default $POLYPSEG_CACHE or ~/.cache/polypseg)."
+)
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
-ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted study in --out (finished runs and folds are kept).")
+ResumeOpt = typer.Option(
+    False, "--resume", help="Continue an interrupted study in --out (finished runs and folds are kept)."
+)
 
 
 def _metrics(names: list[str]) -> list[str]:
     from polypseg.reporting.compare import COMPARE_METRICS
 
     resolved = [METRIC_ALIASES.get(n.lower(), n.lower()) for n in names]
-    for name, value in zip(names, resolved):
+    for name, value in zip(names, resolved, strict=False):
         if value not in COMPARE_METRICS:
             raise UsageError(f"--metric {name}: choose one of {', '.join(COMPARE_METRICS)}")
     return resolved
 
 
-def _evaluate(model: Path, data: Path, out: Optional[Path], device: str, cache_dir: Optional[Path], progress: bool) -> None:
+def _evaluate(model: Path, data: Path, out: Path | None, device: str, cache_dir: Path | None, progress: bool) -> None:
     from polypseg.cli.common import resolve_device
     from polypseg.studies import evaluate_external
 
-    result = evaluate_external(model, data, out=out, device=resolve_device(device), cache_dir=cache_dir, progress=progress)
+    result = evaluate_external(
+        model, data, out=out, device=resolve_device(device), cache_dir=cache_dir, progress=progress
+    )
     t = f"{result['threshold']:g}"
     best = next((m for m in result["models"] if m["name"] == "ensemble"), result["models"][0])
     drop = best["dice_drop"].get(t)
@@ -47,13 +52,22 @@ def _evaluate(model: Path, data: Path, out: Optional[Path], device: str, cache_d
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
-def _study_config(recipe: str, encoder_weights: Optional[str], epochs: Optional[int], image_size: Optional[int], seed: Optional[int], overrides: list[str]):  # noqa: ANN202
+def _study_config(
+    recipe: str,
+    encoder_weights: str | None,
+    epochs: int | None,
+    image_size: int | None,
+    seed: int | None,
+    overrides: list[str],
+):
     from polypseg.cli.train_cmd import build_config
 
-    return build_config(recipe, encoder_weights=encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides)
+    return build_config(
+        recipe, encoder_weights=encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides
+    )
 
 
-def _data_or_sample(data: Optional[Path]) -> Path:
+def _data_or_sample(data: Path | None) -> Path:
     from polypseg.sample_data import sample_dataset_path
 
     return data if data is not None else sample_dataset_path()
@@ -68,7 +82,9 @@ def register(app: typer.Typer) -> None:
     @app.command("report")
     def report_command(
         run: Path = typer.Argument(..., help="CV run folder (written by polypseg cv)."),
-        out_html: Optional[Path] = typer.Option(None, "--out-html", help="Where to write the HTML (default RUN/report.html)."),
+        out_html: Path | None = typer.Option(
+            None, "--out-html", help="Where to write the HTML (default RUN/report.html)."
+        ),
         device: str = typer.Option("cpu", "--device", help="Device for the gallery's Grad-CAM: cpu | auto | cuda."),
     ) -> None:
         """Write RUN/report.html (self-contained, opens offline) and RUN/figures/*.png; works on a partial run."""
@@ -80,10 +96,22 @@ def register(app: typer.Typer) -> None:
 
     @app.command("compare")
     def compare_command(
-        runs: list[Path] = typer.Argument(..., help="Two or more CV run folders on the same splits; the first is the reference."),
-        metric: list[str] = typer.Option(["dice"], "--metric", help="Metric(s) for the paired test: dice, iou, boundary_f1, auc, sensitivity, precision (repeatable)."),
-        threshold: str = typer.Option("0.5", "--threshold", help="0.5 (or any value in (0, 1)) for every run, or 'chosen' for each run's own threshold."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Also write the table to this .md file (and the numbers to the .json beside it)."),
+        runs: list[Path] = typer.Argument(
+            ..., help="Two or more CV run folders on the same splits; the first is the reference."
+        ),
+        metric: list[str] = typer.Option(
+            ["dice"],
+            "--metric",
+            help="Metric(s) for the paired test: dice, iou, boundary_f1, auc, sensitivity, precision (repeatable).",
+        ),
+        threshold: str = typer.Option(
+            "0.5",
+            "--threshold",
+            help="0.5 (or any value in (0, 1)) for every run, or 'chosen' for each run's own threshold.",
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", help="Also write the table to this .md file (and the numbers to the .json beside it)."
+        ),
     ) -> None:
         """One table of the runs' metrics (mean ± std over folds), the differences and paired tests across folds."""
         from polypseg.io_utils import atomic_write_json, atomic_write_text
@@ -100,34 +128,50 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate")
     def evaluate_command(
-        model: Path = typer.Option(..., "--model", help="CV run folder (each fold and their ensemble) or one checkpoint."),
-        data: Path = typer.Option(..., "--data", help="Another dataset (images/ + masks/, or Original/ + 'Ground Truth/')."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Folder for external_<dataset>.json/.md (default: the run folder)."),
+        model: Path = typer.Option(
+            ..., "--model", help="CV run folder (each fold and their ensemble) or one checkpoint."
+        ),
+        data: Path = typer.Option(
+            ..., "--data", help="Another dataset (images/ + masks/, or Original/ + 'Ground Truth/')."
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", help="Folder for external_<dataset>.json/.md (default: the run folder)."
+        ),
         device: str = DeviceOpt,
-        cache_dir: Optional[Path] = CacheOpt,
+        cache_dir: Path | None = CacheOpt,
         progress: bool = ProgressOpt,
     ) -> None:
         """External validation without retraining: Dice, IoU, boundary F1 at the run's threshold and 0.5, and the Dice drop."""
         _evaluate(model, data, out, device, cache_dir, progress)
 
-    study = typer.Typer(help="The paper's proposed studies, each one resumable command (see docs/studies.md).", no_args_is_help=True)
+    study = typer.Typer(
+        help="The paper's proposed studies, each one resumable command (see docs/studies.md).", no_args_is_help=True
+    )
     app.add_typer(study, name="study")
 
     @study.command("skip-ablation")
     def skip_ablation_command(
-        out: Path = typer.Option(..., "--out", help="Study folder: OUT/with-skips, OUT/no-skips, OUT/skip_ablation.{md,json}."),
-        data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder. Default: the bundled 40-image sample."),
+        out: Path = typer.Option(
+            ..., "--out", help="Study folder: OUT/with-skips, OUT/no-skips, OUT/skip_ablation.{md,json}."
+        ),
+        data: Path | None = typer.Option(None, "--data", help="Dataset folder. Default: the bundled 40-image sample."),
         recipe: str = typer.Option("paper", "--recipe", help="Named recipe: paper, strong, demo."),
         folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed for training and the split (default 0)."),
-        encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet | none | PATH (recipe default: none)."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
-        image_size: Optional[int] = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
-        overrides: list[str] = typer.Option([], "--set", help="Any config field, e.g. --set train.batch_size=32 (repeatable)."),
-        explain: bool = typer.Option(True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."),
+        seed: int | None = typer.Option(None, "--seed", help="Seed for training and the split (default 0)."),
+        encoder_weights: str | None = typer.Option(
+            None, "--encoder-weights", help="imagenet | none | PATH (recipe default: none)."
+        ),
+        epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
+        image_size: int | None = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
+        overrides: list[str] = typer.Option(
+            [], "--set", help="Any config field, e.g. --set train.batch_size=32 (repeatable)."
+        ),
+        explain: bool = typer.Option(
+            True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."
+        ),
         resume: bool = ResumeOpt,
         device: str = DeviceOpt,
-        cache_dir: Optional[Path] = CacheOpt,
+        cache_dir: Path | None = CacheOpt,
         progress: bool = ProgressOpt,
     ) -> None:
         """U-Net with vs without skip connections on identical folds: Dice, IoU and boundary F1 with paired tests."""
@@ -135,56 +179,87 @@ def register(app: typer.Typer) -> None:
 
         config = _study_config(recipe, encoder_weights, epochs, image_size, seed, overrides)
         run_skip_ablation(
-            _data_or_sample(data), out, config, folds=folds, seed=seed or 0, resume=resume,
-            device=device, progress=progress, explain=explain, cache_dir=cache_dir,
+            _data_or_sample(data),
+            out,
+            config,
+            folds=folds,
+            seed=seed or 0,
+            resume=resume,
+            device=device,
+            progress=progress,
+            explain=explain,
+            cache_dir=cache_dir,
         )
         _print_study(out / "skip_ablation.md")
 
     @study.command("encoder-init")
     def encoder_init_command(
-        out: Path = typer.Option(..., "--out", help="Study folder: OUT/imagenet, OUT/random, OUT/encoder_init.{md,json}."),
-        data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder. Default: the bundled 40-image sample."),
-        encoder_weights: str = typer.Option("imagenet", "--encoder-weights", help="The pretrained arm's weights: imagenet (smp's Hugging Face cache) or PATH to a torchvision ResNet state dict."),
+        out: Path = typer.Option(
+            ..., "--out", help="Study folder: OUT/imagenet, OUT/random, OUT/encoder_init.{md,json}."
+        ),
+        data: Path | None = typer.Option(None, "--data", help="Dataset folder. Default: the bundled 40-image sample."),
+        encoder_weights: str = typer.Option(
+            "imagenet",
+            "--encoder-weights",
+            help="The pretrained arm's weights: imagenet (smp's Hugging Face cache) or PATH to a torchvision ResNet state dict.",
+        ),
         recipe: str = typer.Option("paper", "--recipe", help="Named recipe: paper, strong, demo."),
         folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed for training and the split (default 0)."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
-        image_size: Optional[int] = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
+        seed: int | None = typer.Option(None, "--seed", help="Seed for training and the split (default 0)."),
+        epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
+        image_size: int | None = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
         overrides: list[str] = typer.Option([], "--set", help="Any config field (repeatable)."),
-        explain: bool = typer.Option(True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."),
+        explain: bool = typer.Option(
+            True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."
+        ),
         resume: bool = ResumeOpt,
         device: str = DeviceOpt,
-        cache_dir: Optional[Path] = CacheOpt,
+        cache_dir: Path | None = CacheOpt,
         progress: bool = ProgressOpt,
     ) -> None:
         """ImageNet vs random encoder initialisation on identical folds; stops at once if the weights cannot be had."""
         from polypseg.studies import run_encoder_init
 
         if encoder_weights == "none":
-            raise UsageError("--encoder-weights none: the pretrained arm needs 'imagenet' or a PATH (the random arm is built in)")
+            raise UsageError(
+                "--encoder-weights none: the pretrained arm needs 'imagenet' or a PATH (the random arm is built in)"
+            )
         if encoder_weights != "imagenet" and not Path(encoder_weights).is_file():
             raise UsageError(f"--encoder-weights {encoder_weights}: not 'imagenet' or an existing file")
         config = _study_config(recipe, None, epochs, image_size, seed, overrides)
         run_encoder_init(
-            _data_or_sample(data), out, config, imagenet_weights=encoder_weights, folds=folds, seed=seed or 0,
-            resume=resume, device=device, progress=progress, explain=explain, cache_dir=cache_dir,
+            _data_or_sample(data),
+            out,
+            config,
+            imagenet_weights=encoder_weights,
+            folds=folds,
+            seed=seed or 0,
+            resume=resume,
+            device=device,
+            progress=progress,
+            explain=explain,
+            cache_dir=cache_dir,
         )
         _print_study(out / "encoder_init.md")
 
     @study.command("pranet")
     def pranet_command(
         data: Path = typer.Option(..., "--data", help="Kvasir-SEG folder (images/ + masks/)."),
-        test_list: Path = typer.Option(..., "--test-list", help="The 100 test stems, e.g. datasets/splits/pranet_kvasir_test100.txt."),
+        test_list: Path = typer.Option(
+            ..., "--test-list", help="The 100 test stems, e.g. datasets/splits/pranet_kvasir_test100.txt."
+        ),
         out: Path = typer.Option(..., "--out", help="Output folder (checkpoint, test_metrics.json, pranet.{md,json})."),
         recipe: str = typer.Option("paper", "--recipe", help="Named recipe: paper, strong, demo."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Training seed."),
-        encoder_weights: Optional[str] = typer.Option(None, "--encoder-weights", help="imagenet | none | PATH (recipe default: none)."),
-        epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
-        image_size: Optional[int] = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
+        seed: int | None = typer.Option(None, "--seed", help="Training seed."),
+        encoder_weights: str | None = typer.Option(
+            None, "--encoder-weights", help="imagenet | none | PATH (recipe default: none)."
+        ),
+        epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
+        image_size: int | None = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
         overrides: list[str] = typer.Option([], "--set", help="Any config field (repeatable)."),
         resume: bool = ResumeOpt,
         device: str = DeviceOpt,
-        cache_dir: Optional[Path] = CacheOpt,
+        cache_dir: Path | None = CacheOpt,
         progress: bool = ProgressOpt,
     ) -> None:
         """The PraNet protocol: train on the data minus --test-list, test once on it; mDice, mIoU (+ S, wF, E, MAE)."""
@@ -196,12 +271,18 @@ def register(app: typer.Typer) -> None:
 
     @study.command("external")
     def external_command(
-        model: Path = typer.Option(..., "--model", help="CV run folder (each fold and their ensemble) or one checkpoint."),
+        model: Path = typer.Option(
+            ..., "--model", help="CV run folder (each fold and their ensemble) or one checkpoint."
+        ),
         data: Path = typer.Option(..., "--data", help="Another dataset."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Folder for external_<dataset>.json/.md (default: the run folder)."),
-        resume: bool = typer.Option(False, "--resume", help="Accepted for symmetry: evaluation has no state and is simply rerun."),
+        out: Path | None = typer.Option(
+            None, "--out", help="Folder for external_<dataset>.json/.md (default: the run folder)."
+        ),
+        resume: bool = typer.Option(
+            False, "--resume", help="Accepted for symmetry: evaluation has no state and is simply rerun."
+        ),
         device: str = DeviceOpt,
-        cache_dir: Optional[Path] = CacheOpt,
+        cache_dir: Path | None = CacheOpt,
         progress: bool = ProgressOpt,
     ) -> None:
         """External validation (same as polypseg evaluate)."""

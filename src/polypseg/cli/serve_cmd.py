@@ -6,7 +6,7 @@ import errno
 import ipaddress
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -36,7 +36,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does; a live listener still blocks the port
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as uvicorn does; a live listener still blocks the port
         sock.bind(address)
         sock.listen(2048)
     except OSError:
@@ -68,16 +70,20 @@ def _bind_error(host: str, port: int, error: OSError) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
-        model: Optional[Path] = typer.Option(
+        model: Path | None = typer.Option(
             None,
             "--model",
             "-m",
             help="Checkpoint (NAME.safetensors), CV run folder (fold ensemble) or a shipped model's name. Default: the shipped model (polypseg models).",
         ),
-        host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback exposes the server to the network."),
+        host: str = typer.Option(
+            "127.0.0.1", help="Address to bind. Anything but loopback exposes the server to the network."
+        ),
         port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free port)."),
         token: str | None = typer.Option(
-            None, envvar=TOKEN_ENV, help=f"Require 'Authorization: Bearer TOKEN' on every /v1 call (or set {TOKEN_ENV})."
+            None,
+            envvar=TOKEN_ENV,
+            help=f"Require 'Authorization: Bearer TOKEN' on every /v1 call (or set {TOKEN_ENV}).",
         ),
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         backend: str = typer.Option(
@@ -85,14 +91,22 @@ def register(app: typer.Typer) -> None:
             help="Segmentation backend: torch, onnxruntime (faster on CPU; Grad-CAM still runs in torch) or auto.",
         ),
         tta: bool = typer.Option(False, "--tta/--no-tta", help="Flip test-time augmentation (segmentation only)."),
-        threshold: float | None = typer.Option(None, help="Default threshold, 0 < t < 1; default: the run's (or checkpoint's)."),
+        threshold: float | None = typer.Option(
+            None, help="Default threshold, 0 < t < 1; default: the run's (or checkpoint's)."
+        ),
         max_upload_mb: float = typer.Option(20.0, min=0.1, help="Largest accepted upload, in MB."),
-        max_pixels: int = typer.Option(40_000_000, min=1, help="Largest accepted image, in pixels (stops decompression bombs)."),
+        max_pixels: int = typer.Option(
+            40_000_000, min=1, help="Largest accepted image, in pixels (stops decompression bombs)."
+        ),
         max_queue: int = typer.Option(64, min=1, help="Requests waiting at most; more get 503 with Retry-After."),
         max_batch: int = typer.Option(8, min=1, help="Requests run together as one batch at most."),
-        max_video_frames: int = typer.Option(300, min=1, help="Frames of an uploaded video segmented at most (the first ones)."),
+        max_video_frames: int = typer.Option(
+            300, min=1, help="Frames of an uploaded video segmented at most (the first ones)."
+        ),
         timeout: float = typer.Option(120.0, min=1.0, help="Seconds a request may wait for its answer before 503."),
-        samples: Path | None = typer.Option(None, help="Folder of images offered as samples on the page (default: the bundled Kvasir-SEG sample)."),
+        samples: Path | None = typer.Option(
+            None, help="Folder of images offered as samples on the page (default: the bundled Kvasir-SEG sample)."
+        ),
         log_level: str = typer.Option("info", help="uvicorn log level."),
     ) -> None:
         """Serve the web page and the HTTP API (POST /v1/segment, /v1/explain; GET /v1/health, /v1/model; docs at /docs)."""
@@ -117,7 +131,13 @@ def register(app: typer.Typer) -> None:
             resolved = resolve_device(device)
             with console.status(f"loading {model or 'the shipped model'}"):
                 service = InferenceService.from_checkpoint(
-                    model, device=resolved, backend=backend, tta=tta, threshold=threshold, max_queue=max_queue, max_batch=max_batch
+                    model,
+                    device=resolved,
+                    backend=backend,
+                    tta=tta,
+                    threshold=threshold,
+                    max_queue=max_queue,
+                    max_batch=max_batch,
                 )
                 service.warmup()
         except UsageError as error:
@@ -128,7 +148,9 @@ def register(app: typer.Typer) -> None:
             fail(f"cannot load model {model or 'shipped with polypseg'}: {error}")
         except Exception as error:  # noqa: BLE001 - any load failure stops serve with one line
             sock.close()
-            fail(f"cannot load model {model}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            fail(
+                f"cannot load model {model}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            )
 
         settings = WebSettings(
             token=token,

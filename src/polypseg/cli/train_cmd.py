@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -19,7 +18,7 @@ DEMO_NOTE = (
 DATA_HELP = "Dataset folder (images/ + masks/, or CVC-ClinicDB's Original/ + 'Ground Truth/'). Default: the bundled 40-image Kvasir-SEG sample."
 
 
-def _data_or_sample(data: Optional[Path]) -> Path:
+def _data_or_sample(data: Path | None) -> Path:
     if data is not None:
         return data
     from polypseg.sample_data import sample_dataset_path
@@ -40,16 +39,16 @@ OPTION_LABELS = {
 def build_config(
     recipe: str | RunConfig,
     *,
-    encoder_weights: Optional[str] = None,
-    skip_connections: Optional[bool] = None,
-    epochs: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    loss: Optional[str] = None,
-    image_size: Optional[int] = None,
-    seed: Optional[int] = None,
+    encoder_weights: str | None = None,
+    skip_connections: bool | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    loss: str | None = None,
+    image_size: int | None = None,
+    seed: int | None = None,
     overrides: Sequence[str] = (),
-    precision: Optional[str] = None,
+    precision: str | None = None,
 ) -> RunConfig:
     """The named recipe (or a saved run's config) with the command-line options applied (shortcuts
     first, then ``--set``), validated by :func:`polypseg.config.validate_config`."""
@@ -89,8 +88,16 @@ def _saved_config(out: Path) -> RunConfig | None:
 
 
 # Options shared by train and cv (typer needs them spelled out per command).
-RecipeOpt = typer.Option(None, "--recipe", help=f"Named recipe: {', '.join(RECIPES)} (see docs/recipes.md). Default: paper, or the run's own with --resume.")
-WeightsOpt = typer.Option(None, "--encoder-weights", help="imagenet | none | PATH to a torchvision ResNet state dict (.pth/.safetensors). Recipe default: none.")
+RecipeOpt = typer.Option(
+    None,
+    "--recipe",
+    help=f"Named recipe: {', '.join(RECIPES)} (see docs/recipes.md). Default: paper, or the run's own with --resume.",
+)
+WeightsOpt = typer.Option(
+    None,
+    "--encoder-weights",
+    help="imagenet | none | PATH to a torchvision ResNet state dict (.pth/.safetensors). Recipe default: none.",
+)
 SkipOpt = typer.Option(None, "--skip/--no-skip", help="U-Net skip connections (--no-skip: the paper's skip ablation).")
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs.")
 BatchOpt = typer.Option(None, "--batch-size", min=1, help="Override the recipe's batch size (global, across GPUs).")
@@ -120,25 +127,44 @@ def register(app: typer.Typer) -> None:
     @app.command("cv")
     def cv_command(
         out: Path = typer.Option(..., "--out", help="Run folder (created; holds splits.json, fold_*/, summary.*)."),
-        data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
-        folds: Optional[int] = typer.Option(None, "--folds", min=2, help="Number of folds (default 5)."),
-        recipe: Optional[str] = RecipeOpt,
-        encoder_weights: Optional[str] = WeightsOpt,
-        skip: Optional[bool] = SkipOpt,
-        epochs: Optional[int] = EpochsOpt,
-        batch_size: Optional[int] = BatchOpt,
-        lr: Optional[float] = LrOpt,
-        loss: Optional[str] = LossOpt,
-        image_size: Optional[int] = SizeOpt,
-        seed: Optional[int] = SeedOpt,
+        data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
+        folds: int | None = typer.Option(None, "--folds", min=2, help="Number of folds (default 5)."),
+        recipe: str | None = RecipeOpt,
+        encoder_weights: str | None = WeightsOpt,
+        skip: bool | None = SkipOpt,
+        epochs: int | None = EpochsOpt,
+        batch_size: int | None = BatchOpt,
+        lr: float | None = LrOpt,
+        loss: str | None = LossOpt,
+        image_size: int | None = SizeOpt,
+        seed: int | None = SeedOpt,
         overrides: list[str] = SetOpt,
-        precision: Optional[str] = PrecisionOpt,
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (finished folds are kept as they are); starts it if --out holds none. Options given with it must match the run's."),
-        explain: bool = typer.Option(True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."),
-        explain_max_images: Optional[int] = typer.Option(None, "--explain-max-images", min=1, help="Limit the Grad-CAM checks to the first N held-out images per fold."),
-        only_fold: list[int] = typer.Option([], "--only-fold", help="Run only this fold (repeatable), e.g. to choose a recipe on fold 0; the summary covers finished folds."),
+        precision: str | None = PrecisionOpt,
+        resume: bool = typer.Option(
+            False,
+            "--resume",
+            help="Continue the run in --out (finished folds are kept as they are); starts it if --out holds none. Options given with it must match the run's.",
+        ),
+        explain: bool = typer.Option(
+            True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."
+        ),
+        explain_max_images: int | None = typer.Option(
+            None,
+            "--explain-max-images",
+            min=1,
+            help="Limit the Grad-CAM checks to the first N held-out images per fold.",
+        ),
+        only_fold: list[int] = typer.Option(
+            [],
+            "--only-fold",
+            help="Run only this fold (repeatable), e.g. to choose a recipe on fold 0; the summary covers finished folds.",
+        ),
         device: str = DeviceOpt,
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the preprocessed cache lives (default $POLYPSEG_CACHE or ~/.cache/polypseg)."),
+        cache_dir: Path | None = typer.Option(
+            None,
+            "--cache-dir",
+            help="Where the preprocessed cache lives (default $POLYPSEG_CACHE or ~/.cache/polypseg).",
+        ),
         progress: bool = ProgressOpt,
     ) -> None:
         """K-fold cross-validation: train each fold, pool out-of-fold predictions, write RUN/summary.{json,md}.
@@ -154,8 +180,17 @@ def register(app: typer.Typer) -> None:
             # Given with --resume, the result is checked against the saved config by run_cv.
             base = recipe if recipe is not None else (saved or "paper")
             config = build_config(
-                base, encoder_weights=encoder_weights, skip_connections=skip, epochs=epochs, batch_size=batch_size, lr=lr,
-                loss=loss, image_size=image_size, seed=seed, overrides=overrides, precision=precision,
+                base,
+                encoder_weights=encoder_weights,
+                skip_connections=skip,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                loss=loss,
+                image_size=image_size,
+                seed=seed,
+                overrides=overrides,
+                precision=precision,
             )
         _say_precision(config or saved or get_recipe("paper"), device)
         summary = run_cv(
@@ -189,26 +224,50 @@ def register(app: typer.Typer) -> None:
 
     @app.command("bench-train")
     def bench_train_command(
-        recipe: Optional[str] = RecipeOpt,
-        batch_size: Optional[int] = BatchOpt,
-        image_size: Optional[int] = SizeOpt,
+        recipe: str | None = RecipeOpt,
+        batch_size: int | None = BatchOpt,
+        image_size: int | None = SizeOpt,
         overrides: list[str] = SetOpt,
-        precision: Optional[str] = PrecisionOpt,
+        precision: str | None = PrecisionOpt,
         device: str = DeviceOpt,
-        steps: int = typer.Option(30, "--steps", min=1, help="Timed training steps (run back to back, one sync at the end)."),
-        warmup: int = typer.Option(5, "--warmup", min=1, help="Untimed steps first (the first one, with any compilation, is reported)."),
-        train_images: int = typer.Option(800, "--train-images", min=1, help="Images per epoch for the epoch and run-time estimates (800: a Kvasir-SEG fold)."),
-        label: Optional[str] = typer.Option(None, "--label", help="Name of this setting in the table (default: the recipe's)."),
+        steps: int = typer.Option(
+            30, "--steps", min=1, help="Timed training steps (run back to back, one sync at the end)."
+        ),
+        warmup: int = typer.Option(
+            5, "--warmup", min=1, help="Untimed steps first (the first one, with any compilation, is reported)."
+        ),
+        train_images: int = typer.Option(
+            800,
+            "--train-images",
+            min=1,
+            help="Images per epoch for the epoch and run-time estimates (800: a Kvasir-SEG fold).",
+        ),
+        label: str | None = typer.Option(
+            None, "--label", help="Name of this setting in the table (default: the recipe's)."
+        ),
         variants: str = typer.Option(
             "auto",
             "--variants",
             help="Comma-separated: recipe, fp32-nchw, fp32-cl, bf16-cl, bf16-cl-compiled. auto: on CPU the first three "
             "side by side (fp32 NCHW, fp32 channels-last, bf16 channels-last), elsewhere the recipe as it trains.",
         ),
-        rounds: int = typer.Option(3, "--rounds", min=1, help="With several variants: timed rounds, variants interleaved in each; the median round counts."),
-        peak: bool = typer.Option(True, "--peak/--no-peak", help="Also measure this machine's bf16/fp32 matmul peak and report the model's fraction of it."),
-        breakdown: bool = typer.Option(False, "--breakdown", help="Instead: where an epoch's time goes (augment, forward, backward, optimizer, EMA, validation, checkpoint writes)."),
-        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as a JSON list."),
+        rounds: int = typer.Option(
+            3,
+            "--rounds",
+            min=1,
+            help="With several variants: timed rounds, variants interleaved in each; the median round counts.",
+        ),
+        peak: bool = typer.Option(
+            True,
+            "--peak/--no-peak",
+            help="Also measure this machine's bf16/fp32 matmul peak and report the model's fraction of it.",
+        ),
+        breakdown: bool = typer.Option(
+            False,
+            "--breakdown",
+            help="Instead: where an epoch's time goes (augment, forward, backward, optimizer, EMA, validation, checkpoint writes).",
+        ),
+        json_path: Path | None = typer.Option(None, "--json", help="Write the rows as a JSON list."),
         markdown: bool = typer.Option(False, "--markdown", help="Print the markdown table on stdout."),
     ) -> None:
         """Training speed of a recipe on this machine: step time, images/s, TFLOP/s, and the time an epoch and a run would take.
@@ -221,14 +280,18 @@ def register(app: typer.Typer) -> None:
         from polypseg.cli.common import resolve_device
         from polypseg.io_utils import atomic_write_json
 
-        config = build_config(recipe or "paper", batch_size=batch_size, image_size=image_size, overrides=overrides, precision=precision)
+        config = build_config(
+            recipe or "paper", batch_size=batch_size, image_size=image_size, overrides=overrides, precision=precision
+        )
         torch_device = resolve_device(device)
         if breakdown:
             from polypseg.bench import breakdown_markdown, training_breakdown
 
             with console.status(f"timing the parts of an epoch of recipe '{config.train.recipe}'"):
                 result = training_breakdown(config, torch_device, steps=steps, warmup=warmup, train_images=train_images)
-            console.print(f"{result['device_name']}, {result['precision']}, {result['threads']} threads", highlight=False)
+            console.print(
+                f"{result['device_name']}, {result['precision']}, {result['threads']} threads", highlight=False
+            )
             print(breakdown_markdown(result))
             if json_path is not None:
                 atomic_write_json(json_path, result)
@@ -241,13 +304,26 @@ def register(app: typer.Typer) -> None:
             if unknown or not chosen:
                 fail(f"--variants {variants}: choose from {', '.join(TRAIN_VARIANTS)} or auto")
         rounds = rounds if len(chosen) > 1 else 1
-        with console.status(f"timing {', '.join(chosen)}: {warmup} + {rounds} x {steps} training steps of recipe '{config.train.recipe}'"):
+        with console.status(
+            f"timing {', '.join(chosen)}: {warmup} + {rounds} x {steps} training steps of recipe '{config.train.recipe}'"
+        ):
             rows = benchmark_training(
-                config, torch_device, steps=steps, warmup=warmup, train_images=train_images, variants=chosen, rounds=rounds, peak=peak
+                config,
+                torch_device,
+                steps=steps,
+                warmup=warmup,
+                train_images=train_images,
+                variants=chosen,
+                rounds=rounds,
+                peak=peak,
             )
         for row in rows:
             row["label"] = label or config.train.recipe
-            fraction = f", {100 * row['fraction_of_bf16_peak']:.0f}% of the bf16 matmul peak" if "fraction_of_bf16_peak" in row else ""
+            fraction = (
+                f", {100 * row['fraction_of_bf16_peak']:.0f}% of the bf16 matmul peak"
+                if "fraction_of_bf16_peak" in row
+                else ""
+            )
             console.print(
                 f"{row['variant']}: {row['step_ms']:.1f} ms per step of {row['batch_size']} = {row['images_per_s']:.1f} images/s, "
                 f"{row['achieved_tflops']:.2f} TFLOP/s{fraction}; an epoch of {train_images} images {row['epoch_s']:.1f} s, "
@@ -263,23 +339,29 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train_command(
-        out: Path = typer.Option(..., "--out", help="Output folder (best.safetensors/json, history.json, test_metrics.json)."),
-        data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
-        test_list: Optional[Path] = typer.Option(None, "--test-list", help="File of stems held out as the test set (one per line), evaluated once at the end, e.g. the PraNet split."),
-        recipe: Optional[str] = RecipeOpt,
-        encoder_weights: Optional[str] = WeightsOpt,
-        skip: Optional[bool] = SkipOpt,
-        epochs: Optional[int] = EpochsOpt,
-        batch_size: Optional[int] = BatchOpt,
-        lr: Optional[float] = LrOpt,
-        loss: Optional[str] = LossOpt,
-        image_size: Optional[int] = SizeOpt,
-        seed: Optional[int] = SeedOpt,
+        out: Path = typer.Option(
+            ..., "--out", help="Output folder (best.safetensors/json, history.json, test_metrics.json)."
+        ),
+        data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
+        test_list: Path | None = typer.Option(
+            None,
+            "--test-list",
+            help="File of stems held out as the test set (one per line), evaluated once at the end, e.g. the PraNet split.",
+        ),
+        recipe: str | None = RecipeOpt,
+        encoder_weights: str | None = WeightsOpt,
+        skip: bool | None = SkipOpt,
+        epochs: int | None = EpochsOpt,
+        batch_size: int | None = BatchOpt,
+        lr: float | None = LrOpt,
+        loss: str | None = LossOpt,
+        image_size: int | None = SizeOpt,
+        seed: int | None = SeedOpt,
         overrides: list[str] = SetOpt,
-        precision: Optional[str] = PrecisionOpt,
+        precision: str | None = PrecisionOpt,
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training in --out."),
         device: str = DeviceOpt,
-        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Preprocessed cache folder."),
+        cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Preprocessed cache folder."),
         progress: bool = ProgressOpt,
     ) -> None:
         """Train one model on one split: the data minus --test-list, best epoch chosen on an inner validation split."""
@@ -288,16 +370,34 @@ def register(app: typer.Typer) -> None:
         saved = _saved_config(out) if resume else None
         base = recipe if recipe is not None else (saved or "paper")
         config = build_config(
-            base, encoder_weights=encoder_weights, skip_connections=skip, epochs=epochs, batch_size=batch_size, lr=lr,
-            loss=loss, image_size=image_size, seed=seed, overrides=overrides, precision=precision,
+            base,
+            encoder_weights=encoder_weights,
+            skip_connections=skip,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            loss=loss,
+            image_size=image_size,
+            seed=seed,
+            overrides=overrides,
+            precision=precision,
         )
         _say_precision(config, device)
         result = train_single_split(
-            _data_or_sample(data), out, config, test_list=test_list, resume=resume, device=device, progress=progress, cache_dir=cache_dir
+            _data_or_sample(data),
+            out,
+            config,
+            test_list=test_list,
+            resume=resume,
+            device=device,
+            progress=progress,
+            cache_dir=cache_dir,
         )
         console.print(f"checkpoint: {result['checkpoint']}")
         if "test" in result:
             t = result["test"]["at"]["0.5"]
-            console.print(f"test ({result['test']['n_images']} images): Dice {t['dice']:.4f}, IoU {t['iou']:.4f} at 0.5")
+            console.print(
+                f"test ({result['test']['n_images']} images): Dice {t['dice']:.4f}, IoU {t['iou']:.4f} at 0.5"
+            )
             if config.train.recipe == "demo":
                 console.print(DEMO_NOTE, highlight=False, soft_wrap=True)

@@ -105,7 +105,7 @@ def add_heatmaps(run_dir: Path, cases: Sequence[Case], device: str | torch.devic
         threshold = fold_cases[0].threshold
         with GradCAMDriver(checkpoint.model, device=device, batch_size=len(fold_cases)) as driver:
             heatmaps = driver.run(np.stack([c.image for c in fold_cases]), MaskedLogitSum(threshold)).heatmaps
-        for case, heatmap in zip(fold_cases, heatmaps.float().cpu().numpy()):
+        for case, heatmap in zip(fold_cases, heatmaps.float().cpu().numpy(), strict=False):
             case.heatmap = heatmap
             case.energy_inside = float(energy_inside(heatmap, case.mask))
     return problems

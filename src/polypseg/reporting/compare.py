@@ -105,9 +105,11 @@ class Comparison:
         ref = self.reference
         k = len(ref.folds)
         if self.threshold_mode == "chosen":
-            how = "each run's own threshold chosen on its pooled out-of-fold predictions (" + ", ".join(
-                f"{r.name} {r.threshold:g}" for r in self.runs
-            ) + ")"
+            how = (
+                "each run's own threshold chosen on its pooled out-of-fold predictions ("
+                + ", ".join(f"{r.name} {r.threshold:g}" for r in self.runs)
+                + ")"
+            )
         else:
             how = f"{ref.threshold:g} for every run"
         lines = [
@@ -147,12 +149,19 @@ class Comparison:
     def table_lines(self) -> list[str]:
         """The markdown table of mean ± std per run, with a Δ row under each run but the first."""
         ref = self.reference
-        lines = ["| run | " + " | ".join(LABELS[m] for m in COMPARE_METRICS) + " |", "|---|" + "---|" * len(COMPARE_METRICS)]
+        lines = [
+            "| run | " + " | ".join(LABELS[m] for m in COMPARE_METRICS) + " |",
+            "|---|" + "---|" * len(COMPARE_METRICS),
+        ]
         for run in self.runs:
             lines.append(f"| {run.name} | " + " | ".join(_pm(*run.mean_std(m)) for m in COMPARE_METRICS) + " |")
             if run is not ref:
                 tests = self.tests[run.name]
-                lines.append(f"| Δ {run.name} − {ref.name} | " + " | ".join(_signed(tests[m].mean) for m in COMPARE_METRICS) + " |")
+                lines.append(
+                    f"| Δ {run.name} − {ref.name} | "
+                    + " | ".join(_signed(tests[m].mean) for m in COMPARE_METRICS)
+                    + " |"
+                )
         return lines
 
     def _size(self) -> int:
@@ -224,7 +233,9 @@ def _resolve_threshold(run: RunDir, threshold: str | float) -> float:
     if isinstance(threshold, str) and threshold == "chosen":
         summary = run.read_summary()
         if summary is None:
-            raise CompareError(f"{run.path} has no summary.json, so no chosen threshold; finish it with polypseg cv --resume or use --threshold 0.5")
+            raise CompareError(
+                f"{run.path} has no summary.json, so no chosen threshold; finish it with polypseg cv --resume or use --threshold 0.5"
+            )
         return float(summary["threshold"])
     try:
         value = float(threshold)
@@ -322,7 +333,7 @@ def compare_runs(
     names = [run.name for run in runs]
     if len(set(names)) < len(names):
         names = [str(run.path) for run in runs]
-    metrics = [fold_metrics(run, threshold, common, tolerance, name) for run, name in zip(runs, names)]
+    metrics = [fold_metrics(run, threshold, common, tolerance, name) for run, name in zip(runs, names, strict=False)]
     ref = metrics[0]
     test_share = 1.0 / max(2, int(splits["k"]))
     tests = {

@@ -17,7 +17,18 @@ if TYPE_CHECKING:
 
 GT_COLOUR = "#00e05a"
 PRED_COLOUR = "#ff3df5"
-FOLD_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+FOLD_COLOURS = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]
 
 
 def save_png(figure: Figure, path: Path | str, dpi: int = 100) -> bytes:
@@ -44,14 +55,30 @@ def training_curves(histories: Mapping[int, Sequence[Mapping[str, float]]]) -> F
     for fold, history in sorted(histories.items()):
         marker = "o" if len(history) < 40 else None  # short runs: make single epochs visible
         epochs = [r["epoch"] for r in history]
-        axes[0].plot(epochs, [r["train_loss"] for r in history], color=_colour(fold), marker=marker, markersize=3, label=f"fold {fold} train")
+        axes[0].plot(
+            epochs,
+            [r["train_loss"] for r in history],
+            color=_colour(fold),
+            marker=marker,
+            markersize=3,
+            label=f"fold {fold} train",
+        )
         if any("val_loss" in r for r in history):
             val = [(r["epoch"], r["val_loss"]) for r in history if "val_loss" in r]
-            axes[0].plot(*zip(*val), color=_colour(fold), linestyle="--", marker=marker, markersize=3, label=f"fold {fold} val")
+            axes[0].plot(
+                *zip(*val, strict=False),
+                color=_colour(fold),
+                linestyle="--",
+                marker=marker,
+                markersize=3,
+                label=f"fold {fold} val",
+            )
         if has_val:
             dice = [(r["epoch"], r["val_dice"]) for r in history if "val_dice" in r]
             if dice:
-                axes[1].plot(*zip(*dice), color=_colour(fold), marker=marker, markersize=3, label=f"fold {fold}")
+                axes[1].plot(
+                    *zip(*dice, strict=False), color=_colour(fold), marker=marker, markersize=3, label=f"fold {fold}"
+                )
     axes[0].set(xlabel="epoch", ylabel="loss", title="Loss")
     axes[0].legend(fontsize=7, ncol=2)
     axes[0].grid(alpha=0.3)
@@ -106,13 +133,13 @@ def fold_boxplots(values: Mapping[str, Mapping[int, np.ndarray]], threshold: flo
     names = list(values)
     figure = Figure(figsize=(3.6 * len(names), 3.8))
     axes = figure.subplots(1, len(names), squeeze=False)[0]
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=False):
         folds = sorted(values[name])
         data = [np.asarray(values[name][f], dtype=np.float64) for f in folds]
         data = [d[np.isfinite(d)] for d in data]
         boxes = ax.boxplot(data, showmeans=True, patch_artist=True, medianprops={"color": "black"})
         ax.set_xticks(range(1, len(folds) + 1), [str(f) for f in folds])
-        for patch, fold in zip(boxes["boxes"], folds):
+        for patch, fold in zip(boxes["boxes"], folds, strict=False):
             patch.set_facecolor(_colour(fold))
             patch.set_alpha(0.45)
         ax.set(xlabel="fold", title=f"{name} per image @ {threshold:g}", ylim=(-0.02, 1.02))
@@ -121,7 +148,7 @@ def fold_boxplots(values: Mapping[str, Mapping[int, np.ndarray]], threshold: flo
     return figure
 
 
-def _overlay(ax, case: Case, heatmap: bool = True) -> None:  # noqa: ANN001
+def _overlay(ax, case: Case, heatmap: bool = True) -> None:
     if case.image is not None:
         ax.imshow(case.image)
     else:
@@ -149,7 +176,9 @@ def case_gallery(groups: Mapping[str, Sequence[Case]]) -> Figure:
                 continue
             case = cases[col]
             _overlay(ax, case)
-            ax.set_title(f"{case.stem[:14]} (fold {case.fold})\nDice {case.dice:.3f}  BF1 {case.boundary_f1:.3f}", fontsize=8)
+            ax.set_title(
+                f"{case.stem[:14]} (fold {case.fold})\nDice {case.dice:.3f}  BF1 {case.boundary_f1:.3f}", fontsize=8
+            )
             if col == 0:
                 ax.set_ylabel(label, fontsize=11)
     figure.tight_layout()
@@ -177,11 +206,13 @@ def worst_cases(cases: Sequence[Case]) -> Figure:
             _overlay(cam_ax, case)
         else:
             cam_ax.text(0.5, 0.5, "heatmap not\navailable", ha="center", va="center", transform=cam_ax.transAxes)
-        for ax, title in zip(axes[row], titles):
+        for ax, title in zip(axes[row], titles, strict=False):
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(title, fontsize=10)
-        image_ax.set_ylabel(f"{case.stem[:16]}\nfold {case.fold}\nDice {case.dice:.3f}\nBF1 {case.boundary_f1:.3f}", fontsize=8)
+        image_ax.set_ylabel(
+            f"{case.stem[:16]}\nfold {case.fold}\nDice {case.dice:.3f}\nBF1 {case.boundary_f1:.3f}", fontsize=8
+        )
     figure.tight_layout()
     return figure

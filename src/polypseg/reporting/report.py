@@ -13,10 +13,10 @@ from polypseg import __version__
 from polypseg.boundary import boundary_f1, default_tolerance
 from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
+from polypseg.gallery import select_cases
 from polypseg.io_utils import atomic_write_text, read_json
 from polypseg.metrics import METRIC_NAMES, dice_score, iou_score, mean_std, precision_recall_from_histograms
 from polypseg.reporting import figures
-from polypseg.gallery import select_cases
 from polypseg.reporting.cases import Case, add_heatmaps, load_case_images
 from polypseg.runs import CV, RunDir, RunError, RunSettings
 
@@ -62,7 +62,9 @@ def write_report(
     except RunError as error:
         raise ReportError(str(error)) from None
     if settings.kind != CV:
-        raise ReportError(f"{run.path} is a single-split training folder (polypseg train); the report covers cross-validation runs")
+        raise ReportError(
+            f"{run.path} is a single-split training folder (polypseg train); the report covers cross-validation runs"
+        )
     summary = run.read_summary()
     histograms = run.read_pooled_histograms()
     if summary is None or summary.get("folds") != len(done):
@@ -130,7 +132,8 @@ def write_report(
         f"Per-image Dice, IoU and boundary F1 (tolerance {tolerance} px) at threshold {threshold:g}; "
         "triangles mark means.",
         figures.fold_boxplots(
-            {BOX_LABELS[name]: {f: values[fold_array == f] for f in folds} for name, values in per_image.items()}, threshold
+            {BOX_LABELS[name]: {f: values[fold_array == f] for f in folds} for name, values in per_image.items()},
+            threshold,
         ),
     )
 
@@ -237,10 +240,16 @@ def _settings(run: RunDir, settings: RunSettings, summary: dict[str, Any], done:
         ("run folder", str(run.path.resolve())),
         ("data", f"{settings.data} ({summary['n_images']} out-of-fold images)"),
         ("folds", f"{len(done)} of {settings.folds or len(done)} finished (split seed {settings.seed or 0})"),
-        ("recipe", f"{train.recipe}: {train.epochs} epochs, batch {train.batch_size}, {train.optimizer} lr {train.lr:g}, "
-                   f"{train.schedule} schedule, loss {train.loss}"),
-        ("model", f"{model.arch} / {model.encoder}, encoder init {model.encoder_weights}, "
-                  f"skip connections {'on' if model.skip_connections else 'off'}, decoder {tuple(model.decoder_channels)}"),
+        (
+            "recipe",
+            f"{train.recipe}: {train.epochs} epochs, batch {train.batch_size}, {train.optimizer} lr {train.lr:g}, "
+            f"{train.schedule} schedule, loss {train.loss}",
+        ),
+        (
+            "model",
+            f"{model.arch} / {model.encoder}, encoder init {model.encoder_weights}, "
+            f"skip connections {'on' if model.skip_connections else 'off'}, decoder {tuple(model.decoder_channels)}",
+        ),
         ("resolution", f"{train.image_size} x {train.image_size} px (metrics at this resolution)"),
         ("threshold", f"{summary['threshold']:g} ({summary.get('threshold_selection', '')})"),
     ]
@@ -253,7 +262,9 @@ def _summary_rows(summary: dict[str, Any], threshold: float, bf1_fold: dict[str,
     rows = []
     for key, label in (("at_0.5", "ours @ 0.5"), ("at_chosen", f"ours @ {threshold:g} (chosen)")):
         ms = summary["mean_std"][key]
-        rows.append({"label": label, **{m: _pm(ms[m]) for m in METRIC_NAMES}, "bf1": _pm(mean_std(bf1_fold[key])), "ours": True})
+        rows.append(
+            {"label": label, **{m: _pm(ms[m]) for m in METRIC_NAMES}, "bf1": _pm(mean_std(bf1_fold[key])), "ours": True}
+        )
     paper = summary.get("paper")
     if paper:
         rows.append(
@@ -329,7 +340,9 @@ def _explain_section(run: RunDir, folds: list[int]) -> dict[str, Any]:
     names = [k for k in EXPLAIN_LABELS if any(k in m for m in per_fold.values())]
     rows = []
     for name in names:
-        values = [per_fold[f][name] for f in sorted(per_fold) if name in per_fold[f] and math.isfinite(per_fold[f][name])]
+        values = [
+            per_fold[f][name] for f in sorted(per_fold) if name in per_fold[f] and math.isfinite(per_fold[f][name])
+        ]
         label, meaning = EXPLAIN_LABELS[name]
         rows.append(
             {
@@ -350,7 +363,13 @@ def _explain_section(run: RunDir, folds: list[int]) -> dict[str, Any]:
         )
         if key in settings
     )
-    return {"measured": True, "folds": sorted(per_fold), "counts": [counts[f] for f in sorted(per_fold)], "rows": rows, "settings": described}
+    return {
+        "measured": True,
+        "folds": sorted(per_fold),
+        "counts": [counts[f] for f in sorted(per_fold)],
+        "rows": rows,
+        "settings": described,
+    }
 
 
 def _external_rows(run: RunDir) -> list[dict[str, Any]]:
@@ -359,9 +378,11 @@ def _external_rows(run: RunDir) -> list[dict[str, Any]]:
         try:
             data = read_json(path)
             t = f"{float(data['threshold']):g}"
-            ensemble = next(m for m in data["models"] if m["name"] == "ensemble") if any(
-                m["name"] == "ensemble" for m in data["models"]
-            ) else data["models"][0]
+            ensemble = (
+                next(m for m in data["models"] if m["name"] == "ensemble")
+                if any(m["name"] == "ensemble" for m in data["models"])
+                else data["models"][0]
+            )
             folds = data.get("fold_mean_std", {}).get(t, {})
             results.append(
                 {

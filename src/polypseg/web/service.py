@@ -247,12 +247,23 @@ class InferenceService:
             except PolypsegError:
                 ticket.release()
                 raise
-        job = _Job(kind, image, float(self.threshold if threshold is None else threshold), ticket, fold if kind == "explain" else None)
+        job = _Job(
+            kind,
+            image,
+            float(self.threshold if threshold is None else threshold),
+            ticket,
+            fold if kind == "explain" else None,
+        )
         self._queue.put(job)
         return job.future
 
     def run(
-        self, kind: str, image: np.ndarray, threshold: float | None = None, timeout: float | None = None, fold: int | None = None
+        self,
+        kind: str,
+        image: np.ndarray,
+        threshold: float | None = None,
+        timeout: float | None = None,
+        fold: int | None = None,
     ) -> Any:
         """Reserve, submit and wait: the blocking form, for scripts and tests."""
         ticket = self.reserve(int(image.shape[0]) * int(image.shape[1]))
@@ -459,7 +470,7 @@ class InferenceService:
     def _run_group(self, kind: str, threshold: float, jobs: list[_Job], fold: int | None = None) -> None:
         try:
             results = self._compute(kind, threshold, [j.image for j in jobs], fold)
-        except Exception as error:  # noqa: BLE001 - isolate the failing request from the others
+        except Exception as error:
             if len(jobs) > 1:
                 self._empty_device_cache()
                 for job in jobs:
@@ -468,7 +479,7 @@ class InferenceService:
             log.exception("inference failed")
             jobs[0].future.set_exception(self._as_client_error(error))
             return
-        for job, result in zip(jobs, results):
+        for job, result in zip(jobs, results, strict=False):
             if kind == "segment" and abs(job.threshold - self.threshold) > 1e-12:
                 result = result.with_threshold(job.threshold)
             job.future.set_result(result)
@@ -499,7 +510,9 @@ class InferenceService:
         indices = list(range(len(self.explain_models))) if fold is None else [fold]
         total: torch.Tensor | None = None
         for index in indices:
-            with GradCAMDriver(self.explain_models[index], self.explain_layer, device=device, batch_size=len(resized)) as driver:
+            with GradCAMDriver(
+                self.explain_models[index], self.explain_layer, device=device, batch_size=len(resized)
+            ) as driver:
                 maps = driver.run(resized, RegionLogitSum(region)).heatmaps.float()
             total = maps if total is None else total + maps
         assert total is not None
