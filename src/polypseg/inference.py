@@ -8,8 +8,9 @@ always have the input's size.
 
 Backends: ``torch`` (bf16 autocast and channels-last on CUDA and on CPUs with native bf16, see
 :mod:`polypseg.precision`; optionally ``torch.compile``), ``onnxruntime``, and ``openvino`` (CPU,
-bf16 where the CPU has it; the optional ``polypseg[openvino]`` extra). ``backend="auto"`` picks torch on CUDA and onnxruntime on CPU, where it is
-the faster of the two (docs/benchmarks.md); each checkpoint is exported to ONNX on first use into
+bf16 where the CPU has it; the optional ``polypseg[openvino]`` extra). ``backend="auto"`` picks torch on CUDA and, on
+CPU, OpenVINO where it is installed, else onnxruntime: the fastest engines whose Dice change against
+fp32 stayed within 0.005 on the shipped model (docs/benchmarks.md); each checkpoint is exported to ONNX on first use into
 the cache folder (``~/.cache/polypseg/onnx``), keyed by its content hash. A validated int8 model (``NAME.int8.onnx``, from
 ``polypseg export --int8 --validate``) is preferred on CPU when its measured Dice change is within
 :data:`polypseg.export.MAX_INT8_DICE_CHANGE`.
@@ -374,9 +375,11 @@ class Predictor:
         against the SHA-256 in the package's registry (:mod:`polypseg.pretrained`).
 
         The threshold defaults to the run's ``summary.json`` threshold, else the checkpoints' own,
-        else 0.5. ``backend="auto"``: torch on CUDA, onnxruntime on CPU (each checkpoint exported
-        on first use into the cache, ``cache_dir/onnx`` or ``~/.cache/polypseg/onnx``, keyed by the
-        checkpoint's content hash; never into the run folder; torch if onnxruntime fails).
+        else 0.5. ``backend="auto"``: torch on CUDA; on CPU OpenVINO if installed (``precision``:
+        bf16 where the CPU has it), else onnxruntime, each on the validated int8 model where there
+        is one (each checkpoint exported on first use into the cache, ``cache_dir/onnx`` or
+        ``~/.cache/polypseg/onnx``, keyed by the checkpoint's content hash; never into the run
+        folder; torch if the export fails).
         ``notify`` receives one-line notes (an export starting, a fallback to torch); by default
         they are logged.
         """
@@ -433,6 +436,12 @@ class Predictor:
                 except Exception as error:  # noqa: BLE001 - any export failure: fall back to torch, say why
                     say(f"onnxruntime unavailable for {display_name(path)} ({str(error).splitlines()[0]}); using torch")
                     backend = "torch"
+            if backend == "onnxruntime" and openvino_installed():
+                # Measured on the shipped model (docs/benchmarks.md): OpenVINO int8 and bf16 are the
+                # fastest CPU engines, with Dice changes of +0.0001 and -0.00002 against fp32.
+                return cls.from_openvino(
+                    onnx_paths, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
+                )
             if backend == "onnxruntime":
                 return cls.from_onnx(
                     onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
@@ -576,6 +585,13 @@ def _compile_mode(compile: bool | str | None) -> str | None:
     if compile not in COMPILE_MODES:
         raise PredictorError(f"compile mode '{compile}': choose one of none, {', '.join(COMPILE_MODES)}")
     return str(compile)
+
+
+def openvino_installed() -> bool:
+    """Whether the optional OpenVINO engine (``polypseg[openvino]``) can be imported."""
+    from importlib.util import find_spec
+
+    return find_spec("openvino") is not None
 
 
 def _fold_index(checkpoint: Path) -> int | None:
