@@ -237,3 +237,40 @@ def test_explain_odd_names_in_csv_html_and_figures(checkpoint: Path, tmp_path: P
     page = (out / "gallery.html").read_text(encoding="utf-8")
     assert "bad%FF%FE" in page and "息肉" in page and page.count("data:image/png;base64,") == 3
     assert json.loads((out / "summary.json").read_text())["explained"] == 3
+
+
+def test_explain_on_a_forward_only_engine_gives_torch_heatmaps(
+    checkpoint: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--engine onnxruntime: the closed-form head gradient reproduces torch fp32's heatmaps; export cached."""
+    monkeypatch.setenv("POLYPSEG_CACHE", str(tmp_path / "cache"))
+    common = [
+        str(dataset),
+        "--model",
+        str(checkpoint),
+        "--device",
+        "cpu",
+        "--deletion-steps",
+        "0",
+        "--precision",
+        "fp32",
+    ]
+    torch_out, engine_out = tmp_path / "torch", tmp_path / "engine"
+    assert _invoke(*common, "--out", str(torch_out)).exit_code == 0
+    result = _invoke(*common, "--out", str(engine_out), "--engine", "onnxruntime")
+    assert result.exit_code == 0, result.output
+    for stem in SIZES:
+        np.testing.assert_allclose(
+            np.load(engine_out / f"{stem}_heatmap.npy"), np.load(torch_out / f"{stem}_heatmap.npy"), atol=1e-3
+        )
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.gradcam32.onnx"))
+    assert len(cached) == 1
+    assert _invoke(*common, "--out", str(tmp_path / "again"), "--engine", "onnxruntime").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.gradcam32.onnx")) == cached  # exported once
+
+    for extra, message in (
+        (["--engine", "tensorrt"], "--engine tensorrt: choose one of torch, onnxruntime, openvino"),
+        (["--engine", "openvino", "--method", "scorecam"], "--engine openvino computes the paper's Grad-CAM"),
+    ):
+        result = _invoke(*common, "--out", str(tmp_path / "bad"), *extra)
+        assert isinstance(result.exception, PolypsegError) and message in str(result.exception)

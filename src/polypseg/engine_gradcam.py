@@ -493,3 +493,88 @@ def quantize_gradcam_onnx(
     if calibration_images is None:
         raise EngineGradCAMError("precision 'int8' needs calibration_images (a folder of images or a list)")
     return quantize_onnx_int8(fp32_path, out_path, calibration_images, max_images=max_images)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver that `polypseg explain --engine` uses
+
+
+def cached_gradcam_onnx(
+    checkpoint: Path | str, model: nn.Module, image_size: int, cache_dir: Path | str | None = None
+) -> Path:
+    """The two-output Grad-CAM export of ``checkpoint``, made once and kept in the ONNX cache.
+
+    Keyed like :func:`polypseg.export.cached_onnx` (the SHA-256 of the checkpoint's content and the
+    exporter's settings), plus the image size; written to a temporary name and renamed, so an
+    interrupted export never leaves a file that looks finished.
+    """
+    import os
+
+    from polypseg.export import _cache_entry, _fingerprint
+
+    entry = _cache_entry(_fingerprint(Path(checkpoint)), cache_dir)
+    target = entry.with_name(f"{entry.stem}.gradcam{int(image_size)}.onnx")
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp.onnx")
+    try:
+        export_gradcam_onnx(model, partial, image_size)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+class EngineGradCAMDriver:
+    """:class:`polypseg.explain.GradCAMDriver`'s ``run`` on a forward-only CPU engine.
+
+    Same input (RGB ``uint8`` images) and output (:class:`polypseg.explain.CamBatch`, at the model's
+    size) as the torch driver, so callers switch engines without other changes. The export is
+    cached per checkpoint content (:func:`cached_gradcam_onnx`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpoint: Path | str,
+        engine: str,
+        precision: str = "auto",
+        image_size: int = 256,
+        layer: str | nn.Module = DEFAULT_LAYER,
+        method: str = "gradcam",
+        cache_dir: Path | str | None = None,
+    ) -> None:
+        self.image_size = int(image_size)
+        cpu_model = model if next(model.parameters()).device.type == "cpu" else _cpu_copy(model)
+        path = cached_gradcam_onnx(checkpoint, cpu_model, self.image_size, cache_dir)
+        self._cam = EngineGradCAM(
+            cpu_model,
+            engine,
+            precision,
+            image_size=self.image_size,
+            layer=layer,
+            method=method,
+            onnx_path=path,
+            export=False,
+        )
+
+    def __enter__(self) -> EngineGradCAMDriver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cam.release()
+
+    def run(self, images: Any, target: Any = None, indices: slice | None = None) -> Any:
+        from polypseg.explain import CamBatch
+        from polypseg.inferer import model_input
+
+        inputs = model_input(images, "cpu", "fp32", image_size=self.image_size)
+        heatmaps, logits = self._cam(inputs, target, return_logits=True)
+        return CamBatch(indices if indices is not None else slice(0, len(inputs)), inputs, heatmaps, logits)
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).float().cpu().eval()

@@ -54,6 +54,7 @@ def explain_files(
     topk: float = 0.15,
     deletion_steps: int = 16,
     precision: str = "auto",
+    engine: str = "torch",
     warn: Callable[[str], None] = log.warning,
     say: Callable[[str], None] = log.info,
     progress: bool = True,
@@ -68,7 +69,9 @@ def explain_files(
     The model works at its own resolution; full-size maps are made only for what is written and
     measured, piece by piece (heatmaps at most :data:`MAX_HEATMAP_PIXELS`, panels drawn from
     copies at most :data:`PANEL_SIDE` px long). Options are checked first, each error naming its
-    command-line option.
+    command-line option. ``engine`` ``onnxruntime`` or ``openvino`` computes the heatmaps on that
+    CPU engine (:mod:`polypseg.engine_gradcam`: the paper's Grad-CAM only, same heatmaps); the
+    explanation metrics still run the model in torch.
     """
     import torch
     from rich.console import Console
@@ -114,6 +117,13 @@ def explain_files(
     from polypseg.pretrained import resolve_model
 
     check_precision(precision, "--precision")
+    engines = ("torch", "onnxruntime", "openvino")
+    if engine not in engines:
+        raise PolypsegError(f"--engine {engine}: choose one of {', '.join(engines)}")
+    if engine != "torch" and (method != "gradcam" or layer != "decoder.final"):
+        raise PolypsegError(
+            f"--engine {engine} computes the paper's Grad-CAM (--method gradcam --layer decoder.final) only"
+        )
     model_path = resolve_model(model)
     if not inputs:
         from polypseg.sample_data import sample_dataset_path
@@ -122,6 +132,8 @@ def explain_files(
     skips = SkipLog(warn)
     with one_line_warnings(warn):
         device = str(resolve_device(device, label="--device"))
+        if engine != "torch" and device != "cpu":
+            raise PolypsegError(f"--engine {engine} runs on the CPU; pass --device cpu or --engine torch")
         checkpoint_path = pick_checkpoint(model_path, fold)
         checkpoint = load_checkpoint(checkpoint_path, device=device)
         net = checkpoint.model
@@ -143,9 +155,14 @@ def explain_files(
         records: list[dict[str, Any]] = []
         panels: dict[str, Path] = {}
         columns = (TextColumn("explaining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        driver = GradCAMDriver(
-            net, layer, method, image_size=size, device=device, precision=precision, batch_size=batch_size
-        )
+        if engine == "torch":
+            driver: Any = GradCAMDriver(
+                net, layer, method, image_size=size, device=device, precision=precision, batch_size=batch_size
+            )
+        else:
+            from polypseg.engine_gradcam import EngineGradCAMDriver
+
+            driver = EngineGradCAMDriver(net, checkpoint_path, engine, precision, image_size=size, layer=layer)
         with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar, driver:
             task = bar.add_task("explain", total=len(items))
             for chunk in batch_slices(len(items), batch_size):

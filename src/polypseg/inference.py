@@ -440,7 +440,12 @@ class Predictor:
                 # Measured on the shipped model (docs/benchmarks.md): OpenVINO int8 and bf16 are the
                 # fastest CPU engines, with Dice changes of +0.0001 and -0.00002 against fp32.
                 return cls.from_openvino(
-                    onnx_paths, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
+                    onnx_paths,
+                    precision=precision,
+                    threshold=threshold,
+                    tta=tta,
+                    batch_size=batch_size,
+                    metadata=metadata,
                 )
             if backend == "onnxruntime":
                 return cls.from_onnx(
