@@ -133,3 +133,18 @@ def test_models_command_lists_and_verifies(shipped):
     shipped.weights.write_bytes(shipped.weights.read_bytes()[:-5] + b"xxxxx")
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 1 and "FAILED" in result.output
+
+
+def test_export_takes_a_shipped_model_by_name_and_asks_where_to_write(tmp_path):
+    """The shipped model's folder is the package's: export writes only where --out says."""
+    from polypseg.deploy import export_checkpoints
+    from polypseg.export import ExportError
+    from polypseg.pretrained import available_models
+
+    shipped = available_models()
+    if not shipped:
+        pytest.skip("no shipped model in this checkout")
+    with pytest.raises(ExportError, match="--out: .* is a shipped model"):
+        export_checkpoints(shipped[0].name)
+    results = export_checkpoints(shipped[0].name, out=tmp_path / "m.onnx", progress=False)
+    assert (tmp_path / "m.onnx").is_file() and len(results) == 1

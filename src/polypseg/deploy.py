@@ -58,6 +58,11 @@ def export_checkpoints(
         raise ExportError(f"--format {fmt}: only 'onnx' is supported")
     if (calibration is not None or validate is not None) and not int8:
         raise ExportError("--calibration and --validate apply to --int8 only")
+    from polypseg.pretrained import WEIGHTS_DIR, resolve_model
+
+    model = resolve_model(model)  # a shipped model's name works too
+    if out is None and Path(model).resolve().parent == WEIGHTS_DIR:
+        raise ExportError(f"--out: {Path(model).name} is a shipped model; name where its export goes (--out FILE.onnx)")
     checkpoints = find_checkpoints(model)
     if out is not None and len(checkpoints) > 1:
         raise ExportError(

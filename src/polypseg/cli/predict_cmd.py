@@ -128,7 +128,10 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
         model: Path = typer.Option(
-            ..., "--model", "-m", help="Checkpoint, or a CV run folder (every fold is exported)."
+            ...,
+            "--model",
+            "-m",
+            help="Checkpoint, a CV run folder (every fold is exported), or a shipped model's name (with --out).",
         ),
         fmt: str = typer.Option("onnx", "--format", help="Export format: onnx."),
         out: Path | None = typer.Option(
