@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from polypseg.errors import PolypsegError
-from polypseg.runs import fold_name, parse_fold_name
+from polypseg.runs import RunDir, fold_name, parse_fold_name
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +338,8 @@ class InferenceService:
         model_cfg = config.get("model", {})
         train_cfg = config.get("train", {})
         run_dir = self._run_dir()
-        run_config = _read_json(run_dir / "config.json") if run_dir is not None else {}
-        data = run_config.get("data") or metadata.get("data")
+        settings = RunDir(run_dir).read_settings() if run_dir is not None else None
+        data = (settings.data if settings is not None else None) or metadata.get("data")
         info: dict[str, Any] = {
             "polypseg_version": __version__,
             "source": self.source.name if self.source is not None else None,
@@ -360,7 +360,7 @@ class InferenceService:
                 "image_size": train_cfg.get("image_size"),
                 # The dataset folder's name only: absolute server paths are not the client's business.
                 "data": Path(str(data)).name if data else None,
-                "folds": run_config.get("folds"),
+                "folds": settings.folds if settings is not None else None,
             },
             "threshold": self.threshold,
             "metrics": self._metrics(metadata, run_dir),
@@ -377,7 +377,7 @@ class InferenceService:
             "backend": str(getattr(self.predictor, "backend", "torch")),
             "tta": bool(getattr(self.predictor, "tta", False)),
         }
-        summary = metadata.get("summary") or (_read_json(run_dir / "summary.json") if run_dir is not None else {})
+        summary = metadata.get("summary") or ((RunDir(run_dir).read_summary() or {}) if run_dir is not None else {})
         if summary:
             info["cross_validation"] = {
                 key: summary[key]
@@ -417,7 +417,8 @@ class InferenceService:
             return None
         source = self.source
         for candidate in (source, source.parent, source.parent.parent):
-            if candidate.is_dir() and (candidate / "config.json").is_file() and (candidate / "splits.json").is_file():
+            run = RunDir(candidate)
+            if candidate.is_dir() and run.config_path.is_file() and run.splits_path.is_file():  # a CV run
                 return candidate
         return None
 
