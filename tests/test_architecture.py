@@ -293,3 +293,42 @@ def parents(name: str) -> list[str]:
 
 def in_package(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
+
+
+# The stages of docs/architecture.md, bottom to top. A module may import its own layer and those
+# below it, never one above: data flows one way. A new module must be placed here.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("_version", "errors", "config", "devices", "precision", "io_utils", "metrics", "boundary"),  # foundation
+    ("data", "augment", "transforms", "download", "inputs", "manifests", "sample_data"),  # data
+    ("models", "pretrained", "losses", "checkpoint", "runs", "inferer"),  # models, run folders, inference core
+    ("training", "evaluation", "splits", "train_split", "summary"),  # training
+    ("inference", "export", "deploy", "video", "predict_files"),  # prediction and deployment
+    ("explain", "engine_gradcam", "explain_metrics", "explain_files", "gallery"),  # explanation
+    ("reporting", "studies", "cv", "bench"),  # reports, studies and the runs that write them
+    ("cli", "web"),  # apps
+)
+
+
+def layer_of(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != PACKAGE or len(parts) == 1:
+        return len(LAYERS) if module == PACKAGE else None  # the package root re-exports: on top
+    for index, names in enumerate(LAYERS):
+        if parts[1] in names:
+            return index
+    return None
+
+
+def test_every_module_has_a_layer(modules: dict[str, ModuleInfo]) -> None:
+    assert [name for name in modules if layer_of(name) is None] == []
+
+
+def test_imports_only_go_down_the_layers(modules: dict[str, ModuleInfo]) -> None:
+    upward = [
+        f"{edge.source} (layer {layer_of(edge.source)}) -> {edge.target} (layer {layer_of(edge.target)})"
+        f"  ({info.path.name}:{edge.line})"
+        for info in modules.values()
+        for edge in info.imports
+        if (layer_of(edge.target) or 0) > (layer_of(edge.source) or 0)
+    ]
+    assert upward == [], "imports up the layers:\n" + "\n".join(upward)

@@ -100,7 +100,7 @@ def test_real_old_runs_in_docs_load_and_save_unchanged(folder: str, tmp_path: Pa
 
 def test_the_shipped_run_split_is_what_the_one_split_function_draws() -> None:
     """Runs saved before the split was one function keep their split: the function redraws it exactly."""
-    run = RunDir(DOCS_RUNS / "ship-cpu-v1")
+    run = RunDir(DOCS_RUNS / "kvasir-unet-r34")
     split, config = run.read_split(), run.read_settings().config
     assert split is not None
     train, val = inner_validation_split(split["train"] + split["val"], config.train.val_fraction, config.train.seed)
@@ -162,7 +162,7 @@ def test_report_refuses_a_training_folder_and_writes_nothing_into_it(tmp_path: P
     from polypseg.reporting import ReportError, write_report
 
     run = tmp_path / "ship"
-    shutil.copytree(DOCS_RUNS / "ship-cpu-v1", run)
+    shutil.copytree(DOCS_RUNS / "kvasir-unet-r34", run)
     _write_fold(run, 0, ["a"])
     before = sorted(p.name for p in run.rglob("*"))
     with pytest.raises(ReportError, match="single-split training folder"):

@@ -133,3 +133,9 @@ def test_training_step_never_waits_for_the_device(tmp_path, monkeypatch, recipe)
         )
         counts.append(conversions["count"])
     assert counts[0] == counts[1], counts
+
+
+def test_the_config_and_the_losses_name_the_same_losses() -> None:
+    from polypseg.config import LOSS_NAMES
+
+    assert sorted(LOSS_NAMES) == sorted(LOSSES)

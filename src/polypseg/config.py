@@ -17,6 +17,9 @@ from polypseg.errors import PolypsegError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The loss names a config may hold; polypseg.losses.LOSSES maps each to its function (a test checks
+# that the two agree), so the config, below the models in the layers, needs no torch to validate.
+LOSS_NAMES = ("dice", "bce", "dice_bce", "focal_dice", "tversky")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 
@@ -301,7 +304,6 @@ def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None) 
     config knows no models. ``labels`` names fields the way the caller's user knows them (the CLI
     passes ``{"train.loss": "--loss", ...}``).
     """
-    from polypseg.losses import LOSSES
     from polypseg.precision import PRECISIONS
 
     def label(field_name: str) -> str:
@@ -310,7 +312,7 @@ def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None) 
     train = config.train
     for field_name, value, choices in (
         ("train.precision", train.precision, PRECISIONS),
-        ("train.loss", train.loss, LOSSES),
+        ("train.loss", train.loss, LOSS_NAMES),
         ("train.optimizer", train.optimizer, OPTIMIZERS),
         ("train.schedule", train.schedule, SCHEDULES),
     ):

@@ -18,14 +18,23 @@ from typing import Any
 
 import torch
 
-from polypseg import __version__
+from polypseg._version import __version__
 from polypseg.checkpoint import load_checkpoint
 from polypseg.config import RunConfig, config_differences, validate_config
 from polypseg.data import CachedData, DataError, build_cache, dataset_fingerprint
 from polypseg.devices import resolve_device
-from polypseg.evaluation import dequantize_probabilities, evaluate_probabilities, quantize_probabilities
+from polypseg.evaluation import evaluate_probabilities
 from polypseg.io_utils import atomic_write_json, read_json, remove_stale_temps
-from polypseg.runs import CV, OutOfFold, RunDir, RunError, RunSettings, refuse_changed_settings
+from polypseg.runs import (
+    CV,
+    OutOfFold,
+    RunDir,
+    RunError,
+    RunSettings,
+    dequantize_probabilities,
+    quantize_probabilities,
+    refuse_changed_settings,
+)
 from polypseg.splits import make_splits, splits_from_test_folds
 from polypseg.summary import PAPER_RESULTS, compute_summary, pooled_metrics, summary_markdown
 from polypseg.training import (

@@ -56,12 +56,3 @@ def evaluate_probabilities(
     for batch in batch_slices(probs.shape[0], chunk):
         metric.update(probs[batch], masks[batch], None if stems is None else list(stems[batch]))
     return metric
-
-
-def quantize_probabilities(probs: torch.Tensor) -> np.ndarray:
-    """``float [0, 1]`` -> ``uint8`` (round(p * 255)): 4x smaller out-of-fold files, error <= 0.002."""
-    return (probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-def dequantize_probabilities(probs: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(probs.astype(np.float32) / 255.0)

@@ -348,8 +348,6 @@ class RunDir(os.PathLike):
         import numpy as np
         import torch
 
-        from polypseg.evaluation import dequantize_probabilities
-
         path = self.oof_path(fold)
         if not path.is_file():
             raise RunError(f"{path} is missing: fold {fold} of {self.path} is not finished")
@@ -391,3 +389,19 @@ def _write_npz(path: Path, arrays: Mapping[str, Any]) -> None:
             np.savez_compressed(handle, **arrays)
 
     atomic_write(path, write)
+
+
+def quantize_probabilities(probs: torch.Tensor) -> np.ndarray:
+    """``float [0, 1]`` -> ``uint8`` (round(p * 255)): how out-of-fold files store probabilities,
+    4x smaller, error <= 0.002."""
+    import torch
+
+    return (probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def dequantize_probabilities(probs: np.ndarray) -> torch.Tensor:
+    """The stored ``uint8`` probabilities back to ``float32`` in [0, 1]."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(probs.astype(np.float32) / 255.0)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from polypseg import __version__
+from polypseg._version import __version__
 from polypseg.boundary import boundary_f1, default_tolerance
 from polypseg.checkpoint import find_checkpoints, load_checkpoint
 from polypseg.config import RunConfig

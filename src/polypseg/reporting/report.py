@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from polypseg import __version__
+from polypseg._version import __version__
 from polypseg.boundary import boundary_f1, default_tolerance
 from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
