@@ -217,12 +217,13 @@ def test_onnxruntime_int8_correlates_with_fp32(
     ],
     ids=["sigmoid", "upsampling", "two-convs", "valid-padding", "reflect-padding"],
 )
-def test_refuses_a_head_that_is_not_one_plain_conv(
-    unet: nn.Module, head: nn.Module, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(unet, "segmentation_head", head)
+def test_refuses_a_head_that_is_not_one_plain_conv(unet: nn.Module, head: nn.Module) -> None:
+    import copy
+
+    model = copy.deepcopy(unet)  # the fixture is shared by the module: never change it in place
+    model.segmentation_head = head
     with pytest.raises(EngineGradCAMError) as caught:
-        EngineGradCAM(unet, image_size=SIZE)
+        EngineGradCAM(model, image_size=SIZE)
     assert isinstance(caught.value, PolypsegError) and "\n" not in str(caught.value)
 
 
