@@ -25,11 +25,8 @@ runs in fp32 PyTorch whatever the engine's precision.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -260,7 +257,7 @@ def export_gradcam_onnx(
     torch.export-based exporter with a dynamic batch axis, the TorchScript exporter if that fails).
     The model is exported in eval mode and its training flag restored afterwards.
     """
-    from polypseg.export import DEFAULT_OPSET, ExportError
+    from polypseg.export import DEFAULT_OPSET, ExportError, _export_graph
 
     linear_head_conv(model)
     path = Path(path)
@@ -270,32 +267,8 @@ def export_gradcam_onnx(
     wrapper.eval()
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
-    example = torch.randn(2 if dynamic_batch else 1, 3, image_size, image_size, device=device)
-    kwargs: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES), "opset_version": opset}
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            try:
-                shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
-                torch.onnx.export(
-                    wrapper,
-                    (example,),
-                    str(path),
-                    dynamo=True,
-                    dynamic_shapes=shapes,
-                    external_data=False,
-                    verbose=False,
-                    **kwargs,
-                )
-            except Exception as error:  # noqa: BLE001 - retry with the older exporter, keep the reason
-                log.warning(
-                    "torch.export-based ONNX export failed (%s); using the TorchScript exporter",
-                    str(error).splitlines()[0],
-                )
-                axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
-                torch.onnx.export(
-                    wrapper, (example,), str(path), dynamo=False, dynamic_axes=axes, do_constant_folding=True, **kwargs
-                )
+        _export_graph(wrapper, image_size, path, opset, dynamic_batch, output_names=OUTPUT_NAMES, device=device)
     except Exception as error:  # noqa: BLE001 - both exporters failed: one line for the user
         raise ExportError(f"cannot export the model for forward-only Grad-CAM: {str(error).splitlines()[0]}") from None
     finally:

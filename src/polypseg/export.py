@@ -155,11 +155,18 @@ def export_onnx(
 
 
 def _export_graph(
-    model: nn.Module, size: int, path: Path, opset: int, dynamic_batch: bool, dynamo: bool = True
+    model: nn.Module,
+    size: int,
+    path: Path,
+    opset: int,
+    dynamic_batch: bool,
+    dynamo: bool = True,
+    output_names: tuple[str, ...] = ("probability",),
+    device: torch.device | str = "cpu",
 ) -> None:
     """``torch.onnx.export`` with the torch.export-based exporter; the TorchScript one if that fails."""
-    example = torch.randn(2 if dynamic_batch else 1, 3, size, size)
-    kwargs: dict[str, Any] = dict(input_names=["image"], output_names=["probability"], opset_version=opset)
+    example = torch.randn(2 if dynamic_batch else 1, 3, size, size, device=device)
+    kwargs: dict[str, Any] = dict(input_names=["image"], output_names=list(output_names), opset_version=opset)
     with warnings.catch_warnings(), _quiet_stdout():
         warnings.simplefilter("ignore")
         if dynamo:
@@ -181,7 +188,7 @@ def _export_graph(
                     "torch.export-based ONNX export failed (%s); using the TorchScript exporter",
                     str(error).splitlines()[0],
                 )
-        axes = {"image": {0: "batch"}, "probability": {0: "batch"}} if dynamic_batch else None
+        axes = {name: {0: "batch"} for name in ("image", *output_names)} if dynamic_batch else None
         # The TorchScript exporter restores the module's training flag afterwards: keep it in eval.
         torch.onnx.export(
             model, (example,), str(path), dynamo=False, dynamic_axes=axes, do_constant_folding=True, **kwargs
