@@ -64,6 +64,12 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert encoder.returncode == 2 and "resnet999" in encoder.stderr and "Traceback" not in encoder.stderr
     weights = polypseg("train", "--out", str(tmp_path / "t"), "--encoder-weights", str(tmp_path / "w.pth"))
     assert weights.returncode == 2 and "--encoder-weights" in weights.stderr
+    init = polypseg("train", "--out", str(tmp_path / "t"), "--recipe", "demo", "--init", "kvasir-unet-r34")
+    assert init.returncode == 2 and "Traceback" not in init.stderr  # the shipped model is a ResNet-34, demo is not
+    assert "--init kvasir-unet-r34: its model differs from this run's in model.encoder" in init.stderr
+    refine = polypseg("train", "--out", str(tmp_path / "t"), "--recipe", "cpu-refine")
+    assert refine.returncode == 2 and "pass --init MODEL" in refine.stderr
+    assert not (tmp_path / "t").exists()  # refused before anything was written
 
 
 def test_resume_refuses_options_that_change_the_run(tmp_path):

@@ -41,3 +41,16 @@ def test_config_errors_are_user_errors_and_still_value_errors() -> None:
 
     with pytest.raises(ConfigError, match="invalid model settings: unknown architecture 'transunet'"):
         check_model_config(config.model)
+
+
+def test_cpu_refine_needs_init_and_init_excludes_encoder_weights() -> None:
+    refine = get_recipe("cpu-refine")
+    with pytest.raises(ConfigError, match="cpu-refine continues a trained model: pass --init"):
+        validate_config(refine, labels={"train.init_from": "--init"})
+    refine.train.init_from = "kvasir-unet-r34"
+    validate_config(refine)
+    assert (refine.train.epochs, refine.train.progressive_epochs) == (30, 0)
+    assert refine.train.lr < get_recipe("cpu").train.lr
+    refine.model.encoder_weights = "imagenet"
+    with pytest.raises(ConfigError, match="both set the starting weights"):
+        validate_config(refine)

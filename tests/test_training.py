@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from polypseg import training
-from polypseg.checkpoint import load_checkpoint
-from polypseg.config import TrainConfig
+from polypseg.checkpoint import file_sha256, load_checkpoint
+from polypseg.config import ConfigError, TrainConfig
 from polypseg.data import build_cache
 from polypseg.losses import LOSSES, create_loss
+from polypseg.models import create_model
 from polypseg.training import lr_factor, train_model
 
 from helpers import tiny_config, write_synthetic_dataset
@@ -139,3 +140,50 @@ def test_the_config_and_the_losses_name_the_same_losses() -> None:
     from polypseg.config import LOSS_NAMES
 
     assert sorted(LOSS_NAMES) == sorted(LOSSES)
+
+
+def test_init_from_starts_from_the_trained_weights_and_records_them(tiny_data, tmp_path):
+    first = tiny_config(epochs=1, image_size=32)
+    train_model(first, tiny_data, None, tmp_path / "first", device="cpu", progress=False)
+    trained = load_checkpoint(tmp_path / "first" / "best").model.state_dict()
+
+    refine = tiny_config(epochs=1, image_size=32)
+    refine.train.init_from = str(tmp_path / "first" / "best")
+    step = training.TrainStep(refine, torch.device("cpu"))
+    started = step.model.state_dict()
+    assert all(torch.equal(started[k], trained[k]) for k in trained)
+    fresh = training.TrainStep(tiny_config(epochs=1, image_size=32), torch.device("cpu")).model.state_dict()
+    assert not all(torch.equal(fresh[k], trained[k]) for k in trained if trained[k].is_floating_point())
+
+    train_model(refine, tiny_data, None, tmp_path / "refined", device="cpu", progress=False)
+    init = load_checkpoint(tmp_path / "refined" / "best").metadata["init"]
+    assert init["from"] == refine.train.init_from
+    assert init["weights_sha256"] == file_sha256(tmp_path / "first" / "best.safetensors")
+
+
+def test_init_from_refuses_another_architecture_and_a_cv_run(tiny_data, tmp_path):
+    first = tiny_config(epochs=1, image_size=32)
+    train_model(first, tiny_data, None, tmp_path / "run" / "fold_0", device="cpu", progress=False)
+    train_model(first, tiny_data, None, tmp_path / "run" / "fold_1", device="cpu", progress=False)
+    other = tiny_config(epochs=1, image_size=32)
+    other.model.decoder_channels = (32, 16, 8, 8, 4)
+    other.train.init_from = str(tmp_path / "run" / "fold_0" / "best")
+    with pytest.raises(ConfigError, match=r"--init .*model\.decoder_channels"):
+        training.load_initial_weights(create_model(other.model), other)
+    both = tiny_config(epochs=1, image_size=32)
+    both.train.init_from = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="2 folds; name one fold"):
+        training.load_initial_weights(create_model(both.model), both)
+    missing = tiny_config(epochs=1, image_size=32)
+    missing.train.init_from = str(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="no polypseg checkpoint found"):
+        training.load_initial_weights(create_model(missing.model), missing)
+
+
+def test_unknown_loss_optimizer_and_schedule_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown loss 'l7'"):
+        create_loss("l7")
+    with pytest.raises(ConfigError, match="unknown optimizer 'lion'"):
+        training.create_optimizer(torch.nn.Linear(2, 1), TrainConfig(optimizer="lion"))
+    with pytest.raises(ConfigError, match="unknown schedule 'step'"):
+        lr_factor(TrainConfig(schedule="step"), 0, 10, 1)

@@ -250,6 +250,7 @@ def config_from_metadata(metadata: Mapping[str, Any], weights: Path | str) -> Ru
     try:
         config = RunConfig.from_dict(metadata["config"])
         config.model.encoder_weights = "none"  # the weights come from the checkpoint
+        config.train.init_from = "none"
         int(config.train.image_size)
     except Exception as error:  # noqa: BLE001 - unknown fields, wrong types, a missing config: a bad file
         raise CheckpointError(

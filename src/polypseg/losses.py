@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, TverskyLoss
 
+from polypseg.config import ConfigError
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -38,7 +40,7 @@ LOSSES: dict[str, Callable[[], LossFn]] = {
 def create_loss(name: str) -> LossFn:
     """Build a loss ``f(logits (N,1,H,W), target (N,1,H,W) float) -> scalar`` by name."""
     if name not in LOSSES:
-        raise ValueError(f"unknown loss '{name}'; choose one of: {', '.join(LOSSES)}")
+        raise ConfigError(f"unknown loss '{name}'; choose one of: {', '.join(LOSSES)}")
     loss = LOSSES[name]()
 
     def computed_in_float32(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

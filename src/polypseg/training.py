@@ -8,6 +8,7 @@ DistributedDataParallel (NCCL on CUDA, gloo on CPU); only rank 0 writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -34,7 +35,7 @@ from polypseg.checkpoint import (
     save_training_state,
     training_state_exists,
 )
-from polypseg.config import RunConfig, TrainConfig
+from polypseg.config import OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, TrainConfig
 from polypseg.data import CachedData
 from polypseg.devices import resolve_device
 from polypseg.evaluation import evaluate_probabilities, predict_probabilities
@@ -48,6 +49,42 @@ from polypseg.transforms import normalize
 # Saving optimizer state for --resume costs ~0.3 s on a GPU run of 1-s epochs: do it at most
 # this often (and always at the end), so an interrupted run loses at most this much work.
 STATE_EVERY_S = 60.0
+
+
+def load_initial_weights(model: nn.Module, config: RunConfig) -> dict[str, str] | None:
+    """Start ``model`` from the trained model ``config.train.init_from`` names (fine-tuning).
+
+    Returns the provenance recorded in the run's ``best.json`` (``from`` as given, the source's
+    weights file's SHA-256), or ``None`` when ``init_from`` is ``none``. A source that is not one model
+    of the same architecture is a :class:`~polypseg.config.ConfigError` naming it.
+    """
+    spec = config.train.init_from
+    if spec == "none":
+        return None
+    from polypseg.checkpoint import file_sha256, find_checkpoints, load_checkpoint
+    from polypseg.pretrained import PretrainedError, resolve_model
+
+    label = f"--init {spec}"
+    try:
+        found = find_checkpoints(resolve_model(spec))
+    except (CheckpointError, PretrainedError) as error:
+        raise ConfigError(f"{label}: {error}") from None
+    if len(found) != 1:
+        raise ConfigError(f"{label}: a run of {len(found)} folds; name one fold's checkpoint, e.g. {found[0].parent}")
+    try:
+        source = load_checkpoint(found[0])
+    except CheckpointError as error:
+        raise ConfigError(f"{label}: {error}") from None
+    ours, theirs = dataclasses.asdict(config.model), dataclasses.asdict(source.config.model)
+    differ = [k for k in ours if k != "encoder_weights" and ours[k] != theirs.get(k)]
+    if differ:
+        raise ConfigError(
+            f"{label}: its model differs from this run's in {', '.join(f'model.{k}' for k in differ)} "
+            f"({', '.join(f'{theirs.get(k)!r} vs {ours[k]!r}' for k in differ)})"
+        )
+    # The source's floating tensors may be fp16 (a shipped model): load_state_dict casts them.
+    model.load_state_dict(source.model.state_dict(), strict=True)
+    return {"from": spec, "weights": found[0].name, "weights_sha256": file_sha256(found[0])}
 
 
 @dataclass
@@ -121,7 +158,7 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int, steps_per_epoch:
     if config.schedule == "onecycle":
         # one-cycle's annealing phase: cosine from the peak down to 1/1000 of it
         return 1e-3 + (1 - 1e-3) * cosine
-    raise ValueError(f"unknown schedule '{config.schedule}'; choose constant, cosine or onecycle")
+    raise ConfigError(f"unknown schedule '{config.schedule}'; choose one of: {', '.join(SCHEDULES)}")
 
 
 def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -136,7 +173,7 @@ def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optim
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer '{config.optimizer}'; choose adam, adamw or sgd")
+    raise ConfigError(f"unknown optimizer '{config.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
 
 
 class TrainStep:
@@ -157,7 +194,9 @@ class TrainStep:
         self.channels_last = (
             use_channels_last(device, self.precision, tc.channels_last) if channels_last is None else channels_last
         )
-        self.model = create_model(config.model).to(device)
+        self.model = create_model(config.model)
+        self.init = load_initial_weights(self.model, config)
+        self.model = self.model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema: nn.Module | None = None
@@ -404,6 +443,7 @@ def train_model(
                         "extra": {
                             "epoch": epoch + 1,
                             "selected_on": "inner validation split" if val is not None else "last epoch",
+                            **({"init": step_fn.init} if step_fn.init else {}),
                         },
                     }
                     best_record["tensors_sha256"] = read_metadata(

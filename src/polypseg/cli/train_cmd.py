@@ -33,6 +33,7 @@ OPTION_LABELS = {
     "train.optimizer": "--set train.optimizer",
     "train.schedule": "--set train.schedule",
     "model.encoder_weights": "--encoder-weights",
+    "train.init_from": "--init",
 }
 
 
@@ -49,6 +50,7 @@ def build_config(
     seed: int | None = None,
     overrides: Sequence[str] = (),
     precision: str | None = None,
+    init_from: str | None = None,
 ) -> RunConfig:
     """The named recipe (or a saved run's config) with the command-line options applied (shortcuts
     first, then ``--set``), validated by :func:`polypseg.config.validate_config`."""
@@ -64,6 +66,7 @@ def build_config(
             "train.image_size": image_size,
             "train.seed": seed,
             "train.precision": precision,
+            "train.init_from": init_from,
         }
         for key, value in shortcuts.items():
             if value is not None:
@@ -74,6 +77,11 @@ def build_config(
 
         validate_config(config, labels=OPTION_LABELS)
         check_model_config(config.model)
+        if config.train.init_from != "none":  # fail before the data is read, not after
+            from polypseg.models import create_model
+            from polypseg.training import load_initial_weights
+
+            load_initial_weights(create_model(config.model), config)
         return config
     except ConfigError as error:
         raise UsageError(str(error)) from None
@@ -97,6 +105,12 @@ WeightsOpt = typer.Option(
     None,
     "--encoder-weights",
     help="imagenet | none | PATH to a torchvision ResNet state dict (.pth/.safetensors). Recipe default: none.",
+)
+InitOpt = typer.Option(
+    None,
+    "--init",
+    help="Fine-tune: start the whole network from a trained model (a shipped name such as kvasir-unet-r34, "
+    "a checkpoint, or a training run folder) of the same architecture. Default: none (random init, or --encoder-weights).",
 )
 SkipOpt = typer.Option(None, "--skip/--no-skip", help="U-Net skip connections (--no-skip: the paper's skip ablation).")
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs.")
@@ -140,6 +154,7 @@ def register(app: typer.Typer) -> None:
         seed: int | None = SeedOpt,
         overrides: list[str] = SetOpt,
         precision: str | None = PrecisionOpt,
+        init_from: str | None = InitOpt,
         resume: bool = typer.Option(
             False,
             "--resume",
@@ -174,7 +189,7 @@ def register(app: typer.Typer) -> None:
         from polypseg.cv import run_cv
 
         saved = _saved_config(out) if resume else None
-        options = (recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, precision)
+        options = (recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, precision, init_from)
         config = None  # resuming with no options: the run's own config
         if saved is None or any(v is not None for v in options) or overrides:
             # Given with --resume, the result is checked against the saved config by run_cv.
@@ -191,6 +206,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 overrides=overrides,
                 precision=precision,
+                init_from=init_from,
             )
         _say_precision(config or saved or get_recipe("paper"), device)
         summary = run_cv(
@@ -359,6 +375,7 @@ def register(app: typer.Typer) -> None:
         seed: int | None = SeedOpt,
         overrides: list[str] = SetOpt,
         precision: str | None = PrecisionOpt,
+        init_from: str | None = InitOpt,
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training in --out."),
         device: str = DeviceOpt,
         cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Preprocessed cache folder."),
@@ -381,6 +398,7 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             overrides=overrides,
             precision=precision,
+            init_from=init_from,
         )
         _say_precision(config, device)
         result = train_single_split(
