@@ -40,13 +40,7 @@ environment() {
 }
 
 # copy_run RUN DEST: a CV run's small files (never weights or predictions) for docs/runs/.
+# The list is polypseg.runs.RunDir.record_files: the one place that knows a run's layout.
 copy_run() {
-  local run="$1" dest="$2" fold_dir
-  mkdir -p "$dest"
-  cp "$run"/config.json "$run"/splits.json "$run"/summary.json "$run"/summary.md "$dest"/
-  for fold_dir in "$run"/fold_*; do
-    [[ -f "$fold_dir/history.json" ]] || continue
-    mkdir -p "$dest/$(basename "$fold_dir")"
-    cp "$fold_dir/history.json" "$dest/$(basename "$fold_dir")/"
-  done
+  "$PY" -c 'import sys; from polypseg.runs import RunDir; RunDir(sys.argv[1]).copy_record(sys.argv[2])' "$1" "$2"
 }

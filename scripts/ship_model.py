@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +36,11 @@ def main() -> None:
     parser.add_argument("--test-list", type=Path, default=SHARED / "splits" / "pranet_kvasir_test100.txt")
     parser.add_argument("--external", type=Path, default=SHARED / "cvc-clinicdb-test62")
     parser.add_argument("--command", default="", help="The training command, recorded in the sidecar.")
+    parser.add_argument(
+        "--stages",
+        default="",
+        help="For a fine-tuned model: how its earlier stages were trained, recorded in the sidecar.",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--weights-dir", type=Path, default=None, help="Default: the package's weights/ (a dry run: elsewhere)."
@@ -47,17 +51,19 @@ def main() -> None:
     from polypseg.checkpoint import load_checkpoint
     from polypseg.data import build_cache, load_split_file
     from polypseg.evaluation import evaluate_probabilities, predict_probabilities
-    from polypseg.io_utils import read_json
     from polypseg.pretrained import release_model
+    from polypseg.runs import RunDir
     from polypseg.studies import evaluate_external, evaluate_pranet
 
     train_dir: Path = args.train_dir
+    run = RunDir(train_dir)
+    split, history = run.read_split(), run.read_history()
+    if split is None or history is None:
+        sys.exit(f"error: {train_dir} holds no finished polypseg train run (no split.json or history.json)")
+    config = run.read_settings().config.to_dict()
     pranet = evaluate_pranet(train_dir, args.data, args.test_list, device=args.device)
-    external = evaluate_external(train_dir / "best", args.external, out=train_dir, device=args.device)
-    split = read_json(train_dir / "split.json")
-    history = read_json(train_dir / "history.json")
-    best = load_checkpoint(train_dir / "best")
-    config = json.loads((train_dir / "config.json").read_text())
+    external = evaluate_external(run.best_checkpoint(), args.external, out=train_dir, device=args.device)
+    best = load_checkpoint(run.best_checkpoint())
 
     single = external["models"][0]["at"]
     release = {
@@ -89,8 +95,10 @@ def main() -> None:
         },
         "history_epochs": len(history),
     }
+    if "init" in best.metadata:  # a later stage: what it started from (the earlier stage's SHA-256)
+        release["stages"] = args.stages or "fine-tuned from the checkpoint recorded in 'init'"
     shipped = release_model(
-        train_dir / "best",
+        run.best_checkpoint(),
         args.name,
         release,
         weights_dir=args.weights_dir,
@@ -113,10 +121,7 @@ def main() -> None:
     (train_dir / "fp16_check.json").write_text(json.dumps(scores, indent=2))
 
     docs = args.docs_dir / args.name
-    docs.mkdir(parents=True, exist_ok=True)
-    for path in sorted(train_dir.iterdir()):
-        if path.suffix in (".json", ".md", ".txt", ".csv") and not path.name.startswith("last_state"):
-            shutil.copy2(path, docs / path.name)
+    run.copy_record(docs)
     print(f"shipped {shipped.name}: {shipped.weights} ({shipped.size_bytes / 1e6:.1f} MB, sha256 {shipped.sha256})")
     print(f"small files: {docs}")
 

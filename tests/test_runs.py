@@ -50,6 +50,37 @@ def test_layout_of_a_cv_run(tmp_path: Path) -> None:
     assert RunDir(tmp_path / "absent").fold_indices() == []
 
 
+def test_the_record_of_a_run_is_its_small_text_files_and_nothing_else(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    kept = [
+        "config.json",
+        "splits.json",
+        "summary.md",
+        "external_cvc.json",
+        "fold_0/history.json",
+        "fold_0/best.json",
+        "fold_0/metrics.json",
+        "fold_1/history.json",
+    ]
+    dropped = [
+        "fold_0/best.safetensors",
+        "fold_0/oof.npz",
+        "fold_1/last_state.json",
+        "fold_1/last_state.safetensors",
+        "report.html",
+        "figures/curve.png",
+        "figures/notes.json",
+        "fold_x/history.json",
+    ]
+    for name in kept + dropped:
+        (run.path / name).parent.mkdir(parents=True, exist_ok=True)
+        (run.path / name).write_text(name)
+    assert sorted(str(p.relative_to(run.path)) for p in run.record_files()) == sorted(kept)
+    copies = run.copy_record(tmp_path / "docs")
+    assert sorted(str(p.relative_to(tmp_path / "docs")) for p in copies) == sorted(kept)
+    assert (tmp_path / "docs" / "fold_0" / "best.json").read_text() == "fold_0/best.json"
+
+
 def test_load_oof_pools_finished_folds_in_fold_order(tmp_path: Path) -> None:
     p10, m10 = _write_fold(tmp_path, 10, ["c", "d"])
     p2, m2 = _write_fold(tmp_path, 2, ["a", "b", "e"])

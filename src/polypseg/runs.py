@@ -57,6 +57,9 @@ OOF = "oof.npz"
 FOLD_METRICS = "metrics.json"
 
 FOLD_PREFIX = "fold_"
+# What a run's record (RunDir.record_files) keeps: text only. Weights, training state, predictions
+# (npz), the report and its figures can be regenerated or are too large for a repository.
+RECORD_SUFFIXES = (".json", ".md", ".txt", ".csv")
 RunKind = Literal["cv", "train"]
 CV: RunKind = "cv"
 TRAIN: RunKind = "train"
@@ -221,6 +224,33 @@ class RunDir(os.PathLike):
     def external_results(self) -> list[Path]:
         """The external-validation results saved in the run (``external_<dataset>.json``), by name."""
         return sorted(self.path.glob(f"{EXTERNAL_PREFIX}*.json"))
+
+    def record_files(self) -> list[Path]:
+        """The run's small text files, to commit or publish as its record (e.g. under docs/runs/).
+
+        Config, split(s), invocations, summaries, test and external metrics, and per training
+        folder its history, metrics and checkpoint sidecar; never weights, training state,
+        predictions or the report. Unfinished folds contribute what they have so far.
+        """
+        folders = [self.path, *(self.fold_dir(i) for i in self.fold_indices())]
+        return [
+            file
+            for folder in folders
+            for file in sorted(folder.iterdir())
+            if file.is_file() and file.suffix in RECORD_SUFFIXES and not file.name.startswith(LAST_STATE)
+        ]
+
+    def copy_record(self, dest: Path | str) -> list[Path]:
+        """Copy :meth:`record_files` to ``dest``, keeping fold folders; returns the copies."""
+        import shutil
+
+        copies = []
+        for file in self.record_files():
+            target = Path(dest) / file.relative_to(self.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, target)
+            copies.append(target)
+        return copies
 
     # -- folds ---------------------------------------------------------------------------------
 
