@@ -844,3 +844,42 @@ def test_video_upload_gives_per_frame_results(service: InferenceService, tmp_pat
             assert bad.status_code == 415 and bad.json()["code"] == "not_a_video", bad.text
             assert bad.json()["error"].startswith(f"{name}: a ") and "/v1/segment" in bad.json()["error"]
         assert client.get("/v1/health").json()["limits"]["max_video_frames"] == 10
+
+
+def test_serve_precision_reaches_segmentation_and_grad_cam(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    from polypseg import explain
+    from polypseg.cli.main import app
+
+    calls = fake_server(monkeypatch)
+    result = CliRunner().invoke(
+        app, ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", "0", "--precision", "fp32"]
+    )
+    assert result.exit_code == 0, result.output
+    served = calls[-1]["app"].state.service
+    assert served.precision == "fp32" and served.predictor.precision == "fp32"
+    assert served.describe()["precision"] == {"segmentation": "fp32", "explain": "fp32"}
+    seen = []
+    original = explain.GradCAMDriver.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("precision"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(explain.GradCAMDriver, "__init__", spy)
+    served.start()
+    try:
+        ticket = served.reserve(40 * 52)
+        served.submit(ticket, "explain", image_rgb()).result(timeout=60)
+    finally:
+        served.stop()
+    assert seen == ["fp32"]
+    bad = CliRunner().invoke(app, ["serve", "--model", str(checkpoint), "--port", "0", "--precision", "fp16"])
+    assert bad.exit_code == 2 and "--precision fp16: choose auto, fp32, bf16" in bad.output
+
+
+def test_serve_option_choices_match_the_library():
+    from polypseg.cli.serve_cmd import SERVE_BACKENDS, SERVE_PRECISIONS
+    from polypseg.inference import BACKENDS
+    from polypseg.precision import PRECISIONS
+
+    assert set(SERVE_BACKENDS) == set(BACKENDS) and set(SERVE_PRECISIONS) == set(PRECISIONS)

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option(
             "auto",
             "--backend",
-            help="auto (torch on CUDA, onnxruntime on CPU), torch, onnxruntime, or openvino (CPU; pip install 'polypseg[openvino]').",
+            help="auto (torch on CUDA; on CPU OpenVINO if installed, else onnxruntime), torch, onnxruntime, or openvino (CPU; pip install 'polypseg[openvino]').",
         ),
         precision: str = typer.Option(
             "auto",

@@ -14,6 +14,10 @@ from polypseg.cli.common import UsageError, console, fail, resolve_device
 from polypseg.errors import PolypsegError
 
 TOKEN_ENV = "POLYPSEG_TOKEN"
+# Spelled out here (a test checks them against polypseg.inference.BACKENDS and
+# polypseg.precision.PRECISIONS) so that parsing the options needs no torch.
+SERVE_BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
+SERVE_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def is_loopback(host: str) -> bool:
@@ -88,7 +92,13 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         backend: str = typer.Option(
             "torch",
-            help="Segmentation backend: torch, onnxruntime (faster on CPU; Grad-CAM still runs in torch) or auto.",
+            help="Segmentation backend: torch, onnxruntime or openvino (faster on CPU; Grad-CAM still runs in torch), "
+            "or auto (torch on CUDA; on CPU OpenVINO if installed, else onnxruntime).",
+        ),
+        precision: str = typer.Option(
+            "auto",
+            "--precision",
+            help="Segmentation (torch, openvino) and Grad-CAM: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.",
         ),
         tta: bool = typer.Option(False, "--tta/--no-tta", help="Flip test-time augmentation (segmentation only)."),
         threshold: float | None = typer.Option(
@@ -114,8 +124,10 @@ def register(app: typer.Typer) -> None:
         from polypseg.web.service import InferenceService
 
         token = token or None
-        if backend not in ("torch", "onnxruntime", "auto"):
-            fail(f"--backend {backend}: choose torch, onnxruntime or auto")
+        if backend not in SERVE_BACKENDS:
+            fail(f"--backend {backend}: choose {', '.join(SERVE_BACKENDS)}")
+        if precision not in SERVE_PRECISIONS:
+            fail(f"--precision {precision}: choose {', '.join(SERVE_PRECISIONS)}")
         if threshold is not None and not 0.0 < threshold < 1.0:
             # the same rule as the API's ?threshold=: at 0 every pixel is polyp, at 1 none is
             fail(f"--threshold {threshold:g}: must be between 0 and 1, exclusive")
@@ -136,6 +148,7 @@ def register(app: typer.Typer) -> None:
                     backend=backend,
                     tta=tta,
                     threshold=threshold,
+                    precision=precision,
                     max_queue=max_queue,
                     max_batch=max_batch,
                 )

@@ -110,6 +110,7 @@ class InferenceService:
         explain_layer: str = "decoder.final",
         explain_model: Any = _DEFAULT,
         explain_models: Any = _DEFAULT,
+        precision: str = "auto",
     ) -> None:
         if max_queue < 1 or max_batch < 1:
             raise ValueError("max_queue and max_batch must be at least 1")
@@ -120,6 +121,7 @@ class InferenceService:
         self.max_pending_pixels = max_pending_pixels
         self.batch_wait = batch_wait
         self.explain_layer = explain_layer
+        self.precision = precision  # Grad-CAM's (polypseg.precision); segmentation's is the predictor's
         # Grad-CAM needs torch models: by default the predictor's own (every fold of an ensemble).
         if explain_models is _DEFAULT:
             if explain_model is _DEFAULT:
@@ -145,6 +147,7 @@ class InferenceService:
         backend: str = "torch",
         tta: bool = False,
         threshold: float | None = None,
+        precision: str = "auto",
         **options: Any,
     ) -> InferenceService:
         """Load a checkpoint, CV run folder or shipped model (``None``: the default one); see
@@ -152,7 +155,8 @@ class InferenceService:
 
         Grad-CAM needs the torch model: with ``backend="onnxruntime"`` (or ``"auto"`` on CPU)
         segmentation runs in onnxruntime and the first checkpoint is also loaded in torch for
-        ``explain``. An ``.onnx`` file alone serves segmentation only.
+        ``explain``. An ``.onnx`` file alone serves segmentation only. ``precision`` (auto, fp32,
+        bf16) applies to segmentation (torch, openvino) and to Grad-CAM alike.
         """
         from polypseg.checkpoint import find_checkpoints, load_checkpoint
         from polypseg.inference import Predictor
@@ -161,12 +165,20 @@ class InferenceService:
         path = resolve_model(path)
         if Path(path).suffix == ".onnx" and backend == "torch":
             backend = "onnxruntime"  # an exported model has no torch weights to load
-        predictor = Predictor.from_checkpoint(path, device=device, backend=backend, tta=tta, threshold=threshold)
+        predictor = Predictor.from_checkpoint(
+            path, device=device, backend=backend, tta=tta, threshold=threshold, precision=precision
+        )
         explain_models: list[Any] = list(predictor.models)
         if not explain_models and Path(path).suffix != ".onnx":
             # onnxruntime segments; Grad-CAM needs every fold's torch weights to explain the ensemble's mask.
             explain_models = [load_checkpoint(c, device=predictor.device).model.eval() for c in find_checkpoints(path)]
-        return cls(predictor, source=path, explain_models=explain_models, **options)
+        return cls(predictor, source=path, explain_models=explain_models, precision=precision, **options)
+
+    def _explain_precision(self) -> str:
+        """What Grad-CAM computes in on this device: ``self.precision`` resolved (auto -> bf16 or fp32)."""
+        from polypseg.precision import resolve_precision
+
+        return resolve_precision(self.precision, self.predictor.device)
 
     @property
     def explain_model(self) -> Any:
@@ -375,6 +387,10 @@ class InferenceService:
             else None,
             "device": self.device,
             "backend": str(getattr(self.predictor, "backend", "torch")),
+            "precision": {
+                "segmentation": str(getattr(self.predictor, "precision", "fp32")),
+                "explain": self._explain_precision() if self.explain_models else None,
+            },
             "tta": bool(getattr(self.predictor, "tta", False)),
         }
         summary = metadata.get("summary") or ((RunDir(run_dir).read_summary() or {}) if run_dir is not None else {})
@@ -512,7 +528,11 @@ class InferenceService:
         total: torch.Tensor | None = None
         for index in indices:
             with GradCAMDriver(
-                self.explain_models[index], self.explain_layer, device=device, batch_size=len(resized)
+                self.explain_models[index],
+                self.explain_layer,
+                device=device,
+                batch_size=len(resized),
+                precision=self.precision,
             ) as driver:
                 maps = driver.run(resized, RegionLogitSum(region)).heatmaps.float()
             total = maps if total is None else total + maps
