@@ -209,6 +209,13 @@ def register(app: typer.Typer) -> None:
                 init_from=init_from,
             )
         _say_precision(config or saved or get_recipe("paper"), device)
+        if config is not None and config.train.init_from != "none":
+            console.print(
+                f"[yellow]note:[/] every fold starts from {config.train.init_from}: if it was trained on any of "
+                "these images, their folds' held-out scores are not held out.",
+                highlight=False,
+                soft_wrap=True,
+            )
         summary = run_cv(
             _data_or_sample(data),
             out,
