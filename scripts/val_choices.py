@@ -10,7 +10,6 @@ augmentation, in fp32 (the shipped file's precision does not enter). The test im
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
