@@ -54,3 +54,14 @@ def test_cpu_refine_needs_init_and_init_excludes_encoder_weights() -> None:
     refine.model.encoder_weights = "imagenet"
     with pytest.raises(ConfigError, match="both set the starting weights"):
         validate_config(refine)
+
+
+def test_init_from_is_saved_only_when_set_and_round_trips() -> None:
+    """Configs saved before ``init_from`` existed must save byte for byte as they were."""
+    plain = get_recipe("cpu")
+    assert "init_from" not in plain.to_dict()["train"]
+    assert RunConfig.from_dict(plain.to_dict()).train.init_from == "none"
+    refine = get_recipe("cpu-refine")
+    refine.train.init_from = "runs/stage1/best"
+    assert refine.to_dict()["train"]["init_from"] == "runs/stage1/best"
+    assert RunConfig.from_dict(refine.to_dict()) == refine

@@ -105,13 +105,23 @@ class TrainConfig:
     eval_batch_size: int = 32
 
 
+# TrainConfig fields added after configs were first saved, with their "unset" default.
+_LATER_TRAIN_FIELDS: dict[str, Any] = {"init_from": "none"}
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # Fields added later are written only when set, so every config saved before them (run
+        # folders, checkpoints, docs/runs) still saves byte for byte as it was.
+        for name, unset in _LATER_TRAIN_FIELDS.items():
+            if data["train"].get(name) == unset:
+                del data["train"][name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
