@@ -63,9 +63,30 @@ def main() -> None:
     config = run.read_settings().config.to_dict()
     pranet = evaluate_pranet(train_dir, args.data, args.test_list, device=args.device)
     external = evaluate_external(run.best_checkpoint(), args.external, out=train_dir, device=args.device)
+    # flip TTA too (`--tta`): its use was decided on the inner validation images (scripts/val_choices.py)
+    pranet_tta = evaluate_pranet(train_dir, args.data, args.test_list, device=args.device, tta_flip=True)
+    external_tta = evaluate_external(
+        run.best_checkpoint(), args.external, out=train_dir, device=args.device, tta_flip=True
+    )
     best = load_checkpoint(run.best_checkpoint())
 
-    single = external["models"][0]["at"]
+    def test_metrics(pranet: dict, external: dict) -> dict:
+        single = external["models"][0]["at"][f"{external['threshold']:g}"]
+        return {
+            "kvasir_test100_original_resolution": {
+                "dice": pranet["original_resolution"]["mdice"],
+                "iou": pranet["original_resolution"]["miou"],
+                "dice_ci95_low": pranet["ci95"]["mdice"][0],
+                "dice_ci95_high": pranet["ci95"]["mdice"][1],
+            },
+            "cvc_clinicdb62": {
+                "dice": single["dice"],
+                "iou": single["iou"],
+                "dice_ci95_low": external["ci95"]["dice"][0],
+                "dice_ci95_high": external["ci95"]["dice"][1],
+            },
+        }
+
     release = {
         "training_command": args.command,
         "recipe": config["train"]["recipe"],
@@ -79,20 +100,8 @@ def main() -> None:
             "held_out": f"the {len(split['test'])} images of {args.test_list.name} (PraNet's test split); CVC-ClinicDB never seen",
             "licence": "Kvasir-SEG: research and education only; cite Jha et al., MMM 2020",
         },
-        "test_metrics": {
-            "kvasir_test100_original_resolution": {
-                "dice": pranet["original_resolution"]["mdice"],
-                "iou": pranet["original_resolution"]["miou"],
-                "dice_ci95_low": pranet["ci95"]["mdice"][0],
-                "dice_ci95_high": pranet["ci95"]["mdice"][1],
-            },
-            "cvc_clinicdb62": {
-                "dice": single[f"{external['threshold']:g}"]["dice"],
-                "iou": single[f"{external['threshold']:g}"]["iou"],
-                "dice_ci95_low": external["ci95"]["dice"][0],
-                "dice_ci95_high": external["ci95"]["dice"][1],
-            },
-        },
+        "test_metrics": test_metrics(pranet, external),
+        "test_metrics_flip_tta": test_metrics(pranet_tta, external_tta),
         "history_epochs": len(history),
     }
     if "init" in best.metadata:  # a later stage: what it started from (the earlier stage's SHA-256)

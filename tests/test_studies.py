@@ -104,6 +104,19 @@ def test_external_alias_on_one_checkpoint(tiny_cv_run: Path, external_data: Path
     assert data["in_domain"]["source"] is None and data["models"][0]["dice_drop"]["0.5"] is None
     assert data["per_image"]["model"] == "fold_1" and len(data["per_image"]["dice"]) == data["n_images"]
     assert "95% intervals" in (tmp_path / "external_synthetic-ext.md").read_text()
+    assert data["tta_flip"] is False
+
+    # --tta overrides the recipe: its own files, beside the recipe's, with the flips averaged
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--model", str(checkpoint), "--data", str(external_data), "--out", str(tmp_path), "--tta"]
+        + ["--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    flipped = read_json(tmp_path / "external_synthetic-ext_tta.json")
+    assert flipped["tta_flip"] is True and "Flip test-time" in (tmp_path / "external_synthetic-ext_tta.md").read_text()
+    assert flipped["per_image"]["dice"] != data["per_image"]["dice"]
+    assert read_json(tmp_path / "external_synthetic-ext.json") == data  # the recipe's result is kept
 
 
 def test_evaluating_on_the_training_data_is_flagged(tiny_cv_run: Path, external_data: Path, tmp_path: Path) -> None:
@@ -293,6 +306,11 @@ def test_pranet_protocol(external_data: Path, tmp_path: Path) -> None:
     assert cached["original_resolution"] is None
     assert cached["model_resolution"]["mdice"] == pytest.approx(result["model_resolution"]["mdice"])
     assert "cache file" in (out / "pranet.md").read_text()
+
+    flipped = evaluate_pranet(out, external_data, test_list, device="cpu", progress=False, tta_flip=True)
+    assert flipped["tta_flip"] is True and (out / "pranet_tta.json").is_file()
+    assert read_json(out / "pranet.json")["tta_flip"] is False  # the recipe's result is kept
+    assert flipped["per_image"]["dice"] != result["per_image"]["dice"]
 
 
 def test_dataset_names() -> None:

@@ -10,6 +10,7 @@ Every study is resumable: its runs are ordinary ``polypseg cv`` / ``polypseg tra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import shutil
@@ -23,7 +24,7 @@ import torch
 from polypseg._version import __version__
 from polypseg.boundary import boundary_f1, default_tolerance
 from polypseg.checkpoint import find_checkpoints, load_checkpoint
-from polypseg.config import RunConfig
+from polypseg.config import RunConfig, TrainConfig
 from polypseg.data import build_cache, index_dataset, load_split_file, read_mask
 from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
@@ -81,6 +82,7 @@ def evaluate_external(
     device: str = "auto",
     cache_dir: Path | str | None = None,
     progress: bool = True,
+    tta_flip: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a CV run (each fold model and the fold ensemble) or one checkpoint on another dataset.
 
@@ -88,6 +90,8 @@ def evaluate_external(
     ``polypseg cv`` evaluates its folds, at the run's chosen threshold and at 0.5. The Dice drop is
     the run's in-domain pooled out-of-fold Dice minus the external Dice. Writes
     ``external_<dataset>.json`` and ``.md`` to ``out`` (default: the run folder) and returns the dict.
+    ``tta_flip`` overrides the recipe's flip test-time augmentation; where that changes it, the
+    files are ``external_<dataset>_tta.*`` (or ``_no_tta``), beside the recipe's own.
     """
     model = Path(model)
     checkpoints = find_checkpoints(model)
@@ -130,7 +134,8 @@ def evaluate_external(
                 f"{path} was trained at {checkpoint.config.train.image_size} px, {checkpoints[0]} at {size} px"
             )
         checkpoint.model.to(torch_device)
-        probs = predict_with_recipe(checkpoint.model, cache.images, checkpoint.config.train, torch_device)
+        recipe = _with_tta(checkpoint.config.train, tta_flip)
+        probs = predict_with_recipe(checkpoint.model, cache.images, recipe, torch_device)
         checkpoint.model.to("cpu")
         ensemble_sum += probs
         fold = parse_fold_name(path.parent.name)
@@ -148,6 +153,7 @@ def evaluate_external(
         "resolution": size,
         "threshold": threshold,
         "thresholds": thresholds,
+        "tta_flip": _with_tta(first.config.train, tta_flip).tta_flip,
         "boundary_tolerance_px": tolerance,
         "models": entries,
         "warnings": warnings,
@@ -200,11 +206,23 @@ def evaluate_external(
                 }
 
     out_dir = Path(out) if out is not None else (run.path if run is not None else checkpoints[0].parent)
-    stem = f"{EXTERNAL_PREFIX}{result['dataset']}"
+    stem = f"{EXTERNAL_PREFIX}{result['dataset']}{_tta_suffix(first.config.train, tta_flip)}"
     atomic_write_json(out_dir / f"{stem}.json", result)
     atomic_write_text(out_dir / f"{stem}.md", external_markdown(result))
     result["written"] = [str(out_dir / f"{stem}.json"), str(out_dir / f"{stem}.md")]
     return result
+
+
+def _with_tta(recipe: TrainConfig, tta_flip: bool | None) -> TrainConfig:
+    """The recipe's evaluation settings with flip TTA as asked (``None``: the recipe's own)."""
+    return recipe if tta_flip is None else dataclasses.replace(recipe, tta_flip=tta_flip)
+
+
+def _tta_suffix(recipe: TrainConfig, tta_flip: bool | None) -> str:
+    """How a result file's name says that TTA differs from the recipe's: ``_tta``, ``_no_tta`` or nothing."""
+    if tta_flip is None or tta_flip == recipe.tta_flip:
+        return ""
+    return "_tta" if tta_flip else "_no_tta"
 
 
 def _in_domain_reference(summary: dict[str, Any] | None, thresholds: Sequence[float]) -> dict[str, Any]:
@@ -237,7 +255,8 @@ def external_markdown(result: dict[str, Any]) -> str:
         f"({result['n_images']} image/mask pairs) at the models' input resolution {result['resolution']}×{result['resolution']} px "
         "(images resized bilinear, masks nearest-neighbour), as `polypseg cv` evaluates its folds.",
         f"Thresholds: {t} (the run's, chosen on its pooled out-of-fold predictions) and 0.5. "
-        f"Ensemble: mean of the fold models' probabilities. Boundary F1 tolerance {result['boundary_tolerance_px']} px.",
+        f"Ensemble: mean of the fold models' probabilities. Boundary F1 tolerance {result['boundary_tolerance_px']} px."
+        + (" Flip test-time augmentation (mean of the image and its two flips)." if result.get("tta_flip") else ""),
         "Dice drop = in-domain pooled out-of-fold Dice − external Dice (positive: worse on the new data).",
         "",
     ]
@@ -565,15 +584,20 @@ def evaluate_pranet(
     device: str = "auto",
     cache_dir: Path | str | None = None,
     progress: bool = True,
+    tta_flip: bool | None = None,
 ) -> dict[str, Any]:
-    """Score ``TRAIN_DIR/best`` once on the stems of ``test_list``; writes ``pranet.{md,json}`` there."""
+    """Score ``TRAIN_DIR/best`` once on the stems of ``test_list``; writes ``pranet.{md,json}`` there.
+
+    ``tta_flip`` overrides the recipe's flip test-time augmentation (files ``pranet_tta.*`` or
+    ``pranet_no_tta.*`` where that changes it)."""
     run = RunDir(train_dir)
     torch_device = resolve_device(device)
     checkpoint = load_checkpoint(run.best_checkpoint(), device=torch_device)
     size = checkpoint.config.train.image_size
     stems = load_split_file(test_list)
     test = build_cache(data, size, cache_dir=cache_dir, progress=progress).subset(stems)
-    probs = predict_with_recipe(checkpoint.model, test.images, checkpoint.config.train, torch_device)
+    recipe = _with_tta(checkpoint.config.train, tta_flip)
+    probs = predict_with_recipe(checkpoint.model, test.images, recipe, torch_device)
     at_model = _model_metrics(probs, test.masks, (0.5,), default_tolerance(size))["0.5"]
 
     original = _original_resolution(data, stems, probs, progress)
@@ -595,6 +619,7 @@ def evaluate_pranet(
         "test_list": str(test_list),
         "n_test": len(stems),
         "threshold": 0.5,
+        "tta_flip": recipe.tta_flip,
         "original_resolution": None if scores is None else {k: float(np.mean(v)) for k, v in scores.items()},
         "model_resolution": {
             "size": size,
@@ -621,8 +646,9 @@ def evaluate_pranet(
     split = run.read_split()
     if split is not None:
         result["n_train"], result["n_val"] = len(split["train"]), len(split["val"])
-    atomic_write_json(run.path / "pranet.json", result)
-    atomic_write_text(run.path / "pranet.md", pranet_markdown(result))
+    name = f"pranet{_tta_suffix(checkpoint.config.train, tta_flip)}"
+    atomic_write_json(run.path / f"{name}.json", result)
+    atomic_write_text(run.path / f"{name}.md", pranet_markdown(result))
     return result
 
 
@@ -669,7 +695,8 @@ def pranet_markdown(result: dict[str, Any]) -> str:
             if "n_train" in result
             else ""
         )
-        + f", tested once on those {result['n_test']} images at threshold 0.5. mDice and mIoU are per-image means.",
+        + f", tested once on those {result['n_test']} images at threshold 0.5. mDice and mIoU are per-image means."
+        + (" Flip test-time augmentation (mean of the image and its two flips)." if result.get("tta_flip") else ""),
         "",
         "| | mDice | mIoU | boundary F1 | S-measure | weighted F | mean E | max E | MAE |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -30,12 +30,20 @@ def _metrics(names: list[str]) -> list[str]:
     return resolved
 
 
-def _evaluate(model: Path, data: Path, out: Path | None, device: str, cache_dir: Path | None, progress: bool) -> None:
+def _evaluate(
+    model: Path,
+    data: Path,
+    out: Path | None,
+    device: str,
+    cache_dir: Path | None,
+    progress: bool,
+    tta: bool | None = None,
+) -> None:
     from polypseg.cli.common import resolve_device
     from polypseg.studies import evaluate_external
 
     result = evaluate_external(
-        model, data, out=out, device=resolve_device(device), cache_dir=cache_dir, progress=progress
+        model, data, out=out, device=resolve_device(device), cache_dir=cache_dir, progress=progress, tta_flip=tta
     )
     t = f"{result['threshold']:g}"
     best = next((m for m in result["models"] if m["name"] == "ensemble"), result["models"][0])
@@ -137,12 +145,17 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(
             None, "--out", help="Folder for external_<dataset>.json/.md (default: the run folder)."
         ),
+        tta: bool | None = typer.Option(
+            None,
+            "--tta/--no-tta",
+            help="Flip test-time augmentation. Default: the recipe's; otherwise the files are external_<dataset>_tta (or _no_tta).",
+        ),
         device: str = DeviceOpt,
         cache_dir: Path | None = CacheOpt,
         progress: bool = ProgressOpt,
     ) -> None:
         """External validation without retraining: Dice, IoU, boundary F1 at the run's threshold and 0.5, and the Dice drop."""
-        _evaluate(model, data, out, device, cache_dir, progress)
+        _evaluate(model, data, out, device, cache_dir, progress, tta)
 
     study = typer.Typer(
         help="The paper's proposed studies, each one resumable command (see docs/studies.md).", no_args_is_help=True
