@@ -36,6 +36,7 @@ environment() {
   echo "commit: $COMMIT"
   echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+  echo "cpu flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'avx2|avx512f|avx512_bf16|avx512_vnni|amx_tile|amx_bf16|amx_int8' | xargs)"
   "$PY" -c "import torch, polypseg; print(f'torch: {torch.__version__} (CUDA {torch.version.cuda})'); print(f'polypseg: {polypseg.__version__}')"
 }
 
