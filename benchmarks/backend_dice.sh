@@ -34,5 +34,5 @@ EOF
 environment > "$RESULTS/backend_dice_$NAME.env.txt"
 polypseg export --model "$MODEL" --format onnx --out "$WORK/export/$NAME.onnx" --int8 \
   --calibration "$WORK/calib" --calibration-count 64 --validate "$WORK/test" \
-  | tee "$RESULTS/export_int8_$NAME.log"
+  2>&1 | tee "$RESULTS/export_int8_$NAME.log"
 "$PY" "$REPO/benchmarks/backend_dice.py" "$WORK/export/$NAME.onnx" "$MODEL" "$WORK/test" "$RESULTS/backend_dice_$NAME.json"

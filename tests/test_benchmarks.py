@@ -208,3 +208,36 @@ def test_gpu_session_refuses_an_unknown_step(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 2 and "unknown step 'nonsense'" in result.stdout + result.stderr
+
+
+def test_backend_dice_scores_every_cpu_engine_against_fp32(tmp_path: Path) -> None:
+    """benchmarks/backend_dice.sh on a tiny trained run: export, int8 validation, one Dice per engine."""
+    from helpers import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", n=10)
+    test_list = tmp_path / "test.txt"
+    test_list.write_text("case00\ncase01\ncase02\n")
+    run = tmp_path / "run"
+    _polypseg(
+        "train", "--data", str(data), "--test-list", str(test_list), "--out", str(run), "--recipe", "demo",
+        "--epochs", "1", "--image-size", "64", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    environment = {
+        **os.environ,
+        "RUN": str(run),
+        "MODEL": str(run / "best"),
+        "DATA": str(data),
+        "RESULTS": str(tmp_path / "results"),
+        "PYTHON": sys.executable,
+        "COMMIT": "test",
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "backend_dice.sh")], env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scores = json.loads((tmp_path / "results" / "backend_dice_best.json").read_text())
+    assert scores["onnxruntime-fp32"]["change_vs_fp32"] == 0.0
+    assert {"onnxruntime-int8", "torch-bf16"} <= set(scores)
+    assert all(0.0 <= s["dice"] <= 1.0 for s in scores.values())
+    assert "Dice on 3 images" in (tmp_path / "results" / "export_int8_best.log").read_text()
+    assert "cpu flags:" in (tmp_path / "results" / "backend_dice_best.env.txt").read_text()
