@@ -130,6 +130,8 @@ def test_models_command_lists_and_verifies(shipped):
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.stdout)
     assert row["name"] == "tiny-model" and row["sha256_check"] == "verified"
+    listing = CliRunner().invoke(app, ["models"])
+    assert listing.exit_code == 0 and "[verified]" in listing.output  # data, not a rich style tag
     shipped.weights.write_bytes(shipped.weights.read_bytes()[:-5] + b"xxxxx")
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 1 and "FAILED" in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import typer
+from rich.markup import escape
 
 from polypseg.cli.common import console
 
@@ -53,18 +54,30 @@ def register(app: typer.Typer) -> None:
         for index, row in enumerate(rows):
             release = row["release"]
             default = " (default)" if index == 0 else ""
-            console.print(f"[bold]{row['name']}[/]{default}: {row['summary']}", highlight=False)
-            console.print(f"  file    {row['path']} ({row['bytes'] / 1e6:.1f} MB, fp16)", highlight=False)
-            console.print(f"  sha256  {row['sha256']} [{row['sha256_check']}]", highlight=False)
+
+            # Data lines print without markup: a "[verified]" or a path with brackets is text, not a style.
+            def say(text: str) -> None:
+                console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+            console.print(f"[bold]{escape(row['name'])}[/]{default}: {escape(row['summary'])}", highlight=False)
+            say(f"  file    {row['path']} ({row['bytes'] / 1e6:.1f} MB, fp16)")
+            say(f"  sha256  {row['sha256']} [{row['sha256_check']}]")
             data = release.get("data", {})
             if data:
-                console.print(f"  trained {data.get('trained_on', '?')}", highlight=False, soft_wrap=True)
+                say(f"  trained {data.get('trained_on', '?')}")
                 if data.get("held_out"):
-                    console.print(f"  unseen  {data['held_out']}", highlight=False, soft_wrap=True)
-            for label, metrics in release.get("test_metrics", {}).items():
-                scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
-                console.print(f"  test    {label}: {scores}", highlight=False, soft_wrap=True)
+                    say(f"  unseen  {data['held_out']}")
+            for key, how in (("test_metrics", ""), ("test_metrics_flip_tta", " (--tta)")):
+                for label, metrics in release.get(key, {}).items():
+                    if not isinstance(metrics, dict):  # a flat {"dice": 0.85}: one line per metric
+                        metrics = {"": metrics}
+                    scores = ", ".join(
+                        f"{k} {v:.4f}".strip() for k, v in metrics.items() if isinstance(v, (int, float))
+                    )
+                    say(f"  test    {label}{how}: {scores}")
             if release.get("training_command"):
-                console.print(f"  made by {release['training_command']}", highlight=False, soft_wrap=True)
+                say(f"  made by {release['training_command']}")
+            if release.get("stages"):
+                say(f"  stages  {release['stages']}")
         if any(row["sha256_check"].startswith("FAILED") for row in rows):
             raise typer.Exit(1)
