@@ -9,7 +9,9 @@ from rich.console import Console
 
 from polypseg.errors import PolypsegError
 
-console = Console(stderr=True)
+# Markup is off by default: most lines print data (paths, file names, messages) in which brackets
+# are text. Lines with a style pass markup=True and escape() their data.
+console = Console(stderr=True, markup=False, highlight=False)
 
 
 class UsageError(PolypsegError):
@@ -21,7 +23,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
     from rich.markup import escape
 
     # escaped: a file name such as "a[/b].jpg" is text, not rich markup
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
 
@@ -31,7 +33,7 @@ def warn(message: str) -> None:
 
     from polypseg.io_utils import display_name
 
-    console.print(f"[yellow]warning:[/] {escape(display_name(message))}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]warning:[/] {escape(display_name(message))}", highlight=False, soft_wrap=True, markup=True)
 
 
 def say(message: str) -> None:

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from polypseg.io_utils import display_name
 
         report = check_dataset(root, progress=True)
-        console.print(f"{display_name(root)}: {report.pairs} pairs", highlight=False, markup=False)
+        console.print(f"{display_name(root)}: {report.pairs} pairs", soft_wrap=True)
         if report.min_size:
             console.print(
                 f"sizes: {report.distinct_sizes} distinct, smallest {report.min_size[1]}x{report.min_size[0]}, "
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
             by_kind[(problem.severity, problem.kind)].append(problem.message)
         for (severity, kind), messages in sorted(by_kind.items()):
             colour = "red" if severity == "error" else "yellow"
-            console.print(f"[{colour}]{severity}[/]: {len(messages)} {kind}", highlight=False)
+            console.print(f"[{colour}]{severity}[/]: {len(messages)} {kind}", highlight=False, markup=True)
             for message in messages if show_all else messages[:SHOWN_PER_KIND]:
                 console.print(f"  {escape(display_name(message))}", highlight=False, soft_wrap=True)
             if not show_all and len(messages) > SHOWN_PER_KIND:

@@ -118,7 +118,9 @@ def register(app: typer.Typer) -> None:
         )  # fmt: skip
         _print_summary(summary, out)
         if summary["explained"] == 0:
-            console.print("[bold red]error:[/] no image could be explained (see the warnings above)", highlight=False)
+            console.print(
+                "[bold red]error:[/] no image could be explained (see the warnings above)", highlight=False, markup=True
+            )
             raise typer.Exit(1)
 
     @app.command("bench-explain")

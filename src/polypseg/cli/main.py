@@ -90,7 +90,7 @@ def main() -> None:
     except PolypsegError as error:
         from rich.markup import escape
 
-        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; finished work is kept (rerun with --resume to continue)")

@@ -59,7 +59,9 @@ def register(app: typer.Typer) -> None:
             def say(text: str) -> None:
                 console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-            console.print(f"[bold]{escape(row['name'])}[/]{default}: {escape(row['summary'])}", highlight=False)
+            console.print(
+                f"[bold]{escape(row['name'])}[/]{default}: {escape(row['summary'])}", highlight=False, markup=True
+            )
             say(f"  file    {row['path']} ({row['bytes'] / 1e6:.1f} MB, fp16)")
             say(f"  sha256  {row['sha256']} [{row['sha256_check']}]")
             data = release.get("data", {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from polypseg.cli.common import UsageError, console
 
@@ -55,7 +56,7 @@ def _evaluate(
         soft_wrap=True,
     )
     for warning in result["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True, markup=True)
     for path in result["written"]:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 

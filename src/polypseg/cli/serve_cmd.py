@@ -180,6 +180,7 @@ def register(app: typer.Typer) -> None:
                 f"port can use the model. Set --token or {TOKEN_ENV}.",
                 highlight=False,
                 soft_wrap=True,
+                markup=True,
             )
         shown = f"[{host}]" if ":" in host else host
         console.print(

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from polypseg.cli.common import UsageError, console, fail
 from polypseg.config import RECIPES, ConfigError, RunConfig, apply_overrides, get_recipe, validate_config
@@ -211,10 +212,11 @@ def register(app: typer.Typer) -> None:
         _say_precision(config or saved or get_recipe("paper"), device)
         if config is not None and config.train.init_from != "none":
             console.print(
-                f"[yellow]note:[/] every fold starts from {config.train.init_from}: if it was trained on any of "
-                "these images, their folds' held-out scores are not held out.",
+                f"[yellow]note:[/] every fold starts from {escape(config.train.init_from)}: if it was trained on any "
+                "of these images, their folds' held-out scores are not held out.",
                 highlight=False,
                 soft_wrap=True,
+                markup=True,
             )
         summary = run_cv(
             _data_or_sample(data),
