@@ -27,6 +27,9 @@ from polypseg.augment import augment_batch
 from polypseg.checkpoint import (
     CheckpointError,
     TrainingStateError,
+    file_sha256,
+    find_checkpoints,
+    load_checkpoint,
     load_training_state,
     model_state,
     read_metadata,
@@ -61,7 +64,6 @@ def load_initial_weights(model: nn.Module, config: RunConfig) -> dict[str, str] 
     spec = config.train.init_from
     if spec == "none":
         return None
-    from polypseg.checkpoint import file_sha256, find_checkpoints, load_checkpoint
     from polypseg.pretrained import PretrainedError, resolve_model
 
     label = f"--init {spec}"
