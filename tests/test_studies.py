@@ -18,6 +18,7 @@ from polypseg.evaluation import predict_probabilities
 from polypseg.io_utils import atomic_write_json, read_json
 from polypseg.metrics import dice_score
 from polypseg.models import EncoderWeightsError, NoSkipUnetDecoder
+from polypseg.runs import RunDir
 from polypseg.studies import (
     StudyError,
     _share_splits,
@@ -332,3 +333,17 @@ def test_literature_metrics_on_hand_made_maps() -> None:
     for name in ("s_measure", "weighted_f", "max_e_measure"):
         assert shifted[name] < perfect[name] - 0.05, name
     assert shifted["mae"] > 0.01
+
+
+def test_a_tta_result_is_its_own_row_in_the_report(tiny_cv_run: Path, external_data: Path, tmp_path: Path) -> None:
+    from polypseg.reporting.report import _external_rows
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_cv_run, run)
+    for tta in (None, True):
+        evaluate_external(run, external_data, device="cpu", cache_dir=tmp_path / "cache", progress=False, tta_flip=tta)
+    rows = _external_rows(RunDir(run))
+    assert [(r["dataset"], r["file"]) for r in rows] == [
+        ("synthetic-ext", "external_synthetic-ext.json"),
+        ("synthetic-ext (flip TTA)", "external_synthetic-ext_tta.json"),
+    ]

@@ -386,7 +386,7 @@ def _external_rows(run: RunDir) -> list[dict[str, Any]]:
             folds = data.get("fold_mean_std", {}).get(t, {})
             results.append(
                 {
-                    "dataset": data["dataset"],
+                    "dataset": data["dataset"] + (" (flip TTA)" if data.get("tta_flip") else ""),
                     "n": data["n_images"],
                     "threshold": t,
                     "in_domain": _num(data["in_domain"]["dice"].get(t)),
