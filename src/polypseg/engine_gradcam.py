@@ -478,24 +478,19 @@ def cached_gradcam_onnx(
     """The two-output Grad-CAM export of ``checkpoint``, made once and kept in the ONNX cache.
 
     Keyed like :func:`polypseg.export.cached_onnx` (the SHA-256 of the checkpoint's content and the
-    exporter's settings), plus the image size; written to a temporary name and renamed, so an
-    interrupted export never leaves a file that looks finished.
+    exporter's settings), plus the image size; written through :func:`polypseg.io_utils.atomic_write`,
+    so an interrupted export never leaves a file that looks finished, and its leftovers are removed
+    the next time as :func:`polypseg.export.cached_onnx` removes its own.
     """
-    import os
-
     from polypseg.export import _cache_entry, _fingerprint
+    from polypseg.io_utils import atomic_write, remove_stale_temps
 
     entry = _cache_entry(_fingerprint(Path(checkpoint)), cache_dir)
     target = entry.with_name(f"{entry.stem}.gradcam{int(image_size)}.onnx")
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp.onnx")
-    try:
-        export_gradcam_onnx(model, partial, image_size)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    remove_stale_temps(target.parent)  # exports cut short by a kill
+    atomic_write(target, lambda tmp: export_gradcam_onnx(model, tmp, image_size))
     return target
 
 

@@ -117,7 +117,9 @@ def explain_files(
     from polypseg.pretrained import resolve_model
 
     check_precision(precision, "--precision")
-    engines = ("torch", "onnxruntime", "openvino")
+    from polypseg.engine_gradcam import ENGINES
+
+    engines = ("torch", *ENGINES)
     if engine not in engines:
         raise PolypsegError(f"--engine {engine}: choose one of {', '.join(engines)}")
     if engine != "torch" and (method != "gradcam" or layer != "decoder.final"):

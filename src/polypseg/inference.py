@@ -437,8 +437,8 @@ class Predictor:
                     say(f"onnxruntime unavailable for {display_name(path)} ({str(error).splitlines()[0]}); using torch")
                     backend = "torch"
             if backend == "onnxruntime" and openvino_installed():
-                # Measured on the shipped model (docs/benchmarks.md): OpenVINO int8 and bf16 are the
-                # fastest CPU engines, with Dice changes of +0.0001 and -0.00002 against fp32.
+                # Measured on both releases of the shipped model (docs/benchmarks.md): OpenVINO int8
+                # and bf16 are the fastest CPU engines, each within 0.0005 Dice of fp32.
                 return cls.from_openvino(
                     onnx_paths,
                     precision=precision,

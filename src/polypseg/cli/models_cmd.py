@@ -7,7 +7,7 @@ import json
 import typer
 from rich.markup import escape
 
-from polypseg.cli.common import console
+from polypseg.cli.common import console, say
 
 
 def register(app: typer.Typer) -> None:
@@ -54,11 +54,6 @@ def register(app: typer.Typer) -> None:
         for index, row in enumerate(rows):
             release = row["release"]
             default = " (default)" if index == 0 else ""
-
-            # Data lines print without markup: a "[verified]" or a path with brackets is text, not a style.
-            def say(text: str) -> None:
-                console.print(text, markup=False, highlight=False, soft_wrap=True)
-
             console.print(
                 f"[bold]{escape(row['name'])}[/]{default}: {escape(row['summary'])}", highlight=False, markup=True
             )
