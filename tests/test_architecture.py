@@ -298,7 +298,7 @@ def in_package(name: str, package: str) -> bool:
 # The stages of docs/architecture.md, bottom to top. A module may import its own layer and those
 # below it, never one above: data flows one way. A new module must be placed here.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_version", "errors", "config", "devices", "precision", "io_utils", "metrics", "boundary"),  # foundation
+    ("_version", "errors", "config", "devices", "precision", "io_utils", "clock", "metrics", "boundary"),  # foundation
     ("data", "augment", "transforms", "download", "inputs", "manifests", "sample_data"),  # data
     ("models", "pretrained", "losses", "checkpoint", "runs", "inferer"),  # models, run folders, inference core
     ("training", "evaluation", "splits", "train_split", "summary"),  # training

@@ -143,6 +143,11 @@ def test_summary_pools_out_of_fold_predictions(tmp_path):
     assert tuple(summary["mean_std"]["at_chosen"]["dice"]) == (pytest.approx(1.0), pytest.approx(0.0))
     assert summary["pooled"]["auc"] == pytest.approx(1.0)
 
+    assert "paused_s" not in summary and "Wall time" not in (run / "summary.md").read_text()
+    timed = summarize_run(run, wall_time_s=120.0, paused_s=30.0)
+    assert (timed["wall_time_s"], timed["paused_s"]) == (120.0, 30.0)
+    assert "Wall time of the run: 120.0 s (not counting 30.0 s stopped)." in (run / "summary.md").read_text()
+
 
 def test_copied_splits_keep_test_folds_with_other_validation_share(tmp_path):
     from polypseg.cv import load_or_create_splits

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from polypseg._version import __version__
 from polypseg.checkpoint import load_checkpoint
+from polypseg.clock import Stopwatch
 from polypseg.config import RunConfig, config_differences, validate_config
 from polypseg.data import CachedData, DataError, build_cache, dataset_fingerprint
 from polypseg.devices import resolve_device
@@ -117,11 +117,13 @@ def _resumed_data(saved: str, given: Path | str | None) -> tuple[str, list[str]]
 
 class _WallClock:
     """The run's wall time summed over invocations (``RUN/invocations.json``), kept up to date
-    after each epoch so that an interrupted invocation still counts up to its last epoch."""
+    after each epoch so that an interrupted invocation still counts up to its last epoch.
+
+    Time the process spent stopped (``kill -STOP``) is left out and recorded as ``paused_seconds``."""
 
     def __init__(self, run: RunDir) -> None:
         self._path = run.invocations_path
-        self._started = time.monotonic()
+        self._watch = Stopwatch()
         entries: list[dict[str, Any]] = []
         if self._path.is_file():
             try:
@@ -145,11 +147,14 @@ class _WallClock:
         self.tick()
 
     def tick(self) -> None:
-        self._entries[-1]["seconds"] = round(time.monotonic() - self._started, 1)
+        self._entries[-1].update(self._watch.record(digits=1))
         atomic_write_json(self._path, {"invocations": self._entries})
 
     def total(self) -> float:
         return float(sum(e.get("seconds") or 0.0 for e in self._entries))
+
+    def paused_total(self) -> float:
+        return float(sum(e.get("paused_seconds") or 0.0 for e in self._entries))
 
 
 def _fold_data(cache: CachedData, stems: Sequence[str]) -> CachedData | None:
@@ -213,7 +218,7 @@ def run_cv(
     resolve_run_precision(config, device)
     cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress and context.is_main)
 
-    started = time.monotonic()
+    invocation = Stopwatch()
     clock = None
     if context.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -267,7 +272,9 @@ def run_cv(
     if context.is_main:
         assert clock is not None
         clock.tick()
-        summary = summarize_run(run, elapsed_s=time.monotonic() - started, wall_time_s=clock.total())
+        summary = summarize_run(
+            run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total()
+        )
         if report:
             _write_report(run.path)
     context.barrier()
@@ -322,12 +329,15 @@ def load_oof(run_dir: RunDir | Path | str) -> OutOfFold:
 
 
 def summarize_run(
-    run_dir: RunDir | Path | str, elapsed_s: float | None = None, wall_time_s: float | None = None
+    run_dir: RunDir | Path | str,
+    elapsed_s: float | None = None,
+    wall_time_s: float | None = None,
+    paused_s: float | None = None,
 ) -> dict[str, Any]:
     """Summarise the finished folds (:func:`polypseg.summary.compute_summary`) and write
     ``summary.{json,md}`` and ``pooled_histograms.npz`` into the run; returns the summary."""
     run = RunDir(run_dir)
-    summary, pooled = compute_summary(run, elapsed_s=elapsed_s, wall_time_s=wall_time_s)
+    summary, pooled = compute_summary(run, elapsed_s=elapsed_s, wall_time_s=wall_time_s, paused_s=paused_s)
     run.write_pooled_histograms(*pooled.histograms)
     run.write_summary(summary, summary_markdown(summary))
     return summary

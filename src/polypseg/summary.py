@@ -31,13 +31,17 @@ THRESHOLD_SELECTION = "best mean Dice on pooled out-of-fold predictions, 0.30..0
 
 
 def compute_summary(
-    run_dir: RunDir | Path | str, elapsed_s: float | None = None, wall_time_s: float | None = None
+    run_dir: RunDir | Path | str,
+    elapsed_s: float | None = None,
+    wall_time_s: float | None = None,
+    paused_s: float | None = None,
 ) -> tuple[dict[str, Any], SegmentationMetrics]:
     """Pool the finished folds' out-of-fold predictions and choose the threshold on them.
 
     Returns the summary (the content of ``summary.json``) and the pooled metrics (whose
     histograms are ``pooled_histograms.npz``). ``elapsed_s``: this invocation's time;
-    ``wall_time_s``: the run's, summed over invocations. Writes nothing.
+    ``wall_time_s``: the run's, summed over invocations; ``paused_s``: the time the run's processes
+    were stopped (``kill -STOP``), which both leave out. Writes nothing.
     """
     run = RunDir(run_dir)
     settings = run.read_settings()
@@ -92,6 +96,8 @@ def compute_summary(
         summary["last_invocation_s"] = round(elapsed_s, 1)
     if wall_time_s is not None:
         summary["wall_time_s"] = round(wall_time_s, 1)
+    if paused_s:
+        summary["paused_s"] = round(paused_s, 1)
     return summary, pooled
 
 
@@ -184,5 +190,6 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         for name, (mean, std) in summary["explainability"].items():
             lines.append(f"| {name} | {_fmt(mean, std)} |")
     if "wall_time_s" in summary:
-        lines += ["", f"Wall time of the run: {summary['wall_time_s']:.1f} s."]
+        paused = f" (not counting {summary['paused_s']:.1f} s stopped)" if summary.get("paused_s") else ""
+        lines += ["", f"Wall time of the run: {summary['wall_time_s']:.1f} s{paused}."]
     return "\n".join(lines) + "\n"

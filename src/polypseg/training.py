@@ -38,6 +38,7 @@ from polypseg.checkpoint import (
     save_training_state,
     training_state_exists,
 )
+from polypseg.clock import Stopwatch
 from polypseg.config import OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, TrainConfig
 from polypseg.data import CachedData
 from polypseg.devices import resolve_device
@@ -409,7 +410,7 @@ def train_model(
     with _Progress(progress and context.is_main, description, total_steps) as bar:
         bar.advance(start_epoch * steps_per_epoch)
         for epoch in range(start_epoch, tc.epochs):
-            started = time.monotonic()
+            watch = Stopwatch()  # pauses (kill -STOP) are left out of the epoch's seconds
             model.train()
             # Seeded per epoch (not from a running RNG) so a resumed run repeats the same batches.
             cpu_gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
@@ -432,7 +433,7 @@ def train_model(
             }
             if val is not None and context.is_main:
                 record.update(_validate(eval_model, val, loss_fn, torch_device, tc))
-            record["seconds"] = round(time.monotonic() - started, 3)
+            record.update(watch.record())
             history.append(record)
             is_last = epoch + 1 == tc.epochs
             if context.is_main:
