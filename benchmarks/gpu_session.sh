@@ -3,6 +3,8 @@
 # call after call, in priority order, within the device's 10-minute limit per command.
 #
 # Here, once:        bash benchmarks/prepare_gpu_carry.sh
+# Before the calls:  bash benchmarks/weights_aside.sh out   (the tree + carry must stay under 64 MiB;
+#                    "back" after the last call, before any commit)
 # On the lent H100, with carry [".whl", ".gpucache"], the same command for every call:
 #   source benchmarks/gpu_env.sh && COMMIT=<sha> bash benchmarks/gpu_session.sh
 # Back here:         tar -xzf <files_at>/results.tar.gz -C docs/runs    (then update the docs)

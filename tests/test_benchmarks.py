@@ -241,3 +241,39 @@ def test_backend_dice_scores_every_cpu_engine_against_fp32(tmp_path: Path) -> No
     assert all(0.0 <= s["dice"] <= 1.0 for s in scores.values())
     assert "Dice on 3 images" in (tmp_path / "results" / "export_int8_best.log").read_text()
     assert "cpu flags:" in (tmp_path / "results" / "backend_dice_best.env.txt").read_text()
+
+
+def test_weights_aside_moves_the_shipped_weights_out_and_back_checked(tmp_path: Path) -> None:
+    """In a throwaway repository: out, status, back (SHA-256 against HEAD), and a changed file refused."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(REPO / "benchmarks" / "weights_aside.sh", repo / "benchmarks")
+    weights = repo / "src" / "polypseg" / "weights" / "kvasir-unet-r34.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"w" * 2_000_000)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    aside = tmp_path / "aside"
+
+    def call(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(repo / "benchmarks" / "weights_aside.sh"), *args],
+            env={**os.environ, "WEIGHTS_ASIDE": str(aside)},
+            capture_output=True,
+            text=True,
+        )
+
+    assert "would send 1 MiB of the 64 MiB limit" in call("status").stdout
+    assert call("out").returncode == 0 and not weights.exists() and (aside / weights.name).is_file()
+    assert "would send 0 MiB" in call("status").stdout
+    assert "not here" in call("out").stderr
+    assert call("back").returncode == 0 and weights.read_bytes() == b"w" * 2_000_000
+    assert "nothing aside" in call("back").stderr
+
+    call("out")
+    (aside / weights.name).write_bytes(b"changed")
+    refused = call("back")
+    assert refused.returncode == 1 and "differs from HEAD" in refused.stderr
+    assert call("bogus").returncode == 2
