@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -106,3 +107,25 @@ def test_a_real_sigstop_is_measured_as_a_pause() -> None:
         child.wait()
     # Load can only add detected pauses, never hide this one: a lower bound is all that is certain.
     assert paused >= 2.5 - 0.1 - 0.05
+
+
+def test_without_a_live_ticking_thread_long_gaps_are_running_time() -> None:
+    """A dead ticker (or a forked child, which has none) must not turn every long epoch into a pause."""
+    fake = FakeTime()
+    clock = ActiveClock(clock=fake, tick_s=0.5, gap_s=5.0, start_thread=False)
+    clock._thread = threading.Thread(target=lambda: None)
+    clock._thread.start()
+    clock._thread.join()
+    start = clock.now()
+    fake.t += 100.0
+    assert clock.paused() == 0.0 and clock.now() - start == pytest.approx(100.0)
+
+
+def test_patching_time_sleep_does_not_stop_the_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(seconds: float) -> None:
+        raise AssertionError("time.sleep called")
+
+    monkeypatch.setattr(time, "sleep", refuse)
+    clock = ActiveClock(tick_s=0.01, gap_s=1.0)
+    threading.Event().wait(0.1)
+    assert clock._thread is not None and clock._thread.is_alive()

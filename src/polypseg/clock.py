@@ -37,12 +37,15 @@ class ActiveClock:
         self._lock = threading.Lock()
         self._last = clock()
         self._paused = 0.0
+        self._thread: threading.Thread | None = None
         if start_thread:
-            threading.Thread(target=self._run, name="polypseg-active-clock", daemon=True).start()
+            self._thread = threading.Thread(target=self._run, name="polypseg-active-clock", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
-        while True:
-            time.sleep(self._tick_s)
+        # Event.wait, not time.sleep: code that patches time.sleep (tests do) must not stop the ticks.
+        wake = threading.Event()
+        while not wake.wait(self._tick_s):
             self.tick()
 
     def tick(self) -> float:
@@ -50,7 +53,10 @@ class ActiveClock:
         with self._lock:
             now = self._clock()
             gap = now - self._last
-            if gap > self._gap_s:
+            # Without a live ticking thread (it died, or this is a forked child), a long gap is
+            # ordinary running time: only counted ticks can tell a pause.
+            ticking = self._thread is None or self._thread.is_alive()
+            if gap > self._gap_s and ticking:
                 self._paused += gap - self._tick_s  # one tick of it was ordinary running time
             self._last = now
             return now

@@ -8,14 +8,23 @@ import typer
 from rich.markup import escape
 
 from polypseg.cli.common import UsageError, console
+from polypseg.cli.options import (
+    DATA_HELP,
+    CacheOpt,
+    DeviceOpt,
+    EpochsOpt,
+    ProgressOpt,
+    RecipeChoices,
+    SeedOpt,
+    SetOpt,
+    SizeOpt,
+    StudyRecipeOpt,
+    WeightsOpt,
+    data_or_sample,
+)
 
 METRIC_ALIASES = {"bf1": "boundary_f1", "boundary-f1": "boundary_f1", "sens": "sensitivity", "prec": "precision"}
 
-DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
-CacheOpt = typer.Option(
-    None, "--cache-dir", help="Preprocessed cache folder (default $POLYPSEG_CACHE or ~/.cache/polypseg)."
-)
-ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 ResumeOpt = typer.Option(
     False, "--resume", help="Continue an interrupted study in --out (finished runs and folds are kept)."
 )
@@ -59,27 +68,6 @@ def _evaluate(
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True, markup=True)
     for path in result["written"]:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
-
-
-def _study_config(
-    recipe: str,
-    encoder_weights: str | None,
-    epochs: int | None,
-    image_size: int | None,
-    seed: int | None,
-    overrides: list[str],
-):
-    from polypseg.cli.train_cmd import build_config
-
-    return build_config(
-        recipe, encoder_weights=encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides
-    )
-
-
-def _data_or_sample(data: Path | None) -> Path:
-    from polypseg.sample_data import sample_dataset_path
-
-    return data if data is not None else sample_dataset_path()
 
 
 def _print_study(path: Path) -> None:
@@ -168,18 +156,14 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             ..., "--out", help="Study folder: OUT/with-skips, OUT/no-skips, OUT/skip_ablation.{md,json}."
         ),
-        data: Path | None = typer.Option(None, "--data", help="Dataset folder. Default: the bundled 40-image sample."),
-        recipe: str = typer.Option("paper", "--recipe", help="Named recipe: paper, strong, demo."),
+        data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
+        recipe: str | None = StudyRecipeOpt,
         folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
-        seed: int | None = typer.Option(None, "--seed", help="Seed for training and the split (default 0)."),
-        encoder_weights: str | None = typer.Option(
-            None, "--encoder-weights", help="imagenet | none | PATH (recipe default: none)."
-        ),
-        epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
-        image_size: int | None = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
-        overrides: list[str] = typer.Option(
-            [], "--set", help="Any config field, e.g. --set train.batch_size=32 (repeatable)."
-        ),
+        seed: int | None = SeedOpt,
+        encoder_weights: str | None = WeightsOpt,
+        epochs: int | None = EpochsOpt,
+        image_size: int | None = SizeOpt,
+        overrides: list[str] = SetOpt,
         explain: bool = typer.Option(
             True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."
         ),
@@ -191,9 +175,11 @@ def register(app: typer.Typer) -> None:
         """U-Net with vs without skip connections on identical folds: Dice, IoU and boundary F1 with paired tests."""
         from polypseg.studies import run_skip_ablation
 
-        config = _study_config(recipe, encoder_weights, epochs, image_size, seed, overrides)
+        config = RecipeChoices(
+            recipe, encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides
+        ).build()
         run_skip_ablation(
-            _data_or_sample(data),
+            data_or_sample(data),
             out,
             config,
             folds=folds,
@@ -211,18 +197,18 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             ..., "--out", help="Study folder: OUT/imagenet, OUT/random, OUT/encoder_init.{md,json}."
         ),
-        data: Path | None = typer.Option(None, "--data", help="Dataset folder. Default: the bundled 40-image sample."),
+        data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
         encoder_weights: str = typer.Option(
             "imagenet",
             "--encoder-weights",
             help="The pretrained arm's weights: imagenet (smp's Hugging Face cache) or PATH to a torchvision ResNet state dict.",
         ),
-        recipe: str = typer.Option("paper", "--recipe", help="Named recipe: paper, strong, demo."),
+        recipe: str | None = StudyRecipeOpt,
         folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
-        seed: int | None = typer.Option(None, "--seed", help="Seed for training and the split (default 0)."),
-        epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
-        image_size: int | None = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
-        overrides: list[str] = typer.Option([], "--set", help="Any config field (repeatable)."),
+        seed: int | None = SeedOpt,
+        epochs: int | None = EpochsOpt,
+        image_size: int | None = SizeOpt,
+        overrides: list[str] = SetOpt,
         explain: bool = typer.Option(
             True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."
         ),
@@ -240,9 +226,9 @@ def register(app: typer.Typer) -> None:
             )
         if encoder_weights != "imagenet" and not Path(encoder_weights).is_file():
             raise UsageError(f"--encoder-weights {encoder_weights}: not 'imagenet' or an existing file")
-        config = _study_config(recipe, None, epochs, image_size, seed, overrides)
+        config = RecipeChoices(recipe, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides).build()
         run_encoder_init(
-            _data_or_sample(data),
+            data_or_sample(data),
             out,
             config,
             imagenet_weights=encoder_weights,
@@ -263,14 +249,12 @@ def register(app: typer.Typer) -> None:
             ..., "--test-list", help="The 100 test stems, e.g. datasets/splits/pranet_kvasir_test100.txt."
         ),
         out: Path = typer.Option(..., "--out", help="Output folder (checkpoint, test_metrics.json, pranet.{md,json})."),
-        recipe: str = typer.Option("paper", "--recipe", help="Named recipe: paper, strong, demo."),
-        seed: int | None = typer.Option(None, "--seed", help="Training seed."),
-        encoder_weights: str | None = typer.Option(
-            None, "--encoder-weights", help="imagenet | none | PATH (recipe default: none)."
-        ),
-        epochs: int | None = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs."),
-        image_size: int | None = typer.Option(None, "--image-size", min=32, help="Override the training resolution."),
-        overrides: list[str] = typer.Option([], "--set", help="Any config field (repeatable)."),
+        recipe: str | None = StudyRecipeOpt,
+        seed: int | None = SeedOpt,
+        encoder_weights: str | None = WeightsOpt,
+        epochs: int | None = EpochsOpt,
+        image_size: int | None = SizeOpt,
+        overrides: list[str] = SetOpt,
         resume: bool = ResumeOpt,
         device: str = DeviceOpt,
         cache_dir: Path | None = CacheOpt,
@@ -279,7 +263,9 @@ def register(app: typer.Typer) -> None:
         """The PraNet protocol: train on the data minus --test-list, test once on it; mDice, mIoU (+ S, wF, E, MAE)."""
         from polypseg.studies import run_pranet
 
-        config = _study_config(recipe, encoder_weights, epochs, image_size, seed, overrides)
+        config = RecipeChoices(
+            recipe, encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides
+        ).build()
         run_pranet(data, test_list, out, config, resume=resume, device=device, progress=progress, cache_dir=cache_dir)
         _print_study(out / "pranet.md")
 

@@ -2,90 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 
-from polypseg.cli.common import UsageError, console, fail
-from polypseg.config import RECIPES, ConfigError, RunConfig, apply_overrides, get_recipe, validate_config
+from polypseg.cli.common import console, fail
+from polypseg.cli.options import (
+    DATA_HELP,
+    BatchOpt,
+    CacheOpt,
+    DeviceOpt,
+    EpochsOpt,
+    InitOpt,
+    LossOpt,
+    LrOpt,
+    PrecisionOpt,
+    ProgressOpt,
+    RecipeChoices,
+    RecipeOpt,
+    SeedOpt,
+    SetOpt,
+    SizeOpt,
+    SkipOpt,
+    WeightsOpt,
+    build_config,
+    data_or_sample,
+)
+from polypseg.config import RunConfig, get_recipe
 
 DEMO_NOTE = (
     "note: a low score is expected here. The demo recipe is a smoke run (a few epochs from random init, "
     "few training images per fold): it shows the whole pipeline works and says nothing about the method. "
     "For real results: polypseg cv --recipe paper --data data/kvasir-seg (see docs/recipes.md)."
 )
-DATA_HELP = "Dataset folder (images/ + masks/, or CVC-ClinicDB's Original/ + 'Ground Truth/'). Default: the bundled 40-image Kvasir-SEG sample."
-
-
-def _data_or_sample(data: Path | None) -> Path:
-    if data is not None:
-        return data
-    from polypseg.sample_data import sample_dataset_path
-
-    return sample_dataset_path()
-
-
-# How the command line names the config fields it validates.
-OPTION_LABELS = {
-    "train.precision": "--precision",
-    "train.loss": "--loss",
-    "train.optimizer": "--set train.optimizer",
-    "train.schedule": "--set train.schedule",
-    "model.encoder_weights": "--encoder-weights",
-    "train.init_from": "--init",
-}
-
-
-def build_config(
-    recipe: str | RunConfig,
-    *,
-    encoder_weights: str | None = None,
-    skip_connections: bool | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    loss: str | None = None,
-    image_size: int | None = None,
-    seed: int | None = None,
-    overrides: Sequence[str] = (),
-    precision: str | None = None,
-    init_from: str | None = None,
-) -> RunConfig:
-    """The named recipe (or a saved run's config) with the command-line options applied (shortcuts
-    first, then ``--set``), validated by :func:`polypseg.config.validate_config`."""
-    try:
-        config = get_recipe(recipe) if isinstance(recipe, str) else RunConfig.from_dict(recipe.to_dict())
-        shortcuts = {
-            "model.encoder_weights": encoder_weights,
-            "model.skip_connections": skip_connections,
-            "train.epochs": epochs,
-            "train.batch_size": batch_size,
-            "train.lr": lr,
-            "train.loss": loss,
-            "train.image_size": image_size,
-            "train.seed": seed,
-            "train.precision": precision,
-            "train.init_from": init_from,
-        }
-        for key, value in shortcuts.items():
-            if value is not None:
-                section, name = key.split(".")
-                setattr(getattr(config, section), name, value)
-        apply_overrides(config, list(overrides))
-        from polypseg.models import check_model_config
-
-        validate_config(config, labels=OPTION_LABELS)
-        check_model_config(config.model)
-        if config.train.init_from != "none":  # fail before the data is read, not after
-            from polypseg.models import create_model
-            from polypseg.training import load_initial_weights
-
-            load_initial_weights(create_model(config.model), config)
-        return config
-    except ConfigError as error:
-        raise UsageError(str(error)) from None
 
 
 def _saved_config(out: Path) -> RunConfig | None:
@@ -94,41 +44,6 @@ def _saved_config(out: Path) -> RunConfig | None:
 
     settings = RunDir(out).saved_settings()
     return settings.config if settings is not None else None
-
-
-# Options shared by train and cv (typer needs them spelled out per command).
-RecipeOpt = typer.Option(
-    None,
-    "--recipe",
-    help=f"Named recipe: {', '.join(RECIPES)} (see docs/recipes.md). Default: paper, or the run's own with --resume.",
-)
-WeightsOpt = typer.Option(
-    None,
-    "--encoder-weights",
-    help="imagenet | none | PATH to a torchvision ResNet state dict (.pth/.safetensors). Recipe default: none.",
-)
-InitOpt = typer.Option(
-    None,
-    "--init",
-    help="Fine-tune: start the whole network from a trained model (a shipped name such as kvasir-unet-r34, "
-    "a checkpoint, or a training run folder) of the same architecture. Default: none (random init, or --encoder-weights).",
-)
-SkipOpt = typer.Option(None, "--skip/--no-skip", help="U-Net skip connections (--no-skip: the paper's skip ablation).")
-EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs.")
-BatchOpt = typer.Option(None, "--batch-size", min=1, help="Override the recipe's batch size (global, across GPUs).")
-LrOpt = typer.Option(None, "--lr", min=0.0, help="Override the recipe's learning rate.")
-LossOpt = typer.Option(None, "--loss", help="dice | dice_bce | bce | focal_dice | tversky.")
-SizeOpt = typer.Option(None, "--image-size", min=32, help="Override the training resolution (square).")
-SeedOpt = typer.Option(None, "--seed", help="Seed for training (and the split, for cv).")
-SetOpt = typer.Option([], "--set", help="Any config field, e.g. --set train.ema_decay=0.999 (repeatable).")
-DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
-ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
-PrecisionOpt = typer.Option(
-    None,
-    "--precision",
-    help="auto | fp32 | bf16. auto: bf16 autocast + channels-last on CUDA and on CPUs with native bf16 "
-    "(amx_bf16/avx512_bf16), fp32 elsewhere; the run saves the choice. Recipe default: auto.",
-)
 
 
 def _say_precision(config: RunConfig, device: str) -> None:
@@ -176,11 +91,7 @@ def register(app: typer.Typer) -> None:
             help="Run only this fold (repeatable), e.g. to choose a recipe on fold 0; the summary covers finished folds.",
         ),
         device: str = DeviceOpt,
-        cache_dir: Path | None = typer.Option(
-            None,
-            "--cache-dir",
-            help="Where the preprocessed cache lives (default $POLYPSEG_CACHE or ~/.cache/polypseg).",
-        ),
+        cache_dir: Path | None = CacheOpt,
         progress: bool = ProgressOpt,
     ) -> None:
         """K-fold cross-validation: train each fold, pool out-of-fold predictions, write RUN/summary.{json,md}.
@@ -190,25 +101,24 @@ def register(app: typer.Typer) -> None:
         from polypseg.cv import run_cv
 
         saved = _saved_config(out) if resume else None
-        options = (recipe, encoder_weights, skip, epochs, batch_size, lr, loss, image_size, seed, precision, init_from)
+        choices = RecipeChoices(
+            recipe,
+            encoder_weights,
+            skip,
+            epochs,
+            batch_size,
+            lr,
+            loss,
+            image_size,
+            seed,
+            precision,
+            init_from,
+            overrides,
+        )
         config = None  # resuming with no options: the run's own config
-        if saved is None or any(v is not None for v in options) or overrides:
+        if saved is None or choices.any_given():
             # Given with --resume, the result is checked against the saved config by run_cv.
-            base = recipe if recipe is not None else (saved or "paper")
-            config = build_config(
-                base,
-                encoder_weights=encoder_weights,
-                skip_connections=skip,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                loss=loss,
-                image_size=image_size,
-                seed=seed,
-                overrides=overrides,
-                precision=precision,
-                init_from=init_from,
-            )
+            config = choices.build(saved or "paper")
         _say_precision(config or saved or get_recipe("paper"), device)
         if config is not None and config.train.init_from != "none":
             console.print(
@@ -219,7 +129,7 @@ def register(app: typer.Typer) -> None:
                 markup=True,
             )
         summary = run_cv(
-            _data_or_sample(data),
+            data_or_sample(data),
             out,
             config,
             folds=folds,
@@ -387,31 +297,30 @@ def register(app: typer.Typer) -> None:
         init_from: str | None = InitOpt,
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training in --out."),
         device: str = DeviceOpt,
-        cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Preprocessed cache folder."),
+        cache_dir: Path | None = CacheOpt,
         progress: bool = ProgressOpt,
     ) -> None:
         """Train one model on one split: the data minus --test-list, best epoch chosen on an inner validation split."""
         from polypseg.train_split import train_single_split
 
         saved = _saved_config(out) if resume else None
-        base = recipe if recipe is not None else (saved or "paper")
-        config = build_config(
-            base,
-            encoder_weights=encoder_weights,
-            skip_connections=skip,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            loss=loss,
-            image_size=image_size,
-            seed=seed,
-            overrides=overrides,
-            precision=precision,
-            init_from=init_from,
-        )
+        config = RecipeChoices(
+            recipe,
+            encoder_weights,
+            skip,
+            epochs,
+            batch_size,
+            lr,
+            loss,
+            image_size,
+            seed,
+            precision,
+            init_from,
+            overrides,
+        ).build(saved or "paper")
         _say_precision(config, device)
         result = train_single_split(
-            _data_or_sample(data),
+            data_or_sample(data),
             out,
             config,
             test_list=test_list,
