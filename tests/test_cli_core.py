@@ -273,3 +273,36 @@ def test_fold_progress_is_numbered_like_the_fold_folders(tmp_path, monkeypatch):
     )
     assert isinstance(result.exception, Stop), result.output
     assert seen == [("fold_1", "fold 1 (of 0-2)")]
+
+
+def test_every_recipe_option_reaches_the_config_of_train_and_cv(tmp_path, monkeypatch):
+    """The shortcut options and --set arrive in the config that cv and train hand to the library."""
+    import polypseg.cv
+    import polypseg.train_split
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def capture(name):
+        def fake(*args, **kwargs):
+            seen[name] = args[2]
+            raise Stop
+
+        return fake
+
+    monkeypatch.setattr(polypseg.cv, "run_cv", capture("cv"))
+    monkeypatch.setattr(polypseg.train_split, "train_single_split", capture("train"))
+    options = ["--recipe", "demo", "--no-skip", "--epochs", "3", "--batch-size", "5", "--lr", "0.002"]
+    options += ["--loss", "dice_bce", "--image-size", "64", "--seed", "7", "--precision", "fp32"]
+    options += ["--encoder-weights", "none", "--set", "train.ema_decay=0.5", "--device", "cpu"]
+    for command in ("cv", "train"):
+        result = runner.invoke(app, [command, "--out", str(tmp_path / command), *options])
+        assert isinstance(result.exception, Stop), result.output
+        config = seen[command]
+        assert config.train.recipe == "demo" and config.model.skip_connections is False
+        assert (config.train.epochs, config.train.batch_size, config.train.lr) == (3, 5, 0.002)
+        assert (config.train.loss, config.train.image_size, config.train.seed) == ("dice_bce", 64, 7)
+        assert (config.train.precision, config.model.encoder_weights) == ("fp32", "none")
+        assert config.train.ema_decay == 0.5

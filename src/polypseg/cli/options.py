@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -143,6 +144,11 @@ class RecipeChoices:
     precision: str | None = None
     init_from: str | None = None
     overrides: Sequence[str] = ()
+
+    @classmethod
+    def of(cls, parameters: dict[str, Any]) -> RecipeChoices:
+        """From a command's parameters (``locals()``), which must name every field."""
+        return cls(**{f.name: parameters[f.name] for f in fields(cls)})
 
     def any_given(self) -> bool:
         return bool(self.overrides) or any(

@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         folds: int | None = typer.Option(None, "--folds", min=2, help="Number of folds (default 5)."),
         recipe: str | None = RecipeOpt,
         encoder_weights: str | None = WeightsOpt,
-        skip: bool | None = SkipOpt,
+        skip_connections: bool | None = SkipOpt,
         epochs: int | None = EpochsOpt,
         batch_size: int | None = BatchOpt,
         lr: float | None = LrOpt,
@@ -101,20 +101,7 @@ def register(app: typer.Typer) -> None:
         from polypseg.cv import run_cv
 
         saved = _saved_config(out) if resume else None
-        choices = RecipeChoices(
-            recipe,
-            encoder_weights,
-            skip,
-            epochs,
-            batch_size,
-            lr,
-            loss,
-            image_size,
-            seed,
-            precision,
-            init_from,
-            overrides,
-        )
+        choices = RecipeChoices.of(locals())
         config = None  # resuming with no options: the run's own config
         if saved is None or choices.any_given():
             # Given with --resume, the result is checked against the saved config by run_cv.
@@ -285,7 +272,7 @@ def register(app: typer.Typer) -> None:
         ),
         recipe: str | None = RecipeOpt,
         encoder_weights: str | None = WeightsOpt,
-        skip: bool | None = SkipOpt,
+        skip_connections: bool | None = SkipOpt,
         epochs: int | None = EpochsOpt,
         batch_size: int | None = BatchOpt,
         lr: float | None = LrOpt,
@@ -304,20 +291,7 @@ def register(app: typer.Typer) -> None:
         from polypseg.train_split import train_single_split
 
         saved = _saved_config(out) if resume else None
-        config = RecipeChoices(
-            recipe,
-            encoder_weights,
-            skip,
-            epochs,
-            batch_size,
-            lr,
-            loss,
-            image_size,
-            seed,
-            precision,
-            init_from,
-            overrides,
-        ).build(saved or "paper")
+        config = RecipeChoices.of(locals()).build(saved or "paper")
         _say_precision(config, device)
         result = train_single_split(
             data_or_sample(data),
