@@ -187,3 +187,16 @@ def test_unknown_loss_optimizer_and_schedule_are_config_errors():
         training.create_optimizer(torch.nn.Linear(2, 1), TrainConfig(optimizer="lion"))
     with pytest.raises(ConfigError, match="unknown schedule 'step'"):
         lr_factor(TrainConfig(schedule="step"), 0, 10, 1)
+
+
+def test_progress_in_a_log_is_one_line_per_epoch_and_silent_when_disabled(tiny_data, tmp_path, capsys):
+    """Output that is not a terminal (a background run's log) gets a plain line per epoch, not a bar."""
+    config = tiny_config(epochs=2, image_size=32)
+    train_model(
+        config, tiny_data, tiny_data.subset(tiny_data.stems[:4]), tmp_path / "a", device="cpu", description="fold 3"
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fold 3: epoch")]
+    assert [line.split(",")[0] for line in lines] == ["fold 3: epoch 1/2", "fold 3: epoch 2/2"]
+    assert all("val dice" in line and line.endswith(" s") for line in lines)
+    train_model(config, tiny_data, None, tmp_path / "b", device="cpu", progress=False)
+    assert "epoch" not in capsys.readouterr().out

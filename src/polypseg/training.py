@@ -294,11 +294,19 @@ class TrainResult:
 
 
 class _Progress:
-    """A rich progress bar when enabled, silent otherwise (workers of a DDP run, tests)."""
+    """Training progress for the main process: a rich bar on a terminal, one plain line per epoch
+    when the output is a log file (a bar cannot redraw there), silent when disabled."""
 
     def __init__(self, enabled: bool, description: str, total: int) -> None:
         self._bar = None
+        self._lines = False
+        self._description = description
         if enabled:
+            from rich.console import Console
+
+            if not Console().is_terminal:
+                self._lines = True
+                return
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -328,10 +336,23 @@ class _Progress:
         if self._bar:
             self._bar.__exit__(*args)
 
-    def advance(self, steps: int = 1, info: str | None = None) -> None:
+    def advance(self, steps: int = 1) -> None:
         if self._bar:
-            kwargs = {"info": info} if info is not None else {}
-            self._bar.update(self._task, advance=steps, **kwargs)
+            self._bar.update(self._task, advance=steps)
+
+    def epoch_done(self, record: dict[str, Any], epochs: int) -> None:
+        """Show an epoch's loss, validation Dice and time."""
+        info = f"loss {record['train_loss']:.4f}" + (
+            f" val dice {record['val_dice']:.4f}" if "val_dice" in record else ""
+        )
+        if self._bar:
+            self._bar.update(self._task, info=info)
+        elif self._lines:
+            paused = f" (+{record['paused_seconds']:.0f} s paused)" if record.get("paused_seconds") else ""
+            print(
+                f"{self._description}: epoch {record['epoch']}/{epochs}, {info}, {record['seconds']:.1f} s{paused}",
+                flush=True,
+            )
 
 
 def train_model(
@@ -474,10 +495,7 @@ def train_model(
                         best_state=None if best_epoch == epoch + 1 else best_tensors,
                     )
                     last_state_save = time.monotonic()
-            info = f"loss {record['train_loss']:.4f}" + (
-                f" val dice {record['val_dice']:.4f}" if "val_dice" in record else ""
-            )
-            bar.advance(0, info=info)
+            bar.epoch_done(record, tc.epochs)
             if on_epoch is not None:
                 on_epoch(record)
     context.barrier()
