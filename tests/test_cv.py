@@ -144,6 +144,14 @@ def test_summary_pools_out_of_fold_predictions(tmp_path):
     assert summary["pooled"]["auc"] == pytest.approx(1.0)
 
     assert "paused_s" not in summary and "Wall time" not in (run / "summary.md").read_text()
+    assert "training" not in summary["per_fold"][0] and "Training time" not in (run / "summary.md").read_text()
+
+    history = [{"epoch": 1, "seconds": 100.0}, {"epoch": 2, "seconds": 5054.0}, {"epoch": 3, "seconds": 110.0}]
+    history.append({"epoch": 4, "seconds": 120.0, "paused_seconds": 60.0})
+    (run / "fold_0" / "history.json").write_text(json.dumps(history))
+    fold0 = summarize_run(run)["per_fold"][0]["training"]
+    assert fold0 == {"epochs": 4, "seconds": 5384.0, "median_epoch_s": 115.0, "paused_s": 60.0}
+    assert "| 0 | 4 | 115.0 | 89.7 | 1.0 |" in (run / "summary.md").read_text()
     timed = summarize_run(run, wall_time_s=120.0, paused_s=30.0)
     assert (timed["wall_time_s"], timed["paused_s"]) == (120.0, 30.0)
     assert "Wall time of the run: 120.0 s (not counting 30.0 s stopped)." in (run / "summary.md").read_text()

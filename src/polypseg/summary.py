@@ -7,6 +7,7 @@ report on a partial run computes it in memory.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,9 @@ def compute_summary(
             "at_0.5": fold_metric.at_threshold(0.5),
             "at_chosen": fold_metric.at_threshold(chosen),
         }
+        timing = training_time(run.read_history(fold) or [])
+        if timing:
+            entry["training"] = timing
         explain = (run.read_fold_metrics(fold) or {}).get("explainability")
         if explain:
             entry["explainability"] = explain["mean_std"]
@@ -99,6 +103,23 @@ def compute_summary(
     if paused_s:
         summary["paused_s"] = round(paused_s, 1)
     return summary, pooled
+
+
+def training_time(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Epochs, summed and median epoch seconds, and paused seconds of a training history.
+
+    Histories written before pauses were recorded count them as running time: the median is
+    the figure that such a pause cannot move.
+    """
+    seconds = [float(r["seconds"]) for r in history if "seconds" in r]
+    if not seconds:
+        return None
+    return {
+        "epochs": len(seconds),
+        "seconds": round(sum(seconds), 1),
+        "median_epoch_s": round(float(np.median(seconds)), 1),
+        "paused_s": round(sum(float(r.get("paused_seconds", 0.0)) for r in history), 1),
+    }
 
 
 def pooled_metrics(run_dir: RunDir | Path | str) -> SegmentationMetrics:
@@ -189,6 +210,23 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         ]
         for name, (mean, std) in summary["explainability"].items():
             lines.append(f"| {name} | {_fmt(mean, std)} |")
+    timed = [f for f in summary["per_fold"] if "training" in f]
+    if timed:
+        lines += [
+            "",
+            "## Training time per fold",
+            "",
+            "Seconds the process ran; stretches when it was stopped (`kill -STOP`) are counted apart. Histories",
+            "written before pauses were recorded include them in the total: the median epoch is unaffected.",
+            "",
+            "| fold | epochs | median epoch (s) | total (min) | paused (min) |",
+            "|---|---|---|---|---|",
+        ]
+        for f in timed:
+            t = f["training"]
+            lines.append(
+                f"| {f['fold']} | {t['epochs']} | {t['median_epoch_s']:.1f} | {t['seconds'] / 60:.1f} | {t['paused_s'] / 60:.1f} |"
+            )
     if "wall_time_s" in summary:
         paused = f" (not counting {summary['paused_s']:.1f} s stopped)" if summary.get("paused_s") else ""
         lines += ["", f"Wall time of the run: {summary['wall_time_s']:.1f} s{paused}."]
