@@ -1,6 +1,7 @@
 """Cross-validation discipline: split saved once and reused, folds finished are untouched, OOF pooled."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,6 +110,30 @@ def test_partial_run_says_so_and_completes_on_resume(dataset, tmp_path):
     full = _run(dataset, run, tmp_path / "cache", resume=True)
     assert (full["folds"], full["folds_planned"]) == (2, 2)
     assert "2 folds," in (run / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_summary_is_written_after_each_fold_so_a_stopped_run_shows_its_finished_folds(dataset, tmp_path, monkeypatch):
+    import polypseg.cv
+
+    class Stopped(Exception):
+        pass
+
+    real_train_model = polypseg.cv.train_model
+
+    def train_until_fold_1(config, train, val, out_dir, **kwargs):
+        if Path(out_dir).name == "fold_1":
+            raise Stopped
+        return real_train_model(config, train, val, out_dir, **kwargs)
+
+    monkeypatch.setattr(polypseg.cv, "train_model", train_until_fold_1)
+    run = tmp_path / "run"
+    with pytest.raises(Stopped):
+        _run(dataset, run, tmp_path / "cache")
+    saved = json.loads((run / "summary.json").read_text())
+    assert (saved["folds"], saved["folds_planned"]) == (1, 2)
+    assert saved["per_fold"][0]["training"]["epochs"] == 1
+    assert "1 of 2 folds finished" in (run / "summary.md").read_text()
 
 
 def test_split_of_other_data_is_refused(dataset, tmp_path):

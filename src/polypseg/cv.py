@@ -264,8 +264,10 @@ def run_cv(
             )
         if context.is_main:
             evaluate_fold(run, index, cache.subset(fold["test"]), config, device, explain, explain_max_images, progress)
-            if clock is not None:
-                clock.tick()
+            assert clock is not None
+            clock.tick()
+            # A partial summary after every fold: a run of hours shows its finished folds' numbers early.
+            summarize_run(run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total())
         context.barrier()
 
     summary: dict[str, Any] = {}
