@@ -70,6 +70,9 @@ def test_report_numbers_match_the_run(report: tuple[Path, str]) -> None:
     counts = [len(read_json(run / f"fold_{k}" / "metrics.json")["explainability"]["per_image"]) for k in (0, 1)]
     assert counts == [2, 2]
     assert "images per fold: 2, 2" in html
+    # the run's time, and each fold's median epoch from its history
+    medians = [f["training"]["median_epoch_s"] for f in summary["per_fold"]]
+    assert "median epoch" in html and ", ".join(f"{m:.0f} s" for m in medians) + " (per fold)" in html
 
 
 def test_explained_image_count_of_each_fold() -> None:

@@ -254,7 +254,11 @@ def _settings(run: RunDir, settings: RunSettings, summary: dict[str, Any], done:
         ("threshold", f"{summary['threshold']:g} ({summary.get('threshold_selection', '')})"),
     ]
     if summary.get("wall_time_s") is not None:
-        rows.append(("wall time", f"{summary['wall_time_s']:.0f} s"))
+        paused = f" (not counting {summary['paused_s']:.0f} s stopped)" if summary.get("paused_s") else ""
+        rows.append(("wall time", f"{summary['wall_time_s']:.0f} s{paused}"))
+    epochs = [f["training"]["median_epoch_s"] for f in summary["per_fold"] if "training" in f]
+    if epochs:
+        rows.append(("median epoch", ", ".join(f"{s:.0f} s" for s in epochs) + " (per fold)"))
     return rows
 
 
