@@ -127,5 +127,9 @@ def test_patching_time_sleep_does_not_stop_the_ticks(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(time, "sleep", refuse)
     clock = ActiveClock(tick_s=0.01, gap_s=1.0)
-    threading.Event().wait(0.1)
+    seen, deadline = {clock._last}, time.monotonic() + 10
+    while len(seen) < 4 and time.monotonic() < deadline:  # only the thread's own ticks move _last
+        threading.Event().wait(0.01)
+        seen.add(clock._last)
+    assert len(seen) >= 4, "the ticking thread stopped"
     assert clock._thread is not None and clock._thread.is_alive()
