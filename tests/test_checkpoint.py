@@ -183,3 +183,18 @@ def test_stale_temporary_files_are_removed_live_ones_kept(tmp_path):
         path.write_text("x")
     assert sorted(p.name for p in remove_stale_temps(tmp_path)) == sorted([dead.name, legacy.name])
     assert live.exists() and unrelated.exists()
+
+
+def test_a_cv_run_offers_only_its_finished_folds(tmp_path):
+    """A fold still training has a best checkpoint that is not its final one: an ensemble must not use it."""
+    config = tiny_config()
+    model = create_model(config.model)
+    run = tmp_path / "run"
+    for fold in (0, 1):
+        save_checkpoint(run / f"fold_{fold}" / "best", model, config)
+    (run / "config.json").write_text(json.dumps({"run": config.to_dict(), "kind": "cv", "data": "x"}))
+    with pytest.raises(CheckpointError, match=r"no fold has finished yet \(fold_0 is still training\)"):
+        find_checkpoints(run)
+    (run / "fold_0" / "oof.npz").write_bytes(b"")  # fold 0 evaluated: finished
+    assert find_checkpoints(run) == [run / "fold_0" / "best.safetensors"]
+    assert find_checkpoints(run / "fold_1") == [run / "fold_1" / "best.safetensors"]  # by name: still usable

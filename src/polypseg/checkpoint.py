@@ -337,6 +337,13 @@ def find_checkpoints(path: Path | str) -> list[Path]:
         folds = run.fold_checkpoints()
         if folds:
             return folds
+        started = run.fold_indices()
+        if started and run.has_settings():
+            first = run.fold_dir(started[0])
+            raise CheckpointError(
+                f"{path}: no fold has finished yet ({first.name} is still training); name a fold folder, "
+                f"e.g. {first}, to use its best checkpoint so far"
+            )
     raise CheckpointError(
         f"no polypseg checkpoint found at {path} (expected NAME.safetensors + NAME.json, or a run folder)"
     )

@@ -286,8 +286,14 @@ class RunDir(os.PathLike):
         return [i for i in self.fold_indices() if self.oof_path(i).is_file()]
 
     def fold_checkpoints(self) -> list[Path]:
-        """Each fold's best checkpoint weights (``fold_N/best.safetensors``) that exist, in fold order."""
-        paths = (self.best_checkpoint(i).with_suffix(".safetensors") for i in self.fold_indices())
+        """Each fold's best checkpoint weights (``fold_N/best.safetensors``) that exist, in fold order.
+
+        In a run that ``polypseg cv`` started (``config.json``), only finished folds count: a fold
+        still training has a best checkpoint that is not yet its final one. A folder of fold
+        checkpoints without a config (put together by hand) lists every one.
+        """
+        folds = self.finished_folds() if self.has_settings() else self.fold_indices()
+        paths = (self.best_checkpoint(i).with_suffix(".safetensors") for i in folds)
         return [p for p in paths if p.is_file()]
 
     # -- config.json ---------------------------------------------------------------------------
