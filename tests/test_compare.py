@@ -127,3 +127,25 @@ def test_paired_test_on_known_values() -> None:
     t_corrected = d.mean() / np.sqrt((1 / 5 + 0.2 / 0.8) * d.var(ddof=1))
     assert test.corrected_t_p == pytest.approx(2 * stats.t.sf(abs(t_corrected), df=4))
     assert min_wilcoxon_p(5) == 0.0625
+
+
+def test_a_record_without_predictions_compares_from_its_fold_metrics(
+    tiny_cv_run: Path, second_run: Path, tmp_path: Path
+) -> None:
+    """docs/runs/ records keep metrics.json but not oof.npz: the same numbers, boundary F1 n/a."""
+    record = tmp_path / "record"
+    shutil.copytree(tiny_cv_run, record, ignore=shutil.ignore_patterns("*.safetensors", "*.npz", "figures", "*.html"))
+    full = compare_runs([tiny_cv_run, second_run])
+    from_record = compare_runs([record, second_run])
+    assert from_record.runs[0].recorded_folds == [0, 1] and full.runs[0].recorded_folds == []
+    for metric in ("dice", "iou", "auc", "sensitivity", "precision"):
+        np.testing.assert_allclose(from_record.runs[0].values[metric], full.runs[0].values[metric], rtol=1e-9)
+        assert from_record.tests["seed1"][metric].mean == pytest.approx(full.tests["seed1"][metric].mean)
+    assert all(np.isnan(from_record.runs[0].values["boundary_f1"]))
+    assert from_record.to_dict()["paired_tests"]["seed1"]["boundary_f1"]["t_p"] is None
+    text = from_record.to_markdown(metrics=("dice",))
+    assert "Read from recorded fold metrics" in text and "`record`" in text
+    chosen = compare_runs([record, second_run], threshold="chosen")
+    assert chosen.runs[0].threshold == read_json(tiny_cv_run / "summary.json")["threshold"]
+    with pytest.raises(CompareError, match=r"recorded metrics have no threshold 0.52"):
+        compare_runs([record, second_run], threshold=0.52)

@@ -3,6 +3,10 @@
 Every metric is recomputed from each run's out-of-fold predictions (``fold_*/oof.npz``), so all
 runs are measured by the same code at the same threshold, and boundary F1 comes for free. A
 paired test is only meaningful on identical folds, so the runs' ``splits.json`` must match.
+
+A run's record without its predictions (the small files committed under ``docs/runs/``) is read
+from each fold's ``metrics.json`` instead, at the thresholds its sweep recorded (0.30-0.70): the
+same numbers ``polypseg cv`` computed, but no boundary F1, which needs the predictions.
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ class RunMetrics:
     folds: list[int]
     values: dict[str, list[float]]
     n_test: list[int] = field(default_factory=list)
+    recorded_folds: list[int] = field(default_factory=list)  # read from metrics.json: no oof.npz
 
     def mean_std(self, metric: str) -> tuple[float, float]:
         array = np.asarray(self.values[metric], dtype=np.float64)
-        return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+        return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else math.nan  # one fold: no spread
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Comparison:
                     "name": r.name,
                     "path": str(r.run),
                     "threshold": r.threshold,
+                    "recorded_folds": r.recorded_folds,
                     "per_fold": {m: [_nan_to_none(v) for v in r.values[m]] for m in COMPARE_METRICS},
                     "mean_std": {m: [_nan_to_none(v) for v in r.mean_std(m)] for m in COMPARE_METRICS},
                 }
@@ -122,6 +128,14 @@ class Comparison:
             "",
             *self.table_lines(),
         ]
+        from_records = [r.name for r in self.runs if r.recorded_folds]
+        if from_records:
+            lines += [
+                "",
+                "Read from recorded fold metrics (`metrics.json`; the out-of-fold predictions are not there): "
+                + ", ".join(f"`{n}`" for n in from_records)
+                + ". Boundary F1 needs the predictions, so it is n/a wherever such a run takes part.",
+            ]
         for metric in metrics:
             lines += ["", *self.test_lines(metric)]
         lines += ["", *test_notes(k)]
@@ -253,26 +267,63 @@ def fold_metrics(
     tolerance: int | None = None,
     name: str | None = None,
 ) -> RunMetrics:
-    """Per-fold Dice, IoU, boundary F1, AUC, sensitivity and precision recomputed from ``oof.npz``."""
+    """Per-fold Dice, IoU, boundary F1, AUC, sensitivity and precision recomputed from ``oof.npz``,
+    or read from the fold's ``metrics.json`` where the predictions are not there (no boundary F1)."""
     run = RunDir(run_dir)
     t = _resolve_threshold(run, threshold)
-    folds = list(folds) if folds is not None else run.finished_folds()
+    folds = list(folds) if folds is not None else comparable_folds(run)
     if not folds:
-        raise CompareError(f"{run.path} has no finished folds (fold_*/oof.npz)")
+        raise CompareError(f"{run.path} has no finished folds (fold_*/oof.npz or fold_*/metrics.json)")
     values: dict[str, list[float]] = {m: [] for m in COMPARE_METRICS}
-    n_test = []
+    n_test, recorded = [], []
     for fold in folds:
-        try:
-            _, probs, masks, _ = run.load_fold_oof(fold)
-        except RunError as error:
-            raise CompareError(str(error)) from None
-        metric = evaluate_probabilities(probs, masks, thresholds=(t,)).at_threshold(t)
-        tol = tolerance if tolerance is not None else default_tolerance(probs.shape[-1])
-        metric["boundary_f1"] = float(np.mean(boundary_f1(probs >= t, masks, tol)))
+        if not run.oof_path(fold).is_file() and run.fold_metrics_path(fold).is_file():
+            metric, count = _recorded_metrics(run, fold, t)
+            recorded.append(fold)
+        else:
+            try:
+                _, probs, masks, _ = run.load_fold_oof(fold)
+            except RunError as error:
+                raise CompareError(str(error)) from None
+            metric = evaluate_probabilities(probs, masks, thresholds=(t,)).at_threshold(t)
+            tol = tolerance if tolerance is not None else default_tolerance(probs.shape[-1])
+            metric["boundary_f1"] = float(np.mean(boundary_f1(probs >= t, masks, tol)))
+            count = int(probs.shape[0])
         for m in COMPARE_METRICS:
             values[m].append(float(metric[m]))
-        n_test.append(int(probs.shape[0]))
-    return RunMetrics(run=run.path, name=name or run.name, threshold=t, folds=folds, values=values, n_test=n_test)
+        n_test.append(count)
+    return RunMetrics(
+        run=run.path,
+        name=name or run.name,
+        threshold=t,
+        folds=folds,
+        values=values,
+        n_test=n_test,
+        recorded_folds=recorded,
+    )
+
+
+def comparable_folds(run: RunDir) -> list[int]:
+    """Folds with out-of-fold predictions, or at least their recorded metrics, in order."""
+    return [i for i in run.fold_indices() if run.oof_path(i).is_file() or run.fold_metrics_path(i).is_file()]
+
+
+def _recorded_metrics(run: RunDir, fold: int, threshold: float) -> tuple[dict[str, float], int]:
+    """A fold's metrics at ``threshold`` as ``polypseg cv`` recorded them; boundary F1 is NaN."""
+    try:
+        recorded = run.read_fold_metrics(fold) or {}
+    except RunError as error:
+        raise CompareError(str(error)) from None
+    at = recorded.get("at", {})
+    key = next((k for k in at if math.isclose(float(k), threshold, abs_tol=1e-9)), None)
+    if key is None:
+        raise CompareError(
+            f"{run.fold_metrics_path(fold)}: no out-of-fold predictions here, and the recorded metrics have no "
+            f"threshold {threshold:g} (they have {', '.join(at) or 'none'})"
+        )
+    return {**{m: float(at[key][m]) for m in COMPARE_METRICS if m in at[key]}, "boundary_f1": math.nan}, int(
+        recorded.get("n_test", 0)
+    )
 
 
 def paired_test(metric: str, reference: Sequence[float], other: Sequence[float], test_share: float) -> PairedTest:
@@ -327,9 +378,9 @@ def compare_runs(
         raise CompareError("give at least two run folders to compare")
     settings = [_read_settings(run) for run in runs]
     splits = check_same_splits(runs)
-    common = sorted(set.intersection(*(set(run.finished_folds()) for run in runs)))
+    common = sorted(set.intersection(*(set(comparable_folds(run)) for run in runs)))
     if not common:
-        raise CompareError("the runs share no finished fold (fold_*/oof.npz)")
+        raise CompareError("the runs share no finished fold (fold_*/oof.npz or fold_*/metrics.json)")
     names = [run.name for run in runs]
     if len(set(names)) < len(names):
         names = [str(run.path) for run in runs]
