@@ -10,7 +10,6 @@ synchronisation before the clock stops, so the median is a latency, not a pipeli
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from polypseg.config import RunConfig
+from polypseg.devices import device_name
 from polypseg.errors import PolypsegError
 from polypseg.inference import Predictor
 
@@ -60,23 +60,6 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 
 class BenchError(PolypsegError):
     """A benchmark option does not fit the model or the machine."""
-
-
-def device_name(device: str | torch.device) -> str:
-    """``NVIDIA H100 80GB HBM3`` or ``AMD EPYC (2 cores)``: what the numbers were measured on."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model} ({cores} cores)"
 
 
 def benchmark(

@@ -22,7 +22,7 @@ from polypseg.checkpoint import load_checkpoint
 from polypseg.clock import Stopwatch
 from polypseg.config import RunConfig, config_differences, validate_config
 from polypseg.data import CachedData, DataError, build_cache, dataset_fingerprint
-from polypseg.devices import resolve_device
+from polypseg.devices import device_name, resolve_device
 from polypseg.evaluation import evaluate_probabilities
 from polypseg.io_utils import atomic_write_json, read_json, remove_stale_temps
 from polypseg.runs import (
@@ -121,7 +121,7 @@ class _WallClock:
 
     Time the process spent stopped (``kill -STOP``) is left out and recorded as ``paused_seconds``."""
 
-    def __init__(self, run: RunDir) -> None:
+    def __init__(self, run: RunDir, machine: dict[str, str] | None = None) -> None:
         self._path = run.invocations_path
         self._watch = Stopwatch()
         entries: list[dict[str, Any]] = []
@@ -142,7 +142,11 @@ class _WallClock:
         import datetime as _dt
 
         self._entries = entries + [
-            {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0}
+            {
+                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": 0.0,
+                **(machine or {}),  # a run of hours spans sessions: each invocation says what ran it
+            }
         ]
         self.tick()
 
@@ -224,7 +228,14 @@ def run_cv(
         run.path.mkdir(parents=True, exist_ok=True)
         if resume:
             remove_stale_temps(run.path)
-        clock = _WallClock(run)
+        clock = _WallClock(
+            run,
+            {
+                "machine": device_name(resolve_device(device)),
+                "precision": config.train.precision,
+                "polypseg_version": __version__,
+            },
+        )
         if saved is None:
             run.write_settings(
                 RunSettings(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
+
 import torch
 
 from polypseg.errors import PolypsegError
@@ -25,3 +29,20 @@ def resolve_device(device: str | torch.device, label: str = "device") -> torch.d
     if device != "cpu" and not device.startswith("cuda"):
         raise DeviceError(f"{label} {device}: use auto, cpu, cuda or cuda:N")
     return torch.device(device)
+
+
+def device_name(device: str | torch.device) -> str:
+    """``NVIDIA H100 80GB HBM3`` or ``AMD EPYC (2 cores)``: what the numbers were measured on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model} ({cores} cores)"
