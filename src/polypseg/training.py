@@ -340,8 +340,8 @@ class _Progress:
         if self._bar:
             self._bar.update(self._task, advance=steps)
 
-    def epoch_done(self, record: dict[str, Any], epochs: int) -> None:
-        """Show an epoch's loss, validation Dice and time."""
+    def epoch_done(self, record: dict[str, Any], epochs: int, history: list[dict[str, Any]]) -> None:
+        """Show an epoch's loss, validation Dice and time (and, in a log, the time left to train)."""
         info = f"loss {record['train_loss']:.4f}" + (
             f" val dice {record['val_dice']:.4f}" if "val_dice" in record else ""
         )
@@ -349,8 +349,13 @@ class _Progress:
             self._bar.update(self._task, info=info)
         elif self._lines:
             paused = f" (+{record['paused_seconds']:.0f} s paused)" if record.get("paused_seconds") else ""
+            left = epochs - record["epoch"]
+            # The median epoch: older histories count pauses in their seconds, the median ignores them.
+            eta = (
+                f", about {left * float(np.median([r['seconds'] for r in history])) / 60:.0f} min to go" if left else ""
+            )
             print(
-                f"{self._description}: epoch {record['epoch']}/{epochs}, {info}, {record['seconds']:.1f} s{paused}",
+                f"{self._description}: epoch {record['epoch']}/{epochs}, {info}, {record['seconds']:.1f} s{paused}{eta}",
                 flush=True,
             )
 
@@ -495,7 +500,7 @@ def train_model(
                         best_state=None if best_epoch == epoch + 1 else best_tensors,
                     )
                     last_state_save = time.monotonic()
-            bar.epoch_done(record, tc.epochs)
+            bar.epoch_done(record, tc.epochs, history)
             if on_epoch is not None:
                 on_epoch(record)
     context.barrier()
