@@ -316,3 +316,52 @@ def test_keep_state_on_request(data, tmp_path, monkeypatch):
     monkeypatch.delenv("POLYPSEG_KEEP_TRAINING_STATE")
     _train(data, tmp_path / "lean")
     assert not (tmp_path / "lean" / "last_state.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_resumes_keep_the_best_weights_of_a_state_saved_at_its_best_epoch(data, tmp_path):
+    """Resumed from a state saved at its own best epoch, later states must still carry those weights.
+
+    Scripted validation Dice 0.5, 0.6, 0.4, 0.7, 0.3: stop after epoch 2 (the best so far, so its
+    state holds no separate copy of the best weights), resume, train epoch 3 (state saved, best is
+    still epoch 2), then die right after epoch 4 wrote the new best.* and before its state. The
+    second resume must put best.* back to epoch 2 from the state and end as the uninterrupted run.
+    """
+    train, val = data
+    script = {1: 0.5, 2: 0.6, 3: 0.4, 4: 0.7, 5: 0.3}
+    epoch = {"n": 0}
+
+    def scripted(*args, **kwargs):
+        epoch["n"] += 1
+        return {"val_dice": script[epoch["n"]], "val_loss": 0.0}
+
+    def run(out: Path, start: int, **kwargs) -> None:
+        config = _config()
+        config.train.epochs = 5
+        epoch["n"] = start
+        train_model(config, train, val, out, device="cpu", progress=False, **kwargs)
+
+    real_save = training.save_training_state
+
+    def dies_before_state_of_epoch_4(path, model, optimizer, meta, **kwargs):
+        if meta["epoch"] == 4:
+            raise Killed
+        return real_save(path, model, optimizer, meta, **kwargs)
+
+    def stop_after_epoch_2(record):
+        if record["epoch"] == 2:
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "STATE_EVERY_S", -1.0)
+        patch.setattr(training, "_validate", scripted)
+        run(tmp_path / "reference", 0)
+        with pytest.raises(Killed):
+            run(tmp_path / "run", 0, on_epoch=stop_after_epoch_2)
+        patch.setattr(training, "save_training_state", dies_before_state_of_epoch_4)
+        with pytest.raises(Killed):
+            run(tmp_path / "run", 2, resume=True)
+        assert read_metadata(tmp_path / "run" / "best")["epoch"] == 4  # written before the state
+        patch.setattr(training, "save_training_state", real_save)
+        run(tmp_path / "run", 3, resume=True)
+    _assert_same(tmp_path / "run", tmp_path / "reference")

@@ -418,6 +418,10 @@ def train_model(
         best_score, best_epoch = saved["best_score"], saved["best_epoch"]
         best_score = -math.inf if best_score is None else best_score  # -inf is stored as null
         best_record, best_tensors = saved.get("best", {}), saved.get("best_state")
+        if best_tensors is None and best_epoch == start_epoch:
+            # A state saved at its best epoch holds no separate copy: the weights just loaded are
+            # that epoch's, and later states must carry them until a better epoch comes.
+            best_tensors = model_state(step_fn.eval_model)
         if context.is_main:
             _restore_consistent_files(out_dir, config, saved, step_fn.eval_model, history, say)
     elif out_dir.joinpath(HISTORY).is_file() and context.is_main:
