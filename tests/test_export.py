@@ -225,6 +225,10 @@ def test_int8_quantization_validation_and_auto_choice(exported: tuple[Path, Path
     assert change["dice_change"] == pytest.approx(change["dice_candidate"] - change["dice_reference"])
     record_dice_change(int8, {**change, "dice_change": 0.001})
     assert int8_validated(int8, checkpoint) and _preferred_onnx(checkpoint) == int8
+    # Validated int8 is what backend="auto" picks when the precision is left to it, never for fp32 or bf16.
+    assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto").precision == "int8"
+    for asked in ("fp32", "bf16"):
+        assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto", precision=asked).precision != "int8"
     record_dice_change(int8, {**change, "dice_change": -0.02})
     assert not int8_validated(int8, checkpoint) and _preferred_onnx(checkpoint) == onnx_path
     int8.unlink()

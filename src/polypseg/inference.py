@@ -430,7 +430,8 @@ class Predictor:
             backend = "torch" if device.type == "cuda" or compile_mode else "onnxruntime"
             if backend == "onnxruntime":
                 try:
-                    onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=True)
+                    # int8 only where the precision is left to us: fp32 and bf16 are what was asked for.
+                    onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=precision == "auto")
                 except CheckpointError:
                     raise  # a broken checkpoint is not an onnxruntime problem: torch could not load it either
                 except Exception as error:  # noqa: BLE001 - any export failure: fall back to torch, say why
