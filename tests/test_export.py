@@ -273,3 +273,20 @@ def _openvino_importable() -> bool:
     from importlib.util import find_spec
 
     return find_spec("openvino") is not None
+
+
+def test_a_static_batch_export_verifies_and_is_never_taken_for_prediction(tmp_path: Path) -> None:
+    """--static-batch fixes the batch at 1: verification runs image by image, prediction keeps its own export."""
+    from polypseg.deploy import export_checkpoints
+    from polypseg.export import find_cached_onnx
+
+    checkpoint = _save_tiny(tmp_path / "static")
+    results = export_checkpoints(checkpoint, dynamic_batch=False, say=lambda message: None)
+    static = Path(results[0]["onnx"])
+    assert static == checkpoint.with_suffix(".onnx") and read_onnx_metadata(static)["input"]["shape"][0] == 1
+    assert results[0]["max_abs_diff_random"] < 1e-3
+    assert find_cached_onnx(checkpoint) is None  # batches of any size would fail on it
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu", backend="onnxruntime", batch_size=4)
+    assert len(predictor.predict(_images(3))) == 3
+    with pytest.raises(ExportError, match="--int8 needs the batch axis"):
+        export_checkpoints(checkpoint, dynamic_batch=False, int8=True, say=lambda message: None)

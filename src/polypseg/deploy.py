@@ -58,6 +58,8 @@ def export_checkpoints(
         raise ExportError(f"--format {fmt}: only 'onnx' is supported")
     if (calibration is not None or validate is not None) and not int8:
         raise ExportError("--calibration and --validate apply to --int8 only")
+    if int8 and not dynamic_batch:
+        raise ExportError("--int8 needs the batch axis (calibration runs batches): drop --static-batch")
     from polypseg.pretrained import WEIGHTS_DIR, resolve_model
 
     model = resolve_model(model)  # a shipped model's name works too

@@ -216,11 +216,14 @@ def _cache_entry(source: dict[str, Any], cache_dir: Path | str | None) -> Path:
 
 
 def _matches(path: Path, source: dict[str, Any]) -> bool:
+    """An export of exactly this content, with a batch axis (prediction sends batches of any size)."""
     if not (path.is_file() and onnx_sidecar(path).is_file()):
         return False
     try:
-        return read_onnx_metadata(path).get("source", {}).get("sha256") == source["sha256"]
-    except (ExportError, AttributeError):
+        meta = read_onnx_metadata(path)
+        dynamic = meta.get("input", {}).get("shape", ["batch"])[0] == "batch"
+        return dynamic and meta.get("source", {}).get("sha256") == source["sha256"]
+    except (ExportError, AttributeError, IndexError, TypeError):
         return False
 
 
@@ -325,7 +328,11 @@ def verify_onnx(
     with torch.inference_mode():
         expected = torch.sigmoid(ckpt.model(batch)).numpy()
     session = create_session(onnx_path)
-    actual = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+    name, batch_dim = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
+    if isinstance(batch_dim, int):  # a fixed batch (--static-batch): one image per run
+        actual = np.concatenate([session.run(None, {name: row[None]})[0] for row in batch.numpy()])
+    else:
+        actual = session.run(None, {name: batch.numpy()})[0]
     if actual.shape != expected.shape:
         raise ExportError(f"{onnx_path}: output shape {actual.shape} differs from PyTorch's {expected.shape}")
     return float(np.abs(actual - expected).max())

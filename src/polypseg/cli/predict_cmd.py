@@ -138,7 +138,11 @@ def register(app: typer.Typer) -> None:
             None, "--out", "-o", help="Output .onnx (default: NAME.onnx beside the checkpoint)."
         ),
         opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: 18)."),
-        dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="Dynamic batch axis."),
+        dynamic_batch: bool = typer.Option(
+            True,
+            "--dynamic-batch/--static-batch",
+            help="--static-batch: a fixed batch of 1, for engines that need one (prediction then keeps its own export with a batch axis).",
+        ),
         int8: bool = typer.Option(False, "--int8", help="Also write a static int8 (QDQ) model, NAME.int8.onnx."),
         calibration: Path | None = typer.Option(
             None, "--calibration", help="int8: folder of calibration images (default: bundled sample)."
