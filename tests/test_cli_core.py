@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from polypseg.cli.main import app
@@ -306,3 +307,26 @@ def test_every_recipe_option_reaches_the_config_of_train_and_cv(tmp_path, monkey
         assert (config.train.loss, config.train.image_size, config.train.seed) == ("dice_bce", 64, 7)
         assert (config.train.precision, config.model.encoder_weights) == ("fp32", "none")
         assert config.train.ema_decay == 0.5
+
+
+def test_ctrl_c_offers_resume_only_where_the_command_has_it(monkeypatch, capsys):
+    import polypseg.cli.main as cli_main
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "app", interrupted)
+    for argv, hint in ((["polypseg", "cv", "--out", "r"], True), (["polypseg", "predict", "x.png"], False)):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main.main()
+        assert exit_info.value.code == 130
+        err = capsys.readouterr().err  # the CLI's messages go to stderr
+        assert "finished work is kept" in err and ("--resume" in err) == hint
+
+
+def test_output_names_differ_ignoring_case():
+    """IMG_1.png and img_1.jpg would overwrite each other's mask on macOS and Windows."""
+    from polypseg.inputs import unique_names
+
+    assert unique_names(["IMG_1", "img_1", "Img_1", "other"]) == ["IMG_1", "img_1-2", "Img_1-3", "other"]

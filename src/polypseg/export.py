@@ -290,11 +290,14 @@ def create_session(onnx_path: Path | str, device: str = "cpu", threads: int | No
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
+    providers: list[Any] = ["CPUExecutionProvider"]
     if str(device).startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ExportError("onnxruntime has no CUDA provider here: pip install onnxruntime-gpu, or use --device cpu")
-        providers.insert(0, "CUDAExecutionProvider")
+        index = torch.device(device).index
+        providers.insert(
+            0, ("CUDAExecutionProvider", {"device_id": index}) if index is not None else "CUDAExecutionProvider"
+        )
     try:
         return ort.InferenceSession(str(onnx_path), options, providers=providers)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types

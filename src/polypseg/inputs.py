@@ -212,7 +212,10 @@ def one_line_warnings(warn: Callable[[str], None]) -> Iterator[None]:
 
 
 def unique_names(stems: Iterable[str]) -> list[str]:
-    """Output names for ``stems``: safe for any file system and distinct (``x``, ``x-2``, ...)."""
+    """Output names for ``stems``: safe for any file system and distinct (``x``, ``x-2``, ...).
+
+    Distinct ignoring case too: ``IMG_1`` and ``img_1`` are one file on macOS and Windows.
+    """
     from polypseg.io_utils import safe_stem
 
     used: set[str] = set()
@@ -220,10 +223,10 @@ def unique_names(stems: Iterable[str]) -> list[str]:
     for stem in stems:
         base = safe_stem(stem) or "image"
         name, n = base, 1
-        while name in used:
+        while name.casefold() in used:
             n += 1
             name = f"{base}-{n}"
-        used.add(name)
+        used.add(name.casefold())
         names.append(name)
     return names
 

@@ -93,7 +93,9 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted; finished work is kept (rerun with --resume to continue)")
+        resumable = {"train", "cv", "study"}  # the commands with --resume
+        hint = " (rerun with --resume to continue)" if resumable & set(sys.argv[1:2]) else ""
+        console.print(f"interrupted; finished work is kept{hint}")
         sys.exit(130)
 
 
