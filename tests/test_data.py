@@ -43,6 +43,29 @@ def test_jpeg_like_mask_is_binarised_above_127(tmp_path):
     assert read_mask(tmp_path / "m.png").tolist() == [[False, False, False], [True, True, True]]
 
 
+def test_label_masks_are_read_by_their_values_not_their_dtype(tmp_path):
+    """0/1 PNG and TIFF label maps, and 0/255 stored in 16 bits, are not empty masks; JPEG noise stays background."""
+    labels = np.array([[0, 1], [1, 0]], dtype=np.uint8)
+    expected = [[False, True], [True, False]]
+    Image.fromarray(labels).save(tmp_path / "zero_one.png")
+    assert read_mask(tmp_path / "zero_one.png").tolist() == expected
+    tifffile.imwrite(tmp_path / "zero_one.tif", labels.astype(np.uint16))
+    assert read_mask(tmp_path / "zero_one.tif").tolist() == expected
+    tifffile.imwrite(tmp_path / "wide.tif", labels.astype(np.uint16) * 255)
+    assert read_mask(tmp_path / "wide.tif").tolist() == expected
+    tifffile.imwrite(tmp_path / "full.tif", labels.astype(np.uint16) * 65535)
+    assert read_mask(tmp_path / "full.tif").tolist() == expected
+    Image.fromarray(labels).save(tmp_path / "noise.jpg", quality=100)  # values 0/1 in a JPEG: noise
+    assert not read_mask(tmp_path / "noise.jpg").any()
+    # data check reads them the same way: a 0/1 label map is neither empty nor non-binary
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    Image.new("RGB", (2, 2)).save(root / "images" / "a.png")
+    Image.fromarray(labels).save(root / "masks" / "a.png")
+    assert [p.kind for p in check_dataset(root).problems if p.kind in ("empty-mask", "non-binary")] == []
+
+
 def test_image_conversions(tmp_path):
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
     Image.fromarray(gray).save(tmp_path / "gray.png")

@@ -129,10 +129,31 @@ def read_image(path: Path | str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
+
+
+def _mask_uint8(path: Path) -> np.ndarray:
+    """A mask file's pixels as uint8 0-255, label maps read by their values (see :func:`read_mask`)."""
+    raw = _decode(path)
+    if np.issubdtype(raw.dtype, np.integer) and raw.size:
+        peak = int(raw.max())
+        if peak == 1 and path.suffix.lower() not in LOSSY_SUFFIXES:
+            return raw.astype(np.uint8) * 255
+        if raw.dtype.itemsize > 1 and 1 < peak <= 255:
+            return raw.astype(np.uint8)
+    return to_uint8(raw)
+
+
 def read_mask(path: Path | str) -> np.ndarray:
-    """Read a mask as ``bool (H, W)``: one channel (max over colour channels), binarised at > 127."""
+    """Read a mask as ``bool (H, W)``: one channel (max over colour channels), binarised at > 127.
+
+    Label maps are read by their values, not their dtype's range: a lossless 0/1 mask (PNG, TIFF)
+    is foreground where 1, and a 16-bit file holding 0/255 is read as 8-bit. Scaling either by its
+    dtype would make every mask empty, and a model trained on them would score a perfect Dice.
+    JPEG masks keep the > 127 rule: compression noise near 0 must not become foreground.
+    """
     path = Path(path)
-    array = to_uint8(_decode(path))
+    array = _mask_uint8(path)
     if array.ndim == 3:
         array = array[:, :, :3].max(axis=2) if array.shape[2] >= 3 else array[:, :, 0]
     if array.ndim != 2:
@@ -332,7 +353,7 @@ def check_dataset(root: Path | str, progress: bool = False) -> CheckReport:
             continue
         assert sample.mask is not None
         try:
-            raw = to_uint8(_decode(sample.mask))
+            raw = _mask_uint8(sample.mask)
         except ImageReadError as error:
             report.problems.append(Problem("error", "undecodable", sample.mask, str(error)))
             continue
@@ -446,8 +467,13 @@ def _samples_digest(samples: Sequence[Sample], prefix: str = "") -> str:
     return digest.hexdigest()
 
 
+# How masks are read is part of what a cache entry is made from: 0/1 and 16-bit label maps were read
+# as empty before masks were read by their values, so entries made then must not be reused.
+MASK_RULE = "mask-values-2"
+
+
 def _cache_key(samples: Sequence[Sample], size: int) -> str:
-    return _samples_digest(samples, f"{CACHE_FORMAT}:{size}")[:16]
+    return _samples_digest(samples, f"{CACHE_FORMAT}:{MASK_RULE}:{size}")[:16]
 
 
 def dataset_fingerprint(root: Path | str) -> str:
