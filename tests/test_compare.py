@@ -56,6 +56,12 @@ def test_paired_tests_match_scipy(tiny_cv_run: Path, second_run: Path) -> None:
     assert test.t_p == pytest.approx(stats.ttest_rel(b, a).pvalue)
     assert test.wilcoxon_p == pytest.approx(0.5)  # two folds: the exact test's only possible value
     assert test.corrected_t_p >= test.t_p  # the corrected test is never more confident
+    # its variance factor uses the real n_test/n_train (inner-validation images are not training images)
+    folds = read_json(tiny_cv_run / "splits.json")["folds"]
+    n_test, n_train = (sum(len(f[key]) for f in folds) for key in ("test", "train"))
+    d = np.subtract(b, a)
+    t_corrected = d.mean() / np.sqrt((1 / 2 + n_test / n_train) * d.var(ddof=1))
+    assert test.corrected_t_p == pytest.approx(2 * stats.t.sf(abs(t_corrected), df=1))
 
 
 def test_chosen_threshold_uses_each_runs_own(tiny_cv_run: Path, second_run: Path) -> None:

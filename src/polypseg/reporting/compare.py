@@ -364,6 +364,17 @@ def paired_test(metric: str, reference: Sequence[float], other: Sequence[float],
     )
 
 
+def _test_share(splits: dict[str, Any]) -> float:
+    """n_test / (n_test + n_train) of the folds, so the corrected t-test's n_test/n_train is the real
+    ratio: the inner-validation images were not trained on (1/k would overstate n_train)."""
+    folds = splits.get("folds") or []
+    test = sum(len(f.get("test", [])) for f in folds)
+    train = sum(len(f.get("train", [])) for f in folds)
+    if test and train:
+        return test / (test + train)
+    return 1.0 / max(2, int(splits["k"]))
+
+
 def compare_runs(
     run_dirs: Sequence[Path | str],
     threshold: str | float = 0.5,
@@ -386,7 +397,7 @@ def compare_runs(
         names = [str(run.path) for run in runs]
     metrics = [fold_metrics(run, threshold, common, tolerance, name) for run, name in zip(runs, names, strict=False)]
     ref = metrics[0]
-    test_share = 1.0 / max(2, int(splits["k"]))
+    test_share = _test_share(splits)
     tests = {
         run.name: {m: paired_test(m, ref.values[m], run.values[m], test_share) for m in COMPARE_METRICS}
         for run in metrics[1:]
