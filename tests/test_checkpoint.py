@@ -192,9 +192,13 @@ def test_a_cv_run_offers_only_its_finished_folds(tmp_path):
     run = tmp_path / "run"
     for fold in (0, 1):
         save_checkpoint(run / f"fold_{fold}" / "best", model, config)
+    config.train.epochs = 3
     (run / "config.json").write_text(json.dumps({"run": config.to_dict(), "kind": "cv", "data": "x"}))
+    assert len(find_checkpoints(run)) == 2  # no histories: a copy made for deployment, every fold counts
+    for fold, epochs in ((0, 1), (1, 1)):
+        (run / f"fold_{fold}" / "history.json").write_text(json.dumps([{"epoch": e + 1} for e in range(epochs)]))
     with pytest.raises(CheckpointError, match=r"no fold has finished yet \(fold_0 is still training\)"):
         find_checkpoints(run)
-    (run / "fold_0" / "oof.npz").write_bytes(b"")  # fold 0 evaluated: finished
+    (run / "fold_0" / "history.json").write_text(json.dumps([{"epoch": e + 1} for e in range(3)]))
     assert find_checkpoints(run) == [run / "fold_0" / "best.safetensors"]
     assert find_checkpoints(run / "fold_1") == [run / "fold_1" / "best.safetensors"]  # by name: still usable

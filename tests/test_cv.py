@@ -214,3 +214,37 @@ def test_cv_measures_gradcam_per_fold(dataset, tmp_path):
     assert len(fold_metrics["explainability"]["per_image"]) == 2
     assert "energy_inside" in summary["explainability"]
     assert "Grad-CAM checks" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_cross_fitted_thresholds_never_let_a_fold_choose_its_own(tmp_path):
+    """Fold 0 alone would pick 0.6 and fold 1 alone 0.4: each is scored at the other's choice."""
+    run = tmp_path / "run"
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[:, :2, :2] = True
+    sharp = np.zeros((2, 4, 4), dtype=np.uint8)
+    sharp[:, :2, :2] = round(0.62 * 255)
+    sharp[:, 2, 2] = round(0.57 * 255)  # a false positive below 0.6
+    faint = np.zeros((2, 4, 4), dtype=np.uint8)
+    faint[:, :2, :2] = round(0.42 * 255)  # found only at <= 0.4
+    for fold, probs in ((0, sharp), (1, faint)):
+        (run / f"fold_{fold}").mkdir(parents=True)
+        np.savez(run / f"fold_{fold}" / "oof.npz", stems=np.array([f"a{fold}", f"b{fold}"]), probs=probs, masks=masks)
+    (run / "config.json").write_text(json.dumps({"run": {"train": {"recipe": "hand"}}, "data": "x"}))
+    summary = summarize_run(run)
+    assert [f["crossfit_threshold"] for f in summary["per_fold"]] == [0.4, 0.6]
+    fold0, fold1 = (f["at_crossfit"]["dice"] for f in summary["per_fold"])
+    assert fold0 == pytest.approx(2 * 4 / (2 * 4 + 1)) and fold1 == pytest.approx(0.0)
+    assert summary["mean_std"]["at_crossfit"]["dice"][0] == pytest.approx((fold0 + fold1) / 2)
+    assert "cross-fitted" in (run / "summary.md").read_text()
+
+
+def test_one_fold_has_no_cross_fitted_threshold(tmp_path):
+    run = tmp_path / "run"
+    masks = np.ones((2, 4, 4), dtype=bool)
+    (run / "fold_0").mkdir(parents=True)
+    np.savez(
+        run / "fold_0" / "oof.npz", stems=np.array(["a", "b"]), probs=np.full((2, 4, 4), 200, np.uint8), masks=masks
+    )
+    (run / "config.json").write_text(json.dumps({"run": {"train": {"recipe": "hand"}}, "data": "x"}))
+    summary = summarize_run(run)
+    assert "at_crossfit" not in summary["mean_std"] and "crossfit_threshold" not in summary["per_fold"][0]

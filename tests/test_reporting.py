@@ -54,7 +54,11 @@ def test_report_numbers_match_the_run(report: tuple[Path, str]) -> None:
     summary = read_json(run / "summary.json")
     t = summary["threshold"]
     dice, std = summary["mean_std"]["at_chosen"]["dice"]
-    assert f"ours @ {t:g} (chosen)" in html
+    assert f"ours @ {t:g} (chosen on these predictions)" in html
+    assert (
+        "ours @ each fold&#x27;s threshold chosen on the other folds" in html
+        or "threshold chosen on the other folds" in html
+    )
     assert f"{dice:.4f} ± {std:.4f}" in html
     # the worst case shown is the lowest per-image Dice at the chosen threshold, computed independently
     # (ties, e.g. several images at Dice 0, broken by name as the report does)

@@ -337,9 +337,9 @@ def find_checkpoints(path: Path | str) -> list[Path]:
         folds = run.fold_checkpoints()
         if folds:
             return folds
-        started = run.fold_indices()
-        if started and run.has_settings():
-            first = run.fold_dir(started[0])
+        training = [i for i in run.fold_indices() if run.fold_still_training(i)]
+        if training:
+            first = run.fold_dir(training[0])
             raise CheckpointError(
                 f"{path}: no fold has finished yet ({first.name} is still training); name a fold folder, "
                 f"e.g. {first}, to use its best checkpoint so far"

@@ -288,13 +288,24 @@ class RunDir(os.PathLike):
     def fold_checkpoints(self) -> list[Path]:
         """Each fold's best checkpoint weights (``fold_N/best.safetensors``) that exist, in fold order.
 
-        In a run that ``polypseg cv`` started (``config.json``), only finished folds count: a fold
-        still training has a best checkpoint that is not yet its final one. A folder of fold
-        checkpoints without a config (put together by hand) lists every one.
+        A fold still training (its ``history.json`` shorter than the config's epochs) is left out:
+        its best checkpoint is not yet its final one. Folds without a history (a run copied for
+        deployment, or fold checkpoints put together by hand) count as they are.
         """
-        folds = self.finished_folds() if self.has_settings() else self.fold_indices()
+        folds = [i for i in self.fold_indices() if not self.fold_still_training(i)]
         paths = (self.best_checkpoint(i).with_suffix(".safetensors") for i in folds)
         return [p for p in paths if p.is_file()]
+
+    def fold_still_training(self, fold: int) -> bool:
+        """True while fold ``fold``'s history holds fewer epochs than the run's config asks for."""
+        if not self.has_settings():
+            return False
+        try:
+            epochs = self.read_settings().config.train.epochs
+            history = self.read_history(fold)
+        except RunError:
+            return False
+        return history is not None and len(history) < epochs
 
     # -- config.json ---------------------------------------------------------------------------
 

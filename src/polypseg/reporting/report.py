@@ -92,6 +92,12 @@ def write_report(
         "at_0.5": [float(bf1_05[fold_array == f].mean()) for f in folds],
         "at_chosen": [float(per_image["boundary_f1"][fold_array == f].mean()) for f in folds],
     }
+    own = {f["fold"]: f["crossfit_threshold"] for f in summary["per_fold"] if "crossfit_threshold" in f}
+    if len(own) == len(folds):
+        bf1_fold["at_crossfit"] = [
+            float(np.mean(boundary_f1(probs[fold_array == f] >= own[f], masks[fold_array == f], tolerance)))
+            for f in folds
+        ]
 
     embedded: list[dict[str, Any]] = []
 
@@ -264,7 +270,11 @@ def _settings(run: RunDir, settings: RunSettings, summary: dict[str, Any], done:
 
 def _summary_rows(summary: dict[str, Any], threshold: float, bf1_fold: dict[str, list[float]]) -> list[dict[str, Any]]:
     rows = []
-    for key, label in (("at_0.5", "ours @ 0.5"), ("at_chosen", f"ours @ {threshold:g} (chosen)")):
+    labels = [("at_0.5", "ours @ 0.5"), ("at_chosen", f"ours @ {threshold:g} (chosen on these predictions)")]
+    labels.append(("at_crossfit", "ours @ each fold's threshold chosen on the other folds"))
+    for key, label in labels:
+        if key not in summary["mean_std"] or key not in bf1_fold:
+            continue
         ms = summary["mean_std"][key]
         rows.append(
             {"label": label, **{m: _pm(ms[m]) for m in METRIC_NAMES}, "bf1": _pm(mean_std(bf1_fold[key])), "ours": True}
