@@ -257,3 +257,11 @@ def test_single_split_resumes_on_its_saved_split_and_evaluates_as_the_recipe_say
         train_single_split(data, out, config, test_list=other, resume=True, **kwargs)
     with pytest.raises(RunError, match="--resume"):
         train_single_split(data, out, config, test_list=test_list, **kwargs)
+    # resuming reads the run's own data: the bundled sample (what an omitted --data becomes) stands for it,
+    # and other data under the same file names is refused by name
+    from polypseg.sample_data import sample_dataset_path
+
+    assert train_single_split(sample_dataset_path(), out, config, resume=True, **kwargs)["test"]["n_images"] == 2
+    changed = write_synthetic_dataset(tmp_path / "changed", n=10, seed=5)
+    with pytest.raises(RunError, match="data: "):
+        train_single_split(changed, out, config, resume=True, **kwargs)

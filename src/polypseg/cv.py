@@ -21,7 +21,7 @@ from polypseg._version import __version__
 from polypseg.checkpoint import load_checkpoint
 from polypseg.clock import Stopwatch
 from polypseg.config import RunConfig, config_differences, validate_config
-from polypseg.data import CachedData, DataError, build_cache, dataset_fingerprint
+from polypseg.data import CachedData, build_cache, resumed_data
 from polypseg.devices import device_name, resolve_device
 from polypseg.evaluation import evaluate_probabilities
 from polypseg.io_utils import atomic_write_json, read_json, remove_stale_temps
@@ -88,31 +88,6 @@ def load_or_create_splits(
     splits = make_splits(stems, folds, seed, val_fraction)
     run.write_splits(splits)
     return splits
-
-
-def _resumed_data(saved: str, given: Path | str | None) -> tuple[str, list[str]]:
-    """The data a resumed run reads, and the change to refuse if ``given`` is other data.
-
-    The same folder, or a copy with the same content elsewhere, is accepted (a run moved to another
-    machine); so is the bundled sample, which the command line passes when ``--data`` is omitted.
-    """
-    if given is None:
-        return saved, []
-    given_path = Path(given).resolve()
-    if str(given_path) == saved:
-        return saved, []
-    from polypseg.sample_data import sample_dataset_path
-
-    if given_path == Path(sample_dataset_path()).resolve():
-        return saved, []  # the command line's stand-in for an omitted --data
-    if not Path(saved).exists():
-        return str(given_path), []  # moved: splits.json still checks that the images are the run's
-    try:
-        if dataset_fingerprint(saved) == dataset_fingerprint(given_path):
-            return str(given_path), []
-    except DataError:
-        pass
-    return saved, [f"data: {saved!r} -> {str(given_path)!r}"]
 
 
 class _WallClock:
@@ -209,7 +184,7 @@ def run_cv(
             for name, old, new in (("folds", saved.folds, folds), ("seed", saved.seed, seed))
             if new is not None and new != old
         ]
-        data, data_change = _resumed_data(str(saved.data), data)
+        data, data_change = resumed_data(str(saved.data), data)
         refuse_changed_settings(run.path, changed + data_change)
         config, folds, seed = saved.config, saved.folds, saved.seed
     elif config is None:

@@ -598,3 +598,28 @@ def load_cache(path: Path | str) -> CachedData:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path} is not a usable polypseg cache: {reason}") from None
     return CachedData(stems=stems, images=images, masks=masks, original_sizes=original_sizes, size=size)
+
+
+def resumed_data(saved: str, given: Path | str | None) -> tuple[str, list[str]]:
+    """The data a resumed run reads, and the change to refuse if ``given`` is other data.
+
+    The same folder, or a copy with the same content elsewhere, is accepted (a run moved to another
+    machine); so is the bundled sample, which the command line passes when ``--data`` is omitted.
+    """
+    if given is None:
+        return saved, []
+    given_path = Path(given).resolve()
+    if str(given_path) == saved:
+        return saved, []
+    from polypseg.sample_data import sample_dataset_path
+
+    if given_path == Path(sample_dataset_path()).resolve():
+        return saved, []  # the command line's stand-in for an omitted --data
+    if not Path(saved).exists():
+        return str(given_path), []  # moved: splits.json still checks that the images are the run's
+    try:
+        if dataset_fingerprint(saved) == dataset_fingerprint(given_path):
+            return str(given_path), []
+    except DataError:
+        pass
+    return saved, [f"data: {saved!r} -> {str(given_path)!r}"]

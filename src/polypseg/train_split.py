@@ -8,7 +8,7 @@ from typing import Any
 
 from polypseg.checkpoint import load_checkpoint
 from polypseg.config import RunConfig, config_differences, validate_config
-from polypseg.data import DataError, build_cache, load_split_file
+from polypseg.data import DataError, build_cache, load_split_file, resumed_data
 from polypseg.devices import resolve_device
 from polypseg.evaluation import evaluate_probabilities
 from polypseg.io_utils import atomic_write_json
@@ -46,12 +46,16 @@ def train_single_split(
                 f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out"
             )
         refuse_changed_settings(run.path, config_differences(saved.config, config))
+    split = run.read_split() if resume else None
+    if split is not None and split.get("data"):
+        # Resuming reads the run's own data: --data omitted, or the same content elsewhere.
+        data, change = resumed_data(str(split["data"]), data)
+        refuse_changed_settings(run.path, change)
     cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress)
     test_stems: list[str] | None = None
     if test_list is not None:
         test_stems = load_split_file(test_list)
         _check_stems(test_stems, cache.stems, f"{test_list}", data)
-    split = run.read_split() if resume else None
     if split is not None:
         train, val, test_stems = _saved_split(run, split, cache.stems, test_stems, data)
     else:
