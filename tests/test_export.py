@@ -290,3 +290,15 @@ def test_a_static_batch_export_verifies_and_is_never_taken_for_prediction(tmp_pa
     assert len(predictor.predict(_images(3))) == 3
     with pytest.raises(ExportError, match="--int8 needs the batch axis"):
         export_checkpoints(checkpoint, dynamic_batch=False, int8=True, say=lambda message: None)
+
+
+def test_an_onnx_file_honours_the_backend_and_refuses_what_it_cannot_do(exported: tuple[Path, Path]) -> None:
+    from polypseg.inference import PredictorError
+
+    _, onnx_path = exported
+    with pytest.raises(PredictorError, match="fold and compile apply to checkpoints"):
+        Predictor.from_checkpoint(onnx_path, device="cpu", fold=0)
+    with pytest.raises(PredictorError, match="fold and compile apply to checkpoints"):
+        Predictor.from_checkpoint(onnx_path, device="cpu", backend="onnxruntime", compile=True)
+    if _openvino_importable():
+        assert Predictor.from_checkpoint(onnx_path, device="cpu", backend="openvino").backend == "openvino"

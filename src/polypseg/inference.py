@@ -393,7 +393,13 @@ class Predictor:
         path = resolve_model(path_or_run)
         if path.suffix == ".onnx":
             if backend == "torch":
-                raise PredictorError(f"{path} is an ONNX model: use backend 'onnxruntime' or 'auto'")
+                raise PredictorError(f"{path} is an ONNX model: use backend 'onnxruntime', 'openvino' or 'auto'")
+            if fold is not None or _compile_mode(compile):
+                raise PredictorError(f"{path} is one ONNX model: fold and compile apply to checkpoints and run folders")
+            if backend == "openvino":
+                if device.type != "cpu":
+                    raise PredictorError(f"the openvino backend runs on the CPU, not {device}")
+                return cls.from_openvino(path, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size)
             return cls.from_onnx(path, device=device, threshold=threshold, tta=tta, batch_size=batch_size)
 
         checkpoints = find_checkpoints(path)
