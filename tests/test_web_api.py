@@ -846,6 +846,31 @@ def test_video_upload_gives_per_frame_results(service: InferenceService, tmp_pat
         assert client.get("/v1/health").json()["limits"]["max_video_frames"] == 10
 
 
+def test_video_cut_short_keeps_the_frames_decoded_before_the_error(
+    service: InferenceService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """3 frames decode, then the file is damaged: all 3 are segmented (they were still waiting for a batch)."""
+    import polypseg.video as video
+
+    path = write_video(tmp_path / "clip.mp4")
+    real = video.read_frames
+
+    def damaged(source):
+        for index, seconds, frame in real(source):
+            if index == 3:
+                raise video.VideoError(f"{source}: invalid data found when processing input")
+            yield index, seconds, frame
+
+    monkeypatch.setattr(video, "read_frames", damaged)
+    assert service.max_batch > 3
+    with TestClient(create_app(service)) as client:
+        response = client.post("/v1/segment-video", files={"file": ("cut.mp4", path.read_bytes(), "video/mp4")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["frames"] == 3 and [row["frame"] for row in body["per_frame"]] == [0, 1, 2]
+    assert body["warning"].startswith("decoding stopped after 3 frames") and "/tmp" not in body["warning"]
+
+
 def test_serve_precision_reaches_segmentation_and_grad_cam(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     from polypseg import explain
     from polypseg.cli.main import app

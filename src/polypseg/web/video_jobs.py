@@ -65,14 +65,21 @@ def segment_video_bytes(
         warning = None
         limited = False
 
+        decode_error: VideoError | None = None
+
         def frames():
-            nonlocal limited
-            for index, seconds, frame in read_frames(tmp):
-                if index >= max_frames:
-                    limited = True
-                    return
-                times.append(seconds)
-                yield frame
+            # A decoding error ends the stream here, not inside segment_stream: the frames already
+            # decoded but not yet sent as a batch are still segmented.
+            nonlocal limited, decode_error
+            try:
+                for index, seconds, frame in read_frames(tmp):
+                    if index >= max_frames:
+                        limited = True
+                        return
+                    times.append(seconds)
+                    yield frame
+            except VideoError as error:
+                decode_error = error
 
         try:
             for index, prediction in enumerate(service.segment_stream(frames(), threshold, timeout)):
@@ -92,11 +99,13 @@ def segment_video_bytes(
                     masks.append(encoding.rle_encode(prediction.mask))
         except UploadError:
             raise
-        except VideoError as error:
-            reason = clean_reason(str(error).replace(str(tmp), ""), name)
+        except VideoError as error:  # raised outside decoding (e.g. by the stream itself)
+            decode_error = error
+        if decode_error is not None:
+            reason = clean_reason(str(decode_error).replace(str(tmp), ""), name)
             if not rows:
                 raise CorruptImage(f"{name}: no frame could be decoded" + (f" ({reason})" if reason else "")) from None
-            warning = reason or f"decoding stopped after {len(rows)} frames"
+            warning = f"decoding stopped after {len(rows)} frames" + (f" ({reason})" if reason else "")
         if not rows:
             raise CorruptImage(f"{name}: the video has no frames")
         ious = [r["iou_with_previous"] for r in rows if r["iou_with_previous"] is not None]
