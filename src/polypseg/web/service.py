@@ -288,14 +288,15 @@ class InferenceService:
 
         Only one chunk of frames is decoded and queued at once, so a long video holds bounded
         memory and leaves room in the queue for other clients. The first chunk fails fast with
-        :class:`ServiceBusy` when the queue is full; later chunks wait for room until ``timeout``.
+        :class:`ServiceBusy` when the queue is full; later chunks wait for room. ``timeout`` bounds
+        each chunk, not the whole video, so a long video is not refused for being long.
         """
-        deadline = time.monotonic() + timeout
         chunk: list[np.ndarray] = []
         first = True
 
         def flush() -> list[Any]:
             nonlocal first
+            deadline = time.monotonic() + timeout
             futures = []
             try:
                 for frame in chunk:
@@ -305,9 +306,10 @@ class InferenceService:
                     futures.append(self.submit(ticket, "segment", frame, threshold))
                 return [f.result(max(0.0, deadline - time.monotonic())) for f in futures]
             except FutureTimeout:
+                raise ServiceBusy(f"no answer within {timeout:g} s, retry later") from None
+            finally:  # on any failure, frames already queued for this request are not computed
                 for f in futures:
                     f.cancel()
-                raise ServiceBusy(f"no answer within {timeout:g} s, retry later") from None
 
         for frame in frames:
             chunk.append(frame)
