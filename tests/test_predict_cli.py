@@ -243,3 +243,29 @@ def test_predict_exports_once_into_the_cache_never_into_the_run_folder(tmp_path:
     for name in ("rgb", "gray", "rgba"):
         a = np.asarray(Image.open(tmp_path / "o1" / "masks" / f"{name}.png"))
         assert np.array_equal(a, np.asarray(Image.open(tmp_path / "o2" / "masks" / f"{name}.png")))
+
+
+def test_predict_sends_batch_size_images_per_pass_with_the_same_masks(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polypseg.inference import Predictor
+
+    folder = _folder(tmp_path / "in")  # 3 readable images and a corrupt one
+    sizes: list[int] = []
+    real = Predictor.predict_model_size
+
+    def recording(self, images):
+        sizes.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(Predictor, "predict_model_size", recording)
+    for batch in ("2", "1"):
+        out = tmp_path / f"out{batch}"
+        args = ("predict", str(folder), "--model", str(checkpoint), "--out", str(out), "--backend", "torch")
+        assert _invoke(*args, "--batch-size", batch, "--precision", "fp32").exit_code == 0
+    assert sizes == [2, 1, 1, 1, 1]
+    for mask in (tmp_path / "out1" / "masks").iterdir():
+        # the same model on other batch shapes: kernels may round differently, so a pixel right at
+        # the threshold may flip; anything more is a wrong batch
+        one, two = (np.asarray(Image.open(tmp_path / out / "masks" / mask.name)) for out in ("out1", "out2"))
+        assert one.shape == two.shape and np.mean(one == two) > 0.999

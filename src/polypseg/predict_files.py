@@ -17,6 +17,8 @@ from polypseg.inputs import InputFile
 
 log = logging.getLogger(__name__)
 
+# Decoded pixels a batch of images may hold before it is sent (8 Full-HD frames: about 50 MB).
+BATCH_PIXELS = 8 * 1920 * 1080
 PREDICTION_COLUMNS = ("file", "width", "height", "area_pixels", "area_fraction", "mean_confidence", "threshold")
 VIDEO_COLUMNS = (
     "file",
@@ -187,7 +189,8 @@ def _predict_images(
 ) -> list[dict[str, Any]]:
     """Write masks (and overlays, probabilities) of ``images``; unreadable ones go to ``skipped``.
 
-    The model runs at its own resolution; each map is brought to the image's size in stripes
+    The model runs at its own resolution on batches of ``predictor.batch_size`` images (fewer when
+    they hold over ``BATCH_PIXELS`` pixels); each map is brought to the image's size in stripes
     (:func:`polypseg.inference.upsample_rows`) only to be written, and the overlay is drawn into the
     decoded image itself, so the peak memory per image stays near 8 bytes per pixel.
     """
@@ -204,19 +207,15 @@ def _predict_images(
         if progress
         else images
     )
-    for item in shown:
-        try:
-            image = _load_image(item)
-            mean, std = predictor.predict_model_size([image])
-        except InputProblem as problem:
-            skipped.skip(item.path, problem)
-            continue
+    batch: list[tuple[InputFile, np.ndarray]] = []
+
+    def write(item: InputFile, image: np.ndarray, mean: np.ndarray, std: np.ndarray | None) -> None:
         shape = image.shape[:2]
-        mask, confidence = upsample_mask(mean[0], shape, predictor.threshold)
+        mask, confidence = upsample_mask(mean, shape, predictor.threshold)
         area = int(np.count_nonzero(mask))
         _save_png(out / "masks" / f"{item.name}.png", _mask_png(mask))
         if save_probabilities:
-            _save_png(out / "probabilities" / f"{item.name}.png", upsample_uint8(mean[0], shape))
+            _save_png(out / "probabilities" / f"{item.name}.png", upsample_uint8(mean, shape))
         row = {
             "file": display_name(item.path),
             "width": shape[1],
@@ -228,7 +227,7 @@ def _predict_images(
         }
         if std is not None:
             # a std of probabilities is at most 0.5: stored as round(std * 510) to use all 8 bits
-            uncertainty = upsample_uint8(std[0], shape, scale=510.0)
+            uncertainty = upsample_uint8(std, shape, scale=510.0)
             row["uncertainty_mean"] = round(float(uncertainty.mean(dtype=np.float64)) / 510.0, 6)
             if save_probabilities:
                 _save_png(out / "uncertainty" / f"{item.name}.png", uncertainty)
@@ -237,8 +236,26 @@ def _predict_images(
             if not image.flags.writeable:  # decoded arrays can be read-only views of PIL's buffer
                 image = np.array(image)
             _save_png(out / "overlays" / f"{item.name}.png", overlay_mask_inplace(image, mask))
-        del image, mask
         rows.append(row)
+
+    def flush() -> None:
+        if batch:
+            mean, std = predictor.predict_model_size([image for _, image in batch])
+            for i, (item, image) in enumerate(batch):
+                write(item, image, mean[i], None if std is None else std[i])
+            batch.clear()
+
+    for item in shown:
+        try:
+            image = _load_image(item)
+        except InputProblem as problem:
+            skipped.skip(item.path, problem)
+            continue
+        batch.append((item, image))
+        # --batch-size images per forward pass, but never more than BATCH_PIXELS decoded pixels held
+        if len(batch) >= predictor.batch_size or sum(im.shape[0] * im.shape[1] for _, im in batch) >= BATCH_PIXELS:
+            flush()
+    flush()
     return rows
 
 
