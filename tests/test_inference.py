@@ -71,6 +71,10 @@ def test_grayscale_rgba_and_16bit_are_converted(predictor: Predictor, tmp_path: 
     np.testing.assert_allclose(predictor.predict_one(path).probability, reference_gray, atol=1e-6)
     np.testing.assert_allclose(predictor.predict_one(Image.open(path)).probability, reference_gray, atol=1e-6)
     np.testing.assert_allclose(predictor.predict_one(Image.fromarray(rgba)).probability, reference_rgb, atol=1e-6)
+    # numpy arithmetic on 8-bit pixels gives int64: still 8-bit values, not a black 16-bit image
+    np.testing.assert_allclose(predictor.predict_one(rgb.astype(np.int64)).probability, reference_rgb, atol=1e-6)
+    wide = sixteen.astype(np.int32)  # PIL "I" mode: 16-bit data in int32
+    np.testing.assert_allclose(predictor.predict_one(wide).probability, reference_gray, atol=1e-6)
 
 
 def test_corrupt_file_is_named_and_skipped_with_on_error(predictor: Predictor, tmp_path: Path) -> None:

@@ -447,8 +447,14 @@ def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
     from polypseg.data import ImageReadError, to_uint8
 
     array = np.asarray(array)
-    if array.dtype.kind == "i" and array.dtype.itemsize > 2:  # PIL "I" mode holds 16-bit data
-        array = np.clip(array, 0, 65535).astype(np.uint16)
+    if array.dtype.kind == "i" and array.dtype.itemsize > 2:
+        # Wide signed integers are either PIL "I" mode (16-bit data) or numpy arithmetic on 8-bit
+        # pixels (np.array of a list is int64): values that all fit in 0-255 are read as 8-bit, or
+        # they would be scaled as 16-bit into a black image.
+        if array.size and 0 <= int(array.min()) and int(array.max()) <= 255:
+            array = array.astype(np.uint8)
+        else:
+            array = np.clip(array, 0, 65535).astype(np.uint16)
     try:
         array = to_uint8(array)
     except ImageReadError as error:
