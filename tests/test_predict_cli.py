@@ -269,3 +269,13 @@ def test_predict_sends_batch_size_images_per_pass_with_the_same_masks(
         # the threshold may flip; anything more is a wrong batch
         one, two = (np.asarray(Image.open(tmp_path / out / "masks" / mask.name)) for out in ("out1", "out2"))
         assert one.shape == two.shape and np.mean(one == two) > 0.999
+
+
+def test_predict_threshold_must_lie_strictly_between_0_and_1(checkpoint: Path, tmp_path: Path) -> None:
+    """As explain and serve: 0 or 1 would give a constant mask."""
+    folder = _folder(tmp_path / "in")
+    for value in ("0", "1", "1.5"):
+        result = _invoke(
+            "predict", str(folder), "--model", str(checkpoint), "--out", str(tmp_path / "o"), "--threshold", value
+        )
+        assert result.exit_code == 2 and "strictly between 0 and 1" in result.output, result.output
