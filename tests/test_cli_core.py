@@ -310,9 +310,19 @@ def test_every_recipe_option_reaches_the_config_of_train_and_cv(tmp_path, monkey
 
 
 def test_ctrl_c_offers_resume_only_where_the_command_has_it(monkeypatch, capsys):
+    """Through typer, which turns a KeyboardInterrupt inside a command into a silent exit 130."""
+    import typer
+
     import polypseg.cli.main as cli_main
 
-    def interrupted():
+    interrupted = typer.Typer()
+
+    @interrupted.command()
+    def cv(out: str = typer.Option(...)) -> None:
+        raise KeyboardInterrupt
+
+    @interrupted.command()
+    def predict(path: str) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_main, "app", interrupted)

@@ -92,11 +92,19 @@ def main() -> None:
 
         console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        resumable = {"train", "cv", "study"}  # the commands with --resume
-        hint = " (rerun with --resume to continue)" if resumable & set(sys.argv[1:2]) else ""
-        console.print(f"interrupted; finished work is kept{hint}")
+    except KeyboardInterrupt:  # before typer runs a command (typer turns one inside into exit 130)
+        _say_interrupted()
         sys.exit(130)
+    except SystemExit as exit_:
+        if exit_.code == 130:  # Ctrl-C inside a command: typer exits 130 without a word
+            _say_interrupted()
+        raise
+
+
+def _say_interrupted() -> None:
+    resumable = {"train", "cv", "study"}  # the commands with --resume
+    hint = " (rerun with --resume to continue)" if resumable & set(sys.argv[1:2]) else ""
+    console.print(f"interrupted; finished work is kept{hint}")
 
 
 if __name__ == "__main__":
