@@ -333,3 +333,24 @@ def test_gradcam_benchmark_engine_rows_match_torch_fp32():
     assert engine_row["images_compared"] >= 1 and engine_row["heatmap_correlation"] == pytest.approx(1.0, abs=1e-4)
     assert engine_row["speedup_vs_fp32"] > 0
     assert "| onnxruntime | fp32 |" in gradcam_markdown(rows)
+
+
+@pytest.mark.slow
+def test_random_model_is_made_and_exported_once_per_workdir_outside_the_users_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polypseg import export
+
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("POLYPSEG_CACHE", str(cache))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    for backend in ("onnxruntime", "onnxruntime"):
+        assert load_for_bench("random", backend, device="cpu", image_size=64, workdir=workdir).backend == "onnxruntime"
+    assert len(list(workdir.glob("random*.safetensors"))) == 1
+    assert len(list((workdir / "onnx").glob("*.onnx"))) == 1  # one export, reused
+    assert not (cache / "onnx").exists()
+    plain = next((workdir / "onnx").glob("*.onnx"))
+    with pytest.raises(BenchError, match="not a quantized model"):
+        load_for_bench(plain, "onnxruntime-int8", device="cpu", workdir=workdir)

@@ -173,13 +173,18 @@ def load_for_bench(
     present, else quantize into ``workdir``, calibrated on ``calibration`` (default: the bundled
     Kvasir-SEG sample); ``openvino-int8`` runs that same int8 ONNX graph in OpenVINO.
     """
-    from polypseg.export import cached_onnx, int8_path_for, quantize_onnx_int8
+    from polypseg.export import cached_onnx, int8_path_for, quantize_onnx_int8, read_onnx_metadata
 
     if backend not in BACKENDS:
         raise BenchError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}, all")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="polypseg-bench-"))
+    cache_dir: Path | None = None
     if str(model) == "random":
-        model = random_checkpoint(workdir, image_size)
+        # One random model per workdir, exported into the workdir: a throwaway model must not add
+        # a new 100 MB export to the user's cache for every backend of every run.
+        existing = workdir / "random.safetensors"
+        model = existing if existing.is_file() else random_checkpoint(workdir, image_size)
+        cache_dir = workdir
     model = Path(model)
     engine, precision = BACKEND_SPECS[backend]
     if engine == "torch":
@@ -188,8 +193,14 @@ def load_for_bench(
         )
     if compile:
         raise BenchError(f"--compile applies to the torch backend, not {backend}")
+    if precision == "int8" and model.suffix == ".onnx" and "quantization" not in read_onnx_metadata(model):
+        raise BenchError(
+            f"--backend {backend}: {model.name} is not a quantized model; give a checkpoint (quantized here) or NAME.int8.onnx"
+        )
     if precision != "int8" or model.suffix == ".onnx":
-        return Predictor.from_checkpoint(model, device=device, backend=engine, precision=precision)
+        if model.suffix == ".onnx" and precision == "int8":
+            precision = "auto"  # a quantized graph runs as it is
+        return Predictor.from_checkpoint(model, device=device, backend=engine, precision=precision, cache_dir=cache_dir)
     from polypseg.checkpoint import find_checkpoints
 
     int8_paths = []
@@ -201,7 +212,9 @@ def load_for_bench(
 
                 calibration = sample_dataset_path()
             int8 = quantize_onnx_int8(
-                cached_onnx(checkpoint), workdir / f"{checkpoint.parent.name}-{checkpoint.stem}.int8.onnx", calibration
+                cached_onnx(checkpoint, cache_dir),
+                workdir / f"{checkpoint.parent.name}-{checkpoint.stem}.int8.onnx",
+                calibration,
             )
         int8_paths.append(int8)
     if engine == "openvino":
