@@ -354,3 +354,13 @@ def test_random_model_is_made_and_exported_once_per_workdir_outside_the_users_ca
     plain = next((workdir / "onnx").glob("*.onnx"))
     with pytest.raises(BenchError, match="not a quantized model"):
         load_for_bench(plain, "onnxruntime-int8", device="cpu", workdir=workdir)
+
+
+def test_a_heatmap_that_lost_fp32s_prediction_counts_as_no_agreement() -> None:
+    """Correlation with fp32: an empty (flat) map where fp32 found something scores 0, not skipped."""
+    from polypseg.bench import _correlation
+
+    reference = np.array([0.0, 0.2, 0.9, 0.4])
+    assert _correlation(reference, reference * 3) == pytest.approx(1.0)
+    assert _correlation(reference, np.zeros(4)) == 0.0
+    assert _correlation(reference, -reference) == pytest.approx(-1.0)

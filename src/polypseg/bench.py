@@ -568,10 +568,12 @@ def benchmark_gradcam(
         if reference is None:
             continue
         other = kept[row.get("key", row["precision"])]
+        # Only fp32's empty maps are left out (nothing to agree with); a precision that loses the
+        # prediction fp32 made (an empty or flat map) counts as correlation 0 against it.
         values = [
-            float(np.corrcoef(reference[i].flatten().numpy(), other[i].flatten().numpy())[0, 1])
+            _correlation(reference[i].flatten().numpy(), other[i].flatten().numpy())
             for i in range(min(len(reference), len(other)))
-            if reference[i].max() > 0 and other[i].max() > 0
+            if reference[i].max() > 0
         ]
         row["heatmap_correlation"] = float(np.mean(values)) if values else None
         row["images_compared"] = len(values)
@@ -580,6 +582,13 @@ def benchmark_gradcam(
         for row in rows:
             row["speedup_vs_fp32"] = fp32_seconds / row["seconds"]
     return rows
+
+
+def _correlation(reference: np.ndarray, other: np.ndarray) -> float:
+    """Pearson correlation; 0 when either map is flat (all zero), where it is undefined."""
+    if float(reference.std()) == 0 or float(other.std()) == 0:
+        return 0.0
+    return float(np.corrcoef(reference, other)[0, 1])
 
 
 def _time_engine_gradcam(
