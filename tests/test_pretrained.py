@@ -135,6 +135,8 @@ def test_models_command_lists_and_verifies(shipped):
     shipped.weights.write_bytes(shipped.weights.read_bytes()[:-5] + b"xxxxx")
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 1 and "FAILED" in result.output
+    as_json = CliRunner().invoke(app, ["models", "--json"])  # the same verdict for a script
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout)[0]["sha256_check"].startswith("FAILED")
 
 
 def test_export_takes_a_shipped_model_by_name_and_asks_where_to_write(tmp_path):

@@ -24,11 +24,19 @@ def resolve_device(device: str | torch.device, label: str = "device") -> torch.d
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"{label} {device}: CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda") or (parsed.type == "cpu" and parsed.index):
         raise DeviceError(f"{label} {device}: use auto, cpu, cuda or cuda:N")
-    return torch.device(device)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{label} {device}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise DeviceError(f"{label} {device}: this machine has {count} CUDA device(s), cuda:0-cuda:{count - 1}")
+    return parsed
 
 
 def device_name(device: str | torch.device) -> str:

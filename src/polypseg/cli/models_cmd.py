@@ -43,8 +43,11 @@ def register(app: typer.Typer) -> None:
                     "release": release,
                 }
             )
-        if as_json:
+        failed = any(row["sha256_check"].startswith("FAILED") for row in rows)
+        if as_json:  # the same exit status as the text form: a script checking an install relies on it
             print(json.dumps(rows, indent=2))
+            if failed or not rows:
+                raise typer.Exit(1)
             return
         if not rows:
             console.print(
@@ -76,5 +79,5 @@ def register(app: typer.Typer) -> None:
                 say(f"  made by {release['training_command']}")
             if release.get("stages"):
                 say(f"  stages  {release['stages']}")
-        if any(row["sha256_check"].startswith("FAILED") for row in rows):
+        if failed:
             raise typer.Exit(1)
