@@ -18,6 +18,7 @@ RUNS="${RUNS:-$HOME/polypseg-runs/cpu-parity}"
 OUT_DIR="${OUT_DIR:-docs/runs/cpu-parity}"
 EPOCHS="${EPOCHS:-4}"
 BF16_SEEDS="${BF16_SEEDS:-0 1 2}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, the commit the results name
 POLYPSEG="python3 -m polypseg.cli.main"
 mkdir -p "$RUNS" "$OUT_DIR"
 
@@ -91,8 +92,8 @@ lines = [
     *[f"| {n} | {d:.4f} | {i:.4f} | {l:.4f} | {w} |" for n, d, i, l, w in rows],
     "",
 ]
-if len(bf16) >= 2 and "fp32-seed0" in fp32:
-    bf16_seed0 = next(r[1] for r in rows if r[0] == "bf16-seed0")
+bf16_seed0 = next((r[1] for r in rows if r[0] == "bf16-seed0"), None)
+if len(bf16) >= 2 and "fp32-seed0" in fp32 and bf16_seed0 is not None:
     spread = max(bf16) - min(bf16)
     gap = abs(fp32["fp32-seed0"] - bf16_seed0)
     lines += [

@@ -19,6 +19,7 @@ OUT_DIR="${OUT_DIR:-.}"
 ROUNDS="${ROUNDS:-2}"
 EXPLAIN_IMAGES="${EXPLAIN_IMAGES:-200}"
 mkdir -p "$OUT_DIR"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, the commit the results name
 POLYPSEG="python3 -m polypseg.cli.main"
 {
   echo "# CPU precision benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
