@@ -340,3 +340,37 @@ def test_output_names_differ_ignoring_case():
     from polypseg.inputs import unique_names
 
     assert unique_names(["IMG_1", "img_1", "Img_1", "other"]) == ["IMG_1", "img_1-2", "Img_1-3", "other"]
+
+
+def test_data_cache_checks_out_before_building_and_writes_it_whole(tmp_path):
+    bad = runner.invoke(
+        app,
+        [
+            "data",
+            "cache",
+            str(sample_dataset_path()),
+            "--size",
+            "32",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--out",
+            str(tmp_path / "x.txt"),
+        ],
+    )
+    assert bad.exit_code == 2 and not (tmp_path / "c").exists()  # refused before minutes of caching
+    good = runner.invoke(
+        app,
+        [
+            "data",
+            "cache",
+            str(sample_dataset_path()),
+            "--size",
+            "32",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--out",
+            str(tmp_path / "s.npz"),
+        ],
+    )
+    assert good.exit_code == 0, good.output
+    assert (tmp_path / "s.npz").is_file() and not list(tmp_path.glob(".s.npz.*"))

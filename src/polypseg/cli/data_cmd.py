@@ -82,14 +82,16 @@ def register(app: typer.Typer) -> None:
         import shutil
 
         from polypseg.data import build_cache, cache_path
+        from polypseg.io_utils import atomic_write
 
+        if out is not None and out.suffix != ".npz":  # before the build, which can take minutes
+            raise typer.BadParameter("must end in .npz", param_hint="--out")
         data = build_cache(root, size, cache_dir=cache_dir)
         path = cache_path(root, size, cache_dir)
         if out is not None:
-            if out.suffix != ".npz":
-                raise typer.BadParameter("must end in .npz", param_hint="--out")
             out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, out)
+            source = path
+            atomic_write(out, lambda tmp: shutil.copyfile(source, tmp))  # never a truncated .npz under its name
             path = out
         console.print(
             f"{len(data.stems)} pairs at {size}px cached in {path} ({path.stat().st_size / 1e6:.1f} MB)",
