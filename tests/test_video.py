@@ -121,6 +121,31 @@ def test_writer_pads_odd_sizes(tmp_path: Path) -> None:
     frames = list(read_frames(tmp_path / "odd.mp4"))
     assert len(frames) == 3 and frames[0][2].shape == (46, 44, 3)
     assert not list(tmp_path.glob(".*.tmp"))  # temporary file renamed away
+    from polypseg.io_utils import default_file_mode
+
+    assert (tmp_path / "odd.mp4").stat().st_mode & 0o777 == default_file_mode()  # not mkstemp's 0600
+
+
+def test_a_writer_whose_close_fails_leaves_no_video(tmp_path: Path) -> None:
+    writer = VideoWriter(tmp_path / "out.mp4", fps=10)
+    for frame in _square_frames(2, size=32):
+        writer.write(frame)
+
+    class DiskFullOnClose:
+        def __init__(self, real) -> None:
+            self.real = real
+
+        def mux(self, packet) -> None:
+            self.real.mux(packet)
+
+        def close(self) -> None:
+            self.real.close()
+            raise OSError(28, "No space left on device")
+
+    writer._container = DiskFullOnClose(writer._container)
+    with pytest.raises(OSError, match="No space"):
+        writer.close()
+    assert not (tmp_path / "out.mp4").exists() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_unreadable_video_is_named(tmp_path: Path, predictor: Predictor) -> None:

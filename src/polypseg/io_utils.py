@@ -31,7 +31,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results unreadable to others
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would make results unreadable to others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,6 +42,11 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def default_file_mode() -> int:
+    """The mode a newly created file gets under this process's umask (what mkstemp's 0600 is not)."""
+    return 0o666 & ~_umask()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -162,13 +162,18 @@ class VideoWriter:
         self.frames += 1
 
     def close(self, keep: bool = True) -> None:
+        finished = False
         try:
             if self._stream is not None:
                 for packet in self._stream.encode():
                     self._container.mux(packet)
             self._container.close()
+            finished = True
         finally:
-            if keep and self.frames:
+            if keep and finished and self.frames:  # a flush or close that failed leaves no video
+                from polypseg.io_utils import default_file_mode
+
+                os.chmod(self._tmp, default_file_mode())  # mkstemp made it owner-only, unlike other outputs
                 os.replace(self._tmp, self.path)
             else:
                 self._tmp.unlink(missing_ok=True)
