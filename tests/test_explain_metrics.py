@@ -161,8 +161,9 @@ def test_deletion_batched_equals_single_and_empty_prediction_is_nan() -> None:
     together = deletion_insertion_auc(model, images, heat, steps=4, batch_size=5)  # chunks cut across images
     for i in range(3):
         alone = deletion_insertion_auc(model, images[i], heat[i], steps=4, batch_size=64)
-        np.testing.assert_allclose(together["deletion_curve"][i], alone["deletion_curve"][0], atol=1e-5)
-        np.testing.assert_allclose(together["insertion_auc"][i], alone["insertion_auc"][0], atol=1e-5)
+        np.testing.assert_allclose(together["deletion_curve"][i], alone["deletion_curve"], atol=1e-5)
+        np.testing.assert_allclose(together["insertion_auc"][i], alone["insertion_auc"], atol=1e-5)
+        assert np.ndim(alone["insertion_auc"]) == 0  # one image in, its values out
     never = nn.Sequential(nn.Conv2d(3, 1, 1))
     nn.init.zeros_(never[0].weight)
     nn.init.constant_(never[0].bias, -5.0)
@@ -242,3 +243,25 @@ def test_evaluate_explanations_matches_the_parts() -> None:
     assert report["settings"]["deletion_steps"] == 2 and report["settings"]["layer"] == "decoder.final"
     with pytest.raises(ExplainMetricsError, match="masks"):
         evaluate_explanations(model, images, masks[:, :16])
+
+
+def test_logits_from_another_engine_are_not_the_deletion_reference() -> None:
+    """explain --engine: the curves' reference is rescored by the model that scores the perturbations."""
+    from polypseg.explain_metrics import score_explanations
+    from polypseg.inferer import model_logits
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1)).eval()
+    images = torch.randn(2, 3, SIZE, SIZE)
+    heat = torch.rand(2, SIZE, SIZE)
+    own = model_logits(model, images, "fp32")
+    elsewhere = own + 0.5  # another engine's slightly different logits
+    kwargs = dict(deletion_steps=4, precision="fp32")
+    same = score_explanations(model, images, heat, own, **kwargs)
+    rescored = score_explanations(model, images, heat, elsewhere, logits_from_model=False, **kwargs)
+    mixed = score_explanations(model, images, heat, elsewhere, **kwargs)
+    for a, b in zip(same, rescored, strict=True):
+        assert a["deletion_auc"] == pytest.approx(b["deletion_auc"]) and a["insertion_auc"] == pytest.approx(
+            b["insertion_auc"]
+        )
+    assert any(a["deletion_auc"] != pytest.approx(c["deletion_auc"]) for a, c in zip(same, mixed, strict=True))

@@ -213,6 +213,7 @@ def explain_files(
                     deletion_steps,
                     max(batch_size, 2 * deletion_steps),
                     precision,
+                    logits_from_model=engine == "torch",  # another engine's logits: torch rescores the original
                 )
                 probs = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
                 for (item, image, truth), heatmap, prob, record in zip(

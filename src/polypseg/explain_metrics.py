@@ -256,6 +256,9 @@ def deletion_insertion_auc(
         "insertion_curve": insertion_curve,
         "fractions": fractions,
     }
+    if single:  # one (3, H, W) image: its values, not arrays of one
+        for key in ("deletion_auc", "insertion_auc", "deletion_curve", "insertion_curve"):
+            result[key] = result[key][0]
     return result
 
 
@@ -274,12 +277,15 @@ def score_explanations(
     deletion_steps: int = DEFAULT_DELETION_STEPS,
     batch_size: int = 32,
     precision: str = "auto",
+    logits_from_model: bool = True,
 ) -> list[dict[str, float]]:
     """All explanation metrics for one batch at model resolution, one dict per image.
 
     ``images`` normalised ``(N, 3, S, S)``, ``heatmaps (N, S, S)``, ``logits (N, 1, S, S)`` from
     the Grad-CAM forward pass, ``gt_masks`` bool ``(N, S, S)`` or None (ground-truth metrics NaN).
-    ``deletion_steps=0`` skips deletion/insertion (NaN).
+    ``deletion_steps=0`` skips deletion/insertion (NaN). ``logits_from_model=False`` (the logits
+    came from another engine): the curves' reference is recomputed with ``model`` at ``precision``,
+    so the original and the perturbed scores come from the same computation.
     """
     n = images.shape[0]
     heat = heatmaps.detach().float().cpu()
@@ -301,7 +307,7 @@ def score_explanations(
             PredictedMaskProbability(threshold),
             steps=deletion_steps,
             batch_size=batch_size,
-            reference_logits=logits.detach(),
+            reference_logits=logits.detach() if logits_from_model else None,
             precision=precision,
         )
         columns["deletion_auc"] = curves["deletion_auc"]
