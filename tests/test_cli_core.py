@@ -343,34 +343,12 @@ def test_output_names_differ_ignoring_case():
 
 
 def test_data_cache_checks_out_before_building_and_writes_it_whole(tmp_path):
-    bad = runner.invoke(
-        app,
-        [
-            "data",
-            "cache",
-            str(sample_dataset_path()),
-            "--size",
-            "32",
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--out",
-            str(tmp_path / "x.txt"),
-        ],
-    )
+    def cache_to(out):
+        args = ["data", "cache", str(sample_dataset_path()), "--size", "32", "--cache-dir", str(tmp_path / "c")]
+        return runner.invoke(app, [*args, "--out", str(out)])
+
+    bad = cache_to(tmp_path / "x.txt")
     assert bad.exit_code == 2 and not (tmp_path / "c").exists()  # refused before minutes of caching
-    good = runner.invoke(
-        app,
-        [
-            "data",
-            "cache",
-            str(sample_dataset_path()),
-            "--size",
-            "32",
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--out",
-            str(tmp_path / "s.npz"),
-        ],
-    )
+    good = cache_to(tmp_path / "s.npz")
     assert good.exit_code == 0, good.output
     assert (tmp_path / "s.npz").is_file() and not list(tmp_path.glob(".s.npz.*"))
