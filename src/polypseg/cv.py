@@ -227,6 +227,7 @@ def run_cv(
     splits = run.read_splits()
     assert splits is not None
 
+    summary: dict[str, Any] = {}
     for fold in splits["folds"]:
         index = fold["fold"]
         if only_folds is not None and index not in only_folds:
@@ -253,16 +254,18 @@ def run_cv(
             assert clock is not None
             clock.tick()
             # A partial summary after every fold: a run of hours shows its finished folds' numbers early.
-            summarize_run(run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total())
+            summary = summarize_run(
+                run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total()
+            )
         context.barrier()
 
-    summary: dict[str, Any] = {}
     if context.is_main:
         assert clock is not None
-        clock.tick()
-        summary = summarize_run(
-            run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total()
-        )
+        if not summary:  # no fold was evaluated in this invocation: summarise what is there
+            clock.tick()
+            summary = summarize_run(
+                run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total()
+            )
         if report:
             _write_report(run.path)
     context.barrier()

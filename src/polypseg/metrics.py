@@ -169,9 +169,15 @@ class SegmentationMetrics:
         assert self._pos is not None and self._neg is not None
         return self._pos.copy(), self._neg.copy()
 
-    def best_threshold(self, candidates: Sequence[float] = DEFAULT_THRESHOLDS) -> float:
-        """The candidate with the highest mean Dice (ties: the one closest to 0.5)."""
-        scored = [(self.at_threshold(t)["dice"], -abs(t - 0.5), t) for t in candidates]
+    def best_threshold(
+        self, candidates: Sequence[float] = DEFAULT_THRESHOLDS, images: np.ndarray | None = None
+    ) -> float:
+        """The candidate with the highest mean Dice (ties: the one closest to 0.5).
+
+        ``images``: a boolean mask over the images seen, to choose on those only.
+        """
+        dice = {t: self.per_image(t)["dice"] for t in candidates}
+        scored = [(float((d if images is None else d[images]).mean()), -abs(t - 0.5), t) for t, d in dice.items()]
         return max(scored)[2]
 
     def compute(self) -> dict[str, Any]:

@@ -125,13 +125,7 @@ def cross_fitted_thresholds(
     folds = sorted({int(f) for f in fold_ids})
     if len(folds) < 2:
         return {}
-    dice = {t: pooled.per_image(t)["dice"] for t in candidates}
-    chosen = {}
-    for fold in folds:
-        others = fold_ids != fold
-        scored = [(float(dice[t][others].mean()), -abs(t - 0.5), t) for t in candidates]
-        chosen[fold] = max(scored)[2]
-    return chosen
+    return {fold: pooled.best_threshold(candidates, images=fold_ids != fold) for fold in folds}
 
 
 def training_time(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
