@@ -257,6 +257,14 @@ def test_skip_ablation_end_to_end(external_data: Path, tmp_path: Path) -> None:
         run_skip_ablation(external_data, out, config, **kwargs)
     with pytest.raises(RunError, match=r"train\.image_size: 32 -> 64"):
         run_skip_ablation(external_data, out, tiny_config(), resume=True, **kwargs)
+    # the command resumes with no recipe options: the study's own config, seed and folds
+    resumed = CliRunner().invoke(
+        app,
+        ["study", "skip-ablation", "--out", str(out), "--data", str(external_data), "--resume", "--no-explain"]
+        + ["--device", "cpu", "--cache-dir", str(cache), "--no-progress"],
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert weights.stat().st_mtime_ns == stamp
 
 
 def test_studies_refuse_runs_on_other_folds(tmp_path: Path) -> None:
@@ -298,6 +306,24 @@ def test_pranet_protocol(external_data: Path, tmp_path: Path) -> None:
         assert 0.0 <= result["literature_metrics"]["s_measure"] <= 1.0
     with pytest.raises(StudyError, match="--resume"):
         run_pranet(external_data, test_list, out, config, device="cpu", progress=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(RunError, match=r"train\.image_size: 32 -> 64"):  # a resume never changes the recipe silently
+        run_pranet(
+            external_data,
+            test_list,
+            out,
+            tiny_config(),
+            resume=True,
+            device="cpu",
+            progress=False,
+            cache_dir=tmp_path / "cache",
+        )
+    resumed = CliRunner().invoke(
+        app,
+        ["study", "pranet", "--data", str(external_data), "--test-list", str(test_list), "--out", str(out), "--resume"]
+        + ["--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert read_json(out / "pranet.json")["n_test"] == 3
 
     # from a cache file (as on a GPU machine) the original masks are not there: model resolution only
     from polypseg.data import cache_path

@@ -568,9 +568,7 @@ def run_pranet(
     run = RunDir(out)
     if run.history_path().is_file() and not resume:
         raise StudyError(f"{out} already holds a training run; pass --resume to continue it, or choose a new --out")
-    saved = run.saved_settings() if resume else None
-    if saved is not None:
-        config = saved.config
+    # With resume, train_single_split refuses a config that differs from the saved one.
     train_single_split(
         data, out, config, test_list=test_list, resume=resume, device=device, progress=progress, cache_dir=cache_dir
     )

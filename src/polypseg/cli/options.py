@@ -24,7 +24,9 @@ RecipeOpt = typer.Option(
     help=f"Named recipe: {', '.join(RECIPES)} (see docs/recipes.md). Default: paper, or the run's own with --resume.",
 )
 StudyRecipeOpt = typer.Option(
-    None, "--recipe", help=f"Named recipe for every arm: {', '.join(RECIPES)} (see docs/recipes.md). Default: paper."
+    None,
+    "--recipe",
+    help=f"Named recipe for every arm: {', '.join(RECIPES)} (see docs/recipes.md). Default: paper, or the study's own with --resume.",
 )
 WeightsOpt = typer.Option(
     None,

@@ -22,12 +22,27 @@ from polypseg.cli.options import (
     WeightsOpt,
     data_or_sample,
 )
+from polypseg.config import RunConfig
 
 METRIC_ALIASES = {"bf1": "boundary_f1", "boundary-f1": "boundary_f1", "sens": "sensitivity", "prec": "precision"}
 
+StudyFoldsOpt = typer.Option(
+    None, "--folds", min=2, help="Number of folds (default 5, or the study's own with --resume)."
+)
 ResumeOpt = typer.Option(
     False, "--resume", help="Continue an interrupted study in --out (finished runs and folds are kept)."
 )
+
+
+def _resumed_study(run_dir: Path, resume: bool) -> tuple[str | RunConfig, int | None, int | None]:
+    """What a study's options build on: with ``--resume``, the config, seed and folds its first
+    run was started with (so resuming needs no options); otherwise the ``paper`` recipe."""
+    from polypseg.runs import RunDir
+
+    saved = RunDir(run_dir).saved_settings() if resume else None
+    if saved is None:
+        return "paper", None, None
+    return saved.config, saved.seed, saved.folds
 
 
 def _metrics(names: list[str]) -> list[str]:
@@ -158,7 +173,7 @@ def register(app: typer.Typer) -> None:
         ),
         data: Path | None = typer.Option(None, "--data", help=DATA_HELP),
         recipe: str | None = StudyRecipeOpt,
-        folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
+        folds: int | None = StudyFoldsOpt,
         seed: int | None = SeedOpt,
         encoder_weights: str | None = WeightsOpt,
         epochs: int | None = EpochsOpt,
@@ -175,15 +190,16 @@ def register(app: typer.Typer) -> None:
         """U-Net with vs without skip connections on identical folds: Dice, IoU and boundary F1 with paired tests."""
         from polypseg.studies import run_skip_ablation
 
+        base, saved_seed, saved_folds = _resumed_study(out / "with-skips", resume)
         config = RecipeChoices(
             recipe, encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides
-        ).build()
+        ).build(base)
         run_skip_ablation(
             data_or_sample(data),
             out,
             config,
-            folds=folds,
-            seed=seed or 0,
+            folds=folds or saved_folds or 5,
+            seed=seed if seed is not None else saved_seed or 0,
             resume=resume,
             device=device,
             progress=progress,
@@ -204,7 +220,7 @@ def register(app: typer.Typer) -> None:
             help="The pretrained arm's weights: imagenet (smp's Hugging Face cache) or PATH to a torchvision ResNet state dict.",
         ),
         recipe: str | None = StudyRecipeOpt,
-        folds: int = typer.Option(5, "--folds", min=2, help="Number of folds."),
+        folds: int | None = StudyFoldsOpt,
         seed: int | None = SeedOpt,
         epochs: int | None = EpochsOpt,
         image_size: int | None = SizeOpt,
@@ -226,14 +242,15 @@ def register(app: typer.Typer) -> None:
             )
         if encoder_weights != "imagenet" and not Path(encoder_weights).is_file():
             raise UsageError(f"--encoder-weights {encoder_weights}: not 'imagenet' or an existing file")
-        config = RecipeChoices(recipe, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides).build()
+        base, saved_seed, saved_folds = _resumed_study(out / "imagenet", resume)
+        config = RecipeChoices(recipe, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides).build(base)
         run_encoder_init(
             data_or_sample(data),
             out,
             config,
             imagenet_weights=encoder_weights,
-            folds=folds,
-            seed=seed or 0,
+            folds=folds or saved_folds or 5,
+            seed=seed if seed is not None else saved_seed or 0,
             resume=resume,
             device=device,
             progress=progress,
@@ -263,9 +280,10 @@ def register(app: typer.Typer) -> None:
         """The PraNet protocol: train on the data minus --test-list, test once on it; mDice, mIoU (+ S, wF, E, MAE)."""
         from polypseg.studies import run_pranet
 
+        base, _, _ = _resumed_study(out, resume)
         config = RecipeChoices(
             recipe, encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides
-        ).build()
+        ).build(base)
         run_pranet(data, test_list, out, config, resume=resume, device=device, progress=progress, cache_dir=cache_dir)
         _print_study(out / "pranet.md")
 
