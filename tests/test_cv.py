@@ -5,8 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from polypseg.cv import RunError, make_splits, run_cv, summarize_run
+from polypseg.io_utils import atomic_write_json
+from polypseg.runs import RunDir
 
 from helpers import tiny_config, write_synthetic_dataset
 
@@ -248,3 +251,15 @@ def test_one_fold_has_no_cross_fitted_threshold(tmp_path):
     (run / "config.json").write_text(json.dumps({"run": {"train": {"recipe": "hand"}}, "data": "x"}))
     summary = summarize_run(run)
     assert "at_crossfit" not in summary["mean_std"] and "crossfit_threshold" not in summary["per_fold"][0]
+
+
+def test_deletion_steps_follow_the_runs_earlier_folds(tmp_path: Path) -> None:
+    from polypseg.cv import _run_deletion_steps
+
+    run = RunDir(tmp_path / "run")
+    cpu = torch.device("cpu")
+    assert _run_deletion_steps(run, cpu) == 8  # a new run on CPU
+    assert _run_deletion_steps(run, torch.device("cuda")) == 20
+    atomic_write_json(run.fold_metrics_path(0), {"n_test": 2})  # evaluated without Grad-CAM checks
+    atomic_write_json(run.fold_metrics_path(1), {"explainability": {"deletion_steps": 20}})
+    assert _run_deletion_steps(run, cpu) == 20  # started on a GPU, resumed on CPU: its folds stay comparable

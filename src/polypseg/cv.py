@@ -292,13 +292,27 @@ def evaluate_fold(
     result: dict[str, Any] = {"n_test": len(test.stems), **metric.compute()}
     result["per_image"] = {"stems": test.stems, "dice_at_0.5": metric.per_image(0.5)["dice"].round(6).tolist()}
     if explain:
-        result["explainability"] = _explain_fold(checkpoint.model, test, torch_device, explain_max_images)
+        steps = _run_deletion_steps(run, torch_device)
+        result["explainability"] = _explain_fold(checkpoint.model, test, torch_device, explain_max_images, steps)
     atomic_write_json(run.fold_metrics_path(fold), result)
     return result
 
 
+def _run_deletion_steps(run: RunDir, device: torch.device) -> int:
+    """Deletion/insertion steps for a fold's Grad-CAM checks: what the run's earlier folds used, so
+    a run resumed on another device stays comparable across folds; otherwise 20 on CUDA, 8 on CPU
+    (each step is a forward pass of every image)."""
+    for fold in run.fold_indices():
+        metrics_path = run.fold_metrics_path(fold)
+        if metrics_path.is_file():
+            steps = read_json(metrics_path).get("explainability", {}).get("deletion_steps")
+            if steps:
+                return int(steps)
+    return 20 if device.type == "cuda" else 8
+
+
 def _explain_fold(
-    model: torch.nn.Module, test: CachedData, device: torch.device, max_images: int | None
+    model: torch.nn.Module, test: CachedData, device: torch.device, max_images: int | None, deletion_steps: int
 ) -> dict[str, Any]:
     from polypseg.explain_metrics import evaluate_explanations
 
@@ -309,7 +323,7 @@ def _explain_fold(
         subset.masks,
         threshold=0.5,
         device=device,
-        deletion_steps=20 if device.type == "cuda" else 8,
+        deletion_steps=deletion_steps,
         stems=subset.stems,
     )
 
