@@ -8,8 +8,10 @@ import re
 import socket
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -908,3 +910,30 @@ def test_serve_option_choices_match_the_library():
     from polypseg.precision import PRECISIONS
 
     assert set(SERVE_BACKENDS) == set(BACKENDS) and set(SERVE_PRECISIONS) == set(PRECISIONS)
+
+
+def test_video_timeout_bounds_each_chunk_not_the_whole_video(monkeypatch):
+    # A fake clock that moves only while the model runs: each one-frame chunk "takes" 50 s of the
+    # 80 s allowed, the four together 200 s. No real waiting, so the test does not depend on speed.
+    clock = {"now": 0.0}
+    monkeypatch.setattr(
+        "polypseg.web.service.time", SimpleNamespace(monotonic=lambda: clock["now"], sleep=time.sleep, time=time.time)
+    )
+    predictor = BlockingPredictor()
+    predictor.release.set()
+    model_call = predictor.predict
+
+    def predict_taking_50s(images):
+        clock["now"] += 50.0
+        return model_call(images)
+
+    predictor.predict = predict_taking_50s
+    service = InferenceService(predictor, max_queue=4, max_batch=1)
+    service.start()
+    try:
+        frames = [np.full((4, 4, 3), value, np.uint8) for value in (1, 2, 3, 4)]
+        answers = list(service.segment_stream(frames, timeout=80.0))
+        assert [a.probability[0, 0] for a in answers] == pytest.approx([v / 255 for v in (1, 2, 3, 4)])
+        assert clock["now"] == 200.0  # the video as a whole ran well past the timeout
+    finally:
+        service.stop()
