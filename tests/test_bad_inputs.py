@@ -596,3 +596,43 @@ def test_data_check_exit_codes(tmp_path: Path) -> None:
     assert code == 2 and "Traceback" not in output
     (error,) = [line for line in _lines(output) if line.startswith("error:")]
     assert re.search(r"broken/images is not a folder", error), error
+
+
+def test_explain_with_nothing_explained_prints_no_empty_table(model: Path, tmp_path: Path) -> None:
+    """With every input skipped, explain printed a table of empty metrics and their notes before the error."""
+    bad = _bytes(tmp_path / "empty.jpg", b"")
+    code, output = _run(_args("explain", [bad], model, tmp_path / "out"))
+    assert code == 1 and "Traceback" not in output, output
+    assert "metric" not in output and "deletion_auc" not in output, output
+    assert "0 image(s) explained; 1 input(s) skipped" in output
+    assert [line for line in _lines(output) if line.startswith("error:")] == [
+        "error: no image could be explained (see the warnings above)"
+    ]
+
+
+def test_predict_option_errors_name_the_option_as_explain_does(model: Path, good: Path, tmp_path: Path) -> None:
+    """predict said "precision 'fp16': ..." (no option) and "--fold 1: ... has folds []" for a lone checkpoint."""
+    for extra, expected in (
+        (["--precision", "fp16"], "error: --precision 'fp16': choose one of auto, fp32, bf16"),
+        (["--fold", "1"], f"error: --fold 1: {model.with_suffix('')} is a single checkpoint, not a CV run folder"),
+    ):
+        code, output = _run(_args("predict", [good], model.with_suffix(""), tmp_path / "out") + extra)
+        assert code == 2 and "Traceback" not in output, output
+        assert [line for line in _lines(output) if line.startswith("error:")] == [expected], output
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_out_that_is_a_file_is_one_line(model: Path, tmp_path: Path) -> None:
+    """An output path that is a file was a FileExistsError traceback after the whole evaluation."""
+    from helpers import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", n=2)
+    blocker = tmp_path / "results"
+    blocker.write_text("keep me")
+    code, output = _run(
+        ["evaluate", "--model", str(model), "--data", str(data), "--out", str(blocker), "--no-progress"]
+    )
+    assert code == 2 and "Traceback" not in output, output
+    (error,) = [line for line in _lines(output) if line.startswith("error:")]
+    assert str(blocker) in error and "a file stands where a folder is needed" in error
+    assert blocker.read_text() == "keep me"

@@ -194,6 +194,24 @@ def prepare_output_folder(out: Path, label: str = "--out") -> None:
         raise PolypsegError(f"{label} {name}: permission denied (cannot write there)")
 
 
+def check_output_path(path: Path, label: str, folder: bool = False) -> None:
+    """Before any work, creating nothing: a one-line error naming ``label`` when ``path`` cannot
+    become a file (``folder=False``) or a folder: the other kind is already there, or a file stands
+    where one of its parent folders should be."""
+    from polypseg.errors import PolypsegError
+
+    name = display_name(path)
+    if folder and path.exists() and not path.is_dir():
+        raise PolypsegError(f"{label} {name}: is an existing file, not a folder; choose a folder for the outputs")
+    if not folder and path.is_dir():
+        raise PolypsegError(f"{label} {name}: is a folder; give a file name")
+    for parent in path.parents:
+        if parent.is_dir():
+            return
+        if parent.exists() or parent.is_symlink():
+            raise PolypsegError(f"{label} {name}: {display_name(parent)} is a file, not a folder")
+
+
 @contextlib.contextmanager
 def one_line_warnings(warn: Callable[[str], None]) -> Iterator[None]:
     """Show Python warnings raised inside as one ``warning:`` line each, not ``file:line: UserWarning``;

@@ -74,6 +74,11 @@ def predict_files(
         raise PolypsegError(f"--threshold {threshold}: must lie strictly between 0 and 1")
     if out.exists() and not out.is_dir():
         prepare_output_folder(out)  # one line naming --out, before any work
+    from polypseg.precision import check_precision
+
+    check_precision(precision, "--precision")
+    if fold is not None:
+        _check_fold(model, fold)
     skips = SkipLog(warn)
     with one_line_warnings(warn):
         items = collect_inputs(inputs, skips, videos=True, recursive=recursive)
@@ -144,6 +149,17 @@ def predict_files(
     closing = skips.closing(f"{len(rows)} image(s), {len(video_rows)} video(s) predicted", out)
     say(closing)
     return {"images": len(rows), "videos": len(video_rows), "skipped": len(skips), "done": done, "closing": closing}
+
+
+def _check_fold(model: Path | str | None, fold: int) -> None:
+    """``--fold`` picks a fold of a CV run folder: one line, as in explain, when ``model`` has no such fold
+    (a single checkpoint, a shipped model); an ONNX model is left to the predictor, which names it."""
+    from polypseg.explain_files import pick_checkpoint
+    from polypseg.pretrained import resolve_model
+
+    path = resolve_model(model)
+    if path.suffix != ".onnx":
+        pick_checkpoint(path, fold)
 
 
 def _text(value: Any) -> Any:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -48,3 +49,14 @@ def resolve_device(device: str) -> str:
     from polypseg.devices import resolve_device as resolve
 
     return str(resolve(device, label="--device"))
+
+
+def write_json(path: Path, data: Any, option: str) -> None:
+    """Write ``data`` to the file ``option`` named; a failed write is one line naming the option
+    (check the path first with :func:`polypseg.inputs.check_output_path`, before the work)."""
+    from polypseg.io_utils import atomic_write_json
+
+    try:
+        atomic_write_json(path, data)
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot write it ({error.strerror or error})") from None

@@ -82,10 +82,15 @@ def register(app: typer.Typer) -> None:
         import shutil
 
         from polypseg.data import build_cache, cache_path
+        from polypseg.inputs import check_output_path
         from polypseg.io_utils import atomic_write
 
         if out is not None and out.suffix != ".npz":  # before the build, which can take minutes
             raise typer.BadParameter("must end in .npz", param_hint="--out")
+        if out is not None:
+            check_output_path(out, "--out")
+        if cache_dir is not None:
+            check_output_path(cache_dir, "--cache-dir", folder=True)
         data = build_cache(root, size, cache_dir=cache_dir)
         path = cache_path(root, size, cache_dir)
         if out is not None:

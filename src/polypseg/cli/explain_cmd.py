@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from polypseg.cli.common import UsageError, console, say, warn
+from polypseg.cli.common import UsageError, console, say, warn, write_json
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -20,6 +20,9 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 
     with_truth = summary["with_ground_truth"]
     skips = SkipLog(warn, [(c["file"], c["cause"], c["reason"]) for c in summary["skipped_causes"]])
+    if not summary["explained"]:  # no table of empty metrics: the closing line, then the error
+        say(skips.closing("0 image(s) explained", out))
+        return
 
     table = Table(title=f"{summary['explained']} image(s) explained", show_edge=False)
     for name in ("metric", "mean", "std", "n"):
@@ -80,7 +83,9 @@ def register(app: typer.Typer) -> None:
             "--method",
             help="gradcam (paper), gradcam++, hirescam, layercam or scorecam (one extra forward pass per channel of --layer).",
         ),
-        threshold: float | None = typer.Option(None, "--threshold", help="Mask threshold (default: the checkpoint's)."),
+        threshold: float | None = typer.Option(
+            None, "--threshold", help="Mask threshold, 0 < t < 1 (default: the checkpoint's)."
+        ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images per forward/backward pass."),
         heatmap_format: str = typer.Option(
@@ -109,6 +114,8 @@ def register(app: typer.Typer) -> None:
         Every input that cannot be used (missing, unreadable, not an image, over 40 megapixels, ...)
         is named with its cause, listed in skipped.csv and skipped; the last line counts them.
         Exit code: 0 if at least one image was explained, 1 if none could be, 2 for a usage error.
+
+        Example: polypseg explain data/kvasir-seg --out gradcam (a dataset root: its masks give Dice and IoU)
         """
         from polypseg.explain_files import explain_files
 
@@ -152,8 +159,11 @@ def register(app: typer.Typer) -> None:
         """Grad-CAM speed per precision (heatmaps/s, speed-up over fp32) and each precision's heatmap correlation with fp32."""
         from polypseg.bench import benchmark_gradcam, gradcam_markdown
         from polypseg.cli.common import resolve_device
-        from polypseg.io_utils import atomic_write_json
+        from polypseg.inputs import check_output_path
         from polypseg.precision import check_precision
+
+        if json_path is not None:
+            check_output_path(json_path, "--json")
 
         chosen = tuple(p.strip() for p in precisions.split(",") if p.strip())
         for p in chosen:
@@ -202,6 +212,6 @@ def register(app: typer.Typer) -> None:
             )
         console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False)
         if json_path is not None:
-            atomic_write_json(json_path, rows)
+            write_json(json_path, rows, "--json")
         if markdown:
             print(gradcam_markdown(rows))

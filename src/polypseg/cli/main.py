@@ -7,7 +7,9 @@ libraries inside the command functions only, so ``--help`` and ``--version`` ans
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 import typer
@@ -84,13 +86,20 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    """Run the CLI; user errors, and failed operations on a named file, become one line on stderr and exit code 2."""
     try:
         app()
     except PolypsegError as error:
         from rich.markup import escape
 
         console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True, markup=True)
+        sys.exit(2)
+    except OSError as error:
+        if error.filename is None and error.filename2 is None:
+            raise  # not about a file: a bug, keep the traceback
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(_file_error(error))}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(2)
     except KeyboardInterrupt:  # before typer runs a command (typer turns one inside into exit 130)
         _say_interrupted()
@@ -99,6 +108,26 @@ def main() -> None:
         if exit_.code == 130:  # Ctrl-C inside a command: typer exits 130 without a word
             _say_interrupted()
         raise
+
+
+# What a failed file operation means for the user, where strerror alone is cryptic ("File exists").
+_FILE_ERRORS = {
+    errno.EEXIST: "a file stands where a folder is needed",
+    errno.ENOTDIR: "a file stands where a folder is needed",
+    errno.EISDIR: "a folder stands where a file is needed",
+}
+
+
+def _file_error(error: OSError) -> str:
+    """One line for an ``OSError`` on a file the user named (an output path that is a folder, a full
+    disk, ...): the path (a rename's target, not its temporary file) and what went wrong."""
+    from polypseg.io_utils import display_name
+
+    path = error.filename2 if error.filename2 is not None else error.filename
+    cause = _FILE_ERRORS.get(error.errno or 0, error.strerror or type(error).__name__)
+    if error.errno == errno.EEXIST and os.path.isdir(path):
+        cause = error.strerror or cause  # a folder already there: not a file in the way
+    return f"{display_name(path if isinstance(path, str | bytes) else str(path))}: {cause}"
 
 
 def _say_interrupted() -> None:

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from polypseg.cli.common import console, fail, say, warn
+from polypseg.cli.common import console, fail, say, warn, write_json
 from polypseg.errors import PolypsegError
 
 
@@ -18,6 +18,32 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     from polypseg.io_utils import display_name
 
     fail(display_name(message), code=code)
+
+
+# The oldest opset an export can be converted to (the exporter writes 18; 16 and older lack
+# adapters for its operators, and the conversion then fails quietly, keeping 18).
+MIN_OPSET = 17
+
+
+def _check_opset(opset: int | None) -> None:
+    """``--opset`` between :data:`MIN_OPSET` and the newest the installed onnx knows, or a one-line error."""
+    if opset is None:
+        return
+    try:
+        from onnx.defs import onnx_opset_version
+
+        newest = onnx_opset_version()
+    except ImportError:  # the export itself says what is missing
+        return
+    if not MIN_OPSET <= opset <= newest:
+        _fail(f"--opset {opset}: choose {MIN_OPSET} to {newest} (the newest this onnx knows)")
+
+
+def _check_at_least(values: dict[str, int | None], minimum: int) -> None:
+    """A one-line error naming the first option (``{"--repeats": 0}``) whose value is below ``minimum``."""
+    for option, value in values.items():
+        if value is not None and value < minimum:
+            _fail(f"{option} {value}: must be >= {minimum}")
 
 
 def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> None:
@@ -58,13 +84,13 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
         threshold: float | None = typer.Option(
-            None, "--threshold", help="Mask threshold (default: the run's or checkpoint's)."
+            None, "--threshold", help="Mask threshold, 0 < t < 1 (default: the run's or checkpoint's)."
         ),
         tta: bool = typer.Option(False, "--tta", help="Average over horizontal and vertical flips."),
         backend: str = typer.Option(
             "auto",
             "--backend",
-            help="auto (torch on CUDA; on CPU OpenVINO if installed, else onnxruntime), torch, onnxruntime, or openvino (CPU; pip install 'polypseg[openvino]').",
+            help="auto (torch on CUDA; on CPU OpenVINO if installed, else onnxruntime), torch, onnxruntime, or openvino (CPU; pip install 'polypseg\\[openvino]').",
         ),
         precision: str = typer.Option(
             "auto",
@@ -97,6 +123,8 @@ def register(app: typer.Typer) -> None:
         Every input that cannot be used (missing, unreadable, not an image, over 40 megapixels, ...)
         is named with its cause, listed in skipped.csv and skipped; the last line counts them.
         Exit code: 0 if at least one input was predicted, 1 if none could be, 2 for a usage error.
+
+        Example: polypseg predict scans/ clip.mp4 --out predictions
         """
         try:
             from polypseg.predict_files import predict_files
@@ -137,7 +165,9 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(
             None, "--out", "-o", help="Output .onnx (default: NAME.onnx beside the checkpoint)."
         ),
-        opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: 18)."),
+        opset: int | None = typer.Option(
+            None, "--opset", help=f"ONNX opset, {MIN_OPSET} to the newest the installed onnx knows (default: 18)."
+        ),
         dynamic_batch: bool = typer.Option(
             True,
             "--dynamic-batch/--static-batch",
@@ -161,8 +191,18 @@ def register(app: typer.Typer) -> None:
         ),
         json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON."),
     ) -> None:
-        """Export to ONNX (sigmoid included, dynamic batch), verified against PyTorch; optionally int8."""
+        """Export to ONNX (sigmoid included, dynamic batch), verified against PyTorch; optionally int8.
+
+        Example: polypseg export --model kvasir-unet-r34 --out model.onnx --int8
+        """
+        from polypseg.inputs import check_output_path
+
+        _check_opset(opset)
+        _check_at_least({"--calibration-count": calibration_count, "--validate-limit": validate_limit}, 1)
         try:
+            for option, path in (("--out", out), ("--json", json_path)):
+                if path is not None:
+                    check_output_path(path, option)
             from polypseg.deploy import export_checkpoints
 
             with console.status("exporting") as status:
@@ -184,21 +224,22 @@ def register(app: typer.Typer) -> None:
         except PolypsegError as error:
             _fail(str(error))
         if json_path is not None:
-            from polypseg.io_utils import atomic_write_json
-
-            atomic_write_json(json_path, results)
+            write_json(json_path, results, "--json")
 
     @app.command("bench")
     def bench(
         model: str = typer.Option(
-            ..., "--model", "-m", help="Checkpoint, run folder, .onnx, or 'random' (untrained default architecture)."
+            ...,
+            "--model",
+            "-m",
+            help="Checkpoint, run folder, .onnx, a shipped model's name (polypseg models), or 'random' (untrained default architecture).",
         ),
         batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass."),
         backend: str = typer.Option(
             "auto",
             "--backend",
-            help="auto, torch, torch-bf16, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, openvino-int8 "
-            "(OpenVINO: pip install 'polypseg[openvino]'), or all (every one installed; bf16 where the CPU has it).",
+            help="auto (torch on CUDA, else onnxruntime), torch, torch-bf16, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, openvino-int8 "
+            "(OpenVINO: pip install 'polypseg\\[openvino]'), or all (every one installed; bf16 where the CPU has it).",
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         compile: str = typer.Option(
@@ -217,8 +258,18 @@ def register(app: typer.Typer) -> None:
         json_path: Path | None = typer.Option(None, "--json", help="Write the rows as JSON."),
         markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table on stdout."),
     ) -> None:
-        """Inference speed: warm-up, repeated timing, median latency and images/s, device named."""
+        """Inference speed: warm-up, repeated timing, median latency and images/s, device named.
+
+        Example: polypseg bench --model kvasir-unet-r34 --backend all --batch-size 8
+        """
+        from polypseg.inputs import check_output_path
+
+        _check_at_least({"--batch-size": batch_size, "--repeats": repeats}, 1)
+        _check_at_least({"--warmup": warmup}, 0)
+        _check_at_least({"--image-size": image_size}, 32)  # the encoder halves it 5 times
         try:
+            if json_path is not None:
+                check_output_path(json_path, "--json")
             from polypseg.bench import bench_markdown, benchmark_backends
 
             with console.status("benchmarking") as status:
@@ -240,8 +291,6 @@ def register(app: typer.Typer) -> None:
             _fail(str(error))
         _print_bench(rows, batch_size, repeats)
         if json_path is not None:
-            from polypseg.io_utils import atomic_write_json
-
-            atomic_write_json(json_path, rows)
+            write_json(json_path, rows, "--json")
         if markdown:
             print(bench_markdown(rows))

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from polypseg.cli.common import console, fail
+from polypseg.cli.common import UsageError, console, fail, write_json
 from polypseg.cli.options import (
     DATA_HELP,
     BatchOpt,
@@ -99,7 +99,9 @@ def register(app: typer.Typer) -> None:
         Example (the paper's setting): polypseg cv --data Kvasir-SEG --out runs/paper --recipe paper
         """
         from polypseg.cv import run_cv
+        from polypseg.inputs import check_output_path
 
+        check_output_path(out, "--out", folder=True)
         saved = _saved_config(out) if resume else None
         choices = RecipeChoices.of(locals())
         config = None  # resuming with no options: the run's own config
@@ -206,8 +208,10 @@ def register(app: typer.Typer) -> None:
         """
         from polypseg.bench import CPU_VARIANTS, TRAIN_VARIANTS, benchmark_training, training_markdown
         from polypseg.cli.common import resolve_device
-        from polypseg.io_utils import atomic_write_json
+        from polypseg.inputs import check_output_path
 
+        if json_path is not None:
+            check_output_path(json_path, "--json")
         config = build_config(
             recipe or "paper", batch_size=batch_size, image_size=image_size, overrides=overrides, precision=precision
         )
@@ -222,7 +226,7 @@ def register(app: typer.Typer) -> None:
             )
             print(breakdown_markdown(result))
             if json_path is not None:
-                atomic_write_json(json_path, result)
+                write_json(json_path, result, "--json")
             return
         if variants == "auto":
             chosen = CPU_VARIANTS if torch_device == "cpu" and precision is None else ("recipe",)
@@ -261,7 +265,7 @@ def register(app: typer.Typer) -> None:
             )
         console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False)
         if json_path is not None:
-            atomic_write_json(json_path, rows)
+            write_json(json_path, rows, "--json")
         if markdown:
             print(training_markdown(rows))
 
@@ -293,9 +297,18 @@ def register(app: typer.Typer) -> None:
         cache_dir: Path | None = CacheOpt,
         progress: bool = ProgressOpt,
     ) -> None:
-        """Train one model on one split: the data minus --test-list, best epoch chosen on an inner validation split."""
+        """Train one model on one split: the data minus --test-list, best epoch chosen on an inner validation split.
+
+        Example (the PraNet split): polypseg train --data data/kvasir-seg --test-list pranet_kvasir_test100.txt --out runs/one
+        """
+        from polypseg.inputs import check_output_path
+        from polypseg.io_utils import display_name
         from polypseg.train_split import train_single_split
 
+        check_output_path(out, "--out", folder=True)
+        if test_list is not None and not test_list.is_file():
+            why = "is a folder" if test_list.is_dir() else "not found"
+            raise UsageError(f"--test-list {display_name(test_list)}: {why} (a file of stems, one per line)")
         saved = _saved_config(out) if resume else None
         config = RecipeChoices.of(locals()).build(saved or "paper")
         _say_precision(config, device)
