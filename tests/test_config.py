@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from polypseg.config import ConfigError, RunConfig, get_recipe, validate_config
+from polypseg.config import RECIPES, ConfigError, RunConfig, apply_overrides, get_recipe, validate_config
 from polypseg.errors import PolypsegError
 
 
@@ -65,3 +65,60 @@ def test_init_from_is_saved_only_when_set_and_round_trips() -> None:
     refine.train.init_from = "runs/stage1/best"
     assert refine.to_dict()["train"]["init_from"] == "runs/stage1/best"
     assert RunConfig.from_dict(refine.to_dict()) == refine
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=abc", r"train\.epochs takes a whole number"),
+        ("train.epochs=2.5", r"train\.epochs takes a whole number"),
+        ("train.lr=NaN", r"train\.lr takes a finite number"),
+        ("train.channels_last=1", r"takes true or false"),
+        ("model.decoder_channels=[16,x]", r"a list of whole numbers"),
+        ("train=3", r"train is a section; set its fields \(recipe, image_size"),
+        ("train.augment=0.5", r"train\.augment is a section"),
+        ("nope.epochs=3", r"no section 'nope'"),
+        ("train.epochs.x=3", r"unknown field 'train\.epochs\.x'"),
+    ],
+)
+def test_overrides_must_fit_the_fields_type(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(get_recipe("demo"), [override])
+
+
+def test_overrides_are_converted_to_the_fields_type() -> None:
+    config = apply_overrides(
+        get_recipe("demo"),
+        ["train.lr=1", "train.epochs=3.0", "model.decoder_channels=[16,16,16,16,16]", "model.encoder=123"],
+    )
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.train.epochs == 3 and isinstance(config.train.epochs, int)
+    assert config.model.decoder_channels == (16, 16, 16, 16, 16)
+    assert config.model.encoder == "123"  # a string field keeps the text as given
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=-1", r"^train\.epochs -1: must be >= 1"),
+        ("train.batch_size=0", r"^train\.batch_size 0: must be >= 1"),
+        ("train.image_size=48", r"^train\.image_size 48: must be a multiple of 32"),
+        ("train.lr=0", r"^train\.lr 0\.0: must be > 0"),
+        ("train.ema_decay=1", r"^train\.ema_decay 1\.0: must be 0 \(off\) <= d < 1"),
+        ("train.val_fraction=1", r"^train\.val_fraction"),
+        ("train.augment.hflip=1.5", r"^train\.augment\.hflip 1\.5: must be a probability"),
+        ("train.progressive_epochs=99", r"^train\.progressive_epochs 99: must be 0 to train\.epochs"),
+    ],
+)
+def test_numbers_out_of_range_name_their_field(override: str, message: str) -> None:
+    config = apply_overrides(get_recipe("demo"), [override])
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_every_recipe_passes_validation() -> None:
+    for name in RECIPES:
+        config = get_recipe(name)
+        if name == "cpu-refine":
+            config.train.init_from = "a-trained-model"
+        validate_config(config)

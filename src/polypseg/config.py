@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -304,7 +305,8 @@ def get_recipe(name: str) -> RunConfig:
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply ``section.field=value`` overrides (e.g. ``train.epochs=5``, ``model.skip_connections=false``).
 
-    Values are parsed as JSON where possible, else kept as strings.
+    Values are parsed as JSON where possible (else kept as strings) and must fit the field's type:
+    ``train.epochs=abc`` is a :class:`ConfigError` here, not a ``TypeError`` an hour into training.
     """
     for item in overrides:
         if "=" not in item:
@@ -313,7 +315,7 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         parts = key.strip().split(".")
         target: Any = config
         for part in parts[:-1]:
-            if not hasattr(target, part):
+            if not dataclasses.is_dataclass(target) or part not in {f.name for f in fields(target)}:
                 raise ConfigError(f"override '{item}': no section '{part}'")
             target = getattr(target, part)
         name = parts[-1]
@@ -323,10 +325,83 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        if isinstance(value, list):
-            value = tuple(value)
-        setattr(target, name, value)
+        setattr(target, name, _typed_value(key, raw, value, getattr(target, name)))
     return config
+
+
+def _typed_value(key: str, raw: str, value: Any, current: Any) -> Any:
+    """``value`` (parsed from ``raw``) as the type of the field's ``current`` value, or a ConfigError."""
+
+    def wrong(kind: str) -> ConfigError:
+        return ConfigError(f"--set {key}={raw}: {key} takes {kind}")
+
+    if dataclasses.is_dataclass(current):
+        names = ", ".join(f.name for f in fields(current))
+        raise ConfigError(f"--set {key}={raw}: {key} is a section; set its fields ({names})")
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if isinstance(current, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise wrong("a whole number")
+        return value
+    if isinstance(current, float):
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise wrong("a finite number")
+        return float(value)
+    if isinstance(current, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise wrong("a list of whole numbers, e.g. [256,128,64,32,16]")
+        return tuple(value)
+    return value if isinstance(value, str) else raw.strip()
+
+
+def _check_ranges(config: RunConfig, label: Any) -> None:
+    """The numeric fields within the values training can use, else a ConfigError naming the field."""
+    train, augment = config.train, config.train.augment
+    checks: list[tuple[str, Any, bool, str]] = [
+        ("train.epochs", train.epochs, train.epochs >= 1, ">= 1"),
+        ("train.batch_size", train.batch_size, train.batch_size >= 1, ">= 1"),
+        ("train.eval_batch_size", train.eval_batch_size, train.eval_batch_size >= 1, ">= 1"),
+        # the encoder halves the input five times
+        (
+            "train.image_size",
+            train.image_size,
+            train.image_size >= 32 and train.image_size % 32 == 0,
+            "a multiple of 32",
+        ),
+        (
+            "train.progressive_size",
+            train.progressive_size,
+            train.progressive_size == 0 or (train.progressive_size >= 32 and train.progressive_size % 32 == 0),
+            "0 (off) or a multiple of 32",
+        ),
+        (
+            "train.progressive_epochs",
+            train.progressive_epochs,
+            0 <= train.progressive_epochs <= train.epochs,
+            f"0 to train.epochs ({train.epochs})",
+        ),
+        ("train.lr", train.lr, train.lr > 0, "> 0"),
+        ("train.weight_decay", train.weight_decay, train.weight_decay >= 0, ">= 0"),
+        ("train.warmup_epochs", train.warmup_epochs, train.warmup_epochs >= 0, ">= 0"),
+        ("train.val_fraction", train.val_fraction, 0 <= train.val_fraction < 1, "0 <= v < 1"),
+        ("train.ema_decay", train.ema_decay, 0 <= train.ema_decay < 1, "0 (off) <= d < 1"),
+        ("train.augment.rotate_degrees", augment.rotate_degrees, augment.rotate_degrees >= 0, ">= 0"),
+        ("train.augment.brightness", augment.brightness, augment.brightness >= 0, ">= 0"),
+        ("train.augment.contrast", augment.contrast, augment.contrast >= 0, ">= 0"),
+        ("train.augment.hue_saturation", augment.hue_saturation, augment.hue_saturation >= 0, ">= 0"),
+        ("train.augment.crop_scale_min", augment.crop_scale_min, 0 <= augment.crop_scale_min <= 1, "0 to 1"),
+    ]
+    for name in ("hflip", "vflip", "rotate_p", "color_p", "crop_p"):
+        p = getattr(augment, name)
+        checks.append((f"train.augment.{name}", p, 0 <= p <= 1, "a probability, 0 to 1"))
+    for field_name, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{label(field_name)} {value}: must be {rule}")
 
 
 def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None) -> RunConfig:
@@ -352,6 +427,7 @@ def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None) 
     ):
         if value not in choices:
             raise ConfigError(f"{label(field_name)} {value}: choose one of {', '.join(choices)}")
+    _check_ranges(config, label)
     weights = config.model.encoder_weights
     if weights not in ("none", "imagenet") and not Path(weights).is_file():
         raise ConfigError(f"{label('model.encoder_weights')} {weights}: not 'imagenet', 'none' or an existing file")
