@@ -373,3 +373,15 @@ def test_a_tta_result_is_its_own_row_in_the_report(tiny_cv_run: Path, external_d
         ("synthetic-ext", "external_synthetic-ext.json"),
         ("synthetic-ext (flip TTA)", "external_synthetic-ext_tta.json"),
     ]
+
+
+def test_evaluate_takes_a_shipped_models_name(external_data: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default --out for a shipped model is evaluate-NAME here
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--model", "kvasir-unet-r34", "--data", str(external_data), "--device", "cpu"]
+        + ["--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    data = read_json(tmp_path / "evaluate-kvasir-unet-r34" / "external_synthetic-ext.json")
+    assert [m["name"] for m in data["models"]] == ["kvasir-unet-r34"] and data["n_images"] == 8

@@ -65,10 +65,14 @@ def _evaluate(
     tta: bool | None = None,
 ) -> None:
     from polypseg.cli.common import resolve_device
+    from polypseg.pretrained import resolve_model
     from polypseg.studies import evaluate_external
 
+    resolved = resolve_model(str(model))
+    if resolved != model and out is None:  # a shipped model: never write into the installed package
+        out = Path(f"evaluate-{model}")
     result = evaluate_external(
-        model, data, out=out, device=resolve_device(device), cache_dir=cache_dir, progress=progress, tta_flip=tta
+        resolved, data, out=out, device=resolve_device(device), cache_dir=cache_dir, progress=progress, tta_flip=tta
     )
     t = f"{result['threshold']:g}"
     best = next((m for m in result["models"] if m["name"] == "ensemble"), result["models"][0])
@@ -141,13 +145,17 @@ def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate_command(
         model: Path = typer.Option(
-            ..., "--model", help="CV run folder (each fold and their ensemble) or one checkpoint."
+            ...,
+            "--model",
+            help="CV run folder (each fold and their ensemble), one checkpoint, or a shipped model's name (polypseg models).",
         ),
         data: Path = typer.Option(
             ..., "--data", help="Another dataset (images/ + masks/, or Original/ + 'Ground Truth/')."
         ),
         out: Path | None = typer.Option(
-            None, "--out", help="Folder for external_<dataset>.json/.md (default: the run folder)."
+            None,
+            "--out",
+            help="Folder for external_<dataset>.json/.md (default: the run folder; for a shipped model evaluate-NAME).",
         ),
         tta: bool | None = typer.Option(
             None,
