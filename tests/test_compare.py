@@ -12,6 +12,7 @@ from polypseg.cli.common import UsageError
 from polypseg.cli.main import app
 from polypseg.io_utils import atomic_write_json, read_json
 from polypseg.reporting.compare import CompareError, compare_runs, min_wilcoxon_p, paired_test
+from polypseg.reporting.compare import test_notes as fold_notes
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +156,9 @@ def test_a_record_without_predictions_compares_from_its_fold_metrics(
     assert chosen.runs[0].threshold == read_json(tiny_cv_run / "summary.json")["threshold"]
     with pytest.raises(CompareError, match=r"recorded metrics have no threshold 0.52"):
         compare_runs([record, second_run], threshold=0.52)
+
+
+def test_notes_for_one_fold_say_no_test_is_possible() -> None:
+    (note,) = fold_notes(1)
+    assert "no paired test across folds is possible" in note and "1 folds" not in note
+    assert fold_notes(5)[0].startswith("Notes. With 5 folds")

@@ -137,6 +137,11 @@ def test_report_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="no finished fold") as info:
         write_report(tmp_path)
     assert "\n" not in str(info.value)
+    (tmp_path / "fold_0").mkdir()
+    (tmp_path / "fold_0" / "metrics.json").write_text("{}")  # a committed record: evaluated, no oof.npz
+    with pytest.raises(ReportError, match=r"out-of-fold predictions \(fold_\*/oof\.npz\) are not here") as info:
+        write_report(tmp_path)
+    assert "\n" not in str(info.value)
 
 
 def test_undefined_explanation_means_are_nan_not_a_crash():

@@ -189,6 +189,11 @@ def min_wilcoxon_p(n: int) -> float:
 
 def test_notes(k: int) -> list[str]:
     """What the paired tests can and cannot say with ``k`` folds."""
+    if k < 2:
+        return [
+            f"Notes. The runs share {k} finished fold: the table compares {'it' if k == 1 else 'nothing'}, and no "
+            "paired test across folds is possible (they need at least 2; the p-values above are n/a)."
+        ]
     return [
         f"Notes. With {k} folds the smallest two-sided Wilcoxon signed-rank p-value is 2/2^{k} = {min_wilcoxon_p(k):.4g}"
         + (", so it can never fall below 0.05." if min_wilcoxon_p(k) > 0.05 else "."),

@@ -56,6 +56,12 @@ def write_report(
         raise ReportError(f"{run.path} is not a polypseg run folder (no config.json)")
     done = run.finished_folds()
     if not done:
+        if any(run.fold_metrics_path(i).is_file() for i in run.fold_indices()):
+            raise ReportError(
+                f"{run.path}: its folds are evaluated but their out-of-fold predictions (fold_*/oof.npz) are not "
+                "here (a committed record keeps only small files); the report needs them. Its summary.md and "
+                "polypseg compare work without them."
+            )
         raise ReportError(f"{run.path} has no finished fold yet (fold_*/oof.npz); nothing to report")
     try:
         settings = run.read_settings()
