@@ -364,3 +364,24 @@ def test_a_heatmap_that_lost_fp32s_prediction_counts_as_no_agreement() -> None:
     assert _correlation(reference, reference * 3) == pytest.approx(1.0)
     assert _correlation(reference, np.zeros(4)) == 0.0
     assert _correlation(reference, -reference) == pytest.approx(-1.0)
+
+
+def test_bench_auto_times_the_engine_predict_auto_uses(monkeypatch) -> None:
+    import importlib.util
+
+    from polypseg import precision
+    from polypseg.bench import auto_backend
+
+    real_find_spec = importlib.util.find_spec
+    assert auto_backend("cuda") == "torch"
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real_find_spec(name, *a)
+    )
+    assert auto_backend("cpu") == "onnxruntime"
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "openvino" else real_find_spec(name, *a)
+    )
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    assert auto_backend("cpu") == "openvino-bf16"
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
+    assert auto_backend("cpu") == "openvino"

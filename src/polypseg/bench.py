@@ -40,6 +40,20 @@ BACKEND_SPECS: dict[str, tuple[str, str]] = {
 BACKENDS = tuple(BACKEND_SPECS)
 
 
+def auto_backend(device: str | torch.device = "cpu") -> str:
+    """The engine ``polypseg predict --backend auto`` uses for a model without a validated int8
+    export: torch on CUDA; on a CPU OpenVINO when installed (bf16 where native), else onnxruntime."""
+    from importlib.util import find_spec
+
+    from polypseg.precision import cpu_bf16_flags
+
+    if torch.device(device).type == "cuda":
+        return "torch"
+    if find_spec("openvino") is None:
+        return "onnxruntime"
+    return "openvino-bf16" if cpu_bf16_flags() else "openvino"
+
+
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """What ``--backend all`` runs: on CUDA torch; on a CPU every engine installed, bf16 where native."""
     from importlib.util import find_spec
@@ -715,7 +729,7 @@ def benchmark_backends(
 
     torch_device = resolve_device(device, label="--device")
     if backend == "auto":
-        backends = ["torch" if torch_device.type == "cuda" else "onnxruntime"]
+        backends = [auto_backend(torch_device)]
     elif backend == "all":
         backends = available_backends(torch_device)
     elif backend in BACKENDS:
