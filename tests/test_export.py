@@ -163,6 +163,7 @@ def test_cache_is_keyed_by_content_not_by_size_or_time(
     notes: list[str] = []
     renewed = Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto", notify=notes.append)
     assert len(notes) == 1 and "exporting 1 model to ONNX" in notes[0]
+    assert f"for {'OpenVINO' if renewed.backend == 'openvino' else 'onnxruntime'} " in notes[0]  # the engine used
     assert renewed.metadata["onnx"][0] != str(source_onnx)
     after = renewed.predict_one(image).probability
     assert np.abs(after - before).max() > 1e-3

@@ -437,7 +437,13 @@ class Predictor:
             if backend == "onnxruntime":
                 try:
                     # int8 only where the precision is left to us: fp32 and bf16 are what was asked for.
-                    onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=precision == "auto")
+                    onnx_paths = _onnx_models(
+                        checkpoints,
+                        cache_dir,
+                        say,
+                        prefer_int8=precision == "auto",
+                        engine="OpenVINO" if openvino_installed() else "onnxruntime",
+                    )
                 except CheckpointError:
                     raise  # a broken checkpoint is not an onnxruntime problem: torch could not load it either
                 except Exception as error:  # noqa: BLE001 - any export failure: fall back to torch, say why
@@ -459,14 +465,14 @@ class Predictor:
                     onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
                 )
         elif backend == "onnxruntime":
-            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False)
+            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False, engine="onnxruntime")
             return cls.from_onnx(
                 onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
             )
         elif backend == "openvino":
             if device.type != "cpu":
                 raise PredictorError(f"the openvino backend runs on the CPU, not {device}")
-            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False)
+            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False, engine="OpenVINO")
             return cls.from_openvino(
                 onnx_paths, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
             )
@@ -623,7 +629,11 @@ def _preferred_onnx(
 
 
 def _onnx_models(
-    checkpoints: Sequence[Path], cache_dir: Path | str | None, say: Callable[[str], None], prefer_int8: bool
+    checkpoints: Sequence[Path],
+    cache_dir: Path | str | None,
+    say: Callable[[str], None],
+    prefer_int8: bool,
+    engine: str,
 ) -> list[Path]:
     """The ONNX model of each checkpoint; one note before exporting the ones not cached yet."""
     from polypseg.export import cached_onnx, find_cached_onnx, onnx_cache_dir
@@ -632,7 +642,7 @@ def _onnx_models(
     if missing:
         what = "1 model" if len(missing) == 1 else f"{len(missing)} models"
         say(
-            f"exporting {what} to ONNX for onnxruntime (once: kept in {display_name(onnx_cache_dir(cache_dir))}, keyed by the checkpoint's content)"
+            f"exporting {what} to ONNX for {engine} (once: kept in {display_name(onnx_cache_dir(cache_dir))}, keyed by the checkpoint's content)"
         )
     quiet: Callable[[str], None] = lambda message: None  # noqa: E731 - said once above
     if prefer_int8:
