@@ -225,3 +225,13 @@ def test_cache_file_can_stand_in_for_the_dataset(tmp_path):
     assert direct.stems == ["case00", "case01", "case02"]
     with pytest.raises(DataError, match="--size 64"):
         build_cache(portable, 64)
+
+
+def test_size_mismatch_reads_the_same_in_check_and_cache(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "d", n=3)  # images 40 wide, 48 high
+    Image.new("L", (10, 12)).save(root / "masks" / "case01.png")
+    (problem,) = [p for p in check_dataset(root).problems if p.kind == "size-mismatch"]
+    with pytest.raises(DataError) as info:
+        build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    for message in (problem.message, str(info.value)):
+        assert "case01.png: mask is 10x12, image is 40x48" in message

@@ -552,7 +552,9 @@ def _write_cache(samples: Sequence[Sample], size: int, path: Path, progress: boo
         assert sample.mask is not None
         mask = read_mask(sample.mask)
         if mask.shape != image.shape[:2]:
-            raise DataError(f"{sample.mask}: mask size {mask.shape[::-1]} differs from image size {image.shape[1::-1]}")
+            raise DataError(
+                f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {image.shape[1]}x{image.shape[0]}"
+            )
         original_sizes.append(image.shape[:2])
         buffer = io.BytesIO()
         Image.fromarray(resize_image(image, size)).save(buffer, format="JPEG", quality=95)
