@@ -26,6 +26,7 @@ from polypseg.export import (
     read_onnx_metadata,
     record_dice_change,
     verify_onnx,
+    written_opset,
 )
 from polypseg.inference import Predictor, _preferred_onnx, openvino_installed
 from polypseg.models import create_model
@@ -303,3 +304,23 @@ def test_an_onnx_file_honours_the_backend_and_refuses_what_it_cannot_do(exported
         Predictor.from_checkpoint(onnx_path, device="cpu", backend="onnxruntime", compile=True)
     if _openvino_importable():
         assert Predictor.from_checkpoint(onnx_path, device="cpu", backend="openvino").backend == "openvino"
+
+
+def test_export_writes_the_opset_asked_for_or_says_it_cannot(
+    exported: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polypseg.export as export_module
+
+    checkpoint, _ = exported
+    out = export_onnx(checkpoint, tmp_path / "opset17.onnx", opset=17)
+    assert written_opset(out) == 17 and read_onnx_metadata(out)["opset"] == 17
+
+    real = export_module._export_graph
+
+    def keeps_its_native_opset(model, size, path, opset, dynamic_batch, **kwargs):
+        real(model, size, path, 18, dynamic_batch, **kwargs)
+
+    monkeypatch.setattr(export_module, "_export_graph", keeps_its_native_opset)
+    with pytest.raises(ExportError, match="--opset 20: the exporter could only write opset 18"):
+        export_onnx(checkpoint, tmp_path / "opset20.onnx", opset=20)
+    assert not (tmp_path / "opset20.onnx").exists() and not onnx_sidecar(tmp_path / "opset20.onnx").exists()

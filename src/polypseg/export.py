@@ -131,6 +131,10 @@ def export_onnx(
     size = int(checkpoint.config.train.image_size)
     model = _Probability(checkpoint.model).eval()
     atomic_write(out, lambda tmp: _export_graph(model, size, tmp, opset, dynamic_batch))
+    written = written_opset(out)
+    if written != opset:  # the exporter converts from its native opset and may quietly keep that one
+        out.unlink()
+        raise ExportError(f"--opset {opset}: the exporter could only write opset {written}; choose another")
     atomic_write_json(
         onnx_sidecar(out),
         {
@@ -152,6 +156,14 @@ def export_onnx(
         },
     )
     return out
+
+
+def written_opset(path: Path) -> int:
+    """The default-domain opset an ``.onnx`` file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _export_graph(
