@@ -104,6 +104,16 @@ def test_best_threshold_picks_highest_dice():
     assert metric.at_threshold(0.6)["dice"] == pytest.approx(1.0)
 
 
+def test_best_threshold_ties_at_equal_distance_from_half_go_the_same_way():
+    probs = torch.tensor([[[0.9, 0.0], [0.0, 0.0]]])  # Dice 1 at every candidate: all tie
+    metric = SegmentationMetrics()
+    metric.update(probs, probs > 0.5)
+    assert metric.best_threshold() == 0.5
+    # each pair is equally far from 0.5: the higher wins, whatever the floats of t - 0.5 say
+    for low, high in [(0.45, 0.55), (0.4, 0.6), (0.35, 0.65), (0.3, 0.7)]:
+        assert metric.best_threshold((low, high)) == high
+
+
 def test_mean_std_uses_sample_std():
     mean, std = mean_std([1.0, 2.0, 3.0])
     assert mean == pytest.approx(2.0)

@@ -173,7 +173,7 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.
 
 
 def _baseline(images: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "mean":  # zero in ImageNet-normalised space is the dataset's mean colour
+    if kind == "mean":  # zero in ImageNet-normalised space is the ImageNet mean colour
         return torch.zeros_like(images)
     if kind == "blur":
         return gaussian_blur(images)

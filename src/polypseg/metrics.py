@@ -6,8 +6,10 @@ Conventions, stated once here and in docs:
   convention). An image where both prediction and ground truth are empty scores 1.
 * Sensitivity and precision are pixel-level, pooled over all images of the set (micro average).
 * Pixel AUC-ROC is computed from histograms of the probabilities (``bins`` equal-width bins on
-  [0, 1]); it is exact for probabilities quantised to those bins, ties counting one half, and
-  within 1/bins of the exact value otherwise.
+  [0, 1]); it is exact for probabilities quantised to those bins, ties counting one half. Otherwise
+  pixels sharing a bin count as ties, which moves the AUC by up to half the share of
+  positive-negative pixel pairs in a common bin: not bounded by 1/bins, and large for a saturated
+  model whose missed polyp pixels share the lowest bin with the background.
 """
 
 from __future__ import annotations
@@ -172,12 +174,15 @@ class SegmentationMetrics:
     def best_threshold(
         self, candidates: Sequence[float] = DEFAULT_THRESHOLDS, images: np.ndarray | None = None
     ) -> float:
-        """The candidate with the highest mean Dice (ties: the one closest to 0.5).
+        """The candidate with the highest mean Dice (ties: the one closest to 0.5, then the higher).
 
         ``images``: a boolean mask over the images seen, to choose on those only.
         """
         dice = {t: self.per_image(t)["dice"] for t in candidates}
-        scored = [(float((d if images is None else d[images]).mean()), -abs(t - 0.5), t) for t, d in dice.items()]
+        # Rounded: in floats 0.45 is nearer 0.5 than 0.55 is, but 0.6 no nearer than 0.4.
+        scored = [
+            (float((d if images is None else d[images]).mean()), -round(abs(t - 0.5), 9), t) for t, d in dice.items()
+        ]
         return max(scored)[2]
 
     def compute(self) -> dict[str, Any]:
