@@ -490,3 +490,21 @@ def load_training_state(
         meta["best_state"] = best
     meta["state_format"] = "one file" if digest is not None else "two files (older polypseg)"
     return meta
+
+
+def pick_checkpoint(model: Path, fold: int | None) -> Path:
+    """The one checkpoint a single-model command (explain, predict --fold) uses: a lone checkpoint, or fold
+    ``fold`` (default 0) of a CV run; a one-line error names the folds there are."""
+    from polypseg.runs import parse_fold_name
+
+    paths = find_checkpoints(model)
+    if len(paths) == 1:
+        if fold is not None and parse_fold_name(paths[0].parent.name) != fold:
+            raise PolypsegError(f"--fold {fold}: {model} is a single checkpoint, not a CV run folder")
+        return paths[0]
+    wanted = 0 if fold is None else fold
+    for path in paths:
+        if parse_fold_name(path.parent.name) == wanted:
+            return path
+    available = ", ".join(str(parse_fold_name(p.parent.name)) for p in paths)
+    raise PolypsegError(f"--fold {fold}: {model} has folds {available}")

@@ -136,6 +136,8 @@ def explain_files(
         device = str(resolve_device(device, label="--device"))
         if engine != "torch" and device != "cpu":
             raise PolypsegError(f"--engine {engine} runs on the CPU; pass --device cpu or --engine torch")
+        from polypseg.checkpoint import pick_checkpoint
+
         checkpoint_path = pick_checkpoint(model_path, fold)
         checkpoint = load_checkpoint(checkpoint_path, device=device)
         net = checkpoint.model
@@ -298,23 +300,6 @@ def explain_files(
             notes += [f"{name}: {text}" for name, text in METRIC_SCALES.items() if name in report["mean_std"]]
             write_gallery(out / "gallery.html", records, panels, summary=report["mean_std"], notes=notes)
     return summary
-
-
-def pick_checkpoint(model: Path, fold: int | None) -> Path:
-    """The one checkpoint Grad-CAM explains: a lone checkpoint, or fold ``fold`` (default 0) of a CV run."""
-    from polypseg.checkpoint import find_checkpoints
-
-    paths = find_checkpoints(model)
-    if len(paths) == 1:
-        if fold is not None and parse_fold_name(paths[0].parent.name) != fold:
-            raise PolypsegError(f"--fold {fold}: {model} is a single checkpoint, not a CV run folder")
-        return paths[0]
-    wanted = 0 if fold is None else fold
-    for path in paths:
-        if parse_fold_name(path.parent.name) == wanted:
-            return path
-    available = ", ".join(str(parse_fold_name(p.parent.name)) for p in paths)
-    raise PolypsegError(f"--fold {fold}: {model} has folds {available}")
 
 
 def _model_note(model: Path, checkpoint: Path, fold: int | None) -> tuple[str, int | None]:

@@ -154,7 +154,7 @@ def predict_files(
 def _check_fold(model: Path | str | None, fold: int) -> None:
     """``--fold`` picks a fold of a CV run folder: one line, as in explain, when ``model`` has no such fold
     (a single checkpoint, a shipped model); an ONNX model is left to the predictor, which names it."""
-    from polypseg.explain_files import pick_checkpoint
+    from polypseg.checkpoint import pick_checkpoint
     from polypseg.pretrained import resolve_model
 
     path = resolve_model(model)

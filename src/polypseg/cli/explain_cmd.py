@@ -178,9 +178,8 @@ def register(app: typer.Typer) -> None:
 
             net, size, pixels = create_model().eval(), 256, None
         else:
-            from polypseg.checkpoint import load_checkpoint
+            from polypseg.checkpoint import load_checkpoint, pick_checkpoint
             from polypseg.data import build_cache
-            from polypseg.explain_files import pick_checkpoint
             from polypseg.pretrained import resolve_model
             from polypseg.sample_data import sample_dataset_path
 
