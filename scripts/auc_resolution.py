@@ -5,9 +5,10 @@ Usage: python scripts/auc_resolution.py RUN_DIR --fold K [--data KVASIR] [--out 
 `polypseg cv` stores each fold's held-out probabilities as uint8 (``oof.npz``) and computes the
 pixel AUC from a 1000-bin histogram (:class:`polypseg.metrics.SegmentationMetrics`), so pixels that
 share a level or a bin count as ties. This script predicts the fold's held-out images again with
-the fold's best checkpoint, in the run's precision, and prints the AUC four ways: exact (sorted
-float probabilities, scikit-learn), exact on the uint8 levels, and the histogram on each. It reads
-only the fold's own held-out images and chooses nothing.
+the fold's best checkpoint, in the run's precision, and prints the AUC four ways: exact on the
+float probabilities (`polypseg.metrics.roc_auc_exact`), exact on the uint8 levels, and the
+histogram on each. It reads only the fold's own held-out images and chooses nothing. Runs started
+from 2026-12-01 on record the first in each fold's metrics.json (`auc_exact`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from sklearn.metrics import roc_auc_score
 
     from polypseg.checkpoint import load_checkpoint
     from polypseg.data import build_cache
-    from polypseg.metrics import SegmentationMetrics
+    from polypseg.metrics import SegmentationMetrics, roc_auc_exact
     from polypseg.runs import RunDir, dequantize_probabilities, quantize_probabilities
     from polypseg.training import predict_with_recipe
 
@@ -56,8 +56,8 @@ def main() -> None:
         "fold": args.fold,
         "n_images": len(test),
         "precision": checkpoint.config.train.precision,
-        "auc_exact_float": float(roc_auc_score(masks.ravel(), probs.ravel())),
-        "auc_exact_uint8": float(roc_auc_score(masks.ravel(), levels.ravel())),
+        "auc_exact_float": roc_auc_exact(probs, masks),
+        "auc_exact_uint8": roc_auc_exact(levels, masks),
         "auc_histogram_float": histogram_auc(probs),
         "auc_histogram_uint8 (recorded)": histogram_auc(levels),
     }

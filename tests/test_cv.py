@@ -66,6 +66,10 @@ def test_cv_end_to_end_and_resume(dataset, tmp_path):
             assert data["probs"].dtype == np.uint8
     assert sorted(oof_stems) == sorted(json.loads((run / "splits.json").read_text())["stems"])
     assert (run / "summary.md").read_text().startswith("# Cross-validation summary")
+    exact = [json.loads((run / f"fold_{fold}" / "metrics.json").read_text())["auc_exact"] for fold in (0, 1)]
+    assert [f["auc_exact"] for f in summary["per_fold"]] == exact
+    assert summary["auc_exact"][0] == pytest.approx(np.mean(exact))
+    assert "Exact, from each fold's float probabilities" in (run / "summary.md").read_text()
 
     with pytest.raises(RunError, match="--resume"):
         _run(dataset, run, tmp_path / "cache")
@@ -170,6 +174,19 @@ def test_summary_pools_out_of_fold_predictions(tmp_path):
     assert summary["pooled"]["at"]["0.5"]["dice"] == pytest.approx(2 * 4 / (2 * 4 + 1))
     assert tuple(summary["mean_std"]["at_chosen"]["dice"]) == (pytest.approx(1.0), pytest.approx(0.0))
     assert summary["pooled"]["auc"] == pytest.approx(1.0)
+    assert "auc_exact" not in summary and "Exact, from" not in (run / "summary.md").read_text()  # no fold has it
+
+    (run / "fold_0" / "metrics.json").write_text(json.dumps({"auc_exact": 0.9}))
+    assert "auc_exact" not in summarize_run(run)  # a mean over some folds only would mislead
+    (run / "fold_1" / "metrics.json").write_text(json.dumps({"auc_exact": 0.8}))
+    both = summarize_run(run)
+    assert both["auc_exact"][0] == pytest.approx(0.85) and both["auc_exact"][1] == pytest.approx(0.0707107, abs=1e-6)
+    assert (
+        "Exact, from each fold's float probabilities before storage: **0.8500 ± 0.0707**"
+        in (run / "summary.md").read_text()
+    )
+    for fold in (0, 1):
+        (run / f"fold_{fold}" / "metrics.json").unlink()
 
     assert "paused_s" not in summary and "Wall time" not in (run / "summary.md").read_text()
     assert "training" not in summary["per_fold"][0] and "Training time" not in (run / "summary.md").read_text()

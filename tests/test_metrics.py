@@ -13,6 +13,7 @@ from polypseg.metrics import (
     dice_score,
     iou_score,
     mean_std,
+    roc_auc_exact,
     roc_auc_from_histograms,
 )
 
@@ -86,6 +87,19 @@ def test_auc_matches_sklearn_on_binned_probabilities():
     binned = ((probs * 1000).long().clamp(max=999).float() + 0.5) / 1000
     expected = roc_auc_score(target.reshape(-1).numpy(), binned.reshape(-1).numpy())
     assert metric.auc() == pytest.approx(expected, abs=1e-12)
+
+
+def test_exact_auc_by_hand_and_where_the_histogram_ties():
+    # positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of the 4 pairs are ordered right
+    assert roc_auc_exact(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert roc_auc_exact(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)  # a tie counts one half
+    assert np.isnan(roc_auc_exact(np.array([0.2, 0.9]), np.array([1, 1])))  # one class: undefined
+    # 0.0015 and 0.0011 share the first of 1000 bins: the histogram ties them, the exact AUC does not
+    probs, target = torch.tensor([0.0011, 0.0015]), torch.tensor([0, 1])
+    metric = SegmentationMetrics()
+    metric.update(probs, target)
+    assert metric.auc() == pytest.approx(0.5)
+    assert roc_auc_exact(probs, target) == pytest.approx(1.0)
 
 
 def test_auc_perfect_and_random():

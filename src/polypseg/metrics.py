@@ -6,10 +6,11 @@ Conventions, stated once here and in docs:
   convention). An image where both prediction and ground truth are empty scores 1.
 * Sensitivity and precision are pixel-level, pooled over all images of the set (micro average).
 * Pixel AUC-ROC is computed from histograms of the probabilities (``bins`` equal-width bins on
-  [0, 1]); it is exact for probabilities quantised to those bins, ties counting one half. Otherwise
+  [0, 1]), so it can stream over batches; it is exact for probabilities quantised to those bins, ties counting one half. Otherwise
   pixels sharing a bin count as ties, which moves the AUC by up to half the share of
   positive-negative pixel pairs in a common bin: not bounded by 1/bins, and large for a saturated
-  model whose missed polyp pixels share the lowest bin with the background.
+  model whose missed polyp pixels share the lowest bin with the background. :func:`roc_auc_exact`
+  gives the exact value for a set held in memory.
 """
 
 from __future__ import annotations
@@ -85,6 +86,25 @@ def roc_auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
         return float("nan")
     fpr, tpr = roc_curve_from_histograms(pos, neg)
     return float(np.trapezoid(tpr, fpr))
+
+
+def roc_auc_exact(probs: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> float:
+    """Exact pixel AUC-ROC of a set held in memory (scikit-learn; only equal probabilities tie).
+
+    The accumulator's histogram AUC streams over batches but ties every pixel pair sharing a bin;
+    this one needs all pixels at once (about 80 bytes a pixel while it sorts: 1 GB for 200 images
+    at 256 px). NaN when the set has only one class.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    if isinstance(probs, torch.Tensor):
+        probs = probs.detach().float().cpu().numpy()
+    if isinstance(target, torch.Tensor):
+        target = target.detach().cpu().numpy()
+    labels = np.asarray(target).reshape(-1).astype(bool)
+    if labels.all() or not labels.any():
+        return float("nan")
+    return float(roc_auc_score(labels, np.asarray(probs, dtype=np.float32).reshape(-1)))
 
 
 def precision_recall_from_histograms(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
