@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -307,13 +308,17 @@ def test_an_onnx_file_honours_the_backend_and_refuses_what_it_cannot_do(exported
 
 
 def test_export_writes_the_opset_asked_for_or_says_it_cannot(
-    exported: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    exported: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     import polypseg.export as export_module
 
     checkpoint, _ = exported
+    capfd.readouterr()
     out = export_onnx(checkpoint, tmp_path / "opset17.onnx", opset=17)
     assert written_opset(out) == 17 and read_onnx_metadata(out)["opset"] == 17
+    logged = capfd.readouterr().err
+    assert "operator set version" not in logged and "version conversion" not in logged  # the exporters' notes
+    assert logging.getLogger("torch.onnx").level == logging.NOTSET  # and the loggers are given back
 
     real = export_module._export_graph
 

@@ -179,7 +179,9 @@ def _export_graph(
     """``torch.onnx.export`` with the torch.export-based exporter; the TorchScript one if that fails."""
     example = torch.randn(2 if dynamic_batch else 1, 3, size, size, device=device)
     kwargs: dict[str, Any] = dict(input_names=["image"], output_names=list(output_names), opset_version=opset)
-    with warnings.catch_warnings(), _quiet_stdout():
+    # Below its native opset the exporter logs that it converts and how; written_opset() checks the
+    # result and says so in one line, so those multi-line warnings would only be noise.
+    with warnings.catch_warnings(), _quiet_stdout(), _quiet_logging("torch.onnx", "onnxscript"):
         warnings.simplefilter("ignore")
         if dynamo:
             try:
@@ -458,6 +460,7 @@ def quantize_onnx_int8(
         def get_next(self) -> dict[str, np.ndarray] | None:
             return reader.get_next()
 
+    # onnxruntime.quantization logs one warning per shape tensor it leaves alone.
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), _quiet_logging():
         warnings.simplefilter("ignore")
         prepared = Path(tmp) / "prepared.onnx"
@@ -492,15 +495,17 @@ def quantize_onnx_int8(
 
 
 @contextlib.contextmanager
-def _quiet_logging() -> Iterator[None]:
-    # onnxruntime.quantization logs one warning per shape tensor it leaves alone.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+def _quiet_logging(*names: str) -> Iterator[None]:
+    """Only errors from the named loggers (the root logger when none is named) inside the block."""
+    loggers = [logging.getLogger(name) for name in names] or [logging.getLogger()]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        root.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def record_dice_change(onnx_path: Path | str, result: dict[str, Any]) -> None:
