@@ -352,3 +352,41 @@ def test_data_cache_checks_out_before_building_and_writes_it_whole(tmp_path):
     good = cache_to(tmp_path / "s.npz")
     assert good.exit_code == 0, good.output
     assert (tmp_path / "s.npz").is_file() and not list(tmp_path.glob(".s.npz.*"))
+
+
+def test_usage_errors_are_one_line_naming_the_option_and_the_help():
+    for args, start, help_hint in (
+        (("predict", "--bogus"), "error: No such option: --bogus", "'polypseg predict --help'"),
+        (("nosuch",), "error: No such command 'nosuch'.", "'polypseg --help'"),
+        (("cv", "--folds", "x"), "error: Invalid value for '--folds'", "'polypseg cv --help'"),
+    ):
+        result = polypseg(*args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(start) and help_hint in lines[0], result.stderr
+        assert "╭" not in result.stderr and "Traceback" not in result.stderr
+    bare = polypseg()  # no command: the help, as before
+    assert bare.returncode == 2 and "Usage" in bare.stdout + bare.stderr and "error" not in bare.stderr
+    version = polypseg("--version")
+    assert version.returncode == 0 and version.stdout.startswith("polypseg ")
+
+
+def test_a_commands_own_exit_code_is_kept(monkeypatch):
+    import typer
+
+    import polypseg.cli.main as cli_main
+
+    app_with_codes = typer.Typer()
+
+    @app_with_codes.command()
+    def fails() -> None:
+        raise typer.Exit(3)
+
+    @app_with_codes.command()
+    def works() -> None:
+        print("done")
+
+    monkeypatch.setattr(cli_main, "app", app_with_codes)
+    assert polypseg("fails").returncode == 3
+    ran = polypseg("works")
+    assert (ran.returncode, ran.stdout) == (0, "done\n")

@@ -85,10 +85,32 @@ for _name in COMMAND_MODULES:
     _module.register(app)
 
 
+try:  # newer typer carries its own click, whose errors derive from this
+    from typer import TyperException as _ClickError
+except ImportError:  # older typer runs on click itself
+    from click import ClickException as _ClickError
+
+
 def main() -> None:
     """Run the CLI; user errors, and failed operations on a named file, become one line on stderr and exit code 2."""
     try:
-        app()
+        # Not standalone: usage errors come here, to be said in one line like ours, instead of typer's
+        # boxed panel under the usage text.
+        code = app(standalone_mode=False, prog_name="polypseg")
+    except _ClickError as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # the help is printed already
+            sys.exit(error.exit_code)
+        from rich.markup import escape
+
+        ctx = getattr(error, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if error.exit_code == 2 and ctx is not None else ""
+        console.print(
+            f"[bold red]error:[/] {escape(error.format_message() + hint)}", highlight=False, soft_wrap=True, markup=True
+        )
+        sys.exit(error.exit_code)
+    except typer.Abort:  # Ctrl-D at a prompt
+        console.print("aborted", highlight=False)
+        sys.exit(1)
     except PolypsegError as error:
         from rich.markup import escape
 
@@ -105,9 +127,15 @@ def main() -> None:
         _say_interrupted()
         sys.exit(130)
     except SystemExit as exit_:
-        if exit_.code == 130:  # Ctrl-C inside a command: typer exits 130 without a word
+        if exit_.code == 130:
             _say_interrupted()
         raise
+    # A command's typer.Exit(code), --help and --version end here with their exit code; typer turns
+    # Ctrl-C inside a command into 130 without a word.
+    if code == 130:
+        _say_interrupted()
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)
 
 
 # What a failed file operation means for the user, where strerror alone is cryptic ("File exists").
