@@ -60,6 +60,8 @@ def test_report_numbers_match_the_run(report: tuple[Path, str]) -> None:
         or "threshold chosen on the other folds" in html
     )
     assert f"{dice:.4f} ± {std:.4f}" in html
+    exact, exact_std = summary["auc_exact"]
+    assert f"exact, from each fold's float probabilities before storage: AUC-ROC {exact:.4f} ± {exact_std:.4f}" in html
     # the worst case shown is the lowest per-image Dice at the chosen threshold, computed independently
     # (ties, e.g. several images at Dice 0, broken by name as the report does)
     stems, probs, masks, _ = load_oof(run)
