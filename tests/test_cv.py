@@ -66,6 +66,10 @@ def test_cv_end_to_end_and_resume(dataset, tmp_path):
             assert data["probs"].dtype == np.uint8
     assert sorted(oof_stems) == sorted(json.loads((run / "splits.json").read_text())["stems"])
     assert (run / "summary.md").read_text().startswith("# Cross-validation summary")
+    from polypseg._version import source_commit
+
+    invocation = json.loads((run / "invocations.json").read_text())["invocations"][-1]
+    assert invocation.get("commit") == source_commit()  # the code that ran, where it is a checkout
     exact = [json.loads((run / f"fold_{fold}" / "metrics.json").read_text())["auc_exact"] for fold in (0, 1)]
     assert [f["auc_exact"] for f in summary["per_fold"]] == exact
     assert summary["auc_exact"][0] == pytest.approx(np.mean(exact))

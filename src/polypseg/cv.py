@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from polypseg._version import __version__
+from polypseg._version import __version__, source_commit
 from polypseg.checkpoint import load_checkpoint
 from polypseg.clock import Stopwatch
 from polypseg.config import RunConfig, config_differences, validate_config
@@ -210,6 +210,7 @@ def run_cv(
                 "machine": device_name(resolve_device(device)),
                 "precision": config.train.precision,
                 "polypseg_version": __version__,
+                **({"commit": commit} if (commit := source_commit()) else {}),
             },
         )
         if saved is None:

@@ -5,7 +5,7 @@ Every module that reads or writes a run goes through :class:`RunDir`. A cross-va
 
     RUN/config.json           RunSettings, kind "cv": {"run": RunConfig, "data", "folds", "seed", "polypseg_version"}
     RUN/splits.json           the seeded K-fold split, written once
-    RUN/invocations.json      wall time of each invocation
+    RUN/invocations.json      each invocation: start, wall and paused time, machine, precision, version, commit
     RUN/fold_N/               one training folder per fold (N = 0 .. K-1):
         best.{safetensors,json}, history.json, last_state.*   (polypseg.training)
         oof.npz, metrics.json                                   (the held-out fold, once evaluated)
