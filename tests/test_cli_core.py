@@ -390,3 +390,10 @@ def test_a_commands_own_exit_code_is_kept(monkeypatch):
     assert polypseg("fails").returncode == 3
     ran = polypseg("works")
     assert (ran.returncode, ran.stdout) == (0, "done\n")
+
+
+def test_python_dash_m_polypseg_is_the_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "polypseg", "--bogus"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2 and result.stderr.startswith("error: No such option: --bogus"), result.stderr
