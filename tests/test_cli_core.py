@@ -335,6 +335,33 @@ def test_ctrl_c_offers_resume_only_where_the_command_has_it(monkeypatch, capsys)
         assert "finished work is kept" in err and ("--resume" in err) == hint
 
 
+def test_ctrl_c_that_typer_turned_into_an_abort_is_an_interruption(monkeypatch, capsys):
+    """typer < 0.15 raises Abort from the KeyboardInterrupt; a plain Abort (Ctrl-D at a prompt) stays one."""
+    import typer
+
+    import polypseg.cli.main as cli_main
+
+    aborted = typer.Typer()
+
+    @aborted.command()
+    def cv(interrupt: bool = False) -> None:
+        if interrupt:
+            raise typer.Abort() from KeyboardInterrupt()
+        raise typer.Abort()
+
+    @aborted.command()
+    def other() -> None:
+        pass
+
+    monkeypatch.setattr(cli_main, "app", aborted)
+    for args, code, said in ((["--interrupt"], 130, "interrupted; finished work is kept"), ([], 1, "aborted")):
+        monkeypatch.setattr(sys, "argv", ["polypseg", "cv", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main.main()
+        assert exit_info.value.code == code
+        assert capsys.readouterr().err.startswith(said)
+
+
 def test_output_names_differ_ignoring_case():
     """IMG_1.png and img_1.jpg would overwrite each other's mask on macOS and Windows."""
     from polypseg.inputs import unique_names

@@ -94,6 +94,7 @@ def test_exact_auc_by_hand_and_where_the_histogram_ties():
     assert roc_auc_exact(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
     assert roc_auc_exact(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)  # a tie counts one half
     assert np.isnan(roc_auc_exact(np.array([0.2, 0.9]), np.array([1, 1])))  # one class: undefined
+    assert np.isnan(roc_auc_exact(np.array([np.nan, 0.9]), np.array([0, 1])))  # a diverged model: undefined
     # 0.0015 and 0.0011 share the first of 1000 bins: the histogram ties them, the exact AUC does not
     probs, target = torch.tensor([0.0011, 0.0015]), torch.tensor([0, 1])
     metric = SegmentationMetrics()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,7 +29,8 @@ def _copy_of_version_module(folder: Path) -> ModuleType:
 
 def _git(repo: Path, *args: str) -> str:
     command = ["git", "-C", str(repo), "-c", "user.email=t@example.org", "-c", "user.name=t", *args]
-    return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+    env = {key: value for key, value in os.environ.items() if key not in version_module._REPOSITORY_ENV}
+    return subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout.strip()
 
 
 def test_commit_of_a_checkout_and_dirty_when_the_package_changed(tmp_path: Path) -> None:
@@ -42,6 +44,20 @@ def test_commit_of_a_checkout_and_dirty_when_the_package_changed(tmp_path: Path)
     assert module.source_commit() == head
     (tmp_path / "src" / "pkg" / "_version.py").write_text("# changed\n", encoding="utf-8")
     assert module.source_commit() == f"{head}-dirty"
+
+
+def test_a_git_hooks_repository_variables_do_not_redirect_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other, repo = tmp_path / "other", tmp_path / "repo"
+    for folder in (other, repo):
+        folder.mkdir()
+        _git(folder, "init", "-q")
+    module = _copy_of_version_module(repo / "pkg")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-q", "-m", "one")
+    # a pre-commit hook running the tests exports the repository it was run on, and its index
+    monkeypatch.setenv("GIT_DIR", str(other / ".git"))
+    monkeypatch.setenv("GIT_INDEX_FILE", str(other / ".git" / "index.lock"))
+    assert module.source_commit() == _git(repo, "rev-parse", "--short=7", "HEAD")
 
 
 def test_an_untracked_copy_inside_another_repository_names_no_commit(tmp_path: Path) -> None:

@@ -93,7 +93,8 @@ def roc_auc_exact(probs: torch.Tensor | np.ndarray, target: torch.Tensor | np.nd
 
     The accumulator's histogram AUC streams over batches but ties every pixel pair sharing a bin;
     this one needs all pixels at once (about 80 bytes a pixel while it sorts: 1 GB for 200 images
-    at 256 px). NaN when the set has only one class.
+    at 256 px). NaN when the set has only one class, or a probability is not finite (a diverged
+    model: scikit-learn would raise and stop the fold's evaluation).
     """
     from sklearn.metrics import roc_auc_score
 
@@ -102,9 +103,10 @@ def roc_auc_exact(probs: torch.Tensor | np.ndarray, target: torch.Tensor | np.nd
     if isinstance(target, torch.Tensor):
         target = target.detach().cpu().numpy()
     labels = np.asarray(target).reshape(-1).astype(bool)
-    if labels.all() or not labels.any():
+    scores = np.asarray(probs, dtype=np.float32).reshape(-1)
+    if labels.all() or not labels.any() or not np.isfinite(scores).all():
         return float("nan")
-    return float(roc_auc_score(labels, np.asarray(probs, dtype=np.float32).reshape(-1)))
+    return float(roc_auc_score(labels, scores))
 
 
 def precision_recall_from_histograms(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

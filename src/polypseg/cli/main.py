@@ -85,10 +85,15 @@ for _name in COMMAND_MODULES:
     _module.register(app)
 
 
-try:  # newer typer carries its own click, whose errors derive from this
+# The base of the usage errors typer raises. typer >= 0.26 carries its own click and does not raise
+# click's classes (click is still installed, by uvicorn); 0.26 and 0.27 export no public base.
+try:  # typer >= 0.28
     from typer import TyperException as _ClickError
-except ImportError:  # older typer runs on click itself
-    from click import ClickException as _ClickError
+except ImportError:
+    try:  # typer 0.26, 0.27
+        from typer._click.exceptions import ClickException as _ClickError  # type: ignore[no-redef]
+    except ImportError:  # typer < 0.26 runs on click itself
+        from click import ClickException as _ClickError  # type: ignore[no-redef,assignment]
 
 
 def main() -> None:
@@ -108,7 +113,10 @@ def main() -> None:
             f"[bold red]error:[/] {escape(error.format_message() + hint)}", highlight=False, soft_wrap=True, markup=True
         )
         sys.exit(error.exit_code)
-    except typer.Abort:  # Ctrl-D at a prompt
+    except typer.Abort as error:  # Ctrl-D at a prompt
+        if isinstance(error.__cause__, KeyboardInterrupt):  # typer < 0.15 turns Ctrl-C into an Abort
+            _say_interrupted()
+            sys.exit(130)
         console.print("aborted", highlight=False)
         sys.exit(1)
     except PolypsegError as error:
