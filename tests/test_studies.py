@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from polypseg.checkpoint import find_checkpoints, load_checkpoint
@@ -77,6 +78,10 @@ def test_external_evaluation_of_a_cv_run(tiny_cv_run: Path, external_data: Path,
     assert fold0["in_domain_own_fold_dice"][f"{t:g}"] == summary["per_fold"][0]["at_chosen"]["dice"]
     markdown = (tmp_path / "external_synthetic-ext.md").read_text()
     assert "| **ensemble** |" in markdown and "| folds, mean ± std |" in markdown and "64×64 px" in markdown
+    # the exact AUC of the ensemble, from the same probabilities (scikit-learn directly)
+    exact = roc_auc_score(cache.masks.reshape(-1).astype(bool), probs.numpy().reshape(-1))
+    assert ensemble["auc_exact"] == pytest.approx(exact, abs=1e-4)
+    assert f"ensemble {ensemble['auc_exact']:.4f}" in markdown and "exact, from the sorted probabilities" in markdown
 
 
 def test_external_alias_on_one_checkpoint(tiny_cv_run: Path, external_data: Path, tmp_path: Path) -> None:

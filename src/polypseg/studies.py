@@ -30,7 +30,7 @@ from polypseg.devices import resolve_device
 from polypseg.errors import PolypsegError
 from polypseg.evaluation import evaluate_probabilities
 from polypseg.io_utils import atomic_write_json, atomic_write_text
-from polypseg.metrics import bootstrap_ci, dice_score, iou_score, mean_std
+from polypseg.metrics import bootstrap_ci, dice_score, iou_score, mean_std, roc_auc_exact
 from polypseg.runs import EXTERNAL_PREFIX, RunDir, fold_name, parse_fold_name
 from polypseg.training import predict_with_recipe
 
@@ -141,7 +141,12 @@ def evaluate_external(
         fold = parse_fold_name(path.parent.name)
         name = fold_name(fold) if fold is not None else path.stem
         entries.append(
-            {"name": name, "checkpoint": str(path), "at": _model_metrics(probs, cache.masks, thresholds, tolerance)}
+            {
+                "name": name,
+                "checkpoint": str(path),
+                "at": _model_metrics(probs, cache.masks, thresholds, tolerance),
+                "auc_exact": roc_auc_exact(probs, cache.masks),
+            }
         )
 
     result: dict[str, Any] = {
@@ -181,6 +186,7 @@ def evaluate_external(
             "name": "ensemble",
             "members": len(entries),
             "at": _model_metrics(ensemble, cache.masks, thresholds, tolerance),
+            "auc_exact": roc_auc_exact(ensemble, cache.masks),
         }
         result["per_image"][f"ensemble_dice_at_{threshold:g}"] = result["per_image"]["dice"]
         result["fold_mean_std"] = {
@@ -290,6 +296,12 @@ def external_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"95% intervals of the {result['per_image']['model']}'s per-image means at {ci['threshold']:g} ({ci['method']}): "
             f"Dice {_f(ci['dice'][0])}-{_f(ci['dice'][1])}, IoU {_f(ci['iou'][0])}-{_f(ci['iou'][1])}."
+        )
+    exact = [e for e in result["models"] if e.get("auc_exact") is not None]
+    if exact:  # results written before it have none
+        lines.append(
+            "AUC above: from 1000-bin probability histograms, which tie nearby probabilities; exact, from the "
+            "sorted probabilities: " + ", ".join(f"{e['name']} {_f(e['auc_exact'])}" for e in exact) + "."
         )
     if ref["source"]:
         lines.append(
