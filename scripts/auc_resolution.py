@@ -7,8 +7,8 @@ pixel AUC from a 1000-bin histogram (:class:`polypseg.metrics.SegmentationMetric
 share a level or a bin count as ties. This script predicts the fold's held-out images again with
 the fold's best checkpoint, in the run's precision, and prints the AUC four ways: exact on the
 float probabilities (`polypseg.metrics.roc_auc_exact`), exact on the uint8 levels, and the
-histogram on each. It reads only the fold's own held-out images and chooses nothing. Runs started
-from 2026-12-01 on record the first in each fold's metrics.json (`auc_exact`).
+histogram on each. It reads only the fold's own held-out images and chooses nothing. Folds evaluated
+from commit dfa3733 (2026-12-01) on record the first in their metrics.json (`auc_exact`).
 """
 
 from __future__ import annotations

@@ -6,11 +6,11 @@ Conventions, stated once here and in docs:
   convention). An image where both prediction and ground truth are empty scores 1.
 * Sensitivity and precision are pixel-level, pooled over all images of the set (micro average).
 * Pixel AUC-ROC is computed from histograms of the probabilities (``bins`` equal-width bins on
-  [0, 1]), so it can stream over batches; it is exact for probabilities quantised to those bins, ties counting one half. Otherwise
-  pixels sharing a bin count as ties, which moves the AUC by up to half the share of
-  positive-negative pixel pairs in a common bin: not bounded by 1/bins, and large for a saturated
-  model whose missed polyp pixels share the lowest bin with the background. :func:`roc_auc_exact`
-  gives the exact value for a set held in memory.
+  [0, 1]), so it can stream over batches; it is exact for probabilities quantised to those bins,
+  ties counting one half. Otherwise pixels sharing a bin count as ties, which moves the AUC by up
+  to half the share of positive-negative pixel pairs in a common bin: not bounded by 1/bins, and
+  large for a saturated model whose missed polyp pixels share the lowest bin with the background.
+  :func:`roc_auc_exact` gives the exact value for a set held in memory.
 """
 
 from __future__ import annotations

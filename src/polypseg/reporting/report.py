@@ -200,7 +200,7 @@ def write_report(
             for t, m in sorted(pooled_at.items(), key=lambda kv: float(kv[0]))
         ],
         "pooled": {"auc": _num(auc), "ap": _num(average_precision)},
-        "auc_exact": _mean_std_text(summary.get("auc_exact")),
+        "auc_exact": _pm(summary["auc_exact"]) if summary.get("auc_exact") else None,
         "figures": {f["id"]: f for f in embedded},
         "explain": _explain_section(run, folds),
         "case_rows": [
@@ -227,14 +227,6 @@ def write_report(
     out = Path(out_html) if out_html is not None else run.report_path
     atomic_write_text(out, html)
     return out
-
-
-def _mean_std_text(pair: Any) -> str | None:
-    """``mean ± std`` of a ``[mean, std]`` pair (the mean alone for one fold); None when not recorded."""
-    if not pair:
-        return None
-    mean, std = pair
-    return _num(mean) if std is None or not math.isfinite(float(std)) else f"{_num(mean)} ± {_num(std)}"
 
 
 def _num(value: Any, digits: int = 4) -> str:
