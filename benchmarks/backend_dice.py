@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import torch
 
-from polypseg.data import index_dataset, read_mask
-from polypseg.inference import Predictor
-from polypseg.metrics import dice_score
+from polypseg.data.datasets import index_dataset, read_mask
+from polypseg.inference.predictor import Predictor
+from polypseg.metrics.segmentation import dice_score
 
 onnx, checkpoint, data = sys.argv[1], sys.argv[2], sys.argv[3]
 int8 = onnx.removesuffix(".onnx") + ".int8.onnx"

@@ -2,7 +2,7 @@
 # The Dice change of every CPU engine against fp32 on a trained model (issue #11): export the model
 # (ONNX fp32 + static int8 calibrated on 64 of its own training images, validated on its test
 # images), then score each engine on the test images at their original size.
-#   RUN=~/polypseg-runs/ship-cpu-v2 MODEL=src/polypseg/weights/kvasir-unet-r34 \
+#   RUN=~/polypseg-runs/ship-cpu-v2 MODEL=src/polypseg/models/weights/kvasir-unet-r34 \
 #     DATA=../shared/datasets/kvasir-seg RESULTS=docs/runs/X bash benchmarks/backend_dice.sh
 # RUN is the model's `polypseg train` folder: its split.json names the training and test images.
 set -euo pipefail
@@ -19,8 +19,8 @@ mkdir -p "$WORK/calib" "$WORK/test/images" "$WORK/test/masks" "$RESULTS"
 import sys
 from pathlib import Path
 
-from polypseg.data import index_dataset
-from polypseg.runs import RunDir
+from polypseg.data.datasets import index_dataset
+from polypseg.core.runs import RunDir
 
 run, data, work = RunDir(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 split = run.read_split()

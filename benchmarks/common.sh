@@ -41,7 +41,7 @@ environment() {
 }
 
 # copy_run RUN DEST: a CV run's small files (never weights or predictions) for docs/runs/.
-# The list is polypseg.runs.RunDir.record_files: the one place that knows a run's layout.
+# The list is polypseg.core.runs.RunDir.record_files: the one place that knows a run's layout.
 copy_run() {
-  "$PY" -c 'import sys; from polypseg.runs import RunDir; RunDir(sys.argv[1]).copy_record(sys.argv[2])' "$1" "$2"
+  "$PY" -c 'import sys; from polypseg.core.runs import RunDir; RunDir(sys.argv[1]).copy_record(sys.argv[2])' "$1" "$2"
 }

@@ -2,7 +2,7 @@
 
 Side by side in one process, interleaved batch by batch (so load from other work on a shared
 machine falls on every engine alike): torch fp32 and torch bf16 (SegmentationGradCAM, bf16
-autocast + channels-last as polypseg.bench.benchmark_gradcam runs it), and EngineGradCAM on
+autocast + channels-last as polypseg.experiments.bench.benchmark_gradcam runs it), and EngineGradCAM on
 onnxruntime fp32, OpenVINO fp32 and OpenVINO bf16 (with --int8 also onnxruntime/OpenVINO int8,
 calibrated on the benchmark images). Prints heatmaps/s, speed-up over torch fp32 and the mean
 per-image Pearson correlation of each engine's heatmaps with torch fp32's.
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from polypseg.engine_gradcam import EngineGradCAM
-from polypseg.explain import MaskedLogitSum, SegmentationGradCAM
-from polypseg.precision import autocast, cpu_bf16_flags
-from polypseg.transforms import preprocess
+from polypseg.core.precision import autocast, cpu_bf16_flags
+from polypseg.data.transforms import preprocess
+from polypseg.explain.engine_gradcam import EngineGradCAM
+from polypseg.explain.gradcam import MaskedLogitSum, SegmentationGradCAM
 
 HeatmapFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,11 +37,11 @@ HeatmapFn = Callable[[torch.Tensor], torch.Tensor]
 def load_model(checkpoint: str | None, image_size: int, images: torch.Tensor) -> tuple[nn.Module, float, str]:
     """The model, its threshold and a description; random weights get their head bias centred."""
     if checkpoint:
-        from polypseg.checkpoint import load_checkpoint
+        from polypseg.models.checkpoint import load_checkpoint
 
         loaded = load_checkpoint(checkpoint, device="cpu")
         return loaded.model.eval(), float(loaded.threshold), f"{checkpoint} (threshold {loaded.threshold:.2f})"
-    from polypseg.models import create_model
+    from polypseg.models.factory import create_model
 
     torch.manual_seed(0)
     model = create_model().eval()
@@ -51,8 +51,8 @@ def load_model(checkpoint: str | None, image_size: int, images: torch.Tensor) ->
 
 
 def read_images(folder: Path, image_size: int) -> tuple[torch.Tensor, list[Path]]:
-    from polypseg.export import collect_images
-    from polypseg.inference import load_input
+    from polypseg.inference.export import collect_images
+    from polypseg.inference.predictor import load_input
 
     paths = collect_images(folder)
     return preprocess([load_input(path)[0] for path in paths], image_size), paths
@@ -100,7 +100,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from polypseg.sample_data import sample_dataset_path
+    from polypseg.data.sample_data import sample_dataset_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

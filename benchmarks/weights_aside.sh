@@ -6,7 +6,7 @@
 # "status" prints the size that a call would send. Never commit while the weights are aside.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WEIGHTS=src/polypseg/weights/kvasir-unet-r34.safetensors
+WEIGHTS=src/polypseg/models/weights/kvasir-unet-r34.safetensors
 ASIDE="${WEIGHTS_ASIDE:-$HOME/.polypseg-weights-aside}"
 LIMIT=$((64 * 1024 * 1024))
 travel_bytes() {  # tracked files present in the work tree + .whl + .gpucache

@@ -3,10 +3,10 @@
 Usage: python scripts/auc_resolution.py RUN_DIR --fold K [--data KVASIR] [--out FILE.json]
 
 `polypseg cv` stores each fold's held-out probabilities as uint8 (``oof.npz``) and computes the
-pixel AUC from a 1000-bin histogram (:class:`polypseg.metrics.SegmentationMetrics`), so pixels that
+pixel AUC from a 1000-bin histogram (:class:`polypseg.metrics.segmentation.SegmentationMetrics`), so pixels that
 share a level or a bin count as ties. This script predicts the fold's held-out images again with
 the fold's best checkpoint, in the run's precision, and prints the AUC four ways: exact on the
-float probabilities (`polypseg.metrics.roc_auc_exact`), exact on the uint8 levels, and the
+float probabilities (`polypseg.metrics.segmentation.roc_auc_exact`), exact on the uint8 levels, and the
 histogram on each. It reads only the fold's own held-out images and chooses nothing. Folds evaluated
 from commit dfa3733 (2026-12-01) on record the first in their metrics.json (`auc_exact`).
 """
@@ -31,11 +31,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from polypseg.checkpoint import load_checkpoint
-    from polypseg.data import build_cache
-    from polypseg.metrics import SegmentationMetrics, roc_auc_exact
-    from polypseg.runs import RunDir, dequantize_probabilities, quantize_probabilities
-    from polypseg.training import predict_with_recipe
+    from polypseg.core.runs import RunDir, dequantize_probabilities, quantize_probabilities
+    from polypseg.data.datasets import build_cache
+    from polypseg.metrics.segmentation import SegmentationMetrics, roc_auc_exact
+    from polypseg.models.checkpoint import load_checkpoint
+    from polypseg.training.loop import predict_with_recipe
 
     run = RunDir(args.run_dir)
     test = next(f for f in run.read_splits()["folds"] if f["fold"] == args.fold)["test"]

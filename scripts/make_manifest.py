@@ -4,7 +4,7 @@ Usage: python scripts/make_manifest.py DIR OUT [--name NAME]
 
 Example (regenerates the shipped Kvasir-SEG manifest):
     python scripts/make_manifest.py /work/shared/datasets/kvasir-seg \
-        src/polypseg/manifests/kvasir-seg.sha256.json
+        src/polypseg/data/manifests/kvasir-seg.sha256.json
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Usage: python scripts/make_sample.py [SRC] [TEST_LIST] [OUT]
 
 Defaults (relative to the repository): SRC=../shared/datasets/kvasir-seg,
 TEST_LIST=../shared/datasets/splits/pranet_kvasir_test100.txt,
-OUT=src/polypseg/sample_data/kvasir-seg-sample
+OUT=src/polypseg/data/sample_data/kvasir-seg-sample
 
 The pairs are drawn from PraNet's 100 Kvasir-SEG test images only, which the shipped model never
 trained on, so the scores that `polypseg explain` reports on the sample are honest.
@@ -28,7 +28,7 @@ JPEG_QUALITY = 90
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = REPO.parent / "shared" / "datasets" / "kvasir-seg"
 DEFAULT_TEST_LIST = REPO.parent / "shared" / "datasets" / "splits" / "pranet_kvasir_test100.txt"
-DEFAULT_OUT = REPO / "src" / "polypseg" / "sample_data" / "kvasir-seg-sample"
+DEFAULT_OUT = REPO / "src" / "polypseg" / "data" / "sample_data" / "kvasir-seg-sample"
 
 NOTICE = f"""\
 # Kvasir-SEG sample
@@ -50,7 +50,7 @@ Kvasir-SEG may be used for **research and education only**. Any use must cite:
 > Springer, 2020, pp. 451-462.
 
 Official download: https://datasets.simula.no/downloads/kvasir-seg.zip
-(`polypseg` can fetch and verify it; see `polypseg.download`).
+(`polypseg` can fetch and verify it; see `polypseg.data.download`).
 
 ## How this sample was made
 

@@ -8,7 +8,7 @@ Steps, each through the library that users have:
 1. the PraNet protocol on the held-out test list (`evaluate_pranet`: original resolution, bootstrap
    95% intervals, S-measure & co.) -> TRAIN_DIR/pranet.{json,md};
 2. external validation on CVC-ClinicDB-62 (`evaluate_external`) -> TRAIN_DIR/external_*.{json,md};
-3. the fp16 release into src/polypseg/weights/ (`release_model`), with the training command, the
+3. the fp16 release into src/polypseg/models/weights/ (`release_model`), with the training command, the
    data seen and unseen, and the test metrics in its sidecar; its fp16-vs-fp32 Dice change on the
    test images is measured and recorded;
 4. the run's small files (config, split, history, metrics; never weights) copied to docs/runs/NAME/.
@@ -48,12 +48,12 @@ def main() -> None:
     parser.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "runs", help="Where docs/runs/NAME/ goes.")
     args = parser.parse_args()
 
-    from polypseg.checkpoint import load_checkpoint
-    from polypseg.data import build_cache, load_split_file
-    from polypseg.evaluation import evaluate_probabilities, predict_probabilities
-    from polypseg.pretrained import release_model
-    from polypseg.runs import RunDir
-    from polypseg.studies import evaluate_external, evaluate_pranet
+    from polypseg.core.runs import RunDir
+    from polypseg.data.datasets import build_cache, load_split_file
+    from polypseg.experiments.studies import evaluate_external, evaluate_pranet
+    from polypseg.models.checkpoint import load_checkpoint
+    from polypseg.models.pretrained import release_model
+    from polypseg.training.evaluation import evaluate_probabilities, predict_probabilities
 
     train_dir: Path = args.train_dir
     run = RunDir(train_dir)

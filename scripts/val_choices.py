@@ -23,11 +23,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from polypseg.checkpoint import load_checkpoint
-    from polypseg.data import build_cache
-    from polypseg.evaluation import evaluate_probabilities, predict_probabilities
-    from polypseg.io_utils import atomic_write_json
-    from polypseg.runs import RunDir
+    from polypseg.core.io_utils import atomic_write_json
+    from polypseg.core.runs import RunDir
+    from polypseg.data.datasets import build_cache
+    from polypseg.models.checkpoint import load_checkpoint
+    from polypseg.training.evaluation import evaluate_probabilities, predict_probabilities
 
     run = RunDir(args.train_dir)
     split = run.read_split()

@@ -4,7 +4,7 @@ Usage: python scripts/worst_panels.py EXPLAIN_OUT OUT.jpg [--n 6] [--width 1400]
 
 The model card's failure figure: `polypseg explain` writes one panel per image (image, ground
 truth, prediction with the truth dashed, Grad-CAM) and metrics.csv; this picks the worst with the
-gallery's one case selection (`polypseg.gallery.select_cases`) and stacks them, worst first.
+gallery's one case selection (`polypseg.explain.gallery.select_cases`) and stacks them, worst first.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main() -> None:
 
     from PIL import Image
 
-    from polypseg.gallery import select_cases
+    from polypseg.explain.gallery import select_cases
 
     with (args.explain_out / "metrics.csv").open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["has_ground_truth"].lower() in ("true", "1")]

@@ -93,8 +93,8 @@ def tiny_cv_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     It has an inner validation split (so validation curves exist) and Grad-CAM metrics on 2 held-out
     images per fold. Its data cache is ``tiny_cv_run.parent / "cache"``. Copy it before changing anything in it.
     """
-    from polypseg.cv import run_cv
-    from polypseg.sample_data import sample_dataset_path
+    from polypseg.data.sample_data import sample_dataset_path
+    from polypseg.experiments.cv import run_cv
 
     root = tmp_path_factory.mktemp("tiny_cv")
     config = tiny_config()

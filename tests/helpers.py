@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from polypseg.config import RunConfig, get_recipe
+from polypseg.core.config import RunConfig, get_recipe
 
 TINY_MODEL = {"encoder": "resnet18", "decoder_channels": (16, 16, 16, 16, 16)}
 

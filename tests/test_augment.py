@@ -2,8 +2,8 @@
 
 import torch
 
-from polypseg.augment import augment_batch
-from polypseg.config import AugmentConfig
+from polypseg.core.config import AugmentConfig
+from polypseg.data.augment import augment_batch
 
 
 def _batch(n: int = 8, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from polypseg import bench, precision
-from polypseg.checkpoint import save_checkpoint
-from polypseg.config import ModelConfig, RunConfig, TrainConfig
-from polypseg.inference import Predictor, PredictorError
-from polypseg.models import create_model
+from polypseg.core import precision
+from polypseg.core.config import ModelConfig, RunConfig, TrainConfig
+from polypseg.experiments import bench
+from polypseg.inference.predictor import Predictor, PredictorError
+from polypseg.models.checkpoint import save_checkpoint
+from polypseg.models.factory import create_model
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Bad inputs for ``polypseg predict`` and ``polypseg explain``: one rule, no tracebacks, nothing lost.
 
 Every input class below is given to both commands next to two good images, in one run per command
-(so the whole matrix stays quick), and once more alone. The rule (polypseg.inputs):
+(so the whole matrix stays quick), and once more alone. The rule (polypseg.data.inputs):
 
 * a class that cannot be used is skipped and named on exactly one line, with its cause, and listed
   in skipped.csv; the run exits 0 because the good images were done, and their outputs are the
@@ -30,10 +30,10 @@ import tifffile
 import torch
 from PIL import Image
 
-from polypseg.checkpoint import save_checkpoint
-from polypseg.config import ModelConfig, RunConfig, TrainConfig
-from polypseg.io_utils import display_name, safe_stem
-from polypseg.models import create_model
+from polypseg.core.config import ModelConfig, RunConfig, TrainConfig
+from polypseg.core.io_utils import display_name, safe_stem
+from polypseg.models.checkpoint import save_checkpoint
+from polypseg.models.factory import create_model
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 RNG = np.random.default_rng(0)
@@ -571,7 +571,7 @@ def test_warnings_are_one_line_not_python_warnings(tmp_path: Path) -> None:
     """A Python warning raised during a command prints as one 'warning:' line, never file:line: UserWarning."""
     import warnings
 
-    from polypseg.inputs import one_line_warnings
+    from polypseg.data.inputs import one_line_warnings
 
     seen: list[str] = []
     with one_line_warnings(seen.append):

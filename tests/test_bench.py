@@ -13,7 +13,9 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from polypseg.bench import (
+from polypseg.cli.main import app
+from polypseg.core.precision import resolve_precision
+from polypseg.experiments.bench import (
     BACKEND_SPECS,
     BenchError,
     available_backends,
@@ -22,11 +24,9 @@ from polypseg.bench import (
     load_for_bench,
     random_checkpoint,
 )
-from polypseg.checkpoint import load_checkpoint, save_checkpoint
-from polypseg.cli.main import app
-from polypseg.inference import Predictor
-from polypseg.models import create_model
-from polypseg.precision import resolve_precision
+from polypseg.inference.predictor import Predictor
+from polypseg.models.checkpoint import load_checkpoint, save_checkpoint
+from polypseg.models.factory import create_model
 
 from helpers import tiny_config
 
@@ -95,7 +95,7 @@ def test_random_checkpoint_is_the_default_architecture(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_cli_all_backends_writes_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from polypseg import export
+    from polypseg.inference import export
 
     # The torch.export-based exporter is covered in test_export.py; the TorchScript one is quicker.
     monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
@@ -142,7 +142,7 @@ def test_bench_cli_rejects_unknown_backend(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_training_speed_of_a_recipe_times_the_real_step(tmp_path):
-    from polypseg.bench import benchmark_training, training_markdown
+    from polypseg.experiments.bench import benchmark_training, training_markdown
 
     config = tiny_config(recipe="strong", image_size=32)  # EMA, crops, dice_bce: the full step
     config.train.batch_size = 4
@@ -160,7 +160,7 @@ def test_training_speed_of_a_recipe_times_the_real_step(tmp_path):
 
 @pytest.mark.slow
 def test_training_variants_side_by_side_with_flops_and_peak():
-    from polypseg.bench import CPU_VARIANTS, benchmark_training, forward_flops, training_markdown
+    from polypseg.experiments.bench import CPU_VARIANTS, benchmark_training, forward_flops, training_markdown
 
     config = tiny_config(image_size=32)
     config.train.batch_size = 2
@@ -251,7 +251,7 @@ def test_bench_train_cli_defaults_to_the_cpu_variants_and_rejects_unknown_ones(t
 
 @pytest.mark.slow
 def test_training_breakdown_accounts_for_every_part_of_an_epoch():
-    from polypseg.bench import breakdown_markdown, training_breakdown
+    from polypseg.experiments.bench import breakdown_markdown, training_breakdown
 
     config = tiny_config(recipe="strong", image_size=32)  # EMA on: every phase exists
     config.train.batch_size = 2
@@ -273,10 +273,10 @@ def test_training_breakdown_accounts_for_every_part_of_an_epoch():
 
 
 def test_gradcam_benchmark_times_each_precision_and_compares_heatmaps(tiny_cv_run):
-    from polypseg.bench import benchmark_gradcam
-    from polypseg.checkpoint import load_checkpoint
-    from polypseg.data import build_cache
-    from polypseg.sample_data import sample_dataset_path
+    from polypseg.data.datasets import build_cache
+    from polypseg.data.sample_data import sample_dataset_path
+    from polypseg.experiments.bench import benchmark_gradcam
+    from polypseg.models.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(tiny_cv_run / "fold_0" / "best")
     images = build_cache(sample_dataset_path(), 64, cache_dir=tiny_cv_run.parent / "cache", progress=False).images[:6]
@@ -319,8 +319,8 @@ def test_gradcam_benchmark_engine_rows_match_torch_fp32():
     """A forward-only engine row (closed-form head gradient) gives torch fp32's heatmaps: correlation ~1."""
     import numpy as np
 
-    from polypseg.bench import benchmark_gradcam, gradcam_markdown
-    from polypseg.models import create_model
+    from polypseg.experiments.bench import benchmark_gradcam, gradcam_markdown
+    from polypseg.models.factory import create_model
 
     torch.manual_seed(0)
     model = create_model(encoder="resnet18", decoder_channels=(16, 16, 16, 16, 16)).eval()
@@ -339,7 +339,7 @@ def test_gradcam_benchmark_engine_rows_match_torch_fp32():
 def test_random_model_is_made_and_exported_once_per_workdir_outside_the_users_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from polypseg import export
+    from polypseg.inference import export
 
     monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
     cache = tmp_path / "user-cache"
@@ -358,7 +358,7 @@ def test_random_model_is_made_and_exported_once_per_workdir_outside_the_users_ca
 
 def test_a_heatmap_that_lost_fp32s_prediction_counts_as_no_agreement() -> None:
     """Correlation with fp32: an empty (flat) map where fp32 found something scores 0, not skipped."""
-    from polypseg.bench import _correlation
+    from polypseg.experiments.bench import _correlation
 
     reference = np.array([0.0, 0.2, 0.9, 0.4])
     assert _correlation(reference, reference * 3) == pytest.approx(1.0)
@@ -369,8 +369,8 @@ def test_a_heatmap_that_lost_fp32s_prediction_counts_as_no_agreement() -> None:
 def test_bench_auto_times_the_engine_predict_auto_uses(monkeypatch) -> None:
     import importlib.util
 
-    from polypseg import precision
-    from polypseg.bench import auto_backend
+    from polypseg.core import precision
+    from polypseg.experiments.bench import auto_backend
 
     real_find_spec = importlib.util.find_spec
     assert auto_backend("cuda") == "torch"

@@ -47,7 +47,7 @@ def _polypseg(*args: str) -> None:
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """64 px caches of the bundled sample (training) and a synthetic set (external), as carried to a GPU."""
-    from polypseg.sample_data import sample_dataset_path
+    from polypseg.data.sample_data import sample_dataset_path
 
     from helpers import write_synthetic_dataset
 
@@ -248,7 +248,7 @@ def test_weights_aside_moves_the_shipped_weights_out_and_back_checked(tmp_path: 
     repo = tmp_path / "repo"
     (repo / "benchmarks").mkdir(parents=True)
     shutil.copy(REPO / "benchmarks" / "weights_aside.sh", repo / "benchmarks")
-    weights = repo / "src" / "polypseg" / "weights" / "kvasir-unet-r34.safetensors"
+    weights = repo / "src" / "polypseg" / "models" / "weights" / "kvasir-unet-r34.safetensors"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"w" * 2_000_000)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]

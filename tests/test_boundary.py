@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from polypseg.boundary import boundary_f1, boundary_map, boundary_scores, default_tolerance
+from polypseg.metrics.boundary import boundary_f1, boundary_map, boundary_scores, default_tolerance
 
 
 def square(size: int = 32, top: int = 8, left: int = 8, side: int = 12) -> np.ndarray:

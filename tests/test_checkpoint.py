@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from polypseg.checkpoint import (
+from polypseg.models.checkpoint import (
     CheckpointError,
     find_checkpoints,
     load_checkpoint,
@@ -14,7 +14,7 @@ from polypseg.checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from polypseg.models import create_model
+from polypseg.models.factory import create_model
 
 from helpers import tiny_config
 
@@ -92,7 +92,7 @@ def test_weights_file_describes_itself_and_old_pairs_still_load(tmp_path):
     the metadata in the .json only, load as before."""
     from safetensors.torch import load_file, save_file
 
-    from polypseg.checkpoint import SIDECAR_KEY
+    from polypseg.models.checkpoint import SIDECAR_KEY
 
     config = tiny_config()
     model = create_model(config.model).eval()
@@ -152,7 +152,7 @@ def test_changed_bytes_and_mismatched_shapes_are_named(tmp_path):
 def test_content_key_follows_content_not_size_or_time(tmp_path):
     import os
 
-    from polypseg.checkpoint import checkpoint_content_key
+    from polypseg.models.checkpoint import checkpoint_content_key
 
     config = tiny_config()
     torch.manual_seed(0)
@@ -171,7 +171,7 @@ def test_content_key_follows_content_not_size_or_time(tmp_path):
 def test_stale_temporary_files_are_removed_live_ones_kept(tmp_path):
     import os
 
-    from polypseg.io_utils import atomic_write_text, remove_stale_temps
+    from polypseg.core.io_utils import atomic_write_text, remove_stale_temps
 
     atomic_write_text(tmp_path / "a.json", "{}")
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left by a write

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from polypseg.cli.main import app
-from polypseg.sample_data import sample_dataset_path
+from polypseg.data.sample_data import sample_dataset_path
 
 from helpers import write_synthetic_dataset
 
@@ -76,7 +76,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 def test_resume_refuses_options_that_change_the_run(tmp_path):
     import json
 
-    from polypseg.config import get_recipe
+    from polypseg.core.config import get_recipe
 
     run = tmp_path / "r"
     run.mkdir()
@@ -166,7 +166,7 @@ def test_public_api_loads_on_first_use():
     import polypseg
     from polypseg import create_model, get_recipe, load_checkpoint  # noqa: F401  (the README's import)
 
-    assert create_model is polypseg.models.create_model and get_recipe("demo").train.recipe == "demo"
+    assert create_model is polypseg.models.factory.create_model and get_recipe("demo").train.recipe == "demo"
     assert {"create_model", "load_checkpoint", "get_recipe", "__version__"} <= set(dir(polypseg))
     import pytest
 
@@ -220,10 +220,12 @@ def _fake_summary(recipe: str) -> dict:
 
 
 def test_demo_run_says_its_low_score_is_expected(tmp_path, monkeypatch):
-    import polypseg.cv
+    import polypseg.experiments.cv
 
     monkeypatch.setattr(
-        polypseg.cv, "run_cv", lambda *args, **kwargs: _fake_summary(kwargs.get("config", args[2]).train.recipe)
+        polypseg.experiments.cv,
+        "run_cv",
+        lambda *args, **kwargs: _fake_summary(kwargs.get("config", args[2]).train.recipe),
     )
     demo = runner.invoke(app, ["cv", "--recipe", "demo", "--out", str(tmp_path / "demo"), "--device", "cpu"])
     assert demo.exit_code == 0, demo.output
@@ -236,7 +238,7 @@ def test_demo_run_says_its_low_score_is_expected(tmp_path, monkeypatch):
 
 def test_fold_progress_is_numbered_like_the_fold_folders(tmp_path, monkeypatch):
     """The progress bar of fold_1 says fold 1 (folders fold_0..fold_{k-1}), not fold 2/k."""
-    import polypseg.cv
+    import polypseg.experiments.cv
 
     class Stop(Exception):
         pass
@@ -247,7 +249,7 @@ def test_fold_progress_is_numbered_like_the_fold_folders(tmp_path, monkeypatch):
         seen.append((args[3].name, description))
         raise Stop
 
-    monkeypatch.setattr(polypseg.cv, "train_model", fake_train_model)
+    monkeypatch.setattr(polypseg.experiments.cv, "train_model", fake_train_model)
     data = write_synthetic_dataset(tmp_path / "data", n=6)
     result = runner.invoke(
         app,
@@ -278,8 +280,8 @@ def test_fold_progress_is_numbered_like_the_fold_folders(tmp_path, monkeypatch):
 
 def test_every_recipe_option_reaches_the_config_of_train_and_cv(tmp_path, monkeypatch):
     """The shortcut options and --set arrive in the config that cv and train hand to the library."""
-    import polypseg.cv
-    import polypseg.train_split
+    import polypseg.experiments.cv
+    import polypseg.training.train_split
 
     class Stop(Exception):
         pass
@@ -293,8 +295,8 @@ def test_every_recipe_option_reaches_the_config_of_train_and_cv(tmp_path, monkey
 
         return fake
 
-    monkeypatch.setattr(polypseg.cv, "run_cv", capture("cv"))
-    monkeypatch.setattr(polypseg.train_split, "train_single_split", capture("train"))
+    monkeypatch.setattr(polypseg.experiments.cv, "run_cv", capture("cv"))
+    monkeypatch.setattr(polypseg.training.train_split, "train_single_split", capture("train"))
     options = ["--recipe", "demo", "--no-skip", "--epochs", "3", "--batch-size", "5", "--lr", "0.002"]
     options += ["--loss", "dice_bce", "--image-size", "64", "--seed", "7", "--precision", "fp32"]
     options += ["--encoder-weights", "none", "--set", "train.ema_decay=0.5", "--device", "cpu"]
@@ -364,7 +366,7 @@ def test_ctrl_c_that_typer_turned_into_an_abort_is_an_interruption(monkeypatch, 
 
 def test_output_names_differ_ignoring_case():
     """IMG_1.png and img_1.jpg would overwrite each other's mask on macOS and Windows."""
-    from polypseg.inputs import unique_names
+    from polypseg.data.inputs import unique_names
 
     assert unique_names(["IMG_1", "img_1", "Img_1", "other"]) == ["IMG_1", "img_1-2", "Img_1-3", "other"]
 

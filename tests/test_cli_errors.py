@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from polypseg.sample_data import sample_dataset_path
+from polypseg.data.sample_data import sample_dataset_path
 from test_cli_core import polypseg
 
 

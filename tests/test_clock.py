@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from polypseg.clock import ActiveClock, Stopwatch
+from polypseg.core.clock import ActiveClock, Stopwatch
 
 
 class FakeTime:
@@ -79,7 +79,7 @@ def test_gap_must_exceed_tick() -> None:
 
 CHILD = """
 import sys, time
-from polypseg.clock import ActiveClock, Stopwatch
+from polypseg.core.clock import ActiveClock, Stopwatch
 clock = ActiveClock(tick_s=0.1, gap_s=1.0)
 watch = Stopwatch(clock)
 print("ready", flush=True)

@@ -1,4 +1,4 @@
-"""The one input collection of predict and explain (polypseg.inputs.collect_inputs): clashes, missing paths, masks."""
+"""The one input collection of predict and explain (polypseg.data.inputs.collect_inputs): clashes, missing paths, masks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from polypseg.data.inputs import EMPTY_FOLDER, NOT_FOUND, NOT_IMAGE, NOT_REGULAR, SkipLog, collect_inputs, write_csv
 from polypseg.errors import PolypsegError
-from polypseg.inputs import EMPTY_FOLDER, NOT_FOUND, NOT_IMAGE, NOT_REGULAR, SkipLog, collect_inputs, write_csv
 
 
 def _image(path: Path, value: int = 100) -> Path:

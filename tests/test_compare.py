@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from polypseg.cli.common import UsageError
 from polypseg.cli.main import app
-from polypseg.io_utils import atomic_write_json, read_json
+from polypseg.core.io_utils import atomic_write_json, read_json
 from polypseg.reporting.compare import CompareError, compare_runs, min_wilcoxon_p, paired_test
 from polypseg.reporting.compare import test_notes as fold_notes
 
@@ -23,7 +23,7 @@ def second_run(tiny_cv_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     compare only reads splits, config and out-of-fold predictions, so this stands in for a second
     training at a fraction of the CPU time.
     """
-    from polypseg.cv import summarize_run
+    from polypseg.experiments.cv import summarize_run
 
     run = tmp_path_factory.mktemp("second") / "seed1"
     shutil.copytree(tiny_cv_run, run, ignore=shutil.ignore_patterns("*.safetensors", "figures", "report.html"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from polypseg.config import RECIPES, ConfigError, RunConfig, apply_overrides, get_recipe, validate_config
+from polypseg.core.config import RECIPES, ConfigError, RunConfig, apply_overrides, get_recipe, validate_config
 from polypseg.errors import PolypsegError
 
 
@@ -37,7 +37,7 @@ def test_config_errors_are_user_errors_and_still_value_errors() -> None:
     config = get_recipe("demo")
     config.model.arch = "transunet"
     validate_config(config)  # the config knows no models: building one is models' check
-    from polypseg.models import check_model_config
+    from polypseg.models.factory import check_model_config
 
     with pytest.raises(ConfigError, match="invalid model settings: unknown architecture 'transunet'"):
         check_model_config(config.model)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from polypseg.cv import RunError, make_splits, run_cv, summarize_run
-from polypseg.io_utils import atomic_write_json
-from polypseg.runs import RunDir
+from polypseg.core.io_utils import atomic_write_json
+from polypseg.core.runs import RunDir
+from polypseg.experiments.cv import RunError, make_splits, run_cv, summarize_run
 
 from helpers import tiny_config, write_synthetic_dataset
 
@@ -125,19 +125,19 @@ def test_partial_run_says_so_and_completes_on_resume(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_summary_is_written_after_each_fold_so_a_stopped_run_shows_its_finished_folds(dataset, tmp_path, monkeypatch):
-    import polypseg.cv
+    import polypseg.experiments.cv
 
     class Stopped(Exception):
         pass
 
-    real_train_model = polypseg.cv.train_model
+    real_train_model = polypseg.experiments.cv.train_model
 
     def train_until_fold_1(config, train, val, out_dir, **kwargs):
         if Path(out_dir).name == "fold_1":
             raise Stopped
         return real_train_model(config, train, val, out_dir, **kwargs)
 
-    monkeypatch.setattr(polypseg.cv, "train_model", train_until_fold_1)
+    monkeypatch.setattr(polypseg.experiments.cv, "train_model", train_until_fold_1)
     run = tmp_path / "run"
     with pytest.raises(Stopped):
         _run(dataset, run, tmp_path / "cache")
@@ -207,7 +207,7 @@ def test_summary_pools_out_of_fold_predictions(tmp_path):
 
 
 def test_copied_splits_keep_test_folds_with_other_validation_share(tmp_path):
-    from polypseg.cv import load_or_create_splits
+    from polypseg.experiments.cv import load_or_create_splits
 
     stems = [f"s{i}" for i in range(20)]
     original = load_or_create_splits(tmp_path / "a", stems, 4, 0, 0.1) if (tmp_path / "a").mkdir() is None else None
@@ -275,7 +275,7 @@ def test_one_fold_has_no_cross_fitted_threshold(tmp_path):
 
 
 def test_deletion_steps_follow_the_runs_earlier_folds(tmp_path: Path) -> None:
-    from polypseg.cv import _run_deletion_steps
+    from polypseg.experiments.cv import _run_deletion_steps
 
     run = RunDir(tmp_path / "run")
     cpu = torch.device("cpu")

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from polypseg.data import (
+from polypseg.data.datasets import (
     DataError,
     ImageReadError,
     build_cache,
@@ -18,7 +18,7 @@ from polypseg.data import (
     read_mask,
     resize_mask,
 )
-from polypseg.sample_data import sample_dataset_path
+from polypseg.data.sample_data import sample_dataset_path
 
 from helpers import write_synthetic_dataset
 
@@ -217,7 +217,7 @@ def test_real_kvasir_pairs_by_stem(shared_dataset):
 
 def test_cache_file_can_stand_in_for_the_dataset(tmp_path):
     root = write_synthetic_dataset(tmp_path / "d", n=3)
-    from polypseg.data import cache_path
+    from polypseg.data.datasets import cache_path
 
     build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
     portable = cache_path(root, 32, tmp_path / "cache")

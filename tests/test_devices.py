@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from polypseg.devices import DeviceError, resolve_device
+from polypseg.core.devices import DeviceError, resolve_device
 
 
 def test_auto_picks_cuda_only_when_available():

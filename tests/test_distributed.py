@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from polypseg.checkpoint import load_checkpoint
+from polypseg.models.checkpoint import load_checkpoint
 
 from helpers import write_synthetic_dataset
 

@@ -1,4 +1,4 @@
-"""Tests for polypseg.download and the bundled sample (CPU, no internet)."""
+"""Tests for polypseg.data.download and the bundled sample (CPU, no internet)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polypseg.download import (
+from polypseg.data.download import (
     DATASETS,
     KVASIR_SEG_URL,
     DownloadError,
@@ -23,7 +23,7 @@ from polypseg.download import (
     load_manifest,
     verify_against_manifest,
 )
-from polypseg.sample_data import sample_dataset_path
+from polypseg.data.sample_data import sample_dataset_path
 
 NAME = "kvasir-seg"
 

@@ -1,4 +1,4 @@
-"""Forward-only Grad-CAM (polypseg.engine_gradcam): the closed-form head gradient against autograd,
+"""Forward-only Grad-CAM (polypseg.explain.engine_gradcam): the closed-form head gradient against autograd,
 the onnxruntime/OpenVINO engines against SegmentationGradCAM, and the refusals. Tiny CPU models."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from polypseg.engine_gradcam import (
+from polypseg.core.precision import cpu_bf16_flags
+from polypseg.errors import PolypsegError
+from polypseg.explain.engine_gradcam import (
     EngineGradCAM,
     EngineGradCAMError,
     LogitsAndHeadInput,
@@ -20,10 +22,8 @@ from polypseg.engine_gradcam import (
     linear_head_conv,
     region_logit_gradient,
 )
-from polypseg.errors import PolypsegError
-from polypseg.explain import MaskedLogitSum, RegionLogitSum, SegmentationGradCAM, WholeLogitSum
-from polypseg.models import create_model
-from polypseg.precision import cpu_bf16_flags
+from polypseg.explain.gradcam import MaskedLogitSum, RegionLogitSum, SegmentationGradCAM, WholeLogitSum
+from polypseg.models.factory import create_model
 
 SIZE = 64
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polypseg.explain import (
+from polypseg.explain.gradcam import (
     ExplainError,
     GradCAMDriver,
     MaskedLogitSum,
@@ -20,7 +20,7 @@ from polypseg.explain import (
     grad_cam,
     resolve_layer,
 )
-from polypseg.models import create_model
+from polypseg.models.factory import create_model
 
 SIZE = 16
 
@@ -449,7 +449,7 @@ def test_scorecam_weights_match_pytorch_grad_cam(unet: nn.Module, images: torch.
 
 
 def test_explain_images_returns_maps_at_original_sizes(unet: nn.Module) -> None:
-    from polypseg.transforms import preprocess, resize_probabilities
+    from polypseg.data.transforms import preprocess, resize_probabilities
 
     rng = np.random.default_rng(0)
     inputs = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in ((40, 56), (64, 64), (90, 30))]

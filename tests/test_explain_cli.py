@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from polypseg.checkpoint import save_checkpoint
-from polypseg.config import ModelConfig, RunConfig, TrainConfig
+from polypseg.core.config import ModelConfig, RunConfig, TrainConfig
 from polypseg.errors import PolypsegError
-from polypseg.gallery import render_gallery, render_panel, select_cases, select_records, write_gallery
-from polypseg.models import create_model
+from polypseg.explain.gallery import render_gallery, render_panel, select_cases, select_records, write_gallery
+from polypseg.models.checkpoint import save_checkpoint
+from polypseg.models.factory import create_model
 
 SIZES = {"a": (40, 48), "b": (36, 36), "c": (52, 30)}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from polypseg.explain_metrics import (
+from polypseg.explain.metrics import (
     ExplainMetricsError,
     PredictedMaskProbability,
     deletion_insertion_auc,
@@ -206,9 +206,9 @@ def test_explanation_report_leaves_out_nan() -> None:
 
 @pytest.mark.slow
 def test_evaluate_explanations_matches_the_parts() -> None:
-    from polypseg.explain import MaskedLogitSum, grad_cam
-    from polypseg.models import create_model
-    from polypseg.transforms import images_to_tensor, normalize
+    from polypseg.data.transforms import images_to_tensor, normalize
+    from polypseg.explain.gradcam import MaskedLogitSum, grad_cam
+    from polypseg.models.factory import create_model
 
     torch.manual_seed(0)
     model = create_model(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)).eval()
@@ -247,8 +247,8 @@ def test_evaluate_explanations_matches_the_parts() -> None:
 
 def test_logits_from_another_engine_are_not_the_deletion_reference() -> None:
     """explain --engine: the curves' reference is rescored by the model that scores the perturbations."""
-    from polypseg.explain_metrics import score_explanations
-    from polypseg.inferer import model_logits
+    from polypseg.explain.metrics import score_explanations
+    from polypseg.inference.inferer import model_logits
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1)).eval()

@@ -11,9 +11,9 @@ import onnx
 import pytest
 import torch
 
-from polypseg.checkpoint import save_checkpoint
-from polypseg.deploy import measure_dice_change
-from polypseg.export import (
+from polypseg.data.sample_data import sample_dataset_path
+from polypseg.inference.deploy import measure_dice_change
+from polypseg.inference.export import (
     ExportError,
     _export_graph,
     _Probability,
@@ -29,9 +29,9 @@ from polypseg.export import (
     verify_onnx,
     written_opset,
 )
-from polypseg.inference import Predictor, _preferred_onnx, openvino_installed
-from polypseg.models import create_model
-from polypseg.sample_data import sample_dataset_path
+from polypseg.inference.predictor import Predictor, _preferred_onnx, openvino_installed
+from polypseg.models.checkpoint import save_checkpoint
+from polypseg.models.factory import create_model
 
 from helpers import tiny_config, write_synthetic_dataset
 
@@ -59,9 +59,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[Pat
 
 
 def _torch_cpu_atol() -> float:
-    """The torch backend runs bf16 autocast on a CPU with native bf16 (polypseg.precision), fp32 elsewhere."""
+    """The torch backend runs bf16 autocast on a CPU with native bf16 (polypseg.core.precision), fp32 elsewhere."""
     try:
-        from polypseg.precision import resolve_precision
+        from polypseg.core.precision import resolve_precision
     except ImportError:
         return 1e-4
     return 1e-2 if resolve_precision("auto", "cpu") == "bf16" else 1e-4
@@ -137,8 +137,8 @@ def test_cache_is_keyed_by_content_not_by_size_or_time(
 ) -> None:
     import functools
 
-    from polypseg import export
-    from polypseg.checkpoint import CheckpointError
+    from polypseg.inference import export
+    from polypseg.models.checkpoint import CheckpointError
 
     # The cache logic does not depend on the exporter: use the quicker TorchScript one here.
     monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
@@ -177,8 +177,8 @@ def test_cache_is_keyed_by_content_not_by_size_or_time(
 
 
 def test_cache_folder_follows_xdg_and_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from polypseg.data import default_cache_dir
-    from polypseg.export import onnx_cache_dir
+    from polypseg.data.datasets import default_cache_dir
+    from polypseg.inference.export import onnx_cache_dir
 
     monkeypatch.delenv("POLYPSEG_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -192,7 +192,7 @@ def test_cache_folder_follows_xdg_and_cache_dir(tmp_path: Path, monkeypatch: pyt
 
 
 def test_torchscript_exporter_fallback_agrees(exported: tuple[Path, Path], tmp_path: Path) -> None:
-    from polypseg.checkpoint import load_checkpoint
+    from polypseg.models.checkpoint import load_checkpoint
 
     checkpoint, onnx_path = exported
     wrapped = _Probability(load_checkpoint(checkpoint).model).eval()
@@ -261,7 +261,7 @@ def test_auto_on_cpu_prefers_openvino_and_falls_back_to_onnxruntime(
     exported: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """backend="auto" on CPU: OpenVINO where installed (the fastest within 0.005 Dice), else onnxruntime."""
-    import polypseg.inference as inference
+    import polypseg.inference.predictor as inference
 
     checkpoint, _ = exported
     monkeypatch.setattr(inference, "openvino_installed", lambda: False)
@@ -280,8 +280,8 @@ def _openvino_importable() -> bool:
 
 def test_a_static_batch_export_verifies_and_is_never_taken_for_prediction(tmp_path: Path) -> None:
     """--static-batch fixes the batch at 1: verification runs image by image, prediction keeps its own export."""
-    from polypseg.deploy import export_checkpoints
-    from polypseg.export import find_cached_onnx
+    from polypseg.inference.deploy import export_checkpoints
+    from polypseg.inference.export import find_cached_onnx
 
     checkpoint = _save_tiny(tmp_path / "static")
     results = export_checkpoints(checkpoint, dynamic_batch=False, say=lambda message: None)
@@ -296,7 +296,7 @@ def test_a_static_batch_export_verifies_and_is_never_taken_for_prediction(tmp_pa
 
 
 def test_an_onnx_file_honours_the_backend_and_refuses_what_it_cannot_do(exported: tuple[Path, Path]) -> None:
-    from polypseg.inference import PredictorError
+    from polypseg.inference.predictor import PredictorError
 
     _, onnx_path = exported
     with pytest.raises(PredictorError, match="fold and compile apply to checkpoints"):
@@ -310,7 +310,7 @@ def test_an_onnx_file_honours_the_backend_and_refuses_what_it_cannot_do(exported
 def test_export_writes_the_opset_asked_for_or_says_it_cannot(
     exported: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    import polypseg.export as export_module
+    import polypseg.inference.export as export_module
 
     checkpoint, _ = exported
     capfd.readouterr()

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from polypseg import training
-from polypseg.checkpoint import (
+from polypseg.data.datasets import build_cache
+from polypseg.models.checkpoint import (
     STATE_FORMAT,
     CheckpointError,
     TrainingStateError,
@@ -28,9 +28,9 @@ from polypseg.checkpoint import (
     read_metadata,
     save_checkpoint,
 )
-from polypseg.data import build_cache
-from polypseg.models import create_model
-from polypseg.training import train_model
+from polypseg.models.factory import create_model
+from polypseg.training import loop as training
+from polypseg.training.loop import train_model
 
 from helpers import tiny_config, write_synthetic_dataset
 
@@ -252,7 +252,7 @@ def test_corrupt_state_is_refused_not_resumed(data, tmp_path):
 
 
 def _cv(dataset: Path, out: Path, cache: Path, **kwargs):
-    from polypseg.cv import run_cv
+    from polypseg.experiments.cv import run_cv
 
     config = _config()
     config.train.epochs = 1
@@ -271,7 +271,7 @@ def _cv(dataset: Path, out: Path, cache: Path, **kwargs):
 
 
 def test_cv_resume_cleans_up_refuses_other_data_and_sums_wall_time(tmp_path):
-    from polypseg.cv import RunError
+    from polypseg.experiments.cv import RunError
 
     dataset = write_synthetic_dataset(tmp_path / "data", n=8)
     run, cache = tmp_path / "run", tmp_path / "cache"

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from polypseg.checkpoint import CheckpointError, save_checkpoint
-from polypseg.data import ImageReadError
-from polypseg.inference import Prediction, Predictor, PredictorError, overlay_mask
-from polypseg.models import create_model
+from polypseg.data.datasets import ImageReadError
+from polypseg.inference.predictor import Prediction, Predictor, PredictorError, overlay_mask
+from polypseg.models.checkpoint import CheckpointError, save_checkpoint
+from polypseg.models.factory import create_model
 
 from helpers import tiny_config
 
@@ -113,7 +113,7 @@ def test_predict_resized_and_predict_tensor_match_predict(predictor: Predictor) 
     assert resized.shape == (3, 64, 64) and resized.dtype == np.float32
     for i in range(3):
         np.testing.assert_allclose(resized[i], predictor.predict_one(images[i]).probability, atol=1e-6)
-    from polypseg.transforms import preprocess
+    from polypseg.data.transforms import preprocess
 
     tensor = predictor.predict_tensor(preprocess(images, 64))
     assert tuple(tensor.shape) == (3, 1, 64, 64)
@@ -159,7 +159,7 @@ def test_flip_tta_undoes_each_flip() -> None:
 def test_predictor_and_evaluation_share_one_core(tta: bool) -> None:
     """Predictor and evaluation.predict_probabilities run the same input, precision and TTA code:
     in fp32 on the CPU their probabilities are bit for bit the same."""
-    from polypseg.evaluation import predict_probabilities
+    from polypseg.training.evaluation import predict_probabilities
 
     config = tiny_config(image_size=32)
     torch.manual_seed(0)
@@ -237,8 +237,14 @@ def test_overlay_tints_only_the_mask() -> None:
 
 
 def test_full_size_maps_in_stripes_match_the_whole_map_resize() -> None:
-    from polypseg.inference import overlay_mask, overlay_mask_inplace, upsample_mask, upsample_rows, upsample_uint8
-    from polypseg.transforms import resize_probabilities
+    from polypseg.data.transforms import resize_probabilities
+    from polypseg.inference.predictor import (
+        overlay_mask,
+        overlay_mask_inplace,
+        upsample_mask,
+        upsample_rows,
+        upsample_uint8,
+    )
 
     rng = np.random.default_rng(0)
     small = rng.random((64, 64)).astype(np.float32)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from polypseg.metrics import (
+from polypseg.metrics.segmentation import (
     SegmentationMetrics,
     confusion,
     dice_score,
@@ -143,7 +143,7 @@ def test_mean_std_of_one_value_has_no_spread():
 def test_json_results_are_strict_json(tmp_path):
     import json
 
-    from polypseg.io_utils import atomic_write_json
+    from polypseg.core.io_utils import atomic_write_json
 
     atomic_write_json(
         tmp_path / "r.json", {"std": float("nan"), "values": [1.0, float("inf")], "arr": np.array([np.nan, 2.0])}
@@ -157,7 +157,7 @@ def test_json_results_are_strict_json(tmp_path):
 
 
 def test_bootstrap_interval_of_the_mean():
-    from polypseg.metrics import bootstrap_ci
+    from polypseg.metrics.segmentation import bootstrap_ci
 
     assert bootstrap_ci([0.8] * 10) == (pytest.approx(0.8), pytest.approx(0.8))
     assert all(math.isnan(v) for v in bootstrap_ci([0.5]))

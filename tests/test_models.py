@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from polypseg.checkpoint import load_checkpoint, save_checkpoint
-from polypseg.config import ModelConfig, RunConfig
-from polypseg.models import (
+from polypseg.core.config import ModelConfig, RunConfig
+from polypseg.models.checkpoint import load_checkpoint, save_checkpoint
+from polypseg.models.factory import (
     MODELS,
     EncoderWeightsError,
     NoSkipUnetDecoder,

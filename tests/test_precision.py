@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polypseg import precision
-from polypseg.config import RunConfig, get_recipe
+from polypseg.core import precision
+from polypseg.core.config import RunConfig, get_recipe
+from polypseg.data.transforms import normalize
 from polypseg.errors import PolypsegError
-from polypseg.evaluation import predict_probabilities
-from polypseg.models import create_model
-from polypseg.training import TrainStep, downsample_batch, epoch_size, resolve_run_precision
-from polypseg.transforms import normalize
+from polypseg.models.factory import create_model
+from polypseg.training.evaluation import predict_probabilities
+from polypseg.training.loop import TrainStep, downsample_batch, epoch_size, resolve_run_precision
 
 from helpers import tiny_config
 
@@ -161,10 +161,10 @@ def test_gradcam_in_bf16_matches_fp32(tiny_cv_run):
     """The same precision rule for Grad-CAM: bf16 heatmaps correlate >= 0.99 with fp32 ones."""
     import numpy as np
 
-    from polypseg.checkpoint import load_checkpoint
-    from polypseg.data import read_image
-    from polypseg.explain import explain_images
-    from polypseg.sample_data import sample_dataset_path
+    from polypseg.data.datasets import read_image
+    from polypseg.data.sample_data import sample_dataset_path
+    from polypseg.explain.gradcam import explain_images
+    from polypseg.models.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(tiny_cv_run / "fold_0" / "best")
     images = [read_image(p) for p in sorted((sample_dataset_path() / "images").glob("*.jpg"))[:4]]

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from polypseg import export
-from polypseg.checkpoint import save_checkpoint
 from polypseg.cli.main import app
-from polypseg.models import create_model
+from polypseg.inference import export
+from polypseg.models.checkpoint import save_checkpoint
+from polypseg.models.factory import create_model
 
 from helpers import tiny_config
 
@@ -205,7 +205,7 @@ def test_predict_with_onnxruntime_backend(checkpoint: Path, tmp_path: Path, fast
         "predict", str(folder), "--model", str(checkpoint), "--out", str(ort_out), "--backend", "onnxruntime"
     )
     assert result.exit_code == 0, result.output and "onnxruntime" in result.output
-    # torch runs bf16 autocast on a CPU with native bf16 (polypseg.precision); onnxruntime is fp32
+    # torch runs bf16 autocast on a CPU with native bf16 (polypseg.core.precision); onnxruntime is fp32
     agreement = 0.99 if _cpu_bf16() else 0.999
     for name in ("rgb", "gray", "rgba"):
         a = np.asarray(Image.open(torch_out / "masks" / f"{name}.png"))
@@ -215,7 +215,7 @@ def test_predict_with_onnxruntime_backend(checkpoint: Path, tmp_path: Path, fast
 
 def _cpu_bf16() -> bool:
     try:
-        from polypseg.precision import resolve_precision
+        from polypseg.core.precision import resolve_precision
     except ImportError:
         return False
     return resolve_precision("auto", "cpu") == "bf16"
@@ -248,7 +248,7 @@ def test_predict_exports_once_into_the_cache_never_into_the_run_folder(tmp_path:
 def test_predict_sends_batch_size_images_per_pass_with_the_same_masks(
     checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from polypseg.inference import Predictor
+    from polypseg.inference.predictor import Predictor
 
     folder = _folder(tmp_path / "in")  # 3 readable images and a corrupt one
     sizes: list[int] = []

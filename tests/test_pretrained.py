@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from polypseg import pretrained
-from polypseg.checkpoint import load_checkpoint
-from polypseg.evaluation import predict_probabilities
-from polypseg.pretrained import PretrainedError, available_models, get_model, release_model, resolve_model
+from polypseg.models import pretrained
+from polypseg.models.checkpoint import load_checkpoint
+from polypseg.models.pretrained import PretrainedError, available_models, get_model, release_model, resolve_model
+from polypseg.training.evaluation import predict_probabilities
 
 
 @pytest.fixture
@@ -107,8 +107,8 @@ def test_predictor_and_predict_default_to_the_shipped_model(shipped, tmp_path):
     from typer.testing import CliRunner
 
     from polypseg.cli.main import app
-    from polypseg.inference import Predictor
-    from polypseg.sample_data import sample_dataset_path
+    from polypseg.data.sample_data import sample_dataset_path
+    from polypseg.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(device="cpu", backend="torch")
     image = next((sample_dataset_path() / "images").glob("*.jpg"))
@@ -141,9 +141,9 @@ def test_models_command_lists_and_verifies(shipped):
 
 def test_export_takes_a_shipped_model_by_name_and_asks_where_to_write(tmp_path):
     """The shipped model's folder is the package's: export writes only where --out says."""
-    from polypseg.deploy import export_checkpoints
-    from polypseg.export import ExportError
-    from polypseg.pretrained import available_models
+    from polypseg.inference.deploy import export_checkpoints
+    from polypseg.inference.export import ExportError
+    from polypseg.models.pretrained import available_models
 
     shipped = available_models()
     if not shipped:

@@ -10,9 +10,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from polypseg.cli.main import app
-from polypseg.cv import load_oof
-from polypseg.io_utils import read_json
-from polypseg.metrics import dice_score
+from polypseg.core.io_utils import read_json
+from polypseg.experiments.cv import load_oof
+from polypseg.metrics.segmentation import dice_score
 from polypseg.reporting import ReportError, write_report
 
 SECTIONS = ("summary", "curves", "threshold", "roc", "folds", "explainability", "worst", "notes")
@@ -119,8 +119,8 @@ def test_report_without_the_dataset_shows_cases_without_heatmaps(tiny_cv_run: Pa
 
 
 def test_report_of_a_run_trained_from_a_cache_file(tiny_cv_run: Path, tmp_path: Path) -> None:
-    from polypseg.data import cache_path
-    from polypseg.sample_data import sample_dataset_path
+    from polypseg.data.datasets import cache_path
+    from polypseg.data.sample_data import sample_dataset_path
 
     run = tmp_path / "run"
     shutil.copytree(tiny_cv_run, run, ignore=shutil.ignore_patterns("figures", "report.html"))

@@ -1,4 +1,4 @@
-"""The run-folder layout (polypseg.runs), config loading and validation, on tiny hand-built folders."""
+"""The run-folder layout (polypseg.core.runs), config loading and validation, on tiny hand-built folders."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polypseg.config import ConfigError, get_recipe
-from polypseg.io_utils import atomic_write_json, read_json
-from polypseg.runs import CV, TRAIN, RunDir, RunError, RunSettings, fold_name, parse_fold_name
-from polypseg.splits import inner_validation_split
+from polypseg.core.config import ConfigError, get_recipe
+from polypseg.core.io_utils import atomic_write_json, read_json
+from polypseg.core.runs import CV, TRAIN, RunDir, RunError, RunSettings, fold_name, parse_fold_name
+from polypseg.data.splits import inner_validation_split
 
 DOCS_RUNS = Path(__file__).resolve().parents[1] / "docs" / "runs"
 
@@ -208,21 +208,24 @@ def test_reporting_reads_runs_without_importing_the_training_side() -> None:
     import polypseg
 
     package = Path(polypseg.__file__).parent
-    for path in [*sorted((package / "reporting").glob("*.py")), package / "summary.py", package / "runs.py"]:
+    for path in [*sorted((package / "reporting").glob("*.py")), package / "core" / "runs.py"]:
         imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module)
             elif isinstance(node, ast.Import):
                 imported.update(alias.name for alias in node.names)
-        assert not imported & {"polypseg.cv", "polypseg.training", "polypseg.train_split", "polypseg.studies"}, (
-            path.name
-        )
+        assert not imported & {
+            "polypseg.experiments.cv",
+            "polypseg.training.loop",
+            "polypseg.training.train_split",
+            "polypseg.experiments.studies",
+        }, path.name
 
 
 def test_single_split_resumes_on_its_saved_split_and_evaluates_as_the_recipe_says(tmp_path: Path, monkeypatch) -> None:
-    from polypseg import training
-    from polypseg.train_split import train_single_split
+    from polypseg.training import loop as training
+    from polypseg.training.train_split import train_single_split
 
     from helpers import tiny_config, write_synthetic_dataset
 
@@ -259,7 +262,7 @@ def test_single_split_resumes_on_its_saved_split_and_evaluates_as_the_recipe_say
         train_single_split(data, out, config, test_list=test_list, **kwargs)
     # resuming reads the run's own data: the bundled sample (what an omitted --data becomes) stands for it,
     # and other data under the same file names is refused by name
-    from polypseg.sample_data import sample_dataset_path
+    from polypseg.data.sample_data import sample_dataset_path
 
     assert train_single_split(sample_dataset_path(), out, config, resume=True, **kwargs)["test"]["n_images"] == 2
     changed = write_synthetic_dataset(tmp_path / "changed", n=10, seed=5)

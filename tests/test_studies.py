@@ -10,17 +10,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from polypseg.checkpoint import find_checkpoints, load_checkpoint
 from polypseg.cli.common import UsageError
 from polypseg.cli.main import app
-from polypseg.cv import RunError
-from polypseg.data import build_cache
-from polypseg.evaluation import predict_probabilities
-from polypseg.io_utils import atomic_write_json, read_json
-from polypseg.metrics import dice_score
-from polypseg.models import EncoderWeightsError, NoSkipUnetDecoder
-from polypseg.runs import RunDir
-from polypseg.studies import (
+from polypseg.core.io_utils import atomic_write_json, read_json
+from polypseg.core.runs import RunDir
+from polypseg.data.datasets import build_cache
+from polypseg.experiments.cv import RunError
+from polypseg.experiments.studies import (
     StudyError,
     _share_splits,
     dataset_name,
@@ -30,6 +26,10 @@ from polypseg.studies import (
     run_pranet,
     run_skip_ablation,
 )
+from polypseg.metrics.segmentation import dice_score
+from polypseg.models.checkpoint import find_checkpoints, load_checkpoint
+from polypseg.models.factory import EncoderWeightsError, NoSkipUnetDecoder
+from polypseg.training.evaluation import predict_probabilities
 
 from helpers import TINY_MODEL, tiny_config, write_synthetic_dataset
 
@@ -331,7 +331,7 @@ def test_pranet_protocol(external_data: Path, tmp_path: Path) -> None:
     assert read_json(out / "pranet.json")["n_test"] == 3
 
     # from a cache file (as on a GPU machine) the original masks are not there: model resolution only
-    from polypseg.data import cache_path
+    from polypseg.data.datasets import cache_path
 
     npz = cache_path(external_data, 32, tmp_path / "cache")
     cached = evaluate_pranet(out, npz, test_list, device="cpu", progress=False)

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from polypseg import training
-from polypseg.checkpoint import file_sha256, load_checkpoint
-from polypseg.config import ConfigError, TrainConfig
-from polypseg.data import build_cache
-from polypseg.losses import LOSSES, create_loss
-from polypseg.models import create_model
-from polypseg.training import lr_factor, train_model
+from polypseg.core.config import ConfigError, TrainConfig
+from polypseg.data.datasets import build_cache
+from polypseg.models.checkpoint import file_sha256, load_checkpoint
+from polypseg.models.factory import create_model
+from polypseg.training import loop as training
+from polypseg.training.loop import lr_factor, train_model
+from polypseg.training.losses import LOSSES, create_loss
 
 from helpers import tiny_config, write_synthetic_dataset
 
@@ -137,7 +137,7 @@ def test_training_step_never_waits_for_the_device(tmp_path, monkeypatch, recipe)
 
 
 def test_the_config_and_the_losses_name_the_same_losses() -> None:
-    from polypseg.config import LOSS_NAMES
+    from polypseg.core.config import LOSS_NAMES
 
     assert sorted(LOSS_NAMES) == sorted(LOSSES)
 

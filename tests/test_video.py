@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from polypseg.inference import Predictor
-from polypseg.video import (
+from polypseg.inference.predictor import Predictor
+from polypseg.inference.video import (
     ExponentialSmoother,
     VideoError,
     VideoWriter,
@@ -121,7 +121,7 @@ def test_writer_pads_odd_sizes(tmp_path: Path) -> None:
     frames = list(read_frames(tmp_path / "odd.mp4"))
     assert len(frames) == 3 and frames[0][2].shape == (46, 44, 3)
     assert not list(tmp_path.glob(".*.tmp"))  # temporary file renamed away
-    from polypseg.io_utils import default_file_mode
+    from polypseg.core.io_utils import default_file_mode
 
     assert (tmp_path / "odd.mp4").stat().st_mode & 0o777 == default_file_mode()  # not mkstemp's 0600
 

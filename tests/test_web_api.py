@@ -21,12 +21,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from polypseg.checkpoint import save_checkpoint
-from polypseg.data import resize_image
-from polypseg.explain import RegionLogitSum, explain_images, grad_cam, prepare_batch, to_original_size
-from polypseg.inference import Prediction
-from polypseg.models import count_parameters, create_model
-from polypseg.precision import autocast
+from polypseg.core.precision import autocast
+from polypseg.data.datasets import resize_image
+from polypseg.explain.gradcam import RegionLogitSum, explain_images, grad_cam, prepare_batch, to_original_size
+from polypseg.inference.predictor import Prediction
+from polypseg.models.checkpoint import save_checkpoint
+from polypseg.models.factory import count_parameters, create_model
 from polypseg.web import encoding
 from polypseg.web.app import STATIC_DIR, WebSettings, create_app
 from polypseg.web.service import InferenceService, ServiceBusy
@@ -810,7 +810,7 @@ def write_video(path: Path, frames: int = 12, size: tuple[int, int] = (48, 64)) 
 
 
 def test_video_upload_gives_per_frame_results(service: InferenceService, tmp_path: Path):
-    from polypseg.video import read_frames
+    from polypseg.inference.video import read_frames
 
     path = write_video(tmp_path / "clip.mp4")
     frames = [frame for _, _, frame in read_frames(path)]
@@ -852,7 +852,7 @@ def test_video_cut_short_keeps_the_frames_decoded_before_the_error(
     service: InferenceService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """3 frames decode, then the file is damaged: all 3 are segmented (they were still waiting for a batch)."""
-    import polypseg.video as video
+    import polypseg.inference.video as video
 
     path = write_video(tmp_path / "clip.mp4")
     real = video.read_frames
@@ -874,8 +874,8 @@ def test_video_cut_short_keeps_the_frames_decoded_before_the_error(
 
 
 def test_serve_precision_reaches_segmentation_and_grad_cam(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
-    from polypseg import explain
     from polypseg.cli.main import app
+    from polypseg.explain import gradcam as explain
 
     calls = fake_server(monkeypatch)
     result = CliRunner().invoke(
@@ -906,8 +906,8 @@ def test_serve_precision_reaches_segmentation_and_grad_cam(checkpoint: Path, mon
 
 def test_serve_option_choices_match_the_library():
     from polypseg.cli.serve_cmd import SERVE_BACKENDS, SERVE_PRECISIONS
-    from polypseg.inference import BACKENDS
-    from polypseg.precision import PRECISIONS
+    from polypseg.core.precision import PRECISIONS
+    from polypseg.inference.predictor import BACKENDS
 
     assert set(SERVE_BACKENDS) == set(BACKENDS) and set(SERVE_PRECISIONS) == set(PRECISIONS)
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from polypseg.checkpoint import save_checkpoint
-from polypseg.models import create_model
-from polypseg.sample_data import sample_dataset_path
+from polypseg.data.sample_data import sample_dataset_path
+from polypseg.models.checkpoint import save_checkpoint
+from polypseg.models.factory import create_model
 from polypseg.web.app import create_app
 from polypseg.web.server import BackgroundServer
 from polypseg.web.service import InferenceService

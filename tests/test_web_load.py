@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from polypseg.checkpoint import save_checkpoint
-from polypseg.models import create_model
+from polypseg.models.checkpoint import save_checkpoint
+from polypseg.models.factory import create_model
 from polypseg.web.app import WebSettings, create_app
 from polypseg.web.server import BackgroundServer
 from polypseg.web.service import InferenceService

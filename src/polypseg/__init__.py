@@ -12,43 +12,31 @@ The names are imported on first use (PEP 562), so ``import polypseg`` and the co
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from polypseg._lazy import lazy_exports
 from polypseg._version import __version__
 
 # public name -> module that defines it
 _LAZY = {
-    "create_model": "polypseg.models",
-    "load_checkpoint": "polypseg.checkpoint",
-    "save_checkpoint": "polypseg.checkpoint",
-    "get_recipe": "polypseg.config",
-    "ModelConfig": "polypseg.config",
-    "RunConfig": "polypseg.config",
-    "TrainConfig": "polypseg.config",
+    "create_model": "polypseg.models.factory",
+    "load_checkpoint": "polypseg.models.checkpoint",
+    "save_checkpoint": "polypseg.models.checkpoint",
+    "get_recipe": "polypseg.core.config",
+    "ModelConfig": "polypseg.core.config",
+    "RunConfig": "polypseg.core.config",
+    "TrainConfig": "polypseg.core.config",
 }
 
 __all__ = ["__version__", *_LAZY]
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names are resolved by __getattr__
     # "X as X" marks a re-export (PEP 484), so linters do not call these imports unused.
-    from polypseg.checkpoint import load_checkpoint as load_checkpoint
-    from polypseg.checkpoint import save_checkpoint as save_checkpoint
-    from polypseg.config import ModelConfig as ModelConfig
-    from polypseg.config import RunConfig as RunConfig
-    from polypseg.config import TrainConfig as TrainConfig
-    from polypseg.config import get_recipe as get_recipe
-    from polypseg.models import create_model as create_model
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'polypseg' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    from polypseg.core.config import ModelConfig as ModelConfig
+    from polypseg.core.config import RunConfig as RunConfig
+    from polypseg.core.config import TrainConfig as TrainConfig
+    from polypseg.core.config import get_recipe as get_recipe
+    from polypseg.models.checkpoint import load_checkpoint as load_checkpoint
+    from polypseg.models.checkpoint import save_checkpoint as save_checkpoint
+    from polypseg.models.factory import create_model as create_model

@@ -7,7 +7,7 @@ and keeps its traceback.
 
 def _printable(text: str) -> str:
     """File names that are not UTF-8 reach Python as lone surrogates, which no terminal or file can
-    encode: show them as ``\\xNN`` escapes (as :func:`polypseg.io_utils.display_name` does)."""
+    encode: show them as ``\\xNN`` escapes (as :func:`polypseg.core.io_utils.display_name` does)."""
     try:
         text.encode("utf-8")
         return text

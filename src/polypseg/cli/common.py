@@ -29,32 +29,32 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def warn(message: str) -> None:
-    """One ``warning:`` line; file names in it shown as text (:func:`polypseg.io_utils.display_name`)."""
+    """One ``warning:`` line; file names in it shown as text (:func:`polypseg.core.io_utils.display_name`)."""
     from rich.markup import escape
 
-    from polypseg.io_utils import display_name
+    from polypseg.core.io_utils import display_name
 
     console.print(f"[yellow]warning:[/] {escape(display_name(message))}", highlight=False, soft_wrap=True, markup=True)
 
 
 def say(message: str) -> None:
     """One plain line (no markup), file names shown as text."""
-    from polypseg.io_utils import display_name
+    from polypseg.core.io_utils import display_name
 
     console.print(display_name(message), highlight=False, soft_wrap=True, markup=False)
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; validates explicit choices (see :mod:`polypseg.devices`)."""
-    from polypseg.devices import resolve_device as resolve
+    """``auto`` -> ``cuda`` when available, else ``cpu``; validates explicit choices (see :mod:`polypseg.core.devices`)."""
+    from polypseg.core.devices import resolve_device as resolve
 
     return str(resolve(device, label="--device"))
 
 
 def write_json(path: Path, data: Any, option: str) -> None:
     """Write ``data`` to the file ``option`` named; a failed write is one line naming the option
-    (check the path first with :func:`polypseg.inputs.check_output_path`, before the work)."""
-    from polypseg.io_utils import atomic_write_json
+    (check the path first with :func:`polypseg.data.inputs.check_output_path`, before the work)."""
+    from polypseg.core.io_utils import atomic_write_json
 
     try:
         atomic_write_json(path, data)

@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
         """Decode every pair and report counts, sizes and problems; exit code 1 if there are errors (no pairs at all is one)."""
         from rich.markup import escape
 
-        from polypseg.data import check_dataset
-        from polypseg.io_utils import display_name
+        from polypseg.core.io_utils import display_name
+        from polypseg.data.datasets import check_dataset
 
         report = check_dataset(root, progress=True)
         console.print(f"{display_name(root)}: {report.pairs} pairs", soft_wrap=True)
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Download, verify (per-file SHA-256 manifest shipped with polypseg) and unpack a dataset. Safe to rerun."""
-        from polypseg.download import download_dataset
+        from polypseg.data.download import download_dataset
 
         path = download_dataset(name, to, url=url)
         console.print(f"{name} ready at {path}", highlight=False)
@@ -81,9 +81,9 @@ def register(app: typer.Typer) -> None:
         """Build the preprocessed cache (JPEG-packed images, bit-packed masks) ahead of training."""
         import shutil
 
-        from polypseg.data import build_cache, cache_path
-        from polypseg.inputs import check_output_path
-        from polypseg.io_utils import atomic_write
+        from polypseg.core.io_utils import atomic_write
+        from polypseg.data.datasets import build_cache, cache_path
+        from polypseg.data.inputs import check_output_path
 
         if out is not None and out.suffix != ".npz":  # before the build, which can take minutes
             raise typer.BadParameter("must end in .npz", param_hint="--out")

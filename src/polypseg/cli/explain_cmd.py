@@ -1,5 +1,5 @@
-"""``polypseg explain`` and ``polypseg bench-explain``: options in, :func:`polypseg.explain_files.explain_files` and
-:func:`polypseg.bench.benchmark_gradcam` do the work, results printed."""
+"""``polypseg explain`` and ``polypseg bench-explain``: options in, :func:`polypseg.explain.files.explain_files` and
+:func:`polypseg.experiments.bench.benchmark_gradcam` do the work, results printed."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from polypseg.cli.common import UsageError, console, say, warn, write_json
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     from rich.table import Table
 
-    from polypseg.inputs import SkipLog
-    from polypseg.io_utils import display_name
+    from polypseg.core.io_utils import display_name
+    from polypseg.data.inputs import SkipLog
 
     with_truth = summary["with_ground_truth"]
     skips = SkipLog(warn, [(c["file"], c["cause"], c["reason"]) for c in summary["skipped_causes"]])
@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
 
         Example: polypseg explain data/kvasir-seg --out gradcam (a dataset root: its masks give Dice and IoU)
         """
-        from polypseg.explain_files import explain_files
+        from polypseg.explain.files import explain_files
 
         summary = explain_files(
             inputs or [], out, model, masks, layer, method, threshold, device, batch_size,
@@ -157,10 +157,10 @@ def register(app: typer.Typer) -> None:
         markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table on stdout."),
     ) -> None:
         """Grad-CAM speed per precision (heatmaps/s, speed-up over fp32) and each precision's heatmap correlation with fp32."""
-        from polypseg.bench import benchmark_gradcam, gradcam_markdown
         from polypseg.cli.common import resolve_device
-        from polypseg.inputs import check_output_path
-        from polypseg.precision import check_precision
+        from polypseg.core.precision import check_precision
+        from polypseg.data.inputs import check_output_path
+        from polypseg.experiments.bench import benchmark_gradcam, gradcam_markdown
 
         if json_path is not None:
             check_output_path(json_path, "--json")
@@ -174,14 +174,14 @@ def register(app: typer.Typer) -> None:
             if spec not in known:
                 raise UsageError(f"--engines {spec}: choose from {', '.join(known)}")
         if str(model) == "random":
-            from polypseg.models import create_model
+            from polypseg.models.factory import create_model
 
             net, size, pixels = create_model().eval(), 256, None
         else:
-            from polypseg.checkpoint import load_checkpoint, pick_checkpoint
-            from polypseg.data import build_cache
-            from polypseg.pretrained import resolve_model
-            from polypseg.sample_data import sample_dataset_path
+            from polypseg.data.datasets import build_cache
+            from polypseg.data.sample_data import sample_dataset_path
+            from polypseg.models.checkpoint import load_checkpoint, pick_checkpoint
+            from polypseg.models.pretrained import resolve_model
 
             checkpoint = load_checkpoint(pick_checkpoint(resolve_model(model), None))
             net, size = checkpoint.model, checkpoint.config.train.image_size

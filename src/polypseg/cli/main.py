@@ -157,7 +157,7 @@ _FILE_ERRORS = {
 def _file_error(error: OSError) -> str:
     """One line for an ``OSError`` on a file the user named (an output path that is a folder, a full
     disk, ...): the path (a rename's target, not its temporary file) and what went wrong."""
-    from polypseg.io_utils import display_name
+    from polypseg.core.io_utils import display_name
 
     path = error.filename2 if error.filename2 is not None else error.filename
     cause = _FILE_ERRORS.get(error.errno or 0, error.strerror or type(error).__name__)

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
         predict, explain, serve and the Python Predictor use the first (default) one when no --model is given.
         """
-        from polypseg.pretrained import PretrainedError, available_models, get_model
+        from polypseg.models.pretrained import PretrainedError, available_models, get_model
 
         rows = []
         for model in available_models():

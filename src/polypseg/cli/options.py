@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from polypseg.cli.common import UsageError
-from polypseg.config import RECIPES, ConfigError, RunConfig, apply_overrides, get_recipe, validate_config
+from polypseg.core.config import RECIPES, ConfigError, RunConfig, apply_overrides, get_recipe, validate_config
 
 DATA_HELP = "Dataset folder (images/ + masks/, or CVC-ClinicDB's Original/ + 'Ground Truth/'). Default: the bundled 40-image Kvasir-SEG sample."
 
@@ -87,7 +87,7 @@ def build_config(
     init_from: str | None = None,
 ) -> RunConfig:
     """The named recipe (or a saved run's config) with the command-line options applied (shortcuts
-    first, then ``--set``), validated by :func:`polypseg.config.validate_config`."""
+    first, then ``--set``), validated by :func:`polypseg.core.config.validate_config`."""
     try:
         config = get_recipe(recipe) if isinstance(recipe, str) else RunConfig.from_dict(recipe.to_dict())
         shortcuts = {
@@ -107,13 +107,13 @@ def build_config(
                 section, name = key.split(".")
                 setattr(getattr(config, section), name, value)
         apply_overrides(config, list(overrides))
-        from polypseg.models import check_model_config
+        from polypseg.models.factory import check_model_config
 
         validate_config(config, labels=OPTION_LABELS)
         check_model_config(config.model)
         if config.train.init_from != "none":  # fail before the data is read, not after
-            from polypseg.models import create_model
-            from polypseg.training import load_initial_weights
+            from polypseg.models.factory import create_model
+            from polypseg.training.loop import load_initial_weights
 
             load_initial_weights(create_model(config.model), config)
         return config
@@ -125,7 +125,7 @@ def data_or_sample(data: Path | None) -> Path:
     """``--data`` as given, or the bundled sample when it was omitted."""
     if data is not None:
         return data
-    from polypseg.sample_data import sample_dataset_path
+    from polypseg.data.sample_data import sample_dataset_path
 
     return sample_dataset_path()
 

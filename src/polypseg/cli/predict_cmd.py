@@ -1,6 +1,6 @@
 """``polypseg predict``, ``polypseg export`` and ``polypseg bench``: options in, one library call
-(:func:`polypseg.predict_files.predict_files`, :func:`polypseg.deploy.export_checkpoints`,
-:func:`polypseg.bench.benchmark_backends`), results printed."""
+(:func:`polypseg.inference.predict_files.predict_files`, :func:`polypseg.inference.deploy.export_checkpoints`,
+:func:`polypseg.experiments.bench.benchmark_backends`), results printed."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from polypseg.errors import PolypsegError
 
 def _fail(message: str, code: int = 2) -> NoReturn:
     """``fail`` for messages that name files: shown as text (``fail`` escapes markup), whatever bytes they hold."""
-    from polypseg.io_utils import display_name
+    from polypseg.core.io_utils import display_name
 
     fail(display_name(message), code=code)
 
@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         Example: polypseg predict scans/ clip.mp4 --out predictions
         """
         try:
-            from polypseg.predict_files import predict_files
+            from polypseg.inference.predict_files import predict_files
 
             summary = predict_files(
                 inputs,
@@ -195,7 +195,7 @@ def register(app: typer.Typer) -> None:
 
         Example: polypseg export --model kvasir-unet-r34 --out model.onnx --int8
         """
-        from polypseg.inputs import check_output_path
+        from polypseg.data.inputs import check_output_path
 
         _check_opset(opset)
         _check_at_least({"--calibration-count": calibration_count, "--validate-limit": validate_limit}, 1)
@@ -203,7 +203,7 @@ def register(app: typer.Typer) -> None:
             for option, path in (("--out", out), ("--json", json_path)):
                 if path is not None:
                     check_output_path(path, option)
-            from polypseg.deploy import export_checkpoints
+            from polypseg.inference.deploy import export_checkpoints
 
             with console.status("exporting") as status:
                 results = export_checkpoints(
@@ -262,7 +262,7 @@ def register(app: typer.Typer) -> None:
 
         Example: polypseg bench --model kvasir-unet-r34 --backend all --batch-size 8
         """
-        from polypseg.inputs import check_output_path
+        from polypseg.data.inputs import check_output_path
 
         _check_at_least({"--batch-size": batch_size, "--repeats": repeats}, 1)
         _check_at_least({"--warmup": warmup}, 0)
@@ -270,7 +270,7 @@ def register(app: typer.Typer) -> None:
         try:
             if json_path is not None:
                 check_output_path(json_path, "--json")
-            from polypseg.bench import bench_markdown, benchmark_backends
+            from polypseg.experiments.bench import bench_markdown, benchmark_backends
 
             with console.status("benchmarking") as status:
                 rows = benchmark_backends(

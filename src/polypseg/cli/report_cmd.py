@@ -22,7 +22,7 @@ from polypseg.cli.options import (
     WeightsOpt,
     data_or_sample,
 )
-from polypseg.config import RunConfig
+from polypseg.core.config import RunConfig
 
 METRIC_ALIASES = {"bf1": "boundary_f1", "boundary-f1": "boundary_f1", "sens": "sensitivity", "prec": "precision"}
 
@@ -37,7 +37,7 @@ ResumeOpt = typer.Option(
 def _resumed_study(run_dir: Path, resume: bool) -> tuple[str | RunConfig, int | None, int | None]:
     """What a study's options build on: with ``--resume``, the config, seed and folds its first
     run was started with (so resuming needs no options); otherwise the ``paper`` recipe."""
-    from polypseg.runs import RunDir
+    from polypseg.core.runs import RunDir
 
     saved = RunDir(run_dir).saved_settings() if resume else None
     if saved is None:
@@ -65,8 +65,8 @@ def _evaluate(
     tta: bool | None = None,
 ) -> None:
     from polypseg.cli.common import resolve_device
-    from polypseg.pretrained import resolve_model
-    from polypseg.studies import evaluate_external
+    from polypseg.experiments.studies import evaluate_external
+    from polypseg.models.pretrained import resolve_model
 
     resolved = resolve_model(str(model))
     if resolved != model and out is None:  # a shipped model: never write into the installed package
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """One table of the runs' metrics (mean ± std over folds), the differences and paired tests across folds."""
-        from polypseg.io_utils import atomic_write_json, atomic_write_text
+        from polypseg.core.io_utils import atomic_write_json, atomic_write_text
         from polypseg.reporting.compare import compare_runs
 
         metrics = _metrics(metric)
@@ -196,7 +196,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = ProgressOpt,
     ) -> None:
         """U-Net with vs without skip connections on identical folds: Dice, IoU and boundary F1 with paired tests."""
-        from polypseg.studies import run_skip_ablation
+        from polypseg.experiments.studies import run_skip_ablation
 
         base, saved_seed, saved_folds = _resumed_study(out / "with-skips", resume)
         config = RecipeChoices(
@@ -242,7 +242,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = ProgressOpt,
     ) -> None:
         """ImageNet vs random encoder initialisation on identical folds; stops at once if the weights cannot be had."""
-        from polypseg.studies import run_encoder_init
+        from polypseg.experiments.studies import run_encoder_init
 
         if encoder_weights == "none":
             raise UsageError(
@@ -286,7 +286,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = ProgressOpt,
     ) -> None:
         """The PraNet protocol: train on the data minus --test-list, test once on it; mDice, mIoU (+ S, wF, E, MAE)."""
-        from polypseg.studies import run_pranet
+        from polypseg.experiments.studies import run_pranet
 
         base, _, _ = _resumed_study(out, resume)
         config = RecipeChoices(

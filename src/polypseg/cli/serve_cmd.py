@@ -14,8 +14,8 @@ from polypseg.cli.common import UsageError, console, fail, resolve_device
 from polypseg.errors import PolypsegError
 
 TOKEN_ENV = "POLYPSEG_TOKEN"
-# Spelled out here (a test checks them against polypseg.inference.BACKENDS and
-# polypseg.precision.PRECISIONS) so that parsing the options needs no torch.
+# Spelled out here (a test checks them against polypseg.inference.predictor.BACKENDS and
+# polypseg.core.precision.PRECISIONS) so that parsing the options needs no torch.
 SERVE_BACKENDS = ("torch", "onnxruntime", "openvino", "auto")
 SERVE_PRECISIONS = ("auto", "fp32", "bf16")
 

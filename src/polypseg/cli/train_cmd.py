@@ -29,7 +29,7 @@ from polypseg.cli.options import (
     build_config,
     data_or_sample,
 )
-from polypseg.config import RunConfig, get_recipe
+from polypseg.core.config import RunConfig, get_recipe
 
 DEMO_NOTE = (
     "note: a low score is expected here. The demo recipe is a smoke run (a few epochs from random init, "
@@ -40,7 +40,7 @@ DEMO_NOTE = (
 
 def _saved_config(out: Path) -> RunConfig | None:
     """The config a run folder was started with, CV run or training folder (``None`` if there is none yet)."""
-    from polypseg.runs import RunDir
+    from polypseg.core.runs import RunDir
 
     settings = RunDir(out).saved_settings()
     return settings.config if settings is not None else None
@@ -48,7 +48,7 @@ def _saved_config(out: Path) -> RunConfig | None:
 
 def _say_precision(config: RunConfig, device: str) -> None:
     from polypseg.cli.common import resolve_device
-    from polypseg.precision import describe
+    from polypseg.core.precision import describe
 
     console.print(describe(config.train.precision, resolve_device(device)), highlight=False)
 
@@ -98,8 +98,8 @@ def register(app: typer.Typer) -> None:
 
         Example (the paper's setting): polypseg cv --data Kvasir-SEG --out runs/paper --recipe paper
         """
-        from polypseg.cv import run_cv
-        from polypseg.inputs import check_output_path
+        from polypseg.data.inputs import check_output_path
+        from polypseg.experiments.cv import run_cv
 
         check_output_path(out, "--out", folder=True)
         saved = _saved_config(out) if resume else None
@@ -145,7 +145,7 @@ def register(app: typer.Typer) -> None:
                 )
             if summary.get("recipe") == "demo":
                 console.print(DEMO_NOTE, highlight=False, soft_wrap=True)
-            from polypseg.runs import RunDir
+            from polypseg.core.runs import RunDir
 
             run = RunDir(out)
             console.print(f"summary: {run.summary_md_path}")
@@ -206,9 +206,9 @@ def register(app: typer.Typer) -> None:
 
         Example: polypseg bench-train --recipe paper --device cpu --markdown
         """
-        from polypseg.bench import CPU_VARIANTS, TRAIN_VARIANTS, benchmark_training, training_markdown
         from polypseg.cli.common import resolve_device
-        from polypseg.inputs import check_output_path
+        from polypseg.data.inputs import check_output_path
+        from polypseg.experiments.bench import CPU_VARIANTS, TRAIN_VARIANTS, benchmark_training, training_markdown
 
         if json_path is not None:
             check_output_path(json_path, "--json")
@@ -217,7 +217,7 @@ def register(app: typer.Typer) -> None:
         )
         torch_device = resolve_device(device)
         if breakdown:
-            from polypseg.bench import breakdown_markdown, training_breakdown
+            from polypseg.experiments.bench import breakdown_markdown, training_breakdown
 
             with console.status(f"timing the parts of an epoch of recipe '{config.train.recipe}'"):
                 result = training_breakdown(config, torch_device, steps=steps, warmup=warmup, train_images=train_images)
@@ -301,9 +301,9 @@ def register(app: typer.Typer) -> None:
 
         Example (the PraNet split): polypseg train --data data/kvasir-seg --test-list pranet_kvasir_test100.txt --out runs/one
         """
-        from polypseg.inputs import check_output_path
-        from polypseg.io_utils import display_name
-        from polypseg.train_split import train_single_split
+        from polypseg.core.io_utils import display_name
+        from polypseg.data.inputs import check_output_path
+        from polypseg.training.train_split import train_single_split
 
         check_output_path(out, "--out", folder=True)
         if test_list is not None and not test_list.is_file():

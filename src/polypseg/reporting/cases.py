@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from polypseg.checkpoint import CheckpointError, load_checkpoint
-from polypseg.data import DataError, build_cache, index_dataset, read_image, resize_image
-from polypseg.gallery import select_cases
-from polypseg.runs import RunDir
+from polypseg.core.runs import RunDir
+from polypseg.data.datasets import DataError, build_cache, index_dataset, read_image, resize_image
+from polypseg.explain.gallery import select_cases
+from polypseg.models.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["Case", "add_heatmaps", "load_case_images", "select_cases"]
 
@@ -41,7 +41,7 @@ class Case:
 
 
 def _like_training_cache(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize and JPEG(95) round-trip exactly as :func:`polypseg.data.build_cache` does, so the
+    """Resize and JPEG(95) round-trip exactly as :func:`polypseg.data.datasets.build_cache` does, so the
     heatmap is computed on the same pixels the out-of-fold prediction was made from."""
     buffer = io.BytesIO()
     Image.fromarray(resize_image(image, size)).save(buffer, format="JPEG", quality=95)
@@ -87,8 +87,8 @@ def load_case_images(data_root: Path | str, stems: Sequence[str], size: int) -> 
 def add_heatmaps(run_dir: Path, cases: Sequence[Case], device: str | torch.device = "cpu") -> list[str]:
     """Grad-CAM (the paper's: final decoder block, masked-logit-sum target) for every case with an image,
     each with the model of the fold that held it out. Returns the problems met."""
-    from polypseg.explain import GradCAMDriver, MaskedLogitSum
-    from polypseg.explain_metrics import energy_inside
+    from polypseg.explain.gradcam import GradCAMDriver, MaskedLogitSum
+    from polypseg.explain.metrics import energy_inside
 
     device = torch.device(device)
     problems: list[str] = []

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from polypseg.boundary import boundary_f1, default_tolerance
+from polypseg.core.runs import CV, RunDir, RunError, RunSettings
 from polypseg.errors import PolypsegError
-from polypseg.evaluation import evaluate_probabilities
-from polypseg.runs import CV, RunDir, RunError, RunSettings
+from polypseg.metrics.boundary import boundary_f1, default_tolerance
+from polypseg.training.evaluation import evaluate_probabilities
 
 COMPARE_METRICS = ("dice", "iou", "boundary_f1", "auc", "sensitivity", "precision")
 LABELS = {

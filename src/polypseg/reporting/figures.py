@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.figure import Figure
 
-from polypseg.metrics import precision_recall_from_histograms, roc_curve_from_histograms
+from polypseg.metrics.segmentation import precision_recall_from_histograms, roc_curve_from_histograms
 
 if TYPE_CHECKING:
     from polypseg.reporting.cases import Case

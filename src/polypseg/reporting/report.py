@@ -10,15 +10,21 @@ from typing import Any
 import numpy as np
 
 from polypseg._version import __version__
-from polypseg.boundary import boundary_f1, default_tolerance
-from polypseg.devices import resolve_device
+from polypseg.core.devices import resolve_device
+from polypseg.core.io_utils import atomic_write_text, read_json
+from polypseg.core.runs import CV, RunDir, RunError, RunSettings
 from polypseg.errors import PolypsegError
-from polypseg.gallery import select_cases
-from polypseg.io_utils import atomic_write_text, read_json
-from polypseg.metrics import METRIC_NAMES, dice_score, iou_score, mean_std, precision_recall_from_histograms
+from polypseg.explain.gallery import select_cases
+from polypseg.metrics.boundary import boundary_f1, default_tolerance
+from polypseg.metrics.segmentation import (
+    METRIC_NAMES,
+    dice_score,
+    iou_score,
+    mean_std,
+    precision_recall_from_histograms,
+)
 from polypseg.reporting import figures
 from polypseg.reporting.cases import Case, add_heatmaps, load_case_images
-from polypseg.runs import CV, RunDir, RunError, RunSettings
 
 EXPLAIN_LABELS = {
     "dice": ("Dice of the explained prediction", "higher is better"),
@@ -45,11 +51,11 @@ def write_report(
     """Write ``RUN/report.html`` (self-contained: figures embedded, no external resources) and ``RUN/figures/*.png``.
 
     Works on a partially finished run (the finished folds are shown). Reads the run through
-    :class:`~polypseg.runs.RunDir` and writes nothing but the report and its figures: a run whose
+    :class:`~polypseg.core.runs.RunDir` and writes nothing but the report and its figures: a run whose
     ``summary.json`` is missing or behind its folds is summarised in memory. Returns the HTML path.
     """
     from polypseg.reporting.html import render_report
-    from polypseg.summary import compute_summary, pooled_metrics
+    from polypseg.reporting.summary import compute_summary, pooled_metrics
 
     run = RunDir(run_dir)
     if not run.has_settings():

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from polypseg.core.runs import RunDir, fold_name, parse_fold_name
 from polypseg.errors import PolypsegError
-from polypseg.runs import RunDir, fold_name, parse_fold_name
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class _Job:
 
 
 class InferenceService:
-    """Owns a :class:`polypseg.inference.Predictor` and runs it from a single worker thread.
+    """Owns a :class:`polypseg.inference.predictor.Predictor` and runs it from a single worker thread.
 
     Grad-CAM explains the mask the service serves: the target is each model's logits summed inside
     the *served* mask (the ensemble's mean probability >= threshold, at the model's input size), so
@@ -121,7 +121,7 @@ class InferenceService:
         self.max_pending_pixels = max_pending_pixels
         self.batch_wait = batch_wait
         self.explain_layer = explain_layer
-        self.precision = precision  # Grad-CAM's (polypseg.precision); segmentation's is the predictor's
+        self.precision = precision  # Grad-CAM's (polypseg.core.precision); segmentation's is the predictor's
         # Grad-CAM needs torch models: by default the predictor's own (every fold of an ensemble).
         if explain_models is _DEFAULT:
             if explain_model is _DEFAULT:
@@ -151,16 +151,16 @@ class InferenceService:
         **options: Any,
     ) -> InferenceService:
         """Load a checkpoint, CV run folder or shipped model (``None``: the default one); see
-        :meth:`polypseg.inference.Predictor.from_checkpoint`.
+        :meth:`polypseg.inference.predictor.Predictor.from_checkpoint`.
 
         Grad-CAM needs the torch model: with ``backend="onnxruntime"`` (or ``"auto"`` on CPU)
         segmentation runs in onnxruntime and the first checkpoint is also loaded in torch for
         ``explain``. An ``.onnx`` file alone serves segmentation only. ``precision`` (auto, fp32,
         bf16) applies to segmentation (torch, openvino) and to Grad-CAM alike.
         """
-        from polypseg.checkpoint import find_checkpoints, load_checkpoint
-        from polypseg.inference import Predictor
-        from polypseg.pretrained import resolve_model
+        from polypseg.inference.predictor import Predictor
+        from polypseg.models.checkpoint import find_checkpoints, load_checkpoint
+        from polypseg.models.pretrained import resolve_model
 
         path = resolve_model(path)
         if Path(path).suffix == ".onnx" and backend == "torch":
@@ -176,7 +176,7 @@ class InferenceService:
 
     def _explain_precision(self) -> str:
         """What Grad-CAM computes in on this device: ``self.precision`` resolved (auto -> bf16 or fp32)."""
-        from polypseg.precision import resolve_precision
+        from polypseg.core.precision import resolve_precision
 
         return resolve_precision(self.precision, self.predictor.device)
 
@@ -345,7 +345,7 @@ class InferenceService:
     def describe(self) -> dict[str, Any]:
         """Model card for ``GET /v1/model``: architecture, training data, metrics, threshold."""
         from polypseg._version import __version__
-        from polypseg.models import count_parameters
+        from polypseg.models.factory import count_parameters
 
         metadata = dict(getattr(self.predictor, "metadata", {}) or {})
         config = metadata.get("config", {})
@@ -518,8 +518,8 @@ class InferenceService:
         """
         import torch
 
-        from polypseg.data import resize_image
-        from polypseg.explain import GradCAMDriver, RegionLogitSum, to_original_size
+        from polypseg.data.datasets import resize_image
+        from polypseg.explain.gradcam import GradCAMDriver, RegionLogitSum, to_original_size
 
         size = int(self.predictor.image_size)
         device = self.predictor.device
@@ -583,7 +583,7 @@ def _fold_test_metrics(path: Path, threshold: float) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    from polypseg.io_utils import read_json
+    from polypseg.core.io_utils import read_json
 
     try:
         data = read_json(path)

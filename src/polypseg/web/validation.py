@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from polypseg.data import to_uint8
+from polypseg.data.datasets import to_uint8
 from polypseg.errors import PolypsegError
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -141,7 +141,7 @@ def probe_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 
 def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an upload to ``uint8`` RGB ``(H, W, 3)``, like :func:`polypseg.data.read_image`.
+    """Decode an upload to ``uint8`` RGB ``(H, W, 3)``, like :func:`polypseg.data.datasets.read_image`.
 
     Grayscale, RGBA, palette and 16-bit images are converted; truncated or corrupt files raise
     :class:`CorruptImage`. Probes the header first (see :func:`probe_image`).
@@ -166,7 +166,7 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
 
 def decode_mask_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A ground-truth mask upload as ``bool (H, W)``: brightest colour channel > 127, like
-    :func:`polypseg.data.read_mask` (so JPEG-compressed masks binarise cleanly)."""
+    :func:`polypseg.data.datasets.read_mask` (so JPEG-compressed masks binarise cleanly)."""
     info = probe_image(data, name, max_pixels)
     try:
         array = _decode_tiff(data) if info.format == "TIFF" else _decode_pil(data)

@@ -36,7 +36,7 @@ def segment_video_bytes(
     Returns per-frame area, confidence and IoU with the previous frame's mask, the mean of those
     IoUs (temporal consistency) and, with ``include_masks``, each frame's mask as COCO RLE.
     """
-    from polypseg.video import VideoError, mask_iou, read_frames, video_info
+    from polypseg.inference.video import VideoError, mask_iou, read_frames, video_info
 
     still = sniff_format(data)
     if still is not None:

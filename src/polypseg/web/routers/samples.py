@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from polypseg.data import IMAGE_EXTENSIONS
+from polypseg.data.datasets import IMAGE_EXTENSIONS
 from polypseg.web.api_errors import ApiError
 from polypseg.web.dependencies import TOKEN_REQUIRED, SamplesDirDep
 from polypseg.web.schemas import ERROR_RESPONSES
@@ -51,7 +51,7 @@ async def sample_mask(name: str, samples_dir: SamplesDirDep) -> FileResponse:
 def default_samples_dir() -> Path | None:
     """The bundled Kvasir-SEG sample's images, or ``None`` when it cannot be found."""
     try:
-        from polypseg.sample_data import sample_dataset_path
+        from polypseg.data.sample_data import sample_dataset_path
 
         return sample_dataset_path() / "images"
     except Exception:  # noqa: BLE001 - samples are a convenience; the API works without them

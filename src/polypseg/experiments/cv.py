@@ -1,0 +1,369 @@
+"""K-fold cross-validation with nnU-Net's discipline.
+
+* The seeded split is written once to ``RUN/splits.json`` and reused (``--resume`` and any later
+  study on the same run); it records the stems so it can be checked against the data.
+* One folder per fold. A fold whose ``metrics.json`` exists is finished and never touched again.
+* Within a fold, the test part is never used for a choice: the best epoch is picked on an inner
+  validation split carved from the training part (or the last epoch is kept).
+* Out-of-fold probabilities of all folds are pooled and evaluated once. The decision threshold is
+  swept over 0.30..0.70 on the pooled out-of-fold predictions and reported next to 0.5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polypseg._version import __version__, source_commit
+from polypseg.core.clock import Stopwatch
+from polypseg.core.config import RunConfig, config_differences, validate_config
+from polypseg.core.devices import device_name, resolve_device
+from polypseg.core.io_utils import atomic_write_json, read_json, remove_stale_temps
+from polypseg.core.runs import (
+    CV,
+    OutOfFold,
+    RunDir,
+    RunError,
+    RunSettings,
+    dequantize_probabilities,
+    quantize_probabilities,
+    refuse_changed_settings,
+)
+from polypseg.data.datasets import CachedData, build_cache, resumed_data
+from polypseg.data.splits import make_splits, splits_from_test_folds
+from polypseg.metrics.segmentation import roc_auc_exact
+from polypseg.models.checkpoint import load_checkpoint
+from polypseg.reporting.summary import PAPER_RESULTS, compute_summary, pooled_metrics, summary_markdown
+from polypseg.training.evaluation import evaluate_probabilities
+from polypseg.training.loop import (
+    DistributedContext,
+    predict_with_recipe,
+    resolve_run_precision,
+    tidy_run_folder,
+    train_model,
+    training_finished,
+)
+
+__all__ = [
+    "PAPER_RESULTS",
+    "RunError",
+    "evaluate_fold",
+    "load_oof",
+    "load_or_create_splits",
+    "make_splits",
+    "pooled_metrics",
+    "refuse_changed_settings",
+    "run_cv",
+    "splits_from_test_folds",
+    "summarize_run",
+    "summary_markdown",
+]
+
+
+def load_or_create_splits(
+    run_dir: RunDir | Path | str, stems: Sequence[str], folds: int, seed: int, val_fraction: float
+) -> dict[str, Any]:
+    """Reuse ``RUN/splits.json`` if present (checking it fits the data), else create and save it.
+
+    A ``splits.json`` copied from another run keeps its test folds; if that run used another
+    inner-validation share, each fold's train/val division is redrawn from the same test folds.
+    """
+    run = RunDir(run_dir)
+    splits = run.read_splits()
+    if splits is not None:
+        path = run.splits_path
+        if sorted(splits["stems"]) != sorted(stems):
+            raise RunError(
+                f"{path} was made for different data ({len(splits['stems'])} stems vs {len(stems)}); use a new --out"
+            )
+        if splits["k"] != folds:
+            raise RunError(f"{path} has {splits['k']} folds, not {folds}; use --folds {splits['k']} or a new --out")
+        if splits.get("val_fraction") != val_fraction:
+            tests = [f["test"] for f in sorted(splits["folds"], key=lambda f: f["fold"])]
+            splits = splits_from_test_folds(stems, tests, splits.get("seed", seed), val_fraction)
+            run.write_splits(splits)
+        return splits
+    splits = make_splits(stems, folds, seed, val_fraction)
+    run.write_splits(splits)
+    return splits
+
+
+class _WallClock:
+    """The run's wall time summed over invocations (``RUN/invocations.json``), kept up to date
+    after each epoch so that an interrupted invocation still counts up to its last epoch.
+
+    Time the process spent stopped (``kill -STOP``) is left out and recorded as ``paused_seconds``."""
+
+    def __init__(self, run: RunDir, machine: dict[str, str] | None = None) -> None:
+        self._path = run.invocations_path
+        self._watch = Stopwatch()
+        entries: list[dict[str, Any]] = []
+        if self._path.is_file():
+            try:
+                entries = list(read_json(self._path).get("invocations", []))
+            except (ValueError, AttributeError):
+                entries = []
+        elif run.summary_path.is_file():  # a run summarised before invocations were recorded
+            try:
+                previous = (run.read_summary() or {}).get("wall_time_s")
+            except RunError:
+                previous = None
+            if previous:
+                entries.append(
+                    {"started": None, "seconds": float(previous), "note": "earlier invocations, as summarised"}
+                )
+        import datetime as _dt
+
+        self._entries = entries + [
+            {
+                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": 0.0,
+                **(machine or {}),  # a run of hours spans sessions: each invocation says what ran it
+            }
+        ]
+        self.tick()
+
+    def tick(self) -> None:
+        self._entries[-1].update(self._watch.record(digits=1))
+        atomic_write_json(self._path, {"invocations": self._entries})
+
+    def total(self) -> float:
+        return float(sum(e.get("seconds") or 0.0 for e in self._entries))
+
+    def paused_total(self) -> float:
+        return float(sum(e.get("paused_seconds") or 0.0 for e in self._entries))
+
+
+def _fold_data(cache: CachedData, stems: Sequence[str]) -> CachedData | None:
+    return cache.subset(stems) if stems else None
+
+
+def run_cv(
+    data: Path | str | None,
+    out: Path | str,
+    config: RunConfig | None = None,
+    folds: int | None = None,
+    seed: int | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    explain: bool = True,
+    explain_max_images: int | None = None,
+    cache_dir: Path | str | None = None,
+    report: bool = True,
+    only_folds: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) K-fold cross-validation and return the summary written to ``RUN/summary.json``.
+
+    ``config`` is required for a new run (``folds`` defaults to 5, ``seed`` to 0). With
+    ``resume=True`` an existing run continues with its saved config, folds, seed and data; a
+    ``config``, ``folds`` or ``seed`` given as well must match them (so rerunning the very command
+    that started a run, plus ``--resume``, continues it), and ``resume=True`` on an empty folder
+    starts the run. ``only_folds`` restricts this invocation to some folds (e.g. recipe selection
+    on fold 0); the summary then covers the folds finished so far.
+    """
+    run = RunDir(out)
+    context = DistributedContext.from_env()
+    if config is not None:
+        validate_config(config)
+    saved = run.saved_settings()
+    if saved is not None:
+        if not resume:
+            raise RunError(f"{run.path} already holds a run; pass --resume to continue it, or choose a new --out")
+        if saved.kind != CV:
+            raise RunError(
+                f"{run.path} holds a single-split training run (polypseg train), not a cross-validation run; choose a new --out"
+            )
+        if config is not None:
+            resolve_run_precision(config, device)
+        changed = config_differences(saved.config, config) if config is not None else []
+        changed += [
+            f"{name}: {old!r} -> {new!r}"
+            for name, old, new in (("folds", saved.folds, folds), ("seed", saved.seed, seed))
+            if new is not None and new != old
+        ]
+        data, data_change = resumed_data(str(saved.data), data)
+        refuse_changed_settings(run.path, changed + data_change)
+        config, folds, seed = saved.config, saved.folds, saved.seed
+    elif config is None:
+        raise RunError(f"{run.path} holds no run to resume; give a --recipe to start one")
+    if data is None:
+        raise RunError(f"{run.path} holds no run to resume; give the --data to start one")
+    folds = 5 if folds is None else folds
+    seed = 0 if seed is None else seed
+    assert config is not None
+    resolve_run_precision(config, device)
+    cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress and context.is_main)
+
+    invocation = Stopwatch()
+    clock = None
+    if context.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        if resume:
+            remove_stale_temps(run.path)
+        clock = _WallClock(
+            run,
+            {
+                "machine": device_name(resolve_device(device)),
+                "precision": config.train.precision,
+                "polypseg_version": __version__,
+                **({"commit": commit} if (commit := source_commit()) else {}),
+            },
+        )
+        if saved is None:
+            run.write_settings(
+                RunSettings(
+                    config=config,
+                    kind=CV,
+                    data=str(Path(data).resolve()),
+                    folds=folds,
+                    seed=seed,
+                    polypseg_version=__version__,
+                )
+            )
+        load_or_create_splits(run, cache.stems, folds, seed, config.train.val_fraction)
+    context.barrier()
+    splits = run.read_splits()
+    assert splits is not None
+
+    summary: dict[str, Any] = {}
+    for fold in splits["folds"]:
+        index = fold["fold"]
+        if only_folds is not None and index not in only_folds:
+            continue
+        fold_dir = run.fold_dir(index)
+        if resume and context.is_main:
+            tidy_run_folder(fold_dir, config.train.epochs)  # stale temps; the state of a finished fold
+        if run.fold_metrics_path(index).is_file():
+            continue  # finished folds are never touched again
+        if not training_finished(fold_dir, config.train.epochs):
+            train_model(
+                config,
+                cache.subset(fold["train"]),
+                _fold_data(cache, fold["val"]),
+                fold_dir,
+                device=device,
+                resume=resume,
+                progress=progress,
+                description=f"fold {index} (of 0-{len(splits['folds']) - 1})",  # numbered as the fold_N folders
+                on_epoch=(lambda record: clock.tick()) if clock is not None else None,
+            )
+        if context.is_main:
+            evaluate_fold(run, index, cache.subset(fold["test"]), config, device, explain, explain_max_images, progress)
+            assert clock is not None
+            clock.tick()
+            # A partial summary after every fold: a run of hours shows its finished folds' numbers early.
+            summary = summarize_run(
+                run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total()
+            )
+        context.barrier()
+
+    if context.is_main:
+        assert clock is not None
+        if not summary:  # no fold was evaluated in this invocation: summarise what is there
+            clock.tick()
+            summary = summarize_run(
+                run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total()
+            )
+        if report:
+            _write_report(run.path)
+    context.barrier()
+    return summary
+
+
+def evaluate_fold(
+    run: RunDir,
+    fold: int,
+    test: CachedData,
+    config: RunConfig,
+    device: str = "auto",
+    explain: bool = True,
+    explain_max_images: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Predict the held-out fold once with the fold's best checkpoint; write its ``oof.npz`` and ``metrics.json``."""
+    torch_device = resolve_device(device)
+    checkpoint = load_checkpoint(run.best_checkpoint(fold), device=torch_device)
+    probs = predict_with_recipe(checkpoint.model, test.images, config.train, torch_device)
+    quantized = quantize_probabilities(probs)
+    run.write_oof(fold, test.stems, quantized, test.masks)
+    metric = evaluate_probabilities(dequantize_probabilities(quantized), test.masks, test.stems)
+    result: dict[str, Any] = {"n_test": len(test.stems), **metric.compute()}
+    # The stored uint8 levels tie many pixels and bias the recorded AUC low (~0.01 on a paper-recipe
+    # fold); the exact value from the float probabilities is kept beside it, not instead of it, so
+    # runs recorded before it stay comparable.
+    result["auc_exact"] = roc_auc_exact(probs, test.masks)
+    result["per_image"] = {"stems": test.stems, "dice_at_0.5": metric.per_image(0.5)["dice"].round(6).tolist()}
+    if explain:
+        steps = _run_deletion_steps(run, torch_device)
+        result["explainability"] = _explain_fold(checkpoint.model, test, torch_device, explain_max_images, steps)
+    atomic_write_json(run.fold_metrics_path(fold), result)
+    return result
+
+
+def _run_deletion_steps(run: RunDir, device: torch.device) -> int:
+    """Deletion/insertion steps for a fold's Grad-CAM checks: what the run's earlier folds used, so
+    a run resumed on another device stays comparable across folds; otherwise 20 on CUDA, 8 on CPU
+    (each step is a forward pass of every image)."""
+    for fold in run.fold_indices():
+        metrics_path = run.fold_metrics_path(fold)
+        if metrics_path.is_file():
+            steps = read_json(metrics_path).get("explainability", {}).get("deletion_steps")
+            if steps:
+                return int(steps)
+    return 20 if device.type == "cuda" else 8
+
+
+def _explain_fold(
+    model: torch.nn.Module, test: CachedData, device: torch.device, max_images: int | None, deletion_steps: int
+) -> dict[str, Any]:
+    from polypseg.explain.metrics import evaluate_explanations
+
+    subset = test if max_images is None else test.subset(test.stems[:max_images])
+    return evaluate_explanations(
+        model,
+        subset.images,
+        subset.masks,
+        threshold=0.5,
+        device=device,
+        deletion_steps=deletion_steps,
+        stems=subset.stems,
+    )
+
+
+def load_oof(run_dir: RunDir | Path | str) -> OutOfFold:
+    """Pooled out-of-fold ``(stems, probabilities (N,S,S), masks (N,S,S), fold of each image)``."""
+    return RunDir(run_dir).load_oof()
+
+
+def summarize_run(
+    run_dir: RunDir | Path | str,
+    elapsed_s: float | None = None,
+    wall_time_s: float | None = None,
+    paused_s: float | None = None,
+) -> dict[str, Any]:
+    """Summarise the finished folds (:func:`polypseg.reporting.summary.compute_summary`) and write
+    ``summary.{json,md}`` and ``pooled_histograms.npz`` into the run; returns the summary."""
+    run = RunDir(run_dir)
+    summary, pooled = compute_summary(run, elapsed_s=elapsed_s, wall_time_s=wall_time_s, paused_s=paused_s)
+    run.write_pooled_histograms(*pooled.histograms)
+    run.write_summary(summary, summary_markdown(summary))
+    return summary
+
+
+def _write_report(run_dir: Path) -> None:
+    """The HTML report is a view of the finished run: a failure here must not fail the run."""
+    from polypseg.reporting import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as error:  # noqa: BLE001
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "the report could not be written (%s: %s); the run is complete, retry with: polypseg report %s",
+            type(error).__name__, error, run_dir,
+        )  # fmt: skip

@@ -1,0 +1,172 @@
+"""Export checkpoints for deployment and check them: ONNX verified against PyTorch, optionally int8
+with its Dice change measured. What ``polypseg export`` does, for Python callers too.
+
+Above both :mod:`polypseg.inference.export` (writing ONNX) and :mod:`polypseg.inference.predictor` (which loads it),
+so neither imports the other's caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def export_checkpoints(
+    model: Path,
+    fmt: str = "onnx",
+    out: Path | None = None,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    int8: bool = False,
+    calibration: Path | None = None,
+    calibration_count: int = 64,
+    validate: Path | None = None,
+    validate_limit: int | None = None,
+    verify_images: Path | None = None,
+    say: Callable[[str], None] = log.info,
+    step: Callable[[str], None] = lambda message: None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Export each checkpoint named by ``model`` (one, or every fold of a run); verify against PyTorch.
+
+    With ``int8`` also a static int8 (QDQ) model, and with ``validate`` (a labelled dataset) its
+    Dice change against fp32, recorded in its sidecar. ``say`` hears the results, ``step`` what
+    starts (for a transient status line). Returns
+    one dict per checkpoint (paths, verification differences, Dice change).
+    """
+    from polypseg.data.sample_data import sample_dataset_path
+    from polypseg.inference.export import (
+        DEFAULT_OPSET,
+        MAX_INT8_DICE_CHANGE,
+        ExportError,
+        collect_images,
+        export_onnx,
+        int8_path_for,
+        quantize_onnx_int8,
+        record_dice_change,
+        verify_onnx,
+    )
+    from polypseg.models.checkpoint import find_checkpoints
+
+    if fmt != "onnx":
+        raise ExportError(f"--format {fmt}: only 'onnx' is supported")
+    if (calibration is not None or validate is not None) and not int8:
+        raise ExportError("--calibration and --validate apply to --int8 only")
+    if int8 and not dynamic_batch:
+        raise ExportError("--int8 needs the batch axis (calibration runs batches): drop --static-batch")
+    from polypseg.models.pretrained import WEIGHTS_DIR, resolve_model
+
+    model = resolve_model(model)  # a shipped model's name works too
+    if out is None and Path(model).resolve().parent == WEIGHTS_DIR:
+        raise ExportError(f"--out: {Path(model).name} is a shipped model; name where its export goes (--out FILE.onnx)")
+    checkpoints = find_checkpoints(model)
+    if out is not None and len(checkpoints) > 1:
+        raise ExportError(
+            f"--out: {model} holds {len(checkpoints)} checkpoints; omit --out to write NAME.onnx beside each"
+        )
+    real = collect_images(verify_images or calibration or sample_dataset_path())[:8]
+    results = []
+    for checkpoint in checkpoints:
+        step(f"exporting {checkpoint}")
+        onnx_path = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dynamic_batch=dynamic_batch)
+        diff_random = verify_onnx(checkpoint, onnx_path, random_images=4)
+        diff_real = verify_onnx(checkpoint, onnx_path, images=real, random_images=0)
+        say(
+            f"{onnx_path}: max |p_onnx - p_torch| = {diff_random:.2e} on 4 random images, "
+            f"{diff_real:.2e} on {len(real)} real images"
+        )
+        result: dict[str, Any] = {
+            "checkpoint": str(checkpoint),
+            "onnx": str(onnx_path),
+            "max_abs_diff_random": diff_random,
+            "max_abs_diff_real": diff_real,
+        }
+        if int8:
+            source = calibration or sample_dataset_path()
+            if calibration is None:
+                say(f"calibrating on the bundled sample ({source}); pass --calibration DIR with your own images")
+            target = int8_path_for(checkpoint) if out is None else out.with_suffix(".int8.onnx")
+            step(f"quantizing {onnx_path} to int8")
+            int8_path = quantize_onnx_int8(onnx_path, target, source, max_images=calibration_count)
+            say(f"{int8_path}: int8 (static QDQ, calibrated on up to {calibration_count} images)")
+            result["int8"] = str(int8_path)
+            if validate is not None:
+                change = measure_dice_change(onnx_path, int8_path, validate, limit=validate_limit, progress=progress)
+                record_dice_change(int8_path, change)
+                within = abs(change["dice_change"]) <= MAX_INT8_DICE_CHANGE
+                if not within:
+                    verdict = f"beyond {MAX_INT8_DICE_CHANGE}: fp32 stays the CPU default"
+                elif out is None:
+                    verdict = f"within {MAX_INT8_DICE_CHANGE}: int8 becomes the CPU default for this checkpoint"
+                else:
+                    verdict = f"within {MAX_INT8_DICE_CHANGE}"
+                say(
+                    f"Dice on {change['n']} images: fp32 {change['dice_reference']:.4f}, int8 {change['dice_candidate']:.4f}, "
+                    f"change {change['dice_change']:+.4f} ({verdict})"
+                )
+                result["dice"] = change
+            else:
+                say(
+                    "not validated (no --validate DIR): predict keeps fp32 as the CPU default; pass the .onnx to use int8"
+                )
+        results.append(result)
+    return results
+
+
+def measure_dice_change(
+    reference: Path | str,
+    candidate: Path | str,
+    data: Path | str,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Mean per-image Dice of two models on a labelled dataset, at each image's original size.
+
+    Both use the reference's threshold. Returns ``{"n", "dice_reference", "dice_candidate",
+    "dice_change"}`` with ``dice_change = candidate - reference``.
+    """
+    import torch
+
+    from polypseg.data.datasets import index_dataset, read_mask
+    from polypseg.inference.export import ExportError
+    from polypseg.inference.predictor import Predictor
+    from polypseg.metrics.segmentation import dice_score
+
+    samples = index_dataset(data).samples
+    if not samples:
+        raise ExportError(f"no image/mask pairs under {data}")
+    if limit:
+        samples = samples[:limit]
+    ref = Predictor.from_checkpoint(
+        reference, device="cpu", backend="onnxruntime" if str(reference).endswith(".onnx") else "torch"
+    )
+    cand = Predictor.from_checkpoint(
+        candidate, device="cpu", backend="onnxruntime" if str(candidate).endswith(".onnx") else "torch"
+    )
+    cand.threshold = ref.threshold
+    scores: dict[str, list[float]] = {"reference": [], "candidate": []}
+    iterator: Any = samples
+    if progress:
+        from rich.progress import track
+
+        iterator = track(samples, description=f"Dice on {len(samples)} images", transient=True)
+    for sample in iterator:
+        target = torch.from_numpy(read_mask(sample.mask))
+        for key, predictor in (("reference", ref), ("candidate", cand)):
+            mask = predictor.predict_one(sample.image).mask
+            scores[key].append(float(dice_score(torch.from_numpy(mask), target)[0]))
+    reference_dice = float(np.mean(scores["reference"]))
+    candidate_dice = float(np.mean(scores["candidate"]))
+    return {
+        "n": len(samples),
+        "data": str(data),
+        "dice_reference": reference_dice,
+        "dice_candidate": candidate_dice,
+        "dice_change": candidate_dice - reference_dice,
+    }

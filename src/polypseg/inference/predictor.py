@@ -1,0 +1,759 @@
+"""Inference on images of any size: one checkpoint, a cross-validation ensemble, or an ONNX model.
+
+``Predictor.from_checkpoint(path)`` accepts a checkpoint (``NAME.safetensors`` + ``NAME.json``),
+a CV run folder (the mean probability of its fold models, with the per-pixel standard deviation
+across folds as an uncertainty map) or an exported ``.onnx`` file. Images are resized to the
+training size, and the probability map is resized back (bilinear) before thresholding, so masks
+always have the input's size.
+
+Backends: ``torch`` (bf16 autocast and channels-last on CUDA and on CPUs with native bf16, see
+:mod:`polypseg.core.precision`; optionally ``torch.compile``), ``onnxruntime``, and ``openvino`` (CPU,
+bf16 where the CPU has it; the optional ``polypseg[openvino]`` extra). ``backend="auto"`` picks torch on CUDA and, on
+CPU, OpenVINO where it is installed, else onnxruntime: the fastest engines whose Dice change against
+fp32 stayed within 0.005 on the shipped model (docs/benchmarks.md); each checkpoint is exported to ONNX on first use into
+the cache folder (``~/.cache/polypseg/onnx``), keyed by its content hash. A validated int8 model (``NAME.int8.onnx``, from
+``polypseg export --int8 --validate``) is preferred on CPU when its measured Dice change is within
+:data:`polypseg.inference.export.MAX_INT8_DICE_CHANGE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from polypseg.core.devices import DeviceError, resolve_device
+from polypseg.core.io_utils import display_name
+from polypseg.core.runs import RunDir, fold_name, parse_fold_name
+from polypseg.data.datasets import ImageReadError
+from polypseg.data.inputs import ImageInput, load_input, to_rgb_uint8  # noqa: F401 - to_rgb_uint8 stays importable from here
+from polypseg.data.inputs import is_pil as _is_pil
+from polypseg.data.transforms import resize_probabilities
+from polypseg.errors import PolypsegError
+from polypseg.inference.inferer import (
+    Runner,
+    batch_slices,
+    model_input,
+    probability_runner,
+    use_precision_layout,
+    with_flip_tta,
+)
+from polypseg.models.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default")
+
+
+class PredictorError(PolypsegError):
+    """A model cannot be loaded for inference, or an option does not fit it."""
+
+
+@dataclass
+class Prediction:
+    """One image's result, at the input image's size.
+
+    ``mean_confidence`` is the mean probability over the pixels of the mask (how sure the model
+    is about the polyp it reports); it is 0.0 when the mask is empty.
+    """
+
+    probability: np.ndarray  # float32 (H, W) in [0, 1]
+    threshold: float
+    uncertainty: np.ndarray | None = None  # float32 (H, W): std of the fold probabilities
+    source: str = ""
+    mask: np.ndarray = field(init=False, repr=False)  # bool (H, W): probability >= threshold
+
+    def __post_init__(self) -> None:
+        self.mask = self.probability >= self.threshold
+
+    @property
+    def area_pixels(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def area_fraction(self) -> float:
+        return self.area_pixels / max(self.mask.size, 1)
+
+    @property
+    def mean_confidence(self) -> float:
+        if not self.mask.any():
+            return 0.0
+        return float(self.probability[self.mask].mean())
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        return self.probability.shape[0], self.probability.shape[1]
+
+    def with_threshold(self, threshold: float) -> Prediction:
+        """The same probabilities thresholded again (the model is not rerun)."""
+        return dataclasses.replace(self, threshold=float(threshold))
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+# --------------------------------------------------------------------------------------------
+# Runners: normalised (N, 3, S, S) on the predictor's device -> probabilities (N, 1, S, S) float32
+
+
+def _torch_runner(model: nn.Module, device: torch.device, compile_mode: str | None, precision: str = "auto") -> Runner:
+    """The core's probability runner for a model this predictor owns (made channels-last where the rule says)."""
+    from polypseg.core.precision import resolve_precision
+
+    precision = resolve_precision(precision, device)
+    cuda = device.type == "cuda"
+    channels_last = use_precision_layout(model, device, precision)
+    if not compile_mode:
+        return probability_runner(model, device, precision, channels_last)
+    probabilities = probability_runner(model, device, precision)
+
+    # One graph per batch size (dynamic=False). "reduce-overhead" and "max-autotune" replay CUDA
+    # graphs, which is what makes batch-1 latency launch-free; sigmoid and the cast are fused in.
+    compiled = torch.compile(probabilities, mode=compile_mode, dynamic=False)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        # clone: a CUDA-graph output lives in a pool the next replay overwrites
+        return compiled(x).clone()
+
+    return run
+
+
+def _onnx_runner(session: Any) -> Runner:
+    input_name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = session.run(None, {input_name: x.detach().cpu().numpy().astype(np.float32, copy=False)})[0]
+        return torch.from_numpy(out).to(x.device)
+
+    return run
+
+
+def _openvino_runner(compiled: Any) -> Runner:
+    """An OpenVINO compiled model (the same exported ONNX graph: normalised input -> probabilities)."""
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        result = request.infer({0: x.detach().cpu().numpy().astype(np.float32, copy=False)})
+        return torch.from_numpy(np.array(result[output], dtype=np.float32, copy=True)).to(x.device)
+
+    return run
+
+
+def _onnx_paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_file():
+            raise PredictorError(f"ONNX model not found: {path}")
+    return paths
+
+
+def _onnx_sidecars(
+    paths: Sequence[Path], threshold: float | None, metadata: dict[str, Any] | None
+) -> tuple[int, dict[str, Any], float]:
+    """Input size, metadata and threshold of exported models, from the sidecars written beside them."""
+    from polypseg.inference.export import read_onnx_metadata
+
+    sidecars = [read_onnx_metadata(path) for path in paths]
+    sizes = {s["image_size"] for s in sidecars}
+    if len(sizes) != 1:
+        raise PredictorError(f"ONNX models disagree on input size: {sorted(sizes)}")
+    meta: dict[str, Any] = {
+        "onnx": [str(p) for p in paths],
+        "config": sidecars[0].get("config", {}),
+        "metrics": sidecars[0].get("metrics", {}),
+    }
+    if any(s.get("quantization") for s in sidecars):
+        meta["quantization"] = [s.get("quantization") for s in sidecars]
+    meta.update(metadata or {})
+    if threshold is None:
+        threshold = float(sidecars[0].get("threshold", 0.5))
+    return sizes.pop(), meta, threshold
+
+
+# --------------------------------------------------------------------------------------------
+# Predictor
+
+
+class Predictor:
+    """Batched inference with one model or an ensemble; see :meth:`from_checkpoint`."""
+
+    def __init__(
+        self,
+        runners: Sequence[Runner],
+        *,
+        image_size: int,
+        threshold: float = 0.5,
+        device: str | torch.device = "cpu",
+        backend: str = "torch",
+        models: Sequence[nn.Module] = (),
+        metadata: dict[str, Any] | None = None,
+        tta: bool = False,
+        batch_size: int = 8,
+        compile_mode: str | None = None,
+        precision: str = "fp32",
+    ) -> None:
+        if not runners:
+            raise PredictorError("a predictor needs at least one model")
+        if batch_size < 1:
+            raise PredictorError(f"batch_size must be >= 1, got {batch_size}")
+        self._runners = list(runners)
+        self.image_size = int(image_size)
+        self.threshold = float(threshold)
+        self.device = torch.device(device)
+        self.backend = backend
+        self.models = list(models)
+        self.metadata = metadata or {}
+        self.tta = tta
+        self.batch_size = int(batch_size)
+        self.compile_mode = compile_mode
+        self.precision = precision  # what the runners compute in: fp32, bf16 or int8
+
+    def __repr__(self) -> str:
+        return (
+            f"Predictor(backend={self.backend!r}, precision={self.precision!r}, models={len(self._runners)}, device={str(self.device)!r}, "
+            f"image_size={self.image_size}, threshold={self.threshold:g}, tta={self.tta})"
+        )
+
+    @property
+    def n_models(self) -> int:
+        return len(self._runners)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module | Sequence[nn.Module],
+        *,
+        image_size: int = 256,
+        threshold: float = 0.5,
+        device: str | torch.device = "auto",
+        tta: bool = False,
+        batch_size: int = 8,
+        compile: bool | str = False,
+        metadata: dict[str, Any] | None = None,
+        precision: str = "auto",
+    ) -> Predictor:
+        """A torch predictor over in-memory model(s) returning logits (several = ensemble).
+
+        ``precision`` follows :mod:`polypseg.core.precision` (``auto``: bf16 on CUDA and on CPUs with native bf16).
+        """
+        from polypseg.core.precision import resolve_precision
+
+        device = _resolve_device(device)
+        precision = resolve_precision(precision, device)
+        models = [model] if isinstance(model, nn.Module) else list(model)
+        compile_mode = _compile_mode(compile)
+        runners = []
+        for m in models:
+            m.eval().to(device)
+            run = _torch_runner(m, device, compile_mode, precision)
+            runners.append(with_flip_tta(run) if tta else run)
+        return cls(
+            runners,
+            image_size=image_size,
+            threshold=threshold,
+            device=device,
+            backend="torch",
+            models=models,
+            metadata=metadata,
+            tta=tta,
+            batch_size=batch_size,
+            compile_mode=compile_mode,
+            precision=precision,
+        )
+
+    @classmethod
+    def from_onnx(
+        cls,
+        paths: Path | str | Sequence[Path | str],
+        *,
+        device: str | torch.device = "cpu",
+        threshold: float | None = None,
+        tta: bool = False,
+        batch_size: int = 8,
+        metadata: dict[str, Any] | None = None,
+    ) -> Predictor:
+        """An onnxruntime predictor over exported model(s); sizes and threshold come from their sidecars."""
+        from polypseg.inference.export import create_session
+
+        device = _resolve_device(device)
+        paths = _onnx_paths(paths)
+        runners = []
+        for path in paths:
+            run = _onnx_runner(create_session(path, device=str(device)))
+            runners.append(with_flip_tta(run) if tta else run)
+        image_size, meta, threshold = _onnx_sidecars(paths, threshold, metadata)
+        return cls(
+            runners,
+            image_size=image_size,
+            threshold=threshold,
+            device=device,
+            backend="onnxruntime",
+            metadata=meta,
+            tta=tta,
+            batch_size=batch_size,
+            precision="int8" if "quantization" in meta else "fp32",
+        )
+
+    @classmethod
+    def from_openvino(
+        cls,
+        paths: Path | str | Sequence[Path | str],
+        *,
+        precision: str = "auto",
+        threshold: float | None = None,
+        tta: bool = False,
+        batch_size: int = 8,
+        metadata: dict[str, Any] | None = None,
+    ) -> Predictor:
+        """An OpenVINO (CPU) predictor over exported ONNX model(s), the optional ``polypseg[openvino]`` extra.
+
+        ``precision``: ``auto`` runs bf16 where the CPU computes it natively (``amx_bf16`` or
+        ``avx512_bf16``), else fp32; ``fp32`` and ``bf16`` force it. A quantized (QDQ int8) model
+        runs in int8 whatever is asked.
+        """
+        from polypseg.core.precision import check_precision, resolve_precision
+
+        check_precision(precision)
+        try:
+            import openvino as ov
+        except ImportError:
+            raise PredictorError("the openvino backend needs OpenVINO: pip install 'polypseg[openvino]'") from None
+        paths = _onnx_paths(paths)
+        resolved = resolve_precision(precision, "cpu")
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if resolved == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+        runners = []
+        for path in paths:
+            try:
+                compiled = core.compile_model(str(path), "CPU", config)
+            except Exception as error:  # noqa: BLE001 - OpenVINO raises its own exception types
+                raise PredictorError(f"OpenVINO cannot compile {path}: {str(error).splitlines()[0]}") from None
+            run = _openvino_runner(compiled)
+            runners.append(with_flip_tta(run) if tta else run)
+        image_size, meta, threshold = _onnx_sidecars(paths, threshold, metadata)
+        return cls(
+            runners,
+            image_size=image_size,
+            threshold=threshold,
+            device="cpu",
+            backend="openvino",
+            metadata=meta,
+            tta=tta,
+            batch_size=batch_size,
+            precision="int8" if "quantization" in meta else resolved,
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path_or_run: Path | str | None = None,
+        *,
+        device: str | torch.device = "auto",
+        backend: str = "auto",
+        tta: bool = False,
+        threshold: float | None = None,
+        fold: int | None = None,
+        batch_size: int = 8,
+        compile: bool | str = False,
+        cache_dir: Path | str | None = None,
+        notify: Callable[[str], None] | None = None,
+        precision: str = "auto",
+    ) -> Predictor:
+        """Load a checkpoint, a CV run folder (ensemble of its folds; ``fold=K`` for one) or an ``.onnx`` file.
+
+        ``None`` (or a shipped model's name) loads a model shipped with polypseg, its file checked
+        against the SHA-256 in the package's registry (:mod:`polypseg.models.pretrained`).
+
+        The threshold defaults to the run's ``summary.json`` threshold, else the checkpoints' own,
+        else 0.5. ``backend="auto"``: torch on CUDA; on CPU OpenVINO if installed (``precision``:
+        bf16 where the CPU has it), else onnxruntime, each on the validated int8 model where there
+        is one (each checkpoint exported on first use into the cache, ``cache_dir/onnx`` or
+        ``~/.cache/polypseg/onnx``, keyed by the checkpoint's content hash; never into the run
+        folder; torch if the export fails).
+        ``notify`` receives one-line notes (an export starting, a fallback to torch); by default
+        they are logged.
+        """
+        from polypseg.models.checkpoint import config_from_metadata, find_checkpoints, load_checkpoint, read_metadata
+
+        if backend not in BACKENDS:
+            raise PredictorError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
+        from polypseg.models.pretrained import resolve_model
+
+        device = _resolve_device(device)
+        path = resolve_model(path_or_run)
+        if path.suffix == ".onnx":
+            if backend == "torch":
+                raise PredictorError(f"{path} is an ONNX model: use backend 'onnxruntime', 'openvino' or 'auto'")
+            if fold is not None or _compile_mode(compile):
+                raise PredictorError(f"{path} is one ONNX model: fold and compile apply to checkpoints and run folders")
+            if backend == "openvino":
+                if device.type != "cpu":
+                    raise PredictorError(f"the openvino backend runs on the CPU, not {device}")
+                return cls.from_openvino(path, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size)
+            return cls.from_onnx(path, device=device, threshold=threshold, tta=tta, batch_size=batch_size)
+
+        checkpoints = find_checkpoints(path)
+        if fold is not None:
+            folds = {_fold_index(c): c for c in checkpoints}
+            if fold not in folds:
+                raise PredictorError(f"--fold {fold}: {path} has folds {sorted(k for k in folds if k is not None)}")
+            checkpoints = [folds[fold]]
+        metas = [read_metadata(c) for c in checkpoints]
+        configs = [config_from_metadata(m, c) for c, m in zip(checkpoints, metas, strict=False)]
+        summary: dict[str, Any] = {}
+        if path.is_dir() and RunDir(path).summary_path.is_file():
+            summary = RunDir(path).read_summary()
+        if threshold is None:
+            threshold = float(summary.get("threshold", metas[0].get("threshold", 0.5)))
+        metadata: dict[str, Any] = {
+            "checkpoints": [str(c) for c in checkpoints],
+            "config": metas[0]["config"],
+            "metrics": metas[0].get("metrics", {})
+            if len(metas) == 1
+            else {fold_name(_fold_index(c)): m.get("metrics", {}) for c, m in zip(checkpoints, metas, strict=False)},
+        }
+        if summary:
+            metadata["summary"] = summary
+        image_size = int(configs[0].train.image_size)
+        if any(int(c.train.image_size) != image_size for c in configs):
+            raise PredictorError(f"the checkpoints under {path} were trained at different image sizes")
+
+        compile_mode = _compile_mode(compile)
+        if compile_mode and backend == "onnxruntime":
+            raise PredictorError("compile applies to the torch backend, not onnxruntime")
+        say = notify or log.warning
+        if backend == "auto":
+            backend = "torch" if device.type == "cuda" or compile_mode else "onnxruntime"
+            if backend == "onnxruntime":
+                try:
+                    # int8 only where the precision is left to us: fp32 and bf16 are what was asked for.
+                    onnx_paths = _onnx_models(
+                        checkpoints,
+                        cache_dir,
+                        say,
+                        prefer_int8=precision == "auto",
+                        engine="OpenVINO" if openvino_installed() else "onnxruntime",
+                    )
+                except CheckpointError:
+                    raise  # a broken checkpoint is not an onnxruntime problem: torch could not load it either
+                except Exception as error:  # noqa: BLE001 - any export failure: fall back to torch, say why
+                    say(f"onnxruntime unavailable for {display_name(path)} ({str(error).splitlines()[0]}); using torch")
+                    backend = "torch"
+            if backend == "onnxruntime" and openvino_installed():
+                # Measured on both releases of the shipped model (docs/benchmarks.md): OpenVINO int8
+                # and bf16 are the fastest CPU engines, each within 0.0005 Dice of fp32.
+                return cls.from_openvino(
+                    onnx_paths,
+                    precision=precision,
+                    threshold=threshold,
+                    tta=tta,
+                    batch_size=batch_size,
+                    metadata=metadata,
+                )
+            if backend == "onnxruntime":
+                return cls.from_onnx(
+                    onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
+                )
+        elif backend == "onnxruntime":
+            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False, engine="onnxruntime")
+            return cls.from_onnx(
+                onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
+            )
+        elif backend == "openvino":
+            if device.type != "cpu":
+                raise PredictorError(f"the openvino backend runs on the CPU, not {device}")
+            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False, engine="OpenVINO")
+            return cls.from_openvino(
+                onnx_paths, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
+            )
+
+        models = [load_checkpoint(c, device="cpu").model for c in checkpoints]
+        return cls.from_model(
+            models,
+            image_size=image_size,
+            threshold=threshold,
+            device=device,
+            tta=tta,
+            batch_size=batch_size,
+            compile=compile,
+            metadata=metadata,
+            precision=precision,
+        )
+
+    # ---------------------------------------------------------------- prediction
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean probability over models and, for an ensemble, their per-pixel std (population)."""
+        with torch.inference_mode():
+            batch = batch.to(self.device, non_blocking=True)
+            if len(self._runners) == 1:
+                return self._runners[0](batch), None
+            stacked = torch.stack([run(batch) for run in self._runners])
+            return stacked.mean(0), stacked.std(0, correction=0)
+
+    def predict_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalised ``(N, 3, S, S)`` -> probabilities ``float32 (N, 1, S, S)`` on the predictor's device."""
+        return self._forward(batch)[0]
+
+    def _upload(self, images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """RGB ``uint8`` images of any sizes -> the normalised batch at :attr:`image_size` on the device."""
+        # NCHW: each runner picks its own layout (ONNX and OpenVINO take the array as it is)
+        return model_input(images, self.device, precision=None, image_size=self.image_size, pin_memory=True)
+
+    def predict_resized(self, images: np.ndarray) -> np.ndarray:
+        """``uint8 (N, S, S, 3)`` already at :attr:`image_size` -> probabilities ``float32 (N, S, S)`` (numpy)."""
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3) or images.dtype != np.uint8:
+            raise PredictorError(
+                f"predict_resized expects uint8 (N, {self.image_size}, {self.image_size}, 3), got {images.dtype} {images.shape}"
+            )
+        out = np.empty(images.shape[:3], dtype=np.float32)
+        for batch in batch_slices(len(images), self.batch_size):
+            out[batch] = self.predict_tensor(self._upload(images[batch]))[:, 0].float().cpu().numpy()
+        return out
+
+    def predict(
+        self,
+        inputs: ImageInput | Iterable[ImageInput],
+        on_error: Callable[[str, Exception], None] | None = None,
+    ) -> list[Prediction]:
+        """Predict arrays, PIL images or paths of any size; results come back at each input's size.
+
+        An input that cannot be read raises :class:`polypseg.data.datasets.ImageReadError` naming it, or,
+        with ``on_error``, is reported as ``on_error(name, error)`` and left out of the result.
+        """
+        if isinstance(inputs, (np.ndarray, str, Path)) or _is_pil(inputs):
+            inputs = [inputs]  # type: ignore[list-item]
+        results: list[Prediction] = []
+        pending: list[tuple[np.ndarray, str]] = []
+        for index, item in enumerate(inputs):  # type: ignore[arg-type]
+            try:
+                pending.append(load_input(item, index))
+            except ImageReadError as error:
+                if on_error is None:
+                    raise
+                on_error(str(item) if isinstance(item, (str, Path)) else f"input {index}", error)
+                continue
+            if len(pending) == self.batch_size:
+                results += self._predict_images(pending)
+                pending = []
+        if pending:
+            results += self._predict_images(pending)
+        return results
+
+    def predict_one(self, image: ImageInput) -> Prediction:
+        """One input -> one :class:`Prediction` (raises if it cannot be read)."""
+        return self.predict([image])[0]
+
+    def predict_model_size(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """RGB ``uint8`` images of any sizes -> probabilities ``float32 (N, S, S)`` at the model's
+        size and, for an ensemble, the per-pixel std across models (else None).
+
+        The memory-light path for large images: nothing is held at full size; bring the maps to an
+        image's size piece by piece with :func:`upsample_rows`.
+        """
+        means, stds = [], []
+        for batch in batch_slices(len(images), self.batch_size):
+            mean, std = self._forward(self._upload(images[batch]))
+            means.append(mean[:, 0].float().cpu().numpy())
+            if std is not None:
+                stds.append(std[:, 0].float().cpu().numpy())
+        return np.concatenate(means), (np.concatenate(stds) if stds else None)
+
+    def _predict_images(self, items: list[tuple[np.ndarray, str]]) -> list[Prediction]:
+        mean, std = self._forward(self._upload([image for image, _ in items]))
+        results = []
+        for i, (image, name) in enumerate(items):
+            shape = image.shape[:2]
+            probability = resize_probabilities(mean[i : i + 1].float(), shape)[0, 0].cpu().numpy()
+            uncertainty = None
+            if std is not None:
+                uncertainty = resize_probabilities(std[i : i + 1].float(), shape)[0, 0].cpu().numpy()
+            results.append(Prediction(probability.astype(np.float32, copy=False), self.threshold, uncertainty, name))
+        return results
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        return resolve_device(device)
+    except DeviceError as error:  # the Predictor API reports all its option errors as PredictorError
+        raise PredictorError(str(error)) from None
+
+
+def _compile_mode(compile: bool | str | None) -> str | None:
+    if compile in (False, None, "", "none", "eager"):
+        return None
+    if compile is True:
+        return "max-autotune"
+    if compile not in COMPILE_MODES:
+        raise PredictorError(f"compile mode '{compile}': choose one of none, {', '.join(COMPILE_MODES)}")
+    return str(compile)
+
+
+def openvino_installed() -> bool:
+    """Whether the optional OpenVINO engine (``polypseg[openvino]``) can be imported."""
+    from importlib.util import find_spec
+
+    return find_spec("openvino") is not None
+
+
+def _fold_index(checkpoint: Path) -> int | None:
+    return parse_fold_name(checkpoint.parent.name)
+
+
+def _preferred_onnx(
+    checkpoint: Path, cache_dir: Path | str | None = None, notify: Callable[[str], None] | None = None
+) -> Path:
+    """For ``backend="auto"`` on CPU: a validated int8 model if one exists, else the cached fp32 export."""
+    from polypseg.inference.export import cached_onnx, int8_path_for, int8_validated
+
+    int8 = int8_path_for(checkpoint)
+    if int8.is_file() and int8_validated(int8, checkpoint):
+        return int8
+    return cached_onnx(checkpoint, cache_dir, notify)
+
+
+def _onnx_models(
+    checkpoints: Sequence[Path],
+    cache_dir: Path | str | None,
+    say: Callable[[str], None],
+    prefer_int8: bool,
+    engine: str,
+) -> list[Path]:
+    """The ONNX model of each checkpoint; one note before exporting the ones not cached yet."""
+    from polypseg.inference.export import cached_onnx, find_cached_onnx, onnx_cache_dir
+
+    missing = [c for c in checkpoints if find_cached_onnx(c, cache_dir) is None]
+    if missing:
+        what = "1 model" if len(missing) == 1 else f"{len(missing)} models"
+        say(
+            f"exporting {what} to ONNX for {engine} (once: kept in {display_name(onnx_cache_dir(cache_dir))}, keyed by the checkpoint's content)"
+        )
+    quiet: Callable[[str], None] = lambda message: None  # noqa: E731 - said once above
+    if prefer_int8:
+        return [_preferred_onnx(c, cache_dir, quiet) for c in checkpoints]
+    return [cached_onnx(c, cache_dir, quiet) for c in checkpoints]
+
+
+def upsample_rows(small: np.ndarray, size: tuple[int, int], rows: int = 256) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Bilinear upsampling of a ``(h, w)`` map to ``(H, W)``, yielded as ``(start, stop, rows)`` stripes.
+
+    The same interpolation as :func:`polypseg.data.transforms.resize_probabilities` (half-pixel centres,
+    ``align_corners=False``, clamped to [0, 1]) to float rounding, without ever holding the whole
+    ``(H, W)`` float map: peak memory is ``rows x W`` floats plus an ``h x W`` intermediate.
+    """
+    small = np.asarray(small, dtype=np.float32)
+    height, width = int(size[0]), int(size[1])
+
+    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # float32 coordinates, as PyTorch's CPU kernel computes them
+        scale = np.float32(n_in) / np.float32(n_out)
+        source = np.maximum(
+            (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0)
+        )
+        low = np.minimum(source.astype(np.int64), n_in - 1)
+        high = np.minimum(low + 1, n_in - 1)
+        return low, high, (source - low.astype(np.float32)).astype(np.float32)
+
+    y0, y1, wy = axis(small.shape[0], height)
+    x0, x1, wx = axis(small.shape[1], width)
+    columns = small[:, x0] * (1 - wx) + small[:, x1] * wx  # (h, W)
+    for start in range(0, height, rows):
+        stop = min(height, start + rows)
+        weight = wy[start:stop, None]
+        stripe = columns[y0[start:stop]] * (1 - weight) + columns[y1[start:stop]] * weight
+        yield start, stop, np.clip(stripe, 0.0, 1.0, out=stripe)
+
+
+def upsample_mask(
+    small: np.ndarray, size: tuple[int, int], threshold: float, rows: int = 256
+) -> tuple[np.ndarray, float]:
+    """``(probability >= threshold at (H, W), mean probability inside that mask)`` from a model-size map,
+    one byte per pixel at full size."""
+    mask = np.empty((int(size[0]), int(size[1])), dtype=bool)
+    total, count = 0.0, 0
+    for start, stop, stripe in upsample_rows(small, size, rows):
+        inside = stripe >= threshold
+        mask[start:stop] = inside
+        total += float(stripe[inside].sum(dtype=np.float64))
+        count += int(inside.sum())
+    return mask, (total / count if count else 0.0)
+
+
+def upsample_uint8(small: np.ndarray, size: tuple[int, int], scale: float = 255.0, rows: int = 256) -> np.ndarray:
+    """A model-size map brought to ``(H, W)`` as ``uint8`` (``round(value * scale)``, clipped to 255)."""
+    out = np.empty((int(size[0]), int(size[1])), dtype=np.uint8)
+    for start, stop, stripe in upsample_rows(small, size, rows):
+        out[start:stop] = np.clip(np.round(stripe * scale), 0, 255)
+    return out
+
+
+def overlay_mask_inplace(
+    image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0), alpha: float = 0.35, rows: int = 256
+) -> np.ndarray:
+    """:func:`overlay_mask` drawn into ``image`` itself, stripe by stripe (no full-size copies)."""
+    from scipy.ndimage import binary_erosion
+
+    if not mask.any():
+        return image
+    tint = np.asarray(color, dtype=np.float32)
+    width = max(1, round(min(mask.shape) / 250))
+    height = mask.shape[0]
+    for start in range(0, height, rows):
+        stop = min(height, start + rows)
+        # erode with `width` rows of context on each side, so stripes join exactly
+        low, high = max(0, start - width), min(height, stop + width)
+        window = mask[low:high]
+        eroded = binary_erosion(window, iterations=width, border_value=0)
+        if low > 0:
+            eroded[:width] = False  # rows eroded only because the window ends there: not used below
+        inner = slice(start - low, stop - low)
+        part, stripe_mask = image[start:stop], mask[start:stop]
+        part[stripe_mask] = ((1 - alpha) * part[stripe_mask].astype(np.float32) + alpha * tint).round().astype(np.uint8)
+        outline = stripe_mask & ~eroded[inner]
+        part[outline] = np.asarray(color, dtype=np.uint8)
+    return image
+
+
+def overlay_mask(
+    image: np.ndarray,
+    mask: np.ndarray,
+    color: tuple[int, int, int] = (0, 255, 0),
+    alpha: float = 0.35,
+) -> np.ndarray:
+    """The image with the mask tinted in ``color`` and its outline drawn opaque (``uint8 (H, W, 3)``)."""
+    from scipy.ndimage import binary_erosion
+
+    out = image.copy()
+    if not mask.any():
+        return out
+    tint = np.asarray(color, dtype=np.float32)
+    # Blend only the masked pixels: a full-frame float copy would cost more than the model on CPU.
+    out[mask] = ((1 - alpha) * image[mask].astype(np.float32) + alpha * tint).round().astype(np.uint8)
+    # Outline about 0.4% of the short side thick, so it stays visible on large frames.
+    width = max(1, round(min(mask.shape) / 250))
+    outline = mask & ~binary_erosion(mask, iterations=width, border_value=0)
+    out[outline] = np.asarray(color, dtype=np.uint8)
+    return out

@@ -1,0 +1,640 @@
+"""Training one model on one split: GPU-resident data, batched augmentation, resumable.
+
+The preprocessed images live on the training device as ``uint8`` for the whole run and each batch
+is augmented there (:mod:`polypseg.data.augment`), so the GPU never waits for a data loader. Runs on
+CPU too. Under ``torchrun`` each process trains on its shard of every epoch's permutation with
+DistributedDataParallel (NCCL on CUDA, gloo on CPU); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from polypseg.core.clock import Stopwatch
+from polypseg.core.config import OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, TrainConfig
+from polypseg.core.devices import resolve_device
+from polypseg.core.io_utils import atomic_write_json, read_json, remove_stale_temps
+from polypseg.core.precision import autocast, resolve_precision, use_channels_last
+from polypseg.core.runs import BEST, HISTORY, LAST_STATE
+from polypseg.data.augment import augment_batch
+from polypseg.data.datasets import CachedData
+from polypseg.data.transforms import normalize
+from polypseg.models.checkpoint import (
+    CheckpointError,
+    TrainingStateError,
+    file_sha256,
+    find_checkpoints,
+    load_checkpoint,
+    load_training_state,
+    model_state,
+    read_metadata,
+    remove_training_state,
+    save_checkpoint_tensors,
+    save_training_state,
+    training_state_exists,
+)
+from polypseg.models.factory import create_model
+from polypseg.training.evaluation import evaluate_probabilities, predict_probabilities
+from polypseg.training.losses import create_loss
+
+# Saving optimizer state for --resume costs ~0.3 s on a GPU run of 1-s epochs: do it at most
+# this often (and always at the end), so an interrupted run loses at most this much work.
+STATE_EVERY_S = 60.0
+
+
+def load_initial_weights(model: nn.Module, config: RunConfig) -> dict[str, str] | None:
+    """Start ``model`` from the trained model ``config.train.init_from`` names (fine-tuning).
+
+    Returns the provenance recorded in the run's ``best.json`` (``from`` as given, the source's
+    weights file's SHA-256), or ``None`` when ``init_from`` is ``none``. A source that is not one model
+    of the same architecture is a :class:`~polypseg.core.config.ConfigError` naming it.
+    """
+    spec = config.train.init_from
+    if spec == "none":
+        return None
+    from polypseg.models.pretrained import PretrainedError, resolve_model
+
+    label = f"--init {spec}"
+    try:
+        found = find_checkpoints(resolve_model(spec))
+    except (CheckpointError, PretrainedError) as error:
+        raise ConfigError(f"{label}: {error}") from None
+    if len(found) != 1:
+        raise ConfigError(f"{label}: a run of {len(found)} folds; name one fold's checkpoint, e.g. {found[0].parent}")
+    try:
+        source = load_checkpoint(found[0])
+    except CheckpointError as error:
+        raise ConfigError(f"{label}: {error}") from None
+    ours, theirs = dataclasses.asdict(config.model), dataclasses.asdict(source.config.model)
+    differ = [k for k in ours if k != "encoder_weights" and ours[k] != theirs.get(k)]
+    if differ:
+        raise ConfigError(
+            f"{label}: its model differs from this run's in {', '.join(f'model.{k}' for k in differ)} "
+            f"({', '.join(f'{theirs.get(k)!r} vs {ours[k]!r}' for k in differ)})"
+        )
+    # The source's floating tensors may be fp16 (a shipped model): load_state_dict casts them.
+    model.load_state_dict(source.model.state_dict(), strict=True)
+    return {"from": spec, "weights": found[0].name, "weights_sha256": file_sha256(found[0])}
+
+
+@dataclass
+class DistributedContext:
+    """Rank/world size from torchrun's environment; a single process when not launched by it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> DistributedContext:
+        return cls(
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def setup(self, device: torch.device) -> None:
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+
+
+def resolve_training_device(device: str, context: DistributedContext) -> torch.device:
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is None and context.enabled:
+        resolved = torch.device("cuda", context.local_rank)
+    if resolved.type == "cuda":
+        # set_device needs an index; a bare "cuda" means the current device.
+        torch.cuda.set_device(resolved.index if resolved.index is not None else torch.cuda.current_device())
+    return resolved
+
+
+def resolve_run_precision(config: RunConfig, device: str | torch.device) -> RunConfig:
+    """Fix ``config.train.precision`` (``auto`` -> ``bf16``/``fp32`` on this device) so the run's config saves the choice."""
+    config.train.precision = resolve_precision(config.train.precision, resolve_device(device))
+    return config
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at ``step`` (stateless, so resuming needs only the step count)."""
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if config.schedule == "cosine":
+        return cosine
+    if config.schedule == "onecycle":
+        # one-cycle's annealing phase: cosine from the peak down to 1/1000 of it
+        return 1e-3 + (1 - 1e-3) * cosine
+    raise ConfigError(f"unknown schedule '{config.schedule}'; choose one of: {', '.join(SCHEDULES)}")
+
+
+def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The recipe's optimizer; Adam/AdamW use the fused single-kernel update when the model is on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused=None lets torch pick its default (foreach) elsewhere; on CUDA the fused kernel launches
+    # far fewer kernels per step, which counts for a 24M-parameter model at small batch sizes.
+    fused = True if params and params[0].is_cuda else None
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    raise ConfigError(f"unknown optimizer '{config.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+class TrainStep:
+    """The model, optimizer, loss and weight EMA of a run, and one optimisation step on a batch.
+
+    A step takes ``uint8`` images ``(B, 3, S, S)`` and masks ``(B, 1, S, S)`` already on the device:
+    augment, normalise, forward (bf16 autocast and channels-last per :mod:`polypseg.core.precision`), loss, backward,
+    optimizer step, EMA update. Nothing in it reads a tensor back to the host, so on a GPU the host
+    queues the next step while this one runs. :func:`train_model` and the training-speed benchmark
+    (:func:`polypseg.experiments.bench.benchmark_training`) both run this, so the benchmark times the real step.
+    """
+
+    def __init__(self, config: RunConfig, device: torch.device, channels_last: bool | None = None) -> None:
+        tc = config.train
+        self.config, self.device = config, device
+        self.precision = resolve_precision(tc.precision, device)
+        # channels_last=None follows polypseg.core.precision; True/False forces it (bench-train's variants)
+        self.channels_last = (
+            use_channels_last(device, self.precision, tc.channels_last) if channels_last is None else channels_last
+        )
+        self.model = create_model(config.model)
+        self.init = load_initial_weights(self.model, config)
+        self.model = self.model.to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema: nn.Module | None = None
+        if tc.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        self.optimizer = create_optimizer(self.model, tc)
+        self.loss_fn = create_loss(tc.loss)
+        self.forward_model: nn.Module = self.model
+
+    def wrap(self, context: DistributedContext) -> None:
+        """DistributedDataParallel under torchrun, then ``torch.compile`` if the recipe asks (CUDA only)."""
+        if context.enabled:
+            self.forward_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if self.config.train.compile and self.device.type == "cuda":
+            self.forward_model = torch.compile(self.forward_model)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate and keep: the EMA's when the recipe averages them."""
+        return self.ema.module if self.ema is not None else self.model  # type: ignore[return-value]
+
+    def __call__(
+        self, images: torch.Tensor, masks: torch.Tensor, lr: float, generator: torch.Generator, size: int | None = None
+    ) -> torch.Tensor:
+        """One step at learning rate ``lr``, at ``size`` px if given; returns the loss (detached, on the device)."""
+        tc = self.config.train
+        mark = self._mark
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mark(None)
+        x, y = images.float().div_(255), masks.float()
+        if size is not None and size != x.shape[-1]:
+            x, y = downsample_batch(x, y, size)
+        x, y = augment_batch(x, y, tc.augment, generator)
+        x = normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        mark("augment")
+        with autocast(self.device, self.precision):
+            logits = self.forward_model(x)
+        loss = self.loss_fn(logits.float(), y)
+        mark("forward")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        mark("backward")
+        self.optimizer.step()
+        mark("optimizer")
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        mark("ema")
+        return loss.detach()
+
+    # Where a step's time goes (bench-train --breakdown): off (a no-op) unless phase_times is set.
+    phase_times: dict[str, list[float]] | None = None
+    _last_mark: float = 0.0
+
+    def _mark(self, phase: str | None) -> None:
+        if self.phase_times is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # only when measuring: it serialises host and GPU
+        now = time.perf_counter()
+        if phase is not None:
+            self.phase_times.setdefault(phase, []).append(now - self._last_mark)
+        self._last_mark = now
+
+
+def downsample_batch(images: torch.Tensor, masks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-downsample a float batch to ``size`` px; the mask's area fraction is re-binarised at 0.5."""
+    images = F.interpolate(images, size=(size, size), mode="area")
+    masks = (F.interpolate(masks, size=(size, size), mode="area") >= 0.5).to(masks.dtype)
+    return images, masks
+
+
+def epoch_size(config: TrainConfig, epoch: int) -> int | None:
+    """The training resolution of ``epoch`` (0-based) under progressive resizing; None = image_size."""
+    if config.progressive_size and epoch < config.progressive_epochs:
+        return config.progressive_size
+    return None
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = float("nan")
+
+
+class _Progress:
+    """Training progress for the main process: a rich bar on a terminal, one plain line per epoch
+    when the output is a log file (a bar cannot redraw there), silent when disabled."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self._bar = None
+        self._lines = False
+        self._description = description
+        if enabled:
+            from rich.console import Console
+
+            if not Console().is_terminal:
+                self._lines = True
+                return
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=False,
+            )
+            self._task = self._bar.add_task(description, total=total, info="")
+
+    def __enter__(self) -> _Progress:
+        if self._bar:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        if self._bar:
+            self._bar.__exit__(*args)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar:
+            self._bar.update(self._task, advance=steps)
+
+    def epoch_done(self, record: dict[str, Any], epochs: int, history: list[dict[str, Any]]) -> None:
+        """Show an epoch's loss, validation Dice and time (and, in a log, the time left to train)."""
+        info = f"loss {record['train_loss']:.4f}" + (
+            f" val dice {record['val_dice']:.4f}" if "val_dice" in record else ""
+        )
+        if self._bar:
+            self._bar.update(self._task, info=info)
+        elif self._lines:
+            paused = f" (+{record['paused_seconds']:.0f} s paused)" if record.get("paused_seconds") else ""
+            left = epochs - record["epoch"]
+            # The median epoch: older histories count pauses in their seconds, the median ignores them.
+            eta = (
+                f", about {left * float(np.median([r['seconds'] for r in history])) / 60:.0f} min to go" if left else ""
+            )
+            print(
+                f"{self._description}: epoch {record['epoch']}/{epochs}, {info}, {record['seconds']:.1f} s{paused}{eta}",
+                flush=True,
+            )
+
+
+def train_model(
+    config: RunConfig,
+    train: CachedData,
+    val: CachedData | None,
+    out_dir: Path | str,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool = True,
+    description: str = "training",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    keep_state: bool | None = None,
+) -> TrainResult:
+    """Train ``config`` on ``train``; keep the best epoch on ``val`` (or the last if ``val`` is None).
+
+    Writes ``out_dir/best.{safetensors,json}``, ``out_dir/history.json`` and, for ``resume``,
+    ``out_dir/last_state.{safetensors,json}``. With ``resume=True`` training continues from the
+    last saved state; a finished run (history complete) is returned as is.
+
+    The training state is kept only while the run is unfinished (it holds the optimizer's moments,
+    about three times the model): ``keep_state=True``, or ``POLYPSEG_KEEP_TRAINING_STATE=1`` in the
+    environment, keeps it after the last epoch as well. Resuming removes temporary files left by
+    interrupted writes, verifies the state (see :func:`polypseg.models.checkpoint.load_training_state`)
+    and rewrites ``best.*`` and ``history.json`` to match it.
+    """
+    out_dir = Path(out_dir)
+    if keep_state is None:
+        keep_state = os.environ.get("POLYPSEG_KEEP_TRAINING_STATE", "") not in ("", "0", "false", "no")
+    tc = config.train
+    context = DistributedContext.from_env()
+    torch_device = resolve_training_device(device, context)
+    context.setup(torch_device)
+    seed_everything(tc.seed)
+
+    step_fn = TrainStep(config, torch_device)
+    model, optimizer, ema, loss_fn = step_fn.model, step_fn.optimizer, step_fn.ema, step_fn.loss_fn
+
+    n_train = len(train.stems)
+    per_rank_batch = max(1, tc.batch_size // context.world_size)
+    steps_per_epoch = max(1, n_train // (per_rank_batch * context.world_size))
+    total_steps = steps_per_epoch * tc.epochs
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best_score, best_epoch = 0, -math.inf, 0
+    best_record: dict[str, Any] = {}
+    best_tensors: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights, for the state
+    state_path = out_dir / LAST_STATE
+    say = _notes(progress and context.is_main)
+    if resume and context.is_main:
+        for stale in remove_stale_temps(out_dir):
+            say(f"removed {stale.name}, a temporary file left by an interrupted write")
+    if resume and training_finished(out_dir, tc.epochs):
+        return _finished_result(out_dir, state_path, keep_state, context)
+    if resume and training_state_exists(state_path):
+        saved = load_training_state(state_path, model, optimizer, ema, steps_per_epoch=steps_per_epoch)
+        start_epoch, history = saved["epoch"], saved["history"][: saved["epoch"]]
+        best_score, best_epoch = saved["best_score"], saved["best_epoch"]
+        best_score = -math.inf if best_score is None else best_score  # -inf is stored as null
+        best_record, best_tensors = saved.get("best", {}), saved.get("best_state")
+        if best_tensors is None and best_epoch == start_epoch:
+            # A state saved at its best epoch holds no separate copy: the weights just loaded are
+            # that epoch's, and later states must carry them until a better epoch comes.
+            best_tensors = model_state(step_fn.eval_model)
+        if context.is_main:
+            _restore_consistent_files(out_dir, config, saved, step_fn.eval_model, history, say)
+    elif out_dir.joinpath(HISTORY).is_file() and context.is_main:
+        if not resume:
+            raise FileExistsError(f"{out_dir} already holds a training run; pass --resume to continue it")
+        say(
+            f"{out_dir} has no saved training state (it is saved every {STATE_EVERY_S:g} s): training starts again from epoch 1"
+        )
+
+    step_fn.wrap(context)
+    images = torch.from_numpy(train.images).permute(0, 3, 1, 2).contiguous().to(torch_device)
+    masks = torch.from_numpy(train.masks).unsqueeze(1).to(torch_device, dtype=torch.uint8)
+    eval_model = step_fn.eval_model
+    last_state_save = time.monotonic()
+
+    with _Progress(progress and context.is_main, description, total_steps) as bar:
+        bar.advance(start_epoch * steps_per_epoch)
+        for epoch in range(start_epoch, tc.epochs):
+            watch = Stopwatch()  # pauses (kill -STOP) are left out of the epoch's seconds
+            model.train()
+            # Seeded per epoch (not from a running RNG) so a resumed run repeats the same batches.
+            cpu_gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
+            order = torch.randperm(n_train, generator=cpu_gen).to(torch_device)  # one copy per epoch, not per step
+            aug_gen = torch.Generator(device=torch_device).manual_seed(tc.seed * 100_003 + epoch * 7919 + context.rank)
+            loss_sum = torch.zeros((), device=torch_device)
+            for step in range(steps_per_epoch):
+                global_step = epoch * steps_per_epoch + step
+                lr = tc.lr * lr_factor(tc, global_step, total_steps, steps_per_epoch)
+                batch_index = order[
+                    step * per_rank_batch * context.world_size : (step + 1) * per_rank_batch * context.world_size
+                ]
+                batch_index = batch_index[context.rank :: context.world_size]
+                loss_sum += step_fn(images[batch_index], masks[batch_index], lr, aug_gen, size=epoch_size(tc, epoch))
+                bar.advance()
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": float(loss_sum) / steps_per_epoch,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            if val is not None and context.is_main:
+                record.update(_validate(eval_model, val, loss_fn, torch_device, tc))
+            record.update(watch.record())
+            history.append(record)
+            is_last = epoch + 1 == tc.epochs
+            if context.is_main:
+                score = record.get("val_dice", float(epoch))  # without validation, the latest is best
+                if score > best_score:
+                    best_score, best_epoch = score, epoch + 1
+                    best_tensors = model_state(eval_model)
+                    best_record = {
+                        "metrics": {k: v for k, v in record.items() if k.startswith("val_")},
+                        "extra": {
+                            "epoch": epoch + 1,
+                            "selected_on": "inner validation split" if val is not None else "last epoch",
+                            **({"init": step_fn.init} if step_fn.init else {}),
+                        },
+                    }
+                    best_record["tensors_sha256"] = read_metadata(
+                        save_checkpoint_tensors(
+                            out_dir / BEST, best_tensors, config, best_record["metrics"], extra=best_record["extra"]
+                        )
+                    )["tensors_sha256"]
+                atomic_write_json(out_dir / HISTORY, history)
+                # The state is one file: epoch, history, optimizer, EMA and, when the best epoch is
+                # an earlier one, its weights too, so resuming can put best.* back in step with it.
+                if (not is_last or keep_state) and (is_last or time.monotonic() - last_state_save > STATE_EVERY_S):
+                    save_training_state(
+                        state_path,
+                        model,
+                        optimizer,
+                        {
+                            "epoch": epoch + 1,
+                            "global_step": (epoch + 1) * steps_per_epoch,
+                            "history": history,
+                            "best_score": best_score,
+                            "best_epoch": best_epoch,
+                            "best": best_record,
+                        },
+                        ema_model=ema,
+                        best_state=None if best_epoch == epoch + 1 else best_tensors,
+                    )
+                    last_state_save = time.monotonic()
+            bar.epoch_done(record, tc.epochs, history)
+            if on_epoch is not None:
+                on_epoch(record)
+    context.barrier()
+    if context.is_main and not keep_state and len(history) >= tc.epochs:
+        remove_training_state(state_path)  # finished: the optimizer state (3x the model) is not kept
+    return TrainResult(
+        best_checkpoint=out_dir / f"{BEST}.safetensors", history=history, best_epoch=best_epoch, best_score=best_score
+    )
+
+
+def tidy_run_folder(out_dir: Path | str, epochs: int, keep_state: bool = False) -> None:
+    """On resume: remove temporary files of interrupted writes and, once training has finished,
+    the training state (runs finished by older versions kept it)."""
+    out_dir = Path(out_dir)
+    remove_stale_temps(out_dir)
+    if not keep_state and os.environ.get("POLYPSEG_KEEP_TRAINING_STATE", "") in ("", "0", "false", "no"):
+        if training_finished(out_dir, epochs):
+            remove_training_state(out_dir / LAST_STATE)
+
+
+def _notes(enabled: bool) -> Callable[[str], None]:
+    """One-line notes on stderr for the main process (what resuming did, and why)."""
+    import sys
+
+    def say(message: str) -> None:
+        if enabled:
+            print(f"note: {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _finished_result(out_dir: Path, state_path: Path, keep_state: bool, context: DistributedContext) -> TrainResult:
+    """A run whose history is complete: returned as is; a left-over training state is removed."""
+    history = read_json(out_dir / HISTORY)
+    best_epoch, best_score = 0, float("nan")
+    try:
+        meta = read_metadata(out_dir / BEST)
+        best_epoch = int(meta.get("epoch", 0))
+        best_score = float(meta.get("metrics", {}).get("val_dice", float("nan")))
+    except (CheckpointError, TypeError, ValueError):
+        pass
+    if context.is_main and not keep_state:
+        remove_training_state(state_path)
+    return TrainResult(
+        best_checkpoint=out_dir / f"{BEST}.safetensors", history=history, best_epoch=best_epoch, best_score=best_score
+    )
+
+
+def _restore_consistent_files(
+    out_dir: Path,
+    config: RunConfig,
+    saved: dict[str, Any],
+    eval_model: nn.Module,
+    history: list[dict[str, Any]],
+    say: Callable[[str], None],
+) -> None:
+    """Put ``best.*`` and ``history.json`` back in step with the training state being resumed.
+
+    Epochs after the state were trained by the interrupted process and will be trained again; any
+    best checkpoint or history they wrote is replaced by the state's, so the resumed run continues
+    exactly from the state, never from a mix.
+    """
+    epoch = int(saved["epoch"])
+    say(f"resuming {out_dir} after epoch {epoch} (training state: {saved.get('state_format', 'one file')})")
+    written = read_json(out_dir / HISTORY) if (out_dir / HISTORY).is_file() else []
+    if len(written) > epoch:
+        say(f"epochs {epoch + 1}-{len(written)} ran after the last saved state and will be trained again")
+    atomic_write_json(out_dir / HISTORY, history)
+    record = saved.get("best") or {}
+    best_epoch = int(saved.get("best_epoch", 0))
+    if not record or not best_epoch:  # an older state: it does not say which best.* belongs to it
+        try:
+            on_disk = int(read_metadata(out_dir / BEST).get("epoch", 0))
+        except CheckpointError:
+            on_disk = 0
+        if on_disk > epoch:
+            say(
+                f"best.* is from epoch {on_disk}, after the saved state (epoch {epoch}); this older state cannot restore "
+                "its own best epoch, so best.* is replaced only when a resumed epoch scores higher"
+            )
+        return
+    try:
+        current = read_metadata(out_dir / BEST).get("tensors_sha256")
+    except CheckpointError:
+        current = None
+    if current == record.get("tensors_sha256"):
+        return
+    tensors = saved.get("best_state")
+    if tensors is None and best_epoch == epoch:
+        tensors = model_state(eval_model)
+    if tensors is None:
+        raise TrainingStateError(
+            f"the training state in {out_dir} lacks the weights of its best epoch ({best_epoch}); delete {out_dir}/{LAST_STATE}.* to start over"
+        )
+    save_checkpoint_tensors(out_dir / BEST, dict(tensors), config, record.get("metrics"), extra=record.get("extra"))
+    say(f"best.* restored to epoch {best_epoch}, the best epoch of the saved state")
+
+
+def predict_with_recipe(
+    model: nn.Module, images: np.ndarray, config: TrainConfig, device: torch.device
+) -> torch.Tensor:
+    """Held-out probabilities the way the recipe evaluates: its eval batch size, flip TTA and precision."""
+    return predict_probabilities(
+        model,
+        images,
+        device=device,
+        batch_size=config.eval_batch_size,
+        tta_flip=config.tta_flip,
+        precision=config.precision,
+    )
+
+
+def _validate(
+    model: nn.Module, val: CachedData, loss_fn: Callable, device: torch.device, tc: TrainConfig
+) -> dict[str, float]:
+    probs = predict_probabilities(
+        model, val.images, device=device, batch_size=tc.eval_batch_size, precision=tc.precision
+    )
+    masks = torch.from_numpy(val.masks)
+    metric = evaluate_probabilities(probs, masks, thresholds=(0.5,))
+    # Dice loss on probabilities recovered as logits: same quantity the training loss measures
+    logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6)).unsqueeze(1)
+    return {
+        "val_loss": float(loss_fn(logits, masks.unsqueeze(1).float())),
+        "val_dice": metric.at_threshold(0.5)["dice"],
+    }
+
+
+def training_finished(out_dir: Path | str, epochs: int) -> bool:
+    """True when ``out_dir`` holds a best checkpoint and a history of ``epochs`` epochs."""
+    out_dir = Path(out_dir)
+    history = out_dir / HISTORY
+    return (out_dir / f"{BEST}.safetensors").is_file() and history.is_file() and len(read_json(history)) >= epochs

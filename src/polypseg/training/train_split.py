@@ -1,0 +1,118 @@
+"""One train/validation/test split (``polypseg train``), e.g. the PraNet protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from polypseg.core.config import RunConfig, config_differences, validate_config
+from polypseg.core.devices import resolve_device
+from polypseg.core.io_utils import atomic_write_json
+from polypseg.core.runs import TRAIN, RunDir, RunError, RunSettings, refuse_changed_settings
+from polypseg.data.datasets import DataError, build_cache, load_split_file, resumed_data
+from polypseg.data.splits import inner_validation_split
+from polypseg.models.checkpoint import load_checkpoint
+from polypseg.training.evaluation import evaluate_probabilities
+from polypseg.training.loop import DistributedContext, predict_with_recipe, resolve_run_precision, train_model
+
+
+def train_single_split(
+    data: Path | str,
+    out: Path | str,
+    config: RunConfig,
+    test_list: Path | str | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    cache_dir: Path | str | None = None,
+) -> dict[str, Any]:
+    """Train on ``data`` minus the stems in ``test_list``; evaluate once on those stems if given.
+
+    The best epoch is chosen on an inner validation split (``config.train.val_fraction`` of the
+    training stems, seeded with ``config.train.seed``), never on the test stems. The split is saved
+    in ``OUT/split.json`` when the run starts; ``resume=True`` continues with the saved split (and
+    ``config`` must match the saved one; a ``test_list``, if given, must match the saved test stems).
+    """
+    run = RunDir(out)
+    validate_config(config)
+    resolve_run_precision(config, device)
+    if not resume and run.history_path().is_file():
+        raise RunError(f"{run.path} already holds a training run; pass --resume to continue it, or choose a new --out")
+    saved = run.saved_settings() if resume else None
+    if saved is not None:
+        if saved.kind != TRAIN:
+            raise RunError(
+                f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out"
+            )
+        refuse_changed_settings(run.path, config_differences(saved.config, config))
+    split = run.read_split() if resume else None
+    if split is not None and split.get("data"):
+        # Resuming reads the run's own data: --data omitted, or the same content elsewhere.
+        data, change = resumed_data(str(split["data"]), data)
+        refuse_changed_settings(run.path, change)
+    cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress)
+    test_stems: list[str] | None = None
+    if test_list is not None:
+        test_stems = load_split_file(test_list)
+        _check_stems(test_stems, cache.stems, f"{test_list}", data)
+    if split is not None:
+        train, val, test_stems = _saved_split(run, split, cache.stems, test_stems, data)
+    else:
+        test_stems = test_stems or []
+        held_out = set(test_stems)
+        train, val = inner_validation_split(
+            [s for s in cache.stems if s not in held_out], config.train.val_fraction, config.train.seed
+        )
+    context = DistributedContext.from_env()
+    if context.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        if saved is None:
+            run.write_settings(RunSettings(config=config, kind=TRAIN))
+        if split is None:
+            run.write_split({"data": str(Path(data).resolve()), "train": train, "val": val, "test": test_stems})
+    result = train_model(
+        config,
+        cache.subset(train),
+        cache.subset(val) if val else None,
+        run.path,
+        device=device,
+        resume=resume,
+        progress=progress,
+    )
+    summary: dict[str, Any] = {"checkpoint": str(result.best_checkpoint), "best_epoch": result.best_epoch}
+    if test_stems and context.is_main:
+        torch_device = resolve_device(device)
+        checkpoint = load_checkpoint(result.best_checkpoint, device=torch_device)
+        test = cache.subset(test_stems)
+        probs = predict_with_recipe(checkpoint.model, test.images, config.train, torch_device)
+        metric = evaluate_probabilities(probs, test.masks, test.stems)
+        summary["test"] = {
+            "n_images": len(test_stems),
+            **metric.compute(),
+            "per_image_dice_at_0.5": dict(
+                zip(test.stems, metric.per_image(0.5)["dice"].round(6).tolist(), strict=False)
+            ),
+        }
+        atomic_write_json(run.test_metrics_path, summary["test"])
+    return summary
+
+
+def _check_stems(stems: Sequence[str], available: Sequence[str], source: str, data: Path | str) -> None:
+    missing = sorted(set(stems) - set(available))
+    if missing:
+        raise DataError(f"{source}: {len(missing)} stem(s) not in {data}, e.g. '{missing[0]}'")
+
+
+def _saved_split(
+    run: RunDir, split: dict[str, Any], available: Sequence[str], test_stems: list[str] | None, data: Path | str
+) -> tuple[list[str], list[str], list[str]]:
+    """``(train, val, test)`` of a resumed run, as saved in its ``split.json`` (never redrawn)."""
+    train, val, saved_test = list(split["train"]), list(split["val"]), list(split["test"])
+    if test_stems is not None and sorted(test_stems) != sorted(saved_test):
+        raise RunError(
+            f"{run.split_path} holds other test stems ({len(saved_test)}) than the --test-list given ({len(test_stems)}); "
+            "resume with the run's own test list, or choose a new --out"
+        )
+    _check_stems(train + val + saved_test, available, f"{run.split_path}", data)
+    return train, val, saved_test if test_stems is None else test_stems
