@@ -72,7 +72,7 @@ def test_existing_run_needs_resume(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch):
+def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(training, "STATE_EVERY_S", 0.0)  # save state after every epoch
     config = tiny_config(epochs=3, image_size=32)
     config.train.ema_decay = 0.9
@@ -91,7 +91,9 @@ def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, 
             config, tiny_data, None, tmp_path / "resumed", device="cpu", progress=False, on_epoch=stop_after_two
         )
     assert json.loads((tmp_path / "resumed" / "last_state.json").read_text())["epoch"] == 2
+    capsys.readouterr()
     train_model(config, tiny_data, None, tmp_path / "resumed", device="cpu", progress=False, resume=True)
+    assert "note: resuming" in capsys.readouterr().err  # without progress bars, still said once
     history = json.loads((tmp_path / "resumed" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
     straight = load_checkpoint(tmp_path / "straight" / "best").model.state_dict()

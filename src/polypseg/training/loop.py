@@ -382,7 +382,8 @@ def train_model(
     about three times the model): ``keep_state=True``, or ``POLYPSEG_KEEP_TRAINING_STATE=1`` in the
     environment, keeps it after the last epoch as well. Resuming removes temporary files left by
     interrupted writes, verifies the state (see :func:`polypseg.models.checkpoint.load_training_state`)
-    and rewrites ``best.*`` and ``history.json`` to match it.
+    and rewrites ``best.*`` and ``history.json`` to match it, saying so in one-line notes on stderr
+    (``progress=False`` silences the progress bars, not these notes).
     """
     out_dir = Path(out_dir)
     if keep_state is None:
@@ -406,7 +407,7 @@ def train_model(
     best_record: dict[str, Any] = {}
     best_tensors: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights, for the state
     state_path = out_dir / LAST_STATE
-    say = _notes(progress and context.is_main)
+    say = _notes(context.is_main)  # rare one-line notes print even without progress bars
     if resume and context.is_main:
         for stale in remove_stale_temps(out_dir):
             say(f"removed {stale.name}, a temporary file left by an interrupted write")
