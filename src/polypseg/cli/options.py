@@ -49,6 +49,7 @@ SeedOpt = typer.Option(None, "--seed", help="Seed for training and, for cross-va
 SetOpt = typer.Option([], "--set", help="Any config field, e.g. --set train.ema_decay=0.999 (repeatable).")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+FoldExplainOpt = typer.Option(True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images.")
 CacheOpt = typer.Option(
     None, "--cache-dir", help="Preprocessed cache folder (default $POLYPSEG_CACHE or ~/.cache/polypseg)."
 )

@@ -13,6 +13,7 @@ from polypseg.cli.options import (
     CacheOpt,
     DeviceOpt,
     EpochsOpt,
+    FoldExplainOpt,
     ProgressOpt,
     RecipeChoices,
     SeedOpt,
@@ -187,9 +188,7 @@ def register(app: typer.Typer) -> None:
         epochs: int | None = EpochsOpt,
         image_size: int | None = SizeOpt,
         overrides: list[str] = SetOpt,
-        explain: bool = typer.Option(
-            True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."
-        ),
+        explain: bool = FoldExplainOpt,
         resume: bool = ResumeOpt,
         device: str = DeviceOpt,
         cache_dir: Path | None = CacheOpt,
@@ -233,9 +232,7 @@ def register(app: typer.Typer) -> None:
         epochs: int | None = EpochsOpt,
         image_size: int | None = SizeOpt,
         overrides: list[str] = SetOpt,
-        explain: bool = typer.Option(
-            True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."
-        ),
+        explain: bool = FoldExplainOpt,
         resume: bool = ResumeOpt,
         device: str = DeviceOpt,
         cache_dir: Path | None = CacheOpt,

@@ -14,6 +14,7 @@ from polypseg.cli.options import (
     CacheOpt,
     DeviceOpt,
     EpochsOpt,
+    FoldExplainOpt,
     InitOpt,
     LossOpt,
     LrOpt,
@@ -76,9 +77,7 @@ def register(app: typer.Typer) -> None:
             "--resume",
             help="Continue the run in --out (finished folds are kept as they are); starts it if --out holds none. Options given with it must match the run's.",
         ),
-        explain: bool = typer.Option(
-            True, "--explain/--no-explain", help="Measure Grad-CAM on each fold's held-out images."
-        ),
+        explain: bool = FoldExplainOpt,
         explain_max_images: int | None = typer.Option(
             None,
             "--explain-max-images",
