@@ -16,7 +16,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from polypseg.metrics.segmentation import bootstrap_ci, dice_score, iou_score, m
 from polypseg.models.checkpoint import find_checkpoints, load_checkpoint
 from polypseg.training.evaluation import evaluate_probabilities
 from polypseg.training.loop import predict_with_recipe
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; annotations only
 
 EXTERNAL_METRICS = ("dice", "iou", "boundary_f1", "sensitivity", "precision", "auc")
 # As reported by PraNet (Fan et al., MICCAI 2020, Table 1) on the same 100 Kvasir-SEG test images.
@@ -351,23 +354,33 @@ def _share_splits(reference: Path, run_dir: Path) -> None:
     shutil.copyfile(source.splits_path, target.splits_path)
 
 
+class CVOptions(TypedDict, total=False):
+    """How a paired study cross-validates each arm: keywords of :func:`polypseg.experiments.cv.run_cv`.
+
+    ``folds`` (default 5) and ``seed`` (default 0) fix the first arm's split, which every arm shares;
+    ``resume``, ``device``, ``progress``, ``explain`` (Grad-CAM checks per fold), ``cache_dir`` and
+    ``report`` mean what they mean for ``run_cv``.
+    """
+
+    folds: int
+    seed: int
+    resume: bool
+    device: str
+    progress: bool
+    explain: bool
+    cache_dir: Path | str | None
+    report: bool
+
+
 def run_paired_study(
-    data: Path | str,
-    out: Path | str,
-    arms: dict[str, RunConfig],
-    folds: int = 5,
-    seed: int = 0,
-    resume: bool = False,
-    device: str = "auto",
-    progress: bool = True,
-    explain: bool = True,
-    cache_dir: Path | str | None = None,
-    report: bool = True,
+    data: Path | str, out: Path | str, arms: dict[str, RunConfig], **options: Unpack[CVOptions]
 ) -> list[Path]:
     """Cross-validate each configuration in ``arms`` into ``OUT/<arm>`` on the first arm's folds."""
     from polypseg.experiments.cv import run_cv
 
     out = Path(out)
+    progress = options.get("progress", True)
+    options = {"folds": 5, "seed": 0, **options}
     dirs = [out / name for name in arms]
     for i, (run_dir, config) in enumerate(zip(dirs, arms.values(), strict=False)):
         if i > 0:
@@ -376,19 +389,7 @@ def run_paired_study(
             from rich.console import Console
 
             Console(stderr=True).print(f"[bold]{out.name}[/]: run {i + 1}/{len(dirs)} -> {run_dir}", highlight=False)
-        run_cv(
-            data,
-            run_dir,
-            config,
-            folds=folds,
-            seed=seed,
-            resume=resume,
-            device=device,
-            progress=progress,
-            explain=explain,
-            cache_dir=cache_dir,
-            report=report,
-        )
+        run_cv(data, run_dir, config, **options)
     return dirs
 
 
@@ -426,36 +427,14 @@ def write_paired_study(
 
 
 def run_skip_ablation(
-    data: Path | str,
-    out: Path | str,
-    config: RunConfig,
-    folds: int = 5,
-    seed: int = 0,
-    resume: bool = False,
-    device: str = "auto",
-    progress: bool = True,
-    explain: bool = True,
-    cache_dir: Path | str | None = None,
-    report: bool = True,
+    data: Path | str, out: Path | str, config: RunConfig, **options: Unpack[CVOptions]
 ) -> dict[str, Any]:
     """U-Net with vs without skip connections, same recipe, seed and folds; writes ``OUT/skip_ablation.{md,json}``."""
     with_skips, no_skips = _copy_config(config), _copy_config(config)
     with_skips.model.skip_connections, no_skips.model.skip_connections = True, False
     if with_skips.model.arch != "unet":
         raise StudyError(f"the skip ablation is defined for arch 'unet', not '{with_skips.model.arch}'")
-    runs = run_paired_study(
-        data,
-        out,
-        {"with-skips": with_skips, "no-skips": no_skips},
-        folds=folds,
-        seed=seed,
-        resume=resume,
-        device=device,
-        progress=progress,
-        explain=explain,
-        cache_dir=cache_dir,
-        report=report,
-    )
+    runs = run_paired_study(data, out, {"with-skips": with_skips, "no-skips": no_skips}, **options)
     intro = [
         f"U-Net / {config.model.encoder} (encoder init `{config.model.encoder_weights}`), recipe `{config.train.recipe}`, "
         f"with and without its skip connections, trained on identical folds with the same seed.",
@@ -473,14 +452,7 @@ def run_encoder_init(
     out: Path | str,
     config: RunConfig,
     imagenet_weights: str = "imagenet",
-    folds: int = 5,
-    seed: int = 0,
-    resume: bool = False,
-    device: str = "auto",
-    progress: bool = True,
-    explain: bool = True,
-    cache_dir: Path | str | None = None,
-    report: bool = True,
+    **options: Unpack[CVOptions],
 ) -> dict[str, Any]:
     """ImageNet vs random encoder initialisation on identical folds; writes ``OUT/encoder_init.{md,json}``.
 
@@ -502,19 +474,7 @@ def run_encoder_init(
             f"encoder-init study stopped before training (nothing was run): {error} For this study, give the "
             "ImageNet arm's weights with --encoder-weights PATH; the random arm needs none."
         ) from None
-    runs = run_paired_study(
-        data,
-        out,
-        {"imagenet": pretrained, "random": scratch},
-        folds=folds,
-        seed=seed,
-        resume=resume,
-        device=device,
-        progress=progress,
-        explain=explain,
-        cache_dir=cache_dir,
-        report=report,
-    )
+    runs = run_paired_study(data, out, {"imagenet": pretrained, "random": scratch}, **options)
     intro = [
         f"U-Net / {config.model.encoder}, recipe `{config.train.recipe}`, encoder initialised from ImageNet weights "
         f"(`{weights}`) vs randomly, trained on identical folds with the same seed. The paper uses ImageNet weights.",
