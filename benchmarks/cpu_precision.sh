@@ -10,7 +10,8 @@
 # 3. bench --backend all at batch 1: torch fp32/bf16, onnxruntime fp32/int8, OpenVINO fp32/bf16/int8
 #    (bf16 rows only where the CPU has native bf16; OpenVINO only where installed);
 # 4. bench-explain: EXPLAIN_IMAGES Grad-CAM heatmaps in fp32 and bf16 (and, with a trained CKPT,
-#    their correlation).
+#    their correlation), from EXPLAIN_DATA (default: the bundled sample), plus the forward-only
+#    engines in EXPLAIN_ENGINES (e.g. openvino-bf16,openvino-int8; default: none).
 # Pause any other torch job first (kill -STOP PID): 2 cores shared make every figure meaningless.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,8 @@ CKPT="${1:-random}"
 OUT_DIR="${OUT_DIR:-.}"
 ROUNDS="${ROUNDS:-2}"
 EXPLAIN_IMAGES="${EXPLAIN_IMAGES:-200}"
+EXPLAIN_DATA="${EXPLAIN_DATA:-}"
+EXPLAIN_ENGINES="${EXPLAIN_ENGINES:-}"
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, the commit the results name
 POLYPSEG="python3 -m polypseg.cli.main"
@@ -42,6 +45,7 @@ POLYPSEG="python3 -m polypseg.cli.main"
   echo
   echo "## 4. Grad-CAM, $EXPLAIN_IMAGES heatmaps at 256 px"
   $POLYPSEG bench-explain --model "$CKPT" --device cpu --images "$EXPLAIN_IMAGES" --batch-size 16 \
+    ${EXPLAIN_DATA:+--data "$EXPLAIN_DATA"} ${EXPLAIN_ENGINES:+--engines "$EXPLAIN_ENGINES"} \
     --json "$OUT_DIR/explain.json" --markdown
   echo
   echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
