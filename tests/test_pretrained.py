@@ -121,6 +121,16 @@ def test_predictor_and_predict_default_to_the_shipped_model(shipped, tmp_path):
     assert (out / "predictions.csv").is_file()
 
 
+def test_bench_takes_a_shipped_models_name_on_every_backend(shipped, tmp_path):
+    """The int8 path quantizes the shipped checkpoint itself, found by name like torch's and onnxruntime's."""
+    from polypseg.experiments.bench import load_for_bench
+
+    for backend in ("torch", "onnxruntime-int8"):
+        predictor = load_for_bench("tiny-model", backend, device="cpu", workdir=tmp_path)
+        assert predictor.backend == ("torch" if backend == "torch" else "onnxruntime")
+    assert list(tmp_path.glob("*.int8.onnx"))
+
+
 def test_models_command_lists_and_verifies(shipped):
     from typer.testing import CliRunner
 

@@ -181,7 +181,8 @@ def load_for_bench(
     calibration: Path | str | None = None,
     workdir: Path | str | None = None,
 ) -> Predictor:
-    """A predictor for ``polypseg bench``: ``model`` is a checkpoint, a run folder, an ``.onnx`` or ``random``.
+    """A predictor for ``polypseg bench``: ``model`` is a checkpoint, a run folder, an ``.onnx``, a
+    shipped model's name or ``random``.
 
     ``backend`` is a name of :data:`BACKEND_SPECS`. The int8 ones use ``NAME.int8.onnx`` when
     present, else quantize into ``workdir``, calibrated on ``calibration`` (default: the bundled
@@ -199,6 +200,10 @@ def load_for_bench(
         existing = workdir / "random.safetensors"
         model = existing if existing.is_file() else random_checkpoint(workdir, image_size)
         cache_dir = workdir
+    else:
+        from polypseg.models.pretrained import resolve_model
+
+        model = resolve_model(model)  # every backend takes a shipped model's name, not only torch's
     model = Path(model)
     engine, precision = BACKEND_SPECS[backend]
     if engine == "torch":
@@ -262,7 +267,7 @@ def forward_flops(config: RunConfig, image_size: int | None = None) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 20, device: str = "cpu") -> float:
     """This machine's square-matmul throughput in FLOP/s (best of ``repeats``): the roofline the model is measured against."""
     torch_device = torch.device(device)
     a = torch.randn(n, n, device=torch_device).to(dtype)
