@@ -4,8 +4,8 @@
 #   bash benchmarks/cpu_precision.sh [CKPT|random]        # OUT_DIR=... (default: .)
 #
 # 1. bench-train, paper recipe: fp32 NCHW, fp32 channels-last, bf16 channels-last interleaved over
-#    ROUNDS rounds, with TFLOP/s and the fraction of this CPU's measured bf16 matmul peak, and the
-#    predicted time of a fold of 30 epochs on 800 images;
+#    ROUNDS rounds of TRAIN_STEPS steps (speed-ups paired per round), with TFLOP/s and the fraction
+#    of this CPU's measured bf16 matmul peak, and the predicted time of a fold of 30 epochs on 800 images;
 # 2. bench-train, cpu recipe (the shipped model's): its predicted run time with progressive resizing;
 # 3. bench --backend all at batch 1: torch fp32/bf16, onnxruntime fp32/int8, OpenVINO fp32/bf16/int8
 #    (bf16 rows only where the CPU has native bf16; OpenVINO only where installed);
@@ -18,6 +18,8 @@ cd "$(dirname "$0")/.."
 CKPT="${1:-random}"
 OUT_DIR="${OUT_DIR:-.}"
 ROUNDS="${ROUNDS:-2}"
+TRAIN_STEPS="${TRAIN_STEPS:-3}"  # per variant per round; on a CPU whose speed drifts, 1 step x many rounds pairs better
+REPEATS="${REPEATS:-20}"
 EXPLAIN_IMAGES="${EXPLAIN_IMAGES:-200}"
 EXPLAIN_DATA="${EXPLAIN_DATA:-}"
 EXPLAIN_ENGINES="${EXPLAIN_ENGINES:-}"
@@ -32,7 +34,7 @@ POLYPSEG="python3 -m polypseg.cli.main"
     "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo
   echo "## 1. Training step, paper recipe (batch 16, 256 px)"
-  $POLYPSEG bench-train --recipe paper --device cpu --steps 3 --warmup 2 --rounds "$ROUNDS" --train-images 800 \
+  $POLYPSEG bench-train --recipe paper --device cpu --steps "$TRAIN_STEPS" --warmup 2 --rounds "$ROUNDS" --train-images 800 \
     --json "$OUT_DIR/train_paper.json" --markdown
   echo
   echo "## 2. Training step, cpu recipe (progressive resizing 160 -> 256 px)"
@@ -40,7 +42,7 @@ POLYPSEG="python3 -m polypseg.cli.main"
     --json "$OUT_DIR/train_cpu.json" --markdown
   echo
   echo "## 3. Inference, batch 1, 256 px"
-  $POLYPSEG bench --model "$CKPT" --device cpu --backend all --batch-size 1 --warmup 5 --repeats 20 \
+  $POLYPSEG bench --model "$CKPT" --device cpu --backend all --batch-size 1 --warmup 5 --repeats "$REPEATS" \
     --json "$OUT_DIR/infer_b1.json" --markdown
   echo
   echo "## 4. Grad-CAM, $EXPLAIN_IMAGES heatmaps at 256 px"

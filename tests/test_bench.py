@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,11 @@ def test_training_variants_side_by_side_with_flops_and_peak():
     )
     assert [r["variant"] for r in rows] == list(CPU_VARIANTS)
     assert [(r["precision"], r["channels_last"]) for r in rows] == [("fp32", False), ("fp32", True), ("bf16", True)]
+    # speed-ups are paired per round against the first variant (itself exactly 1x)
+    assert all(len(r["round_step_ms"]) == 2 and r["first_variant"] == "fp32-nchw" for r in rows)
+    assert rows[0]["speedup_vs_first"] == 1.0
+    a, b = rows[0]["round_step_ms"], rows[2]["round_step_ms"]
+    assert rows[2]["speedup_vs_first"] == pytest.approx(statistics.median([a[0] / b[0], a[1] / b[1]]))
     # a conv net's forward: more FLOPs at a larger size, about quadratically
     assert forward_flops(config, 64) == pytest.approx(4 * forward_flops(config, 32), rel=0.05)
     for r in rows:
@@ -180,6 +186,7 @@ def test_training_variants_side_by_side_with_flops_and_peak():
         assert r["run_minutes"] == pytest.approx(4 * r["progressive_step_ms"] / 1000 / 60)
     table = training_markdown(rows)
     assert "bf16-cl" in table and "of bf16 peak" in table and "NCHW" in table and "channels-last" in table
+    assert "vs fp32-nchw (paired rounds)" in table
 
 
 @pytest.mark.slow

@@ -209,7 +209,7 @@ def register(app: typer.Typer) -> None:
                 ),
                 highlight=False,
             )
-        console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False)
+        console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False, soft_wrap=True)
         if json_path is not None:
             write_json(json_path, rows, "--json")
         if markdown:

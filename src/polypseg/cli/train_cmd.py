@@ -255,14 +255,19 @@ def register(app: typer.Typer) -> None:
                 if "fraction_of_bf16_peak" in row
                 else ""
             )
+            paired = (
+                f" ({row['speedup_vs_first']:.2f}x {row['first_variant']}, median of {rounds} paired rounds)"
+                if len(rows) > 1 and row is not rows[0]
+                else ""
+            )
             console.print(
-                f"{row['variant']}: {row['step_ms']:.1f} ms per step of {row['batch_size']} = {row['images_per_s']:.1f} images/s, "
+                f"{row['variant']}: {row['step_ms']:.1f} ms per step of {row['batch_size']} = {row['images_per_s']:.1f} images/s{paired}, "
                 f"{row['achieved_tflops']:.2f} TFLOP/s{fraction}; an epoch of {train_images} images {row['epoch_s']:.1f} s, "
                 f"{row['epochs']} epochs {row['run_minutes']:.1f} min (training only; first step {row['first_step_s']:.1f} s)",
                 highlight=False,
                 soft_wrap=True,
             )
-        console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False)
+        console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False, soft_wrap=True)
         if json_path is not None:
             write_json(json_path, rows, "--json")
         if markdown:

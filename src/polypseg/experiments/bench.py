@@ -350,7 +350,9 @@ def benchmark_training(
     Training is a pipelined loop (the host queues steps ahead of the GPU), so ``steps`` consecutive
     steps are timed together with one synchronisation at the end; with several ``variants`` (see
     :data:`TRAIN_VARIANTS`) each round times every variant in turn, so a load change hits them
-    alike, and the median round counts. ``first_step_s`` includes ``torch.compile``'s compilation.
+    alike, and the median round counts; ``speedup_vs_first`` is the median over rounds of the first
+    variant's step time over this one's in the same round (paired, so it holds on a machine whose
+    speed drifts, as shared cloud CPUs do). ``first_step_s`` includes ``torch.compile``'s compilation.
     ``epoch_s`` and ``run_minutes`` extrapolate to ``train_images`` images per epoch and the
     recipe's epochs (training only), timing the progressive-resizing size too when the recipe has
     one. Each row has the model's achieved TFLOP/s (3x the counted forward FLOPs per image) and,
@@ -382,6 +384,7 @@ def benchmark_training(
     peak_fp32 = matmul_peak(torch.float32, device=str(torch_device)) if peak else None
     steps_per_epoch = max(1, train_images // tc.batch_size)
     rows = []
+    first = timers[0][0]
     for main, small in timers:
         per_step = statistics.median(main.times)
         small_step = statistics.median(small.times) if small else per_step
@@ -404,6 +407,9 @@ def benchmark_training(
             "rounds": rounds,
             "first_step_s": main.first_step_s,
             "step_ms": per_step * 1000,
+            "round_step_ms": [t * 1000 for t in main.times],
+            "speedup_vs_first": statistics.median([a / b for a, b in zip(first.times, main.times, strict=True)]),
+            "first_variant": first.variant,
             "images_per_s": tc.batch_size / per_step,
             "train_gflop_per_image": flops[tc.image_size] / 1e9,
             "achieved_tflops": achieved / 1e12,
@@ -687,8 +693,12 @@ def cpu_feature_summary() -> str:
 def training_markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`benchmark_training` results (with TFLOP/s and the peak fraction when measured)."""
     with_peak = any("fraction_of_bf16_peak" in r for r in rows)
+    paired = len(rows) > 1 and all("speedup_vs_first" in r for r in rows)
     head = "| setting | device | precision | layout | compile | batch | EMA | step ms | images/s | TFLOP/s |"
     rule = "|---|---|---|---|---|---:|---|---:|---:|---:|"
+    if paired:
+        head += f" vs {rows[0]['variant']} (paired rounds) |"
+        rule += "---:|"
     if with_peak:
         head += " of bf16 peak |"
         rule += "---:|"
@@ -704,6 +714,8 @@ def training_markdown(rows: list[dict[str, Any]]) -> str:
             f"{'yes' if r['compile'] else 'no'} | {r['batch_size']} | {'yes' if r['ema'] else 'no'} | {r['step_ms']:.1f} | "
             f"{r['images_per_s']:.1f} | {r.get('achieved_tflops', float('nan')):.2f} |"
         )
+        if paired:
+            line += f" {r['speedup_vs_first']:.2f}x |"
         if with_peak:
             line += f" {100 * r.get('fraction_of_bf16_peak', float('nan')):.0f}% |"
         line += f" {r['first_step_s']:.1f} | {r['epoch_s']:.1f} | {r['run_minutes']:.1f} ({r['epochs']}) |"
