@@ -8,7 +8,8 @@
 #    of this CPU's measured bf16 matmul peak, and the predicted time of a fold of 30 epochs on 800 images;
 # 2. bench-train, cpu recipe (the shipped model's): its predicted run time with progressive resizing;
 # 3. bench --backend all at batch 1: torch fp32/bf16, onnxruntime fp32/int8, OpenVINO fp32/bf16/int8
-#    (bf16 rows only where the CPU has native bf16; OpenVINO only where installed);
+#    (bf16 rows only where the CPU has native bf16; OpenVINO only where installed), REPEATS
+#    repetitions in ROUNDS interleaved rounds;
 # 4. bench-explain: EXPLAIN_IMAGES Grad-CAM heatmaps in fp32 and bf16 (and, with a trained CKPT,
 #    their correlation), from EXPLAIN_DATA (default: the bundled sample), plus the forward-only
 #    engines in EXPLAIN_ENGINES (e.g. openvino-bf16,openvino-int8; default: none).
@@ -42,7 +43,7 @@ POLYPSEG="python3 -m polypseg.cli.main"
     --json "$OUT_DIR/train_cpu.json" --markdown
   echo
   echo "## 3. Inference, batch 1, 256 px"
-  $POLYPSEG bench --model "$CKPT" --device cpu --backend all --batch-size 1 --warmup 5 --repeats "$REPEATS" \
+  $POLYPSEG bench --model "$CKPT" --device cpu --backend all --batch-size 1 --warmup 5 --repeats "$REPEATS" --rounds "$ROUNDS" \
     --json "$OUT_DIR/infer_b1.json" --markdown
   echo
   echo "## 4. Grad-CAM, $EXPLAIN_IMAGES heatmaps at 256 px"

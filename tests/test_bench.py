@@ -136,6 +136,38 @@ def test_bench_cli_all_backends_writes_json(tmp_path: Path, monkeypatch: pytest.
     assert "| device | backend |" in result.stdout and "images/s" in result.output
 
 
+def test_bench_rounds_interleave_backends_and_pair_their_speedups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polypseg.experiments import bench
+    from polypseg.inference import export
+
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
+    monkeypatch.setattr(bench, "available_backends", lambda device: ["torch", "onnxruntime"])
+    config = tiny_config(image_size=32)
+    checkpoint = save_checkpoint(tmp_path / "tiny", create_model(config.model).eval(), config)
+    order: list[str] = []
+    rows = bench.benchmark_backends(
+        checkpoint, backend="all", device="cpu", repeats=5, warmup=1, rounds=2, step=order.append
+    )
+    assert [(r["backend"], r["pipeline"]) for r in rows] == [
+        ("torch", "model"), ("torch", "end-to-end"), ("onnxruntime", "model"), ("onnxruntime", "end-to-end")
+    ]  # fmt: skip
+    # both loaded before any timing, then every setting visited once per round
+    timing = [m for m in order if m.startswith(("loading", "round"))]
+    assert [m.split(":")[0] for m in timing] == ["loading torch", "loading onnxruntime"] + ["round 1/2"] * 4 + [
+        "round 2/2"
+    ] * 4
+    for r in rows:
+        assert r["rounds"] == 2 and r["repeats"] == 5 and len(r["times_ms"]) == 5  # 3 + 2
+        assert r["median_ms"] == pytest.approx(statistics.median(r["times_ms"]))
+        assert r["first_backend"] == "torch" and r["speedup_vs_first"] > 0
+    assert rows[0]["speedup_vs_first"] == rows[1]["speedup_vs_first"] == 1.0  # each pipeline against its own torch row
+    assert "vs torch (paired rounds)" in bench.bench_markdown(rows)
+    with pytest.raises(bench.BenchError, match="--rounds 6"):
+        bench.benchmark_backends(checkpoint, backend="torch", device="cpu", repeats=5, rounds=6)
+
+
 def test_bench_cli_rejects_unknown_backend(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "--model", "random", "--backend", "tensorrt", "--device", "cpu"])
     assert result.exit_code == 2 and "--backend tensorrt" in result.output and "Traceback" not in result.output

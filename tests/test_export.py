@@ -17,9 +17,11 @@ from polypseg.inference.export import (
     ExportError,
     _export_graph,
     _Probability,
+    cached_int8_path,
     cached_onnx,
     create_session,
     export_onnx,
+    find_validated_int8,
     int8_path_for,
     int8_validated,
     onnx_sidecar,
@@ -236,6 +238,41 @@ def test_int8_quantization_validation_and_auto_choice(exported: tuple[Path, Path
     assert not int8_validated(int8, checkpoint) and _preferred_onnx(checkpoint) == onnx_path
     int8.unlink()
     onnx_sidecar(int8).unlink()
+
+
+def test_a_validated_int8_exported_elsewhere_is_kept_in_the_cache_for_auto(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shipped model's export must go elsewhere (--out); once validated, backend="auto" still finds it."""
+    from polypseg.inference import deploy
+
+    checkpoint = _save_tiny(tmp_path / "ckpt" / "tiny", seed=3)
+    monkeypatch.setenv("POLYPSEG_CACHE", str(tmp_path / "cache"))
+    change = {"n": 3, "data": "d", "dice_reference": 0.8, "dice_candidate": 0.799, "dice_change": -0.001}
+    monkeypatch.setattr(deploy, "measure_dice_change", lambda *args, **kwargs: change)
+    said: list[str] = []
+    out = tmp_path / "deploy" / "model.onnx"
+    [result] = deploy.export_checkpoints(
+        checkpoint, out=out, int8=True, calibration_count=4, validate=tmp_path, say=said.append
+    )
+    kept = Path(result["int8_cached"])
+    assert kept == cached_int8_path(checkpoint) and onnx_sidecar(kept).is_file()
+    assert kept.read_bytes() == out.with_suffix(".int8.onnx").read_bytes()
+    assert not int8_path_for(checkpoint).exists()  # nothing written beside the checkpoint
+    assert find_validated_int8(checkpoint) == kept
+    assert Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto").precision == "int8"
+    assert any("int8 becomes the CPU default" in line and "a copy kept in" in line for line in said)
+    # the copy answers only for the content it was made from
+    other = _save_tiny(tmp_path / "ckpt2" / "tiny", seed=4)
+    assert find_validated_int8(other) is None
+
+    # beyond the bound: nothing kept, fp32 stays the default
+    kept.unlink()
+    monkeypatch.setitem(change, "dice_change", -0.02)
+    [result] = deploy.export_checkpoints(
+        checkpoint, out=out, int8=True, calibration_count=4, validate=tmp_path, say=said.append
+    )
+    assert "int8_cached" not in result and find_validated_int8(checkpoint) is None
 
 
 def test_same_model_has_zero_dice_change(exported: tuple[Path, Path], tmp_path: Path) -> None:

@@ -208,6 +208,7 @@ def register(app: typer.Typer) -> None:
                     else ""
                 ),
                 highlight=False,
+                soft_wrap=True,
             )
         console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False, soft_wrap=True)
         if json_path is not None:

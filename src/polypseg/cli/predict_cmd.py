@@ -53,8 +53,9 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
         title=f"{rows[0]['device_name']}, {rows[0]['image_size']}x{rows[0]['image_size']}, batch {batch_size}, median of {repeats}"
     )
     for column in ("backend", "precision", "mode", "pipeline"):
-        table.add_column(column)
-    for column in ("median ms", "p90 ms", "images/s"):
+        table.add_column(column, overflow="fold")  # full backend names, even on an 80-column pipe
+    paired = all("speedup_vs_first" in row for row in rows)
+    for column in ("median ms", "p90 ms", "images/s") + ((f"vs {rows[0]['first_backend']}",) if paired else ()):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
@@ -65,6 +66,7 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
             f"{row['median_ms']:.2f}",
             f"{row['p90_ms']:.2f}",
             f"{row['images_per_s']:.1f}",
+            *((f"{row['speedup_vs_first']:.2f}x",) if paired else ()),
         )
     console.print(table)
 
@@ -250,6 +252,12 @@ def register(app: typer.Typer) -> None:
         ),
         repeats: int = typer.Option(50, "--repeats", help="Timed repetitions (median reported)."),
         warmup: int = typer.Option(10, "--warmup", help="Untimed warm-up repetitions."),
+        rounds: int = typer.Option(
+            1,
+            "--rounds",
+            help="Split --repeats into this many rounds that visit every backend in turn (all loaded at once), "
+            "with speed-ups paired per round: for CPUs whose speed drifts.",
+        ),
         image_size: int = typer.Option(256, "--image-size", help="Input size for --model random."),
         pipeline: str = typer.Option("both", "--pipeline", help="model, end-to-end (from uint8 on the host), or both."),
         calibration: Path | None = typer.Option(
@@ -264,7 +272,7 @@ def register(app: typer.Typer) -> None:
         """
         from polypseg.data.inputs import check_output_path
 
-        _check_at_least({"--batch-size": batch_size, "--repeats": repeats}, 1)
+        _check_at_least({"--batch-size": batch_size, "--repeats": repeats, "--rounds": rounds}, 1)
         _check_at_least({"--warmup": warmup}, 0)
         _check_at_least({"--image-size": image_size}, 32)  # the encoder halves it 5 times
         try:
@@ -286,6 +294,7 @@ def register(app: typer.Typer) -> None:
                     pipeline,
                     calibration,
                     step=status.update,
+                    rounds=rounds,
                 )
         except PolypsegError as error:
             _fail(str(error))

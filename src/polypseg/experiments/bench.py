@@ -137,7 +137,6 @@ def benchmark(
     finally:
         predictor.batch_size = saved_batch_size
     times_ms = np.array(times) * 1000
-    median = float(statistics.median(times_ms))
     return {
         "backend": predictor.backend,
         "precision": predictor.precision,
@@ -151,6 +150,14 @@ def benchmark(
         "models": predictor.n_models,
         "warmup": warmup,
         "repeats": repeats,
+        **_latency_stats(times_ms, batch_size),
+        "times_ms": [float(t) for t in times_ms],
+    }
+
+
+def _latency_stats(times_ms: np.ndarray, batch_size: int) -> dict[str, float]:
+    median = float(statistics.median(times_ms))
+    return {
         "median_ms": median,
         "p90_ms": float(np.percentile(times_ms, 90)),
         "mean_ms": float(times_ms.mean()),
@@ -736,12 +743,19 @@ def benchmark_backends(
     pipeline: str = "both",
     calibration: Path | None = None,
     step: Callable[[str], None] = lambda message: None,
+    rounds: int = 1,
 ) -> list[dict[str, Any]]:
     """``polypseg bench``: time one backend, ``all`` installed ones or ``auto``'s, per pipeline; one row each.
 
     With ``compile`` the torch backends are timed compiled (and eager too with ``compare_eager``).
-    ``step`` hears what is being loaded and timed (for a transient status line).
+    ``step`` hears what is being loaded and timed (for a transient status line). With ``rounds`` > 1
+    every setting is loaded and warmed up first, then each round times ``repeats / rounds``
+    repetitions of every setting in turn, so a machine whose speed drifts (shared cloud CPUs) slows
+    them alike; each row's ``speedup_vs_first`` is then the median over rounds of the first
+    setting's round median over its own (same pipeline), paired like ``bench-train``'s.
     """
+    if rounds < 1 or rounds > repeats:
+        raise BenchError(f"--rounds {rounds}: must be between 1 and --repeats ({repeats})")
     from polypseg.core.devices import resolve_device
 
     torch_device = resolve_device(device, label="--device")
@@ -768,34 +782,84 @@ def benchmark_backends(
                     runs.append((name, compile_mode))
             else:
                 runs.append((name, None))
-        for name, mode in runs:
-            step(f"loading {name}{' (' + mode + ')' if mode else ''}")
-            predictor = load_for_bench(
-                model,
-                name,
-                device=str(torch_device),
-                compile=mode,
-                image_size=image_size,
-                calibration=calibration,
-                workdir=workdir,
-            )
-            for pipe in pipelines:
-                step(f"timing {name} {mode or 'eager'} {pipe}, batch {batch_size}")
-                row = benchmark(predictor, batch_size=batch_size, warmup=warmup, repeats=repeats, pipeline=pipe)
-                row["backend"] = name
-                rows.append(row)
+        if rounds == 1:  # one setting loaded at a time: the least memory
+            for name, mode in runs:
+                predictor = _load_step(step, model, name, mode, torch_device, image_size, calibration, workdir)
+                for pipe in pipelines:
+                    step(f"timing {name} {mode or 'eager'} {pipe}, batch {batch_size}")
+                    row = benchmark(predictor, batch_size=batch_size, warmup=warmup, repeats=repeats, pipeline=pipe)
+                    row["backend"] = name
+                    rows.append(row)
+            return rows
+        loaded = [
+            (name, _load_step(step, model, name, mode, torch_device, image_size, calibration, workdir))
+            for name, mode in runs
+        ]
+        settings = [(name, predictor, pipe) for name, predictor in loaded for pipe in pipelines]
+        per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
+        timed: list[list[dict[str, Any]]] = [[] for _ in settings]
+        for r, count in enumerate(per_round):
+            for (name, predictor, pipe), done in zip(settings, timed, strict=True):
+                step(f"round {r + 1}/{rounds}: timing {name} {pipe}, batch {batch_size}")
+                first_round = not done
+                done.append(
+                    benchmark(
+                        predictor,
+                        batch_size=batch_size,
+                        warmup=warmup if first_round else 0,
+                        repeats=count,
+                        pipeline=pipe,
+                    )
+                )
+        for (name, _, pipe), done in zip(settings, timed, strict=True):
+            times_ms = np.concatenate([row["times_ms"] for row in done])
+            reference = next(t for (_, _, p), t in zip(settings, timed, strict=True) if p == pipe)
+            ratios = [a["median_ms"] / b["median_ms"] for a, b in zip(reference, done, strict=True)]
+            row = {
+                **done[0],
+                **_latency_stats(times_ms, batch_size),
+                "backend": name,
+                "repeats": repeats,
+                "rounds": rounds,
+                "times_ms": [float(t) for t in times_ms],
+                "speedup_vs_first": float(statistics.median(ratios)),
+                "first_backend": settings[0][0],
+            }
+            rows.append(row)
     return rows
+
+
+def _load_step(
+    step: Callable[[str], None],
+    model: str | Path,
+    name: str,
+    mode: str | None,
+    device: torch.device,
+    image_size: int,
+    calibration: Path | None,
+    workdir: str,
+) -> Predictor:
+    step(f"loading {name}{' (' + mode + ')' if mode else ''}")
+    return load_for_bench(
+        model, name, device=str(device), compile=mode, image_size=image_size, calibration=calibration, workdir=workdir
+    )
 
 
 def bench_markdown(rows: list[dict[str, Any]]) -> str:
     """Benchmark rows as a markdown table (for docs/benchmarks.md)."""
-    lines = [
-        "| device | backend | precision | mode | pipeline | batch | median ms | p90 ms | images/s |",
-        "|---|---|---|---|---|---:|---:|---:|---:|",
-    ]
+    paired = all("speedup_vs_first" in r for r in rows)
+    head = "| device | backend | precision | mode | pipeline | batch | median ms | p90 ms | images/s |"
+    rule = "|---|---|---|---|---|---:|---:|---:|---:|"
+    if paired:
+        head += f" vs {rows[0]['first_backend']} (paired rounds) |"
+        rule += "---:|"
+    lines = [head, rule]
     for r in rows:
-        lines.append(
+        line = (
             f"| {r['device_name']} | {r['backend']} | {r['precision']} | {r['mode']} | {r['pipeline']} | {r['batch_size']} | "
             f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['images_per_s']:.1f} |"
         )
+        if paired:
+            line += f" {r['speedup_vs_first']:.2f}x |"
+        lines.append(line)
     return "\n".join(lines)

@@ -40,6 +40,7 @@ def export_checkpoints(
     starts (for a transient status line). Returns
     one dict per checkpoint (paths, verification differences, Dice change).
     """
+    from polypseg.core.io_utils import display_name
     from polypseg.data.sample_data import sample_dataset_path
     from polypseg.inference.export import (
         DEFAULT_OPSET,
@@ -48,6 +49,7 @@ def export_checkpoints(
         collect_images,
         export_onnx,
         int8_path_for,
+        keep_validated_int8,
         quantize_onnx_int8,
         record_dice_change,
         verify_onnx,
@@ -102,10 +104,15 @@ def export_checkpoints(
                 within = abs(change["dice_change"]) <= MAX_INT8_DICE_CHANGE
                 if not within:
                     verdict = f"beyond {MAX_INT8_DICE_CHANGE}: fp32 stays the CPU default"
-                elif out is None:
-                    verdict = f"within {MAX_INT8_DICE_CHANGE}: int8 becomes the CPU default for this checkpoint"
                 else:
-                    verdict = f"within {MAX_INT8_DICE_CHANGE}"
+                    verdict = f"within {MAX_INT8_DICE_CHANGE}: int8 becomes the CPU default for this checkpoint"
+                    if out is not None:  # not beside the checkpoint: keep a copy where backend="auto" looks
+                        try:
+                            kept = keep_validated_int8(int8_path, checkpoint)
+                            verdict += f" (a copy kept in {display_name(kept.parent)})"
+                            result["int8_cached"] = str(kept)
+                        except OSError as error:
+                            verdict = f"within {MAX_INT8_DICE_CHANGE}, but no copy could be kept in the cache ({error.strerror or error}): pass {int8_path} as --model to use it"
                 say(
                     f"Dice on {change['n']} images: fp32 {change['dice_reference']:.4f}, int8 {change['dice_candidate']:.4f}, "
                     f"change {change['dice_change']:+.4f} ({verdict})"

@@ -521,6 +521,38 @@ def record_dice_change(onnx_path: Path | str, result: dict[str, Any]) -> None:
     atomic_write_json(sidecar, meta)
 
 
+def cached_int8_path(checkpoint: Path | str, cache_dir: Path | str | None = None) -> Path:
+    """Where a validated int8 model of ``checkpoint`` is kept in the cache (named by its content hash),
+    for checkpoints whose own folder is not the place for it: a shipped model, a read-only folder."""
+    from polypseg.models.checkpoint import checkpoint_paths
+
+    weights, _ = checkpoint_paths(checkpoint)
+    return _cache_entry(_fingerprint(weights), cache_dir).with_suffix(".int8.onnx")
+
+
+def find_validated_int8(checkpoint: Path | str, cache_dir: Path | str | None = None) -> Path | None:
+    """A validated int8 model of exactly this checkpoint's content: ``NAME.int8.onnx`` beside it, else
+    the cache's copy (:func:`keep_validated_int8`); None if neither is validated."""
+    for path in (int8_path_for(checkpoint), cached_int8_path(checkpoint, cache_dir)):
+        if path.is_file() and int8_validated(path, checkpoint):
+            return path
+    return None
+
+
+def keep_validated_int8(int8_path: Path | str, checkpoint: Path | str, cache_dir: Path | str | None = None) -> Path:
+    """Copy a validated int8 model (and its sidecar) to :func:`cached_int8_path`, so that
+    ``backend="auto"`` finds it wherever ``polypseg export --out`` put it. Returns the cache path."""
+    import shutil
+
+    int8_path = Path(int8_path)
+    target = cached_int8_path(checkpoint, cache_dir)
+    if target.resolve() == int8_path.resolve():
+        return target
+    for source, destination in ((int8_path, target), (onnx_sidecar(int8_path), onnx_sidecar(target))):
+        atomic_write(destination, lambda tmp, source=source: shutil.copyfile(source, tmp))
+    return target
+
+
 def int8_validated(int8_path: Path | str, checkpoint: Path | str | None = None) -> bool:
     """True if a quantized model's measured Dice change is within :data:`MAX_INT8_DICE_CHANGE`
     (and, given ``checkpoint``, it was made from that checkpoint's current weights)."""

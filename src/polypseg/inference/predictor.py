@@ -626,13 +626,11 @@ def _fold_index(checkpoint: Path) -> int | None:
 def _preferred_onnx(
     checkpoint: Path, cache_dir: Path | str | None = None, notify: Callable[[str], None] | None = None
 ) -> Path:
-    """For ``backend="auto"`` on CPU: a validated int8 model if one exists, else the cached fp32 export."""
-    from polypseg.inference.export import cached_onnx, int8_path_for, int8_validated
+    """For ``backend="auto"`` on CPU: a validated int8 model if one exists (beside the checkpoint or
+    in the cache), else the cached fp32 export."""
+    from polypseg.inference.export import cached_onnx, find_validated_int8
 
-    int8 = int8_path_for(checkpoint)
-    if int8.is_file() and int8_validated(int8, checkpoint):
-        return int8
-    return cached_onnx(checkpoint, cache_dir, notify)
+    return find_validated_int8(checkpoint, cache_dir) or cached_onnx(checkpoint, cache_dir, notify)
 
 
 def _onnx_models(
