@@ -191,11 +191,18 @@ def load_for_bench(
     """A predictor for ``polypseg bench``: ``model`` is a checkpoint, a run folder, an ``.onnx``, a
     shipped model's name or ``random``.
 
-    ``backend`` is a name of :data:`BACKEND_SPECS`. The int8 ones use ``NAME.int8.onnx`` when
+    ``backend`` is a name of :data:`BACKEND_SPECS`. The int8 ones use the validated int8 model that
+    ``backend="auto"`` would (beside the checkpoint or in the cache), else ``NAME.int8.onnx`` when
     present, else quantize into ``workdir``, calibrated on ``calibration`` (default: the bundled
     Kvasir-SEG sample); ``openvino-int8`` runs that same int8 ONNX graph in OpenVINO.
     """
-    from polypseg.inference.export import cached_onnx, int8_path_for, quantize_onnx_int8, read_onnx_metadata
+    from polypseg.inference.export import (
+        cached_onnx,
+        find_validated_int8,
+        int8_path_for,
+        quantize_onnx_int8,
+        read_onnx_metadata,
+    )
 
     if backend not in BACKENDS:
         raise BenchError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}, all")
@@ -231,7 +238,7 @@ def load_for_bench(
 
     int8_paths = []
     for checkpoint in find_checkpoints(model):
-        int8 = int8_path_for(checkpoint)
+        int8 = find_validated_int8(checkpoint, cache_dir) or int8_path_for(checkpoint)
         if not int8.is_file():
             if calibration is None:
                 from polypseg.data.sample_data import sample_dataset_path
