@@ -1,5 +1,7 @@
 """Every registered model builds on tiny CPU input: forward, backward, save/load (smp's habit)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -57,6 +59,50 @@ def test_paper_model_is_unet_resnet34_with_24_4m_parameters():
     assert 24_300_000 < count_parameters(model) < 24_500_000
     assert type(model).__name__ == "Unet"
     assert model.decoder.blocks[0].interpolation_mode == "nearest"
+
+
+def test_unet_decoder_blocks_match_smps_and_pass_channels_last_gradients_contiguous(monkeypatch):
+    """Same outputs and gradients as smp's own block; in channels-last the upsampling's gradient
+    is made channels-last-contiguous, in NCHW it is left alone (bit for bit smp's)."""
+    from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock as SmpBlock
+
+    from polypseg.models import factory
+    from polypseg.models.factory import UnetDecoderBlock, _channels_last_contiguous
+
+    seen: list[bool] = []  # per hook call: was the gradient a channels-last slice?
+
+    def recording(grad: torch.Tensor) -> torch.Tensor:
+        seen.append(grad.stride(1) == 1 and not grad.is_contiguous(memory_format=torch.channels_last))
+        return _channels_last_contiguous(grad)
+
+    monkeypatch.setattr(factory, "_channels_last_contiguous", recording)
+    assert all(type(block) is UnetDecoderBlock for block in create_model(**SMALL).decoder.blocks)
+    ours = UnetDecoderBlock(32, 16, 8)
+    theirs = copy.deepcopy(ours)
+    theirs.__class__ = SmpBlock
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        x = torch.randn(2, 32, 8, 8).contiguous(memory_format=layout)
+        skip = torch.randn(2, 16, 16, 16).contiguous(memory_format=layout)
+        grads = []
+        for block in (ours, theirs):
+            block.zero_grad()
+            xi, si = x.clone().requires_grad_(), skip.clone().requires_grad_()
+            out = block(xi, 16, 16, skip_connection=si)
+            out.square().sum().backward()
+            grads.append((out.detach(), xi.grad, si.grad, block.conv1[0].weight.grad.clone()))
+        for a, b in zip(*grads, strict=True):
+            if layout == torch.contiguous_format:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert seen == [False, True]  # the NCHW backward's gradient left alone, the channels-last one fixed
+
+    sliced = torch.randn(2, 48, 4, 4).contiguous(memory_format=torch.channels_last)[:, :32]
+    fixed = _channels_last_contiguous(sliced)
+    assert fixed.is_contiguous(memory_format=torch.channels_last) and torch.equal(fixed, sliced)
+    nchw_slice = torch.randn(2, 48, 4, 4)[:, :32]
+    assert _channels_last_contiguous(nchw_slice) is nchw_slice
 
 
 def test_skip_ablation_removes_skip_inputs():

@@ -13,6 +13,8 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.decoders.unet import decoder as smp_unet
 from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder
 from torch import nn
 
@@ -53,6 +55,42 @@ class NoSkipUnetDecoder(UnetDecoder):
             height, width = spatial_shapes[i + 1]
             x = block(x, height, width, skip_connection=None)
         return x
+
+
+def _channels_last_contiguous(grad: torch.Tensor) -> torch.Tensor:
+    """A channel slice of a channels-last gradient, made channels-last-contiguous; anything else as is."""
+    if grad.dim() == 4 and grad.stride(1) == 1 and not grad.is_contiguous(memory_format=torch.channels_last):
+        return grad.contiguous(memory_format=torch.channels_last)
+    return grad
+
+
+class UnetDecoderBlock(smp_unet.UnetDecoderBlock):
+    """smp's U-Net decoder block (same weights, same outputs) whose upsampled map takes its gradient
+    channels-last-contiguous in a CPU backward.
+
+    Why by hand: in a channels-last backward the concatenation hands the upsampling a channel slice
+    of its gradient, and ATen's CPU ``upsample_nearest2d_backward`` converts such a slice to NCHW
+    and back. Measured on 2 AMX cores, bf16: 53 ms for one ``[16, 64, 128, 128]`` map, against
+    17 ms for a channels-last copy plus the fast kernel; 4% of the paper's whole training step.
+    NCHW gradients (fp32 on CPU) are left untouched, so that path stays bit for bit smp's.
+    """
+
+    def forward(
+        self,
+        feature_map: torch.Tensor,
+        target_height: int,
+        target_width: int,
+        skip_connection: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        feature_map = F.interpolate(feature_map, size=(target_height, target_width), mode=self.interpolation_mode)
+        if skip_connection is not None:
+            if feature_map.requires_grad and feature_map.device.type == "cpu":
+                feature_map.register_hook(_channels_last_contiguous)
+            feature_map = torch.cat([feature_map, skip_connection], dim=1)
+            feature_map = self.attention1(feature_map)
+        feature_map = self.conv1(feature_map)
+        feature_map = self.conv2(feature_map)
+        return self.attention2(feature_map)
 
 
 def available_models() -> list[str]:
@@ -125,6 +163,9 @@ def create_model(config: ModelConfig | None = None, **overrides: Any) -> nn.Modu
             n_blocks=len(config.decoder_channels),
             attention_type=attention,
         )
+    if config.arch == "unet":
+        for block in model.decoder.blocks:
+            block.__class__ = UnetDecoderBlock  # same modules and state dict, the forward above
     if weights not in ("none", "imagenet"):
         load_encoder_weights(model, Path(weights))
     return model
