@@ -26,6 +26,7 @@ EXPLAIN_DATA="${EXPLAIN_DATA:-}"
 EXPLAIN_ENGINES="${EXPLAIN_ENGINES:-}"
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # this checkout, the commit the results name
+export COLUMNS="${COLUMNS:-160}"  # rich's tables whole in the log, not folded to 80 columns
 POLYPSEG="python3 -m polypseg.cli.main"
 {
   echo "# CPU precision benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"

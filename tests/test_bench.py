@@ -33,6 +33,7 @@ from helpers import tiny_config
 
 KEYS = {
     "median_ms",
+    "p10_ms",
     "p90_ms",
     "images_per_s",
     "device_name",
@@ -65,7 +66,7 @@ def test_benchmark_module_returns_consistent_figures(pipeline: str) -> None:
         and result["precision"] == resolve_precision("auto", "cpu")
         and result["mode"] == "eager"
     )
-    assert 0 < result["min_ms"] <= result["median_ms"] <= result["p90_ms"]
+    assert 0 < result["min_ms"] <= result["p10_ms"] <= result["median_ms"] <= result["p90_ms"]
     assert result["images_per_s"] == pytest.approx(3 / (result["median_ms"] / 1000))
     assert result["device_name"] == device_name("cpu")
 

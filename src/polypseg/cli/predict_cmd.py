@@ -55,7 +55,9 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
     for column in ("backend", "precision", "mode", "pipeline"):
         table.add_column(column, overflow="fold")  # full backend names, even on an 80-column pipe
     paired = all("speedup_vs_first" in row for row in rows)
-    for column in ("median ms", "p90 ms", "images/s") + ((f"vs {rows[0]['first_backend']}",) if paired else ()):
+    for column in ("p10 ms", "median ms", "p90 ms", "images/s") + (
+        (f"vs {rows[0]['first_backend']}",) if paired else ()
+    ):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
@@ -63,6 +65,7 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
             row["precision"],
             row["mode"],
             row["pipeline"],
+            f"{row['p10_ms']:.2f}",
             f"{row['median_ms']:.2f}",
             f"{row['p90_ms']:.2f}",
             f"{row['images_per_s']:.1f}",
