@@ -70,8 +70,9 @@ class UnetDecoderBlock(smp_unet.UnetDecoderBlock):
 
     Why by hand: in a channels-last backward the concatenation hands the upsampling a channel slice
     of its gradient, and ATen's CPU ``upsample_nearest2d_backward`` converts such a slice to NCHW
-    and back. Measured on 2 AMX cores, bf16: 53 ms for one ``[16, 64, 128, 128]`` map, against
-    17 ms for a channels-last copy plus the fast kernel; 4% of the paper's whole training step.
+    and back. Measured on 2 AMX cores, bf16 (benchmarks/cpu_checks.py upsample): 53 ms for one
+    ``[16, 64, 128, 128]`` map against 18 ms for a channels-last copy plus the fast kernel; 4% of the
+    paper's whole bf16 training step.
     NCHW gradients (fp32 on CPU) are left untouched, so that path stays bit for bit smp's.
     """
 
