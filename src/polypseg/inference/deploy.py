@@ -109,7 +109,7 @@ def export_checkpoints(
                     if out is not None:  # not beside the checkpoint: keep a copy where backend="auto" looks
                         try:
                             kept = keep_validated_int8(int8_path, checkpoint)
-                            verdict += f" (a copy kept in {display_name(kept.parent)})"
+                            verdict += f"; a copy kept in {display_name(kept.parent)}"
                             result["int8_cached"] = str(kept)
                         except OSError as error:
                             verdict = f"within {MAX_INT8_DICE_CHANGE}, but no copy could be kept in the cache ({error.strerror or error}): pass {int8_path} as --model to use it"
