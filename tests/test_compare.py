@@ -55,7 +55,9 @@ def test_paired_tests_match_scipy(tiny_cv_run: Path, second_run: Path) -> None:
     test = comparison.tests["seed1"]["dice"]
     np.testing.assert_allclose(test.differences, np.subtract(b, a), rtol=1e-9)
     assert test.t_p == pytest.approx(stats.ttest_rel(b, a).pvalue)
-    assert test.wilcoxon_p == pytest.approx(0.5)  # two folds: the exact test's only possible value
+    # two folds: the exact test can only give 0.5 (both differences of one sign) or 1.0 (mixed signs)
+    expected = stats.wilcoxon(b, a, method="exact").pvalue
+    assert expected in (0.5, 1.0) and test.wilcoxon_p == pytest.approx(expected)
     assert test.corrected_t_p >= test.t_p  # the corrected test is never more confident
     # its variance factor uses the real n_test/n_train (inner-validation images are not training images)
     folds = read_json(tiny_cv_run / "splits.json")["folds"]
@@ -87,7 +89,12 @@ def test_compare_cli_prints_and_writes_the_table(tiny_cv_run: Path, second_run: 
     assert "| Δ seed1 − run |" in text
     assert "2/2^2 = 0.5" in text
     data = read_json(tmp_path / "cmp.json")
-    assert data["paired_tests"]["seed1"]["dice"]["wilcoxon_p"] == pytest.approx(0.5)
+    a, b = (
+        [f["at_0.5"]["dice"] for f in read_json(run / "summary.json")["per_fold"]] for run in (tiny_cv_run, second_run)
+    )
+    assert data["paired_tests"]["seed1"]["dice"]["wilcoxon_p"] == pytest.approx(
+        stats.wilcoxon(b, a, method="exact").pvalue
+    )
     assert "Paired test across folds: Dice" in result.stdout
 
 
