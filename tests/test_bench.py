@@ -425,3 +425,28 @@ def test_bench_auto_times_the_engine_predict_auto_uses(monkeypatch) -> None:
     assert auto_backend("cpu") == "openvino-bf16"
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
     assert auto_backend("cpu") == "openvino"
+
+
+def test_bench_auto_takes_int8_where_every_checkpoint_has_a_validated_export(tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    from polypseg.experiments.bench import auto_backend
+    from polypseg.inference import export
+
+    config = tiny_config(image_size=32)
+    checkpoint = save_checkpoint(tmp_path / "tiny", create_model(config.model).eval(), config)
+    validated: set[Path] = set()
+    monkeypatch.setattr(export, "find_validated_int8", lambda c, cache_dir=None: c if c in validated else None)
+    real_find_spec = importlib.util.find_spec
+    for openvino, engine in ((object(), "openvino"), (None, "onnxruntime")):
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a, o=openvino: o if name == "openvino" else real_find_spec(name, *a),
+        )
+        validated.clear()
+        assert auto_backend("cpu", checkpoint) != f"{engine}-int8"
+        validated.add(checkpoint)
+        assert auto_backend("cpu", checkpoint) == f"{engine}-int8"
+        assert auto_backend("cpu", "random") != f"{engine}-int8" and auto_backend("cuda", checkpoint) == "torch"
+    assert auto_backend("cpu", tmp_path / "missing") == "onnxruntime"  # the load names the problem, not the choice

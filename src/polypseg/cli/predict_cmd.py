@@ -243,7 +243,7 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option(
             "auto",
             "--backend",
-            help="auto (what predict uses: torch on CUDA; on CPU OpenVINO if installed, bf16 where native, else onnxruntime), torch, torch-bf16, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, openvino-int8 "
+            help="auto (what predict uses: torch on CUDA; on CPU OpenVINO if installed, else onnxruntime, in int8 where validated, else bf16 where native), torch, torch-bf16, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, openvino-int8 "
             "(OpenVINO: pip install 'polypseg\\[openvino]'), or all (every one installed; bf16 where the CPU has it).",
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),

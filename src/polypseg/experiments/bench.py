@@ -40,18 +40,34 @@ BACKEND_SPECS: dict[str, tuple[str, str]] = {
 BACKENDS = tuple(BACKEND_SPECS)
 
 
-def auto_backend(device: str | torch.device = "cpu") -> str:
-    """The engine ``polypseg predict --backend auto`` uses for a model without a validated int8
-    export: torch on CUDA; on a CPU OpenVINO when installed (bf16 where native), else onnxruntime."""
+def auto_backend(device: str | torch.device = "cpu", model: str | Path | None = None) -> str:
+    """The engine ``polypseg predict --backend auto`` uses: torch on CUDA; on a CPU OpenVINO when
+    installed, else onnxruntime, in int8 where every checkpoint of ``model`` has a validated int8
+    export (beside it or in the cache), else OpenVINO in bf16 where the CPU has it natively."""
     from importlib.util import find_spec
 
     from polypseg.core.precision import cpu_bf16_flags
 
     if torch.device(device).type == "cuda":
         return "torch"
-    if find_spec("openvino") is None:
+    engine = "openvino" if find_spec("openvino") is not None else "onnxruntime"
+    if model is not None and str(model) != "random" and Path(model).suffix != ".onnx" and _all_int8_validated(model):
+        return f"{engine}-int8"
+    if engine == "onnxruntime":
         return "onnxruntime"
     return "openvino-bf16" if cpu_bf16_flags() else "openvino"
+
+
+def _all_int8_validated(model: str | Path) -> bool:
+    from polypseg.inference.export import find_validated_int8
+    from polypseg.models.checkpoint import CheckpointError, find_checkpoints
+    from polypseg.models.pretrained import resolve_model
+
+    try:
+        checkpoints = find_checkpoints(resolve_model(model))
+    except CheckpointError:
+        return False  # load_for_bench names the problem
+    return bool(checkpoints) and all(find_validated_int8(c) is not None for c in checkpoints)
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
@@ -769,7 +785,7 @@ def benchmark_backends(
 
     torch_device = resolve_device(device, label="--device")
     if backend == "auto":
-        backends = [auto_backend(torch_device)]
+        backends = [auto_backend(torch_device, model)]
     elif backend == "all":
         backends = available_backends(torch_device)
     elif backend in BACKENDS:
