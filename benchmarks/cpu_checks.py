@@ -48,7 +48,7 @@ def upsample(rounds: int) -> None:
     from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock as SmpBlock
 
     from polypseg.core.config import get_recipe
-    from polypseg.training.loop import TrainStep, seed_everything
+    from polypseg.experiments.bench import _TimedStep
 
     grad = torch.randn(16, 96, 128, 128).bfloat16().contiguous(memory_format=torch.channels_last)[:, :64]
     backward = torch.ops.aten.upsample_nearest2d_backward.default
@@ -65,28 +65,16 @@ def upsample(rounds: int) -> None:
         flush=True,
     )
 
-    config = get_recipe("paper")
-    config.train.precision = "bf16"
-    steps = {}
-    for name in ("smp", "polypseg"):
-        seed_everything(0)
-        step = TrainStep(config, torch.device("cpu"), channels_last=True)
-        if name == "smp":
-            for block in step.model.decoder.blocks:
-                block.__class__ = SmpBlock
-        steps[name] = step
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (16, 3, 256, 256), dtype=torch.uint8, generator=generator)
-    masks = (torch.rand((16, 1, 256, 256), generator=generator) > 0.7).to(torch.uint8)
-    for step in steps.values():
-        for _ in range(2):
-            step(images, masks, 1e-4, generator)
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    # bench-train's own timed step (random batch, the whole TrainStep), once per decoder block class
+    timers = {name: _TimedStep(get_recipe("paper"), torch.device("cpu"), "bf16-cl") for name in ("smp", "polypseg")}
+    for block in timers["smp"].step.model.decoder.blocks:
+        block.__class__ = SmpBlock
+    for timer in timers.values():
+        timer.warm_up(2)
     for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step(images, masks, 1e-4, generator)
-            times[name].append((time.perf_counter() - start) * 1000)
+        for timer in timers.values():
+            timer.run(1)
+    times = {name: [t * 1000 for t in timer.times] for name, timer in timers.items()}
     ratios = [a / b for a, b in zip(times["smp"], times["polypseg"], strict=True)]
     print(
         json.dumps(
