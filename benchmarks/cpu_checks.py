@@ -1,7 +1,10 @@
-"""Two CPU measurements behind docs/benchmarks.md's AMX section (issue #11), printed as JSON lines.
+"""CPU measurements behind docs/benchmarks.md's AMX section (issue #11), printed as JSON lines.
 
     python benchmarks/cpu_checks.py drift [--seconds 120]     # does this machine's speed drift?
     python benchmarks/cpu_checks.py upsample [--rounds 12]   # the decoder's gradient-layout fix
+    python benchmarks/cpu_checks.py openvino-shape [--rounds 60]  # static vs dynamic batch in OpenVINO
+    python benchmarks/cpu_checks.py fused-adam [--rounds 8]  # the bf16 step with foreach vs fused Adam
+    python benchmarks/cpu_checks.py malloc [--pairs 3]       # training with glibc's default malloc vs kept memory
 
 drift: the bf16 matmul peak (best of 20 at 2048) read every 8 s while matmuls keep both cores busy,
 so a shared host's changing speed shows before any comparison is trusted.
@@ -9,6 +12,14 @@ upsample: ATen's CPU ``upsample_nearest2d_backward`` on a channel slice of a cha
 gradient (what the skip concatenation hands it) against a channels-last copy plus the kernel; then
 the paper recipe's whole bf16 channels-last training step with smp's decoder block and with
 polypseg's (``polypseg.models.factory.UnetDecoderBlock``), interleaved, paired per round.
+openvino-shape: the shipped model's exported graphs (int8, and fp32 run in bf16) compiled as exported
+(dynamic batch) and per batch size (``polypseg.inference.openvino_engine.StaticShapeModel``), batch 1
+and 16, interleaved; milliseconds per image.
+fused-adam: the paper recipe's bf16 channels-last step with torch's default (foreach) Adam and with
+the fused CPU Adam that bf16 runs now use, interleaved, paired per round.
+malloc: ``polypseg bench-train`` (fp32 NCHW and bf16 channels-last) in fresh processes, alternately
+with glibc's default malloc (``MALLOC_MMAP_MAX_=65536`` set, so polypseg leaves malloc alone) and with
+``polypseg.core.devices.keep_freed_cpu_memory``; the page faults of one step in each setting.
 """
 
 from __future__ import annotations
@@ -69,19 +80,77 @@ def upsample(rounds: int) -> None:
     timers = {name: _TimedStep(get_recipe("paper"), torch.device("cpu"), "bf16-cl") for name in ("smp", "polypseg")}
     for block in timers["smp"].step.model.decoder.blocks:
         block.__class__ = SmpBlock
+    _interleave(timers, rounds, "paper recipe, bf16 channels-last, batch 16, 256 px", "smp", "polypseg")
+
+
+def openvino_shape(rounds: int) -> None:
+    import numpy as np
+    import openvino as ov
+
+    from polypseg.experiments.bench import load_for_bench
+    from polypseg.inference.openvino_engine import StaticShapeModel, openvino_config
+
+    graphs = {
+        name: load_for_bench("kvasir-unet-r34", name, device="cpu").metadata["onnx"][0]
+        for name in ("openvino-int8", "openvino-bf16")
+    }
+    config = openvino_config("bf16")
+    for batch in (1, 16):
+        x = np.random.default_rng(0).standard_normal((batch, 3, 256, 256)).astype(np.float32)
+        runners = {}
+        for name, path in graphs.items():
+            request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+            static = StaticShapeModel(path, config, first_batch=batch)
+            runners[f"{name} dynamic"] = lambda r=request, x=x: r.infer({0: x})
+            runners[f"{name} static"] = lambda m=static, x=x: m.infer(x)
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for run in runners.values():
+            run()
+            run()
+        for _ in range(rounds if batch == 1 else max(4, rounds // 8)):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) * 1000 / batch)
+        summary = {name: statistics.median(t) for name, t in times.items()}
+        ratios = {
+            name: statistics.median(
+                a / b for a, b in zip(times[f"{name} dynamic"], times[f"{name} static"], strict=True)
+            )
+            for name in graphs
+        }
+        print(
+            json.dumps({"batch": batch, "median_ms_per_image": summary, "paired_dynamic_over_static": ratios}),
+            flush=True,
+        )
+
+
+def fused_adam(rounds: int) -> None:
+    from polypseg.core.config import get_recipe
+    from polypseg.experiments.bench import _TimedStep
+
+    timers = {name: _TimedStep(get_recipe("paper"), torch.device("cpu"), "bf16-cl") for name in ("foreach", "fused")}
+    foreach = timers["foreach"].step
+    assert timers["fused"].step.optimizer.defaults["fused"], "bf16 steps use the fused CPU Adam"
+    tc = get_recipe("paper").train
+    foreach.optimizer = torch.optim.Adam(foreach.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    _interleave(timers, rounds, "paper recipe, bf16 channels-last, batch 16, 256 px", "foreach", "fused")
+
+
+def _interleave(timers: dict, rounds: int, label: str, first: str, second: str) -> None:
     for timer in timers.values():
         timer.warm_up(2)
     for _ in range(rounds):
         for timer in timers.values():
             timer.run(1)
     times = {name: [t * 1000 for t in timer.times] for name, timer in timers.items()}
-    ratios = [a / b for a, b in zip(times["smp"], times["polypseg"], strict=True)]
+    ratios = [a / b for a, b in zip(times[first], times[second], strict=True)]
     print(
         json.dumps(
             {
-                "step": "paper recipe, bf16 channels-last, batch 16, 256 px",
+                "step": label,
                 "median_step_ms": {name: statistics.median(t) for name, t in times.items()},
-                "paired_smp_over_polypseg": statistics.median(ratios),
+                f"paired_{first}_over_{second}": statistics.median(ratios),
                 "round_ratios": ratios,
             }
         ),
@@ -89,13 +158,79 @@ def upsample(rounds: int) -> None:
     )
 
 
+_FAULTS = """
+import resource, sys, torch
+from polypseg.core.config import get_recipe
+from polypseg.experiments.bench import _TimedStep
+timer = _TimedStep(get_recipe("paper"), torch.device("cpu"), sys.argv[1])
+timer.warm_up(2)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+timer.run(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def malloc(pairs: int) -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")
+    }
+    settings = {"glibc": {**base, "MALLOC_MMAP_MAX_": "65536"}, "kept": base}  # 65536: glibc's own default
+    for variant in ("fp32-nchw", "bf16-cl"):
+        faults = {
+            name: int(
+                subprocess.run(
+                    [sys.executable, "-c", _FAULTS, variant], env=env, capture_output=True, text=True, check=True
+                ).stdout.split()[-1]
+            )
+            for name, env in settings.items()
+        }
+        print(json.dumps({"variant": variant, "page_faults_per_step": faults}), flush=True)
+    images_per_s: dict[str, dict[str, list[float]]] = {name: {} for name in settings}
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(pairs):
+            for name in list(settings)[:: 1 if pair % 2 == 0 else -1]:
+                out = os.path.join(tmp, f"{name}-{pair}.json")
+                command = [sys.executable, "-m", "polypseg", "bench-train", "--recipe", "paper", "--device", "cpu"]
+                command += ["--variants", "fp32-nchw,bf16-cl", "--rounds", "2", "--steps", "1", "--warmup", "2"]
+                subprocess.run(
+                    [*command, "--no-peak", "--json", out], env=settings[name], check=True, capture_output=True
+                )
+                for row in json.loads(open(out).read()):
+                    images_per_s[name].setdefault(row["variant"], []).append(row["images_per_s"])
+    for variant in images_per_s["glibc"]:
+        glibc, kept = images_per_s["glibc"][variant], images_per_s["kept"][variant]
+        print(
+            json.dumps(
+                {
+                    "variant": variant,
+                    "images_per_s": {"glibc": glibc, "kept": kept},
+                    "paired_kept_over_glibc": statistics.median(k / g for k, g in zip(kept, glibc, strict=True)),
+                }
+            ),
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="check", required=True)
     sub.add_parser("drift").add_argument("--seconds", type=float, default=120)
     sub.add_parser("upsample").add_argument("--rounds", type=int, default=12)
+    sub.add_parser("openvino-shape").add_argument("--rounds", type=int, default=60)
+    sub.add_parser("fused-adam").add_argument("--rounds", type=int, default=8)
+    sub.add_parser("malloc").add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
-    drift(args.seconds) if args.check == "drift" else upsample(args.rounds)
+    if args.check == "drift":
+        drift(args.seconds)
+    elif args.check == "malloc":
+        malloc(args.pairs)
+    else:
+        {"upsample": upsample, "openvino-shape": openvino_shape, "fused-adam": fused_adam}[args.check](args.rounds)
 
 
 if __name__ == "__main__":

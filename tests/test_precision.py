@@ -7,6 +7,7 @@ import torch
 
 from polypseg.core import precision
 from polypseg.core.config import RunConfig, get_recipe
+from polypseg.data.augment import augment_batch
 from polypseg.data.transforms import normalize
 from polypseg.errors import PolypsegError
 from polypseg.models.factory import create_model
@@ -73,6 +74,7 @@ def test_cpu_without_bf16_falls_back_to_the_fp32_nchw_step(no_bf16):
     assert step.precision == "fp32" and not step.channels_last
     conv = step.model.encoder.conv1.weight
     assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+    assert not step.optimizer.defaults["fused"]  # torch's default update, as before bf16 existed
     assert "fp32" in precision.describe("auto", "cpu") and "no native bf16" in precision.describe("auto", "cpu")
 
 
@@ -87,6 +89,28 @@ def test_cpu_with_bf16_trains_in_bf16_channels_last_with_fp32_master_weights(nat
     assert all(p.dtype == torch.float32 for p in step.model.parameters())
     state = step.optimizer.state_dict()["state"]
     assert state and all(v["exp_avg"].dtype == torch.float32 for v in state.values())
+    assert step.optimizer.defaults["fused"]  # the single-kernel CPU update: bf16 runs only
+
+
+def test_explicit_fp32_keeps_the_foreach_update_on_a_bf16_cpu(native_bf16):
+    """--precision fp32 gives today's numbers bit for bit: the fused update rounds differently."""
+    config = tiny_config(image_size=32)
+    config.train.precision = "fp32"
+    step = TrainStep(config, torch.device("cpu"))
+    assert step.precision == "fp32" and not step.optimizer.defaults["fused"]
+    torch.manual_seed(0)
+    reference = create_model(config.model)
+    reference.load_state_dict(step.model.state_dict())
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-3, weight_decay=config.train.weight_decay)
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    masks = (torch.rand(2, 1, 32, 32) > 0.5).to(torch.uint8)
+    step(images, masks, 1e-3, torch.Generator().manual_seed(0))
+    x, y = augment_batch(images.float().div(255), masks.float(), config.train.augment, torch.Generator().manual_seed(0))
+    loss = step.loss_fn(reference(normalize(x)), y)
+    loss.backward()
+    adam.step()
+    for mine, theirs in zip(step.model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
 
 
 def test_fp32_prediction_is_exactly_the_plain_forward():

@@ -54,3 +54,43 @@ def device_name(device: str | torch.device) -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{model} ({cores} cores)"
+
+
+# mallopt(3) parameters, from glibc's <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# An explicit choice of allocator or glibc malloc setting in the environment wins over ours.
+_ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_freed_memory_kept = False
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning large blocks to the system.
+
+    glibc serves every block of 32 MiB or more (at batch 16 and 256 px, many activations and their
+    gradients) with its own ``mmap`` and unmaps it on free, so each CPU training step faults in fresh
+    zeroed pages: about 170k page faults a step in bf16, 0.5-1M in fp32, 10-15% of the step's CPU time
+    (``python benchmarks/cpu_checks.py malloc``, docs/benchmarks.md). With mmap off and the trim
+    threshold at its maximum the heap keeps its peak and the next step reuses it (resident memory
+    about 5% above the peak, for the life of the process). This is what jemalloc or tcmalloc loaded
+    with ``LD_PRELOAD`` give, without a system package.
+
+    Process-wide, once; a no-op off glibc and where the environment already chooses an allocator or
+    glibc's malloc settings (``LD_PRELOAD``, ``MALLOC_*_``, ``GLIBC_TUNABLES`` with ``malloc``).
+    Returns True when the setting is (now or already) ours.
+    """
+    global _freed_memory_kept
+    if _freed_memory_kept:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(os.environ.get(name) for name in _ALLOCATOR_ENV) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    # mallopt returns 1 on success; the maximum int keeps the heap's top from being trimmed
+    _freed_memory_kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _freed_memory_kept

@@ -294,30 +294,28 @@ def onnxruntime_runner(onnx_path: Path | str, threads: int | None = None) -> Eng
 
 
 def openvino_runner(onnx_path: Path | str, precision: str = "fp32", threads: int | None = None) -> EngineRunner:
-    """Run the two-output graph in OpenVINO on the CPU; ``precision`` ``bf16`` sets ``INFERENCE_PRECISION_HINT``
-    as :meth:`polypseg.inference.predictor.Predictor.from_openvino` does (a QDQ graph runs in int8 whatever is asked)."""
+    """Run the two-output graph in OpenVINO on the CPU, compiled per batch size
+    (:class:`polypseg.inference.openvino_engine.StaticShapeModel`, as
+    :meth:`polypseg.inference.predictor.Predictor.from_openvino` runs it); ``precision`` ``bf16`` sets
+    ``INFERENCE_PRECISION_HINT`` (a QDQ graph runs in int8 whatever is asked)."""
     try:
-        import openvino as ov
+        import openvino  # noqa: F401 - a missing extra is one line for the user, before any file is read
     except ImportError:
         raise EngineGradCAMError("the openvino engine needs OpenVINO: pip install 'polypseg[openvino]'") from None
-    core = ov.Core()
-    config: dict[str, Any] = {
-        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-    }
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
+    from polypseg.inference.openvino_engine import OpenVINOError, StaticShapeModel, openvino_config
+
     try:
-        compiled = core.compile_model(str(onnx_path), "CPU", config)
-    except Exception as error:  # noqa: BLE001 - OpenVINO raises its own exception types
-        raise EngineGradCAMError(f"OpenVINO cannot compile {onnx_path}: {str(error).splitlines()[0]}") from None
-    request = compiled.create_infer_request()
-    outputs = {name: compiled.output(name) for name in OUTPUT_NAMES}
+        model = StaticShapeModel(onnx_path, openvino_config(precision, threads))
+    except OpenVINOError as error:
+        raise EngineGradCAMError(str(error)) from None
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        result = request.infer({0: images})
+        try:
+            result = model.infer(images)
+        except OpenVINOError as error:
+            raise EngineGradCAMError(str(error)) from None
         # The request reuses its output buffers: the caller finishes with them before the next call.
-        return result[outputs["logits"]], result[outputs["features"]]
+        return result[OUTPUT_NAMES[0]], result[OUTPUT_NAMES[1]]
 
     return run
 
