@@ -18,7 +18,8 @@ and 16, interleaved; milliseconds per image.
 fused-adam: the paper recipe's bf16 channels-last step with torch's default (foreach) Adam and with
 the fused CPU Adam that bf16 runs now use, interleaved, paired per round.
 malloc: ``polypseg bench-train`` (fp32 NCHW and bf16 channels-last) in fresh processes, alternately
-with glibc's default malloc (``MALLOC_MMAP_MAX_=65536`` set, so polypseg leaves malloc alone) and with
+with glibc's default malloc (``GLIBC_TUNABLES=glibc.malloc.perturb=0``, its default, set so that
+polypseg leaves malloc alone) and with
 ``polypseg.core.devices.keep_freed_cpu_memory``; the page faults of one step in each setting.
 """
 
@@ -179,7 +180,9 @@ def malloc(pairs: int) -> None:
     base = {
         k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")
     }
-    settings = {"glibc": {**base, "MALLOC_MMAP_MAX_": "65536"}, "kept": base}  # 65536: glibc's own default
+    # perturb=0 is glibc's default: a malloc tunable that changes nothing but makes polypseg leave malloc
+    # alone. (MALLOC_MMAP_MAX_ would not do: setting it freezes glibc's mmap threshold at 128 KiB.)
+    settings = {"glibc": {**base, "GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "kept": base}
     for variant in ("fp32-nchw", "bf16-cl"):
         faults = {
             name: int(
