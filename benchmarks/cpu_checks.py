@@ -16,7 +16,7 @@ openvino-shape: the shipped model's exported graphs (int8, and fp32 run in bf16)
 (dynamic batch) and per batch size (``polypseg.inference.openvino_engine.StaticShapeModel``), batch 1
 and 16, interleaved; milliseconds per image.
 fused-adam: the paper recipe's bf16 channels-last step with torch's default (foreach) Adam and with
-the fused CPU Adam that bf16 runs now use, interleaved, paired per round.
+the fused CPU Adam that bf16 runs now use, interleaved, paired per round; then the update alone.
 malloc: ``polypseg bench-train`` (fp32 NCHW and bf16 channels-last) in fresh processes, alternately
 with glibc's default malloc (``GLIBC_TUNABLES=glibc.malloc.perturb=0``, its default, set so that
 polypseg leaves malloc alone) and with
@@ -136,6 +136,14 @@ def fused_adam(rounds: int) -> None:
     tc = get_recipe("paper").train
     foreach.optimizer = torch.optim.Adam(foreach.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     _interleave(timers, rounds, "paper recipe, bf16 channels-last, batch 16, 256 px", "foreach", "fused")
+    # the update alone, on the gradients the last step left
+    update_ms: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(10):
+        for name, timer in timers.items():
+            start = time.perf_counter()
+            timer.step.optimizer.step()
+            update_ms[name].append((time.perf_counter() - start) * 1000)
+    print(json.dumps({"optimizer_step_ms": {name: statistics.median(t) for name, t in update_ms.items()}}), flush=True)
 
 
 def _interleave(timers: dict, rounds: int, label: str, first: str, second: str) -> None:

@@ -1,8 +1,8 @@
 """OpenVINO on the CPU: an exported graph compiled once per input shape, with that shape fixed.
 
 The exported ONNX graphs have a dynamic batch dimension, so one file serves any batch. OpenVINO's
-CPU plugin runs a graph whose input shape is static faster than the same graph left dynamic (the
-shipped U-Net/ResNet-34 at 256 px: 5-12% lower latency, int8 and bf16, batch 1 and 16;
+CPU plugin runs the int8 graph faster with its input shape static (the shipped U-Net/ResNet-34 at
+256 px on a 2-core Xeon with AMX: 1.12x at batch 1, 1.06x at batch 16; bf16 the same either way;
 ``python benchmarks/cpu_checks.py openvino-shape``, docs/benchmarks.md), and compiling one takes
 well under a second. So each input shape is compiled on first use and kept, a few at most: a
 predictor sees its batch size and the last, shorter batch; a video or a server sees batch 1.
