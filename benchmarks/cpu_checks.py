@@ -5,6 +5,7 @@
     python benchmarks/cpu_checks.py openvino-shape [--rounds 60]  # static vs dynamic batch in OpenVINO
     python benchmarks/cpu_checks.py fused-adam [--rounds 8]  # the bf16 step with foreach vs fused Adam
     python benchmarks/cpu_checks.py malloc [--pairs 3]       # training with glibc's default malloc vs kept memory
+    python benchmarks/cpu_checks.py profile [--steps 2]      # where a bf16 training step's time goes, per op
 
 drift: the bf16 matmul peak (best of 20 at 2048) read every 8 s while matmuls keep both cores busy,
 so a shared host's changing speed shows before any comparison is trusted.
@@ -20,7 +21,10 @@ the fused CPU Adam that bf16 runs now use, interleaved, paired per round; then t
 malloc: ``polypseg bench-train`` (fp32 NCHW and bf16 channels-last) in fresh processes, alternately
 with glibc's default malloc (``GLIBC_TUNABLES=glibc.malloc.perturb=0``, its default, set so that
 polypseg leaves malloc alone) and with
-``polypseg.core.devices.keep_freed_cpu_memory``; the page faults of one step in each setting.
+``polypseg.core.devices.keep_freed_cpu_memory``; first the page faults of one step and the peak
+resident memory in each setting (``--pairs 0``: only those).
+profile: ``torch.profiler`` over the paper recipe's bf16 channels-last steps; each op's share of
+the CPU time (self time, ops over 1%).
 """
 
 from __future__ import annotations
@@ -175,7 +179,8 @@ timer = _TimedStep(get_recipe("paper"), torch.device("cpu"), sys.argv[1])
 timer.warm_up(2)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 timer.run(1)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(usage.ru_minflt - before, usage.ru_maxrss)
 """
 
 
@@ -192,15 +197,17 @@ def malloc(pairs: int) -> None:
     # alone. (MALLOC_MMAP_MAX_ would not do: setting it freezes glibc's mmap threshold at 128 KiB.)
     settings = {"glibc": {**base, "GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "kept": base}
     for variant in ("fp32-nchw", "bf16-cl"):
-        faults = {
-            name: int(
-                subprocess.run(
-                    [sys.executable, "-c", _FAULTS, variant], env=env, capture_output=True, text=True, check=True
-                ).stdout.split()[-1]
-            )
+        probes = {
+            name: subprocess.run(
+                [sys.executable, "-c", _FAULTS, variant], env=env, capture_output=True, text=True, check=True
+            ).stdout.split()[-2:]
             for name, env in settings.items()
         }
-        print(json.dumps({"variant": variant, "page_faults_per_step": faults}), flush=True)
+        faults = {name: int(probe[0]) for name, probe in probes.items()}
+        peak_mib = {name: round(int(probe[1]) / 1024) for name, probe in probes.items()}  # ru_maxrss is in KiB
+        print(
+            json.dumps({"variant": variant, "page_faults_per_step": faults, "peak_resident_mib": peak_mib}), flush=True
+        )
     images_per_s: dict[str, dict[str, list[float]]] = {name: {} for name in settings}
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(pairs):
@@ -227,6 +234,33 @@ def malloc(pairs: int) -> None:
         )
 
 
+def profile(steps: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from polypseg.core.config import get_recipe
+    from polypseg.experiments.bench import _TimedStep
+
+    timer = _TimedStep(get_recipe("paper"), torch.device("cpu"), "bf16-cl")
+    timer.warm_up(3)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        timer.run(steps, timed=False)
+    ops = prof.key_averages()
+    total = sum(op.self_cpu_time_total for op in ops)
+    shares = {op.key: op.self_cpu_time_total / total for op in ops if op.self_cpu_time_total / total > 0.01}
+    print(
+        json.dumps(
+            {
+                "step": "paper recipe, bf16 channels-last, batch 16, 256 px",
+                "steps": steps,
+                "self_cpu_s": total / 1e6,
+                "share": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
+            }
+        ),
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="check", required=True)
@@ -235,11 +269,14 @@ def main() -> None:
     sub.add_parser("openvino-shape").add_argument("--rounds", type=int, default=60)
     sub.add_parser("fused-adam").add_argument("--rounds", type=int, default=8)
     sub.add_parser("malloc").add_argument("--pairs", type=int, default=3)
+    sub.add_parser("profile").add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     if args.check == "drift":
         drift(args.seconds)
     elif args.check == "malloc":
         malloc(args.pairs)
+    elif args.check == "profile":
+        profile(args.steps)
     else:
         {"upsample": upsample, "openvino-shape": openvino_shape, "fused-adam": fused_adam}[args.check](args.rounds)
 
