@@ -38,3 +38,19 @@ def write_synthetic_dataset(root: Path, n: int = 6, size: tuple[int, int] = (48,
         Image.fromarray(image).save(root / "images" / f"case{i:02d}.jpg", quality=95)
         Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"case{i:02d}.png")
     return root
+
+
+def save_tiny_checkpoint(folder: Path) -> Path:
+    """A random (seed 0) 32-px U-Net/ResNet-18 with an 8-channel decoder saved as ``folder/best``;
+    returns the weights file. For tests of engines and inputs, where the weights do not matter."""
+    import torch
+
+    from polypseg.core.config import ModelConfig, TrainConfig
+    from polypseg.models.checkpoint import save_checkpoint
+    from polypseg.models.factory import create_model
+
+    torch.manual_seed(0)
+    config = RunConfig(
+        model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
+    )
+    return save_checkpoint(folder / "best", create_model(config.model), config)

@@ -9,20 +9,15 @@ import pytest
 import torch
 
 from polypseg.core import precision
-from polypseg.core.config import ModelConfig, RunConfig, TrainConfig
 from polypseg.experiments import bench
 from polypseg.inference.predictor import Predictor, PredictorError
-from polypseg.models.checkpoint import save_checkpoint
-from polypseg.models.factory import create_model
+
+from helpers import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = RunConfig(
-        model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
-    )
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", create_model(config.model), config)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,9 @@ import tifffile
 import torch
 from PIL import Image
 
-from polypseg.core.config import ModelConfig, RunConfig, TrainConfig
 from polypseg.core.io_utils import display_name, safe_stem
-from polypseg.models.checkpoint import save_checkpoint
-from polypseg.models.factory import create_model
+
+from helpers import save_tiny_checkpoint
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 RNG = np.random.default_rng(0)
@@ -263,13 +262,7 @@ def _env(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = RunConfig(
-        model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
-    )
-    root = tmp_path_factory.mktemp("model")
-    save_checkpoint(root / "best", create_model(config.model), config, threshold=0.5)
-    return root / "best.safetensors"
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

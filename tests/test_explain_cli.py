@@ -9,29 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from polypseg.core.config import ModelConfig, RunConfig, TrainConfig
 from polypseg.errors import PolypsegError
 from polypseg.explain.gallery import render_gallery, render_panel, select_cases, select_records, write_gallery
-from polypseg.models.checkpoint import save_checkpoint
-from polypseg.models.factory import create_model
+
+from helpers import save_tiny_checkpoint
 
 SIZES = {"a": (40, 48), "b": (36, 36), "c": (52, 30)}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = RunConfig(
-        model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
-    )
-    model = create_model(config.model)
-    root = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(root / "best", model, config, threshold=0.5)
-    return root / "best.safetensors"
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

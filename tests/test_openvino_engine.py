@@ -6,12 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from polypseg.core.config import ModelConfig, RunConfig, TrainConfig
 from polypseg.inference.predictor import Predictor, PredictorError
-from polypseg.models.checkpoint import save_checkpoint
-from polypseg.models.factory import create_model
+
+from helpers import save_tiny_checkpoint
 
 ov = pytest.importorskip("openvino")
 
@@ -20,12 +18,8 @@ from polypseg.inference.openvino_engine import OpenVINOError, StaticShapeModel, 
 
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = RunConfig(
-        model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
-    )
     folder = tmp_path_factory.mktemp("ov")
-    checkpoint = save_checkpoint(folder / "best", create_model(config.model), config)
+    checkpoint = save_tiny_checkpoint(folder)
     predictor = Predictor.from_checkpoint(
         checkpoint, device="cpu", backend="openvino", precision="fp32", cache_dir=folder
     )
