@@ -4,7 +4,7 @@
     python benchmarks/cpu_checks.py upsample [--rounds 12]   # the decoder's gradient-layout fix
     python benchmarks/cpu_checks.py openvino-shape [--rounds 60]  # static vs dynamic batch in OpenVINO
     python benchmarks/cpu_checks.py fused-adam [--rounds 8]  # the bf16 step with foreach vs fused Adam
-    python benchmarks/cpu_checks.py malloc [--pairs 3]       # training with glibc's default malloc vs kept memory
+    python benchmarks/cpu_checks.py malloc [--pairs 3] [--parts probe,train,gradcam]  # glibc's malloc vs kept memory
     python benchmarks/cpu_checks.py profile [--steps 2]      # where a bf16 training step's time goes, per op
 
 drift: the bf16 matmul peak (best of 20 at 2048) read every 8 s while matmuls keep both cores busy,
@@ -22,7 +22,7 @@ malloc: ``polypseg bench-train`` (fp32 NCHW and bf16 channels-last) in fresh pro
 with glibc's default malloc (``GLIBC_TUNABLES=glibc.malloc.perturb=0``, its default, set so that
 polypseg leaves malloc alone) and with
 ``polypseg.core.devices.keep_freed_cpu_memory``; first the page faults of one step and the peak
-resident memory in each setting (``--pairs 0``: only those).
+resident memory in each setting (``--pairs 0``: only those); then torch fp32 Grad-CAM batches the same way.
 profile: ``torch.profiler`` over the paper recipe's bf16 channels-last steps; each op's share of
 the CPU time (self time, ops over 1%).
 """
@@ -184,7 +184,23 @@ print(usage.ru_minflt - before, usage.ru_maxrss)
 """
 
 
-def malloc(pairs: int) -> None:
+_GRADCAM = """
+import resource, time, torch
+from polypseg.explain.gradcam import SegmentationGradCAM
+from polypseg.models.checkpoint import load_checkpoint
+from polypseg.models.pretrained import resolve_model
+model = load_checkpoint(resolve_model("kvasir-unet-r34")).model.float().eval()
+images = torch.randn(16, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+with SegmentationGradCAM(model) as cam:
+    cam(images), cam(images)
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    for _ in range(3):
+        cam(images)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, time.perf_counter() - start)
+"""
+
+
+def malloc(pairs: int, parts: str = "probe,train,gradcam") -> None:
     import os
     import subprocess
     import sys
@@ -196,7 +212,7 @@ def malloc(pairs: int) -> None:
     # perturb=0 is glibc's default: a malloc tunable that changes nothing but makes polypseg leave malloc
     # alone. (MALLOC_MMAP_MAX_ would not do: setting it freezes glibc's mmap threshold at 128 KiB.)
     settings = {"glibc": {**base, "GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "kept": base}
-    for variant in ("fp32-nchw", "bf16-cl"):
+    for variant in ("fp32-nchw", "bf16-cl") if "probe" in parts else ():
         probes = {
             name: subprocess.run(
                 [sys.executable, "-c", _FAULTS, variant], env=env, capture_output=True, text=True, check=True
@@ -210,7 +226,7 @@ def malloc(pairs: int) -> None:
         )
     images_per_s: dict[str, dict[str, list[float]]] = {name: {} for name in settings}
     with tempfile.TemporaryDirectory() as tmp:
-        for pair in range(pairs):
+        for pair in range(pairs if "train" in parts else 0):
             for name in list(settings)[:: 1 if pair % 2 == 0 else -1]:
                 out = os.path.join(tmp, f"{name}-{pair}.json")
                 command = [sys.executable, "-m", "polypseg", "bench-train", "--recipe", "paper", "--device", "cpu"]
@@ -220,6 +236,27 @@ def malloc(pairs: int) -> None:
                 )
                 for row in json.loads(open(out).read()):
                     images_per_s[name].setdefault(row["variant"], []).append(row["images_per_s"])
+    # Grad-CAM (torch fp32, the shipped model, batches of 16 at 256 px) in fresh processes, alternately
+    gradcam: dict[str, list[tuple[int, float]]] = {name: [] for name in settings}
+    for pair in range(pairs if "gradcam" in parts else 0):
+        for name in list(settings)[:: 1 if pair % 2 == 0 else -1]:
+            out = subprocess.run(
+                [sys.executable, "-c", _GRADCAM], env=settings[name], capture_output=True, text=True, check=True
+            ).stdout.split()[-2:]
+            gradcam[name].append((int(out[0]) // 3, float(out[1]) / 3))
+    if gradcam["glibc"]:
+        glibc_s, kept_s = ([s for _, s in gradcam[name]] for name in ("glibc", "kept"))
+        print(
+            json.dumps(
+                {
+                    "gradcam": "torch fp32, shipped model, batch 16, 256 px",
+                    "page_faults_per_batch": {name: [f for f, _ in runs] for name, runs in gradcam.items()},
+                    "seconds_per_batch": {"glibc": glibc_s, "kept": kept_s},
+                    "paired_kept_over_glibc": statistics.median(g / k for g, k in zip(glibc_s, kept_s, strict=True)),
+                }
+            ),
+            flush=True,
+        )
     for variant in images_per_s["glibc"]:
         glibc, kept = images_per_s["glibc"][variant], images_per_s["kept"][variant]
         print(
@@ -268,13 +305,15 @@ def main() -> None:
     sub.add_parser("upsample").add_argument("--rounds", type=int, default=12)
     sub.add_parser("openvino-shape").add_argument("--rounds", type=int, default=60)
     sub.add_parser("fused-adam").add_argument("--rounds", type=int, default=8)
-    sub.add_parser("malloc").add_argument("--pairs", type=int, default=3)
+    malloc_parser = sub.add_parser("malloc")
+    malloc_parser.add_argument("--pairs", type=int, default=3)
+    malloc_parser.add_argument("--parts", default="probe,train,gradcam", help="comma-separated: probe, train, gradcam")
     sub.add_parser("profile").add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     if args.check == "drift":
         drift(args.seconds)
     elif args.check == "malloc":
-        malloc(args.pairs)
+        malloc(args.pairs, args.parts)
     elif args.check == "profile":
         profile(args.steps)
     else:

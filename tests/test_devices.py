@@ -89,7 +89,7 @@ def test_nothing_is_set_off_glibc(fake_glibc, monkeypatch):
     assert not keep_freed_cpu_memory() and fake_glibc.calls == []
 
 
-def test_a_cpu_training_step_keeps_freed_memory_and_a_cuda_one_would_not(monkeypatch):
+def test_a_cpu_training_step_keeps_freed_memory(monkeypatch):
     from polypseg.training import loop
 
     from helpers import tiny_config
@@ -97,6 +97,19 @@ def test_a_cpu_training_step_keeps_freed_memory_and_a_cuda_one_would_not(monkeyp
     calls = []
     monkeypatch.setattr(loop, "keep_freed_cpu_memory", lambda: calls.append(1))
     loop.TrainStep(tiny_config(image_size=32), torch.device("cpu"))
+    assert calls == [1]
+
+
+def test_cpu_grad_cam_keeps_freed_memory(monkeypatch):
+    from polypseg.explain import gradcam
+    from polypseg.models.factory import create_model
+
+    from helpers import tiny_config
+
+    calls = []
+    monkeypatch.setattr(gradcam, "keep_freed_cpu_memory", lambda: calls.append(1))
+    with gradcam.SegmentationGradCAM(create_model(tiny_config().model).eval()):
+        pass
     assert calls == [1]
 
 
