@@ -68,12 +68,13 @@ def keep_freed_cpu_memory() -> bool:
 
     glibc serves every block of 32 MiB or more (at batch 16 and 256 px, many activations and their
     gradients) with its own ``mmap`` and unmaps it on free, so each CPU training step faults in fresh
-    zeroed pages: the paper recipe's step at 256 px takes about 200k page faults in bf16 and 1.1M
-    in fp32, a Grad-CAM batch of 16 in fp32 about 500k. Called by CPU training steps and CPU Grad-CAM. With mmap off and the trim threshold at its maximum the heap keeps its peak and the
-    next step reuses it: 1.28x faster in bf16, 1.33x in fp32 on a 2-core Xeon, for a peak resident
-    memory 3% (bf16) to 13% (fp32) higher, kept for the life of the process (``python
-    benchmarks/cpu_checks.py malloc``, docs/benchmarks.md). This is what jemalloc or tcmalloc loaded with ``LD_PRELOAD``
-    give, without a system package.
+    zeroed pages: the paper recipe's step at 256 px takes about 200k page faults in bf16 and 1.1M in
+    fp32, a Grad-CAM batch of 16 in fp32 about 500k. With mmap off and the trim threshold at its
+    maximum the heap keeps its peak and the next step reuses it: training 1.28x faster in bf16 and
+    1.33x in fp32, Grad-CAM 1.61x in fp32, on a 2-core Xeon, for a peak resident memory 3% (bf16) to
+    13% (fp32) higher, kept for the life of the process (``python benchmarks/cpu_checks.py malloc``,
+    docs/benchmarks.md). This is what jemalloc or tcmalloc loaded with ``LD_PRELOAD`` give, without
+    a system package. Called by CPU training steps and CPU Grad-CAM.
 
     Process-wide, once; a no-op off glibc and where the environment already chooses an allocator or
     glibc's malloc settings (``LD_PRELOAD``, ``MALLOC_*_``, ``GLIBC_TUNABLES`` with ``malloc``).
