@@ -33,6 +33,8 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -200,6 +202,13 @@ with SegmentationGradCAM(model) as cam:
 """
 
 
+def _alternating(pairs: int, settings: dict) -> Iterator[tuple[int, str]]:
+    """(pair, setting) in the order the processes run: each pair both settings, the first one alternating."""
+    for pair in range(pairs):
+        for name in list(settings)[:: 1 if pair % 2 == 0 else -1]:
+            yield pair, name
+
+
 def malloc(pairs: int, parts: str = "probe,train,gradcam") -> None:
     import os
     import subprocess
@@ -226,24 +235,20 @@ def malloc(pairs: int, parts: str = "probe,train,gradcam") -> None:
         )
     images_per_s: dict[str, dict[str, list[float]]] = {name: {} for name in settings}
     with tempfile.TemporaryDirectory() as tmp:
-        for pair in range(pairs if "train" in parts else 0):
-            for name in list(settings)[:: 1 if pair % 2 == 0 else -1]:
-                out = os.path.join(tmp, f"{name}-{pair}.json")
-                command = [sys.executable, "-m", "polypseg", "bench-train", "--recipe", "paper", "--device", "cpu"]
-                command += ["--variants", "fp32-nchw,bf16-cl", "--rounds", "2", "--steps", "1", "--warmup", "2"]
-                subprocess.run(
-                    [*command, "--no-peak", "--json", out], env=settings[name], check=True, capture_output=True
-                )
-                for row in json.loads(open(out).read()):
-                    images_per_s[name].setdefault(row["variant"], []).append(row["images_per_s"])
+        for pair, name in _alternating(pairs if "train" in parts else 0, settings):
+            out = os.path.join(tmp, f"{name}-{pair}.json")
+            command = [sys.executable, "-m", "polypseg", "bench-train", "--recipe", "paper", "--device", "cpu"]
+            command += ["--variants", "fp32-nchw,bf16-cl", "--rounds", "2", "--steps", "1", "--warmup", "2"]
+            subprocess.run([*command, "--no-peak", "--json", out], env=settings[name], check=True, capture_output=True)
+            for row in json.loads(Path(out).read_text()):
+                images_per_s[name].setdefault(row["variant"], []).append(row["images_per_s"])
     # Grad-CAM (torch fp32, the shipped model, batches of 16 at 256 px) in fresh processes, alternately
     gradcam: dict[str, list[tuple[int, float]]] = {name: [] for name in settings}
-    for pair in range(pairs if "gradcam" in parts else 0):
-        for name in list(settings)[:: 1 if pair % 2 == 0 else -1]:
-            out = subprocess.run(
-                [sys.executable, "-c", _GRADCAM], env=settings[name], capture_output=True, text=True, check=True
-            ).stdout.split()[-2:]
-            gradcam[name].append((int(out[0]) // 3, float(out[1]) / 3))
+    for _, name in _alternating(pairs if "gradcam" in parts else 0, settings):
+        out = subprocess.run(
+            [sys.executable, "-c", _GRADCAM], env=settings[name], capture_output=True, text=True, check=True
+        ).stdout.split()[-2:]
+        gradcam[name].append((int(out[0]) // 3, float(out[1]) / 3))
     if gradcam["glibc"]:
         glibc_s, kept_s = ([s for _, s in gradcam[name]] for name in ("glibc", "kept"))
         print(

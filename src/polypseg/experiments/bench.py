@@ -775,8 +775,8 @@ def benchmark_backends(
     With ``compile`` the torch backends are timed compiled (and eager too with ``compare_eager``).
     ``step`` hears what is being loaded and timed (for a transient status line). With ``rounds`` > 1
     every setting is loaded first (each warms up just before its first timing), then each round
-    times ``repeats / rounds`` repetitions of every setting in turn, so a machine whose speed drifts (shared cloud CPUs) slows
-    them alike; each row's ``speedup_vs_first`` is then the median over rounds of the first
+    times ``repeats / rounds`` repetitions of every setting in turn, so a machine whose speed
+    drifts (shared cloud CPUs) slows them alike; each row's ``speedup_vs_first`` is then the median over rounds of the first
     setting's round median over its own (same pipeline), paired like ``bench-train``'s.
     """
     if rounds < 1 or rounds > repeats:

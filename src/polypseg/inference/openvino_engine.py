@@ -66,8 +66,9 @@ class StaticShapeModel:
             raise OpenVINOError(f"{self.path}: expected a graph with one input, found {len(self._model.inputs)}")
         self._requests: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         dims = self._model.input(0).get_partial_shape()
-        if first_batch is not None and dims.rank.is_static and all(d.is_static for d in list(dims)[1:]):
-            self._request((first_batch, *(d.get_length() for d in list(dims)[1:])))
+        rest = list(dims)[1:] if dims.rank.is_static else []
+        if first_batch is not None and rest and all(d.is_static for d in rest):
+            self._request((first_batch, *(d.get_length() for d in rest)))
 
     @property
     def compiled_shapes(self) -> list[tuple[int, ...]]:

@@ -172,8 +172,7 @@ def create_optimizer(model: nn.Module, config: TrainConfig, precision: str = "fp
     # kernels per step, which counts for a 24M-parameter model at small batch sizes. On the CPU it
     # takes 48 instead of 84 ms a step for U-Net/ResNet-34 on 2 cores, but its rounding differs from
     # foreach's in the last bit, and --precision fp32 promises today's numbers bit for bit: so only bf16.
-    on_cuda = bool(params) and params[0].is_cuda
-    fused = True if on_cuda or (bool(params) and precision == "bf16") else None
+    fused = True if params and (params[0].is_cuda or precision == "bf16") else None
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     if config.optimizer == "adamw":
