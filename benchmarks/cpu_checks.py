@@ -6,6 +6,7 @@
     python benchmarks/cpu_checks.py fused-adam [--rounds 8]  # the bf16 step with foreach vs fused Adam
     python benchmarks/cpu_checks.py malloc [--pairs 3] [--parts probe,train,gradcam]  # glibc's malloc vs kept memory
     python benchmarks/cpu_checks.py profile [--steps 2]      # where a bf16 training step's time goes, per op
+    python benchmarks/cpu_checks.py contention [--seconds 60] [--rounds 24] [--parts cores,train,infer]
 
 drift: the bf16 matmul peak (best of 20 at 2048) read every 8 s while matmuls keep both cores busy,
 so a shared host's changing speed shows before any comparison is trusted.
@@ -25,6 +26,13 @@ polypseg leaves malloc alone) and with
 resident memory in each setting (``--pairs 0``: only those); then torch fp32 Grad-CAM batches the same way.
 profile: ``torch.profiler`` over the paper recipe's bf16 channels-last steps; each op's share of
 the CPU time (self time, ops over 1%).
+contention: is the drift another tenant's use of this machine's matrix units? ``cores``: each core
+alone (one thread, pinned) reads its bf16 and fp32 matmul peak in turn for ``--seconds``. ``infer``:
+the shipped model end to end at batch 1 in OpenVINO int8 and bf16, 12 images each per round;
+``train``: one fp32 NCHW and one bf16 channels-last step of the paper recipe per round. Every
+timing sits between two quick two-thread bf16 matmul probes; a round counts as uncontended when
+all its probes read at least 0.8 of the run's best probe. The summaries give the medians over all
+rounds and over the uncontended ones.
 """
 
 from __future__ import annotations
@@ -303,6 +311,127 @@ def profile(steps: int) -> None:
     )
 
 
+_CORE_PEAKS = """
+import json, os, sys, time, torch
+torch.set_num_threads(1)
+cores, seconds = [int(c) for c in sys.argv[1].split(",")], float(sys.argv[2])
+def timed(f):
+    start = time.perf_counter(); f(); return time.perf_counter() - start
+def peak(a):
+    torch.mm(a, a)
+    return 2 * a.shape[0] ** 3 / min(timed(lambda: torch.mm(a, a)) for _ in range(6)) / 1e12
+bf16, fp32 = torch.randn(2048, 2048).bfloat16(), torch.randn(1024, 1024)
+start = time.time()
+while time.time() - start < seconds:
+    reading = {"t_s": round(time.time() - start, 1)}
+    for core in cores:
+        os.sched_setaffinity(0, {core})
+        reading[f"cpu{core}"] = {"bf16_tflops": round(peak(bf16), 3), "fp32_tflops": round(peak(fp32), 3)}
+    print(json.dumps(reading), flush=True)
+"""
+
+
+def _probe_tflops() -> float:
+    """A quick two-thread bf16 matmul peak (best of 3 at 2048): which phase the machine is in now."""
+    from polypseg.experiments.bench import matmul_peak
+
+    return matmul_peak(torch.bfloat16, repeats=3) / 1e12
+
+
+def _uncontended(rounds: list[dict]) -> list[dict]:
+    best = max(p for r in rounds for p in r["probes"])
+    return [r for r in rounds if min(r["probes"]) >= 0.8 * best]
+
+
+def _core_peaks(seconds: float) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    out = subprocess.run(
+        [sys.executable, "-c", _CORE_PEAKS, cores, str(seconds)], capture_output=True, text=True, check=True
+    ).stdout
+    readings = [json.loads(line) for line in out.splitlines()]
+    for reading in readings:
+        print(json.dumps(reading), flush=True)
+    summary = {}
+    for core in (k for k in readings[0] if k.startswith("cpu")):
+        for dtype in ("bf16_tflops", "fp32_tflops"):
+            values = [r[core][dtype] for r in readings]
+            slow = [v for v in values if v < 0.6 * max(values)]
+            summary[f"{core} {dtype}"] = {
+                "max": max(values),
+                "min": min(values),
+                "readings_below_0.6_of_max": f"{len(slow)}/{len(values)}",
+            }
+    print(json.dumps({"cores": "one thread each, pinned", "summary": summary}), flush=True)
+
+
+def _contended_summary(label: str, rounds: list[dict], ratio: tuple[str, str] | None, unit: str) -> None:
+    quiet = _uncontended(rounds)
+    best = max(p for r in rounds for p in r["probes"])
+    summary: dict = {
+        "measured": label,
+        "rounds": len(rounds),
+        "uncontended_rounds": len(quiet),
+        "best_probe_tflops": best,
+    }
+    for name, subset in (("all", rounds), ("uncontended", quiet)):
+        if not subset:
+            continue
+        summary[name] = {k: statistics.median(r[k] for r in subset) for k in subset[0] if k not in ("probes", "round")}
+        if ratio:
+            summary[name][f"paired_{ratio[0]}_over_{ratio[1]}"] = statistics.median(
+                r[ratio[0]] / r[ratio[1]] for r in subset
+            )
+    summary["unit"] = unit
+    print(json.dumps(summary), flush=True)
+
+
+def contention(seconds: float, rounds: int, parts: str) -> None:
+    if "cores" in parts:
+        _core_peaks(seconds)
+    # inference first: training's keep_freed_cpu_memory is process-wide, and `predict` does not call it
+    if "infer" in parts:
+        from polypseg.experiments.bench import benchmark, load_for_bench
+
+        predictors = {b: load_for_bench("kvasir-unet-r34", b, device="cpu") for b in ("openvino-int8", "openvino-bf16")}
+        for predictor in predictors.values():
+            benchmark(predictor, warmup=10, repeats=1, pipeline="end-to-end")
+        infer_rounds = []
+        for r in range(rounds):
+            record: dict = {"round": r, "probes": [_probe_tflops()]}
+            for backend, predictor in predictors.items():
+                row = benchmark(predictor, warmup=0, repeats=12, pipeline="end-to-end")
+                record[f"{backend}_images_per_s"] = row["images_per_s"]
+                record["probes"].append(_probe_tflops())
+            print(json.dumps(record), flush=True)
+            infer_rounds.append(record)
+        _contended_summary(
+            "shipped model, end to end, batch 1, 256 px, medians of 12", infer_rounds, None, "images per s"
+        )
+    if "train" in parts:
+        from polypseg.core.config import get_recipe
+        from polypseg.experiments.bench import _TimedStep
+
+        timers = {v: _TimedStep(get_recipe("paper"), torch.device("cpu"), v) for v in ("fp32-nchw", "bf16-cl")}
+        for timer in timers.values():
+            timer.warm_up(2)
+        train_rounds = []
+        for r in range(rounds):
+            record = {"round": r, "probes": [_probe_tflops()]}
+            for variant, timer in timers.items():
+                timer.run(1)
+                record[f"{variant}_ms"] = timer.times[-1] * 1000
+                record["probes"].append(_probe_tflops())
+            print(json.dumps(record), flush=True)
+            train_rounds.append(record)
+        _contended_summary(
+            "paper recipe step, batch 16, 256 px", train_rounds, ("fp32-nchw_ms", "bf16-cl_ms"), "ms per step"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="check", required=True)
@@ -314,6 +443,10 @@ def main() -> None:
     malloc_parser.add_argument("--pairs", type=int, default=3)
     malloc_parser.add_argument("--parts", default="probe,train,gradcam", help="comma-separated: probe, train, gradcam")
     sub.add_parser("profile").add_argument("--steps", type=int, default=2)
+    contention_parser = sub.add_parser("contention")
+    contention_parser.add_argument("--seconds", type=float, default=60, help="of per-core readings")
+    contention_parser.add_argument("--rounds", type=int, default=24)
+    contention_parser.add_argument("--parts", default="cores,train,infer", help="comma-separated: cores, train, infer")
     args = parser.parse_args()
     if args.check == "drift":
         drift(args.seconds)
@@ -321,6 +454,8 @@ def main() -> None:
         malloc(args.pairs, args.parts)
     elif args.check == "profile":
         profile(args.steps)
+    elif args.check == "contention":
+        contention(args.seconds, args.rounds, args.parts)
     else:
         {"upsample": upsample, "openvino-shape": openvino_shape, "fused-adam": fused_adam}[args.check](args.rounds)
 
