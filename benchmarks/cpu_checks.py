@@ -339,8 +339,10 @@ def _probe_tflops() -> float:
 
 
 def _uncontended(rounds: list[dict]) -> list[dict]:
+    from polypseg.experiments.bench import STEADY_FRACTION
+
     best = max(p for r in rounds for p in r["probes"])
-    return [r for r in rounds if min(r["probes"]) >= 0.8 * best]
+    return [r for r in rounds if min(r["probes"]) >= STEADY_FRACTION * best]
 
 
 def _core_peaks(seconds: float) -> None:

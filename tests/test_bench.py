@@ -169,6 +169,39 @@ def test_bench_rounds_interleave_backends_and_pair_their_speedups(
         bench.benchmark_backends(checkpoint, backend="torch", device="cpu", repeats=5, rounds=6)
 
 
+def test_bench_rounds_report_the_steady_rounds_of_a_drifting_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polypseg.experiments import bench
+
+    # probes before round 0 and after rounds 0, 1, 2, then the full peak: only round 0 is steady
+    readings = iter([2.0e12, 2.0e12, 0.5e12, 2.0e12, 1.5e12])
+    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: next(readings))
+    config = tiny_config(image_size=32)
+    checkpoint = save_checkpoint(tmp_path / "tiny", create_model(config.model).eval(), config)
+    [row] = bench.benchmark_backends(
+        checkpoint, backend="torch", device="cpu", repeats=6, warmup=1, rounds=3, pipeline="model"
+    )
+    assert row["round_probe_tflops"] == [2.0, 2.0, 0.5, 2.0] and row["steady_rounds"] == [0]
+    assert row["steady_median_ms"] == pytest.approx(statistics.median(row["times_ms"][:2]))  # round 0: 2 of 6
+    assert row["steady_images_per_s"] == pytest.approx(1000 / row["steady_median_ms"])
+    assert row["steady_speedup_vs_first"] == 1.0
+    assert "steady rounds (1 of 3): median ms, images/s, vs torch" in bench.bench_markdown([row])
+
+
+def test_bench_cli_warns_when_the_machine_drifts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from polypseg.experiments import bench
+
+    readings = iter([2.0e12, 0.6e12, 2.0e12, 1.0e12])
+    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: next(readings))
+    args = ["bench", "--model", "random", "--backend", "torch", "--device", "cpu", "--image-size", "32"]
+    result = CliRunner().invoke(app, [*args, "--repeats", "4", "--warmup", "1", "--rounds", "2", "--pipeline", "model"])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "bf16 matmul speed changed between rounds (0.60-2.00 TFLOP/s" in flat
+    assert "0 of 2 rounds ran with it at >= 80% of its best" in flat and "steady median" not in flat
+
+
 def test_bench_cli_rejects_unknown_backend(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "--model", "random", "--backend", "tensorrt", "--device", "cpu"])
     assert result.exit_code == 2 and "--backend tensorrt" in result.output and "Traceback" not in result.output
@@ -214,12 +247,71 @@ def test_training_variants_side_by_side_with_flops_and_peak():
     for r in rows:
         assert r["train_gflop_per_image"] == pytest.approx(3 * forward_flops(config) / 1e9)
         assert r["matmul_peak_bf16_tflops"] > 0 and r["fraction_of_bf16_peak"] > 0
+        assert len(r["round_probe_tflops"]) == 3 and max(r["round_probe_tflops"]) <= r["matmul_peak_bf16_tflops"]
         assert r["progressive_size"] == 16 and r["progressive_step_ms"] > 0
         # 1 epoch at 16 px and 0 at 32 (epochs=1): the run estimate is the small step's
         assert r["run_minutes"] == pytest.approx(4 * r["progressive_step_ms"] / 1000 / 60)
     table = training_markdown(rows)
     assert "bf16-cl" in table and "of bf16 peak" in table and "NCHW" in table and "channels-last" in table
     assert "vs fp32-nchw (paired rounds)" in table
+
+
+def test_steady_rounds_are_those_between_two_fast_probes():
+    from polypseg.experiments.bench import steady_rounds
+
+    # round r lies between probes r and r + 1; fast = at least 0.8 x 2.0 = 1.6
+    assert steady_rounds([2.0, 1.9, 0.8, 1.7, 1.6], peak=2.0) == [0, 3]
+    assert steady_rounds([2.0, 1.59], peak=2.0) == []
+    assert steady_rounds([1.0, 1.0, 1.0], peak=2.0, fraction=0.5) == [0, 1]
+    assert steady_rounds([2.0], peak=2.0) == []  # no round timed
+
+
+@pytest.mark.slow
+def test_bench_train_reports_the_rounds_run_in_the_machines_fast_phase(monkeypatch):
+    """A drifting machine (scripted matmul probes): steady figures are the medians of the steady rounds only."""
+    import polypseg.experiments.bench as bench
+
+    # probes before round 0 and after rounds 0, 1, 2; then the full bf16 and fp32 peaks
+    readings = iter([2.0e12, 1.9e12, 0.5e12, 2.0e12, 1.8e12, 0.3e12])
+    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: next(readings))
+    config = tiny_config(image_size=32)
+    config.train.batch_size = 2
+    rows = bench.benchmark_training(
+        config, device="cpu", steps=1, warmup=1, train_images=8, variants=("fp32-nchw", "fp32-cl"), rounds=3, peak=True
+    )
+    first, second = rows
+    for row in rows:
+        assert row["round_probe_tflops"] == [2.0, 1.9, 0.5, 2.0]
+        assert row["matmul_peak_bf16_tflops"] == 2.0  # the best probe beats the full measurement (1.8)
+        assert row["steady_rounds"] == [0]  # round 1 ends and round 2 starts at 0.5
+        assert row["steady_step_ms"] == row["round_step_ms"][0]
+    assert second["steady_speedup_vs_first"] == pytest.approx(first["round_step_ms"][0] / second["round_step_ms"][0])
+    assert bench.drifted(first)
+    assert "steady rounds (1 of 3): step ms, vs fp32-nchw" in bench.training_markdown(rows)
+    # a steady machine: no steady column, nothing to warn about
+    readings = iter([2.0e12, 1.9e12, 2.0e12, 1.9e12, 0.3e12])
+    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: next(readings))
+    rows = bench.benchmark_training(
+        config, device="cpu", steps=1, warmup=1, train_images=8, variants=("fp32-nchw", "fp32-cl"), rounds=2, peak=True
+    )
+    assert rows[0]["steady_rounds"] == [0, 1] and not bench.drifted(rows[0])
+    assert "steady rounds" not in bench.training_markdown(rows)
+
+
+@pytest.mark.slow
+def test_bench_train_cli_names_the_drift_and_the_steady_rounds(monkeypatch):
+    import polypseg.experiments.bench as bench
+
+    readings = iter([2.0e12, 2.0e12, 0.7e12, 1.9e12, 0.3e12])
+    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: next(readings))
+    args = ["bench-train", "--recipe", "demo", "--image-size", "32", "--batch-size", "2", "--steps", "1"]
+    args += ["--warmup", "1", "--device", "cpu", "--variants", "fp32-nchw,fp32-cl", "--rounds", "2"]
+    args += ["--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16,16,16,16,16]"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "bf16 matmul speed changed between rounds (0.70-2.00 TFLOP/s" in flat
+    assert "1 of 2 rounds ran with it at >= 80% of its best: fp32-nchw" in flat and "(1.00x), fp32-cl" in flat
 
 
 @pytest.mark.slow

@@ -54,11 +54,17 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
     )
     for column in ("backend", "precision", "mode", "pipeline"):
         table.add_column(column, overflow="fold")  # full backend names, even on an 80-column pipe
+    from polypseg.experiments.bench import STEADY_FRACTION, drifted
+
     paired = all("speedup_vs_first" in row for row in rows)
+    steady = paired and drifted(rows[0]) and all("steady_median_ms" in row for row in rows)
     for column in ("p10 ms", "median ms", "p90 ms", "images/s") + (
         (f"vs {rows[0]['first_backend']}",) if paired else ()
     ):
         table.add_column(column, justify="right")
+    if steady:
+        for column in ("steady median ms", "steady images/s"):
+            table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
             row["backend"],
@@ -70,8 +76,18 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
             f"{row['p90_ms']:.2f}",
             f"{row['images_per_s']:.1f}",
             *((f"{row['speedup_vs_first']:.2f}x",) if paired else ()),
+            *((f"{row['steady_median_ms']:.2f}", f"{row['steady_images_per_s']:.1f}") if steady else ()),
         )
     console.print(table)
+    if paired and drifted(rows[0]):
+        probes = rows[0]["round_probe_tflops"]
+        console.print(
+            f"[yellow]this machine's bf16 matmul speed changed between rounds ({min(probes):.2f}-{max(probes):.2f} "
+            f"TFLOP/s: a shared or throttled CPU); {len(rows[0]['steady_rounds'])} of {rows[0]['rounds']} rounds ran "
+            f"with it at >= {STEADY_FRACTION:.0%} of its best{' (the steady columns)' if steady else ''}[/yellow]",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def register(app: typer.Typer) -> None:

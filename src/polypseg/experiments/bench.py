@@ -283,6 +283,10 @@ TRAIN_VARIANTS: dict[str, tuple[str, bool | None, bool]] = {
     "bf16-cl-compiled": ("bf16", True, True),
 }
 CPU_VARIANTS = ("fp32-nchw", "fp32-cl", "bf16-cl")
+# A round is "steady" when the matmul probes on both sides of it read at least this share of the
+# machine's best: on a shared host another tenant's matrix-unit work can halve bf16 throughput for
+# seconds at a time (docs/benchmarks.md, "Why this machine drifts").
+STEADY_FRACTION = 0.8
 
 
 def forward_flops(config: RunConfig, image_size: int | None = None) -> float:
@@ -315,6 +319,12 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int
             torch.cuda.synchronize(torch_device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def steady_rounds(probes: Sequence[float], peak: float, fraction: float = STEADY_FRACTION) -> list[int]:
+    """The rounds (round ``r`` lies between ``probes[r]`` and ``probes[r + 1]``) whose probes both
+    read at least ``fraction`` of ``peak``: those run while the machine was in its fast phase."""
+    return [r for r in range(len(probes) - 1) if min(probes[r], probes[r + 1]) >= fraction * peak]
 
 
 class _TimedStep:
@@ -388,7 +398,11 @@ def benchmark_training(
     ``epoch_s`` and ``run_minutes`` extrapolate to ``train_images`` images per epoch and the
     recipe's epochs (training only), timing the progressive-resizing size too when the recipe has
     one. Each row has the model's achieved TFLOP/s (3x the counted forward FLOPs per image) and,
-    with ``peak``, that as a fraction of this machine's measured bf16 matmul peak.
+    with ``peak``, that as a fraction of this machine's measured bf16 matmul peak. With ``peak`` a
+    quick bf16 matmul probe also runs before the first round and after each: ``round_probe_tflops``,
+    ``steady_rounds`` (see :func:`steady_rounds`; the peak is the best of the probes and of the
+    full measurement) and, when there are any, ``steady_step_ms`` and ``steady_speedup_vs_first``,
+    the same medians over the steady rounds only.
     """
     from polypseg.core.devices import resolve_device
     from polypseg.training.loop import epoch_size
@@ -406,14 +420,18 @@ def benchmark_training(
         if small:
             small.warm_up(warmup)
         timers.append((main, small))
+    probes = [matmul_peak(torch.bfloat16, repeats=3, device=str(torch_device))] if peak else []
     for _ in range(rounds):
         for main, small in timers:
             main.run(steps)
             if small:
                 small.run(steps)
+        if peak:
+            probes.append(matmul_peak(torch.bfloat16, repeats=3, device=str(torch_device)))
     flops = {size: 3 * forward_flops(config, size) for size in {tc.image_size, low or tc.image_size}}
-    peak_bf16 = matmul_peak(torch.bfloat16, device=str(torch_device)) if peak else None
+    peak_bf16 = max(matmul_peak(torch.bfloat16, device=str(torch_device)), *probes) if peak else None
     peak_fp32 = matmul_peak(torch.float32, device=str(torch_device)) if peak else None
+    steady = steady_rounds(probes, peak_bf16) if peak_bf16 else []
     steps_per_epoch = max(1, train_images // tc.batch_size)
     rows = []
     first = timers[0][0]
@@ -464,8 +482,13 @@ def benchmark_training(
                     "matmul_peak_bf16_tflops": peak_bf16 / 1e12,
                     "matmul_peak_fp32_tflops": peak_fp32 / 1e12,
                     "fraction_of_bf16_peak": achieved / peak_bf16,
+                    "round_probe_tflops": [p / 1e12 for p in probes],
+                    "steady_rounds": steady,
                 }
             )
+        if steady:
+            row["steady_step_ms"] = statistics.median(main.times[r] for r in steady) * 1000
+            row["steady_speedup_vs_first"] = statistics.median(first.times[r] / main.times[r] for r in steady)
         rows.append(row)
     return rows
 
@@ -722,14 +745,24 @@ def cpu_feature_summary() -> str:
     return " ".join(flag for flag in wanted if flag in cpu_flags())
 
 
+def drifted(row: dict[str, Any]) -> bool:
+    """Whether a benchmark row's matmul probes show the machine's speed changing between rounds."""
+    probes = row.get("round_probe_tflops") or []
+    return bool(probes) and min(probes) < STEADY_FRACTION * row["matmul_peak_bf16_tflops"]
+
+
 def training_markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`benchmark_training` results (with TFLOP/s and the peak fraction when measured)."""
     with_peak = any("fraction_of_bf16_peak" in r for r in rows)
     paired = len(rows) > 1 and all("speedup_vs_first" in r for r in rows)
+    steady = paired and drifted(rows[0]) and all("steady_step_ms" in r for r in rows)
     head = "| setting | device | precision | layout | compile | batch | EMA | step ms | images/s | TFLOP/s |"
     rule = "|---|---|---|---|---|---:|---|---:|---:|---:|"
     if paired:
         head += f" vs {rows[0]['variant']} (paired rounds) |"
+        rule += "---:|"
+    if steady:
+        head += f" steady rounds ({len(rows[0]['steady_rounds'])} of {rows[0]['rounds']}): step ms, vs {rows[0]['variant']} |"
         rule += "---:|"
     if with_peak:
         head += " of bf16 peak |"
@@ -748,6 +781,8 @@ def training_markdown(rows: list[dict[str, Any]]) -> str:
         )
         if paired:
             line += f" {r['speedup_vs_first']:.2f}x |"
+        if steady:
+            line += f" {r['steady_step_ms']:.1f}, {r['steady_speedup_vs_first']:.2f}x |"
         if with_peak:
             line += f" {100 * r.get('fraction_of_bf16_peak', float('nan')):.0f}% |"
         line += f" {r['first_step_s']:.1f} | {r['epoch_s']:.1f} | {r['run_minutes']:.1f} ({r['epochs']}) |"
@@ -777,7 +812,10 @@ def benchmark_backends(
     every setting is loaded first (each warms up just before its first timing), then each round
     times ``repeats / rounds`` repetitions of every setting in turn, so a machine whose speed
     drifts (shared cloud CPUs) slows them alike; each row's ``speedup_vs_first`` is then the median over rounds of the first
-    setting's round median over its own (same pipeline), paired like ``bench-train``'s.
+    setting's round median over its own (same pipeline), paired like ``bench-train``'s. A quick bf16
+    matmul probe also runs before the first round and after each (``round_probe_tflops``, ``steady_rounds``:
+    see :func:`steady_rounds`), and ``steady_median_ms``, ``steady_images_per_s`` and
+    ``steady_speedup_vs_first`` give the same figures over the steady rounds only.
     """
     if rounds < 1 or rounds > repeats:
         raise BenchError(f"--rounds {rounds}: must be between 1 and --repeats ({repeats})")
@@ -823,6 +861,7 @@ def benchmark_backends(
         settings = [(name, predictor, pipe) for name, predictor in loaded for pipe in pipelines]
         per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
         timed: list[list[dict[str, Any]]] = [[] for _ in settings]
+        probes = [matmul_peak(torch.bfloat16, repeats=3, device=str(torch_device)) / 1e12]
         for r, count in enumerate(per_round):
             for (name, predictor, pipe), done in zip(settings, timed, strict=True):
                 step(f"round {r + 1}/{rounds}: timing {name} {pipe}, batch {batch_size}")
@@ -836,6 +875,9 @@ def benchmark_backends(
                         pipeline=pipe,
                     )
                 )
+            probes.append(matmul_peak(torch.bfloat16, repeats=3, device=str(torch_device)) / 1e12)
+        peak = max(matmul_peak(torch.bfloat16, device=str(torch_device)) / 1e12, *probes)
+        steady = steady_rounds(probes, peak)
         for (name, _, pipe), done in zip(settings, timed, strict=True):
             times_ms = np.concatenate([row["times_ms"] for row in done])
             reference = next(t for (_, _, p), t in zip(settings, timed, strict=True) if p == pipe)
@@ -849,7 +891,15 @@ def benchmark_backends(
                 "times_ms": [float(t) for t in times_ms],
                 "speedup_vs_first": float(statistics.median(ratios)),
                 "first_backend": settings[0][0],
+                "round_probe_tflops": probes,
+                "matmul_peak_bf16_tflops": peak,
+                "steady_rounds": steady,
             }
+            if steady:
+                steady_ms = statistics.median(t for r in steady for t in done[r]["times_ms"])
+                row["steady_median_ms"] = steady_ms
+                row["steady_images_per_s"] = batch_size * 1000 / steady_ms
+                row["steady_speedup_vs_first"] = float(statistics.median(ratios[r] for r in steady))
             rows.append(row)
     return rows
 
@@ -873,10 +923,14 @@ def _load_step(
 def bench_markdown(rows: list[dict[str, Any]]) -> str:
     """Benchmark rows as a markdown table (for docs/benchmarks.md)."""
     paired = all("speedup_vs_first" in r for r in rows)
+    steady = paired and drifted(rows[0]) and all("steady_median_ms" in r for r in rows)
     head = "| device | backend | precision | mode | pipeline | batch | p10 ms | median ms | p90 ms | images/s |"
     rule = "|---|---|---|---|---|---:|---:|---:|---:|---:|"
     if paired:
         head += f" vs {rows[0]['first_backend']} (paired rounds) |"
+        rule += "---:|"
+    if steady:
+        head += f" steady rounds ({len(rows[0]['steady_rounds'])} of {rows[0]['rounds']}): median ms, images/s, vs {rows[0]['first_backend']} |"
         rule += "---:|"
     lines = [head, rule]
     for r in rows:
@@ -886,5 +940,9 @@ def bench_markdown(rows: list[dict[str, Any]]) -> str:
         )
         if paired:
             line += f" {r['speedup_vs_first']:.2f}x |"
+        if steady:
+            line += (
+                f" {r['steady_median_ms']:.2f}, {r['steady_images_per_s']:.1f}, {r['steady_speedup_vs_first']:.2f}x |"
+            )
         lines.append(line)
     return "\n".join(lines)
