@@ -10,6 +10,8 @@
 # 3. bench --backend all at batch 1: torch fp32/bf16, onnxruntime fp32/int8, OpenVINO fp32/bf16/int8
 #    (bf16 rows only where the CPU has native bf16; OpenVINO only where installed), REPEATS
 #    repetitions in ROUNDS interleaved rounds;
+#    (1 and 3 also probe the bf16 matmul speed between rounds and, on a machine whose speed
+#    changed meanwhile, give the medians of the rounds run in its fast phase: "steady rounds")
 # 4. bench-explain: EXPLAIN_IMAGES Grad-CAM heatmaps in fp32 and bf16 (and, with a trained CKPT,
 #    their correlation), from EXPLAIN_DATA (default: the bundled sample), plus the forward-only
 #    engines in EXPLAIN_ENGINES (e.g. openvino-bf16,openvino-int8; default: none).
