@@ -81,12 +81,10 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
     console.print(table)
     if paired and drifted(rows[0]):
         probes = rows[0]["round_probe_tflops"]
-        console.print(
-            f"[yellow]this machine's bf16 matmul speed changed between rounds ({min(probes):.2f}-{max(probes):.2f} "
+        warn(
+            f"this machine's bf16 matmul speed changed between rounds ({min(probes):.2f}-{max(probes):.2f} "
             f"TFLOP/s: a shared or throttled CPU); {len(rows[0]['steady_rounds'])} of {rows[0]['rounds']} rounds ran "
-            f"with it at >= {STEADY_FRACTION:.0%} of its best{' (the steady columns)' if steady else ''}[/yellow]",
-            highlight=False,
-            soft_wrap=True,
+            f"with it at >= {STEADY_FRACTION:.0%} of its best{' (the steady columns)' if steady else ''}"
         )
 
 

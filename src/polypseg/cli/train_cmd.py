@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from polypseg.cli.common import UsageError, console, fail, write_json
+from polypseg.cli.common import UsageError, console, fail, warn, write_json
 from polypseg.cli.options import (
     DATA_HELP,
     BatchOpt,
@@ -278,7 +278,7 @@ def register(app: typer.Typer) -> None:
         if drifted(rows[0]):
             probes, steady = rows[0]["round_probe_tflops"], rows[0]["steady_rounds"]
             note = (
-                f"[yellow]this machine's bf16 matmul speed changed between rounds ({min(probes):.2f}-{max(probes):.2f} "
+                f"this machine's bf16 matmul speed changed between rounds ({min(probes):.2f}-{max(probes):.2f} "
                 f"TFLOP/s: a shared or throttled CPU), so the absolute figures mix its phases; "
                 f"{len(steady)} of {rounds} rounds ran with it at >= {STEADY_FRACTION:.0%} of its best"
             )
@@ -287,7 +287,7 @@ def register(app: typer.Typer) -> None:
                     f"{row['variant']} {row['steady_step_ms']:.1f} ms ({row['steady_speedup_vs_first']:.2f}x)"
                     for row in rows
                 )
-            console.print(note + "[/yellow]", highlight=False, soft_wrap=True)
+            warn(note)
         if json_path is not None:
             write_json(json_path, rows, "--json")
         if markdown:
