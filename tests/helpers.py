@@ -54,3 +54,17 @@ def save_tiny_checkpoint(folder: Path) -> Path:
         model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
     )
     return save_checkpoint(folder / "best", create_model(config.model), config)
+
+
+def block_import(monkeypatch, module: str) -> None:
+    """Make ``import module`` fail as on a machine without it (an optional extra not installed)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def blocked(name, *args, **kwargs):
+        if name == module:
+            raise ImportError(f"No module named '{module}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", blocked)

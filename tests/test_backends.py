@@ -12,7 +12,7 @@ from polypseg.core import precision
 from polypseg.experiments import bench
 from polypseg.inference.predictor import Predictor, PredictorError
 
-from helpers import save_tiny_checkpoint
+from helpers import block_import, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +54,9 @@ def test_openvino_matches_torch(checkpoint, images, reference, tmp_path):
 
 
 def test_openvino_is_cpu_only_and_needs_the_extra(checkpoint, monkeypatch, tmp_path):
-    import builtins
-
     with pytest.raises(PredictorError, match="runs on the CPU"):
         Predictor.from_checkpoint(checkpoint, device=torch.device("meta"), backend="openvino", cache_dir=tmp_path)
-    real_import = builtins.__import__
-
-    def no_openvino(name, *args, **kwargs):
-        if name == "openvino":
-            raise ImportError("No module named 'openvino'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    block_import(monkeypatch, "openvino")
     with pytest.raises(PredictorError, match=r"polypseg\[openvino\]"):
         Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", cache_dir=tmp_path)
 

@@ -25,6 +25,8 @@ from polypseg.explain.engine_gradcam import (
 from polypseg.explain.gradcam import MaskedLogitSum, RegionLogitSum, SegmentationGradCAM, WholeLogitSum
 from polypseg.models.factory import create_model
 
+from helpers import block_import
+
 SIZE = 64
 
 
@@ -259,3 +261,13 @@ def test_released_engine_refuses_calls(unet: nn.Module, exported: Path, images: 
     cam.release()
     with pytest.raises(EngineGradCAMError, match="released"):
         cam(images)
+
+
+def test_the_openvino_engine_without_the_extra_is_one_line_naming_it(monkeypatch, tmp_path):
+    from polypseg.explain.engine_gradcam import EngineGradCAMError, openvino_runner
+
+    block_import(monkeypatch, "openvino")
+    with pytest.raises(
+        EngineGradCAMError, match=r"the openvino engine needs OpenVINO: pip install 'polypseg\[openvino\]'"
+    ):
+        openvino_runner(tmp_path / "never read.onnx")

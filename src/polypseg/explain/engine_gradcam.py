@@ -298,13 +298,10 @@ def openvino_runner(onnx_path: Path | str, precision: str = "fp32", threads: int
     (:class:`polypseg.inference.openvino_engine.StaticShapeModel`, as
     :meth:`polypseg.inference.predictor.Predictor.from_openvino` runs it); ``precision`` ``bf16`` sets
     ``INFERENCE_PRECISION_HINT`` (a QDQ graph runs in int8 whatever is asked)."""
-    try:
-        import openvino  # noqa: F401 - a missing extra is one line for the user, before any file is read
-    except ImportError:
-        raise EngineGradCAMError("the openvino engine needs OpenVINO: pip install 'polypseg[openvino]'") from None
-    from polypseg.inference.openvino_engine import OpenVINOError, StaticShapeModel, openvino_config
+    from polypseg.inference.openvino_engine import OpenVINOError, StaticShapeModel, openvino_config, require_openvino
 
     try:
+        require_openvino("the openvino engine")
         model = StaticShapeModel(onnx_path, openvino_config(precision, threads))
     except OpenVINOError as error:
         raise EngineGradCAMError(str(error)) from None

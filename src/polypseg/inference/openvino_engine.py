@@ -27,6 +27,15 @@ class OpenVINOError(PolypsegError):
     """OpenVINO cannot read or compile an exported graph."""
 
 
+def require_openvino(what: str) -> None:
+    """Raise a one-line :class:`OpenVINOError` naming the optional extra when OpenVINO is not
+    installed (``what``: who needs it), before any file is read."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise OpenVINOError(f"{what} needs OpenVINO: pip install 'polypseg[openvino]'") from None
+
+
 def openvino_config(precision: str, threads: int | None = None) -> dict[str, Any]:
     """The CPU plugin's settings for ``precision`` (``bf16`` or ``fp32``; a QDQ int8 graph runs in int8 either way)."""
     config: dict[str, Any] = {

@@ -45,7 +45,7 @@ from polypseg.inference.inferer import (
     use_precision_layout,
     with_flip_tta,
 )
-from polypseg.inference.openvino_engine import OpenVINOError, StaticShapeModel, openvino_config
+from polypseg.inference.openvino_engine import OpenVINOError, StaticShapeModel, openvino_config, require_openvino
 from polypseg.models.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -334,9 +334,9 @@ class Predictor:
 
         check_precision(precision)
         try:
-            import openvino  # noqa: F401 - a missing extra is one line for the user, before any file is read
-        except ImportError:
-            raise PredictorError("the openvino backend needs OpenVINO: pip install 'polypseg[openvino]'") from None
+            require_openvino("the openvino backend")
+        except OpenVINOError as error:
+            raise PredictorError(str(error)) from None
         paths = _onnx_paths(paths)
         resolved = resolve_precision(precision, "cpu")
         runners = []
