@@ -398,8 +398,8 @@ def benchmark_training(
     ``epoch_s`` and ``run_minutes`` extrapolate to ``train_images`` images per epoch and the
     recipe's epochs (training only), timing the progressive-resizing size too when the recipe has
     one. Each row has the model's achieved TFLOP/s (3x the counted forward FLOPs per image) and,
-    with ``peak``, that as a fraction of this machine's measured bf16 matmul peak. With ``peak`` a
-    quick bf16 matmul probe also runs before the first round and after each: ``round_probe_tflops``,
+    with ``peak``, that as a fraction of this machine's measured bf16 matmul peak. With ``peak`` on
+    a CPU a quick bf16 matmul probe also runs before the first round and after each: ``round_probe_tflops``,
     ``steady_rounds`` (see :func:`steady_rounds`; the peak is the best of the probes and of the
     full measurement) and, when there are any, ``steady_step_ms`` and ``steady_speedup_vs_first``,
     the same medians over the steady rounds only.
@@ -420,14 +420,15 @@ def benchmark_training(
         if small:
             small.warm_up(warmup)
         timers.append((main, small))
-    probes = [matmul_peak(torch.bfloat16, repeats=3, device=str(torch_device))] if peak else []
+    probing = peak and torch_device.type == "cpu"
+    probes = [matmul_peak(torch.bfloat16, repeats=3)] if probing else []
     for _ in range(rounds):
         for main, small in timers:
             main.run(steps)
             if small:
                 small.run(steps)
-        if peak:
-            probes.append(matmul_peak(torch.bfloat16, repeats=3, device=str(torch_device)))
+        if probing:
+            probes.append(matmul_peak(torch.bfloat16, repeats=3))
     flops = {size: 3 * forward_flops(config, size) for size in {tc.image_size, low or tc.image_size}}
     peak_bf16 = max(matmul_peak(torch.bfloat16, device=str(torch_device)), *probes) if peak else None
     peak_fp32 = matmul_peak(torch.float32, device=str(torch_device)) if peak else None
@@ -812,8 +813,8 @@ def benchmark_backends(
     every setting is loaded first (each warms up just before its first timing), then each round
     times ``repeats / rounds`` repetitions of every setting in turn, so a machine whose speed
     drifts (shared cloud CPUs) slows them alike; each row's ``speedup_vs_first`` is then the median over rounds of the first
-    setting's round median over its own (same pipeline), paired like ``bench-train``'s. A quick bf16
-    matmul probe also runs before the first round and after each (``round_probe_tflops``, ``steady_rounds``:
+    setting's round median over its own (same pipeline), paired like ``bench-train``'s. On a CPU a
+    quick bf16 matmul probe also runs before the first round and after each (``round_probe_tflops``, ``steady_rounds``:
     see :func:`steady_rounds`), and ``steady_median_ms``, ``steady_images_per_s`` and
     ``steady_speedup_vs_first`` give the same figures over the steady rounds only.
     """
@@ -861,7 +862,9 @@ def benchmark_backends(
         settings = [(name, predictor, pipe) for name, predictor in loaded for pipe in pipelines]
         per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
         timed: list[list[dict[str, Any]]] = [[] for _ in settings]
-        probes = [matmul_peak(torch.bfloat16, repeats=3, device=str(torch_device)) / 1e12]
+        # On a CPU, whose speed a shared host can change under the measurement, probe it between rounds.
+        probing = torch_device.type == "cpu"
+        probes = [matmul_peak(torch.bfloat16, repeats=3) / 1e12] if probing else []
         for r, count in enumerate(per_round):
             for (name, predictor, pipe), done in zip(settings, timed, strict=True):
                 step(f"round {r + 1}/{rounds}: timing {name} {pipe}, batch {batch_size}")
@@ -875,9 +878,10 @@ def benchmark_backends(
                         pipeline=pipe,
                     )
                 )
-            probes.append(matmul_peak(torch.bfloat16, repeats=3, device=str(torch_device)) / 1e12)
-        peak = max(matmul_peak(torch.bfloat16, device=str(torch_device)) / 1e12, *probes)
-        steady = steady_rounds(probes, peak)
+            if probing:
+                probes.append(matmul_peak(torch.bfloat16, repeats=3) / 1e12)
+        peak = max(matmul_peak(torch.bfloat16) / 1e12, *probes) if probing else None
+        steady = steady_rounds(probes, peak) if peak else []
         for (name, _, pipe), done in zip(settings, timed, strict=True):
             times_ms = np.concatenate([row["times_ms"] for row in done])
             reference = next(t for (_, _, p), t in zip(settings, timed, strict=True) if p == pipe)
@@ -891,10 +895,9 @@ def benchmark_backends(
                 "times_ms": [float(t) for t in times_ms],
                 "speedup_vs_first": float(statistics.median(ratios)),
                 "first_backend": settings[0][0],
-                "round_probe_tflops": probes,
-                "matmul_peak_bf16_tflops": peak,
-                "steady_rounds": steady,
             }
+            if peak:
+                row.update({"round_probe_tflops": probes, "matmul_peak_bf16_tflops": peak, "steady_rounds": steady})
             if steady:
                 steady_ms = statistics.median(t for r in steady for t in done[r]["times_ms"])
                 row["steady_median_ms"] = steady_ms
