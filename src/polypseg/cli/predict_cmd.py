@@ -273,7 +273,8 @@ def register(app: typer.Typer) -> None:
             1,
             "--rounds",
             help="Split --repeats into this many rounds that visit every backend in turn (all loaded at once), "
-            "with speed-ups paired per round: for CPUs whose speed drifts.",
+            "with speed-ups paired per round: for CPUs whose speed drifts. On a CPU a quick matmul probe between "
+            "rounds also finds the rounds run in the machine's fast phase (the steady columns, when its speed changed).",
         ),
         image_size: int = typer.Option(256, "--image-size", help="Input size for --model random."),
         pipeline: str = typer.Option("both", "--pipeline", help="model, end-to-end (from uint8 on the host), or both."),

@@ -189,7 +189,8 @@ def register(app: typer.Typer) -> None:
         peak: bool = typer.Option(
             True,
             "--peak/--no-peak",
-            help="Also measure this machine's bf16/fp32 matmul peak and report the model's fraction of it.",
+            help="Also measure this machine's bf16/fp32 matmul peak and report the model's fraction of it; on a CPU, "
+            "probe it between rounds too and report the rounds run in the machine's fast phase (steady rounds).",
         ),
         breakdown: bool = typer.Option(
             False,
