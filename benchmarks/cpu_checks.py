@@ -331,13 +331,6 @@ while time.time() - start < seconds:
 """
 
 
-def _probe_tflops() -> float:
-    """A quick two-thread bf16 matmul peak (best of 3 at 2048): which phase the machine is in now."""
-    from polypseg.experiments.bench import matmul_peak
-
-    return matmul_peak(torch.bfloat16, repeats=3) / 1e12
-
-
 def _uncontended(rounds: list[dict]) -> list[dict]:
     from polypseg.experiments.bench import STEADY_FRACTION
 
@@ -392,6 +385,8 @@ def _contended_summary(label: str, rounds: list[dict], ratio: tuple[str, str] | 
 
 
 def contention(seconds: float, rounds: int, parts: str) -> None:
+    from polypseg.experiments.bench import speed_probe
+
     if "cores" in parts:
         _core_peaks(seconds)
     # inference first: training's keep_freed_cpu_memory is process-wide, and `predict` does not call it
@@ -403,11 +398,11 @@ def contention(seconds: float, rounds: int, parts: str) -> None:
             benchmark(predictor, warmup=10, repeats=1, pipeline="end-to-end")
         infer_rounds = []
         for r in range(rounds):
-            record: dict = {"round": r, "probes": [_probe_tflops()]}
+            record: dict = {"round": r, "probes": [speed_probe()]}
             for backend, predictor in predictors.items():
                 row = benchmark(predictor, warmup=0, repeats=12, pipeline="end-to-end")
                 record[f"{backend}_images_per_s"] = row["images_per_s"]
-                record["probes"].append(_probe_tflops())
+                record["probes"].append(speed_probe())
             print(json.dumps(record), flush=True)
             infer_rounds.append(record)
         _contended_summary(
@@ -422,11 +417,11 @@ def contention(seconds: float, rounds: int, parts: str) -> None:
             timer.warm_up(2)
         train_rounds = []
         for r in range(rounds):
-            record = {"round": r, "probes": [_probe_tflops()]}
+            record = {"round": r, "probes": [speed_probe()]}
             for variant, timer in timers.items():
                 timer.run(1)
                 record[f"{variant}_ms"] = timer.times[-1] * 1000
-                record["probes"].append(_probe_tflops())
+                record["probes"].append(speed_probe())
             print(json.dumps(record), flush=True)
             train_rounds.append(record)
         _contended_summary(

@@ -54,7 +54,7 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
     )
     for column in ("backend", "precision", "mode", "pipeline"):
         table.add_column(column, overflow="fold")  # full backend names, even on an 80-column pipe
-    from polypseg.experiments.bench import STEADY_FRACTION, drifted
+    from polypseg.experiments.bench import drift_warning, drifted
 
     paired = all("speedup_vs_first" in row for row in rows)
     steady = paired and drifted(rows[0]) and all("steady_median_ms" in row for row in rows)
@@ -80,12 +80,7 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
         )
     console.print(table)
     if paired and drifted(rows[0]):
-        probes = rows[0]["round_probe_tflops"]
-        warn(
-            f"this machine's bf16 matmul speed changed between rounds ({min(probes):.2f}-{max(probes):.2f} "
-            f"TFLOP/s: a shared or throttled CPU); {len(rows[0]['steady_rounds'])} of {rows[0]['rounds']} rounds ran "
-            f"with it at >= {STEADY_FRACTION:.0%} of its best{' (the steady columns)' if steady else ''}"
-        )
+        warn(drift_warning(rows[0]) + (" (the steady columns)" if steady else ""))
 
 
 def register(app: typer.Typer) -> None:

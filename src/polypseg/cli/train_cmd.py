@@ -210,9 +210,9 @@ def register(app: typer.Typer) -> None:
         from polypseg.data.inputs import check_output_path
         from polypseg.experiments.bench import (
             CPU_VARIANTS,
-            STEADY_FRACTION,
             TRAIN_VARIANTS,
             benchmark_training,
+            drift_warning,
             drifted,
             training_markdown,
         )
@@ -277,13 +277,8 @@ def register(app: typer.Typer) -> None:
             )
         console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False, soft_wrap=True)
         if drifted(rows[0]):
-            probes, steady = rows[0]["round_probe_tflops"], rows[0]["steady_rounds"]
-            note = (
-                f"this machine's bf16 matmul speed changed between rounds ({min(probes):.2f}-{max(probes):.2f} "
-                f"TFLOP/s: a shared or throttled CPU), so the absolute figures mix its phases; "
-                f"{len(steady)} of {rounds} rounds ran with it at >= {STEADY_FRACTION:.0%} of its best"
-            )
-            if steady:
+            note = drift_warning(rows[0])
+            if rows[0]["steady_rounds"]:
                 note += ": " + ", ".join(
                     f"{row['variant']} {row['steady_step_ms']:.1f} ms ({row['steady_speedup_vs_first']:.2f}x)"
                     for row in rows

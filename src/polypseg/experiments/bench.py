@@ -327,6 +327,11 @@ def steady_rounds(probes: Sequence[float], peak: float, fraction: float = STEADY
     return [r for r in range(len(probes) - 1) if min(probes[r], probes[r + 1]) >= fraction * peak]
 
 
+def speed_probe() -> float:
+    """A quick two-thread bf16 matmul peak in TFLOP/s (best of 3 at 2048): which phase a shared CPU is in now."""
+    return matmul_peak(torch.bfloat16, repeats=3) / 1e12
+
+
 class _TimedStep:
     """One variant's TrainStep on fixed random data, timed in rounds (so variants can interleave)."""
 
@@ -421,18 +426,20 @@ def benchmark_training(
             small.warm_up(warmup)
         timers.append((main, small))
     probing = peak and torch_device.type == "cpu"
-    probes = [matmul_peak(torch.bfloat16, repeats=3)] if probing else []
+    probes = [speed_probe()] if probing else []
     for _ in range(rounds):
         for main, small in timers:
             main.run(steps)
             if small:
                 small.run(steps)
         if probing:
-            probes.append(matmul_peak(torch.bfloat16, repeats=3))
+            probes.append(speed_probe())
     flops = {size: 3 * forward_flops(config, size) for size in {tc.image_size, low or tc.image_size}}
-    peak_bf16 = max(matmul_peak(torch.bfloat16, device=str(torch_device)), *probes) if peak else None
+    peak_bf16 = (
+        max(matmul_peak(torch.bfloat16, device=str(torch_device)), *(p * 1e12 for p in probes)) if peak else None
+    )
     peak_fp32 = matmul_peak(torch.float32, device=str(torch_device)) if peak else None
-    steady = steady_rounds(probes, peak_bf16) if peak_bf16 else []
+    steady = steady_rounds(probes, peak_bf16 / 1e12) if peak_bf16 else []
     steps_per_epoch = max(1, train_images // tc.batch_size)
     rows = []
     first = timers[0][0]
@@ -483,7 +490,7 @@ def benchmark_training(
                     "matmul_peak_bf16_tflops": peak_bf16 / 1e12,
                     "matmul_peak_fp32_tflops": peak_fp32 / 1e12,
                     "fraction_of_bf16_peak": achieved / peak_bf16,
-                    "round_probe_tflops": [p / 1e12 for p in probes],
+                    "round_probe_tflops": probes,
                     "steady_rounds": steady,
                 }
             )
@@ -752,6 +759,16 @@ def drifted(row: dict[str, Any]) -> bool:
     return bool(probes) and min(probes) < STEADY_FRACTION * row["matmul_peak_bf16_tflops"]
 
 
+def drift_warning(row: dict[str, Any]) -> str:
+    """The line ``bench-train`` and ``bench`` print when a row has :func:`drifted`."""
+    probes = row["round_probe_tflops"]
+    return (
+        f"this machine's bf16 matmul speed changed between rounds ({min(probes):.2f}-{max(probes):.2f} TFLOP/s: a "
+        f"shared or throttled CPU), so the absolute figures mix its phases; {len(row['steady_rounds'])} of "
+        f"{row['rounds']} rounds ran with it at >= {STEADY_FRACTION:.0%} of its best"
+    )
+
+
 def training_markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`benchmark_training` results (with TFLOP/s and the peak fraction when measured)."""
     with_peak = any("fraction_of_bf16_peak" in r for r in rows)
@@ -864,7 +881,7 @@ def benchmark_backends(
         timed: list[list[dict[str, Any]]] = [[] for _ in settings]
         # On a CPU, whose speed a shared host can change under the measurement, probe it between rounds.
         probing = torch_device.type == "cpu"
-        probes = [matmul_peak(torch.bfloat16, repeats=3) / 1e12] if probing else []
+        probes = [speed_probe()] if probing else []
         for r, count in enumerate(per_round):
             for (name, predictor, pipe), done in zip(settings, timed, strict=True):
                 step(f"round {r + 1}/{rounds}: timing {name} {pipe}, batch {batch_size}")
@@ -879,7 +896,7 @@ def benchmark_backends(
                     )
                 )
             if probing:
-                probes.append(matmul_peak(torch.bfloat16, repeats=3) / 1e12)
+                probes.append(speed_probe())
         peak = max(matmul_peak(torch.bfloat16) / 1e12, *probes) if probing else None
         steady = steady_rounds(probes, peak) if peak else []
         for (name, _, pipe), done in zip(settings, timed, strict=True):
