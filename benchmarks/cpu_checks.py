@@ -7,6 +7,7 @@
     python benchmarks/cpu_checks.py malloc [--pairs 3] [--parts probe,train,gradcam]  # glibc's malloc vs kept memory
     python benchmarks/cpu_checks.py profile [--steps 2]      # where a bf16 training step's time goes, per op
     python benchmarks/cpu_checks.py contention [--seconds 60] [--rounds 24] [--parts cores,train,infer]
+    python benchmarks/cpu_checks.py old-fp32 [--rounds 48]  # bf16 against fp32 NCHW as issue #11 found it
 
 drift: the bf16 matmul peak (best of 20 at 2048) read every 8 s while matmuls keep both cores busy,
 so a shared host's changing speed shows before any comparison is trusted.
@@ -33,6 +34,12 @@ the shipped model end to end at batch 1 in OpenVINO int8 and bf16, 12 images eac
 timing sits between two quick two-thread bf16 matmul probes; a round counts as uncontended when
 all its probes read at least 0.8 of the run's best probe. The summaries give the medians over all
 rounds and over the uncontended ones.
+old-fp32: the paper recipe's step in three worker processes that take turns, one step each per
+round, with contention's probes between them: fp32 NCHW with glibc's default malloc (the CPU path
+as issue #11 found it: ``keep_freed_cpu_memory`` came later), fp32 NCHW and bf16 channels-last as
+polypseg trains now. Separate processes because the allocator setting is process-wide and, once a
+heap has grown, cannot be undone; a worker waits on a pipe while the others run. Each step's page
+faults are printed beside its time, so the first worker is seen to fault as glibc does.
 """
 
 from __future__ import annotations
@@ -217,18 +224,25 @@ def _alternating(pairs: int, settings: dict) -> Iterator[tuple[int, str]]:
             yield pair, name
 
 
-def malloc(pairs: int, parts: str = "probe,train,gradcam") -> None:
+def _allocator_environments() -> dict[str, dict[str, str]]:
+    """Process environments for glibc's default malloc ("glibc") and polypseg's kept memory ("kept")."""
     import os
-    import subprocess
-    import sys
-    import tempfile
 
     base = {
         k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")
     }
     # perturb=0 is glibc's default: a malloc tunable that changes nothing but makes polypseg leave malloc
     # alone. (MALLOC_MMAP_MAX_ would not do: setting it freezes glibc's mmap threshold at 128 KiB.)
-    settings = {"glibc": {**base, "GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "kept": base}
+    return {"glibc": {**base, "GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "kept": base}
+
+
+def malloc(pairs: int, parts: str = "probe,train,gradcam") -> None:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    settings = _allocator_environments()
     for variant in ("fp32-nchw", "bf16-cl") if "probe" in parts else ():
         probes = {
             name: subprocess.run(
@@ -363,7 +377,7 @@ def _core_peaks(seconds: float) -> None:
     print(json.dumps({"cores": "one thread each, pinned", "summary": summary}), flush=True)
 
 
-def _contended_summary(label: str, rounds: list[dict], ratio: tuple[str, str] | None, unit: str) -> None:
+def _contended_summary(label: str, rounds: list[dict], ratios: list[tuple[str, str]], unit: str) -> None:
     quiet = _uncontended(rounds)
     best = max(p for r in rounds for p in r["probes"])
     summary: dict = {
@@ -376,10 +390,8 @@ def _contended_summary(label: str, rounds: list[dict], ratio: tuple[str, str] | 
         if not subset:
             continue
         summary[name] = {k: statistics.median(r[k] for r in subset) for k in subset[0] if k not in ("probes", "round")}
-        if ratio:
-            summary[name][f"paired_{ratio[0]}_over_{ratio[1]}"] = statistics.median(
-                r[ratio[0]] / r[ratio[1]] for r in subset
-            )
+        for slower, faster in ratios:
+            summary[name][f"paired_{slower}_over_{faster}"] = statistics.median(r[slower] / r[faster] for r in subset)
     summary["unit"] = unit
     print(json.dumps(summary), flush=True)
 
@@ -406,7 +418,7 @@ def contention(seconds: float, rounds: int, parts: str) -> None:
             print(json.dumps(record), flush=True)
             infer_rounds.append(record)
         _contended_summary(
-            "shipped model, end to end, batch 1, 256 px, medians of 12", infer_rounds, None, "images per s"
+            "shipped model, end to end, batch 1, 256 px, medians of 12", infer_rounds, [], "images per s"
         )
     if "train" in parts:
         from polypseg.core.config import get_recipe
@@ -425,8 +437,74 @@ def contention(seconds: float, rounds: int, parts: str) -> None:
             print(json.dumps(record), flush=True)
             train_rounds.append(record)
         _contended_summary(
-            "paper recipe step, batch 16, 256 px", train_rounds, ("fp32-nchw_ms", "bf16-cl_ms"), "ms per step"
+            "paper recipe step, batch 16, 256 px", train_rounds, [("fp32-nchw_ms", "bf16-cl_ms")], "ms per step"
         )
+
+
+_STEP_WORKER = """
+import resource, sys, torch
+from polypseg.core.config import get_recipe
+from polypseg.core.devices import keep_freed_cpu_memory
+from polypseg.experiments.bench import _TimedStep
+timer = _TimedStep(get_recipe("paper"), torch.device("cpu"), sys.argv[1])
+timer.warm_up(2)
+print("ready", int(keep_freed_cpu_memory()), flush=True)
+for _ in sys.stdin:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    timer.run(1)
+    print(timer.times[-1] * 1000, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, flush=True)
+"""
+
+
+def old_fp32(rounds: int) -> None:
+    import subprocess
+    import sys
+
+    from polypseg.experiments.bench import speed_probe
+
+    environments = _allocator_environments()
+    # name -> (bench-train variant, allocator); the first is the fp32 path before keep_freed_cpu_memory
+    plan = {
+        "fp32-nchw-glibc": ("fp32-nchw", "glibc"),
+        "fp32-nchw": ("fp32-nchw", "kept"),
+        "bf16-cl": ("bf16-cl", "kept"),
+    }
+    workers = {}
+    try:
+        for name, (variant, allocator) in plan.items():  # one at a time: warm-ups would slow each other
+            worker = subprocess.Popen(
+                [sys.executable, "-c", _STEP_WORKER, variant],
+                env=environments[allocator],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            ready = worker.stdout.readline().split()
+            if ready[:1] != ["ready"] or (ready[1] == "1") != (allocator == "kept"):
+                raise SystemExit(f"worker {name} did not start with the {allocator} allocator: {ready}")
+            workers[name] = worker
+        train_rounds = []
+        for r in range(rounds):
+            record: dict = {"round": r, "probes": [speed_probe()]}
+            for name, worker in workers.items():
+                worker.stdin.write("step\n")
+                worker.stdin.flush()
+                step_ms, faults = worker.stdout.readline().split()
+                record[f"{name}_ms"] = float(step_ms)
+                record[f"{name}_page_faults"] = int(faults)
+                record["probes"].append(speed_probe())
+            print(json.dumps(record), flush=True)
+            train_rounds.append(record)
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
+    _contended_summary(
+        "paper recipe step, batch 16, 256 px, each setting in its own process",
+        train_rounds,
+        [("fp32-nchw-glibc_ms", "bf16-cl_ms"), ("fp32-nchw_ms", "bf16-cl_ms"), ("fp32-nchw-glibc_ms", "fp32-nchw_ms")],
+        "ms per step",
+    )
 
 
 def main() -> None:
@@ -444,6 +522,7 @@ def main() -> None:
     contention_parser.add_argument("--seconds", type=float, default=60, help="of per-core readings")
     contention_parser.add_argument("--rounds", type=int, default=24)
     contention_parser.add_argument("--parts", default="cores,train,infer", help="comma-separated: cores, train, infer")
+    sub.add_parser("old-fp32").add_argument("--rounds", type=int, default=48)
     args = parser.parse_args()
     if args.check == "drift":
         drift(args.seconds)
@@ -454,7 +533,13 @@ def main() -> None:
     elif args.check == "contention":
         contention(args.seconds, args.rounds, args.parts)
     else:
-        {"upsample": upsample, "openvino-shape": openvino_shape, "fused-adam": fused_adam}[args.check](args.rounds)
+        checks = {
+            "upsample": upsample,
+            "openvino-shape": openvino_shape,
+            "fused-adam": fused_adam,
+            "old-fp32": old_fp32,
+        }
+        checks[args.check](args.rounds)
 
 
 if __name__ == "__main__":
