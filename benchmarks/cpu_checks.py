@@ -346,10 +346,11 @@ while time.time() - start < seconds:
 
 
 def _uncontended(rounds: list[dict]) -> list[dict]:
-    from polypseg.experiments.bench import STEADY_FRACTION
+    """The rounds all of whose probes (one after every timing in it, not only at its ends) read steady."""
+    from polypseg.experiments.bench import is_steady
 
     best = max(p for r in rounds for p in r["probes"])
-    return [r for r in rounds if min(r["probes"]) >= STEADY_FRACTION * best]
+    return [r for r in rounds if is_steady(r["probes"], best)]
 
 
 def _core_peaks(seconds: float) -> None:

@@ -267,6 +267,14 @@ def test_steady_rounds_are_those_between_two_fast_probes():
     assert steady_rounds([2.0], peak=2.0) == []  # no round timed
 
 
+def test_a_timing_is_steady_only_when_every_probe_around_it_is():
+    from polypseg.experiments.bench import is_steady
+
+    assert is_steady([1.6, 2.0, 1.7], peak=2.0)
+    assert not is_steady([2.0, 1.59, 2.0], peak=2.0)  # one slow probe inside is enough
+    assert is_steady([1.0], peak=2.0, fraction=0.5)
+
+
 @pytest.mark.slow
 def test_bench_train_reports_the_rounds_run_in_the_machines_fast_phase(monkeypatch):
     """A drifting machine (scripted matmul probes): steady figures are the medians of the steady rounds only."""

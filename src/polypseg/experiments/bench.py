@@ -321,10 +321,14 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int
     return 2 * n**3 / best
 
 
+def is_steady(probes: Sequence[float], peak: float, fraction: float = STEADY_FRACTION) -> bool:
+    """Whether every probe around a timing read at least ``fraction`` of ``peak``: it ran in the fast phase."""
+    return min(probes) >= fraction * peak
+
+
 def steady_rounds(probes: Sequence[float], peak: float, fraction: float = STEADY_FRACTION) -> list[int]:
-    """The rounds (round ``r`` lies between ``probes[r]`` and ``probes[r + 1]``) whose probes both
-    read at least ``fraction`` of ``peak``: those run while the machine was in its fast phase."""
-    return [r for r in range(len(probes) - 1) if min(probes[r], probes[r + 1]) >= fraction * peak]
+    """The rounds (round ``r`` lies between ``probes[r]`` and ``probes[r + 1]``) that ran in the fast phase."""
+    return [r for r in range(len(probes) - 1) if is_steady(probes[r : r + 2], peak, fraction)]
 
 
 def speed_probe() -> float:
