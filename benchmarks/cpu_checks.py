@@ -7,7 +7,7 @@
     python benchmarks/cpu_checks.py malloc [--pairs 3] [--parts probe,train,gradcam]  # glibc's malloc vs kept memory
     python benchmarks/cpu_checks.py profile [--steps 2]      # where a bf16 training step's time goes, per op
     python benchmarks/cpu_checks.py contention [--seconds 60] [--rounds 24] [--parts cores,train,infer]
-    python benchmarks/cpu_checks.py old-fp32 [--rounds 48]  # bf16 against fp32 NCHW as issue #11 found it
+    python benchmarks/cpu_checks.py old-fp32 [--rounds 48] [--settings fp32-nchw-glibc,fp32-nchw,bf16-cl]
 
 drift: the bf16 matmul peak (best of 20 at 2048) read every 8 s while matmuls keep both cores busy,
 so a shared host's changing speed shows before any comparison is trusted.
@@ -34,12 +34,13 @@ the shipped model end to end at batch 1 in OpenVINO int8 and bf16, 12 images eac
 timing sits between two quick two-thread bf16 matmul probes; a round counts as uncontended when
 all its probes read at least 0.8 of the run's best probe. The summaries give the medians over all
 rounds and over the uncontended ones.
-old-fp32: the paper recipe's step in three worker processes that take turns, one step each per
+old-fp32: the paper recipe's step in a worker process per setting, taking turns, one step each per
 round, with contention's probes between them: fp32 NCHW with glibc's default malloc (the CPU path
 as issue #11 found it: ``keep_freed_cpu_memory`` came later), fp32 NCHW and bf16 channels-last as
 polypseg trains now. Separate processes because the allocator setting is process-wide and, once a
 heap has grown, cannot be undone; a worker waits on a pipe while the others run. Each step's page
-faults are printed beside its time, so the first worker is seen to fault as glibc does.
+faults are printed beside its time, so the first worker is seen to fault as glibc does. Fewer
+``--settings`` make shorter rounds, so more of them fit in a fast phase.
 """
 
 from __future__ import annotations
@@ -457,19 +458,26 @@ for _ in sys.stdin:
 """
 
 
-def old_fp32(rounds: int) -> None:
+# old-fp32's settings: name -> (bench-train variant, allocator); the first is the fp32 path as it
+# was before keep_freed_cpu_memory
+OLD_FP32_SETTINGS = {
+    "fp32-nchw-glibc": ("fp32-nchw", "glibc"),
+    "fp32-nchw": ("fp32-nchw", "kept"),
+    "bf16-cl": ("bf16-cl", "kept"),
+}
+
+
+def old_fp32(rounds: int, settings: str = ",".join(OLD_FP32_SETTINGS)) -> None:
     import subprocess
     import sys
 
     from polypseg.experiments.bench import speed_probe
 
     environments = _allocator_environments()
-    # name -> (bench-train variant, allocator); the first is the fp32 path before keep_freed_cpu_memory
-    plan = {
-        "fp32-nchw-glibc": ("fp32-nchw", "glibc"),
-        "fp32-nchw": ("fp32-nchw", "kept"),
-        "bf16-cl": ("bf16-cl", "kept"),
-    }
+    names = settings.split(",")
+    if unknown := set(names) - set(OLD_FP32_SETTINGS):
+        raise SystemExit(f"unknown settings {sorted(unknown)}; choose from {', '.join(OLD_FP32_SETTINGS)}")
+    plan = {name: OLD_FP32_SETTINGS[name] for name in names}
     workers = {}
     try:
         for name, (variant, allocator) in plan.items():  # one at a time: warm-ups would slow each other
@@ -503,7 +511,15 @@ def old_fp32(rounds: int) -> None:
     _contended_summary(
         "paper recipe step, batch 16, 256 px, each setting in its own process",
         train_rounds,
-        [("fp32-nchw-glibc_ms", "bf16-cl_ms"), ("fp32-nchw_ms", "bf16-cl_ms"), ("fp32-nchw-glibc_ms", "fp32-nchw_ms")],
+        [
+            (f"{slower}_ms", f"{faster}_ms")
+            for slower, faster in (
+                ("fp32-nchw-glibc", "bf16-cl"),
+                ("fp32-nchw", "bf16-cl"),
+                ("fp32-nchw-glibc", "fp32-nchw"),
+            )
+            if slower in plan and faster in plan
+        ],
         "ms per step",
     )
 
@@ -523,7 +539,11 @@ def main() -> None:
     contention_parser.add_argument("--seconds", type=float, default=60, help="of per-core readings")
     contention_parser.add_argument("--rounds", type=int, default=24)
     contention_parser.add_argument("--parts", default="cores,train,infer", help="comma-separated: cores, train, infer")
-    sub.add_parser("old-fp32").add_argument("--rounds", type=int, default=48)
+    old_fp32_parser = sub.add_parser("old-fp32")
+    old_fp32_parser.add_argument("--rounds", type=int, default=48)
+    old_fp32_parser.add_argument(
+        "--settings", default=",".join(OLD_FP32_SETTINGS), help="comma-separated, in round order"
+    )
     args = parser.parse_args()
     if args.check == "drift":
         drift(args.seconds)
@@ -533,12 +553,13 @@ def main() -> None:
         profile(args.steps)
     elif args.check == "contention":
         contention(args.seconds, args.rounds, args.parts)
+    elif args.check == "old-fp32":
+        old_fp32(args.rounds, args.settings)
     else:
         checks = {
             "upsample": upsample,
             "openvino-shape": openvino_shape,
             "fused-adam": fused_adam,
-            "old-fp32": old_fp32,
         }
         checks[args.check](args.rounds)
 
