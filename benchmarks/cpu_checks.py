@@ -556,12 +556,7 @@ def main() -> None:
     elif args.check == "old-fp32":
         old_fp32(args.rounds, args.settings)
     else:
-        checks = {
-            "upsample": upsample,
-            "openvino-shape": openvino_shape,
-            "fused-adam": fused_adam,
-        }
-        checks[args.check](args.rounds)
+        {"upsample": upsample, "openvino-shape": openvino_shape, "fused-adam": fused_adam}[args.check](args.rounds)
 
 
 if __name__ == "__main__":
