@@ -49,7 +49,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -398,9 +398,24 @@ def _contended_summary(label: str, rounds: list[dict], ratios: list[tuple[str, s
     print(json.dumps(summary), flush=True)
 
 
-def contention(seconds: float, rounds: int, parts: str) -> None:
+def _probed_rounds(rounds: int, names: Iterable[str], measure: Callable[[str], dict]) -> list[dict]:
+    """``rounds`` rounds, each measuring every name in turn (``measure`` returns the fields it timed),
+    with a quick matmul probe before the first and after each; every round is printed as a JSON line."""
     from polypseg.experiments.bench import speed_probe
 
+    names = list(names)
+    records = []
+    for r in range(rounds):
+        record: dict = {"round": r, "probes": [speed_probe()]}
+        for name in names:
+            record.update(measure(name))
+            record["probes"].append(speed_probe())
+        print(json.dumps(record), flush=True)
+        records.append(record)
+    return records
+
+
+def contention(seconds: float, rounds: int, parts: str) -> None:
     if "cores" in parts:
         _core_peaks(seconds)
     # inference first: training's keep_freed_cpu_memory is process-wide, and `predict` does not call it
@@ -410,15 +425,12 @@ def contention(seconds: float, rounds: int, parts: str) -> None:
         predictors = {b: load_for_bench("kvasir-unet-r34", b, device="cpu") for b in ("openvino-int8", "openvino-bf16")}
         for predictor in predictors.values():
             benchmark(predictor, warmup=10, repeats=1, pipeline="end-to-end")
-        infer_rounds = []
-        for r in range(rounds):
-            record: dict = {"round": r, "probes": [speed_probe()]}
-            for backend, predictor in predictors.items():
-                row = benchmark(predictor, warmup=0, repeats=12, pipeline="end-to-end")
-                record[f"{backend}_images_per_s"] = row["images_per_s"]
-                record["probes"].append(speed_probe())
-            print(json.dumps(record), flush=True)
-            infer_rounds.append(record)
+
+        def images_per_s(backend: str) -> dict:
+            row = benchmark(predictors[backend], warmup=0, repeats=12, pipeline="end-to-end")
+            return {f"{backend}_images_per_s": row["images_per_s"]}
+
+        infer_rounds = _probed_rounds(rounds, predictors, images_per_s)
         _contended_summary(
             "shipped model, end to end, batch 1, 256 px, medians of 12", infer_rounds, [], "images per s"
         )
@@ -429,15 +441,12 @@ def contention(seconds: float, rounds: int, parts: str) -> None:
         timers = {v: _TimedStep(get_recipe("paper"), torch.device("cpu"), v) for v in ("fp32-nchw", "bf16-cl")}
         for timer in timers.values():
             timer.warm_up(2)
-        train_rounds = []
-        for r in range(rounds):
-            record = {"round": r, "probes": [speed_probe()]}
-            for variant, timer in timers.items():
-                timer.run(1)
-                record[f"{variant}_ms"] = timer.times[-1] * 1000
-                record["probes"].append(speed_probe())
-            print(json.dumps(record), flush=True)
-            train_rounds.append(record)
+
+        def step_ms(variant: str) -> dict:
+            timers[variant].run(1)
+            return {f"{variant}_ms": timers[variant].times[-1] * 1000}
+
+        train_rounds = _probed_rounds(rounds, timers, step_ms)
         _contended_summary(
             "paper recipe step, batch 16, 256 px", train_rounds, [("fp32-nchw_ms", "bf16-cl_ms")], "ms per step"
         )
@@ -471,8 +480,6 @@ def old_fp32(rounds: int, settings: str = ",".join(OLD_FP32_SETTINGS)) -> None:
     import subprocess
     import sys
 
-    from polypseg.experiments.bench import speed_probe
-
     environments = _allocator_environments()
     names = settings.split(",")
     if unknown := set(names) - set(OLD_FP32_SETTINGS):
@@ -492,18 +499,14 @@ def old_fp32(rounds: int, settings: str = ",".join(OLD_FP32_SETTINGS)) -> None:
             if ready[:1] != ["ready"] or (ready[1] == "1") != (allocator == "kept"):
                 raise SystemExit(f"worker {name} did not start with the {allocator} allocator: {ready}")
             workers[name] = worker
-        train_rounds = []
-        for r in range(rounds):
-            record: dict = {"round": r, "probes": [speed_probe()]}
-            for name, worker in workers.items():
-                worker.stdin.write("step\n")
-                worker.stdin.flush()
-                step_ms, faults = worker.stdout.readline().split()
-                record[f"{name}_ms"] = float(step_ms)
-                record[f"{name}_page_faults"] = int(faults)
-                record["probes"].append(speed_probe())
-            print(json.dumps(record), flush=True)
-            train_rounds.append(record)
+
+        def worker_step(name: str) -> dict:
+            workers[name].stdin.write("step\n")
+            workers[name].stdin.flush()
+            step_ms, faults = workers[name].stdout.readline().split()
+            return {f"{name}_ms": float(step_ms), f"{name}_page_faults": int(faults)}
+
+        train_rounds = _probed_rounds(rounds, workers, worker_step)
     finally:
         for worker in workers.values():
             worker.stdin.close()
