@@ -6,6 +6,7 @@
     python benchmarks/cpu_checks.py fused-adam [--rounds 8]  # the bf16 step with foreach vs fused Adam
     python benchmarks/cpu_checks.py malloc [--pairs 3] [--parts probe,train,gradcam]  # glibc's malloc vs kept memory
     python benchmarks/cpu_checks.py profile [--steps 2]      # where a bf16 training step's time goes, per op
+    python benchmarks/cpu_checks.py convs [--repeats 5]      # each convolution's bf16 forward and backward alone
     python benchmarks/cpu_checks.py contention [--seconds 60] [--rounds 24] [--parts cores,train,infer]
     python benchmarks/cpu_checks.py old-fp32 [--rounds 48] [--settings fp32-nchw-glibc,fp32-nchw,bf16-cl]
 
@@ -27,6 +28,11 @@ polypseg leaves malloc alone) and with
 resident memory in each setting (``--pairs 0``: only those); then torch fp32 Grad-CAM batches the same way.
 profile: ``torch.profiler`` over the paper recipe's bf16 channels-last steps; each op's share of
 the CPU time (self time, ops over 1%).
+convs: every convolution of the paper recipe's network at its own input shape (batch 16, 256 px),
+alone, bf16 channels-last, as autocast runs it: forward, and backward for the weight (and the input
+where the network needs it); milliseconds (median of ``--repeats``) and achieved TFLOP/s, with a
+quick matmul probe after each layer, so a layer far below the probe is a layer the CPU's
+convolution kernels handle badly, not the machine's phase.
 contention: is the drift another tenant's use of this machine's matrix units? ``cores``: each core
 alone (one thread, pinned) reads its bf16 and fp32 matmul peak in turn for ``--seconds``. ``infer``:
 the shipped model end to end at batch 1 in OpenVINO int8 and bf16, 12 images each per round;
@@ -227,11 +233,9 @@ def _alternating(pairs: int, settings: dict) -> Iterator[tuple[int, str]]:
 
 def _allocator_environments() -> dict[str, dict[str, str]]:
     """Process environments for glibc's default malloc ("glibc") and polypseg's kept memory ("kept")."""
-    import os
+    from polypseg.core.devices import environment_without_allocator_choice
 
-    base = {
-        k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")
-    }
+    base = environment_without_allocator_choice()
     # perturb=0 is glibc's default: a malloc tunable that changes nothing but makes polypseg leave malloc
     # alone. (MALLOC_MMAP_MAX_ would not do: setting it freezes glibc's mmap threshold at 128 KiB.)
     return {"glibc": {**base, "GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "kept": base}
@@ -324,6 +328,71 @@ def profile(steps: int) -> None:
         ),
         flush=True,
     )
+
+
+def _conv_flops(conv: torch.nn.Conv2d, output: torch.Tensor) -> float:
+    """Multiply-adds times two of one forward pass: each output element sums Cin/groups x kh x kw products."""
+    kh, kw = conv.kernel_size
+    return 2.0 * output.numel() * conv.in_channels // conv.groups * kh * kw
+
+
+def _time_conv(layer: torch.nn.Conv2d, x: torch.Tensor, repeats: int) -> dict:
+    """Forward and backward (weight, and input when ``x`` requires grad) of one layer, median ms and TFLOP/s."""
+    y = layer(x)
+    grad = torch.randn_like(y)
+    wanted = [x, layer.weight] if x.requires_grad else [layer.weight]
+    forward_ms = _median_ms(lambda: layer(x), repeats)
+    backward_ms = _median_ms(lambda: torch.autograd.grad(y, wanted, grad, retain_graph=True), repeats)
+    flops = _conv_flops(layer, y)
+    return {
+        "forward_ms": forward_ms,
+        "backward_ms": backward_ms,
+        "forward_tflops": flops / forward_ms / 1e9,
+        "backward_tflops": flops * len(wanted) / backward_ms / 1e9,
+    }
+
+
+def convs(repeats: int) -> None:
+    import copy
+
+    from polypseg.core.config import get_recipe
+    from polypseg.experiments.bench import speed_probe
+    from polypseg.models.factory import create_model
+
+    config = get_recipe("paper")
+    size, batch = config.train.image_size, config.train.batch_size
+    model = create_model(config.model)
+    shapes: dict[str, torch.Size] = {}
+
+    def record_shape(name: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:  # None: output unchanged
+            shapes[name] = args[0].shape
+
+        return hook
+
+    hooks = [
+        module.register_forward_hook(record_shape(name))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    modules = dict(model.named_modules())
+    first = next(iter(shapes))
+    totals = {"forward_ms": 0.0, "backward_ms": 0.0}
+    for name, shape in shapes.items():
+        layer = copy.deepcopy(modules[name]).to(torch.bfloat16, memory_format=torch.channels_last)
+        x = torch.randn(batch, *shape[1:]).bfloat16().contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(name != first)  # the first layer sees the image, which needs no gradient
+        timing = _time_conv(layer, x, repeats)
+        totals["forward_ms"] += timing["forward_ms"]
+        totals["backward_ms"] += timing["backward_ms"]
+        record = {"conv": name, "input": list(x.shape), "out_channels": layer.out_channels}
+        record |= {"kernel": list(layer.kernel_size), "stride": list(layer.stride), **timing}
+        print(json.dumps(record | {"probe_tflops": speed_probe()}), flush=True)
+    print(json.dumps({"convolutions": len(shapes), **totals, "unit": "ms, batch 16, bf16 channels-last"}), flush=True)
 
 
 _CORE_PEAKS = """
@@ -538,6 +607,7 @@ def main() -> None:
     malloc_parser.add_argument("--pairs", type=int, default=3)
     malloc_parser.add_argument("--parts", default="probe,train,gradcam", help="comma-separated: probe, train, gradcam")
     sub.add_parser("profile").add_argument("--steps", type=int, default=2)
+    sub.add_parser("convs").add_argument("--repeats", type=int, default=5)
     contention_parser = sub.add_parser("contention")
     contention_parser.add_argument("--seconds", type=float, default=60, help="of per-core readings")
     contention_parser.add_argument("--rounds", type=int, default=24)
@@ -554,6 +624,8 @@ def main() -> None:
         malloc(args.pairs, args.parts)
     elif args.check == "profile":
         profile(args.steps)
+    elif args.check == "convs":
+        convs(args.repeats)
     elif args.check == "contention":
         contention(args.seconds, args.rounds, args.parts)
     elif args.check == "old-fp32":

@@ -275,6 +275,16 @@ def test_a_timing_is_steady_only_when_every_probe_around_it_is():
     assert is_steady([1.0], peak=2.0, fraction=0.5)
 
 
+def test_steady_columns_show_only_when_the_probes_drifted_and_every_row_has_its_figure():
+    from polypseg.experiments.bench import shows_steady_columns
+
+    drifting = {"round_probe_tflops": [2.0, 0.5], "matmul_peak_bf16_tflops": 2.0, "steady_ms": 1.0}
+    steady = {**drifting, "round_probe_tflops": [2.0, 1.9]}
+    assert shows_steady_columns([drifting, {"steady_ms": 2.0}], "steady_ms")
+    assert not shows_steady_columns([drifting, {}], "steady_ms")  # a row without the figure
+    assert not shows_steady_columns([steady, {"steady_ms": 2.0}], "steady_ms")  # nothing drifted
+
+
 @pytest.mark.slow
 def test_bench_train_reports_the_rounds_run_in_the_machines_fast_phase(monkeypatch):
     """A drifting machine (scripted matmul probes): steady figures are the medians of the steady rounds only."""

@@ -135,13 +135,12 @@ def test_large_blocks_freed_are_reused_without_page_faults():
     """The same 184 MiB allocated, written and freed ten times, as a training step does: glibc faults
     in all 47k pages every time; kept, the heap is reused (now and then one block is placed anew,
     as worker threads' small allocations shift the heap, so the measure is the total)."""
-    import os
     import subprocess
     import sys
 
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")
-    }
+    from polypseg.core.devices import environment_without_allocator_choice
+
+    env = environment_without_allocator_choice()
 
     def faults(mode: str) -> list[int]:
         out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], env=env, capture_output=True, text=True)

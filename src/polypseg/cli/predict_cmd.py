@@ -54,10 +54,10 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
     )
     for column in ("backend", "precision", "mode", "pipeline"):
         table.add_column(column, overflow="fold")  # full backend names, even on an 80-column pipe
-    from polypseg.experiments.bench import drift_warning, drifted
+    from polypseg.experiments.bench import drift_warning, drifted, shows_steady_columns
 
     paired = all("speedup_vs_first" in row for row in rows)
-    steady = paired and drifted(rows[0]) and all("steady_median_ms" in row for row in rows)
+    steady = paired and shows_steady_columns(rows, "steady_median_ms")
     for column in ("p10 ms", "median ms", "p90 ms", "images/s") + (
         (f"vs {rows[0]['first_backend']}",) if paired else ()
     ):

@@ -63,6 +63,16 @@ _ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "M
 _freed_memory_kept = False
 
 
+def environment_without_allocator_choice() -> dict[str, str]:
+    """This process's environment less every allocator setting :func:`keep_freed_cpu_memory` defers to,
+    for a child process in which it should take effect (or, with glibc's tunables added back, not)."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name not in (*_ALLOCATOR_ENV, "GLIBC_TUNABLES") and not name.startswith("MALLOC_")
+    }
+
+
 def keep_freed_cpu_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of returning large blocks to the system.
 

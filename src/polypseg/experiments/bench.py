@@ -763,6 +763,11 @@ def drifted(row: dict[str, Any]) -> bool:
     return bool(probes) and min(probes) < STEADY_FRACTION * row["matmul_peak_bf16_tflops"]
 
 
+def shows_steady_columns(rows: list[dict[str, Any]], key: str) -> bool:
+    """Whether a table of paired rows adds their steady-round figures: the probes drifted and every row has ``key``."""
+    return drifted(rows[0]) and all(key in row for row in rows)
+
+
 def drift_warning(row: dict[str, Any]) -> str:
     """The line ``bench-train`` and ``bench`` print when a row has :func:`drifted`."""
     probes = row["round_probe_tflops"]
@@ -777,7 +782,7 @@ def training_markdown(rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`benchmark_training` results (with TFLOP/s and the peak fraction when measured)."""
     with_peak = any("fraction_of_bf16_peak" in r for r in rows)
     paired = len(rows) > 1 and all("speedup_vs_first" in r for r in rows)
-    steady = paired and drifted(rows[0]) and all("steady_step_ms" in r for r in rows)
+    steady = paired and shows_steady_columns(rows, "steady_step_ms")
     head = "| setting | device | precision | layout | compile | batch | EMA | step ms | images/s | TFLOP/s |"
     rule = "|---|---|---|---|---|---:|---|---:|---:|---:|"
     if paired:
@@ -947,7 +952,7 @@ def _load_step(
 def bench_markdown(rows: list[dict[str, Any]]) -> str:
     """Benchmark rows as a markdown table (for docs/benchmarks.md)."""
     paired = all("speedup_vs_first" in r for r in rows)
-    steady = paired and drifted(rows[0]) and all("steady_median_ms" in r for r in rows)
+    steady = paired and shows_steady_columns(rows, "steady_median_ms")
     head = "| device | backend | precision | mode | pipeline | batch | p10 ms | median ms | p90 ms | images/s |"
     rule = "|---|---|---|---|---|---:|---:|---:|---:|---:|"
     if paired:
