@@ -1,0 +1,56 @@
+"""benchmarks/cpu_checks.py's arithmetic and summaries on hand-made inputs (no timing is checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_checks.py"
+
+
+@pytest.fixture(scope="module")
+def cpu_checks():
+    spec = importlib.util.spec_from_file_location("cpu_checks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_conv_flops_count_two_per_multiply_add(cpu_checks):
+    conv = torch.nn.Conv2d(4, 2, 3, stride=2, padding=1)
+    output = conv(torch.zeros(1, 4, 8, 8))  # 2 x 4 x 4 outputs, each 4 x 3 x 3 products
+    assert cpu_checks._conv_flops(conv, output) == 2 * 32 * 36
+    grouped = torch.nn.Conv2d(4, 4, 3, padding=1, groups=2)
+    output = grouped(torch.zeros(1, 4, 8, 8))  # each output sees 2 of the 4 channels
+    assert cpu_checks._conv_flops(grouped, output) == 2 * 256 * 18
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_a_convolution_is_timed_forward_and_backward(cpu_checks, input_grad):
+    layer = torch.nn.Conv2d(4, 2, 3, padding=1, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, 4, 8, 8).bfloat16().requires_grad_(input_grad)
+    timing = cpu_checks._time_conv(layer, x, repeats=1)
+    assert set(timing) == {"forward_ms", "backward_ms", "forward_tflops", "backward_tflops"}
+    assert all(value > 0 for value in timing.values())
+    flops = 2 * 2 * 64 * 2 * 36
+    # the backward counts one pass per gradient taken: the weight's, and the input's when it needs one
+    assert timing["backward_tflops"] == pytest.approx(flops * (1 + input_grad) / timing["backward_ms"] / 1e9)
+
+
+def test_summaries_pair_each_round_and_keep_the_uncontended_ones(cpu_checks, capsys):
+    rounds = [
+        {"round": 0, "probes": [2.0, 1.9], "slow_ms": 400.0, "fast_ms": 100.0},
+        {"round": 1, "probes": [2.0, 0.5], "slow_ms": 900.0, "fast_ms": 300.0},  # a slow probe: contended
+        {"round": 2, "probes": [1.8, 1.7], "slow_ms": 500.0, "fast_ms": 100.0},
+    ]
+    assert [r["round"] for r in cpu_checks._uncontended(rounds)] == [0, 2]
+    cpu_checks._contended_summary("test", rounds, [("slow_ms", "fast_ms")], "ms")
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["uncontended_rounds"] == 2 and summary["best_probe_tflops"] == 2.0
+    assert summary["all"]["paired_slow_ms_over_fast_ms"] == 4.0  # median of 4, 3 and 5
+    assert summary["uncontended"]["paired_slow_ms_over_fast_ms"] == 4.5  # median of 4 and 5
+    assert summary["uncontended"]["slow_ms"] == 450.0
