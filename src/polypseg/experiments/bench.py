@@ -439,11 +439,10 @@ def benchmark_training(
         if probing:
             probes.append(speed_probe())
     flops = {size: 3 * forward_flops(config, size) for size in {tc.image_size, low or tc.image_size}}
-    peak_bf16 = (
-        max(matmul_peak(torch.bfloat16, device=str(torch_device)), *(p * 1e12 for p in probes)) if peak else None
-    )
-    peak_fp32 = matmul_peak(torch.float32, device=str(torch_device)) if peak else None
-    steady = steady_rounds(probes, peak_bf16 / 1e12) if peak_bf16 else []
+    # in TFLOP/s, as the probes and bench's rows
+    peak_bf16 = max(matmul_peak(torch.bfloat16, device=str(torch_device)) / 1e12, *probes) if peak else None
+    peak_fp32 = matmul_peak(torch.float32, device=str(torch_device)) / 1e12 if peak else None
+    steady = steady_rounds(probes, peak_bf16) if peak_bf16 else []
     steps_per_epoch = max(1, train_images // tc.batch_size)
     rows = []
     first = timers[0][0]
@@ -491,9 +490,9 @@ def benchmark_training(
         if peak_bf16:
             row.update(
                 {
-                    "matmul_peak_bf16_tflops": peak_bf16 / 1e12,
-                    "matmul_peak_fp32_tflops": peak_fp32 / 1e12,
-                    "fraction_of_bf16_peak": achieved / peak_bf16,
+                    "matmul_peak_bf16_tflops": peak_bf16,
+                    "matmul_peak_fp32_tflops": peak_fp32,
+                    "fraction_of_bf16_peak": achieved / 1e12 / peak_bf16,
                     "round_probe_tflops": probes,
                     "steady_rounds": steady,
                 }
