@@ -392,7 +392,10 @@ def convs(repeats: int) -> None:
         record = {"conv": name, "input": list(x.shape), "out_channels": layer.out_channels}
         record |= {"kernel": list(layer.kernel_size), "stride": list(layer.stride), **timing}
         print(json.dumps(record | {"probe_tflops": speed_probe()}), flush=True)
-    print(json.dumps({"convolutions": len(shapes), **totals, "unit": "ms, batch 16, bf16 channels-last"}), flush=True)
+    print(
+        json.dumps({"convolutions": len(shapes), **totals, "unit": f"ms, batch {batch}, bf16 channels-last"}),
+        flush=True,
+    )
 
 
 _CORE_PEAKS = """
