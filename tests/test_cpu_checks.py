@@ -54,3 +54,27 @@ def test_summaries_pair_each_round_and_keep_the_uncontended_ones(cpu_checks, cap
     assert summary["all"]["paired_slow_ms_over_fast_ms"] == 4.0  # median of 4, 3 and 5
     assert summary["uncontended"]["paired_slow_ms_over_fast_ms"] == 4.5  # median of 4 and 5
     assert summary["uncontended"]["slow_ms"] == 450.0
+
+
+def test_rounds_wait_for_a_fast_probe_when_asked(cpu_checks, monkeypatch, capsys):
+    import polypseg.experiments.bench as bench
+
+    readings = iter([0.5, 0.7, 1.8, 1.9, 2.0, 0.6, 1.7, 1.6, 0.4])
+    monkeypatch.setattr(bench, "speed_probe", lambda: next(readings))
+    timed = []
+
+    def measure(name: str) -> dict:
+        timed.append(name)
+        return {f"{name}_ms": 1.0}
+
+    rounds = cpu_checks._probed_rounds(2, ["a", "b"], measure, wait_for=1.5)
+    # each round starts on the first probe at 1.5 or more; the probes after its timings are kept as read
+    assert [r["probes"] for r in rounds] == [[1.8, 1.9, 2.0], [1.7, 1.6, 0.4]]
+    assert all(r["waited_s"] >= 0 for r in rounds)
+    assert timed == ["a", "b", "a", "b"]
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert [r["round"] for r in cpu_checks._uncontended(rounds)] == [0]
+
+    readings = iter([0.5, 0.7, 1.8])  # not asked to wait: the first probe is the round's
+    (record,) = cpu_checks._probed_rounds(1, ["a", "b"], measure)
+    assert record["probes"] == [0.5, 0.7, 1.8] and "waited_s" not in record
