@@ -8,7 +8,7 @@
     python benchmarks/cpu_checks.py profile [--steps 2]      # where a bf16 training step's time goes, per op
     python benchmarks/cpu_checks.py convs [--repeats 5]      # each convolution's bf16 forward and backward alone
     python benchmarks/cpu_checks.py contention [--seconds 60] [--rounds 24] [--parts cores,train,infer]
-    python benchmarks/cpu_checks.py old-fp32 [--rounds 48] [--settings fp32-nchw-glibc,fp32-nchw,bf16-cl] [--wait-for 1.6]
+    python benchmarks/cpu_checks.py old-fp32 [--rounds 48] [--settings fp32-nchw-glibc,fp32-nchw,bf16-cl] [--wait-for 1.6] [--minutes 60]
 
 drift: the bf16 matmul peak (best of 20 at 2048) read every 8 s while matmuls keep both cores busy,
 so a shared host's changing speed shows before any comparison is trusted.
@@ -48,7 +48,7 @@ heap has grown, cannot be undone; a worker waits on a pipe while the others run.
 faults are printed beside its time, so the first worker is seen to fault as glibc does. Fewer
 ``--settings`` make shorter rounds, so more of them fit in a fast phase; ``--wait-for TFLOPS``
 starts each round only once a probe reads that much (at most 120 s of probing), so that rounds
-begin with a fast spell rather than anywhere in it.
+begin with a fast spell rather than anywhere in it; ``--minutes`` starts no round after that long.
 """
 
 from __future__ import annotations
@@ -473,7 +473,12 @@ def _contended_summary(label: str, rounds: list[dict], ratios: list[tuple[str, s
 
 
 def _probed_rounds(
-    rounds: int, names: Iterable[str], measure: Callable[[str], dict], wait_for: float = 0.0, max_wait_s: float = 120.0
+    rounds: int,
+    names: Iterable[str],
+    measure: Callable[[str], dict],
+    wait_for: float = 0.0,
+    max_wait_s: float = 120.0,
+    minutes: float | None = None,
 ) -> list[dict]:
     """``rounds`` rounds, each measuring every name in turn (``measure`` returns the fields it timed),
     with a quick matmul probe before the first and after each; every round is printed as a JSON line.
@@ -481,14 +486,18 @@ def _probed_rounds(
     With ``wait_for`` (TFLOP/s) a round starts only once a probe reads that much (probing again and
     again, for at most ``max_wait_s``; ``waited_s`` in its record): on a host whose fast spells are
     shorter than a round, rounds then start at a spell's beginning. Which rounds count as steady is
-    still decided by all their probes, the ones after each timing included.
+    still decided by all their probes, the ones after each timing included. With ``minutes`` no
+    round starts after that many minutes: fewer rounds, each of them whole.
     """
     from polypseg.experiments.bench import speed_probe
 
     names = list(names)
     records = []
+    deadline = time.perf_counter() + 60 * minutes if minutes else float("inf")
     for r in range(rounds):
         start = time.perf_counter()
+        if start > deadline:
+            break
         record: dict = {"round": r, "probes": [speed_probe()]}
         while record["probes"][0] < wait_for and time.perf_counter() - start < max_wait_s:
             record["probes"][0] = speed_probe()
@@ -563,7 +572,9 @@ OLD_FP32_SETTINGS = {
 }
 
 
-def old_fp32(rounds: int, settings: str = ",".join(OLD_FP32_SETTINGS), wait_for: float = 0.0) -> None:
+def old_fp32(
+    rounds: int, settings: str = ",".join(OLD_FP32_SETTINGS), wait_for: float = 0.0, minutes: float | None = None
+) -> None:
     import subprocess
     import sys
 
@@ -593,7 +604,7 @@ def old_fp32(rounds: int, settings: str = ",".join(OLD_FP32_SETTINGS), wait_for:
             step_ms, faults = workers[name].stdout.readline().split()
             return {f"{name}_ms": float(step_ms), f"{name}_page_faults": int(faults)}
 
-        train_rounds = _probed_rounds(rounds, workers, worker_step, wait_for=wait_for)
+        train_rounds = _probed_rounds(rounds, workers, worker_step, wait_for=wait_for, minutes=minutes)
     finally:
         for worker in workers.values():
             worker.stdin.close()
@@ -638,6 +649,7 @@ def main() -> None:
     old_fp32_parser.add_argument(
         "--wait-for", type=float, default=0.0, help="TFLOP/s: start each round once a probe reads this (<= 120 s)"
     )
+    old_fp32_parser.add_argument("--minutes", type=float, default=None, help="start no round after this many minutes")
     args = parser.parse_args()
     if args.check == "drift":
         drift(args.seconds)
@@ -650,7 +662,7 @@ def main() -> None:
     elif args.check == "contention":
         contention(args.seconds, args.rounds, args.parts)
     elif args.check == "old-fp32":
-        old_fp32(args.rounds, args.settings, args.wait_for)
+        old_fp32(args.rounds, args.settings, args.wait_for, args.minutes)
     else:
         {"upsample": upsample, "openvino-shape": openvino_shape, "fused-adam": fused_adam}[args.check](args.rounds)
 

@@ -78,3 +78,15 @@ def test_rounds_wait_for_a_fast_probe_when_asked(cpu_checks, monkeypatch, capsys
     readings = iter([0.5, 0.7, 1.8])  # not asked to wait: the first probe is the round's
     (record,) = cpu_checks._probed_rounds(1, ["a", "b"], measure)
     assert record["probes"] == [0.5, 0.7, 1.8] and "waited_s" not in record
+
+
+def test_no_round_starts_after_the_minutes_given(cpu_checks, monkeypatch):
+    import itertools
+
+    import polypseg.experiments.bench as bench
+
+    monkeypatch.setattr(bench, "speed_probe", lambda: 1.0)
+    clock = itertools.count(0.0, 30.0)  # each reading of the clock 30 s later than the last
+    monkeypatch.setattr(cpu_checks.time, "perf_counter", lambda: next(clock))
+    rounds = cpu_checks._probed_rounds(10, ["a"], lambda name: {"a_ms": 1.0}, minutes=1)
+    assert [r["round"] for r in rounds] == [0, 1]  # started at 30 and 60 s; the third would start at 90 s
