@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from polypseg.core.config import RECIPES, ConfigError, RunConfig, apply_overrides, get_recipe, validate_config
+from polypseg.core.config import (
+    RECIPES,
+    WARM_RESTART_RECIPES,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    get_recipe,
+    validate_config,
+)
 from polypseg.errors import PolypsegError
 
 
@@ -43,6 +51,24 @@ def test_config_errors_are_user_errors_and_still_value_errors() -> None:
         check_model_config(config.model)
 
 
+@pytest.mark.parametrize("recipe", ["cpu-refine", "cpu-robust"])
+def test_warm_restart_recipes_need_init(recipe: str) -> None:
+    config = get_recipe(recipe)
+    with pytest.raises(ConfigError, match=f"{recipe} continues a trained model: pass --init"):
+        validate_config(config, labels={"train.init_from": "--init"})
+
+
+def test_cpu_robust_adds_cross_centre_augmentations_to_cpu_refine() -> None:
+    robust, refine = get_recipe("cpu-robust"), get_recipe("cpu-refine")
+    assert robust.model == refine.model
+    assert (robust.train.val_fraction, robust.train.seed) == (refine.train.val_fraction, refine.train.seed)
+    augment = robust.train.augment
+    assert augment.zoom_out_p > 0 and augment.blur_p > 0 and augment.noise_p > 0 and augment.specular_p > 0
+    saved = robust.to_dict()["train"]["augment"]
+    assert saved["zoom_out_max"] == augment.zoom_out_max and "gamma" in saved
+    assert RunConfig.from_dict(robust.to_dict()) == robust
+
+
 def test_cpu_refine_needs_init_and_init_excludes_encoder_weights() -> None:
     refine = get_recipe("cpu-refine")
     with pytest.raises(ConfigError, match="cpu-refine continues a trained model: pass --init"):
@@ -61,6 +87,7 @@ def test_init_from_is_saved_only_when_set_and_round_trips() -> None:
     plain = get_recipe("cpu")
     assert "init_from" not in plain.to_dict()["train"]
     assert RunConfig.from_dict(plain.to_dict()).train.init_from == "none"
+    assert not {"zoom_out_max", "blur_p", "noise_std"} & set(plain.to_dict()["train"]["augment"])
     refine = get_recipe("cpu-refine")
     refine.train.init_from = "runs/stage1/best"
     assert refine.to_dict()["train"]["init_from"] == "runs/stage1/best"
@@ -107,6 +134,9 @@ def test_overrides_are_converted_to_the_fields_type() -> None:
         ("train.ema_decay=1", r"^train\.ema_decay 1\.0: must be 0 \(off\) <= d < 1"),
         ("train.val_fraction=1", r"^train\.val_fraction"),
         ("train.augment.hflip=1.5", r"^train\.augment\.hflip 1\.5: must be a probability"),
+        ("train.augment.blur_p=2", r"^train\.augment\.blur_p 2\.0: must be a probability"),
+        ("train.augment.zoom_out_max=0.5", r"^train\.augment\.zoom_out_max 0\.5: must be 1 \(off\) to 4"),
+        ("train.augment.noise_std=-0.1", r"^train\.augment\.noise_std -0\.1: must be 0 \(off\) to 0\.5"),
         ("train.progressive_epochs=99", r"^train\.progressive_epochs 99: must be 0 to train\.epochs"),
     ],
 )
@@ -119,6 +149,6 @@ def test_numbers_out_of_range_name_their_field(override: str, message: str) -> N
 def test_every_recipe_passes_validation() -> None:
     for name in RECIPES:
         config = get_recipe(name)
-        if name == "cpu-refine":
+        if name in WARM_RESTART_RECIPES:
             config.train.init_from = "a-trained-model"
         validate_config(config)
