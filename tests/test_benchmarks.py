@@ -243,6 +243,41 @@ def test_backend_dice_scores_every_cpu_engine_against_fp32(tmp_path: Path) -> No
     assert "cpu flags:" in (tmp_path / "results" / "backend_dice_best.env.txt").read_text()
 
 
+def test_train_long_gpu_trains_one_model_with_the_cross_centre_augmentations(tmp_path: Path) -> None:
+    """benchmarks/train_long_gpu.sh on tiny data and a tiny model: it trains, holds out the test list,
+    records the augmentations it was asked for and copies the run's small files, never weights."""
+    from helpers import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", n=10)
+    test_list = tmp_path / "test.txt"
+    test_list.write_text("case00\ncase01\n")
+    environment = {
+        **os.environ,
+        "KVASIR": str(data),
+        "TEST_LIST": str(test_list),
+        "EPOCHS": "1",
+        "DEVICE": "cpu",
+        "RUNS": str(tmp_path / "runs"),
+        "RESULTS": str(tmp_path / "results"),
+        "POLYPSEG_CACHE": str(tmp_path / "cache"),
+        "SETS": TINY_SETS,
+        "PYTHON": sys.executable,
+        "COMMIT": "test",
+    }
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "train_long_gpu.sh")], env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = tmp_path / "results" / "long-robust"
+    config = json.loads((record / "config.json").read_text())
+    assert config["train"]["augment"]["zoom_out_p"] == 0.25 and config["train"]["augment"]["noise_std"] == 0.04
+    assert config["train"]["epochs"] == 1 and config["model"]["encoder"] == TINY_MODEL["encoder"]
+    split = json.loads((record / "split.json").read_text())
+    assert sorted(split["test"]) == ["case00", "case01"] and not {"case00", "case01"} & set(split["train"])
+    assert not list(record.rglob("*.safetensors"))
+    assert "wall time of the train command" in (record / "ENVIRONMENT.txt").read_text()
+
+
 def test_weights_aside_moves_the_shipped_weights_out_and_back_checked(tmp_path: Path) -> None:
     """In a throwaway repository: out, status, back (SHA-256 against HEAD), and a changed file refused."""
     repo = tmp_path / "repo"
