@@ -484,12 +484,27 @@ def load_training_state(
     for param_id, values in meta.get("optimizer_scalars", {}).items():
         opt_state.setdefault(int(param_id), {}).update(values)
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
+    _match_parameter_layout(optimizer)
     best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
     meta = dict(meta)
     if best:
         meta["best_state"] = best
     meta["state_format"] = "one file" if digest is not None else "two files (older polypseg)"
     return meta
+
+
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each restored optimizer moment its parameter's memory layout (e.g. channels-last).
+
+    The state is saved contiguous and ``load_state_dict`` keeps that layout, but the fused Adam
+    kernels walk a parameter and its moments as flat memory: with a channels-last parameter (bf16
+    training on a CPU) and contiguous moments, every update after a resume used the moments of
+    other elements, so the resumed run silently diverged from the uninterrupted one.
+    """
+    for param, values in optimizer.state.items():
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                values[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def pick_checkpoint(model: Path, fold: int | None) -> Path:
