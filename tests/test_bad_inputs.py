@@ -522,17 +522,58 @@ SIDECAR_EDITS = {
 }
 
 
-@pytest.mark.parametrize("command", ["predict", "explain"])
+# Values the command line refuses are refused in a sidecar too (the same rule, polypseg.core.rules):
+# a threshold outside (0, 1) gave all-empty or all-polyp masks without a word, and an image size
+# that is not a model input size a traceback.
+for _value, _id in ((5.0, "5.0"), (-1, "-1"), (0, "0"), (1, "1"), ("high", "high"), (None, "null")):
+    SIDECAR_EDITS[f"threshold_{_id}"] = (lambda m, v=_value: m.update(threshold=v), "threshold")
+for _value, _id in ((0, "0"), (-1, "-1"), (5.0, "5.0"), (100, "100"), ("high", "high")):
+    SIDECAR_EDITS[f"image_size_{_id}"] = (lambda m, v=_value: m["config"]["train"].update(image_size=v), "image_size")
+
+
+def _edit_embedded_sidecar(model: Path, folder: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of ``model`` whose metadata says something else, in today's format: the sidecar in
+    the weights file's header (with the tensors' SHA-256), and its .json copy."""
+    from safetensors.torch import load_file
+
+    from polypseg.models.checkpoint import _write_pair, read_metadata
+
+    folder.mkdir()
+    meta = {k: v for k, v in read_metadata(model).items() if k != "tensors_sha256"}
+    edit(meta)
+    return _write_pair(folder / "best", load_file(str(model)), meta)
+
+
+def _model_args(command: str, good: Path, weights: Path, out: Path) -> list[str]:
+    if command == "export":
+        return ["export", "--model", str(weights), "--out", str(out / "model.onnx")]
+    return _args(command, [good], weights, out)
+
+
+@pytest.mark.parametrize("command", ["predict", "explain", "export"])
+@pytest.mark.parametrize("layout", ["json_only", "embedded"])
 @pytest.mark.parametrize("edit", sorted(SIDECAR_EDITS))
 def test_bad_checkpoint_sidecar_is_the_one_line_of_a_corrupt_checkpoint(
-    command: str, edit: str, model: Path, good: Path, tmp_path: Path
+    command: str, layout: str, edit: str, model: Path, good: Path, tmp_path: Path
 ) -> None:
     change, named = SIDECAR_EDITS[edit]
-    weights = _edit_sidecar(model, tmp_path / "model", change)
-    code, output = _run(_args(command, [good], weights, tmp_path / "out"))
+    make = _edit_sidecar if layout == "json_only" else _edit_embedded_sidecar
+    weights = make(model, tmp_path / "model", change)
+    code, output = _run(_model_args(command, good, weights, tmp_path / "out"))
     assert code == 2 and "Traceback" not in output, output
     (error,) = [line for line in _lines(output) if line.startswith("error:")]
     assert f"cannot load weights {weights}" in error and named in error, error
+    assert not list((tmp_path / "out").glob("masks/*.png")) and not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_sidecar_threshold_follows_the_command_line_rule() -> None:
+    """One rule: what --threshold refuses, a sidecar may not carry either."""
+    from polypseg.core.rules import threshold_problem
+
+    for value in (0.5, 0.01, 0.99):
+        assert threshold_problem(value) is None
+    for value in (0, 1, 5.0, -1, float("nan"), float("inf"), "0.5", "high", None, True):
+        assert "strictly between 0 and 1" in threshold_problem(value)
 
 
 @pytest.mark.parametrize("command", ["predict", "explain"])
@@ -547,6 +588,31 @@ def test_corrupt_weights_are_the_same_one_line(command: str, model: Path, good: 
     assert code == 2 and "Traceback" not in output, output
     (error,) = [line for line in _lines(output) if line.startswith("error:")]
     assert "cannot load weights" in error and "SHA-256" in error
+
+
+def test_corrupt_weights_are_refused_before_an_export_is_announced(model: Path, good: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    raw = bytearray(model.read_bytes())
+    raw[-100:] = bytes(100)
+    (folder / "best.safetensors").write_bytes(bytes(raw))
+    args = ["predict", str(good), "--model", str(folder / "best.safetensors"), "--out", str(tmp_path / "out")]
+    code, output = _run([*args, "--backend", "onnxruntime", "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2 and "Traceback" not in output, output
+    assert "exporting" not in output and "SHA-256" in output, output
+
+
+@pytest.mark.parametrize("command", ["predict", "explain", "export"])
+def test_weights_file_without_its_json_loads_from_the_embedded_sidecar(
+    command: str, model: Path, good: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "best.safetensors").write_bytes(model.read_bytes())  # the readable .json copy is not there
+    code, output = _run(_model_args(command, good, folder / "best.safetensors", tmp_path / "out"))
+    assert code == 0 and "Traceback" not in output, output
+    made = {"predict": "masks/good1.png", "explain": "good1_heatmap.npy", "export": "model.onnx"}[command]
+    assert (tmp_path / "out" / made).is_file()
 
 
 def test_npz_with_object_arrays_as_data_is_one_line(tmp_path: Path) -> None:

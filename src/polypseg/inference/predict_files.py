@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from polypseg.core.rules import check_threshold
 from polypseg.data.inputs import InputFile
 from polypseg.errors import PolypsegError
 
@@ -77,8 +78,8 @@ def predict_files(
         raise PolypsegError(f"--batch-size {batch_size}: must be >= 1")
     if smooth is not None and not 0 < smooth <= 1:
         raise PolypsegError(f"--smooth {smooth}: the EMA weight of the newest frame must be in (0, 1]")
-    if threshold is not None and not 0 < threshold < 1:  # as explain and serve: 0 or 1 give a constant mask
-        raise PolypsegError(f"--threshold {threshold}: must lie strictly between 0 and 1")
+    if threshold is not None:
+        check_threshold(threshold, "--threshold")  # the rule of explain, serve and checkpoint sidecars
     if out.exists() and not out.is_dir():
         prepare_output_folder(out)  # one line naming --out, before any work
     from polypseg.core.precision import check_precision
