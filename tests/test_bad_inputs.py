@@ -615,6 +615,68 @@ def test_weights_file_without_its_json_loads_from_the_embedded_sidecar(
     assert (tmp_path / "out" / made).is_file()
 
 
+def _gif_mask(root: Path) -> None:
+    (root / "masks" / "case00.png").unlink()
+    _save(root / "masks" / "case00.gif", np.zeros((40, 48), np.uint8))
+
+
+DATASET_ERRORS = {
+    "gif_mask": (_gif_mask, "GIF is not a supported format"),
+    "duplicate_stem": (lambda root: _save(root / "images" / "case01.png", _rgb(40, 48)), "same stem"),
+    "unpaired_image": (lambda root: _save(root / "images" / "lonely.jpg", _rgb(40, 48)), "no mask"),
+    "unpaired_mask": (lambda root: _save(root / "masks" / "orphan.png", np.zeros((40, 48), np.uint8)), "no image"),
+    "folder_named_like_mask": (
+        lambda root: (root / "masks" / "case02.png").unlink() or (root / "masks" / "case02.png").mkdir(),
+        "a folder",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(DATASET_ERRORS))
+def test_train_and_cv_refuse_what_data_check_calls_an_error(problem: str, tmp_path: Path) -> None:
+    """One rule for a dataset folder: train on the pairs that happen to work and a GIF mask or a
+    second file with the same stem would be left out without a word."""
+    from helpers import write_synthetic_dataset
+
+    make, cause = DATASET_ERRORS[problem]
+    root = write_synthetic_dataset(tmp_path / "data", n=4)
+    make(root)
+    code, output = _run(["data", "check", str(root)])
+    assert code == 1 and "Traceback" not in output, output
+    (reported,) = [line.strip() for line in _lines(output) if cause in line and not line.startswith("error")]
+    for command in ("train", "cv"):
+        run = tmp_path / command
+        code, output = _run([command, "--data", str(root), "--out", str(run), "--recipe", "demo", "--device", "cpu"])
+        assert code == 2 and "Traceback" not in output, output
+        (error,) = [line for line in _lines(output) if line.startswith("error:")]
+        assert reported in error and "polypseg data check" in error, (reported, error)
+        assert not list(run.rglob("history.json")), "trained on data that data check refuses"
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path) -> None:
+    """Caches are derived data: an entry cut short is made again, not an error that stops training."""
+    from polypseg.data.datasets import build_cache, cache_path
+
+    from helpers import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "data", n=3)
+    first = build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    entry = cache_path(root, 32, tmp_path / "cache")
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated
+    again = build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    np.testing.assert_array_equal(again.images, first.images)
+    assert entry.stat().st_size > 100
+
+
+def test_a_damaged_cache_file_given_as_data_says_how_to_make_it_again(tmp_path: Path) -> None:
+    bad = tmp_path / "data.npz"
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    code, output = _run(["train", "--data", str(bad), "--out", str(tmp_path / "run"), "--recipe", "demo"])
+    assert code == 2 and "Traceback" not in output, output
+    (error,) = [line for line in _lines(output) if line.startswith("error:")]
+    assert "not a usable polypseg cache" in error and "polypseg data cache" in error, error
+
+
 def test_npz_with_object_arrays_as_data_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "data.npz"
     np.savez(bad, format=np.array([{"a": 1}], dtype=object))
