@@ -186,6 +186,13 @@ CASES = [
         shown="dead.jpg",
     ),
     Case(
+        "gif_in_folder",
+        lambda d: _folder_with(d, "still.gif", lambda p: _save(p, _rgb())),
+        False,
+        "gif is not a supported format",
+        shown="still.gif",
+    ),
+    Case(
         "corrupt_in_folder",
         lambda d: _folder_with(d, "broken.jpg", lambda p: _bytes(p, b"\xff\xd8\xff\xe0 nope")),
         False,
@@ -588,6 +595,61 @@ def test_corrupt_weights_are_the_same_one_line(command: str, model: Path, good: 
     assert code == 2 and "Traceback" not in output, output
     (error,) = [line for line in _lines(output) if line.startswith("error:")]
     assert "cannot load weights" in error and "SHA-256" in error
+
+
+def test_predict_recursive_never_reads_its_own_outputs(model: Path, tmp_path: Path) -> None:
+    """--out inside the input folder: a second run took masks/ and overlays/ as inputs (good1-2.png, ...)."""
+    folder = tmp_path / "scans"
+    (folder / "sub").mkdir(parents=True)
+    _save(folder / "good1.png", _rgb())
+    _save(folder / "sub" / "good2.png", _rgb())
+    args = [
+        "predict",
+        str(folder),
+        "-r",
+        "--model",
+        str(model),
+        "--out",
+        str(folder / "predicted"),
+        "--backend",
+        "torch",
+    ]
+    for _ in range(2):
+        code, output = _run(args)
+        assert code == 0 and "Traceback" not in output, output
+        assert sorted(_done_names("predict", folder / "predicted")) == ["good1.png", "good2.png"], output
+    assert sorted(p.name for p in (folder / "predicted" / "masks").iterdir()) == ["good1.png", "good2.png"]
+
+
+def test_predict_recursive_names_a_sub_folder_it_cannot_list(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unreadable sub-folder was passed over without a word (root reads any folder: simulated there)."""
+    folder = tmp_path / "scans"
+    (folder / "locked").mkdir(parents=True)
+    _save(folder / "good1.png", _rgb())
+    _save(folder / "locked" / "hidden.png", _rgb())
+    if IS_ROOT:
+        real_scandir = os.scandir
+
+        def scandir(path=".", *args):
+            if Path(path).name == "locked":
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_scandir(path, *args)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    else:
+        (folder / "locked").chmod(0)
+    try:
+        args = ["predict", str(folder), "-r", "--model", str(model), "--out", str(tmp_path / "out")]
+        code, output = _run([*args, "--backend", "torch"])
+    finally:
+        (folder / "locked").chmod(0o755)
+    assert code == 0 and "Traceback" not in output, output
+    (line,) = [line for line in _lines(output) if "locked" in line and "warning:" in line]
+    assert "permission denied" in line.lower() and "cannot list" in line, line
+    assert [row["cause"] for row in _skipped_rows(tmp_path / "out")] == ["permission denied"]
+    assert "1 input(s) skipped" in _lines(output)[-1]
 
 
 def test_corrupt_weights_are_refused_before_an_export_is_announced(model: Path, good: Path, tmp_path: Path) -> None:

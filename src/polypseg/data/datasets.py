@@ -212,6 +212,13 @@ def _why_unusable(path: Path) -> str | None:
         return "a folder, not an image file" if suffix in IMAGE_EXTENSIONS else None
     if not _stat.S_ISREG(info.st_mode):
         return "not a regular file"
+    return unsupported_format(path)
+
+
+def unsupported_format(path: Path) -> str | None:
+    """Why a file named like an image in a format polypseg does not read (GIF, HEIC, ...) is not used,
+    or None. The one rule for datasets (``data check``, training) and for folders given to predict and explain."""
+    suffix = path.suffix.lower()
     if suffix in _KNOWN_UNSUPPORTED:
         return f"{_KNOWN_UNSUPPORTED[suffix]} is not a supported format (use {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})"
     return None

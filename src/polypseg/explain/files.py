@@ -149,7 +149,7 @@ def explain_files(
         use_precision_layout(net, device, precision)
         threshold = checkpoint.threshold if threshold is None else threshold
         size = checkpoint.config.train.image_size
-        items = collect_inputs(inputs, skips, ground_truth=True, masks=masks, notify=say)
+        items = collect_inputs(inputs, skips, ground_truth=True, masks=masks, notify=say, exclude=out)
         if not items:
             named = "; ".join(detail for _, _, detail in skips.entries) or "no inputs"
             raise PolypsegError(f"no input images to explain ({named})")

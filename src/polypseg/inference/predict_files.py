@@ -89,7 +89,7 @@ def predict_files(
         _check_fold(model, fold)
     skips = SkipLog(warn)
     with one_line_warnings(warn):
-        items = collect_inputs(inputs, skips, videos=True, recursive=recursive)
+        items = collect_inputs(inputs, skips, videos=True, recursive=recursive, exclude=out)
         if not items:
             raise PolypsegError("no images or videos to predict (see the warnings above)")
 
