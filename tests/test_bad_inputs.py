@@ -652,6 +652,45 @@ def test_predict_recursive_names_a_sub_folder_it_cannot_list(
     assert "1 input(s) skipped" in _lines(output)[-1]
 
 
+def test_predictions_csv_names_the_mask_written_for_each_input(model: Path, tmp_path: Path) -> None:
+    """Two inputs with one stem give masks/dup.png and masks/dup-2.png: the CSV says which is which."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        _save(tmp_path / folder / "dup.png", _rgb())
+    code, output = _run(
+        _args("predict", [tmp_path / "a" / "dup.png", tmp_path / "b" / "dup.png"], model, tmp_path / "out")
+        + ["--no-progress"]
+    )
+    assert code == 0, output
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert [(Path(r["file"]).parent.name, r["mask"]) for r in rows] == [
+        ("a", "masks/dup.png"),
+        ("b", "masks/dup-2.png"),
+    ]
+    assert all((tmp_path / "out" / r["mask"]).is_file() for r in rows)
+
+
+def test_only_fold_outside_the_run_names_the_folds(tmp_path: Path) -> None:
+    from helpers import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", n=4)
+    args = ["cv", "--data", str(data), "--out", str(tmp_path / "run"), "--recipe", "demo", "--folds", "2"]
+    code, output = _run([*args, "--only-fold", "5"])
+    assert code == 2 and "Traceback" not in output, output
+    assert [line for line in _lines(output) if line.startswith("error:")] == [
+        "error: --only-fold 5: a 2-fold run has folds 0 to 1"
+    ]
+
+
+def test_training_option_help_states_the_rule_that_is_enforced() -> None:
+    """--lr's help said x>=0.0 while 0 is refused; --image-size's said x>=32 while 33 is refused."""
+    code, output = _run(["train", "--help"])
+    assert code == 0 and "x>=0.0" not in output and "x>=32" not in output
+    for args, message in ((["--lr", "0"], "train.lr 0.0: must be > 0"), (["--image-size", "48"], "multiple of 32")):
+        code, output = _run(["train", "--recipe", "demo", "--out", "unused", *args])
+        assert code == 2 and message in output, output
+
+
 def test_corrupt_weights_are_refused_before_an_export_is_announced(model: Path, good: Path, tmp_path: Path) -> None:
     folder = tmp_path / "model"
     folder.mkdir()

@@ -20,7 +20,17 @@ log = logging.getLogger(__name__)
 
 # Decoded pixels a batch of images may hold before it is sent (8 Full-HD frames: about 50 MB).
 BATCH_PIXELS = 8 * 1920 * 1080
-PREDICTION_COLUMNS = ("file", "width", "height", "area_pixels", "area_fraction", "mean_confidence", "threshold")
+# "mask": the mask written for "file" (names are made distinct: x.png and x.jpg give masks/x.png and masks/x-2.png)
+PREDICTION_COLUMNS = (
+    "file",
+    "width",
+    "height",
+    "area_pixels",
+    "area_fraction",
+    "mean_confidence",
+    "threshold",
+    "mask",
+)
 VIDEO_COLUMNS = (
     "file",
     "frames",
@@ -248,6 +258,7 @@ def _predict_images(
             "area_fraction": round(area / max(mask.size, 1), 6),
             "mean_confidence": round(confidence, 6),
             "threshold": predictor.threshold,
+            "mask": f"masks/{item.name}.png",
         }
         if std is not None:
             # a std of probabilities is at most 0.5: stored as round(std * 510) to use all 8 bits
