@@ -573,6 +573,33 @@ def test_bad_checkpoint_sidecar_is_the_one_line_of_a_corrupt_checkpoint(
     assert not list((tmp_path / "out").glob("masks/*.png")) and not (tmp_path / "out" / "model.onnx").exists()
 
 
+@pytest.mark.parametrize("value", [5.0, 0, "high"])
+def test_bad_threshold_in_a_run_summary_is_one_line(value, model: Path, good: Path, tmp_path: Path) -> None:
+    """A CV run folder's summary.json threshold is the ensemble's default: the same rule as a sidecar's."""
+    run = tmp_path / "run"
+    (run / "fold_0").mkdir(parents=True)
+    for suffix in (".safetensors", ".json"):
+        (run / "fold_0" / f"best{suffix}").write_bytes(model.with_suffix(suffix).read_bytes())
+    (run / "summary.json").write_text(json.dumps({"threshold": value}))
+    code, output = _run(_args("predict", [good], run, tmp_path / "out"))
+    assert code == 2 and "Traceback" not in output, output
+    (error,) = [line for line in _lines(output) if line.startswith("error:")]
+    assert "summary.json" in error and "threshold" in error and "strictly between 0 and 1" in error, error
+
+
+def test_bad_threshold_or_size_in_an_onnx_sidecar_is_refused(tmp_path: Path) -> None:
+    from polypseg.inference.export import ONNX_FORMAT, onnx_sidecar
+    from polypseg.inference.predictor import PredictorError, _onnx_sidecars
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not read: the sidecar is")
+    for field, value in (("threshold", 5.0), ("threshold", "high"), ("image_size", 0)):
+        sidecar = {"format": ONNX_FORMAT, "image_size": 64, "threshold": 0.5, field: value}
+        onnx_sidecar(model).write_text(json.dumps(sidecar))
+        with pytest.raises(PredictorError, match=f"model.onnx: its sidecar's {field} .* is not"):
+            _onnx_sidecars([model], None, None)
+
+
 def test_sidecar_threshold_follows_the_command_line_rule() -> None:
     """One rule: what --threshold refuses, a sidecar may not carry either."""
     from polypseg.core.rules import threshold_problem
