@@ -8,6 +8,11 @@ Every input class below is given to both commands next to two good images, in on
   same as in a run without the bad inputs; alone, it exits non-zero with a one-line error;
 * a class that is merely unusual (16-bit, CMYK, a file name that is not UTF-8, ...) just works;
 * nothing prints a traceback.
+
+The other inputs with one rule each are here too: a checkpoint's sidecar (every bad value, in the
+weights file and in an older checkpoint's .json, for predict, explain and export), a run's
+summary and an ONNX sidecar (polypseg.core.rules), a dataset folder (train and cv refuse what
+data check calls an error), a data-cache entry, and the folders predict searches recursively.
 """
 
 from __future__ import annotations
