@@ -8,6 +8,11 @@ Every input class below is given to both commands next to two good images, in on
   same as in a run without the bad inputs; alone, it exits non-zero with a one-line error;
 * a class that is merely unusual (16-bit, CMYK, a file name that is not UTF-8, ...) just works;
 * nothing prints a traceback.
+
+The other inputs with one rule each are here too: a checkpoint's sidecar (every bad value, in the
+weights file and in an older checkpoint's .json, for predict, explain and export), a run's
+summary and an ONNX sidecar (polypseg.core.rules), a dataset folder (train and cv refuse what
+data check calls an error), a data-cache entry, and the folders predict searches recursively.
 """
 
 from __future__ import annotations
@@ -184,6 +189,13 @@ CASES = [
         False,
         "broken symlink",
         shown="dead.jpg",
+    ),
+    Case(
+        "gif_in_folder",
+        lambda d: _folder_with(d, "still.gif", lambda p: _save(p, _rgb())),
+        False,
+        "gif is not a supported format",
+        shown="still.gif",
     ),
     Case(
         "corrupt_in_folder",
@@ -522,17 +534,85 @@ SIDECAR_EDITS = {
 }
 
 
-@pytest.mark.parametrize("command", ["predict", "explain"])
+# Values the command line refuses are refused in a sidecar too (the same rule, polypseg.core.rules):
+# a threshold outside (0, 1) gave all-empty or all-polyp masks without a word, and an image size
+# that is not a model input size a traceback.
+for _value, _id in ((5.0, "5.0"), (-1, "-1"), (0, "0"), (1, "1"), ("high", "high"), (None, "null")):
+    SIDECAR_EDITS[f"threshold_{_id}"] = (lambda m, v=_value: m.update(threshold=v), "threshold")
+for _value, _id in ((0, "0"), (-1, "-1"), (5.0, "5.0"), (100, "100"), ("high", "high")):
+    SIDECAR_EDITS[f"image_size_{_id}"] = (lambda m, v=_value: m["config"]["train"].update(image_size=v), "image_size")
+
+
+def _edit_embedded_sidecar(model: Path, folder: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of ``model`` whose metadata says something else, in today's format: the sidecar in
+    the weights file's header (with the tensors' SHA-256), and its .json copy."""
+    from safetensors.torch import load_file
+
+    from polypseg.models.checkpoint import _write_pair, read_metadata
+
+    folder.mkdir()
+    meta = {k: v for k, v in read_metadata(model).items() if k != "tensors_sha256"}
+    edit(meta)
+    return _write_pair(folder / "best", load_file(str(model)), meta)
+
+
+def _model_args(command: str, good: Path, weights: Path, out: Path) -> list[str]:
+    if command == "export":
+        return ["export", "--model", str(weights), "--out", str(out / "model.onnx")]
+    return _args(command, [good], weights, out)
+
+
+@pytest.mark.parametrize("command", ["predict", "explain", "export"])
+@pytest.mark.parametrize("layout", ["json_only", "embedded"])
 @pytest.mark.parametrize("edit", sorted(SIDECAR_EDITS))
 def test_bad_checkpoint_sidecar_is_the_one_line_of_a_corrupt_checkpoint(
-    command: str, edit: str, model: Path, good: Path, tmp_path: Path
+    command: str, layout: str, edit: str, model: Path, good: Path, tmp_path: Path
 ) -> None:
     change, named = SIDECAR_EDITS[edit]
-    weights = _edit_sidecar(model, tmp_path / "model", change)
-    code, output = _run(_args(command, [good], weights, tmp_path / "out"))
+    make = _edit_sidecar if layout == "json_only" else _edit_embedded_sidecar
+    weights = make(model, tmp_path / "model", change)
+    code, output = _run(_model_args(command, good, weights, tmp_path / "out"))
     assert code == 2 and "Traceback" not in output, output
     (error,) = [line for line in _lines(output) if line.startswith("error:")]
     assert f"cannot load weights {weights}" in error and named in error, error
+    assert not list((tmp_path / "out").glob("masks/*.png")) and not (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("value", [5.0, 0, "high"])
+def test_bad_threshold_in_a_run_summary_is_one_line(value, model: Path, good: Path, tmp_path: Path) -> None:
+    """A CV run folder's summary.json threshold is the ensemble's default: the same rule as a sidecar's."""
+    run = tmp_path / "run"
+    (run / "fold_0").mkdir(parents=True)
+    for suffix in (".safetensors", ".json"):
+        (run / "fold_0" / f"best{suffix}").write_bytes(model.with_suffix(suffix).read_bytes())
+    (run / "summary.json").write_text(json.dumps({"threshold": value}))
+    code, output = _run(_args("predict", [good], run, tmp_path / "out"))
+    assert code == 2 and "Traceback" not in output, output
+    (error,) = [line for line in _lines(output) if line.startswith("error:")]
+    assert "summary.json" in error and "threshold" in error and "strictly between 0 and 1" in error, error
+
+
+def test_bad_threshold_or_size_in_an_onnx_sidecar_is_refused(tmp_path: Path) -> None:
+    from polypseg.inference.export import ONNX_FORMAT, onnx_sidecar
+    from polypseg.inference.predictor import PredictorError, _onnx_sidecars
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not read: the sidecar is")
+    for field, value in (("threshold", 5.0), ("threshold", "high"), ("image_size", 0)):
+        sidecar = {"format": ONNX_FORMAT, "image_size": 64, "threshold": 0.5, field: value}
+        onnx_sidecar(model).write_text(json.dumps(sidecar))
+        with pytest.raises(PredictorError, match=f"model.onnx: its sidecar's {field} .* is not"):
+            _onnx_sidecars([model], None, None)
+
+
+def test_sidecar_threshold_follows_the_command_line_rule() -> None:
+    """One rule: what --threshold refuses, a sidecar may not carry either."""
+    from polypseg.core.rules import threshold_problem
+
+    for value in (0.5, 0.01, 0.99):
+        assert threshold_problem(value) is None
+    for value in (0, 1, 5.0, -1, float("nan"), float("inf"), "0.5", "high", None, True):
+        assert "strictly between 0 and 1" in threshold_problem(value)
 
 
 @pytest.mark.parametrize("command", ["predict", "explain"])
@@ -547,6 +627,187 @@ def test_corrupt_weights_are_the_same_one_line(command: str, model: Path, good: 
     assert code == 2 and "Traceback" not in output, output
     (error,) = [line for line in _lines(output) if line.startswith("error:")]
     assert "cannot load weights" in error and "SHA-256" in error
+
+
+def test_predict_recursive_never_reads_its_own_outputs(model: Path, tmp_path: Path) -> None:
+    """--out inside the input folder: a second run took masks/ and overlays/ as inputs (good1-2.png, ...)."""
+    folder = tmp_path / "scans"
+    (folder / "sub").mkdir(parents=True)
+    _save(folder / "good1.png", _rgb())
+    _save(folder / "sub" / "good2.png", _rgb())
+    args = [
+        "predict",
+        str(folder),
+        "-r",
+        "--model",
+        str(model),
+        "--out",
+        str(folder / "predicted"),
+        "--backend",
+        "torch",
+    ]
+    for _ in range(2):
+        code, output = _run(args)
+        assert code == 0 and "Traceback" not in output, output
+        assert sorted(_done_names("predict", folder / "predicted")) == ["good1.png", "good2.png"], output
+    assert sorted(p.name for p in (folder / "predicted" / "masks").iterdir()) == ["good1.png", "good2.png"]
+
+
+def test_predict_recursive_names_a_sub_folder_it_cannot_list(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unreadable sub-folder was passed over without a word (root reads any folder: simulated there)."""
+    folder = tmp_path / "scans"
+    (folder / "locked").mkdir(parents=True)
+    _save(folder / "good1.png", _rgb())
+    _save(folder / "locked" / "hidden.png", _rgb())
+    if IS_ROOT:
+        real_scandir = os.scandir
+
+        def scandir(path=".", *args):
+            if Path(path).name == "locked":
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_scandir(path, *args)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    else:
+        (folder / "locked").chmod(0)
+    try:
+        args = ["predict", str(folder), "-r", "--model", str(model), "--out", str(tmp_path / "out")]
+        code, output = _run([*args, "--backend", "torch"])
+    finally:
+        (folder / "locked").chmod(0o755)
+    assert code == 0 and "Traceback" not in output, output
+    (line,) = [line for line in _lines(output) if "locked" in line and "warning:" in line]
+    assert "permission denied" in line.lower() and "cannot list" in line, line
+    assert [row["cause"] for row in _skipped_rows(tmp_path / "out")] == ["permission denied"]
+    assert "1 input(s) skipped" in _lines(output)[-1]
+
+
+def test_predictions_csv_names_the_mask_written_for_each_input(model: Path, tmp_path: Path) -> None:
+    """Two inputs with one stem give masks/dup.png and masks/dup-2.png: the CSV says which is which."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        _save(tmp_path / folder / "dup.png", _rgb())
+    code, output = _run(
+        _args("predict", [tmp_path / "a" / "dup.png", tmp_path / "b" / "dup.png"], model, tmp_path / "out")
+        + ["--no-progress"]
+    )
+    assert code == 0, output
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert [(Path(r["file"]).parent.name, r["mask"]) for r in rows] == [
+        ("a", "masks/dup.png"),
+        ("b", "masks/dup-2.png"),
+    ]
+    assert all((tmp_path / "out" / r["mask"]).is_file() for r in rows)
+
+
+def test_only_fold_outside_the_run_names_the_folds(tmp_path: Path) -> None:
+    from helpers import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", n=4)
+    args = ["cv", "--data", str(data), "--out", str(tmp_path / "run"), "--recipe", "demo", "--folds", "2"]
+    code, output = _run([*args, "--only-fold", "5"])
+    assert code == 2 and "Traceback" not in output, output
+    assert [line for line in _lines(output) if line.startswith("error:")] == [
+        "error: --only-fold 5: a 2-fold run has folds 0 to 1"
+    ]
+
+
+def test_training_option_help_states_the_rule_that_is_enforced() -> None:
+    """--lr's help said x>=0.0 while 0 is refused; --image-size's said x>=32 while 33 is refused."""
+    code, output = _run(["train", "--help"])
+    assert code == 0 and "x>=0.0" not in output and "x>=32" not in output
+    for args, message in ((["--lr", "0"], "train.lr 0.0: must be > 0"), (["--image-size", "48"], "multiple of 32")):
+        code, output = _run(["train", "--recipe", "demo", "--out", "unused", *args])
+        assert code == 2 and message in output, output
+
+
+def test_corrupt_weights_are_refused_before_an_export_is_announced(model: Path, good: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    raw = bytearray(model.read_bytes())
+    raw[-100:] = bytes(100)
+    (folder / "best.safetensors").write_bytes(bytes(raw))
+    args = ["predict", str(good), "--model", str(folder / "best.safetensors"), "--out", str(tmp_path / "out")]
+    code, output = _run([*args, "--backend", "onnxruntime", "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2 and "Traceback" not in output, output
+    assert "exporting" not in output and "SHA-256" in output, output
+
+
+@pytest.mark.parametrize("command", ["predict", "explain", "export"])
+def test_weights_file_without_its_json_loads_from_the_embedded_sidecar(
+    command: str, model: Path, good: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "best.safetensors").write_bytes(model.read_bytes())  # the readable .json copy is not there
+    code, output = _run(_model_args(command, good, folder / "best.safetensors", tmp_path / "out"))
+    assert code == 0 and "Traceback" not in output, output
+    made = {"predict": "masks/good1.png", "explain": "good1_heatmap.npy", "export": "model.onnx"}[command]
+    assert (tmp_path / "out" / made).is_file()
+
+
+def _gif_mask(root: Path) -> None:
+    (root / "masks" / "case00.png").unlink()
+    _save(root / "masks" / "case00.gif", np.zeros((40, 48), np.uint8))
+
+
+DATASET_ERRORS = {
+    "gif_mask": (_gif_mask, "GIF is not a supported format"),
+    "duplicate_stem": (lambda root: _save(root / "images" / "case01.png", _rgb(40, 48)), "same stem"),
+    "unpaired_image": (lambda root: _save(root / "images" / "lonely.jpg", _rgb(40, 48)), "no mask"),
+    "unpaired_mask": (lambda root: _save(root / "masks" / "orphan.png", np.zeros((40, 48), np.uint8)), "no image"),
+    "folder_named_like_mask": (
+        lambda root: (root / "masks" / "case02.png").unlink() or (root / "masks" / "case02.png").mkdir(),
+        "a folder",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(DATASET_ERRORS))
+def test_train_and_cv_refuse_what_data_check_calls_an_error(problem: str, tmp_path: Path) -> None:
+    """One rule for a dataset folder: train on the pairs that happen to work and a GIF mask or a
+    second file with the same stem would be left out without a word."""
+    from helpers import write_synthetic_dataset
+
+    make, cause = DATASET_ERRORS[problem]
+    root = write_synthetic_dataset(tmp_path / "data", n=4)
+    make(root)
+    code, output = _run(["data", "check", str(root)])
+    assert code == 1 and "Traceback" not in output, output
+    (reported,) = [line.strip() for line in _lines(output) if cause in line and not line.startswith("error")]
+    for command in ("train", "cv"):
+        run = tmp_path / command
+        code, output = _run([command, "--data", str(root), "--out", str(run), "--recipe", "demo", "--device", "cpu"])
+        assert code == 2 and "Traceback" not in output, output
+        (error,) = [line for line in _lines(output) if line.startswith("error:")]
+        assert reported in error and "polypseg data check" in error, (reported, error)
+        assert not list(run.rglob("history.json")), "trained on data that data check refuses"
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path) -> None:
+    """Caches are derived data: an entry cut short is made again, not an error that stops training."""
+    from polypseg.data.datasets import build_cache, cache_path
+
+    from helpers import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "data", n=3)
+    first = build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    entry = cache_path(root, 32, tmp_path / "cache")
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated
+    again = build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    np.testing.assert_array_equal(again.images, first.images)
+    assert entry.stat().st_size > 100
+
+
+def test_a_damaged_cache_file_given_as_data_says_how_to_make_it_again(tmp_path: Path) -> None:
+    bad = tmp_path / "data.npz"
+    bad.write_bytes(b"PK\x03\x04 cut short")
+    code, output = _run(["train", "--data", str(bad), "--out", str(tmp_path / "run"), "--recipe", "demo"])
+    assert code == 2 and "Traceback" not in output, output
+    (error,) = [line for line in _lines(output) if line.startswith("error:")]
+    assert "not a usable polypseg cache" in error and "polypseg data cache" in error, error
 
 
 def test_npz_with_object_arrays_as_data_is_one_line(tmp_path: Path) -> None:

@@ -365,3 +365,100 @@ def test_two_resumes_keep_the_best_weights_of_a_state_saved_at_its_best_epoch(da
         patch.setattr(training, "save_training_state", real_save)
         run(tmp_path / "run", 3, resume=True)
     _assert_same(tmp_path / "run", tmp_path / "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chained kills across the folds of a cross-validation run
+
+
+def _cv_resume_config():
+    """Several optimizer steps an epoch, EMA, progressive resizing, and bf16: channels-last weights
+    with fused Adam, the layout a restored optimizer state must match (it runs on any CPU)."""
+    config = _config()
+    config.train.epochs = 3
+    config.train.image_size = 64
+    config.train.progressive_size = 32
+    config.train.progressive_epochs = 1
+    config.train.batch_size = 2
+    config.train.val_fraction = 0.34
+    config.train.precision = "bf16"
+    return config
+
+
+def _cv_invocation(dataset: Path, run: Path, cache: Path, kill: tuple[str, int, bool] | None, resume: bool) -> None:
+    """One ``cv`` invocation; ``kill=(file, n, mid_write)`` dies at the n-th write (1-based) of
+    ``run/file`` in this invocation, after it or in the middle of it, as ``kill -9`` would."""
+    from polypseg.experiments.cv import run_cv
+
+    real_replace = os.replace
+    seen: dict[str, int] = {}
+
+    def failing(src, dst, *args, **kwargs):
+        name = Path(dst).relative_to(run).as_posix() if Path(dst).is_relative_to(run) else ""
+        seen[name] = seen.get(name, 0) + 1
+        if kill is not None and (name, seen[name]) == kill[:2]:
+            if kill[2]:
+                shutil.copyfile(src, Path(src).with_name(f".{Path(dst).name}.pid{DEAD_PID}.abcd1234.tmp"))
+                raise Killed
+            real_replace(src, dst, *args, **kwargs)
+            raise Killed
+        return real_replace(src, dst, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "STATE_EVERY_S", 0.0)
+        patch.setattr(os, "replace", failing)
+        call = dict(folds=2, device="cpu", progress=False, explain=False, report=False, cache_dir=cache)
+        if kill is None:
+            run_cv(dataset, run, _cv_resume_config(), resume=resume, **call)
+        else:
+            with pytest.raises(Killed):
+                run_cv(dataset, run, _cv_resume_config(), resume=resume, **call)
+    assert kill is None or seen.get(kill[0], 0) >= kill[1], f"{kill} never happened: the kill plan is stale"
+
+
+@pytest.mark.slow
+def test_cv_killed_four_times_across_folds_resumes_to_the_uninterrupted_histories_and_weights(tmp_path):
+    dataset = write_synthetic_dataset(tmp_path / "data", n=12)
+    cache = tmp_path / "cache"
+    _cv_invocation(dataset, tmp_path / "reference", cache, None, resume=False)
+    run = tmp_path / "run"
+    kills = [
+        ("fold_0/last_state.safetensors", 1, False),  # the state's weights written, its .json copy not yet
+        ("fold_1/last_state.safetensors", 1, True),  # mid-write of fold 1's first state
+        ("fold_1/history.json", 2, False),  # an epoch recorded after the last saved state
+        ("summary.json", 1, False),  # while summarising
+    ]
+    for number, kill in enumerate(kills):
+        _cv_invocation(dataset, run, cache, kill, resume=number > 0)
+    _cv_invocation(dataset, run, cache, None, resume=True)
+    for fold in ("fold_0", "fold_1"):
+        history = json.loads((run / fold / "history.json").read_text())
+        assert len(history) == 3 and all("val_dice" in h for h in history)
+        _assert_same(run / fold, tmp_path / "reference" / fold)
+    assert not list(run.rglob("last_state.*")) and not list(run.rglob(".*.tmp"))
+
+
+def test_restored_optimizer_state_steps_channels_last_weights_as_the_uninterrupted_one(tmp_path):
+    """Fused Adam walks a weight and its moments as flat memory: restored moments must keep the
+    weight's channels-last layout (bf16 training on a CPU), or each update uses other elements'."""
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+
+    def step(model, optimizer, seed):
+        torch.manual_seed(seed)
+        optimizer.zero_grad()
+        model(torch.randn(2, 3, 8, 8)).square().mean().backward()
+        optimizer.step()
+
+    model, optimizer = model_and_optimizer()
+    step(model, optimizer, 1)
+    training.save_training_state(tmp_path / "state", model, optimizer, {"epoch": 1, "global_step": 1})
+    step(model, optimizer, 2)
+    resumed, resumed_optimizer = model_and_optimizer()
+    training.load_training_state(tmp_path / "state", resumed, resumed_optimizer, steps_per_epoch=1)
+    step(resumed, resumed_optimizer, 2)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)

@@ -78,6 +78,7 @@ def test_predict_folder_with_a_corrupt_file(checkpoint: Path, tmp_path: Path) ->
         "area_fraction",
         "mean_confidence",
         "threshold",
+        "mask",
     ]
     for name, (width, height) in {"rgb.jpg": (70, 50), "gray.png": (30, 40), "rgba.png": (47, 33)}.items():
         stem = Path(name).stem

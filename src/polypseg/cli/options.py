@@ -42,9 +42,11 @@ InitOpt = typer.Option(
 SkipOpt = typer.Option(None, "--skip/--no-skip", help="U-Net skip connections (--no-skip: the paper's skip ablation).")
 EpochsOpt = typer.Option(None, "--epochs", min=1, help="Override the recipe's epochs.")
 BatchOpt = typer.Option(None, "--batch-size", min=1, help="Override the recipe's batch size (global, across GPUs).")
-LrOpt = typer.Option(None, "--lr", min=0.0, help="Override the recipe's learning rate.")
+LrOpt = typer.Option(None, "--lr", help="Override the recipe's learning rate (> 0).")
 LossOpt = typer.Option(None, "--loss", help="dice | dice_bce | bce | focal_dice | tversky.")
-SizeOpt = typer.Option(None, "--image-size", min=32, help="Override the training resolution (square).")
+SizeOpt = typer.Option(
+    None, "--image-size", help="Override the training resolution (square; a multiple of 32, e.g. 256)."
+)
 SeedOpt = typer.Option(None, "--seed", help="Seed for training and, for cross-validation, the split (default 0).")
 SetOpt = typer.Option([], "--set", help="Any config field, e.g. --set train.ema_decay=0.999 (repeatable).")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")

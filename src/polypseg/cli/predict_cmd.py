@@ -131,6 +131,7 @@ def register(app: typer.Typer) -> None:
             "--cache-dir",
             help="Where ONNX exports for the CPU backend are kept (default $POLYPSEG_CACHE, $XDG_CACHE_HOME/polypseg or ~/.cache/polypseg); never the run folder.",
         ),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     ) -> None:
         """Segment images, folders and videos: masks/, overlays/, predictions.csv; videos: overlay MP4 + per-frame CSV.
 
@@ -161,6 +162,7 @@ def register(app: typer.Typer) -> None:
                 precision,
                 warn=warn,
                 say=say,
+                progress=progress,
             )
         except PolypsegError as error:
             _fail(str(error))

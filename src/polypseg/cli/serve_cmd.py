@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from polypseg.cli.common import UsageError, console, fail, resolve_device
+from polypseg.core.rules import threshold_problem
 from polypseg.errors import PolypsegError
 
 TOKEN_ENV = "POLYPSEG_TOKEN"
@@ -128,9 +129,8 @@ def register(app: typer.Typer) -> None:
             fail(f"--backend {backend}: choose {', '.join(SERVE_BACKENDS)}")
         if precision not in SERVE_PRECISIONS:
             fail(f"--precision {precision}: choose {', '.join(SERVE_PRECISIONS)}")
-        if threshold is not None and not 0.0 < threshold < 1.0:
-            # the same rule as the API's ?threshold=: at 0 every pixel is polyp, at 1 none is
-            fail(f"--threshold {threshold:g}: must be between 0 and 1, exclusive")
+        if threshold is not None and threshold_problem(threshold) is not None:
+            fail(f"--threshold {threshold_problem(threshold)}")
         if samples is not None and not samples.is_dir():
             fail(f"--samples {samples}: not a folder")
         # Bind first: a taken port fails in a second, before minutes of model loading.

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from polypseg.core.rules import image_size_problem
 from polypseg.errors import PolypsegError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -437,7 +438,7 @@ def _check_ranges(config: RunConfig, label: Any) -> None:
         (
             "train.image_size",
             train.image_size,
-            train.image_size >= 32 and train.image_size % 32 == 0,
+            image_size_problem(train.image_size) is None,  # the rule checkpoints are read with too
             "a multiple of 32",
         ),
         (

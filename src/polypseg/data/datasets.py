@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 MIN_CHECK_SIDE = 32  # `data check` warns about images smaller than this on a side
 LAYOUTS = (("images", "masks"), ("Original", "Ground Truth"))
 CACHE_FORMAT = "polypseg-cache-v1"
+log = logging.getLogger(__name__)
 # Large enough for any colonoscopy frame, small enough to stop decompression bombs.
 Image.MAX_IMAGE_PIXELS = 100_000_000
 
@@ -210,6 +212,13 @@ def _why_unusable(path: Path) -> str | None:
         return "a folder, not an image file" if suffix in IMAGE_EXTENSIONS else None
     if not _stat.S_ISREG(info.st_mode):
         return "not a regular file"
+    return unsupported_format(path)
+
+
+def unsupported_format(path: Path) -> str | None:
+    """Why a file named like an image in a format polypseg does not read (GIF, HEIC, ...) is not used,
+    or None. The one rule for datasets (``data check``, training) and for folders given to predict and explain."""
+    suffix = path.suffix.lower()
     if suffix in _KNOWN_UNSUPPORTED:
         return f"{_KNOWN_UNSUPPORTED[suffix]} is not a supported format (use {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})"
     return None
@@ -308,6 +317,57 @@ class CheckReport:
         return not self.errors
 
 
+def index_problems(index: DatasetIndex) -> list[Problem]:
+    """What is wrong with a dataset before any file is decoded: entries that cannot be used (with
+    their real cause), unpaired files, no pairs at all, duplicate stems. All are errors.
+
+    The one rule for a dataset folder: ``data check`` reports these, and :func:`usable_index`
+    (every command that trains or evaluates on a folder) refuses a dataset that has any.
+    """
+    problems: list[Problem] = []
+    rejected_stems = {path.stem for path, _ in index.rejected}
+    for path, reason in index.rejected:
+        problems.append(Problem("error", "unusable", path, f"{display_name(path)}: {reason}"))
+    for path in index.unpaired_images:
+        why = " (its mask is unusable, see above)" if path.stem in rejected_stems else ""
+        problems.append(
+            Problem("error", "unpaired", path, f"{display_name(path)}: image has no mask with the same stem{why}")
+        )
+    for path in index.unpaired_masks:
+        why = " (its image is unusable, see above)" if path.stem in rejected_stems else ""
+        problems.append(
+            Problem("error", "unpaired", path, f"{display_name(path)}: mask has no image with the same stem{why}")
+        )
+    if not index.samples:
+        images_dir, masks_dir = find_layout(index.root)
+        problems.append(
+            Problem(
+                "error",
+                "no-pairs",
+                index.root,
+                f"{display_name(index.root)}: no image/mask pairs (matched by file stem in {images_dir.name}/ and {masks_dir.name}/)",
+            )
+        )
+    for path in index.duplicate_stems:
+        problems.append(Problem("error", "duplicate", path, f"{path}: another file has the same stem"))
+    return problems
+
+
+def usable_index(root: Path | str) -> DatasetIndex:
+    """:func:`index_dataset`, refusing (one line) a dataset that ``polypseg data check`` reports errors for:
+    training on the pairs that happen to work would silently leave files out (a GIF mask) or pick
+    one of two files with the same stem."""
+    index = index_dataset(root)
+    errors = index_problems(index)
+    if errors:
+        more = f" ({len(errors)} errors in all)" if len(errors) > 1 else ""
+        raise DataError(
+            f"{display_name(index.root)} is not a usable dataset: {errors[0].message}{more}; "
+            f"polypseg data check {display_name(index.root)} lists every problem"
+        )
+    return index
+
+
 def check_dataset(root: Path | str, progress: bool = False) -> CheckReport:
     """Decode every pair and report problems, each naming its file.
 
@@ -319,31 +379,7 @@ def check_dataset(root: Path | str, progress: bool = False) -> CheckReport:
     """
     index = index_dataset(root)
     report = CheckReport(root=Path(root), pairs=len(index.samples))
-    rejected_stems = {path.stem for path, _ in index.rejected}
-    for path, reason in index.rejected:
-        report.problems.append(Problem("error", "unusable", path, f"{display_name(path)}: {reason}"))
-    for path in index.unpaired_images:
-        why = " (its mask is unusable, see above)" if path.stem in rejected_stems else ""
-        report.problems.append(
-            Problem("error", "unpaired", path, f"{display_name(path)}: image has no mask with the same stem{why}")
-        )
-    for path in index.unpaired_masks:
-        why = " (its image is unusable, see above)" if path.stem in rejected_stems else ""
-        report.problems.append(
-            Problem("error", "unpaired", path, f"{display_name(path)}: mask has no image with the same stem{why}")
-        )
-    if not index.samples:
-        images_dir, masks_dir = find_layout(root)
-        report.problems.append(
-            Problem(
-                "error",
-                "no-pairs",
-                Path(root),
-                f"{display_name(root)}: no image/mask pairs (matched by file stem in {images_dir.name}/ and {masks_dir.name}/)",
-            )
-        )
-    for path in index.duplicate_stems:
-        report.problems.append(Problem("error", "duplicate", path, f"{path}: another file has the same stem"))
+    report.problems += index_problems(index)
     sizes: set[tuple[int, int]] = set()
     for sample in _progress(index.samples, progress, "checking"):
         try:
@@ -521,26 +557,41 @@ def build_cache(
     """
     if Path(root).is_file() and Path(root).suffix == ".npz":
         # A cache file given directly (e.g. carried to a GPU machine without the raw images).
-        cached = load_cache(root)
+        try:
+            cached = load_cache(root)
+        except DataError as error:
+            raise DataError(
+                f"{error}; make it again from the images with: polypseg data cache DATASET --size {size} --out {root}"
+            ) from None
         if cached.size != size:
             raise DataError(
                 f"{root} holds {cached.size}px images, but {size}px are needed; rebuild it with --size {size}"
             )
         return cached
-    path = cache_path(root, size, cache_dir)
-    if not path.is_file():
-        remove_stale_temps(path.parent)  # caches cut short by a kill
-        _write_cache(index_dataset(root).samples, size, path, progress)
+    index = usable_index(root)  # what data check calls an error is never trained on
+    path = _cache_path(index, size, cache_dir)
+    if path.is_file():
+        try:
+            return load_cache(path)
+        except DataError as error:
+            # Derived data: an entry that cannot be read (cut short, damaged) is made again.
+            log.warning("%s; rebuilding it", error)
+            path.unlink(missing_ok=True)
+    remove_stale_temps(path.parent)  # caches cut short by a kill
+    _write_cache(index.samples, size, path, progress)
     return load_cache(path)
 
 
 def cache_path(root: Path | str, size: int, cache_dir: Path | str | None = None) -> Path:
     """Where the cache of ``root`` at ``size`` lives (its name encodes the dataset's content)."""
-    index = index_dataset(root)
+    return _cache_path(index_dataset(root), size, cache_dir)
+
+
+def _cache_path(index: DatasetIndex, size: int, cache_dir: Path | str | None) -> Path:
     if not index.samples:
-        raise DataError(f"no image/mask pairs found under {root}")
+        raise DataError(f"no image/mask pairs found under {index.root}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return cache_dir / f"{Path(root).resolve().name}-{size}px-{_cache_key(index.samples, size)}.npz"
+    return cache_dir / f"{index.root.resolve().name}-{size}px-{_cache_key(index.samples, size)}.npz"
 
 
 def _write_cache(samples: Sequence[Sample], size: int, path: Path, progress: bool) -> None:

@@ -87,15 +87,42 @@ def path_problem(path: Path) -> InputProblem | None:
     return None
 
 
-def list_folder(folder: Path, recursive: bool = False) -> tuple[list[Path], list[InputProblem]]:
-    """Entries of ``folder`` (sorted; hidden names left out) and problems met while listing."""
-    problems: list[InputProblem] = []
+def _listing_problem(folder: Path, error: OSError) -> tuple[Path, InputProblem]:
+    cause = NO_PERMISSION if error.errno in (errno.EACCES, errno.EPERM) else NOT_FOUND
+    return folder, InputProblem(cause, f"{display_name(folder)}: cannot list the folder ({error.strerror or error})")
+
+
+def list_folder(
+    folder: Path, recursive: bool = False, exclude: Path | None = None
+) -> tuple[list[Path], list[tuple[Path, InputProblem]]]:
+    """Entries of ``folder`` (sorted; hidden names left out) and the folders that could not be listed.
+
+    With ``recursive`` sub-folders are entered (symlinked ones are listed, not entered), and a
+    sub-folder that cannot be read is reported, never passed over. Nothing under ``exclude`` (the
+    command's output folder) is listed: a second run must not take the first one's outputs as inputs.
+    """
+    problems: list[tuple[Path, InputProblem]] = []
+    excluded = exclude.resolve() if exclude is not None else None
     try:
-        entries = sorted(folder.rglob("*") if recursive else folder.iterdir())
+        if not recursive:
+            entries = list(folder.iterdir())
+        else:
+            entries = []
+            for parent, dirs, files in os.walk(
+                folder, onerror=lambda e: problems.append(_listing_problem(Path(e.filename), e))
+            ):
+                here = Path(parent)
+                if excluded is not None and here.resolve() == excluded:
+                    dirs[:] = []
+                    continue
+                entries += [here / name for name in dirs + files]
     except OSError as error:
-        cause = NO_PERMISSION if error.errno in (errno.EACCES, errno.EPERM) else NOT_FOUND
-        return [], [InputProblem(cause, f"{display_name(folder)}: cannot list the folder ({error.strerror or error})")]
-    return [p for p in entries if not p.name.startswith(".")], problems
+        return [], [_listing_problem(folder, error)]
+    if excluded is not None:
+        entries = [p for p in entries if p.resolve() != excluded]
+    if problems and problems[0][0] == folder:  # the folder itself: as before, one problem, no entries
+        return [], problems[:1]
+    return sorted(p for p in entries if not p.name.startswith(".")), problems
 
 
 def image_header_size(path: Path) -> tuple[int, int]:
@@ -299,6 +326,7 @@ def collect_inputs(
     ground_truth: bool = False,
     masks: Path | None = None,
     notify: Callable[[str], None] | None = None,
+    exclude: Path | None = None,
 ) -> list[InputFile]:
     """Files and folders -> the inputs to process, each with a unique output name.
 
@@ -313,7 +341,9 @@ def collect_inputs(
       ``recursive=True`` sub-folders are entered; otherwise a sub-folder named like an image is
       skipped as ``not a regular file``, and ``recursive=False`` (recursion offered but not
       asked) hints at it when a folder gives nothing. A folder that gives nothing and had no
-      problem of its own is skipped as ``empty folder``.
+      problem of its own is skipped as ``empty folder``. A sub-folder that cannot be listed and
+      a file in an image format polypseg does not read (GIF, ...) are skipped and named too.
+    * **Outputs are not inputs**: nothing under ``exclude`` (the command's ``--out``) is taken.
     * **Name clashes**: outputs are named by file stem, made safe and distinct in input order
       (``x``, ``x-2``, ``x-3``, ...; :func:`unique_names`); the CSV files map each name to its file.
     * **Ground truth** (``ground_truth=True``): a dataset root (``images/`` + ``masks/``) gives
@@ -321,7 +351,7 @@ def collect_inputs(
       beside an ``images/`` folder. An image without a mask is kept (without ground truth);
       ``notify`` hears how masks were found, ``skips.warn`` what is missing.
     """
-    from polypseg.data.datasets import DataError, find_layout
+    from polypseg.data.datasets import DataError, find_layout, unsupported_format
     from polypseg.errors import PolypsegError
 
     def wanted(path: Path, member: bool) -> bool:
@@ -353,12 +383,17 @@ def collect_inputs(
             if images_dir is not None:
                 found += _dataset_inputs(path, images_dir, skips)
                 continue
-        members, problems = list_folder(path, bool(recursive))
-        for item in problems:
-            skips.skip(path, item)
+        members, problems = list_folder(path, bool(recursive), exclude=exclude)
+        for folder, item in problems:
+            skips.skip(folder, item)
         usable = 0
         for member in members:
             if not wanted(member, member=True):
+                reason = None if member.name.startswith(".") else unsupported_format(member)
+                if reason is not None:  # an image in a format polypseg does not read: named, as when given directly
+                    skips.skip(
+                        member, InputProblem(NOT_IMAGE, f"{display_name(member)}: not an {what} file ({reason})")
+                    )
                 continue
             trouble = path_problem(member)
             if trouble is not None:

@@ -194,6 +194,9 @@ def run_cv(
         raise RunError(f"{run.path} holds no run to resume; give the --data to start one")
     folds = 5 if folds is None else folds
     seed = 0 if seed is None else seed
+    outside = sorted({f for f in only_folds or () if not 0 <= f < folds})
+    if outside:
+        raise RunError(f"--only-fold {outside[0]}: a {folds}-fold run has folds 0 to {folds - 1}")
     assert config is not None
     resolve_run_precision(config, device)
     cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress and context.is_main)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from polypseg.core.rules import check_threshold
 from polypseg.core.runs import parse_fold_name
 from polypseg.errors import PolypsegError
 
@@ -109,8 +110,8 @@ def explain_files(
         raise PolypsegError(f"--deletion-steps {deletion_steps}: must be >= 0 (0 skips deletion/insertion)")
     if not 0 < topk <= 1:
         raise PolypsegError(f"--topk {topk}: must be in (0, 1]")
-    if threshold is not None and not 0 < threshold < 1:
-        raise PolypsegError(f"--threshold {threshold}: must be in (0, 1)")
+    if threshold is not None:
+        check_threshold(threshold, "--threshold")
     if out.exists() and not out.is_dir():
         prepare_output_folder(out)  # one line naming --out, before any work
     from polypseg.core.precision import check_precision
@@ -148,7 +149,7 @@ def explain_files(
         use_precision_layout(net, device, precision)
         threshold = checkpoint.threshold if threshold is None else threshold
         size = checkpoint.config.train.image_size
-        items = collect_inputs(inputs, skips, ground_truth=True, masks=masks, notify=say)
+        items = collect_inputs(inputs, skips, ground_truth=True, masks=masks, notify=say, exclude=out)
         if not items:
             named = "; ".join(detail for _, _, detail in skips.entries) or "no inputs"
             raise PolypsegError(f"no input images to explain ({named})")

@@ -140,12 +140,12 @@ def measure_dice_change(
     """
     import torch
 
-    from polypseg.data.datasets import index_dataset, read_mask
+    from polypseg.data.datasets import read_mask, usable_index
     from polypseg.inference.export import ExportError
     from polypseg.inference.predictor import Predictor
     from polypseg.metrics.segmentation import dice_score
 
-    samples = index_dataset(data).samples
+    samples = usable_index(data).samples  # the dataset rule of data check, train and cv
     if not samples:
         raise ExportError(f"no image/mask pairs under {data}")
     if limit:

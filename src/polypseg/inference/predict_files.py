@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from polypseg.core.rules import check_threshold
 from polypseg.data.inputs import InputFile
 from polypseg.errors import PolypsegError
 
@@ -19,7 +20,17 @@ log = logging.getLogger(__name__)
 
 # Decoded pixels a batch of images may hold before it is sent (8 Full-HD frames: about 50 MB).
 BATCH_PIXELS = 8 * 1920 * 1080
-PREDICTION_COLUMNS = ("file", "width", "height", "area_pixels", "area_fraction", "mean_confidence", "threshold")
+# "mask": the mask written for "file" (names are made distinct: x.png and x.jpg give masks/x.png and masks/x-2.png)
+PREDICTION_COLUMNS = (
+    "file",
+    "width",
+    "height",
+    "area_pixels",
+    "area_fraction",
+    "mean_confidence",
+    "threshold",
+    "mask",
+)
 VIDEO_COLUMNS = (
     "file",
     "frames",
@@ -77,8 +88,8 @@ def predict_files(
         raise PolypsegError(f"--batch-size {batch_size}: must be >= 1")
     if smooth is not None and not 0 < smooth <= 1:
         raise PolypsegError(f"--smooth {smooth}: the EMA weight of the newest frame must be in (0, 1]")
-    if threshold is not None and not 0 < threshold < 1:  # as explain and serve: 0 or 1 give a constant mask
-        raise PolypsegError(f"--threshold {threshold}: must lie strictly between 0 and 1")
+    if threshold is not None:
+        check_threshold(threshold, "--threshold")  # the rule of explain, serve and checkpoint sidecars
     if out.exists() and not out.is_dir():
         prepare_output_folder(out)  # one line naming --out, before any work
     from polypseg.core.precision import check_precision
@@ -88,7 +99,7 @@ def predict_files(
         _check_fold(model, fold)
     skips = SkipLog(warn)
     with one_line_warnings(warn):
-        items = collect_inputs(inputs, skips, videos=True, recursive=recursive)
+        items = collect_inputs(inputs, skips, videos=True, recursive=recursive, exclude=out)
         if not items:
             raise PolypsegError("no images or videos to predict (see the warnings above)")
 
@@ -247,6 +258,7 @@ def _predict_images(
             "area_fraction": round(area / max(mask.size, 1), 6),
             "mean_confidence": round(confidence, 6),
             "threshold": predictor.threshold,
+            "mask": f"masks/{item.name}.png",
         }
         if std is not None:
             # a std of probabilities is at most 0.5: stored as round(std * 510) to use all 8 bits

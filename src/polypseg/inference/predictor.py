@@ -31,6 +31,7 @@ from torch import nn
 
 from polypseg.core.devices import DeviceError, resolve_device
 from polypseg.core.io_utils import display_name
+from polypseg.core.rules import image_size_problem, threshold_problem
 from polypseg.core.runs import RunDir, fold_name, parse_fold_name
 from polypseg.data.datasets import ImageReadError
 from polypseg.data.inputs import ImageInput, load_input, to_rgb_uint8  # noqa: F401 - to_rgb_uint8 stays importable from here
@@ -171,6 +172,11 @@ def _onnx_sidecars(
     from polypseg.inference.export import read_onnx_metadata
 
     sidecars = [read_onnx_metadata(path) for path in paths]
+    for path, sidecar in zip(paths, sidecars, strict=True):  # the rules checkpoint sidecars are read with
+        problem = image_size_problem(sidecar.get("image_size"))
+        problem = f"image_size {problem}" if problem else _threshold_in_file(sidecar)
+        if problem is not None:
+            raise PredictorError(f"cannot load ONNX model {path}: its sidecar's {problem}")
     sizes = {s["image_size"] for s in sidecars}
     if len(sizes) != 1:
         raise PredictorError(f"ONNX models disagree on input size: {sorted(sizes)}")
@@ -185,6 +191,11 @@ def _onnx_sidecars(
     if threshold is None:
         threshold = float(sidecars[0].get("threshold", 0.5))
     return sizes.pop(), meta, threshold
+
+
+def _threshold_in_file(record: dict[str, Any]) -> str | None:
+    problem = threshold_problem(record.get("threshold", 0.5))
+    return None if problem is None else f"threshold {problem}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +226,9 @@ class Predictor:
             raise PredictorError(f"batch_size must be >= 1, got {batch_size}")
         self._runners = list(runners)
         self.image_size = int(image_size)
+        problem = threshold_problem(threshold)
+        if problem is not None:
+            raise PredictorError(f"threshold {problem}")
         self.threshold = float(threshold)
         self.device = torch.device(device)
         self.backend = backend
@@ -420,7 +434,11 @@ class Predictor:
         summary: dict[str, Any] = {}
         if path.is_dir() and RunDir(path).summary_path.is_file():
             summary = RunDir(path).read_summary()
-        if threshold is None:
+        if threshold is None and "threshold" in summary:
+            problem = _threshold_in_file(summary)
+            if problem is not None:
+                raise PredictorError(f"{RunDir(path).summary_path}: its {problem}")
+        if threshold is None:  # a sidecar's threshold was checked by read_metadata
             threshold = float(summary.get("threshold", metas[0].get("threshold", 0.5)))
         metadata: dict[str, Any] = {
             "checkpoints": [str(c) for c in checkpoints],
@@ -642,8 +660,11 @@ def _onnx_models(
 ) -> list[Path]:
     """The ONNX model of each checkpoint; one note before exporting the ones not cached yet."""
     from polypseg.inference.export import cached_onnx, find_cached_onnx, onnx_cache_dir
+    from polypseg.models.checkpoint import verify_weights
 
     missing = [c for c in checkpoints if find_cached_onnx(c, cache_dir) is None]
+    for checkpoint in missing:
+        verify_weights(checkpoint)  # a corrupt checkpoint is refused before an export is announced
     if missing:
         what = "1 model" if len(missing) == 1 else f"{len(missing)} models"
         say(

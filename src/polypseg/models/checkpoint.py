@@ -35,6 +35,7 @@ from torch import nn
 from polypseg._version import __version__
 from polypseg.core.config import RunConfig
 from polypseg.core.io_utils import atomic_write, atomic_write_text, json_text, read_json
+from polypseg.core.rules import image_size_problem, threshold_problem
 from polypseg.errors import PolypsegError
 
 FORMAT = "polypseg-checkpoint-v1"
@@ -201,6 +202,10 @@ def read_metadata(path: Path | str) -> dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
         raise CheckpointError(f"{sidecar} is not a polypseg checkpoint (format {found!r})")
+    # The --threshold rule: a threshold outside (0, 1) would give constant masks without a word.
+    problem = threshold_problem(metadata.get("threshold", 0.5))
+    if problem is not None:
+        raise CheckpointError(f"cannot load weights {weights}: its threshold {problem}")
     return metadata
 
 
@@ -245,13 +250,24 @@ def _load_tensors(
     return tensors
 
 
+def verify_weights(path: Path | str) -> None:
+    """Read a checkpoint's tensors and check them against the SHA-256 recorded in the file; a
+    :class:`CheckpointError` (the one line of a corrupt checkpoint) if they cannot be read or differ."""
+    weights, _ = checkpoint_paths(path)
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint weights not found: {weights}")
+    _load_tensors(weights, _embedded_sidecar(weights)[1])
+
+
 def config_from_metadata(metadata: Mapping[str, Any], weights: Path | str) -> RunConfig:
     """The run config in a checkpoint's metadata, or the one-line error of a corrupt checkpoint."""
     try:
         config = RunConfig.from_dict(metadata["config"])
         config.model.encoder_weights = "none"  # the weights come from the checkpoint
         config.train.init_from = "none"
-        int(config.train.image_size)
+        problem = image_size_problem(config.train.image_size)  # the rule training configs are checked with
+        if problem is not None:
+            raise ValueError(f"train.image_size {problem}")
     except Exception as error:  # noqa: BLE001 - unknown fields, wrong types, a missing config: a bad file
         raise CheckpointError(
             f"cannot load weights {weights}: its metadata describes no model polypseg can build ({_first_line(error)})"
@@ -325,8 +341,8 @@ def find_checkpoints(path: Path | str) -> list[Path]:
     """
     path = Path(path)
     weights, sidecar = checkpoint_paths(path)
-    if weights.is_file() and sidecar.is_file():
-        return [weights]
+    if weights.is_file() and (sidecar.is_file() or _embedded_sidecar(weights)[0] is not None):
+        return [weights]  # the weights file carries its sidecar: the .json is only a readable copy
     if path.is_dir():
         from polypseg.core.runs import RunDir
 
@@ -484,12 +500,27 @@ def load_training_state(
     for param_id, values in meta.get("optimizer_scalars", {}).items():
         opt_state.setdefault(int(param_id), {}).update(values)
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
+    _match_parameter_layout(optimizer)
     best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
     meta = dict(meta)
     if best:
         meta["best_state"] = best
     meta["state_format"] = "one file" if digest is not None else "two files (older polypseg)"
     return meta
+
+
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each restored optimizer moment its parameter's memory layout (e.g. channels-last).
+
+    The state is saved contiguous and ``load_state_dict`` keeps that layout, but the fused Adam
+    kernels walk a parameter and its moments as flat memory: with a channels-last parameter (bf16
+    training on a CPU) and contiguous moments, every update after a resume used the moments of
+    other elements, so the resumed run silently diverged from the uninterrupted one.
+    """
+    for param, values in optimizer.state.items():
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                values[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def pick_checkpoint(model: Path, fold: int | None) -> Path:
