@@ -45,8 +45,14 @@ def main() -> None:
     parser.add_argument(
         "--weights-dir", type=Path, default=None, help="Default: the package's weights/ (a dry run: elsewhere)."
     )
-    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "runs", help="Where docs/runs/NAME/ goes.")
+    parser.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "runs", help="Where docs/runs/RECORD/ goes.")
+    parser.add_argument(
+        "--record", default=None, help="The record folder's name under --docs-dir (default NAME); never overwritten."
+    )
     args = parser.parse_args()
+    docs = args.docs_dir / (args.record or args.name)
+    if docs.exists():
+        sys.exit(f"error: {docs} exists: every release keeps its own record; pass --record NEW-NAME")
 
     from polypseg.core.runs import RunDir
     from polypseg.data.datasets import build_cache, load_split_file
@@ -111,6 +117,7 @@ def main() -> None:
         args.name,
         release,
         weights_dir=args.weights_dir,
+        replaces=_shipped_in_git(args.name, args.weights_dir),
         summary=(
             f"{config['model']['arch']} / {config['model']['encoder']}, random init, Kvasir-SEG {len(split['train']) + len(split['val'])}; test Dice {release['test_metrics']['kvasir_test100_original_resolution']['dice']:.3f} "
             f"(Kvasir-SEG test 100), {release['test_metrics']['cvc_clinicdb62']['dice']:.3f} (CVC-ClinicDB-62)"
@@ -129,10 +136,29 @@ def main() -> None:
     )
     (train_dir / "fp16_check.json").write_text(json.dumps(scores, indent=2))
 
-    docs = args.docs_dir / args.name
     run.copy_record(docs)
     print(f"shipped {shipped.name}: {shipped.weights} ({shipped.size_bytes / 1e6:.1f} MB, sha256 {shipped.sha256})")
     print(f"small files: {docs}")
+
+
+def _shipped_in_git(name: str, weights_dir: Path | None) -> tuple[str, str] | None:
+    """The commit and repository path of the file ``name`` now ships as, or None when none is shipped yet."""
+    import subprocess
+
+    from polypseg.models.pretrained import WEIGHTS_DIR
+
+    weights = (weights_dir or WEIGHTS_DIR) / f"{name}.safetensors"
+    if not weights.is_file():
+        return None
+    if not weights.resolve().is_relative_to(REPO):
+        sys.exit(f"error: {weights} is outside this repository, so git cannot keep the release it replaces")
+    path = str(weights.resolve().relative_to(REPO))
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "log", "-1", "--format=%H", "--", path], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if not commit:
+        sys.exit(f"error: {path} is not committed: commit the release it replaces first, so that it stays restorable")
+    return commit, path
 
 
 if __name__ == "__main__":

@@ -162,3 +162,52 @@ def test_export_takes_a_shipped_model_by_name_and_asks_where_to_write(tmp_path):
         export_checkpoints(shipped[0].name)
     results = export_checkpoints(shipped[0].name, out=tmp_path / "m.onnx", progress=False)
     assert (tmp_path / "m.onnx").is_file() and len(results) == 1
+
+
+def test_replacing_a_shipped_model_keeps_the_earlier_release_restorable(released, tiny_cv_run):
+    first, weights_dir = released
+    release = {"training_command": "polypseg train ... (stage 2)"}
+    with pytest.raises(PretrainedError, match="'tiny-model' is already shipped: pass replaces"):
+        release_model(tiny_cv_run / "fold_1" / "best", "tiny-model", release, weights_dir=weights_dir)
+    second = release_model(
+        tiny_cv_run / "fold_1" / "best",
+        "tiny-model",
+        release,
+        weights_dir=weights_dir,
+        summary="the second",
+        replaces=("abc123", "src/polypseg/models/weights/tiny-model.safetensors"),
+    )
+    assert second.sha256 != first.sha256
+    (earlier,) = second.earlier
+    assert (earlier.sha256, earlier.commit, earlier.summary) == (first.sha256, "abc123", "a tiny model")
+    assert earlier.restore_command("old.safetensors") == (
+        "git show abc123:src/polypseg/models/weights/tiny-model.safetensors > old.safetensors"
+    )
+    third = release_model(
+        tiny_cv_run / "fold_0" / "best", "tiny-model", release, weights_dir=weights_dir, replaces=("def456", "p")
+    )
+    assert [e.commit for e in third.earlier] == ["def456", "abc123"]  # newest first, none lost
+
+
+def test_the_shipped_models_earlier_releases_are_in_this_repositorys_history():
+    """Each earlier release's commit and path give back a file with its recorded SHA-256 (needs git history)."""
+    import hashlib
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    earlier = [e for m in available_models() for e in m.earlier]
+    assert earlier, "the shipped model replaced an earlier release: the registry must name it"
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for release in earlier:
+        present = subprocess.run(["git", "-C", str(repo), "cat-file", "-e", f"{release.commit}^{{commit}}"])
+        if present.returncode != 0:
+            pytest.skip(f"commit {release.commit[:10]} is not in this clone's history (shallow clone?)")
+        shown = subprocess.run(
+            ["git", "-C", str(repo), "show", f"{release.commit}:{release.path}"], capture_output=True
+        )
+        assert shown.returncode == 0, shown.stderr.decode()
+        assert hashlib.sha256(shown.stdout).hexdigest() == release.sha256
+        assert len(shown.stdout) == release.size_bytes

@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
         from polypseg.models.pretrained import PretrainedError, available_models, get_model
 
         rows = []
-        for model in available_models():
+        model_by_name = {model.name: model for model in available_models()}
+        for model in model_by_name.values():
             status = "not checked"
             if verify:
                 try:
@@ -41,6 +42,7 @@ def register(app: typer.Typer) -> None:
                     "sha256_check": status,
                     "summary": model.summary,
                     "release": release,
+                    "earlier": [earlier.to_json() for earlier in model.earlier],
                 }
             )
         failed = any(row["sha256_check"].startswith("FAILED") for row in rows)
@@ -79,5 +81,10 @@ def register(app: typer.Typer) -> None:
                 say(f"  made by {release['training_command']}")
             if release.get("stages"):
                 say(f"  stages  {release['stages']}")
+            for earlier in model_by_name[row["name"]].earlier:
+                say(f"  earlier {earlier.summary} (sha256 {earlier.sha256[:12]}..., shipped in {earlier.commit[:10]})")
+                say(
+                    f"          restore: {earlier.restore_command(row['name'] + '-' + earlier.sha256[:8] + '.safetensors')}"
+                )
         if failed:
             raise typer.Exit(1)

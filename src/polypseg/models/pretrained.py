@@ -28,6 +28,30 @@ class PretrainedError(PolypsegError):
 
 
 @dataclass(frozen=True)
+class EarlierRelease:
+    """A file that an earlier version of polypseg shipped under the same name, kept in git's history."""
+
+    sha256: str
+    size_bytes: int
+    commit: str
+    path: str  # the file's path in the repository at ``commit``
+    summary: str
+
+    def restore_command(self, dest: str) -> str:
+        """The command that writes this release's weights to ``dest`` from a clone with full history."""
+        return f"git show {self.commit}:{self.path} > {dest}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "bytes": self.size_bytes,
+            "commit": self.commit,
+            "path": self.path,
+            "summary": self.summary,
+        }
+
+
+@dataclass(frozen=True)
 class ShippedModel:
     """One entry of the registry."""
 
@@ -36,6 +60,7 @@ class ShippedModel:
     sha256: str
     size_bytes: int
     summary: str
+    earlier: tuple[EarlierRelease, ...] = ()
 
     @property
     def stem(self) -> Path:
@@ -69,10 +94,21 @@ def available_models(weights_dir: Path | None = None) -> list[ShippedModel]:
             sha256=entry["sha256"],
             size_bytes=int(entry.get("bytes", 0)),
             summary=entry.get("summary", ""),
+            earlier=tuple(_earlier_release(item) for item in entry.get("earlier", [])),
         )
         for name, entry in _registry(weights_dir).items()
     ]
     return sorted(entries, key=lambda m: (m.name != DEFAULT_MODEL, m.name))
+
+
+def _earlier_release(entry: dict[str, Any]) -> EarlierRelease:
+    return EarlierRelease(
+        sha256=entry["sha256"],
+        size_bytes=int(entry.get("bytes", 0)),
+        commit=entry["commit"],
+        path=entry["path"],
+        summary=entry.get("summary", ""),
+    )
 
 
 def get_model(name: str | None = None, weights_dir: Path | None = None, verify: bool = True) -> ShippedModel:
@@ -121,11 +157,15 @@ def release_model(
     release: dict[str, Any],
     weights_dir: Path | None = None,
     summary: str = "",
+    *,
+    replaces: tuple[str, str] | None = None,
 ) -> ShippedModel:
     """Write ``checkpoint`` as the shipped model ``name``: fp16 floating tensors, ``release`` in its sidecar.
 
     Integer buffers (batch-norm counters) keep their dtype; loading casts the fp16 weights back
-    into the fp32 model. Registers the file's SHA-256 in ``models.json``.
+    into the fp32 model. Registers the file's SHA-256 in ``models.json``. A file replacing an
+    earlier release of ``name`` must say where that one lives in git, ``replaces=(commit, path)``:
+    the registry keeps it under ``earlier`` so that it stays restorable.
     """
     from polypseg.core.io_utils import atomic_write_text
     from polypseg.models.checkpoint import file_sha256, load_checkpoint, model_state, save_checkpoint_tensors
@@ -154,6 +194,26 @@ def release_model(
         "sha256": file_sha256(weights),
         "bytes": weights.stat().st_size,
         "summary": summary,
+        "earlier": _earlier_entries(registry.get(name), replaces, name),
     }
     atomic_write_text(weights_dir / REGISTRY, json.dumps({"models": registry}, indent=2, sort_keys=True) + "\n")
     return get_model(name, weights_dir)
+
+
+def _earlier_entries(old: dict[str, Any] | None, replaces: tuple[str, str] | None, name: str) -> list[dict[str, Any]]:
+    """The registry's ``earlier`` list once ``old`` (the entry being replaced) joins it, newest first."""
+    if old is None:
+        return []
+    if replaces is None:
+        raise PretrainedError(
+            f"'{name}' is already shipped: pass replaces=(commit, path) naming where its file lives in git"
+        )
+    commit, path = replaces
+    replaced = EarlierRelease(
+        sha256=old["sha256"],
+        size_bytes=int(old.get("bytes", 0)),
+        commit=commit,
+        path=path,
+        summary=old.get("summary", ""),
+    )
+    return [replaced.to_json(), *old.get("earlier", [])]
