@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option(
             "auto",
             "--backend",
-            help="auto (torch on CUDA; on CPU OpenVINO if installed, else onnxruntime), torch, onnxruntime, or openvino (CPU; pip install 'polypseg\\[openvino]').",
+            help="auto (torch on CUDA; on CPU OpenVINO if installed, else onnxruntime), torch, onnxruntime, or openvino (CPU; pip install 'polypseg[openvino]').",
         ),
         precision: str = typer.Option(
             "auto",
@@ -244,7 +244,7 @@ def register(app: typer.Typer) -> None:
             "auto",
             "--backend",
             help="auto (what predict uses: torch on CUDA; on CPU OpenVINO if installed, else onnxruntime, in int8 where validated, else bf16 where native), torch, torch-bf16, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, openvino-int8 "
-            "(OpenVINO: pip install 'polypseg\\[openvino]'), or all (every one installed; bf16 where the CPU has it).",
+            "(OpenVINO: pip install 'polypseg[openvino]'), or all (every one installed; bf16 where the CPU has it).",
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         compile: str = typer.Option(

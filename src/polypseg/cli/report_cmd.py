@@ -171,7 +171,9 @@ def register(app: typer.Typer) -> None:
         _evaluate(model, data, out, device, cache_dir, progress, tta)
 
     study = typer.Typer(
-        help="The paper's proposed studies, each one resumable command (see docs/studies.md).", no_args_is_help=True
+        help="The paper's proposed studies, each one resumable command (see docs/studies.md).",
+        no_args_is_help=True,
+        rich_markup_mode=None,  # as the main app: plain help
     )
     app.add_typer(study, name="study")
 
