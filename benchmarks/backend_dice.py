@@ -1,4 +1,4 @@
-"""Dice of one model on a labelled folder per CPU backend, at each image's original size (issue #11).
+"""Dice of one model on a labelled folder per CPU backend, at each image's original size.
 
     python benchmarks/backend_dice.py EXPORT_DIR/NAME.onnx CHECKPOINT DATA [OUT.json]
 

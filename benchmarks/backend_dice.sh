@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Dice change of every CPU engine against fp32 on a trained model (issue #11): export the model
+# The Dice change of every CPU engine against fp32 on a trained model: export the model
 # (ONNX fp32 + static int8 calibrated on 64 of its own training images, validated on its test
 # images), then score each engine on the test images at their original size.
 #   RUN=~/polypseg-runs/ship-cpu-v2 MODEL=src/polypseg/models/weights/kvasir-unet-r34 \

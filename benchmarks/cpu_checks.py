@@ -1,4 +1,4 @@
-"""CPU measurements behind docs/benchmarks.md's AMX section (issue #11), printed as JSON lines.
+"""CPU measurements behind docs/benchmarks.md's CPU sections, printed as JSON lines.
 
     python benchmarks/cpu_checks.py drift [--seconds 120]     # does this machine's speed drift?
     python benchmarks/cpu_checks.py upsample [--rounds 12]   # the decoder's gradient-layout fix
@@ -42,7 +42,7 @@ all its probes read at least 0.8 of the run's best probe. The summaries give the
 rounds and over the uncontended ones.
 old-fp32: the paper recipe's step in a worker process per setting, taking turns, one step each per
 round, with contention's probes between them: fp32 NCHW with glibc's default malloc (the CPU path
-as issue #11 found it: ``keep_freed_cpu_memory`` came later), fp32 NCHW and bf16 channels-last as
+before ``keep_freed_cpu_memory`` existed), fp32 NCHW and bf16 channels-last as
 polypseg trains now. Separate processes because the allocator setting is process-wide and, once a
 heap has grown, cannot be undone; a worker waits on a pipe while the others run. Each step's page
 faults are printed beside its time, so the first worker is seen to fault as glibc does. Fewer
@@ -56,15 +56,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # speed_phases.py, beside this file
+import speed_phases
+
 
 def drift(seconds: float) -> None:
-    from polypseg.experiments.bench import matmul_peak
+    from polypseg.experiments.bench_train import matmul_peak
 
     start = time.time()
     busy = torch.randn(2048, 2048).bfloat16()
@@ -90,7 +94,10 @@ def upsample(rounds: int) -> None:
     from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock as SmpBlock
 
     from polypseg.core.config import get_recipe
-    from polypseg.experiments.bench import _TimedStep
+    from polypseg.core.devices import keep_freed_cpu_memory
+    from polypseg.experiments.bench_train import TimedStep
+
+    keep_freed_cpu_memory()  # as polypseg's training commands do
 
     grad = torch.randn(16, 96, 128, 128).bfloat16().contiguous(memory_format=torch.channels_last)[:, :64]
     backward = torch.ops.aten.upsample_nearest2d_backward.default
@@ -108,7 +115,7 @@ def upsample(rounds: int) -> None:
     )
 
     # bench-train's own timed step (random batch, the whole TrainStep), once per decoder block class
-    timers = {name: _TimedStep(get_recipe("paper"), torch.device("cpu"), "bf16-cl") for name in ("smp", "polypseg")}
+    timers = {name: TimedStep(get_recipe("paper"), torch.device("cpu"), "bf16-cl") for name in ("smp", "polypseg")}
     for block in timers["smp"].step.model.decoder.blocks:
         block.__class__ = SmpBlock
     _interleave(timers, rounds, "paper recipe, bf16 channels-last, batch 16, 256 px", "smp", "polypseg")
@@ -158,9 +165,12 @@ def openvino_shape(rounds: int) -> None:
 
 def fused_adam(rounds: int) -> None:
     from polypseg.core.config import get_recipe
-    from polypseg.experiments.bench import _TimedStep
+    from polypseg.core.devices import keep_freed_cpu_memory
+    from polypseg.experiments.bench_train import TimedStep
 
-    timers = {name: _TimedStep(get_recipe("paper"), torch.device("cpu"), "bf16-cl") for name in ("foreach", "fused")}
+    keep_freed_cpu_memory()  # as polypseg's training commands do
+
+    timers = {name: TimedStep(get_recipe("paper"), torch.device("cpu"), "bf16-cl") for name in ("foreach", "fused")}
     foreach = timers["foreach"].step
     assert timers["fused"].step.optimizer.defaults["fused"], "bf16 steps use the fused CPU Adam"
     tc = get_recipe("paper").train
@@ -200,8 +210,10 @@ def _interleave(timers: dict, rounds: int, label: str, first: str, second: str) 
 _FAULTS = """
 import resource, sys, torch
 from polypseg.core.config import get_recipe
-from polypseg.experiments.bench import _TimedStep
-timer = _TimedStep(get_recipe("paper"), torch.device("cpu"), sys.argv[1])
+from polypseg.core.devices import keep_freed_cpu_memory
+from polypseg.experiments.bench_train import TimedStep
+keep_freed_cpu_memory()  # as polypseg's training commands do; a no-op where the environment chose malloc's settings
+timer = TimedStep(get_recipe("paper"), torch.device("cpu"), sys.argv[1])
 timer.warm_up(2)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 timer.run(1)
@@ -212,9 +224,11 @@ print(usage.ru_minflt - before, usage.ru_maxrss)
 
 _GRADCAM = """
 import resource, time, torch
+from polypseg.core.devices import keep_freed_cpu_memory
 from polypseg.explain.gradcam import SegmentationGradCAM
 from polypseg.models.checkpoint import load_checkpoint
 from polypseg.models.pretrained import resolve_model
+keep_freed_cpu_memory()  # as polypseg explain does; a no-op where the environment chose malloc's settings
 model = load_checkpoint(resolve_model("kvasir-unet-r34")).model.float().eval()
 images = torch.randn(16, 3, 256, 256, generator=torch.Generator().manual_seed(0))
 with SegmentationGradCAM(model) as cam:
@@ -310,9 +324,12 @@ def profile(steps: int) -> None:
     from torch.profiler import profile as torch_profile
 
     from polypseg.core.config import get_recipe
-    from polypseg.experiments.bench import _TimedStep
+    from polypseg.core.devices import keep_freed_cpu_memory
+    from polypseg.experiments.bench_train import TimedStep
 
-    timer = _TimedStep(get_recipe("paper"), torch.device("cpu"), "bf16-cl")
+    keep_freed_cpu_memory()  # as polypseg's training commands do
+
+    timer = TimedStep(get_recipe("paper"), torch.device("cpu"), "bf16-cl")
     timer.warm_up(3)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         timer.run(steps, timed=False)
@@ -358,7 +375,6 @@ def convs(repeats: int) -> None:
     import copy
 
     from polypseg.core.config import get_recipe
-    from polypseg.experiments.bench import speed_probe
     from polypseg.models.factory import create_model
 
     config = get_recipe("paper")
@@ -393,7 +409,7 @@ def convs(repeats: int) -> None:
         totals["backward_ms"] += timing["backward_ms"]
         record = {"conv": name, "input": list(x.shape), "out_channels": layer.out_channels}
         record |= {"kernel": list(layer.kernel_size), "stride": list(layer.stride), **timing}
-        print(json.dumps(record | {"probe_tflops": speed_probe()}), flush=True)
+        print(json.dumps(record | {"probe_tflops": speed_phases.speed_probe()}), flush=True)
     print(
         json.dumps({"convolutions": len(shapes), **totals, "unit": f"ms, batch {batch}, bf16 channels-last"}),
         flush=True,
@@ -422,10 +438,9 @@ while time.time() - start < seconds:
 
 def _uncontended(rounds: list[dict]) -> list[dict]:
     """The rounds all of whose probes (one after every timing in it, not only at its ends) read steady."""
-    from polypseg.experiments.bench import is_steady
 
     best = max(p for r in rounds for p in r["probes"])
-    return [r for r in rounds if is_steady(r["probes"], best)]
+    return [r for r in rounds if speed_phases.is_steady(r["probes"], best)]
 
 
 def _core_peaks(seconds: float) -> None:
@@ -489,7 +504,6 @@ def _probed_rounds(
     still decided by all their probes, the ones after each timing included. With ``minutes`` no
     round starts after that many minutes: fewer rounds, each of them whole.
     """
-    from polypseg.experiments.bench import speed_probe
 
     names = list(names)
     records = []
@@ -498,14 +512,14 @@ def _probed_rounds(
         start = time.perf_counter()
         if start > deadline:
             break
-        record: dict = {"round": r, "probes": [speed_probe()]}
+        record: dict = {"round": r, "probes": [speed_phases.speed_probe()]}
         while record["probes"][0] < wait_for and time.perf_counter() - start < max_wait_s:
-            record["probes"][0] = speed_probe()
+            record["probes"][0] = speed_phases.speed_probe()
         if wait_for:
             record["waited_s"] = round(time.perf_counter() - start, 1)
         for name in names:
             record.update(measure(name))
-            record["probes"].append(speed_probe())
+            record["probes"].append(speed_phases.speed_probe())
         print(json.dumps(record), flush=True)
         records.append(record)
     return records
@@ -514,7 +528,7 @@ def _probed_rounds(
 def contention(seconds: float, rounds: int, parts: str) -> None:
     if "cores" in parts:
         _core_peaks(seconds)
-    # inference first: training's keep_freed_cpu_memory is process-wide, and `predict` does not call it
+    # inference first: the training part's keep_freed_cpu_memory is process-wide, and `predict` does not call it
     if "infer" in parts:
         from polypseg.experiments.bench import benchmark, load_for_bench
 
@@ -532,9 +546,11 @@ def contention(seconds: float, rounds: int, parts: str) -> None:
         )
     if "train" in parts:
         from polypseg.core.config import get_recipe
-        from polypseg.experiments.bench import _TimedStep
+        from polypseg.core.devices import keep_freed_cpu_memory
+        from polypseg.experiments.bench_train import TimedStep
 
-        timers = {v: _TimedStep(get_recipe("paper"), torch.device("cpu"), v) for v in ("fp32-nchw", "bf16-cl")}
+        keep_freed_cpu_memory()  # as polypseg's training commands do
+        timers = {v: TimedStep(get_recipe("paper"), torch.device("cpu"), v) for v in ("fp32-nchw", "bf16-cl")}
         for timer in timers.values():
             timer.warm_up(2)
 
@@ -552,10 +568,11 @@ _STEP_WORKER = """
 import resource, sys, torch
 from polypseg.core.config import get_recipe
 from polypseg.core.devices import keep_freed_cpu_memory
-from polypseg.experiments.bench import _TimedStep
-timer = _TimedStep(get_recipe("paper"), torch.device("cpu"), sys.argv[1])
+from polypseg.experiments.bench_train import TimedStep
+kept = keep_freed_cpu_memory()  # as polypseg's training commands do, unless the environment chose malloc's settings
+timer = TimedStep(get_recipe("paper"), torch.device("cpu"), sys.argv[1])
 timer.warm_up(2)
-print("ready", int(keep_freed_cpu_memory()), flush=True)
+print("ready", int(kept), flush=True)
 for _ in sys.stdin:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     timer.run(1)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #11: does bf16 training on the CPU reach the accuracy of fp32? Fold 0 of the paper recipe,
+# Does bf16 training on the CPU reach the accuracy of fp32? Fold 0 of the paper recipe,
 # a few epochs at 256 px, fp32 and bf16 with the same seed and split, and bf16 with other seeds
 # on the same split to measure the seed-to-seed spread that the fp32-bf16 gap is judged against.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #11 on a CPU: training, inference and Grad-CAM speed per precision, side by side, one run.
+# Training, inference and Grad-CAM speed per precision on a CPU, side by side, one run.
 #
 #   bash benchmarks/cpu_precision.sh [CKPT|random]        # OUT_DIR=... (default: .)
 #
@@ -10,8 +10,8 @@
 # 3. bench --backend all at batch 1: torch fp32/bf16, onnxruntime fp32/int8, OpenVINO fp32/bf16/int8
 #    (bf16 rows only where the CPU has native bf16; OpenVINO only where installed), REPEATS
 #    repetitions in ROUNDS interleaved rounds;
-#    (1 and 3 also probe the bf16 matmul speed between rounds and, on a machine whose speed
-#    changed meanwhile, give the medians of the rounds run in its fast phase: "steady rounds")
+#    (on a host whose speed drifts, benchmarks/speed_phases.py repeats 1 and 3 with a matmul probe
+#    around every round and reports the rounds run in its fast phase)
 # 4. bench-explain: EXPLAIN_IMAGES Grad-CAM heatmaps in fp32 and bf16 (and, with a trained CKPT,
 #    their correlation), from EXPLAIN_DATA (default: the bundled sample), plus the forward-only
 #    engines in EXPLAIN_ENGINES (e.g. openvino-bf16,openvino-int8; default: none).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue #2's measurement: the paper recipe, 5 folds on all 1000 Kvasir-SEG images, random-init
-# encoder (no ImageNet weights can be had here), with the wall time of the whole command.
-# On the lent H100 (after benchmarks/prepare_gpu_carry.sh here; carry .whl and .gpucache):
+# The paper recipe, 5 folds on all 1000 Kvasir-SEG images, random-init encoder, with the wall time
+# of the whole command (target: under 3 minutes on one GPU).
+# On a GPU machine prepared with benchmarks/prepare_gpu_carry.sh (.whl and .gpucache copied along):
 #   source benchmarks/gpu_env.sh && bash benchmarks/cv_paper_gpu.sh [extra cv options]
 # Settings: benchmarks/common.sh. RUN (default $RUNS/paper-5fold) is resumed if it exists.
 # Small result files -> $RESULTS/paper-5fold/ (copy them to docs/runs/paper-5fold/).

@@ -1,4 +1,4 @@
-"""Grad-CAM heatmaps/s on the CPU: PyTorch (backward pass) against forward-only engines (issue #11).
+"""Grad-CAM heatmaps/s on the CPU: PyTorch (backward pass) against forward-only engines.
 
 Side by side in one process, interleaved batch by batch (so load from other work on a shared
 machine falls on every engine alike): torch fp32 and torch bf16 (SegmentationGradCAM, bf16

@@ -1,4 +1,4 @@
-# Sourced at the start of every command on the lent GPU machine (see docs/benchmarks.md):
+# Sourced at the start of every command on a GPU machine prepared by prepare_gpu_carry.sh:
 #   source benchmarks/gpu_env.sh
 # Installs the carried wheels into /tmp/site and puts polypseg's sources on the path.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

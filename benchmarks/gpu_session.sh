@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Every pending GPU measurement (docs/benchmarks.md) as one command that a lent machine can run
-# call after call, in priority order, within the device's 10-minute limit per command.
+# Every GPU measurement of docs/benchmarks.md as one command, run call after call on the same
+# machine, in priority order, each call within BUDGET_S seconds (for machines that limit a command's time).
 #
 # Here, once:        bash benchmarks/prepare_gpu_carry.sh
-# Before the calls:  bash benchmarks/weights_aside.sh out   (the tree + carry must stay under 64 MiB;
-#                    "back" after the last call, before any commit)
-# On the lent H100, with carry [".whl", ".gpucache"], the same command for every call:
+# Before the calls:  bash benchmarks/weights_aside.sh out   (a smaller copy to send; "back" after
+#                    the last call, before any commit)
+# On the GPU machine, with .whl and .gpucache copied along, the same command for every call:
 #   source benchmarks/gpu_env.sh && COMMIT=<sha> bash benchmarks/gpu_session.sh
-# Back here:         tar -xzf <files_at>/results.tar.gz -C docs/runs    (then update the docs)
+# Back on your machine: tar -xzf results.tar.gz -C docs/runs    (then update the docs)
 #
-# A step done earlier on this (still warm) machine is skipped, an interrupted CV run resumes, and a
+# A step done in an earlier call on the same machine is skipped, an interrupted CV run resumes, and a
 # step whose time estimate does not fit before the deadline (BUDGET_S seconds after the start,
 # default 540) is left for the next call, unless it would be the call's first step. After each
-# step, all small result files are packed into $OUT/results.tar.gz (the device brings back at
-# most 8 files) beside the log $OUT/session.log. A failed step does not stop the others.
+# step, all small result files are packed into one archive, $OUT/results.tar.gz, beside the log
+# $OUT/session.log. A failed step does not stop the others.
 #
 # STEPS (default: train-speed paper explain-speed speed-b1 int8-check skip-ablation speed-b256 levers):
 #   train-speed    train_speed_gpu.sh: training images/s of the recipes (predicts every run's time)

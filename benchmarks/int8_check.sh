@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue #4's int8 check with a fully trained model: the Dice change of the int8 onnxruntime model
+# The int8 check with a fully trained model: the Dice change of the int8 onnxruntime model
 # against fp32, for fold 0's best checkpoint of a finished CV run, calibrated on 64 of fold 0's
 # training images and validated on fold 0's held-out images (never seen in training). It runs on
-# the CPU (onnxruntime), so on the lent GPU machine it costs no GPU work:
+# the CPU (onnxruntime), so on a GPU machine it costs no GPU work:
 #   source benchmarks/gpu_env.sh && RUN=/tmp/runs/skip-ablation/with-skips bash benchmarks/int8_check.sh
 # The images come from KVASIR (default the carried 256 px cache), so Dice is scored at the cache's
 # resolution, not at each image's original size as in the 2-core CPU checks of docs/benchmarks.md.

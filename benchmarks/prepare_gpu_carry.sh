@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Prepare what a lent GPU machine needs and cannot fetch: the wheels it lacks and a compact
+# Prepare what a GPU machine without network access needs: the wheels it lacks and a compact
 # preprocessed data cache (the raw datasets stay here). Run here, once, from the repo root:
 #   bash benchmarks/prepare_gpu_carry.sh
-# Then each GPU call carries ".whl" and ".gpucache" (about 45 MB together, under the 64 MiB limit).
+# Then copy ".whl" and ".gpucache" (about 45 MB together) along with the work tree to the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/datasets}

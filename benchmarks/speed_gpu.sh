@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU inference speed at 256x256 (issue #4), one command on the lent H100:
+# GPU inference speed at 256x256, one command:
 #   batch 1:   eager PyTorch (bf16 autocast, channels-last) vs torch.compile "reduce-overhead"
 #              (CUDA graphs), measured in the same process;
 #   batch 256: eager vs torch.compile "max-autotune" (slow to compile: several minutes once).

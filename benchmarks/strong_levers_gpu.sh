@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #7's lever study: each lever's effect measured one at a time on fold 0 only (honest
+# The strong recipe's lever study: each lever's effect measured one at a time on fold 0 only (honest
 # selection: the other folds are not looked at until the recipe is fixed).
 #   source benchmarks/gpu_env.sh && bash benchmarks/strong_levers_gpu.sh [LEVER ...]
 # With no LEVER, all of them in the order below. SPLITS (default docs/runs/paper-5fold/splits.json,

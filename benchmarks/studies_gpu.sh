@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue #5's measurements: the skip-connection ablation and the external validation, for real.
-# On the lent H100 (after benchmarks/prepare_gpu_carry.sh here; carry .whl and .gpucache):
+# The skip-connection ablation and the external validation on the full datasets.
+# On a GPU machine prepared with benchmarks/prepare_gpu_carry.sh (.whl and .gpucache copied along):
 #   source benchmarks/gpu_env.sh && bash benchmarks/studies_gpu.sh
 # Anywhere else, with the datasets themselves:
 #   bash benchmarks/studies_gpu.sh --kvasir ../shared/datasets/kvasir-seg --cvc ../shared/datasets/cvc-clinicdb-test62

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Training speed of the recipes on the lent H100 (issues #2 and #7: the paper run's < 3 min and the
-# strong run's < 10 min both depend on it). Each row is `polypseg bench-train`: the real training
+# Training speed of the recipes on a GPU (the paper run's < 3 min and the strong run's < 10 min
+# targets both depend on it). Each row is `polypseg bench-train`: the real training
 # step (augmentation, bf16 forward/backward, fused optimizer, EMA) on random data on the GPU.
 #   source benchmarks/gpu_env.sh && bash benchmarks/train_speed_gpu.sh
 # Rows: paper; strong as defined (torch.compile); strong without compile; strong at batch 64.

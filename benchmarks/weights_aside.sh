@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The device tool sends the tracked tree plus what is carried, 64 MiB at most. The shipped weights
-# (49 MB) and .gpucache (31 MB) do not fit together, and no GPU step needs the shipped weights.
-# Before a GPU call:  bash benchmarks/weights_aside.sh out    (moves them out of the work tree)
-# After it:           bash benchmarks/weights_aside.sh back   (puts them back, checks their SHA-256)
-# "status" prints the size that a call would send. Never commit while the weights are aside.
+# Moves the shipped weights (49 MB) out of the work tree and back, so that a copy of the tree plus
+# .whl and .gpucache sent to a GPU machine stays small (no GPU step needs the shipped weights).
+#   bash benchmarks/weights_aside.sh out     (moves them out of the work tree)
+#   bash benchmarks/weights_aside.sh back    (puts them back, checks their SHA-256)
+#   bash benchmarks/weights_aside.sh status  (the size of that copy against a 64 MiB limit)
+# Never commit while the weights are aside.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WEIGHTS=src/polypseg/models/weights/kvasir-unet-r34.safetensors

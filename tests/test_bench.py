@@ -163,44 +163,11 @@ def test_bench_rounds_interleave_backends_and_pair_their_speedups(
         assert r["rounds"] == 2 and r["repeats"] == 5 and len(r["times_ms"]) == 5  # 3 + 2
         assert r["median_ms"] == pytest.approx(statistics.median(r["times_ms"]))
         assert r["first_backend"] == "torch" and r["speedup_vs_first"] > 0
+        assert len(r["round_median_ms"]) == 2
     assert rows[0]["speedup_vs_first"] == rows[1]["speedup_vs_first"] == 1.0  # each pipeline against its own torch row
     assert "vs torch (paired rounds)" in bench.bench_markdown(rows)
     with pytest.raises(bench.BenchError, match="--rounds 6"):
         bench.benchmark_backends(checkpoint, backend="torch", device="cpu", repeats=5, rounds=6)
-
-
-def test_bench_rounds_report_the_steady_rounds_of_a_drifting_machine(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from polypseg.experiments import bench
-
-    # probes before round 0 and after rounds 0, 1, 2, then the full peak: only round 0 is steady
-    readings = iter([2.0e12, 2.0e12, 0.5e12, 2.0e12, 1.5e12])
-    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: next(readings))
-    config = tiny_config(image_size=32)
-    checkpoint = save_checkpoint(tmp_path / "tiny", create_model(config.model).eval(), config)
-    [row] = bench.benchmark_backends(
-        checkpoint, backend="torch", device="cpu", repeats=6, warmup=1, rounds=3, pipeline="model"
-    )
-    assert row["round_probe_tflops"] == [2.0, 2.0, 0.5, 2.0] and row["steady_rounds"] == [0]
-    assert row["steady_median_ms"] == pytest.approx(statistics.median(row["times_ms"][:2]))  # round 0: 2 of 6
-    assert row["steady_images_per_s"] == pytest.approx(1000 / row["steady_median_ms"])
-    assert row["steady_speedup_vs_first"] == 1.0
-    assert "steady rounds (1 of 3): median ms, images/s, vs torch" in bench.bench_markdown([row])
-
-
-def test_bench_cli_warns_when_the_machine_drifts(monkeypatch: pytest.MonkeyPatch) -> None:
-    from polypseg.experiments import bench
-
-    readings = iter([2.0e12, 0.6e12, 2.0e12, 1.0e12])
-    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: next(readings))
-    args = ["bench", "--model", "random", "--backend", "torch", "--device", "cpu", "--image-size", "32"]
-    result = CliRunner().invoke(app, [*args, "--repeats", "4", "--warmup", "1", "--rounds", "2", "--pipeline", "model"])
-    assert result.exit_code == 0, result.output
-    flat = " ".join(result.output.split())
-    assert "warning: this machine's bf16 matmul speed changed between rounds (0.60-2.00 TFLOP/s" in flat
-    assert "[yellow]" not in flat
-    assert "0 of 2 rounds ran with it at >= 80% of its best" in flat and "steady median" not in flat
 
 
 def test_bench_cli_rejects_unknown_backend(tmp_path: Path) -> None:
@@ -210,7 +177,7 @@ def test_bench_cli_rejects_unknown_backend(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_training_speed_of_a_recipe_times_the_real_step(tmp_path):
-    from polypseg.experiments.bench import benchmark_training, training_markdown
+    from polypseg.experiments.bench_train import benchmark_training, training_markdown
 
     config = tiny_config(recipe="strong", image_size=32)  # EMA, crops, dice_bce: the full step
     config.train.batch_size = 4
@@ -228,14 +195,17 @@ def test_training_speed_of_a_recipe_times_the_real_step(tmp_path):
 
 @pytest.mark.slow
 def test_training_variants_side_by_side_with_flops_and_peak():
-    from polypseg.experiments.bench import CPU_VARIANTS, benchmark_training, forward_flops, training_markdown
+    from polypseg.experiments.bench_train import CPU_VARIANTS, benchmark_training, forward_flops, training_markdown
 
     config = tiny_config(image_size=32)
     config.train.batch_size = 2
     config.train.progressive_size, config.train.progressive_epochs = 16, 1
+    between: list[int] = []
     rows = benchmark_training(
-        config, device="cpu", steps=1, warmup=1, train_images=8, variants=CPU_VARIANTS, rounds=2, peak=True
-    )
+        config, device="cpu", steps=1, warmup=1, train_images=8, variants=CPU_VARIANTS, rounds=2, peak=True,
+        between_rounds=lambda: between.append(len(between)),
+    )  # fmt: skip
+    assert between == [0, 1, 2]  # before the first round and after each
     assert [r["variant"] for r in rows] == list(CPU_VARIANTS)
     assert [(r["precision"], r["channels_last"]) for r in rows] == [("fp32", False), ("fp32", True), ("bf16", True)]
     # speed-ups are paired per round against the first variant (itself exactly 1x)
@@ -248,90 +218,13 @@ def test_training_variants_side_by_side_with_flops_and_peak():
     for r in rows:
         assert r["train_gflop_per_image"] == pytest.approx(3 * forward_flops(config) / 1e9)
         assert r["matmul_peak_bf16_tflops"] > 0 and r["fraction_of_bf16_peak"] > 0
-        assert len(r["round_probe_tflops"]) == 3 and max(r["round_probe_tflops"]) <= r["matmul_peak_bf16_tflops"]
+        assert r["matmul_peak_fp32_tflops"] > 0 and "round_probe_tflops" not in r  # no probes without a hook
         assert r["progressive_size"] == 16 and r["progressive_step_ms"] > 0
         # 1 epoch at 16 px and 0 at 32 (epochs=1): the run estimate is the small step's
         assert r["run_minutes"] == pytest.approx(4 * r["progressive_step_ms"] / 1000 / 60)
     table = training_markdown(rows)
     assert "bf16-cl" in table and "of bf16 peak" in table and "NCHW" in table and "channels-last" in table
     assert "vs fp32-nchw (paired rounds)" in table
-
-
-def test_steady_rounds_are_those_between_two_fast_probes():
-    from polypseg.experiments.bench import steady_rounds
-
-    # round r lies between probes r and r + 1; fast = at least 0.8 x 2.0 = 1.6
-    assert steady_rounds([2.0, 1.9, 0.8, 1.7, 1.6], peak=2.0) == [0, 3]
-    assert steady_rounds([2.0, 1.59], peak=2.0) == []
-    assert steady_rounds([1.0, 1.0, 1.0], peak=2.0, fraction=0.5) == [0, 1]
-    assert steady_rounds([2.0], peak=2.0) == []  # no round timed
-
-
-def test_a_timing_is_steady_only_when_every_probe_around_it_is():
-    from polypseg.experiments.bench import is_steady
-
-    assert is_steady([1.6, 2.0, 1.7], peak=2.0)
-    assert not is_steady([2.0, 1.59, 2.0], peak=2.0)  # one slow probe inside is enough
-    assert is_steady([1.0], peak=2.0, fraction=0.5)
-
-
-def test_steady_columns_show_only_when_the_probes_drifted_and_every_row_has_its_figure():
-    from polypseg.experiments.bench import shows_steady_columns
-
-    drifting = {"round_probe_tflops": [2.0, 0.5], "matmul_peak_bf16_tflops": 2.0, "steady_ms": 1.0}
-    steady = {**drifting, "round_probe_tflops": [2.0, 1.9]}
-    assert shows_steady_columns([drifting, {"steady_ms": 2.0}], "steady_ms")
-    assert not shows_steady_columns([drifting, {}], "steady_ms")  # a row without the figure
-    assert not shows_steady_columns([steady, {"steady_ms": 2.0}], "steady_ms")  # nothing drifted
-
-
-@pytest.mark.slow
-def test_bench_train_reports_the_rounds_run_in_the_machines_fast_phase(monkeypatch):
-    """A drifting machine (scripted matmul probes): steady figures are the medians of the steady rounds only."""
-    import polypseg.experiments.bench as bench
-
-    # probes before round 0 and after rounds 0, 1, 2; then the full bf16 and fp32 peaks
-    readings = iter([2.0e12, 1.9e12, 0.5e12, 2.0e12, 1.8e12, 0.3e12])
-    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: next(readings))
-    config = tiny_config(image_size=32)
-    config.train.batch_size = 2
-    rows = bench.benchmark_training(
-        config, device="cpu", steps=1, warmup=1, train_images=8, variants=("fp32-nchw", "fp32-cl"), rounds=3, peak=True
-    )
-    first, second = rows
-    for row in rows:
-        assert row["round_probe_tflops"] == [2.0, 1.9, 0.5, 2.0]
-        assert row["matmul_peak_bf16_tflops"] == 2.0  # the best probe beats the full measurement (1.8)
-        assert row["steady_rounds"] == [0]  # round 1 ends and round 2 starts at 0.5
-        assert row["steady_step_ms"] == row["round_step_ms"][0]
-    assert second["steady_speedup_vs_first"] == pytest.approx(first["round_step_ms"][0] / second["round_step_ms"][0])
-    assert bench.drifted(first)
-    assert "steady rounds (1 of 3): step ms, vs fp32-nchw" in bench.training_markdown(rows)
-    # a steady machine: no steady column, nothing to warn about
-    readings = iter([2.0e12, 1.9e12, 2.0e12, 1.9e12, 0.3e12])
-    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: next(readings))
-    rows = bench.benchmark_training(
-        config, device="cpu", steps=1, warmup=1, train_images=8, variants=("fp32-nchw", "fp32-cl"), rounds=2, peak=True
-    )
-    assert rows[0]["steady_rounds"] == [0, 1] and not bench.drifted(rows[0])
-    assert "steady rounds" not in bench.training_markdown(rows)
-
-
-@pytest.mark.slow
-def test_bench_train_cli_names_the_drift_and_the_steady_rounds(monkeypatch):
-    import polypseg.experiments.bench as bench
-
-    readings = iter([2.0e12, 2.0e12, 0.7e12, 1.9e12, 0.3e12])
-    monkeypatch.setattr(bench, "matmul_peak", lambda *args, **kwargs: next(readings))
-    args = ["bench-train", "--recipe", "demo", "--image-size", "32", "--batch-size", "2", "--steps", "1"]
-    args += ["--warmup", "1", "--device", "cpu", "--variants", "fp32-nchw,fp32-cl", "--rounds", "2"]
-    args += ["--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16,16,16,16,16]"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    flat = " ".join(result.output.split())
-    assert "warning: this machine's bf16 matmul speed changed between rounds (0.70-2.00 TFLOP/s" in flat
-    assert "[yellow]" not in flat  # a warning line, not markup printed as text
-    assert "1 of 2 rounds ran with it at >= 80% of its best: fp32-nchw" in flat and "(1.00x), fp32-cl" in flat
 
 
 @pytest.mark.slow
@@ -403,7 +296,7 @@ def test_bench_train_cli_defaults_to_the_cpu_variants_and_rejects_unknown_ones(t
 
 @pytest.mark.slow
 def test_training_breakdown_accounts_for_every_part_of_an_epoch():
-    from polypseg.experiments.bench import breakdown_markdown, training_breakdown
+    from polypseg.experiments.bench_train import breakdown_markdown, training_breakdown
 
     config = tiny_config(recipe="strong", image_size=32)  # EMA on: every phase exists
     config.train.batch_size = 2
@@ -427,7 +320,7 @@ def test_training_breakdown_accounts_for_every_part_of_an_epoch():
 def test_gradcam_benchmark_times_each_precision_and_compares_heatmaps(tiny_cv_run):
     from polypseg.data.datasets import build_cache
     from polypseg.data.sample_data import sample_dataset_path
-    from polypseg.experiments.bench import benchmark_gradcam
+    from polypseg.experiments.bench_explain import benchmark_gradcam
     from polypseg.models.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(tiny_cv_run / "fold_0" / "best")
@@ -471,7 +364,7 @@ def test_gradcam_benchmark_engine_rows_match_torch_fp32():
     """A forward-only engine row (closed-form head gradient) gives torch fp32's heatmaps: correlation ~1."""
     import numpy as np
 
-    from polypseg.experiments.bench import benchmark_gradcam, gradcam_markdown
+    from polypseg.experiments.bench_explain import benchmark_gradcam, gradcam_markdown
     from polypseg.models.factory import create_model
 
     torch.manual_seed(0)
@@ -510,7 +403,7 @@ def test_random_model_is_made_and_exported_once_per_workdir_outside_the_users_ca
 
 def test_a_heatmap_that_lost_fp32s_prediction_counts_as_no_agreement() -> None:
     """Correlation with fp32: an empty (flat) map where fp32 found something scores 0, not skipped."""
-    from polypseg.experiments.bench import _correlation
+    from polypseg.experiments.bench_explain import _correlation
 
     reference = np.array([0.0, 0.2, 0.9, 0.4])
     assert _correlation(reference, reference * 3) == pytest.approx(1.0)

@@ -1,10 +1,10 @@
-"""The GPU measurement scripts, smoke-run on the CPU with tiny data so they work when a GPU is lent.
+"""The GPU measurement scripts, smoke-run on the CPU with tiny data, so they work on their first GPU run.
 
 No timing is checked here (timings are measured, never asserted), and nothing depends on the
 machine's speed: the smoke run has no time budget (``BUDGET_S=inf``), so every step runs however
 loaded the machine is, and the budget rule is tested on the script's simulated clock (``PLAN=1``).
 What is checked is that every step runs, resumes, skips what is done and packs its small result
-files for the device to bring back.
+files into one archive.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ TINY_SETS = " ".join(
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar"),
-    pytest.mark.slow,  # the benchmark scripts, run end to end: the smoke session alone takes minutes
+    pytest.mark.slow,  # the benchmark scripts, run end to end: the smoke run of gpu_session.sh alone takes minutes
 ]
 
 

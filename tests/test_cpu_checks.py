@@ -57,10 +57,8 @@ def test_summaries_pair_each_round_and_keep_the_uncontended_ones(cpu_checks, cap
 
 
 def test_rounds_wait_for_a_fast_probe_when_asked(cpu_checks, monkeypatch, capsys):
-    import polypseg.experiments.bench as bench
-
     readings = iter([0.5, 0.7, 1.8, 1.9, 2.0, 0.6, 1.7, 1.6, 0.4])
-    monkeypatch.setattr(bench, "speed_probe", lambda: next(readings))
+    monkeypatch.setattr(cpu_checks.speed_phases, "speed_probe", lambda: next(readings))
     timed = []
 
     def measure(name: str) -> dict:
@@ -83,9 +81,7 @@ def test_rounds_wait_for_a_fast_probe_when_asked(cpu_checks, monkeypatch, capsys
 def test_no_round_starts_after_the_minutes_given(cpu_checks, monkeypatch):
     import itertools
 
-    import polypseg.experiments.bench as bench
-
-    monkeypatch.setattr(bench, "speed_probe", lambda: 1.0)
+    monkeypatch.setattr(cpu_checks.speed_phases, "speed_probe", lambda: 1.0)
     clock = itertools.count(0.0, 30.0)  # each reading of the clock 30 s later than the last
     monkeypatch.setattr(cpu_checks.time, "perf_counter", lambda: next(clock))
     rounds = cpu_checks._probed_rounds(10, ["a"], lambda name: {"a_ms": 1.0}, minutes=1)

@@ -89,28 +89,56 @@ def test_nothing_is_set_off_glibc(fake_glibc, monkeypatch):
     assert not keep_freed_cpu_memory() and fake_glibc.calls == []
 
 
-def test_a_cpu_training_step_keeps_freed_memory(monkeypatch):
+def test_library_calls_leave_the_allocator_alone(monkeypatch):
+    """A training step and Grad-CAM built in a notebook or a server do not change the process's malloc."""
+    from polypseg.core import devices
+    from polypseg.explain import gradcam
+    from polypseg.models.factory import create_model
     from polypseg.training import loop
 
     from helpers import tiny_config
 
     calls = []
-    monkeypatch.setattr(loop, "keep_freed_cpu_memory", lambda: calls.append(1))
+    monkeypatch.setattr(devices, "keep_freed_cpu_memory", lambda: calls.append(1))
+    for module in (loop, gradcam):
+        assert not hasattr(module, "keep_freed_cpu_memory")  # not imported, so not called
     loop.TrainStep(tiny_config(image_size=32), torch.device("cpu"))
-    assert calls == [1]
-
-
-def test_cpu_grad_cam_keeps_freed_memory(monkeypatch):
-    from polypseg.explain import gradcam
-    from polypseg.models.factory import create_model
-
-    from helpers import tiny_config
-
-    calls = []
-    monkeypatch.setattr(gradcam, "keep_freed_cpu_memory", lambda: calls.append(1))
     with gradcam.SegmentationGradCAM(create_model(tiny_config().model).eval()):
         pass
-    assert calls == [1]
+    assert calls == []
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cpu", [1]), ("auto", [1] if not torch.cuda.is_available() else [])])
+def test_the_cli_keeps_freed_memory_on_a_cpu(monkeypatch, device, expected):
+    from polypseg.cli.common import keep_freed_memory_on_cpu
+    from polypseg.core import devices
+
+    calls = []
+    monkeypatch.setattr(devices, "keep_freed_cpu_memory", lambda: calls.append(1))
+    keep_freed_memory_on_cpu(device)
+    keep_freed_memory_on_cpu("cuda:7")  # not a device here: the command names it, nothing is set
+    assert calls == expected
+
+
+def test_training_and_explain_commands_opt_in(monkeypatch, tmp_path):
+    """polypseg train, cv and explain turn the setting on before their work starts."""
+    from typer.testing import CliRunner
+
+    from polypseg.cli.main import app
+    from polypseg.core import devices
+
+    calls = []
+    monkeypatch.setattr(devices, "keep_freed_cpu_memory", lambda: calls.append("set"))
+    # stop each command right after the opt-in: its library call fails on a missing dataset
+    missing = str(tmp_path / "no-such-data")
+    for args in (
+        ["train", "--out", str(tmp_path / "t"), "--data", missing, "--recipe", "demo", "--device", "cpu"],
+        ["cv", "--out", str(tmp_path / "c"), "--data", missing, "--recipe", "demo", "--device", "cpu"],
+        ["explain", missing, "--out", str(tmp_path / "e"), "--device", "cpu"],
+    ):
+        calls.clear()
+        CliRunner().invoke(app, args)
+        assert calls == ["set"], args
 
 
 _FAULTS_SCRIPT = """

@@ -202,7 +202,7 @@ def test_explain_cvc_tiff_layout(checkpoint: Path, tmp_path: Path, shared_datase
 
 
 def test_explain_odd_names_in_csv_html_and_figures(checkpoint: Path, tmp_path: Path) -> None:
-    """The issue: a non-UTF-8 file name crashed explain (matplotlib TypeError; metrics.csv,
+    """A non-UTF-8 file name once crashed explain (matplotlib TypeError; metrics.csv,
     summary.json and the gallery lost) and CJK names leaked missing-glyph warnings."""
     import os
 

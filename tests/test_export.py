@@ -152,7 +152,7 @@ def test_cache_is_keyed_by_content_not_by_size_or_time(
     assert cached_onnx(checkpoint) == source_onnx  # same content, other path: the same export
     assert source_onnx.stat().st_mtime_ns == stamp  # reused, not re-exported
 
-    # The case: weights replaced by random bytes, size and modification time restored.
+    # A content change that size and modification time hide: weights replaced by random bytes, both restored.
     stat = checkpoint.stat()
     checkpoint.write_bytes(os.urandom(stat.st_size))
     os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))

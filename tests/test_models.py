@@ -222,3 +222,25 @@ def test_imagenet_weights_come_from_local_cache_when_offline(tmp_path, monkeypat
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     model = create_model(encoder="resnet18", encoder_weights="imagenet")
     assert torch.all(model.encoder.conv1.weight == 0.125)
+
+
+def test_checking_a_model_config_allocates_and_loads_no_weights(monkeypatch, tmp_path):
+    """Option validation builds the architecture on the meta device only, and reads no weights file."""
+    from polypseg.core.config import ConfigError, ModelConfig
+    from polypseg.models import factory
+
+    built = []
+    real = factory.create_model
+
+    def spy(config, **overrides):
+        model = real(config, **overrides)
+        built.append({parameter.device.type for parameter in model.parameters()})
+        return model
+
+    monkeypatch.setattr(factory, "create_model", spy)
+    unreadable = tmp_path / "r34.pth"
+    unreadable.write_bytes(b"not a state dict")  # loading it would fail: the check must not load it
+    factory.check_model_config(ModelConfig(encoder_weights=str(unreadable)))
+    assert built == [{"meta"}]
+    with pytest.raises(ConfigError, match="invalid model settings: .*decoder_channels"):
+        factory.check_model_config(ModelConfig(decoder_channels=(16, 16, 16)))

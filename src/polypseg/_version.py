@@ -21,7 +21,7 @@ def source_commit() -> str | None:
     """The git commit of the source tree polypseg runs from (an editable install in a checkout), with
     ``-dirty`` when tracked files differ from it; None for an installed wheel or without git.
 
-    A run of hours spans sessions and commits: each invocation records which code ran it.
+    A run of hours spans several invocations and commits: each invocation records which code ran it.
     """
     import os
     import subprocess

@@ -60,3 +60,19 @@ def write_json(path: Path, data: Any, option: str) -> None:
         atomic_write_json(path, data)
     except OSError as error:
         raise UsageError(f"{option} {path}: cannot write it ({error.strerror or error})") from None
+
+
+def keep_freed_memory_on_cpu(device: str) -> None:
+    """On a CPU, let glibc keep freed memory for reuse for the rest of this command
+    (:func:`polypseg.core.devices.keep_freed_cpu_memory`): training steps and Grad-CAM batches then
+    reuse their large blocks instead of page-faulting them in every time. The training, Grad-CAM and
+    their benchmark commands opt in; library calls never change the allocator themselves."""
+    from polypseg.core.devices import DeviceError, keep_freed_cpu_memory
+    from polypseg.core.devices import resolve_device as resolve
+
+    try:
+        on_cpu = resolve(device).type == "cpu"
+    except DeviceError:
+        return  # the command names the bad --device itself, in its own order of checks
+    if on_cpu:
+        keep_freed_cpu_memory()

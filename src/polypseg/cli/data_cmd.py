@@ -13,7 +13,7 @@ SHOWN_PER_KIND = 10
 
 
 def register(app: typer.Typer) -> None:
-    data_app = typer.Typer(help="Check, download and preprocess datasets.", no_args_is_help=True)
+    data_app = typer.Typer(help="Check, download and preprocess datasets.", no_args_is_help=True, rich_markup_mode=None)
     app.add_typer(data_app, name="data")
 
     @data_app.command("check")

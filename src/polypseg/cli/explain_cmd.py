@@ -1,5 +1,5 @@
 """``polypseg explain`` and ``polypseg bench-explain``: options in, :func:`polypseg.explain.files.explain_files` and
-:func:`polypseg.experiments.bench.benchmark_gradcam` do the work, results printed."""
+:func:`polypseg.experiments.bench_explain.benchmark_gradcam` do the work, results printed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from polypseg.cli.common import UsageError, console, say, warn, write_json
+from polypseg.cli.common import UsageError, console, keep_freed_memory_on_cpu, say, warn, write_json
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -119,6 +119,7 @@ def register(app: typer.Typer) -> None:
         """
         from polypseg.explain.files import explain_files
 
+        keep_freed_memory_on_cpu(device)
         summary = explain_files(
             inputs or [], out, model, masks, layer, method, threshold, device, batch_size,
             heatmap_format, gallery, fold, topk, deletion_steps, precision, engine=engine, warn=warn, say=say,
@@ -160,7 +161,7 @@ def register(app: typer.Typer) -> None:
         from polypseg.cli.common import resolve_device
         from polypseg.core.precision import check_precision
         from polypseg.data.inputs import check_output_path
-        from polypseg.experiments.bench import benchmark_gradcam, gradcam_markdown
+        from polypseg.experiments.bench_explain import benchmark_gradcam, gradcam_markdown
 
         if json_path is not None:
             check_output_path(json_path, "--json")
@@ -186,6 +187,7 @@ def register(app: typer.Typer) -> None:
             checkpoint = load_checkpoint(pick_checkpoint(resolve_model(model), None))
             net, size = checkpoint.model, checkpoint.config.train.image_size
             pixels = build_cache(data or sample_dataset_path(), size, progress=False).images
+        keep_freed_memory_on_cpu(device)
         with console.status(f"timing {images} Grad-CAM heatmaps per setting ({', '.join(chosen + engine_specs)})"):
             rows = benchmark_gradcam(
                 net,

@@ -18,33 +18,15 @@ from polypseg._version import __version__
 from polypseg.cli.common import console
 from polypseg.errors import PolypsegError
 
-
-def _no_type_label_for_flags() -> None:
-    """typer 0.29 prints a type label (``<bool>``) after every flag in the rich help, ``--help``
-    included, as if the flag took a value; typer 0.28 and plain click print none. Print none."""
-    from typer.core import TyperOption
-
-    original = getattr(TyperOption, "display_type_rich", None)
-    if original is None or getattr(original, "_polypseg_flags_patched", False):
-        return  # a typer without this method (<= 0.28) labels flags correctly
-
-    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
-        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
-            return None  # --flag and --flag/--no-flag take no value
-        return original(self, ctx)
-
-    display_type_rich._polypseg_flags_patched = True  # type: ignore[attr-defined]
-    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
-
-
-_no_type_label_for_flags()
-
 app = typer.Typer(
     name="polypseg",
     help="Explainable polyp segmentation: train, cross-validate, explain, predict, export, report, serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help layout: flags print no value after them, help text is taken literally (no
+    # markup to escape), and it reads the same in a terminal, a pipe and a log. Sub-apps set it too.
+    rich_markup_mode=None,
 )
 
 # Each module defines ``register(app)``; a module whose optional dependencies are missing
@@ -103,7 +85,8 @@ def main() -> None:
         # boxed panel under the usage text.
         code = app(standalone_mode=False, prog_name="polypseg")
     except _ClickError as error:
-        if type(error).__name__ == "NoArgsIsHelpError":  # the help is printed already
+        if type(error).__name__ == "NoArgsIsHelpError":  # a group called without a command: its help
+            error.show()
             sys.exit(error.exit_code)
         from rich.markup import escape
 

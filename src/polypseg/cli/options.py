@@ -114,11 +114,9 @@ def build_config(
 
         validate_config(config, labels=OPTION_LABELS)
         check_model_config(config.model)
-        if config.train.init_from != "none":  # fail before the data is read, not after
-            from polypseg.models.factory import create_model
-            from polypseg.training.loop import load_initial_weights
+        from polypseg.training.init_source import init_checkpoint
 
-            load_initial_weights(create_model(config.model), config)
+        init_checkpoint(config)  # a bad --init fails before the data is read, from its metadata alone
         return config
     except ConfigError as error:
         raise UsageError(str(error)) from None

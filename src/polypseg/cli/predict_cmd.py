@@ -54,17 +54,11 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
     )
     for column in ("backend", "precision", "mode", "pipeline"):
         table.add_column(column, overflow="fold")  # full backend names, even on an 80-column pipe
-    from polypseg.experiments.bench import drift_warning, drifted, shows_steady_columns
-
     paired = all("speedup_vs_first" in row for row in rows)
-    steady = paired and shows_steady_columns(rows, "steady_median_ms")
     for column in ("p10 ms", "median ms", "p90 ms", "images/s") + (
         (f"vs {rows[0]['first_backend']}",) if paired else ()
     ):
         table.add_column(column, justify="right")
-    if steady:
-        for column in ("steady median ms", "steady images/s"):
-            table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
             row["backend"],
@@ -76,11 +70,8 @@ def _print_bench(rows: list[dict[str, Any]], batch_size: int, repeats: int) -> N
             f"{row['p90_ms']:.2f}",
             f"{row['images_per_s']:.1f}",
             *((f"{row['speedup_vs_first']:.2f}x",) if paired else ()),
-            *((f"{row['steady_median_ms']:.2f}", f"{row['steady_images_per_s']:.1f}") if steady else ()),
         )
     console.print(table)
-    if paired and drifted(rows[0]):
-        warn(drift_warning(rows[0]) + (" (the steady columns)" if steady else ""))
 
 
 def register(app: typer.Typer) -> None:
@@ -104,7 +95,7 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option(
             "auto",
             "--backend",
-            help="auto (torch on CUDA; on CPU OpenVINO if installed, else onnxruntime), torch, onnxruntime, or openvino (CPU; pip install 'polypseg\\[openvino]').",
+            help="auto (torch on CUDA; on CPU OpenVINO if installed, else onnxruntime), torch, onnxruntime, or openvino (CPU; pip install 'polypseg[openvino]').",
         ),
         precision: str = typer.Option(
             "auto",
@@ -255,7 +246,7 @@ def register(app: typer.Typer) -> None:
             "auto",
             "--backend",
             help="auto (what predict uses: torch on CUDA; on CPU OpenVINO if installed, else onnxruntime, in int8 where validated, else bf16 where native), torch, torch-bf16, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, openvino-int8 "
-            "(OpenVINO: pip install 'polypseg\\[openvino]'), or all (every one installed; bf16 where the CPU has it).",
+            "(OpenVINO: pip install 'polypseg[openvino]'), or all (every one installed; bf16 where the CPU has it).",
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         compile: str = typer.Option(
@@ -270,8 +261,7 @@ def register(app: typer.Typer) -> None:
             1,
             "--rounds",
             help="Split --repeats into this many rounds that visit every backend in turn (all loaded at once), "
-            "with speed-ups paired per round: for CPUs whose speed drifts. On a CPU a quick matmul probe between "
-            "rounds also finds the rounds run in the machine's fast phase (the steady columns, when its speed changed).",
+            "with speed-ups paired per round: for CPUs whose speed drifts.",
         ),
         image_size: int = typer.Option(256, "--image-size", help="Input size for --model random."),
         pipeline: str = typer.Option("both", "--pipeline", help="model, end-to-end (from uint8 on the host), or both."),
@@ -298,16 +288,16 @@ def register(app: typer.Typer) -> None:
             with console.status("benchmarking") as status:
                 rows = benchmark_backends(
                     model,
-                    batch_size,
-                    backend,
-                    device,
-                    compile,
-                    compare_eager,
-                    repeats,
-                    warmup,
-                    image_size,
-                    pipeline,
-                    calibration,
+                    batch_size=batch_size,
+                    backend=backend,
+                    device=device,
+                    compile=compile,
+                    compare_eager=compare_eager,
+                    repeats=repeats,
+                    warmup=warmup,
+                    image_size=image_size,
+                    pipeline=pipeline,
+                    calibration=calibration,
                     step=status.update,
                     rounds=rounds,
                 )

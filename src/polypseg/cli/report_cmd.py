@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from polypseg.cli.common import UsageError, console
+from polypseg.cli.common import UsageError, console, keep_freed_memory_on_cpu
 from polypseg.cli.options import (
     DATA_HELP,
     CacheOpt,
@@ -171,7 +171,9 @@ def register(app: typer.Typer) -> None:
         _evaluate(model, data, out, device, cache_dir, progress, tta)
 
     study = typer.Typer(
-        help="The paper's proposed studies, each one resumable command (see docs/studies.md).", no_args_is_help=True
+        help="The paper's proposed studies, each one resumable command (see docs/studies.md).",
+        no_args_is_help=True,
+        rich_markup_mode=None,  # as the main app: plain help
     )
     app.add_typer(study, name="study")
 
@@ -201,6 +203,7 @@ def register(app: typer.Typer) -> None:
         config = RecipeChoices(
             recipe, encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides
         ).build(base)
+        keep_freed_memory_on_cpu(device)
         run_skip_ablation(
             data_or_sample(data),
             out,
@@ -249,6 +252,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--encoder-weights {encoder_weights}: not 'imagenet' or an existing file")
         base, saved_seed, saved_folds = _resumed_study(out / "imagenet", resume)
         config = RecipeChoices(recipe, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides).build(base)
+        keep_freed_memory_on_cpu(device)
         run_encoder_init(
             data_or_sample(data),
             out,
@@ -289,6 +293,7 @@ def register(app: typer.Typer) -> None:
         config = RecipeChoices(
             recipe, encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides
         ).build(base)
+        keep_freed_memory_on_cpu(device)
         run_pranet(data, test_list, out, config, resume=resume, device=device, progress=progress, cache_dir=cache_dir)
         _print_study(out / "pranet.md")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from polypseg.cli.common import UsageError, console, fail, warn, write_json
+from polypseg.cli.common import UsageError, console, fail, keep_freed_memory_on_cpu, write_json
 from polypseg.cli.options import (
     DATA_HELP,
     BatchOpt,
@@ -108,6 +108,7 @@ def register(app: typer.Typer) -> None:
             # Given with --resume, the result is checked against the saved config by run_cv.
             config = choices.build(saved or "paper")
         _say_precision(config or saved or get_recipe("paper"), device)
+        keep_freed_memory_on_cpu(device)
         if config is not None and config.train.init_from != "none":
             console.print(
                 f"[yellow]note:[/] every fold starts from {escape(config.train.init_from)}: if it was trained on any "
@@ -189,8 +190,7 @@ def register(app: typer.Typer) -> None:
         peak: bool = typer.Option(
             True,
             "--peak/--no-peak",
-            help="Also measure this machine's bf16/fp32 matmul peak and report the model's fraction of it; on a CPU, "
-            "probe it between rounds too and report the rounds run in the machine's fast phase (steady rounds).",
+            help="Also measure this machine's bf16/fp32 matmul peak and report the model's fraction of it.",
         ),
         breakdown: bool = typer.Option(
             False,
@@ -208,14 +208,7 @@ def register(app: typer.Typer) -> None:
         """
         from polypseg.cli.common import resolve_device
         from polypseg.data.inputs import check_output_path
-        from polypseg.experiments.bench import (
-            CPU_VARIANTS,
-            TRAIN_VARIANTS,
-            benchmark_training,
-            drift_warning,
-            drifted,
-            training_markdown,
-        )
+        from polypseg.experiments.bench_train import CPU_VARIANTS, TRAIN_VARIANTS, benchmark_training, training_markdown
 
         if json_path is not None:
             check_output_path(json_path, "--json")
@@ -223,11 +216,14 @@ def register(app: typer.Typer) -> None:
             recipe or "paper", batch_size=batch_size, image_size=image_size, overrides=overrides, precision=precision
         )
         torch_device = resolve_device(device)
+        keep_freed_memory_on_cpu(device)  # time the step as polypseg train and cv run it
         if breakdown:
-            from polypseg.experiments.bench import breakdown_markdown, training_breakdown
+            from polypseg.experiments.bench_train import breakdown_markdown, training_breakdown
 
             with console.status(f"timing the parts of an epoch of recipe '{config.train.recipe}'"):
-                result = training_breakdown(config, torch_device, steps=steps, warmup=warmup, train_images=train_images)
+                result = training_breakdown(
+                    config, device=torch_device, steps=steps, warmup=warmup, train_images=train_images
+                )
             console.print(
                 f"{result['device_name']}, {result['precision']}, {result['threads']} threads", highlight=False
             )
@@ -248,7 +244,7 @@ def register(app: typer.Typer) -> None:
         ):
             rows = benchmark_training(
                 config,
-                torch_device,
+                device=torch_device,
                 steps=steps,
                 warmup=warmup,
                 train_images=train_images,
@@ -276,14 +272,6 @@ def register(app: typer.Typer) -> None:
                 soft_wrap=True,
             )
         console.print(f"on {rows[0]['device_name']} {rows[0]['cpu_flags']}".rstrip(), highlight=False, soft_wrap=True)
-        if drifted(rows[0]):
-            note = drift_warning(rows[0])
-            if rows[0]["steady_rounds"]:
-                note += ": " + ", ".join(
-                    f"{row['variant']} {row['steady_step_ms']:.1f} ms ({row['steady_speedup_vs_first']:.2f}x)"
-                    for row in rows
-                )
-            warn(note)
         if json_path is not None:
             write_json(json_path, rows, "--json")
         if markdown:
@@ -332,6 +320,7 @@ def register(app: typer.Typer) -> None:
         saved = _saved_config(out) if resume else None
         config = RecipeChoices.of(locals()).build(saved or "paper")
         _say_precision(config, device)
+        keep_freed_memory_on_cpu(device)
         result = train_single_split(
             data_or_sample(data),
             out,

@@ -84,7 +84,12 @@ def keep_freed_cpu_memory() -> bool:
     1.33x in fp32, Grad-CAM 1.61x in fp32, on a 2-core Xeon, for a peak resident memory 3% (bf16) to
     13% (fp32) higher, kept for the life of the process (``python benchmarks/cpu_checks.py malloc``,
     docs/benchmarks.md). This is what jemalloc or tcmalloc loaded with ``LD_PRELOAD`` give, without
-    a system package. Called by CPU training steps and CPU Grad-CAM.
+    a system package.
+
+    An explicit opt-in, because it changes the allocator of the whole process: ``polypseg train``,
+    ``cv``, ``study``, ``explain`` and the ``bench-*`` commands call it on a CPU; library calls never
+    do. In a notebook or your own training script, call it once before training or explaining on a
+    CPU; leave it off in a long-lived server that should give memory back.
 
     Process-wide, once; a no-op off glibc and where the environment already chooses an allocator or
     glibc's malloc settings (``LD_PRELOAD``, ``MALLOC_*_``, ``GLIBC_TUNABLES`` with ``malloc``).

@@ -121,7 +121,7 @@ class _WallClock:
             {
                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "seconds": 0.0,
-                **(machine or {}),  # a run of hours spans sessions: each invocation says what ran it
+                **(machine or {}),  # a run of hours spans several invocations: each says what ran it
             }
         ]
         self.tick()

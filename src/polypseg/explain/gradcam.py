@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polypseg.core.devices import keep_freed_cpu_memory
 from polypseg.core.precision import autocast
 from polypseg.errors import PolypsegError
 from polypseg.inference.inferer import ImageBatch, batch_slices, model_input
@@ -242,9 +241,6 @@ class SegmentationGradCAM:
         self.model = model
         self.method = method
         self.score_batch_size = score_batch_size
-        parameter = next(model.parameters(), None)
-        if parameter is not None and parameter.device.type == "cpu":
-            keep_freed_cpu_memory()  # a batch's forward and backward without page faults (see its docstring)
         self._tap = resolve_layer(model, layer)
         self._activation: torch.Tensor | None = None
         self._calls = 0

@@ -99,15 +99,22 @@ def available_models() -> list[str]:
 
 
 def check_model_config(config: ModelConfig) -> None:
-    """Build the model once to fail before any work: unknown arch, encoder or attention, unreachable weights.
+    """Fail before any work on an unknown arch, encoder or attention, decoder settings the
+    architecture refuses, unreachable ImageNet weights or a missing weights file.
 
-    Raises :class:`ConfigError` with a one-line message.
+    The architecture is checked by building it on PyTorch's ``meta`` device: module shapes only, no
+    memory for weights and nothing loaded (a weights file's tensors are checked when training loads
+    them; that it exists, by :func:`polypseg.core.config.validate_config`). Raises :class:`ConfigError`
+    with a one-line message.
     """
     try:
-        create_model(config)
+        with torch.device("meta"):
+            create_model(config, encoder_weights="none")
     except (ValueError, KeyError) as error:
         message = str(error.args[0]) if error.args else str(error)
         raise ConfigError(f"invalid model settings: {message[:300]}") from None
+    if config.encoder_weights == "imagenet":
+        _fail_fast_if_weights_unreachable(config.encoder)
 
 
 def create_model(config: ModelConfig | None = None, **overrides: Any) -> nn.Module:

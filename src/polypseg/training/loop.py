@@ -25,7 +25,7 @@ from torch import nn
 
 from polypseg.core.clock import Stopwatch
 from polypseg.core.config import OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, TrainConfig
-from polypseg.core.devices import keep_freed_cpu_memory, resolve_device
+from polypseg.core.devices import resolve_device
 from polypseg.core.io_utils import atomic_write_json, read_json, remove_stale_temps
 from polypseg.core.precision import autocast, resolve_precision, use_channels_last
 from polypseg.core.runs import BEST, HISTORY, LAST_STATE
@@ -189,14 +189,12 @@ class TrainStep:
     augment, normalise, forward (bf16 autocast and channels-last per :mod:`polypseg.core.precision`), loss, backward,
     optimizer step, EMA update. Nothing in it reads a tensor back to the host, so on a GPU the host
     queues the next step while this one runs. :func:`train_model` and the training-speed benchmark
-    (:func:`polypseg.experiments.bench.benchmark_training`) both run this, so the benchmark times the real step.
+    (:func:`polypseg.experiments.bench_train.benchmark_training`) both run this, so the benchmark times the real step.
     """
 
     def __init__(self, config: RunConfig, device: torch.device, channels_last: bool | None = None) -> None:
         tc = config.train
         self.config, self.device = config, device
-        if device.type == "cpu":
-            keep_freed_cpu_memory()  # no page faults for each step's large activations (see its docstring)
         self.precision = resolve_precision(tc.precision, device)
         # channels_last=None follows polypseg.core.precision; True/False forces it (bench-train's variants)
         self.channels_last = (
