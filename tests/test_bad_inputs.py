@@ -460,7 +460,7 @@ def test_explain_masks_classes(model: Path, tmp_path: Path) -> None:
 
 
 def test_explain_an_image_beside_a_masks_folder_uses_it(model: Path, tmp_path: Path) -> None:
-    """The issue: ``explain DIR/images/x.jpg`` showed nan metrics although DIR/masks/x.png exists."""
+    """``explain DIR/images/x.jpg`` once showed nan metrics although DIR/masks/x.png exists."""
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()

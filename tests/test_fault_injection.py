@@ -226,7 +226,7 @@ def test_old_format_state_cut_between_its_two_files_is_refused(data, tmp_path):
     record_epoch_1 = json.loads((out / "last_state.json").read_text())
     shutil.rmtree(out)
     _interrupt_after_epoch(data, out, 2)
-    # the case: weights of the later epoch, record of the earlier one
+    # the torn case: weights of the later epoch, record of the earlier one
     _make_legacy_state(out, json_from=record_epoch_1)
     with pytest.raises(
         TrainingStateError, match=r"inconsistent.*after 2 optimizer step.*epoch 1 \(1 steps of 1\).*delete .*last_state"
@@ -302,7 +302,7 @@ def test_cv_resume_cleans_up_refuses_other_data_and_sums_wall_time(tmp_path):
     assert not list(run.rglob("last_state.*"))
     invocations = json.loads((run / "invocations.json").read_text())["invocations"]
     assert len(invocations) == 2 and all(entry["seconds"] > 0 for entry in invocations)
-    for entry in invocations:  # what ran each invocation: a long run spans sessions
+    for entry in invocations:  # what ran each invocation: a long run spans several
         assert "cores)" in entry["machine"] and entry["precision"] in ("fp32", "bf16") and entry["polypseg_version"]
     assert resumed["wall_time_s"] == pytest.approx(sum(e["seconds"] for e in invocations), abs=0.11)
     assert resumed["wall_time_s"] > resumed["last_invocation_s"] > 0

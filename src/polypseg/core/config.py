@@ -237,7 +237,7 @@ def _heavy_augment() -> AugmentConfig:
 
 
 def _strong() -> RunConfig:
-    """Recipe for issue #7: from random init, longer schedule, Dice+BCE, EMA, flip TTA.
+    """From random init at GPU length: longer schedule, Dice+BCE, EMA, flip TTA.
 
     A starting point, not yet measured: each lever is to be chosen on fold 0 only (docs/results.md
     says what has been measured so far).
@@ -283,7 +283,7 @@ def _demo() -> RunConfig:
 def _cpu() -> RunConfig:
     """The recipe of the shipped model, sized for a 2-core CPU (a few hours in bf16), random init.
 
-    Fixed before training from issue #12's fold-0 references, not tuned on any test image: one-cycle
+    Fixed before training from fold-0 references on a GPU, not tuned on any test image: one-cycle
     lr 2e-3 with Dice+BCE beat the paper's constant 1e-4 Dice recipe (0.849 vs 0.784 at 100 vs 30
     epochs); progressive resizing buys the extra epochs: 36 epochs at 160 px cost about 14 at 256.
     The best epoch is chosen on 10% of the training images (polypseg train's inner validation).
