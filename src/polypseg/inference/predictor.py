@@ -32,12 +32,10 @@ from torch import nn
 from polypseg.core.devices import DeviceError, resolve_device
 from polypseg.core.io_utils import display_name
 from polypseg.core.rules import image_size_problem, threshold_problem
-from polypseg.core.runs import RunDir, fold_name, parse_fold_name
 from polypseg.data.datasets import ImageReadError
 from polypseg.data.inputs import ImageInput, load_input, to_rgb_uint8  # noqa: F401 - to_rgb_uint8 stays importable from here
 from polypseg.data.inputs import is_pil as _is_pil
 from polypseg.data.transforms import resize_probabilities
-from polypseg.errors import PolypsegError
 from polypseg.inference.inferer import (
     Runner,
     batch_slices,
@@ -46,17 +44,22 @@ from polypseg.inference.inferer import (
     use_precision_layout,
     with_flip_tta,
 )
+from polypseg.inference.loading import (  # noqa: F401 - BACKENDS and PredictorError stay importable from here
+    BACKENDS,
+    EngineRequest,
+    ModelSource,
+    PredictorError,
+    check_backend,
+    choose_engine,
+    resolve_source,
+    threshold_in_file,
+)
 from polypseg.inference.openvino_engine import OpenVINOError, StaticShapeModel, openvino_config, require_openvino
 from polypseg.models.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default")
-
-
-class PredictorError(PolypsegError):
-    """A model cannot be loaded for inference, or an option does not fit it."""
 
 
 @dataclass
@@ -174,7 +177,7 @@ def _onnx_sidecars(
     sidecars = [read_onnx_metadata(path) for path in paths]
     for path, sidecar in zip(paths, sidecars, strict=True):  # the rules checkpoint sidecars are read with
         problem = image_size_problem(sidecar.get("image_size"))
-        problem = f"image_size {problem}" if problem else _threshold_in_file(sidecar)
+        problem = f"image_size {problem}" if problem else threshold_in_file(sidecar)
         if problem is not None:
             raise PredictorError(f"cannot load ONNX model {path}: its sidecar's {problem}")
     sizes = {s["image_size"] for s in sidecars}
@@ -191,11 +194,6 @@ def _onnx_sidecars(
     if threshold is None:
         threshold = float(sidecars[0].get("threshold", 0.5))
     return sizes.pop(), meta, threshold
-
-
-def _threshold_in_file(record: dict[str, Any]) -> str | None:
-    problem = threshold_problem(record.get("threshold", 0.5))
-    return None if problem is None else f"threshold {problem}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,120 +398,44 @@ class Predictor:
         bf16 where the CPU has it), else onnxruntime, each on the validated int8 model where there
         is one (each checkpoint exported on first use into the cache, ``cache_dir/onnx`` or
         ``~/.cache/polypseg/onnx``, keyed by the checkpoint's content hash; never into the run
-        folder; torch if the export fails).
+        folder; torch if the export fails). The choice is :func:`polypseg.inference.loading.choose_engine`,
+        the model found by :func:`polypseg.inference.loading.resolve_source`, the engines in :data:`ENGINES`.
         ``notify`` receives one-line notes (an export starting, a fallback to torch); by default
         they are logged.
         """
-        from polypseg.models.checkpoint import config_from_metadata, find_checkpoints, load_checkpoint, read_metadata
-
-        if backend not in BACKENDS:
-            raise PredictorError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-        from polypseg.models.pretrained import resolve_model
-
+        check_backend(backend)
         device = _resolve_device(device)
-        path = resolve_model(path_or_run)
-        if path.suffix == ".onnx":
-            if backend == "torch":
-                raise PredictorError(f"{path} is an ONNX model: use backend 'onnxruntime', 'openvino' or 'auto'")
-            if fold is not None or _compile_mode(compile):
-                raise PredictorError(f"{path} is one ONNX model: fold and compile apply to checkpoints and run folders")
-            if backend == "openvino":
-                if device.type != "cpu":
-                    raise PredictorError(f"the openvino backend runs on the CPU, not {device}")
-                return cls.from_openvino(path, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size)
-            return cls.from_onnx(path, device=device, threshold=threshold, tta=tta, batch_size=batch_size)
-
-        checkpoints = find_checkpoints(path)
-        if fold is not None:
-            folds = {_fold_index(c): c for c in checkpoints}
-            if fold not in folds:
-                raise PredictorError(f"--fold {fold}: {path} has folds {sorted(k for k in folds if k is not None)}")
-            checkpoints = [folds[fold]]
-        metas = [read_metadata(c) for c in checkpoints]
-        configs = [config_from_metadata(m, c) for c, m in zip(checkpoints, metas, strict=False)]
-        summary: dict[str, Any] = {}
-        if path.is_dir() and RunDir(path).summary_path.is_file():
-            summary = RunDir(path).read_summary()
-        if threshold is None and "threshold" in summary:
-            problem = _threshold_in_file(summary)
-            if problem is not None:
-                raise PredictorError(f"{RunDir(path).summary_path}: its {problem}")
-        if threshold is None:  # a sidecar's threshold was checked by read_metadata
-            threshold = float(summary.get("threshold", metas[0].get("threshold", 0.5)))
-        metadata: dict[str, Any] = {
-            "checkpoints": [str(c) for c in checkpoints],
-            "config": metas[0]["config"],
-            "metrics": metas[0].get("metrics", {})
-            if len(metas) == 1
-            else {fold_name(_fold_index(c)): m.get("metrics", {}) for c, m in zip(checkpoints, metas, strict=False)},
-        }
-        if summary:
-            metadata["summary"] = summary
-        image_size = int(configs[0].train.image_size)
-        if any(int(c.train.image_size) != image_size for c in configs):
-            raise PredictorError(f"the checkpoints under {path} were trained at different image sizes")
-
-        compile_mode = _compile_mode(compile)
-        if compile_mode and backend == "onnxruntime":
-            raise PredictorError("compile applies to the torch backend, not onnxruntime")
-        say = notify or log.warning
-        if backend == "auto":
-            backend = "torch" if device.type == "cuda" or compile_mode else "onnxruntime"
-            if backend == "onnxruntime":
-                try:
-                    # int8 only where the precision is left to us: fp32 and bf16 are what was asked for.
-                    onnx_paths = _onnx_models(
-                        checkpoints,
-                        cache_dir,
-                        say,
-                        prefer_int8=precision == "auto",
-                        engine="OpenVINO" if openvino_installed() else "onnxruntime",
-                    )
-                except CheckpointError:
-                    raise  # a broken checkpoint is not an onnxruntime problem: torch could not load it either
-                except Exception as error:  # noqa: BLE001 - any export failure: fall back to torch, say why
-                    say(f"onnxruntime unavailable for {display_name(path)} ({str(error).splitlines()[0]}); using torch")
-                    backend = "torch"
-            if backend == "onnxruntime" and openvino_installed():
-                # Measured on both releases of the shipped model (docs/benchmarks.md): OpenVINO int8
-                # and bf16 are the fastest CPU engines, each within 0.0005 Dice of fp32.
-                return cls.from_openvino(
-                    onnx_paths,
-                    precision=precision,
-                    threshold=threshold,
-                    tta=tta,
-                    batch_size=batch_size,
-                    metadata=metadata,
-                )
-            if backend == "onnxruntime":
-                return cls.from_onnx(
-                    onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
-                )
-        elif backend == "onnxruntime":
-            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False, engine="onnxruntime")
-            return cls.from_onnx(
-                onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
-            )
-        elif backend == "openvino":
-            if device.type != "cpu":
-                raise PredictorError(f"the openvino backend runs on the CPU, not {device}")
-            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False, engine="OpenVINO")
-            return cls.from_openvino(
-                onnx_paths, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
-            )
-
-        models = [load_checkpoint(c, device="cpu").model for c in checkpoints]
-        return cls.from_model(
-            models,
-            image_size=image_size,
-            threshold=threshold,
-            device=device,
-            tta=tta,
-            batch_size=batch_size,
-            compile=compile,
-            metadata=metadata,
+        source = resolve_source(path_or_run, fold=fold, threshold=threshold)
+        request = EngineRequest(
+            backend=backend,
+            device=str(device),
+            compile=_compile_mode(compile) is not None,
+            openvino_installed=openvino_installed(),
             precision=precision,
+            onnx_model=source.is_onnx,
+            fold=fold is not None,
+            model=str(source.path),
         )
+        choice = choose_engine(request)
+        say = notify or log.warning
+        engine = ENGINES[choice.engine]
+        if engine.runs_onnx and not source.is_onnx:
+            try:
+                exported = _onnx_models(
+                    source.checkpoints, cache_dir, say, prefer_int8=choice.prefer_int8, engine=engine.label
+                )
+                source = source.with_onnx(exported)
+            except CheckpointError:
+                raise  # a broken checkpoint is not an onnxruntime problem: torch could not load it either
+            except Exception as error:  # any export failure: fall back where the choice allows, say why
+                if choice.fallback is None:
+                    raise
+                say(
+                    f"onnxruntime unavailable for {display_name(source.path)} ({str(error).splitlines()[0]}); using torch"
+                )
+                engine = ENGINES[choice.fallback]
+        options = LoadOptions(device=device, precision=precision, tta=tta, batch_size=batch_size, compile=compile)
+        return engine.load(source, options)
 
     # ---------------------------------------------------------------- prediction
 
@@ -610,6 +532,81 @@ class Predictor:
 
 
 # --------------------------------------------------------------------------------------------
+# Engines: name -> how it loads a model source (the registry from_checkpoint picks from)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The options of :meth:`Predictor.from_checkpoint` an engine loads a model with."""
+
+    device: torch.device
+    precision: str = "auto"
+    tta: bool = False
+    batch_size: int = 8
+    compile: bool | str = False
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One inference engine: ``load`` builds a :class:`Predictor` from a :class:`ModelSource`.
+
+    ``runs_onnx``: it runs exported ONNX models, so checkpoints are exported (and cached) first.
+    ``label``: how notes name it.
+    """
+
+    label: str
+    runs_onnx: bool
+    load: Callable[[ModelSource, LoadOptions], Predictor]
+
+
+def _load_torch(source: ModelSource, options: LoadOptions) -> Predictor:
+    from polypseg.models.checkpoint import load_checkpoint
+
+    assert source.image_size is not None and source.threshold is not None  # resolve_source sets both for checkpoints
+    models = [load_checkpoint(c, device="cpu").model for c in source.checkpoints]
+    return Predictor.from_model(
+        models,
+        image_size=source.image_size,
+        threshold=source.threshold,
+        device=options.device,
+        tta=options.tta,
+        batch_size=options.batch_size,
+        compile=options.compile,
+        metadata=source.metadata,
+        precision=options.precision,
+    )
+
+
+def _load_onnxruntime(source: ModelSource, options: LoadOptions) -> Predictor:
+    return Predictor.from_onnx(
+        list(source.onnx),
+        device=options.device,
+        threshold=source.threshold,
+        tta=options.tta,
+        batch_size=options.batch_size,
+        metadata=source.metadata,
+    )
+
+
+def _load_openvino(source: ModelSource, options: LoadOptions) -> Predictor:
+    return Predictor.from_openvino(
+        list(source.onnx),
+        precision=options.precision,
+        threshold=source.threshold,
+        tta=options.tta,
+        batch_size=options.batch_size,
+        metadata=source.metadata,
+    )
+
+
+ENGINES: dict[str, Engine] = {
+    "torch": Engine("torch", runs_onnx=False, load=_load_torch),
+    "onnxruntime": Engine("onnxruntime", runs_onnx=True, load=_load_onnxruntime),
+    "openvino": Engine("OpenVINO", runs_onnx=True, load=_load_openvino),
+}
+
+
+# --------------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -637,10 +634,6 @@ def openvino_installed() -> bool:
     return find_spec("openvino") is not None
 
 
-def _fold_index(checkpoint: Path) -> int | None:
-    return parse_fold_name(checkpoint.parent.name)
-
-
 def _preferred_onnx(
     checkpoint: Path, cache_dir: Path | str | None = None, notify: Callable[[str], None] | None = None
 ) -> Path:
@@ -655,6 +648,7 @@ def _onnx_models(
     checkpoints: Sequence[Path],
     cache_dir: Path | str | None,
     say: Callable[[str], None],
+    *,
     prefer_int8: bool,
     engine: str,
 ) -> list[Path]:
