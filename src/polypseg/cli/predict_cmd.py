@@ -147,26 +147,26 @@ def register(app: typer.Typer) -> None:
             summary = predict_files(
                 inputs,
                 out,
-                model,
-                threshold,
-                tta,
-                backend,
-                device,
-                batch_size,
-                smooth,
-                save_probabilities,
-                recursive,
-                fold,
-                overlays,
-                cache_dir,
-                precision,
+                model=model,
+                threshold=threshold,
+                tta=tta,
+                backend=backend,
+                device=device,
+                batch_size=batch_size,
+                smooth=smooth,
+                save_probabilities=save_probabilities,
+                recursive=recursive,
+                fold=fold,
+                overlays=overlays,
+                cache_dir=cache_dir,
+                precision=precision,
                 warn=warn,
                 say=say,
                 progress=progress,
             )
         except PolypsegError as error:
             _fail(str(error))
-        if summary["done"] == 0:
+        if summary.done == 0:
             _fail("no input could be predicted (see the warnings above)", code=1)
 
     @app.command("export")
