@@ -13,7 +13,7 @@ The engines themselves are registered in :data:`polypseg.inference.predictor.ENG
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,7 @@ _RULES: tuple[_Rule, ...] = (
 
 
 def check_backend(backend: str) -> None:
+    """The one-line error of a backend name polypseg does not know (checked before anything is loaded)."""
     if backend not in BACKENDS:
         raise PredictorError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
 
@@ -142,8 +143,6 @@ class ModelSource:
         return self.path.suffix == ".onnx"
 
     def with_onnx(self, paths: list[Path]) -> ModelSource:
-        from dataclasses import replace
-
         return replace(self, onnx=tuple(paths))
 
 
