@@ -207,7 +207,7 @@ def test_progress_in_a_log_is_one_line_per_epoch_and_silent_when_disabled(tiny_d
 
 def test_the_best_checkpoint_keeper_writes_best_only_when_an_epoch_scores_higher(tmp_path):
     from polypseg.models.checkpoint import read_metadata
-    from polypseg.training.loop import BestCheckpoint, TrainingState
+    from polypseg.training.state import BestCheckpoint, TrainingState
 
     config = tiny_config(image_size=32)
     torch.manual_seed(0)

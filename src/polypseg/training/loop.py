@@ -49,6 +49,8 @@ from polypseg.models.checkpoint import (
 from polypseg.models.factory import create_model
 from polypseg.training.evaluation import evaluate_probabilities, predict_probabilities
 from polypseg.training.losses import create_loss
+from polypseg.training.progress import TrainingProgress
+from polypseg.training.state import BestCheckpoint, TrainingState
 
 # Saving optimizer state for --resume costs ~0.3 s on a GPU run of 1-s epochs: do it at most
 # this often (and always at the end), so an interrupted run loses at most this much work.
@@ -298,143 +300,6 @@ class TrainResult:
     best_score: float = float("nan")
 
 
-class _Progress:
-    """Training progress for the main process: a rich bar on a terminal, one plain line per epoch
-    when the output is a log file (a bar cannot redraw there), silent when disabled."""
-
-    def __init__(self, enabled: bool, description: str, total: int) -> None:
-        self._bar = None
-        self._lines = False
-        self._description = description
-        if enabled:
-            from rich.console import Console
-
-            if not Console().is_terminal:
-                self._lines = True
-                return
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-                transient=False,
-            )
-            self._task = self._bar.add_task(description, total=total, info="")
-
-    def __enter__(self) -> _Progress:
-        if self._bar:
-            self._bar.__enter__()
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        if self._bar:
-            self._bar.__exit__(*args)
-
-    def advance(self, steps: int = 1) -> None:
-        if self._bar:
-            self._bar.update(self._task, advance=steps)
-
-    def epoch_done(self, record: dict[str, Any], epochs: int, history: list[dict[str, Any]]) -> None:
-        """Show an epoch's loss, validation Dice and time (and, in a log, the time left to train)."""
-        info = f"loss {record['train_loss']:.4f}" + (
-            f" val dice {record['val_dice']:.4f}" if "val_dice" in record else ""
-        )
-        if self._bar:
-            self._bar.update(self._task, info=info)
-        elif self._lines:
-            paused = f" (+{record['paused_seconds']:.0f} s paused)" if record.get("paused_seconds") else ""
-            left = epochs - record["epoch"]
-            # The median epoch: older histories count pauses in their seconds, the median ignores them.
-            eta = (
-                f", about {left * float(np.median([r['seconds'] for r in history])) / 60:.0f} min to go" if left else ""
-            )
-            print(
-                f"{self._description}: epoch {record['epoch']}/{epochs}, {info}, {record['seconds']:.1f} s{paused}{eta}",
-                flush=True,
-            )
-
-
-@dataclass
-class BestCheckpoint:
-    """The best epoch so far, its record and a CPU copy of its weights; ``best.*`` is rewritten each time
-    an epoch beats it (without validation an epoch's score is its index: the latest is best)."""
-
-    stem: Path  # best.{safetensors,json}
-    score: float = -math.inf
-    epoch: int = 0
-    record: dict[str, Any] = field(default_factory=dict)  # metrics, extra and tensors_sha256 of best.*
-    tensors: dict[str, torch.Tensor] | None = None
-
-    def offer(
-        self, score: float, record: dict[str, Any], model: nn.Module, config: RunConfig, *, validated: bool, init: Any
-    ) -> None:
-        """Keep ``model`` as the best if the epoch of ``record`` scores higher than the best so far."""
-        if not score > self.score:
-            return
-        epoch = int(record["epoch"])
-        self.score, self.epoch = score, epoch
-        self.tensors = model_state(model)
-        self.record = {
-            "metrics": {k: v for k, v in record.items() if k.startswith("val_")},
-            "extra": {
-                "epoch": epoch,
-                "selected_on": "inner validation split" if validated else "last epoch",
-                **({"init": init} if init else {}),
-            },
-        }
-        weights = save_checkpoint_tensors(
-            self.stem, self.tensors, config, self.record["metrics"], extra=self.record["extra"]
-        )
-        self.record["tensors_sha256"] = read_metadata(weights)["tensors_sha256"]
-
-    def tensors_for_state(self, epoch: int) -> dict[str, torch.Tensor] | None:
-        """The weights a state saved after ``epoch`` must carry: none when they are that epoch's own."""
-        return None if self.epoch == epoch else self.tensors
-
-    @classmethod
-    def from_state(cls, stem: Path, saved: dict[str, Any], model: nn.Module) -> BestCheckpoint:
-        """The best epoch a loaded training state records; ``model`` holds the state's weights."""
-        score = saved["best_score"]
-        best = cls(stem, -math.inf if score is None else score, saved["best_epoch"], saved.get("best", {}))
-        best.tensors = saved.get("best_state")
-        if best.tensors is None and best.epoch == saved["epoch"]:
-            # A state saved at its best epoch holds no separate copy: the weights just loaded are
-            # that epoch's, and later states must carry them until a better epoch comes.
-            best.tensors = model_state(model)
-        return best
-
-
-@dataclass
-class TrainingState:
-    """Where a training run stands: the epochs done, their history and the best epoch so far."""
-
-    epoch: int
-    history: list[dict[str, Any]]
-    best: BestCheckpoint
-
-    def to_state(self, steps_per_epoch: int) -> dict[str, Any]:
-        """The record :func:`polypseg.models.checkpoint.save_training_state` stores (-inf is stored as null)."""
-        return {
-            "epoch": self.epoch,
-            "global_step": self.epoch * steps_per_epoch,
-            "history": self.history,
-            "best_score": self.best.score,
-            "best_epoch": self.best.epoch,
-            "best": self.best.record,
-        }
-
-
 @dataclass(frozen=True)
 class _Batches:
     """An epoch cut into steps: each takes ``per_rank`` images on each of ``world_size`` processes."""
@@ -504,7 +369,7 @@ def train_model(
     masks = torch.from_numpy(train.masks).unsqueeze(1).to(torch_device, dtype=torch.uint8)
     last_state_save = time.monotonic()
 
-    with _Progress(progress and context.is_main, description, steps_per_epoch * tc.epochs) as bar:
+    with TrainingProgress(progress and context.is_main, description, steps_per_epoch * tc.epochs) as bar:
         bar.advance(state.epoch * steps_per_epoch)
         for epoch in range(state.epoch, tc.epochs):
             watch = Stopwatch()  # pauses (kill -STOP) are left out of the epoch's seconds
@@ -581,7 +446,7 @@ def _train_epoch(
     epoch: int,
     tc: TrainConfig,
     batches: _Batches,
-    bar: _Progress,
+    bar: TrainingProgress,
 ) -> dict[str, Any]:
     """One epoch's optimisation steps; returns its record (epoch, mean training loss, last learning rate)."""
     device = images.device
