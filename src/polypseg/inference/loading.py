@@ -3,7 +3,8 @@
 Two steps, both free of engines and devices, so each can be tested as a table:
 
 - :func:`resolve_source`: a shipped model's name, a checkpoint, a CV run folder or an exported ``.onnx``
-  file -> a :class:`ModelSource` (its checkpoints, image size, threshold and the metadata a predictor reports);
+  file -> a :class:`ModelSource` (its checkpoints, image size, threshold and the metadata a predictor reports;
+  an exported model's come from its sidecar, :func:`read_onnx_sidecars`);
 - :func:`choose_engine`: the backend asked for, the device, the options and the installed engines -> the
   engine to load it with (:class:`EngineChoice`), or the one-line refusal of a combination that cannot run.
 
@@ -12,12 +13,12 @@ The engines themselves are registered in :data:`polypseg.inference.predictor.ENG
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from polypseg.core.rules import threshold_problem
+from polypseg.core.rules import image_size_problem, threshold_problem
 from polypseg.core.runs import RunDir, fold_name, parse_fold_name
 from polypseg.errors import PolypsegError
 
@@ -212,3 +213,40 @@ def _run_summary(path: Path, *, check_threshold: bool) -> dict[str, Any]:
         if problem is not None:
             raise PredictorError(f"{run.summary_path}: its {problem}")
     return summary
+
+
+def onnx_model_paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
+    """One or several ``.onnx`` paths as a list, each checked to exist."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_file():
+            raise PredictorError(f"ONNX model not found: {path}")
+    return paths
+
+
+def read_onnx_sidecars(
+    paths: Sequence[Path], threshold: float | None, metadata: dict[str, Any] | None
+) -> tuple[int, dict[str, Any], float]:
+    """Input size, metadata and threshold of exported models, from the sidecars written beside them."""
+    from polypseg.inference.export import read_onnx_metadata
+
+    sidecars = [read_onnx_metadata(path) for path in paths]
+    for path, sidecar in zip(paths, sidecars, strict=True):  # the rules checkpoint sidecars are read with
+        problem = image_size_problem(sidecar.get("image_size"))
+        problem = f"image_size {problem}" if problem else threshold_in_file(sidecar)
+        if problem is not None:
+            raise PredictorError(f"cannot load ONNX model {path}: its sidecar's {problem}")
+    sizes = {s["image_size"] for s in sidecars}
+    if len(sizes) != 1:
+        raise PredictorError(f"ONNX models disagree on input size: {sorted(sizes)}")
+    meta: dict[str, Any] = {
+        "onnx": [str(p) for p in paths],
+        "config": sidecars[0].get("config", {}),
+        "metrics": sidecars[0].get("metrics", {}),
+    }
+    if any(s.get("quantization") for s in sidecars):
+        meta["quantization"] = [s.get("quantization") for s in sidecars]
+    meta.update(metadata or {})
+    if threshold is None:
+        threshold = float(sidecars[0].get("threshold", 0.5))
+    return sizes.pop(), meta, threshold

@@ -277,7 +277,7 @@ def _predict_images(
 
     The model runs at its own resolution on batches of ``predictor.batch_size`` images (fewer when
     they hold over ``BATCH_PIXELS`` pixels); each map is brought to the image's size in stripes
-    (:func:`polypseg.inference.predictor.upsample_rows`) only to be written, and the overlay is drawn into the
+    (:func:`polypseg.inference.masks.upsample_rows`) only to be written, and the overlay is drawn into the
     decoded image itself, so the peak memory per image stays near 8 bytes per pixel.
     """
     from rich.console import Console
@@ -285,7 +285,7 @@ def _predict_images(
 
     from polypseg.core.io_utils import display_name
     from polypseg.data.inputs import InputProblem
-    from polypseg.inference.predictor import overlay_mask_inplace, upsample_mask, upsample_uint8
+    from polypseg.inference.masks import overlay_mask_inplace, upsample_mask, upsample_uint8
 
     rows: list[dict[str, Any]] = []
     shown = (
