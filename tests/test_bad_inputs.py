@@ -594,7 +594,7 @@ def test_bad_threshold_in_a_run_summary_is_one_line(value, model: Path, good: Pa
 
 def test_bad_threshold_or_size_in_an_onnx_sidecar_is_refused(tmp_path: Path) -> None:
     from polypseg.inference.export import ONNX_FORMAT, onnx_sidecar
-    from polypseg.inference.predictor import PredictorError, _onnx_sidecars
+    from polypseg.inference.loading import PredictorError, read_onnx_sidecars
 
     model = tmp_path / "model.onnx"
     model.write_bytes(b"not read: the sidecar is")
@@ -602,7 +602,7 @@ def test_bad_threshold_or_size_in_an_onnx_sidecar_is_refused(tmp_path: Path) -> 
         sidecar = {"format": ONNX_FORMAT, "image_size": 64, "threshold": 0.5, field: value}
         onnx_sidecar(model).write_text(json.dumps(sidecar))
         with pytest.raises(PredictorError, match=f"model.onnx: its sidecar's {field} .* is not"):
-            _onnx_sidecars([model], None, None)
+            read_onnx_sidecars([model], None, None)
 
 
 def test_sidecar_threshold_follows_the_command_line_rule() -> None:

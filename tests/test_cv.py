@@ -54,10 +54,10 @@ def _run(dataset, out, cache, **kwargs):
 def test_cv_end_to_end_and_resume(dataset, tmp_path):
     run = tmp_path / "run"
     summary = _run(dataset, run, tmp_path / "cache")
-    assert summary["n_images"] == 8 and summary["folds"] == 2
-    assert 0.3 <= summary["threshold"] <= 0.7
+    assert summary.n_images == 8 and summary.folds == 2
+    assert 0.3 <= summary.threshold <= 0.7
     for key in ("dice", "iou", "auc", "sensitivity", "precision"):
-        mean, std = summary["mean_std"]["at_0.5"][key]
+        mean, std = summary.mean_std.at_0_5[key]
         assert np.isfinite(mean) or key in ("sensitivity", "precision")
     oof_stems = []
     for fold in (0, 1):
@@ -71,8 +71,8 @@ def test_cv_end_to_end_and_resume(dataset, tmp_path):
     invocation = json.loads((run / "invocations.json").read_text())["invocations"][-1]
     assert invocation.get("commit") == source_commit()  # the code that ran, where it is a checkout
     exact = [json.loads((run / f"fold_{fold}" / "metrics.json").read_text())["auc_exact"] for fold in (0, 1)]
-    assert [f["auc_exact"] for f in summary["per_fold"]] == exact
-    assert summary["auc_exact"][0] == pytest.approx(np.mean(exact))
+    assert [f.auc_exact for f in summary.per_fold] == exact
+    assert summary.auc_exact[0] == pytest.approx(np.mean(exact))
     assert "Exact, from each fold's float probabilities" in (run / "summary.md").read_text()
 
     with pytest.raises(RunError, match="--resume"):
@@ -96,11 +96,11 @@ def test_cv_end_to_end_and_resume(dataset, tmp_path):
     assert (run / "fold_0" / "metrics.json").stat().st_mtime_ns == fold0_mtime
     assert (run / "fold_1" / "metrics.json").is_file()
     assert (run / "splits.json").read_text() == splits_before
-    assert resumed["mean_std"]["at_0.5"]["dice"] == pytest.approx(summary["mean_std"]["at_0.5"]["dice"])
+    assert resumed.mean_std.at_0_5["dice"] == pytest.approx(summary.mean_std.at_0_5["dice"])
 
     # rerunning the command that started the run, plus resume, continues it; other settings are refused
     again = _run(dataset, run, tmp_path / "cache", resume=True)
-    assert again["mean_std"]["at_0.5"]["dice"] == pytest.approx(summary["mean_std"]["at_0.5"]["dice"])
+    assert again.mean_std.at_0_5["dice"] == pytest.approx(summary.mean_std.at_0_5["dice"])
     changed = tiny_config(epochs=2, image_size=32)
     with pytest.raises(RunError, match=r"train\.epochs: 1 -> 2"):
         run_cv(dataset, run, changed, folds=2, resume=True, progress=False, report=False, cache_dir=tmp_path / "cache")
@@ -112,14 +112,14 @@ def test_cv_end_to_end_and_resume(dataset, tmp_path):
 def test_partial_run_says_so_and_completes_on_resume(dataset, tmp_path):
     run = tmp_path / "run"
     partial = _run(dataset, run, tmp_path / "cache", only_folds=[0])
-    assert (partial["folds"], partial["folds_planned"]) == (1, 2)
+    assert (partial.folds, partial.folds_planned) == (1, 2)
     assert not (run / "fold_1").exists()
     saved = json.loads((run / "summary.json").read_text())
     assert saved["mean_std"]["at_0.5"]["dice"][1] is None  # one fold: no spread, stored as null
     text = (run / "summary.md").read_text()
     assert "1 of 2 folds finished (a partial run" in text and "± 0.0000" not in text
     full = _run(dataset, run, tmp_path / "cache", resume=True)
-    assert (full["folds"], full["folds_planned"]) == (2, 2)
+    assert (full.folds, full.folds_planned) == (2, 2)
     assert "2 folds," in (run / "summary.md").read_text()
 
 
@@ -173,18 +173,19 @@ def test_summary_pools_out_of_fold_predictions(tmp_path):
         np.savez(run / f"fold_{fold}" / "oof.npz", stems=np.array([f"a{fold}", f"b{fold}"]), probs=probs, masks=masks)
     (run / "config.json").write_text(json.dumps({"run": {"train": {"recipe": "hand"}}, "data": "x"}))
     summary = summarize_run(run)
-    assert summary["threshold"] == pytest.approx(0.6)
-    assert summary["pooled"]["at"]["0.6"]["dice"] == pytest.approx(1.0)
-    assert summary["pooled"]["at"]["0.5"]["dice"] == pytest.approx(2 * 4 / (2 * 4 + 1))
-    assert tuple(summary["mean_std"]["at_chosen"]["dice"]) == (pytest.approx(1.0), pytest.approx(0.0))
-    assert summary["pooled"]["auc"] == pytest.approx(1.0)
-    assert "auc_exact" not in summary and "Exact, from" not in (run / "summary.md").read_text()  # no fold has it
+    assert summary.threshold == pytest.approx(0.6)
+    assert summary.pooled.at["0.6"]["dice"] == pytest.approx(1.0)
+    assert summary.pooled.at["0.5"]["dice"] == pytest.approx(2 * 4 / (2 * 4 + 1))
+    assert tuple(summary.mean_std.at_chosen["dice"]) == (pytest.approx(1.0), pytest.approx(0.0))
+    assert summary.pooled.auc == pytest.approx(1.0)
+    assert summary.auc_exact is None and "Exact, from" not in (run / "summary.md").read_text()  # no fold has it
+    assert "auc_exact" not in json.loads((run / "summary.json").read_text())
 
     (run / "fold_0" / "metrics.json").write_text(json.dumps({"auc_exact": 0.9}))
-    assert "auc_exact" not in summarize_run(run)  # a mean over some folds only would mislead
+    assert summarize_run(run).auc_exact is None  # a mean over some folds only would mislead
     (run / "fold_1" / "metrics.json").write_text(json.dumps({"auc_exact": 0.8}))
     both = summarize_run(run)
-    assert both["auc_exact"][0] == pytest.approx(0.85) and both["auc_exact"][1] == pytest.approx(0.0707107, abs=1e-6)
+    assert both.auc_exact[0] == pytest.approx(0.85) and both.auc_exact[1] == pytest.approx(0.0707107, abs=1e-6)
     assert (
         "Exact, from each fold's float probabilities before storage: **0.8500 ± 0.0707**"
         in (run / "summary.md").read_text()
@@ -192,17 +193,18 @@ def test_summary_pools_out_of_fold_predictions(tmp_path):
     for fold in (0, 1):
         (run / f"fold_{fold}" / "metrics.json").unlink()
 
-    assert "paused_s" not in summary and "Wall time" not in (run / "summary.md").read_text()
-    assert "training" not in summary["per_fold"][0] and "Training time" not in (run / "summary.md").read_text()
+    assert summary.paused_s is None and "Wall time" not in (run / "summary.md").read_text()
+    assert summary.per_fold[0].training is None and "Training time" not in (run / "summary.md").read_text()
 
     history = [{"epoch": 1, "seconds": 100.0}, {"epoch": 2, "seconds": 5054.0}, {"epoch": 3, "seconds": 110.0}]
     history.append({"epoch": 4, "seconds": 120.0, "paused_seconds": 60.0})
     (run / "fold_0" / "history.json").write_text(json.dumps(history))
-    fold0 = summarize_run(run)["per_fold"][0]["training"]
-    assert fold0 == {"epochs": 4, "seconds": 5384.0, "median_epoch_s": 115.0, "paused_s": 60.0}
+    fold0 = summarize_run(run).per_fold[0].training
+    assert fold0.to_json() == {"epochs": 4, "seconds": 5384.0, "median_epoch_s": 115.0, "paused_s": 60.0}
+    assert json.loads((run / "summary.json").read_text())["per_fold"][0]["training"] == fold0.to_json()
     assert "| 0 | 4 | 115.0 | 89.7 | 1.0 |" in (run / "summary.md").read_text()
     timed = summarize_run(run, wall_time_s=120.0, paused_s=30.0)
-    assert (timed["wall_time_s"], timed["paused_s"]) == (120.0, 30.0)
+    assert (timed.wall_time_s, timed.paused_s) == (120.0, 30.0)
     assert "Wall time of the run: 120.0 s (not counting 30.0 s stopped)." in (run / "summary.md").read_text()
 
 
@@ -236,7 +238,7 @@ def test_cv_measures_gradcam_per_fold(dataset, tmp_path):
     )
     fold_metrics = json.loads((tmp_path / "run" / "fold_0" / "metrics.json").read_text())
     assert len(fold_metrics["explainability"]["per_image"]) == 2
-    assert "energy_inside" in summary["explainability"]
+    assert "energy_inside" in summary.explainability
     assert "Grad-CAM checks" in (tmp_path / "run" / "summary.md").read_text()
 
 
@@ -255,10 +257,10 @@ def test_cross_fitted_thresholds_never_let_a_fold_choose_its_own(tmp_path):
         np.savez(run / f"fold_{fold}" / "oof.npz", stems=np.array([f"a{fold}", f"b{fold}"]), probs=probs, masks=masks)
     (run / "config.json").write_text(json.dumps({"run": {"train": {"recipe": "hand"}}, "data": "x"}))
     summary = summarize_run(run)
-    assert [f["crossfit_threshold"] for f in summary["per_fold"]] == [0.4, 0.6]
-    fold0, fold1 = (f["at_crossfit"]["dice"] for f in summary["per_fold"])
+    assert [f.crossfit_threshold for f in summary.per_fold] == [0.4, 0.6]
+    fold0, fold1 = (f.at_crossfit["dice"] for f in summary.per_fold)
     assert fold0 == pytest.approx(2 * 4 / (2 * 4 + 1)) and fold1 == pytest.approx(0.0)
-    assert summary["mean_std"]["at_crossfit"]["dice"][0] == pytest.approx((fold0 + fold1) / 2)
+    assert summary.mean_std.at_crossfit["dice"][0] == pytest.approx((fold0 + fold1) / 2)
     assert "cross-fitted" in (run / "summary.md").read_text()
 
 
@@ -271,7 +273,9 @@ def test_one_fold_has_no_cross_fitted_threshold(tmp_path):
     )
     (run / "config.json").write_text(json.dumps({"run": {"train": {"recipe": "hand"}}, "data": "x"}))
     summary = summarize_run(run)
-    assert "at_crossfit" not in summary["mean_std"] and "crossfit_threshold" not in summary["per_fold"][0]
+    assert summary.mean_std.at_crossfit is None and summary.per_fold[0].crossfit_threshold is None
+    written = json.loads((run / "summary.json").read_text())
+    assert "at_crossfit" not in written["mean_std"] and "crossfit_threshold" not in written["per_fold"][0]
 
 
 def test_deletion_steps_follow_the_runs_earlier_folds(tmp_path: Path) -> None:
@@ -284,3 +288,42 @@ def test_deletion_steps_follow_the_runs_earlier_folds(tmp_path: Path) -> None:
     atomic_write_json(run.fold_metrics_path(0), {"n_test": 2})  # evaluated without Grad-CAM checks
     atomic_write_json(run.fold_metrics_path(1), {"explainability": {"deletion_steps": 20}})
     assert _run_deletion_steps(run, cpu) == 20  # started on a GPU, resumed on CPU: its folds stay comparable
+
+
+def test_a_summary_round_trips_byte_identically_through_summary_json(tmp_path):
+    """summary.json is CVSummary.to_json(); from_json reads it back to the same bytes, every optional part included."""
+    from polypseg.core.io_utils import json_text
+    from polypseg.experiments.cv import CVSummary
+
+    run = tmp_path / "run"
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[:, :2, :2] = True
+    probs = np.where(masks, round(0.62 * 255), 0).astype(np.uint8)
+    for fold, fold_masks in ((0, masks), (1, np.zeros_like(masks))):  # fold 1 has no polyp: NaN sensitivity
+        (run / f"fold_{fold}").mkdir(parents=True)
+        np.savez(
+            run / f"fold_{fold}" / "oof.npz", stems=np.array([f"a{fold}", f"b{fold}"]), probs=probs, masks=fold_masks
+        )
+        explain = {"mean_std": {"energy_inside": {"mean": 0.5 + fold / 10, "std": 0.1, "n": 2}}}
+        (run / f"fold_{fold}" / "metrics.json").write_text(json.dumps({"auc_exact": 0.9, "explainability": explain}))
+        (run / f"fold_{fold}" / "history.json").write_text(json.dumps([{"epoch": 1, "seconds": 10.0 + fold}]))
+    (run / "config.json").write_text(json.dumps({"run": {"train": {"recipe": "hand"}}, "data": "x"}))
+    summary = summarize_run(run, elapsed_s=12.34, wall_time_s=56.78, paused_s=9.0)
+
+    written = (run / "summary.json").read_text()
+    assert written == json_text(summary.to_json()) + "\n"
+    record = json.loads(written)
+    assert set(record) == {
+        "polypseg_version", "run", "recipe", "data", "n_images", "folds", "folds_planned", "threshold",
+        "threshold_selection", "per_fold", "mean_std", "pooled", "paper", "auc_exact", "explainability",
+        "wall_time_s", "last_invocation_s", "paused_s",
+    }  # fmt: skip
+    assert set(record["per_fold"][0]) == {
+        "fold", "n_test", "at_0.5", "at_chosen", "crossfit_threshold", "at_crossfit", "training", "auc_exact",
+        "explainability",
+    }  # fmt: skip
+    assert set(record["mean_std"]) == {"at_0.5", "at_chosen", "at_crossfit"}
+    assert record["per_fold"][1]["at_0.5"]["sensitivity"] is None  # NaN is written as null
+    again = CVSummary.from_json(record)
+    assert json_text(again.to_json()) + "\n" == written
+    assert np.isnan(again.per_fold[1].at_0_5["sensitivity"]) and again.per_fold[0].training.epochs == 1

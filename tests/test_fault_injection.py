@@ -297,16 +297,16 @@ def test_cv_resume_cleans_up_refuses_other_data_and_sums_wall_time(tmp_path):
     shutil.copytree(dataset, copy)  # the same data elsewhere (e.g. another machine) is accepted
 
     resumed = _cv(copy, run, cache, resume=True)
-    assert resumed["folds"] == 2
+    assert resumed.folds == 2
     assert not any(path.exists() for path in stale) and alive.exists()
     assert not list(run.rglob("last_state.*"))
     invocations = json.loads((run / "invocations.json").read_text())["invocations"]
     assert len(invocations) == 2 and all(entry["seconds"] > 0 for entry in invocations)
     for entry in invocations:  # what ran each invocation: a long run spans several
         assert "cores)" in entry["machine"] and entry["precision"] in ("fp32", "bf16") and entry["polypseg_version"]
-    assert resumed["wall_time_s"] == pytest.approx(sum(e["seconds"] for e in invocations), abs=0.11)
-    assert resumed["wall_time_s"] > resumed["last_invocation_s"] > 0
-    assert first["wall_time_s"] == pytest.approx(invocations[0]["seconds"], abs=0.11)
+    assert resumed.wall_time_s == pytest.approx(sum(e["seconds"] for e in invocations), abs=0.11)
+    assert resumed.wall_time_s > resumed.last_invocation_s > 0
+    assert first.wall_time_s == pytest.approx(invocations[0]["seconds"], abs=0.11)
 
 
 def test_keep_state_on_request(data, tmp_path, monkeypatch):

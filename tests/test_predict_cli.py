@@ -280,3 +280,19 @@ def test_predict_threshold_must_lie_strictly_between_0_and_1(checkpoint: Path, t
             "predict", str(folder), "--model", str(checkpoint), "--out", str(tmp_path / "o"), "--threshold", value
         )
         assert result.exit_code == 2 and "strictly between 0 and 1" in result.output, result.output
+
+
+def test_predict_files_takes_its_options_by_name_and_returns_a_typed_summary(checkpoint: Path, tmp_path: Path) -> None:
+    from polypseg.inference.predict_files import PredictSummary, predict_files
+
+    folder = _folder(tmp_path / "in")
+    with pytest.raises(TypeError):
+        predict_files([folder], tmp_path / "unused", checkpoint)  # type: ignore[misc]  # options are keyword-only
+    said: list[str] = []
+    summary = predict_files(
+        [folder], tmp_path / "out", model=checkpoint, backend="torch", overlays=False, say=said.append, progress=False
+    )
+    assert isinstance(summary, PredictSummary)
+    assert (summary.images, summary.videos, summary.skipped, summary.done) == (3, 0, 1, 3)
+    assert summary.closing == said[-1] and not (tmp_path / "out" / "overlays").exists()
+    assert summary.to_json() == {"images": 3, "videos": 0, "skipped": 1, "done": 3, "closing": summary.closing}

@@ -203,3 +203,38 @@ def test_progress_in_a_log_is_one_line_per_epoch_and_silent_when_disabled(tiny_d
     assert lines[0].endswith("min to go") and lines[1].endswith(" s")  # the last epoch has nothing left
     train_model(config, tiny_data, None, tmp_path / "b", device="cpu", progress=False)
     assert "epoch" not in capsys.readouterr().out
+
+
+def test_the_best_checkpoint_keeper_writes_best_only_when_an_epoch_scores_higher(tmp_path):
+    from polypseg.models.checkpoint import read_metadata
+    from polypseg.training.state import BestCheckpoint, TrainingState
+
+    config = tiny_config(image_size=32)
+    torch.manual_seed(0)
+    model = create_model(config.model)
+    best = BestCheckpoint(tmp_path / "best")
+    best.offer(0.4, {"epoch": 1, "val_dice": 0.4, "train_loss": 1.0}, model, config, validated=True, init=None)
+    written = read_metadata(tmp_path / "best")
+    assert (best.epoch, best.score) == (1, 0.4) and best.record["metrics"] == {"val_dice": 0.4}
+    assert best.record["tensors_sha256"] == written["tensors_sha256"]
+    assert best.record["extra"] == {"epoch": 1, "selected_on": "inner validation split"}
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # a later epoch's weights
+    for score in (0.3, 0.4, float("nan")):  # lower, equal, undefined: the best stays
+        best.offer(score, {"epoch": 2, "val_dice": score}, model, config, validated=True, init=None)
+    assert best.epoch == 1 and read_metadata(tmp_path / "best")["tensors_sha256"] == written["tensors_sha256"]
+    # a state saved after epoch 1 holds those weights already; after epoch 2 it must carry epoch 1's
+    assert best.tensors_for_state(1) is None and best.tensors_for_state(2) is best.tensors
+    state = TrainingState(2, [{"epoch": 1}, {"epoch": 2}], best).to_state(steps_per_epoch=5)
+    assert state == {
+        "epoch": 2,
+        "global_step": 10,
+        "history": [{"epoch": 1}, {"epoch": 2}],
+        "best_score": 0.4,
+        "best_epoch": 1,
+        "best": best.record,
+    }
+    restored = BestCheckpoint.from_state(tmp_path / "best", {**state, "best_state": None}, model)
+    assert restored.tensors is None and (restored.epoch, restored.score) == (1, 0.4)  # epoch 2's weights are not it
+    at_best = BestCheckpoint.from_state(tmp_path / "best", {**state, "epoch": 1, "best_score": None}, model)
+    assert at_best.score == float("-inf") and at_best.tensors is not None  # the loaded weights are the best's

@@ -138,26 +138,26 @@ def register(app: typer.Typer) -> None:
             summary = predict_files(
                 inputs,
                 out,
-                model,
-                threshold,
-                tta,
-                backend,
-                device,
-                batch_size,
-                smooth,
-                save_probabilities,
-                recursive,
-                fold,
-                overlays,
-                cache_dir,
-                precision,
+                model=model,
+                threshold=threshold,
+                tta=tta,
+                backend=backend,
+                device=device,
+                batch_size=batch_size,
+                smooth=smooth,
+                save_probabilities=save_probabilities,
+                recursive=recursive,
+                fold=fold,
+                overlays=overlays,
+                cache_dir=cache_dir,
+                precision=precision,
                 warn=warn,
                 say=say,
                 progress=progress,
             )
         except PolypsegError as error:
             _fail(str(error))
-        if summary["done"] == 0:
+        if summary.done == 0:
             _fail("no input could be predicted (see the warnings above)", code=1)
 
     @app.command("export")
@@ -215,16 +215,16 @@ def register(app: typer.Typer) -> None:
             with console.status("exporting") as status:
                 results = export_checkpoints(
                     model,
-                    fmt,
-                    out,
-                    opset,
-                    dynamic_batch,
-                    int8,
-                    calibration,
-                    calibration_count,
-                    validate,
-                    validate_limit,
-                    verify_images,
+                    fmt=fmt,
+                    out=out,
+                    opset=opset,
+                    dynamic_batch=dynamic_batch,
+                    int8=int8,
+                    calibration=calibration,
+                    calibration_count=calibration_count,
+                    validate=validate,
+                    validate_limit=validate_limit,
+                    verify_images=verify_images,
                     say=lambda message: console.print(message, highlight=False, soft_wrap=True),
                     step=status.update,
                 )

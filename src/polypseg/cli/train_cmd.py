@@ -131,19 +131,19 @@ def register(app: typer.Typer) -> None:
             cache_dir=cache_dir,
             only_folds=only_fold or None,
         )
-        if summary:
-            ms = summary["mean_std"]["at_chosen"]
+        if summary is not None:
+            ms = summary.mean_std.at_chosen
             console.print(
                 f"Dice {ms['dice'][0]:.4f} ± {ms['dice'][1]:.4f}, IoU {ms['iou'][0]:.4f} ± {ms['iou'][1]:.4f} "
-                f"at threshold {summary['threshold']:g}"
+                f"at threshold {summary.threshold:g}"
             )
-            if "at_crossfit" in summary["mean_std"]:
-                fair = summary["mean_std"]["at_crossfit"]
+            fair = summary.mean_std.at_crossfit
+            if fair is not None:
                 console.print(
                     f"Dice {fair['dice'][0]:.4f} ± {fair['dice'][1]:.4f} with each fold's threshold chosen on the "
                     "other folds only (no image helps choose the threshold it is scored at)"
                 )
-            if summary.get("recipe") == "demo":
+            if summary.recipe == "demo":
                 console.print(DEMO_NOTE, highlight=False, soft_wrap=True)
             from polypseg.core.runs import RunDir
 

@@ -268,6 +268,10 @@ class RunDir(os.PathLike):
     def history_path(self, fold: int | None = None) -> Path:
         return self.training_dir(fold) / HISTORY
 
+    def training_state(self, fold: int | None = None) -> Path:
+        """The stem of the training state (``last_state``: optimizer, EMA, history) of an unfinished run."""
+        return self.training_dir(fold) / LAST_STATE
+
     def oof_path(self, fold: int) -> Path:
         return self.fold_dir(fold) / OOF
 

@@ -36,7 +36,7 @@ from polypseg.data.datasets import CachedData, build_cache, resumed_data
 from polypseg.data.splits import make_splits, splits_from_test_folds
 from polypseg.metrics.segmentation import roc_auc_exact
 from polypseg.models.checkpoint import load_checkpoint
-from polypseg.reporting.summary import PAPER_RESULTS, compute_summary, pooled_metrics, summary_markdown
+from polypseg.reporting.summary import PAPER_RESULTS, CVSummary, compute_summary, pooled_metrics, summary_markdown
 from polypseg.training.evaluation import evaluate_probabilities
 from polypseg.training.loop import (
     DistributedContext,
@@ -49,6 +49,7 @@ from polypseg.training.loop import (
 
 __all__ = [
     "PAPER_RESULTS",
+    "CVSummary",
     "RunError",
     "evaluate_fold",
     "load_oof",
@@ -155,8 +156,9 @@ def run_cv(
     cache_dir: Path | str | None = None,
     report: bool = True,
     only_folds: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) K-fold cross-validation and return the summary written to ``RUN/summary.json``.
+) -> CVSummary | None:
+    """Run (or resume) K-fold cross-validation and return the summary written to ``RUN/summary.json``
+    (None in the processes of a distributed run other than the main one).
 
     ``config`` is required for a new run (``folds`` defaults to 5, ``seed`` to 0). With
     ``resume=True`` an existing run continues with its saved config, folds, seed and data; a
@@ -232,7 +234,7 @@ def run_cv(
     splits = run.read_splits()
     assert splits is not None
 
-    summary: dict[str, Any] = {}
+    summary: CVSummary | None = None
     for fold in splits["folds"]:
         index = fold["fold"]
         if only_folds is not None and index not in only_folds:
@@ -266,7 +268,7 @@ def run_cv(
 
     if context.is_main:
         assert clock is not None
-        if not summary:  # no fold was evaluated in this invocation: summarise what is there
+        if summary is None:  # no fold was evaluated in this invocation: summarise what is there
             clock.tick()
             summary = summarize_run(
                 run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total()
@@ -347,13 +349,13 @@ def summarize_run(
     elapsed_s: float | None = None,
     wall_time_s: float | None = None,
     paused_s: float | None = None,
-) -> dict[str, Any]:
+) -> CVSummary:
     """Summarise the finished folds (:func:`polypseg.reporting.summary.compute_summary`) and write
     ``summary.{json,md}`` and ``pooled_histograms.npz`` into the run; returns the summary."""
     run = RunDir(run_dir)
     summary, pooled = compute_summary(run, elapsed_s=elapsed_s, wall_time_s=wall_time_s, paused_s=paused_s)
     run.write_pooled_histograms(*pooled.histograms)
-    run.write_summary(summary, summary_markdown(summary))
+    run.write_summary(summary.to_json(), summary_markdown(summary))
     return summary
 
 

@@ -96,7 +96,7 @@ def explain_files(
     from polypseg.explain.gradcam import METHODS, GradCAMDriver, MaskedLogitSum, resize_heatmap, resolve_layer
     from polypseg.explain.metrics import METRIC_KEYS, METRIC_SCALES, explanation_report, score_explanations
     from polypseg.inference.inferer import batch_slices, use_precision_layout
-    from polypseg.inference.predictor import upsample_mask
+    from polypseg.inference.masks import upsample_mask
     from polypseg.metrics.segmentation import dice_score, iou_score
     from polypseg.models.checkpoint import load_checkpoint
 

@@ -2,8 +2,10 @@
 
 Modules: ``inferer`` (the one inference core: model input, batching, precision, flip TTA),
 ``predictor`` (``Predictor``: one checkpoint, a fold ensemble or an ONNX model, any image size),
-``export`` (ONNX, onnxruntime, OpenVINO, int8), ``deploy`` (what ``polypseg export`` does),
-``video``, ``predict_files`` (what ``polypseg predict`` does).
+``loading`` (the model source and the engine choice of ``Predictor.from_checkpoint``), ``runners``
+(one per engine), ``masks`` (maps brought to image size in stripes, overlays), ``export`` (ONNX,
+onnxruntime, OpenVINO, int8), ``deploy`` (what ``polypseg export`` does), ``video``,
+``predict_files`` (what ``polypseg predict`` does).
 """
 
 from __future__ import annotations

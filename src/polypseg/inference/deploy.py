@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 def export_checkpoints(
     model: Path,
+    *,
     fmt: str = "onnx",
     out: Path | None = None,
     opset: int | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,35 @@ VIDEO_COLUMNS = (
 )
 
 
+@dataclass(frozen=True)
+class PredictSummary:
+    """What :func:`predict_files` did: inputs predicted and skipped, and the closing line it said."""
+
+    images: int  # images predicted
+    videos: int  # videos predicted
+    skipped: int  # inputs named in skipped.csv
+    closing: str
+
+    @property
+    def done(self) -> int:
+        """Inputs predicted (images and videos): 0 means none could be."""
+        return self.images + self.videos
+
+    def to_json(self) -> dict[str, Any]:
+        """The counts and the closing line, with ``done``, as JSON-ready values."""
+        return {
+            "images": self.images,
+            "videos": self.videos,
+            "skipped": self.skipped,
+            "done": self.done,
+            "closing": self.closing,
+        }
+
+
 def predict_files(
     inputs: Sequence[Path],
     out: Path,
+    *,
     model: Path | str | None = None,
     threshold: float | None = None,
     tta: bool = False,
@@ -64,39 +91,19 @@ def predict_files(
     warn: Callable[[str], None] = log.warning,
     say: Callable[[str], None] = log.info,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> PredictSummary:
     """Predict images and videos into ``out``; returns counts of done and skipped inputs.
 
     Inputs are collected by :func:`polypseg.data.inputs.collect_inputs` (images and videos; folders
     recursively with ``recursive``). Bad inputs follow :mod:`polypseg.data.inputs`: each is skipped
     and named with its cause through ``warn``, the rest are predicted, and the closing line
-    (``"closing"`` in the result, also given to ``say``) counts both. Options are checked first,
+    (:attr:`PredictSummary.closing`, also given to ``say``) counts both. Options are checked first,
     each error naming its command-line option.
     """
-    from polypseg.data.inputs import (
-        FAILED,
-        SkipLog,
-        collect_inputs,
-        one_line_warnings,
-        prepare_output_folder,
-        write_csv,
-    )
+    from polypseg.data.inputs import SkipLog, collect_inputs, one_line_warnings, prepare_output_folder, write_csv
     from polypseg.inference.predictor import Predictor
-    from polypseg.inference.video import VideoError, segment_video
 
-    if batch_size < 1:
-        raise PolypsegError(f"--batch-size {batch_size}: must be >= 1")
-    if smooth is not None and not 0 < smooth <= 1:
-        raise PolypsegError(f"--smooth {smooth}: the EMA weight of the newest frame must be in (0, 1]")
-    if threshold is not None:
-        check_threshold(threshold, "--threshold")  # the rule of explain, serve and checkpoint sidecars
-    if out.exists() and not out.is_dir():
-        prepare_output_folder(out)  # one line naming --out, before any work
-    from polypseg.core.precision import check_precision
-
-    check_precision(precision, "--precision")
-    if fold is not None:
-        _check_fold(model, fold)
+    _check_options(out, model, threshold, batch_size, smooth, fold, precision)
     skips = SkipLog(warn)
     with one_line_warnings(warn):
         items = collect_inputs(inputs, skips, videos=True, recursive=recursive, exclude=out)
@@ -124,49 +131,94 @@ def predict_files(
             columns = list(PREDICTION_COLUMNS) + (["uncertainty_mean"] if predictor.n_models > 1 else [])
             write_csv(out / "predictions.csv", columns, rows)
 
-        video_rows: list[dict[str, Any]] = []
-        for item in (item for item in items if item.video):
-            try:
-                result = segment_video(
-                    predictor, item.path, out, alpha=smooth, stem=item.name, write_overlay=overlays, progress=progress
-                )
-            except VideoError as error:
-                skips.skip(item.path, str(error), cause=FAILED)
-                continue
-            if result.warning:
-                warn(result.warning)
-            speed = result.frames / max(result.seconds, 1e-9)
-            line = (
-                f"{item.path}: {result.frames} frames in {result.seconds:.1f} s ({speed:.1f} frames/s), "
-                f"consistency (mean IoU of consecutive masks) {result.consistency:.4f}"
-            )
-            if result.consistency_smoothed is not None:
-                line += f" raw, {result.consistency_smoothed:.4f} with EMA smoothing (alpha {result.alpha:g})"
-            say(line)
-            video_rows.append(
-                {
-                    "file": str(item.path),
-                    "frames": result.frames,
-                    "fps": round(result.fps, 3),
-                    "seconds": round(result.seconds, 3),
-                    "consistency": round(result.consistency, 6),
-                    "consistency_smoothed": ""
-                    if result.consistency_smoothed is None
-                    else round(result.consistency_smoothed, 6),
-                    "alpha": "" if result.alpha is None else result.alpha,
-                    "overlay": result.overlay.name if result.overlay else "",
-                    "frames_csv": result.frames_csv.name if result.frames_csv else "",
-                    "warning": result.warning or "",
-                }
-            )
+        videos = [item for item in items if item.video]
+        video_rows = _predict_videos(predictor, videos, out, smooth, overlays, skips, warn, say, progress)
         if video_rows:
             write_csv(out / "videos.csv", VIDEO_COLUMNS, [{k: _text(v) for k, v in row.items()} for row in video_rows])
         if skips:
             skips.write_csv(out / "skipped.csv")
-    done = len(rows) + len(video_rows)
     closing = skips.closing(f"{len(rows)} image(s), {len(video_rows)} video(s) predicted", out)
     say(closing)
-    return {"images": len(rows), "videos": len(video_rows), "skipped": len(skips), "done": done, "closing": closing}
+    return PredictSummary(images=len(rows), videos=len(video_rows), skipped=len(skips), closing=closing)
+
+
+def _predict_videos(
+    predictor: Any,
+    videos: list[InputFile],
+    out: Path,
+    smooth: float | None,
+    overlays: bool,
+    skips: Any,
+    warn: Callable[[str], None],
+    say: Callable[[str], None],
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Segment each video into ``out`` (one line each through ``say``); unreadable ones go to ``skips``."""
+    from polypseg.data.inputs import FAILED
+    from polypseg.inference.video import VideoError, segment_video
+
+    video_rows: list[dict[str, Any]] = []
+    for item in videos:
+        try:
+            result = segment_video(
+                predictor, item.path, out, alpha=smooth, stem=item.name, write_overlay=overlays, progress=progress
+            )
+        except VideoError as error:
+            skips.skip(item.path, str(error), cause=FAILED)
+            continue
+        if result.warning:
+            warn(result.warning)
+        speed = result.frames / max(result.seconds, 1e-9)
+        line = (
+            f"{item.path}: {result.frames} frames in {result.seconds:.1f} s ({speed:.1f} frames/s), "
+            f"consistency (mean IoU of consecutive masks) {result.consistency:.4f}"
+        )
+        if result.consistency_smoothed is not None:
+            line += f" raw, {result.consistency_smoothed:.4f} with EMA smoothing (alpha {result.alpha:g})"
+        say(line)
+        video_rows.append(
+            {
+                "file": str(item.path),
+                "frames": result.frames,
+                "fps": round(result.fps, 3),
+                "seconds": round(result.seconds, 3),
+                "consistency": round(result.consistency, 6),
+                "consistency_smoothed": ""
+                if result.consistency_smoothed is None
+                else round(result.consistency_smoothed, 6),
+                "alpha": "" if result.alpha is None else result.alpha,
+                "overlay": result.overlay.name if result.overlay else "",
+                "frames_csv": result.frames_csv.name if result.frames_csv else "",
+                "warning": result.warning or "",
+            }
+        )
+    return video_rows
+
+
+def _check_options(
+    out: Path,
+    model: Path | str | None,
+    threshold: float | None,
+    batch_size: int,
+    smooth: float | None,
+    fold: int | None,
+    precision: str,
+) -> None:
+    """One line naming the first bad option, before any work."""
+    from polypseg.core.precision import check_precision
+    from polypseg.data.inputs import prepare_output_folder
+
+    if batch_size < 1:
+        raise PolypsegError(f"--batch-size {batch_size}: must be >= 1")
+    if smooth is not None and not 0 < smooth <= 1:
+        raise PolypsegError(f"--smooth {smooth}: the EMA weight of the newest frame must be in (0, 1]")
+    if threshold is not None:
+        check_threshold(threshold, "--threshold")  # the rule of explain, serve and checkpoint sidecars
+    if out.exists() and not out.is_dir():
+        prepare_output_folder(out)  # one line naming --out
+    check_precision(precision, "--precision")
+    if fold is not None:
+        _check_fold(model, fold)
 
 
 def _check_fold(model: Path | str | None, fold: int) -> None:
@@ -225,7 +277,7 @@ def _predict_images(
 
     The model runs at its own resolution on batches of ``predictor.batch_size`` images (fewer when
     they hold over ``BATCH_PIXELS`` pixels); each map is brought to the image's size in stripes
-    (:func:`polypseg.inference.predictor.upsample_rows`) only to be written, and the overlay is drawn into the
+    (:func:`polypseg.inference.masks.upsample_rows`) only to be written, and the overlay is drawn into the
     decoded image itself, so the peak memory per image stays near 8 bytes per pixel.
     """
     from rich.console import Console
@@ -233,7 +285,7 @@ def _predict_images(
 
     from polypseg.core.io_utils import display_name
     from polypseg.data.inputs import InputProblem
-    from polypseg.inference.predictor import overlay_mask_inplace, upsample_mask, upsample_uint8
+    from polypseg.inference.masks import overlay_mask_inplace, upsample_mask, upsample_uint8
 
     rows: list[dict[str, Any]] = []
     shown = (

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,32 +31,42 @@ from torch import nn
 
 from polypseg.core.devices import DeviceError, resolve_device
 from polypseg.core.io_utils import display_name
-from polypseg.core.rules import image_size_problem, threshold_problem
-from polypseg.core.runs import RunDir, fold_name, parse_fold_name
+from polypseg.core.rules import threshold_problem
 from polypseg.data.datasets import ImageReadError
 from polypseg.data.inputs import ImageInput, load_input, to_rgb_uint8  # noqa: F401 - to_rgb_uint8 stays importable from here
 from polypseg.data.inputs import is_pil as _is_pil
 from polypseg.data.transforms import resize_probabilities
-from polypseg.errors import PolypsegError
 from polypseg.inference.inferer import (
     Runner,
     batch_slices,
     model_input,
-    probability_runner,
-    use_precision_layout,
     with_flip_tta,
 )
+from polypseg.inference.loading import (  # noqa: F401 - BACKENDS and PredictorError stay importable from here
+    BACKENDS,
+    EngineRequest,
+    ModelSource,
+    PredictorError,
+    check_backend,
+    choose_engine,
+    onnx_model_paths,
+    read_onnx_sidecars,
+    resolve_source,
+)
+from polypseg.inference.masks import (  # noqa: F401 - these stay importable from here
+    overlay_mask,
+    overlay_mask_inplace,
+    upsample_mask,
+    upsample_rows,
+    upsample_uint8,
+)
 from polypseg.inference.openvino_engine import OpenVINOError, StaticShapeModel, openvino_config, require_openvino
+from polypseg.inference.runners import onnx_runner, openvino_runner, torch_runner
 from polypseg.models.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 COMPILE_MODES = ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default")
-
-
-class PredictorError(PolypsegError):
-    """A model cannot be loaded for inference, or an option does not fit it."""
 
 
 @dataclass
@@ -98,104 +108,6 @@ class Prediction:
     def with_threshold(self, threshold: float) -> Prediction:
         """The same probabilities thresholded again (the model is not rerun)."""
         return dataclasses.replace(self, threshold=float(threshold))
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs
-
-
-# --------------------------------------------------------------------------------------------
-# Runners: normalised (N, 3, S, S) on the predictor's device -> probabilities (N, 1, S, S) float32
-
-
-def _torch_runner(model: nn.Module, device: torch.device, compile_mode: str | None, precision: str = "auto") -> Runner:
-    """The core's probability runner for a model this predictor owns (made channels-last where the rule says)."""
-    from polypseg.core.precision import resolve_precision
-
-    precision = resolve_precision(precision, device)
-    cuda = device.type == "cuda"
-    channels_last = use_precision_layout(model, device, precision)
-    if not compile_mode:
-        return probability_runner(model, device, precision, channels_last)
-    probabilities = probability_runner(model, device, precision)
-
-    # One graph per batch size (dynamic=False). "reduce-overhead" and "max-autotune" replay CUDA
-    # graphs, which is what makes batch-1 latency launch-free; sigmoid and the cast are fused in.
-    compiled = torch.compile(probabilities, mode=compile_mode, dynamic=False)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if cuda:
-            torch.compiler.cudagraph_mark_step_begin()
-        # clone: a CUDA-graph output lives in a pool the next replay overwrites
-        return compiled(x).clone()
-
-    return run
-
-
-def _onnx_runner(session: Any) -> Runner:
-    input_name = session.get_inputs()[0].name
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        out = session.run(None, {input_name: x.detach().cpu().numpy().astype(np.float32, copy=False)})[0]
-        return torch.from_numpy(out).to(x.device)
-
-    return run
-
-
-def _openvino_runner(model: StaticShapeModel) -> Runner:
-    """An OpenVINO model (the same exported ONNX graph: normalised input -> probabilities), compiled per batch size."""
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        try:
-            result = model.infer(x.detach().cpu().numpy())
-        except OpenVINOError as error:
-            raise PredictorError(str(error)) from None
-        return torch.from_numpy(np.array(result[0], dtype=np.float32, copy=True)).to(x.device)
-
-    return run
-
-
-def _onnx_paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    for path in paths:
-        if not path.is_file():
-            raise PredictorError(f"ONNX model not found: {path}")
-    return paths
-
-
-def _onnx_sidecars(
-    paths: Sequence[Path], threshold: float | None, metadata: dict[str, Any] | None
-) -> tuple[int, dict[str, Any], float]:
-    """Input size, metadata and threshold of exported models, from the sidecars written beside them."""
-    from polypseg.inference.export import read_onnx_metadata
-
-    sidecars = [read_onnx_metadata(path) for path in paths]
-    for path, sidecar in zip(paths, sidecars, strict=True):  # the rules checkpoint sidecars are read with
-        problem = image_size_problem(sidecar.get("image_size"))
-        problem = f"image_size {problem}" if problem else _threshold_in_file(sidecar)
-        if problem is not None:
-            raise PredictorError(f"cannot load ONNX model {path}: its sidecar's {problem}")
-    sizes = {s["image_size"] for s in sidecars}
-    if len(sizes) != 1:
-        raise PredictorError(f"ONNX models disagree on input size: {sorted(sizes)}")
-    meta: dict[str, Any] = {
-        "onnx": [str(p) for p in paths],
-        "config": sidecars[0].get("config", {}),
-        "metrics": sidecars[0].get("metrics", {}),
-    }
-    if any(s.get("quantization") for s in sidecars):
-        meta["quantization"] = [s.get("quantization") for s in sidecars]
-    meta.update(metadata or {})
-    if threshold is None:
-        threshold = float(sidecars[0].get("threshold", 0.5))
-    return sizes.pop(), meta, threshold
-
-
-def _threshold_in_file(record: dict[str, Any]) -> str | None:
-    problem = threshold_problem(record.get("threshold", 0.5))
-    return None if problem is None else f"threshold {problem}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +190,7 @@ class Predictor:
         runners = []
         for m in models:
             m.eval().to(device)
-            run = _torch_runner(m, device, compile_mode, precision)
+            run = torch_runner(m, device, compile_mode, precision)
             runners.append(with_flip_tta(run) if tta else run)
         return cls(
             runners,
@@ -309,12 +221,12 @@ class Predictor:
         from polypseg.inference.export import create_session
 
         device = _resolve_device(device)
-        paths = _onnx_paths(paths)
+        paths = onnx_model_paths(paths)
         runners = []
         for path in paths:
-            run = _onnx_runner(create_session(path, device=str(device)))
+            run = onnx_runner(create_session(path, device=str(device)))
             runners.append(with_flip_tta(run) if tta else run)
-        image_size, meta, threshold = _onnx_sidecars(paths, threshold, metadata)
+        image_size, meta, threshold = read_onnx_sidecars(paths, threshold, metadata)
         return cls(
             runners,
             image_size=image_size,
@@ -351,7 +263,7 @@ class Predictor:
             require_openvino("the openvino backend")
         except OpenVINOError as error:
             raise PredictorError(str(error)) from None
-        paths = _onnx_paths(paths)
+        paths = onnx_model_paths(paths)
         resolved = resolve_precision(precision, "cpu")
         runners = []
         for path in paths:
@@ -359,9 +271,9 @@ class Predictor:
                 model = StaticShapeModel(path, openvino_config(resolved))
             except OpenVINOError as error:
                 raise PredictorError(str(error)) from None
-            run = _openvino_runner(model)
+            run = openvino_runner(model)
             runners.append(with_flip_tta(run) if tta else run)
-        image_size, meta, threshold = _onnx_sidecars(paths, threshold, metadata)
+        image_size, meta, threshold = read_onnx_sidecars(paths, threshold, metadata)
         return cls(
             runners,
             image_size=image_size,
@@ -400,120 +312,44 @@ class Predictor:
         bf16 where the CPU has it), else onnxruntime, each on the validated int8 model where there
         is one (each checkpoint exported on first use into the cache, ``cache_dir/onnx`` or
         ``~/.cache/polypseg/onnx``, keyed by the checkpoint's content hash; never into the run
-        folder; torch if the export fails).
+        folder; torch if the export fails). The choice is :func:`polypseg.inference.loading.choose_engine`,
+        the model found by :func:`polypseg.inference.loading.resolve_source`, the engines in :data:`ENGINES`.
         ``notify`` receives one-line notes (an export starting, a fallback to torch); by default
         they are logged.
         """
-        from polypseg.models.checkpoint import config_from_metadata, find_checkpoints, load_checkpoint, read_metadata
-
-        if backend not in BACKENDS:
-            raise PredictorError(f"unknown backend '{backend}'; choose one of: {', '.join(BACKENDS)}")
-        from polypseg.models.pretrained import resolve_model
-
+        check_backend(backend)
         device = _resolve_device(device)
-        path = resolve_model(path_or_run)
-        if path.suffix == ".onnx":
-            if backend == "torch":
-                raise PredictorError(f"{path} is an ONNX model: use backend 'onnxruntime', 'openvino' or 'auto'")
-            if fold is not None or _compile_mode(compile):
-                raise PredictorError(f"{path} is one ONNX model: fold and compile apply to checkpoints and run folders")
-            if backend == "openvino":
-                if device.type != "cpu":
-                    raise PredictorError(f"the openvino backend runs on the CPU, not {device}")
-                return cls.from_openvino(path, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size)
-            return cls.from_onnx(path, device=device, threshold=threshold, tta=tta, batch_size=batch_size)
-
-        checkpoints = find_checkpoints(path)
-        if fold is not None:
-            folds = {_fold_index(c): c for c in checkpoints}
-            if fold not in folds:
-                raise PredictorError(f"--fold {fold}: {path} has folds {sorted(k for k in folds if k is not None)}")
-            checkpoints = [folds[fold]]
-        metas = [read_metadata(c) for c in checkpoints]
-        configs = [config_from_metadata(m, c) for c, m in zip(checkpoints, metas, strict=False)]
-        summary: dict[str, Any] = {}
-        if path.is_dir() and RunDir(path).summary_path.is_file():
-            summary = RunDir(path).read_summary()
-        if threshold is None and "threshold" in summary:
-            problem = _threshold_in_file(summary)
-            if problem is not None:
-                raise PredictorError(f"{RunDir(path).summary_path}: its {problem}")
-        if threshold is None:  # a sidecar's threshold was checked by read_metadata
-            threshold = float(summary.get("threshold", metas[0].get("threshold", 0.5)))
-        metadata: dict[str, Any] = {
-            "checkpoints": [str(c) for c in checkpoints],
-            "config": metas[0]["config"],
-            "metrics": metas[0].get("metrics", {})
-            if len(metas) == 1
-            else {fold_name(_fold_index(c)): m.get("metrics", {}) for c, m in zip(checkpoints, metas, strict=False)},
-        }
-        if summary:
-            metadata["summary"] = summary
-        image_size = int(configs[0].train.image_size)
-        if any(int(c.train.image_size) != image_size for c in configs):
-            raise PredictorError(f"the checkpoints under {path} were trained at different image sizes")
-
-        compile_mode = _compile_mode(compile)
-        if compile_mode and backend == "onnxruntime":
-            raise PredictorError("compile applies to the torch backend, not onnxruntime")
-        say = notify or log.warning
-        if backend == "auto":
-            backend = "torch" if device.type == "cuda" or compile_mode else "onnxruntime"
-            if backend == "onnxruntime":
-                try:
-                    # int8 only where the precision is left to us: fp32 and bf16 are what was asked for.
-                    onnx_paths = _onnx_models(
-                        checkpoints,
-                        cache_dir,
-                        say,
-                        prefer_int8=precision == "auto",
-                        engine="OpenVINO" if openvino_installed() else "onnxruntime",
-                    )
-                except CheckpointError:
-                    raise  # a broken checkpoint is not an onnxruntime problem: torch could not load it either
-                except Exception as error:  # noqa: BLE001 - any export failure: fall back to torch, say why
-                    say(f"onnxruntime unavailable for {display_name(path)} ({str(error).splitlines()[0]}); using torch")
-                    backend = "torch"
-            if backend == "onnxruntime" and openvino_installed():
-                # Measured on both releases of the shipped model (docs/benchmarks.md): OpenVINO int8
-                # and bf16 are the fastest CPU engines, each within 0.0005 Dice of fp32.
-                return cls.from_openvino(
-                    onnx_paths,
-                    precision=precision,
-                    threshold=threshold,
-                    tta=tta,
-                    batch_size=batch_size,
-                    metadata=metadata,
-                )
-            if backend == "onnxruntime":
-                return cls.from_onnx(
-                    onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
-                )
-        elif backend == "onnxruntime":
-            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False, engine="onnxruntime")
-            return cls.from_onnx(
-                onnx_paths, device=device, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
-            )
-        elif backend == "openvino":
-            if device.type != "cpu":
-                raise PredictorError(f"the openvino backend runs on the CPU, not {device}")
-            onnx_paths = _onnx_models(checkpoints, cache_dir, say, prefer_int8=False, engine="OpenVINO")
-            return cls.from_openvino(
-                onnx_paths, precision=precision, threshold=threshold, tta=tta, batch_size=batch_size, metadata=metadata
-            )
-
-        models = [load_checkpoint(c, device="cpu").model for c in checkpoints]
-        return cls.from_model(
-            models,
-            image_size=image_size,
-            threshold=threshold,
-            device=device,
-            tta=tta,
-            batch_size=batch_size,
-            compile=compile,
-            metadata=metadata,
+        source = resolve_source(path_or_run, fold=fold, threshold=threshold)
+        request = EngineRequest(
+            backend=backend,
+            device=str(device),
+            compile=_compile_mode(compile) is not None,
+            openvino_installed=openvino_installed(),
             precision=precision,
+            onnx_model=source.is_onnx,
+            fold=fold is not None,
+            model=str(source.path),
         )
+        choice = choose_engine(request)
+        say = notify or log.warning
+        engine = ENGINES[choice.engine]
+        if engine.runs_onnx and not source.is_onnx:
+            try:
+                exported = _onnx_models(
+                    source.checkpoints, cache_dir, say, prefer_int8=choice.prefer_int8, engine=engine.label
+                )
+                source = source.with_onnx(exported)
+            except CheckpointError:
+                raise  # a broken checkpoint is not an onnxruntime problem: torch could not load it either
+            except Exception as error:  # any export failure: fall back where the choice allows, say why
+                if choice.fallback is None:
+                    raise
+                say(
+                    f"onnxruntime unavailable for {display_name(source.path)} ({str(error).splitlines()[0]}); using torch"
+                )
+                engine = ENGINES[choice.fallback]
+        options = LoadOptions(device=device, precision=precision, tta=tta, batch_size=batch_size, compile=compile)
+        return engine.load(source, options)
 
     # ---------------------------------------------------------------- prediction
 
@@ -610,6 +446,81 @@ class Predictor:
 
 
 # --------------------------------------------------------------------------------------------
+# Engines: name -> how it loads a model source (the registry from_checkpoint picks from)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The options of :meth:`Predictor.from_checkpoint` an engine loads a model with."""
+
+    device: torch.device
+    precision: str = "auto"
+    tta: bool = False
+    batch_size: int = 8
+    compile: bool | str = False
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One inference engine: ``load`` builds a :class:`Predictor` from a :class:`ModelSource`.
+
+    ``runs_onnx``: it runs exported ONNX models, so checkpoints are exported (and cached) first.
+    ``label``: how notes name it.
+    """
+
+    label: str
+    runs_onnx: bool
+    load: Callable[[ModelSource, LoadOptions], Predictor]
+
+
+def _load_torch(source: ModelSource, options: LoadOptions) -> Predictor:
+    from polypseg.models.checkpoint import load_checkpoint
+
+    assert source.image_size is not None and source.threshold is not None  # resolve_source sets both for checkpoints
+    models = [load_checkpoint(c, device="cpu").model for c in source.checkpoints]
+    return Predictor.from_model(
+        models,
+        image_size=source.image_size,
+        threshold=source.threshold,
+        device=options.device,
+        tta=options.tta,
+        batch_size=options.batch_size,
+        compile=options.compile,
+        metadata=source.metadata,
+        precision=options.precision,
+    )
+
+
+def _load_onnxruntime(source: ModelSource, options: LoadOptions) -> Predictor:
+    return Predictor.from_onnx(
+        list(source.onnx),
+        device=options.device,
+        threshold=source.threshold,
+        tta=options.tta,
+        batch_size=options.batch_size,
+        metadata=source.metadata,
+    )
+
+
+def _load_openvino(source: ModelSource, options: LoadOptions) -> Predictor:
+    return Predictor.from_openvino(
+        list(source.onnx),
+        precision=options.precision,
+        threshold=source.threshold,
+        tta=options.tta,
+        batch_size=options.batch_size,
+        metadata=source.metadata,
+    )
+
+
+ENGINES: dict[str, Engine] = {
+    "torch": Engine("torch", runs_onnx=False, load=_load_torch),
+    "onnxruntime": Engine("onnxruntime", runs_onnx=True, load=_load_onnxruntime),
+    "openvino": Engine("OpenVINO", runs_onnx=True, load=_load_openvino),
+}
+
+
+# --------------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -637,10 +548,6 @@ def openvino_installed() -> bool:
     return find_spec("openvino") is not None
 
 
-def _fold_index(checkpoint: Path) -> int | None:
-    return parse_fold_name(checkpoint.parent.name)
-
-
 def _preferred_onnx(
     checkpoint: Path, cache_dir: Path | str | None = None, notify: Callable[[str], None] | None = None
 ) -> Path:
@@ -655,6 +562,7 @@ def _onnx_models(
     checkpoints: Sequence[Path],
     cache_dir: Path | str | None,
     say: Callable[[str], None],
+    *,
     prefer_int8: bool,
     engine: str,
 ) -> list[Path]:
@@ -674,105 +582,3 @@ def _onnx_models(
     if prefer_int8:
         return [_preferred_onnx(c, cache_dir, quiet) for c in checkpoints]
     return [cached_onnx(c, cache_dir, quiet) for c in checkpoints]
-
-
-def upsample_rows(small: np.ndarray, size: tuple[int, int], rows: int = 256) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Bilinear upsampling of a ``(h, w)`` map to ``(H, W)``, yielded as ``(start, stop, rows)`` stripes.
-
-    The same interpolation as :func:`polypseg.data.transforms.resize_probabilities` (half-pixel centres,
-    ``align_corners=False``, clamped to [0, 1]) to float rounding, without ever holding the whole
-    ``(H, W)`` float map: peak memory is ``rows x W`` floats plus an ``h x W`` intermediate.
-    """
-    small = np.asarray(small, dtype=np.float32)
-    height, width = int(size[0]), int(size[1])
-
-    def axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # float32 coordinates, as PyTorch's CPU kernel computes them
-        scale = np.float32(n_in) / np.float32(n_out)
-        source = np.maximum(
-            (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0)
-        )
-        low = np.minimum(source.astype(np.int64), n_in - 1)
-        high = np.minimum(low + 1, n_in - 1)
-        return low, high, (source - low.astype(np.float32)).astype(np.float32)
-
-    y0, y1, wy = axis(small.shape[0], height)
-    x0, x1, wx = axis(small.shape[1], width)
-    columns = small[:, x0] * (1 - wx) + small[:, x1] * wx  # (h, W)
-    for start in range(0, height, rows):
-        stop = min(height, start + rows)
-        weight = wy[start:stop, None]
-        stripe = columns[y0[start:stop]] * (1 - weight) + columns[y1[start:stop]] * weight
-        yield start, stop, np.clip(stripe, 0.0, 1.0, out=stripe)
-
-
-def upsample_mask(
-    small: np.ndarray, size: tuple[int, int], threshold: float, rows: int = 256
-) -> tuple[np.ndarray, float]:
-    """``(probability >= threshold at (H, W), mean probability inside that mask)`` from a model-size map,
-    one byte per pixel at full size."""
-    mask = np.empty((int(size[0]), int(size[1])), dtype=bool)
-    total, count = 0.0, 0
-    for start, stop, stripe in upsample_rows(small, size, rows):
-        inside = stripe >= threshold
-        mask[start:stop] = inside
-        total += float(stripe[inside].sum(dtype=np.float64))
-        count += int(inside.sum())
-    return mask, (total / count if count else 0.0)
-
-
-def upsample_uint8(small: np.ndarray, size: tuple[int, int], scale: float = 255.0, rows: int = 256) -> np.ndarray:
-    """A model-size map brought to ``(H, W)`` as ``uint8`` (``round(value * scale)``, clipped to 255)."""
-    out = np.empty((int(size[0]), int(size[1])), dtype=np.uint8)
-    for start, stop, stripe in upsample_rows(small, size, rows):
-        out[start:stop] = np.clip(np.round(stripe * scale), 0, 255)
-    return out
-
-
-def overlay_mask_inplace(
-    image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0), alpha: float = 0.35, rows: int = 256
-) -> np.ndarray:
-    """:func:`overlay_mask` drawn into ``image`` itself, stripe by stripe (no full-size copies)."""
-    from scipy.ndimage import binary_erosion
-
-    if not mask.any():
-        return image
-    tint = np.asarray(color, dtype=np.float32)
-    width = max(1, round(min(mask.shape) / 250))
-    height = mask.shape[0]
-    for start in range(0, height, rows):
-        stop = min(height, start + rows)
-        # erode with `width` rows of context on each side, so stripes join exactly
-        low, high = max(0, start - width), min(height, stop + width)
-        window = mask[low:high]
-        eroded = binary_erosion(window, iterations=width, border_value=0)
-        if low > 0:
-            eroded[:width] = False  # rows eroded only because the window ends there: not used below
-        inner = slice(start - low, stop - low)
-        part, stripe_mask = image[start:stop], mask[start:stop]
-        part[stripe_mask] = ((1 - alpha) * part[stripe_mask].astype(np.float32) + alpha * tint).round().astype(np.uint8)
-        outline = stripe_mask & ~eroded[inner]
-        part[outline] = np.asarray(color, dtype=np.uint8)
-    return image
-
-
-def overlay_mask(
-    image: np.ndarray,
-    mask: np.ndarray,
-    color: tuple[int, int, int] = (0, 255, 0),
-    alpha: float = 0.35,
-) -> np.ndarray:
-    """The image with the mask tinted in ``color`` and its outline drawn opaque (``uint8 (H, W, 3)``)."""
-    from scipy.ndimage import binary_erosion
-
-    out = image.copy()
-    if not mask.any():
-        return out
-    tint = np.asarray(color, dtype=np.float32)
-    # Blend only the masked pixels: a full-frame float copy would cost more than the model on CPU.
-    out[mask] = ((1 - alpha) * image[mask].astype(np.float32) + alpha * tint).round().astype(np.uint8)
-    # Outline about 0.4% of the short side thick, so it stays visible on large frames.
-    width = max(1, round(min(mask.shape) / 250))
-    outline = mask & ~binary_erosion(mask, iterations=width, border_value=0)
-    out[outline] = np.asarray(color, dtype=np.uint8)
-    return out

@@ -246,7 +246,8 @@ def segment_video(
     ``iou_with_previous_raw`` when smoothing) into ``out_dir`` when given. With ``alpha`` in
     (0, 1), the EMA-smoothed probabilities give the masks, overlay and CSV figures.
     """
-    from polypseg.inference.predictor import Prediction, overlay_mask
+    from polypseg.inference.masks import overlay_mask
+    from polypseg.inference.predictor import Prediction
 
     path = Path(path)
     smoother = ExponentialSmoother(alpha) if alpha is not None else None

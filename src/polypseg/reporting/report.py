@@ -80,7 +80,8 @@ def write_report(
     summary = run.read_summary()
     histograms = run.read_pooled_histograms()
     if summary is None or summary.get("folds") != len(done):
-        summary, pooled = compute_summary(run)  # a partial or interrupted run: the folds that exist
+        computed, pooled = compute_summary(run)  # a partial or interrupted run: the folds that exist
+        summary = computed.to_json()
         histograms = pooled.histograms
     elif histograms is None:
         histograms = pooled_metrics(run).histograms

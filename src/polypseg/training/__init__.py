@@ -1,6 +1,7 @@
 """Training: one model on one split, its losses, and evaluation on held-out data.
 
-Modules: ``loop`` (the resumable training loop), ``losses`` (registry over smp's losses),
+Modules: ``loop`` (the resumable training loop), ``state`` (what a run keeps between epochs: its
+``TrainingState`` and ``BestCheckpoint``), ``progress`` (the progress bar or log lines), ``losses`` (registry over smp's losses),
 ``evaluation`` (batched prediction and metrics against masks), ``train_split`` (``polypseg train``:
 one train/validation/test split).
 """

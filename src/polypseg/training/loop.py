@@ -28,7 +28,7 @@ from polypseg.core.config import OPTIMIZERS, SCHEDULES, ConfigError, RunConfig, 
 from polypseg.core.devices import resolve_device
 from polypseg.core.io_utils import atomic_write_json, read_json, remove_stale_temps
 from polypseg.core.precision import autocast, resolve_precision, use_channels_last
-from polypseg.core.runs import BEST, HISTORY, LAST_STATE
+from polypseg.core.runs import RunDir
 from polypseg.data.augment import augment_batch
 from polypseg.data.datasets import CachedData
 from polypseg.data.transforms import normalize
@@ -49,6 +49,8 @@ from polypseg.models.checkpoint import (
 from polypseg.models.factory import create_model
 from polypseg.training.evaluation import evaluate_probabilities, predict_probabilities
 from polypseg.training.losses import create_loss
+from polypseg.training.progress import TrainingProgress
+from polypseg.training.state import BestCheckpoint, TrainingState
 
 # Saving optimizer state for --resume costs ~0.3 s on a GPU run of 1-s epochs: do it at most
 # this often (and always at the end), so an interrupted run loses at most this much work.
@@ -296,71 +298,22 @@ class TrainResult:
     best_score: float = float("nan")
 
 
-class _Progress:
-    """Training progress for the main process: a rich bar on a terminal, one plain line per epoch
-    when the output is a log file (a bar cannot redraw there), silent when disabled."""
+@dataclass(frozen=True)
+class _Batches:
+    """An epoch cut into steps: each takes ``per_rank`` images on each of ``world_size`` processes."""
 
-    def __init__(self, enabled: bool, description: str, total: int) -> None:
-        self._bar = None
-        self._lines = False
-        self._description = description
-        if enabled:
-            from rich.console import Console
+    n_train: int
+    per_rank: int
+    world_size: int
+    rank: int
 
-            if not Console().is_terminal:
-                self._lines = True
-                return
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n_train // (self.per_rank * self.world_size))
 
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[info]}"),
-                transient=False,
-            )
-            self._task = self._bar.add_task(description, total=total, info="")
-
-    def __enter__(self) -> _Progress:
-        if self._bar:
-            self._bar.__enter__()
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        if self._bar:
-            self._bar.__exit__(*args)
-
-    def advance(self, steps: int = 1) -> None:
-        if self._bar:
-            self._bar.update(self._task, advance=steps)
-
-    def epoch_done(self, record: dict[str, Any], epochs: int, history: list[dict[str, Any]]) -> None:
-        """Show an epoch's loss, validation Dice and time (and, in a log, the time left to train)."""
-        info = f"loss {record['train_loss']:.4f}" + (
-            f" val dice {record['val_dice']:.4f}" if "val_dice" in record else ""
-        )
-        if self._bar:
-            self._bar.update(self._task, info=info)
-        elif self._lines:
-            paused = f" (+{record['paused_seconds']:.0f} s paused)" if record.get("paused_seconds") else ""
-            left = epochs - record["epoch"]
-            # The median epoch: older histories count pauses in their seconds, the median ignores them.
-            eta = (
-                f", about {left * float(np.median([r['seconds'] for r in history])) / 60:.0f} min to go" if left else ""
-            )
-            print(
-                f"{self._description}: epoch {record['epoch']}/{epochs}, {info}, {record['seconds']:.1f} s{paused}{eta}",
-                flush=True,
-            )
+    def indices(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        chunk = self.per_rank * self.world_size
+        return order[step * chunk : (step + 1) * chunk][self.rank :: self.world_size]
 
 
 def train_model(
@@ -368,6 +321,7 @@ def train_model(
     train: CachedData,
     val: CachedData | None,
     out_dir: Path | str,
+    *,
     device: str = "auto",
     resume: bool = False,
     progress: bool = True,
@@ -378,8 +332,9 @@ def train_model(
     """Train ``config`` on ``train``; keep the best epoch on ``val`` (or the last if ``val`` is None).
 
     Writes ``out_dir/best.{safetensors,json}``, ``out_dir/history.json`` and, for ``resume``,
-    ``out_dir/last_state.{safetensors,json}``. With ``resume=True`` training continues from the
-    last saved state; a finished run (history complete) is returned as is.
+    ``out_dir/last_state.{safetensors,json}`` (names owned by :class:`polypseg.core.runs.RunDir`). With
+    ``resume=True`` training continues from the last saved state; a finished run (history complete) is
+    returned as is.
 
     The training state is kept only while the run is unfinished (it holds the optimizer's moments,
     about three times the model): ``keep_state=True``, or ``POLYPSEG_KEEP_TRAINING_STATE=1`` in the
@@ -388,9 +343,8 @@ def train_model(
     and rewrites ``best.*`` and ``history.json`` to match it, saying so in one-line notes on stderr
     (``progress=False`` silences the progress bars, not these notes).
     """
-    out_dir = Path(out_dir)
-    if keep_state is None:
-        keep_state = os.environ.get("POLYPSEG_KEEP_TRAINING_STATE", "") not in ("", "0", "false", "no")
+    run = RunDir(out_dir)
+    keep_state = _keep_state_asked() if keep_state is None else keep_state
     tc = config.train
     context = DistributedContext.from_env()
     torch_device = resolve_training_device(device, context)
@@ -398,135 +352,138 @@ def train_model(
     seed_everything(tc.seed)
 
     step_fn = TrainStep(config, torch_device)
-    model, optimizer, ema, loss_fn = step_fn.model, step_fn.optimizer, step_fn.ema, step_fn.loss_fn
-
-    n_train = len(train.stems)
-    per_rank_batch = max(1, tc.batch_size // context.world_size)
-    steps_per_epoch = max(1, n_train // (per_rank_batch * context.world_size))
-    total_steps = steps_per_epoch * tc.epochs
-
-    history: list[dict[str, Any]] = []
-    start_epoch, best_score, best_epoch = 0, -math.inf, 0
-    best_record: dict[str, Any] = {}
-    best_tensors: dict[str, torch.Tensor] | None = None  # CPU copy of the best weights, for the state
-    state_path = out_dir / LAST_STATE
+    batches = _Batches(len(train.stems), max(1, tc.batch_size // context.world_size), context.world_size, context.rank)
+    steps_per_epoch = batches.steps_per_epoch
     say = _notes(context.is_main)  # rare one-line notes print even without progress bars
     if resume and context.is_main:
-        for stale in remove_stale_temps(out_dir):
+        for stale in remove_stale_temps(run.path):
             say(f"removed {stale.name}, a temporary file left by an interrupted write")
-    if resume and training_finished(out_dir, tc.epochs):
-        return _finished_result(out_dir, state_path, keep_state, context)
-    if resume and training_state_exists(state_path):
-        saved = load_training_state(state_path, model, optimizer, ema, steps_per_epoch=steps_per_epoch)
-        start_epoch, history = saved["epoch"], saved["history"][: saved["epoch"]]
-        best_score, best_epoch = saved["best_score"], saved["best_epoch"]
-        best_score = -math.inf if best_score is None else best_score  # -inf is stored as null
-        best_record, best_tensors = saved.get("best", {}), saved.get("best_state")
-        if best_tensors is None and best_epoch == start_epoch:
-            # A state saved at its best epoch holds no separate copy: the weights just loaded are
-            # that epoch's, and later states must carry them until a better epoch comes.
-            best_tensors = model_state(step_fn.eval_model)
-        if context.is_main:
-            _restore_consistent_files(out_dir, config, saved, step_fn.eval_model, history, say)
-    elif out_dir.joinpath(HISTORY).is_file() and context.is_main:
-        if not resume:
-            raise FileExistsError(f"{out_dir} already holds a training run; pass --resume to continue it")
-        say(
-            f"{out_dir} has no saved training state (it is saved every {STATE_EVERY_S:g} s): training starts again from epoch 1"
-        )
+    if resume and training_finished(run.path, tc.epochs):
+        return _finished_result(run, keep_state, context)
+    state = _start_state(run, config, step_fn, resume=resume, steps_per_epoch=steps_per_epoch, context=context, say=say)
 
     step_fn.wrap(context)
     images = torch.from_numpy(train.images).permute(0, 3, 1, 2).contiguous().to(torch_device)
     masks = torch.from_numpy(train.masks).unsqueeze(1).to(torch_device, dtype=torch.uint8)
-    eval_model = step_fn.eval_model
     last_state_save = time.monotonic()
 
-    with _Progress(progress and context.is_main, description, total_steps) as bar:
-        bar.advance(start_epoch * steps_per_epoch)
-        for epoch in range(start_epoch, tc.epochs):
+    with TrainingProgress(progress and context.is_main, description, steps_per_epoch * tc.epochs) as bar:
+        bar.advance(state.epoch * steps_per_epoch)
+        for epoch in range(state.epoch, tc.epochs):
             watch = Stopwatch()  # pauses (kill -STOP) are left out of the epoch's seconds
-            model.train()
-            # Seeded per epoch (not from a running RNG) so a resumed run repeats the same batches.
-            cpu_gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
-            order = torch.randperm(n_train, generator=cpu_gen).to(torch_device)  # one copy per epoch, not per step
-            aug_gen = torch.Generator(device=torch_device).manual_seed(tc.seed * 100_003 + epoch * 7919 + context.rank)
-            loss_sum = torch.zeros((), device=torch_device)
-            for step in range(steps_per_epoch):
-                global_step = epoch * steps_per_epoch + step
-                lr = tc.lr * lr_factor(tc, global_step, total_steps, steps_per_epoch)
-                batch_index = order[
-                    step * per_rank_batch * context.world_size : (step + 1) * per_rank_batch * context.world_size
-                ]
-                batch_index = batch_index[context.rank :: context.world_size]
-                loss_sum += step_fn(images[batch_index], masks[batch_index], lr, aug_gen, size=epoch_size(tc, epoch))
-                bar.advance()
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "train_loss": float(loss_sum) / steps_per_epoch,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
+            record = _train_epoch(step_fn, images, masks, epoch, tc, batches, bar)
             if val is not None and context.is_main:
-                record.update(_validate(eval_model, val, loss_fn, torch_device, tc))
+                record.update(_validate(step_fn.eval_model, val, step_fn.loss_fn, torch_device, tc))
             record.update(watch.record())
-            history.append(record)
-            is_last = epoch + 1 == tc.epochs
+            state.history.append(record)
+            state.epoch = epoch + 1
             if context.is_main:
                 score = record.get("val_dice", float(epoch))  # without validation, the latest is best
-                if score > best_score:
-                    best_score, best_epoch = score, epoch + 1
-                    best_tensors = model_state(eval_model)
-                    best_record = {
-                        "metrics": {k: v for k, v in record.items() if k.startswith("val_")},
-                        "extra": {
-                            "epoch": epoch + 1,
-                            "selected_on": "inner validation split" if val is not None else "last epoch",
-                            **({"init": step_fn.init} if step_fn.init else {}),
-                        },
-                    }
-                    best_record["tensors_sha256"] = read_metadata(
-                        save_checkpoint_tensors(
-                            out_dir / BEST, best_tensors, config, best_record["metrics"], extra=best_record["extra"]
-                        )
-                    )["tensors_sha256"]
-                atomic_write_json(out_dir / HISTORY, history)
-                # The state is one file: epoch, history, optimizer, EMA and, when the best epoch is
-                # an earlier one, its weights too, so resuming can put best.* back in step with it.
+                state.best.offer(
+                    score, record, step_fn.eval_model, config, validated=val is not None, init=step_fn.init
+                )
+                atomic_write_json(run.history_path(), state.history)
+                is_last = state.epoch == tc.epochs
                 if (not is_last or keep_state) and (is_last or time.monotonic() - last_state_save > STATE_EVERY_S):
-                    save_training_state(
-                        state_path,
-                        model,
-                        optimizer,
-                        {
-                            "epoch": epoch + 1,
-                            "global_step": (epoch + 1) * steps_per_epoch,
-                            "history": history,
-                            "best_score": best_score,
-                            "best_epoch": best_epoch,
-                            "best": best_record,
-                        },
-                        ema_model=ema,
-                        best_state=None if best_epoch == epoch + 1 else best_tensors,
-                    )
+                    _save_state(run, step_fn, state, steps_per_epoch)
                     last_state_save = time.monotonic()
-            bar.epoch_done(record, tc.epochs, history)
+            bar.epoch_done(record, tc.epochs, state.history)
             if on_epoch is not None:
                 on_epoch(record)
     context.barrier()
-    if context.is_main and not keep_state and len(history) >= tc.epochs:
-        remove_training_state(state_path)  # finished: the optimizer state (3x the model) is not kept
+    if context.is_main and not keep_state and len(state.history) >= tc.epochs:
+        remove_training_state(run.training_state())  # finished: the optimizer state (3x the model) is not kept
     return TrainResult(
-        best_checkpoint=out_dir / f"{BEST}.safetensors", history=history, best_epoch=best_epoch, best_score=best_score
+        best_checkpoint=run.best_checkpoint().with_suffix(".safetensors"),
+        history=state.history,
+        best_epoch=state.best.epoch,
+        best_score=state.best.score,
+    )
+
+
+def _keep_state_asked() -> bool:
+    return os.environ.get("POLYPSEG_KEEP_TRAINING_STATE", "") not in ("", "0", "false", "no")
+
+
+def _start_state(
+    run: RunDir,
+    config: RunConfig,
+    step_fn: TrainStep,
+    *,
+    resume: bool,
+    steps_per_epoch: int,
+    context: DistributedContext,
+    say: Callable[[str], None],
+) -> TrainingState:
+    """The saved training state when resuming one (model, optimizer and EMA loaded into ``step_fn``), else epoch 0."""
+    best_stem = run.best_checkpoint()
+    if resume and training_state_exists(run.training_state()):
+        saved = load_training_state(
+            run.training_state(), step_fn.model, step_fn.optimizer, step_fn.ema, steps_per_epoch=steps_per_epoch
+        )
+        epoch = saved["epoch"]
+        state = TrainingState(
+            epoch, saved["history"][:epoch], BestCheckpoint.from_state(best_stem, saved, step_fn.eval_model)
+        )
+        if context.is_main:
+            _restore_consistent_files(run, config, saved, step_fn.eval_model, state.history, say)
+        return state
+    if run.history_path().is_file() and context.is_main:
+        if not resume:
+            raise FileExistsError(f"{run.path} already holds a training run; pass --resume to continue it")
+        say(
+            f"{run.path} has no saved training state (it is saved every {STATE_EVERY_S:g} s): training starts again from epoch 1"
+        )
+    return TrainingState(0, [], BestCheckpoint(best_stem))
+
+
+def _train_epoch(
+    step_fn: TrainStep,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    epoch: int,
+    tc: TrainConfig,
+    batches: _Batches,
+    bar: TrainingProgress,
+) -> dict[str, Any]:
+    """One epoch's optimisation steps; returns its record (epoch, mean training loss, last learning rate)."""
+    device = images.device
+    steps = batches.steps_per_epoch
+    step_fn.model.train()
+    # Seeded per epoch (not from a running RNG) so a resumed run repeats the same batches.
+    cpu_gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
+    order = torch.randperm(batches.n_train, generator=cpu_gen).to(device)  # one copy per epoch, not per step
+    aug_gen = torch.Generator(device=device).manual_seed(tc.seed * 100_003 + epoch * 7919 + batches.rank)
+    loss_sum = torch.zeros((), device=device)
+    for step in range(steps):
+        lr = tc.lr * lr_factor(tc, epoch * steps + step, steps * tc.epochs, steps)
+        index = batches.indices(order, step)
+        loss_sum += step_fn(images[index], masks[index], lr, aug_gen, size=epoch_size(tc, epoch))
+        bar.advance()
+    return {"epoch": epoch + 1, "train_loss": float(loss_sum) / steps, "lr": step_fn.optimizer.param_groups[0]["lr"]}
+
+
+def _save_state(run: RunDir, step_fn: TrainStep, state: TrainingState, steps_per_epoch: int) -> None:
+    """The state is one file: epoch, history, optimizer, EMA and, when the best epoch is an earlier one,
+    its weights too, so resuming can put best.* back in step with it."""
+    save_training_state(
+        run.training_state(),
+        step_fn.model,
+        step_fn.optimizer,
+        state.to_state(steps_per_epoch),
+        ema_model=step_fn.ema,
+        best_state=state.best.tensors_for_state(state.epoch),
     )
 
 
 def tidy_run_folder(out_dir: Path | str, epochs: int, keep_state: bool = False) -> None:
     """On resume: remove temporary files of interrupted writes and, once training has finished,
     the training state (runs finished by older versions kept it)."""
-    out_dir = Path(out_dir)
-    remove_stale_temps(out_dir)
-    if not keep_state and os.environ.get("POLYPSEG_KEEP_TRAINING_STATE", "") in ("", "0", "false", "no"):
-        if training_finished(out_dir, epochs):
-            remove_training_state(out_dir / LAST_STATE)
+    run = RunDir(out_dir)
+    remove_stale_temps(run.path)
+    if not keep_state and not _keep_state_asked():
+        if training_finished(run.path, epochs):
+            remove_training_state(run.training_state())
 
 
 def _notes(enabled: bool) -> Callable[[str], None]:
@@ -540,25 +497,28 @@ def _notes(enabled: bool) -> Callable[[str], None]:
     return say
 
 
-def _finished_result(out_dir: Path, state_path: Path, keep_state: bool, context: DistributedContext) -> TrainResult:
+def _finished_result(run: RunDir, keep_state: bool, context: DistributedContext) -> TrainResult:
     """A run whose history is complete: returned as is; a left-over training state is removed."""
-    history = read_json(out_dir / HISTORY)
+    history = read_json(run.history_path())
     best_epoch, best_score = 0, float("nan")
     try:
-        meta = read_metadata(out_dir / BEST)
+        meta = read_metadata(run.best_checkpoint())
         best_epoch = int(meta.get("epoch", 0))
         best_score = float(meta.get("metrics", {}).get("val_dice", float("nan")))
     except (CheckpointError, TypeError, ValueError):
         pass
     if context.is_main and not keep_state:
-        remove_training_state(state_path)
+        remove_training_state(run.training_state())
     return TrainResult(
-        best_checkpoint=out_dir / f"{BEST}.safetensors", history=history, best_epoch=best_epoch, best_score=best_score
+        best_checkpoint=run.best_checkpoint().with_suffix(".safetensors"),
+        history=history,
+        best_epoch=best_epoch,
+        best_score=best_score,
     )
 
 
 def _restore_consistent_files(
-    out_dir: Path,
+    run: RunDir,
     config: RunConfig,
     saved: dict[str, Any],
     eval_model: nn.Module,
@@ -571,17 +531,18 @@ def _restore_consistent_files(
     best checkpoint or history they wrote is replaced by the state's, so the resumed run continues
     exactly from the state, never from a mix.
     """
+    out_dir, best_stem = run.path, run.best_checkpoint()
     epoch = int(saved["epoch"])
     say(f"resuming {out_dir} after epoch {epoch} (training state: {saved.get('state_format', 'one file')})")
-    written = read_json(out_dir / HISTORY) if (out_dir / HISTORY).is_file() else []
+    written = read_json(run.history_path()) if run.history_path().is_file() else []
     if len(written) > epoch:
         say(f"epochs {epoch + 1}-{len(written)} ran after the last saved state and will be trained again")
-    atomic_write_json(out_dir / HISTORY, history)
+    atomic_write_json(run.history_path(), history)
     record = saved.get("best") or {}
     best_epoch = int(saved.get("best_epoch", 0))
     if not record or not best_epoch:  # an older state: it does not say which best.* belongs to it
         try:
-            on_disk = int(read_metadata(out_dir / BEST).get("epoch", 0))
+            on_disk = int(read_metadata(best_stem).get("epoch", 0))
         except CheckpointError:
             on_disk = 0
         if on_disk > epoch:
@@ -591,7 +552,7 @@ def _restore_consistent_files(
             )
         return
     try:
-        current = read_metadata(out_dir / BEST).get("tensors_sha256")
+        current = read_metadata(best_stem).get("tensors_sha256")
     except CheckpointError:
         current = None
     if current == record.get("tensors_sha256"):
@@ -601,9 +562,9 @@ def _restore_consistent_files(
         tensors = model_state(eval_model)
     if tensors is None:
         raise TrainingStateError(
-            f"the training state in {out_dir} lacks the weights of its best epoch ({best_epoch}); delete {out_dir}/{LAST_STATE}.* to start over"
+            f"the training state in {out_dir} lacks the weights of its best epoch ({best_epoch}); delete {run.training_state()}.* to start over"
         )
-    save_checkpoint_tensors(out_dir / BEST, dict(tensors), config, record.get("metrics"), extra=record.get("extra"))
+    save_checkpoint_tensors(best_stem, dict(tensors), config, record.get("metrics"), extra=record.get("extra"))
     say(f"best.* restored to epoch {best_epoch}, the best epoch of the saved state")
 
 
@@ -639,6 +600,7 @@ def _validate(
 
 def training_finished(out_dir: Path | str, epochs: int) -> bool:
     """True when ``out_dir`` holds a best checkpoint and a history of ``epochs`` epochs."""
-    out_dir = Path(out_dir)
-    history = out_dir / HISTORY
-    return (out_dir / f"{BEST}.safetensors").is_file() and history.is_file() and len(read_json(history)) >= epochs
+    run = RunDir(out_dir)
+    history = run.history_path()
+    weights = run.best_checkpoint().with_suffix(".safetensors")
+    return weights.is_file() and history.is_file() and len(read_json(history)) >= epochs
