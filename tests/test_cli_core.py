@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -211,12 +212,10 @@ def test_help_shows_no_value_after_flags():
     assert re.search(r"--epochs\s+\S.*Override the recipe's epochs", cv) and not re.search(r"--epochs\s+Override", cv)
 
 
-def _fake_summary(recipe: str) -> dict:
-    return {
-        "recipe": recipe,
-        "threshold": 0.45,
-        "mean_std": {"at_chosen": {"dice": [0.2951, 0.0952], "iou": [0.2, 0.07]}},
-    }
+def _fake_summary(recipe: str) -> SimpleNamespace:
+    """What ``cv`` prints from run_cv's CVSummary: the recipe, threshold and spread across folds."""
+    spread = {"dice": [0.2951, 0.0952], "iou": [0.2, 0.07]}
+    return SimpleNamespace(recipe=recipe, threshold=0.45, mean_std=SimpleNamespace(at_chosen=spread, at_crossfit=None))
 
 
 def test_demo_run_says_its_low_score_is_expected(tmp_path, monkeypatch):
