@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from polypseg.data.review import ReviewStore
 from polypseg.web.api_errors import ApiError
 from polypseg.web.service import InferenceService
 from polypseg.web.settings import WebSettings
@@ -35,9 +36,15 @@ def get_samples_dir(request: Request) -> Path | None:
     return request.app.state.samples_dir
 
 
+def get_review_store(request: Request) -> ReviewStore | None:
+    """The review folder's store (``--review-dir``), or ``None`` when the server keeps no reviews."""
+    return request.app.state.review_store
+
+
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
 SettingsDep = Annotated[WebSettings, Depends(get_settings)]
 SamplesDirDep = Annotated[Path | None, Depends(get_samples_dir)]
+ReviewStoreDep = Annotated[ReviewStore | None, Depends(get_review_store)]
 
 
 async def require_token(

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from polypseg._version import __version__
 from polypseg.web.dependencies import TOKEN_REQUIRED, ServiceDep, SettingsDep
@@ -14,7 +15,22 @@ from polypseg.web.schemas import ERROR_RESPONSES
 router = APIRouter(prefix="/v1", tags=["service"], dependencies=TOKEN_REQUIRED, responses={401: ERROR_RESPONSES[401]})
 
 
-@router.get("/health")
+class Health(BaseModel):
+    status: str = Field(description="ok, or down when the inference worker is not running (then the status is 503)")
+    queued: int
+    max_queue: int
+    max_batch: int
+    completed: int
+    device: str
+    version: str
+    limits: dict[str, int]
+
+
+@router.get(
+    "/health",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The inference worker is not running (status: down)"}},
+)
 async def health(service: ServiceDep, settings: SettingsDep) -> JSONResponse:
     """Liveness and queue state; 503 when the inference worker is not running."""
     body = {
