@@ -592,3 +592,116 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------- the review loop
+
+
+def editor_mask(page) -> np.ndarray:
+    width, height, values = page.evaluate("() => [editor.width, editor.height, Array.from(editor.mask)]")
+    return np.asarray(values, dtype=bool).reshape(height, width)
+
+
+def wait_for_item(page, name: str, text: str) -> None:
+    page.wait_for_function(
+        "([name, text]) => { const b = document.querySelector(`.review-item[data-name='${name}']`);"
+        " return b && b.textContent.includes(text); }",
+        arg=[name, text],
+    )
+
+
+def test_review_loop_verdicts_and_corrections_persist_and_export(browser, service, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from polypseg.cli.main import app as cli
+    from polypseg.web.app import WebSettings
+
+    review_dir = tmp_path / "review"
+    folder = write_synthetic_dataset(tmp_path / "study", n=3, size=(96, 128))
+    with BackgroundServer(create_app(service, WebSettings(review_dir=review_dir))) as url:
+        tab = Page(browser, url)
+        page = tab.page
+        page.wait_for_selector("#review-tools", state="visible")
+        page.set_input_files("#folder-input", str(folder))
+        tab.wait_for_result("case00.jpg")
+        page.wait_for_function("() => document.getElementById('review-summary').dataset.left === '3'")
+        assert page.locator(".review-item").count() == 3
+
+        # Verdicts from the keyboard and the buttons, a note saved when the field is left.
+        page.focus("#zoom-reset")
+        page.keyboard.press("a")
+        wait_for_item(page, "case00.jpg", "accepted")
+        page.keyboard.press("n")
+        tab.wait_for_result("case01.jpg")
+        page.click("#review .verdict[data-status='needs_correction']")
+        wait_for_item(page, "case01.jpg", "needs correction")
+        page.fill("#review-note", "misses the left edge")
+        page.focus("#zoom-reset")
+        page.wait_for_function("() => document.getElementById('review-state').textContent.includes('updated')")
+        page.wait_for_function("() => review.records.get('case01.jpg').note === 'misses the left edge'")
+
+        # Correct the mask with the brush, at the image's full resolution; undo and redo.
+        page.wait_for_function("() => document.getElementById('editor').dataset.area !== undefined")
+        assert page.evaluate(
+            "[document.getElementById('editor-canvas').width, document.getElementById('editor-canvas').height]"
+        ) == [128, 96]
+        # an untouched editor follows the slider: it starts from the model's mask at the current threshold
+        tab.set_threshold(0.99)
+        page.wait_for_function("() => editor.threshold === 0.99 && editor.source === 'model'")
+        page.focus("#zoom-reset")
+        model = editor_mask(page)
+        page.keyboard.press("b")
+        page.evaluate("() => setBrushSize(9)")
+        page.locator("#editor-canvas").scroll_into_view_if_needed()
+        box = page.locator("#editor-canvas").bounding_box()
+        scale = box["width"] / 128
+        page.mouse.move(box["x"] + 10 * scale, box["y"] + 10 * scale)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 60 * scale, box["y"] + 12 * scale, steps=8)
+        page.mouse.up()
+        painted = editor_mask(page)
+        assert painted.sum() > model.sum() and painted[10:13, 15:55].all()
+        page.keyboard.press("Control+z")
+        np.testing.assert_array_equal(editor_mask(page), model)
+        page.keyboard.press("Control+y")
+        np.testing.assert_array_equal(editor_mask(page), painted)
+        assert page.get_attribute("#editor", "data-dirty") == "true"
+        page.click("#editor-save")
+        wait_for_item(page, "case01.jpg", "mask corrected")
+        saved = np.asarray(Image.open(review_dir / "masks" / "case01.png"))
+        assert saved.ndim == 2 and set(np.unique(saved)) <= {0, 255}
+        np.testing.assert_array_equal(saved > 0, painted)
+        assert (review_dir / "images" / "case01.jpg").read_bytes() == (folder / "images" / "case01.jpg").read_bytes()
+        page.screenshot(path=str(ARTIFACTS / "web_e2e_review_loop.png"), full_page=True)
+
+        # A reload loses nothing: verdicts, the note and the corrected mask come back from the server.
+        page.reload(wait_until="networkidle")
+        page.wait_for_function("() => document.getElementById('status').textContent === 'Ready.'")
+        page.set_input_files("#folder-input", str(folder))
+        tab.wait_for_result("case00.jpg")
+        wait_for_item(page, "case00.jpg", "accepted")
+        wait_for_item(page, "case01.jpg", "needs correction, mask corrected")
+        assert page.get_attribute("#review-summary", "data-left") == "1"
+        page.click(".review-item[data-name='case01.jpg']")
+        tab.wait_for_result("case01.jpg")
+        page.wait_for_function("() => editor.name === 'case01.jpg' && editor.source === 'saved'")
+        np.testing.assert_array_equal(editor_mask(page), painted)
+        assert page.input_value("#review-note") == "misses the left edge"
+
+        # Export: the review as CSV, the corrected data set as a zip that `polypseg data check` accepts.
+        rows = list(csv.DictReader(io.StringIO(Path(tab.download("#review-export-csv").path()).read_text())))
+        assert [(r["file"], r["status"], r["corrected"]) for r in rows] == [
+            ("case00.jpg", "accept", "False"),
+            ("case01.jpg", "needs_correction", "True"),
+        ]
+        assert rows[1]["note"] == "misses the left edge" and rows[1]["dice_vs_model"]
+        archive = tab.download("#review-export-zip")
+        assert archive.suggested_filename == "review-dataset.zip"
+        import zipfile
+
+        with zipfile.ZipFile(archive.path()) as unzip:
+            unzip.extractall(tmp_path / "exported")
+        result = CliRunner().invoke(cli, ["data", "check", str(tmp_path / "exported")])
+        assert result.exit_code == 0, result.output
+        assert not tab.errors, tab.errors
+        tab.close()

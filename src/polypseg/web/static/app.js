@@ -130,6 +130,7 @@ async function init() {
     $("max-frames").textContent = String(health.limits.max_video_frames);
     await loadModelInfo();
     await loadSamples();
+    if (typeof reviewInit === "function") await reviewInit();
     $("token-form").hidden = true;
     setStatus("Ready.");
   } catch (error) {
@@ -277,6 +278,7 @@ function showResult(result) {
   $("truth-button").disabled = false;
   render();  // at the slider's threshold: a threshold the reviewer chose is kept from image to image
   updateNavigator();
+  if (typeof reviewOnResult === "function") reviewOnResult(result);
 }
 
 // ------------------------------------------------------------------ Grad-CAM of the mask on screen
@@ -543,6 +545,7 @@ function render() {
   $("results").dataset.renderedThreshold = t;
   $("download-mask").dataset.threshold = t;
   updateCamCaption();
+  if (typeof reviewOnRender === "function") reviewOnRender();
 }
 
 function renderTruth(radius) {
@@ -624,10 +627,58 @@ function saveCanvas(canvas, filename) {
 
 const stem = (name) => name.replace(/\.[^.]+$/, "");
 
-$("download-mask").addEventListener("click", () => {
+// PNG encoding of a single-channel 8-bit image: a canvas can only encode RGBA, and a mask file
+// must be what `polypseg` and other tools read as a mask (one channel, 0/255).
+const CRC_TABLE = (() => {
+  const table = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    table[n] = c >>> 0;
+  }
+  return table;
+})();
+
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) c = CRC_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+function pngChunk(type, data) {
+  const out = new Uint8Array(12 + data.length);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, data.length);
+  for (let i = 0; i < 4; i++) out[4 + i] = type.charCodeAt(i);
+  out.set(data, 8);
+  view.setUint32(8 + data.length, crc32(out.subarray(4, 8 + data.length)));
+  return out;
+}
+
+async function encodeGrayPng(gray, width, height) {
+  const raw = new Uint8Array((width + 1) * height);  // each row: filter byte 0, then the pixels
+  for (let y = 0; y < height; y++) raw.set(gray.subarray(y * width, (y + 1) * width), y * (width + 1) + 1);
+  const zlib = new Blob([raw]).stream().pipeThrough(new CompressionStream("deflate"));
+  const compressed = new Uint8Array(await new Response(zlib).arrayBuffer());
+  const header = new Uint8Array(13);
+  const view = new DataView(header.buffer);
+  view.setUint32(0, width);
+  view.setUint32(4, height);
+  header[8] = 8;  // bit depth; colour type 0 (gray), deflate, no filter method, no interlace
+  const signature = new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]);
+  return new Blob([signature, pngChunk("IHDR", header), pngChunk("IDAT", compressed), pngChunk("IEND", new Uint8Array())],
+    { type: "image/png" });
+}
+
+$("download-mask").addEventListener("click", async () => {
   ensureRendered();
   const r = state.result;
-  if (r) saveCanvas($("view-mask"), `${stem(r.name)}_mask_t${r.threshold.toFixed(2)}.png`);
+  if (!r) return;
+  // The mask is copied at the click: the file is what this click saw, whatever the slider does next.
+  const gray = new Uint8Array(r.mask.length);
+  for (let i = 0; i < gray.length; i++) gray[i] = r.mask[i] ? 255 : 0;
+  const filename = `${stem(r.name)}_mask_t${r.threshold.toFixed(2)}.png`;
+  saveBlob(await encodeGrayPng(gray, r.width, r.height), filename);
 });
 $("download-overlay").addEventListener("click", () => {
   ensureRendered();
@@ -752,11 +803,15 @@ const MASK_FOLDERS = /(^|\/)(masks?|ground[ _-]?truth|gt|labels?)\//i;
 function updateNavigator() {
   const nav = state.nav;
   $("navigator").hidden = !nav;
-  if (!nav) return;
+  if (!nav) {
+    if (typeof reviewOnNavigate === "function") reviewOnNavigate();
+    return;
+  }
   const what = nav.kind === "samples" ? "samples" : "files";
   $("nav-position").textContent = `${nav.index + 1} / ${nav.items.length} ${what}`;
   $("nav-prev").disabled = nav.index <= 0;
   $("nav-next").disabled = nav.index >= nav.items.length - 1;
+  if (typeof reviewOnNavigate === "function") reviewOnNavigate();
 }
 
 function sampleSource(name) {
