@@ -76,6 +76,7 @@ def assert_error(response, status: int, code: str) -> dict:
 
 
 def test_verdicts_round_trip_and_survive_a_restart(client: TestClient, service: InferenceService, review_dir: Path):
+    assert client.get("/v1/health").json()["review"] is True
     answer = client.put("/v1/reviews/case1.png", json={"status": "needs_correction", "note": "flat part missed"})
     assert answer.status_code == 200, answer.text
     assert answer.json()["status"] == "needs_correction" and answer.json()["created"].endswith("Z")
@@ -208,6 +209,7 @@ def test_exports(client: TestClient, tmp_path: Path):
 
 def test_without_a_review_folder_the_routes_say_so(service: InferenceService):
     with TestClient(create_app(service, WebSettings())) as plain:
+        assert plain.get("/v1/health").json()["review"] is False
         body = assert_error(plain.get("/v1/reviews"), 404, "not_found")
         assert "--review-dir" in body["error"]
         assert_error(plain.put("/v1/reviews/a.png", json={"status": "accept"}), 404, "not_found")

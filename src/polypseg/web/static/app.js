@@ -130,7 +130,7 @@ async function init() {
     $("max-frames").textContent = String(health.limits.max_video_frames);
     await loadModelInfo();
     await loadSamples();
-    if (typeof reviewInit === "function") await reviewInit();
+    if (typeof reviewInit === "function") await reviewInit(Boolean(health.review));
     $("token-form").hidden = true;
     setStatus("Ready.");
   } catch (error) {

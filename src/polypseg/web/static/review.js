@@ -27,15 +27,12 @@ const editor = {
 
 // ------------------------------------------------------------------ records and summary
 
-async function reviewInit() {
-  try {
+async function reviewInit(enabled) {
+  review.enabled = enabled;  // the server keeps a review folder (GET /v1/health says so)
+  if (enabled) {
     const body = await apiJson("/v1/reviews");
-    review.enabled = true;
     review.records = new Map(body.records.map((r) => [r.file, r]));
     review.summary = body.summary;
-  } catch (error) {
-    if (error.status === 401) throw error;
-    review.enabled = false;  // 404: the server keeps no review folder
   }
   $("review").hidden = !review.enabled;
   $("review-tools").hidden = !review.enabled;
