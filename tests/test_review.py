@@ -166,6 +166,15 @@ def test_a_failed_write_is_a_clear_error_that_keeps_earlier_saves(
     assert store.get("case.jpg").status == "accept"  # memory follows the file, not the failed write
 
 
+def test_a_second_process_sees_the_first_ones_records(tmp_path: Path):
+    first, second = ReviewStore(tmp_path), ReviewStore(tmp_path)
+    assert second.records() == []
+    first.set_verdict("a.jpg", status="reject", note="blurred")
+    assert [(r.file, r.status, r.note) for r in second.records()] == [("a.jpg", "reject", "blurred")]
+    second.set_verdict("b.jpg", status="accept")
+    assert [r.file for r in first.records()] == ["a.jpg", "b.jpg"]
+
+
 def test_links_out_of_the_folder_are_never_written_through(tmp_path: Path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -176,6 +185,16 @@ def test_links_out_of_the_folder_are_never_written_through(tmp_path: Path):
     with pytest.raises(ReviewError, match="link"):
         save(store, "case.jpg", disc())
     assert list(outside.iterdir()) == []
+    # a mask file that is a link to a file outside is not replaced or written through either
+    (root / "images").unlink()
+    (root / "masks").mkdir()
+    target = outside / "precious.png"
+    target.write_bytes(b"keep")
+    (root / "masks" / "case.png").symlink_to(target)
+    with pytest.raises(ReviewError, match="link"):
+        save(store, "case.jpg", disc())
+    assert target.read_bytes() == b"keep" and (root / "masks" / "case.png").is_symlink()
+    assert not (root / "images").exists()
 
 
 def test_export_csv_json_and_a_zip_that_is_a_dataset(tmp_path: Path):

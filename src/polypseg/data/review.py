@@ -181,6 +181,7 @@ class ReviewStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self._thread_lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of review.json when last read
         if self.root.exists() and not self.root.is_dir():
             raise ReviewError(f"review folder {self.root} is a file, not a folder")
         try:
@@ -202,12 +203,14 @@ class ReviewStore:
     def records(self) -> list[ReviewRecord]:
         """Every record, sorted by file name."""
         with self._thread_lock:
+            self._refresh()
             return [ReviewRecord.from_dict(asdict(r)) for _, r in sorted(self._records.items())]
 
     def get(self, name: str) -> ReviewRecord:
         """The record of ``name``, or :class:`NotReviewed`."""
         check_name(name)
         with self._thread_lock:
+            self._refresh()
             record = self._records.get(name)
             if record is None:
                 raise NotReviewed(f"'{name}' has no review record")
@@ -289,11 +292,14 @@ class ReviewStore:
             other = next((p for p in self._records if p != name and Path(p).stem == stem), None)
             if other is not None:
                 raise NameConflict(f"'{name}' and the reviewed '{other}' share the file stem '{stem}'")
+            mask_target = self.masks_dir / f"{stem}.png"
+            if mask_target.is_symlink():  # checked before anything is written, so a refusal writes nothing
+                raise ReviewError(f"masks/{mask_target.name} in the review folder is a link; refusing to replace it")
             if image is not None:
                 self._write_image(name, stem, image, image_format)
             elif self.image_path_unlocked(stem) is None:
                 raise BadMask(f"{name}: send the image with its first corrected mask")
-            self._write(self.masks_dir / f"{stem}.png", mask_png(mask))
+            self._write(mask_target, mask_png(mask))
             record = self._records.get(name) or ReviewRecord(file=name, created=now_utc())
             saved = now_utc()
             updated = ReviewRecord.from_dict(
@@ -398,9 +404,28 @@ class ReviewStore:
         with _storage_errors(self.root):
             atomic_write_json(self.root / REVIEW_FILE, payload)
         self._records = records
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = (self.root / REVIEW_FILE).stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def _refresh(self) -> None:
+        """Re-read ``review.json`` when another process has replaced it since this store last read it."""
+        stamp = self._stamp()
+        if stamp != self._seen:
+            try:
+                self._records = self._read_records()
+            except ReviewError:
+                return  # keep the last good records; the next write reports the problem
+            self._seen = stamp
 
     def _read_records(self) -> dict[str, ReviewRecord]:
         path = self.root / REVIEW_FILE
+        self._seen = self._stamp()
         if not path.is_file():
             return {}
         try:
