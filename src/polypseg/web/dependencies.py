@@ -53,11 +53,17 @@ async def require_token(
     """Refuse the request (401) unless it carries the server's token; no-op when the server has none."""
     if settings.token is None:
         return
-    given = credentials.credentials if credentials is not None else ""
-    if not secrets.compare_digest(given.encode(), settings.token.encode()):
+    if credentials is None:
         raise ApiError(
             401,
-            "missing or wrong token: send 'Authorization: Bearer <token>'",
+            "this server needs an access token: send 'Authorization: Bearer <token>'",
+            "unauthorized",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    if not secrets.compare_digest(credentials.credentials.encode(), settings.token.encode()):
+        raise ApiError(
+            401,
+            "the access token was refused: it is not this server's token",
             "unauthorized",
             {"WWW-Authenticate": "Bearer"},
         )

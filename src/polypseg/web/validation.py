@@ -57,9 +57,20 @@ class NotAnImage(UploadError):
     code = "not_an_image"
 
 
+class NotAVideo(NotAnImage):
+    code = "not_a_video"
+
+
 class CorruptImage(UploadError):
     status_code = 400
     code = "corrupt_image"
+
+
+class BadMultipart(UploadError):
+    """A multipart body whose framing cannot be parsed (no boundary, truncated, no part at all)."""
+
+    status_code = 400
+    code = "bad_multipart"
 
 
 class NoFile(UploadError):
@@ -113,12 +124,15 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def check_size(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
-    """Refuse empty uploads and uploads over ``max_bytes``."""
+def check_size(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, size: int | None = None) -> None:
+    """Refuse empty uploads and uploads over ``max_bytes``. ``size``: the whole file's size when
+    ``data`` holds only its first ``max_bytes + 1`` bytes (the message reports the file's size)."""
     if not data:
         raise EmptyUpload(f"{name}: the upload is empty")
     if len(data) > max_bytes:
-        raise UploadTooLarge(f"{name}: {_mb(len(data))} is over the upload limit of {_mb(max_bytes)}")
+        total = max(size or 0, len(data))
+        exact = "" if size else "at least "
+        raise UploadTooLarge(f"{name}: {exact}{_mb(total)} is over the upload limit of {_mb(max_bytes)}")
 
 
 def probe_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
@@ -327,4 +341,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _mb(size: int) -> str:
-    return f"{size / (1024 * 1024):.1f} MB"
+    """A size for messages: exact bytes, with MB when that is more readable (``12,345,678 bytes (11.8 MB)``)."""
+    if size < 1024 * 1024:
+        return f"{size:,} bytes"
+    return f"{size:,} bytes ({size / (1024 * 1024):.1f} MB)"

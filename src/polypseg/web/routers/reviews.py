@@ -25,7 +25,7 @@ from polypseg.web.schemas import ERROR_RESPONSES, ErrorBody
 from polypseg.web.service import ServiceBusy
 from polypseg.web.settings import WebSettings
 from polypseg.web.validation import (
-    CorruptImage,
+    BadMultipart,
     MaskMismatch,
     NoFile,
     NotAnImage,
@@ -265,7 +265,7 @@ async def _read_mask_form(
     except UploadError:
         raise
     except Exception as error:  # noqa: BLE001 - malformed multipart framing: any parser error is the client's
-        raise CorruptImage(f"cannot parse the multipart upload ({clean_reason(error)})") from None
+        raise BadMultipart(f"cannot parse the multipart upload ({clean_reason(error)})") from None
     parts: dict[str, tuple[bytes, str] | None] = {}
     for field in ("mask", "file"):
         upload = form.get(field)
@@ -273,7 +273,7 @@ async def _read_mask_form(
             data = await upload.read(settings.max_upload_bytes + 1)
             await upload.close()
             label = upload.filename.rsplit("/", 1)[-1] if upload.filename else field
-            check_size(data, label, settings.max_upload_bytes)
+            check_size(data, label, settings.max_upload_bytes, upload.size)
             parts[field] = (data, label)
         else:
             parts[field] = None

@@ -166,6 +166,17 @@ async function decodeGrayPng(base64, width, height) {
   return gray;
 }
 
+// The exact probabilities (little-endian float32): the page thresholds what the server thresholds,
+// so screen, API and Grad-CAM agree on every pixel at every threshold.
+function decodeFloat32(base64, count) {
+  const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+  if (bytes.length !== count * 4) throw new ApiError(`probability map of ${bytes.length} bytes, expected ${count * 4}`);
+  const view = new DataView(bytes.buffer);
+  const values = new Float32Array(count);
+  for (let i = 0; i < count; i++) values[i] = view.getFloat32(i * 4, true);
+  return values;
+}
+
 // A ground-truth mask file -> Uint8Array 0/1 at its own size (brightest channel > 127, as the library reads masks).
 async function decodeMaskBlob(blob, name) {
   const url = URL.createObjectURL(blob);
@@ -217,10 +228,10 @@ async function analyse(source) {
     const { blob } = source;
     const form = new FormData();
     form.append("file", blob, name);
-    const seg = await apiJson("/v1/segment?include_probability=true&include_image=true",
+    const seg = await apiJson("/v1/segment?include_probability=true&probability_format=float32&include_image=true",
       { method: "POST", body: form, signal: job.signal });
     if (!current(job)) return;
-    const prob = await decodeGrayPng(seg.probability_png_base64, seg.width, seg.height);
+    const prob = decodeFloat32(seg.probability_f32_base64, seg.width * seg.height);
     const image = await loadImage(`data:image/jpeg;base64,${seg.image_jpeg_base64}`);
     let uncertainty = null;
     if (seg.uncertainty_png_base64) uncertainty = await decodeGrayPng(seg.uncertainty_png_base64, seg.width, seg.height);
@@ -415,7 +426,7 @@ function drawMaps() {
   const r = state.result;
   drawColorbars();
   if (!r) return;
-  drawMap($("view-prob"), r.prob, r.width, r.height);
+  drawMap($("view-prob"), r.prob, r.width, r.height, 255);
   $("view-prob").setAttribute("aria-label", `Probability map of ${r.name}. ${paletteWords()}`);
   if (r.uncertainty) {
     drawMap($("view-uncertainty"), r.uncertainty, r.width, r.height);
@@ -474,8 +485,8 @@ function render() {
   if (!r) return;
   const { width, height, prob } = r;
   const threshold = Number($("threshold").value);
-  // Same rule as the server: foreground where p >= threshold (p quantised to 1/255 here).
-  const cut = threshold * 255;
+  // The server's rule exactly: foreground where p >= threshold, both as float32.
+  const cut = Math.fround(threshold);
   const mask = new Uint8Array(width * height);
   let area = 0;
   let confidence = 0;
@@ -489,7 +500,7 @@ function render() {
   r.mask = mask;
   r.area = area;
   r.threshold = threshold;
-  r.confidence = area ? confidence / area / 255 : null;
+  r.confidence = area ? confidence / area : null;
 
   const maskCanvas = $("view-mask");
   maskCanvas.width = width;
