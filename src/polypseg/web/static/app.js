@@ -41,7 +41,11 @@ async function api(path, options = {}) {
   if (response.status === 401) {
     $("token-form").hidden = false;
     $("token-input").focus();
-    throw new ApiError("This server needs an access token; enter it above.", 401);
+    const refused = Boolean(state.token);
+    $("token-label").textContent = refused ? "The access token was refused; enter the right one:"
+      : "This server needs an access token:";
+    throw new ApiError(refused ? "The access token was refused; enter the right one above."
+      : "This server needs an access token; enter it above.", 401);
   }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
@@ -386,6 +390,15 @@ const LUTS = Object.fromEntries(Object.entries(PALETTES).map(([k, v]) => [k, mak
 const palette = () => $("palette").value;
 const paletteWords = () => `Colours ${palette()}: ${PALETTE_WORDS[palette()]}`;
 
+// The image under every overlay, with the reviewer's brightness and contrast (overlays stay unchanged).
+function drawBase(ctx, image, width, height) {
+  const brightness = Number($("brightness").value);
+  const contrast = Number($("contrast").value);
+  ctx.filter = brightness === 100 && contrast === 100 ? "none" : `brightness(${brightness}%) contrast(${contrast}%)`;
+  ctx.drawImage(image, 0, 0, width, height);
+  ctx.filter = "none";
+}
+
 function drawMap(canvas, values, width, height, scale = 1) {
   const lut = LUTS[palette()];
   canvas.width = width;
@@ -443,18 +456,19 @@ function drawCam() {
   canvas.width = r.width;
   canvas.height = r.height;
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  ctx.drawImage(r.image, 0, 0, r.width, r.height);
+  drawBase(ctx, r.image, r.width, r.height);
   if (r.cam && !r.camError && r.cam.heatmap_max > 0) {
-    // The heatmap blended 50 % over the image, in the page's colour-blind-safe palette.
+    // The heatmap blended over the image (opacity slider), in the page's colour-blind-safe palette.
     const lut = LUTS[palette()];
     const out = ctx.getImageData(0, 0, r.width, r.height);
     const heat = r.cam.heat;
+    const alpha = Number($("cam-opacity").value) / 100;
     for (let i = 0; i < heat.length; i++) {
       const v = heat[i] * 3;
       const j = i * 4;
-      out.data[j] = 0.5 * out.data[j] + 0.5 * lut[v];
-      out.data[j + 1] = 0.5 * out.data[j + 1] + 0.5 * lut[v + 1];
-      out.data[j + 2] = 0.5 * out.data[j + 2] + 0.5 * lut[v + 2];
+      out.data[j] = (1 - alpha) * out.data[j] + alpha * lut[v];
+      out.data[j + 1] = (1 - alpha) * out.data[j + 1] + alpha * lut[v + 1];
+      out.data[j + 2] = (1 - alpha) * out.data[j + 2] + alpha * lut[v + 2];
     }
     ctx.putImageData(out, 0, 0);
   }
@@ -521,7 +535,7 @@ function render() {
   outline.width = width;
   outline.height = height;
   const octx = outline.getContext("2d", { willReadFrequently: true });
-  octx.drawImage(r.image, 0, 0, width, height);
+  drawBase(octx, r.image, width, height);
   const showOverlay = $("overlay-toggle").checked;
   if (showOverlay) {
     const over = octx.getImageData(0, 0, width, height);
@@ -563,6 +577,7 @@ function renderTruth(radius) {
   const r = state.result;
   const has = Boolean(r.truth);
   $("truth-panel").hidden = !has;
+  $("diff-panel").hidden = !has;
   $("dice-stat").hidden = !has;
   $("iou-stat").hidden = !has;
   if (!has) { r.dice = null; r.iou = null; return; }
@@ -585,7 +600,7 @@ function renderTruth(radius) {
   canvas.width = width;
   canvas.height = height;
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  ctx.drawImage(r.image, 0, 0, width, height);
+  drawBase(ctx, r.image, width, height);
   const over = ctx.getImageData(0, 0, width, height);
   outlineOf(truth, width, height, radius + 1, (j) => {
     over.data[j] = TRUTH_RGB[0]; over.data[j + 1] = TRUTH_RGB[1]; over.data[j + 2] = TRUTH_RGB[2];
@@ -594,9 +609,45 @@ function renderTruth(radius) {
     over.data[j] = PRED_RGB[0]; over.data[j + 1] = PRED_RGB[1]; over.data[j + 2] = PRED_RGB[2];
   });
   ctx.putImageData(over, 0, 0);
+  renderDifference(inter, predicted - inter, actual - inter);
   $("truth-caption").dataset.truth = r.truthName;
   canvas.setAttribute("aria-label",
     `${r.name}: ground truth ${r.truthName} outlined in yellow, prediction at threshold ${r.threshold.toFixed(2)} in blue; Dice ${r.dice.toFixed(3)}, IoU ${r.iou.toFixed(3)}`);
+}
+
+// Where the prediction and the ground truth disagree: false positives (predicted, not in the truth)
+// orange, false negatives (in the truth, missed) purple, agreement white; Okabe-Ito colours that stay
+// distinct with common colour-vision deficiencies.
+const FP_RGB = [230, 97, 0];
+const FN_RGB = [94, 60, 153];
+
+function renderDifference(tp, fp, fn) {
+  const r = state.result;
+  const { width, height, mask, truth } = r;
+  const canvas = $("view-diff");
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  drawBase(ctx, r.image, width, height);
+  const out = ctx.getImageData(0, 0, width, height);
+  for (let i = 0; i < mask.length; i++) {
+    const j = i * 4;
+    const colour = mask[i] ? (truth[i] ? [255, 255, 255] : FP_RGB) : (truth[i] ? FN_RGB : null);
+    if (colour) {
+      for (let c = 0; c < 3; c++) out.data[j + c] = 0.25 * out.data[j + c] + 0.75 * colour[c];
+    } else {
+      for (let c = 0; c < 3; c++) out.data[j + c] *= 0.5;  // agreement on background: dimmed image
+    }
+  }
+  ctx.putImageData(out, 0, 0);
+  const fmt = (n) => n.toLocaleString("en");
+  $("diff-caption").textContent = `Errors at ${r.threshold.toFixed(2)}: false positives ${fmt(fp)} px (orange), ` +
+    `false negatives ${fmt(fn)} px (purple), agreement ${fmt(tp)} px (white)`;
+  canvas.setAttribute("aria-label", `Difference of the prediction at threshold ${r.threshold.toFixed(2)} and ` +
+    `ground truth ${r.truthName} for ${r.name}: false positives in orange (${fmt(fp)} px), false negatives in purple ` +
+    `(${fmt(fn)} px), agreement in white (${fmt(tp)} px)`);
+  $("results").dataset.falsePositives = String(fp);
+  $("results").dataset.falseNegatives = String(fn);
 }
 
 function setThreshold(value) {
@@ -1062,11 +1113,27 @@ $("overlay-opacity").addEventListener("input", () => {
   frame = requestAnimationFrame(render);
 });
 $("palette").addEventListener("change", drawMaps);
+$("cam-opacity").addEventListener("input", () => {
+  $("cam-opacity-value").textContent = `${$("cam-opacity").value} %`;
+  drawCam();
+});
+for (const id of ["brightness", "contrast"]) {
+  $(id).addEventListener("input", () => {
+    $(`${id}-value`).textContent = `${$(id).value} %`;
+    cancelAnimationFrame(frame);
+    frame = requestAnimationFrame(() => {
+      render();
+      drawCam();
+      if (typeof drawEditor === "function") drawEditor();
+    });
+  });
+}
 
 const VIDEO_EXTENSIONS = /\.(mp4|m4v|avi|mov|mkv|webm|mpe?g)$/i;
 const isVideo = (file) => (file.type || "").startsWith("video/") || VIDEO_EXTENSIONS.test(file.name);
 
 function analyseFile(file, truthFile = null) {
+  $("sample-select").value = "";  // the picker names the sample on screen only
   if (isVideo(file)) return analyseVideo(file, file.name);
   return analyse({ blob: file, name: file.name, truth: truthFile ? { blob: truthFile, name: truthFile.name } : null });
 }

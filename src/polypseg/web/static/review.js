@@ -226,7 +226,7 @@ function drawEditor() {
   if (!mask) return;
   const canvas = $("editor-canvas");
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  ctx.drawImage(editor.image, 0, 0, width, height);
+  drawBase(ctx, editor.image, width, height);
   const data = ctx.getImageData(0, 0, width, height);
   const alpha = Number($("editor-opacity").value) / 100;
   let area = 0;
