@@ -313,6 +313,29 @@ def test_page_end_to_end(browser, base: str, tmp_path: Path):
     page.evaluate("() => { document.getElementById('video').currentTime = 0.75; }")
     page.wait_for_function("() => document.getElementById('video-results').dataset.renderedFrame === '7'")
     assert page.inner_text("#video-current").startswith("8 / 12")
+    # frame stepping (keys , and .), per-frame CSV, Grad-CAM of the paused frame, another threshold
+    page.focus("#frame-next")
+    page.keyboard.press(".")
+    page.wait_for_function("() => document.getElementById('video-results').dataset.renderedFrame === '8'")
+    page.keyboard.press(",")
+    page.keyboard.press(",")
+    page.wait_for_function("() => document.getElementById('video-results').dataset.renderedFrame === '6'")
+    rows = list(csv.DictReader(io.StringIO(Path(tab.download("#video-csv").path()).read_text())))
+    assert [int(r["frame"]) for r in rows] == list(range(12)) and rows[0]["iou_with_previous"] == ""
+    assert rows[0]["threshold"] == "0.5" and float(rows[3]["area_fraction"]) >= 0
+    page.click("#video-cam")
+    page.wait_for_function("() => document.getElementById('video-results').dataset.camFrame === '6'")
+    assert re.match(
+        r"^(Grad-CAM of the mask|Nothing to explain: the mask) of frame 7", page.inner_text("#video-cam-caption")
+    )
+    page.evaluate(
+        "() => { const s = document.getElementById('video-threshold-input'); s.value = '0.9';"
+        " s.dispatchEvent(new Event('change')); }"
+    )
+    page.wait_for_function(
+        "() => document.getElementById('video-threshold').textContent === '0.90'"
+        " && document.getElementById('status').textContent.startsWith('clip.mp4: 12 frames done')"
+    )
     page.screenshot(path=str(ARTIFACTS / "web_e2e_video.png"), full_page=True)
     assert not tab.errors, tab.errors
     tab.close()

@@ -1058,15 +1058,21 @@ function followVideo() {
   });
 }
 
-async function analyseVideo(file, name) {
+async function analyseVideo(file, name, threshold = null) {
   const job = beginAnalysis(`${name} frame by frame`);
-  state.retry = () => analyseVideo(file, name);
+  state.retry = () => analyseVideo(file, name, threshold);
   try {
     const form = new FormData();
     form.append("file", file, name);
-    const result = await apiJson("/v1/segment-video?include_masks=true", { method: "POST", body: form, signal: job.signal });
+    const at = threshold === null ? "" : `&threshold=${threshold.toFixed(2)}`;
+    const result = await apiJson(`/v1/segment-video?include_masks=true${at}`, { method: "POST", body: form, signal: job.signal });
     if (!current(job)) return;
     video.result = result;
+    video.file = file;
+    video.name = name;
+    $("video-threshold-input").value = String(result.threshold);
+    $("video-threshold-value").textContent = result.threshold.toFixed(2);
+    $("video-cam-panel").hidden = true;
     video.masks.clear();
     video.frame = -1;
     if (video.url) URL.revokeObjectURL(video.url);
@@ -1093,6 +1099,71 @@ async function analyseVideo(file, name) {
     if (current(job)) state.controller = null;
   }
 }
+
+// Frame stepping, per-frame CSV, re-analysis at another threshold, Grad-CAM of the paused frame.
+function stepFrame(delta) {
+  if (!video.result) return;
+  const element = $("video");
+  element.pause();
+  const rows = video.result.per_frame;
+  const index = Math.min(rows.length - 1, Math.max(0, frameAt(element.currentTime) + delta));
+  // Seek into the middle of the frame, so rounding never shows its neighbour.
+  const next = index + 1 < rows.length ? rows[index + 1].time_s : rows[index].time_s + 1 / (video.result.fps || 25);
+  element.currentTime = (rows[index].time_s + next) / 2;
+  drawVideoOverlay(index);
+}
+
+$("frame-prev").addEventListener("click", () => stepFrame(-1));
+$("frame-next").addEventListener("click", () => stepFrame(1));
+$("video-csv").addEventListener("click", () => {
+  if (!video.result) return;
+  const columns = ["frame", "time_s", "area_pixels", "area_fraction", "mean_confidence", "iou_with_previous", "threshold"];
+  const lines = [columns.join(",")];
+  for (const row of video.result.per_frame) {
+    lines.push(columns.map((c) => csvCell(c === "threshold" ? video.result.threshold : (row[c] ?? ""))).join(","));
+  }
+  saveBlob(new Blob([lines.join("\r\n") + "\r\n"], { type: "text/csv" }), `${stem(video.name)}_frames.csv`);
+});
+$("video-threshold-input").addEventListener("input", () => {
+  $("video-threshold-value").textContent = Number($("video-threshold-input").value).toFixed(2);
+});
+$("video-threshold-input").addEventListener("change", () => {
+  if (video.file) analyseVideo(video.file, video.name, Number($("video-threshold-input").value));
+});
+$("video-cam").addEventListener("click", async () => {
+  const element = $("video");
+  if (!video.result || !element.videoWidth) return;
+  element.pause();
+  const index = frameAt(element.currentTime);
+  const canvas = document.createElement("canvas");
+  canvas.width = element.videoWidth;
+  canvas.height = element.videoHeight;
+  canvas.getContext("2d").drawImage(element, 0, 0);
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+  const form = new FormData();
+  form.append("file", blob, `${stem(video.name)}_frame${index + 1}.png`);
+  const threshold = video.result.threshold.toFixed(2);
+  $("video-cam-caption").textContent = `Grad-CAM of frame ${index + 1}: computing…`;
+  $("video-cam-panel").hidden = false;
+  try {
+    const cam = await apiJson(`/v1/explain?threshold=${threshold}&colormap=${palette()}`, { method: "POST", body: form });
+    $("video-cam-image").src = `data:image/png;base64,${cam.overlay_png_base64}`;
+    $("video-cam-caption").textContent = cam.heatmap_max > 0
+      ? `Grad-CAM of the mask of frame ${index + 1} at threshold ${threshold}`
+      : `Nothing to explain: the mask of frame ${index + 1} is empty at threshold ${threshold}`;
+    $("video-cam-image").alt = $("video-cam-caption").textContent;
+    $("video-results").dataset.camFrame = String(index);
+  } catch (error) {
+    $("video-cam-caption").textContent = `Grad-CAM unavailable: ${error.message}`;
+  }
+});
+document.addEventListener("keydown", (event) => {
+  if ($("video-results").hidden || event.ctrlKey || event.metaKey || event.altKey) return;
+  const target = event.target;
+  if (target instanceof HTMLElement && target.closest("input, select, textarea")) return;
+  if (event.key === ",") { stepFrame(-1); event.preventDefault(); }
+  else if (event.key === ".") { stepFrame(1); event.preventDefault(); }
+});
 
 followVideo();
 
