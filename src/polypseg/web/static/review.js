@@ -148,7 +148,9 @@ function currentStatus() {
 // else from the model's mask at the slider's threshold.
 async function reviewOnResult(result) {
   if (!review.enabled) return;
+  const unsaved = editor.dirty && editor.name && editor.name !== result.name ? editor.name : null;
   showRecord();
+  if (unsaved) $("review-state").textContent += ` — the edits to ${unsaved}'s mask were not saved`;
   editor.name = result.name;
   editor.width = result.width;
   editor.height = result.height;
@@ -468,6 +470,11 @@ document.addEventListener("keydown", (event) => {
   else if (key === "]") setBrushSize(editor.size * 1.25 + 1);
   else handled = false;
   if (handled) event.preventDefault();
+});
+
+// Edits not yet saved: the browser asks before the tab is closed or reloaded.
+window.addEventListener("beforeunload", (event) => {
+  if (review.enabled && editor.dirty) event.preventDefault();
 });
 
 setTool("brush");
