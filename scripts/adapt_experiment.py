@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "runs" / "adapt-cvc")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random split.")
+    parser.add_argument("--split", choices=("by_sequence", "random", "all"), default="all", help="Run one split only.")
     args = parser.parse_args()
 
     from polypseg.data.datasets import index_dataset
@@ -82,6 +83,7 @@ def main() -> None:
     stems = [sample.stem for sample in index_dataset(args.data).samples]
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
+    results_path = args.docs / "results.json"
     results: dict[str, object] = {
         "data": args.data.name,
         "model": MODEL,
@@ -92,6 +94,8 @@ def main() -> None:
         "splits": {},
     }
     for name, (corrected, held_out) in splits(stems, args.seed).items():
+        if args.split not in ("all", name):
+            continue
         test_list = args.out / f"{name}_held_out.txt"
         test_list.write_text("".join(f"{s}\n" for s in held_out))
         before = score_shipped(args.data, held_out)
@@ -107,6 +111,8 @@ def main() -> None:
             sys.exit(f"error: polypseg train failed for {name}; see {args.docs / f'{name}_train_output.txt'}")
         test = json.loads((args.out / name / "test_metrics.json").read_text())
         after = test["at"]["0.5"]
+        if results_path.is_file():  # another invocation may have finished the other split meanwhile
+            results["splits"] = {**json.loads(results_path.read_text())["splits"], **results["splits"]}  # type: ignore[dict-item]
         results["splits"][name] = {  # type: ignore[index]
             "corrected": corrected,
             "held_out": held_out,
@@ -117,7 +123,7 @@ def main() -> None:
             "command": "polypseg train " + " ".join(command[4:]),
         }
         keep_run_records(args.out / name, args.docs / name)
-        (args.docs / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
         print(f"{name}: Dice {before['dice']:.4f} -> {after['dice']:.4f} ({seconds / 60:.1f} min)", flush=True)
 
 
