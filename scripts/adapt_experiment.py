@@ -76,6 +76,12 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "runs" / "adapt-cvc")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random split.")
     parser.add_argument("--split", choices=("by_sequence", "random", "all"), default="all", help="Run one split only.")
+    parser.add_argument(
+        "--train-option",
+        action="append",
+        default=[],
+        help="Extra option passed to polypseg train (repeatable), e.g. --train-option=--batch-size=4.",
+    )
     args = parser.parse_args()
 
     from polypseg.data.datasets import index_dataset
@@ -102,6 +108,7 @@ def main() -> None:
         command = [
             sys.executable, "-m", "polypseg", "train", "--data", str(args.data), "--test-list", str(test_list),
             "--recipe", "adapt", "--out", str(args.out / name), "--device", "cpu", "--no-progress",
+            *args.train_option,
         ]  # fmt: skip
         started = time.perf_counter()
         finished = subprocess.run(command, capture_output=True, text=True, check=False)
