@@ -937,3 +937,42 @@ def test_video_timeout_bounds_each_chunk_not_the_whole_video(monkeypatch):
         assert clock["now"] == 200.0  # the video as a whole ran well past the timeout
     finally:
         service.stop()
+
+
+def test_float32_probabilities_give_exactly_the_served_mask(client: TestClient, service: InferenceService):
+    image = image_rgb(seed=7)
+    data = encode(image)
+    probability = service.predictor.predict([image])[0].probability
+    for threshold in (0.3, round(float(np.median(probability)), 2), 0.7):
+        body = post(client, "/v1/segment", data, threshold=threshold, include_probability="true",
+                    probability_format="float32")  # fmt: skip
+        exact = np.frombuffer(base64.b64decode(body["probability_f32_base64"]), dtype="<f4").reshape(40, 52)
+        mask = png_array(body["mask_png_base64"]) > 0
+        # the page's rule, p >= threshold in float32, reproduces the served mask pixel for pixel
+        np.testing.assert_array_equal(exact >= np.float32(threshold), mask)
+        assert body["area_pixels"] == int(mask.sum()) and "probability_png_base64" not in body
+
+
+def test_refusals_name_the_real_problem(service: InferenceService):
+    with TestClient(create_app(service, WebSettings(token="s3cret", max_upload_bytes=3000))) as guarded:
+        missing = guarded.get("/v1/health").json()
+        assert missing["code"] == "unauthorized" and "needs an access token" in missing["error"]
+        wrong = guarded.get("/v1/health", headers={"Authorization": "Bearer nope"}).json()
+        assert wrong["code"] == "unauthorized" and "refused" in wrong["error"] and "needs" not in wrong["error"]
+        auth = {"Authorization": "Bearer s3cret"}
+        big = encode(np.random.default_rng(0).integers(0, 255, (60, 60, 3), dtype=np.uint8))
+        for answer in (
+            guarded.post("/v1/segment", files={"file": ("big.png", big, "image/png")}, headers=auth),
+            guarded.post("/v1/segment", content=big, headers={**auth, "Content-Type": "image/png"}),
+        ):
+            assert answer.status_code == 413, answer.text
+            assert f"{len(big):,} bytes is over the upload limit of 3,000 bytes" in answer.json()["error"]
+        text = guarded.post("/v1/segment-video", content=b"hello", headers={**auth, "Content-Type": "text/plain"})
+        assert (
+            text.status_code == 415 and text.json()["code"] == "not_a_video" and "not a video" in text.json()["error"]
+        )
+        truncated = b'--XYZ\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\nabc'
+        for body, content_type in ((truncated, "multipart/form-data; boundary=XYZ"), (b"junk", "multipart/form-data")):
+            answer = guarded.post("/v1/segment", content=body, headers={**auth, "Content-Type": content_type})
+            assert answer.status_code == 400 and answer.json()["code"] == "bad_multipart", answer.text
+            assert answer.json()["error"].startswith("cannot parse the multipart upload")

@@ -72,6 +72,26 @@ def _bind_error(host: str, port: int, error: OSError) -> str:
     return f"cannot listen on {where}: {error.strerror or error}"
 
 
+def _check_review_dir(folder: Path) -> None:
+    """Create the review folder, or stop with one line; warn when it cannot be written (reviews
+    can still be read and exported, every save answers a clear error)."""
+    import os
+
+    if folder.exists() and not folder.is_dir():
+        fail(f"--review-dir {folder}: a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"--review-dir {folder}: cannot create it ({error.strerror or error})")
+    if not os.access(folder, os.W_OK):
+        console.print(
+            f"[bold yellow]warning:[/] --review-dir {folder} is read-only: verdicts and masks cannot be saved.",
+            highlight=False,
+            soft_wrap=True,
+            markup=True,
+        )
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -118,6 +138,12 @@ def register(app: typer.Typer) -> None:
         samples: Path | None = typer.Option(
             None, help="Folder of images offered as samples on the page (default: the bundled Kvasir-SEG sample)."
         ),
+        review_dir: Path | None = typer.Option(
+            None,
+            "--review-dir",
+            help="Keep reviewers' verdicts, notes and corrected masks in this folder (created if missing); "
+            "it becomes a data set (images/ + masks/) that 'polypseg data check' and 'polypseg train' accept.",
+        ),
         log_level: str = typer.Option("info", help="uvicorn log level."),
     ) -> None:
         """Serve the web page and the HTTP API (POST /v1/segment, /v1/explain; GET /v1/health, /v1/model; docs at /docs)."""
@@ -133,6 +159,8 @@ def register(app: typer.Typer) -> None:
             fail(f"--threshold {threshold_problem(threshold)}")
         if samples is not None and not samples.is_dir():
             fail(f"--samples {samples}: not a folder")
+        if review_dir is not None:
+            _check_review_dir(review_dir)
         # Bind first: a taken port fails in a second, before minutes of model loading.
         try:
             sock = bind_socket(host, port)
@@ -172,8 +200,13 @@ def register(app: typer.Typer) -> None:
             request_timeout=timeout,
             samples_dir=samples,
             max_video_frames=max_video_frames,
+            review_dir=review_dir,
         )
-        web_app = create_app(service, settings)
+        try:
+            web_app = create_app(service, settings)
+        except PolypsegError as error:
+            sock.close()
+            fail(f"--review-dir {review_dir}: {error}")
         if not is_loopback(host) and token is None:
             console.print(
                 f"[bold yellow]warning:[/] listening on {host} without authentication: anyone who can reach this "

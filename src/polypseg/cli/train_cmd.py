@@ -54,6 +54,24 @@ def _say_precision(config: RunConfig, device: str) -> None:
     console.print(describe(config.train.precision, resolve_device(device)), highlight=False)
 
 
+def _size_adapt_recipe(config: RunConfig, choices: RecipeChoices, data: Path, test_list: Path | None) -> None:
+    """Scale the ``adapt`` recipe's epochs, warm-up and learning rate to the training set's size;
+    --epochs, --lr or --set of those fields keep the user's values."""
+    from polypseg.training.adapt import scale_to_set_size, training_set_size
+
+    def given(option: object, *keys: str) -> bool:
+        return option is not None or any(o.split("=", 1)[0].strip() in keys for o in choices.overrides)
+
+    n_train = training_set_size(data, config, test_list)
+    plan = scale_to_set_size(
+        config,
+        n_train,
+        keep_epochs=given(choices.epochs, "train.epochs", "train.warmup_epochs"),
+        keep_lr=given(choices.lr, "train.lr"),
+    )
+    console.print(plan.describe(), highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("cv")
     def cv_command(
@@ -318,7 +336,10 @@ def register(app: typer.Typer) -> None:
             why = "is a folder" if test_list.is_dir() else "not found"
             raise UsageError(f"--test-list {display_name(test_list)}: {why} (a file of stems, one per line)")
         saved = _saved_config(out) if resume else None
-        config = RecipeChoices.of(locals()).build(saved or "paper")
+        choices = RecipeChoices.of(locals())
+        config = choices.build(saved or "paper")
+        if saved is None and config.train.recipe == "adapt":
+            _size_adapt_recipe(config, choices, data_or_sample(data), test_list)
         _say_precision(config, device)
         keep_freed_memory_on_cpu(device)
         result = train_single_split(

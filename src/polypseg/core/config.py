@@ -353,6 +353,35 @@ def _cpu_robust() -> RunConfig:
 # Recipes that continue a trained model and need --init.
 WARM_RESTART_RECIPES = ("cpu-refine", "cpu-robust")
 
+def _adapt() -> RunConfig:
+    """Adapt the shipped model to a small set of corrected images (a review folder), e.g. another
+    centre's endoscope.
+
+    For a few dozen images the ``cpu`` recipes' EMA (decay 0.998 over about 100 steps) would keep
+    the saved weights mostly the initial ones, and 10% inner validation would be a handful of
+    near-duplicate frames: here no EMA, the last epoch is kept, the heavy augmentations fight
+    memorising, and ``polypseg train`` scales epochs, warm-up and learning rate to the set's size
+    (:func:`polypseg.training.adapt.scale_to_set_size`).
+    """
+    train = TrainConfig(
+        recipe="adapt",
+        epochs=30,
+        batch_size=8,
+        optimizer="adamw",
+        lr=3e-4,
+        weight_decay=1e-4,
+        schedule="onecycle",
+        warmup_epochs=1,
+        loss="dice_bce",
+        augment=_heavy_augment(),
+        val_fraction=0.0,
+        ema_decay=0.0,
+        init_from="kvasir-unet-r34",
+        eval_batch_size=16,
+    )
+    return RunConfig(model=ModelConfig(), train=train)
+
+
 RECIPES: dict[str, Any] = {
     "paper": _paper,
     "strong": _strong,
@@ -360,6 +389,7 @@ RECIPES: dict[str, Any] = {
     "cpu-refine": _cpu_refine,
     "cpu-robust": _cpu_robust,
     "demo": _demo,
+    "adapt": _adapt,
 }
 
 

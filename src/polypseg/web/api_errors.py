@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from polypseg.data.review import ReviewError, StorageError
 from polypseg.web.service import BadExplainRequest, ExplainUnavailable, ServiceBusy
 from polypseg.web.validation import UploadError
 
@@ -62,6 +63,23 @@ async def _bad_explain(request: Request, error: BadExplainRequest) -> JSONRespon
     return error_response(422, str(error), "invalid_parameter")
 
 
+# A review store error's kind -> (status, code).
+REVIEW_STATUS = {
+    "bad_name": (400, "invalid_name"),
+    "bad_mask": (400, "mask_mismatch"),
+    "not_found": (404, "not_found"),
+    "conflict": (409, "name_conflict"),
+    "invalid": (422, "invalid_parameter"),
+}
+
+
+async def _review_error(request: Request, error: ReviewError) -> JSONResponse:
+    if isinstance(error, StorageError):
+        return error_response(507, str(error), error.reason)
+    status, code = REVIEW_STATUS.get(error.kind, (422, "invalid_parameter"))
+    return error_response(status, str(error), code)
+
+
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0] if error.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
@@ -94,6 +112,7 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceBusy, _service_busy)
     app.add_exception_handler(ExplainUnavailable, _no_explain)
     app.add_exception_handler(BadExplainRequest, _bad_explain)
+    app.add_exception_handler(ReviewError, _review_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -15,9 +15,10 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from polypseg._version import __version__
+from polypseg.data.review import ReviewStore
 from polypseg.web.api_errors import add_error_handlers
 from polypseg.web.middleware import BodyLimitMiddleware, HeadMiddleware, SecurityHeadersMiddleware
-from polypseg.web.routers import inference, pages, samples, status
+from polypseg.web.routers import inference, pages, reviews, samples, status
 from polypseg.web.routers.pages import STATIC_DIR
 from polypseg.web.service import InferenceService
 from polypseg.web.settings import WebSettings
@@ -59,12 +60,13 @@ def create_app(service: InferenceService, settings: WebSettings | None = None, m
     app.state.service = service
     app.state.settings = settings
     app.state.samples_dir = settings.samples_dir if settings.samples_dir is not None else samples.default_samples_dir()
+    app.state.review_store = ReviewStore(settings.review_dir) if settings.review_dir is not None else None
     # Two uploads (image and optional ground-truth mask) may share one multipart body.
     app.add_middleware(BodyLimitMiddleware, limit=2 * settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(HeadMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     add_error_handlers(app)
-    for router in (inference.router, status.router, samples.router, pages.router):
+    for router in (inference.router, status.router, samples.router, reviews.router, pages.router):
         app.include_router(router)
     pages.mount_static(app)
     return app

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from polypseg.data.review import ReviewStore
 from polypseg.web.api_errors import ApiError
 from polypseg.web.service import InferenceService
 from polypseg.web.settings import WebSettings
@@ -35,9 +36,15 @@ def get_samples_dir(request: Request) -> Path | None:
     return request.app.state.samples_dir
 
 
+def get_review_store(request: Request) -> ReviewStore | None:
+    """The review folder's store (``--review-dir``), or ``None`` when the server keeps no reviews."""
+    return request.app.state.review_store
+
+
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
 SettingsDep = Annotated[WebSettings, Depends(get_settings)]
 SamplesDirDep = Annotated[Path | None, Depends(get_samples_dir)]
+ReviewStoreDep = Annotated[ReviewStore | None, Depends(get_review_store)]
 
 
 async def require_token(
@@ -46,11 +53,17 @@ async def require_token(
     """Refuse the request (401) unless it carries the server's token; no-op when the server has none."""
     if settings.token is None:
         return
-    given = credentials.credentials if credentials is not None else ""
-    if not secrets.compare_digest(given.encode(), settings.token.encode()):
+    if credentials is None:
         raise ApiError(
             401,
-            "missing or wrong token: send 'Authorization: Bearer <token>'",
+            "this server needs an access token: send 'Authorization: Bearer <token>'",
+            "unauthorized",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    if not secrets.compare_digest(credentials.credentials.encode(), settings.token.encode()):
+        raise ApiError(
+            401,
+            "the access token was refused: it is not this server's token",
             "unauthorized",
             {"WWW-Authenticate": "Bearer"},
         )

@@ -33,6 +33,13 @@ class SegmentResult(BaseModel):
     probability_png_base64: str | None = Field(
         None, description="8-bit PNG of round(p * 255) (include_probability=true)."
     )
+    probability_f32_base64: str | None = Field(
+        None,
+        description=(
+            "The exact probabilities (include_probability=true&probability_format=float32): row-major "
+            "little-endian float32, base64; probability >= threshold, compared in float32, is the mask."
+        ),
+    )
     uncertainty_png_base64: str | None = Field(
         None, description="Ensembles only: 8-bit PNG of round(min(2 * std, 1) * 255), std across the fold models."
     )

@@ -19,3 +19,4 @@ class WebSettings:
     request_timeout: float = 120.0
     samples_dir: Path | None = None
     max_video_frames: int = DEFAULT_MAX_FRAMES
+    review_dir: Path | None = None  # where verdicts and corrected masks are kept; None: no review routes

@@ -57,9 +57,20 @@ class NotAnImage(UploadError):
     code = "not_an_image"
 
 
+class NotAVideo(NotAnImage):
+    code = "not_a_video"
+
+
 class CorruptImage(UploadError):
     status_code = 400
     code = "corrupt_image"
+
+
+class BadMultipart(UploadError):
+    """A multipart body whose framing cannot be parsed (no boundary, truncated, no part at all)."""
+
+    status_code = 400
+    code = "bad_multipart"
 
 
 class NoFile(UploadError):
@@ -81,6 +92,13 @@ class MaskMismatch(UploadError):
 
     status_code = 400
     code = "mask_mismatch"
+
+
+class MaskNotBinary(UploadError):
+    """A corrected mask with values other than 0 and 255 (or 0 and 1)."""
+
+    status_code = 400
+    code = "mask_not_binary"
 
 
 @dataclass(frozen=True)
@@ -106,12 +124,15 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def check_size(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
-    """Refuse empty uploads and uploads over ``max_bytes``."""
+def check_size(data: bytes, name: str, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, size: int | None = None) -> None:
+    """Refuse empty uploads and uploads over ``max_bytes``. ``size``: the whole file's size when
+    ``data`` holds only its first ``max_bytes + 1`` bytes (the message reports the file's size)."""
     if not data:
         raise EmptyUpload(f"{name}: the upload is empty")
     if len(data) > max_bytes:
-        raise UploadTooLarge(f"{name}: {_mb(len(data))} is over the upload limit of {_mb(max_bytes)}")
+        total = max(size or 0, len(data))
+        exact = "" if size else "at least "
+        raise UploadTooLarge(f"{name}: {exact}{_mb(total)} is over the upload limit of {_mb(max_bytes)}")
 
 
 def probe_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
@@ -183,6 +204,42 @@ def decode_mask_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXE
     if array.ndim != 2:
         raise CorruptImage(f"{name}: unexpected mask shape {array.shape}")
     return array > 127
+
+
+def decode_binary_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A corrected mask upload as ``bool (H, W)``, refusing any pixel that is not clearly 0 or 255.
+
+    Unlike a ground-truth mask (:func:`decode_mask_bytes`, binarised at > 127), a mask the server
+    stores as training data must already be binary: every colour channel 0 or 255 (or a 0/1 label
+    map), alpha opaque. A blurred or anti-aliased edge is refused rather than silently rounded.
+    """
+    info = probe_image(data, name, max_pixels)
+    try:
+        array = _decode_tiff(data) if info.format == "TIFF" else _decode_pil(data)
+    except Image.DecompressionBombError:
+        raise TooManyPixels(f"{name}: image is over the pixel limit") from None
+    except Exception as error:  # noqa: BLE001 - truncated data, bad compression stream, ...
+        raise CorruptImage(f"{name}: truncated or corrupt {info.format} ({_reason(error)})") from None
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if array.dtype.kind not in "ui":
+        raise MaskNotBinary(f"{name}: a mask must hold integers 0 and 255, not {array.dtype}")
+    if array.ndim == 3 and array.shape[2] in (2, 4):
+        if np.any(array[:, :, -1] != array[:, :, -1].max()):
+            raise MaskNotBinary(f"{name}: the mask has transparent pixels; send an opaque 0/255 mask")
+        array = array[:, :, :-1]
+    channels = array if array.ndim == 3 else array[:, :, None]
+    if channels.ndim != 3:
+        raise CorruptImage(f"{name}: unexpected mask shape {array.shape}")
+    values = np.unique(channels)
+    if channels.shape[2] > 1 and np.any(channels != channels[:, :, :1]):
+        raise MaskNotBinary(f"{name}: the mask's colour channels differ; send a gray 0/255 mask")
+    if set(values.tolist()) <= {0, 1}:
+        return channels[:, :, 0] == 1
+    if not set(values.tolist()) <= {0, 255}:
+        off = int(np.count_nonzero((channels[:, :, 0] != 0) & (channels[:, :, 0] != 255)))
+        raise MaskNotBinary(f"{name}: {off:,} pixels are neither 0 nor 255; a corrected mask must be binary")
+    return channels[:, :, 0] == 255
 
 
 def _open_pil(data: bytes) -> Image.Image:
@@ -284,4 +341,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _mb(size: int) -> str:
-    return f"{size / (1024 * 1024):.1f} MB"
+    """A size for messages: exact bytes, with MB when that is more readable (``12,345,678 bytes (11.8 MB)``)."""
+    if size < 1024 * 1024:
+        return f"{size:,} bytes"
+    return f"{size:,} bytes ({size / (1024 * 1024):.1f} MB)"

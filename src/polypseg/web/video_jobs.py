@@ -12,13 +12,16 @@ import numpy as np
 
 from polypseg.web import encoding
 from polypseg.web.service import InferenceService
-from polypseg.web.validation import CorruptImage, NotAnImage, TooManyPixels, UploadError, clean_reason, sniff_format
+from polypseg.web.validation import (
+    CorruptImage,
+    NotAVideo,
+    TooManyPixels,
+    UploadError,
+    clean_reason,
+    sniff_format,
+)
 
 DEFAULT_MAX_FRAMES = 300
-
-
-class NotAVideo(NotAnImage):
-    code = "not_a_video"
 
 
 def segment_video_bytes(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import time
 from typing import Annotated, Any, Literal
@@ -62,15 +63,27 @@ async def segment(
         Query(description="png: 8-bit PNG (0/255), base64. rle: COCO uncompressed RLE, column-major."),
     ] = "png",
     include_probability: Annotated[
-        bool, Query(description="Add the probability map as an 8-bit PNG (round(p*255)).")
+        bool, Query(description="Add the probability map (see probability_format).")
     ] = False,
+    probability_format: Annotated[
+        Literal["png", "float32"],
+        Query(
+            description=(
+                "png: 8-bit PNG of round(p*255), base64 (probability_png_base64). float32: the exact "
+                "probabilities, row-major little-endian float32, base64 (probability_f32_base64); "
+                "p >= threshold (in float32) is exactly the served mask."
+            )
+        ),
+    ] = "png",
     include_image: Annotated[bool, Query(description="Add the decoded input image as JPEG (for display).")] = False,
 ) -> dict[str, Any]:
     """Segment one image: mask, polyp area and mean confidence; Dice and IoU against an optional ground-truth `mask`."""
     started = time.perf_counter()
     data, name, mask_upload = await read_upload(request, settings, with_mask=True)
     image, prediction = await run_job(service, settings, "segment", data, name, threshold)
-    body = await run_in_threadpool(segment_body, image, prediction, mask_format, include_probability, include_image)
+    body = await run_in_threadpool(
+        segment_body, image, prediction, mask_format, include_probability, include_image, probability_format
+    )
     if mask_upload is not None:
         mask_data, mask_name = mask_upload
         truth = await run_in_threadpool(decode_mask_bytes, mask_data, mask_name, settings.max_pixels)
@@ -172,7 +185,12 @@ async def segment_video(
 
 
 def segment_body(
-    image: np.ndarray, prediction: Any, mask_format: str, include_probability: bool, include_image: bool
+    image: np.ndarray,
+    prediction: Any,
+    mask_format: str,
+    include_probability: bool,
+    include_image: bool,
+    probability_format: str = "png",
 ) -> dict[str, Any]:
     """The image part of a ``/v1/segment`` answer: size, threshold, area, confidence and the encoded mask."""
     height, width = image.shape[:2]
@@ -190,7 +208,10 @@ def segment_body(
         body["mask_rle"] = encoding.rle_encode(mask)
     else:
         body["mask_png_base64"] = encoding.png_base64(encoding.mask_to_uint8(mask))
-    if include_probability:
+    if include_probability and probability_format == "float32":
+        exact = np.ascontiguousarray(prediction.probability, dtype="<f4")
+        body["probability_f32_base64"] = base64.b64encode(exact.tobytes()).decode("ascii")
+    elif include_probability:
         body["probability_png_base64"] = encoding.png_base64(encoding.unit_to_uint8(prediction.probability))
     uncertainty = getattr(prediction, "uncertainty", None)
     if uncertainty is not None:

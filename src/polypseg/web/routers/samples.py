@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse
 from polypseg.data.datasets import IMAGE_EXTENSIONS
 from polypseg.web.api_errors import ApiError
 from polypseg.web.dependencies import TOKEN_REQUIRED, SamplesDirDep
-from polypseg.web.schemas import ERROR_RESPONSES
+from polypseg.web.schemas import ERROR_RESPONSES, ErrorBody
 
 router = APIRouter(prefix="/v1", tags=["samples"], dependencies=TOKEN_REQUIRED, responses={401: ERROR_RESPONSES[401]})
 
@@ -26,7 +26,10 @@ async def samples(samples_dir: SamplesDirDep) -> dict[str, Any]:
     return {"samples": names, "masks": [n for n in names if Path(n).stem in stems]}
 
 
-@router.get("/samples/{name}")
+_NOT_FOUND = {404: {"model": ErrorBody, "description": "No sample of that name (or it has no ground-truth mask)"}}
+
+
+@router.get("/samples/{name}", responses=_NOT_FOUND)
 async def sample(name: str, samples_dir: SamplesDirDep) -> FileResponse:
     """One sample image, by name as listed by ``GET /v1/samples``."""
     images, _ = sample_folders(samples_dir)
@@ -36,7 +39,7 @@ async def sample(name: str, samples_dir: SamplesDirDep) -> FileResponse:
     return FileResponse(by_name[name])
 
 
-@router.get("/samples/{name}/mask")
+@router.get("/samples/{name}/mask", responses=_NOT_FOUND)
 async def sample_mask(name: str, samples_dir: SamplesDirDep) -> FileResponse:
     """The ground-truth mask of one sample image (same file stem in the data set's ``masks/`` folder)."""
     images, masks = sample_folders(samples_dir)

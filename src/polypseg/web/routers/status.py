@@ -6,16 +6,33 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from polypseg._version import __version__
-from polypseg.web.dependencies import TOKEN_REQUIRED, ServiceDep, SettingsDep
+from polypseg.web.dependencies import TOKEN_REQUIRED, ReviewStoreDep, ServiceDep, SettingsDep
 from polypseg.web.schemas import ERROR_RESPONSES
 
 router = APIRouter(prefix="/v1", tags=["service"], dependencies=TOKEN_REQUIRED, responses={401: ERROR_RESPONSES[401]})
 
 
-@router.get("/health")
-async def health(service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+class Health(BaseModel):
+    status: str = Field(description="ok, or down when the inference worker is not running (then the status is 503)")
+    queued: int
+    max_queue: int
+    max_batch: int
+    completed: int
+    device: str
+    version: str
+    limits: dict[str, int]
+    review: bool = Field(description="The server keeps review records and corrected masks (--review-dir)")
+
+
+@router.get(
+    "/health",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The inference worker is not running (status: down)"}},
+)
+async def health(service: ServiceDep, settings: SettingsDep, store: ReviewStoreDep) -> JSONResponse:
     """Liveness and queue state; 503 when the inference worker is not running."""
     body = {
         "status": "ok" if service.alive else "down",
@@ -30,6 +47,7 @@ async def health(service: ServiceDep, settings: SettingsDep) -> JSONResponse:
             "max_pixels": settings.max_pixels,
             "max_video_frames": settings.max_video_frames,
         },
+        "review": store is not None,
     }
     return JSONResponse(body, status_code=200 if service.alive else 503)
 

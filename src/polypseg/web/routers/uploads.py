@@ -14,9 +14,10 @@ from starlette.datastructures import UploadFile
 from polypseg.web.service import InferenceService, ServiceBusy
 from polypseg.web.settings import WebSettings
 from polypseg.web.validation import (
-    CorruptImage,
+    BadMultipart,
     NoFile,
     NotAnImage,
+    NotAVideo,
     UploadError,
     check_size,
     clean_reason,
@@ -44,7 +45,11 @@ async def read_upload(
         except UploadError:
             raise
         except Exception as error:  # noqa: BLE001 - malformed multipart framing: any parser error is the client's
-            raise CorruptImage(f"cannot parse the multipart upload ({clean_reason(error)})") from None
+            raise BadMultipart(f"cannot parse the multipart upload ({clean_reason(error)})") from None
+        if not list(form.multi_items()):
+            # A well-formed multipart body has at least one part; none means broken framing
+            # (e.g. a missing closing boundary), which the parser reports as an empty form.
+            raise BadMultipart("cannot parse the multipart upload: no complete part (is the closing boundary missing?)")
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             uploads = [v for k, v in form.multi_items() if isinstance(v, UploadFile) and k != "mask"]
@@ -53,22 +58,25 @@ async def read_upload(
             upload = uploads[0]
         name = Path(upload.filename or "upload").name
         data = await upload.read(settings.max_upload_bytes + 1)
+        size = upload.size
         await upload.close()
         given_mask = form.get("mask") if with_mask else None
         if isinstance(given_mask, UploadFile):
             mask_name = Path(given_mask.filename or "mask").name
             mask_data = await given_mask.read(settings.max_upload_bytes + 1)
             await given_mask.close()
-            check_size(mask_data, mask_name, settings.max_upload_bytes)
+            check_size(mask_data, mask_name, settings.max_upload_bytes, given_mask.size)
             mask = (mask_data, mask_name)
     elif content_type.startswith((f"{media}/", "application/octet-stream")) or not content_type:
         name = "request body"
         data = await request.body()
+        size = len(data)
     else:
-        raise NotAnImage(
+        refusal = NotAVideo if media == "video" else NotAnImage
+        raise refusal(
             f"content type '{content_type}' is not {article} {media}; send {media} bytes or multipart field 'file'"
         )
-    check_size(data, name, settings.max_upload_bytes)
+    check_size(data, name, settings.max_upload_bytes, size)
     return data, name, mask
 
 

@@ -41,7 +41,11 @@ async function api(path, options = {}) {
   if (response.status === 401) {
     $("token-form").hidden = false;
     $("token-input").focus();
-    throw new ApiError("This server needs an access token; enter it above.", 401);
+    const refused = Boolean(state.token);
+    $("token-label").textContent = refused ? "The access token was refused; enter the right one:"
+      : "This server needs an access token:";
+    throw new ApiError(refused ? "The access token was refused; enter the right one above."
+      : "This server needs an access token; enter it above.", 401);
   }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
@@ -130,6 +134,7 @@ async function init() {
     $("max-frames").textContent = String(health.limits.max_video_frames);
     await loadModelInfo();
     await loadSamples();
+    if (typeof reviewInit === "function") await reviewInit(Boolean(health.review));
     $("token-form").hidden = true;
     setStatus("Ready.");
   } catch (error) {
@@ -163,6 +168,17 @@ async function decodeGrayPng(base64, width, height) {
   const gray = new Uint8Array(width * height);
   for (let i = 0; i < gray.length; i++) gray[i] = data[i * 4];
   return gray;
+}
+
+// The exact probabilities (little-endian float32): the page thresholds what the server thresholds,
+// so screen, API and Grad-CAM agree on every pixel at every threshold.
+function decodeFloat32(base64, count) {
+  const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+  if (bytes.length !== count * 4) throw new ApiError(`probability map of ${bytes.length} bytes, expected ${count * 4}`);
+  const view = new DataView(bytes.buffer);
+  const values = new Float32Array(count);
+  for (let i = 0; i < count; i++) values[i] = view.getFloat32(i * 4, true);
+  return values;
 }
 
 // A ground-truth mask file -> Uint8Array 0/1 at its own size (brightest channel > 127, as the library reads masks).
@@ -216,10 +232,10 @@ async function analyse(source) {
     const { blob } = source;
     const form = new FormData();
     form.append("file", blob, name);
-    const seg = await apiJson("/v1/segment?include_probability=true&include_image=true",
+    const seg = await apiJson("/v1/segment?include_probability=true&probability_format=float32&include_image=true",
       { method: "POST", body: form, signal: job.signal });
     if (!current(job)) return;
-    const prob = await decodeGrayPng(seg.probability_png_base64, seg.width, seg.height);
+    const prob = decodeFloat32(seg.probability_f32_base64, seg.width * seg.height);
     const image = await loadImage(`data:image/jpeg;base64,${seg.image_jpeg_base64}`);
     let uncertainty = null;
     if (seg.uncertainty_png_base64) uncertainty = await decodeGrayPng(seg.uncertainty_png_base64, seg.width, seg.height);
@@ -277,6 +293,7 @@ function showResult(result) {
   $("truth-button").disabled = false;
   render();  // at the slider's threshold: a threshold the reviewer chose is kept from image to image
   updateNavigator();
+  if (typeof reviewOnResult === "function") reviewOnResult(result);
 }
 
 // ------------------------------------------------------------------ Grad-CAM of the mask on screen
@@ -373,6 +390,15 @@ const LUTS = Object.fromEntries(Object.entries(PALETTES).map(([k, v]) => [k, mak
 const palette = () => $("palette").value;
 const paletteWords = () => `Colours ${palette()}: ${PALETTE_WORDS[palette()]}`;
 
+// The image under every overlay, with the reviewer's brightness and contrast (overlays stay unchanged).
+function drawBase(ctx, image, width, height) {
+  const brightness = Number($("brightness").value);
+  const contrast = Number($("contrast").value);
+  ctx.filter = brightness === 100 && contrast === 100 ? "none" : `brightness(${brightness}%) contrast(${contrast}%)`;
+  ctx.drawImage(image, 0, 0, width, height);
+  ctx.filter = "none";
+}
+
 function drawMap(canvas, values, width, height, scale = 1) {
   const lut = LUTS[palette()];
   canvas.width = width;
@@ -413,7 +439,7 @@ function drawMaps() {
   const r = state.result;
   drawColorbars();
   if (!r) return;
-  drawMap($("view-prob"), r.prob, r.width, r.height);
+  drawMap($("view-prob"), r.prob, r.width, r.height, 255);
   $("view-prob").setAttribute("aria-label", `Probability map of ${r.name}. ${paletteWords()}`);
   if (r.uncertainty) {
     drawMap($("view-uncertainty"), r.uncertainty, r.width, r.height);
@@ -430,18 +456,19 @@ function drawCam() {
   canvas.width = r.width;
   canvas.height = r.height;
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  ctx.drawImage(r.image, 0, 0, r.width, r.height);
+  drawBase(ctx, r.image, r.width, r.height);
   if (r.cam && !r.camError && r.cam.heatmap_max > 0) {
-    // The heatmap blended 50 % over the image, in the page's colour-blind-safe palette.
+    // The heatmap blended over the image (opacity slider), in the page's colour-blind-safe palette.
     const lut = LUTS[palette()];
     const out = ctx.getImageData(0, 0, r.width, r.height);
     const heat = r.cam.heat;
+    const alpha = Number($("cam-opacity").value) / 100;
     for (let i = 0; i < heat.length; i++) {
       const v = heat[i] * 3;
       const j = i * 4;
-      out.data[j] = 0.5 * out.data[j] + 0.5 * lut[v];
-      out.data[j + 1] = 0.5 * out.data[j + 1] + 0.5 * lut[v + 1];
-      out.data[j + 2] = 0.5 * out.data[j + 2] + 0.5 * lut[v + 2];
+      out.data[j] = (1 - alpha) * out.data[j] + alpha * lut[v];
+      out.data[j + 1] = (1 - alpha) * out.data[j + 1] + alpha * lut[v + 1];
+      out.data[j + 2] = (1 - alpha) * out.data[j + 2] + alpha * lut[v + 2];
     }
     ctx.putImageData(out, 0, 0);
   }
@@ -472,8 +499,8 @@ function render() {
   if (!r) return;
   const { width, height, prob } = r;
   const threshold = Number($("threshold").value);
-  // Same rule as the server: foreground where p >= threshold (p quantised to 1/255 here).
-  const cut = threshold * 255;
+  // The server's rule exactly: foreground where p >= threshold, both as float32.
+  const cut = Math.fround(threshold);
   const mask = new Uint8Array(width * height);
   let area = 0;
   let confidence = 0;
@@ -487,7 +514,7 @@ function render() {
   r.mask = mask;
   r.area = area;
   r.threshold = threshold;
-  r.confidence = area ? confidence / area / 255 : null;
+  r.confidence = area ? confidence / area : null;
 
   const maskCanvas = $("view-mask");
   maskCanvas.width = width;
@@ -508,7 +535,7 @@ function render() {
   outline.width = width;
   outline.height = height;
   const octx = outline.getContext("2d", { willReadFrequently: true });
-  octx.drawImage(r.image, 0, 0, width, height);
+  drawBase(octx, r.image, width, height);
   const showOverlay = $("overlay-toggle").checked;
   if (showOverlay) {
     const over = octx.getImageData(0, 0, width, height);
@@ -543,12 +570,14 @@ function render() {
   $("results").dataset.renderedThreshold = t;
   $("download-mask").dataset.threshold = t;
   updateCamCaption();
+  if (typeof reviewOnRender === "function") reviewOnRender();
 }
 
 function renderTruth(radius) {
   const r = state.result;
   const has = Boolean(r.truth);
   $("truth-panel").hidden = !has;
+  $("diff-panel").hidden = !has;
   $("dice-stat").hidden = !has;
   $("iou-stat").hidden = !has;
   if (!has) { r.dice = null; r.iou = null; return; }
@@ -571,7 +600,7 @@ function renderTruth(radius) {
   canvas.width = width;
   canvas.height = height;
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  ctx.drawImage(r.image, 0, 0, width, height);
+  drawBase(ctx, r.image, width, height);
   const over = ctx.getImageData(0, 0, width, height);
   outlineOf(truth, width, height, radius + 1, (j) => {
     over.data[j] = TRUTH_RGB[0]; over.data[j + 1] = TRUTH_RGB[1]; over.data[j + 2] = TRUTH_RGB[2];
@@ -580,9 +609,45 @@ function renderTruth(radius) {
     over.data[j] = PRED_RGB[0]; over.data[j + 1] = PRED_RGB[1]; over.data[j + 2] = PRED_RGB[2];
   });
   ctx.putImageData(over, 0, 0);
+  renderDifference(inter, predicted - inter, actual - inter);
   $("truth-caption").dataset.truth = r.truthName;
   canvas.setAttribute("aria-label",
     `${r.name}: ground truth ${r.truthName} outlined in yellow, prediction at threshold ${r.threshold.toFixed(2)} in blue; Dice ${r.dice.toFixed(3)}, IoU ${r.iou.toFixed(3)}`);
+}
+
+// Where the prediction and the ground truth disagree: false positives (predicted, not in the truth)
+// orange, false negatives (in the truth, missed) purple, agreement white; Okabe-Ito colours that stay
+// distinct with common colour-vision deficiencies.
+const FP_RGB = [230, 97, 0];
+const FN_RGB = [94, 60, 153];
+
+function renderDifference(tp, fp, fn) {
+  const r = state.result;
+  const { width, height, mask, truth } = r;
+  const canvas = $("view-diff");
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  drawBase(ctx, r.image, width, height);
+  const out = ctx.getImageData(0, 0, width, height);
+  for (let i = 0; i < mask.length; i++) {
+    const j = i * 4;
+    const colour = mask[i] ? (truth[i] ? [255, 255, 255] : FP_RGB) : (truth[i] ? FN_RGB : null);
+    if (colour) {
+      for (let c = 0; c < 3; c++) out.data[j + c] = 0.25 * out.data[j + c] + 0.75 * colour[c];
+    } else {
+      for (let c = 0; c < 3; c++) out.data[j + c] *= 0.5;  // agreement on background: dimmed image
+    }
+  }
+  ctx.putImageData(out, 0, 0);
+  const fmt = (n) => n.toLocaleString("en");
+  $("diff-caption").textContent = `Errors at ${r.threshold.toFixed(2)}: false positives ${fmt(fp)} px (orange), ` +
+    `false negatives ${fmt(fn)} px (purple), agreement ${fmt(tp)} px (white)`;
+  canvas.setAttribute("aria-label", `Difference of the prediction at threshold ${r.threshold.toFixed(2)} and ` +
+    `ground truth ${r.truthName} for ${r.name}: false positives in orange (${fmt(fp)} px), false negatives in purple ` +
+    `(${fmt(fn)} px), agreement in white (${fmt(tp)} px)`);
+  $("results").dataset.falsePositives = String(fp);
+  $("results").dataset.falseNegatives = String(fn);
 }
 
 function setThreshold(value) {
@@ -624,10 +689,58 @@ function saveCanvas(canvas, filename) {
 
 const stem = (name) => name.replace(/\.[^.]+$/, "");
 
-$("download-mask").addEventListener("click", () => {
+// PNG encoding of a single-channel 8-bit image: a canvas can only encode RGBA, and a mask file
+// must be what `polypseg` and other tools read as a mask (one channel, 0/255).
+const CRC_TABLE = (() => {
+  const table = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    table[n] = c >>> 0;
+  }
+  return table;
+})();
+
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) c = CRC_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+function pngChunk(type, data) {
+  const out = new Uint8Array(12 + data.length);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, data.length);
+  for (let i = 0; i < 4; i++) out[4 + i] = type.charCodeAt(i);
+  out.set(data, 8);
+  view.setUint32(8 + data.length, crc32(out.subarray(4, 8 + data.length)));
+  return out;
+}
+
+async function encodeGrayPng(gray, width, height) {
+  const raw = new Uint8Array((width + 1) * height);  // each row: filter byte 0, then the pixels
+  for (let y = 0; y < height; y++) raw.set(gray.subarray(y * width, (y + 1) * width), y * (width + 1) + 1);
+  const zlib = new Blob([raw]).stream().pipeThrough(new CompressionStream("deflate"));
+  const compressed = new Uint8Array(await new Response(zlib).arrayBuffer());
+  const header = new Uint8Array(13);
+  const view = new DataView(header.buffer);
+  view.setUint32(0, width);
+  view.setUint32(4, height);
+  header[8] = 8;  // bit depth; colour type 0 (gray), deflate, no filter method, no interlace
+  const signature = new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]);
+  return new Blob([signature, pngChunk("IHDR", header), pngChunk("IDAT", compressed), pngChunk("IEND", new Uint8Array())],
+    { type: "image/png" });
+}
+
+$("download-mask").addEventListener("click", async () => {
   ensureRendered();
   const r = state.result;
-  if (r) saveCanvas($("view-mask"), `${stem(r.name)}_mask_t${r.threshold.toFixed(2)}.png`);
+  if (!r) return;
+  // The mask is copied at the click: the file is what this click saw, whatever the slider does next.
+  const gray = new Uint8Array(r.mask.length);
+  for (let i = 0; i < gray.length; i++) gray[i] = r.mask[i] ? 255 : 0;
+  const filename = `${stem(r.name)}_mask_t${r.threshold.toFixed(2)}.png`;
+  saveBlob(await encodeGrayPng(gray, r.width, r.height), filename);
 });
 $("download-overlay").addEventListener("click", () => {
   ensureRendered();
@@ -752,11 +865,15 @@ const MASK_FOLDERS = /(^|\/)(masks?|ground[ _-]?truth|gt|labels?)\//i;
 function updateNavigator() {
   const nav = state.nav;
   $("navigator").hidden = !nav;
-  if (!nav) return;
+  if (!nav) {
+    if (typeof reviewOnNavigate === "function") reviewOnNavigate();
+    return;
+  }
   const what = nav.kind === "samples" ? "samples" : "files";
   $("nav-position").textContent = `${nav.index + 1} / ${nav.items.length} ${what}`;
   $("nav-prev").disabled = nav.index <= 0;
   $("nav-next").disabled = nav.index >= nav.items.length - 1;
+  if (typeof reviewOnNavigate === "function") reviewOnNavigate();
 }
 
 function sampleSource(name) {
@@ -941,15 +1058,21 @@ function followVideo() {
   });
 }
 
-async function analyseVideo(file, name) {
+async function analyseVideo(file, name, threshold = null) {
   const job = beginAnalysis(`${name} frame by frame`);
-  state.retry = () => analyseVideo(file, name);
+  state.retry = () => analyseVideo(file, name, threshold);
   try {
     const form = new FormData();
     form.append("file", file, name);
-    const result = await apiJson("/v1/segment-video?include_masks=true", { method: "POST", body: form, signal: job.signal });
+    const at = threshold === null ? "" : `&threshold=${threshold.toFixed(2)}`;
+    const result = await apiJson(`/v1/segment-video?include_masks=true${at}`, { method: "POST", body: form, signal: job.signal });
     if (!current(job)) return;
     video.result = result;
+    video.file = file;
+    video.name = name;
+    $("video-threshold-input").value = String(result.threshold);
+    $("video-threshold-value").textContent = result.threshold.toFixed(2);
+    $("video-cam-panel").hidden = true;
     video.masks.clear();
     video.frame = -1;
     if (video.url) URL.revokeObjectURL(video.url);
@@ -977,6 +1100,71 @@ async function analyseVideo(file, name) {
   }
 }
 
+// Frame stepping, per-frame CSV, re-analysis at another threshold, Grad-CAM of the paused frame.
+function stepFrame(delta) {
+  if (!video.result) return;
+  const element = $("video");
+  element.pause();
+  const rows = video.result.per_frame;
+  const index = Math.min(rows.length - 1, Math.max(0, frameAt(element.currentTime) + delta));
+  // Seek into the middle of the frame, so rounding never shows its neighbour.
+  const next = index + 1 < rows.length ? rows[index + 1].time_s : rows[index].time_s + 1 / (video.result.fps || 25);
+  element.currentTime = (rows[index].time_s + next) / 2;
+  drawVideoOverlay(index);
+}
+
+$("frame-prev").addEventListener("click", () => stepFrame(-1));
+$("frame-next").addEventListener("click", () => stepFrame(1));
+$("video-csv").addEventListener("click", () => {
+  if (!video.result) return;
+  const columns = ["frame", "time_s", "area_pixels", "area_fraction", "mean_confidence", "iou_with_previous", "threshold"];
+  const lines = [columns.join(",")];
+  for (const row of video.result.per_frame) {
+    lines.push(columns.map((c) => csvCell(c === "threshold" ? video.result.threshold : (row[c] ?? ""))).join(","));
+  }
+  saveBlob(new Blob([lines.join("\r\n") + "\r\n"], { type: "text/csv" }), `${stem(video.name)}_frames.csv`);
+});
+$("video-threshold-input").addEventListener("input", () => {
+  $("video-threshold-value").textContent = Number($("video-threshold-input").value).toFixed(2);
+});
+$("video-threshold-input").addEventListener("change", () => {
+  if (video.file) analyseVideo(video.file, video.name, Number($("video-threshold-input").value));
+});
+$("video-cam").addEventListener("click", async () => {
+  const element = $("video");
+  if (!video.result || !element.videoWidth) return;
+  element.pause();
+  const index = frameAt(element.currentTime);
+  const canvas = document.createElement("canvas");
+  canvas.width = element.videoWidth;
+  canvas.height = element.videoHeight;
+  canvas.getContext("2d").drawImage(element, 0, 0);
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+  const form = new FormData();
+  form.append("file", blob, `${stem(video.name)}_frame${index + 1}.png`);
+  const threshold = video.result.threshold.toFixed(2);
+  $("video-cam-caption").textContent = `Grad-CAM of frame ${index + 1}: computing…`;
+  $("video-cam-panel").hidden = false;
+  try {
+    const cam = await apiJson(`/v1/explain?threshold=${threshold}&colormap=${palette()}`, { method: "POST", body: form });
+    $("video-cam-image").src = `data:image/png;base64,${cam.overlay_png_base64}`;
+    $("video-cam-caption").textContent = cam.heatmap_max > 0
+      ? `Grad-CAM of the mask of frame ${index + 1} at threshold ${threshold}`
+      : `Nothing to explain: the mask of frame ${index + 1} is empty at threshold ${threshold}`;
+    $("video-cam-image").alt = $("video-cam-caption").textContent;
+    $("video-results").dataset.camFrame = String(index);
+  } catch (error) {
+    $("video-cam-caption").textContent = `Grad-CAM unavailable: ${error.message}`;
+  }
+});
+document.addEventListener("keydown", (event) => {
+  if ($("video-results").hidden || event.ctrlKey || event.metaKey || event.altKey) return;
+  const target = event.target;
+  if (target instanceof HTMLElement && target.closest("input, select, textarea")) return;
+  if (event.key === ",") { stepFrame(-1); event.preventDefault(); }
+  else if (event.key === ".") { stepFrame(1); event.preventDefault(); }
+});
+
 followVideo();
 
 // ------------------------------------------------------------------ events
@@ -996,11 +1184,27 @@ $("overlay-opacity").addEventListener("input", () => {
   frame = requestAnimationFrame(render);
 });
 $("palette").addEventListener("change", drawMaps);
+$("cam-opacity").addEventListener("input", () => {
+  $("cam-opacity-value").textContent = `${$("cam-opacity").value} %`;
+  drawCam();
+});
+for (const id of ["brightness", "contrast"]) {
+  $(id).addEventListener("input", () => {
+    $(`${id}-value`).textContent = `${$(id).value} %`;
+    cancelAnimationFrame(frame);
+    frame = requestAnimationFrame(() => {
+      render();
+      drawCam();
+      if (typeof drawEditor === "function") drawEditor();
+    });
+  });
+}
 
 const VIDEO_EXTENSIONS = /\.(mp4|m4v|avi|mov|mkv|webm|mpe?g)$/i;
 const isVideo = (file) => (file.type || "").startsWith("video/") || VIDEO_EXTENSIONS.test(file.name);
 
 function analyseFile(file, truthFile = null) {
+  $("sample-select").value = "";  // the picker names the sample on screen only
   if (isVideo(file)) return analyseVideo(file, file.name);
   return analyse({ blob: file, name: file.name, truth: truthFile ? { blob: truthFile, name: truthFile.name } : null });
 }

@@ -1,0 +1,156 @@
+"""Adapting the shipped model to CVC-ClinicDB from a few dozen corrected frames, split by sequence.
+
+Usage: python scripts/adapt_experiment.py --out runs/adapt-cvc [--data CVC62] [--docs docs/runs/adapt-cvc]
+
+CVC-ClinicDB numbers its frames in video-sequence order (the data set's README gives the ranges);
+neighbouring frames show the same polyp. The 62 frames are split two ways, each into a "corrected"
+part (its ground truth stands in for a reviewer's masks) and a held-out part:
+
+- by sequence: frames of sequences 1-14 (numbers 1-297) corrected, sequences 15-29 held out;
+- at random: the same sizes, seeded, so frames of one sequence land on both sides (leakage).
+
+For each split the shipped model is scored on the held-out part ("before"), then
+``polypseg train --recipe adapt --test-list HELD_OUT`` fine-tunes it on the corrected part and
+scores the held-out part once at the end ("after"). Both scores come from the same images, the same
+256 px cache, precision and function (``predict_with_recipe``). Written: ``OUT/<split>/`` (runs),
+``DOCS/results.json`` and ``DOCS/<split>/`` (each run's config, split, history and test metrics;
+no weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+LAST_FRAME_OF_SEQUENCE_14 = 297  # CVC-ClinicDB README: sequence 14 is frames 278-297
+MODEL = "kvasir-unet-r34"
+
+
+def splits(stems: list[str], seed: int = 0) -> dict[str, tuple[list[str], list[str]]]:
+    """``{name: (corrected, held_out)}`` for the sequence split and a random split of the same sizes."""
+    ordered = sorted(stems, key=int)
+    corrected = [s for s in ordered if int(s) <= LAST_FRAME_OF_SEQUENCE_14]
+    held_out = [s for s in ordered if int(s) > LAST_FRAME_OF_SEQUENCE_14]
+    rng = np.random.default_rng(seed)
+    shuffled = [ordered[i] for i in rng.permutation(len(ordered))]
+    random_corrected = sorted(shuffled[: len(corrected)], key=int)
+    random_held_out = sorted(shuffled[len(corrected) :], key=int)
+    return {"by_sequence": (corrected, held_out), "random": (random_corrected, random_held_out)}
+
+
+def score_shipped(data: Path, held_out: list[str]) -> dict[str, float]:
+    """Mean Dice and IoU of the shipped model on ``held_out``, evaluated as ``polypseg train`` evaluates
+    its test images under the ``adapt`` recipe (256 px cache, its eval batch, TTA and precision)."""
+    from polypseg.core.config import get_recipe
+    from polypseg.core.devices import resolve_device
+    from polypseg.core.precision import resolve_precision
+    from polypseg.data.datasets import build_cache
+    from polypseg.models.checkpoint import load_checkpoint
+    from polypseg.models.pretrained import resolve_model
+    from polypseg.training.evaluation import evaluate_probabilities
+    from polypseg.training.loop import predict_with_recipe
+
+    train = get_recipe("adapt").train
+    device = resolve_device("cpu")
+    train.precision = resolve_precision(train.precision, device)
+    model = load_checkpoint(resolve_model(MODEL), device=device).model
+    test = build_cache(data, train.image_size, progress=False).subset(held_out)
+    at = evaluate_probabilities(predict_with_recipe(model, test.images, train, device), test.masks, test.stems)
+    scores = at.compute()["at"]["0.5"]
+    return {"dice": scores["dice"], "iou": scores["iou"], "precision": train.precision}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "cvc-clinicdb-test62")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--docs", type=Path, default=REPO / "docs" / "runs" / "adapt-cvc")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random split.")
+    parser.add_argument("--split", choices=("by_sequence", "random", "all"), default="all", help="Run one split only.")
+    parser.add_argument(
+        "--train-option",
+        action="append",
+        default=[],
+        help="Extra option passed to polypseg train (repeatable), e.g. --train-option=--batch-size=4.",
+    )
+    args = parser.parse_args()
+
+    from polypseg.data.datasets import index_dataset
+
+    stems = [sample.stem for sample in index_dataset(args.data).samples]
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    results_path = args.docs / "results.json"
+    results: dict[str, object] = {
+        "data": args.data.name,
+        "model": MODEL,
+        "recipe": "adapt",
+        "threshold": 0.5,
+        "machine": cpu_model(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "splits": {},
+    }
+    for name, (corrected, held_out) in splits(stems, args.seed).items():
+        if args.split not in ("all", name):
+            continue
+        test_list = args.out / f"{name}_held_out.txt"
+        test_list.write_text("".join(f"{s}\n" for s in held_out))
+        before = score_shipped(args.data, held_out)
+        command = [
+            sys.executable, "-m", "polypseg", "train", "--data", str(args.data), "--test-list", str(test_list),
+            "--recipe", "adapt", "--out", str(args.out / name), "--device", "cpu", "--no-progress",
+            *args.train_option,
+        ]  # fmt: skip
+        started = time.perf_counter()
+        finished = subprocess.run(command, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - started
+        (args.docs / f"{name}_train_output.txt").write_text(finished.stdout + finished.stderr)
+        if finished.returncode != 0:
+            sys.exit(f"error: polypseg train failed for {name}; see {args.docs / f'{name}_train_output.txt'}")
+        test = json.loads((args.out / name / "test_metrics.json").read_text())
+        after = test["at"]["0.5"]
+        if results_path.is_file():  # another invocation may have finished the other split meanwhile
+            results["splits"] = {**json.loads(results_path.read_text())["splits"], **results["splits"]}  # type: ignore[dict-item]
+        results["splits"][name] = {  # type: ignore[index]
+            "corrected": corrected,
+            "held_out": held_out,
+            "before": before,
+            "after": {"dice": after["dice"], "iou": after["iou"]},
+            "dice_change": after["dice"] - before["dice"],
+            "train_seconds": round(seconds, 1),
+            "command": "polypseg train " + " ".join(command[4:]),
+        }
+        keep_run_records(args.out / name, args.docs / name)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"{name}: Dice {before['dice']:.4f} -> {after['dice']:.4f} ({seconds / 60:.1f} min)", flush=True)
+
+
+def keep_run_records(run: Path, docs: Path) -> None:
+    """The run's small records (no weights) beside the results."""
+    docs.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "split.json", "history.json", "test_metrics.json", "best.json"):
+        if (run / name).is_file():
+            shutil.copyfile(run / name, docs / name)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Sizing the ``adapt`` recipe to a small set of corrected images.
+
+A fixed number of epochs means very different training for 30 and for 300 images. The ``adapt``
+recipe instead aims at about :data:`TARGET_STEPS` optimizer steps whatever the set's size, warms
+up over :data:`WARMUP_STEPS` steps, and lowers the learning rate for the smallest sets, which a
+full-strength update would over-fit in a few steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from polypseg.core.config import RunConfig
+from polypseg.data.datasets import index_dataset, load_split_file
+from polypseg.data.splits import inner_validation_split
+
+TARGET_STEPS = 240
+WARMUP_STEPS = 20
+MIN_EPOCHS, MAX_EPOCHS = 8, 300
+FULL_LR_IMAGES = 100  # sets of this many images or more train at the recipe's full learning rate
+MIN_LR_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class AdaptPlan:
+    """What :func:`scale_to_set_size` chose, for the command to print."""
+
+    images: int
+    epochs: int
+    steps: int
+    warmup_epochs: float
+    lr: float
+
+    def describe(self) -> str:
+        return (
+            f"adapt: {self.images} training images -> {self.epochs} epochs ({self.steps} optimizer steps, "
+            f"warm-up {self.warmup_epochs:.2f} epochs), lr {self.lr:.2g}"
+        )
+
+
+def plan_for(config: RunConfig, n_train: int) -> AdaptPlan:
+    """Epochs, warm-up and learning rate of the ``adapt`` recipe for ``n_train`` training images."""
+    if n_train < 1:
+        raise ValueError("the training set is empty")
+    steps_per_epoch = max(1, n_train // config.train.batch_size)  # the training loop drops the last partial batch
+    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
+    warmup = min(WARMUP_STEPS / steps_per_epoch, epochs / 4)
+    share = min(1.0, max(MIN_LR_SHARE, math.sqrt(n_train / FULL_LR_IMAGES)))
+    return AdaptPlan(n_train, epochs, epochs * steps_per_epoch, round(warmup, 4), config.train.lr * share)
+
+
+def scale_to_set_size(
+    config: RunConfig, n_train: int, *, keep_epochs: bool = False, keep_lr: bool = False
+) -> AdaptPlan:
+    """Set ``config.train`` epochs, warm-up and learning rate for ``n_train`` images (in place);
+    ``keep_epochs`` / ``keep_lr`` leave what the user chose explicitly."""
+    plan = plan_for(config, n_train)
+    if not keep_epochs:
+        config.train.epochs = plan.epochs
+        config.train.warmup_epochs = plan.warmup_epochs
+    if not keep_lr:
+        config.train.lr = plan.lr
+    return AdaptPlan(
+        n_train,
+        config.train.epochs,
+        config.train.epochs * max(1, n_train // config.train.batch_size),
+        config.train.warmup_epochs,
+        config.train.lr,
+    )
+
+
+def training_set_size(data: Path | str, config: RunConfig, test_list: Path | str | None = None) -> int:
+    """How many images ``polypseg train`` trains on: the data set's pairs minus ``test_list`` and
+    the inner validation share, split as :func:`polypseg.training.train_split.train_single_split` does."""
+    stems = [sample.stem for sample in index_dataset(data).samples]
+    held_out = set(load_split_file(test_list)) if test_list is not None else set()
+    train, _ = inner_validation_split(
+        [s for s in stems if s not in held_out], config.train.val_fraction, config.train.seed
+    )
+    return len(train)

@@ -1,0 +1,481 @@
+"use strict";
+// The review loop of the page (when the server runs with --review-dir): a verdict and a note per
+// image, a mask editor at the image's full resolution, and the review's status, summary and export.
+// Shares app.js's globals (state, api, $, setStatus, ...); app.js calls the review* hooks below.
+
+const STATUS_LABELS = { accept: "accepted", reject: "rejected", needs_correction: "needs correction" };
+const MAX_UNDO = 50;
+
+const review = {
+  enabled: false,
+  records: new Map(),   // file name -> record of /v1/reviews
+  summary: null,
+};
+
+// The mask editor's state: the mask being corrected, its history, the tool and the view.
+const editor = {
+  name: null, width: 0, height: 0, mask: null, image: null,
+  source: "",           // "model" (at editor.threshold) or "saved"
+  threshold: null,
+  dirty: false,
+  undo: [], redo: [],
+  tool: "brush", size: 12,
+  view: { scale: 1, x: 0, y: 0 },
+  stroke: null,         // {last: [x, y]} while painting
+  pan: null,
+};
+
+// ------------------------------------------------------------------ records and summary
+
+async function reviewInit(enabled) {
+  review.enabled = enabled;  // the server keeps a review folder (GET /v1/health says so)
+  if (enabled) {
+    const body = await apiJson("/v1/reviews");
+    review.records = new Map(body.records.map((r) => [r.file, r]));
+    review.summary = body.summary;
+  }
+  $("review").hidden = !review.enabled;
+  $("review-tools").hidden = !review.enabled;
+  reviewOnNavigate();
+}
+
+function statusOf(name) {
+  const record = review.records.get(name);
+  if (!record) return "not reviewed";
+  const verdict = record.status ? STATUS_LABELS[record.status] : "no verdict";
+  return record.corrected ? `${verdict}, mask corrected` : verdict;
+}
+
+function navNames() {
+  const nav = state.nav;
+  if (!nav) return [];
+  return nav.items.map((item) => (nav.kind === "samples" ? item : item.file.name));
+}
+
+// The list of images being stepped through with each one's status, and the summary of what is left.
+function reviewOnNavigate() {
+  const list = $("review-list");
+  const names = navNames();
+  list.replaceChildren();
+  if (!review.enabled || names.length === 0) {
+    list.hidden = true;
+    $("review-summary").textContent = review.enabled && review.summary ? summaryText(review.summary) : "";
+    return;
+  }
+  list.hidden = false;
+  const counts = { accept: 0, reject: 0, needs_correction: 0, corrected: 0, reviewed: 0 };
+  names.forEach((name, index) => {
+    const record = review.records.get(name);
+    if (record && record.status) { counts[record.status] += 1; counts.reviewed += 1; }
+    if (record && record.corrected) counts.corrected += 1;
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "review-item";
+    button.dataset.status = record && record.status ? record.status : "none";
+    button.dataset.name = name;
+    if (state.nav.index === index) button.setAttribute("aria-current", "true");
+    button.textContent = `${name} — ${statusOf(name)}`;
+    button.addEventListener("click", () => openNavItem(index));
+    item.append(button);
+    list.append(item);
+  });
+  const left = names.length - counts.reviewed;
+  $("review-summary").textContent =
+    `${counts.reviewed} of ${names.length} reviewed: ${counts.accept} accepted, ` +
+    `${counts.needs_correction} need correction, ${counts.reject} rejected; ${plural(counts.corrected, "mask")} corrected; ` +
+    `${left} left.`;
+  $("review-summary").dataset.left = String(left);
+}
+
+function summaryText(summary) {
+  return `Review folder: ${summary.records} images reviewed (${summary.accept} accepted, ` +
+    `${summary.needs_correction} need correction, ${summary.reject} rejected; ${plural(summary.corrected, "mask")} corrected).`;
+}
+
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+
+function storeRecord(record) {
+  review.records.set(record.file, record);
+  reviewOnNavigate();
+  showRecord();
+}
+
+// The verdict buttons and the note of the image on screen.
+function showRecord() {
+  const r = state.result;
+  if (!review.enabled || !r) return;
+  const record = review.records.get(r.name);
+  for (const button of document.querySelectorAll("#review .verdict")) {
+    button.setAttribute("aria-pressed", String(Boolean(record && record.status === button.dataset.status)));
+  }
+  if (document.activeElement !== $("review-note")) $("review-note").value = record ? record.note : "";
+  let text = `${r.name}: ${statusOf(r.name)}`;
+  if (record && record.updated) text += ` (updated ${record.updated})`;
+  if (record && record.corrected && record.dice_vs_model !== null) {
+    text += `; Dice of the corrected mask vs the model's at ${record.threshold.toFixed(2)}: ${record.dice_vs_model.toFixed(3)}`;
+  }
+  $("review-state").textContent = text;
+  $("review").dataset.status = record && record.status ? record.status : "none";
+}
+
+async function putVerdict(status) {
+  const r = state.result;
+  if (!review.enabled || !r) return;
+  const name = r.name;
+  try {
+    const record = await apiJson(`/v1/reviews/${encodeURIComponent(name)}`, {
+      method: "PUT",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ status, note: $("review-note").value }),
+    });
+    storeRecord(record);
+    setStatus(`${name}: ${statusOf(name)}.`, "ok");
+  } catch (error) {
+    setStatus(named(name, error.message), "error");
+  }
+}
+
+function currentStatus() {
+  const r = state.result;
+  const record = r && review.records.get(r.name);
+  return record ? record.status : null;
+}
+
+// ------------------------------------------------------------------ the mask editor
+
+// Called by app.js when an image is shown: the editor starts from the saved correction, if any,
+// else from the model's mask at the slider's threshold.
+async function reviewOnResult(result) {
+  if (!review.enabled) return;
+  const unsaved = editor.dirty && editor.name && editor.name !== result.name ? editor.name : null;
+  showRecord();
+  if (unsaved) $("review-state").textContent += ` — the edits to ${unsaved}'s mask were not saved`;
+  editor.name = result.name;
+  editor.width = result.width;
+  editor.height = result.height;
+  editor.image = result.image;
+  editor.undo = [];
+  editor.redo = [];
+  editor.dirty = false;
+  editor.view = { scale: 1, x: 0, y: 0 };
+  const canvas = $("editor-canvas");
+  canvas.width = result.width;
+  canvas.height = result.height;
+  const record = review.records.get(result.name);
+  if (record && record.corrected) {
+    try {
+      const blob = await (await api(`/v1/reviews/${encodeURIComponent(result.name)}/mask`)).blob();
+      const saved = await decodeMaskBlob(blob, `${result.name} (saved mask)`);
+      if (state.result !== result) return;
+      if (saved.width === result.width && saved.height === result.height) {
+        editor.mask = saved.mask;
+        editor.source = "saved";
+        drawEditor();
+        return;
+      }
+    } catch (error) {
+      setStatus(named(result.name, `the saved mask could not be loaded: ${error.message}`), "error");
+    }
+  }
+  startFromModel();
+}
+
+// Called by app.js after every redraw: an untouched editor follows the slider's threshold.
+function reviewOnRender() {
+  const r = state.result;
+  if (!review.enabled || !r || editor.name !== r.name || editor.dirty || editor.source === "saved") return;
+  if (editor.threshold !== r.threshold) startFromModel();
+}
+
+function startFromModel() {
+  const r = state.result;
+  if (!r || !r.mask) return;
+  if (editor.mask) pushUndo();
+  editor.mask = Uint8Array.from(r.mask);
+  editor.source = "model";
+  editor.threshold = r.threshold;
+  editor.dirty = false;
+  drawEditor();
+}
+
+function pushUndo() {
+  editor.undo.push(Uint8Array.from(editor.mask));
+  if (editor.undo.length > MAX_UNDO) editor.undo.shift();
+  editor.redo = [];
+}
+
+function undo() {
+  if (!editor.undo.length) return;
+  editor.redo.push(editor.mask);
+  editor.mask = editor.undo.pop();
+  editor.dirty = true;
+  drawEditor();
+}
+
+function redo() {
+  if (!editor.redo.length) return;
+  editor.undo.push(editor.mask);
+  editor.mask = editor.redo.pop();
+  editor.dirty = true;
+  drawEditor();
+}
+
+const EDIT_RGB = [255, 0, 170];  // magenta: distinct from the prediction's blue and the truth's yellow
+
+function drawEditor() {
+  const { width, height, mask } = editor;
+  if (!mask) return;
+  const canvas = $("editor-canvas");
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  drawBase(ctx, editor.image, width, height);
+  const data = ctx.getImageData(0, 0, width, height);
+  const alpha = Number($("editor-opacity").value) / 100;
+  let area = 0;
+  for (let i = 0; i < mask.length; i++) {
+    if (!mask[i]) continue;
+    area++;
+    const j = i * 4;
+    for (let c = 0; c < 3; c++) data.data[j + c] = (1 - alpha) * data.data[j + c] + alpha * EDIT_RGB[c];
+  }
+  outlineOf(mask, width, height, 1, (j) => { data.data[j] = EDIT_RGB[0]; data.data[j + 1] = EDIT_RGB[1]; data.data[j + 2] = EDIT_RGB[2]; });
+  ctx.putImageData(data, 0, 0);
+  const from = editor.source === "saved" ? "the saved correction" : `the model's mask at ${Number(editor.threshold).toFixed(2)}`;
+  $("editor-state").textContent =
+    `${area.toLocaleString("en")} px (${((100 * area) / (width * height)).toFixed(2)} %), from ${from}` +
+    (editor.dirty ? ", edited, not saved" : "");
+  $("editor").dataset.area = String(area);
+  $("editor").dataset.dirty = String(editor.dirty);
+  $("editor-undo").disabled = editor.undo.length === 0;
+  $("editor-redo").disabled = editor.redo.length === 0;
+  canvas.setAttribute("aria-label",
+    `Mask being corrected for ${editor.name}, in magenta over the image: ${area.toLocaleString("en")} px`);
+  applyEditorView();
+}
+
+function setTool(tool) {
+  editor.tool = tool;
+  for (const button of document.querySelectorAll("#editor .tool")) {
+    button.setAttribute("aria-pressed", String(button.dataset.tool === tool));
+  }
+  $("editor").dataset.tool = tool;
+}
+
+function setBrushSize(size) {
+  editor.size = Math.max(1, Math.min(200, Math.round(size)));
+  $("editor-size").value = String(editor.size);
+  $("editor-size-value").textContent = `${editor.size} px`;
+}
+
+// Image pixel under a pointer event (the canvas is drawn at the image's full resolution).
+function pixelAt(event) {
+  const box = $("editor-canvas").getBoundingClientRect();
+  return [
+    Math.floor(((event.clientX - box.left) / box.width) * editor.width),
+    Math.floor(((event.clientY - box.top) / box.height) * editor.height),
+  ];
+}
+
+function dab(cx, cy, value) {
+  const r = editor.size / 2;
+  const r2 = r * r;
+  const { width, height, mask } = editor;
+  for (let y = Math.max(0, Math.floor(cy - r)); y <= Math.min(height - 1, Math.ceil(cy + r)); y++) {
+    for (let x = Math.max(0, Math.floor(cx - r)); x <= Math.min(width - 1, Math.ceil(cx + r)); x++) {
+      const dx = x - cx;
+      const dy = y - cy;
+      if (dx * dx + dy * dy <= r2 || (r < 1 && dx === 0 && dy === 0)) mask[y * width + x] = value;
+    }
+  }
+}
+
+function paintLine(from, to, value) {
+  const steps = Math.max(1, Math.ceil(Math.hypot(to[0] - from[0], to[1] - from[1]) / Math.max(1, editor.size / 4)));
+  for (let s = 0; s <= steps; s++) {
+    dab(from[0] + ((to[0] - from[0]) * s) / steps, from[1] + ((to[1] - from[1]) * s) / steps, value);
+  }
+}
+
+// Fill the 4-connected region of equal value under (x, y) with polyp.
+function fill(x, y) {
+  const { width, height, mask } = editor;
+  if (x < 0 || y < 0 || x >= width || y >= height) return false;
+  const start = y * width + x;
+  const from = mask[start];
+  if (from === 1) return false;
+  const stack = [start];
+  mask[start] = 1;
+  while (stack.length) {
+    const i = stack.pop();
+    const px = i % width;
+    for (const j of [px > 0 ? i - 1 : -1, px < width - 1 ? i + 1 : -1, i - width, i + width]) {
+      if (j >= 0 && j < mask.length && mask[j] === from) { mask[j] = 1; stack.push(j); }
+    }
+  }
+  return true;
+}
+
+function applyEditorView() {
+  const { scale, x, y } = editor.view;
+  $("editor-canvas").style.transform = `translate(${x}%, ${y}%) scale(${scale})`;
+  $("editor-zoom").textContent = `${Math.round(scale * 100)} %`;
+  $("editor").dataset.zoom = String(scale);
+}
+
+function editorZoom(factor, u = 0.5, v = 0.5) {
+  const view = editor.view;
+  const px = (u * 100 - view.x) / view.scale;
+  const py = (v * 100 - view.y) / view.scale;
+  view.scale = Math.min(32, Math.max(1, view.scale * factor));
+  const min = -(view.scale - 1) * 100;
+  view.x = Math.min(0, Math.max(min, u * 100 - px * view.scale));
+  view.y = Math.min(0, Math.max(min, v * 100 - py * view.scale));
+  applyEditorView();
+}
+
+function editorResetView() {
+  editor.view = { scale: 1, x: 0, y: 0 };
+  applyEditorView();
+}
+
+async function saveCorrection() {
+  const r = state.result;
+  if (!review.enabled || !r || !editor.mask || editor.name !== r.name) return;
+  const name = r.name;
+  const gray = new Uint8Array(editor.mask.length);
+  for (let i = 0; i < gray.length; i++) gray[i] = editor.mask[i] ? 255 : 0;
+  const form = new FormData();
+  form.append("mask", await encodeGrayPng(gray, editor.width, editor.height), `${stem(name)}.png`);
+  form.append("file", r.blob, name);
+  $("editor-save").disabled = true;
+  try {
+    const record = await apiJson(
+      `/v1/reviews/${encodeURIComponent(name)}/mask?threshold=${Number($("threshold").value).toFixed(2)}`,
+      { method: "PUT", body: form });
+    if (editor.name === name) { editor.dirty = false; editor.source = "saved"; drawEditor(); }
+    storeRecord(record);
+    setStatus(`${name}: corrected mask saved.`, "ok");
+  } catch (error) {
+    setStatus(named(name, `the mask was not saved: ${error.message}`), "error");
+  } finally {
+    $("editor-save").disabled = false;
+  }
+}
+
+async function exportReview(format) {
+  try {
+    const blob = await (await api(`/v1/reviews/export?format=${format}`)).blob();
+    saveBlob(blob, format === "zip" ? "review-dataset.zip" : `review.${format}`);
+  } catch (error) {
+    setStatus(`Export failed: ${error.message}`, "error");
+  }
+}
+
+// ------------------------------------------------------------------ events
+
+for (const button of document.querySelectorAll("#review .verdict")) {
+  button.addEventListener("click", () => putVerdict(button.dataset.status));
+}
+$("review-note").addEventListener("change", () => putVerdict(currentStatus()));
+for (const button of document.querySelectorAll("#editor .tool")) {
+  button.addEventListener("click", () => setTool(button.dataset.tool));
+}
+$("editor-size").addEventListener("input", () => setBrushSize(Number($("editor-size").value)));
+$("editor-opacity").addEventListener("input", drawEditor);
+$("editor-undo").addEventListener("click", undo);
+$("editor-redo").addEventListener("click", redo);
+$("editor-from-model").addEventListener("click", () => { startFromModel(); editor.dirty = true; drawEditor(); });
+$("editor-save").addEventListener("click", saveCorrection);
+$("editor-zoom-in").addEventListener("click", () => editorZoom(1.5));
+$("editor-zoom-out").addEventListener("click", () => editorZoom(1 / 1.5));
+$("editor-zoom-reset").addEventListener("click", editorResetView);
+for (const format of ["csv", "json", "zip"]) {
+  $(`review-export-${format}`).addEventListener("click", () => exportReview(format));
+}
+
+{
+  const viewport = $("editor-viewport");
+  viewport.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    const box = viewport.getBoundingClientRect();
+    editorZoom(event.deltaY < 0 ? 1.25 : 0.8, (event.clientX - box.left) / box.width, (event.clientY - box.top) / box.height);
+  }, { passive: false });
+  viewport.addEventListener("contextmenu", (event) => event.preventDefault());
+  viewport.addEventListener("pointerdown", (event) => {
+    if (!editor.mask) return;
+    viewport.setPointerCapture(event.pointerId);
+    // Middle or right button, or the pan tool: pan. Otherwise the tool paints.
+    if (event.button === 1 || event.button === 2 || editor.tool === "pan") {
+      editor.pan = { x: event.clientX, y: event.clientY, view: { ...editor.view } };
+      return;
+    }
+    const point = pixelAt(event);
+    if (editor.tool === "fill") {
+      const before = Uint8Array.from(editor.mask);
+      if (fill(point[0], point[1])) {
+        editor.undo.push(before);
+        editor.redo = [];
+        editor.dirty = true;
+        drawEditor();
+      }
+      return;
+    }
+    pushUndo();
+    editor.stroke = { last: point };
+    paintLine(point, point, editor.tool === "eraser" ? 0 : 1);
+    editor.dirty = true;
+    drawEditor();
+  });
+  viewport.addEventListener("pointermove", (event) => {
+    if (editor.pan) {
+      const box = viewport.getBoundingClientRect();
+      const view = editor.view;
+      const min = -(view.scale - 1) * 100;
+      view.x = Math.min(0, Math.max(min, editor.pan.view.x + ((event.clientX - editor.pan.x) / box.width) * 100));
+      view.y = Math.min(0, Math.max(min, editor.pan.view.y + ((event.clientY - editor.pan.y) / box.height) * 100));
+      applyEditorView();
+      return;
+    }
+    if (!editor.stroke) return;
+    const point = pixelAt(event);
+    paintLine(editor.stroke.last, point, editor.tool === "eraser" ? 0 : 1);
+    editor.stroke.last = point;
+    drawEditor();
+  });
+  const stop = () => { editor.stroke = null; editor.pan = null; };
+  viewport.addEventListener("pointerup", stop);
+  viewport.addEventListener("pointercancel", stop);
+}
+
+// Review and editor keys; like the page's other keys, none act while a form control has the focus.
+document.addEventListener("keydown", (event) => {
+  if (!review.enabled || !state.result) return;
+  const target = event.target;
+  if (target instanceof HTMLElement && (target.closest("input, select, textarea, video") || target.isContentEditable)) return;
+  const key = event.key.toLowerCase();
+  const ctrl = event.ctrlKey || event.metaKey;
+  let handled = true;
+  if (ctrl && key === "z" && !event.shiftKey) undo();
+  else if (ctrl && (key === "y" || (key === "z" && event.shiftKey))) redo();
+  else if (ctrl && key === "s") saveCorrection();
+  else if (ctrl || event.altKey) handled = false;
+  else if (key === "a") putVerdict("accept");
+  else if (key === "r") putVerdict("reject");
+  else if (key === "c") putVerdict("needs_correction");
+  else if (key === "b") setTool("brush");
+  else if (key === "e") setTool("eraser");
+  else if (key === "f") setTool("fill");
+  else if (key === "h") setTool("pan");
+  else if (key === "[") setBrushSize(editor.size / 1.25);
+  else if (key === "]") setBrushSize(editor.size * 1.25 + 1);
+  else handled = false;
+  if (handled) event.preventDefault();
+});
+
+// Edits not yet saved: the browser asks before the tab is closed or reloaded.
+window.addEventListener("beforeunload", (event) => {
+  if (review.enabled && editor.dirty) event.preventDefault();
+});
+
+setTool("brush");
+setBrushSize(editor.size);

@@ -1,0 +1,80 @@
+"""The ``adapt`` recipe: sized to the corrected set, no EMA, and a result ``serve`` loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from polypseg.core.config import get_recipe, validate_config
+from polypseg.training.adapt import MAX_EPOCHS, MIN_EPOCHS, TARGET_STEPS, plan_for, scale_to_set_size
+
+from helpers import TINY_MODEL, write_synthetic_dataset
+
+
+def test_the_recipe_fine_tunes_the_shipped_model_without_ema_or_inner_validation():
+    config = validate_config(get_recipe("adapt"))
+    train = config.train
+    assert train.init_from == "kvasir-unet-r34" and train.ema_decay == 0 and train.val_fraction == 0
+    assert train.augment.crop_p > 0 and train.augment.hue_saturation > 0  # the heavy augmentations
+    assert config.model.encoder == "resnet34"
+
+
+@pytest.mark.parametrize("images", [12, 31, 55, 273, 1000, 5000])
+def test_plan_aims_at_a_fixed_number_of_steps(images: int):
+    config = get_recipe("adapt")
+    plan = plan_for(config, images)
+    steps_per_epoch = max(1, images // config.train.batch_size)
+    assert MIN_EPOCHS <= plan.epochs <= MAX_EPOCHS and plan.steps == plan.epochs * steps_per_epoch
+    if MIN_EPOCHS < plan.epochs < MAX_EPOCHS:
+        assert TARGET_STEPS <= plan.steps < TARGET_STEPS + steps_per_epoch
+    assert 0 < plan.warmup_epochs <= plan.epochs / 4
+    assert config.train.lr / 2 <= plan.lr <= config.train.lr
+    assert (plan.lr < config.train.lr) == (images < 100)  # the smallest sets take smaller steps
+
+
+def test_explicit_choices_are_kept():
+    config = get_recipe("adapt")
+    config.train.epochs, config.train.lr = 5, 1e-3
+    plan = scale_to_set_size(config, 40, keep_epochs=True, keep_lr=True)
+    assert (config.train.epochs, config.train.lr, plan.epochs) == (5, 1e-3, 5)
+
+
+def test_train_command_sizes_the_recipe_to_the_training_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from polypseg.cli.main import app
+    from polypseg.training import train_split
+
+    seen = []
+    monkeypatch.setattr(train_split, "train_single_split", lambda data, out, config, **kw: seen.append(config) or {
+        "checkpoint": str(out), "best_epoch": 0})  # fmt: skip
+    data = write_synthetic_dataset(tmp_path / "review", n=20)
+    (tmp_path / "held.txt").write_text("case00\ncase01\ncase02\ncase03\n")
+    runner = CliRunner()
+    base = ["train", "--data", str(data), "--recipe", "adapt", "--test-list", str(tmp_path / "held.txt")]
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    expected = plan_for(get_recipe("adapt"), 16)
+    assert "adapt: 16 training images" in result.output
+    assert (seen[-1].train.epochs, seen[-1].train.lr) == (expected.epochs, pytest.approx(expected.lr))
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--epochs", "3", "--set", "train.lr=0.001"])
+    assert result.exit_code == 0, result.output
+    assert (seen[-1].train.epochs, seen[-1].train.lr) == (3, 0.001)
+
+
+def test_serve_loads_an_adapted_model(tmp_path: Path):
+    from polypseg.models.checkpoint import save_checkpoint
+    from polypseg.models.factory import create_model
+    from polypseg.web.app import WebSettings, create_app
+    from polypseg.web.service import InferenceService
+
+    config = get_recipe("adapt")
+    config.model.encoder, config.model.decoder_channels = TINY_MODEL["encoder"], TINY_MODEL["decoder_channels"]
+    config.train.image_size = 32
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "adapted" / "best", create_model(config.model), config)
+    service = InferenceService.from_checkpoint(path.with_suffix(""), device="cpu")
+    with TestClient(create_app(service, WebSettings())) as client:
+        assert client.get("/v1/model").json()["training"]["recipe"] == "adapt"
