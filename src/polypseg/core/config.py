@@ -353,6 +353,7 @@ def _cpu_robust() -> RunConfig:
 # Recipes that continue a trained model and need --init.
 WARM_RESTART_RECIPES = ("cpu-refine", "cpu-robust")
 
+
 def _adapt() -> RunConfig:
     """Adapt the shipped model to a small set of corrected images (a review folder), e.g. another
     centre's endoscope.
