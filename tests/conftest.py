@@ -18,12 +18,20 @@ _CACHE_DIR: Path | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     """Every derived file the tests make (data caches, ONNX exports) goes to a temporary cache,
-    not the user's ~/.cache/polypseg."""
+    not the user's ~/.cache/polypseg.
+
+    Tests and the processes they start run torch on one thread unless ``OMP_NUM_THREADS`` says
+    otherwise: the models here are tiny, and a second thread mostly waits for the first (a resumed
+    training test and a bench-train row of the benchmark scripts' smoke run each used 3-4x the CPU
+    time on two threads) and stalls when the cores are shared.
+    Set before torch is imported, so it holds in this process and in every subprocess.
+    """
     import tempfile
 
     global _CACHE_DIR
     _CACHE_DIR = Path(tempfile.mkdtemp(prefix="polypseg-test-cache-"))
     os.environ["POLYPSEG_CACHE"] = str(_CACHE_DIR)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.hookimpl(tryfirst=True)

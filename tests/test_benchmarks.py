@@ -46,15 +46,23 @@ def _polypseg(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """64 px caches of the bundled sample (training) and a synthetic set (external), as carried to a GPU."""
+    """64 px caches of the bundled sample (training) and a synthetic set (external), as carried to a GPU.
+
+    Made by ``polypseg data cache --out`` in this process: the scripts under test only read the files.
+    """
+    from typer.testing import CliRunner
+
+    from polypseg.cli.main import app
     from polypseg.data.sample_data import sample_dataset_path
 
     from helpers import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("bench_data")
     kvasir, cvc = root / "kvasir-64.npz", root / "cvc-64.npz"
-    _polypseg("data", "cache", str(sample_dataset_path()), "--size", "64", "--out", str(kvasir))
-    _polypseg("data", "cache", str(write_synthetic_dataset(root / "cvc", n=6)), "--size", "64", "--out", str(cvc))
+    for data, out in ((sample_dataset_path(), kvasir), (write_synthetic_dataset(root / "cvc", n=6), cvc)):
+        args = ["data", "cache", str(data), "--size", "64", "--out", str(out), "--cache-dir", str(root / "cache")]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
     return {"KVASIR": kvasir, "CVC": cvc}
 
 
