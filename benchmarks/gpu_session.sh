@@ -55,7 +55,7 @@ fi
 # Seconds each step is expected to take on one H100 (guesses until measured; update them then).
 declare -A ESTIMATE=([train-speed]=150 [paper]=240 [explain-speed]=60 [speed-b1]=180 [int8-check]=120 [skip-ablation]=300 [speed-b256]=420 [levers]=200 [strong-5fold]=600)
 if [[ "${SMOKE:-0}" == 1 ]]; then
-  export N=4 BATCH=2 COMPILE=none WARMUP=1 REPEATS=2 TRAIN_STEPS=2 TRAIN_WARMUP=1
+  export N=4 BATCH=2 COMPILE=none WARMUP=1 REPEATS=2 TRAIN_STEPS=2 TRAIN_WARMUP=1 TRAIN_BENCH="--variants recipe --no-peak"
   SPEED_B256=2
 else
   SPEED_B256=256
