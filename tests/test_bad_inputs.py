@@ -890,3 +890,41 @@ def test_evaluate_out_that_is_a_file_is_one_line(model: Path, tmp_path: Path) ->
     (error,) = [line for line in _lines(output) if line.startswith("error:")]
     assert str(blocker) in error and "a file stands where a folder is needed" in error
     assert blocker.read_text() == "keep me"
+
+
+def _mask_file(tmp_path: Path, name: str, pixels: np.ndarray, **save: object) -> Path:
+    path = tmp_path / name
+    if name.endswith(".tif"):
+        tifffile.imwrite(path, pixels)
+    else:
+        Image.fromarray(pixels).save(path, **save)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "save"),
+    [
+        ("labels01.png", (0, 1), {}),  # a lossless label map: foreground where 1
+        ("mask.png", (0, 255), {}),
+        ("mask16.png", (0, 255), {"dtype": np.uint16}),  # 16-bit holding 0/255: read as 8-bit
+        ("mask.jpg", (0, 255), {"quality": 60}),  # JPEG noise near 0 stays background
+        ("noise01.jpg", (0, 1), {"quality": 95}),  # in a JPEG, a 1 is noise, not a label
+        ("labels.tif", (0, 1), {}),
+    ],
+)
+def test_web_uploads_read_masks_and_images_as_files_on_disk_are_read(
+    tmp_path: Path, name: str, values: tuple[int, int], save: dict
+) -> None:
+    """One rule per kind of input: a mask or image sent to the web app is the one data check, train
+    and explain read from disk, pixel for pixel."""
+    from polypseg.data.datasets import read_image, read_mask
+    from polypseg.web.validation import decode_image_bytes, decode_mask_bytes
+
+    dtype = save.pop("dtype", np.uint8)
+    pixels = np.full((24, 32), values[0], dtype=dtype)
+    pixels[6:18, 8:24] = values[1]
+    path = _mask_file(tmp_path, name, pixels, **save)
+    from_disk, uploaded = read_mask(path), decode_mask_bytes(path.read_bytes(), name)
+    assert np.array_equal(uploaded, from_disk)
+    assert from_disk.any() == (values[1] > 1 or not name.endswith(".jpg"))  # the rule is not vacuous
+    assert np.array_equal(decode_image_bytes(path.read_bytes(), name), read_image(path))

@@ -82,6 +82,35 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     raise ImageReadError(f"unsupported pixel type {array.dtype}")
 
 
+def pil_pixels(image: Image.Image) -> np.ndarray:
+    """A loaded Pillow image's pixels in a form the rules below read: palette, CMYK, YCbCr, LAB, HSV
+    to RGB(A), 1-bit and float to 8-bit gray, 16- and 32-bit integer gray to uint16.
+
+    The one place that reads Pillow modes: files (:func:`read_image`, :func:`read_mask`) and the web
+    app's uploads both decode through it, so the two can never read one image differently."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "I" or image.mode.startswith("I;16"):
+        array = np.asarray(image).astype(np.uint16 if image.mode.startswith("I;16") else np.int64)
+        if array.dtype == np.int64:
+            array = np.clip(array, 0, 65535).astype(np.uint16)
+        return array
+    elif image.mode in ("1", "F"):
+        image = image.convert("L")
+    elif image.mode == "LA":
+        image = image.convert("RGBA")
+    elif image.mode not in ("L", "RGB", "RGBA"):
+        image = image.convert("RGB")
+    return np.asarray(image)
+
+
+def planar_to_last(array: np.ndarray) -> np.ndarray:
+    """A planar TIFF's ``(C, H, W)`` pixels as ``(H, W, C)``; other arrays unchanged."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        return np.moveaxis(array, 0, -1)
+    return array
+
+
 def _decode(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
     try:
@@ -92,32 +121,24 @@ def _decode(path: Path) -> np.ndarray:
         else:
             with Image.open(path) as image:
                 image.load()
-                if image.mode == "P":
-                    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-                elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    array = np.asarray(image).astype(np.uint16 if image.mode.startswith("I;16") else np.int64)
-                    if array.dtype == np.int64:
-                        array = np.clip(array, 0, 65535).astype(np.uint16)
-                    return array
-                elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV", "1", "LA", "F"):
-                    image = image.convert(
-                        "RGBA" if image.mode == "LA" else ("L" if image.mode in ("1", "F") else "RGB")
-                    )
-                array = np.asarray(image)
+                array = pil_pixels(image)
     except FileNotFoundError:
         raise ImageReadError(f"file not found: {path}") from None
     except Exception as error:  # noqa: BLE001 - any decoder failure means this file is unusable
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageReadError(f"cannot decode {path}: {reason}") from None
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # planar TIFF
-    return array
+    return planar_to_last(array)
 
 
 def read_image(path: Path | str) -> np.ndarray:
     """Read an image as ``uint8`` RGB ``(H, W, 3)``; grayscale, RGBA and 16-bit are converted."""
     path = Path(path)
-    array = to_uint8(_decode(path))
+    return image_rgb(_decode(path), str(path))
+
+
+def image_rgb(pixels: np.ndarray, name: str) -> np.ndarray:
+    """Decoded image pixels as ``uint8`` RGB ``(H, W, 3)`` (the rule for every image polypseg reads)."""
+    array = to_uint8(pixels)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     elif array.ndim == 3 and array.shape[2] == 1:
@@ -127,7 +148,7 @@ def read_image(path: Path | str) -> np.ndarray:
     elif array.ndim == 3 and array.shape[2] == 2:
         array = np.repeat(array[:, :, :1], 3, axis=2)
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
-        raise ImageReadError(f"cannot use {path}: unexpected image shape {array.shape}")
+        raise ImageReadError(f"cannot use {name}: unexpected image shape {array.shape}")
     return np.ascontiguousarray(array)
 
 
@@ -136,10 +157,16 @@ LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 def _mask_uint8(path: Path) -> np.ndarray:
     """A mask file's pixels as uint8 0-255, label maps read by their values (see :func:`read_mask`)."""
-    raw = _decode(path)
+    return mask_uint8(_decode(path), lossy=path.suffix.lower() in LOSSY_SUFFIXES)
+
+
+def mask_uint8(raw: np.ndarray, lossy: bool) -> np.ndarray:
+    """Decoded mask pixels as uint8 0-255, label maps read by their values (see :func:`read_mask`).
+
+    ``lossy``: the pixels came from a JPEG, where a 1 is compression noise, not a label."""
     if np.issubdtype(raw.dtype, np.integer) and raw.size:
         peak = int(raw.max())
-        if peak == 1 and path.suffix.lower() not in LOSSY_SUFFIXES:
+        if peak == 1 and not lossy:
             return raw.astype(np.uint8) * 255
         if raw.dtype.itemsize > 1 and 1 < peak <= 255:
             return raw.astype(np.uint8)
@@ -155,11 +182,16 @@ def read_mask(path: Path | str) -> np.ndarray:
     JPEG masks keep the > 127 rule: compression noise near 0 must not become foreground.
     """
     path = Path(path)
-    array = _mask_uint8(path)
+    return mask_foreground(_mask_uint8(path), f"mask {path}")
+
+
+def mask_foreground(pixels: np.ndarray, name: str) -> np.ndarray:
+    """Mask pixels (uint8 0-255, from :func:`mask_uint8`) as ``bool (H, W)``: max over colour, > 127."""
+    array = pixels
     if array.ndim == 3:
         array = array[:, :, :3].max(axis=2) if array.shape[2] >= 3 else array[:, :, 0]
     if array.ndim != 2:
-        raise ImageReadError(f"cannot use mask {path}: unexpected shape {array.shape}")
+        raise ImageReadError(f"cannot use {name}: unexpected shape {array.shape}")
     return array > 127
 
 

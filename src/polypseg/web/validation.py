@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from polypseg.data.datasets import to_uint8
+from polypseg.data.datasets import ImageReadError, image_rgb, mask_foreground, mask_uint8, pil_pixels, planar_to_last
 from polypseg.errors import PolypsegError
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -186,8 +186,8 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
 
 
 def decode_mask_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A ground-truth mask upload as ``bool (H, W)``: brightest colour channel > 127, like
-    :func:`polypseg.data.datasets.read_mask` (so JPEG-compressed masks binarise cleanly)."""
+    """A ground-truth mask upload as ``bool (H, W)`` by :func:`polypseg.data.datasets.read_mask`'s rule:
+    brightest colour channel > 127, a lossless 0/1 label map foreground where 1."""
     info = probe_image(data, name, max_pixels)
     try:
         array = _decode_tiff(data) if info.format == "TIFF" else _decode_pil(data)
@@ -195,15 +195,15 @@ def decode_mask_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXE
         raise TooManyPixels(f"{name}: image is over the pixel limit") from None
     except Exception as error:  # noqa: BLE001 - truncated data, bad compression stream, ...
         raise CorruptImage(f"{name}: truncated or corrupt {info.format} ({_reason(error)})") from None
+    # the mask rule of files on disk: label maps read by their values, JPEG noise kept out
     try:
-        array = to_uint8(array)
+        pixels = mask_uint8(array, lossy=info.format == "JPEG")
     except PolypsegError:
         raise CorruptImage(f"{name}: unsupported pixel type {array.dtype}") from None
-    if array.ndim == 3:
-        array = array[:, :, :3].max(axis=2) if array.shape[2] >= 3 else array[:, :, 0]
-    if array.ndim != 2:
-        raise CorruptImage(f"{name}: unexpected mask shape {array.shape}")
-    return array > 127
+    try:
+        return mask_foreground(pixels, name)
+    except ImageReadError:
+        raise CorruptImage(f"{name}: unexpected mask shape {array.shape}") from None
 
 
 def decode_binary_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -254,20 +254,7 @@ def _decode_pil(data: bytes) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-        if image.mode == "P":
-            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        elif image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image)
-            if image.mode == "I":
-                array = np.clip(array, 0, 65535)
-            return array.astype(np.uint16)
-        elif image.mode in ("1", "F"):
-            image = image.convert("L")
-        elif image.mode == "LA":
-            image = image.convert("RGBA")
-        elif image.mode not in ("L", "RGB", "RGBA"):
-            image = image.convert("RGB")
-        return np.asarray(image)
+        return pil_pixels(image)  # the same pixel rules as a file read from disk
 
 
 def _tiff_size(data: bytes, name: str) -> tuple[int, int]:
@@ -285,26 +272,16 @@ def _decode_tiff(data: bytes) -> np.ndarray:
     import tifffile
 
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
-        array = np.asarray(tif.pages.first.asarray())
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # planar TIFF
-    return array
+        return planar_to_last(np.asarray(tif.pages.first.asarray()))
 
 
 def _to_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    """The image rule of files on disk (:func:`polypseg.data.datasets.image_rgb`), as an upload error."""
     try:
-        array = to_uint8(array)
-    except PolypsegError:
-        raise CorruptImage(f"{name}: unsupported pixel type {array.dtype}") from None
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    elif array.ndim == 3 and array.shape[2] in (1, 2):
-        array = np.repeat(array[:, :, :1], 3, axis=2)  # gray or gray+alpha
-    elif array.ndim == 3 and array.shape[2] == 4:
-        array = array[:, :, :3]  # colonoscopy frames have no meaningful transparency
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise CorruptImage(f"{name}: unexpected image shape {array.shape}")
-    return np.ascontiguousarray(array)
+        return image_rgb(array, name)
+    except ImageReadError as error:  # "unsupported pixel type ..." or "cannot use NAME: unexpected image shape ..."
+        reason = str(error).split(f"cannot use {name}: ", 1)[-1]
+        raise CorruptImage(f"{name}: {reason}") from None
 
 
 # Library messages sometimes name Python objects ("<_io.BytesIO object at 0x7f...>") or temporary
