@@ -168,14 +168,7 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
     :class:`CorruptImage`. Probes the header first (see :func:`probe_image`).
     """
     info = probe_image(data, name, max_pixels)
-    try:
-        array = _decode_tiff(data) if info.format == "TIFF" else _decode_pil(data)
-    except Image.DecompressionBombError:
-        raise TooManyPixels(f"{name}: image is over the pixel limit") from None
-    except UploadError:
-        raise
-    except Exception as error:  # noqa: BLE001 - truncated data, bad compression stream, ...
-        raise CorruptImage(f"{name}: truncated or corrupt {info.format} ({_reason(error)})") from None
+    array = _decode_upload(data, name, info)
     array = _to_rgb(array, name)
     if array.shape[:2] != (info.height, info.width):
         raise CorruptImage(
@@ -189,12 +182,7 @@ def decode_mask_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXE
     """A ground-truth mask upload as ``bool (H, W)`` by :func:`polypseg.data.datasets.read_mask`'s rule:
     brightest colour channel > 127, a lossless 0/1 label map foreground where 1."""
     info = probe_image(data, name, max_pixels)
-    try:
-        array = _decode_tiff(data) if info.format == "TIFF" else _decode_pil(data)
-    except Image.DecompressionBombError:
-        raise TooManyPixels(f"{name}: image is over the pixel limit") from None
-    except Exception as error:  # noqa: BLE001 - truncated data, bad compression stream, ...
-        raise CorruptImage(f"{name}: truncated or corrupt {info.format} ({_reason(error)})") from None
+    array = _decode_upload(data, name, info)
     # the mask rule of files on disk: label maps read by their values, JPEG noise kept out
     try:
         pixels = mask_uint8(array, lossy=info.format == "JPEG")
@@ -214,12 +202,7 @@ def decode_binary_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
     map), alpha opaque. A blurred or anti-aliased edge is refused rather than silently rounded.
     """
     info = probe_image(data, name, max_pixels)
-    try:
-        array = _decode_tiff(data) if info.format == "TIFF" else _decode_pil(data)
-    except Image.DecompressionBombError:
-        raise TooManyPixels(f"{name}: image is over the pixel limit") from None
-    except Exception as error:  # noqa: BLE001 - truncated data, bad compression stream, ...
-        raise CorruptImage(f"{name}: truncated or corrupt {info.format} ({_reason(error)})") from None
+    array = _decode_upload(data, name, info)
     if array.dtype == bool:
         array = array.astype(np.uint8)
     if array.dtype.kind not in "ui":
@@ -240,6 +223,18 @@ def decode_binary_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
         off = int(np.count_nonzero((channels[:, :, 0] != 0) & (channels[:, :, 0] != 255)))
         raise MaskNotBinary(f"{name}: {off:,} pixels are neither 0 nor 255; a corrected mask must be binary")
     return channels[:, :, 0] == 255
+
+
+def _decode_upload(data: bytes, name: str, info: ImageInfo) -> np.ndarray:
+    """The upload's pixels (probed first by :func:`probe_image`); a decoder failure is an UploadError."""
+    try:
+        return _decode_tiff(data) if info.format == "TIFF" else _decode_pil(data)
+    except Image.DecompressionBombError:
+        raise TooManyPixels(f"{name}: image is over the pixel limit") from None
+    except UploadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated data, bad compression stream, ...
+        raise CorruptImage(f"{name}: truncated or corrupt {info.format} ({_reason(error)})") from None
 
 
 def _open_pil(data: bytes) -> Image.Image:
