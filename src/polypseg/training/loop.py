@@ -8,7 +8,6 @@ DistributedDataParallel (NCCL on CUDA, gloo on CPU); only rank 0 writes files.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -36,7 +35,6 @@ from polypseg.models.checkpoint import (
     CheckpointError,
     TrainingStateError,
     file_sha256,
-    find_checkpoints,
     load_checkpoint,
     load_training_state,
     model_state,
@@ -64,32 +62,19 @@ def load_initial_weights(model: nn.Module, config: RunConfig) -> dict[str, str] 
     weights file's SHA-256), or ``None`` when ``init_from`` is ``none``. A source that is not one model
     of the same architecture is a :class:`~polypseg.core.config.ConfigError` naming it.
     """
-    spec = config.train.init_from
-    if spec == "none":
-        return None
-    from polypseg.models.pretrained import PretrainedError, resolve_model
+    from polypseg.training.init_source import init_checkpoint
 
-    label = f"--init {spec}"
+    checkpoint = init_checkpoint(config)  # the one --init rule: one checkpoint, same architecture
+    if checkpoint is None:
+        return None
+    spec, label = config.train.init_from, f"--init {config.train.init_from}"
     try:
-        found = find_checkpoints(resolve_model(spec))
-    except (CheckpointError, PretrainedError) as error:
-        raise ConfigError(f"{label}: {error}") from None
-    if len(found) != 1:
-        raise ConfigError(f"{label}: a run of {len(found)} folds; name one fold's checkpoint, e.g. {found[0].parent}")
-    try:
-        source = load_checkpoint(found[0])
+        source = load_checkpoint(checkpoint)
     except CheckpointError as error:
         raise ConfigError(f"{label}: {error}") from None
-    ours, theirs = dataclasses.asdict(config.model), dataclasses.asdict(source.config.model)
-    differ = [k for k in ours if k != "encoder_weights" and ours[k] != theirs.get(k)]
-    if differ:
-        raise ConfigError(
-            f"{label}: its model differs from this run's in {', '.join(f'model.{k}' for k in differ)} "
-            f"({', '.join(f'{theirs.get(k)!r} vs {ours[k]!r}' for k in differ)})"
-        )
     # The source's floating tensors may be fp16 (a shipped model): load_state_dict casts them.
     model.load_state_dict(source.model.state_dict(), strict=True)
-    return {"from": spec, "weights": found[0].name, "weights_sha256": file_sha256(found[0])}
+    return {"from": spec, "weights": checkpoint.name, "weights_sha256": file_sha256(checkpoint)}
 
 
 @dataclass
