@@ -94,19 +94,7 @@ def _time_torch_gradcam(
                 first.append(maps[: max(0, compare - batch.start)].cpu())
         seconds = time.perf_counter() - start
     kept[chosen] = torch.cat(first)
-    return {
-        "engine": "torch",
-        "precision": chosen,
-        "channels_last": channels_last,
-        "device_name": device_name(device),
-        "cpu_flags": cpu_feature_summary() if device.type == "cpu" else "",
-        "n": n,
-        "batch_size": batch_size,
-        "image_size": int(pool.shape[1]),
-        "seconds": seconds,
-        "heatmaps_per_s": n / seconds,
-        "threads": torch.get_num_threads(),
-    }
+    return {"engine": "torch", **_speed_fields(chosen, channels_last, device, n, batch_size, pool, seconds)}
 
 
 def _compare_with_fp32(rows: list[dict[str, Any]], kept: dict[str, torch.Tensor]) -> None:
@@ -174,13 +162,24 @@ def _time_engine_gradcam(
         seconds = time.perf_counter() - start
         chosen = cam.precision
     kept[spec] = torch.cat(first)
+    return {"engine": engine, "key": spec, **_speed_fields(chosen, False, cpu, n, batch_size, pool, seconds)}
+
+
+def _speed_fields(
+    precision: str,
+    channels_last: bool,
+    device: torch.device,
+    n: int,
+    batch_size: int,
+    pool: torch.Tensor,
+    seconds: float,
+) -> dict[str, Any]:
+    """The fields every Grad-CAM speed row has after its engine: precision, machine, sizes, speed."""
     return {
-        "engine": engine,
-        "key": spec,
-        "precision": chosen,
-        "channels_last": False,
-        "device_name": device_name(cpu),
-        "cpu_flags": cpu_feature_summary(),
+        "precision": precision,
+        "channels_last": channels_last,
+        "device_name": device_name(device),
+        "cpu_flags": cpu_feature_summary() if device.type == "cpu" else "",
         "n": n,
         "batch_size": batch_size,
         "image_size": int(pool.shape[1]),
