@@ -51,7 +51,7 @@ def test_config_errors_are_user_errors_and_still_value_errors() -> None:
         check_model_config(config.model)
 
 
-@pytest.mark.parametrize("recipe", ["cpu-refine", "cpu-robust"])
+@pytest.mark.parametrize("recipe", ["cpu-refine", "cpu-robust", "cpu-hires"])
 def test_warm_restart_recipes_need_init(recipe: str) -> None:
     config = get_recipe(recipe)
     with pytest.raises(ConfigError, match=f"{recipe} continues a trained model: pass --init"):
@@ -67,6 +67,16 @@ def test_cpu_robust_adds_cross_centre_augmentations_to_cpu_refine() -> None:
     saved = robust.to_dict()["train"]["augment"]
     assert saved["zoom_out_max"] == augment.zoom_out_max and "gamma" in saved
     assert RunConfig.from_dict(robust.to_dict()) == robust
+
+
+def test_cpu_hires_is_cpu_robust_at_352_px() -> None:
+    hires, robust = get_recipe("cpu-hires"), get_recipe("cpu-robust")
+    assert (hires.train.image_size, robust.train.image_size) == (352, 256)
+    assert hires.train.augment == robust.train.augment and hires.model == robust.model
+    assert hires.train.lr < robust.train.lr and hires.train.ema_decay < robust.train.ema_decay
+    assert hires.train.val_fraction == robust.train.val_fraction and hires.train.seed == robust.train.seed
+    hires.train.init_from = "kvasir-unet-r34"
+    validate_config(hires)
 
 
 def test_cpu_refine_needs_init_and_init_excludes_encoder_weights() -> None:
