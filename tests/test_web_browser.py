@@ -875,6 +875,10 @@ def test_polygon_tool_fills_and_erases_at_full_resolution_under_zoom(browser, se
             page.mouse.click(*at(x, y))
         page.keyboard.press("Backspace")
         assert page.get_attribute("#editor", "data-polygon-points") == "3"
+        page.keyboard.press("h")  # the pan tool keeps the polygon in progress
+        assert page.get_attribute("#editor", "data-polygon-points") == "3"
+        page.keyboard.press("Shift+L")
+        assert page.get_attribute("#editor", "data-polygon-erase") == "true"
         page.mouse.click(*at(ex, ey))
         page.wait_for_function("() => document.getElementById('editor').dataset.polygonPoints === '0'")
         erased = editor_mask(page)

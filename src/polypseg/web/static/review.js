@@ -23,7 +23,7 @@ const editor = {
   view: { scale: 1, x: 0, y: 0 },
   stroke: null,         // {last: [x, y]} while painting
   pan: null,
-  polygon: null,        // {points: [[x, y], ...], pointer: [x, y] | null} while a polygon is being drawn
+  polygon: null,        // {points: [[x, y], ...], pointer: [x, y] | null, erase} while a polygon is drawn
 };
 
 const POLYGON_TOOLS = new Set(["polygon", "polygon-erase"]);
@@ -262,6 +262,9 @@ function drawEditor() {
 
 function setTool(tool) {
   if (editor.polygon && !POLYGON_TOOLS.has(tool) && tool !== "pan") cancelPolygon();
+  // Switching between the two polygon tools keeps the points and changes what closing does; the
+  // pan tool keeps both, so a polygon can be finished after panning.
+  if (editor.polygon && POLYGON_TOOLS.has(tool)) editor.polygon.erase = tool === "polygon-erase";
   editor.tool = tool;
   for (const button of document.querySelectorAll("#editor .tool")) {
     button.setAttribute("aria-pressed", String(button.dataset.tool === tool));
@@ -385,7 +388,7 @@ function nearFirstVertex(event) {
 
 // A click with a polygon tool adds a vertex, or closes the polygon on its first vertex.
 function polygonClick(event) {
-  if (!editor.polygon) editor.polygon = { points: [], pointer: null };
+  if (!editor.polygon) editor.polygon = { points: [], pointer: null, erase: editor.tool === "polygon-erase" };
   const { points } = editor.polygon;
   if (points.length >= 3 && nearFirstVertex(event)) { closePolygon(); return; }
   const point = clampedPixelAt(event);
@@ -404,7 +407,7 @@ function closePolygon() {
   }
   editor.polygon = null;
   const before = Uint8Array.from(editor.mask);
-  fillPolygon(polygon.points, editor.tool === "polygon-erase" ? 0 : 1);
+  fillPolygon(polygon.points, polygon.erase ? 0 : 1);
   if (editor.mask.some((v, i) => v !== before[i])) {
     pushUndo(before);
     editor.dirty = true;
@@ -432,6 +435,7 @@ function drawPolygonPreview() {
   const shape = $("editor-polygon");
   const start = $("editor-polygon-start");
   $("editor").dataset.polygonPoints = String(polygon ? polygon.points.length : 0);
+  $("editor").dataset.polygonErase = String(polygon ? polygon.erase : editor.tool === "polygon-erase");
   if (!polygon || !polygon.points.length) {
     shape.setAttribute("points", "");
     start.setAttribute("r", "0");
@@ -447,7 +451,7 @@ function drawPolygonPreview() {
   start.setAttribute("cx", String(fx + 0.5));
   start.setAttribute("cy", String(fy + 0.5));
   start.setAttribute("r", String(CLOSE_RADIUS_PX * unitsPerPx * 0.6));
-  const action = editor.tool === "polygon-erase" ? "removes" : "fills";
+  const action = polygon.erase ? "removes" : "fills";
   $("editor-polygon-hint").textContent =
     `Polygon: ${plural(polygon.points.length, "point")}. Double-click, Enter or a click on the first point ${action} it; ` +
     "Backspace removes the last point, Escape cancels.";
