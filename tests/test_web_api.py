@@ -848,6 +848,49 @@ def test_video_upload_gives_per_frame_results(service: InferenceService, tmp_pat
         assert client.get("/v1/health").json()["limits"]["max_video_frames"] == 10
 
 
+def test_level_map_reproduces_the_served_mask_at_every_grid_threshold():
+    from polypseg.web.threshold_levels import GRID, level_map
+
+    rng = np.random.default_rng(0)
+    edges = np.concatenate([GRID, np.nextafter(GRID, np.float32(0)), np.nextafter(GRID, np.float32(1))])
+    probability = np.concatenate([rng.random(500, dtype=np.float32), edges, [0.0, 1.0]]).astype(np.float32)
+    levels = level_map(probability.reshape(1, -1))
+    for k in range(1, 100):
+        threshold = k / 100
+        served = Prediction(probability=probability.reshape(1, -1), threshold=threshold).mask
+        np.testing.assert_array_equal(levels >= k, served, err_msg=f"threshold {threshold}")
+
+
+def test_video_threshold_levels_match_a_rerun_at_each_threshold(service: InferenceService, tmp_path: Path):
+    path = write_video(tmp_path / "clip.mp4", frames=5)
+    upload = {"file": ("clip.mp4", path.read_bytes(), "video/mp4")}
+    with TestClient(create_app(service)) as client:
+        body = client.post("/v1/segment-video", params={"include_levels": "true"}, files=upload).json()
+        levels = body["threshold_levels"]
+        assert levels["thresholds"] == [round(k / 100, 2) for k in range(1, 100)]
+        assert len(levels["frames"]) == body["frames"] == 5 and levels["frames"][0]["iou_with_previous"] is None
+        maps = [decode_png(frame["levels_png_base64"]) for frame in levels["frames"]]
+        assert all(m.dtype == np.uint8 and m.shape == (48, 64) for m in maps)
+        spread = np.concatenate([m.ravel() for m in maps])
+        thresholds = sorted({int(np.quantile(spread, q)) for q in (0.1, 0.5, 0.9)} - {0}) + [99]
+        assert len(thresholds) >= 3, thresholds  # masks of different sizes are compared
+        for k in thresholds:
+            rerun = client.post(
+                "/v1/segment-video", params={"include_masks": "true", "threshold": f"{k / 100:.2f}"}, files=upload
+            ).json()
+            for index, (row, rle) in enumerate(zip(rerun["per_frame"], rerun["masks_rle"], strict=True)):
+                np.testing.assert_array_equal(maps[index] >= k, encoding.rle_decode(rle))
+                frame = levels["frames"][index]
+                assert frame["area_pixels"][k - 1] == row["area_pixels"]
+                assert frame["mean_confidence"][k - 1] == pytest.approx(row["mean_confidence"], abs=2e-6)
+                if index:
+                    assert frame["iou_with_previous"][k - 1] == pytest.approx(row["iou_with_previous"], abs=2e-6)
+
+
+def decode_png(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
 def test_video_cut_short_keeps_the_frames_decoded_before_the_error(
     service: InferenceService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -25,6 +25,7 @@ from PIL import Image
 from polypseg.data.sample_data import sample_dataset_path
 from polypseg.models.checkpoint import save_checkpoint
 from polypseg.models.factory import create_model
+from polypseg.web import encoding
 from polypseg.web.app import create_app
 from polypseg.web.server import BackgroundServer
 from polypseg.web.service import InferenceService
@@ -328,17 +329,70 @@ def test_page_end_to_end(browser, base: str, tmp_path: Path):
     assert re.match(
         r"^(Grad-CAM of the mask|Nothing to explain: the mask) of frame 7", page.inner_text("#video-cam-caption")
     )
+
+    # The threshold slider re-thresholds the video in the browser, with no new request: the outline
+    # and the per-frame numbers are the server's at the new threshold.
+    shown, threshold = 6, video_threshold_that_changes_the_mask(base, clip, frame=6)
+    server = httpx.post(
+        f"{base}/v1/segment-video",
+        params={"include_masks": "true", "threshold": threshold},
+        files={"file": (clip.name, clip.read_bytes(), "video/mp4")},
+        timeout=HANG_MS / 1000,
+    ).json()
+    before = overlay_mask(page)
+    videos = sum("/v1/segment-video" in url for url in tab.requests)
     page.evaluate(
-        "() => { const s = document.getElementById('video-threshold-input'); s.value = '0.9';"
-        " s.dispatchEvent(new Event('change')); }"
+        "(t) => { const s = document.getElementById('video-threshold-input'); s.value = t;"
+        " s.dispatchEvent(new Event('input', {bubbles: true})); }",
+        threshold,
     )
     page.wait_for_function(
-        "() => document.getElementById('video-threshold').textContent === '0.90'"
-        " && document.getElementById('status').textContent.startsWith('clip.mp4: 12 frames done')"
+        "(t) => document.getElementById('video-results').dataset.renderedThreshold === t", arg=threshold
     )
+    assert sum("/v1/segment-video" in url for url in tab.requests) == videos
+    assert page.get_attribute("#video-results", "data-rendered-frame") == str(shown)
+    after = overlay_mask(page)
+    np.testing.assert_array_equal(after, encoding.rle_decode(server["masks_rle"][shown]))
+    assert not np.array_equal(after, before)
+    assert page.inner_text("#video-threshold") == threshold
+    assert abs(float(page.inner_text("#video-consistency")) - server["consistency"]) <= 1.5e-3
+    rows = list(csv.DictReader(io.StringIO(Path(tab.download("#video-csv").path()).read_text())))
+    assert [int(r["area_pixels"]) for r in rows] == [r["area_pixels"] for r in server["per_frame"]]
+    assert {r["threshold"] for r in rows} == {str(float(threshold))}
+    for row, expected in zip(rows, server["per_frame"], strict=True):
+        assert float(row["mean_confidence"]) == pytest.approx(expected["mean_confidence"], abs=2e-6)
     page.screenshot(path=str(ARTIFACTS / "web_e2e_video.png"), full_page=True)
     assert not tab.errors, tab.errors
     tab.close()
+
+
+def overlay_mask(page) -> np.ndarray:
+    """The video overlay's drawn pixels (outline and fill) as a (H, W) bool array."""
+    width, height, alpha = page.evaluate(
+        """() => {
+            const c = document.getElementById('video-overlay');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            return [c.width, c.height, Array.from(d.filter((_, i) => i % 4 === 3))];
+        }"""
+    )
+    return np.asarray(alpha, dtype=np.uint8).reshape(height, width) > 0
+
+
+def video_threshold_that_changes_the_mask(url: str, clip: Path, frame: int) -> str:
+    """A threshold (2 decimals, not the served one) at which ``frame``'s mask differs from the served mask."""
+    body = httpx.post(
+        f"{url}/v1/segment-video",
+        params={"include_levels": "true"},
+        files={"file": (clip.name, clip.read_bytes(), "video/mp4")},
+        timeout=HANG_MS / 1000,
+    ).json()
+    served = round(body["threshold"] * 100)
+    png = body["threshold_levels"]["frames"][frame]["levels_png_base64"]
+    levels = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))))
+    for k in sorted({int(np.quantile(levels, q)) for q in (0.5, 0.25, 0.75, 0.1, 0.9)}, key=lambda k: abs(k - served)):
+        if 1 <= k <= 99 and k != served and ((levels >= k) != (levels >= served)).any():
+            return f"{k / 100:.2f}"
+    raise AssertionError("the tiny model's probabilities give the same mask at every threshold")
 
 
 # Canvas encodings that finish in reverse order: the first toBlob call of a burst completes last,
@@ -729,6 +783,128 @@ def test_review_loop_verdicts_and_corrections_persist_and_export(browser, servic
             unzip.extractall(tmp_path / "exported")
         result = CliRunner().invoke(cli, ["data", "check", str(tmp_path / "exported")])
         assert result.exit_code == 0, result.output
+        assert not tab.errors, tab.errors
+        tab.close()
+
+
+def right_triangle(shape: tuple[int, int], x0: int, y0: int, leg: int) -> np.ndarray:
+    """Pixels of the triangle (x0, y0), (x0 + leg, y0), (x0, y0 + leg), edges included."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (xx >= x0) & (yy >= y0) & ((xx - x0) + (yy - y0) <= leg)
+
+
+def test_polygon_tool_fills_and_erases_at_full_resolution_under_zoom(browser, service, tmp_path: Path):
+    from polypseg.web.app import WebSettings
+
+    review_dir = tmp_path / "review"
+    folder = write_synthetic_dataset(tmp_path / "study", n=1, size=(96, 128))
+    with BackgroundServer(create_app(service, WebSettings(review_dir=review_dir))) as url:
+        tab = Page(browser, url)
+        page = tab.page
+        page.wait_for_selector("#review-tools", state="visible")
+        page.set_input_files("#folder-input", str(folder))
+        tab.wait_for_result("case00.jpg")
+        tab.set_threshold(0.99)
+        page.wait_for_function("() => editor.threshold === 0.99 && editor.source === 'model'")
+        model = editor_mask(page)
+
+        # Zoom at the pointer and pan with a right drag; vertices go where the brush would paint.
+        viewport = page.locator("#editor-viewport")
+        viewport.scroll_into_view_if_needed()
+        frame = viewport.bounding_box()
+        page.mouse.move(frame["x"] + frame["width"] * 0.4, frame["y"] + frame["height"] * 0.4)
+        for _ in range(3):
+            page.mouse.wheel(0, -100)
+        page.wait_for_function("() => Number(document.getElementById('editor').dataset.zoom) > 1.9")
+        page.mouse.down(button="right")
+        page.mouse.move(frame["x"] + frame["width"] * 0.45, frame["y"] + frame["height"] * 0.5, steps=3)
+        page.mouse.up(button="right")
+        box = page.locator("#editor-canvas").bounding_box()
+        to_image = lambda sx, sy: ((sx - box["x"]) / box["width"] * 128, (sy - box["y"]) / box["height"] * 96)  # noqa: E731
+        left, top = (int(np.ceil(v)) + 1 for v in to_image(frame["x"], frame["y"]))
+        right, bottom = (int(v) - 2 for v in to_image(frame["x"] + frame["width"], frame["y"] + frame["height"]))
+        assert right - left >= 30 and bottom - top >= 24, (left, top, right, bottom)  # visible part of the image
+
+        def at(x: int, y: int) -> tuple[float, float]:
+            return box["x"] + (x + 0.5) * box["width"] / 128, box["y"] + (y + 0.5) * box["height"] / 96
+
+        # A rectangle, closed with a double-click on its last vertex.
+        page.keyboard.press("l")
+        assert page.get_attribute("#editor", "data-tool") == "polygon"
+        x0, y0, x1, y1 = left, top, left + 20, top + 14
+        rect = np.zeros_like(model)
+        rect[y0 : y1 + 1, x0 : x1 + 1] = True
+        assert not model[rect].all()
+        page.mouse.click(*at(x0, y0))
+        page.mouse.click(*at(x1, y0))
+        page.mouse.move(*at(x1, y1))
+        # the live preview: the points so far and the edge to the pointer, in an SVG aligned with the canvas
+        assert page.get_attribute("#editor", "data-polygon-points") == "2"
+        assert len(page.get_attribute("#editor-polygon", "points").split()) == 3
+        svg = page.locator("#editor-overlay").bounding_box()
+        assert all(abs(svg[k] - box[k]) < 1 for k in ("x", "y", "width", "height")), (svg, box)
+        ARTIFACTS.mkdir(exist_ok=True)
+        viewport.screenshot(path=str(ARTIFACTS / "web_e2e_polygon.png"))
+        page.mouse.click(*at(x1, y1))
+        page.mouse.dblclick(*at(x0, y1))
+        page.wait_for_function("() => document.getElementById('editor').dataset.polygonPoints === '0'")
+        filled = editor_mask(page)
+        np.testing.assert_array_equal(filled, model | rect)
+        assert page.get_attribute("#editor", "data-dirty") == "true"
+        # one undo step
+        page.keyboard.press("Control+z")
+        np.testing.assert_array_equal(editor_mask(page), model)
+        page.keyboard.press("Control+y")
+        np.testing.assert_array_equal(editor_mask(page), filled)
+
+        # Escape cancels a polygon in progress: the mask and the undo history stay as they were.
+        undo_steps = page.evaluate("editor.undo.length")
+        for x, y in ((x0 + 2, y1 + 3), (x0 + 9, y1 + 3), (x0 + 9, y1 + 8)):
+            page.mouse.click(*at(x, y))
+        page.keyboard.press("Escape")
+        assert page.get_attribute("#editor", "data-polygon-points") == "0"
+        assert page.get_attribute("#editor-polygon", "points") == ""
+        np.testing.assert_array_equal(editor_mask(page), filled)
+        assert page.evaluate("editor.undo.length") == undo_steps
+
+        # The polygon eraser (Shift+L): a fourth point taken back with Backspace, closed on the first point.
+        page.keyboard.press("Shift+L")
+        assert page.get_attribute("#editor", "data-tool") == "polygon-erase"
+        ex, ey = x0 + 4, y0 + 2
+        for x, y in ((ex, ey), (ex + 10, ey), (ex, ey + 10), (ex + 10, ey + 10)):
+            page.mouse.click(*at(x, y))
+        page.keyboard.press("Backspace")
+        assert page.get_attribute("#editor", "data-polygon-points") == "3"
+        page.keyboard.press("h")  # the pan tool keeps the polygon in progress
+        assert page.get_attribute("#editor", "data-polygon-points") == "3"
+        page.keyboard.press("Shift+L")
+        assert page.get_attribute("#editor", "data-polygon-erase") == "true"
+        page.mouse.click(*at(ex, ey))
+        page.wait_for_function("() => document.getElementById('editor').dataset.polygonPoints === '0'")
+        erased = editor_mask(page)
+        np.testing.assert_array_equal(erased, filled & ~right_triangle(model.shape, ex, ey, 10))
+        page.keyboard.press("Control+z")
+        np.testing.assert_array_equal(editor_mask(page), filled)
+        page.keyboard.press("Control+y")
+
+        # A triangle added and closed with Enter, then the mask saved.
+        page.keyboard.press("l")
+        tx, ty = x0 + 24, y0 + 1
+        for x, y in ((tx, ty), (tx + 6, ty), (tx, ty + 6)):
+            page.mouse.click(*at(x, y))
+        page.keyboard.press("Enter")
+        added = right_triangle(model.shape, tx, ty, 6)
+        final = editor_mask(page)
+        np.testing.assert_array_equal(final, erased | added)
+        page.keyboard.press("Control+s")
+        wait_for_item(page, "case00.jpg", "mask corrected")
+        saved = np.asarray(Image.open(review_dir / "masks" / "case00.png"))
+        assert saved.shape == model.shape and set(np.unique(saved)) <= {0, 255}
+        inside = (rect & ~right_triangle(model.shape, ex, ey, 10)) | added
+        assert (saved[inside] == 255).all()
+        touched = rect | added
+        np.testing.assert_array_equal(saved[~touched] > 0, model[~touched])
+        np.testing.assert_array_equal(saved > 0, final)
         assert not tab.errors, tab.errors
         tab.close()
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from polypseg.web import encoding
 from polypseg.web.service import InferenceService
+from polypseg.web.threshold_levels import ThresholdLevelTrack
 from polypseg.web.validation import (
     CorruptImage,
     NotAVideo,
@@ -33,11 +34,13 @@ def segment_video_bytes(
     max_pixels: int = 40_000_000,
     include_masks: bool = False,
     timeout: float = 120.0,
+    include_levels: bool = False,
 ) -> dict[str, Any]:
     """Segment up to ``max_frames`` frames of an uploaded video (blocking; run it in a thread).
 
     Returns per-frame area, confidence and IoU with the previous frame's mask, the mean of those
-    IoUs (temporal consistency) and, with ``include_masks``, each frame's mask as COCO RLE.
+    IoUs (temporal consistency) and, with ``include_masks``, each frame's mask as COCO RLE; with
+    ``include_levels``, what re-thresholds the video without the model (:mod:`polypseg.web.threshold_levels`).
     """
     from polypseg.inference.video import VideoError, mask_iou, read_frames, video_info
 
@@ -65,6 +68,7 @@ def segment_video_bytes(
         masks: list[dict[str, Any]] = []
         times: list[float] = []
         previous: np.ndarray | None = None
+        levels = ThresholdLevelTrack() if include_levels else None
         warning = None
         limited = False
 
@@ -100,6 +104,8 @@ def segment_video_bytes(
                 )
                 if include_masks:
                     masks.append(encoding.rle_encode(prediction.mask))
+                if levels is not None:
+                    levels.add(prediction.probability)
         except UploadError:
             raise
         except VideoError as error:  # raised outside decoding (e.g. by the stream itself)
@@ -130,6 +136,8 @@ def segment_video_bytes(
             body["warning"] = warning
         if include_masks:
             body["masks_rle"] = masks
+        if levels is not None:
+            body["threshold_levels"] = levels.body()
         return body
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -165,6 +165,17 @@ async def segment_video(
     settings: SettingsDep,
     threshold: Threshold = None,
     include_masks: Annotated[bool, Query(description="Add each frame's mask as COCO RLE (column-major).")] = False,
+    include_levels: Annotated[
+        bool,
+        Query(
+            description=(
+                "Add threshold_levels, to re-threshold without the model at t = 0.01 ... 0.99: per frame an "
+                "8-bit PNG (base64) whose pixel value is how many of those t the probability reaches "
+                "(p >= t in float32; the mask at k/100 is value >= k), and the area, mean confidence and IoU "
+                "with the previous frame at each t."
+            )
+        ),
+    ] = False,
 ) -> dict[str, Any]:
     """Segment a short video frame by frame: per-frame polyp area, confidence and IoU with the previous frame.
 
@@ -181,6 +192,7 @@ async def segment_video(
         settings.max_pixels,
         include_masks,
         settings.request_timeout,
+        include_levels=include_levels,
     )
 
 

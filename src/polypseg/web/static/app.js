@@ -939,7 +939,13 @@ function openFiles(files) {
 
 // ------------------------------------------------------------------ video
 
-const video = { result: null, masks: new Map(), url: null, frame: -1 };
+// result: the server's answer at its threshold. threshold: the slider's. rows, consistency: the
+// per-frame numbers at that threshold, from the answer's threshold_levels when it differs.
+const video = {
+  result: null, masks: new Map(), levels: new Map(), url: null, frame: -1,
+  threshold: null, rows: null, consistency: null, drawn: null,
+};
+const LEVEL_CACHE = 64;  // decoded level maps kept (one byte per pixel each)
 
 function decodeRle(rle) {
   // COCO uncompressed RLE, column-major -> row-major Uint8Array
@@ -960,7 +966,7 @@ function decodeRle(rle) {
 }
 
 function frameAt(seconds) {
-  const rows = video.result.per_frame;
+  const rows = video.rows;
   let lo = 0;
   let hi = rows.length - 1;
   while (lo < hi) {
@@ -970,45 +976,112 @@ function frameAt(seconds) {
   return lo;
 }
 
-function drawVideoOverlay(index) {
-  if (!video.result || index === video.frame) return;
+const atServedThreshold = () => video.threshold === video.result.threshold;
+
+// A frame's level map (pixel value: how many of the thresholds 0.01 ... 0.99 its probability
+// reaches), decoded once and kept for the last LEVEL_CACHE frames shown.
+async function frameLevels(index) {
+  if (video.levels.has(index)) return video.levels.get(index);
+  const { width, height } = video.result;
+  const levels = await decodeGrayPng(video.result.threshold_levels.frames[index].levels_png_base64, width, height);
+  video.levels.set(index, levels);
+  if (video.levels.size > LEVEL_CACHE) video.levels.delete(video.levels.keys().next().value);
+  return levels;
+}
+
+// The mask of a frame at the slider's threshold: the server's at its own threshold, else level >= k.
+async function frameMask(index) {
+  if (atServedThreshold()) {
+    if (!video.masks.has(index)) video.masks.set(index, decodeRle(video.result.masks_rle[index]));
+    return video.masks.get(index);
+  }
+  const levels = await frameLevels(index);
+  const k = Math.round(video.threshold * 100);
+  const mask = new Uint8Array(levels.length);
+  for (let i = 0; i < mask.length; i++) mask[i] = levels[i] >= k ? 1 : 0;
+  return mask;
+}
+
+async function drawVideoOverlay(index) {
+  if (!video.result) return;
+  const key = `${index}@${video.threshold}`;
+  if (key === video.drawn) return;
   video.frame = index;
+  video.drawn = key;
+  const threshold = video.threshold;
+  let mask;
+  try {
+    mask = await frameMask(index);
+  } catch (error) {
+    setStatus(named(video.name, `frame ${index + 1} could not be drawn: ${error.message}`), "error");
+    return;
+  }
+  if (video.frame !== index || video.threshold !== threshold) return;  // a newer frame or threshold won
   const { width, height } = video.result;
   const canvas = $("video-overlay");
   canvas.width = width;
   canvas.height = height;
   const ctx = canvas.getContext("2d");
   const out = ctx.createImageData(width, height);
-  if (video.result.masks_rle) {
-    if (!video.masks.has(index)) video.masks.set(index, decodeRle(video.result.masks_rle[index]));
-    const mask = video.masks.get(index);
-    for (let y = 0; y < height; y++) {
-      for (let x = 0; x < width; x++) {
-        const i = y * width + x;
-        if (!mask[i]) continue;
-        const edge = x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
-          !mask[i - 1] || !mask[i + 1] || !mask[i - width] || !mask[i + width];
-        const j = i * 4;
-        out.data[j] = PRED_RGB[0];
-        out.data[j + 1] = PRED_RGB[1];
-        out.data[j + 2] = PRED_RGB[2];
-        out.data[j + 3] = edge ? 255 : 60;
-      }
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const i = y * width + x;
+      if (!mask[i]) continue;
+      const edge = x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
+        !mask[i - 1] || !mask[i + 1] || !mask[i - width] || !mask[i + width];
+      const j = i * 4;
+      out.data[j] = PRED_RGB[0];
+      out.data[j + 1] = PRED_RGB[1];
+      out.data[j + 2] = PRED_RGB[2];
+      out.data[j + 3] = edge ? 255 : 60;
     }
   }
   ctx.putImageData(out, 0, 0);
-  const row = video.result.per_frame[index];
+  const row = video.rows[index];
   const text = `${index + 1} / ${video.result.frames} · area ${(100 * row.area_fraction).toFixed(2)} % · confidence ${row.mean_confidence.toFixed(3)}`;
   $("video-current").textContent = text;
-  canvas.setAttribute("aria-label", `Predicted polyp outline on frame ${text}`);
+  canvas.setAttribute("aria-label", `Predicted polyp outline at threshold ${threshold.toFixed(2)} on frame ${text}`);
   drawChart(index);
   $("video-results").dataset.renderedFrame = String(index);
+  $("video-results").dataset.renderedThreshold = threshold.toFixed(2);
+}
+
+// Re-threshold the video in the browser: the answer's threshold_levels hold every frame's mask and
+// numbers at each threshold of the slider, so no request goes to the server.
+function setVideoThreshold(threshold) {
+  const result = video.result;
+  if (!result) return;
+  video.threshold = threshold;
+  if (atServedThreshold()) {
+    video.rows = result.per_frame;
+    video.consistency = result.consistency;
+  } else {
+    const k = Math.round(threshold * 100);
+    const pixels = result.width * result.height;
+    video.rows = result.per_frame.map((row, index) => {
+      const frame = result.threshold_levels.frames[index];
+      const area = frame.area_pixels[k - 1];
+      return {
+        frame: row.frame,
+        time_s: row.time_s,
+        area_pixels: area,
+        area_fraction: Math.round((area / pixels) * 1e6) / 1e6,
+        mean_confidence: frame.mean_confidence[k - 1],
+        iou_with_previous: frame.iou_with_previous ? frame.iou_with_previous[k - 1] : null,
+      };
+    });
+    const ious = video.rows.map((row) => row.iou_with_previous).filter((v) => v !== null);
+    video.consistency = ious.length ? ious.reduce((a, b) => a + b, 0) / ious.length : 1;
+  }
+  $("video-threshold").textContent = threshold.toFixed(2);
+  $("video-consistency").textContent = video.consistency.toFixed(3);
+  drawVideoOverlay(video.frame < 0 ? 0 : video.frame);
 }
 
 function drawChart(cursor) {
   const canvas = $("video-chart");
   const ctx = canvas.getContext("2d");
-  const rows = video.result.per_frame;
+  const rows = video.rows;
   const w = canvas.width;
   const h = canvas.height;
   const pad = 30;
@@ -1065,7 +1138,8 @@ async function analyseVideo(file, name, threshold = null) {
     const form = new FormData();
     form.append("file", file, name);
     const at = threshold === null ? "" : `&threshold=${threshold.toFixed(2)}`;
-    const result = await apiJson(`/v1/segment-video?include_masks=true${at}`, { method: "POST", body: form, signal: job.signal });
+    const result = await apiJson(`/v1/segment-video?include_masks=true&include_levels=true${at}`,
+      { method: "POST", body: form, signal: job.signal });
     if (!current(job)) return;
     video.result = result;
     video.file = file;
@@ -1074,7 +1148,9 @@ async function analyseVideo(file, name, threshold = null) {
     $("video-threshold-value").textContent = result.threshold.toFixed(2);
     $("video-cam-panel").hidden = true;
     video.masks.clear();
+    video.levels.clear();
     video.frame = -1;
+    video.drawn = null;
     if (video.url) URL.revokeObjectURL(video.url);
     video.url = URL.createObjectURL(file);
     $("video").src = video.url;
@@ -1083,13 +1159,11 @@ async function analyseVideo(file, name, threshold = null) {
     $("video-title").dataset.name = name;
     $("video-frames").textContent = String(result.frames);
     $("video-fps").textContent = `${result.fps} fps`;
-    $("video-threshold").textContent = result.threshold.toFixed(2);
-    $("video-consistency").textContent = result.consistency.toFixed(3);
     $("video-warning").hidden = !result.warning;
     $("video-warning").textContent = result.warning || "";
     $("results").hidden = true;
     $("video-results").hidden = false;
-    drawVideoOverlay(0);
+    setVideoThreshold(result.threshold);
     setStatus(`${name}: ${result.frames} frames done in ${result.seconds.toFixed(2)} s.`, "ok");
   } catch (error) {
     if (isAbort(error) || !current(job)) return;
@@ -1105,7 +1179,7 @@ function stepFrame(delta) {
   if (!video.result) return;
   const element = $("video");
   element.pause();
-  const rows = video.result.per_frame;
+  const rows = video.rows;
   const index = Math.min(rows.length - 1, Math.max(0, frameAt(element.currentTime) + delta));
   // Seek into the middle of the frame, so rounding never shows its neighbour.
   const next = index + 1 < rows.length ? rows[index + 1].time_s : rows[index].time_s + 1 / (video.result.fps || 25);
@@ -1119,16 +1193,17 @@ $("video-csv").addEventListener("click", () => {
   if (!video.result) return;
   const columns = ["frame", "time_s", "area_pixels", "area_fraction", "mean_confidence", "iou_with_previous", "threshold"];
   const lines = [columns.join(",")];
-  for (const row of video.result.per_frame) {
-    lines.push(columns.map((c) => csvCell(c === "threshold" ? video.result.threshold : (row[c] ?? ""))).join(","));
+  for (const row of video.rows) {
+    lines.push(columns.map((c) => csvCell(c === "threshold" ? video.threshold : (row[c] ?? ""))).join(","));
   }
   saveBlob(new Blob([lines.join("\r\n") + "\r\n"], { type: "text/csv" }), `${stem(video.name)}_frames.csv`);
 });
+let videoFrame = 0;
 $("video-threshold-input").addEventListener("input", () => {
-  $("video-threshold-value").textContent = Number($("video-threshold-input").value).toFixed(2);
-});
-$("video-threshold-input").addEventListener("change", () => {
-  if (video.file) analyseVideo(video.file, video.name, Number($("video-threshold-input").value));
+  const threshold = Number($("video-threshold-input").value);
+  $("video-threshold-value").textContent = threshold.toFixed(2);
+  cancelAnimationFrame(videoFrame);
+  videoFrame = requestAnimationFrame(() => setVideoThreshold(threshold));
 });
 $("video-cam").addEventListener("click", async () => {
   const element = $("video");
@@ -1142,7 +1217,7 @@ $("video-cam").addEventListener("click", async () => {
   const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
   const form = new FormData();
   form.append("file", blob, `${stem(video.name)}_frame${index + 1}.png`);
-  const threshold = video.result.threshold.toFixed(2);
+  const threshold = video.threshold.toFixed(2);
   $("video-cam-caption").textContent = `Grad-CAM of frame ${index + 1}: computing…`;
   $("video-cam-panel").hidden = false;
   try {

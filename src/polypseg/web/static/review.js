@@ -23,7 +23,11 @@ const editor = {
   view: { scale: 1, x: 0, y: 0 },
   stroke: null,         // {last: [x, y]} while painting
   pan: null,
+  polygon: null,        // {points: [[x, y], ...], pointer: [x, y] | null, erase} while a polygon is drawn
 };
+
+const POLYGON_TOOLS = new Set(["polygon", "polygon-erase"]);
+const CLOSE_RADIUS_PX = 8;  // a click this close to the first vertex (on screen) closes the polygon
 
 // ------------------------------------------------------------------ records and summary
 
@@ -159,9 +163,12 @@ async function reviewOnResult(result) {
   editor.redo = [];
   editor.dirty = false;
   editor.view = { scale: 1, x: 0, y: 0 };
+  editor.polygon = null;
   const canvas = $("editor-canvas");
   canvas.width = result.width;
   canvas.height = result.height;
+  $("editor-overlay").setAttribute("viewBox", `0 0 ${result.width} ${result.height}`);
+  drawPolygonPreview();
   const record = review.records.get(result.name);
   if (record && record.corrected) {
     try {
@@ -199,8 +206,8 @@ function startFromModel() {
   drawEditor();
 }
 
-function pushUndo() {
-  editor.undo.push(Uint8Array.from(editor.mask));
+function pushUndo(before = Uint8Array.from(editor.mask)) {
+  editor.undo.push(before);
   if (editor.undo.length > MAX_UNDO) editor.undo.shift();
   editor.redo = [];
 }
@@ -254,11 +261,16 @@ function drawEditor() {
 }
 
 function setTool(tool) {
+  if (editor.polygon && !POLYGON_TOOLS.has(tool) && tool !== "pan") cancelPolygon();
+  // Switching between the two polygon tools keeps the points and changes what closing does; the
+  // pan tool keeps both, so a polygon can be finished after panning.
+  if (editor.polygon && POLYGON_TOOLS.has(tool)) editor.polygon.erase = tool === "polygon-erase";
   editor.tool = tool;
   for (const button of document.querySelectorAll("#editor .tool")) {
     button.setAttribute("aria-pressed", String(button.dataset.tool === tool));
   }
   $("editor").dataset.tool = tool;
+  drawPolygonPreview();
 }
 
 function setBrushSize(size) {
@@ -315,11 +327,143 @@ function fill(x, y) {
   return true;
 }
 
+// ------------------------------------------------------------------ the polygon tool
+
+// Fill (value 1) or erase (0) a closed polygon whose vertices are pixel indices, at full resolution.
+// Rasterised here rather than with a canvas path fill: canvas fills are always antialiased
+// (imageSmoothingEnabled only governs scaled images), so their edge pixels come out partly covered,
+// and thresholding that coverage would make the saved mask depend on the browser's rasteriser. This
+// sets every pixel whose centre lies inside (even-odd rule, for an outline that crosses itself) and
+// every pixel of the outline, so the pixels clicked as vertices always belong to the polygon, in
+// every browser alike; the mask stays 0/1 (saved as 0/255).
+function fillPolygon(points, value) {
+  const { width, height, mask } = editor;
+  const n = points.length;
+  const ys = points.map((p) => p[1]);
+  for (let y = Math.max(0, Math.min(...ys)); y <= Math.min(height - 1, Math.max(...ys)); y++) {
+    const crossings = [];
+    for (let i = 0; i < n; i++) {
+      const [x0, y0] = points[i];
+      const [x1, y1] = points[(i + 1) % n];
+      if ((y0 <= y && y < y1) || (y1 <= y && y < y0)) crossings.push(x0 + ((y - y0) * (x1 - x0)) / (y1 - y0));
+    }
+    crossings.sort((a, b) => a - b);
+    for (let c = 0; c + 1 < crossings.length; c += 2) {
+      const end = Math.min(width - 1, Math.floor(crossings[c + 1]));
+      for (let x = Math.max(0, Math.ceil(crossings[c])); x <= end; x++) mask[y * width + x] = value;
+    }
+  }
+  for (let i = 0; i < n; i++) rasterLine(points[i], points[(i + 1) % n], value);
+}
+
+// Bresenham's line between two pixels (both inside the image).
+function rasterLine([x0, y0], [x1, y1], value) {
+  const dx = Math.abs(x1 - x0);
+  const dy = -Math.abs(y1 - y0);
+  const sx = x0 < x1 ? 1 : -1;
+  const sy = y0 < y1 ? 1 : -1;
+  let err = dx + dy;
+  for (;;) {
+    editor.mask[y0 * editor.width + x0] = value;
+    if (x0 === x1 && y0 === y1) return;
+    const e2 = 2 * err;
+    if (e2 >= dy) { err += dy; x0 += sx; }
+    if (e2 <= dx) { err += dx; y0 += sy; }
+  }
+}
+
+// The pixel under the pointer, kept inside the image (a click just past an edge means the edge).
+function clampedPixelAt(event) {
+  const [x, y] = pixelAt(event);
+  return [Math.min(editor.width - 1, Math.max(0, x)), Math.min(editor.height - 1, Math.max(0, y))];
+}
+
+function nearFirstVertex(event) {
+  const first = editor.polygon.points[0];
+  const box = $("editor-canvas").getBoundingClientRect();
+  const sx = box.left + ((first[0] + 0.5) / editor.width) * box.width;
+  const sy = box.top + ((first[1] + 0.5) / editor.height) * box.height;
+  return Math.hypot(event.clientX - sx, event.clientY - sy) <= CLOSE_RADIUS_PX;
+}
+
+// A click with a polygon tool adds a vertex, or closes the polygon on its first vertex.
+function polygonClick(event) {
+  if (!editor.polygon) editor.polygon = { points: [], pointer: null, erase: editor.tool === "polygon-erase" };
+  const { points } = editor.polygon;
+  if (points.length >= 3 && nearFirstVertex(event)) { closePolygon(); return; }
+  const point = clampedPixelAt(event);
+  const last = points[points.length - 1];
+  if (!last || last[0] !== point[0] || last[1] !== point[1]) points.push(point);
+  editor.polygon.pointer = point;
+  drawPolygonPreview();
+}
+
+// Fill the polygon (or, with the polygon eraser, remove it) as one undo step.
+function closePolygon() {
+  const polygon = editor.polygon;
+  if (!polygon || polygon.points.length < 3) {
+    if (polygon) $("editor-polygon-hint").textContent = "A polygon needs at least 3 points.";
+    return;
+  }
+  editor.polygon = null;
+  const before = Uint8Array.from(editor.mask);
+  fillPolygon(polygon.points, polygon.erase ? 0 : 1);
+  if (editor.mask.some((v, i) => v !== before[i])) {
+    pushUndo(before);
+    editor.dirty = true;
+  }
+  drawPolygonPreview();
+  drawEditor();
+}
+
+function cancelPolygon() {
+  editor.polygon = null;
+  drawPolygonPreview();
+}
+
+function removeLastVertex() {
+  if (!editor.polygon) return;
+  editor.polygon.points.pop();
+  if (!editor.polygon.points.length) editor.polygon = null;
+  drawPolygonPreview();
+}
+
+// The polygon in progress, drawn over the canvas in an SVG of the image's size (same transform as
+// the canvas): its outline so far, the edge to the pointer, and the first vertex as the close target.
+function drawPolygonPreview() {
+  const polygon = editor.polygon;
+  const shape = $("editor-polygon");
+  const start = $("editor-polygon-start");
+  $("editor").dataset.polygonPoints = String(polygon ? polygon.points.length : 0);
+  $("editor").dataset.polygonErase = String(polygon ? polygon.erase : editor.tool === "polygon-erase");
+  if (!polygon || !polygon.points.length) {
+    shape.setAttribute("points", "");
+    start.setAttribute("r", "0");
+    $("editor-polygon-hint").textContent = POLYGON_TOOLS.has(editor.tool)
+      ? "Click to add points; double-click, Enter or a click on the first point fills the polygon." : "";
+    return;
+  }
+  const points = polygon.pointer ? [...polygon.points, polygon.pointer] : polygon.points;
+  shape.setAttribute("points", points.map(([x, y]) => `${x + 0.5},${y + 0.5}`).join(" "));
+  const box = $("editor-canvas").getBoundingClientRect();
+  const unitsPerPx = box.width ? editor.width / box.width : 1;
+  const [fx, fy] = polygon.points[0];
+  start.setAttribute("cx", String(fx + 0.5));
+  start.setAttribute("cy", String(fy + 0.5));
+  start.setAttribute("r", String(CLOSE_RADIUS_PX * unitsPerPx * 0.6));
+  const action = polygon.erase ? "removes" : "fills";
+  $("editor-polygon-hint").textContent =
+    `Polygon: ${plural(polygon.points.length, "point")}. Double-click, Enter or a click on the first point ${action} it; ` +
+    "Backspace removes the last point, Escape cancels.";
+}
+
 function applyEditorView() {
   const { scale, x, y } = editor.view;
   $("editor-canvas").style.transform = `translate(${x}%, ${y}%) scale(${scale})`;
+  $("editor-overlay").style.transform = `translate(${x}%, ${y}%) scale(${scale})`;
   $("editor-zoom").textContent = `${Math.round(scale * 100)} %`;
   $("editor").dataset.zoom = String(scale);
+  if (editor.polygon) drawPolygonPreview();  // the close target keeps its size on screen
 }
 
 function editorZoom(factor, u = 0.5, v = 0.5) {
@@ -409,12 +553,12 @@ for (const format of ["csv", "json", "zip"]) {
       editor.pan = { x: event.clientX, y: event.clientY, view: { ...editor.view } };
       return;
     }
+    if (POLYGON_TOOLS.has(editor.tool)) return;  // vertices are added on click (see below)
     const point = pixelAt(event);
     if (editor.tool === "fill") {
       const before = Uint8Array.from(editor.mask);
       if (fill(point[0], point[1])) {
-        editor.undo.push(before);
-        editor.redo = [];
+        pushUndo(before);
         editor.dirty = true;
         drawEditor();
       }
@@ -436,6 +580,11 @@ for (const format of ["csv", "json", "zip"]) {
       applyEditorView();
       return;
     }
+    if (editor.polygon && POLYGON_TOOLS.has(editor.tool)) {
+      editor.polygon.pointer = clampedPixelAt(event);
+      drawPolygonPreview();
+      return;
+    }
     if (!editor.stroke) return;
     const point = pixelAt(event);
     paintLine(editor.stroke.last, point, editor.tool === "eraser" ? 0 : 1);
@@ -445,6 +594,18 @@ for (const format of ["csv", "json", "zip"]) {
   const stop = () => { editor.stroke = null; editor.pan = null; };
   viewport.addEventListener("pointerup", stop);
   viewport.addEventListener("pointercancel", stop);
+  // Polygon vertices: the first click of a double-click adds one, the second (detail 2) none, and
+  // the double-click closes the polygon.
+  viewport.addEventListener("click", (event) => {
+    if (!editor.mask || !POLYGON_TOOLS.has(editor.tool) || event.button !== 0 || event.detail > 1) return;
+    polygonClick(event);
+  });
+  viewport.addEventListener("dblclick", (event) => {
+    if (editor.mask && POLYGON_TOOLS.has(editor.tool)) { event.preventDefault(); closePolygon(); }
+  });
+  viewport.addEventListener("pointerleave", () => {
+    if (editor.polygon) { editor.polygon.pointer = null; drawPolygonPreview(); }
+  });
 }
 
 // Review and editor keys; like the page's other keys, none act while a form control has the focus.
@@ -466,6 +627,10 @@ document.addEventListener("keydown", (event) => {
   else if (key === "e") setTool("eraser");
   else if (key === "f") setTool("fill");
   else if (key === "h") setTool("pan");
+  else if (key === "l") setTool(event.shiftKey ? "polygon-erase" : "polygon");
+  else if (editor.polygon && key === "enter") closePolygon();
+  else if (editor.polygon && key === "escape") cancelPolygon();
+  else if (editor.polygon && key === "backspace") removeLastVertex();
   else if (key === "[") setBrushSize(editor.size / 1.25);
   else if (key === "]") setBrushSize(editor.size * 1.25 + 1);
   else handled = false;
