@@ -238,3 +238,20 @@ def test_the_best_checkpoint_keeper_writes_best_only_when_an_epoch_scores_higher
     assert restored.tensors is None and (restored.epoch, restored.score) == (1, 0.4)  # epoch 2's weights are not it
     at_best = BestCheckpoint.from_state(tmp_path / "best", {**state, "epoch": 1, "best_score": None}, model)
     assert at_best.score == float("-inf") and at_best.tensors is not None  # the loaded weights are the best's
+
+
+@pytest.mark.parametrize("freeze_norm", [False, True])
+def test_freeze_norm_keeps_batch_norm_statistics_and_still_trains(tiny_data, tmp_path, freeze_norm):
+    config = tiny_config(epochs=1, image_size=32)
+    config.train.ema_decay, config.train.freeze_norm = 0.0, freeze_norm
+    start = training.TrainStep(config, torch.device("cpu")).model.state_dict()
+    train_model(config, tiny_data, None, tmp_path / "run", device="cpu", progress=False)
+    trained = load_checkpoint(tmp_path / "run" / "best").model.state_dict()
+    statistics = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    affine = [k.replace("running_mean", "weight") for k in statistics if k.endswith("running_mean")]
+    assert statistics and affine
+    kept = all(torch.equal(start[k], trained[k]) for k in statistics)
+    assert kept == freeze_norm
+    assert not all(torch.equal(start[k], trained[k]) for k in affine)  # scale and shift learn either way
+    saved = config.to_dict()["train"]  # written only when set: older configs save byte for byte as before
+    assert ("freeze_norm" in saved) == freeze_norm

@@ -137,10 +137,14 @@ class TrainConfig:
     # the whole network starts from. Its weights file's SHA-256 is recorded in the run's best.json.
     init_from: str = "none"
     eval_batch_size: int = 32
+    # Fine-tuning on a few images: BatchNorm layers stay in eval mode while training (their running
+    # statistics frozen; their scale and shift still learn), so small, strongly augmented batches
+    # cannot shift the statistics the model was trained with.
+    freeze_norm: bool = False
 
 
 # TrainConfig fields added after configs were first saved, with their "unset" default.
-_LATER_TRAIN_FIELDS: dict[str, Any] = {"init_from": "none"}
+_LATER_TRAIN_FIELDS: dict[str, Any] = {"init_from": "none", "freeze_norm": False}
 
 
 @dataclass

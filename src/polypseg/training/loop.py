@@ -47,6 +47,7 @@ from polypseg.models.checkpoint import (
 from polypseg.models.factory import create_model
 from polypseg.training.evaluation import evaluate_probabilities, predict_probabilities
 from polypseg.training.losses import create_loss
+from polypseg.training.norm import set_training_mode
 from polypseg.training.progress import TrainingProgress
 from polypseg.training.state import BestCheckpoint, TrainingState
 
@@ -434,7 +435,7 @@ def _train_epoch(
     """One epoch's optimisation steps; returns its record (epoch, mean training loss, last learning rate)."""
     device = images.device
     steps = batches.steps_per_epoch
-    step_fn.model.train()
+    set_training_mode(step_fn.model, freeze_norm=tc.freeze_norm)
     # Seeded per epoch (not from a running RNG) so a resumed run repeats the same batches.
     cpu_gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
     order = torch.randperm(batches.n_train, generator=cpu_gen).to(device)  # one copy per epoch, not per step
