@@ -56,7 +56,8 @@ def main() -> None:
 
     from polypseg.core.runs import RunDir
     from polypseg.data.datasets import build_cache, load_split_file
-    from polypseg.experiments.studies import evaluate_external, evaluate_pranet
+    from polypseg.experiments.external import evaluate_external
+    from polypseg.experiments.pranet import evaluate_pranet
     from polypseg.models.checkpoint import load_checkpoint
     from polypseg.models.pretrained import release_model
     from polypseg.training.evaluation import evaluate_probabilities, predict_probabilities

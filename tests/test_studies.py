@@ -16,16 +16,10 @@ from polypseg.core.io_utils import atomic_write_json, read_json
 from polypseg.core.runs import RunDir
 from polypseg.data.datasets import build_cache
 from polypseg.experiments.cv import RunError
-from polypseg.experiments.studies import (
-    StudyError,
-    _share_splits,
-    dataset_name,
-    evaluate_external,
-    evaluate_pranet,
-    literature_metrics,
-    run_pranet,
-    run_skip_ablation,
-)
+from polypseg.experiments.external import dataset_name, evaluate_external
+from polypseg.experiments.pranet import evaluate_pranet, literature_metrics, run_pranet
+from polypseg.experiments.studies import _share_splits, run_skip_ablation
+from polypseg.experiments.study_common import StudyError
 from polypseg.metrics.segmentation import dice_score
 from polypseg.models.checkpoint import find_checkpoints, load_checkpoint
 from polypseg.models.factory import EncoderWeightsError, NoSkipUnetDecoder

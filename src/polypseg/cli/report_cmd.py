@@ -66,7 +66,7 @@ def _evaluate(
     tta: bool | None = None,
 ) -> None:
     from polypseg.cli.common import resolve_device
-    from polypseg.experiments.studies import evaluate_external
+    from polypseg.experiments.external import evaluate_external
     from polypseg.models.pretrained import resolve_model
 
     resolved = resolve_model(str(model))
@@ -287,7 +287,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = ProgressOpt,
     ) -> None:
         """The PraNet protocol: train on the data minus --test-list, test once on it; mDice, mIoU (+ S, wF, E, MAE)."""
-        from polypseg.experiments.studies import run_pranet
+        from polypseg.experiments.pranet import run_pranet
 
         base, _, _ = _resumed_study(out, resume)
         config = RecipeChoices(

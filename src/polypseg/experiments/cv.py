@@ -172,6 +172,64 @@ def run_cv(
     if config is not None:
         validate_config(config)
     saved = run.saved_settings()
+    data, config, folds, seed = _invocation_settings(
+        run, saved, data, config, folds, seed, only_folds, resume=resume, device=device
+    )
+    resolve_run_precision(config, device)
+    cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress and context.is_main)
+
+    invocation = Stopwatch()
+    clock = None
+    if context.is_main:
+        clock = _prepare_run_folder(
+            run, saved, cache, config, data=data, folds=folds, seed=seed, resume=resume, device=device
+        )
+    context.barrier()
+    splits = run.read_splits()
+    assert splits is not None
+
+    summary: CVSummary | None = None
+    for fold in splits["folds"]:
+        index = fold["fold"]
+        if only_folds is not None and index not in only_folds:
+            continue
+        if resume and context.is_main:
+            tidy_run_folder(run.fold_dir(index), config.train.epochs)  # stale temps; the state of a finished fold
+        if run.fold_metrics_path(index).is_file():
+            continue  # finished folds are never touched again
+        _train_fold(
+            run, fold, cache, config, len(splits["folds"]), clock, device=device, resume=resume, progress=progress
+        )
+        if context.is_main:
+            evaluate_fold(run, index, cache.subset(fold["test"]), config, device, explain, explain_max_images, progress)
+            assert clock is not None
+            clock.tick()
+            # A partial summary after every fold: a run of hours shows its finished folds' numbers early.
+            summary = _summarize_invocation(run, invocation, clock)
+        context.barrier()
+
+    if context.is_main:
+        assert clock is not None
+        summary = _finish_invocation(run, summary, invocation, clock, report=report)
+    context.barrier()
+    return summary
+
+
+def _invocation_settings(
+    run: RunDir,
+    saved: RunSettings | None,
+    data: Path | str | None,
+    config: RunConfig | None,
+    folds: int | None,
+    seed: int | None,
+    only_folds: Sequence[int] | None,
+    *,
+    resume: bool,
+    device: str,
+) -> tuple[Path | str, RunConfig, int, int]:
+    """The data, config, folds and seed this invocation runs with: a saved run's own when it resumes
+    (anything given as well must match them), else those given (5 folds, seed 0 by default).
+    ``only_folds`` must name folds the run has."""
     if saved is not None:
         if not resume:
             raise RunError(f"{run.path} already holds a run; pass --resume to continue it, or choose a new --out")
@@ -195,88 +253,99 @@ def run_cv(
     if data is None:
         raise RunError(f"{run.path} holds no run to resume; give the --data to start one")
     folds = 5 if folds is None else folds
-    seed = 0 if seed is None else seed
     outside = sorted({f for f in only_folds or () if not 0 <= f < folds})
     if outside:
         raise RunError(f"--only-fold {outside[0]}: a {folds}-fold run has folds 0 to {folds - 1}")
-    assert config is not None
-    resolve_run_precision(config, device)
-    cache = build_cache(data, config.train.image_size, cache_dir=cache_dir, progress=progress and context.is_main)
+    return data, config, folds, 0 if seed is None else seed
 
-    invocation = Stopwatch()
-    clock = None
-    if context.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        if resume:
-            remove_stale_temps(run.path)
-        clock = _WallClock(
-            run,
-            {
-                "machine": device_name(resolve_device(device)),
-                "precision": config.train.precision,
-                "polypseg_version": __version__,
-                **({"commit": commit} if (commit := source_commit()) else {}),
-            },
+
+def _prepare_run_folder(
+    run: RunDir,
+    saved: RunSettings | None,
+    cache: CachedData,
+    config: RunConfig,
+    *,
+    data: Path | str,
+    folds: int,
+    seed: int,
+    resume: bool,
+    device: str,
+) -> _WallClock:
+    """The main process's setup of an invocation: the folder, the clock of this invocation, the
+    settings of a new run, and the run's splits (created once, then reused)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    if resume:
+        remove_stale_temps(run.path)
+    clock = _WallClock(
+        run,
+        {
+            "machine": device_name(resolve_device(device)),
+            "precision": config.train.precision,
+            "polypseg_version": __version__,
+            **({"commit": commit} if (commit := source_commit()) else {}),
+        },
+    )
+    if saved is None:
+        run.write_settings(
+            RunSettings(
+                config=config,
+                kind=CV,
+                data=str(Path(data).resolve()),
+                folds=folds,
+                seed=seed,
+                polypseg_version=__version__,
+            )
         )
-        if saved is None:
-            run.write_settings(
-                RunSettings(
-                    config=config,
-                    kind=CV,
-                    data=str(Path(data).resolve()),
-                    folds=folds,
-                    seed=seed,
-                    polypseg_version=__version__,
-                )
-            )
-        load_or_create_splits(run, cache.stems, folds, seed, config.train.val_fraction)
-    context.barrier()
-    splits = run.read_splits()
-    assert splits is not None
+    load_or_create_splits(run, cache.stems, folds, seed, config.train.val_fraction)
+    return clock
 
-    summary: CVSummary | None = None
-    for fold in splits["folds"]:
-        index = fold["fold"]
-        if only_folds is not None and index not in only_folds:
-            continue
-        fold_dir = run.fold_dir(index)
-        if resume and context.is_main:
-            tidy_run_folder(fold_dir, config.train.epochs)  # stale temps; the state of a finished fold
-        if run.fold_metrics_path(index).is_file():
-            continue  # finished folds are never touched again
-        if not training_finished(fold_dir, config.train.epochs):
-            train_model(
-                config,
-                cache.subset(fold["train"]),
-                _fold_data(cache, fold["val"]),
-                fold_dir,
-                device=device,
-                resume=resume,
-                progress=progress,
-                description=f"fold {index} (of 0-{len(splits['folds']) - 1})",  # numbered as the fold_N folders
-                on_epoch=(lambda record: clock.tick()) if clock is not None else None,
-            )
-        if context.is_main:
-            evaluate_fold(run, index, cache.subset(fold["test"]), config, device, explain, explain_max_images, progress)
-            assert clock is not None
-            clock.tick()
-            # A partial summary after every fold: a run of hours shows its finished folds' numbers early.
-            summary = summarize_run(
-                run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total()
-            )
-        context.barrier()
 
-    if context.is_main:
-        assert clock is not None
-        if summary is None:  # no fold was evaluated in this invocation: summarise what is there
-            clock.tick()
-            summary = summarize_run(
-                run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total()
-            )
-        if report:
-            _write_report(run.path)
-    context.barrier()
+def _train_fold(
+    run: RunDir,
+    fold: dict[str, Any],
+    cache: CachedData,
+    config: RunConfig,
+    n_folds: int,
+    clock: _WallClock | None,
+    *,
+    device: str,
+    resume: bool,
+    progress: bool,
+) -> None:
+    """Train one fold of the splits (or continue its training) unless its training is finished."""
+    index = fold["fold"]
+    fold_dir = run.fold_dir(index)
+    if training_finished(fold_dir, config.train.epochs):
+        return
+    train_model(
+        config,
+        cache.subset(fold["train"]),
+        _fold_data(cache, fold["val"]),
+        fold_dir,
+        device=device,
+        resume=resume,
+        progress=progress,
+        description=f"fold {index} (of 0-{n_folds - 1})",  # numbered as the fold_N folders
+        on_epoch=(lambda record: clock.tick()) if clock is not None else None,
+    )
+
+
+def _finish_invocation(
+    run: RunDir, summary: CVSummary | None, invocation: Stopwatch, clock: _WallClock, *, report: bool
+) -> CVSummary:
+    """The main process's end of an invocation: its summary (if no fold was evaluated in it, a
+    summary of what is there) and, if asked, the HTML report."""
+    if summary is None:
+        clock.tick()
+        summary = _summarize_invocation(run, invocation, clock)
+    if report:
+        _write_report(run.path)
     return summary
+
+
+def _summarize_invocation(run: RunDir, invocation: Stopwatch, clock: _WallClock) -> CVSummary:
+    """:func:`summarize_run` with this invocation's elapsed time and the run's wall and paused time."""
+    return summarize_run(run, elapsed_s=invocation.seconds(), wall_time_s=clock.total(), paused_s=clock.paused_total())
 
 
 def evaluate_fold(

@@ -41,21 +41,37 @@ def export_checkpoints(
     starts (for a transient status line). Returns
     one dict per checkpoint (paths, verification differences, Dice change).
     """
-    from polypseg.core.io_utils import display_name
     from polypseg.data.sample_data import sample_dataset_path
-    from polypseg.inference.export import (
-        DEFAULT_OPSET,
-        MAX_INT8_DICE_CHANGE,
-        ExportError,
-        collect_images,
-        export_onnx,
-        int8_path_for,
-        keep_validated_int8,
-        quantize_onnx_int8,
-        record_dice_change,
-        verify_onnx,
-    )
-    from polypseg.models.checkpoint import find_checkpoints
+    from polypseg.inference.export import collect_images
+
+    _check_options(fmt=fmt, int8=int8, dynamic_batch=dynamic_batch, calibration=calibration, validate=validate)
+    checkpoints = _checkpoints_to_export(model, out)
+    real = collect_images(verify_images or calibration or sample_dataset_path())[:8]
+    results = []
+    for checkpoint in checkpoints:
+        result = _export_verified(
+            checkpoint, out, opset=opset, dynamic_batch=dynamic_batch, real=real, say=say, step=step
+        )
+        if int8:
+            onnx_path = Path(result["onnx"])
+            int8_path = _quantize(checkpoint, onnx_path, out, calibration, calibration_count, say=say, step=step)
+            result["int8"] = str(int8_path)
+            if validate is not None:
+                change = measure_dice_change(onnx_path, int8_path, validate, limit=validate_limit, progress=progress)
+                result.update(_adopt_if_within_bound(checkpoint, int8_path, change, out, say=say))
+            else:
+                say(
+                    "not validated (no --validate DIR): predict keeps fp32 as the CPU default; pass the .onnx to use int8"
+                )
+        results.append(result)
+    return results
+
+
+def _check_options(
+    *, fmt: str, int8: bool, dynamic_batch: bool, calibration: Path | None, validate: Path | None
+) -> None:
+    """Refuse option combinations that cannot work, before anything is exported."""
+    from polypseg.inference.export import ExportError
 
     if fmt != "onnx":
         raise ExportError(f"--format {fmt}: only 'onnx' is supported")
@@ -63,9 +79,16 @@ def export_checkpoints(
         raise ExportError("--calibration and --validate apply to --int8 only")
     if int8 and not dynamic_batch:
         raise ExportError("--int8 needs the batch axis (calibration runs batches): drop --static-batch")
+
+
+def _checkpoints_to_export(model: Path, out: Path | None) -> list[Path]:
+    """The checkpoints ``model`` names (a shipped model's name works too), checked against ``out``:
+    a shipped model's export must go elsewhere, and ``out`` names the file of one checkpoint only."""
+    from polypseg.inference.export import ExportError
+    from polypseg.models.checkpoint import find_checkpoints
     from polypseg.models.pretrained import WEIGHTS_DIR, resolve_model
 
-    model = resolve_model(model)  # a shipped model's name works too
+    model = resolve_model(model)
     if out is None and Path(model).resolve().parent == WEIGHTS_DIR:
         raise ExportError(f"--out: {Path(model).name} is a shipped model; name where its export goes (--out FILE.onnx)")
     checkpoints = find_checkpoints(model)
@@ -73,58 +96,91 @@ def export_checkpoints(
         raise ExportError(
             f"--out: {model} holds {len(checkpoints)} checkpoints; omit --out to write NAME.onnx beside each"
         )
-    real = collect_images(verify_images or calibration or sample_dataset_path())[:8]
-    results = []
-    for checkpoint in checkpoints:
-        step(f"exporting {checkpoint}")
-        onnx_path = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dynamic_batch=dynamic_batch)
-        diff_random = verify_onnx(checkpoint, onnx_path, random_images=4)
-        diff_real = verify_onnx(checkpoint, onnx_path, images=real, random_images=0)
-        say(
-            f"{onnx_path}: max |p_onnx - p_torch| = {diff_random:.2e} on 4 random images, "
-            f"{diff_real:.2e} on {len(real)} real images"
-        )
-        result: dict[str, Any] = {
-            "checkpoint": str(checkpoint),
-            "onnx": str(onnx_path),
-            "max_abs_diff_random": diff_random,
-            "max_abs_diff_real": diff_real,
-        }
-        if int8:
-            source = calibration or sample_dataset_path()
-            if calibration is None:
-                say(f"calibrating on the bundled sample ({source}); pass --calibration DIR with your own images")
-            target = int8_path_for(checkpoint) if out is None else out.with_suffix(".int8.onnx")
-            step(f"quantizing {onnx_path} to int8")
-            int8_path = quantize_onnx_int8(onnx_path, target, source, max_images=calibration_count)
-            say(f"{int8_path}: int8 (static QDQ, calibrated on up to {calibration_count} images)")
-            result["int8"] = str(int8_path)
-            if validate is not None:
-                change = measure_dice_change(onnx_path, int8_path, validate, limit=validate_limit, progress=progress)
-                record_dice_change(int8_path, change)
-                within = abs(change["dice_change"]) <= MAX_INT8_DICE_CHANGE
-                if not within:
-                    verdict = f"beyond {MAX_INT8_DICE_CHANGE}: fp32 stays the CPU default"
-                else:
-                    verdict = f"within {MAX_INT8_DICE_CHANGE}: int8 becomes the CPU default for this checkpoint"
-                    if out is not None:  # not beside the checkpoint: keep a copy where backend="auto" looks
-                        try:
-                            kept = keep_validated_int8(int8_path, checkpoint)
-                            verdict += f"; a copy kept in {display_name(kept.parent)}"
-                            result["int8_cached"] = str(kept)
-                        except OSError as error:
-                            verdict = f"within {MAX_INT8_DICE_CHANGE}, but no copy could be kept in the cache ({error.strerror or error}): pass {int8_path} as --model to use it"
-                say(
-                    f"Dice on {change['n']} images: fp32 {change['dice_reference']:.4f}, int8 {change['dice_candidate']:.4f}, "
-                    f"change {change['dice_change']:+.4f} ({verdict})"
-                )
-                result["dice"] = change
-            else:
-                say(
-                    "not validated (no --validate DIR): predict keeps fp32 as the CPU default; pass the .onnx to use int8"
-                )
-        results.append(result)
-    return results
+    return checkpoints
+
+
+def _export_verified(
+    checkpoint: Path,
+    out: Path | None,
+    *,
+    opset: int | None,
+    dynamic_batch: bool,
+    real: list[Path],
+    say: Callable[[str], None],
+    step: Callable[[str], None],
+) -> dict[str, Any]:
+    """Export one checkpoint to ONNX and compare its probabilities with PyTorch's on random and real images."""
+    from polypseg.inference.export import DEFAULT_OPSET, export_onnx, verify_onnx
+
+    step(f"exporting {checkpoint}")
+    onnx_path = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dynamic_batch=dynamic_batch)
+    diff_random = verify_onnx(checkpoint, onnx_path, random_images=4)
+    diff_real = verify_onnx(checkpoint, onnx_path, images=real, random_images=0)
+    say(
+        f"{onnx_path}: max |p_onnx - p_torch| = {diff_random:.2e} on 4 random images, "
+        f"{diff_real:.2e} on {len(real)} real images"
+    )
+    return {
+        "checkpoint": str(checkpoint),
+        "onnx": str(onnx_path),
+        "max_abs_diff_random": diff_random,
+        "max_abs_diff_real": diff_real,
+    }
+
+
+def _quantize(
+    checkpoint: Path,
+    onnx_path: Path,
+    out: Path | None,
+    calibration: Path | None,
+    calibration_count: int,
+    *,
+    say: Callable[[str], None],
+    step: Callable[[str], None],
+) -> Path:
+    """The static int8 (QDQ) model of ``onnx_path``, calibrated on ``calibration`` (default: the bundled sample)."""
+    from polypseg.data.sample_data import sample_dataset_path
+    from polypseg.inference.export import int8_path_for, quantize_onnx_int8
+
+    source = calibration or sample_dataset_path()
+    if calibration is None:
+        say(f"calibrating on the bundled sample ({source}); pass --calibration DIR with your own images")
+    target = int8_path_for(checkpoint) if out is None else out.with_suffix(".int8.onnx")
+    step(f"quantizing {onnx_path} to int8")
+    int8_path = quantize_onnx_int8(onnx_path, target, source, max_images=calibration_count)
+    say(f"{int8_path}: int8 (static QDQ, calibrated on up to {calibration_count} images)")
+    return int8_path
+
+
+def _adopt_if_within_bound(
+    checkpoint: Path, int8_path: Path, change: dict[str, Any], out: Path | None, *, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Record the int8 model's measured Dice change in its sidecar; within the bound it becomes the
+    CPU default, and an export written elsewhere (``out``) is copied to where ``backend="auto"``
+    looks. Returns the result's ``int8_cached`` (where copied) and ``dice`` entries."""
+    from polypseg.core.io_utils import display_name
+    from polypseg.inference.export import MAX_INT8_DICE_CHANGE, keep_validated_int8, record_dice_change
+
+    record_dice_change(int8_path, change)
+    adopted: dict[str, Any] = {}
+    within = abs(change["dice_change"]) <= MAX_INT8_DICE_CHANGE
+    if not within:
+        verdict = f"beyond {MAX_INT8_DICE_CHANGE}: fp32 stays the CPU default"
+    else:
+        verdict = f"within {MAX_INT8_DICE_CHANGE}: int8 becomes the CPU default for this checkpoint"
+        if out is not None:  # not beside the checkpoint: keep a copy where backend="auto" looks
+            try:
+                kept = keep_validated_int8(int8_path, checkpoint)
+                verdict += f"; a copy kept in {display_name(kept.parent)}"
+                adopted["int8_cached"] = str(kept)
+            except OSError as error:
+                verdict = f"within {MAX_INT8_DICE_CHANGE}, but no copy could be kept in the cache ({error.strerror or error}): pass {int8_path} as --model to use it"
+    say(
+        f"Dice on {change['n']} images: fp32 {change['dice_reference']:.4f}, int8 {change['dice_candidate']:.4f}, "
+        f"change {change['dice_change']:+.4f} ({verdict})"
+    )
+    adopted["dice"] = change
+    return adopted
 
 
 def measure_dice_change(

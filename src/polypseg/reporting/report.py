@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 from polypseg._version import __version__
 from polypseg.core.devices import resolve_device
 from polypseg.core.io_utils import atomic_write_text, read_json
-from polypseg.core.runs import CV, RunDir, RunError, RunSettings
+from polypseg.core.runs import CV, OutOfFold, RunDir, RunError, RunSettings
 from polypseg.errors import PolypsegError
 from polypseg.explain.gallery import select_cases
 from polypseg.metrics.boundary import boundary_f1, default_tolerance
@@ -55,9 +56,45 @@ def write_report(
     ``summary.json`` is missing or behind its folds is summarised in memory. Returns the HTML path.
     """
     from polypseg.reporting.html import render_report
-    from polypseg.reporting.summary import compute_summary, pooled_metrics
 
     run = RunDir(run_dir)
+    settings, done = _reportable_run(run)
+    summary, histograms = _current_summary(run, done)
+    threshold = float(summary["threshold"])
+    tolerance = default_tolerance(settings.config.train.image_size)
+    scored = _score_out_of_fold(run.load_oof(), summary, threshold, tolerance)
+    figure_set = _FigureSet(run.figures_dir)
+    auc, average_precision = _add_run_figures(figure_set, run, summary, histograms, scored, tolerance)
+    cases, notes = _load_cases(run, settings, scored, threshold, n_cases=n_cases, n_worst=n_worst, device=device)
+    _add_case_figures(figure_set, cases, threshold)
+
+    context = {
+        "title": f"polypseg report: {run.name}",
+        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": __version__,
+        "settings": _settings(run, settings, summary, done),
+        "partial": len(done) < (settings.folds or len(done)),
+        "threshold": threshold,
+        "summary_rows": _summary_rows(summary, threshold, scored.bf1_fold),
+        "fold_rows": _fold_rows(summary, scored.bf1_fold),
+        "sweep_rows": _sweep_rows(summary["pooled"]["at"], threshold),
+        "pooled": {"auc": _num(auc), "ap": _num(average_precision)},
+        "auc_exact": _pm(summary["auc_exact"]) if summary.get("auc_exact") else None,
+        "figures": figure_set.by_id,
+        "explain": _explain_section(run, scored.folds),
+        "case_rows": cases.rows(),
+        "external": _external_rows(run),
+        "tolerance": tolerance,
+        "notes": notes,
+    }
+    html = render_report(context)
+    out = Path(out_html) if out_html is not None else run.report_path
+    atomic_write_text(out, html)
+    return out
+
+
+def _reportable_run(run: RunDir) -> tuple[RunSettings, list[int]]:
+    """The run's settings and finished folds; a one-line :class:`ReportError` for a folder the report cannot cover."""
     if not run.has_settings():
         raise ReportError(f"{run.path} is not a polypseg run folder (no config.json)")
     done = run.finished_folds()
@@ -77,6 +114,14 @@ def write_report(
         raise ReportError(
             f"{run.path} is a single-split training folder (polypseg train); the report covers cross-validation runs"
         )
+    return settings, done
+
+
+def _current_summary(run: RunDir, done: list[int]) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """The run's summary and pooled pixel histograms: as saved where they cover every finished fold,
+    else computed in memory (a partial or interrupted run), never written into the run."""
+    from polypseg.reporting.summary import compute_summary, pooled_metrics
+
     summary = run.read_summary()
     histograms = run.read_pooled_histograms()
     if summary is None or summary.get("folds") != len(done):
@@ -85,14 +130,32 @@ def write_report(
         histograms = pooled.histograms
     elif histograms is None:
         histograms = pooled_metrics(run).histograms
-    threshold = float(summary["threshold"])
-    size = settings.config.train.image_size
-    tolerance = default_tolerance(size)
-    figures_dir = run.figures_dir
-    notes: list[str] = []
+    return summary, histograms
 
-    stems, probs, masks, fold_ids = run.load_oof()
-    fold_array = np.asarray(fold_ids)
+
+@dataclass(frozen=True)
+class _ScoredOutOfFold:
+    """The pooled out-of-fold predictions with their per-image scores at the chosen threshold
+    (``dice``, ``iou``, ``boundary_f1``) and each fold's mean boundary F1 (``at_0.5``,
+    ``at_chosen`` and, where every fold has one, ``at_crossfit``)."""
+
+    oof: OutOfFold
+    per_image: dict[str, np.ndarray]
+    bf1_fold: dict[str, list[float]]
+
+    @property
+    def fold_array(self) -> np.ndarray:
+        return np.asarray(self.oof.folds)
+
+    @property
+    def folds(self) -> list[int]:
+        return sorted(set(self.oof.folds))
+
+
+def _score_out_of_fold(oof: OutOfFold, summary: dict[str, Any], threshold: float, tolerance: int) -> _ScoredOutOfFold:
+    """Score every out-of-fold image at ``threshold``, and each fold's boundary F1 at each threshold reported."""
+    probs, masks = oof.probs, oof.masks
+    fold_array = np.asarray(oof.folds)
     pred_t, pred_05 = probs >= threshold, probs >= 0.5
     per_image = {
         "dice": dice_score(pred_t, masks).numpy(),
@@ -100,7 +163,7 @@ def write_report(
         "boundary_f1": np.asarray(boundary_f1(pred_t, masks, tolerance)),
     }
     bf1_05 = np.asarray(boundary_f1(pred_05, masks, tolerance))
-    folds = sorted(set(fold_ids))
+    folds = sorted(set(oof.folds))
     bf1_fold = {
         "at_0.5": [float(bf1_05[fold_array == f].mean()) for f in folds],
         "at_chosen": [float(per_image["boundary_f1"][fold_array == f].mean()) for f in folds],
@@ -111,129 +174,166 @@ def write_report(
             float(np.mean(boundary_f1(probs[fold_array == f] >= own[f], masks[fold_array == f], tolerance)))
             for f in folds
         ]
+    return _ScoredOutOfFold(oof, per_image, bf1_fold)
 
-    embedded: list[dict[str, Any]] = []
 
-    def add_figure(key: str, title: str, caption: str, figure: Any) -> None:
-        data = figures.save_png(figure, figures_dir / f"{key}.png")
-        embedded.append({"id": key, "title": title, "caption": caption, "png": data, "file": f"figures/{key}.png"})
+class _FigureSet:
+    """The report's figures: each written to ``<directory>/<key>.png`` and kept for embedding, in order."""
 
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.by_id: dict[str, dict[str, Any]] = {}
+
+    def add(self, key: str, title: str, caption: str, figure: Any) -> None:
+        data = figures.save_png(figure, self.directory / f"{key}.png")
+        self.by_id[key] = {"id": key, "title": title, "caption": caption, "png": data, "file": f"figures/{key}.png"}
+
+
+def _add_run_figures(
+    figure_set: _FigureSet,
+    run: RunDir,
+    summary: dict[str, Any],
+    histograms: tuple[np.ndarray, np.ndarray],
+    scored: _ScoredOutOfFold,
+    tolerance: int,
+) -> tuple[float, float]:
+    """The figures of the run's numbers: training curves, threshold sweep, pixel ROC/PR and per-fold
+    distributions. Returns the pooled pixel AUC and average precision."""
+    threshold = float(summary["threshold"])
     histories = run.histories()
     if histories:
-        add_figure(
+        figure_set.add(
             "training_curves",
             "Training and validation curves",
             "Training loss (solid) and inner-validation loss (dashed) per epoch, with the inner-validation Dice used to "
             "pick each fold's best epoch. The test fold never enters these curves.",
             figures.training_curves(histories),
         )
-    pooled_at = summary["pooled"]["at"]
-    add_figure(
+    figure_set.add(
         "threshold_sweep",
         "Threshold sensitivity",
         f"Pooled out-of-fold Dice, IoU, sensitivity and precision against the decision threshold (0.30-0.70). "
         f"The chosen threshold ({threshold:g}, {summary.get('threshold_selection', 'best pooled Dice')}) is marked.",
-        figures.threshold_sweep(pooled_at, threshold),
+        figures.threshold_sweep(summary["pooled"]["at"], threshold),
     )
     positive, negative = histograms
     recall, precision = precision_recall_from_histograms(positive, negative)
     average_precision = float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
     auc = float(summary["pooled"]["auc"])
-    add_figure(
+    figure_set.add(
         "roc_pr",
         "Pixel ROC and precision-recall",
         "Every out-of-fold pixel of every fold pooled; curves from 1000-bin probability histograms.",
         figures.roc_pr_curves(positive, negative, auc, average_precision),
     )
-    add_figure(
+    fold_array = scored.fold_array
+    figure_set.add(
         "fold_boxplots",
         "Per-fold distributions",
         f"Per-image Dice, IoU and boundary F1 (tolerance {tolerance} px) at threshold {threshold:g}; "
         "triangles mark means.",
         figures.fold_boxplots(
-            {BOX_LABELS[name]: {f: values[fold_array == f] for f in folds} for name, values in per_image.items()},
+            {
+                BOX_LABELS[name]: {f: values[fold_array == f] for f in scored.folds}
+                for name, values in scored.per_image.items()
+            },
             threshold,
         ),
     )
+    return auc, average_precision
 
-    # Cases: chosen on per-image Dice at the chosen threshold over all out-of-fold images.
-    picks = select_cases(per_image["dice"], stems, n_cases)
-    worst_idx = select_cases(per_image["dice"], stems, n_worst)["worst"]
-    needed = sorted({i for group in picks.values() for i in group} | set(worst_idx))
-    cases = {
+
+@dataclass(frozen=True)
+class _Cases:
+    """The out-of-fold images the report shows, by index: the best, median and worst ``picks`` of
+    the gallery and the ``worst`` of the worst-case figure."""
+
+    by_index: dict[int, Case]
+    picks: dict[str, list[int]]
+    worst: list[int]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The case table: each group's cases, the worst ones of both selections without repeats."""
+        groups = (
+            ("best", self.picks["best"]),
+            ("median", self.picks["median"]),
+            ("worst", list(dict.fromkeys(self.worst + self.picks["worst"]))),
+        )
+        return [
+            {
+                "group": label,
+                "stem": self.by_index[i].stem,
+                "fold": self.by_index[i].fold,
+                "dice": _num(self.by_index[i].dice),
+                "bf1": _num(self.by_index[i].boundary_f1),
+                "energy": _num(self.by_index[i].energy_inside),
+            }
+            for label, group in groups
+            for i in group
+        ]
+
+
+def _load_cases(
+    run: RunDir,
+    settings: RunSettings,
+    scored: _ScoredOutOfFold,
+    threshold: float,
+    *,
+    n_cases: int,
+    n_worst: int,
+    device: str,
+) -> tuple[_Cases, list[str]]:
+    """Choose the cases on per-image Dice at the chosen threshold over all out-of-fold images, load
+    their images and Grad-CAM heatmaps; also the problems met (reported, never raised)."""
+    stems, dice = scored.oof.stems, scored.per_image["dice"]
+    picks = select_cases(dice, stems, n_cases)
+    worst = select_cases(dice, stems, n_worst)["worst"]
+    needed = sorted({i for group in picks.values() for i in group} | set(worst))
+    by_index = {
         i: Case(
             stem=stems[i],
-            fold=int(fold_ids[i]),
-            dice=float(per_image["dice"][i]),
-            boundary_f1=float(per_image["boundary_f1"][i]),
-            mask=masks[i].numpy(),
-            prob=probs[i].numpy(),
+            fold=int(scored.oof.folds[i]),
+            dice=float(dice[i]),
+            boundary_f1=float(scored.per_image["boundary_f1"][i]),
+            mask=scored.oof.masks[i].numpy(),
+            prob=scored.oof.probs[i].numpy(),
             threshold=threshold,
         )
         for i in needed
     }
-    images, problems = load_case_images(str(settings.data), [cases[i].stem for i in needed], size)
-    notes += problems
-    for case in cases.values():
+    size = settings.config.train.image_size
+    images, notes = load_case_images(str(settings.data), [by_index[i].stem for i in needed], size)
+    for case in by_index.values():
         case.image = images.get(case.stem)
-    notes += add_heatmaps(run.path, list(cases.values()), str(resolve_device(device)))
-    add_figure(
+    notes += add_heatmaps(run.path, list(by_index.values()), str(resolve_device(device)))
+    return _Cases(by_index, picks, worst), notes
+
+
+def _add_case_figures(figure_set: _FigureSet, cases: _Cases, threshold: float) -> None:
+    """The Grad-CAM gallery (best, median, worst) and the worst-case figure."""
+    figure_set.add(
         "gradcam_gallery",
         "Grad-CAM gallery",
         f"Best, median and worst out-of-fold images by Dice at {threshold:g}, each explained by the model of the fold "
         "that held it out. Heatmap: Grad-CAM on the final decoder block, target = sum of the logits inside the "
         "predicted mask (the paper's). Contours: ground truth solid green, prediction dashed magenta.",
-        figures.case_gallery({label: [cases[i] for i in group] for label, group in picks.items()}),
+        figures.case_gallery({label: [cases.by_index[i] for i in group] for label, group in cases.picks.items()}),
     )
-    add_figure(
+    figure_set.add(
         "worst_cases",
         "Worst cases",
-        f"The {len(worst_idx)} lowest-Dice out-of-fold images: image, ground truth, predicted probability (mask "
+        f"The {len(cases.worst)} lowest-Dice out-of-fold images: image, ground truth, predicted probability (mask "
         f"contour at {threshold:g} in magenta, ground truth dashed green) and Grad-CAM overlay.",
-        figures.worst_cases([cases[i] for i in worst_idx]),
+        figures.worst_cases([cases.by_index[i] for i in cases.worst]),
     )
 
-    context = {
-        "title": f"polypseg report: {run.name}",
-        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "version": __version__,
-        "settings": _settings(run, settings, summary, done),
-        "partial": len(done) < (settings.folds or len(done)),
-        "threshold": threshold,
-        "summary_rows": _summary_rows(summary, threshold, bf1_fold),
-        "fold_rows": _fold_rows(summary, bf1_fold),
-        "sweep_rows": [
-            {"threshold": t, **{k: _num(v) for k, v in m.items()}, "chosen": abs(float(t) - threshold) < 1e-9}
-            for t, m in sorted(pooled_at.items(), key=lambda kv: float(kv[0]))
-        ],
-        "pooled": {"auc": _num(auc), "ap": _num(average_precision)},
-        "auc_exact": _pm(summary["auc_exact"]) if summary.get("auc_exact") else None,
-        "figures": {f["id"]: f for f in embedded},
-        "explain": _explain_section(run, folds),
-        "case_rows": [
-            {
-                "group": label,
-                "stem": cases[i].stem,
-                "fold": cases[i].fold,
-                "dice": _num(cases[i].dice),
-                "bf1": _num(cases[i].boundary_f1),
-                "energy": _num(cases[i].energy_inside),
-            }
-            for label, group in (
-                ("best", picks["best"]),
-                ("median", picks["median"]),
-                ("worst", list(dict.fromkeys(worst_idx + picks["worst"]))),
-            )
-            for i in group
-        ],
-        "external": _external_rows(run),
-        "tolerance": tolerance,
-        "notes": notes,
-    }
-    html = render_report(context)
-    out = Path(out_html) if out_html is not None else run.report_path
-    atomic_write_text(out, html)
-    return out
+
+def _sweep_rows(pooled_at: dict[str, dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+    """The threshold-sweep table, the chosen threshold marked."""
+    return [
+        {"threshold": t, **{k: _num(v) for k, v in m.items()}, "chosen": abs(float(t) - threshold) < 1e-9}
+        for t, m in sorted(pooled_at.items(), key=lambda kv: float(kv[0]))
+    ]
 
 
 def _num(value: Any, digits: int = 4) -> str:
