@@ -7,17 +7,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from polypseg.data.datasets import (
-    DataError,
-    ImageReadError,
-    build_cache,
-    check_dataset,
-    index_dataset,
-    load_cache,
-    read_image,
-    read_mask,
-    resize_mask,
-)
+from polypseg.data.cache import build_cache, load_cache
+from polypseg.data.check import check_dataset
+from polypseg.data.images import DataError, ImageReadError, read_image, read_mask, resize_mask
+from polypseg.data.pairing import index_dataset
 from polypseg.data.sample_data import sample_dataset_path
 
 from helpers import write_synthetic_dataset
@@ -217,7 +210,7 @@ def test_real_kvasir_pairs_by_stem(shared_dataset):
 
 def test_cache_file_can_stand_in_for_the_dataset(tmp_path):
     root = write_synthetic_dataset(tmp_path / "d", n=3)
-    from polypseg.data.datasets import cache_path
+    from polypseg.data.cache import cache_path
 
     build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
     portable = cache_path(root, 32, tmp_path / "cache")

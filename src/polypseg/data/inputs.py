@@ -297,7 +297,7 @@ def is_video(path: Path | str) -> bool:
 
 
 def _is_image(path: Path) -> bool:
-    from polypseg.data.datasets import IMAGE_EXTENSIONS
+    from polypseg.data.pairing import IMAGE_EXTENSIONS
 
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
@@ -309,7 +309,7 @@ def _masks_by_stem(folder: Path) -> dict[str, Path]:
 
 def _sibling_masks(images_dir: Path) -> Path | None:
     """The masks folder beside an images folder in a known dataset layout (``images/`` + ``masks/``)."""
-    from polypseg.data.datasets import LAYOUTS
+    from polypseg.data.pairing import LAYOUTS
 
     for images_name, masks_name in LAYOUTS:
         if images_dir.name == images_name and (images_dir.parent / masks_name).is_dir():
@@ -351,12 +351,13 @@ def collect_inputs(
       beside an ``images/`` folder. An image without a mask is kept (without ground truth);
       ``notify`` hears how masks were found, ``skips.warn`` what is missing.
     """
-    from polypseg.data.datasets import DataError, find_layout, unsupported_format
+    from polypseg.data.images import DataError
+    from polypseg.data.pairing import find_layout, unsupported_format
     from polypseg.errors import PolypsegError
 
     def wanted(path: Path, member: bool) -> bool:
         """An image (or, with ``videos``, a video) by extension; hidden files in folders are not inputs."""
-        from polypseg.data.datasets import IMAGE_EXTENSIONS
+        from polypseg.data.pairing import IMAGE_EXTENSIONS
 
         if member and path.name.startswith("."):
             return False
@@ -420,7 +421,7 @@ def collect_inputs(
 
 
 def _dataset_inputs(root: Path, images_dir: Path, skips: SkipLog) -> list[InputFile]:
-    from polypseg.data.datasets import index_dataset
+    from polypseg.data.pairing import index_dataset
 
     index = index_dataset(root)
     for rejected, reason in index.rejected:
@@ -494,10 +495,10 @@ ImageInput = Union["np.ndarray", "PIL.Image.Image", str, Path]  # noqa: F821
 
 
 def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
-    """Grayscale, RGBA, 16-bit or float ``[0, 1]`` arrays -> ``uint8 (H, W, 3)`` (as :func:`polypseg.data.datasets.read_image`)."""
+    """Grayscale, RGBA, 16-bit or float ``[0, 1]`` arrays -> ``uint8 (H, W, 3)`` (as :func:`polypseg.data.images.read_image`)."""
     import numpy as np
 
-    from polypseg.data.datasets import ImageReadError, to_uint8
+    from polypseg.data.images import ImageReadError, to_uint8
 
     array = np.asarray(array)
     if array.dtype.kind == "i" and array.dtype.itemsize > 2:
@@ -524,10 +525,10 @@ def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
 
 
 def load_input(item: ImageInput, index: int = 0) -> tuple[np.ndarray, str]:
-    """An input as ``(uint8 RGB (H, W, 3), name)``; raises :class:`polypseg.data.datasets.ImageReadError` naming it."""
+    """An input as ``(uint8 RGB (H, W, 3), name)``; raises :class:`polypseg.data.images.ImageReadError` naming it."""
     import numpy as np
 
-    from polypseg.data.datasets import read_image
+    from polypseg.data.images import read_image
 
     if isinstance(item, (str, Path)):
         return read_image(item), str(item)

@@ -29,7 +29,7 @@ from polypseg.core.io_utils import atomic_write_json, read_json, remove_stale_te
 from polypseg.core.precision import autocast, resolve_precision, use_channels_last
 from polypseg.core.runs import RunDir
 from polypseg.data.augment import augment_batch
-from polypseg.data.datasets import CachedData
+from polypseg.data.cache import CachedData
 from polypseg.data.transforms import normalize
 from polypseg.models.checkpoint import (
     CheckpointError,
