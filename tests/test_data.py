@@ -228,3 +228,23 @@ def test_size_mismatch_reads_the_same_in_check_and_cache(tmp_path):
         build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
     for message in (problem.message, str(info.value)):
         assert "case01.png: mask is 10x12, image is 40x48" in message
+
+
+def test_datasets_module_still_offers_the_names_it_defined_before_the_split():
+    """``polypseg.data.datasets`` re-exports, unchanged, every public name of the modules split out of it."""
+    import polypseg.data.datasets as datasets
+    from polypseg.data import cache, check, images, pairing, splits
+
+    before_the_split = {
+        images: "DataError ImageReadError LOSSY_SUFFIXES to_uint8 pil_pixels planar_to_last read_image image_rgb "
+        "mask_uint8 read_mask mask_foreground resize_image resize_mask",
+        pairing: "IMAGE_EXTENSIONS LAYOUTS Sample DatasetIndex unsupported_format find_layout index_dataset",
+        check: "MIN_CHECK_SIDE Problem CheckReport index_problems usable_index check_dataset",
+        cache: "CACHE_FORMAT MASK_RULE CachedData dataset_fingerprint default_cache_dir build_cache cache_path "
+        "load_cache resumed_data",
+        splits: "load_split_file",
+    }
+    for home, names in before_the_split.items():
+        for name in names.split():
+            assert name in datasets.__all__, name
+            assert getattr(datasets, name) is getattr(home, name), name

@@ -14,8 +14,9 @@ from polypseg.data.cache import build_cache, resumed_data
 from polypseg.data.images import DataError
 from polypseg.data.splits import inner_validation_split, load_split_file
 from polypseg.models.checkpoint import load_checkpoint
+from polypseg.training.distributed import DistributedContext
 from polypseg.training.evaluation import evaluate_probabilities
-from polypseg.training.loop import DistributedContext, predict_with_recipe, resolve_run_precision, train_model
+from polypseg.training.loop import predict_with_recipe, resolve_run_precision, train_model
 
 
 def train_single_split(
