@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,6 @@ def default_cache_dir() -> Path:
     Everything derived and re-creatable lives here (preprocessed data, ONNX exports), never in a
     user's run folder; every entry is named by the content hash of what it was made from.
     """
-    import os
-
     if os.environ.get("POLYPSEG_CACHE"):
         return Path(os.environ["POLYPSEG_CACHE"])
     xdg = os.environ.get("XDG_CACHE_HOME")

@@ -11,6 +11,9 @@ symlink, a folder named like an image) is recorded with its cause, for :mod:`pol
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,9 +76,6 @@ _KNOWN_UNSUPPORTED = {
 
 def _why_unusable(path: Path) -> str | None:
     """Why an entry of an images/masks folder is not used, or None for unrelated files (notes, ...)."""
-    import errno
-    import os
-
     suffix = path.suffix.lower()
     try:
         info = os.stat(path)
@@ -87,11 +87,9 @@ def _why_unusable(path: Path) -> str | None:
         if error.errno == errno.ELOOP:
             return "symlink loop"
         return error.strerror or str(error)
-    import stat as _stat
-
-    if _stat.S_ISDIR(info.st_mode):
+    if stat.S_ISDIR(info.st_mode):
         return "a folder, not an image file" if suffix in IMAGE_EXTENSIONS else None
-    if not _stat.S_ISREG(info.st_mode):
+    if not stat.S_ISREG(info.st_mode):
         return "not a regular file"
     return unsupported_format(path)
 
