@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import torch
 
-from polypseg.data.datasets import index_dataset, read_mask
+from polypseg.data.images import read_mask
+from polypseg.data.pairing import index_dataset
 from polypseg.inference.predictor import Predictor
 from polypseg.metrics.segmentation import dice_score
 

@@ -19,7 +19,7 @@ mkdir -p "$WORK/calib" "$WORK/test/images" "$WORK/test/masks" "$RESULTS"
 import sys
 from pathlib import Path
 
-from polypseg.data.datasets import index_dataset
+from polypseg.data.pairing import index_dataset
 from polypseg.core.runs import RunDir
 
 run, data, work = RunDir(sys.argv[1]), sys.argv[2], Path(sys.argv[3])

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from polypseg.data.datasets import build_cache
+from polypseg.data.cache import build_cache
 
 data, splits_path, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 fold = next(f for f in json.loads(splits_path.read_text())["folds"] if f["fold"] == 0)

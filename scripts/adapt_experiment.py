@@ -53,7 +53,7 @@ def score_shipped(data: Path, held_out: list[str]) -> dict[str, float]:
     from polypseg.core.config import get_recipe
     from polypseg.core.devices import resolve_device
     from polypseg.core.precision import resolve_precision
-    from polypseg.data.datasets import build_cache
+    from polypseg.data.cache import build_cache
     from polypseg.models.checkpoint import load_checkpoint
     from polypseg.models.pretrained import resolve_model
     from polypseg.training.evaluation import evaluate_probabilities
@@ -84,7 +84,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from polypseg.data.datasets import index_dataset
+    from polypseg.data.pairing import index_dataset
 
     stems = [sample.stem for sample in index_dataset(args.data).samples]
     args.out.mkdir(parents=True, exist_ok=True)

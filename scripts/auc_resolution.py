@@ -32,7 +32,7 @@ def main() -> None:
     import torch
 
     from polypseg.core.runs import RunDir, dequantize_probabilities, quantize_probabilities
-    from polypseg.data.datasets import build_cache
+    from polypseg.data.cache import build_cache
     from polypseg.metrics.segmentation import SegmentationMetrics, roc_auc_exact
     from polypseg.models.checkpoint import load_checkpoint
     from polypseg.training.loop import predict_with_recipe

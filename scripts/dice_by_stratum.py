@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="Also write the strata here.")
     args = parser.parse_args()
 
-    from polypseg.data.datasets import index_dataset, read_image, read_mask
+    from polypseg.data.images import read_image, read_mask
+    from polypseg.data.pairing import index_dataset
     from polypseg.metrics.strata import BRIGHTNESS_BINS, POLYP_SIZE_BINS, mean_luma, polyp_fraction, scores_by_stratum
 
     per_image = [json.loads(path.read_text())["per_image"] for path in args.records]

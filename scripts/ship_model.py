@@ -55,7 +55,8 @@ def main() -> None:
         sys.exit(f"error: {docs} exists: every release keeps its own record; pass --record NEW-NAME")
 
     from polypseg.core.runs import RunDir
-    from polypseg.data.datasets import build_cache, load_split_file
+    from polypseg.data.cache import build_cache
+    from polypseg.data.splits import load_split_file
     from polypseg.experiments.external import evaluate_external
     from polypseg.experiments.pranet import evaluate_pranet
     from polypseg.models.checkpoint import load_checkpoint

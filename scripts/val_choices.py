@@ -25,7 +25,7 @@ def main() -> None:
 
     from polypseg.core.io_utils import atomic_write_json
     from polypseg.core.runs import RunDir
-    from polypseg.data.datasets import build_cache
+    from polypseg.data.cache import build_cache
     from polypseg.models.checkpoint import load_checkpoint
     from polypseg.training.evaluation import evaluate_probabilities, predict_probabilities
 

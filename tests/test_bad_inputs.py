@@ -788,7 +788,7 @@ def test_train_and_cv_refuse_what_data_check_calls_an_error(problem: str, tmp_pa
 
 def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path) -> None:
     """Caches are derived data: an entry cut short is made again, not an error that stops training."""
-    from polypseg.data.datasets import build_cache, cache_path
+    from polypseg.data.cache import build_cache, cache_path
 
     from helpers import write_synthetic_dataset
 
@@ -917,7 +917,7 @@ def test_web_uploads_read_masks_and_images_as_files_on_disk_are_read(
 ) -> None:
     """One rule per kind of input: a mask or image sent to the web app is the one data check, train
     and explain read from disk, pixel for pixel."""
-    from polypseg.data.datasets import read_image, read_mask
+    from polypseg.data.images import read_image, read_mask
     from polypseg.web.validation import decode_image_bytes, decode_mask_bytes
 
     dtype = save.pop("dtype", np.uint8)

@@ -318,7 +318,7 @@ def test_training_breakdown_accounts_for_every_part_of_an_epoch():
 
 
 def test_gradcam_benchmark_times_each_precision_and_compares_heatmaps(tiny_cv_run):
-    from polypseg.data.datasets import build_cache
+    from polypseg.data.cache import build_cache
     from polypseg.data.sample_data import sample_dataset_path
     from polypseg.experiments.bench_explain import benchmark_gradcam
     from polypseg.models.checkpoint import load_checkpoint

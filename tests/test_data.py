@@ -7,17 +7,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from polypseg.data.datasets import (
-    DataError,
-    ImageReadError,
-    build_cache,
-    check_dataset,
-    index_dataset,
-    load_cache,
-    read_image,
-    read_mask,
-    resize_mask,
-)
+from polypseg.data.cache import build_cache, load_cache
+from polypseg.data.check import check_dataset
+from polypseg.data.images import DataError, ImageReadError, read_image, read_mask, resize_mask
+from polypseg.data.pairing import index_dataset
 from polypseg.data.sample_data import sample_dataset_path
 
 from helpers import write_synthetic_dataset
@@ -217,7 +210,7 @@ def test_real_kvasir_pairs_by_stem(shared_dataset):
 
 def test_cache_file_can_stand_in_for_the_dataset(tmp_path):
     root = write_synthetic_dataset(tmp_path / "d", n=3)
-    from polypseg.data.datasets import cache_path
+    from polypseg.data.cache import cache_path
 
     build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
     portable = cache_path(root, 32, tmp_path / "cache")
@@ -235,3 +228,23 @@ def test_size_mismatch_reads_the_same_in_check_and_cache(tmp_path):
         build_cache(root, 32, cache_dir=tmp_path / "cache", progress=False)
     for message in (problem.message, str(info.value)):
         assert "case01.png: mask is 10x12, image is 40x48" in message
+
+
+def test_datasets_module_still_offers_the_names_it_defined_before_the_split():
+    """``polypseg.data.datasets`` re-exports, unchanged, every public name of the modules split out of it."""
+    import polypseg.data.datasets as datasets
+    from polypseg.data import cache, check, images, pairing, splits
+
+    before_the_split = {
+        images: "DataError ImageReadError LOSSY_SUFFIXES to_uint8 pil_pixels planar_to_last read_image image_rgb "
+        "mask_uint8 read_mask mask_foreground resize_image resize_mask",
+        pairing: "IMAGE_EXTENSIONS LAYOUTS Sample DatasetIndex unsupported_format find_layout index_dataset",
+        check: "MIN_CHECK_SIDE Problem CheckReport index_problems usable_index check_dataset",
+        cache: "CACHE_FORMAT MASK_RULE CachedData dataset_fingerprint default_cache_dir build_cache cache_path "
+        "load_cache resumed_data",
+        splits: "load_split_file",
+    }
+    for home, names in before_the_split.items():
+        for name in names.split():
+            assert name in datasets.__all__, name
+            assert getattr(datasets, name) is getattr(home, name), name

@@ -179,7 +179,7 @@ def test_cache_is_keyed_by_content_not_by_size_or_time(
 
 
 def test_cache_folder_follows_xdg_and_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from polypseg.data.datasets import default_cache_dir
+    from polypseg.data.cache import default_cache_dir
     from polypseg.inference.export import onnx_cache_dir
 
     monkeypatch.delenv("POLYPSEG_CACHE", raising=False)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from polypseg.data.datasets import build_cache
+from polypseg.data.cache import build_cache
 from polypseg.models.checkpoint import (
     STATE_FORMAT,
     CheckpointError,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from polypseg.data.datasets import ImageReadError
+from polypseg.data.images import ImageReadError
 from polypseg.inference.predictor import Prediction, Predictor, PredictorError, overlay_mask
 from polypseg.models.checkpoint import CheckpointError, save_checkpoint
 from polypseg.models.factory import create_model

@@ -185,7 +185,7 @@ def test_gradcam_in_bf16_matches_fp32(tiny_cv_run):
     """The same precision rule for Grad-CAM: bf16 heatmaps correlate >= 0.99 with fp32 ones."""
     import numpy as np
 
-    from polypseg.data.datasets import read_image
+    from polypseg.data.images import read_image
     from polypseg.data.sample_data import sample_dataset_path
     from polypseg.explain.gradcam import explain_images
     from polypseg.models.checkpoint import load_checkpoint

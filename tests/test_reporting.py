@@ -119,7 +119,7 @@ def test_report_without_the_dataset_shows_cases_without_heatmaps(tiny_cv_run: Pa
 
 
 def test_report_of_a_run_trained_from_a_cache_file(tiny_cv_run: Path, tmp_path: Path) -> None:
-    from polypseg.data.datasets import cache_path
+    from polypseg.data.cache import cache_path
     from polypseg.data.sample_data import sample_dataset_path
 
     run = tmp_path / "run"

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from polypseg.core import io_utils
-from polypseg.data.datasets import check_dataset, read_mask
+from polypseg.data.check import check_dataset
+from polypseg.data.images import read_mask
 from polypseg.data.review import (
     BadMask,
     BadName,

@@ -14,7 +14,7 @@ from polypseg.cli.common import UsageError
 from polypseg.cli.main import app
 from polypseg.core.io_utils import atomic_write_json, read_json
 from polypseg.core.runs import RunDir
-from polypseg.data.datasets import build_cache
+from polypseg.data.cache import build_cache
 from polypseg.experiments.cv import RunError
 from polypseg.experiments.external import dataset_name, evaluate_external
 from polypseg.experiments.pranet import evaluate_pranet, literature_metrics, run_pranet
@@ -325,7 +325,7 @@ def test_pranet_protocol(external_data: Path, tmp_path: Path) -> None:
     assert read_json(out / "pranet.json")["n_test"] == 3
 
     # from a cache file (as on a GPU machine) the original masks are not there: model resolution only
-    from polypseg.data.datasets import cache_path
+    from polypseg.data.cache import cache_path
 
     npz = cache_path(external_data, 32, tmp_path / "cache")
     cached = evaluate_pranet(out, npz, test_list, device="cpu", progress=False)

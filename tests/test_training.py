@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polypseg.core.config import ConfigError, TrainConfig
-from polypseg.data.datasets import build_cache
+from polypseg.data.cache import build_cache
 from polypseg.models.checkpoint import file_sha256, load_checkpoint
 from polypseg.models.factory import create_model
 from polypseg.training import loop as training

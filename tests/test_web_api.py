@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from polypseg.core.precision import autocast
-from polypseg.data.datasets import resize_image
+from polypseg.data.images import resize_image
 from polypseg.explain.gradcam import RegionLogitSum, explain_images, grad_cam, prepare_batch, to_original_size
 from polypseg.inference.predictor import Prediction
 from polypseg.models.checkpoint import save_checkpoint

@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from polypseg.core import io_utils
-from polypseg.data.datasets import check_dataset, read_mask
+from polypseg.data.check import check_dataset
+from polypseg.data.images import read_mask
 from polypseg.web.app import WebSettings, create_app
 from polypseg.web.service import InferenceService
 

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
 
         from polypseg.core.io_utils import display_name
-        from polypseg.data.datasets import check_dataset
+        from polypseg.data.check import check_dataset
 
         report = check_dataset(root, progress=True)
         console.print(f"{display_name(root)}: {report.pairs} pairs", soft_wrap=True)
@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
         import shutil
 
         from polypseg.core.io_utils import atomic_write
-        from polypseg.data.datasets import build_cache, cache_path
+        from polypseg.data.cache import build_cache, cache_path
         from polypseg.data.inputs import check_output_path
 
         if out is not None and out.suffix != ".npz":  # before the build, which can take minutes

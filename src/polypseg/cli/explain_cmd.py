@@ -179,7 +179,7 @@ def register(app: typer.Typer) -> None:
 
             net, size, pixels = create_model().eval(), 256, None
         else:
-            from polypseg.data.datasets import build_cache
+            from polypseg.data.cache import build_cache
             from polypseg.data.sample_data import sample_dataset_path
             from polypseg.models.checkpoint import load_checkpoint, pick_checkpoint
             from polypseg.models.pretrained import resolve_model

@@ -32,11 +32,12 @@ from polypseg.core.io_utils import atomic_write_text, display_name
 
 # Largest image predict and explain accept (the web API's default too): 40 megapixels, e.g.
 # 7300 x 5470. Work happens at the model's resolution; what is written at full size costs about
-# 10 bytes per pixel at peak in predict (docs/guarantees.md), so this bounds memory near 0.5 GB.
+# 7.5 bytes per pixel at peak in predict and 7 in explain (docs/guarantees.md, "Limits and memory"),
+# so this bounds that part of the memory near 0.3 GB.
 MAX_INPUT_PIXELS = 40_000_000
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".webm")
 
-# causes, in the order the closing line lists them
+# causes (the closing line counts them, most frequent first: SkipLog.counts)
 NOT_FOUND = "not found"
 BROKEN_LINK = "broken symlink"
 LINK_LOOP = "symlink loop"
@@ -297,7 +298,7 @@ def is_video(path: Path | str) -> bool:
 
 
 def _is_image(path: Path) -> bool:
-    from polypseg.data.datasets import IMAGE_EXTENSIONS
+    from polypseg.data.pairing import IMAGE_EXTENSIONS
 
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
@@ -309,7 +310,7 @@ def _masks_by_stem(folder: Path) -> dict[str, Path]:
 
 def _sibling_masks(images_dir: Path) -> Path | None:
     """The masks folder beside an images folder in a known dataset layout (``images/`` + ``masks/``)."""
-    from polypseg.data.datasets import LAYOUTS
+    from polypseg.data.pairing import LAYOUTS
 
     for images_name, masks_name in LAYOUTS:
         if images_dir.name == images_name and (images_dir.parent / masks_name).is_dir():
@@ -337,10 +338,9 @@ def collect_inputs(
       others go on. A file given directly must be an image (or, with ``videos``, a video) by
       extension, else it is skipped as ``not an image file``.
     * **Folders** give their image (and video) files; other files and hidden files (``.name``)
-      are ignored. With
-      ``recursive=True`` sub-folders are entered; otherwise a sub-folder named like an image is
-      skipped as ``not a regular file``, and ``recursive=False`` (recursion offered but not
-      asked) hints at it when a folder gives nothing. A folder that gives nothing and had no
+      are ignored. With ``recursive=True`` sub-folders are entered; otherwise a sub-folder named
+      like an image is skipped as ``not a regular file``, and ``recursive=False`` (recursion
+      offered but not asked) hints at it when a folder gives nothing. A folder that gives nothing and had no
       problem of its own is skipped as ``empty folder``. A sub-folder that cannot be listed and
       a file in an image format polypseg does not read (GIF, ...) are skipped and named too.
     * **Outputs are not inputs**: nothing under ``exclude`` (the command's ``--out``) is taken.
@@ -351,65 +351,13 @@ def collect_inputs(
       beside an ``images/`` folder. An image without a mask is kept (without ground truth);
       ``notify`` hears how masks were found, ``skips.warn`` what is missing.
     """
-    from polypseg.data.datasets import DataError, find_layout, unsupported_format
     from polypseg.errors import PolypsegError
 
-    def wanted(path: Path, member: bool) -> bool:
-        """An image (or, with ``videos``, a video) by extension; hidden files in folders are not inputs."""
-        from polypseg.data.datasets import IMAGE_EXTENSIONS
-
-        if member and path.name.startswith("."):
-            return False
-        return path.suffix.lower() in IMAGE_EXTENSIONS or (videos and is_video(path))
-
-    what = "image or video" if videos else "image"
     found: list[InputFile] = []
     for path in inputs:
-        problem = path_problem(path)
-        if problem is not None:
-            skips.skip(path, problem)
-            continue
-        if not path.is_dir():
-            if wanted(path, member=False):
-                found.append(InputFile(path, path.stem, videos and is_video(path)))
-            else:
-                skips.skip(path, InputProblem(NOT_IMAGE, f"{display_name(path)}: not an {what} file (by extension)"))
-            continue
-        if ground_truth:
-            try:
-                images_dir = find_layout(path)[0]
-            except DataError:
-                images_dir = None
-            if images_dir is not None:
-                found += _dataset_inputs(path, images_dir, skips)
-                continue
-        members, problems = list_folder(path, bool(recursive), exclude=exclude)
-        for folder, item in problems:
-            skips.skip(folder, item)
-        usable = 0
-        for member in members:
-            if not wanted(member, member=True):
-                reason = None if member.name.startswith(".") else unsupported_format(member)
-                if reason is not None:  # an image in a format polypseg does not read: named, as when given directly
-                    skips.skip(
-                        member, InputProblem(NOT_IMAGE, f"{display_name(member)}: not an {what} file ({reason})")
-                    )
-                continue
-            trouble = path_problem(member)
-            if trouble is not None:
-                skips.skip(member, trouble)
-            elif member.is_dir():
-                if not recursive:
-                    skips.skip(
-                        member, InputProblem(NOT_REGULAR, f"{display_name(member)}: a folder named like an {what} file")
-                    )
-            else:
-                found.append(InputFile(member, member.stem, videos and is_video(member)))
-                usable += 1
-        if not usable and not problems:
-            hint = " (use --recursive for sub-folders)" if recursive is False else ""
-            detail = f"{display_name(path)}: no {what} files in this folder{hint}"
-            skips.skip(path, InputProblem(EMPTY_FOLDER, detail))
+        found += _given_inputs(
+            path, skips, videos=videos, recursive=recursive, ground_truth=ground_truth, exclude=exclude
+        )
     if ground_truth:
         _match_masks(found, masks, skips.warn, notify)
     elif masks is not None:
@@ -419,8 +367,91 @@ def collect_inputs(
     return found
 
 
+def _wanted(path: Path, videos: bool, member: bool) -> bool:
+    """An image (or, with ``videos``, a video) by extension; hidden files in folders are not inputs."""
+    from polypseg.data.pairing import IMAGE_EXTENSIONS
+
+    if member and path.name.startswith("."):
+        return False
+    return path.suffix.lower() in IMAGE_EXTENSIONS or (videos and is_video(path))
+
+
+def _kind(videos: bool) -> str:
+    """What an input may be, for messages."""
+    return "image or video" if videos else "image"
+
+
+def _given_inputs(
+    path: Path, skips: SkipLog, *, videos: bool, recursive: bool | None, ground_truth: bool, exclude: Path | None
+) -> list[InputFile]:
+    """What one given path stands for: itself (a file), its pairs (a dataset root, with ``ground_truth``)
+    or its members (any other folder). A path that cannot be used is skipped into ``skips``."""
+    problem = path_problem(path)
+    if problem is not None:
+        skips.skip(path, problem)
+        return []
+    if not path.is_dir():
+        if _wanted(path, videos, member=False):
+            return [InputFile(path, path.stem, videos and is_video(path))]
+        detail = f"{display_name(path)}: not an {_kind(videos)} file (by extension)"
+        skips.skip(path, InputProblem(NOT_IMAGE, detail))
+        return []
+    images_dir = _dataset_images(path) if ground_truth else None
+    if images_dir is not None:
+        return _dataset_inputs(path, images_dir, skips)
+    return _folder_inputs(path, skips, videos=videos, recursive=recursive, exclude=exclude)
+
+
+def _dataset_images(folder: Path) -> Path | None:
+    """The images folder of a dataset root (``images/`` + ``masks/``), or None for any other folder."""
+    from polypseg.data.images import DataError
+    from polypseg.data.pairing import find_layout
+
+    try:
+        return find_layout(folder)[0]
+    except DataError:
+        return None
+
+
+def _folder_inputs(
+    folder: Path, skips: SkipLog, *, videos: bool, recursive: bool | None, exclude: Path | None
+) -> list[InputFile]:
+    """A folder's image (and video) files; what cannot be used, and a folder that gives nothing, is skipped."""
+    members, problems = list_folder(folder, bool(recursive), exclude=exclude)
+    for unlisted, problem in problems:
+        skips.skip(unlisted, problem)
+    found = [item for member in members if (item := _member_input(member, skips, videos, recursive)) is not None]
+    if not found and not problems:
+        hint = " (use --recursive for sub-folders)" if recursive is False else ""
+        detail = f"{display_name(folder)}: no {_kind(videos)} files in this folder{hint}"
+        skips.skip(folder, InputProblem(EMPTY_FOLDER, detail))
+    return found
+
+
+def _member_input(member: Path, skips: SkipLog, videos: bool, recursive: bool | None) -> InputFile | None:
+    """One folder member as an input, or None: skipped and named when it cannot be used, passed over
+    silently when it is not an input at all (a text file, a hidden file)."""
+    from polypseg.data.pairing import unsupported_format
+
+    what = _kind(videos)
+    if not _wanted(member, videos, member=True):
+        reason = None if member.name.startswith(".") else unsupported_format(member)
+        if reason is not None:  # an image in a format polypseg does not read: named, as when given directly
+            skips.skip(member, InputProblem(NOT_IMAGE, f"{display_name(member)}: not an {what} file ({reason})"))
+        return None
+    trouble = path_problem(member)
+    if trouble is not None:
+        skips.skip(member, trouble)
+    elif member.is_dir():
+        if not recursive:
+            skips.skip(member, InputProblem(NOT_REGULAR, f"{display_name(member)}: a folder named like an {what} file"))
+    else:
+        return InputFile(member, member.stem, videos and is_video(member))
+    return None
+
+
 def _dataset_inputs(root: Path, images_dir: Path, skips: SkipLog) -> list[InputFile]:
-    from polypseg.data.datasets import index_dataset
+    from polypseg.data.pairing import index_dataset
 
     index = index_dataset(root)
     for rejected, reason in index.rejected:
@@ -494,10 +525,10 @@ ImageInput = Union["np.ndarray", "PIL.Image.Image", str, Path]  # noqa: F821
 
 
 def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
-    """Grayscale, RGBA, 16-bit or float ``[0, 1]`` arrays -> ``uint8 (H, W, 3)`` (as :func:`polypseg.data.datasets.read_image`)."""
+    """Grayscale, RGBA, 16-bit or float ``[0, 1]`` arrays -> ``uint8 (H, W, 3)`` (as :func:`polypseg.data.images.read_image`)."""
     import numpy as np
 
-    from polypseg.data.datasets import ImageReadError, to_uint8
+    from polypseg.data.images import ImageReadError, to_uint8
 
     array = np.asarray(array)
     if array.dtype.kind == "i" and array.dtype.itemsize > 2:
@@ -524,10 +555,10 @@ def to_rgb_uint8(array: np.ndarray, name: str = "array") -> np.ndarray:
 
 
 def load_input(item: ImageInput, index: int = 0) -> tuple[np.ndarray, str]:
-    """An input as ``(uint8 RGB (H, W, 3), name)``; raises :class:`polypseg.data.datasets.ImageReadError` naming it."""
+    """An input as ``(uint8 RGB (H, W, 3), name)``; raises :class:`polypseg.data.images.ImageReadError` naming it."""
     import numpy as np
 
-    from polypseg.data.datasets import read_image
+    from polypseg.data.images import read_image
 
     if isinstance(item, (str, Path)):
         return read_image(item), str(item)

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from polypseg.core.io_utils import atomic_write, atomic_write_json, json_text, read_json
-from polypseg.data.datasets import IMAGE_EXTENSIONS
+from polypseg.data.pairing import IMAGE_EXTENSIONS
 from polypseg.errors import PolypsegError
 
 try:  # POSIX: the lock also holds between processes serving the same folder

@@ -1,15 +1,23 @@
-"""Seeded data splits: K test folds for cross-validation, and the inner validation split.
+"""Seeded data splits: K test folds for cross-validation, the inner validation split, and stem lists.
 
-Pure functions of the stems and seeds (no files): a run saves its split once (``splits.json`` /
-``split.json``, see :mod:`polypseg.core.runs`) and is resumed and reported from the saved one.
+The splits are pure functions of the stems and seeds (no files): a run saves its split once
+(``splits.json`` / ``split.json``, see :mod:`polypseg.core.runs`) and is resumed and reported from the
+saved one. A fixed test set is given as a stem-list file (:func:`load_split_file`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def load_split_file(path: Path | str) -> list[str]:
+    """Read a list of stems (one per line, ``#`` comments allowed)."""
+    lines = Path(path).read_text().splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
 
 
 def inner_validation_split(
@@ -38,7 +46,7 @@ def make_splits(
     val_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Seeded K-fold split of ``stems``; each fold lists ``train``, inner ``val`` and ``test`` stems."""
-    from polypseg.data.datasets import DataError
+    from polypseg.data.images import DataError
 
     if folds < 2:
         raise ValueError("--folds must be at least 2")

@@ -31,7 +31,7 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
     """Resize RGB ``uint8`` images (any sizes, a list or an array) to ``size`` and normalise."""
-    from polypseg.data.datasets import resize_image
+    from polypseg.data.images import resize_image
 
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = [images]

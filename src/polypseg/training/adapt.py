@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polypseg.core.config import RunConfig
-from polypseg.data.datasets import index_dataset, load_split_file
-from polypseg.data.splits import inner_validation_split
+from polypseg.data.pairing import index_dataset
+from polypseg.data.splits import inner_validation_split, load_split_file
 
 TARGET_STEPS = 240
 WARMUP_STEPS = 20

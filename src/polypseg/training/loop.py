@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,7 +28,7 @@ from polypseg.core.io_utils import atomic_write_json, read_json, remove_stale_te
 from polypseg.core.precision import autocast, resolve_precision, use_channels_last
 from polypseg.core.runs import RunDir
 from polypseg.data.augment import augment_batch
-from polypseg.data.datasets import CachedData
+from polypseg.data.cache import CachedData
 from polypseg.data.transforms import normalize
 from polypseg.models.checkpoint import (
     CheckpointError,
@@ -45,6 +44,7 @@ from polypseg.models.checkpoint import (
     training_state_exists,
 )
 from polypseg.models.factory import create_model
+from polypseg.training.distributed import DistributedContext, resolve_training_device
 from polypseg.training.evaluation import evaluate_probabilities, predict_probabilities
 from polypseg.training.losses import create_loss
 from polypseg.training.norm import set_training_mode
@@ -76,49 +76,6 @@ def load_initial_weights(model: nn.Module, config: RunConfig) -> dict[str, str] 
     # The source's floating tensors may be fp16 (a shipped model): load_state_dict casts them.
     model.load_state_dict(source.model.state_dict(), strict=True)
     return {"from": spec, "weights": checkpoint.name, "weights_sha256": file_sha256(checkpoint)}
-
-
-@dataclass
-class DistributedContext:
-    """Rank/world size from torchrun's environment; a single process when not launched by it."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> DistributedContext:
-        return cls(
-            rank=int(os.environ.get("RANK", 0)),
-            world_size=int(os.environ.get("WORLD_SIZE", 1)),
-            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def setup(self, device: torch.device) -> None:
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-
-    def barrier(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.barrier()
-
-
-def resolve_training_device(device: str, context: DistributedContext) -> torch.device:
-    resolved = resolve_device(device)
-    if resolved.type == "cuda" and resolved.index is None and context.enabled:
-        resolved = torch.device("cuda", context.local_rank)
-    if resolved.type == "cuda":
-        # set_device needs an index; a bare "cuda" means the current device.
-        torch.cuda.set_device(resolved.index if resolved.index is not None else torch.cuda.current_device())
-    return resolved
 
 
 def resolve_run_precision(config: RunConfig, device: str | torch.device) -> RunConfig:
@@ -332,12 +289,7 @@ def train_model(
     run = RunDir(out_dir)
     keep_state = _keep_state_asked() if keep_state is None else keep_state
     tc = config.train
-    context = DistributedContext.from_env()
-    torch_device = resolve_training_device(device, context)
-    context.setup(torch_device)
-    seed_everything(tc.seed)
-
-    step_fn = TrainStep(config, torch_device)
+    context, step_fn = _start_process(config, device)
     batches = _Batches(len(train.stems), max(1, tc.batch_size // context.world_size), context.world_size, context.rank)
     steps_per_epoch = batches.steps_per_epoch
     say = _notes(context.is_main)  # rare one-line notes print even without progress bars
@@ -349,30 +301,17 @@ def train_model(
     state = _start_state(run, config, step_fn, resume=resume, steps_per_epoch=steps_per_epoch, context=context, say=say)
 
     step_fn.wrap(context)
-    images = torch.from_numpy(train.images).permute(0, 3, 1, 2).contiguous().to(torch_device)
-    masks = torch.from_numpy(train.masks).unsqueeze(1).to(torch_device, dtype=torch.uint8)
-    last_state_save = time.monotonic()
-
+    images, masks = _on_device(train, step_fn.device)
+    writer = _EpochWriter(run, step_fn, steps_per_epoch, keep_state)
     with TrainingProgress(progress and context.is_main, description, steps_per_epoch * tc.epochs) as bar:
         bar.advance(state.epoch * steps_per_epoch)
         for epoch in range(state.epoch, tc.epochs):
-            watch = Stopwatch()  # pauses (kill -STOP) are left out of the epoch's seconds
-            record = _train_epoch(step_fn, images, masks, epoch, tc, batches, bar)
-            if val is not None and context.is_main:
-                record.update(_validate(step_fn.eval_model, val, step_fn.loss_fn, torch_device, tc))
-            record.update(watch.record())
+            record = _run_epoch(step_fn, images, masks, val, epoch, batches, bar, validate=context.is_main)
             state.history.append(record)
             state.epoch = epoch + 1
             if context.is_main:
                 score = record.get("val_dice", float(epoch))  # without validation, the latest is best
-                state.best.offer(
-                    score, record, step_fn.eval_model, config, validated=val is not None, init=step_fn.init
-                )
-                atomic_write_json(run.history_path(), state.history)
-                is_last = state.epoch == tc.epochs
-                if (not is_last or keep_state) and (is_last or time.monotonic() - last_state_save > STATE_EVERY_S):
-                    _save_state(run, step_fn, state, steps_per_epoch)
-                    last_state_save = time.monotonic()
+                writer.write(state, record, score, validated=val is not None)
             bar.epoch_done(record, tc.epochs, state.history)
             if on_epoch is not None:
                 on_epoch(record)
@@ -385,6 +324,22 @@ def train_model(
         best_epoch=state.best.epoch,
         best_score=state.best.score,
     )
+
+
+def _start_process(config: RunConfig, device: str) -> tuple[DistributedContext, TrainStep]:
+    """This process's place in a torchrun job, its device, and its seeded model, optimizer and loss."""
+    context = DistributedContext.from_env()
+    torch_device = resolve_training_device(device, context)
+    context.setup(torch_device)
+    seed_everything(config.train.seed)
+    return context, TrainStep(config, torch_device)
+
+
+def _on_device(data: CachedData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cached set as ``uint8`` tensors on ``device``: images ``(N, 3, S, S)``, masks ``(N, 1, S, S)``."""
+    images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous().to(device)
+    masks = torch.from_numpy(data.masks).unsqueeze(1).to(device, dtype=torch.uint8)
+    return images, masks
 
 
 def _keep_state_asked() -> bool:
@@ -449,17 +404,59 @@ def _train_epoch(
     return {"epoch": epoch + 1, "train_loss": float(loss_sum) / steps, "lr": step_fn.optimizer.param_groups[0]["lr"]}
 
 
-def _save_state(run: RunDir, step_fn: TrainStep, state: TrainingState, steps_per_epoch: int) -> None:
-    """The state is one file: epoch, history, optimizer, EMA and, when the best epoch is an earlier one,
-    its weights too, so resuming can put best.* back in step with it."""
-    save_training_state(
-        run.training_state(),
-        step_fn.model,
-        step_fn.optimizer,
-        state.to_state(steps_per_epoch),
-        ema_model=step_fn.ema,
-        best_state=state.best.tensors_for_state(state.epoch),
-    )
+def _run_epoch(
+    step_fn: TrainStep,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    val: CachedData | None,
+    epoch: int,
+    batches: _Batches,
+    bar: TrainingProgress,
+    *,
+    validate: bool,
+) -> dict[str, Any]:
+    """One epoch trained, then validated on ``val`` when given and ``validate``; its record, timed."""
+    tc = step_fn.config.train
+    watch = Stopwatch()  # pauses (kill -STOP) are left out of the epoch's seconds
+    record = _train_epoch(step_fn, images, masks, epoch, tc, batches, bar)
+    if val is not None and validate:
+        record.update(_validate(step_fn.eval_model, val, step_fn.loss_fn, step_fn.device, tc))
+    record.update(watch.record())
+    return record
+
+
+@dataclass
+class _EpochWriter:
+    """What the main process writes after each epoch: ``best.*`` when the epoch scores best,
+    ``history.json``, and the training state (at most every :data:`STATE_EVERY_S` seconds, and after
+    the last epoch only when it is kept)."""
+
+    run: RunDir
+    step_fn: TrainStep
+    steps_per_epoch: int
+    keep_state: bool
+    state_saved_at: float = field(default_factory=time.monotonic)
+
+    def write(self, state: TrainingState, record: dict[str, Any], score: float, *, validated: bool) -> None:
+        step_fn = self.step_fn
+        state.best.offer(score, record, step_fn.eval_model, step_fn.config, validated=validated, init=step_fn.init)
+        atomic_write_json(self.run.history_path(), state.history)
+        is_last = state.epoch == step_fn.config.train.epochs
+        if (not is_last or self.keep_state) and (is_last or time.monotonic() - self.state_saved_at > STATE_EVERY_S):
+            self._save_state(state)
+            self.state_saved_at = time.monotonic()
+
+    def _save_state(self, state: TrainingState) -> None:
+        """The state is one file: epoch, history, optimizer, EMA and, when the best epoch is an earlier
+        one, its weights too, so resuming can put best.* back in step with it."""
+        save_training_state(
+            self.run.training_state(),
+            self.step_fn.model,
+            self.step_fn.optimizer,
+            state.to_state(self.steps_per_epoch),
+            ema_model=self.step_fn.ema,
+            best_state=state.best.tensors_for_state(state.epoch),
+        )
 
 
 def tidy_run_folder(out_dir: Path | str, epochs: int, keep_state: bool = False) -> None:

@@ -10,11 +10,13 @@ from polypseg.core.config import RunConfig, config_differences, validate_config
 from polypseg.core.devices import resolve_device
 from polypseg.core.io_utils import atomic_write_json
 from polypseg.core.runs import TRAIN, RunDir, RunError, RunSettings, refuse_changed_settings
-from polypseg.data.datasets import DataError, build_cache, load_split_file, resumed_data
-from polypseg.data.splits import inner_validation_split
+from polypseg.data.cache import build_cache, resumed_data
+from polypseg.data.images import DataError
+from polypseg.data.splits import inner_validation_split, load_split_file
 from polypseg.models.checkpoint import load_checkpoint
+from polypseg.training.distributed import DistributedContext
 from polypseg.training.evaluation import evaluate_probabilities
-from polypseg.training.loop import DistributedContext, predict_with_recipe, resolve_run_precision, train_model
+from polypseg.training.loop import predict_with_recipe, resolve_run_precision, train_model
 
 
 def train_single_split(
