@@ -114,6 +114,41 @@ def test_smoothing_raises_consistency_of_a_flickering_mask(tmp_path: Path, predi
     )
 
 
+def test_a_run_that_fails_leaves_no_overlay_and_a_damaged_file_keeps_its_frames(
+    tmp_path: Path, predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polypseg.inference.video as video
+
+    path = _write_video(tmp_path / "clip.mp4", _square_frames())
+    real_predict = predictor.predict
+    calls = []
+
+    def fails_on_the_second_batch(frames):
+        calls.append(len(frames))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real_predict(frames)
+
+    monkeypatch.setattr(predictor, "predict", fails_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        segment_video(predictor, path, tmp_path / "failed", progress=False)
+    assert not list((tmp_path / "failed").iterdir())  # neither the overlay nor its temporary file
+    monkeypatch.setattr(predictor, "predict", real_predict)
+
+    real_read = video.read_frames
+
+    def damaged(source):
+        for index, seconds, frame in real_read(source):
+            if index == 5:  # part-way through the second batch of 3
+                raise video._DecodeStopped(f"{source}: decoding stopped after 5 frames (invalid data)")
+            yield index, seconds, frame
+
+    monkeypatch.setattr(video, "read_frames", damaged)
+    result = segment_video(predictor, path, tmp_path / "out", progress=True)
+    assert result.frames == 5 and result.warning.endswith("decoding stopped after 5 frames (invalid data)")
+    assert len(list(read_frames(result.overlay))) == 5
+
+
 def test_writer_pads_odd_sizes(tmp_path: Path) -> None:
     with VideoWriter(tmp_path / "odd.mp4", fps=12.5) as writer:
         for frame in _square_frames(3, size=45):

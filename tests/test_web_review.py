@@ -249,7 +249,7 @@ def test_serve_review_dir_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     from polypseg.cli.main import app
 
     calls: list = []
-    monkeypatch.setattr(serve_cmd, "run_server", lambda web_app, *args: calls.append(web_app))
+    monkeypatch.setattr(serve_cmd, "run_server", lambda web_app, *args, **kwargs: calls.append(web_app))
     weights = save_tiny_checkpoint(tmp_path / "ckpt")
     base = ["serve", "--model", str(weights.with_suffix("")), "--device", "cpu", "--port", "0"]
     runner = CliRunner()

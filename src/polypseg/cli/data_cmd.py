@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         if cache_dir is not None:
             check_output_path(cache_dir, "--cache-dir", folder=True)
         data = build_cache(root, size, cache_dir=cache_dir)
-        path = cache_path(root, size, cache_dir)
+        path = cache_path(root, size, cache_dir=cache_dir)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             source = path

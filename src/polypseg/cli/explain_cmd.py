@@ -121,9 +121,25 @@ def register(app: typer.Typer) -> None:
 
         keep_freed_memory_on_cpu(device)
         summary = explain_files(
-            inputs or [], out, model, masks, layer, method, threshold, device, batch_size,
-            heatmap_format, gallery, fold, topk, deletion_steps, precision, engine=engine, warn=warn, say=say,
-        )  # fmt: skip
+            inputs or [],
+            out,
+            model=model,
+            masks=masks,
+            layer=layer,
+            method=method,
+            threshold=threshold,
+            device=device,
+            batch_size=batch_size,
+            heatmap_format=heatmap_format,
+            gallery=gallery,
+            fold=fold,
+            topk=topk,
+            deletion_steps=deletion_steps,
+            precision=precision,
+            engine=engine,
+            warn=warn,
+            say=say,
+        )
         _print_summary(summary, out)
         if summary["explained"] == 0:
             console.print(

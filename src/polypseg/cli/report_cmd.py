@@ -59,6 +59,7 @@ def _metrics(names: list[str]) -> list[str]:
 def _evaluate(
     model: Path,
     data: Path,
+    *,
     out: Path | None,
     device: str,
     cache_dir: Path | None,
@@ -168,7 +169,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = ProgressOpt,
     ) -> None:
         """External validation without retraining: Dice, IoU, boundary F1 at the run's threshold and 0.5, and the Dice drop."""
-        _evaluate(model, data, out, device, cache_dir, progress, tta)
+        _evaluate(model, data, out=out, device=device, cache_dir=cache_dir, progress=progress, tta=tta)
 
     study = typer.Typer(
         help="The paper's proposed studies, each one resumable command (see docs/studies.md).",
@@ -294,7 +295,16 @@ def register(app: typer.Typer) -> None:
             recipe, encoder_weights, epochs=epochs, image_size=image_size, seed=seed, overrides=overrides
         ).build(base)
         keep_freed_memory_on_cpu(device)
-        run_pranet(data, test_list, out, config, resume=resume, device=device, progress=progress, cache_dir=cache_dir)
+        run_pranet(
+            data,
+            test_list,
+            out=out,
+            config=config,
+            resume=resume,
+            device=device,
+            progress=progress,
+            cache_dir=cache_dir,
+        )
         _print_study(out / "pranet.md")
 
     @study.command("external")
@@ -314,7 +324,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = ProgressOpt,
     ) -> None:
         """External validation (same as polypseg evaluate)."""
-        _evaluate(model, data, out, device, cache_dir, progress)
+        _evaluate(model, data, out=out, device=device, cache_dir=cache_dir, progress=progress)
 
 
 def _threshold(value: str) -> float:

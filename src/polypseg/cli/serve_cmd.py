@@ -53,7 +53,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(web_app: Any, sock: socket.socket, host: str, port: int, log_level: str) -> None:
+def run_server(web_app: Any, sock: socket.socket, *, host: str, port: int, log_level: str) -> None:
     """uvicorn on the already bound ``sock`` (tests replace this function)."""
     import uvicorn
 
@@ -223,6 +223,6 @@ def register(app: typer.Typer) -> None:
             soft_wrap=True,
         )
         try:
-            run_server(web_app, sock, host, port, log_level)
+            run_server(web_app, sock, host=host, port=port, log_level=log_level)
         finally:
             sock.close()

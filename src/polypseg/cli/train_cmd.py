@@ -62,7 +62,7 @@ def _size_adapt_recipe(config: RunConfig, choices: RecipeChoices, data: Path, te
     def given(option: object, *keys: str) -> bool:
         return option is not None or any(o.split("=", 1)[0].strip() in keys for o in choices.overrides)
 
-    n_train = training_set_size(data, config, test_list)
+    n_train = training_set_size(data, config, test_list=test_list)
     plan = scale_to_set_size(
         config,
         n_train,

@@ -502,6 +502,7 @@ class EngineGradCAMDriver:
         model: nn.Module,
         checkpoint: Path | str,
         engine: str,
+        *,
         precision: str = "auto",
         image_size: int = 256,
         layer: str | nn.Module = DEFAULT_LAYER,

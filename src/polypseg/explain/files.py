@@ -7,15 +7,27 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from polypseg.core.rules import check_threshold
 from polypseg.core.runs import parse_fold_name
 from polypseg.errors import PolypsegError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from polypseg.data.inputs import InputFile, SkipLog
+    from polypseg.explain.engine_gradcam import EngineGradCAMDriver
+    from polypseg.explain.gradcam import GradCAMDriver
+    from polypseg.models.checkpoint import Checkpoint
+
+    Driver = GradCAMDriver | EngineGradCAMDriver
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +51,77 @@ CSV_COLUMNS = (
 )
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The explain options as given: ``threshold`` None (the checkpoint's) and ``device`` ``auto`` are
+    resolved when the model loads."""
+
+    layer: str
+    method: str
+    threshold: float | None
+    device: str
+    batch_size: int
+    heatmap_format: str
+    topk: float
+    deletion_steps: int
+    precision: str
+    engine: str
+
+    def check(self, out: Path) -> None:
+        """Every option value checked before any work, each error a line naming its command-line option."""
+        from polypseg.core.precision import check_precision
+        from polypseg.data.inputs import prepare_output_folder
+        from polypseg.explain.engine_gradcam import ENGINES
+        from polypseg.explain.gradcam import METHODS
+
+        if self.heatmap_format not in HEATMAP_FORMATS:
+            raise PolypsegError(f"--heatmap-format {self.heatmap_format}: use one of {', '.join(HEATMAP_FORMATS)}")
+        if self.method not in METHODS:
+            raise PolypsegError(f"--method {self.method}: use one of {', '.join(METHODS)}")
+        if self.batch_size < 1:
+            raise PolypsegError(f"--batch-size {self.batch_size}: must be >= 1")
+        if self.deletion_steps < 0:
+            raise PolypsegError(f"--deletion-steps {self.deletion_steps}: must be >= 0 (0 skips deletion/insertion)")
+        if not 0 < self.topk <= 1:
+            raise PolypsegError(f"--topk {self.topk}: must be in (0, 1]")
+        if self.threshold is not None:
+            check_threshold(self.threshold, "--threshold")
+        if out.exists() and not out.is_dir():
+            prepare_output_folder(out)  # one line naming --out
+        check_precision(self.precision, "--precision")
+        engines = ("torch", *ENGINES)
+        if self.engine not in engines:
+            raise PolypsegError(f"--engine {self.engine}: choose one of {', '.join(engines)}")
+        if self.engine != "torch" and (self.method != "gradcam" or self.layer != "decoder.final"):
+            raise PolypsegError(
+                f"--engine {self.engine} computes the paper's Grad-CAM (--method gradcam --layer decoder.final) only"
+            )
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One explain run: where its outputs go, the model that explains and its input size, and the
+    options with threshold and device resolved."""
+
+    out: Path
+    net: nn.Module
+    image_size: int
+    options: _Options
+
+
+@dataclass
+class _Loaded:
+    """An input read for explaining: its pixels and, where a usable mask came with it, its ground truth."""
+
+    item: InputFile
+    image: np.ndarray
+    truth: np.ndarray | None
+
+
 def explain_files(
     inputs: Sequence[Path],
     out: Path,
+    *,
     model: Path | str | None = None,
     masks: Path | None = None,
     layer: str = "decoder.final",
@@ -74,59 +154,23 @@ def explain_files(
     CPU engine (:mod:`polypseg.explain.engine_gradcam`: the paper's Grad-CAM only, same heatmaps); the
     explanation metrics still run the model in torch.
     """
-    import torch
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from polypseg.core.devices import resolve_device
-    from polypseg.core.io_utils import atomic_write, atomic_write_json, display_name
-    from polypseg.data.datasets import ImageReadError, read_image, read_mask, resize_image, resize_mask
-    from polypseg.data.inputs import (
-        UNREADABLE,
-        InputFile,
-        InputProblem,
-        SkipLog,
-        check_pixels,
-        collect_inputs,
-        one_line_warnings,
-        prepare_output_folder,
-        write_csv,
-    )
-    from polypseg.explain.gallery import render_panel, write_gallery
-    from polypseg.explain.gradcam import METHODS, GradCAMDriver, MaskedLogitSum, resize_heatmap, resolve_layer
-    from polypseg.explain.metrics import METRIC_KEYS, METRIC_SCALES, explanation_report, score_explanations
-    from polypseg.inference.inferer import batch_slices, use_precision_layout
-    from polypseg.inference.masks import upsample_mask
-    from polypseg.metrics.segmentation import dice_score, iou_score
-    from polypseg.models.checkpoint import load_checkpoint
-
-    if heatmap_format not in HEATMAP_FORMATS:
-        raise PolypsegError(f"--heatmap-format {heatmap_format}: use one of {', '.join(HEATMAP_FORMATS)}")
-    if method not in METHODS:
-        raise PolypsegError(f"--method {method}: use one of {', '.join(METHODS)}")
-    if batch_size < 1:
-        raise PolypsegError(f"--batch-size {batch_size}: must be >= 1")
-    if deletion_steps < 0:
-        raise PolypsegError(f"--deletion-steps {deletion_steps}: must be >= 0 (0 skips deletion/insertion)")
-    if not 0 < topk <= 1:
-        raise PolypsegError(f"--topk {topk}: must be in (0, 1]")
-    if threshold is not None:
-        check_threshold(threshold, "--threshold")
-    if out.exists() and not out.is_dir():
-        prepare_output_folder(out)  # one line naming --out, before any work
-    from polypseg.core.precision import check_precision
+    from polypseg.data.inputs import SkipLog, collect_inputs, one_line_warnings, prepare_output_folder
+    from polypseg.explain.metrics import METRIC_KEYS, explanation_report
     from polypseg.models.pretrained import resolve_model
 
-    check_precision(precision, "--precision")
-    from polypseg.explain.engine_gradcam import ENGINES
-
-    engines = ("torch", *ENGINES)
-    if engine not in engines:
-        raise PolypsegError(f"--engine {engine}: choose one of {', '.join(engines)}")
-    if engine != "torch" and (method != "gradcam" or layer != "decoder.final"):
-        raise PolypsegError(
-            f"--engine {engine} computes the paper's Grad-CAM (--method gradcam --layer decoder.final) only"
-        )
+    options = _Options(
+        layer=layer,
+        method=method,
+        threshold=threshold,
+        device=device,
+        batch_size=batch_size,
+        heatmap_format=heatmap_format,
+        topk=topk,
+        deletion_steps=deletion_steps,
+        precision=precision,
+        engine=engine,
+    )
+    options.check(out)
     model_path = resolve_model(model)
     if not inputs:
         from polypseg.data.sample_data import sample_dataset_path
@@ -134,21 +178,7 @@ def explain_files(
         inputs = [sample_dataset_path()]
     skips = SkipLog(warn)
     with one_line_warnings(warn):
-        device = str(resolve_device(device, label="--device"))
-        if engine != "torch" and device != "cpu":
-            raise PolypsegError(f"--engine {engine} runs on the CPU; pass --device cpu or --engine torch")
-        from polypseg.models.checkpoint import pick_checkpoint
-
-        checkpoint_path = pick_checkpoint(model_path, fold)
-        checkpoint = load_checkpoint(checkpoint_path, device=device)
-        net = checkpoint.model
-        try:
-            resolve_layer(net, layer)
-        except Exception as error:  # noqa: BLE001 - the message already names the layer
-            raise PolypsegError(f"--layer {layer}: {error}") from None
-        use_precision_layout(net, device, precision)
-        threshold = checkpoint.threshold if threshold is None else threshold
-        size = checkpoint.config.train.image_size
+        run, checkpoint_path, checkpoint = _load_run(out, model_path, options, fold=fold)
         items = collect_inputs(inputs, skips, ground_truth=True, masks=masks, notify=say, exclude=out)
         if not items:
             named = "; ".join(detail for _, _, detail in skips.entries) or "no inputs"
@@ -157,150 +187,300 @@ def explain_files(
         model_note, model_fold = _model_note(model_path, checkpoint_path, fold)
         say(model_note)
 
-        records: list[dict[str, Any]] = []
-        panels: dict[str, Path] = {}
-        columns = (TextColumn("explaining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        if engine == "torch":
-            driver: Any = GradCAMDriver(
-                net, layer, method, image_size=size, device=device, precision=precision, batch_size=batch_size
-            )
-        else:
-            from polypseg.explain.engine_gradcam import EngineGradCAMDriver
-
-            driver = EngineGradCAMDriver(net, checkpoint_path, engine, precision, image_size=size, layer=layer)
-        with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar, driver:
-            task = bar.add_task("explain", total=len(items))
-            for chunk in batch_slices(len(items), batch_size):
-                loaded: list[tuple[InputFile, np.ndarray, np.ndarray | None]] = []
-                for item in items[chunk]:
-                    try:
-                        check_pixels(item.path)
-                        image = read_image(item.path)
-                    except InputProblem as problem:
-                        skips.skip(item.path, problem)
-                        bar.advance(task)
-                        continue
-                    except ImageReadError as error:
-                        skips.skip(item.path, InputProblem(UNREADABLE, str(error)))
-                        bar.advance(task)
-                        continue
-                    truth = None
-                    if item.mask is not None:
-                        try:
-                            check_pixels(item.mask)
-                            truth = read_mask(item.mask)
-                        except (ImageReadError, InputProblem) as error:
-                            warn(f"{error}; {display_name(item.path.name)} explained without ground truth")
-                        if truth is not None and truth.shape != image.shape[:2]:
-                            warn(
-                                f"{item.mask}: mask size {truth.shape[::-1]} differs from image "
-                                f"{image.shape[1::-1]}; no ground truth used"
-                            )
-                            truth = None
-                    loaded.append((item, image, truth))
-                if not loaded:
-                    continue
-                cams = driver.run([image for _, image, _ in loaded], MaskedLogitSum(threshold))
-                batch, heatmaps, logits = cams.inputs, cams.heatmaps, cams.logits
-                gt_small = np.stack(
-                    [resize_mask(t, size) if t is not None else np.zeros((size, size), bool) for _, _, t in loaded]
-                )
-                scored = score_explanations(
-                    net,
-                    batch,
-                    heatmaps,
-                    logits,
-                    gt_small,
-                    threshold,
-                    topk,
-                    deletion_steps,
-                    max(batch_size, 2 * deletion_steps),
-                    precision,
-                    logits_from_model=engine == "torch",  # another engine's logits: torch rescores the original
-                )
-                probs = torch.sigmoid(logits[:, 0]).float().cpu().numpy()
-                for (item, image, truth), heatmap, prob, record in zip(
-                    loaded, heatmaps.cpu(), probs, scored, strict=False
-                ):
-                    shape = image.shape[:2]
-                    prediction, _ = upsample_mask(prob, shape, threshold)
-                    row: dict[str, Any] = {
-                        "stem": item.name,
-                        "image": display_name(item.path),
-                        "has_ground_truth": truth is not None,
-                        "predicted_area": float(np.count_nonzero(prediction)) / max(prediction.size, 1),
-                        "dice": float("nan"),
-                        "iou": float("nan"),
-                        **record,
-                    }
-                    if truth is not None:
-                        pred_t, truth_t = torch.from_numpy(prediction), torch.from_numpy(truth)
-                        row["dice"] = float(dice_score(pred_t, truth_t)[0])
-                        row["iou"] = float(iou_score(pred_t, truth_t)[0])
-                    del prediction
-                    _write_heatmap(
-                        out / item.name, resize_heatmap(heatmap, _fit(shape, MAX_HEATMAP_PIXELS)), heatmap_format
-                    )
-                    shown = _fit(shape, max_side=PANEL_SIDE)
-                    small_image = image if shown == shape else resize_image(image, shown)
-                    small_truth = None if truth is None else (truth if shown == shape else resize_mask(truth, shown))
-                    small_prediction, _ = upsample_mask(prob, shown, threshold)
-                    title = f"{item.name}" + (f"  Dice {row['dice']:.3f}" if truth is not None else "")
-                    png = render_panel(
-                        small_image, resize_heatmap(heatmap, shown), small_prediction, small_truth, title=title
-                    )
-                    panel_path = out / f"{item.name}_panel.png"
-                    atomic_write(panel_path, lambda tmp, data=png: tmp.write_bytes(data))
-                    panels[item.name] = panel_path
-                    records.append(row)
-                    bar.advance(task)
-                del loaded, batch
-
+        with _gradcam_driver(run, checkpoint_path) as driver:
+            records, panels = _explain_items(run, driver, items, skips, warn=warn, progress=progress)
         report = explanation_report(records, keys=("dice", "iou", *METRIC_KEYS[1:]))
-        write_csv(
-            out / "metrics.csv",
-            CSV_COLUMNS,
-            [{k: _csv_value(r.get(k, float("nan"))) for k in CSV_COLUMNS} for r in records],
-        )
-        with_truth = sum(1 for r in records if r["has_ground_truth"])
-        summary = {
-            "checkpoint": str(checkpoint.path),
-            "model": model_note,
-            "fold": model_fold,
-            "explained": len(records),
-            "with_ground_truth": with_truth,
-            "skipped": skips.names,
-            "skipped_causes": [
-                {"file": name, "cause": cause, "reason": detail} for name, cause, detail in skips.entries
-            ],
-            "mean_std": report["mean_std"],
-            "metric_scales": METRIC_SCALES,
-            "settings": {
-                "layer": layer,
-                "method": method,
-                "threshold": threshold,
-                "image_size": size,
-                "topk": topk,
-                "deletion_steps": deletion_steps,
-                "deletion_baseline": "mean",
-                "insertion_baseline": "blur",
-                "device": device,
-                "precision": precision,
-                "heatmap_max_pixels": MAX_HEATMAP_PIXELS,
-            },
-        }
-        atomic_write_json(out / "summary.json", summary)
-        if skips:
-            skips.write_csv(out / "skipped.csv")
+        summary = _summary(run, checkpoint.path, model_note, model_fold, records=records, skips=skips, report=report)
+        _write_tables(out, records, summary, skips)
         if gallery and records:
-            notes = [f"{model_note}; layer {layer}; method {method}; threshold {threshold:g}"]
-            if skips:
-                notes.append(
-                    f"{len(skips)} input(s) skipped ({skips.counts()}): " + ", ".join(Path(s).name for s in skips.names)
-                )
-            notes += [f"{name}: {text}" for name, text in METRIC_SCALES.items() if name in report["mean_std"]]
-            write_gallery(out / "gallery.html", records, panels, summary=report["mean_std"], notes=notes)
+            _write_gallery(run, model_note, records=records, panels=panels, skips=skips, report=report)
     return summary
+
+
+def _load_run(out: Path, model_path: Path, options: _Options, *, fold: int | None) -> tuple[_Run, Path, Checkpoint]:
+    """The run (device and threshold resolved), the checkpoint file that explains and the loaded checkpoint,
+    its layer checked."""
+    from polypseg.core.devices import resolve_device
+    from polypseg.explain.gradcam import resolve_layer
+    from polypseg.inference.inferer import use_precision_layout
+    from polypseg.models.checkpoint import load_checkpoint, pick_checkpoint
+
+    device = str(resolve_device(options.device, label="--device"))
+    if options.engine != "torch" and device != "cpu":
+        raise PolypsegError(f"--engine {options.engine} runs on the CPU; pass --device cpu or --engine torch")
+    checkpoint_path = pick_checkpoint(model_path, fold)
+    checkpoint = load_checkpoint(checkpoint_path, device=device)
+    try:
+        resolve_layer(checkpoint.model, options.layer)
+    except Exception as error:  # noqa: BLE001 - the message already names the layer
+        raise PolypsegError(f"--layer {options.layer}: {error}") from None
+    use_precision_layout(checkpoint.model, device, options.precision)
+    threshold = checkpoint.threshold if options.threshold is None else options.threshold
+    resolved = replace(options, device=device, threshold=threshold)
+    run = _Run(out=out, net=checkpoint.model, image_size=checkpoint.config.train.image_size, options=resolved)
+    return run, checkpoint_path, checkpoint
+
+
+def _gradcam_driver(run: _Run, checkpoint_path: Path) -> Driver:
+    """The heatmap maker for ``run.options.engine``: torch's Grad-CAM driver, or a forward-only CPU engine's."""
+    if run.options.engine == "torch":
+        from polypseg.explain.gradcam import GradCAMDriver
+
+        return GradCAMDriver(
+            run.net,
+            run.options.layer,
+            run.options.method,
+            image_size=run.image_size,
+            device=run.options.device,
+            precision=run.options.precision,
+            batch_size=run.options.batch_size,
+        )
+    from polypseg.explain.engine_gradcam import EngineGradCAMDriver
+
+    return EngineGradCAMDriver(
+        run.net,
+        checkpoint_path,
+        run.options.engine,
+        precision=run.options.precision,
+        image_size=run.image_size,
+        layer=run.options.layer,
+    )
+
+
+def _explain_items(
+    run: _Run,
+    driver: Driver,
+    items: Sequence[InputFile],
+    skips: SkipLog,
+    *,
+    warn: Callable[[str], None],
+    progress: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Explain ``items`` batch by batch under a progress bar: one metrics row and one panel per image explained."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from polypseg.inference.inferer import batch_slices
+
+    records: list[dict[str, Any]] = []
+    panels: dict[str, Path] = {}
+    columns = (TextColumn("explaining"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not progress) as bar:
+        task = bar.add_task("explain", total=len(items))
+        for chunk in batch_slices(len(items), run.options.batch_size):
+            loaded = []
+            for item in items[chunk]:
+                read = _read_input(item, skips, warn)
+                if read is None:
+                    bar.advance(task)
+                else:
+                    loaded.append(read)
+            if not loaded:
+                continue
+            for name, row, panel in _explain_batch(run, driver, loaded):
+                records.append(row)
+                panels[name] = panel
+                bar.advance(task)
+            del loaded
+    return records, panels
+
+
+def _read_input(item: InputFile, skips: SkipLog, warn: Callable[[str], None]) -> _Loaded | None:
+    """The image and, where usable, its ground truth; None (the cause noted in ``skips``) for an unusable image.
+
+    A mask that cannot be read, or whose size differs from the image's, is named through ``warn``
+    and the image is explained without ground truth.
+    """
+    from polypseg.core.io_utils import display_name
+    from polypseg.data.datasets import ImageReadError, read_image, read_mask
+    from polypseg.data.inputs import UNREADABLE, InputProblem, check_pixels
+
+    try:
+        check_pixels(item.path)
+        image = read_image(item.path)
+    except InputProblem as problem:
+        skips.skip(item.path, problem)
+        return None
+    except ImageReadError as error:
+        skips.skip(item.path, InputProblem(UNREADABLE, str(error)))
+        return None
+    truth = None
+    if item.mask is not None:
+        try:
+            check_pixels(item.mask)
+            truth = read_mask(item.mask)
+        except (ImageReadError, InputProblem) as error:
+            warn(f"{error}; {display_name(item.path.name)} explained without ground truth")
+        if truth is not None and truth.shape != image.shape[:2]:
+            warn(
+                f"{item.mask}: mask size {truth.shape[::-1]} differs from image "
+                f"{image.shape[1::-1]}; no ground truth used"
+            )
+            truth = None
+    return _Loaded(item, image, truth)
+
+
+def _explain_batch(run: _Run, driver: Driver, loaded: list[_Loaded]) -> Iterator[tuple[str, dict[str, Any], Path]]:
+    """Heatmaps and explanation metrics for one batch at model resolution, then each image's outputs:
+    ``(stem, metrics row, panel path)`` per image."""
+    import torch
+
+    from polypseg.data.datasets import resize_mask
+    from polypseg.explain.gradcam import MaskedLogitSum, resize_heatmap
+    from polypseg.explain.metrics import score_explanations
+
+    size = run.image_size
+    cams = driver.run([entry.image for entry in loaded], MaskedLogitSum(run.options.threshold))
+    gt_small = np.stack(
+        [resize_mask(e.truth, size) if e.truth is not None else np.zeros((size, size), bool) for e in loaded]
+    )
+    scored = score_explanations(
+        run.net,
+        cams.inputs,
+        cams.heatmaps,
+        cams.logits,
+        gt_masks=gt_small,
+        threshold=run.options.threshold,
+        topk=run.options.topk,
+        deletion_steps=run.options.deletion_steps,
+        batch_size=max(run.options.batch_size, 2 * run.options.deletion_steps),
+        precision=run.options.precision,
+        logits_from_model=run.options.engine == "torch",  # another engine's logits: torch rescores the original
+    )
+    probs = torch.sigmoid(cams.logits[:, 0]).float().cpu().numpy()
+    for entry, heatmap, prob, record in zip(loaded, cams.heatmaps.cpu(), probs, scored, strict=False):
+        row = _metrics_row(entry, prob, record, run.options.threshold)
+        _write_heatmap(
+            run.out / entry.item.name,
+            resize_heatmap(heatmap, _fit(entry.image.shape[:2], MAX_HEATMAP_PIXELS)),
+            run.options.heatmap_format,
+        )
+        yield entry.item.name, row, _write_panel(run, entry, heatmap, prob, row)
+
+
+def _metrics_row(entry: _Loaded, prob: np.ndarray, record: dict[str, float], threshold: float) -> dict[str, Any]:
+    """One ``metrics.csv`` row: the explanation metrics, plus the predicted area and, with ground truth,
+    Dice and IoU, all measured on the mask at the image's own size."""
+    import torch
+
+    from polypseg.core.io_utils import display_name
+    from polypseg.inference.masks import upsample_mask
+    from polypseg.metrics.segmentation import dice_score, iou_score
+
+    prediction, _ = upsample_mask(prob, entry.image.shape[:2], threshold)
+    row: dict[str, Any] = {
+        "stem": entry.item.name,
+        "image": display_name(entry.item.path),
+        "has_ground_truth": entry.truth is not None,
+        "predicted_area": float(np.count_nonzero(prediction)) / max(prediction.size, 1),
+        "dice": float("nan"),
+        "iou": float("nan"),
+        **record,
+    }
+    if entry.truth is not None:
+        pred_t, truth_t = torch.from_numpy(prediction), torch.from_numpy(entry.truth)
+        row["dice"] = float(dice_score(pred_t, truth_t)[0])
+        row["iou"] = float(iou_score(pred_t, truth_t)[0])
+    return row
+
+
+def _write_panel(run: _Run, entry: _Loaded, heatmap: torch.Tensor, prob: np.ndarray, row: dict[str, Any]) -> Path:
+    """``<stem>_panel.png``: image, heatmap, prediction and ground truth, drawn at most :data:`PANEL_SIDE` px long."""
+    from polypseg.core.io_utils import atomic_write
+    from polypseg.data.datasets import resize_image, resize_mask
+    from polypseg.explain.gallery import render_panel
+    from polypseg.explain.gradcam import resize_heatmap
+    from polypseg.inference.masks import upsample_mask
+
+    image, truth, name = entry.image, entry.truth, entry.item.name
+    shape = image.shape[:2]
+    shown = _fit(shape, max_side=PANEL_SIDE)
+    small_image = image if shown == shape else resize_image(image, shown)
+    small_truth = None if truth is None else (truth if shown == shape else resize_mask(truth, shown))
+    small_prediction, _ = upsample_mask(prob, shown, run.options.threshold)
+    title = f"{name}" + (f"  Dice {row['dice']:.3f}" if truth is not None else "")
+    png = render_panel(small_image, resize_heatmap(heatmap, shown), small_prediction, small_truth, title=title)
+    panel_path = run.out / f"{name}_panel.png"
+    atomic_write(panel_path, lambda tmp: tmp.write_bytes(png))
+    return panel_path
+
+
+def _summary(
+    run: _Run,
+    checkpoint: Path,
+    model_note: str,
+    model_fold: int | None,
+    *,
+    records: list[dict[str, Any]],
+    skips: SkipLog,
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """What ``summary.json`` holds: the model, counts, skipped inputs, metric means and the run's settings."""
+    from polypseg.explain.metrics import METRIC_SCALES
+
+    return {
+        "checkpoint": str(checkpoint),
+        "model": model_note,
+        "fold": model_fold,
+        "explained": len(records),
+        "with_ground_truth": sum(1 for r in records if r["has_ground_truth"]),
+        "skipped": skips.names,
+        "skipped_causes": [{"file": name, "cause": cause, "reason": detail} for name, cause, detail in skips.entries],
+        "mean_std": report["mean_std"],
+        "metric_scales": METRIC_SCALES,
+        "settings": {
+            "layer": run.options.layer,
+            "method": run.options.method,
+            "threshold": run.options.threshold,
+            "image_size": run.image_size,
+            "topk": run.options.topk,
+            "deletion_steps": run.options.deletion_steps,
+            "deletion_baseline": "mean",
+            "insertion_baseline": "blur",
+            "device": run.options.device,
+            "precision": run.options.precision,
+            "heatmap_max_pixels": MAX_HEATMAP_PIXELS,
+        },
+    }
+
+
+def _write_tables(out: Path, records: list[dict[str, Any]], summary: dict[str, Any], skips: SkipLog) -> None:
+    """``metrics.csv``, ``summary.json`` and, when inputs were skipped, ``skipped.csv``."""
+    from polypseg.core.io_utils import atomic_write_json
+    from polypseg.data.inputs import write_csv
+
+    write_csv(
+        out / "metrics.csv",
+        CSV_COLUMNS,
+        [{k: _csv_value(r.get(k, float("nan"))) for k in CSV_COLUMNS} for r in records],
+    )
+    atomic_write_json(out / "summary.json", summary)
+    if skips:
+        skips.write_csv(out / "skipped.csv")
+
+
+def _write_gallery(
+    run: _Run,
+    model_note: str,
+    *,
+    records: list[dict[str, Any]],
+    panels: dict[str, Path],
+    skips: SkipLog,
+    report: dict[str, Any],
+) -> None:
+    """``gallery.html``: the panels with the metric means and notes on the model, the skipped inputs and each metric."""
+    from polypseg.explain.gallery import write_gallery
+    from polypseg.explain.metrics import METRIC_SCALES
+
+    notes = [
+        f"{model_note}; layer {run.options.layer}; method {run.options.method}; threshold {run.options.threshold:g}"
+    ]
+    if skips:
+        notes.append(
+            f"{len(skips)} input(s) skipped ({skips.counts()}): " + ", ".join(Path(s).name for s in skips.names)
+        )
+    notes += [f"{name}: {text}" for name, text in METRIC_SCALES.items() if name in report["mean_std"]]
+    write_gallery(run.out / "gallery.html", records, panels, summary=report["mean_std"], notes=notes)
 
 
 def _model_note(model: Path, checkpoint: Path, fold: int | None) -> tuple[str, int | None]:

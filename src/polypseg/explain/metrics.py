@@ -271,6 +271,7 @@ def score_explanations(
     images: torch.Tensor,
     heatmaps: torch.Tensor,
     logits: torch.Tensor,
+    *,
     gt_masks: torch.Tensor | np.ndarray | None = None,
     threshold: float = 0.5,
     topk: float = DEFAULT_TOPK,
@@ -376,9 +377,17 @@ def evaluate_explanations(
             gt = torch.from_numpy(gt_masks[cams.indices])
             dice = dice_score((cams.probabilities >= threshold).cpu(), gt).numpy()
             scored = score_explanations(
-                model, cams.inputs, cams.heatmaps, cams.logits, gt, threshold, topk, deletion_steps,
-                max(batch_size, 2 * deletion_steps), precision,
-            )  # fmt: skip
+                model,
+                cams.inputs,
+                cams.heatmaps,
+                cams.logits,
+                gt_masks=gt,
+                threshold=threshold,
+                topk=topk,
+                deletion_steps=deletion_steps,
+                batch_size=max(batch_size, 2 * deletion_steps),
+                precision=precision,
+            )
             for stem, d, record in zip(stems[cams.indices], dice, scored, strict=False):
                 records.append({"stem": stem, "dice": float(d), **record})
     report = explanation_report(records)

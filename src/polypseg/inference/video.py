@@ -12,7 +12,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -235,6 +236,7 @@ def segment_video(
     predictor: Any,
     path: Path | str,
     out_dir: Path | str | None = None,
+    *,
     alpha: float | None = None,
     stem: str | None = None,
     write_overlay: bool = True,
@@ -246,9 +248,6 @@ def segment_video(
     ``iou_with_previous_raw`` when smoothing) into ``out_dir`` when given. With ``alpha`` in
     (0, 1), the EMA-smoothed probabilities give the masks, overlay and CSV figures.
     """
-    from polypseg.inference.masks import overlay_mask
-    from polypseg.inference.predictor import Prediction
-
     path = Path(path)
     smoother = ExponentialSmoother(alpha) if alpha is not None else None
     if smoother is not None and smoother.alpha == 1:
@@ -257,79 +256,23 @@ def segment_video(
     stem = stem or path.stem
     out = Path(out_dir) if out_dir is not None else None
     writer = VideoWriter(out / f"{stem}_overlay.mp4", info.fps) if out is not None and write_overlay else None
-    rows: list[dict[str, Any]] = []
-    raw, smoothed = _Consistency(), _Consistency()
-    warning = None
+    segmenter = _FrameSegmenter(predictor, smoother, writer)
     started = time.perf_counter()
-
-    def consume(batch: list[tuple[int, float, np.ndarray]]) -> None:
-        predictions = predictor.predict([frame for _, _, frame in batch])
-        for (index, seconds, frame), prediction in zip(batch, predictions, strict=False):
-            iou_raw = raw.update(prediction.mask)
-            shown, iou = prediction, iou_raw
-            if smoother is not None:
-                shown = Prediction(
-                    smoother(prediction.probability), prediction.threshold, prediction.uncertainty, prediction.source
-                )
-                iou = smoothed.update(shown.mask)
-            row = {
-                "frame": index,
-                "time_s": round(seconds, 4),
-                "area_fraction": round(shown.area_fraction, 6),
-                "mean_confidence": round(shown.mean_confidence, 6),
-                "iou_with_previous": _cell(iou),
-            }
-            if smoother is not None:
-                row["iou_with_previous_raw"] = _cell(iou_raw)
-            rows.append(row)
-            if writer is not None:
-                writer.write(overlay_mask(frame, shown.mask))
-
-    progress_bar = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import Progress
-
-        progress_bar = Progress(console=Console(stderr=True), transient=True)
-        progress_bar.start()
-        task = progress_bar.add_task(f"{path.name}", total=info.frames or None)
-    try:
-        batch: list[tuple[int, float, np.ndarray]] = []
-        try:
-            for item in read_frames(path):
-                batch.append(item)
-                if len(batch) == predictor.batch_size:
-                    consume(batch)
-                    if progress_bar is not None:
-                        progress_bar.advance(task, len(batch))
-                    batch = []
-        except _DecodeStopped as stopped:
-            warning = str(stopped)
-        if batch:
-            consume(batch)
-    except BaseException:
-        if writer is not None:
-            writer.close(keep=False)
-        raise
-    finally:
-        if progress_bar is not None:
-            progress_bar.stop()
-    if writer is not None:
-        writer.close()
-    if not rows:
+    with writer if writer is not None else nullcontext():  # an interrupted run leaves no overlay
+        warning = _feed_frames(path, segmenter, batch_size=predictor.batch_size, total=info.frames, progress=progress)
+    if not segmenter.rows:
         raise VideoError(f"{path}: no frame could be decoded")
 
     frames_csv = None
     if out is not None:
         frames_csv = out / f"{stem}_frames.csv"
-        columns = list(FRAME_COLUMNS) + (["iou_with_previous_raw"] if smoother is not None else [])
-        write_csv(frames_csv, columns, rows)
+        write_csv(frames_csv, segmenter.columns, segmenter.rows)
     return VideoResult(
         source=path,
-        frames=len(rows),
+        frames=len(segmenter.rows),
         fps=info.fps,
-        consistency=raw.mean,
-        consistency_smoothed=smoothed.mean if smoother is not None else None,
+        consistency=segmenter.raw.mean,
+        consistency_smoothed=segmenter.smoothed.mean if smoother is not None else None,
         alpha=smoother.alpha if smoother is not None else None,
         overlay=writer.path if writer is not None and writer.frames else None,
         frames_csv=frames_csv,
@@ -337,3 +280,94 @@ def segment_video(
         seconds=time.perf_counter() - started,
         warning=warning,
     )
+
+
+class _FrameSegmenter:
+    """Segments batches of ``(index, time_s, frame)``: one CSV row per frame, each frame's overlay written,
+    the consistency of the raw and (with a smoother) the smoothed masks followed."""
+
+    def __init__(self, predictor: Any, smoother: ExponentialSmoother | None, writer: VideoWriter | None) -> None:
+        self.predictor = predictor
+        self.smoother = smoother
+        self.writer = writer
+        self.rows: list[dict[str, Any]] = []
+        self.raw, self.smoothed = _Consistency(), _Consistency()
+
+    @property
+    def columns(self) -> list[str]:
+        """The frames CSV's columns: :data:`FRAME_COLUMNS`, plus the raw masks' IoU when smoothing."""
+        return list(FRAME_COLUMNS) + (["iou_with_previous_raw"] if self.smoother is not None else [])
+
+    def __call__(self, batch: list[tuple[int, float, np.ndarray]]) -> None:
+        from polypseg.inference.masks import overlay_mask
+        from polypseg.inference.predictor import Prediction
+
+        predictions = self.predictor.predict([frame for _, _, frame in batch])
+        for (index, seconds, frame), prediction in zip(batch, predictions, strict=False):
+            iou_raw = self.raw.update(prediction.mask)
+            shown, iou = prediction, iou_raw
+            if self.smoother is not None:
+                shown = Prediction(
+                    self.smoother(prediction.probability),
+                    prediction.threshold,
+                    prediction.uncertainty,
+                    prediction.source,
+                )
+                iou = self.smoothed.update(shown.mask)
+            row = {
+                "frame": index,
+                "time_s": round(seconds, 4),
+                "area_fraction": round(shown.area_fraction, 6),
+                "mean_confidence": round(shown.mean_confidence, 6),
+                "iou_with_previous": _cell(iou),
+            }
+            if self.smoother is not None:
+                row["iou_with_previous_raw"] = _cell(iou_raw)
+            self.rows.append(row)
+            if self.writer is not None:
+                self.writer.write(overlay_mask(frame, shown.mask))
+
+
+def _feed_frames(
+    path: Path,
+    segment: Callable[[list[tuple[int, float, np.ndarray]]], None],
+    *,
+    batch_size: int,
+    total: int,
+    progress: bool,
+) -> str | None:
+    """Pass the video's frames to ``segment`` in batches of ``batch_size``, under a progress bar when asked;
+    returns the warning when decoding stopped early (the frames before it are segmented)."""
+    warning = None
+    with _frame_progress(path.name, total, enabled=progress) as advance:
+        batch: list[tuple[int, float, np.ndarray]] = []
+        try:
+            for item in read_frames(path):
+                batch.append(item)
+                if len(batch) == batch_size:
+                    segment(batch)
+                    advance(len(batch))
+                    batch = []
+        except _DecodeStopped as stopped:
+            warning = str(stopped)
+        if batch:
+            segment(batch)
+    return warning
+
+
+@contextmanager
+def _frame_progress(name: str, total: int, *, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """``advance(frames)`` for a transient progress bar on stderr (``total`` 0: unknown); a no-op when not ``enabled``."""
+    if not enabled:
+        yield lambda frames: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    bar = Progress(console=Console(stderr=True), transient=True)
+    bar.start()
+    try:
+        task = bar.add_task(name, total=total or None)
+        yield lambda frames: bar.advance(task, frames)
+    finally:
+        bar.stop()

@@ -187,11 +187,11 @@ async def segment_video(
         service,
         data,
         name,
-        threshold,
-        settings.max_video_frames,
-        settings.max_pixels,
-        include_masks,
-        settings.request_timeout,
+        threshold=threshold,
+        max_frames=settings.max_video_frames,
+        max_pixels=settings.max_pixels,
+        include_masks=include_masks,
+        timeout=settings.request_timeout,
         include_levels=include_levels,
     )
 
