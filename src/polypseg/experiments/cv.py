@@ -32,7 +32,7 @@ from polypseg.core.runs import (
     quantize_probabilities,
     refuse_changed_settings,
 )
-from polypseg.data.datasets import CachedData, build_cache, resumed_data
+from polypseg.data.cache import CachedData, build_cache, resumed_data
 from polypseg.data.splits import make_splits, splits_from_test_folds
 from polypseg.metrics.segmentation import roc_auc_exact
 from polypseg.models.checkpoint import load_checkpoint

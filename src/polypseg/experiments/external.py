@@ -15,7 +15,7 @@ from polypseg._version import __version__
 from polypseg.core.devices import resolve_device
 from polypseg.core.io_utils import atomic_write_json, atomic_write_text
 from polypseg.core.runs import EXTERNAL_PREFIX, RunDir, fold_name, parse_fold_name
-from polypseg.data.datasets import CachedData, build_cache
+from polypseg.data.cache import CachedData, build_cache
 from polypseg.experiments.study_common import (
     EXTERNAL_METRICS,
     StudyError,

@@ -15,7 +15,10 @@ from polypseg.core.config import RunConfig
 from polypseg.core.devices import resolve_device
 from polypseg.core.io_utils import atomic_write_json, atomic_write_text
 from polypseg.core.runs import RunDir
-from polypseg.data.datasets import build_cache, index_dataset, load_split_file, read_mask
+from polypseg.data.cache import build_cache
+from polypseg.data.images import read_mask
+from polypseg.data.pairing import index_dataset
+from polypseg.data.splits import load_split_file
 from polypseg.experiments.study_common import StudyError, model_metrics, score_text, tta_suffix, with_tta
 from polypseg.metrics.boundary import boundary_f1, default_tolerance
 from polypseg.metrics.segmentation import bootstrap_ci, dice_score, iou_score

@@ -292,7 +292,7 @@ def _read_input(item: InputFile, skips: SkipLog, warn: Callable[[str], None]) ->
     and the image is explained without ground truth.
     """
     from polypseg.core.io_utils import display_name
-    from polypseg.data.datasets import ImageReadError, read_image, read_mask
+    from polypseg.data.images import ImageReadError, read_image, read_mask
     from polypseg.data.inputs import UNREADABLE, InputProblem, check_pixels
 
     try:
@@ -325,7 +325,7 @@ def _explain_batch(run: _Run, driver: Driver, loaded: list[_Loaded]) -> Iterator
     ``(stem, metrics row, panel path)`` per image."""
     import torch
 
-    from polypseg.data.datasets import resize_mask
+    from polypseg.data.images import resize_mask
     from polypseg.explain.gradcam import MaskedLogitSum, resize_heatmap
     from polypseg.explain.metrics import score_explanations
 
@@ -387,7 +387,7 @@ def _metrics_row(entry: _Loaded, prob: np.ndarray, record: dict[str, float], thr
 def _write_panel(run: _Run, entry: _Loaded, heatmap: torch.Tensor, prob: np.ndarray, row: dict[str, Any]) -> Path:
     """``<stem>_panel.png``: image, heatmap, prediction and ground truth, drawn at most :data:`PANEL_SIDE` px long."""
     from polypseg.core.io_utils import atomic_write
-    from polypseg.data.datasets import resize_image, resize_mask
+    from polypseg.data.images import resize_image, resize_mask
     from polypseg.explain.gallery import render_panel
     from polypseg.explain.gradcam import resize_heatmap
     from polypseg.inference.masks import upsample_mask

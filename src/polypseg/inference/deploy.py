@@ -197,7 +197,8 @@ def measure_dice_change(
     """
     import torch
 
-    from polypseg.data.datasets import read_mask, usable_index
+    from polypseg.data.check import usable_index
+    from polypseg.data.images import read_mask
     from polypseg.inference.export import ExportError
     from polypseg.inference.predictor import Predictor
     from polypseg.metrics.segmentation import dice_score

@@ -217,8 +217,8 @@ def _quiet_stdout() -> Iterator[None]:
 
 
 def onnx_cache_dir(cache_dir: Path | str | None = None) -> Path:
-    """Where exports made for prediction live: ``CACHE/onnx`` (see :func:`polypseg.data.datasets.default_cache_dir`)."""
-    from polypseg.data.datasets import default_cache_dir
+    """Where exports made for prediction live: ``CACHE/onnx`` (see :func:`polypseg.data.cache.default_cache_dir`)."""
+    from polypseg.data.cache import default_cache_dir
 
     return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "onnx"
 
@@ -361,7 +361,8 @@ def verify_onnx(
 
 def collect_images(source: Path | str | Sequence[Any]) -> list[Any]:
     """Calibration/verification images: a folder of images, a dataset root (its ``images/``), or a list."""
-    from polypseg.data.datasets import IMAGE_EXTENSIONS, DataError, find_layout
+    from polypseg.data.images import DataError
+    from polypseg.data.pairing import IMAGE_EXTENSIONS, find_layout
 
     if not isinstance(source, (str, Path)):
         return list(source)
@@ -400,7 +401,7 @@ class _CalibrationReader:
         self.used = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        from polypseg.data.datasets import ImageReadError
+        from polypseg.data.images import ImageReadError
         from polypseg.data.inputs import load_input
         from polypseg.data.transforms import preprocess
 

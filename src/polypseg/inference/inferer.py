@@ -50,7 +50,7 @@ def _uint8_nchw(images: ImageBatch, image_size: int | None) -> torch.Tensor:
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = images[None]
     if image_size is not None:
-        from polypseg.data.datasets import resize_image
+        from polypseg.data.images import resize_image
 
         images = [img if img.shape[:2] == (image_size, image_size) else resize_image(img, image_size) for img in images]
     if not isinstance(images, np.ndarray):
@@ -69,7 +69,7 @@ def model_input(
 
     ``images``: a numpy array ``(N, H, W, 3)`` or ``(H, W, 3)``, a list of such arrays, or a
     ``uint8`` tensor ``(N, H, W, 3)`` / ``(N, 3, H, W)``. With ``image_size`` each image is
-    resized to it first (:func:`polypseg.data.datasets.resize_image`). Normalisation runs on ``device``.
+    resized to it first (:func:`polypseg.data.images.resize_image`). Normalisation runs on ``device``.
     The batch is channels-last where :func:`polypseg.core.precision.use_channels_last` says so for
     ``precision``; ``precision=None`` leaves it NCHW (for runners that choose the layout themselves).
     """

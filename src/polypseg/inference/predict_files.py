@@ -252,7 +252,7 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 def _load_image(item: InputFile) -> np.ndarray:
     """Decode one input after checking its header against :data:`polypseg.data.inputs.MAX_INPUT_PIXELS`."""
     from polypseg.core.io_utils import display_name
-    from polypseg.data.datasets import ImageReadError, read_image
+    from polypseg.data.images import ImageReadError, read_image
     from polypseg.data.inputs import UNREADABLE, InputProblem, check_pixels
 
     check_pixels(item.path)

@@ -32,7 +32,7 @@ from torch import nn
 from polypseg.core.devices import DeviceError, resolve_device
 from polypseg.core.io_utils import display_name
 from polypseg.core.rules import threshold_problem
-from polypseg.data.datasets import ImageReadError
+from polypseg.data.images import ImageReadError
 from polypseg.data.inputs import ImageInput, load_input, to_rgb_uint8  # noqa: F401 - to_rgb_uint8 stays importable from here
 from polypseg.data.inputs import is_pil as _is_pil
 from polypseg.data.transforms import resize_probabilities
@@ -391,7 +391,7 @@ class Predictor:
     ) -> list[Prediction]:
         """Predict arrays, PIL images or paths of any size; results come back at each input's size.
 
-        An input that cannot be read raises :class:`polypseg.data.datasets.ImageReadError` naming it, or,
+        An input that cannot be read raises :class:`polypseg.data.images.ImageReadError` naming it, or,
         with ``on_error``, is reported as ``on_error(name, error)`` and left out of the result.
         """
         if isinstance(inputs, (np.ndarray, str, Path)) or _is_pil(inputs):

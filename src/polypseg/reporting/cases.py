@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from polypseg.core.runs import RunDir
-from polypseg.data.datasets import DataError, build_cache, index_dataset, read_image, resize_image
+from polypseg.data.cache import build_cache
+from polypseg.data.images import DataError, read_image, resize_image
+from polypseg.data.pairing import index_dataset
 from polypseg.explain.gallery import select_cases
 from polypseg.models.checkpoint import CheckpointError, load_checkpoint
 
@@ -41,7 +43,7 @@ class Case:
 
 
 def _like_training_cache(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize and JPEG(95) round-trip exactly as :func:`polypseg.data.datasets.build_cache` does, so the
+    """Resize and JPEG(95) round-trip exactly as :func:`polypseg.data.cache.build_cache` does, so the
     heatmap is computed on the same pixels the out-of-fold prediction was made from."""
     buffer = io.BytesIO()
     Image.fromarray(resize_image(image, size)).save(buffer, format="JPEG", quality=95)

@@ -518,7 +518,7 @@ class InferenceService:
         """
         import torch
 
-        from polypseg.data.datasets import resize_image
+        from polypseg.data.images import resize_image
         from polypseg.explain.gradcam import GradCAMDriver, RegionLogitSum, to_original_size
 
         size = int(self.predictor.image_size)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from polypseg.data.datasets import ImageReadError, image_rgb, mask_foreground, mask_uint8, pil_pixels, planar_to_last
+from polypseg.data.images import ImageReadError, image_rgb, mask_foreground, mask_uint8, pil_pixels, planar_to_last
 from polypseg.errors import PolypsegError
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -162,7 +162,7 @@ def probe_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 
 def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an upload to ``uint8`` RGB ``(H, W, 3)``, like :func:`polypseg.data.datasets.read_image`.
+    """Decode an upload to ``uint8`` RGB ``(H, W, 3)``, like :func:`polypseg.data.images.read_image`.
 
     Grayscale, RGBA, palette and 16-bit images are converted; truncated or corrupt files raise
     :class:`CorruptImage`. Probes the header first (see :func:`probe_image`).
@@ -179,7 +179,7 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
 
 
 def decode_mask_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A ground-truth mask upload as ``bool (H, W)`` by :func:`polypseg.data.datasets.read_mask`'s rule:
+    """A ground-truth mask upload as ``bool (H, W)`` by :func:`polypseg.data.images.read_mask`'s rule:
     brightest colour channel > 127, a lossless 0/1 label map foreground where 1."""
     info = probe_image(data, name, max_pixels)
     array = _decode_upload(data, name, info)
@@ -271,7 +271,7 @@ def _decode_tiff(data: bytes) -> np.ndarray:
 
 
 def _to_rgb(array: np.ndarray, name: str) -> np.ndarray:
-    """The image rule of files on disk (:func:`polypseg.data.datasets.image_rgb`), as an upload error."""
+    """The image rule of files on disk (:func:`polypseg.data.images.image_rgb`), as an upload error."""
     try:
         return image_rgb(array, name)
     except ImageReadError as error:  # "unsupported pixel type ..." or "cannot use NAME: unexpected image shape ..."

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from polypseg.data.datasets import IMAGE_EXTENSIONS
+from polypseg.data.pairing import IMAGE_EXTENSIONS
 from polypseg.web.api_errors import ApiError
 from polypseg.web.dependencies import TOKEN_REQUIRED, SamplesDirDep
 from polypseg.web.schemas import ERROR_RESPONSES, ErrorBody
