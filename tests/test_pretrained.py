@@ -79,6 +79,15 @@ def test_the_bundled_registry_is_consistent():
         assert get_model(model.name).sha256 == model.sha256
 
 
+def _torchscript_exporter(monkeypatch) -> None:
+    """The torch.export-based exporter is covered in test_export.py; the TorchScript one is quicker."""
+    import functools
+
+    from polypseg.inference import export
+
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
+
+
 @pytest.fixture
 def shipped(released, monkeypatch):
     """The tiny released model stands in for the shipped one."""
@@ -136,9 +145,11 @@ def test_predictor_and_predict_default_to_the_shipped_model(shipped, tmp_path):
     assert (out / "predictions.csv").is_file()
 
 
-def test_bench_takes_a_shipped_models_name_on_every_backend(shipped, tmp_path):
+def test_bench_takes_a_shipped_models_name_on_every_backend(shipped, tmp_path, monkeypatch):
     """The int8 path quantizes the shipped checkpoint itself, found by name like torch's and onnxruntime's."""
     from polypseg.experiments.bench import load_for_bench
+
+    _torchscript_exporter(monkeypatch)
 
     for backend in ("torch", "onnxruntime-int8"):
         predictor = load_for_bench("tiny-model", backend, device="cpu", workdir=tmp_path)
@@ -174,6 +185,7 @@ def test_export_takes_a_shipped_model_by_name_and_asks_where_to_write(tmp_path, 
 
     from helpers import save_tiny_checkpoint
 
+    _torchscript_exporter(monkeypatch)
     save_tiny_checkpoint(tmp_path / "trained")
     weights_dir = tmp_path / "weights"
     release_model(tmp_path / "trained" / "best", "tiny-model", {"training_command": "-"}, weights_dir=weights_dir)
