@@ -81,6 +81,28 @@ def python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield executable
 
 
+def test_the_warm_interpreter_runs_commands_as_python_does(python: Path, tmp_path: Path) -> None:
+    """Arguments, working directory, environment, streams and exit status reach the script and come back."""
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "WARM_CHECK": "yes"}
+        return subprocess.run([str(python), *args], input=stdin, capture_output=True, text=True, cwd=tmp_path, env=env)
+
+    shown = run("-c", "import os, sys; print(sys.argv, os.getcwd(), os.environ['WARM_CHECK'])", "a b", "c")
+    assert shown.returncode == 0 and shown.stdout == f"['-c', 'a b', 'c'] {tmp_path} yes\n"
+    piped = run("-", "x", stdin="import sys; print(sys.argv, sys.stdin.read() == ''); sys.exit(3)")
+    assert piped.returncode == 3 and piped.stdout == "['-', 'x'] True\n"
+    failed = run("-c", "import sys; print('out'); print('err', file=sys.stderr); raise ValueError('boom')")
+    assert failed.returncode == 1 and failed.stdout == "out\n" and "err\n" in failed.stderr
+    assert "ValueError: boom" in failed.stderr
+    (tmp_path / "script.py").write_text("import sys\nsys.exit(sys.argv[1])\n")
+    message = run("script.py", "no such file")
+    assert message.returncode == 1 and message.stderr == "no such file\n"
+    module = run("-m", "polypseg.cli.main", "--version")
+    assert module.returncode == 0 and module.stdout.startswith("polypseg ")
+    assert run("-m", "polypseg.cli.main", "no-such-command").returncode == 2
+
+
 def _session(tmp_path: Path, caches: dict[str, Path], python: Path, **env: str) -> str:
     environment = {
         **os.environ,

@@ -84,10 +84,13 @@ def _serve(address: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:
-            listener.close()
-            code = _run_child(json.loads(request), fds)
-            conn.sendall(str(code).encode())
-            os._exit(code)
+            code = 1
+            try:  # whatever happens, the child never returns to the server's loop
+                listener.close()
+                code = _run_child(json.loads(request), fds)
+                conn.sendall(str(code).encode())
+            finally:
+                os._exit(code)
         conn.close()
         for fd in fds:
             os.close(fd)
