@@ -364,13 +364,16 @@ def test_bench_explain_cli(tmp_path):
     assert "| bf16 |" in result.output
 
 
-def test_gradcam_benchmark_engine_rows_match_torch_fp32():
+def test_gradcam_benchmark_engine_rows_match_torch_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     """A forward-only engine row (closed-form head gradient) gives torch fp32's heatmaps: correlation ~1."""
     import numpy as np
 
     from polypseg.experiments.bench_explain import benchmark_gradcam, gradcam_markdown
+    from polypseg.inference import export
     from polypseg.models.factory import create_model
 
+    # The torch.export-based export of the engine's graph is covered in test_engine_gradcam.py.
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
     torch.manual_seed(0)
     model = create_model(encoder="resnet18", decoder_channels=(16, 16, 16, 16, 16)).eval()
     images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
