@@ -1,4 +1,4 @@
-"""A Python interpreter for shell scripts under test that starts in milliseconds instead of seconds.
+"""A Python interpreter for shell scripts under test that starts without importing torch again.
 
 The benchmark scripts start a dozen Python processes each, and every one of them spends seconds
 importing torch, timm and segmentation_models_pytorch before doing a fraction of a second of work
@@ -41,7 +41,7 @@ PRELOAD = (
 _MAX_REQUEST = 1 << 20
 
 
-# The client (the executable a script calls), kept to the standard library: it starts in ~20 ms.
+# The client (the executable a script calls): standard library only, run with -S -E, so it starts at once.
 def _client(address: str, argv: list[str]) -> int:
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
