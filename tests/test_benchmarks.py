@@ -5,6 +5,11 @@ machine's speed: the smoke run has no time budget (``BUDGET_S=inf``), so every s
 loaded the machine is, and the budget rule is tested on the script's simulated clock (``PLAN=1``).
 What is checked is that every step runs, resumes, skips what is done and packs its small result
 files into one archive.
+
+The scripts start two dozen Python processes; most tests give them a warm interpreter
+(``tests/warm_python.py``: one server imports torch once, each process is a fork of it), so they
+spend their time on the scripts' work rather than on imports. The train_long_gpu.sh test runs its
+script on the real interpreter, so a script that only works in a warm one would still fail there.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers import TINY_MODEL
+from warm_python import warm_python
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SETS = " ".join(
@@ -39,9 +46,9 @@ pytestmark = [
 ]
 
 
-def _polypseg(*args: str) -> None:
+def _polypseg(python: Path, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    subprocess.run([sys.executable, "-m", "polypseg.cli.main", *args], check=True, env=env, capture_output=True)
+    subprocess.run([str(python), "-m", "polypseg.cli.main", *args], check=True, env=env, capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +73,42 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"KVASIR": kvasir, "CVC": cvc}
 
 
-def _session(tmp_path: Path, caches: dict[str, Path], **env: str) -> str:
+@pytest.fixture(scope="module")
+def python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The scripts' ``PYTHON``: a warm interpreter, under the ``PYTHONPATH`` that benchmarks/common.sh gives it.
+
+    Linux only (it forks a process that has loaded torch); elsewhere the real interpreter."""
+    if sys.platform != "linux":
+        yield Path(sys.executable)
+        return
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    with warm_python(tmp_path_factory.mktemp("warm"), env={**os.environ, "PYTHONPATH": path}) as executable:
+        yield executable
+
+
+def test_the_warm_interpreter_runs_commands_as_python_does(python: Path, tmp_path: Path) -> None:
+    """Arguments, working directory, environment, streams and exit status reach the script and come back."""
+
+    def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "WARM_CHECK": "yes"}
+        return subprocess.run([str(python), *args], input=stdin, capture_output=True, text=True, cwd=tmp_path, env=env)
+
+    shown = run("-c", "import os, sys; print(sys.argv, os.getcwd(), os.environ['WARM_CHECK'])", "a b", "c")
+    assert shown.returncode == 0 and shown.stdout == f"['-c', 'a b', 'c'] {os.path.realpath(tmp_path)} yes\n"
+    piped = run("-", "x", stdin="import sys; print(sys.argv, sys.stdin.read() == ''); sys.exit(3)")
+    assert piped.returncode == 3 and piped.stdout == "['-', 'x'] True\n"
+    failed = run("-c", "import sys; print('out'); print('err', file=sys.stderr); raise ValueError('boom')")
+    assert failed.returncode == 1 and failed.stdout == "out\n" and "err\n" in failed.stderr
+    assert "ValueError: boom" in failed.stderr
+    (tmp_path / "script.py").write_text("import sys\nsys.exit(sys.argv[1])\n")
+    message = run("script.py", "no such file")
+    assert message.returncode == 1 and message.stderr == "no such file\n"
+    module = run("-m", "polypseg.cli.main", "--version")
+    assert module.returncode == 0 and module.stdout.startswith("polypseg ")
+    assert run("-m", "polypseg.cli.main", "no-such-command").returncode == 2
+
+
+def _session(tmp_path: Path, caches: dict[str, Path], python: Path, **env: str) -> str:
     environment = {
         **os.environ,
         "DEVICE": "cpu",
@@ -74,7 +116,7 @@ def _session(tmp_path: Path, caches: dict[str, Path], **env: str) -> str:
         "FOLDS": "2",
         "RUNS": str(tmp_path / "runs"),
         "OUT": str(tmp_path / "out"),
-        "PYTHON": sys.executable,
+        "PYTHON": str(python),
         "POLYPSEG_CACHE": str(tmp_path / "cache"),
         "SETS": TINY_SETS,
         "COMMIT": "test",
@@ -93,8 +135,10 @@ def _session(tmp_path: Path, caches: dict[str, Path], **env: str) -> str:
     return result.stdout
 
 
-def test_gpu_session_runs_every_step_resumes_and_packs_results(tmp_path: Path, caches: dict[str, Path]) -> None:
-    log = _session(tmp_path, caches, LEVERS="no-ema")
+def test_gpu_session_runs_every_step_resumes_and_packs_results(
+    tmp_path: Path, caches: dict[str, Path], python: Path
+) -> None:
+    log = _session(tmp_path, caches, python, LEVERS="no-ema")
     for step in (
         "train-speed",
         "paper",
@@ -136,7 +180,7 @@ def test_gpu_session_runs_every_step_resumes_and_packs_results(tmp_path: Path, c
     assert "| no-ema |" in levers
 
     # a second call skips what is done; the final strong run is only run when asked for
-    again = _session(tmp_path, caches, STEPS="paper levers strong-5fold", LEVERS="no-ema")
+    again = _session(tmp_path, caches, python, STEPS="paper levers strong-5fold", LEVERS="no-ema")
     assert "== paper: done in an earlier call" in again and "== lever-no-ema: done in an earlier call" in again
     assert "== strong-5fold: done in" in again
     with tarfile.open(tmp_path / "out" / "results.tar.gz") as archive:
@@ -218,7 +262,7 @@ def test_gpu_session_refuses_an_unknown_step(tmp_path: Path) -> None:
     assert result.returncode == 2 and "unknown step 'nonsense'" in result.stdout + result.stderr
 
 
-def test_backend_dice_scores_every_cpu_engine_against_fp32(tmp_path: Path) -> None:
+def test_backend_dice_scores_every_cpu_engine_against_fp32(tmp_path: Path, python: Path) -> None:
     """benchmarks/backend_dice.sh on a tiny trained run: export, int8 validation, one Dice per engine."""
     from helpers import write_synthetic_dataset
 
@@ -227,8 +271,9 @@ def test_backend_dice_scores_every_cpu_engine_against_fp32(tmp_path: Path) -> No
     test_list.write_text("case00\ncase01\ncase02\n")
     run = tmp_path / "run"
     _polypseg(
-        "train", "--data", str(data), "--test-list", str(test_list), "--out", str(run), "--recipe", "demo",
+        python, "train", "--data", str(data), "--test-list", str(test_list), "--out", str(run), "--recipe", "demo",
         "--epochs", "1", "--image-size", "64", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+        *TINY_SETS.split(),
     )  # fmt: skip
     environment = {
         **os.environ,
@@ -236,7 +281,7 @@ def test_backend_dice_scores_every_cpu_engine_against_fp32(tmp_path: Path) -> No
         "MODEL": str(run / "best"),
         "DATA": str(data),
         "RESULTS": str(tmp_path / "results"),
-        "PYTHON": sys.executable,
+        "PYTHON": str(python),
         "COMMIT": "test",
     }
     result = subprocess.run(

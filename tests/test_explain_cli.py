@@ -234,7 +234,13 @@ def test_explain_on_a_forward_only_engine_gives_torch_heatmaps(
     checkpoint: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--engine onnxruntime: the closed-form head gradient reproduces torch fp32's heatmaps; export cached."""
+    import functools
+
+    from polypseg.inference import export
+
     monkeypatch.setenv("POLYPSEG_CACHE", str(tmp_path / "cache"))
+    # The torch.export-based exporter of this graph is covered in test_engine_gradcam.py; the TorchScript one is quicker.
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
     common = [
         str(dataset),
         "--model",

@@ -79,6 +79,15 @@ def test_the_bundled_registry_is_consistent():
         assert get_model(model.name).sha256 == model.sha256
 
 
+def _torchscript_exporter(monkeypatch) -> None:
+    """The torch.export-based exporter is covered in test_export.py; the TorchScript one is quicker."""
+    import functools
+
+    from polypseg.inference import export
+
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
+
+
 @pytest.fixture
 def shipped(released, monkeypatch):
     """The tiny released model stands in for the shipped one."""
@@ -88,16 +97,31 @@ def shipped(released, monkeypatch):
     return model
 
 
-def test_without_model_or_inputs_explain_runs_the_shipped_model_on_the_bundled_sample(shipped, tmp_path):
+def test_without_model_or_inputs_explain_runs_the_shipped_model_on_the_bundled_sample(shipped, tmp_path, monkeypatch):
+    """The bundled sample stands in as its first 3 pairs: a panel per image is most of explain's time,
+    and the sample's 40 pairs are checked by tests/test_data.py."""
+    import shutil
+
     from typer.testing import CliRunner
 
     from polypseg.cli.main import app
+    from polypseg.data import sample_data
+
+    bundled = sample_data.sample_dataset_path()
+    sample = tmp_path / "sample"
+    for folder, pattern in (("images", "*.jpg"), ("masks", "*.png")):
+        (sample / folder).mkdir(parents=True)
+        for path in sorted((bundled / folder).glob(pattern))[:3]:
+            shutil.copy(path, sample / folder)
+    monkeypatch.setattr(sample_data, "sample_dataset_path", lambda: sample)
 
     out = tmp_path / "first-look"
     result = CliRunner().invoke(app, ["explain", "--out", str(out), "--deletion-steps", "2"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["explained"] == 40 and summary["with_ground_truth"] == 40
+    assert summary["explained"] == 3 and summary["with_ground_truth"] == 3
+    explained = [row.split(",")[0] for row in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert sorted(explained) == sorted(path.stem for path in (sample / "images").iterdir())
     assert summary["checkpoint"] == str(shipped.weights)
     assert (out / "gallery.html").is_file()
     assert "mean Dice" in result.output and "gallery" in result.output
@@ -121,9 +145,11 @@ def test_predictor_and_predict_default_to_the_shipped_model(shipped, tmp_path):
     assert (out / "predictions.csv").is_file()
 
 
-def test_bench_takes_a_shipped_models_name_on_every_backend(shipped, tmp_path):
+def test_bench_takes_a_shipped_models_name_on_every_backend(shipped, tmp_path, monkeypatch):
     """The int8 path quantizes the shipped checkpoint itself, found by name like torch's and onnxruntime's."""
     from polypseg.experiments.bench import load_for_bench
+
+    _torchscript_exporter(monkeypatch)
 
     for backend in ("torch", "onnxruntime-int8"):
         predictor = load_for_bench("tiny-model", backend, device="cpu", workdir=tmp_path)
@@ -149,18 +175,29 @@ def test_models_command_lists_and_verifies(shipped):
     assert as_json.exit_code == 1 and json.loads(as_json.stdout)[0]["sha256_check"].startswith("FAILED")
 
 
-def test_export_takes_a_shipped_model_by_name_and_asks_where_to_write(tmp_path):
-    """The shipped model's folder is the package's: export writes only where --out says."""
+def test_export_takes_a_shipped_model_by_name_and_asks_where_to_write(tmp_path, monkeypatch):
+    """The shipped model's folder is the package's: export writes only where --out says.
+
+    A random 32 px model released into a stand-in weights folder: exporting the real one costs
+    seconds of tracing and checks nothing more."""
     from polypseg.inference.deploy import export_checkpoints
     from polypseg.inference.export import ExportError
-    from polypseg.models.pretrained import available_models
 
-    shipped = available_models()
-    if not shipped:
-        pytest.skip("no shipped model in this checkout")
-    with pytest.raises(ExportError, match="--out: .* is a shipped model"):
-        export_checkpoints(shipped[0].name)
-    results = export_checkpoints(shipped[0].name, out=tmp_path / "m.onnx", progress=False)
+    from helpers import save_tiny_checkpoint
+
+    _torchscript_exporter(monkeypatch)
+    save_tiny_checkpoint(tmp_path / "trained")
+    weights_dir = tmp_path / "weights"
+    release_model(tmp_path / "trained" / "best", "tiny-model", {"training_command": "-"}, weights_dir=weights_dir)
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", weights_dir)
+    with pytest.raises(ExportError, match="--out: tiny-model.* is a shipped model"):
+        export_checkpoints("tiny-model")
+    assert sorted(path.name for path in weights_dir.iterdir()) == [
+        "models.json",
+        "tiny-model.json",
+        "tiny-model.safetensors",
+    ]
+    results = export_checkpoints("tiny-model", out=tmp_path / "m.onnx", progress=False)
     assert (tmp_path / "m.onnx").is_file() and len(results) == 1
 
 
