@@ -75,14 +75,16 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The scripts' ``PYTHON``: a warm interpreter, under the ``PYTHONPATH`` that benchmarks/common.sh gives it.
+    """The scripts' ``PYTHON``: a warm interpreter that each script call gives its own ``PYTHONPATH``.
 
     Linux only (it forks a process that has loaded torch); elsewhere the real interpreter."""
     if sys.platform != "linux":
         yield Path(sys.executable)
         return
-    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
-    with warm_python(tmp_path_factory.mktemp("warm"), env={**os.environ, "PYTHONPATH": path}) as executable:
+    # The server starts without PYTHONPATH, so its sys.path is a plain interpreter's (site-packages and
+    # .pth entries, an editable install included); each call adds its own PYTHONPATH, as common.sh sets it.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    with warm_python(tmp_path_factory.mktemp("warm"), env=env) as executable:
         yield executable
 
 
