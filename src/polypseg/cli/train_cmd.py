@@ -125,6 +125,10 @@ def register(app: typer.Typer) -> None:
         if saved is None or choices.any_given():
             # Given with --resume, the result is checked against the saved config by run_cv.
             config = choices.build(saved or "paper")
+        if config is not None and config.train.replay_images:
+            raise UsageError(
+                "--set train.replay_images: replay is for polypseg train (fine-tuning); cv does not use it"
+            )
         _say_precision(config or saved or get_recipe("paper"), device)
         keep_freed_memory_on_cpu(device)
         if config is not None and config.train.init_from != "none":
@@ -340,6 +344,12 @@ def register(app: typer.Typer) -> None:
         config = choices.build(saved or "paper")
         if saved is None and config.train.recipe == "adapt":
             _size_adapt_recipe(config, choices, data_or_sample(data), test_list)
+        if config.train.replay_images:
+            console.print(
+                f"replay: {config.train.replay_images} pairs of {escape(config.train.replay_data)} join the training part",
+                highlight=False,
+                soft_wrap=True,
+            )
         _say_precision(config, device)
         keep_freed_memory_on_cpu(device)
         result = train_single_split(

@@ -141,10 +141,20 @@ class TrainConfig:
     # statistics frozen; their scale and shift still learn), so small, strongly augmented batches
     # cannot shift the statistics the model was trained with.
     freeze_norm: bool = False
+    # Replay: `replay_images` image/mask pairs of the dataset at `replay_data` (drawn with `seed`)
+    # join the training part, so fine-tuning on a few new images keeps seeing what the model knew.
+    # Never used for validation or test. "none" / 0 is off.
+    replay_data: str = "none"
+    replay_images: int = 0
 
 
 # TrainConfig fields added after configs were first saved, with their "unset" default.
-_LATER_TRAIN_FIELDS: dict[str, Any] = {"init_from": "none", "freeze_norm": False}
+_LATER_TRAIN_FIELDS: dict[str, Any] = {
+    "init_from": "none",
+    "freeze_norm": False,
+    "replay_data": "none",
+    "replay_images": 0,
+}
 
 
 @dataclass
@@ -507,6 +517,7 @@ def _check_ranges(config: RunConfig, label: Any) -> None:
         ("train.lr", train.lr, train.lr > 0, "> 0"),
         ("train.weight_decay", train.weight_decay, train.weight_decay >= 0, ">= 0"),
         ("train.warmup_epochs", train.warmup_epochs, train.warmup_epochs >= 0, ">= 0"),
+        ("train.replay_images", train.replay_images, train.replay_images >= 0, ">= 0 (0 is off)"),
         ("train.val_fraction", train.val_fraction, 0 <= train.val_fraction < 1, "0 <= v < 1"),
         ("train.ema_decay", train.ema_decay, 0 <= train.ema_decay < 1, "0 (off) <= d < 1"),
         ("train.augment.rotate_degrees", augment.rotate_degrees, augment.rotate_degrees >= 0, ">= 0"),
@@ -576,4 +587,21 @@ def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None) 
         raise ConfigError(
             f"{label('train.init_from')} and {label('model.encoder_weights')} both set the starting weights: give one"
         )
+    _check_replay(train, label)
     return config
+
+
+def _check_replay(train: TrainConfig, label: Any) -> None:
+    """``replay_data`` is "none", a folder or a cache file (``.npz``), and is given when
+    ``replay_images`` asks for pairs; whether it holds usable pairs is the dataset rule's job."""
+    data = Path(train.replay_data)
+    if train.replay_data != "none" and not (data.is_dir() or (data.is_file() and data.suffix == ".npz")):
+        raise ConfigError(
+            f"{label('train.replay_data')} {train.replay_data}: not 'none', an existing dataset folder "
+            "or a cache file (.npz)"
+        )
+    if train.replay_images > 0 and train.replay_data == "none":
+        raise ConfigError(
+            f"{label('train.replay_images')} {train.replay_images}: needs {label('train.replay_data')} "
+            "(the dataset the replayed pairs come from)"
+        )

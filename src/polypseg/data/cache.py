@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,25 @@ class CachedData:
             original_sizes=[self.original_sizes[i] for i in rows],
             size=self.size,
         )
+
+    def concat(self, other: CachedData) -> CachedData:
+        """These pairs followed by ``other``'s; both at the same size and with no stem in common."""
+        if other.size != self.size:
+            raise DataError(f"cannot join {other.size}px pairs to {self.size}px pairs: rebuild both at one size")
+        shared = sorted(set(self.stems) & set(other.stems))
+        if shared:
+            raise DataError(f"{len(shared)} stem(s) in both sets of pairs, e.g. '{shared[0]}'")
+        return CachedData(
+            stems=self.stems + other.stems,
+            images=np.concatenate([self.images, other.images]),
+            masks=np.concatenate([self.masks, other.masks]),
+            original_sizes=self.original_sizes + other.original_sizes,
+            size=self.size,
+        )
+
+    def renamed(self, prefix: str) -> CachedData:
+        """The same pairs with ``prefix`` before every stem (e.g. to keep two datasets' stems apart)."""
+        return replace(self, stems=[f"{prefix}{stem}" for stem in self.stems])
 
 
 def _samples_digest(samples: Sequence[Sample], prefix: str = "") -> str:

@@ -73,10 +73,11 @@ def scale_to_set_size(
 
 def training_set_size(data: Path | str, config: RunConfig, test_list: Path | str | None = None) -> int:
     """How many images ``polypseg train`` trains on: the data set's pairs minus ``test_list`` and
-    the inner validation share, split as :func:`polypseg.training.train_split.train_single_split` does."""
+    the inner validation share, split as :func:`polypseg.training.train_split.train_single_split` does,
+    plus the ``config.train.replay_images`` replayed pairs that join them."""
     stems = [sample.stem for sample in index_dataset(data).samples]
     held_out = set(load_split_file(test_list)) if test_list is not None else set()
     train, _ = inner_validation_split(
         [s for s in stems if s not in held_out], config.train.val_fraction, config.train.seed
     )
-    return len(train)
+    return len(train) + config.train.replay_images

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from polypseg.core.config import RunConfig, config_differences, validate_config
+import numpy as np
+
+from polypseg.core.config import ConfigError, RunConfig, config_differences, validate_config
 from polypseg.core.devices import resolve_device
 from polypseg.core.io_utils import atomic_write_json
 from polypseg.core.runs import TRAIN, RunDir, RunError, RunSettings, refuse_changed_settings
-from polypseg.data.cache import build_cache, resumed_data
+from polypseg.data.cache import CachedData, build_cache, resumed_data
 from polypseg.data.images import DataError
 from polypseg.data.splits import inner_validation_split, load_split_file
 from polypseg.models.checkpoint import load_checkpoint
 from polypseg.training.distributed import DistributedContext
 from polypseg.training.evaluation import evaluate_probabilities
 from polypseg.training.loop import predict_with_recipe, resolve_run_precision, train_model
+
+# Replayed pairs are named ``replay:STEM`` in the training data, so their stems never clash with the main data's.
+REPLAY_PREFIX = "replay:"
 
 
 def train_single_split(
@@ -35,6 +41,10 @@ def train_single_split(
     training stems, seeded with ``config.train.seed``), never on the test stems. The split is saved
     in ``OUT/split.json`` when the run starts; ``resume=True`` continues with the saved split (and
     ``config`` must match the saved one; a ``test_list``, if given, must match the saved test stems).
+
+    With ``config.train.replay_images`` > 0, that many pairs of ``config.train.replay_data``
+    (drawn with ``config.train.seed``) join the training part only; ``split.json`` records them
+    (``replay_data``, ``replay``) and a resumed run trains on exactly those.
     """
     run = RunDir(out)
     validate_config(config)
@@ -66,16 +76,23 @@ def train_single_split(
         train, val = inner_validation_split(
             [s for s in cache.stems if s not in held_out], config.train.val_fraction, config.train.seed
         )
+    replay = _replay_pairs(config, run, split, cache_dir=cache_dir, progress=progress)
     context = DistributedContext.from_env()
     if context.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         if saved is None:
             run.write_settings(RunSettings(config=config, kind=TRAIN))
         if split is None:
-            run.write_split({"data": str(Path(data).resolve()), "train": train, "val": val, "test": test_stems})
+            record = {"data": str(Path(data).resolve()), "train": train, "val": val, "test": test_stems}
+            if replay is not None:
+                record.update(replay_data=replay.root, replay=replay.pairs.stems)
+            run.write_split(record)
+    training_part = cache.subset(train)
+    if replay is not None:
+        training_part = training_part.concat(replay.pairs.renamed(REPLAY_PREFIX))
     result = train_model(
         config,
-        cache.subset(train),
+        training_part,
         cache.subset(val) if val else None,
         run.path,
         device=device,
@@ -98,6 +115,44 @@ def train_single_split(
         }
         atomic_write_json(run.test_metrics_path, summary["test"])
     return summary
+
+
+@dataclass(frozen=True)
+class _Replay:
+    root: str  # the replay dataset, resolved
+    pairs: CachedData  # the chosen pairs, stems as in the replay dataset
+
+
+def _replay_pairs(
+    config: RunConfig, run: RunDir, split: dict[str, Any] | None, *, cache_dir: Path | str | None, progress: bool
+) -> _Replay | None:
+    """The replay pairs of ``config.train`` (``None`` when off): the ones a resumed run saved in its
+    ``split.json``, else ``replay_images`` stems of ``replay_data`` drawn with ``seed``."""
+    train = config.train
+    if train.replay_images == 0:
+        return None
+    root = str(Path(train.replay_data).resolve())
+    if split is not None and split.get("replay_data"):
+        # The same dataset moved (same content elsewhere) is accepted, as for the main data.
+        root, change = resumed_data(str(split["replay_data"]), train.replay_data)
+        refuse_changed_settings(run.path, [f"train.replay_{line}" for line in change])
+    cache = build_cache(root, train.image_size, cache_dir=cache_dir, progress=progress)
+    if split is not None and "replay" in split:
+        stems = list(split["replay"])
+        _check_stems(stems, cache.stems, f"{run.split_path}", root)
+    else:
+        stems = choose_replay_stems(cache.stems, train.replay_images, train.seed, root)
+    return _Replay(root=root, pairs=cache.subset(stems))
+
+
+def choose_replay_stems(available: Sequence[str], count: int, seed: int, source: Path | str) -> list[str]:
+    """``count`` of ``available`` drawn with ``seed`` (from the sorted stems, so the draw depends
+    on nothing else), sorted."""
+    stems = sorted(available)
+    if count > len(stems):
+        raise ConfigError(f"train.replay_images {count}: {source} holds only {len(stems)} image/mask pairs")
+    rng = np.random.default_rng([seed])
+    return sorted(stems[i] for i in rng.choice(len(stems), size=count, replace=False))
 
 
 def _check_stems(stems: Sequence[str], available: Sequence[str], source: str, data: Path | str) -> None:
