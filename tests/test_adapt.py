@@ -9,6 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from polypseg.cli.common import UsageError
 from polypseg.core.config import get_recipe, validate_config
 from polypseg.training.adapt import MAX_EPOCHS, MIN_EPOCHS, TARGET_STEPS, plan_for, scale_to_set_size
 
@@ -62,6 +63,30 @@ def test_train_command_sizes_the_recipe_to_the_training_set(tmp_path: Path, monk
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--epochs", "3", "--set", "train.lr=0.001"])
     assert result.exit_code == 0, result.output
     assert (seen[-1].train.epochs, seen[-1].train.lr) == (3, 0.001)
+
+
+def test_replayed_pairs_count_in_the_training_set_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from polypseg.cli.main import app
+    from polypseg.training import train_split
+    from polypseg.training.adapt import training_set_size
+
+    seen = []
+    monkeypatch.setattr(train_split, "train_single_split", lambda data, out, config, **kw: seen.append(config) or {
+        "checkpoint": str(out), "best_epoch": 0})  # fmt: skip
+    data = write_synthetic_dataset(tmp_path / "review", n=20)
+    replay = write_synthetic_dataset(tmp_path / "kvasir", n=40, seed=1)
+    config = get_recipe("adapt")
+    config.train.replay_data, config.train.replay_images = str(replay), 30
+    assert training_set_size(data, config) == 20 + 30
+    base = ["train", "--data", str(data), "--recipe", "adapt", "--set", f"train.replay_data={replay}"]
+    result = CliRunner().invoke(app, [*base, "--set", "train.replay_images=30", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    expected = plan_for(get_recipe("adapt"), 50)
+    assert "adapt: 50 training images" in result.output and "replay: 30 pairs of" in result.output
+    assert (seen[-1].train.epochs, seen[-1].train.lr) == (expected.epochs, pytest.approx(expected.lr))
+    assert seen[-1].train.replay_images == 30
+    result = CliRunner().invoke(app, ["cv", *base[1:], "--set", "train.replay_images=30", "--out", str(tmp_path / "b")])
+    assert isinstance(result.exception, UsageError) and "train.replay_images" in str(result.exception)
 
 
 def test_serve_loads_an_adapted_model(tmp_path: Path):

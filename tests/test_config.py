@@ -162,3 +162,32 @@ def test_every_recipe_passes_validation() -> None:
         if name in WARM_RESTART_RECIPES:
             config.train.init_from = "a-trained-model"
         validate_config(config)
+
+
+def test_replay_is_saved_only_when_set_and_round_trips(tmp_path) -> None:
+    """Configs saved before replay existed save byte for byte as they were; ``--set`` takes both fields."""
+    for name in RECIPES:
+        assert not {"replay_data", "replay_images"} & set(get_recipe(name).to_dict()["train"]), name
+    config = apply_overrides(get_recipe("adapt"), [f"train.replay_data={tmp_path}", "train.replay_images=96"])
+    assert (config.train.replay_data, config.train.replay_images) == (str(tmp_path), 96)
+    saved = config.to_dict()["train"]
+    assert (saved["replay_data"], saved["replay_images"]) == (str(tmp_path), 96)
+    assert RunConfig.from_dict(config.to_dict()) == config
+    validate_config(config)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.replay_images=-1"], r"^train\.replay_images -1: must be >= 0"),
+        (["train.replay_images=4"], r"^train\.replay_images 4: needs train\.replay_data"),
+        (["train.replay_data=no/such/folder", "train.replay_images=4"], r"^train\.replay_data no/such/folder: not"),
+        (["train.replay_data=FILE"], r"^train\.replay_data .*notes\.txt: not 'none', an existing dataset folder"),
+    ],
+)
+def test_replay_settings_name_their_field(tmp_path, overrides: list[str], message: str) -> None:
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    overrides = [o.replace("FILE", str(tmp_path / "notes.txt")) for o in overrides]
+    config = apply_overrides(get_recipe("demo"), overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)

@@ -255,3 +255,76 @@ def test_freeze_norm_keeps_batch_norm_statistics_and_still_trains(tiny_data, tmp
     assert not all(torch.equal(start[k], trained[k]) for k in affine)  # scale and shift learn either way
     saved = config.to_dict()["train"]  # written only when set: older configs save byte for byte as before
     assert ("freeze_norm" in saved) == freeze_norm
+
+
+def test_replay_adds_its_pairs_to_training_only_and_a_resume_reuses_them(tmp_path, monkeypatch):
+    from polypseg.core.runs import RunDir, RunError
+    from polypseg.training import train_split
+    from polypseg.training.train_split import REPLAY_PREFIX, choose_replay_stems, train_single_split
+
+    data = write_synthetic_dataset(tmp_path / "review", n=8)
+    replay_root = write_synthetic_dataset(tmp_path / "replay", n=6, seed=3)  # same stem names, other images
+    test_list = tmp_path / "test.txt"
+    test_list.write_text("case00\ncase01\n")
+    config = tiny_config(image_size=32)
+    config.train.val_fraction = 0.25
+    config.train.replay_data, config.train.replay_images = str(replay_root), 3
+    seen = []
+    real_train_model = train_split.train_model
+    monkeypatch.setattr(
+        train_split, "train_model", lambda config, train, val, *a, **k: seen.append((train, val)) or real_train_model(
+            config, train, val, *a, **k)
+    )  # fmt: skip
+    kwargs = dict(device="cpu", progress=False, cache_dir=tmp_path / "cache")
+    out = tmp_path / "run"
+    result = train_single_split(data, out, config, test_list=test_list, **kwargs)
+
+    split = RunDir(out).read_split()
+    assert split["replay_data"] == str(replay_root.resolve())
+    assert split["replay"] == choose_replay_stems([f"case{i:02d}" for i in range(6)], 3, config.train.seed, "")
+    train, val = seen[-1]
+    assert train.stems == split["train"] + [REPLAY_PREFIX + s for s in split["replay"]]  # exactly 3 more
+    assert val.stems == split["val"] and not set(split["val"]) & {"case00", "case01"}
+    assert result["test"]["n_images"] == 2
+    replay_cache = build_cache(replay_root, 32, cache_dir=tmp_path / "cache", progress=False)
+    torch.testing.assert_close(
+        torch.from_numpy(train.images[-3:]), torch.from_numpy(replay_cache.subset(split["replay"]).images)
+    )
+
+    # a resume trains on the saved replay pairs, never a new draw (here: a hand-edited choice survives)
+    split["replay"] = ["case04", "case05"]
+    RunDir(out).write_split(split)
+    train_single_split(data, out, config, resume=True, **kwargs)
+    assert seen[-1][0].stems[-2:] == ["replay:case04", "replay:case05"]
+    assert RunDir(out).read_split() == split
+    # ... and refuses other replay settings
+    config.train.replay_images = 2
+    with pytest.raises(RunError, match="train.replay_images: 3 -> 2"):
+        train_single_split(data, out, config, resume=True, **kwargs)
+
+
+def test_replay_asking_for_more_pairs_than_the_dataset_holds_names_the_field(tmp_path):
+    from polypseg.training.train_split import train_single_split
+
+    data = write_synthetic_dataset(tmp_path / "review", n=4)
+    config = tiny_config(image_size=32)
+    config.train.replay_data, config.train.replay_images = str(data), 5
+    with pytest.raises(ConfigError, match=r"^train\.replay_images 5: .* holds only 4 image/mask pairs"):
+        train_single_split(data, tmp_path / "run", config, device="cpu", progress=False, cache_dir=tmp_path / "c")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cached_data_joins_only_same_size_pairs_with_distinct_stems(tiny_data):
+    from polypseg.data.cache import CachedData
+    from polypseg.data.images import DataError
+
+    first, second = tiny_data.subset(tiny_data.stems[:3]), tiny_data.subset(tiny_data.stems[3:5])
+    joined = first.concat(second)
+    assert joined.stems == tiny_data.stems[:5] and joined.images.shape[0] == joined.masks.shape[0] == 5
+    assert joined.original_sizes == tiny_data.original_sizes[:5]
+    with pytest.raises(DataError, match="in both sets"):
+        first.concat(first)
+    assert first.concat(first.renamed("again:")).stems[3:] == [f"again:{s}" for s in first.stems]
+    small = CachedData(["x"], first.images[:1, :16, :16], first.masks[:1, :16, :16], [(16, 16)], 16)
+    with pytest.raises(DataError, match="cannot join 16px pairs to 32px pairs"):
+        first.concat(small)
