@@ -328,3 +328,29 @@ def test_cached_data_joins_only_same_size_pairs_with_distinct_stems(tiny_data):
     small = CachedData(["x"], first.images[:1, :16, :16], first.masks[:1, :16, :16], [(16, 16)], 16)
     with pytest.raises(DataError, match="cannot join 16px pairs to 32px pairs"):
         first.concat(small)
+
+
+def test_a_resume_accepts_the_replay_data_moved_and_refuses_other_data_at_its_path(tmp_path, monkeypatch):
+    import shutil
+
+    from polypseg.core.runs import RunDir, RunError
+    from polypseg.training.train_split import train_single_split
+
+    data = write_synthetic_dataset(tmp_path / "review", n=6)
+    for place in ("first", "moved"):
+        (tmp_path / place).mkdir()
+    write_synthetic_dataset(tmp_path / "first" / "replay", n=5, seed=3)
+    config = tiny_config(image_size=32)
+    config.train.val_fraction = 0.0
+    config.train.replay_data, config.train.replay_images = "replay", 2  # relative: resolved where the run starts
+    kwargs = dict(device="cpu", progress=False, cache_dir=tmp_path / "cache")
+    monkeypatch.chdir(tmp_path / "first")
+    train_single_split(data, tmp_path / "run", config, **kwargs)
+    assert RunDir(tmp_path / "run").read_split()["replay_data"] == str(tmp_path / "first" / "replay")
+    monkeypatch.chdir(tmp_path / "moved")
+    shutil.copytree(tmp_path / "first" / "replay", tmp_path / "moved" / "replay")
+    train_single_split(data, tmp_path / "run", config, resume=True, **kwargs)  # the same pairs elsewhere
+    shutil.rmtree(tmp_path / "moved" / "replay")
+    write_synthetic_dataset(tmp_path / "moved" / "replay", n=5, seed=4)
+    with pytest.raises(RunError, match="train.replay_data: "):
+        train_single_split(data, tmp_path / "run", config, resume=True, **kwargs)

@@ -134,8 +134,10 @@ def _replay_pairs(
     root = str(Path(train.replay_data).resolve())
     if split is not None and split.get("replay_data"):
         # The same dataset moved (same content elsewhere) is accepted, as for the main data.
-        root, change = resumed_data(str(split["replay_data"]), train.replay_data)
-        refuse_changed_settings(run.path, [f"train.replay_{line}" for line in change])
+        saved_root = str(split["replay_data"])
+        root, change = resumed_data(saved_root, train.replay_data)
+        if change:
+            refuse_changed_settings(run.path, [f"train.replay_data: {saved_root!r} -> {train.replay_data!r}"])
     cache = build_cache(root, train.image_size, cache_dir=cache_dir, progress=progress)
     if split is not None and "replay" in split:
         stems = list(split["replay"])
