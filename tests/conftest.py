@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_config
+from helpers import save_tiny_checkpoint, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ENV = "POLYPSEG_SHARED_DATASETS"
@@ -92,6 +92,13 @@ def shared_dataset() -> Callable[[str], Path]:
         return path
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One :func:`helpers.save_tiny_checkpoint` for the whole run (read-only). Tests of the ONNX engines
+    share it, so its ONNX export, cached by content in the run's cache folder, is made once."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
 
 
 @pytest.fixture(scope="session")

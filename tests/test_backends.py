@@ -12,12 +12,13 @@ from polypseg.core import precision
 from polypseg.experiments import bench
 from polypseg.inference.predictor import Predictor, PredictorError
 
-from helpers import block_import, save_tiny_checkpoint
+from helpers import block_import
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    # Shared with other engine tests: every ONNX engine here reads its one export from the run's cache.
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -41,24 +42,24 @@ def test_torch_predictor_reports_and_uses_its_precision(checkpoint, images, refe
     assert np.abs(out - reference).mean() < 0.02 and np.abs(out - reference).max() < 0.1
 
 
-def test_openvino_matches_torch(checkpoint, images, reference, tmp_path):
+def test_openvino_matches_torch(checkpoint, images, reference):
     pytest.importorskip("openvino")
-    fp32 = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", precision="fp32", cache_dir=tmp_path)
+    fp32 = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", precision="fp32")
     assert fp32.backend == "openvino" and fp32.precision == "fp32"
     assert np.abs(fp32.predict_resized(images) - reference).max() < 1e-4
-    bf16 = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", precision="bf16", cache_dir=tmp_path)
+    bf16 = Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", precision="bf16")
     assert bf16.precision == "bf16"
     assert np.abs(bf16.predict_resized(images) - reference).mean() < 0.02
     ensemble_checked = Predictor.from_openvino([fp32.metadata["onnx"][0]] * 2, precision="fp32")
     assert ensemble_checked.n_models == 2
 
 
-def test_openvino_is_cpu_only_and_needs_the_extra(checkpoint, monkeypatch, tmp_path):
+def test_openvino_is_cpu_only_and_needs_the_extra(checkpoint, monkeypatch):
     with pytest.raises(PredictorError, match="runs on the CPU"):
-        Predictor.from_checkpoint(checkpoint, device=torch.device("meta"), backend="openvino", cache_dir=tmp_path)
+        Predictor.from_checkpoint(checkpoint, device=torch.device("meta"), backend="openvino")
     block_import(monkeypatch, "openvino")
     with pytest.raises(PredictorError, match=r"polypseg\[openvino\]"):
-        Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino", cache_dir=tmp_path)
+        Predictor.from_checkpoint(checkpoint, device="cpu", backend="openvino")
 
 
 def test_backend_all_offers_bf16_only_where_the_cpu_has_it(monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 
 from polypseg.models.checkpoint import load_checkpoint
 
-from helpers import write_synthetic_dataset
+from helpers import QUICK_ENCODER, write_synthetic_dataset
 
 pytestmark = pytest.mark.slow  # two torchrun processes: about a minute on 2 cores
 
@@ -41,7 +41,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
         "--batch-size",
         "4",
         "--set",
-        "model.encoder=resnet18",
+        f"model.encoder={QUICK_ENCODER}",
         "--set",
         "model.decoder_channels=[16,16,16,16,16]",
         "--set",
@@ -65,5 +65,5 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert all("val_dice" in h for h in history)  # validated on rank 0
     checkpoint = load_checkpoint(out / "best")
-    assert checkpoint.config.model.encoder == "resnet18"
+    assert checkpoint.config.model.encoder == QUICK_ENCODER
     assert not any(k.startswith("module.") for k in checkpoint.model.state_dict())

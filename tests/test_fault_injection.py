@@ -32,7 +32,7 @@ from polypseg.models.factory import create_model
 from polypseg.training import loop as training
 from polypseg.training.loop import train_model
 
-from helpers import tiny_config, write_synthetic_dataset
+from helpers import QUICK_ENCODER, tiny_config, write_synthetic_dataset
 
 DEAD_PID = 999_999_999  # above any pid_max: a process that cannot be running
 
@@ -59,7 +59,7 @@ def data(tmp_path_factory):
 
 def _config():
     config = tiny_config(epochs=3, image_size=32)
-    config.model.encoder = "mobilenet_v2"  # 2.5M parameters: dozens of saves stay quick
+    config.model.encoder = QUICK_ENCODER  # dozens of trainings and saves stay quick
     config.train.ema_decay = 0.5
     config.train.lr = 3e-3
     config.train.precision = "fp32"

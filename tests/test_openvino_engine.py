@@ -9,20 +9,15 @@ import pytest
 
 from polypseg.inference.predictor import Predictor, PredictorError
 
-from helpers import save_tiny_checkpoint
-
 ov = pytest.importorskip("openvino")
 
 from polypseg.inference.openvino_engine import OpenVINOError, StaticShapeModel, openvino_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("ov")
-    checkpoint = save_tiny_checkpoint(folder)
-    predictor = Predictor.from_checkpoint(
-        checkpoint, device="cpu", backend="openvino", precision="fp32", cache_dir=folder
-    )
+def onnx_path(tiny_checkpoint: Path) -> Path:
+    """The shared tiny checkpoint's export (made once a run, in the run's cache folder), as prediction uses it."""
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", backend="openvino", precision="fp32")
     return Path(predictor.metadata["onnx"][0])
 
 

@@ -13,7 +13,7 @@ from polypseg.training import loop as training
 from polypseg.training.loop import lr_factor, train_model
 from polypseg.training.losses import LOSSES, create_loss
 
-from helpers import tiny_config, write_synthetic_dataset
+from helpers import QUICK_ENCODER, tiny_config, write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,7 @@ def test_existing_run_needs_resume(tiny_data, tmp_path):
 def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(training, "STATE_EVERY_S", 0.0)  # save state after every epoch
     config = tiny_config(epochs=3, image_size=32)
+    config.model.encoder = QUICK_ENCODER  # three trainings and a state saved every epoch
     config.train.ema_decay = 0.9
     config.train.precision = "fp32"  # bitwise comparison: oneDNN's bf16 kernels differ between CPUs
     train_model(config, tiny_data, None, tmp_path / "straight", device="cpu", progress=False)
