@@ -9,8 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from polypseg.cli.common import UsageError
-from polypseg.core.config import get_recipe, validate_config
+from polypseg.core.config import ConfigError, get_recipe, validate_config
 from polypseg.training.adapt import MAX_EPOCHS, MIN_EPOCHS, TARGET_STEPS, plan_for, scale_to_set_size
 
 from helpers import TINY_MODEL, write_synthetic_dataset
@@ -86,7 +85,8 @@ def test_replayed_pairs_count_in_the_training_set_size(tmp_path: Path, monkeypat
     assert (seen[-1].train.epochs, seen[-1].train.lr) == (expected.epochs, pytest.approx(expected.lr))
     assert seen[-1].train.replay_images == 30
     result = CliRunner().invoke(app, ["cv", *base[1:], "--set", "train.replay_images=30", "--out", str(tmp_path / "b")])
-    assert isinstance(result.exception, UsageError) and "train.replay_images" in str(result.exception)
+    assert isinstance(result.exception, ConfigError) and "train.replay_images: replay is for" in str(result.exception)
+    assert not (tmp_path / "b").exists()  # refused by run_cv's check, the rule library callers meet too
 
 
 def test_serve_loads_an_adapted_model(tmp_path: Path):

@@ -125,10 +125,6 @@ def register(app: typer.Typer) -> None:
         if saved is None or choices.any_given():
             # Given with --resume, the result is checked against the saved config by run_cv.
             config = choices.build(saved or "paper")
-        if config is not None and config.train.replay_images:
-            raise UsageError(
-                "--set train.replay_images: replay is for polypseg train (fine-tuning); cv does not use it"
-            )
         _say_precision(config or saved or get_recipe("paper"), device)
         keep_freed_memory_on_cpu(device)
         if config is not None and config.train.init_from != "none":

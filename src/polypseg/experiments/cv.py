@@ -19,7 +19,7 @@ import torch
 
 from polypseg._version import __version__, source_commit
 from polypseg.core.clock import Stopwatch
-from polypseg.core.config import RunConfig, config_differences, validate_config
+from polypseg.core.config import ConfigError, RunConfig, config_differences, validate_config
 from polypseg.core.devices import device_name, resolve_device
 from polypseg.core.io_utils import atomic_write_json, read_json, remove_stale_temps
 from polypseg.core.runs import (
@@ -171,6 +171,8 @@ def run_cv(
     context = DistributedContext.from_env()
     if config is not None:
         validate_config(config)
+        if config.train.replay_images:
+            raise ConfigError("train.replay_images: replay is for polypseg train (fine-tuning); cv does not use it")
     saved = run.saved_settings()
     data, config, folds, seed = _invocation_settings(
         run, saved, data, config, folds, seed, only_folds, resume=resume, device=device
