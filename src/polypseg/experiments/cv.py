@@ -146,6 +146,7 @@ def run_cv(
     data: Path | str | None,
     out: Path | str,
     config: RunConfig | None = None,
+    *,
     folds: int | None = None,
     seed: int | None = None,
     resume: bool = False,

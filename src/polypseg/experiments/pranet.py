@@ -66,6 +66,7 @@ def run_pranet(
     test_list: Path | str,
     out: Path | str,
     config: RunConfig,
+    *,
     resume: bool = False,
     device: str = "auto",
     progress: bool = True,

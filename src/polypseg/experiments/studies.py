@@ -169,6 +169,7 @@ def run_encoder_init(
     data: Path | str,
     out: Path | str,
     config: RunConfig,
+    *,
     imagenet_weights: str = "imagenet",
     **options: Unpack[CVOptions],
 ) -> dict[str, Any]:

@@ -29,6 +29,7 @@ def train_single_split(
     data: Path | str,
     out: Path | str,
     config: RunConfig,
+    *,
     test_list: Path | str | None = None,
     resume: bool = False,
     device: str = "auto",
