@@ -475,13 +475,18 @@ function drawCam() {
   updateCamCaption();
 }
 
+// A mask pixel on the outline: at the image border or beside a background pixel (4-neighbourhood).
+function onOutline(mask, i, x, y, width, height) {
+  return x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
+    !mask[i - 1] || !mask[i + 1] || !mask[i - width] || !mask[i + width];
+}
+
 function outlineOf(mask, width, height, radius, paint) {
   for (let y = 0; y < height; y++) {
     for (let x = 0; x < width; x++) {
       const i = y * width + x;
       if (!mask[i]) continue;
-      const edge = x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
-        !mask[i - 1] || !mask[i + 1] || !mask[i - width] || !mask[i + width];
+      const edge = onOutline(mask, i, x, y, width, height);
       if (!edge) continue;
       for (let dy = -radius + 1; dy < radius; dy++) {
         for (let dx = -radius + 1; dx < radius; dx++) {
@@ -1027,8 +1032,7 @@ async function drawVideoOverlay(index) {
     for (let x = 0; x < width; x++) {
       const i = y * width + x;
       if (!mask[i]) continue;
-      const edge = x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
-        !mask[i - 1] || !mask[i + 1] || !mask[i - width] || !mask[i + width];
+      const edge = onOutline(mask, i, x, y, width, height);
       const j = i * 4;
       out.data[j] = PRED_RGB[0];
       out.data[j + 1] = PRED_RGB[1];
