@@ -8,12 +8,14 @@ No assertion depends on how fast the machine is: every wait is for a state of th
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -690,20 +692,28 @@ def wait_for_item(page, name: str, text: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def reviewing(browser, service, review_dir: Path, folder: Path) -> Iterator[Page]:
+    """A page served with ``--review-dir review_dir``, the image folder ``folder`` opened, its first image shown."""
+    from polypseg.web.app import WebSettings
+
+    with BackgroundServer(create_app(service, WebSettings(review_dir=review_dir))) as url:
+        tab = Page(browser, url)
+        tab.page.wait_for_selector("#review-tools", state="visible")
+        tab.page.set_input_files("#folder-input", str(folder))
+        tab.wait_for_result("case00.jpg")
+        yield tab
+
+
 def test_review_loop_verdicts_and_corrections_persist_and_export(browser, service, tmp_path: Path):
     from typer.testing import CliRunner
 
     from polypseg.cli.main import app as cli
-    from polypseg.web.app import WebSettings
 
     review_dir = tmp_path / "review"
     folder = write_synthetic_dataset(tmp_path / "study", n=3, size=(96, 128))
-    with BackgroundServer(create_app(service, WebSettings(review_dir=review_dir))) as url:
-        tab = Page(browser, url)
+    with reviewing(browser, service, review_dir, folder) as tab:
         page = tab.page
-        page.wait_for_selector("#review-tools", state="visible")
-        page.set_input_files("#folder-input", str(folder))
-        tab.wait_for_result("case00.jpg")
         page.wait_for_function("() => document.getElementById('review-summary').dataset.left === '3'")
         assert page.locator(".review-item").count() == 3
 
@@ -794,16 +804,10 @@ def right_triangle(shape: tuple[int, int], x0: int, y0: int, leg: int) -> np.nda
 
 
 def test_polygon_tool_fills_and_erases_at_full_resolution_under_zoom(browser, service, tmp_path: Path):
-    from polypseg.web.app import WebSettings
-
     review_dir = tmp_path / "review"
     folder = write_synthetic_dataset(tmp_path / "study", n=1, size=(96, 128))
-    with BackgroundServer(create_app(service, WebSettings(review_dir=review_dir))) as url:
-        tab = Page(browser, url)
+    with reviewing(browser, service, review_dir, folder) as tab:
         page = tab.page
-        page.wait_for_selector("#review-tools", state="visible")
-        page.set_input_files("#folder-input", str(folder))
-        tab.wait_for_result("case00.jpg")
         tab.set_threshold(0.99)
         page.wait_for_function("() => editor.threshold === 0.99 && editor.source === 'model'")
         model = editor_mask(page)
