@@ -258,6 +258,23 @@ def test_freeze_norm_keeps_batch_norm_statistics_and_still_trains(tiny_data, tmp
     assert ("freeze_norm" in saved) == freeze_norm
 
 
+def test_freeze_encoder_trains_only_the_decoder_and_head(tiny_data, tmp_path):
+    config = tiny_config(epochs=1, image_size=32)
+    config.train.ema_decay, config.train.freeze_encoder = 0.0, True
+    training.seed_everything(config.train.seed)  # the same initial weights as the run's
+    start = training.TrainStep(config, torch.device("cpu")).model.state_dict()
+    train_model(config, tiny_data, None, tmp_path / "run", device="cpu", progress=False)
+    trained = load_checkpoint(tmp_path / "run" / "best").model.state_dict()
+    encoder = [k for k in start if k.startswith("encoder.")]
+    learning = [k for k in start if not k.startswith("encoder.") and k.endswith("weight")]
+    assert encoder and learning
+    assert all(torch.equal(start[k], trained[k]) for k in encoder)  # weights and BatchNorm statistics
+    assert not all(torch.equal(start[k], trained[k]) for k in learning)
+    assert "freeze_encoder" in config.to_dict()["train"]
+    config.train.freeze_encoder = False
+    assert "freeze_encoder" not in config.to_dict()["train"]
+
+
 def test_replay_adds_its_pairs_to_training_only_and_a_resume_reuses_them(tmp_path, monkeypatch):
     from polypseg.core.runs import RunDir, RunError
     from polypseg.training import train_split

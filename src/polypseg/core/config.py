@@ -141,6 +141,9 @@ class TrainConfig:
     # statistics frozen; their scale and shift still learn), so small, strongly augmented batches
     # cannot shift the statistics the model was trained with.
     freeze_norm: bool = False
+    # Fine-tuning on a few images: the encoder keeps its weights and statistics; only the decoder
+    # and the segmentation head learn (far fewer weights to fit to a handful of images).
+    freeze_encoder: bool = False
     # Replay: `replay_images` image/mask pairs of the dataset at `replay_data` (drawn with `seed`)
     # join the training part, so fine-tuning on a few new images keeps seeing what the model knew.
     # Never used for validation or test. "none" / 0 is off.
@@ -152,6 +155,7 @@ class TrainConfig:
 _LATER_TRAIN_FIELDS: dict[str, Any] = {
     "init_from": "none",
     "freeze_norm": False,
+    "freeze_encoder": False,
     "replay_data": "none",
     "replay_images": 0,
 }

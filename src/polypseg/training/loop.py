@@ -47,7 +47,7 @@ from polypseg.models.factory import create_model
 from polypseg.training.distributed import DistributedContext, resolve_training_device
 from polypseg.training.evaluation import evaluate_probabilities, predict_probabilities
 from polypseg.training.losses import create_loss
-from polypseg.training.norm import set_training_mode
+from polypseg.training.norm import freeze_encoder_weights, set_training_mode
 from polypseg.training.progress import TrainingProgress
 from polypseg.training.state import BestCheckpoint, TrainingState
 
@@ -147,6 +147,8 @@ class TrainStep:
         )
         self.model = create_model(config.model)
         self.init = load_initial_weights(self.model, config)
+        if tc.freeze_encoder:
+            freeze_encoder_weights(self.model)
         self.model = self.model.to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -390,7 +392,7 @@ def _train_epoch(
     """One epoch's optimisation steps; returns its record (epoch, mean training loss, last learning rate)."""
     device = images.device
     steps = batches.steps_per_epoch
-    set_training_mode(step_fn.model, freeze_norm=tc.freeze_norm)
+    set_training_mode(step_fn.model, freeze_norm=tc.freeze_norm, freeze_encoder=tc.freeze_encoder)
     # Seeded per epoch (not from a running RNG) so a resumed run repeats the same batches.
     cpu_gen = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
     order = torch.randperm(batches.n_train, generator=cpu_gen).to(device)  # one copy per epoch, not per step
