@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -264,6 +265,16 @@ def test_skip_ablation_end_to_end(external_data: Path, tmp_path: Path) -> None:
     )
     assert resumed.exit_code == 0, resumed.output
     assert weights.stat().st_mtime_ns == stamp
+    # a finished run's report is kept as it is; one missing or older than a fold's results is drawn again
+    report = no_skips / "report.html"
+    drawn = report.stat().st_mtime_ns
+    (with_skips / "report.html").unlink()
+    run_skip_ablation(external_data, out, config, resume=True, **{**kwargs, "report": True})
+    assert report.stat().st_mtime_ns == drawn
+    assert (with_skips / "report.html").is_file()
+    os.utime(no_skips / "fold_0" / "metrics.json", ns=(drawn + 1, drawn + 1))
+    run_skip_ablation(external_data, out, config, resume=True, **{**kwargs, "report": True})
+    assert report.stat().st_mtime_ns > drawn
 
 
 def test_studies_refuse_runs_on_other_folds(tmp_path: Path) -> None:

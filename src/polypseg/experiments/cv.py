@@ -337,13 +337,24 @@ def _finish_invocation(
     run: RunDir, summary: CVSummary | None, invocation: Stopwatch, clock: _WallClock, *, report: bool
 ) -> CVSummary:
     """The main process's end of an invocation: its summary (if no fold was evaluated in it, a
-    summary of what is there) and, if asked, the HTML report."""
+    summary of what is there) and, if asked, the HTML report, unless no fold was evaluated and the
+    report already shows every fold's result (a resumed finished run need not redraw its figures)."""
+    evaluated = summary is not None
     if summary is None:
         clock.tick()
         summary = _summarize_invocation(run, invocation, clock)
-    if report:
+    if report and (evaluated or not _report_is_current(run)):
         _write_report(run.path)
     return summary
+
+
+def _report_is_current(run: RunDir) -> bool:
+    """The report exists and was written after every fold's results."""
+    if not run.report_path.is_file():
+        return False
+    written = run.report_path.stat().st_mtime_ns
+    metrics = [run.fold_metrics_path(fold) for fold in run.fold_indices()]
+    return all(not path.is_file() or path.stat().st_mtime_ns <= written for path in metrics)
 
 
 def _summarize_invocation(run: RunDir, invocation: Stopwatch, clock: _WallClock) -> CVSummary:
