@@ -7,7 +7,11 @@ neighbouring frames show the same polyp. The 62 frames are split two ways, each 
 part (its ground truth stands in for a reviewer's masks) and a held-out part:
 
 - by sequence: frames of sequences 1-14 (numbers 1-297) corrected, sequences 15-29 held out;
-- at random: the same sizes, seeded, so frames of one sequence land on both sides (leakage).
+- at random: the same sizes, seeded, so frames of one sequence land on both sides (leakage);
+- select (run only when asked, ``--split select``): within the corrected part only, sequences 1-7
+  (numbers 1-151) corrected and sequences 8-14 held out, to choose among fine-tuning settings
+  without ever looking at sequences 15-29. Its training sees a folder of links to the frames of
+  sequences 1-14 only.
 
 For each split the shipped model is scored on the held-out part ("before"), then
 ``polypseg train --recipe adapt --test-list HELD_OUT`` fine-tunes it on the corrected part and
@@ -32,6 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 LAST_FRAME_OF_SEQUENCE_14 = 297  # CVC-ClinicDB README: sequence 14 is frames 278-297
+LAST_FRAME_OF_SEQUENCE_7 = 151  # sequence 7 is frames 127-151
 MODEL = "kvasir-unet-r34"
 
 
@@ -44,7 +49,22 @@ def splits(stems: list[str], seed: int = 0) -> dict[str, tuple[list[str], list[s
     shuffled = [ordered[i] for i in rng.permutation(len(ordered))]
     random_corrected = sorted(shuffled[: len(corrected)], key=int)
     random_held_out = sorted(shuffled[len(corrected) :], key=int)
-    return {"by_sequence": (corrected, held_out), "random": (random_corrected, random_held_out)}
+    select = (
+        [s for s in corrected if int(s) <= LAST_FRAME_OF_SEQUENCE_7],
+        [s for s in corrected if int(s) > LAST_FRAME_OF_SEQUENCE_7],
+    )
+    return {"by_sequence": (corrected, held_out), "random": (random_corrected, random_held_out), "select": select}
+
+
+def linked_subset(data: Path, stems: list[str], folder: Path) -> Path:
+    """A folder in CVC-ClinicDB's layout with links to ``stems``' images and masks only."""
+    for sub in ("Original", "Ground Truth"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            link = folder / sub / f"{stem}.tif"
+            if not link.is_symlink():
+                link.symlink_to((data / sub / f"{stem}.tif").resolve())
+    return folder
 
 
 def score_shipped(data: Path, held_out: list[str]) -> dict[str, float]:
@@ -75,7 +95,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--docs", type=Path, default=REPO / "docs" / "runs" / "adapt-cvc")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random split.")
-    parser.add_argument("--split", choices=("by_sequence", "random", "all"), default="all", help="Run one split only.")
+    parser.add_argument(
+        "--split",
+        choices=("by_sequence", "random", "select", "all"),
+        default="all",
+        help="Run one split only; all = by_sequence and random.",
+    )
     parser.add_argument(
         "--train-option",
         action="append",
@@ -100,13 +125,16 @@ def main() -> None:
         "splits": {},
     }
     for name, (corrected, held_out) in splits(stems, args.seed).items():
-        if args.split not in ("all", name):
+        if args.split != name and (args.split != "all" or name == "select"):
             continue
         test_list = args.out / f"{name}_held_out.txt"
         test_list.write_text("".join(f"{s}\n" for s in held_out))
         before = score_shipped(args.data, held_out)
+        data = (
+            args.data if name != "select" else linked_subset(args.data, corrected + held_out, args.out / "select_data")
+        )
         command = [
-            sys.executable, "-m", "polypseg", "train", "--data", str(args.data), "--test-list", str(test_list),
+            sys.executable, "-m", "polypseg", "train", "--data", str(data), "--test-list", str(test_list),
             "--recipe", "adapt", "--out", str(args.out / name), "--device", "cpu", "--no-progress",
             *args.train_option,
         ]  # fmt: skip

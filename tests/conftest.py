@@ -41,6 +41,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "tiny_cv_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    _modules_with_slow_tests_first(items)
+
+
+def _modules_with_slow_tests_first(items: list[pytest.Item]) -> None:
+    """Files with ``slow`` tests run first, each file's tests together and in their order.
+
+    With ``-n`` (pytest-xdist, in ``addopts``) the workers take tests in this order; a minute-long
+    test taken last would leave the other worker idle while it runs, taken first it overlaps with
+    the many short ones.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: files stay together, in order
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
