@@ -16,7 +16,7 @@ part (its ground truth stands in for a reviewer's masks) and a held-out part:
 For each split the shipped model is scored on the held-out part ("before"), then
 ``polypseg train --recipe adapt --test-list HELD_OUT`` fine-tunes it on the corrected part and
 scores the held-out part once at the end ("after"). Both scores come from the same images, the same
-256 px cache, precision and function (``predict_with_recipe``). Written: ``OUT/<split>/`` (runs),
+cache at the shipped model's input size, precision and function (``predict_with_recipe``). Written: ``OUT/<split>/`` (runs),
 ``DOCS/results.json`` and ``DOCS/<split>/`` (each run's config, split, history and test metrics;
 no weights).
 """
@@ -69,17 +69,21 @@ def linked_subset(data: Path, stems: list[str], folder: Path) -> Path:
 
 def score_shipped(data: Path, held_out: list[str]) -> dict[str, float]:
     """Mean Dice and IoU of the shipped model on ``held_out``, evaluated as ``polypseg train`` evaluates
-    its test images under the ``adapt`` recipe (256 px cache, its eval batch, TTA and precision)."""
+    its test images under the ``adapt`` recipe (at the shipped model's input size, its eval batch, TTA
+    and precision)."""
     from polypseg.core.config import get_recipe
     from polypseg.core.devices import resolve_device
     from polypseg.core.precision import resolve_precision
     from polypseg.data.cache import build_cache
     from polypseg.models.checkpoint import load_checkpoint
     from polypseg.models.pretrained import resolve_model
+    from polypseg.training.adapt import match_init_size
     from polypseg.training.evaluation import evaluate_probabilities
     from polypseg.training.loop import predict_with_recipe
 
-    train = get_recipe("adapt").train
+    config = get_recipe("adapt")
+    match_init_size(config)  # as polypseg train --recipe adapt does: the shipped model's input size
+    train = config.train
     device = resolve_device("cpu")
     train.precision = resolve_precision(train.precision, device)
     model = load_checkpoint(resolve_model(MODEL), device=device).model

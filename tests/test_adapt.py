@@ -64,6 +64,33 @@ def test_train_command_sizes_the_recipe_to_the_training_set(tmp_path: Path, monk
     assert (seen[-1].train.epochs, seen[-1].train.lr) == (3, 0.001)
 
 
+def test_the_recipe_trains_at_the_input_size_of_the_model_it_starts_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from polypseg.cli.main import app
+    from polypseg.models.checkpoint import save_checkpoint
+    from polypseg.models.factory import create_model
+    from polypseg.training import train_split
+
+    source = get_recipe("adapt")
+    source.model.encoder, source.model.decoder_channels = TINY_MODEL["encoder"], TINY_MODEL["decoder_channels"]
+    source.train.image_size, source.train.init_from = 96, "none"
+    init = save_checkpoint(tmp_path / "source" / "best", create_model(source.model), source)
+    seen = []
+    monkeypatch.setattr(train_split, "train_single_split", lambda data, out, config, **kw: seen.append(config) or {
+        "checkpoint": str(out), "best_epoch": 0})  # fmt: skip
+    data = write_synthetic_dataset(tmp_path / "review", n=12)
+    model = ["--set", f"model.encoder={TINY_MODEL['encoder']}"]
+    model += ["--set", f"model.decoder_channels={list(TINY_MODEL['decoder_channels'])}"]
+    base = ["train", "--data", str(data), "--recipe", "adapt", "--init", str(init), *model]
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert seen[-1].train.image_size == 96 and "training at 96 px" in result.output
+    result = CliRunner().invoke(app, [*base, "--image-size", "32", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert seen[-1].train.image_size == 32 and "training at" not in result.output
+
+
 def test_replayed_pairs_count_in_the_training_set_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from polypseg.cli.main import app
     from polypseg.training import train_split

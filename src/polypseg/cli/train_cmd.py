@@ -55,12 +55,22 @@ def _say_precision(config: RunConfig, device: str) -> None:
 
 
 def _size_adapt_recipe(config: RunConfig, choices: RecipeChoices, data: Path, test_list: Path | None) -> None:
-    """Scale the ``adapt`` recipe's epochs, warm-up and learning rate to the training set's size;
-    --epochs, --lr or --set of those fields keep the user's values."""
-    from polypseg.training.adapt import scale_to_set_size, training_set_size
+    """Scale the ``adapt`` recipe's epochs, warm-up and learning rate to the training set's size and
+    train at the --init model's input size; --epochs, --lr, --image-size or --set of those fields
+    keep the user's values."""
+    from polypseg.training.adapt import match_init_size, scale_to_set_size, training_set_size
 
     def given(option: object, *keys: str) -> bool:
         return option is not None or any(o.split("=", 1)[0].strip() in keys for o in choices.overrides)
+
+    if not given(choices.image_size, "train.image_size"):
+        size = match_init_size(config)
+        if size is not None:
+            console.print(
+                f"adapt: training at {size} px, the input size of --init {escape(config.train.init_from)}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     n_train = training_set_size(data, config, test_list=test_list)
     plan = scale_to_set_size(

@@ -1,9 +1,10 @@
-"""Sizing the ``adapt`` recipe to a small set of corrected images.
+"""Sizing the ``adapt`` recipe to a small set of corrected images and to the model it starts from.
 
 A fixed number of epochs means very different training for 30 and for 300 images. The ``adapt``
 recipe instead aims at about :data:`TARGET_STEPS` optimizer steps whatever the set's size, warms
 up over :data:`WARMUP_STEPS` steps, and lowers the learning rate for the smallest sets, which a
-full-strength update would over-fit in a few steps.
+full-strength update would over-fit in a few steps. It trains at the input size of the model it
+starts from (:func:`match_init_size`): a model trained at 352 px sees polyps at that scale.
 """
 
 from __future__ import annotations
@@ -81,3 +82,14 @@ def training_set_size(data: Path | str, config: RunConfig, test_list: Path | str
         [s for s in stems if s not in held_out], config.train.val_fraction, config.train.seed
     )
     return len(train) + config.train.replay_images
+
+
+def match_init_size(config: RunConfig) -> int | None:
+    """Set ``config.train.image_size`` to the input size of the model ``config.train.init_from`` names
+    (in place); returns it, or ``None`` (nothing changed) when the run starts from no model."""
+    from polypseg.training.init_source import init_image_size
+
+    size = init_image_size(config)
+    if size is not None:
+        config.train.image_size = size
+    return size

@@ -45,3 +45,13 @@ def init_checkpoint(config: RunConfig) -> Path | None:
             f"({', '.join(f'{theirs.get(k)!r} vs {ours[k]!r}' for k in differ)})"
         )
     return found[0]
+
+
+def init_image_size(config: RunConfig) -> int | None:
+    """The input size (px) the model ``config.train.init_from`` names was trained at, or ``None`` for ``none``."""
+    from polypseg.models.checkpoint import config_from_metadata, read_metadata
+
+    checkpoint = init_checkpoint(config)
+    if checkpoint is None:
+        return None
+    return config_from_metadata(read_metadata(checkpoint), checkpoint).train.image_size
