@@ -47,9 +47,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _modules_with_slow_tests_first(items: list[pytest.Item]) -> None:
     """Files with ``slow`` tests run first, each file's tests together and in their order.
 
-    With ``-n`` (pytest-xdist, in ``addopts``) the workers take tests in this order; a minute-long
-    test taken last would leave the other worker idle while it runs, taken first it overlaps with
-    the many short ones.
+    With ``-n`` (pytest-xdist, in ``addopts``) the workers take files in this order; a file with a
+    minute-long test taken last would leave the other worker idle while it runs, taken first it
+    overlaps with the many short ones.
     """
     slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: files stay together, in order
