@@ -1,0 +1,77 @@
+"""Average a fine-tuned model's weights with the model it started from, and score the average.
+
+Usage: python scripts/adapt_weight_average.py RUN [RUN ...] --out averages.json [--share 0.5] [--data CVC62]
+
+Each RUN is a finished ``polypseg train --recipe adapt --test-list ...`` run folder. Its best
+checkpoint and the shipped model are averaged tensor by tensor (``share`` of the fine-tuned
+weights; BatchNorm statistics included, integer counters kept), then scored on the run's own test
+stems exactly as ``scripts/adapt_experiment.py`` scores the shipped model ("before") and
+``polypseg train`` scores the fine-tuned one ("after"): the ``adapt`` recipe's evaluation at the
+shipped model's input size. Nothing is trained and no weights are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from adapt_experiment import MODEL  # noqa: E402 - the shipped model the adaptation started from
+
+
+def averaged_state(start: dict, tuned: dict, share: float) -> dict:
+    """``share`` of ``tuned`` plus ``1 - share`` of ``start`` for floating tensors; others from ``tuned``."""
+    return {
+        name: (share * tensor + (1 - share) * start[name].to(tensor.dtype)) if tensor.is_floating_point() else tensor
+        for name, tensor in tuned.items()
+    }
+
+
+def score(model, data: Path, stems: list[str]) -> dict[str, float]:
+    """Mean Dice and IoU at 0.5 on ``stems``, as the adapt recipe evaluates."""
+    from polypseg.core.config import get_recipe
+    from polypseg.core.devices import resolve_device
+    from polypseg.core.precision import resolve_precision
+    from polypseg.data.cache import build_cache
+    from polypseg.training.adapt import match_init_size
+    from polypseg.training.evaluation import evaluate_probabilities
+    from polypseg.training.loop import predict_with_recipe
+
+    config = get_recipe("adapt")
+    match_init_size(config)
+    train, device = config.train, resolve_device("cpu")
+    train.precision = resolve_precision(train.precision, device)
+    test = build_cache(data, train.image_size, progress=False).subset(stems)
+    at = evaluate_probabilities(predict_with_recipe(model, test.images, train, device), test.masks, test.stems)
+    return {k: at.compute()["at"]["0.5"][k] for k in ("dice", "iou", "precision", "sensitivity")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "cvc-clinicdb-test62")
+    parser.add_argument("--share", type=float, default=0.5, help="Share of the fine-tuned weights (0-1).")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    from polypseg.models.checkpoint import load_checkpoint
+    from polypseg.models.pretrained import resolve_model
+
+    start = load_checkpoint(resolve_model(MODEL)).model.state_dict()
+    results = {"model": MODEL, "share": args.share, "data": args.data.name, "runs": {}}
+    for run in args.runs:
+        tuned = load_checkpoint(run / "best")
+        stems = json.loads((run / "split.json").read_text())["test"]
+        tuned.model.load_state_dict(averaged_state(start, tuned.model.state_dict(), args.share))
+        results["runs"][str(run)] = {"held_out": len(stems), "averaged": score(tuned.model.eval(), args.data, stems)}
+        print(f"{run}: averaged Dice {results['runs'][str(run)]['averaged']['dice']:.4f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
