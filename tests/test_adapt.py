@@ -130,3 +130,38 @@ def test_serve_loads_an_adapted_model(tmp_path: Path):
     service = InferenceService.from_checkpoint(path.with_suffix(""), device="cpu")
     with TestClient(create_app(service, WebSettings())) as client:
         assert client.get("/v1/model").json()["training"]["recipe"] == "adapt"
+
+
+def _script(name: str):
+    """A module of ``scripts/`` (measurement scripts, not part of the package), loaded by path."""
+    import importlib.util
+    import sys
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(scripts))
+
+
+def test_cvc_splits_keep_sequences_apart_and_the_selection_split_inside_the_corrected_part():
+    splits = _script("adapt_experiment").splits([str(n) for n in (3, 60, 150, 151, 152, 297, 298, 400, 612)])
+    corrected, held_out = splits["by_sequence"]
+    assert corrected == ["3", "60", "150", "151", "152", "297"] and held_out == ["298", "400", "612"]
+    chosen, checked = splits["select"]
+    assert chosen == ["3", "60", "150", "151"] and checked == ["152", "297"]  # sequences 1-7, then 8-14
+    assert sorted(splits["random"][0] + splits["random"][1], key=int) == corrected + held_out
+
+
+def test_weight_average_interpolates_floating_tensors_and_keeps_counters():
+    average = _script("adapt_weight_average").averaged_state
+    start = {"w": torch.zeros(3), "n": torch.tensor(5)}
+    tuned = {"w": torch.full((3,), 2.0), "n": torch.tensor(9)}
+    mixed = average(start, tuned, 0.25)
+    assert torch.equal(mixed["w"], torch.full((3,), 0.5)) and int(mixed["n"]) == 9
+    assert torch.equal(average(start, tuned, 0.0)["w"], start["w"])
+    assert torch.equal(average(start, tuned, 1.0)["w"], tuned["w"])
