@@ -84,3 +84,25 @@ def test_every_bench_backend_loads_and_times(checkpoint, name, tmp_path):
     assert predictor.backend == engine and predictor.precision == wanted
     row = bench.benchmark(predictor, batch_size=1, warmup=1, repeats=2, pipeline="end-to-end")
     assert row["precision"] == wanted and row["images_per_s"] > 0
+
+
+def test_an_openvino_that_cannot_load_counts_as_not_installed(monkeypatch):
+    """A present but broken OpenVINO (a missing shared library) must send ``auto`` to onnxruntime
+    before any export, not fail after one."""
+    import builtins
+    import importlib.util
+
+    from polypseg.experiments.bench import available_backends
+    from polypseg.inference.predictor import openvino_installed
+
+    assert openvino_installed() == (importlib.util.find_spec("openvino") is not None)
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise OSError("libopenvino.so.2540: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    assert openvino_installed() is False
+    assert not any(name.startswith("openvino") for name in available_backends("cpu"))

@@ -419,20 +419,14 @@ def test_a_heatmap_that_lost_fp32s_prediction_counts_as_no_agreement() -> None:
 
 
 def test_bench_auto_times_the_engine_predict_auto_uses(monkeypatch) -> None:
-    import importlib.util
-
     from polypseg.core import precision
     from polypseg.experiments.bench import auto_backend
+    from polypseg.inference import predictor
 
-    real_find_spec = importlib.util.find_spec
     assert auto_backend("cuda") == "torch"
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real_find_spec(name, *a)
-    )
+    monkeypatch.setattr(predictor, "openvino_installed", lambda: False)
     assert auto_backend("cpu") == "onnxruntime"
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: object() if name == "openvino" else real_find_spec(name, *a)
-    )
+    monkeypatch.setattr(predictor, "openvino_installed", lambda: True)
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])
     assert auto_backend("cpu") == "openvino-bf16"
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
@@ -440,22 +434,15 @@ def test_bench_auto_times_the_engine_predict_auto_uses(monkeypatch) -> None:
 
 
 def test_bench_auto_takes_int8_where_every_checkpoint_has_a_validated_export(tmp_path, monkeypatch) -> None:
-    import importlib.util
-
     from polypseg.experiments.bench import auto_backend
-    from polypseg.inference import export
+    from polypseg.inference import export, predictor
 
     config = tiny_config(image_size=32)
     checkpoint = save_checkpoint(tmp_path / "tiny", create_model(config.model).eval(), config)
     validated: set[Path] = set()
     monkeypatch.setattr(export, "find_validated_int8", lambda c, cache_dir=None: c if c in validated else None)
-    real_find_spec = importlib.util.find_spec
-    for openvino, engine in ((object(), "openvino"), (None, "onnxruntime")):
-        monkeypatch.setattr(
-            importlib.util,
-            "find_spec",
-            lambda name, *a, o=openvino: o if name == "openvino" else real_find_spec(name, *a),
-        )
+    for installed, engine in ((True, "openvino"), (False, "onnxruntime")):
+        monkeypatch.setattr(predictor, "openvino_installed", lambda i=installed: i)
         validated.clear()
         assert auto_backend("cpu", checkpoint) != f"{engine}-int8"
         validated.add(checkpoint)

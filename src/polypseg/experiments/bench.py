@@ -47,13 +47,12 @@ def auto_backend(device: str | torch.device = "cpu", model: str | Path | None = 
     """The engine ``polypseg predict --backend auto`` uses: torch on CUDA; on a CPU OpenVINO when
     installed, else onnxruntime, in int8 where every checkpoint of ``model`` has a validated int8
     export (beside it or in the cache), else OpenVINO in bf16 where the CPU has it natively."""
-    from importlib.util import find_spec
-
     from polypseg.core.precision import cpu_bf16_flags
+    from polypseg.inference.predictor import openvino_installed
 
     if torch.device(device).type == "cuda":
         return "torch"
-    engine = "openvino" if find_spec("openvino") is not None else "onnxruntime"
+    engine = "openvino" if openvino_installed() else "onnxruntime"
     if model is not None and str(model) != "random" and Path(model).suffix != ".onnx" and _all_int8_validated(model):
         return f"{engine}-int8"
     if engine == "onnxruntime":
@@ -75,15 +74,15 @@ def _all_int8_validated(model: str | Path) -> bool:
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """What ``--backend all`` runs: on CUDA torch; on a CPU every engine installed, bf16 where native."""
-    from importlib.util import find_spec
-
     from polypseg.core.precision import cpu_bf16_flags
+    from polypseg.inference.predictor import openvino_installed
 
     if torch.device(device).type == "cuda":
         return ["torch", "torch-bf16"]
     names = []
+    openvino = openvino_installed()
     for name, (engine, precision) in BACKEND_SPECS.items():
-        if engine == "openvino" and find_spec("openvino") is None:
+        if engine == "openvino" and not openvino:
             continue
         if precision == "bf16" and not cpu_bf16_flags():
             continue

@@ -542,10 +542,14 @@ def _compile_mode(compile: bool | str | None) -> str | None:
 
 
 def openvino_installed() -> bool:
-    """Whether the optional OpenVINO engine (``polypseg[openvino]``) can be imported."""
-    from importlib.util import find_spec
-
-    return find_spec("openvino") is not None
+    """Whether the optional OpenVINO engine (``polypseg[openvino]``) imports. A package that is present
+    but cannot load (a missing shared library, a build for another Python) counts as not installed,
+    so ``auto`` takes onnxruntime at once instead of failing after a whole ONNX export."""
+    try:
+        import openvino  # noqa: F401
+    except Exception:  # noqa: BLE001 - whatever stops the import, the engine cannot run here
+        return False
+    return True
 
 
 def _preferred_onnx(
