@@ -364,6 +364,13 @@ def test_page_end_to_end(browser, base: str, tmp_path: Path):
     for row, expected in zip(rows, server["per_frame"], strict=True):
         assert float(row["mean_confidence"]) == pytest.approx(expected["mean_confidence"], abs=2e-6)
     page.screenshot(path=str(ARTIFACTS / "web_e2e_video.png"), full_page=True)
+    # decoded frames are kept for the last FRAME_CACHE frames only: a long video cannot fill the tab's memory
+    size, limit, oldest = page.evaluate(
+        "() => { const m = new Map(); for (let i = 0; i < FRAME_CACHE + 5; i++) remember(m, i, i);"
+        " return [m.size, FRAME_CACHE, Math.min(...m.keys())]; }"
+    )
+    assert size == limit and oldest == 5
+    assert page.evaluate("() => video.masks.size + video.levels.size") <= 2 * limit
     assert not tab.errors, tab.errors
     tab.close()
 

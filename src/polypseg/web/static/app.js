@@ -950,7 +950,15 @@ const video = {
   result: null, masks: new Map(), levels: new Map(), url: null, frame: -1,
   threshold: null, rows: null, consistency: null, drawn: null,
 };
-const LEVEL_CACHE = 64;  // decoded level maps kept (one byte per pixel each)
+const FRAME_CACHE = 64;  // decoded masks and level maps kept per kind (one byte per pixel each)
+
+// Keep at most FRAME_CACHE entries in a Map, dropping the oldest: a long video must not hold every
+// decoded frame in the tab's memory.
+function remember(cache, key, value) {
+  cache.set(key, value);
+  if (cache.size > FRAME_CACHE) cache.delete(cache.keys().next().value);
+  return value;
+}
 
 function decodeRle(rle) {
   // COCO uncompressed RLE, column-major -> row-major Uint8Array
@@ -984,21 +992,19 @@ function frameAt(seconds) {
 const atServedThreshold = () => video.threshold === video.result.threshold;
 
 // A frame's level map (pixel value: how many of the thresholds 0.01 ... 0.99 its probability
-// reaches), decoded once and kept for the last LEVEL_CACHE frames shown.
+// reaches), decoded once and kept for the last FRAME_CACHE frames shown.
 async function frameLevels(index) {
   if (video.levels.has(index)) return video.levels.get(index);
   const { width, height } = video.result;
   const levels = await decodeGrayPng(video.result.threshold_levels.frames[index].levels_png_base64, width, height);
-  video.levels.set(index, levels);
-  if (video.levels.size > LEVEL_CACHE) video.levels.delete(video.levels.keys().next().value);
-  return levels;
+  return remember(video.levels, index, levels);
 }
 
 // The mask of a frame at the slider's threshold: the server's at its own threshold, else level >= k.
 async function frameMask(index) {
   if (atServedThreshold()) {
-    if (!video.masks.has(index)) video.masks.set(index, decodeRle(video.result.masks_rle[index]));
-    return video.masks.get(index);
+    if (video.masks.has(index)) return video.masks.get(index);
+    return remember(video.masks, index, decodeRle(video.result.masks_rle[index]));
   }
   const levels = await frameLevels(index);
   const k = Math.round(video.threshold * 100);
