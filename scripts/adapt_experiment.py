@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,16 +68,14 @@ def linked_subset(data: Path, stems: list[str], folder: Path) -> Path:
     return folder
 
 
-def score_shipped(data: Path, held_out: list[str]) -> dict[str, float]:
-    """Mean Dice and IoU of the shipped model on ``held_out``, evaluated as ``polypseg train`` evaluates
-    its test images under the ``adapt`` recipe (at the shipped model's input size, its eval batch, TTA
-    and precision)."""
+def score_model(model: Any, data: Path, stems: list[str]) -> tuple[dict[str, float], str]:
+    """Metrics at threshold 0.5 of ``model`` on ``stems`` of ``data`` and the numeric precision used,
+    evaluated as ``polypseg train`` evaluates its test images under the ``adapt`` recipe (at the
+    shipped model's input size, its eval batch, TTA and precision)."""
     from polypseg.core.config import get_recipe
     from polypseg.core.devices import resolve_device
     from polypseg.core.precision import resolve_precision
     from polypseg.data.cache import build_cache
-    from polypseg.models.checkpoint import load_checkpoint
-    from polypseg.models.pretrained import resolve_model
     from polypseg.training.adapt import match_init_size
     from polypseg.training.evaluation import evaluate_probabilities
     from polypseg.training.loop import predict_with_recipe
@@ -86,11 +85,18 @@ def score_shipped(data: Path, held_out: list[str]) -> dict[str, float]:
     train = config.train
     device = resolve_device("cpu")
     train.precision = resolve_precision(train.precision, device)
-    model = load_checkpoint(resolve_model(MODEL), device=device).model
-    test = build_cache(data, train.image_size, progress=False).subset(held_out)
+    test = build_cache(data, train.image_size, progress=False).subset(stems)
     at = evaluate_probabilities(predict_with_recipe(model, test.images, train, device), test.masks, test.stems)
-    scores = at.compute()["at"]["0.5"]
-    return {"dice": scores["dice"], "iou": scores["iou"], "precision": train.precision}
+    return at.compute()["at"]["0.5"], train.precision
+
+
+def score_shipped(data: Path, held_out: list[str]) -> dict[str, Any]:
+    """Mean Dice and IoU of the shipped model on ``held_out`` (:func:`score_model`), with the precision."""
+    from polypseg.models.checkpoint import load_checkpoint
+    from polypseg.models.pretrained import resolve_model
+
+    scores, precision = score_model(load_checkpoint(resolve_model(MODEL)).model, data, held_out)
+    return {"dice": scores["dice"], "iou": scores["iou"], "precision": precision}
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from adapt_experiment import MODEL  # noqa: E402 - the shipped model the adaptation started from
+from adapt_experiment import MODEL, score_model  # noqa: E402 - the shipped model and its evaluation
 
 
 def averaged_state(start: dict, tuned: dict, share: float) -> dict:
@@ -29,25 +29,6 @@ def averaged_state(start: dict, tuned: dict, share: float) -> dict:
         name: (share * tensor + (1 - share) * start[name].to(tensor.dtype)) if tensor.is_floating_point() else tensor
         for name, tensor in tuned.items()
     }
-
-
-def score(model, data: Path, stems: list[str]) -> dict[str, float]:
-    """Mean Dice and IoU at 0.5 on ``stems``, as the adapt recipe evaluates."""
-    from polypseg.core.config import get_recipe
-    from polypseg.core.devices import resolve_device
-    from polypseg.core.precision import resolve_precision
-    from polypseg.data.cache import build_cache
-    from polypseg.training.adapt import match_init_size
-    from polypseg.training.evaluation import evaluate_probabilities
-    from polypseg.training.loop import predict_with_recipe
-
-    config = get_recipe("adapt")
-    match_init_size(config)
-    train, device = config.train, resolve_device("cpu")
-    train.precision = resolve_precision(train.precision, device)
-    test = build_cache(data, train.image_size, progress=False).subset(stems)
-    at = evaluate_probabilities(predict_with_recipe(model, test.images, train, device), test.masks, test.stems)
-    return {k: at.compute()["at"]["0.5"][k] for k in ("dice", "iou", "precision", "sensitivity")}
 
 
 def main() -> None:
@@ -67,7 +48,9 @@ def main() -> None:
         tuned = load_checkpoint(run / "best")
         stems = json.loads((run / "split.json").read_text())["test"]
         tuned.model.load_state_dict(averaged_state(start, tuned.model.state_dict(), args.share))
-        results["runs"][str(run)] = {"held_out": len(stems), "averaged": score(tuned.model.eval(), args.data, stems)}
+        scores, _ = score_model(tuned.model.eval(), args.data, stems)
+        averaged = {k: scores[k] for k in ("dice", "iou", "precision", "sensitivity")}
+        results["runs"][str(run)] = {"held_out": len(stems), "averaged": averaged}
         print(f"{run}: averaged Dice {results['runs'][str(run)]['averaged']['dice']:.4f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
