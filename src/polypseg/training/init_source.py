@@ -21,6 +21,19 @@ def init_checkpoint(config: RunConfig) -> Path | None:
     A source that is missing, not one checkpoint, or of another architecture is a
     :class:`~polypseg.core.config.ConfigError` naming it as ``--init SPEC``.
     """
+    source = _init_source(config)
+    return None if source is None else source[0]
+
+
+def init_image_size(config: RunConfig) -> int | None:
+    """The input size (px) the model ``config.train.init_from`` names was trained at, or ``None`` for
+    ``none``; checked as :func:`init_checkpoint` checks it."""
+    source = _init_source(config)
+    return None if source is None else source[1].train.image_size
+
+
+def _init_source(config: RunConfig) -> tuple[Path, RunConfig] | None:
+    """The checkpoint ``config.train.init_from`` names and the run config in its metadata, checked."""
     from polypseg.models.checkpoint import CheckpointError, config_from_metadata, find_checkpoints, read_metadata
     from polypseg.models.pretrained import PretrainedError, resolve_model
 
@@ -44,14 +57,4 @@ def init_checkpoint(config: RunConfig) -> Path | None:
             f"{label}: its model differs from this run's in {', '.join(f'model.{k}' for k in differ)} "
             f"({', '.join(f'{theirs.get(k)!r} vs {ours[k]!r}' for k in differ)})"
         )
-    return found[0]
-
-
-def init_image_size(config: RunConfig) -> int | None:
-    """The input size (px) the model ``config.train.init_from`` names was trained at, or ``None`` for ``none``."""
-    from polypseg.models.checkpoint import config_from_metadata, read_metadata
-
-    checkpoint = init_checkpoint(config)
-    if checkpoint is None:
-        return None
-    return config_from_metadata(read_metadata(checkpoint), checkpoint).train.image_size
+    return found[0], source
