@@ -15,8 +15,10 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -33,6 +35,9 @@ from polypseg.web.server import BackgroundServer
 from polypseg.web.service import InferenceService
 
 from helpers import tiny_config, write_synthetic_dataset
+
+if TYPE_CHECKING:
+    from playwright.sync_api import BrowserContext
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -117,12 +122,20 @@ def ensemble_base(tmp_path_factory: pytest.TempPathFactory):
 class Page:
     """A fresh tab on the app that records every request and every page error."""
 
-    def __init__(self, browser, url: str, init_script: str | None = None) -> None:
+    def __init__(
+        self,
+        browser,
+        url: str,
+        init_script: str | None = None,
+        setup: Callable[[BrowserContext], None] | None = None,
+    ) -> None:
         self.context = browser.new_context(viewport={"width": 1400, "height": 950}, accept_downloads=True)
         # Waits are for states of the page; the limit only stops a hung test, even on a loaded machine.
         self.context.set_default_timeout(HANG_MS)
         if init_script:
             self.context.add_init_script(init_script)
+        if setup:
+            setup(self.context)
         self.page = self.context.new_page()
         self.base = url
         self.requests: list[str] = []
@@ -710,6 +723,24 @@ def reviewing(browser, service, review_dir: Path, folder: Path) -> Iterator[Page
         tab.page.set_input_files("#folder-input", str(folder))
         tab.wait_for_result("case00.jpg")
         yield tab
+
+
+def test_review_tools_shown_when_the_review_script_loads_after_the_first_requests(browser, service, tmp_path: Path):
+    """app.js starts only once every deferred script ran: a slow review.js cannot leave the tools hidden."""
+    from polypseg.web.app import WebSettings
+
+    def slow_review_script(context: BrowserContext) -> None:
+        def late(route) -> None:
+            time.sleep(1.5)  # longer than /v1/health, /v1/model and /v1/samples take to answer
+            route.continue_()
+
+        context.route("**/static/review.js", late)
+
+    with BackgroundServer(create_app(service, WebSettings(review_dir=tmp_path / "review"))) as url:
+        tab = Page(browser, url, setup=slow_review_script)
+        assert tab.page.is_visible("#review-tools") and tab.page.evaluate("() => review.enabled")
+        assert not tab.errors, tab.errors
+        tab.close()
 
 
 def test_review_loop_verdicts_and_corrections_persist_and_export(browser, service, tmp_path: Path):

@@ -1388,4 +1388,6 @@ $("token-form").addEventListener("submit", (event) => {
 
 drawColorbars();
 applyView();
-init();
+// Both scripts are deferred and review.js may still be loading when this one runs (readyState is
+// already "interactive" then): DOMContentLoaded fires once every deferred script has run.
+document.addEventListener("DOMContentLoaded", init, { once: true });
