@@ -54,6 +54,21 @@ def test_openvino_matches_torch(checkpoint, images, reference):
     assert ensemble_checked.n_models == 2
 
 
+@pytest.mark.parametrize(("installed", "label"), [(True, "OpenVINO"), (False, "onnxruntime")])
+def test_a_failed_export_falls_back_to_torch_and_names_the_engine(checkpoint, monkeypatch, installed, label):
+    from polypseg.inference import predictor as predictor_module
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("exporter crashed\nwith a long trace")
+
+    monkeypatch.setattr(predictor_module, "openvino_installed", lambda: installed)
+    monkeypatch.setattr(predictor_module, "_onnx_models", failing_export)
+    notes: list[str] = []
+    loaded = Predictor.from_checkpoint(checkpoint, device="cpu", backend="auto", precision="fp32", notify=notes.append)
+    assert loaded.backend == "torch"
+    assert notes == [f"{label} unavailable for {checkpoint} (exporter crashed); using torch"]
+
+
 def test_openvino_is_cpu_only_and_needs_the_extra(checkpoint, monkeypatch):
     with pytest.raises(PredictorError, match="runs on the CPU"):
         Predictor.from_checkpoint(checkpoint, device=torch.device("meta"), backend="openvino")

@@ -16,6 +16,8 @@ CHOICES = [
     ("auto", "cpu", False, True, "auto", False, False, AUTO_CPU_OPENVINO),
     ("auto", "cpu", False, True, "bf16", False, False, EngineChoice("openvino", fallback="torch")),
     ("auto", "cpu", False, False, "fp32", False, False, EngineChoice("onnxruntime", fallback="torch")),
+    # bf16 asked for without OpenVINO: torch, the one other engine that computes in bf16
+    ("auto", "cpu", False, False, "bf16", False, False, EngineChoice("torch")),
     ("auto", "cpu", True, True, "auto", False, False, EngineChoice("torch")),
     ("auto", "cuda:0", False, True, "auto", False, False, EngineChoice("torch")),
     ("auto", "cuda", False, False, "bf16", False, True, EngineChoice("torch")),
@@ -24,9 +26,12 @@ CHOICES = [
     ("onnxruntime", "cpu", False, True, "auto", False, True, EngineChoice("onnxruntime")),
     ("onnxruntime", "cuda:0", False, False, "auto", False, False, EngineChoice("onnxruntime")),
     ("openvino", "cpu", False, False, "bf16", False, False, EngineChoice("openvino")),
-    ("openvino", "cpu", True, True, "auto", False, False, EngineChoice("openvino")),
-    # an exported model runs as it is: never exported again, never int8 by choice, never torch
-    ("auto", "cpu", False, True, "auto", True, False, EngineChoice("onnxruntime")),
+    # an exported model runs as it is: never exported again, never int8 by choice, never torch;
+    # on OpenVINO where installed, as checkpoints do
+    ("auto", "cpu", False, True, "auto", True, False, EngineChoice("openvino")),
+    ("auto", "cpu", False, True, "bf16", True, False, EngineChoice("openvino")),
+    ("auto", "cpu", False, False, "auto", True, False, EngineChoice("onnxruntime")),
+    ("onnxruntime", "cpu", False, True, "auto", True, False, EngineChoice("onnxruntime")),
     ("auto", "cuda:0", False, False, "auto", True, False, EngineChoice("onnxruntime")),
     ("onnxruntime", "cpu", False, False, "fp32", True, False, EngineChoice("onnxruntime")),
     ("openvino", "cpu", False, True, "bf16", True, False, EngineChoice("openvino")),
@@ -41,6 +46,10 @@ REFUSALS = [
     ("openvino", "cuda:0", False, True, "auto", True, False, "the openvino backend runs on the CPU, not cuda:0"),
     ("openvino", "meta", False, True, "auto", False, False, "the openvino backend runs on the CPU, not meta"),
     ("onnxruntime", "cpu", True, False, "auto", False, False, "compile applies to the torch backend, not onnxruntime"),
+    ("openvino", "cpu", True, True, "auto", False, False, "compile applies to the torch backend, not openvino"),
+    ("onnxruntime", "cpu", False, True, "bf16", False, False, "precision bf16: onnxruntime computes in fp32; use backend 'openvino' or 'auto'"),
+    ("onnxruntime", "cpu", False, True, "bf16", True, False, "precision bf16: onnxruntime computes in fp32; use backend 'openvino' or 'auto'"),
+    ("auto", "cpu", False, False, "bf16", True, False, "precision bf16: m.onnx runs in bf16 on OpenVINO only (pip install 'polypseg[openvino]')"),
 ]  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from polypseg.data.sample_data import sample_dataset_path
+from polypseg.errors import PolypsegError
 from polypseg.inference.deploy import measure_dice_change
 from polypseg.inference.export import (
     ExportError,
@@ -122,8 +123,9 @@ def test_onnxruntime_backend_matches_torch_predictor(exported: tuple[Path, Path]
 
 def test_onnx_file_loads_directly_with_its_sidecar(exported: tuple[Path, Path], tmp_path: Path) -> None:
     _, onnx_path = exported
-    predictor = Predictor.from_checkpoint(onnx_path, device="cpu")
-    assert predictor.backend == "onnxruntime" and predictor.threshold == 0.4 and predictor.image_size == 64
+    predictor = Predictor.from_checkpoint(onnx_path, device="cpu")  # auto: OpenVINO where installed, as for checkpoints
+    assert predictor.backend == ("openvino" if openvino_installed() else "onnxruntime")
+    assert predictor.threshold == 0.4 and predictor.image_size == 64
     assert predictor.metadata["config"]["model"]["encoder"] == "resnet18"
     # Without a sidecar the input size comes from the graph and the threshold is 0.5.
     bare = tmp_path / "bare.onnx"
@@ -291,8 +293,14 @@ def test_export_errors_name_the_file(exported: tuple[Path, Path], tmp_path: Path
         export_onnx(checkpoint, tmp_path / "model.bin")
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
-    with pytest.raises(ExportError, match="broken.onnx"):
-        Predictor.from_checkpoint(broken, device="cpu")
+    with pytest.raises(ExportError, match=r"^onnxruntime cannot load .*broken.onnx: .*Protobuf parsing failed"):
+        Predictor.from_checkpoint(broken, device="cpu", backend="onnxruntime")
+    if _openvino_importable():
+        with pytest.raises(
+            PolypsegError, match=r"^OpenVINO cannot read .*broken.onnx: Unable to read the model"
+        ) as raised:
+            Predictor.from_checkpoint(broken, device="cpu", backend="openvino")
+        assert "\n" not in str(raised.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="no images in .*empty"):
         quantize_onnx_int8(exported[1], tmp_path / "q.onnx", tmp_path / "empty")

@@ -683,6 +683,14 @@ def make_run(root: Path) -> Path:
     return root
 
 
+def test_precision_bf16_with_onnxruntime_applies_to_grad_cam_only(checkpoint: Path):
+    service = InferenceService.from_checkpoint(checkpoint, device="cpu", backend="onnxruntime", precision="bf16")
+    with TestClient(create_app(service)) as client:
+        info = client.get("/v1/model").json()
+    assert info["backend"] == "onnxruntime"
+    assert info["precision"] == {"segmentation": "fp32", "explain": "bf16"}
+
+
 def test_cv_run_serves_the_fold_ensemble(tmp_path: Path):
     run = make_run(tmp_path / "run")
     service = InferenceService.from_checkpoint(run, device="cpu")

@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option(
             "auto",
             "--precision",
-            help="torch and openvino: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16.",
+            help="torch and openvino: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16; onnxruntime computes in fp32 (bf16 there is refused).",
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per forward pass."),

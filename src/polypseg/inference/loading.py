@@ -72,6 +72,7 @@ _Rule = tuple[Callable[[EngineRequest], bool], _Outcome]
 # The first rule whose condition holds decides. On CPU, "auto" takes OpenVINO where installed, else
 # onnxruntime: the fastest engines whose Dice change against fp32 stayed within 0.005 on the shipped
 # model (docs/benchmarks.md); int8 only where the precision is left to it (fp32 and bf16 are asked for).
+# onnxruntime computes in fp32 (int8 for a quantised model), so bf16 is asked of OpenVINO or torch.
 _RULES: tuple[_Rule, ...] = (
     (
         lambda r: r.onnx_model and r.backend == "torch",
@@ -85,14 +86,28 @@ _RULES: tuple[_Rule, ...] = (
         lambda r: r.backend == "openvino" and r.device_type != "cpu",
         _Refusal("the openvino backend runs on the CPU, not {device}"),
     ),
-    (lambda r: r.onnx_model and r.backend == "openvino", EngineChoice("openvino")),
-    (lambda r: r.onnx_model, EngineChoice("onnxruntime")),  # auto too: an exported model runs as it is
     (
-        lambda r: r.compile and r.backend == "onnxruntime",
-        _Refusal("compile applies to the torch backend, not onnxruntime"),
+        lambda r: r.compile and r.backend in ("onnxruntime", "openvino"),
+        _Refusal("compile applies to the torch backend, not {backend}"),
     ),
+    (
+        lambda r: r.precision == "bf16" and r.backend == "onnxruntime",
+        _Refusal("precision bf16: onnxruntime computes in fp32; use backend 'openvino' or 'auto'"),
+    ),
+    (lambda r: r.onnx_model and r.backend == "openvino", EngineChoice("openvino")),
+    # an exported model runs as it is (never exported again, never int8 by choice), on OpenVINO where it can
+    (
+        lambda r: r.onnx_model and r.backend == "auto" and r.device_type == "cpu" and r.openvino_installed,
+        EngineChoice("openvino"),
+    ),
+    (
+        lambda r: r.onnx_model and r.precision == "bf16",
+        _Refusal("precision bf16: {model} runs in bf16 on OpenVINO only (pip install 'polypseg[openvino]')"),
+    ),
+    (lambda r: r.onnx_model, EngineChoice("onnxruntime")),
     (lambda r: r.backend != "auto", lambda r: EngineChoice(r.backend)),
     (lambda r: r.device_type == "cuda" or r.compile, EngineChoice("torch")),
+    (lambda r: r.precision == "bf16" and not r.openvino_installed, EngineChoice("torch")),
     (
         lambda r: True,
         lambda r: EngineChoice(
@@ -114,7 +129,9 @@ def choose_engine(request: EngineRequest) -> EngineChoice:
     for condition, outcome in _RULES:
         if condition(request):
             if isinstance(outcome, _Refusal):
-                raise PredictorError(outcome.message.format(model=request.model, device=request.device))
+                raise PredictorError(
+                    outcome.message.format(model=request.model, device=request.device, backend=request.backend)
+                )
             return outcome if isinstance(outcome, EngineChoice) else outcome(request)
     raise AssertionError("the last rule always holds")  # pragma: no cover
 

@@ -110,5 +110,8 @@ class StaticShapeModel:
 
 
 def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    """The first line that says something: OpenVINO opens its messages with lines naming its own
+    source files ("Exception from src/inference/src/cpp/core.cpp:84:")."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    useful = [line for line in lines if line and not line.startswith("Exception from src/")]
+    return useful[0] if useful else (lines[0] if lines and lines[0] else type(error).__name__)

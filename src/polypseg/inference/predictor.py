@@ -345,7 +345,7 @@ class Predictor:
                 if choice.fallback is None:
                     raise
                 say(
-                    f"onnxruntime unavailable for {display_name(source.path)} ({str(error).splitlines()[0]}); using torch"
+                    f"{engine.label} unavailable for {display_name(source.path)} ({str(error).splitlines()[0]}); using torch"
                 )
                 engine = ENGINES[choice.fallback]
         options = LoadOptions(device=device, precision=precision, tta=tta, batch_size=batch_size, compile=compile)

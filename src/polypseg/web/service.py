@@ -156,7 +156,7 @@ class InferenceService:
         Grad-CAM needs the torch model: with ``backend="onnxruntime"`` (or ``"auto"`` on CPU)
         segmentation runs in onnxruntime and the first checkpoint is also loaded in torch for
         ``explain``. An ``.onnx`` file alone serves segmentation only. ``precision`` (auto, fp32,
-        bf16) applies to segmentation (torch, openvino) and to Grad-CAM alike.
+        bf16) applies to segmentation (torch, openvino; onnxruntime computes in fp32) and to Grad-CAM alike.
         """
         from polypseg.inference.predictor import Predictor
         from polypseg.models.checkpoint import find_checkpoints, load_checkpoint
@@ -165,8 +165,10 @@ class InferenceService:
         path = resolve_model(path)
         if Path(path).suffix == ".onnx" and backend == "torch":
             backend = "onnxruntime"  # an exported model has no torch weights to load
+        # onnxruntime segments in fp32 (int8 for a quantised model); precision is then Grad-CAM's alone
+        segmentation_precision = "auto" if backend == "onnxruntime" else precision
         predictor = Predictor.from_checkpoint(
-            path, device=device, backend=backend, tta=tta, threshold=threshold, precision=precision
+            path, device=device, backend=backend, tta=tta, threshold=threshold, precision=segmentation_precision
         )
         explain_models: list[Any] = list(predictor.models)
         if not explain_models and Path(path).suffix != ".onnx":
