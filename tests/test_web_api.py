@@ -683,8 +683,9 @@ def make_run(root: Path) -> Path:
     return root
 
 
-def test_precision_bf16_with_onnxruntime_applies_to_grad_cam_only(checkpoint: Path):
-    service = InferenceService.from_checkpoint(checkpoint, device="cpu", backend="onnxruntime", precision="bf16")
+def test_precision_bf16_with_onnxruntime_applies_to_grad_cam_only(tiny_checkpoint: Path):
+    # the session's shared checkpoint: its ONNX export is made once for every engine test
+    service = InferenceService.from_checkpoint(tiny_checkpoint, device="cpu", backend="onnxruntime", precision="bf16")
     with TestClient(create_app(service)) as client:
         info = client.get("/v1/model").json()
     assert info["backend"] == "onnxruntime"

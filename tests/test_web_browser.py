@@ -731,7 +731,7 @@ def test_review_tools_shown_when_the_review_script_loads_after_the_first_request
 
     def slow_review_script(context: BrowserContext) -> None:
         def late(route) -> None:
-            time.sleep(1.5)  # longer than /v1/health, /v1/model and /v1/samples take to answer
+            time.sleep(1.0)  # far longer than /v1/health, /v1/model and /v1/samples take to answer
             route.continue_()
 
         context.route("**/static/review.js", late)
