@@ -83,6 +83,30 @@ def test_explain_dataset_root(checkpoint: Path, dataset: Path, tmp_path: Path) -
     assert "broken.jpg" in page
 
 
+def test_batch_size_bounds_the_deletion_passes_too(
+    checkpoint: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--batch-size is the memory bound of every pass: the 2 x --deletion-steps perturbed images go in batches of it."""
+    from polypseg.explain import metrics
+
+    seen: list[int] = []
+    real = metrics.model_logits
+
+    def counting(model, images, *args, **kwargs):
+        seen.append(images.shape[0])
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(metrics, "model_logits", counting)
+    out = tmp_path / "out"
+    result = _invoke(
+        str(dataset), "--model", str(checkpoint), "--out", str(out), "--device", "cpu",
+        "--deletion-steps", "4", "--batch-size", "2", "--no-gallery",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seen and max(seen) == 2  # 3 images x 8 perturbed inputs, two at a time
+    assert sum(seen) >= 3 * 2 * 4
+
+
 def test_explain_files_with_masks_png16_no_gallery(checkpoint: Path, dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     files = [str(dataset / "images" / "a.png"), str(dataset / "images" / "c.png")]

@@ -87,7 +87,9 @@ def register(app: typer.Typer) -> None:
             None, "--threshold", help="Mask threshold, 0 < t < 1 (default: the checkpoint's)."
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        batch_size: int = typer.Option(8, "--batch-size", help="Images per forward/backward pass."),
+        batch_size: int = typer.Option(
+            8, "--batch-size", help="Images per pass: Grad-CAM's forward/backward and the deletion/insertion forwards."
+        ),
         heatmap_format: str = typer.Option(
             "npy", "--heatmap-format", help="npy (float32) or png16 (16-bit PNG, 65535 = 1)."
         ),

@@ -343,7 +343,7 @@ def _explain_batch(run: _Run, driver: Driver, loaded: list[_Loaded]) -> Iterator
         threshold=run.options.threshold,
         topk=run.options.topk,
         deletion_steps=run.options.deletion_steps,
-        batch_size=max(run.options.batch_size, 2 * run.options.deletion_steps),
+        batch_size=run.options.batch_size,  # the memory bound of every pass, deletion/insertion included
         precision=run.options.precision,
         logits_from_model=run.options.engine == "torch",  # another engine's logits: torch rescores the original
     )
