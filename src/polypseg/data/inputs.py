@@ -297,15 +297,9 @@ def is_video(path: Path | str) -> bool:
     return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
-def _is_image(path: Path) -> bool:
-    from polypseg.data.pairing import IMAGE_EXTENSIONS
-
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
 def _masks_by_stem(folder: Path) -> dict[str, Path]:
     members, _ = list_folder(folder)
-    return {p.stem: p for p in members if _is_image(p) and p.is_file()}
+    return {p.stem: p for p in members if _wanted(p, videos=False, member=True) and p.is_file()}
 
 
 def _sibling_masks(images_dir: Path) -> Path | None:
