@@ -11,7 +11,10 @@ part (its ground truth stands in for a reviewer's masks) and a held-out part:
 - select (run only when asked, ``--split select``): within the corrected part only, sequences 1-7
   (numbers 1-151) corrected and sequences 8-14 held out, to choose among fine-tuning settings
   without ever looking at sequences 15-29. Its training sees a folder of links to the frames of
-  sequences 1-14 only.
+  sequences 1-14 only;
+- by_sequence_reverse (run only when asked): the by-sequence split the other way round, sequences
+  15-29 corrected and 1-14 held out, so that with ``by_sequence`` every frame is held out once
+  (``scripts/adapt_pooled.py`` pools the two).
 
 For each split the shipped model is scored on the held-out part ("before"), then
 ``polypseg train --recipe adapt --test-list HELD_OUT`` fine-tunes it on the corrected part and
@@ -54,7 +57,12 @@ def splits(stems: list[str], seed: int = 0) -> dict[str, tuple[list[str], list[s
         [s for s in corrected if int(s) <= LAST_FRAME_OF_SEQUENCE_7],
         [s for s in corrected if int(s) > LAST_FRAME_OF_SEQUENCE_7],
     )
-    return {"by_sequence": (corrected, held_out), "random": (random_corrected, random_held_out), "select": select}
+    return {
+        "by_sequence": (corrected, held_out),
+        "random": (random_corrected, random_held_out),
+        "select": select,
+        "by_sequence_reverse": (held_out, corrected),
+    }
 
 
 def linked_subset(data: Path, stems: list[str], folder: Path) -> Path:
@@ -68,8 +76,9 @@ def linked_subset(data: Path, stems: list[str], folder: Path) -> Path:
     return folder
 
 
-def score_model(model: Any, data: Path, stems: list[str]) -> tuple[dict[str, float], str]:
-    """Metrics at threshold 0.5 of ``model`` on ``stems`` of ``data`` and the numeric precision used,
+def score_model(model: Any, data: Path, stems: list[str]) -> tuple[dict[str, Any], str]:
+    """Metrics at threshold 0.5 of ``model`` on ``stems`` of ``data`` (with ``per_frame_dice``, stem -> Dice)
+    and the numeric precision used,
     evaluated as ``polypseg train`` evaluates its test images under the ``adapt`` recipe (at the
     shipped model's input size, its eval batch, TTA and precision)."""
     from polypseg.core.config import get_recipe
@@ -87,7 +96,9 @@ def score_model(model: Any, data: Path, stems: list[str]) -> tuple[dict[str, flo
     train.precision = resolve_precision(train.precision, device)
     test = build_cache(data, train.image_size, progress=False).subset(stems)
     at = evaluate_probabilities(predict_with_recipe(model, test.images, train, device), test.masks, test.stems)
-    return at.compute()["at"]["0.5"], train.precision
+    scores = at.compute()["at"]["0.5"]
+    scores["per_frame_dice"] = dict(zip(at.stems, at.per_image(0.5)["dice"].tolist(), strict=True))
+    return scores, train.precision
 
 
 def score_shipped(data: Path, held_out: list[str]) -> dict[str, Any]:
@@ -107,7 +118,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random split.")
     parser.add_argument(
         "--split",
-        choices=("by_sequence", "random", "select", "all"),
+        choices=("by_sequence", "random", "select", "by_sequence_reverse", "all"),
         default="all",
         help="Run one split only; all = by_sequence and random.",
     )
@@ -135,7 +146,7 @@ def main() -> None:
         "splits": {},
     }
     for name, (corrected, held_out) in splits(stems, args.seed).items():
-        if args.split != name and (args.split != "all" or name == "select"):
+        if args.split != name and (args.split != "all" or name in ("select", "by_sequence_reverse")):
             continue
         test_list = args.out / f"{name}_held_out.txt"
         test_list.write_text("".join(f"{s}\n" for s in held_out))
