@@ -155,6 +155,19 @@ def test_cvc_splits_keep_sequences_apart_and_the_selection_split_inside_the_corr
     chosen, checked = splits["select"]
     assert chosen == ["3", "60", "150", "151"] and checked == ["152", "297"]  # sequences 1-7, then 8-14
     assert sorted(splits["random"][0] + splits["random"][1], key=int) == corrected + held_out
+    assert splits["by_sequence_reverse"] == (held_out, corrected)  # the other direction: every frame held out once
+
+
+def test_pooled_folds_know_cvc_sequences_and_resample_them_whole():
+    pooled = _script("adapt_pooled")
+    assert [pooled.sequence_of(n) for n in ("1", "25", "26", "297", "298", "591", "592", "612")] == [
+        1, 1, 2, 14, 15, 28, 29, 29,
+    ]  # fmt: skip
+    assert pooled.sequence_bootstrap({"1": 0.02, "30": 0.02, "300": 0.02}) == pytest.approx((0.02, 0.02))
+    # one sequence of three frames that all gained, one of one frame that lost: each resample holds
+    # whole sequences, so the mean is 0.1, (3 * 0.1 - 0.2) / 4 = 0.025 or -0.2, never a frame-level mix
+    low, high = pooled.sequence_bootstrap({"1": 0.1, "2": 0.1, "3": 0.1, "300": -0.2}, resamples=2000)
+    assert (low, high) == pytest.approx((-0.2, 0.1))
 
 
 def test_weight_average_interpolates_floating_tensors_and_keeps_counters():
