@@ -205,8 +205,9 @@ def test_explanation_report_leaves_out_nan() -> None:
 
 
 @pytest.mark.slow
-def test_evaluate_explanations_matches_the_parts() -> None:
+def test_evaluate_explanations_matches_the_parts(monkeypatch: pytest.MonkeyPatch) -> None:
     from polypseg.data.transforms import images_to_tensor, normalize
+    from polypseg.explain import metrics
     from polypseg.explain.gradcam import MaskedLogitSum, grad_cam
     from polypseg.models.factory import create_model
 
@@ -221,6 +222,9 @@ def test_evaluate_explanations_matches_the_parts() -> None:
         logits = model(normalize(images_to_tensor(images)))
     threshold = float(torch.sigmoid(logits).median())  # a non-trivial predicted mask
 
+    batches: list[int] = []
+    real_logits = metrics.model_logits
+    monkeypatch.setattr(metrics, "model_logits", lambda m, x, *a: batches.append(x.shape[0]) or real_logits(m, x, *a))
     report = evaluate_explanations(
         model,
         images,
@@ -232,6 +236,7 @@ def test_evaluate_explanations_matches_the_parts() -> None:
         precision="fp32",
     )
     assert [r["stem"] for r in report["per_image"]] == ["x", "y", "z"]
+    assert batches and max(batches) == 2  # batch_size bounds the deletion/insertion passes too
     heat = grad_cam(model, normalize(images_to_tensor(images)), MaskedLogitSum(threshold))
     expected_energy = energy_inside(heat, torch.from_numpy(masks))
     np.testing.assert_allclose([r["energy_inside"] for r in report["per_image"]], expected_energy, atol=1e-5)

@@ -53,3 +53,17 @@ def test_another_architecture_a_cv_run_and_a_missing_source_are_refused_by_name(
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"^--init .*broken: .*not valid JSON"):
         init_checkpoint(_refine(tmp_path / "broken"))
+
+
+def test_training_at_another_size_than_the_init_model_is_said_in_one_line(two_fold_run, capsys):
+    from polypseg.cli.options import say_init_size
+
+    config = _refine(two_fold_run / "fold_0" / "best")  # trained at 32 px
+    say_init_size(config)
+    assert capsys.readouterr().err == ""
+    config.train.image_size = 64
+    say_init_size(config)
+    note = capsys.readouterr().err
+    assert note.startswith("note: --init ") and "trained at 32 px; this run trains at 64 px (--image-size 32" in note
+    say_init_size(tiny_config())  # no --init: nothing to say
+    assert capsys.readouterr().err == ""

@@ -122,6 +122,21 @@ def build_config(
         raise UsageError(str(error)) from None
 
 
+def say_init_size(config: RunConfig) -> None:
+    """One line when the ``--init`` model was trained at another input size than this run trains at:
+    fine-tuning at another size changes the scale at which it sees polyps (sometimes on purpose)."""
+    from polypseg.cli.common import console
+    from polypseg.training.init_source import init_image_size
+
+    size = init_image_size(config)
+    if size is not None and size != config.train.image_size:
+        console.print(
+            f"note: --init {config.train.init_from} was trained at {size} px; this run trains at "
+            f"{config.train.image_size} px (--image-size {size} keeps its scale)",
+            soft_wrap=True,
+        )
+
+
 def data_or_sample(data: Path | None) -> Path:
     """``--data`` as given, or the bundled sample when it was omitted."""
     if data is not None:

@@ -29,6 +29,7 @@ from polypseg.cli.options import (
     WeightsOpt,
     build_config,
     data_or_sample,
+    say_init_size,
 )
 from polypseg.core.config import RunConfig, get_recipe
 
@@ -138,6 +139,7 @@ def register(app: typer.Typer) -> None:
         _say_precision(config or saved or get_recipe("paper"), device)
         keep_freed_memory_on_cpu(device)
         if config is not None and config.train.init_from != "none":
+            say_init_size(config)
             console.print(
                 f"[yellow]note:[/] every fold starts from {escape(config.train.init_from)}: if it was trained on any "
                 "of these images, their folds' held-out scores are not held out.",
@@ -350,6 +352,8 @@ def register(app: typer.Typer) -> None:
         config = choices.build(saved or "paper")
         if saved is None and config.train.recipe == "adapt":
             _size_adapt_recipe(config, choices, data_or_sample(data), test_list)
+        if saved is None:
+            say_init_size(config)
         if config.train.replay_images:
             console.print(
                 f"replay: {config.train.replay_images} pairs of {escape(config.train.replay_data)} join the training part",

@@ -385,7 +385,7 @@ def evaluate_explanations(
                 threshold=threshold,
                 topk=topk,
                 deletion_steps=deletion_steps,
-                batch_size=max(batch_size, 2 * deletion_steps),
+                batch_size=batch_size,  # the memory bound of every pass, deletion/insertion included
                 precision=precision,
             )
             for stem, d, record in zip(stems[cams.indices], dice, scored, strict=False):
