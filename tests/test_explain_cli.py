@@ -107,6 +107,27 @@ def test_batch_size_bounds_the_deletion_passes_too(
     assert sum(seen) >= 3 * 2 * 4
 
 
+def test_no_progress_reaches_explain_files(
+    checkpoint: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--progress/--no-progress, as on cv, train, predict and evaluate, decides explain's progress bar."""
+    from polypseg.explain import files
+
+    asked: list[bool] = []
+    real = files.explain_files
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["progress"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(files, "explain_files", recording)
+    common = [str(dataset / "images" / "a.png"), "--model", str(checkpoint), "--device", "cpu", "--deletion-steps", "0"]
+    for flag, out in (("--no-progress", "quiet"), ("--progress", "bar")):
+        result = _invoke(*common, "--out", str(tmp_path / out), "--no-gallery", flag)
+        assert result.exit_code == 0, result.output
+    assert asked == [False, True]
+
+
 def test_explain_files_with_masks_png16_no_gallery(checkpoint: Path, dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     files = [str(dataset / "images" / "a.png"), str(dataset / "images" / "c.png")]

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from polypseg.cli.common import UsageError, console, keep_freed_memory_on_cpu, say, warn, write_json
+from polypseg.cli.options import ProgressOpt
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -108,8 +109,9 @@ def register(app: typer.Typer) -> None:
             "torch",
             "--engine",
             help="torch, or a forward-only CPU engine for the paper's Grad-CAM: openvino (bf16 where the CPU "
-            "has it; 2.6x torch fp32 on 2 cores) or onnxruntime. Same heatmaps: the head's gradient is exact.",
+            "has it; 2.5x torch fp32 on 2 cores) or onnxruntime. Same heatmaps: the head's gradient is exact.",
         ),
+        progress: bool = ProgressOpt,
     ) -> None:
         """Grad-CAM heatmaps with panels, metrics.csv and an HTML gallery.
 
@@ -139,6 +141,7 @@ def register(app: typer.Typer) -> None:
             deletion_steps=deletion_steps,
             precision=precision,
             engine=engine,
+            progress=progress,
             warn=warn,
             say=say,
         )

@@ -23,6 +23,11 @@ RecipeOpt = typer.Option(
     "--recipe",
     help=f"Named recipe: {', '.join(RECIPES)} (see docs/recipes.md). Default: paper, or the run's own with --resume.",
 )
+BenchRecipeOpt = typer.Option(
+    None,
+    "--recipe",
+    help=f"Named recipe to time: {', '.join(RECIPES)} (see docs/recipes.md). Default: paper.",
+)
 StudyRecipeOpt = typer.Option(
     None,
     "--recipe",

@@ -273,7 +273,7 @@ def register(app: typer.Typer) -> None:
     def pranet_command(
         data: Path = typer.Option(..., "--data", help="Kvasir-SEG folder (images/ + masks/)."),
         test_list: Path = typer.Option(
-            ..., "--test-list", help="The 100 test stems, e.g. datasets/splits/pranet_kvasir_test100.txt."
+            ..., "--test-list", help="The 100 test stems, e.g. splits/pranet_kvasir_test100.txt."
         ),
         out: Path = typer.Option(..., "--out", help="Output folder (checkpoint, test_metrics.json, pranet.{md,json})."),
         recipe: str | None = StudyRecipeOpt,
@@ -310,11 +310,17 @@ def register(app: typer.Typer) -> None:
     @study.command("external")
     def external_command(
         model: Path = typer.Option(
-            ..., "--model", help="CV run folder (each fold and their ensemble) or one checkpoint."
+            ...,
+            "--model",
+            help="CV run folder (each fold and their ensemble), one checkpoint, or a shipped model's name (polypseg models).",
         ),
-        data: Path = typer.Option(..., "--data", help="Another dataset."),
+        data: Path = typer.Option(
+            ..., "--data", help="Another dataset (images/ + masks/, or Original/ + 'Ground Truth/')."
+        ),
         out: Path | None = typer.Option(
-            None, "--out", help="Folder for external_<dataset>.json/.md (default: the run folder)."
+            None,
+            "--out",
+            help="Folder for external_<dataset>.json/.md (default: the run folder; for a shipped model evaluate-NAME).",
         ),
         resume: bool = typer.Option(
             False, "--resume", help="Accepted for symmetry: evaluation has no state and is simply rerun."
@@ -323,7 +329,7 @@ def register(app: typer.Typer) -> None:
         cache_dir: Path | None = CacheOpt,
         progress: bool = ProgressOpt,
     ) -> None:
-        """External validation (same as polypseg evaluate)."""
+        """External validation: polypseg evaluate with the recipe's test-time augmentation (evaluate --tta/--no-tta chooses)."""
         _evaluate(model, data, out=out, device=device, cache_dir=cache_dir, progress=progress)
 
 

@@ -11,6 +11,7 @@ from polypseg.cli.common import UsageError, console, fail, keep_freed_memory_on_
 from polypseg.cli.options import (
     DATA_HELP,
     BatchOpt,
+    BenchRecipeOpt,
     CacheOpt,
     DeviceOpt,
     EpochsOpt,
@@ -184,7 +185,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("bench-train")
     def bench_train_command(
-        recipe: str | None = RecipeOpt,
+        recipe: str | None = BenchRecipeOpt,
         batch_size: int | None = BatchOpt,
         image_size: int | None = SizeOpt,
         overrides: list[str] = SetOpt,
@@ -337,7 +338,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train one model on one split: the data minus --test-list, best epoch chosen on an inner validation split.
 
-        Example (the PraNet split): polypseg train --data data/kvasir-seg --test-list pranet_kvasir_test100.txt --out runs/one
+        Example (the PraNet split): polypseg train --data data/kvasir-seg --test-list splits/pranet_kvasir_test100.txt --out runs/one
         """
         from polypseg.core.io_utils import display_name
         from polypseg.data.inputs import check_output_path
