@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from polypseg.core import io_utils
+from polypseg.data import review
 from polypseg.data.check import check_dataset
 from polypseg.data.images import read_mask
 from polypseg.web.app import WebSettings, create_app
@@ -182,6 +183,40 @@ def test_full_disk_or_read_only_folder_is_507_and_keeps_earlier_saves(
     monkeypatch.undo()
     assert (review_dir / "masks/a.png").read_bytes() == before
     assert client.get("/v1/reviews/a.png").json()["status"] is None
+
+
+def jpeg_bytes(seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*SIZE, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def folder_files(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_save_whose_record_cannot_be_written_leaves_every_file_as_it_was(
+    client: TestClient, review_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    assert put_mask(client, "a.png", mask_png(disc()), image_bytes()).status_code == 200
+    before = folder_files(review_dir)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "simulated")
+
+    monkeypatch.setattr(review, "atomic_write_json", disk_full)
+    # a new mask of a saved image, a first save, and the saved image sent again as JPEG (another extension)
+    for name, image in (("a.png", None), ("b.png", image_bytes(1)), ("a.png", jpeg_bytes())):
+        body = assert_error(put_mask(client, name, mask_png(disc(r=3)), image), 507, "disk_full")
+        assert "nothing new was saved" in body["error"]
+    assert folder_files(review_dir) == before  # no mask replaced, no image without a record, no temporary left
+    assert check_dataset(review_dir).pairs == 1
+    monkeypatch.undo()
+    # once the record can be written, the JPEG replaces the PNG and the new mask the old one
+    assert put_mask(client, "a.png", mask_png(disc(r=3)), jpeg_bytes()).status_code == 200
+    assert sorted(p.name for p in (review_dir / "images").iterdir()) == ["a.jpg"]
+    np.testing.assert_array_equal(read_mask(review_dir / "masks/a.png"), disc(r=3))
+    assert sorted(p.name for p in (review_dir / "masks").iterdir()) == ["a.png"]
 
 
 def test_exports(client: TestClient, tmp_path: Path):
