@@ -219,6 +219,30 @@ def test_a_save_whose_record_cannot_be_written_leaves_every_file_as_it_was(
     assert sorted(p.name for p in (review_dir / "masks").iterdir()) == ["a.png"]
 
 
+def test_a_damaged_review_file_is_a_server_error_on_every_route_until_it_is_restored(
+    client: TestClient, review_dir: Path
+):
+    assert put_mask(client, "m.png", mask_png(disc()), image_bytes()).status_code == 200
+    assert client.put("/v1/reviews/s0.png", json={"status": "accept"}).status_code == 200
+    good = (review_dir / "review.json").read_bytes()
+    (review_dir / "review.json").write_bytes(good[: len(good) // 2])  # truncated while the server runs
+    answers = [
+        client.get("/v1/reviews"),
+        client.get("/v1/reviews/s0.png"),
+        client.put("/v1/reviews/s0.png", json={"status": "reject"}),
+        put_mask(client, "m.png", mask_png(disc(r=3))),
+        client.get("/v1/reviews/m.png/mask"),
+        client.get("/v1/reviews/export", params={"format": "csv"}),
+    ]
+    for answer in answers:
+        body = assert_error(answer, 500, "review_unreadable")
+        assert "review.json" in body["error"] and str(review_dir) not in body["error"] and "/tmp" not in body["error"]
+    assert (review_dir / "review.json").read_bytes() == good[: len(good) // 2]  # nothing wrote over it
+    (review_dir / "review.json").write_bytes(good)
+    assert client.get("/v1/reviews/s0.png").json()["status"] == "accept"
+    np.testing.assert_array_equal(read_mask(review_dir / "masks/m.png"), disc())
+
+
 def test_exports(client: TestClient, tmp_path: Path):
     put_mask(client, "b.png", mask_png(disc()), image_bytes())
     client.put("/v1/reviews/b.png", json={"status": "needs_correction", "note": "edge, left"})
@@ -267,11 +291,14 @@ def test_openapi_lists_every_status_each_route_returns(client: TestClient):
     def statuses(path: str, method: str) -> set[str]:
         return set(paths[path][method]["responses"])
 
-    assert {"200", "401", "404"} <= statuses("/v1/reviews", "get")
-    assert {"200", "400", "401", "404", "413", "422", "507"} <= statuses("/v1/reviews/{name}", "put")
-    assert {"200", "400", "401", "404", "409", "413", "415", "422", "507"} <= statuses("/v1/reviews/{name}/mask", "put")
-    assert {"200", "400", "401", "404"} <= statuses("/v1/reviews/{name}/mask", "get")
-    assert {"200", "401", "404", "422"} <= statuses("/v1/reviews/export", "get")
+    assert {"200", "401", "404", "500"} <= statuses("/v1/reviews", "get")
+    assert {"200", "400", "401", "404", "500"} <= statuses("/v1/reviews/{name}", "get")
+    assert {"200", "400", "401", "404", "413", "422", "500", "507"} <= statuses("/v1/reviews/{name}", "put")
+    assert {"200", "400", "401", "404", "409", "413", "415", "422", "500", "507"} <= statuses(
+        "/v1/reviews/{name}/mask", "put"
+    )
+    assert {"200", "400", "401", "404", "500"} <= statuses("/v1/reviews/{name}/mask", "get")
+    assert {"200", "401", "404", "422", "500"} <= statuses("/v1/reviews/export", "get")
     assert {"200", "401", "404"} <= statuses("/v1/samples/{name}", "get")
     assert {"200", "401", "404"} <= statuses("/v1/samples/{name}/mask", "get")
     assert {"200", "401", "503"} <= statuses("/v1/health", "get")
@@ -298,3 +325,21 @@ def test_serve_review_dir_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (tmp_path / "other/review.json").write_text("[]")
     result = runner.invoke(app, [*base, "--review-dir", str(tmp_path / "other")])
     assert result.exit_code == 2 and "not a polypseg review file" in result.output
+
+
+def test_serve_refuses_an_unreadable_review_file_in_one_line_before_loading_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from typer.testing import CliRunner
+
+    from polypseg.cli.main import app
+
+    loaded: list = []
+    monkeypatch.setattr(InferenceService, "from_checkpoint", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    (tmp_path / "review").mkdir()
+    (tmp_path / "review/review.json").write_text('{"format": "polypseg-rev')
+    result = CliRunner().invoke(app, ["serve", "--port", "0", "--review-dir", str(tmp_path / "review")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: --review-dir") and "review.json" in lines[0] and "damaged" in lines[0]
+    assert not loaded
