@@ -199,24 +199,41 @@ def test_a_save_whose_record_cannot_be_written_leaves_every_file_as_it_was(
     client: TestClient, review_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
     assert put_mask(client, "a.png", mask_png(disc()), image_bytes()).status_code == 200
+    # c.png has a verdict only, and images/c.jpg is left over from an interrupted older save
+    assert client.put("/v1/reviews/c.png", json={"status": "needs_correction"}).status_code == 200
+    (review_dir / "images/c.jpg").write_bytes(jpeg_bytes())
     before = folder_files(review_dir)
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "simulated")
 
     monkeypatch.setattr(review, "atomic_write_json", disk_full)
-    # a new mask of a saved image, a first save, and the saved image sent again as JPEG (another extension)
-    for name, image in (("a.png", None), ("b.png", image_bytes(1)), ("a.png", jpeg_bytes())):
+    # a new mask of a saved image, a first save, and a first save over an older file of another extension
+    for name, image in (("a.png", None), ("b.png", image_bytes(1)), ("c.png", image_bytes(2))):
         body = assert_error(put_mask(client, name, mask_png(disc(r=3)), image), 507, "disk_full")
         assert "nothing new was saved" in body["error"]
-    assert folder_files(review_dir) == before  # no mask replaced, no image without a record, no temporary left
-    assert check_dataset(review_dir).pairs == 1
+    assert folder_files(review_dir) == before  # no file replaced or removed, no image without a record, no temporary
     monkeypatch.undo()
-    # once the record can be written, the JPEG replaces the PNG and the new mask the old one
-    assert put_mask(client, "a.png", mask_png(disc(r=3)), jpeg_bytes()).status_code == 200
-    assert sorted(p.name for p in (review_dir / "images").iterdir()) == ["a.jpg"]
+    # once the record can be written, the new mask replaces the old one and c.png its older c.jpg
+    for name, image in (("a.png", None), ("c.png", image_bytes(2))):
+        assert put_mask(client, name, mask_png(disc(r=3)), image).status_code == 200
+    assert sorted(p.name for p in (review_dir / "images").iterdir()) == ["a.png", "c.png"]
+    assert sorted(p.name for p in (review_dir / "masks").iterdir()) == ["a.png", "c.png"]
     np.testing.assert_array_equal(read_mask(review_dir / "masks/a.png"), disc(r=3))
-    assert sorted(p.name for p in (review_dir / "masks").iterdir()) == ["a.png"]
+    assert check_dataset(review_dir).pairs == 2
+
+
+def test_a_mask_sent_with_another_image_of_the_same_name_is_a_conflict(client: TestClient, review_dir: Path):
+    # two images named case.png (from two subfolders of one opened folder) must not share one record
+    assert put_mask(client, "case.png", mask_png(disc()), image_bytes(0)).status_code == 200
+    before = folder_files(review_dir)
+    body = assert_error(put_mask(client, "case.png", mask_png(disc(r=3)), image_bytes(1)), 409, "image_conflict")
+    assert "different image" in body["error"] and str(review_dir) not in body["error"]
+    assert folder_files(review_dir) == before
+    # the same image again (the page sends it with every save) replaces the mask
+    assert put_mask(client, "case.png", mask_png(disc(r=3)), image_bytes(0)).status_code == 200
+    np.testing.assert_array_equal(read_mask(review_dir / "masks/case.png"), disc(r=3))
+    assert (review_dir / "images/case.png").read_bytes() == image_bytes(0)
 
 
 def test_a_damaged_review_file_is_a_server_error_on_every_route_until_it_is_restored(

@@ -88,6 +88,12 @@ class NameConflict(ReviewError):
     kind = "conflict"
 
 
+class ImageConflict(ReviewError):
+    """A mask sent with an image other than the one already saved under that name."""
+
+    kind = "image_conflict"
+
+
 class BadMask(ReviewError):
     kind = "bad_mask"
 
@@ -283,8 +289,10 @@ class ReviewStore:
         """Save the reviewer's ``mask`` of image ``name`` (``image_size`` = (height, width)).
 
         ``image`` (the original bytes, in ``image_format``) is written to ``images/`` the first
-        time; later saves may omit it. With ``model_mask`` (the model's mask at ``threshold``) the
-        record gets the Dice of the reviewer's mask against it.
+        time; later saves may omit it, and one with other bytes than the saved image is refused
+        (:class:`ImageConflict`: two images with one file name must not share a record). With
+        ``model_mask`` (the model's mask at ``threshold``) the record gets the Dice of the
+        reviewer's mask against it.
         """
         check_name(name)
         mask = np.asarray(mask)
@@ -304,11 +312,18 @@ class ReviewStore:
                 raise NameConflict(f"'{name}' and the reviewed '{other}' share the file stem '{stem}'")
             files = {self.masks_dir / f"{stem}.png": mask_png(mask)}
             stale: list[Path] = []
-            if image is not None:
+            stored = self._stored_image(name, stem)
+            if image is not None and stored is None:
                 image_target = self._image_target(name, stem, image_format)
                 files[image_target] = image
+                # files of this stem without a corrected record (an interrupted older save): replaced
                 stale = [p for p in self._same_stem(stem) if p != image_target and p.is_file() and not p.is_symlink()]
-            elif self.image_path_unlocked(stem) is None:
+            elif image is not None and stored is not None and stored.read_bytes() != image:
+                raise ImageConflict(
+                    f"'{name}' already has a different image saved (images/{stored.name}): two images with one file "
+                    f"name? Rename one; to replace the saved image, remove images/{stored.name} from the review folder"
+                )
+            elif image is None and self.image_path_unlocked(stem) is None:
                 raise BadMask(f"{name}: send the image with its first corrected mask")
             for target in files:  # checked before anything is written, so a refusal writes nothing
                 self._refuse_link(target)
@@ -377,6 +392,11 @@ class ReviewStore:
         return buffer.getvalue()
 
     # ------------------------------------------------------------------ internals
+
+    def _stored_image(self, name: str, stem: str) -> Path | None:
+        """The image saved with ``name``'s corrected mask, if its record has one (called under the lock)."""
+        record = self._records.get(name)
+        return self.image_path_unlocked(stem) if record is not None and record.corrected else None
 
     def image_path_unlocked(self, stem: str) -> Path | None:
         return next((p for p in self._same_stem(stem) if p.is_file() and not p.is_symlink()), None)

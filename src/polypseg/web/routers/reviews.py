@@ -43,7 +43,7 @@ _NAME = "Image file name (e.g. `case1.jpg`): a plain name with an image extensio
 def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     extra = {
         404: "No review record (or corrected mask) for this image, or the server keeps no review folder",
-        409: "Another reviewed image has the same file stem",
+        409: "Another reviewed image has the same file stem, or another image is saved under this name",
         507: "The review folder cannot be written (disk full or read-only); nothing saved before is lost",
         400: "Invalid image name, mask not binary or not the image's size, corrupt or missing upload",
         500: "The review folder's review.json cannot be read or is damaged (code review_unreadable)",
