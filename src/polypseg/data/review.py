@@ -342,7 +342,7 @@ class ReviewStore:
                 }
             )
             self._commit_with_files(name, updated, files)
-            for old in stale:  # the same image saved earlier under another extension, only once replaced
+            for old in stale:  # removed only once the new image is in place and recorded
                 with contextlib.suppress(OSError):
                     old.unlink()
             return updated
@@ -498,11 +498,14 @@ class ReviewStore:
             raise ReviewUnreadable(
                 f"{REVIEW_FILE} in the review folder is not a polypseg review file (format {REVIEW_FORMAT})"
             )
-        records = data.get("records") or {}
-        if not isinstance(records, dict) or not all(isinstance(item, dict) for item in records.values()):
-            raise ReviewUnreadable(f"{REVIEW_FILE} in the review folder is damaged (its records are not a mapping)")
+        try:
+            records = {name: ReviewRecord.from_dict(item) for name, item in dict(data.get("records") or {}).items()}
+        except (AttributeError, TypeError, ValueError):  # records that are not a mapping of name -> record fields
+            raise ReviewUnreadable(
+                f"{REVIEW_FILE} in the review folder is damaged (its records are malformed)"
+            ) from None
         self._seen = stamp
-        return {name: ReviewRecord.from_dict(item) for name, item in records.items()}
+        return records
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
