@@ -24,6 +24,7 @@ from polypseg.data.review import (
     NotReviewed,
     ReviewError,
     ReviewStore,
+    ReviewUnreadable,
     StorageError,
     check_name,
 )
@@ -220,5 +221,9 @@ def test_export_csv_json_and_a_zip_that_is_a_dataset(tmp_path: Path):
 
 def test_a_foreign_review_file_is_refused(tmp_path: Path):
     (tmp_path / "review.json").write_text('{"something": "else"}')
-    with pytest.raises(ReviewError, match="not a polypseg review file"):
+    with pytest.raises(ReviewUnreadable, match="not a polypseg review file"):
         ReviewStore(tmp_path)
+    for records in ('["a.jpg"]', '{"a.jpg": 3}', '{"a.jpg": {"status": "accept"}}'):  # malformed records
+        (tmp_path / "review.json").write_text(f'{{"format": "polypseg-review-v1", "records": {records}}}')
+        with pytest.raises(ReviewUnreadable, match="review.json in the review folder is damaged"):
+            ReviewStore(tmp_path)

@@ -516,6 +516,52 @@ def test_samples_folder_with_and_without_masks(service: InferenceService, tmp_pa
             assert missing.status_code == 404 and "no ground-truth mask" in missing.json()["error"]
 
 
+def cvc_layout_folder(root: Path) -> Path:
+    """A tiny CVC-ClinicDB-style folder: TIFF frames in Original/, TIFF masks (0/255) in Ground Truth/."""
+    rng = np.random.default_rng(3)
+    (root / "Original").mkdir(parents=True)
+    (root / "Ground Truth").mkdir()
+    for stem in ("1", "2"):
+        tifffile.imwrite(root / "Original" / f"{stem}.tif", rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    mask = np.zeros((20, 24), np.uint8)
+    mask[5:10, 6:12] = 255
+    tifffile.imwrite(root / "Ground Truth" / "1.tif", mask)
+    return root
+
+
+def test_samples_folder_in_the_cvc_clinicdb_layout_serves_tiff_masks_as_png(service: InferenceService, tmp_path: Path):
+    root = cvc_layout_folder(tmp_path / "cvc")
+    for folder in (root, root / "Original"):  # the data set folder, or its Original/ folder
+        with TestClient(create_app(service, WebSettings(samples_dir=folder))) as client:
+            assert client.get("/v1/samples").json() == {"samples": ["1.tif", "2.tif"], "masks": ["1.tif"]}
+            image = client.get("/v1/samples/1.tif")
+            assert image.status_code == 200 and image.content == (root / "Original/1.tif").read_bytes()
+            mask = client.get("/v1/samples/1.tif/mask")  # browsers cannot show TIFF: the mask comes as PNG
+            assert mask.status_code == 200 and mask.headers["content-type"] == "image/png"
+            shown = np.asarray(Image.open(io.BytesIO(mask.content)))
+            np.testing.assert_array_equal(shown, tifffile.imread(root / "Ground Truth/1.tif"))
+            assert client.get("/v1/samples/2.tif/mask").status_code == 404
+            # the page sends the sample image as stored to /v1/segment, which reads TIFF
+            segmented = client.post("/v1/segment", files={"file": ("1.tif", image.content, "image/tiff")})
+            assert segmented.status_code == 200 and segmented.json()["width"] == 24
+
+
+def test_serve_says_when_the_samples_folder_holds_no_images(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from polypseg.cli.main import app
+
+    calls = fake_server(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    base = ["serve", "--model", str(checkpoint), "--device", "cpu", "--port", "0", "--samples"]
+    result = CliRunner().invoke(app, [*base, str(tmp_path / "empty")])
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert result.exit_code == 0 and len(warnings) == 1 and "no images" in warnings[0] and "empty" in warnings[0]
+    result = CliRunner().invoke(app, [*base, str(cvc_layout_folder(tmp_path / "cvc"))])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    assert len(calls) == 2
+
+
 # ----------------------------------------------------------------------------------- offline page
 
 
@@ -556,6 +602,19 @@ def test_serve_refuses_a_bad_model_with_one_line(tmp_path: Path):
     bad.write_bytes(b"not safetensors")
     result = runner.invoke(app, ["serve", "--model", str(bad)])
     assert result.exit_code == 2 and "broken" in result.output and "Traceback" not in result.output
+
+
+def test_serve_names_the_shipped_model_when_it_fails_to_load(monkeypatch: pytest.MonkeyPatch):
+    from polypseg.cli.main import app
+
+    def broken(cls, *args, **kwargs):
+        raise RuntimeError("weights truncated\nsecond line")
+
+    monkeypatch.setattr(InferenceService, "from_checkpoint", classmethod(broken))
+    result = CliRunner().invoke(app, ["serve", "--port", "0", "--device", "cpu"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0] == "error: cannot load the shipped model: RuntimeError: weights truncated"
 
 
 def fake_server(monkeypatch: pytest.MonkeyPatch) -> list[dict]:

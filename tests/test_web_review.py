@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from polypseg.core import io_utils
+from polypseg.data import review
 from polypseg.data.check import check_dataset
 from polypseg.data.images import read_mask
 from polypseg.web.app import WebSettings, create_app
@@ -184,6 +185,81 @@ def test_full_disk_or_read_only_folder_is_507_and_keeps_earlier_saves(
     assert client.get("/v1/reviews/a.png").json()["status"] is None
 
 
+def jpeg_bytes(seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*SIZE, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def folder_files(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_save_whose_record_cannot_be_written_leaves_every_file_as_it_was(
+    client: TestClient, review_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    assert put_mask(client, "a.png", mask_png(disc()), image_bytes()).status_code == 200
+    # c.png has a verdict only, and images/c.jpg is left over from an interrupted older save
+    assert client.put("/v1/reviews/c.png", json={"status": "needs_correction"}).status_code == 200
+    (review_dir / "images/c.jpg").write_bytes(jpeg_bytes())
+    before = folder_files(review_dir)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "simulated")
+
+    monkeypatch.setattr(review, "atomic_write_json", disk_full)
+    # a new mask of a saved image, a first save, and a first save over an older file of another extension
+    for name, image in (("a.png", None), ("b.png", image_bytes(1)), ("c.png", image_bytes(2))):
+        body = assert_error(put_mask(client, name, mask_png(disc(r=3)), image), 507, "disk_full")
+        assert "nothing new was saved" in body["error"]
+    assert folder_files(review_dir) == before  # no file replaced or removed, no image without a record, no temporary
+    monkeypatch.undo()
+    # once the record can be written, the new mask replaces the old one and c.png its older c.jpg
+    for name, image in (("a.png", None), ("c.png", image_bytes(2))):
+        assert put_mask(client, name, mask_png(disc(r=3)), image).status_code == 200
+    assert sorted(p.name for p in (review_dir / "images").iterdir()) == ["a.png", "c.png"]
+    assert sorted(p.name for p in (review_dir / "masks").iterdir()) == ["a.png", "c.png"]
+    np.testing.assert_array_equal(read_mask(review_dir / "masks/a.png"), disc(r=3))
+    assert check_dataset(review_dir).pairs == 2
+
+
+def test_a_mask_sent_with_another_image_of_the_same_name_is_a_conflict(client: TestClient, review_dir: Path):
+    # two images named case.png (from two subfolders of one opened folder) must not share one record
+    assert put_mask(client, "case.png", mask_png(disc()), image_bytes(0)).status_code == 200
+    before = folder_files(review_dir)
+    body = assert_error(put_mask(client, "case.png", mask_png(disc(r=3)), image_bytes(1)), 409, "image_conflict")
+    assert "different image" in body["error"] and str(review_dir) not in body["error"]
+    assert folder_files(review_dir) == before
+    # the same image again (the page sends it with every save) replaces the mask
+    assert put_mask(client, "case.png", mask_png(disc(r=3)), image_bytes(0)).status_code == 200
+    np.testing.assert_array_equal(read_mask(review_dir / "masks/case.png"), disc(r=3))
+    assert (review_dir / "images/case.png").read_bytes() == image_bytes(0)
+
+
+def test_a_damaged_review_file_is_a_server_error_on_every_route_until_it_is_restored(
+    client: TestClient, review_dir: Path
+):
+    assert put_mask(client, "m.png", mask_png(disc()), image_bytes()).status_code == 200
+    assert client.put("/v1/reviews/s0.png", json={"status": "accept"}).status_code == 200
+    good = (review_dir / "review.json").read_bytes()
+    (review_dir / "review.json").write_bytes(good[: len(good) // 2])  # truncated while the server runs
+    answers = [
+        client.get("/v1/reviews"),
+        client.get("/v1/reviews/s0.png"),
+        client.put("/v1/reviews/s0.png", json={"status": "reject"}),
+        put_mask(client, "m.png", mask_png(disc(r=3))),
+        client.get("/v1/reviews/m.png/mask"),
+        client.get("/v1/reviews/export", params={"format": "csv"}),
+    ]
+    for answer in answers:
+        body = assert_error(answer, 500, "review_unreadable")
+        assert "review.json" in body["error"] and str(review_dir) not in body["error"] and "/tmp" not in body["error"]
+    assert (review_dir / "review.json").read_bytes() == good[: len(good) // 2]  # nothing wrote over it
+    (review_dir / "review.json").write_bytes(good)
+    assert client.get("/v1/reviews/s0.png").json()["status"] == "accept"
+    np.testing.assert_array_equal(read_mask(review_dir / "masks/m.png"), disc())
+
+
 def test_exports(client: TestClient, tmp_path: Path):
     put_mask(client, "b.png", mask_png(disc()), image_bytes())
     client.put("/v1/reviews/b.png", json={"status": "needs_correction", "note": "edge, left"})
@@ -232,11 +308,14 @@ def test_openapi_lists_every_status_each_route_returns(client: TestClient):
     def statuses(path: str, method: str) -> set[str]:
         return set(paths[path][method]["responses"])
 
-    assert {"200", "401", "404"} <= statuses("/v1/reviews", "get")
-    assert {"200", "400", "401", "404", "413", "422", "507"} <= statuses("/v1/reviews/{name}", "put")
-    assert {"200", "400", "401", "404", "409", "413", "415", "422", "507"} <= statuses("/v1/reviews/{name}/mask", "put")
-    assert {"200", "400", "401", "404"} <= statuses("/v1/reviews/{name}/mask", "get")
-    assert {"200", "401", "404", "422"} <= statuses("/v1/reviews/export", "get")
+    assert {"200", "401", "404", "500"} <= statuses("/v1/reviews", "get")
+    assert {"200", "400", "401", "404", "500"} <= statuses("/v1/reviews/{name}", "get")
+    assert {"200", "400", "401", "404", "413", "422", "500", "507"} <= statuses("/v1/reviews/{name}", "put")
+    assert {"200", "400", "401", "404", "409", "413", "415", "422", "500", "507"} <= statuses(
+        "/v1/reviews/{name}/mask", "put"
+    )
+    assert {"200", "400", "401", "404", "500"} <= statuses("/v1/reviews/{name}/mask", "get")
+    assert {"200", "401", "404", "422", "500"} <= statuses("/v1/reviews/export", "get")
     assert {"200", "401", "404"} <= statuses("/v1/samples/{name}", "get")
     assert {"200", "401", "404"} <= statuses("/v1/samples/{name}/mask", "get")
     assert {"200", "401", "503"} <= statuses("/v1/health", "get")
@@ -263,3 +342,21 @@ def test_serve_review_dir_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (tmp_path / "other/review.json").write_text("[]")
     result = runner.invoke(app, [*base, "--review-dir", str(tmp_path / "other")])
     assert result.exit_code == 2 and "not a polypseg review file" in result.output
+
+
+def test_serve_refuses_an_unreadable_review_file_in_one_line_before_loading_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from typer.testing import CliRunner
+
+    from polypseg.cli.main import app
+
+    loaded: list = []
+    monkeypatch.setattr(InferenceService, "from_checkpoint", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    (tmp_path / "review").mkdir()
+    (tmp_path / "review/review.json").write_text('{"format": "polypseg-rev')
+    result = CliRunner().invoke(app, ["serve", "--port", "0", "--review-dir", str(tmp_path / "review")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: --review-dir") and "review.json" in lines[0] and "damaged" in lines[0]
+    assert not loaded

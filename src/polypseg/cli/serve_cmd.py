@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from polypseg.cli.common import UsageError, console, fail, resolve_device
+from polypseg.cli.common import UsageError, console, fail, resolve_device, warn
 from polypseg.core.rules import threshold_problem
 from polypseg.errors import PolypsegError
 
@@ -72,10 +72,32 @@ def _bind_error(host: str, port: int, error: OSError) -> str:
     return f"cannot listen on {where}: {error.strerror or error}"
 
 
+def _model_label(model: Path | None) -> str:
+    """How messages name the served model: ``model PATH``, or the shipped model when none was given."""
+    return "the shipped model" if model is None else f"model {model}"
+
+
+def _check_samples(folder: Path) -> None:
+    """Stop when ``--samples`` is not a folder; warn in one line when it holds no images (in any of
+    the data-set layouts ``data check`` knows), since the page's sample list would be empty."""
+    from polypseg.data.pairing import LAYOUTS
+    from polypseg.web.routers.samples import list_images, sample_folders
+
+    if not folder.is_dir():
+        fail(f"--samples {folder}: not a folder")
+    images, _ = sample_folders(folder)
+    if not list_images(images):
+        layouts = ", ".join(f"{i}/" for i, _ in LAYOUTS)
+        warn(f"--samples {folder}: no images in it (nor in {layouts}); the page's sample list is empty")
+
+
 def _check_review_dir(folder: Path) -> None:
-    """Create the review folder, or stop with one line; warn when it cannot be written (reviews
-    can still be read and exported, every save answers a clear error)."""
+    """Create the review folder and read its ``review.json``, or stop with one line (before the
+    model loads); warn when it cannot be written (reviews can still be read and exported, every
+    save answers a clear error)."""
     import os
+
+    from polypseg.data.review import ReviewStore
 
     if folder.exists() and not folder.is_dir():
         fail(f"--review-dir {folder}: a file, not a folder")
@@ -83,6 +105,10 @@ def _check_review_dir(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         fail(f"--review-dir {folder}: cannot create it ({error.strerror or error})")
+    try:
+        ReviewStore(folder)
+    except PolypsegError as error:
+        fail(f"--review-dir {folder}: {error}")
     if not os.access(folder, os.W_OK):
         console.print(
             f"[bold yellow]warning:[/] --review-dir {folder} is read-only: verdicts and masks cannot be saved.",
@@ -157,8 +183,8 @@ def register(app: typer.Typer) -> None:
             fail(f"--precision {precision}: choose {', '.join(SERVE_PRECISIONS)}")
         if threshold is not None and threshold_problem(threshold) is not None:
             fail(f"--threshold {threshold_problem(threshold)}")
-        if samples is not None and not samples.is_dir():
-            fail(f"--samples {samples}: not a folder")
+        if samples is not None:
+            _check_samples(samples)
         if review_dir is not None:
             _check_review_dir(review_dir)
         # Bind first: a taken port fails in a second, before minutes of model loading.
@@ -169,7 +195,7 @@ def register(app: typer.Typer) -> None:
         port = sock.getsockname()[1]
         try:
             resolved = resolve_device(device)
-            with console.status(f"loading {model or 'the shipped model'}"):
+            with console.status(f"loading {_model_label(model)}"):
                 service = InferenceService.from_checkpoint(
                     model,
                     device=resolved,
@@ -186,12 +212,11 @@ def register(app: typer.Typer) -> None:
             fail(str(error))
         except PolypsegError as error:
             sock.close()
-            fail(f"cannot load model {model or 'shipped with polypseg'}: {error}")
+            fail(f"cannot load {_model_label(model)}: {error}")
         except Exception as error:  # noqa: BLE001 - any load failure stops serve with one line
             sock.close()
-            fail(
-                f"cannot load model {model}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            )
+            reason = str(error).splitlines()[0] if str(error) else ""
+            fail(f"cannot load {_model_label(model)}: {type(error).__name__}: {reason}")
 
         settings = WebSettings(
             token=token,

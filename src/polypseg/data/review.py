@@ -7,9 +7,11 @@ as ``DIR/masks/<stem>.png`` (single channel, 0/255) beside the original image by
 ``polypseg train --data DIR`` trains on.
 
 Every file is written atomically (a temporary file renamed onto the target), under a lock that
-also holds across processes, so a crash, a reload or two writers at once never leave a torn file,
-and a failed write (full disk, read-only folder) keeps what was saved before. Names come from
-clients: :func:`check_name` refuses any name that could choose a path outside DIR.
+also holds across processes, so a crash, a reload or two writers at once never leave a torn file.
+A corrected mask and its image are written under hidden temporary names first and moved into place
+only once ``review.json`` holds their record, so a failed save (full disk, read-only folder) leaves
+the folder exactly as it was: no new file without a record, no earlier mask or image replaced.
+Names come from clients: :func:`check_name` refuses any name that could choose a path outside DIR.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import errno
 import io
 import os
 import re
+import tempfile
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -31,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from polypseg.core.io_utils import atomic_write, atomic_write_json, json_text, read_json
+from polypseg.core.io_utils import atomic_write_json, default_file_mode, json_text, read_json
 from polypseg.data.pairing import IMAGE_EXTENSIONS
 from polypseg.errors import PolypsegError
 
@@ -85,8 +88,21 @@ class NameConflict(ReviewError):
     kind = "conflict"
 
 
+class ImageConflict(ReviewError):
+    """A mask sent with an image other than the one already saved under that name."""
+
+    kind = "image_conflict"
+
+
 class BadMask(ReviewError):
     kind = "bad_mask"
+
+
+class ReviewUnreadable(ReviewError):
+    """``review.json`` cannot be read or is not a review file: a problem of the server's folder, not
+    of the request. The message names the file as ``review.json`` only, never the server's path."""
+
+    kind = "unreadable"
 
 
 class StorageError(ReviewError):
@@ -273,8 +289,10 @@ class ReviewStore:
         """Save the reviewer's ``mask`` of image ``name`` (``image_size`` = (height, width)).
 
         ``image`` (the original bytes, in ``image_format``) is written to ``images/`` the first
-        time; later saves may omit it. With ``model_mask`` (the model's mask at ``threshold``) the
-        record gets the Dice of the reviewer's mask against it.
+        time; later saves may omit it, and one with other bytes than the saved image is refused
+        (:class:`ImageConflict`: two images with one file name must not share a record). With
+        ``model_mask`` (the model's mask at ``threshold``) the record gets the Dice of the
+        reviewer's mask against it.
         """
         check_name(name)
         mask = np.asarray(mask)
@@ -292,14 +310,23 @@ class ReviewStore:
             other = next((p for p in self._records if p != name and Path(p).stem == stem), None)
             if other is not None:
                 raise NameConflict(f"'{name}' and the reviewed '{other}' share the file stem '{stem}'")
-            mask_target = self.masks_dir / f"{stem}.png"
-            if mask_target.is_symlink():  # checked before anything is written, so a refusal writes nothing
-                raise ReviewError(f"masks/{mask_target.name} in the review folder is a link; refusing to replace it")
-            if image is not None:
-                self._write_image(name, stem, image, image_format)
-            elif self.image_path_unlocked(stem) is None:
+            files = {self.masks_dir / f"{stem}.png": mask_png(mask)}
+            stale: list[Path] = []
+            stored = self._stored_image(name, stem)
+            if image is not None and stored is None:
+                image_target = self._image_target(name, stem, image_format)
+                files[image_target] = image
+                # files of this stem without a corrected record (an interrupted older save): replaced
+                stale = [p for p in self._same_stem(stem) if p != image_target and p.is_file() and not p.is_symlink()]
+            elif image is not None and stored is not None and stored.read_bytes() != image:
+                raise ImageConflict(
+                    f"'{name}' already has a different image saved (images/{stored.name}): two images with one file "
+                    f"name? Rename one; to replace the saved image, remove images/{stored.name} from the review folder"
+                )
+            elif image is None and self.image_path_unlocked(stem) is None:
                 raise BadMask(f"{name}: send the image with its first corrected mask")
-            self._write(mask_target, mask_png(mask))
+            for target in files:  # checked before anything is written, so a refusal writes nothing
+                self._refuse_link(target)
             record = self._records.get(name) or ReviewRecord(file=name, created=now_utc())
             saved = now_utc()
             updated = ReviewRecord.from_dict(
@@ -314,7 +341,10 @@ class ReviewStore:
                     "dice_vs_model": None if model_mask is None else round(dice(mask, np.asarray(model_mask)), 6),
                 }
             )
-            self._commit(name, updated)
+            self._commit_with_files(name, updated, files)
+            for old in stale:  # removed only once the new image is in place and recorded
+                with contextlib.suppress(OSError):
+                    old.unlink()
             return updated
 
     # ------------------------------------------------------------------ export
@@ -363,6 +393,11 @@ class ReviewStore:
 
     # ------------------------------------------------------------------ internals
 
+    def _stored_image(self, name: str, stem: str) -> Path | None:
+        """The image saved with ``name``'s corrected mask, if its record has one (called under the lock)."""
+        record = self._records.get(name)
+        return self.image_path_unlocked(stem) if record is not None and record.corrected else None
+
     def image_path_unlocked(self, stem: str) -> Path | None:
         return next((p for p in self._same_stem(stem) if p.is_file() and not p.is_symlink()), None)
 
@@ -371,16 +406,13 @@ class ReviewStore:
             return []
         return sorted(p for p in self.images_dir.iterdir() if p.stem == stem and p.suffix.lower() in IMAGE_EXTENSIONS)
 
-    def _write_image(self, name: str, stem: str, data: bytes, image_format: str | None) -> None:
+    def _image_target(self, name: str, stem: str, image_format: str | None) -> Path:
+        """``images/<stem>.<ext>``, the extension following the format the bytes really are."""
         extensions = FORMAT_EXTENSIONS.get(image_format or "")
         if extensions is None:
             raise BadMask(f"{name}: unsupported image format {image_format}")
         suffix = Path(name).suffix.lower()
-        target = self.images_dir / f"{stem}{suffix if suffix in extensions else extensions[0]}"
-        for old in self._same_stem(stem):  # the same image saved earlier under another extension
-            if old != target and old.is_file() and not old.is_symlink():
-                old.unlink()
-        self._write(target, data)
+        return self.images_dir / f"{stem}{suffix if suffix in extensions else extensions[0]}"
 
     def _check_inside(self) -> None:
         """Refuse to write when ``images/`` or ``masks/`` leads out of the folder (a symlink)."""
@@ -391,11 +423,10 @@ class ReviewStore:
             if folder.exists() and not folder.is_dir():
                 raise ReviewError(f"{folder.name} in the review folder is not a folder")
 
-    def _write(self, path: Path, data: bytes) -> None:
+    @staticmethod
+    def _refuse_link(path: Path) -> None:
         if path.is_symlink():
             raise ReviewError(f"{path.parent.name}/{path.name} in the review folder is a link; refusing to replace it")
-        with _storage_errors(self.root):
-            atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
     def _commit(self, name: str, record: ReviewRecord) -> None:
         """Write the records with ``record`` in place; memory changes only once the file is written."""
@@ -406,6 +437,30 @@ class ReviewStore:
         self._records = records
         self._seen = self._stamp()
 
+    def _commit_with_files(self, name: str, record: ReviewRecord, files: dict[Path, bytes]) -> None:
+        """Write ``files`` (target -> bytes) under hidden temporary names, commit ``record``, then
+        rename each onto its target. Any failure before the rename removes the temporaries, so a
+        failed save leaves no new file behind and replaces no earlier one."""
+        staged: dict[Path, Path] = {}
+        try:
+            with _storage_errors(self.root):
+                for target, data in files.items():
+                    staged[target] = _write_hidden(target, data)
+            self._commit(name, record)
+            try:
+                for target, temporary in staged.items():
+                    os.replace(temporary, target)
+            except OSError as error:
+                # Renames within one folder fail only on I/O errors, after review.json already holds the record.
+                raise StorageError(
+                    f"the record was saved but its files could not be put in place ({error.strerror or error}); "
+                    "save the mask again"
+                ) from None
+        finally:
+            for temporary in staged.values():
+                with contextlib.suppress(OSError):
+                    temporary.unlink(missing_ok=True)
+
     def _stamp(self) -> tuple[int, int] | None:
         try:
             stat = (self.root / REVIEW_FILE).stat()
@@ -414,27 +469,43 @@ class ReviewStore:
         return stat.st_mtime_ns, stat.st_size
 
     def _refresh(self) -> None:
-        """Re-read ``review.json`` when another process has replaced it since this store last read it."""
-        stamp = self._stamp()
-        if stamp != self._seen:
-            try:
-                self._records = self._read_records()
-            except ReviewError:
-                return  # keep the last good records; the next write reports the problem
-            self._seen = stamp
+        """Re-read ``review.json`` when another process has replaced it since this store last read it;
+        :class:`ReviewUnreadable` when it can no longer be read (never stale records in silence)."""
+        if self._stamp() != self._seen:
+            self._records = self._read_records()
 
     def _read_records(self) -> dict[str, ReviewRecord]:
+        """The records of ``review.json`` (none when it does not exist yet), or :class:`ReviewUnreadable`.
+        ``_seen`` is set only after a good read, so a broken file is reported again on the next call."""
         path = self.root / REVIEW_FILE
-        self._seen = self._stamp()
+        stamp = self._stamp()
         if not path.is_file():
+            if path.exists() or path.is_symlink():
+                raise ReviewUnreadable(f"{REVIEW_FILE} in the review folder is not a readable file")
+            self._seen = stamp
             return {}
         try:
             data = read_json(path)
-        except (OSError, ValueError) as error:
-            raise ReviewError(f"cannot read {path}: {error}") from None
+        except OSError as error:
+            raise ReviewUnreadable(
+                f"cannot read {REVIEW_FILE} in the review folder ({error.strerror or error})"
+            ) from None
+        except ValueError as error:
+            raise ReviewUnreadable(
+                f"{REVIEW_FILE} in the review folder is damaged ({error}); restore it from a backup or move it away"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != REVIEW_FORMAT:
-            raise ReviewError(f"{path} is not a polypseg review file (format {REVIEW_FORMAT})")
-        return {name: ReviewRecord.from_dict(item) for name, item in dict(data.get("records") or {}).items()}
+            raise ReviewUnreadable(
+                f"{REVIEW_FILE} in the review folder is not a polypseg review file (format {REVIEW_FORMAT})"
+            )
+        try:
+            records = {name: ReviewRecord.from_dict(item) for name, item in dict(data.get("records") or {}).items()}
+        except (AttributeError, TypeError, ValueError):  # records that are not a mapping of name -> record fields
+            raise ReviewUnreadable(
+                f"{REVIEW_FILE} in the review folder is damaged (its records are malformed)"
+            ) from None
+        self._seen = stamp
+        return records
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -473,6 +544,22 @@ def _storage_errors(root: Path) -> Iterator[None]:
                 "the review folder is read-only: nothing new was saved, earlier saves are intact", "read_only"
             ) from None
         raise StorageError(f"cannot write to the review folder ({error.strerror or type(error).__name__})") from None
+
+
+def _write_hidden(target: Path, data: bytes) -> Path:
+    """``data`` in a new hidden file beside ``target`` (``.<name>.<random>.tmp``: data checks and
+    training skip hidden files), with the mode a new file gets, ready to be renamed onto ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temporary = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(temporary, default_file_mode())  # mkstemp's 0600 would make the data set unreadable to others
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return temporary
 
 
 def _csv_safe(text: str) -> str:

@@ -69,6 +69,8 @@ REVIEW_STATUS = {
     "bad_mask": (400, "mask_mismatch"),
     "not_found": (404, "not_found"),
     "conflict": (409, "name_conflict"),
+    "image_conflict": (409, "image_conflict"),
+    "unreadable": (500, "review_unreadable"),  # the server's review.json, not the request, is at fault
     "invalid": (422, "invalid_parameter"),
 }
 

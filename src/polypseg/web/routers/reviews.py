@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from polypseg.data.review import MAX_NOTE_CHARS, STATUSES, ReviewStore, check_name
+from polypseg.data.review import MAX_NOTE_CHARS, STATUSES, NotReviewed, ReviewStore, check_name
 from polypseg.web.api_errors import ApiError
 from polypseg.web.dependencies import TOKEN_REQUIRED, ReviewStoreDep, ServiceDep, SettingsDep
 from polypseg.web.routers.uploads import run_job
@@ -43,9 +43,10 @@ _NAME = "Image file name (e.g. `case1.jpg`): a plain name with an image extensio
 def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     extra = {
         404: "No review record (or corrected mask) for this image, or the server keeps no review folder",
-        409: "Another reviewed image has the same file stem",
+        409: "Another reviewed image has the same file stem, or another image is saved under this name",
         507: "The review folder cannot be written (disk full or read-only); nothing saved before is lost",
         400: "Invalid image name, mask not binary or not the image's size, corrupt or missing upload",
+        500: "The review folder's review.json cannot be read or is damaged (code review_unreadable)",
     }
     table: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
@@ -85,7 +86,7 @@ class ReviewList(BaseModel):
     records: list[ReviewOut]
 
 
-@router.get("/reviews", response_model=ReviewList, responses=_responses(401, 404))
+@router.get("/reviews", response_model=ReviewList, responses=_responses(401, 404, 500))
 async def list_reviews(store: ReviewStoreDep) -> dict[str, Any]:
     """Every review record and the counts per verdict, of corrected masks and of records without a verdict."""
     review = _require(store)
@@ -95,7 +96,7 @@ async def list_reviews(store: ReviewStoreDep) -> dict[str, Any]:
 @router.get(
     "/reviews/export",
     responses={
-        **_responses(401, 404, 422),
+        **_responses(401, 404, 422, 500),
         200: {
             "content": {"text/csv": {}, "application/json": {}, "application/zip": {}},
             "description": "The review as CSV or JSON, or a zip of the corrected data set",
@@ -122,13 +123,13 @@ async def export_reviews(
     return Response(body, media_type=media, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
-@router.get("/reviews/{name}", response_model=ReviewOut, responses=_responses(400, 401, 404))
+@router.get("/reviews/{name}", response_model=ReviewOut, responses=_responses(400, 401, 404, 500))
 async def get_review(name: str, store: ReviewStoreDep) -> dict[str, Any]:
     """One image's review record."""
     return asdict(_require(store).get(name))
 
 
-@router.put("/reviews/{name}", response_model=ReviewOut, responses=_responses(400, 401, 404, 413, 422, 507))
+@router.put("/reviews/{name}", response_model=ReviewOut, responses=_responses(400, 401, 404, 413, 422, 500, 507))
 async def put_verdict(name: str, verdict: Verdict, store: ReviewStoreDep) -> dict[str, Any]:
     """Record a verdict (accept, reject, needs_correction) and a note for one image."""
     review = _require(store)
@@ -167,7 +168,7 @@ _MASK_FORM = {
     "/reviews/{name}/mask",
     openapi_extra=_MASK_FORM,
     response_model=ReviewOut,
-    responses=_responses(400, 401, 404, 409, 413, 415, 422, 507),
+    responses=_responses(400, 401, 404, 409, 413, 415, 422, 500, 507),
 )
 async def put_mask(
     name: str,
@@ -219,7 +220,10 @@ async def put_mask(
 
 @router.get(
     "/reviews/{name}/mask",
-    responses={**_responses(400, 401, 404), 200: {"content": {"image/png": {}}, "description": "The corrected mask"}},
+    responses={
+        **_responses(400, 401, 404, 500),
+        200: {"content": {"image/png": {}}, "description": "The corrected mask"},
+    },
 )
 async def get_mask(name: str, store: ReviewStoreDep) -> FileResponse:
     """The saved corrected mask of one image (8-bit PNG, 0/255)."""
@@ -236,7 +240,7 @@ def _require(store: ReviewStore | None) -> ReviewStore:
 def _stored_image(store: ReviewStore, name: str) -> bytes | None:
     try:
         path = store.image_path(name)
-    except Exception:  # noqa: BLE001 - no record yet: no stored image
+    except NotReviewed:  # no record yet: no stored image (an unreadable review.json is reported as such)
         return None
     return path.read_bytes() if path is not None else None
 
