@@ -53,7 +53,7 @@ CSV_COLUMNS = (
 
 @dataclass(frozen=True)
 class _Options:
-    """The explain options as given: ``threshold`` None (the checkpoint's) and ``device`` ``auto`` are
+    """The explain options as given: ``threshold`` None (the run's or checkpoint's, as predict resolves it) and ``device`` ``auto`` are
     resolved when the model loads."""
 
     layer: str
@@ -203,6 +203,7 @@ def _load_run(out: Path, model_path: Path, options: _Options, *, fold: int | Non
     from polypseg.core.devices import resolve_device
     from polypseg.explain.gradcam import resolve_layer
     from polypseg.inference.inferer import use_precision_layout
+    from polypseg.inference.loading import resolve_source
     from polypseg.models.checkpoint import load_checkpoint, pick_checkpoint
 
     device = str(resolve_device(options.device, label="--device"))
@@ -215,7 +216,7 @@ def _load_run(out: Path, model_path: Path, options: _Options, *, fold: int | Non
     except Exception as error:  # noqa: BLE001 - the message already names the layer
         raise PolypsegError(f"--layer {options.layer}: {error}") from None
     use_precision_layout(checkpoint.model, device, options.precision)
-    threshold = checkpoint.threshold if options.threshold is None else options.threshold
+    threshold = resolve_source(checkpoint_path, threshold=options.threshold).threshold  # predict's rule
     resolved = replace(options, device=device, threshold=threshold)
     run = _Run(out=out, net=checkpoint.model, image_size=checkpoint.config.train.image_size, options=resolved)
     return run, checkpoint_path, checkpoint

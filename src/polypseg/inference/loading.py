@@ -169,8 +169,10 @@ def resolve_source(
 ) -> ModelSource:
     """Find the model ``path_or_run`` names (see :func:`polypseg.models.pretrained.resolve_model`).
 
-    The threshold is ``threshold`` if given, else the run's ``summary.json`` threshold, else the
-    checkpoints' own, else 0.5; a run folder's ``fold=K`` keeps its fold K alone.
+    The threshold is ``threshold`` if given, else the CV run's ``summary.json`` threshold, else the
+    checkpoints' own, else 0.5; a run folder's ``fold=K`` keeps its fold K alone. The run is the folder
+    named, or the run a named fold folder (``RUN/fold_K``) or fold checkpoint (``RUN/fold_K/best``) lies in:
+    however one fold is named, it gets the threshold cross-validation chose for the run.
     """
     from polypseg.models.pretrained import resolve_model
 
@@ -219,11 +221,23 @@ def _pick_fold(checkpoints: list[Path], path: Path, fold: int | None) -> list[Pa
     return [folds[fold]]
 
 
+def run_folder_of(path: Path) -> Path | None:
+    """The CV run folder whose ``summary.json`` speaks for ``path``: ``path`` itself, or the run a fold
+    folder or a fold's checkpoint lies in; None for a lone checkpoint or a folder without a summary."""
+    folder = path if path.is_dir() else path.parent
+    candidates = [path] if path.is_dir() else []
+    if parse_fold_name(folder.name) is not None:
+        candidates.append(folder.parent)
+    return next((c for c in candidates if RunDir(c).summary_path.is_file()), None)
+
+
 def _run_summary(path: Path, *, check_threshold: bool) -> dict[str, Any]:
-    """A run folder's ``summary.json`` (empty for a checkpoint); its threshold checked where it will be used."""
-    run = RunDir(path)
-    if not (path.is_dir() and run.summary_path.is_file()):
+    """The ``summary.json`` of the run ``path`` is or lies in (empty for a lone checkpoint; see
+    :func:`run_folder_of`); its threshold checked where it will be used."""
+    folder = run_folder_of(path)
+    if folder is None:
         return {}
+    run = RunDir(folder)
     summary = run.read_summary() or {}
     if check_threshold and "threshold" in summary:
         problem = threshold_in_file(summary)
