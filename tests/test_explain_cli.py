@@ -295,3 +295,33 @@ def test_explain_on_a_forward_only_engine_gives_torch_heatmaps(
     ):
         result = _invoke(*common, "--out", str(tmp_path / "bad"), *extra)
         assert isinstance(result.exception, PolypsegError) and message in str(result.exception)
+
+
+def test_explain_summary_records_the_engine_and_the_precision_computed_in(
+    checkpoint: Path, dataset: Path, tmp_path: Path
+) -> None:
+    from polypseg.core.precision import resolve_precision
+
+    out = tmp_path / "out"
+    image = str(dataset / "images" / "a.png")
+    result = _invoke(image, "--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "0")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    computed = resolve_precision("auto", "cpu")  # 'auto' as given, resolved on this machine
+    assert settings["engine"] == "torch" and settings["precision"] == settings["metrics_precision"] == computed
+
+
+def test_explain_refuses_onnxruntime_bf16_before_loading_or_creating_out(
+    checkpoint: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polypseg.models import checkpoint as checkpoints
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", never)
+    out = tmp_path / "out"
+    args = ("--model", str(checkpoint), "--out", str(out), "--engine", "onnxruntime", "--precision", "bf16")
+    result = _invoke(str(dataset / "images" / "a.png"), *args)
+    assert isinstance(result.exception, PolypsegError), result.output
+    assert "--engine onnxruntime --precision bf16" in str(result.exception) and not out.exists()

@@ -73,6 +73,7 @@ class _Options:
         from polypseg.data.inputs import prepare_output_folder
         from polypseg.explain.engine_gradcam import ENGINES
         from polypseg.explain.gradcam import METHODS
+        from polypseg.inference.loading import engine_precision_problem
 
         if self.heatmap_format not in HEATMAP_FORMATS:
             raise PolypsegError(f"--heatmap-format {self.heatmap_format}: use one of {', '.join(HEATMAP_FORMATS)}")
@@ -92,6 +93,11 @@ class _Options:
         engines = ("torch", *ENGINES)
         if self.engine not in engines:
             raise PolypsegError(f"--engine {self.engine}: choose one of {', '.join(engines)}")
+        problem = engine_precision_problem(self.engine, self.precision)
+        if problem is not None:
+            raise PolypsegError(
+                f"--engine {self.engine} --precision {self.precision}: {problem}; use --engine openvino or torch"
+            )
         if self.engine != "torch" and (self.method != "gradcam" or self.layer != "decoder.final"):
             raise PolypsegError(
                 f"--engine {self.engine} computes the paper's Grad-CAM (--method gradcam --layer decoder.final) only"
@@ -107,6 +113,8 @@ class _Run:
     net: nn.Module
     image_size: int
     options: _Options
+    heatmap_precision: str  # what the heatmaps are computed in (``options.precision`` resolved for the engine)
+    metrics_precision: str  # what torch scores the explanations in
 
 
 @dataclass
@@ -201,6 +209,8 @@ def _load_run(out: Path, model_path: Path, options: _Options, *, fold: int | Non
     """The run (device and threshold resolved), the checkpoint file that explains and the loaded checkpoint,
     its layer checked."""
     from polypseg.core.devices import resolve_device
+    from polypseg.core.precision import resolve_precision
+    from polypseg.explain.engine_gradcam import resolve_engine_precision as engine_precision
     from polypseg.explain.gradcam import resolve_layer
     from polypseg.inference.inferer import use_precision_layout
     from polypseg.inference.loading import resolve_source
@@ -218,7 +228,17 @@ def _load_run(out: Path, model_path: Path, options: _Options, *, fold: int | Non
     use_precision_layout(checkpoint.model, device, options.precision)
     threshold = resolve_source(checkpoint_path, threshold=options.threshold).threshold  # predict's rule
     resolved = replace(options, device=device, threshold=threshold)
-    run = _Run(out=out, net=checkpoint.model, image_size=checkpoint.config.train.image_size, options=resolved)
+    metrics_precision = resolve_precision(options.precision, device)
+    run = _Run(
+        out=out,
+        net=checkpoint.model,
+        image_size=checkpoint.config.train.image_size,
+        options=resolved,
+        heatmap_precision=metrics_precision
+        if options.engine == "torch"
+        else engine_precision(options.engine, options.precision),
+        metrics_precision=metrics_precision,
+    )
     return run, checkpoint_path, checkpoint
 
 
@@ -439,7 +459,9 @@ def _summary(
             "deletion_baseline": "mean",
             "insertion_baseline": "blur",
             "device": run.options.device,
-            "precision": run.options.precision,
+            "engine": run.options.engine,
+            "precision": run.heatmap_precision,
+            "metrics_precision": run.metrics_precision,
             "heatmap_max_pixels": MAX_HEATMAP_PIXELS,
         },
     }

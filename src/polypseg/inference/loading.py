@@ -91,7 +91,7 @@ _RULES: tuple[_Rule, ...] = (
         _Refusal("compile applies to the torch backend, not {backend}"),
     ),
     (
-        lambda r: r.precision == "bf16" and r.backend == "onnxruntime",
+        lambda r: engine_precision_problem(r.backend, r.precision) is not None,
         _Refusal("precision bf16: onnxruntime computes in fp32; use backend 'openvino' or 'auto'"),
     ),
     (lambda r: r.onnx_model and r.backend == "openvino", EngineChoice("openvino")),
@@ -115,6 +115,14 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
 )
+
+
+def engine_precision_problem(engine: str, precision: str) -> str | None:
+    """Why ``engine`` cannot compute in ``precision``, or None: the one rule of predict's backends and
+    explain's engines. onnxruntime computes in fp32 (int8 for a quantised model), never bf16."""
+    if engine == "onnxruntime" and precision == "bf16":
+        return "onnxruntime computes in fp32"
+    return None
 
 
 def check_backend(backend: str) -> None:
