@@ -325,3 +325,14 @@ def test_explain_refuses_onnxruntime_bf16_before_loading_or_creating_out(
     result = _invoke(str(dataset / "images" / "a.png"), *args)
     assert isinstance(result.exception, PolypsegError), result.output
     assert "--engine onnxruntime --precision bf16" in str(result.exception) and not out.exists()
+
+
+def test_a_rerun_into_the_same_out_leaves_no_earlier_skipped_csv(
+    checkpoint: Path, dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ("--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "0", "--no-gallery")
+    first = _invoke(str(dataset / "images" / "a.png"), str(dataset / "images" / "broken.jpg"), *args)
+    assert first.exit_code == 0 and (out / "skipped.csv").is_file(), first.output
+    again = _invoke(str(dataset / "images" / "a.png"), *args)
+    assert again.exit_code == 0 and not (out / "skipped.csv").exists(), again.output

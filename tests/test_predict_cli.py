@@ -296,3 +296,19 @@ def test_predict_files_takes_its_options_by_name_and_returns_a_typed_summary(che
     assert (summary.images, summary.videos, summary.skipped, summary.done) == (3, 0, 1, 3)
     assert summary.closing == said[-1] and not (tmp_path / "out" / "overlays").exists()
     assert summary.to_json() == {"images": 3, "videos": 0, "skipped": 1, "done": 3, "closing": summary.closing}
+
+
+def test_a_rerun_into_the_same_out_leaves_no_table_of_the_earlier_run(checkpoint: Path, tmp_path: Path) -> None:
+    """Tables this run has no rows for are removed, not left to look current."""
+    folder = _folder(tmp_path / "in")
+    out = tmp_path / "out"
+    first = _invoke("predict", str(folder), "--model", str(checkpoint), "--out", str(out), "--backend", "torch")
+    assert first.exit_code == 0 and (out / "skipped.csv").is_file(), first.output
+    (out / "videos.csv").write_text("file,frames\nearlier.mp4,6\n")  # as an earlier run on a video leaves it
+    again = _invoke(
+        "predict", str(folder / "rgb.jpg"), "--model", str(checkpoint), "--out", str(out), "--backend", "torch"
+    )
+    assert again.exit_code == 0, again.output
+    assert not (out / "skipped.csv").exists() and not (out / "videos.csv").exists()
+    with open(out / "predictions.csv") as handle:
+        assert [Path(r["file"]).name for r in csv.DictReader(handle)] == ["rgb.jpg"]

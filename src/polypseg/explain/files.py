@@ -468,7 +468,7 @@ def _summary(
 
 
 def _write_tables(out: Path, records: list[dict[str, Any]], summary: dict[str, Any], skips: SkipLog) -> None:
-    """``metrics.csv``, ``summary.json`` and, when inputs were skipped, ``skipped.csv``."""
+    """``metrics.csv``, ``summary.json`` and, when inputs were skipped, ``skipped.csv`` (else none there)."""
     from polypseg.core.io_utils import atomic_write_json
     from polypseg.data.inputs import write_csv
 
@@ -478,8 +478,7 @@ def _write_tables(out: Path, records: list[dict[str, Any]], summary: dict[str, A
         [{k: _csv_value(r.get(k, float("nan"))) for k in CSV_COLUMNS} for r in records],
     )
     atomic_write_json(out / "summary.json", summary)
-    if skips:
-        skips.write_csv(out / "skipped.csv")
+    skips.write_csv(out / "skipped.csv")  # with none skipped, an earlier run's list goes
 
 
 def _write_gallery(
