@@ -336,3 +336,17 @@ def test_a_rerun_into_the_same_out_leaves_no_earlier_skipped_csv(
     assert first.exit_code == 0 and (out / "skipped.csv").is_file(), first.output
     again = _invoke(str(dataset / "images" / "a.png"), *args)
     assert again.exit_code == 0 and not (out / "skipped.csv").exists(), again.output
+
+
+def test_explain_names_a_model_evaluated_with_flip_tta(dataset: Path, tmp_path: Path) -> None:
+    from polypseg.models.checkpoint import load_checkpoint, save_checkpoint
+
+    tiny = load_checkpoint(save_tiny_checkpoint(tmp_path / "plain"))
+    tiny.config.train.tta_flip = True  # as the strong recipe sets it
+    model = save_checkpoint(tmp_path / "strong", tiny.model, tiny.config)
+    args = ("--out", str(tmp_path / "out"), "--device", "cpu", "--deletion-steps", "0", "--no-gallery")
+    result = _invoke(str(dataset / "images" / "a.png"), "--model", str(model), *args)
+    assert result.exit_code == 0, result.output
+    assert "evaluated with flip TTA" in result.output and "explain has no TTA" in result.output
+    plain = _invoke(str(dataset / "images" / "a.png"), "--model", str(tmp_path / "plain" / "best"), *args)
+    assert plain.exit_code == 0 and "flip TTA" not in plain.output, plain.output

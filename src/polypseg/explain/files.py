@@ -164,6 +164,7 @@ def explain_files(
     """
     from polypseg.data.inputs import SkipLog, collect_inputs, one_line_warnings, prepare_output_folder
     from polypseg.explain.metrics import METRIC_KEYS, explanation_report
+    from polypseg.inference.loading import flip_tta_note
     from polypseg.models.pretrained import resolve_model
 
     options = _Options(
@@ -194,6 +195,9 @@ def explain_files(
         prepare_output_folder(out)
         model_note, model_fold = _model_note(model_path, checkpoint_path, fold)
         say(model_note)
+        tta_note = flip_tta_note(checkpoint.config.to_dict(), "explain")
+        if tta_note:
+            say(tta_note)
 
         with _gradcam_driver(run, checkpoint_path) as driver:
             records, panels = _explain_items(run, driver, items, skips, warn=warn, progress=progress)

@@ -210,6 +210,18 @@ def resolve_source(
     return ModelSource(path, tuple(checkpoints), image_size=image_size, threshold=threshold, metadata=metadata)
 
 
+def flip_tta_note(config: dict[str, Any], command: str, tta: bool = False) -> str | None:
+    """The note for a model whose recipe evaluates with flip TTA (``train.tta_flip``, as the ``strong``
+    recipe does; cross-validation then chose its threshold on TTA probabilities) run without it; else None."""
+    if tta or not (config.get("train") or {}).get("tta_flip"):
+        return None
+    how = "pass --tta to run it as it was evaluated" if command == "predict" else "explain has no TTA"
+    return (
+        f"note: this model was evaluated with flip TTA (train.tta_flip) and its threshold chosen on TTA "
+        f"probabilities; {command} runs it without TTA ({how})"
+    )
+
+
 def threshold_in_file(record: dict[str, Any]) -> str | None:
     """What is wrong with the threshold a file (summary, sidecar) records, or None."""
     problem = threshold_problem(record.get("threshold", 0.5))

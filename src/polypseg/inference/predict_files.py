@@ -123,6 +123,10 @@ def predict_files(
             precision=precision,
         )
         say(f"model: {predictor!r}")
+        for note in _unused_option_notes(
+            predictor, items, tta=tta, smooth=smooth, save_probabilities=save_probabilities
+        ):
+            say(note)
         prepare_output_folder(out)
 
         images = [item for item in items if not item.video]
@@ -140,6 +144,24 @@ def predict_files(
     closing = skips.closing(f"{len(rows)} image(s), {len(video_rows)} video(s) predicted", out)
     say(closing)
     return PredictSummary(images=len(rows), videos=len(video_rows), skipped=len(skips), closing=closing)
+
+
+def _unused_option_notes(
+    predictor: Any, items: Sequence[InputFile], *, tta: bool, smooth: float | None, save_probabilities: bool
+) -> list[str]:
+    """One note per option given that these inputs do not use, and one for a flip-TTA model run without it."""
+    from polypseg.inference.loading import flip_tta_note
+
+    videos = sum(1 for item in items if item.video)
+    notes = []
+    if smooth is not None and not videos:
+        notes.append("note: --smooth applies to videos only, and there is no video among the inputs: not used")
+    if save_probabilities and videos:
+        notes.append(
+            f"note: --save-probabilities applies to images only: the {videos} video(s) get no probability maps"
+        )
+    tta_note = flip_tta_note(predictor.metadata.get("config") or {}, "predict", tta)
+    return notes + ([tta_note] if tta_note else [])
 
 
 def _predict_videos(
