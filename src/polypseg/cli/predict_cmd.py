@@ -305,6 +305,7 @@ def register(app: typer.Typer) -> None:
                     calibration=calibration,
                     step=status.update,
                     rounds=rounds,
+                    say=lambda message: console.print(message, highlight=False, soft_wrap=True),
                 )
         except PolypsegError as error:
             _fail(str(error))
