@@ -402,6 +402,7 @@ class _CalibrationReader:
         self._batch_size = batch_size
         self._position = 0
         self.used = 0
+        self.files: list[str] = []  # the names of the image files calibrated on (arrays have none)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         from polypseg.data.images import ImageReadError
@@ -417,6 +418,9 @@ class _CalibrationReader:
                     arrays.append(load_input(item, i)[0])
                 except ImageReadError as error:
                     log.warning("calibration: %s; skipped", error)
+                    continue
+                if isinstance(item, (str, Path)):
+                    self.files.append(Path(item).name)
             if arrays:
                 self.used += len(arrays)
                 return {self._name: preprocess(arrays, self._size).numpy()}
@@ -436,7 +440,8 @@ def quantize_onnx_int8(
     """Static int8 quantization (QDQ) calibrated on real images; writes ``out_path`` and its sidecar.
 
     ``calibration_images``: a folder, a dataset root or a list of paths/arrays; the first
-    ``max_images`` are used (evenly spaced over the list).
+    ``max_images`` are used (evenly spaced over the list). The sidecar names the image files calibrated
+    on (``quantization.calibration_files``), so that the Dice check can leave them out.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -491,6 +496,7 @@ def quantize_onnx_int8(
         "method": "static QDQ, per-channel int8 weights, uint8 activations, min-max calibration",
         "calibration_images": reader.used,
         "calibration_source": str(calibration_images) if isinstance(calibration_images, (str, Path)) else "list",
+        "calibration_files": sorted(set(reader.files)),  # what a Dice check must not validate on
         "fp32_model": onnx_path.name,
         "dice_change": None,
     }
@@ -519,7 +525,18 @@ def record_dice_change(onnx_path: Path | str, result: dict[str, Any]) -> None:
     meta.setdefault("quantization", {}).update(
         {
             "dice_change": result["dice_change"],
-            "validation": {k: result[k] for k in ("n", "data", "dice_reference", "dice_candidate")},
+            "validation": {
+                k: result[k]
+                for k in (
+                    "n",
+                    "data",
+                    "dice_reference",
+                    "dice_candidate",
+                    "calibration_excluded",
+                    "calibration_overlap",
+                )
+                if k in result
+            },
         }
     )
     atomic_write_json(sidecar, meta)
