@@ -91,8 +91,8 @@ def test_explain_uses_the_runs_threshold(named: str, run: Path, tmp_path: Path) 
 def test_export_writes_the_runs_threshold_into_a_folds_sidecar(
     run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from polypseg.inference import export
+    from polypseg.inference import deploy, export
 
     monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
-    onnx = export.export_onnx(run / "fold_0" / "best", tmp_path / "fold0.onnx")
-    assert export.read_onnx_metadata(onnx)["threshold"] == RUN_THRESHOLD
+    [result] = deploy.export_checkpoints(run / "fold_0" / "best", out=tmp_path / "fold0.onnx")
+    assert export.read_onnx_metadata(Path(result["onnx"]))["threshold"] == RUN_THRESHOLD

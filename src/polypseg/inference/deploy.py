@@ -118,9 +118,13 @@ def _export_verified(
 ) -> dict[str, Any]:
     """Export one checkpoint to ONNX and compare its probabilities with PyTorch's on random and real images."""
     from polypseg.inference.export import DEFAULT_OPSET, export_onnx, verify_onnx
+    from polypseg.inference.loading import resolve_source
 
     step(f"exporting {checkpoint}")
-    onnx_path = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dynamic_batch=dynamic_batch)
+    threshold = resolve_source(checkpoint).threshold  # predict's rule: a CV fold's is its run's
+    onnx_path = export_onnx(
+        checkpoint, out, opset=opset or DEFAULT_OPSET, dynamic_batch=dynamic_batch, threshold=threshold
+    )
     diff_random = verify_onnx(checkpoint, onnx_path, random_images=4)
     diff_real = verify_onnx(checkpoint, onnx_path, images=real, random_images=0)
     say(

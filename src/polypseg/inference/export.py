@@ -115,14 +115,16 @@ def export_onnx(
     out_path: Path | str | None = None,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    *,
+    threshold: float | None = None,
 ) -> Path:
     """Export a checkpoint to ONNX (sigmoid included) with its sidecar; returns the ``.onnx`` path.
 
     ``out_path`` defaults to ``NAME.onnx`` next to the checkpoint. Both files are written atomically.
-    The sidecar's threshold is the one predict would use (:func:`polypseg.inference.loading.resolve_source`):
-    a CV fold's is its run's ``summary.json`` threshold.
+    The sidecar's threshold is ``threshold``, else the checkpoint's own; ``polypseg export``
+    (:func:`polypseg.inference.deploy.export_checkpoints`) passes the one predict would use
+    (:func:`polypseg.inference.loading.resolve_source`: a CV fold's is its run's ``summary.json`` threshold).
     """
-    from polypseg.inference.loading import resolve_source
     from polypseg.models.checkpoint import checkpoint_paths, load_checkpoint
 
     checkpoint_path = Path(checkpoint_path)
@@ -152,7 +154,7 @@ def export_onnx(
             },
             "output": "probability",
             "image_size": size,
-            "threshold": resolve_source(checkpoint_path).threshold,  # a fold's: its CV run's, as predict uses
+            "threshold": checkpoint.threshold if threshold is None else threshold,
             "config": checkpoint.config.to_dict(),
             "metrics": checkpoint.metadata.get("metrics", {}),
             "source": _fingerprint(checkpoint_path),
