@@ -53,8 +53,8 @@ CSV_COLUMNS = (
 
 @dataclass(frozen=True)
 class _Options:
-    """The explain options as given: ``threshold`` None (the run's or checkpoint's, as predict resolves it) and ``device`` ``auto`` are
-    resolved when the model loads."""
+    """The explain options as given: ``threshold`` None (the run's or checkpoint's, as predict resolves it)
+    and ``device`` ``auto`` are resolved when the model loads."""
 
     layer: str
     method: str
@@ -232,16 +232,17 @@ def _load_run(out: Path, model_path: Path, options: _Options, *, fold: int | Non
     use_precision_layout(checkpoint.model, device, options.precision)
     threshold = resolve_source(checkpoint_path, threshold=options.threshold).threshold  # predict's rule
     resolved = replace(options, device=device, threshold=threshold)
-    metrics_precision = resolve_precision(options.precision, device)
+    torch_precision = resolve_precision(options.precision, device)  # the metrics are scored in torch
+    heatmap_precision = (
+        torch_precision if options.engine == "torch" else engine_precision(options.engine, options.precision)
+    )
     run = _Run(
         out=out,
         net=checkpoint.model,
         image_size=checkpoint.config.train.image_size,
         options=resolved,
-        heatmap_precision=metrics_precision
-        if options.engine == "torch"
-        else engine_precision(options.engine, options.precision),
-        metrics_precision=metrics_precision,
+        heatmap_precision=heatmap_precision,
+        metrics_precision=torch_precision,
     )
     return run, checkpoint_path, checkpoint
 
