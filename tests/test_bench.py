@@ -449,3 +449,33 @@ def test_bench_auto_takes_int8_where_every_checkpoint_has_a_validated_export(tmp
         assert auto_backend("cpu", checkpoint) == f"{engine}-int8"
         assert auto_backend("cpu", "random") != f"{engine}-int8" and auto_backend("cuda", checkpoint) == "torch"
     assert auto_backend("cpu", tmp_path / "missing") == "onnxruntime"  # the load names the problem, not the choice
+
+
+def test_bench_names_the_int8_model_it_times_and_an_unused_calibration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polypseg.experiments import bench
+    from polypseg.inference import export
+
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
+    config = tiny_config(image_size=32)
+    checkpoint = save_checkpoint(tmp_path / "tiny", create_model(config.model).eval(), config)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(calibration / "0.png")
+    int8 = export.quantize_onnx_int8(
+        export.export_onnx(checkpoint), export.int8_path_for(checkpoint), calibration, max_images=1
+    )
+    heard: list[str] = []
+    predictor = load_for_bench(checkpoint, "onnxruntime-int8", device="cpu", calibration=calibration, say=heard.append)
+    assert predictor.backend == "onnxruntime"
+    (note,) = heard
+    assert str(int8) in note and "--calibration was not used" in note
+
+    loaded: list[str] = []
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(BenchError, match="--calibration .*no-such-folder: no such file or folder"):
+        bench.benchmark_backends(
+            checkpoint, backend="onnxruntime-int8", device="cpu", calibration=missing, step=loaded.append
+        )
+    assert loaded == []  # refused before anything was loaded

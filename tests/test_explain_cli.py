@@ -316,3 +316,58 @@ def test_explain_on_a_forward_only_engine_gives_torch_heatmaps(
     ):
         result = _invoke(*common, "--out", str(tmp_path / "bad"), *extra)
         assert isinstance(result.exception, PolypsegError) and message in str(result.exception)
+
+
+def test_explain_summary_records_the_engine_and_the_precision_computed_in(
+    checkpoint: Path, dataset: Path, tmp_path: Path
+) -> None:
+    from polypseg.core.precision import resolve_precision
+
+    out = tmp_path / "out"
+    image = str(dataset / "images" / "a.png")
+    result = _invoke(image, "--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "0")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    computed = resolve_precision("auto", "cpu")  # 'auto' as given, resolved on this machine
+    assert settings["engine"] == "torch" and settings["precision"] == settings["metrics_precision"] == computed
+
+
+def test_explain_refuses_onnxruntime_bf16_before_loading_or_creating_out(
+    checkpoint: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polypseg.models import checkpoint as checkpoints
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", never)
+    out = tmp_path / "out"
+    args = ("--model", str(checkpoint), "--out", str(out), "--engine", "onnxruntime", "--precision", "bf16")
+    result = _invoke(str(dataset / "images" / "a.png"), *args)
+    assert isinstance(result.exception, PolypsegError), result.output
+    assert "--engine onnxruntime --precision bf16" in str(result.exception) and not out.exists()
+
+
+def test_a_rerun_into_the_same_out_leaves_no_earlier_skipped_csv(
+    checkpoint: Path, dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ("--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "0", "--no-gallery")
+    first = _invoke(str(dataset / "images" / "a.png"), str(dataset / "images" / "broken.jpg"), *args)
+    assert first.exit_code == 0 and (out / "skipped.csv").is_file(), first.output
+    again = _invoke(str(dataset / "images" / "a.png"), *args)
+    assert again.exit_code == 0 and not (out / "skipped.csv").exists(), again.output
+
+
+def test_explain_names_a_model_evaluated_with_flip_tta(dataset: Path, tmp_path: Path) -> None:
+    from polypseg.models.checkpoint import load_checkpoint, save_checkpoint
+
+    tiny = load_checkpoint(save_tiny_checkpoint(tmp_path / "plain"))
+    tiny.config.train.tta_flip = True  # as the strong recipe sets it
+    model = save_checkpoint(tmp_path / "strong", tiny.model, tiny.config)
+    args = ("--out", str(tmp_path / "out"), "--device", "cpu", "--deletion-steps", "0", "--no-gallery")
+    result = _invoke(str(dataset / "images" / "a.png"), "--model", str(model), *args)
+    assert result.exit_code == 0, result.output
+    assert "evaluated with flip TTA" in result.output and "explain has no TTA" in result.output
+    plain = _invoke(str(dataset / "images" / "a.png"), "--model", str(tmp_path / "plain" / "best"), *args)
+    assert plain.exit_code == 0 and "flip TTA" not in plain.output, plain.output

@@ -386,3 +386,30 @@ def test_export_writes_the_opset_asked_for_or_says_it_cannot(
     with pytest.raises(ExportError, match="--opset 20: the exporter could only write opset 18"):
         export_onnx(checkpoint, tmp_path / "opset20.onnx", opset=20)
     assert not (tmp_path / "opset20.onnx").exists() and not onnx_sidecar(tmp_path / "opset20.onnx").exists()
+
+
+def test_the_int8_dice_check_leaves_out_the_calibration_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validating int8 on the images it was calibrated on would flatter it: those pairs are left out, and counted."""
+    import functools
+    import shutil
+
+    from polypseg.inference import deploy, export
+
+    monkeypatch.setattr(export, "_export_graph", functools.partial(export._export_graph, dynamo=False))
+    checkpoint = _save_tiny(tmp_path / "ckpt" / "tiny", seed=5)
+    data = write_synthetic_dataset(tmp_path / "data", n=4)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for name in ("case00.jpg", "case01.jpg"):  # copies: the same images under another folder
+        shutil.copy(data / "images" / name, calibration / name)
+    said: list[str] = []
+    [result] = deploy.export_checkpoints(
+        checkpoint, out=tmp_path / "m.onnx", int8=True, calibration=calibration, validate=data, say=said.append
+    )
+    assert result["dice"]["n"] == 2 and result["dice"]["calibration_excluded"] == 2
+    validation = read_onnx_metadata(Path(result["int8"]))["quantization"]["validation"]
+    assert validation["n"] == 2 and validation["calibration_excluded"] == 2 and validation["calibration_overlap"] == 0
+    assert any("not the 2 calibration images" in line for line in said)
+
+    with pytest.raises(PolypsegError, match="--validate .*all 4 image/mask pairs are calibration images"):
+        deploy.export_checkpoints(checkpoint, out=tmp_path / "all.onnx", int8=True, calibration=data, validate=data)

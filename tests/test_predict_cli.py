@@ -151,8 +151,8 @@ def test_predict_run_folder_saves_probabilities_and_uncertainty(tmp_path: Path) 
     assert not (out / "overlays").exists()
 
 
-def test_predict_video_with_smoothing(checkpoint: Path, tmp_path: Path) -> None:
-    video = tmp_path / "clip.mp4"
+def _clip(video: Path) -> Path:
+    """A 6-frame 48x32 MPEG-4 clip of a bright square moving right."""
     with av.open(str(video), "w") as container:
         stream = container.add_stream("mpeg4", rate=8)
         stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
@@ -163,6 +163,11 @@ def test_predict_video_with_smoothing(checkpoint: Path, tmp_path: Path) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return video
+
+
+def test_predict_video_with_smoothing(checkpoint: Path, tmp_path: Path) -> None:
+    video = _clip(tmp_path / "clip.mp4")
     out = tmp_path / "out"
     result = _invoke(
         "predict", str(video), "--model", str(checkpoint), "--out", str(out), "--backend", "torch", "--smooth", "0.5"
@@ -296,3 +301,56 @@ def test_predict_files_takes_its_options_by_name_and_returns_a_typed_summary(che
     assert (summary.images, summary.videos, summary.skipped, summary.done) == (3, 0, 1, 3)
     assert summary.closing == said[-1] and not (tmp_path / "out" / "overlays").exists()
     assert summary.to_json() == {"images": 3, "videos": 0, "skipped": 1, "done": 3, "closing": summary.closing}
+
+
+def test_a_rerun_into_the_same_out_leaves_no_table_of_the_earlier_run(checkpoint: Path, tmp_path: Path) -> None:
+    """Tables this run has no rows for are removed, not left to look current."""
+    folder = _folder(tmp_path / "in")
+    out = tmp_path / "out"
+    first = _invoke("predict", str(folder), "--model", str(checkpoint), "--out", str(out), "--backend", "torch")
+    assert first.exit_code == 0 and (out / "skipped.csv").is_file(), first.output
+    (out / "videos.csv").write_text("file,frames\nearlier.mp4,6\n")  # as an earlier run on a video leaves it
+    again = _invoke(
+        "predict", str(folder / "rgb.jpg"), "--model", str(checkpoint), "--out", str(out), "--backend", "torch"
+    )
+    assert again.exit_code == 0, again.output
+    assert not (out / "skipped.csv").exists() and not (out / "videos.csv").exists()
+    with open(out / "predictions.csv") as handle:
+        assert [Path(r["file"]).name for r in csv.DictReader(handle)] == ["rgb.jpg"]
+
+
+def test_predict_names_each_option_it_does_not_apply(checkpoint: Path, tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "in")
+    model = ("--model", str(checkpoint), "--backend", "torch", "--no-overlays")
+    images = _invoke("predict", str(folder / "rgb.jpg"), *model, "--out", str(tmp_path / "o1"), "--smooth", "0.5")
+    assert images.exit_code == 0 and "--smooth applies to videos only" in images.output, images.output
+    video = _clip(tmp_path / "clip.mp4")
+    both = _invoke(
+        "predict", str(video), str(folder / "rgb.jpg"), *model, "--out", str(tmp_path / "o2"), "--save-probabilities"
+    )
+    assert both.exit_code == 0 and "the 1 video(s) get no probability maps" in both.output, both.output
+    assert (tmp_path / "o2" / "probabilities" / "rgb.png").is_file()  # the image still gets its map
+    plain = _invoke("predict", str(folder / "rgb.jpg"), *model, "--out", str(tmp_path / "o3"))
+    assert plain.exit_code == 0 and "note:" not in plain.output, plain.output
+
+
+def test_a_model_evaluated_with_flip_tta_is_named_when_run_without_it(tmp_path: Path) -> None:
+    config = tiny_config(image_size=64)
+    config.train.tta_flip = True
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "strong", create_model(config.model).eval(), config, threshold=0.5)
+    image = _folder(tmp_path / "in") / "rgb.jpg"
+    args = ("predict", str(image), "--model", str(model), "--backend", "torch", "--no-overlays")
+    without = _invoke(*args, "--out", str(tmp_path / "o1"))
+    assert without.exit_code == 0 and "evaluated with flip TTA" in without.output, without.output
+    assert "pass --tta" in without.output
+    with_tta = _invoke(*args, "--out", str(tmp_path / "o2"), "--tta")
+    assert with_tta.exit_code == 0 and "flip TTA" not in with_tta.output, with_tta.output
+
+
+def test_predict_help_says_which_backend_may_run_int8() -> None:
+    import typer
+
+    options = {param.opts[0]: param.help for param in typer.main.get_command(app).commands["predict"].params}
+    assert "validated int8" in options["--backend"] and "never picks int8" in options["--backend"]
+    assert "validated int8" in options["--precision"]

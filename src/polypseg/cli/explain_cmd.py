@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
             help="gradcam (paper), gradcam++, hirescam, layercam or scorecam (one extra forward pass per channel of --layer).",
         ),
         threshold: float | None = typer.Option(
-            None, "--threshold", help="Mask threshold, 0 < t < 1 (default: the checkpoint's)."
+            None, "--threshold", help="Mask threshold, 0 < t < 1 (default: the run's or checkpoint's, as predict uses)."
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(

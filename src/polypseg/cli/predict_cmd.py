@@ -95,12 +95,17 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option(
             "auto",
             "--backend",
-            help="auto (torch on CUDA; on CPU OpenVINO if installed, else onnxruntime), torch, onnxruntime, or openvino (CPU; pip install 'polypseg[openvino]').",
+            help="auto (torch on CUDA; on CPU OpenVINO if installed, else onnxruntime, and with --precision auto the "
+            "checkpoint's validated int8 model where polypseg export --int8 --validate made one), torch, onnxruntime, "
+            "or openvino (CPU; pip install 'polypseg[openvino]'). An explicit backend never picks int8 itself: "
+            "pass the NAME.int8.onnx file as --model to run one.",
         ),
         precision: str = typer.Option(
             "auto",
             "--precision",
-            help="torch and openvino: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16; onnxruntime computes in fp32 (bf16 there is refused).",
+            help="torch and openvino: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32 or bf16; "
+            "onnxruntime computes in fp32 (bf16 there is refused). With --backend auto on CPU, auto also takes a "
+            "validated int8 model where there is one; fp32 and bf16 never do.",
         ),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per forward pass."),
@@ -300,6 +305,7 @@ def register(app: typer.Typer) -> None:
                     calibration=calibration,
                     step=status.update,
                     rounds=rounds,
+                    say=lambda message: console.print(message, highlight=False, soft_wrap=True),
                 )
         except PolypsegError as error:
             _fail(str(error))

@@ -20,7 +20,7 @@ import os
 import stat
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -201,8 +201,9 @@ class SkipLog:
         return f"{line}; outputs in {display_name(out)}"
 
     def write_csv(self, path: Path) -> None:
+        """``path`` lists the skipped inputs; with none skipped, an earlier run's list there is removed."""
         columns = ("file", "cause", "reason")
-        write_csv(path, columns, (dict(zip(columns, entry, strict=False)) for entry in self.entries))
+        write_csv_if_any(path, columns, [dict(zip(columns, entry, strict=False)) for entry in self.entries])
 
 
 def prepare_output_folder(out: Path, label: str = "--out") -> None:
@@ -510,6 +511,15 @@ def write_csv(path: Path, columns: Iterable[str], rows: Iterable[dict[str, Any]]
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
+
+
+def write_csv_if_any(path: Path, columns: Iterable[str], rows: Sequence[dict[str, Any]]) -> None:
+    """:func:`write_csv` when there are ``rows``; else remove the table an earlier run left at ``path``,
+    so that every table in an output folder is this run's."""
+    if rows:
+        write_csv(path, columns, rows)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

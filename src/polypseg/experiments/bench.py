@@ -207,6 +207,7 @@ def load_for_bench(
     image_size: int = 256,
     calibration: Path | str | None = None,
     workdir: Path | str | None = None,
+    say: Callable[[str], None] = lambda message: None,
 ) -> Predictor:
     """A predictor for ``polypseg bench``: ``model`` is a checkpoint, a run folder, an ``.onnx``, a
     shipped model's name or ``random``.
@@ -214,7 +215,8 @@ def load_for_bench(
     ``backend`` is a name of :data:`BACKEND_SPECS`. The int8 ones use the validated int8 model that
     ``backend="auto"`` would (beside the checkpoint or in the cache), else ``NAME.int8.onnx`` when
     present, else quantize into ``workdir``, calibrated on ``calibration`` (default: the bundled
-    Kvasir-SEG sample); ``openvino-int8`` runs that same int8 ONNX graph in OpenVINO.
+    Kvasir-SEG sample); ``openvino-int8`` runs that same int8 ONNX graph in OpenVINO. ``say`` hears which
+    int8 file is timed and whether ``calibration`` was used for it (an existing int8 model is not recalibrated).
     """
     from polypseg.inference.export import (
         cached_onnx,
@@ -226,6 +228,7 @@ def load_for_bench(
 
     if backend not in BACKENDS:
         raise BenchError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}, all")
+    check_calibration(calibration)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="polypseg-bench-"))
     cache_dir: Path | None = None
     if str(model) == "random":
@@ -253,13 +256,18 @@ def load_for_bench(
     if precision != "int8" or model.suffix == ".onnx":
         if model.suffix == ".onnx" and precision == "int8":
             precision = "auto"  # a quantized graph runs as it is
+            unused = "; --calibration was not used (this int8 model is already calibrated)" if calibration else ""
+            say(f"{backend}: timing the int8 model {model}{unused}")
         return Predictor.from_checkpoint(model, device=device, backend=engine, precision=precision, cache_dir=cache_dir)
     from polypseg.models.checkpoint import find_checkpoints
 
     int8_paths = []
     for checkpoint in find_checkpoints(model):
         int8 = find_validated_int8(checkpoint, cache_dir) or int8_path_for(checkpoint)
-        if not int8.is_file():
+        if int8.is_file():
+            unused = "; --calibration was not used (this int8 model is already calibrated)" if calibration else ""
+            say(f"{backend}: timing the existing int8 model {int8}{unused}")
+        else:
             if calibration is None:
                 from polypseg.data.sample_data import sample_dataset_path
 
@@ -269,10 +277,17 @@ def load_for_bench(
                 workdir / f"{checkpoint.parent.name}-{checkpoint.stem}.int8.onnx",
                 calibration,
             )
+            say(f"{backend}: timing {checkpoint} quantized to int8 here, calibrated on {calibration}")
         int8_paths.append(int8)
     if engine == "openvino":
         return Predictor.from_openvino(int8_paths)
     return Predictor.from_onnx(int8_paths, device=device)
+
+
+def check_calibration(calibration: Path | str | None) -> None:
+    """The one-line error of a ``--calibration`` path that does not exist (checked before any work)."""
+    if calibration is not None and not Path(calibration).exists():
+        raise BenchError(f"--calibration {calibration}: no such file or folder")
 
 
 def cpu_feature_summary() -> str:
@@ -299,11 +314,13 @@ def benchmark_backends(
     step: Callable[[str], None] = lambda message: None,
     rounds: int = 1,
     between_rounds: Callable[[], None] | None = None,
+    say: Callable[[str], None] = lambda message: None,
 ) -> list[dict[str, Any]]:
     """``polypseg bench``: time one backend, ``all`` installed ones or ``auto``'s, per pipeline; one row each.
 
     With ``compile`` the torch backends are timed compiled (and eager too with ``compare_eager``).
-    ``step`` hears what is being loaded and timed (for a transient status line). With ``rounds`` > 1
+    ``step`` hears what is being loaded and timed (for a transient status line), ``say`` which int8 model
+    is timed (:func:`load_for_bench`). With ``rounds`` > 1
     every setting is loaded first (each warms up just before its first timing), then each round
     times ``repeats / rounds`` repetitions of every setting in turn, so a machine whose speed
     drifts (shared cloud CPUs) slows them alike; each row's ``speedup_vs_first`` is then the median
@@ -313,6 +330,7 @@ def benchmark_backends(
     """
     if rounds < 1 or rounds > repeats:
         raise BenchError(f"--rounds {rounds}: must be between 1 and --repeats ({repeats})")
+    check_calibration(calibration)
     from polypseg.core.devices import resolve_device
 
     torch_device = resolve_device(device, label="--device")
@@ -333,6 +351,7 @@ def benchmark_backends(
                 image_size=image_size,
                 calibration=calibration,
                 workdir=workdir,
+                say=say,
             )
 
         if rounds == 1:  # one setting loaded at a time: the least memory

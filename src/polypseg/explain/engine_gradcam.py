@@ -355,7 +355,7 @@ class EngineGradCAM:
                 f"forward-only Grad-CAM computes method 'gradcam' only, not '{method}'; use SegmentationGradCAM"
             )
         self.engine = engine
-        self.precision = _resolve_engine_precision(engine, precision)
+        self.precision = resolve_engine_precision(engine, precision)
         reuse_int8 = (
             self.precision == "int8" and not export and onnx_path is not None and _is_quantized(Path(onnx_path))
         )
@@ -421,15 +421,18 @@ class EngineGradCAM:
         return heatmaps
 
 
-def _resolve_engine_precision(engine: str, precision: str) -> str:
+def resolve_engine_precision(engine: str, precision: str) -> str:
+    """The precision ``engine`` computes in when ``precision`` is asked: onnxruntime fp32 (or int8),
+    OpenVINO as :func:`polypseg.core.precision.resolve_precision` decides on the CPU."""
     from polypseg.core.precision import resolve_precision
+    from polypseg.inference.loading import engine_precision_problem
 
     if precision not in ENGINE_PRECISIONS:
         raise EngineGradCAMError(f"precision '{precision}': choose one of {', '.join(ENGINE_PRECISIONS)}")
     if precision == "int8":
         return precision
     if engine == "onnxruntime":
-        if precision == "bf16":
+        if engine_precision_problem(engine, precision) is not None:
             raise EngineGradCAMError("the onnxruntime engine runs fp32 or int8; use engine 'openvino' for bf16")
         return "fp32"
     return resolve_precision(precision, "cpu")

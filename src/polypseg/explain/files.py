@@ -53,8 +53,8 @@ CSV_COLUMNS = (
 
 @dataclass(frozen=True)
 class _Options:
-    """The explain options as given: ``threshold`` None (the checkpoint's) and ``device`` ``auto`` are
-    resolved when the model loads."""
+    """The explain options as given: ``threshold`` None (the run's or checkpoint's, as predict resolves it)
+    and ``device`` ``auto`` are resolved when the model loads."""
 
     layer: str
     method: str
@@ -73,6 +73,7 @@ class _Options:
         from polypseg.data.inputs import prepare_output_folder
         from polypseg.explain.engine_gradcam import ENGINES
         from polypseg.explain.gradcam import METHODS
+        from polypseg.inference.loading import engine_precision_problem
 
         if self.heatmap_format not in HEATMAP_FORMATS:
             raise PolypsegError(f"--heatmap-format {self.heatmap_format}: use one of {', '.join(HEATMAP_FORMATS)}")
@@ -92,6 +93,11 @@ class _Options:
         engines = ("torch", *ENGINES)
         if self.engine not in engines:
             raise PolypsegError(f"--engine {self.engine}: choose one of {', '.join(engines)}")
+        problem = engine_precision_problem(self.engine, self.precision)
+        if problem is not None:
+            raise PolypsegError(
+                f"--engine {self.engine} --precision {self.precision}: {problem}; use --engine openvino or torch"
+            )
         if self.engine != "torch" and (self.method != "gradcam" or self.layer != "decoder.final"):
             raise PolypsegError(
                 f"--engine {self.engine} computes the paper's Grad-CAM (--method gradcam --layer decoder.final) only"
@@ -107,6 +113,8 @@ class _Run:
     net: nn.Module
     image_size: int
     options: _Options
+    heatmap_precision: str  # what the heatmaps are computed in (``options.precision`` resolved for the engine)
+    metrics_precision: str  # what torch scores the explanations in
 
 
 @dataclass
@@ -156,6 +164,7 @@ def explain_files(
     """
     from polypseg.data.inputs import SkipLog, collect_inputs, one_line_warnings, prepare_output_folder
     from polypseg.explain.metrics import METRIC_KEYS, explanation_report
+    from polypseg.inference.loading import flip_tta_note
     from polypseg.models.pretrained import resolve_model
 
     options = _Options(
@@ -186,6 +195,9 @@ def explain_files(
         prepare_output_folder(out)
         model_note, model_fold = _model_note(model_path, checkpoint_path, fold)
         say(model_note)
+        tta_note = flip_tta_note(checkpoint.config.to_dict(), "explain")
+        if tta_note:
+            say(tta_note)
 
         with _gradcam_driver(run, checkpoint_path) as driver:
             records, panels = _explain_items(run, driver, items, skips, warn=warn, progress=progress)
@@ -201,8 +213,11 @@ def _load_run(out: Path, model_path: Path, options: _Options, *, fold: int | Non
     """The run (device and threshold resolved), the checkpoint file that explains and the loaded checkpoint,
     its layer checked."""
     from polypseg.core.devices import resolve_device
+    from polypseg.core.precision import resolve_precision
+    from polypseg.explain.engine_gradcam import resolve_engine_precision as engine_precision
     from polypseg.explain.gradcam import resolve_layer
     from polypseg.inference.inferer import use_precision_layout
+    from polypseg.inference.loading import resolve_source
     from polypseg.models.checkpoint import load_checkpoint, pick_checkpoint
 
     device = str(resolve_device(options.device, label="--device"))
@@ -215,9 +230,20 @@ def _load_run(out: Path, model_path: Path, options: _Options, *, fold: int | Non
     except Exception as error:  # noqa: BLE001 - the message already names the layer
         raise PolypsegError(f"--layer {options.layer}: {error}") from None
     use_precision_layout(checkpoint.model, device, options.precision)
-    threshold = checkpoint.threshold if options.threshold is None else options.threshold
+    threshold = resolve_source(checkpoint_path, threshold=options.threshold).threshold  # predict's rule
     resolved = replace(options, device=device, threshold=threshold)
-    run = _Run(out=out, net=checkpoint.model, image_size=checkpoint.config.train.image_size, options=resolved)
+    torch_precision = resolve_precision(options.precision, device)  # the metrics are scored in torch
+    heatmap_precision = (
+        torch_precision if options.engine == "torch" else engine_precision(options.engine, options.precision)
+    )
+    run = _Run(
+        out=out,
+        net=checkpoint.model,
+        image_size=checkpoint.config.train.image_size,
+        options=resolved,
+        heatmap_precision=heatmap_precision,
+        metrics_precision=torch_precision,
+    )
     return run, checkpoint_path, checkpoint
 
 
@@ -438,14 +464,16 @@ def _summary(
             "deletion_baseline": "mean",
             "insertion_baseline": "blur",
             "device": run.options.device,
-            "precision": run.options.precision,
+            "engine": run.options.engine,
+            "precision": run.heatmap_precision,
+            "metrics_precision": run.metrics_precision,
             "heatmap_max_pixels": MAX_HEATMAP_PIXELS,
         },
     }
 
 
 def _write_tables(out: Path, records: list[dict[str, Any]], summary: dict[str, Any], skips: SkipLog) -> None:
-    """``metrics.csv``, ``summary.json`` and, when inputs were skipped, ``skipped.csv``."""
+    """``metrics.csv``, ``summary.json`` and, when inputs were skipped, ``skipped.csv`` (else none there)."""
     from polypseg.core.io_utils import atomic_write_json
     from polypseg.data.inputs import write_csv
 
@@ -455,8 +483,7 @@ def _write_tables(out: Path, records: list[dict[str, Any]], summary: dict[str, A
         [{k: _csv_value(r.get(k, float("nan"))) for k in CSV_COLUMNS} for r in records],
     )
     atomic_write_json(out / "summary.json", summary)
-    if skips:
-        skips.write_csv(out / "skipped.csv")
+    skips.write_csv(out / "skipped.csv")  # with none skipped, an earlier run's list goes
 
 
 def _write_gallery(

@@ -8,7 +8,7 @@ so neither imports the other's caller.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,14 @@ def export_checkpoints(
             int8_path = _quantize(checkpoint, onnx_path, out, calibration, calibration_count, say=say, step=step)
             result["int8"] = str(int8_path)
             if validate is not None:
-                change = measure_dice_change(onnx_path, int8_path, validate, limit=validate_limit, progress=progress)
+                change = measure_dice_change(
+                    onnx_path,
+                    int8_path,
+                    validate,
+                    limit=validate_limit,
+                    progress=progress,
+                    exclude=calibration_stems(int8_path),
+                )
                 result.update(_adopt_if_within_bound(checkpoint, int8_path, change, out, say=say))
             else:
                 say(
@@ -111,9 +118,13 @@ def _export_verified(
 ) -> dict[str, Any]:
     """Export one checkpoint to ONNX and compare its probabilities with PyTorch's on random and real images."""
     from polypseg.inference.export import DEFAULT_OPSET, export_onnx, verify_onnx
+    from polypseg.inference.loading import resolve_source
 
     step(f"exporting {checkpoint}")
-    onnx_path = export_onnx(checkpoint, out, opset=opset or DEFAULT_OPSET, dynamic_batch=dynamic_batch)
+    threshold = resolve_source(checkpoint).threshold  # predict's rule: a CV fold's is its run's
+    onnx_path = export_onnx(
+        checkpoint, out, opset=opset or DEFAULT_OPSET, dynamic_batch=dynamic_batch, threshold=threshold
+    )
     diff_random = verify_onnx(checkpoint, onnx_path, random_images=4)
     diff_real = verify_onnx(checkpoint, onnx_path, images=real, random_images=0)
     say(
@@ -175,12 +186,25 @@ def _adopt_if_within_bound(
                 adopted["int8_cached"] = str(kept)
             except OSError as error:
                 verdict = f"within {MAX_INT8_DICE_CHANGE}, but no copy could be kept in the cache ({error.strerror or error}): pass {int8_path} as --model to use it"
+    left_out = (
+        f" (not the {change['calibration_excluded']} calibration images there)"
+        if change.get("calibration_excluded")
+        else ""
+    )
     say(
-        f"Dice on {change['n']} images: fp32 {change['dice_reference']:.4f}, int8 {change['dice_candidate']:.4f}, "
+        f"Dice on {change['n']} images{left_out}: fp32 {change['dice_reference']:.4f}, int8 {change['dice_candidate']:.4f}, "
         f"change {change['dice_change']:+.4f} ({verdict})"
     )
     adopted["dice"] = change
     return adopted
+
+
+def calibration_stems(int8_path: Path) -> set[str]:
+    """The stems of the image files ``int8_path`` was calibrated on, as its sidecar names them."""
+    from polypseg.inference.export import read_onnx_metadata
+
+    files = (read_onnx_metadata(int8_path).get("quantization") or {}).get("calibration_files") or []
+    return {Path(name).stem for name in files}
 
 
 def measure_dice_change(
@@ -189,11 +213,16 @@ def measure_dice_change(
     data: Path | str,
     limit: int | None = None,
     progress: bool = True,
+    *,
+    exclude: Collection[str] = (),
 ) -> dict[str, Any]:
     """Mean per-image Dice of two models on a labelled dataset, at each image's original size.
 
-    Both use the reference's threshold. Returns ``{"n", "dice_reference", "dice_candidate",
-    "dice_change"}`` with ``dice_change = candidate - reference``.
+    Both use the reference's threshold. Pairs whose image stem is in ``exclude`` (the calibration
+    images of an int8 candidate: validating on them would flatter it) are left out before ``limit``
+    applies. Returns ``{"n", "data", "dice_reference", "dice_candidate", "dice_change",
+    "calibration_excluded", "calibration_overlap"}`` with ``dice_change = candidate - reference``;
+    ``calibration_overlap`` (validation images that were calibration images) is 0 by construction.
     """
     import torch
 
@@ -206,6 +235,13 @@ def measure_dice_change(
     samples = usable_index(data).samples  # the dataset rule of data check, train and cv
     if not samples:
         raise ExportError(f"no image/mask pairs under {data}")
+    kept = [sample for sample in samples if Path(sample.image).stem not in exclude]
+    if not kept:
+        raise ExportError(
+            f"--validate {data}: all {len(samples)} image/mask pairs are calibration images; "
+            "validate on images the int8 model was not calibrated on"
+        )
+    excluded, samples = len(samples) - len(kept), kept
     if limit:
         samples = samples[:limit]
     ref = Predictor.from_checkpoint(
@@ -234,4 +270,6 @@ def measure_dice_change(
         "dice_reference": reference_dice,
         "dice_candidate": candidate_dice,
         "dice_change": candidate_dice - reference_dice,
+        "calibration_excluded": excluded,
+        "calibration_overlap": 0,
     }

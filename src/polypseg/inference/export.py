@@ -115,10 +115,15 @@ def export_onnx(
     out_path: Path | str | None = None,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    *,
+    threshold: float | None = None,
 ) -> Path:
     """Export a checkpoint to ONNX (sigmoid included) with its sidecar; returns the ``.onnx`` path.
 
     ``out_path`` defaults to ``NAME.onnx`` next to the checkpoint. Both files are written atomically.
+    The sidecar's threshold is ``threshold``, else the checkpoint's own; ``polypseg export``
+    (:func:`polypseg.inference.deploy.export_checkpoints`) passes the one predict would use
+    (:func:`polypseg.inference.loading.resolve_source`: a CV fold's is its run's ``summary.json`` threshold).
     """
     from polypseg.models.checkpoint import checkpoint_paths, load_checkpoint
 
@@ -149,7 +154,7 @@ def export_onnx(
             },
             "output": "probability",
             "image_size": size,
-            "threshold": checkpoint.threshold,
+            "threshold": checkpoint.threshold if threshold is None else threshold,
             "config": checkpoint.config.to_dict(),
             "metrics": checkpoint.metadata.get("metrics", {}),
             "source": _fingerprint(checkpoint_path),
@@ -399,6 +404,7 @@ class _CalibrationReader:
         self._batch_size = batch_size
         self._position = 0
         self.used = 0
+        self.files: list[str] = []  # the names of the image files calibrated on (arrays have none)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         from polypseg.data.images import ImageReadError
@@ -414,6 +420,9 @@ class _CalibrationReader:
                     arrays.append(load_input(item, i)[0])
                 except ImageReadError as error:
                     log.warning("calibration: %s; skipped", error)
+                    continue
+                if isinstance(item, (str, Path)):
+                    self.files.append(Path(item).name)
             if arrays:
                 self.used += len(arrays)
                 return {self._name: preprocess(arrays, self._size).numpy()}
@@ -433,7 +442,8 @@ def quantize_onnx_int8(
     """Static int8 quantization (QDQ) calibrated on real images; writes ``out_path`` and its sidecar.
 
     ``calibration_images``: a folder, a dataset root or a list of paths/arrays; the first
-    ``max_images`` are used (evenly spaced over the list).
+    ``max_images`` are used (evenly spaced over the list). The sidecar names the image files calibrated
+    on (``quantization.calibration_files``), so that the Dice check can leave them out.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -488,6 +498,7 @@ def quantize_onnx_int8(
         "method": "static QDQ, per-channel int8 weights, uint8 activations, min-max calibration",
         "calibration_images": reader.used,
         "calibration_source": str(calibration_images) if isinstance(calibration_images, (str, Path)) else "list",
+        "calibration_files": sorted(set(reader.files)),  # what a Dice check must not validate on
         "fp32_model": onnx_path.name,
         "dice_change": None,
     }
@@ -516,7 +527,18 @@ def record_dice_change(onnx_path: Path | str, result: dict[str, Any]) -> None:
     meta.setdefault("quantization", {}).update(
         {
             "dice_change": result["dice_change"],
-            "validation": {k: result[k] for k in ("n", "data", "dice_reference", "dice_candidate")},
+            "validation": {
+                k: result[k]
+                for k in (
+                    "n",
+                    "data",
+                    "dice_reference",
+                    "dice_candidate",
+                    "calibration_excluded",
+                    "calibration_overlap",
+                )
+                if k in result
+            },
         }
     )
     atomic_write_json(sidecar, meta)

@@ -91,7 +91,7 @@ _RULES: tuple[_Rule, ...] = (
         _Refusal("compile applies to the torch backend, not {backend}"),
     ),
     (
-        lambda r: r.precision == "bf16" and r.backend == "onnxruntime",
+        lambda r: engine_precision_problem(r.backend, r.precision) is not None,
         _Refusal("precision bf16: onnxruntime computes in fp32; use backend 'openvino' or 'auto'"),
     ),
     (lambda r: r.onnx_model and r.backend == "openvino", EngineChoice("openvino")),
@@ -115,6 +115,14 @@ _RULES: tuple[_Rule, ...] = (
         ),
     ),
 )
+
+
+def engine_precision_problem(engine: str, precision: str) -> str | None:
+    """Why ``engine`` cannot compute in ``precision``, or None: the one rule of predict's backends and
+    explain's engines. onnxruntime computes in fp32 (int8 for a quantised model), never bf16."""
+    if engine == "onnxruntime" and precision == "bf16":
+        return "onnxruntime computes in fp32"
+    return None
 
 
 def check_backend(backend: str) -> None:
@@ -169,8 +177,10 @@ def resolve_source(
 ) -> ModelSource:
     """Find the model ``path_or_run`` names (see :func:`polypseg.models.pretrained.resolve_model`).
 
-    The threshold is ``threshold`` if given, else the run's ``summary.json`` threshold, else the
-    checkpoints' own, else 0.5; a run folder's ``fold=K`` keeps its fold K alone.
+    The threshold is ``threshold`` if given, else the CV run's ``summary.json`` threshold, else the
+    checkpoints' own, else 0.5; a run folder's ``fold=K`` keeps its fold K alone. The run is the folder
+    named, or the run a named fold folder (``RUN/fold_K``) or fold checkpoint (``RUN/fold_K/best``) lies in:
+    however one fold is named, it gets the threshold cross-validation chose for the run.
     """
     from polypseg.models.pretrained import resolve_model
 
@@ -200,6 +210,18 @@ def resolve_source(
     return ModelSource(path, tuple(checkpoints), image_size=image_size, threshold=threshold, metadata=metadata)
 
 
+def flip_tta_note(config: dict[str, Any], command: str, tta: bool = False) -> str | None:
+    """The note for a model whose recipe evaluates with flip TTA (``train.tta_flip``, as the ``strong``
+    recipe does; cross-validation then chose its threshold on TTA probabilities) run without it; else None."""
+    if tta or not (config.get("train") or {}).get("tta_flip"):
+        return None
+    how = "pass --tta to run it as it was evaluated" if command == "predict" else "explain has no TTA"
+    return (
+        f"note: this model was evaluated with flip TTA (train.tta_flip) and its threshold chosen on TTA "
+        f"probabilities; {command} runs it without TTA ({how})"
+    )
+
+
 def threshold_in_file(record: dict[str, Any]) -> str | None:
     """What is wrong with the threshold a file (summary, sidecar) records, or None."""
     problem = threshold_problem(record.get("threshold", 0.5))
@@ -219,11 +241,23 @@ def _pick_fold(checkpoints: list[Path], path: Path, fold: int | None) -> list[Pa
     return [folds[fold]]
 
 
+def run_folder_of(path: Path) -> Path | None:
+    """The CV run folder whose ``summary.json`` speaks for ``path``: ``path`` itself, or the run a fold
+    folder or a fold's checkpoint lies in; None for a lone checkpoint or a folder without a summary."""
+    folder = path if path.is_dir() else path.parent
+    candidates = [path] if path.is_dir() else []
+    if parse_fold_name(folder.name) is not None:
+        candidates.append(folder.parent)
+    return next((c for c in candidates if RunDir(c).summary_path.is_file()), None)
+
+
 def _run_summary(path: Path, *, check_threshold: bool) -> dict[str, Any]:
-    """A run folder's ``summary.json`` (empty for a checkpoint); its threshold checked where it will be used."""
-    run = RunDir(path)
-    if not (path.is_dir() and run.summary_path.is_file()):
+    """The ``summary.json`` of the run ``path`` is or lies in (empty for a lone checkpoint; see
+    :func:`run_folder_of`); its threshold checked where it will be used."""
+    folder = run_folder_of(path)
+    if folder is None:
         return {}
+    run = RunDir(folder)
     summary = run.read_summary() or {}
     if check_threshold and "threshold" in summary:
         problem = threshold_in_file(summary)

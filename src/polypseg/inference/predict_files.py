@@ -100,7 +100,7 @@ def predict_files(
     (:attr:`PredictSummary.closing`, also given to ``say``) counts both. Options are checked first,
     each error naming its command-line option.
     """
-    from polypseg.data.inputs import SkipLog, collect_inputs, one_line_warnings, prepare_output_folder, write_csv
+    from polypseg.data.inputs import SkipLog, collect_inputs, one_line_warnings, prepare_output_folder, write_csv_if_any
     from polypseg.inference.predictor import Predictor
 
     _check_options(out, model, threshold, batch_size, smooth, fold, precision)
@@ -123,23 +123,45 @@ def predict_files(
             precision=precision,
         )
         say(f"model: {predictor!r}")
+        for note in _unused_option_notes(
+            predictor, items, tta=tta, smooth=smooth, save_probabilities=save_probabilities
+        ):
+            say(note)
         prepare_output_folder(out)
 
         images = [item for item in items if not item.video]
         rows = _predict_images(predictor, images, out, overlays, save_probabilities, skips, progress)
-        if images:
-            columns = list(PREDICTION_COLUMNS) + (["uncertainty_mean"] if predictor.n_models > 1 else [])
-            write_csv(out / "predictions.csv", columns, rows)
+        # Each table is this run's: one an earlier run left in --out and this run has no rows for goes.
+        columns = list(PREDICTION_COLUMNS) + (["uncertainty_mean"] if predictor.n_models > 1 else [])
+        write_csv_if_any(out / "predictions.csv", columns, rows)
 
         videos = [item for item in items if item.video]
         video_rows = _predict_videos(predictor, videos, out, smooth, overlays, skips, warn, say, progress)
-        if video_rows:
-            write_csv(out / "videos.csv", VIDEO_COLUMNS, [{k: _text(v) for k, v in row.items()} for row in video_rows])
-        if skips:
-            skips.write_csv(out / "skipped.csv")
+        write_csv_if_any(
+            out / "videos.csv", VIDEO_COLUMNS, [{k: _text(v) for k, v in row.items()} for row in video_rows]
+        )
+        skips.write_csv(out / "skipped.csv")
     closing = skips.closing(f"{len(rows)} image(s), {len(video_rows)} video(s) predicted", out)
     say(closing)
     return PredictSummary(images=len(rows), videos=len(video_rows), skipped=len(skips), closing=closing)
+
+
+def _unused_option_notes(
+    predictor: Any, items: Sequence[InputFile], *, tta: bool, smooth: float | None, save_probabilities: bool
+) -> list[str]:
+    """One note per option given that these inputs do not use, and one for a flip-TTA model run without it."""
+    from polypseg.inference.loading import flip_tta_note
+
+    videos = sum(1 for item in items if item.video)
+    notes = []
+    if smooth is not None and not videos:
+        notes.append("note: --smooth applies to videos only, and there is no video among the inputs: not used")
+    if save_probabilities and videos:
+        notes.append(
+            f"note: --save-probabilities applies to images only: the {videos} video(s) get no probability maps"
+        )
+    tta_note = flip_tta_note(predictor.metadata.get("config") or {}, "predict", tta)
+    return notes + ([tta_note] if tta_note else [])
 
 
 def _predict_videos(
