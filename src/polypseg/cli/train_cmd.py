@@ -360,6 +360,16 @@ def register(app: typer.Typer) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
+            from polypseg.training.init_source import init_held_out_note
+
+            unseen = init_held_out_note(config)
+            if unseen is not None:
+                console.print(
+                    f"[yellow]note:[/] --init {escape(config.train.init_from)} never saw {escape(unseen)}; "
+                    "its files list no stems, so keep those images out of train.replay_data to keep them unseen",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         _say_precision(config, device)
         keep_freed_memory_on_cpu(device)
         result = train_single_split(
