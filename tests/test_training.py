@@ -423,3 +423,24 @@ def test_a_resume_accepts_the_replay_data_moved_and_refuses_other_data_at_its_pa
     write_synthetic_dataset(tmp_path / "moved" / "replay", n=5, seed=4)
     with pytest.raises(RunError, match="train.replay_data: "):
         train_single_split(data, tmp_path / "run", config, resume=True, **kwargs)
+
+
+def test_train_never_overwrites_the_settings_of_a_run_already_in_out(tmp_path):
+    """A CV run's folder (its history lives in fold_*/) and a started training's settings are both
+    refused without touching config.json, so the runs they belong to can still be resumed."""
+    from polypseg.core.runs import CV, RunDir, RunError, RunSettings
+    from polypseg.training.train_split import train_single_split
+
+    data = write_synthetic_dataset(tmp_path / "data", n=4)
+    config = tiny_config(image_size=32)
+    cv_run, started = RunDir(tmp_path / "cv"), RunDir(tmp_path / "train")
+    cv_run.path.mkdir()
+    cv_run.write_settings(RunSettings(config=tiny_config(), kind=CV, data=str(data), folds=2, seed=0))
+    started.path.mkdir()
+    before = cv_run.config_path.read_bytes()
+    with pytest.raises(RunError, match="holds a cross-validation run .*choose a new --out"):
+        train_single_split(data, cv_run.path, config, device="cpu", progress=False)
+    assert cv_run.config_path.read_bytes() == before
+    config.save(started.config_path)
+    with pytest.raises(RunError, match="already holds a training run; pass --resume"):
+        train_single_split(data, started.path, config, device="cpu", progress=False)

@@ -56,14 +56,14 @@ def train_single_split(
     run = RunDir(out)
     validate_config(config)
     resolve_run_precision(config, device)
-    if not resume and run.history_path().is_file():
+    saved = run.saved_settings()
+    if saved is not None and saved.kind != TRAIN:
+        raise RunError(
+            f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out"
+        )
+    if not resume and (saved is not None or run.history_path().is_file()):
         raise RunError(f"{run.path} already holds a training run; pass --resume to continue it, or choose a new --out")
-    saved = run.saved_settings() if resume else None
     if saved is not None:
-        if saved.kind != TRAIN:
-            raise RunError(
-                f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out"
-            )
         refuse_changed_settings(run.path, config_differences(saved.config, config))
     split = run.read_split() if resume else None
     if split is not None and split.get("data"):
