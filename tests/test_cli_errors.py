@@ -97,13 +97,15 @@ def test_bad_numbers_name_their_option(tmp_path):
         (["export", "--model", "kvasir-unet-r34", "--out", onnx_out, "--opset", "3"], "--opset 3"),
         (["export", "--model", "kvasir-unet-r34", "--out", onnx_out, "--opset", "999"], "--opset 999"),
         (["export", "--model", "kvasir-unet-r34", "--out", onnx_out, "--int8", "--calibration-count", "0"], "--calibration-count 0"),
+        (["cv", "--recipe", "demo", "--out", str(tmp_path / "cv"), "--seed", "-1"], "--seed"),
+        (["train", "--recipe", "demo", "--out", str(tmp_path / "one"), "--seed", "-1"], "--seed"),
     ]  # fmt: skip
     for args, named in cases:
         result = polypseg(*args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
         (error,) = _error_lines(result)
         assert named in error, (args, error)
-    assert not (tmp_path / "m.onnx").exists()
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "cv").exists()
 
 
 def test_missing_test_list_is_one_line_before_training(tmp_path):

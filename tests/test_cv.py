@@ -155,6 +155,22 @@ def test_split_of_other_data_is_refused(dataset, tmp_path):
         _run(dataset, run, tmp_path / "cache")
 
 
+def test_a_start_that_cannot_split_leaves_no_settings_and_negative_seeds_are_refused(dataset, tmp_path):
+    """More folds than pairs fails before config.json is written, so a retry with other folds starts
+    the run instead of calling the folder taken; a negative seed is a ConfigError, not numpy's."""
+    from polypseg.core.config import ConfigError
+    from polypseg.data.images import DataError
+
+    run = RunDir(tmp_path / "run")
+    config, common = tiny_config(), dict(progress=False, report=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="cannot be split into 20 folds"):
+        run_cv(dataset, run.path, config, folds=20, **common)
+    assert not run.has_settings() and run.read_splits() is None
+    with pytest.raises(ConfigError, match=r"^seed -1: must be >= 0"):
+        run_cv(dataset, run.path, config, folds=2, seed=-1, **common)
+    assert not run.has_settings()
+
+
 def test_resume_without_run_is_refused(tmp_path):
     with pytest.raises(RunError, match="no run"):
         run_cv(tmp_path / "data", tmp_path / "empty", None, resume=True, progress=False)

@@ -522,6 +522,7 @@ def _check_ranges(config: RunConfig, label: Any) -> None:
         ("train.weight_decay", train.weight_decay, train.weight_decay >= 0, ">= 0"),
         ("train.warmup_epochs", train.warmup_epochs, train.warmup_epochs >= 0, ">= 0"),
         ("train.replay_images", train.replay_images, train.replay_images >= 0, ">= 0 (0 is off)"),
+        ("train.seed", train.seed, train.seed >= 0, ">= 0"),
         ("train.val_fraction", train.val_fraction, 0 <= train.val_fraction < 1, "0 <= v < 1"),
         ("train.ema_decay", train.ema_decay, 0 <= train.ema_decay < 1, "0 (off) <= d < 1"),
         ("train.augment.rotate_degrees", augment.rotate_degrees, augment.rotate_degrees >= 0, ">= 0"),
@@ -596,7 +597,7 @@ def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None) 
 
 
 def _check_replay(train: TrainConfig, label: Any) -> None:
-    """``replay_data`` is "none", a folder or a cache file (``.npz``), and is given when
+    """``replay_data`` is "none", a folder or a cache file (``.npz``), and is given exactly when
     ``replay_images`` asks for pairs; whether it holds usable pairs is the dataset rule's job."""
     data = Path(train.replay_data)
     if train.replay_data != "none" and not (data.is_dir() or (data.is_file() and data.suffix == ".npz")):
@@ -608,4 +609,9 @@ def _check_replay(train: TrainConfig, label: Any) -> None:
         raise ConfigError(
             f"{label('train.replay_images')} {train.replay_images}: needs {label('train.replay_data')} "
             "(the dataset the replayed pairs come from)"
+        )
+    if train.replay_images == 0 and train.replay_data != "none":
+        raise ConfigError(
+            f"{label('train.replay_data')} {train.replay_data}: replays nothing without {label('train.replay_images')} "
+            "(how many of its pairs join the training part)"
         )
