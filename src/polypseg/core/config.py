@@ -580,6 +580,13 @@ def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None) 
         if value not in choices:
             raise ConfigError(f"{label(field_name)} {value}: choose one of {', '.join(choices)}")
     _check_ranges(config, label)
+    # Images are read as RGB and masks as one polyp/background channel: nothing else can be trained.
+    for field_name, value, fixed, why in (
+        ("model.in_channels", config.model.in_channels, 3, "images are read as RGB"),
+        ("model.classes", config.model.classes, 1, "one polyp-vs-background output"),
+    ):
+        if value != fixed:
+            raise ConfigError(f"{label(field_name)} {value}: must be {fixed} ({why})")
     weights = config.model.encoder_weights
     if weights not in ("none", "imagenet") and not Path(weights).is_file():
         raise ConfigError(f"{label('model.encoder_weights')} {weights}: not 'imagenet', 'none' or an existing file")

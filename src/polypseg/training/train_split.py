@@ -16,7 +16,7 @@ from polypseg.core.io_utils import atomic_write_json
 from polypseg.core.runs import TRAIN, RunDir, RunError, RunSettings, refuse_changed_settings
 from polypseg.data.cache import CachedData, build_cache, resumed_data
 from polypseg.data.images import DataError
-from polypseg.data.splits import inner_validation_split, load_split_file
+from polypseg.data.splits import inner_validation_split, load_split_file, require_training_part
 from polypseg.models.checkpoint import load_checkpoint
 from polypseg.training.distributed import DistributedContext
 from polypseg.training.evaluation import evaluate_probabilities
@@ -83,6 +83,7 @@ def train_single_split(
         train, val = inner_validation_split(
             [s for s in cache.stems if s not in held_out], config.train.val_fraction, config.train.seed
         )
+        require_training_part(train, data=data, n_test=len(held_out), n_val=len(val), test_list=test_list)
     replay = _replay_pairs(
         config, run, split, held_out=cache.subset(test_stems + val), cache_dir=cache_dir, progress=progress
     )
