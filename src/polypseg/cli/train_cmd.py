@@ -52,7 +52,11 @@ def _say_precision(config: RunConfig, device: str) -> None:
     from polypseg.cli.common import resolve_device
     from polypseg.core.precision import describe
 
-    console.print(describe(config.train.precision, resolve_device(device)), highlight=False)
+    chosen = resolve_device(device)
+    console.print(describe(config.train.precision, chosen, config.train.channels_last), highlight=False)
+    if config.train.compile and not chosen.startswith("cuda"):
+        # torch.compile of the training step pays on CUDA only (docs/benchmarks.md: slower on both CPUs measured)
+        console.print(f"note: train.compile applies on CUDA only; on {chosen} the model trains uncompiled")
 
 
 def _size_adapt_recipe(config: RunConfig, choices: RecipeChoices, data: Path, test_list: Path | None) -> None:
