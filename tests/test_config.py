@@ -193,3 +193,10 @@ def test_replay_settings_name_their_field(tmp_path, overrides: list[str], messag
     config = apply_overrides(get_recipe("demo"), overrides)
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
+
+
+@pytest.mark.parametrize("name", ["bogus", "adapt"])
+def test_the_recipe_is_not_a_set_field(name: str) -> None:
+    """--set train.recipe=bogus was saved as is, and =adapt switched on adapt's sizing without its fields."""
+    with pytest.raises(ConfigError, match=rf"^--set train\.recipe={name}: the recipe is chosen with --recipe"):
+        apply_overrides(get_recipe("demo"), [f"train.recipe={name}"])

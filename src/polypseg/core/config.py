@@ -445,6 +445,9 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.field=value")
         key, raw = item.split("=", 1)
+        if key.strip() == "train.recipe":
+            # The name stands for all of a recipe's fields (and the adapt recipe's sizing); renaming alone changes none.
+            raise ConfigError(f"--set {item}: the recipe is chosen with --recipe, not --set")
         parts = key.strip().split(".")
         target: Any = config
         for part in parts[:-1]:
