@@ -362,7 +362,9 @@ def register(app: typer.Typer) -> None:
         saved = _saved_config(out) if resume else None
         choices = RecipeChoices.of(locals())
         config = choices.build(saved or "paper")
-        if saved is None and config.train.recipe == "adapt":
+        if config.train.recipe == "adapt" and (saved is None or choices.recipe is not None):
+            # Built from the recipe (not the saved config): sized as its start was, so a resume with
+            # the very start command compares equal to the saved settings.
             _size_adapt_recipe(config, choices, data_or_sample(data), test_list)
         if saved is None:
             say_init_size(config)
