@@ -116,6 +116,23 @@ def test_replayed_pairs_count_in_the_training_set_size(tmp_path: Path, monkeypat
     assert not (tmp_path / "b").exists()  # refused by run_cv's check, the rule library callers meet too
 
 
+def test_the_start_command_plus_resume_rebuilds_the_sized_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The rebuilt recipe was not sized, so the resume was refused ("train.lr: 0.00015 -> 0.0003")."""
+    from polypseg.cli.main import app
+    from polypseg.training import train_split
+
+    seen = []
+    monkeypatch.setattr(train_split, "train_single_split", lambda data, out, config, **kw: seen.append(config) or {
+        "checkpoint": str(out), "best_epoch": 0})  # fmt: skip
+    data = write_synthetic_dataset(tmp_path / "review", n=20)
+    start = ["train", "--data", str(data), "--recipe", "adapt", "--out", str(tmp_path / "a")]
+    assert CliRunner().invoke(app, start).exit_code == 0
+    seen[0].save(tmp_path / "a" / "config.json")  # what the real start saves
+    result = CliRunner().invoke(app, [*start, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert seen[1] == seen[0] and seen[0].train.lr < get_recipe("adapt").train.lr
+
+
 def test_serve_loads_an_adapted_model(tmp_path: Path):
     from polypseg.models.checkpoint import save_checkpoint
     from polypseg.models.factory import create_model

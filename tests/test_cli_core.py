@@ -215,7 +215,8 @@ def test_help_shows_no_value_after_flags():
 def _fake_summary(recipe: str) -> SimpleNamespace:
     """What ``cv`` prints from run_cv's CVSummary: the recipe, threshold and spread across folds."""
     spread = {"dice": [0.2951, 0.0952], "iou": [0.2, 0.07]}
-    return SimpleNamespace(recipe=recipe, threshold=0.45, mean_std=SimpleNamespace(at_chosen=spread, at_crossfit=None))
+    spreads = SimpleNamespace(at_0_5=spread, at_chosen=spread, at_crossfit=None)
+    return SimpleNamespace(recipe=recipe, threshold=0.45, mean_std=spreads)
 
 
 def test_demo_run_says_its_low_score_is_expected(tmp_path, monkeypatch):

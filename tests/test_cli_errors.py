@@ -97,13 +97,15 @@ def test_bad_numbers_name_their_option(tmp_path):
         (["export", "--model", "kvasir-unet-r34", "--out", onnx_out, "--opset", "3"], "--opset 3"),
         (["export", "--model", "kvasir-unet-r34", "--out", onnx_out, "--opset", "999"], "--opset 999"),
         (["export", "--model", "kvasir-unet-r34", "--out", onnx_out, "--int8", "--calibration-count", "0"], "--calibration-count 0"),
+        (["cv", "--recipe", "demo", "--out", str(tmp_path / "cv"), "--seed", "-1"], "--seed"),
+        (["train", "--recipe", "demo", "--out", str(tmp_path / "one"), "--seed", "-1"], "--seed"),
     ]  # fmt: skip
     for args, named in cases:
         result = polypseg(*args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
         (error,) = _error_lines(result)
         assert named in error, (args, error)
-    assert not (tmp_path / "m.onnx").exists()
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "cv").exists()
 
 
 def test_missing_test_list_is_one_line_before_training(tmp_path):
@@ -141,3 +143,26 @@ def test_a_failed_write_on_a_named_file_is_one_line(monkeypatch):
     assert _error_lines(result) == ["error: /tmp/out\\xff.md: a folder stands where a file is needed"]
     with pytest.raises(OSError, match="Input/output"):
         polypseg("other")
+
+
+def test_a_split_or_model_that_cannot_train_is_one_line(tmp_path):
+    """A --test-list of every stem was numpy's 'non-zero output size' (demo) or 'the training set is
+    empty' (adapt); --set model.in_channels=1 a conv2d error after caching; model.classes=2 an assert."""
+    from helpers import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", n=3)
+    every = tmp_path / "all.txt"
+    every.write_text("case00\ncase01\ncase02\n")
+    base = ["train", "--data", str(data), "--device", "cpu", "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    cases = [
+        (["--recipe", "demo", "--test-list", str(every)], "no pair is left to train on (3 in --test-list"),
+        (["--recipe", "adapt", "--test-list", str(every)], "no pair is left to train on (3 in --test-list"),
+        (["--recipe", "demo", "--set", "model.in_channels=1"], "model.in_channels 1: must be 3"),
+        (["--recipe", "demo", "--set", "model.classes=2"], "model.classes 2: must be 1"),
+    ]
+    for args, named in cases:
+        result = polypseg(*base, *args, "--out", str(tmp_path / "run"))
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (args, result.stderr)
+        (error,) = _error_lines(result)
+        assert named in error, (args, error)
+        assert not (tmp_path / "run" / "config.json").exists()

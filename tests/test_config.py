@@ -183,11 +183,20 @@ def test_replay_is_saved_only_when_set_and_round_trips(tmp_path) -> None:
         (["train.replay_images=4"], r"^train\.replay_images 4: needs train\.replay_data"),
         (["train.replay_data=no/such/folder", "train.replay_images=4"], r"^train\.replay_data no/such/folder: not"),
         (["train.replay_data=FILE"], r"^train\.replay_data .*notes\.txt: not 'none', an existing dataset folder"),
+        (["train.replay_data=DIR"], r"^train\.replay_data .*: replays nothing without train\.replay_images"),
+        (["train.seed=-1"], r"^train\.seed -1: must be >= 0"),
     ],
 )
 def test_replay_settings_name_their_field(tmp_path, overrides: list[str], message: str) -> None:
     (tmp_path / "notes.txt").write_text("not a dataset")
-    overrides = [o.replace("FILE", str(tmp_path / "notes.txt")) for o in overrides]
+    overrides = [o.replace("FILE", str(tmp_path / "notes.txt")).replace("DIR", str(tmp_path)) for o in overrides]
     config = apply_overrides(get_recipe("demo"), overrides)
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
+
+
+@pytest.mark.parametrize("name", ["bogus", "adapt"])
+def test_the_recipe_is_not_a_set_field(name: str) -> None:
+    """--set train.recipe=bogus was saved as is, and =adapt switched on adapt's sizing without its fields."""
+    with pytest.raises(ConfigError, match=rf"^--set train\.recipe={name}: the recipe is chosen with --recipe"):
+        apply_overrides(get_recipe("demo"), [f"train.recipe={name}"])

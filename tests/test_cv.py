@@ -155,6 +155,22 @@ def test_split_of_other_data_is_refused(dataset, tmp_path):
         _run(dataset, run, tmp_path / "cache")
 
 
+def test_a_start_that_cannot_split_leaves_no_settings_and_negative_seeds_are_refused(dataset, tmp_path):
+    """More folds than pairs fails before config.json is written, so a retry with other folds starts
+    the run instead of calling the folder taken; a negative seed is a ConfigError, not numpy's."""
+    from polypseg.core.config import ConfigError
+    from polypseg.data.images import DataError
+
+    run = RunDir(tmp_path / "run")
+    config, common = tiny_config(), dict(progress=False, report=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="cannot be split into 20 folds"):
+        run_cv(dataset, run.path, config, folds=20, **common)
+    assert not run.has_settings() and run.read_splits() is None
+    with pytest.raises(ConfigError, match=r"^seed -1: must be >= 0"):
+        run_cv(dataset, run.path, config, folds=2, seed=-1, **common)
+    assert not run.has_settings()
+
+
 def test_resume_without_run_is_refused(tmp_path):
     with pytest.raises(RunError, match="no run"):
         run_cv(tmp_path / "data", tmp_path / "empty", None, resume=True, progress=False)
@@ -327,3 +343,24 @@ def test_a_summary_round_trips_byte_identically_through_summary_json(tmp_path):
     again = CVSummary.from_json(record)
     assert json_text(again.to_json()) + "\n" == written
     assert np.isnan(again.per_fold[1].at_0_5["sensitivity"]) and again.per_fold[0].training.epochs == 1
+
+
+def test_cv_prints_held_out_figures_first_and_labels_the_chosen_threshold(tmp_path, monkeypatch):
+    """The first result line was the Dice at the threshold chosen on the same out-of-fold predictions."""
+    from typer.testing import CliRunner
+
+    from polypseg.cli.main import app
+    from polypseg.core.io_utils import read_json
+    from polypseg.experiments import cv
+    from polypseg.reporting.summary import CVSummary
+
+    record = Path(__file__).parents[1] / "docs" / "runs" / "paper-5fold-cpu" / "summary.json"
+    summary = CVSummary.from_json(read_json(record))
+    monkeypatch.setattr(cv, "run_cv", lambda *a, **k: summary)
+    result = CliRunner().invoke(app, ["cv", "--recipe", "demo", "--device", "cpu", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Dice")]
+    fixed = summary.mean_std.at_0_5["dice"][0]
+    assert lines[0].startswith(f"Dice {fixed:.4f} ± ") and lines[0].endswith("at threshold 0.5")
+    assert lines[-1].endswith("chosen on these same out-of-fold predictions (slightly optimistic)")
+    assert f"at threshold {summary.threshold:g}, chosen" in lines[-1]

@@ -207,3 +207,22 @@ def test_gradcam_in_bf16_matches_fp32(tiny_cv_run):
             assert np.corrcoef(h32.ravel(), h16.ravel())[0, 1] >= 0.99
             compared += 1
     assert compared >= 2
+
+
+def test_the_precision_line_follows_channels_last_and_names_compile_off_cuda(native_bf16, tmp_path, monkeypatch):
+    """train.channels_last=false printed "channels-last" all the same, and train.compile on a CPU was
+    silently not compiled; the start of polypseg train now says what the run does."""
+    from typer.testing import CliRunner
+
+    from polypseg.cli.main import app
+    from polypseg.training import train_split
+
+    assert "(channels-last;" in precision.describe("auto", "cpu")
+    assert "(NCHW;" in precision.describe("auto", "cpu", channels_last=False)
+    monkeypatch.setattr(train_split, "train_single_split", lambda *a, **k: {"checkpoint": "none"})
+    settings = ["--set", "train.channels_last=false", "--set", "train.compile=true"]
+    args = ["train", "--recipe", "demo", "--device", "cpu", "--out", str(tmp_path / "run"), *settings]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "precision: auto -> bf16 (NCHW;" in result.output
+    assert "note: train.compile applies on CUDA only; on cpu the model trains uncompiled" in result.output

@@ -133,9 +133,16 @@ def test_report_of_a_run_trained_from_a_cache_file(tiny_cv_run: Path, tmp_path: 
 
 
 def test_report_errors_are_one_line(tmp_path: Path) -> None:
+    from polypseg.core.config import get_recipe
+    from polypseg.core.runs import CV, RunDir, RunSettings
+
     with pytest.raises(ReportError, match="no config.json"):
         write_report(tmp_path)
     (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ReportError, match="holds neither a CV run") as info:
+        write_report(tmp_path)
+    assert "\n" not in str(info.value)
+    RunDir(tmp_path).write_settings(RunSettings(config=get_recipe("demo"), kind=CV, folds=2, seed=0))
     with pytest.raises(ReportError, match="no finished fold") as info:
         write_report(tmp_path)
     assert "\n" not in str(info.value)

@@ -199,6 +199,10 @@ def test_report_refuses_a_training_folder_and_writes_nothing_into_it(tmp_path: P
     with pytest.raises(ReportError, match="single-split training folder"):
         write_report(run)
     assert sorted(p.name for p in run.rglob("*")) == before
+    # as it is (no fold_*): the same words as compare's, not "no finished fold yet" (which suggests waiting)
+    plain = shutil.copytree(DOCS_RUNS / "kvasir-unet-r34", tmp_path / "plain")
+    with pytest.raises(ReportError, match="is a single-split training folder, not a CV run folder$"):
+        write_report(plain)
 
 
 def test_reporting_reads_runs_without_importing_the_training_side() -> None:

@@ -395,3 +395,25 @@ def test_evaluate_takes_a_shipped_models_name(external_data: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     data = read_json(tmp_path / "evaluate-kvasir-unet-r34" / "external_synthetic-ext.json")
     assert [m["name"] for m in data["models"]] == ["kvasir-unet-r34"] and data["n_images"] == 8
+
+
+def test_a_paired_study_checks_every_arm_before_training_any(tmp_path, monkeypatch):
+    """skip-ablation --set train.init_from=MODEL failed only after the first arm had trained: the
+    no-skip arm cannot start from a model with skips. Now no arm trains."""
+    from polypseg.core.config import ConfigError, RunConfig
+    from polypseg.experiments import cv
+    from polypseg.experiments.studies import run_paired_study
+
+    from helpers import save_tiny_checkpoint, tiny_config
+
+    init = save_tiny_checkpoint(tmp_path / "init")
+    with_skips = tiny_config(image_size=32)
+    with_skips.model.decoder_channels = (8, 8, 8, 8, 8)
+    with_skips.train.init_from = str(init)
+    without = RunConfig.from_dict(with_skips.to_dict())
+    without.model.skip_connections = False
+    started = []
+    monkeypatch.setattr(cv, "run_cv", lambda data, out, *a, **k: started.append(out))
+    with pytest.raises(ConfigError, match=r"--init .*model\.skip_connections"):
+        run_paired_study(tmp_path / "data", tmp_path / "study", {"unet": with_skips, "noskip": without}, progress=False)
+    assert started == [] and not (tmp_path / "study").exists()

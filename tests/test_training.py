@@ -321,6 +321,57 @@ def test_replay_adds_its_pairs_to_training_only_and_a_resume_reuses_them(tmp_pat
         train_single_split(data, out, config, resume=True, **kwargs)
 
 
+def test_replay_of_the_same_data_never_trains_on_held_out_or_init_unseen_pairs(tmp_path, monkeypatch):
+    """Replaying the run's own data (here a copy elsewhere) leaves out its test and inner-validation
+    pairs, and the test pairs of the --init run; split.json records the pairs replayed."""
+    import shutil
+
+    from polypseg.core.runs import RunDir
+    from polypseg.training import train_split
+
+    from helpers import save_tiny_checkpoint
+
+    data = write_synthetic_dataset(tmp_path / "data", n=10)
+    copy = shutil.copytree(data, tmp_path / "copy")
+    init = tmp_path / "init"
+    save_tiny_checkpoint(init)
+    test_list = tmp_path / "test.txt"
+    test_list.write_text("case00\ncase01\n")
+    config = tiny_config(image_size=32)
+    config.model.decoder_channels = (8, 8, 8, 8, 8)
+    config.train.val_fraction, config.train.init_from = 0.25, str(init)
+    from polypseg.data.splits import inner_validation_split
+
+    train, val = inner_validation_split([f"case{i:02d}" for i in range(2, 10)], 0.25, config.train.seed)
+    init_unseen = train[0]
+    RunDir(init).write_split({"data": str(data), "train": [], "val": [], "test": [init_unseen]})
+    config.train.replay_data, config.train.replay_images = str(copy), len(train) - 1
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+    monkeypatch.setattr(train_split, "train_model", lambda config, train, *a, **k: seen.append(train) or _raise(Stop()))
+    with pytest.raises(Stop):
+        train_split.train_single_split(
+            data, tmp_path / "run", config, test_list=test_list, device="cpu", progress=False
+        )
+    split = RunDir(tmp_path / "run").read_split()
+    assert (split["train"], split["val"]) == (train, val)
+    assert split["replay"] == train[1:]  # all but the held-out pairs of both runs
+    assert seen[0].stems[-len(train) + 1 :] == [train_split.REPLAY_PREFIX + s for s in split["replay"]]
+
+    config.train.replay_images = len(train)
+    with pytest.raises(
+        ConfigError, match=rf"leaving out the 5 held out\) holds only {len(train) - 1} image/mask pairs"
+    ):
+        train_split.train_single_split(data, tmp_path / "run2", config, test_list=test_list, device="cpu")
+
+
+def _raise(error: Exception) -> None:
+    raise error
+
+
 def test_replay_asking_for_more_pairs_than_the_dataset_holds_names_the_field(tmp_path):
     from polypseg.training.train_split import train_single_split
 
@@ -372,3 +423,24 @@ def test_a_resume_accepts_the_replay_data_moved_and_refuses_other_data_at_its_pa
     write_synthetic_dataset(tmp_path / "moved" / "replay", n=5, seed=4)
     with pytest.raises(RunError, match="train.replay_data: "):
         train_single_split(data, tmp_path / "run", config, resume=True, **kwargs)
+
+
+def test_train_never_overwrites_the_settings_of_a_run_already_in_out(tmp_path):
+    """A CV run's folder (its history lives in fold_*/) and a started training's settings are both
+    refused without touching config.json, so the runs they belong to can still be resumed."""
+    from polypseg.core.runs import CV, RunDir, RunError, RunSettings
+    from polypseg.training.train_split import train_single_split
+
+    data = write_synthetic_dataset(tmp_path / "data", n=4)
+    config = tiny_config(image_size=32)
+    cv_run, started = RunDir(tmp_path / "cv"), RunDir(tmp_path / "train")
+    cv_run.path.mkdir()
+    cv_run.write_settings(RunSettings(config=tiny_config(), kind=CV, data=str(data), folds=2, seed=0))
+    started.path.mkdir()
+    before = cv_run.config_path.read_bytes()
+    with pytest.raises(RunError, match="holds a cross-validation run .*choose a new --out"):
+        train_single_split(data, cv_run.path, config, device="cpu", progress=False)
+    assert cv_run.config_path.read_bytes() == before
+    config.save(started.config_path)
+    with pytest.raises(RunError, match="already holds a training run; pass --resume"):
+        train_single_split(data, started.path, config, device="cpu", progress=False)

@@ -52,7 +52,9 @@ LossOpt = typer.Option(None, "--loss", help="dice | dice_bce | bce | focal_dice 
 SizeOpt = typer.Option(
     None, "--image-size", help="Override the training resolution (square; a multiple of 32, e.g. 256)."
 )
-SeedOpt = typer.Option(None, "--seed", help="Seed for training and, for cross-validation, the split (default 0).")
+SeedOpt = typer.Option(
+    None, "--seed", min=0, help="Seed for training and, for cross-validation, the split (default 0)."
+)
 SetOpt = typer.Option([], "--set", help="Any config field, e.g. --set train.ema_decay=0.999 (repeatable).")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")

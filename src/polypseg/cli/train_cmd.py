@@ -53,7 +53,11 @@ def _say_precision(config: RunConfig, device: str) -> None:
     from polypseg.cli.common import resolve_device
     from polypseg.core.precision import describe
 
-    console.print(describe(config.train.precision, resolve_device(device)), highlight=False)
+    chosen = resolve_device(device)
+    console.print(describe(config.train.precision, chosen, config.train.channels_last), highlight=False)
+    if config.train.compile and not chosen.startswith("cuda"):
+        # torch.compile of the training step pays on CUDA only (docs/benchmarks.md: slower on both CPUs measured)
+        console.print(f"note: train.compile applies on CUDA only; on {chosen} the model trains uncompiled")
 
 
 def _size_adapt_recipe(config: RunConfig, choices: RecipeChoices, data: Path, test_list: Path | None) -> None:
@@ -163,17 +167,25 @@ def register(app: typer.Typer) -> None:
             only_folds=only_fold or None,
         )
         if summary is not None:
-            ms = summary.mean_std.at_chosen
+            # Held-out figures first; the threshold chosen on the same predictions it scores comes last, labelled.
+            fixed, chosen = summary.mean_std.at_0_5, summary.mean_std.at_chosen
             console.print(
-                f"Dice {ms['dice'][0]:.4f} ± {ms['dice'][1]:.4f}, IoU {ms['iou'][0]:.4f} ± {ms['iou'][1]:.4f} "
-                f"at threshold {summary.threshold:g}"
+                f"Dice {fixed['dice'][0]:.4f} ± {fixed['dice'][1]:.4f}, IoU {fixed['iou'][0]:.4f} ± {fixed['iou'][1]:.4f} "
+                "at threshold 0.5"
             )
             fair = summary.mean_std.at_crossfit
             if fair is not None:
                 console.print(
                     f"Dice {fair['dice'][0]:.4f} ± {fair['dice'][1]:.4f} with each fold's threshold chosen on the "
-                    "other folds only (no image helps choose the threshold it is scored at)"
+                    "other folds only (no image helps choose the threshold it is scored at)",
+                    soft_wrap=True,
                 )
+            console.print(
+                f"Dice {chosen['dice'][0]:.4f} ± {chosen['dice'][1]:.4f}, IoU {chosen['iou'][0]:.4f} ± "
+                f"{chosen['iou'][1]:.4f} at threshold {summary.threshold:g}, chosen on these same out-of-fold "
+                "predictions (slightly optimistic)",
+                soft_wrap=True,
+            )
             if summary.recipe == "demo":
                 console.print(DEMO_NOTE, highlight=False, soft_wrap=True)
             from polypseg.core.runs import RunDir
@@ -351,7 +363,9 @@ def register(app: typer.Typer) -> None:
         saved = _saved_config(out) if resume else None
         choices = RecipeChoices.of(locals())
         config = choices.build(saved or "paper")
-        if saved is None and config.train.recipe == "adapt":
+        if config.train.recipe == "adapt" and (saved is None or choices.recipe is not None):
+            # Built from the recipe (not the saved config): sized as its start was, so a resume with
+            # the very start command compares equal to the saved settings.
             _size_adapt_recipe(config, choices, data_or_sample(data), test_list)
         if saved is None:
             say_init_size(config)
@@ -361,6 +375,16 @@ def register(app: typer.Typer) -> None:
                 highlight=False,
                 soft_wrap=True,
             )
+            from polypseg.training.init_source import init_held_out_note
+
+            unseen = init_held_out_note(config)
+            if unseen is not None:
+                console.print(
+                    f"[yellow]note:[/] --init {escape(config.train.init_from)} never saw {escape(unseen)}; "
+                    "its files list no stems, so keep those images out of train.replay_data to keep them unseen",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         _say_precision(config, device)
         keep_freed_memory_on_cpu(device)
         result = train_single_split(

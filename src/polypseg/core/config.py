@@ -445,6 +445,9 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.field=value")
         key, raw = item.split("=", 1)
+        if key.strip() == "train.recipe":
+            # The name stands for all of a recipe's fields (and the adapt recipe's sizing); renaming alone changes none.
+            raise ConfigError(f"--set {item}: the recipe is chosen with --recipe, not --set")
         parts = key.strip().split(".")
         target: Any = config
         for part in parts[:-1]:
@@ -522,6 +525,7 @@ def _check_ranges(config: RunConfig, label: Any) -> None:
         ("train.weight_decay", train.weight_decay, train.weight_decay >= 0, ">= 0"),
         ("train.warmup_epochs", train.warmup_epochs, train.warmup_epochs >= 0, ">= 0"),
         ("train.replay_images", train.replay_images, train.replay_images >= 0, ">= 0 (0 is off)"),
+        ("train.seed", train.seed, train.seed >= 0, ">= 0"),
         ("train.val_fraction", train.val_fraction, 0 <= train.val_fraction < 1, "0 <= v < 1"),
         ("train.ema_decay", train.ema_decay, 0 <= train.ema_decay < 1, "0 (off) <= d < 1"),
         ("train.augment.rotate_degrees", augment.rotate_degrees, augment.rotate_degrees >= 0, ">= 0"),
@@ -579,6 +583,13 @@ def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None) 
         if value not in choices:
             raise ConfigError(f"{label(field_name)} {value}: choose one of {', '.join(choices)}")
     _check_ranges(config, label)
+    # Images are read as RGB and masks as one polyp/background channel: nothing else can be trained.
+    for field_name, value, fixed, why in (
+        ("model.in_channels", config.model.in_channels, 3, "images are read as RGB"),
+        ("model.classes", config.model.classes, 1, "one polyp-vs-background output"),
+    ):
+        if value != fixed:
+            raise ConfigError(f"{label(field_name)} {value}: must be {fixed} ({why})")
     weights = config.model.encoder_weights
     if weights not in ("none", "imagenet") and not Path(weights).is_file():
         raise ConfigError(f"{label('model.encoder_weights')} {weights}: not 'imagenet', 'none' or an existing file")
@@ -596,7 +607,7 @@ def validate_config(config: RunConfig, labels: Mapping[str, str] | None = None) 
 
 
 def _check_replay(train: TrainConfig, label: Any) -> None:
-    """``replay_data`` is "none", a folder or a cache file (``.npz``), and is given when
+    """``replay_data`` is "none", a folder or a cache file (``.npz``), and is given exactly when
     ``replay_images`` asks for pairs; whether it holds usable pairs is the dataset rule's job."""
     data = Path(train.replay_data)
     if train.replay_data != "none" and not (data.is_dir() or (data.is_file() and data.suffix == ".npz")):
@@ -608,4 +619,9 @@ def _check_replay(train: TrainConfig, label: Any) -> None:
         raise ConfigError(
             f"{label('train.replay_images')} {train.replay_images}: needs {label('train.replay_data')} "
             "(the dataset the replayed pairs come from)"
+        )
+    if train.replay_images == 0 and train.replay_data != "none":
+        raise ConfigError(
+            f"{label('train.replay_data')} {train.replay_data}: replays nothing without {label('train.replay_images')} "
+            "(how many of its pairs join the training part)"
         )

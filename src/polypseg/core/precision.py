@@ -87,8 +87,8 @@ def use_channels_last(device: torch.device | str, precision: str, requested: boo
     return device.type == "cpu" and resolve_precision(precision, device) == "bf16"
 
 
-def describe(precision: str, device: torch.device | str) -> str:
-    """One line for the console: what was chosen and why."""
+def describe(precision: str, device: torch.device | str, channels_last: bool = True) -> str:
+    """One line for the console: what was chosen and why (``channels_last``: the run's ``train.channels_last``)."""
     device = torch.device(device)
     resolved = resolve_precision(precision, device)
     if device.type == "cpu":
@@ -96,6 +96,6 @@ def describe(precision: str, device: torch.device | str) -> str:
         why = f"CPU flags: {', '.join(native)}" if native else "this CPU has no native bf16 (amx_bf16/avx512_bf16)"
     else:
         why = device.type
-    layout = "channels-last" if use_channels_last(device, resolved) else "NCHW"
+    layout = "channels-last" if use_channels_last(device, resolved, channels_last) else "NCHW"
     asked = f"{precision} -> " if precision == "auto" else ""
     return f"precision: {asked}{resolved} ({layout}; {why})"

@@ -69,3 +69,18 @@ def splits_from_test_folds(
         train, val = inner_validation_split([s for s in stems if s not in test_set], val_fraction, seed, fold)
         result.append({"fold": fold, "train": train, "val": val, "test": sorted(test)})
     return {"seed": seed, "k": len(tests), "val_fraction": val_fraction, "stems": stems, "folds": result}
+
+
+def require_training_part(
+    train: Sequence[str], *, data: Path | str, n_test: int, n_val: int, test_list: Path | str | None
+) -> None:
+    """A ``DataError`` naming why a split left no pair to train on (``--test-list``, the inner validation share)."""
+    from polypseg.data.images import DataError
+
+    if train:
+        return
+    test = f"{n_test} in --test-list {test_list}, " if test_list is not None else ""
+    raise DataError(
+        f"{data}: no pair is left to train on ({test}{n_val} for inner validation, train.val_fraction); "
+        "hold out fewer images"
+    )

@@ -170,6 +170,8 @@ def run_cv(
     """
     run = RunDir(out)
     context = DistributedContext.from_env()
+    if seed is not None and seed < 0:
+        raise ConfigError(f"seed {seed}: must be >= 0")
     if config is not None:
         validate_config(config)
         if config.train.replay_images:
@@ -274,9 +276,11 @@ def _prepare_run_folder(
     resume: bool,
     device: str,
 ) -> _WallClock:
-    """The main process's setup of an invocation: the folder, the clock of this invocation, the
-    settings of a new run, and the run's splits (created once, then reused)."""
+    """The main process's setup of an invocation: the folder, the run's splits (created once, then
+    reused), the settings of a new run and the clock of this invocation. The splits come first: a
+    start that cannot split the data (more folds than pairs) leaves no settings that would bind a retry."""
     run.path.mkdir(parents=True, exist_ok=True)
+    load_or_create_splits(run, cache.stems, folds, seed, config.train.val_fraction)
     if resume:
         remove_stale_temps(run.path)
     clock = _WallClock(
@@ -299,7 +303,6 @@ def _prepare_run_folder(
                 polypseg_version=__version__,
             )
         )
-    load_or_create_splits(run, cache.stems, folds, seed, config.train.val_fraction)
     return clock
 
 

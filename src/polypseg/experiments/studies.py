@@ -99,6 +99,8 @@ def run_paired_study(
     out = Path(out)
     progress = options.get("progress", True)
     options = {"folds": 5, "seed": 0, **options}
+    for config in arms.values():
+        _check_arm(config)  # every arm before any trains: a bad later arm would fail hours in
     dirs = [out / name for name in arms]
     for i, (run_dir, config) in enumerate(zip(dirs, arms.values(), strict=False)):
         if i > 0:
@@ -109,6 +111,17 @@ def run_paired_study(
             Console(stderr=True).print(f"[bold]{out.name}[/]: run {i + 1}/{len(dirs)} -> {run_dir}", highlight=False)
         run_cv(data, run_dir, config, **options)
     return dirs
+
+
+def _check_arm(config: RunConfig) -> None:
+    """What ``polypseg cv`` checks before its data is read: the config, the model and its ``--init``."""
+    from polypseg.core.config import validate_config
+    from polypseg.models.factory import check_model_config
+    from polypseg.training.init_source import init_checkpoint
+
+    validate_config(config)
+    check_model_config(config.model)
+    init_checkpoint(config)
 
 
 def write_paired_study(

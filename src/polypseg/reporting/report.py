@@ -97,6 +97,12 @@ def _reportable_run(run: RunDir) -> tuple[RunSettings, list[int]]:
     """The run's settings and finished folds; a one-line :class:`ReportError` for a folder the report cannot cover."""
     if not run.has_settings():
         raise ReportError(f"{run.path} is not a polypseg run folder (no config.json)")
+    try:
+        settings = run.read_settings()
+    except RunError as error:
+        raise ReportError(str(error)) from None
+    if settings.kind != CV:
+        raise ReportError(f"{run.path} is a single-split training folder, not a CV run folder")
     done = run.finished_folds()
     if not done:
         if any(run.fold_metrics_path(i).is_file() for i in run.fold_indices()):
@@ -106,14 +112,6 @@ def _reportable_run(run: RunDir) -> tuple[RunSettings, list[int]]:
                 "polypseg compare work without them."
             )
         raise ReportError(f"{run.path} has no finished fold yet (fold_*/oof.npz); nothing to report")
-    try:
-        settings = run.read_settings()
-    except RunError as error:
-        raise ReportError(str(error)) from None
-    if settings.kind != CV:
-        raise ReportError(
-            f"{run.path} is a single-split training folder (polypseg train); the report covers cross-validation runs"
-        )
     return settings, done
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from polypseg.core.config import RunConfig
 from polypseg.data.pairing import index_dataset
-from polypseg.data.splits import inner_validation_split, load_split_file
+from polypseg.data.splits import inner_validation_split, load_split_file, require_training_part
 
 TARGET_STEPS = 240
 WARMUP_STEPS = 20
@@ -78,9 +78,11 @@ def training_set_size(data: Path | str, config: RunConfig, test_list: Path | str
     plus the ``config.train.replay_images`` replayed pairs that join them."""
     stems = [sample.stem for sample in index_dataset(data).samples]
     held_out = set(load_split_file(test_list)) if test_list is not None else set()
-    train, _ = inner_validation_split(
+    train, val = inner_validation_split(
         [s for s in stems if s not in held_out], config.train.val_fraction, config.train.seed
     )
+    n_test = len(held_out & set(stems))
+    require_training_part(train, data=data, n_test=n_test, n_val=len(val), test_list=test_list)
     return len(train) + config.train.replay_images
 
 

@@ -58,3 +58,37 @@ def _init_source(config: RunConfig) -> tuple[Path, RunConfig] | None:
             f"({', '.join(f'{theirs.get(k)!r} vs {ours[k]!r}' for k in differ)})"
         )
     return found[0], source
+
+
+def init_unseen_stems(config: RunConfig) -> set[str]:
+    """The stems the ``config.train.init_from`` model was tested on and never trained on: the test
+    stems its training folder's ``split.json`` (or its CV run's ``splits.json`` fold) saved; empty
+    for ``none`` and for a model whose folder records no split (a shipped model lists no stems)."""
+    from polypseg.core.runs import RunDir, parse_fold_name
+
+    checkpoint = init_checkpoint(config)
+    if checkpoint is None:
+        return set()
+    folder = checkpoint.parent
+    split = RunDir(folder).read_split()
+    if split is not None:
+        return set(split.get("test", []))
+    fold = parse_fold_name(folder.name)
+    splits = RunDir(folder.parent).read_splits() if fold is not None else None
+    for entry in (splits or {}).get("folds", []):
+        if entry.get("fold") == fold:
+            return set(entry.get("test", []))
+    return set()
+
+
+def init_held_out_note(config: RunConfig) -> str | None:
+    """What the ``config.train.init_from`` model's release notes say it never saw (a shipped model's
+    ``release.data.held_out``), or ``None``: such a model lists no stems, so replay cannot leave them out."""
+    from polypseg.models.checkpoint import read_metadata
+
+    checkpoint = init_checkpoint(config)
+    if checkpoint is None:
+        return None
+    release = read_metadata(checkpoint).get("release", {})
+    held_out = release.get("data", {}).get("held_out") if isinstance(release, dict) else None
+    return str(held_out) if held_out else None

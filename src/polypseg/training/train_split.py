@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,14 @@ from polypseg.core.io_utils import atomic_write_json
 from polypseg.core.runs import TRAIN, RunDir, RunError, RunSettings, refuse_changed_settings
 from polypseg.data.cache import CachedData, build_cache, resumed_data
 from polypseg.data.images import DataError
-from polypseg.data.splits import inner_validation_split, load_split_file
+from polypseg.data.splits import inner_validation_split, load_split_file, require_training_part
 from polypseg.models.checkpoint import load_checkpoint
 from polypseg.training.distributed import DistributedContext
 from polypseg.training.evaluation import evaluate_probabilities
+from polypseg.training.init_source import init_unseen_stems
 from polypseg.training.loop import predict_with_recipe, resolve_run_precision, train_model
+
+log = logging.getLogger(__name__)
 
 # Replayed pairs are named ``replay:STEM`` in the training data, so their stems never clash with the main data's.
 REPLAY_PREFIX = "replay:"
@@ -45,19 +49,21 @@ def train_single_split(
 
     With ``config.train.replay_images`` > 0, that many pairs of ``config.train.replay_data``
     (drawn with ``config.train.seed``) join the training part only; ``split.json`` records them
-    (``replay_data``, ``replay``) and a resumed run trains on exactly those.
+    (``replay_data``, ``replay``) and a resumed run trains on exactly those. The draw leaves out the
+    test and inner-validation images of ``data`` (when the replay data holds the same pairs) and the
+    images the ``train.init_from`` run held out, so no held-out image is trained on.
     """
     run = RunDir(out)
     validate_config(config)
     resolve_run_precision(config, device)
-    if not resume and run.history_path().is_file():
+    saved = run.saved_settings()
+    if saved is not None and saved.kind != TRAIN:
+        raise RunError(
+            f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out"
+        )
+    if not resume and (saved is not None or run.history_path().is_file()):
         raise RunError(f"{run.path} already holds a training run; pass --resume to continue it, or choose a new --out")
-    saved = run.saved_settings() if resume else None
     if saved is not None:
-        if saved.kind != TRAIN:
-            raise RunError(
-                f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out"
-            )
         refuse_changed_settings(run.path, config_differences(saved.config, config))
     split = run.read_split() if resume else None
     if split is not None and split.get("data"):
@@ -77,7 +83,10 @@ def train_single_split(
         train, val = inner_validation_split(
             [s for s in cache.stems if s not in held_out], config.train.val_fraction, config.train.seed
         )
-    replay = _replay_pairs(config, run, split, cache_dir=cache_dir, progress=progress)
+        require_training_part(train, data=data, n_test=len(held_out), n_val=len(val), test_list=test_list)
+    replay = _replay_pairs(
+        config, run, split, held_out=cache.subset(test_stems + val), cache_dir=cache_dir, progress=progress
+    )
     context = DistributedContext.from_env()
     if context.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -125,10 +134,17 @@ class _Replay:
 
 
 def _replay_pairs(
-    config: RunConfig, run: RunDir, split: dict[str, Any] | None, *, cache_dir: Path | str | None, progress: bool
+    config: RunConfig,
+    run: RunDir,
+    split: dict[str, Any] | None,
+    *,
+    held_out: CachedData,
+    cache_dir: Path | str | None,
+    progress: bool,
 ) -> _Replay | None:
     """The replay pairs of ``config.train`` (``None`` when off): the ones a resumed run saved in its
-    ``split.json``, else ``replay_images`` stems of ``replay_data`` drawn with ``seed``."""
+    ``split.json``, else ``replay_images`` stems of ``replay_data`` drawn with ``seed`` from those
+    that are none of the ``held_out`` pairs (test and inner validation) nor held out by ``--init``."""
     train = config.train
     if train.replay_images == 0:
         return None
@@ -144,8 +160,31 @@ def _replay_pairs(
         stems = list(split["replay"])
         _check_stems(stems, cache.stems, f"{run.split_path}", root)
     else:
-        stems = choose_replay_stems(cache.stems, train.replay_images, train.seed, root)
+        excluded = same_pairs(cache, held_out) | (set(cache.stems) & init_unseen_stems(config))
+        if excluded:
+            log.warning(
+                "replay: %d pair(s) of %s are held out (test, inner validation or never seen by --init) "
+                "and are not replayed",
+                len(excluded),
+                root,
+            )
+        source = f"{root} (leaving out the {len(excluded)} held out)" if excluded else root
+        available = [s for s in cache.stems if s not in excluded]
+        stems = choose_replay_stems(available, train.replay_images, train.seed, source)
     return _Replay(root=root, pairs=cache.subset(stems))
+
+
+def same_pairs(replay: CachedData, held_out: CachedData) -> set[str]:
+    """The stems of ``replay`` that are pairs of ``held_out``: the same stem with the same pixels
+    (so a copy of the data elsewhere, or a cache file of it, counts as the same data)."""
+    index = {stem: i for i, stem in enumerate(replay.stems)}
+    return {
+        stem
+        for j, stem in enumerate(held_out.stems)
+        if stem in index
+        and np.array_equal(replay.images[index[stem]], held_out.images[j])
+        and np.array_equal(replay.masks[index[stem]], held_out.masks[j])
+    }
 
 
 def choose_replay_stems(available: Sequence[str], count: int, seed: int, source: Path | str) -> list[str]:
