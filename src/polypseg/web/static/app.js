@@ -16,6 +16,7 @@ const state = {
   generation: 0,        // every new analysis increments it; late answers of older ones are dropped
   controller: null,     // AbortController of the analysis in flight
   modelThreshold: 0.5,
+  threshold: 0.5,       // in use: the model's own, exactly, until the slider is moved (see currentThreshold)
   modelLabel: "",
   samples: [],
   sampleMasks: new Set(),
@@ -74,6 +75,19 @@ function named(name, message) {
 
 const isAbort = (error) => error && error.name === "AbortError";
 
+// The threshold of the mask on screen. The slider moves in steps of 0.01, so it cannot hold a model
+// threshold such as 0.4375: the page keeps the exact value until the reviewer moves the slider.
+const currentThreshold = () => state.threshold;
+
+// Two decimals, or as many as the threshold needs (0.4375 stays 0.4375).
+function thresholdText(threshold) {
+  const two = threshold.toFixed(2);
+  return Math.abs(Number(two) - threshold) < 1e-9 ? two : String(Number(threshold.toFixed(6)));
+}
+
+// Whether the page may leave the image on screen (the review script asks about unsaved edits).
+const mayLeave = () => (typeof reviewCanLeave === "function" ? reviewCanLeave() : true);
+
 // ------------------------------------------------------------------ model info and samples
 
 function formatMetric(value) {
@@ -103,15 +117,16 @@ async function loadModelInfo() {
   const parts = [`${arch.arch || "model"} / ${arch.encoder || "?"}`];
   if (info.ensemble && info.ensemble.models > 1) parts.push(`${info.ensemble.models}-model ensemble`);
   parts.push(`${arch.input_size}px input`);
-  parts.push(`threshold ${Number(info.threshold).toFixed(2)}`);
+  parts.push(`threshold ${thresholdText(Number(info.threshold))}`);
   const dice = pickDice(info);
   if (dice) parts.push(dice);
   if (info.training && info.training.data) parts.push(`trained on ${info.training.data}`);
   state.modelLabel = parts.join(" · ");
   $("model-info").textContent = state.modelLabel;
   state.modelThreshold = Number(info.threshold);
+  state.threshold = state.modelThreshold;
   $("threshold").value = String(state.modelThreshold);
-  $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
+  $("threshold-value").textContent = thresholdText(state.threshold);
 }
 
 async function loadSamples() {
@@ -306,7 +321,7 @@ function requestExplain(delay = 0) {
   clearTimeout(explainTimer);
   const result = state.result;
   if (!result || state.explainUnavailable) return;
-  const threshold = Number($("threshold").value);
+  const threshold = currentThreshold();
   if (result.camThreshold === threshold && !result.camPending) return;
   result.camPending = threshold;
   updateCamCaption();
@@ -319,7 +334,7 @@ async function runExplain(result, threshold) {
   const form = new FormData();
   form.append("file", result.blob, result.name);
   try {
-    const cam = await apiJson(`/v1/explain?include_overlay=false&threshold=${threshold.toFixed(2)}`,
+    const cam = await apiJson(`/v1/explain?include_overlay=false&threshold=${thresholdText(threshold)}`,
       { method: "POST", body: form, signal: explainController.signal });
     if (state.result !== result || result.camPending !== threshold) return;  // superseded
     result.cam = { ...cam, heat: await decodeGrayPng(cam.heatmap_png_base64, cam.width, cam.height) };
@@ -341,7 +356,7 @@ function updateCamCaption() {
   const caption = $("cam-caption");
   const panel = $("cam-panel");
   if (!result) return;
-  const slider = Number($("threshold").value).toFixed(2);
+  const slider = thresholdText(currentThreshold());
   let text;
   if (result.camError) {
     text = `Grad-CAM unavailable: ${result.camError}`;
@@ -352,14 +367,14 @@ function updateCamCaption() {
     const models = cam.models && cam.models.length > 1 ? `mean of ${cam.models.length} fold models` :
       (result.nModels > 1 ? `fold ${cam.model_index} only` : "the model");
     text = cam.heatmap_max > 0
-      ? `Grad-CAM of the mask shown at threshold ${result.camThreshold.toFixed(2)} (${models}, final decoder block)`
-      : `Nothing to explain: the mask is empty at threshold ${result.camThreshold.toFixed(2)}`;
+      ? `Grad-CAM of the mask shown at threshold ${thresholdText(result.camThreshold)} (${models}, final decoder block)`
+      : `Nothing to explain: the mask is empty at threshold ${thresholdText(result.camThreshold)}`;
     if (result.camPending !== null && result.camPending !== undefined) {
-      text += ` — updating for ${result.camPending.toFixed(2)}…`;
+      text += ` — updating for ${thresholdText(result.camPending)}…`;
     }
   }
   caption.textContent = text;
-  panel.dataset.explainedThreshold = result.cam && !result.camError ? result.camThreshold.toFixed(2) : "";
+  panel.dataset.explainedThreshold = result.cam && !result.camError ? thresholdText(result.camThreshold) : "";
   panel.dataset.state = result.camError ? "error" : (result.camPending !== null && result.camPending !== undefined ? "updating" : "ready");
   $("view-cam").setAttribute("aria-label", `${text}. ${paletteWords()}`);
 }
@@ -503,7 +518,7 @@ function render() {
   const r = state.result;
   if (!r) return;
   const { width, height, prob } = r;
-  const threshold = Number($("threshold").value);
+  const threshold = currentThreshold();
   // The server's rule exactly: foreground where p >= threshold, both as float32.
   const cut = Math.fround(threshold);
   const mask = new Uint8Array(width * height);
@@ -562,7 +577,7 @@ function render() {
   const areaText = `${((100 * area) / total).toFixed(2)} % (${area.toLocaleString("en")} px)`;
   $("area").textContent = areaText;
   $("confidence").textContent = area ? r.confidence.toFixed(3) : "– (no polyp above threshold)";
-  const t = threshold.toFixed(2);
+  const t = thresholdText(threshold);
   $("outline-caption").textContent = showOverlay
     ? `Image, predicted outline and fill (${$("overlay-opacity").value} %)` : "Image (overlay off)";
   outline.setAttribute("aria-label", showOverlay
@@ -617,7 +632,7 @@ function renderTruth(radius) {
   renderDifference(inter, predicted - inter, actual - inter);
   $("truth-caption").dataset.truth = r.truthName;
   canvas.setAttribute("aria-label",
-    `${r.name}: ground truth ${r.truthName} outlined in yellow, prediction at threshold ${r.threshold.toFixed(2)} in blue; Dice ${r.dice.toFixed(3)}, IoU ${r.iou.toFixed(3)}`);
+    `${r.name}: ground truth ${r.truthName} outlined in yellow, prediction at threshold ${thresholdText(r.threshold)} in blue; Dice ${r.dice.toFixed(3)}, IoU ${r.iou.toFixed(3)}`);
 }
 
 // Where the prediction and the ground truth disagree: false positives (predicted, not in the truth)
@@ -646,9 +661,9 @@ function renderDifference(tp, fp, fn) {
   }
   ctx.putImageData(out, 0, 0);
   const fmt = (n) => n.toLocaleString("en");
-  $("diff-caption").textContent = `Errors at ${r.threshold.toFixed(2)}: false positives ${fmt(fp)} px (orange), ` +
+  $("diff-caption").textContent = `Errors at ${thresholdText(r.threshold)}: false positives ${fmt(fp)} px (orange), ` +
     `false negatives ${fmt(fn)} px (purple), agreement ${fmt(tp)} px (white)`;
-  canvas.setAttribute("aria-label", `Difference of the prediction at threshold ${r.threshold.toFixed(2)} and ` +
+  canvas.setAttribute("aria-label", `Difference of the prediction at threshold ${thresholdText(r.threshold)} and ` +
     `ground truth ${r.truthName} for ${r.name}: false positives in orange (${fmt(fp)} px), false negatives in purple ` +
     `(${fmt(fn)} px), agreement in white (${fmt(tp)} px)`);
   $("results").dataset.falsePositives = String(fp);
@@ -656,9 +671,9 @@ function renderDifference(tp, fp, fn) {
 }
 
 function setThreshold(value) {
-  const slider = $("threshold");
-  slider.value = String(value);
-  $("threshold-value").textContent = Number(slider.value).toFixed(2);
+  state.threshold = Number(value);
+  $("threshold").value = String(value);
+  $("threshold-value").textContent = thresholdText(state.threshold);
   render();
   requestExplain(250);
 }
@@ -668,7 +683,7 @@ function setThreshold(value) {
 function ensureRendered() {
   // A slider step waiting for the next animation frame is drawn now, so the file is the mask shown.
   const r = state.result;
-  if (r && r.threshold !== Number($("threshold").value)) {
+  if (r && r.threshold !== currentThreshold()) {
     cancelAnimationFrame(frame);
     render();
   }
@@ -744,13 +759,13 @@ $("download-mask").addEventListener("click", async () => {
   // The mask is copied at the click: the file is what this click saw, whatever the slider does next.
   const gray = new Uint8Array(r.mask.length);
   for (let i = 0; i < gray.length; i++) gray[i] = r.mask[i] ? 255 : 0;
-  const filename = `${stem(r.name)}_mask_t${r.threshold.toFixed(2)}.png`;
+  const filename = `${stem(r.name)}_mask_t${thresholdText(r.threshold)}.png`;
   saveBlob(await encodeGrayPng(gray, r.width, r.height), filename);
 });
 $("download-overlay").addEventListener("click", () => {
   ensureRendered();
   const r = state.result;
-  if (r) saveCanvas($("view-outline"), `${stem(r.name)}_overlay_t${r.threshold.toFixed(2)}.png`);
+  if (r) saveCanvas($("view-outline"), `${stem(r.name)}_overlay_t${thresholdText(r.threshold)}.png`);
 });
 
 // ------------------------------------------------------------------ measurements CSV
@@ -765,7 +780,7 @@ function recordMeasurement() {
     file: r.name,
     width: r.width,
     height: r.height,
-    threshold: r.threshold.toFixed(2),
+    threshold: thresholdText(r.threshold),
     area_pixels: r.area,
     area_percent: ((100 * r.area) / (r.width * r.height)).toFixed(4),
     mean_confidence: r.confidence === null ? "" : r.confidence.toFixed(4),
@@ -909,7 +924,11 @@ async function openNavItem(index) {
   }
 }
 
-const step = (delta) => { if (state.nav) openNavItem(state.nav.index + delta); };
+const step = (delta) => {
+  const nav = state.nav;
+  if (!nav || nav.index + delta < 0 || nav.index + delta >= nav.items.length || !mayLeave()) return;
+  openNavItem(nav.index + delta);
+};
 $("nav-prev").addEventListener("click", () => step(-1));
 $("nav-next").addEventListener("click", () => step(1));
 
@@ -1256,7 +1275,8 @@ followVideo();
 
 let frame = 0;
 $("threshold").addEventListener("input", () => {
-  $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
+  state.threshold = Number($("threshold").value);
+  $("threshold-value").textContent = thresholdText(state.threshold);
   cancelAnimationFrame(frame);
   frame = requestAnimationFrame(render);
   requestExplain(400);  // Grad-CAM follows once the slider rests
@@ -1297,6 +1317,7 @@ function analyseFile(file, truthFile = null) {
 $("file-input").addEventListener("change", (event) => {
   const files = Array.from(event.target.files);
   event.target.value = "";
+  if (files.length && !mayLeave()) return;
   if (files.length === 1) {
     state.nav = null;
     updateNavigator();
@@ -1309,7 +1330,7 @@ $("folder-button").addEventListener("click", () => $("folder-input").click());
 $("folder-input").addEventListener("change", (event) => {
   const files = Array.from(event.target.files);
   event.target.value = "";
-  if (files.length) openFiles(files);
+  if (files.length && mayLeave()) openFiles(files);
 });
 
 $("truth-button").addEventListener("click", () => $("truth-input").click());
@@ -1331,6 +1352,10 @@ $("truth-input").addEventListener("change", async (event) => {
 $("sample-select").addEventListener("change", (event) => {
   const name = event.target.value;
   if (!name) return;
+  if (!mayLeave()) {
+    event.target.value = state.result && state.samples.includes(state.result.name) ? state.result.name : "";
+    return;
+  }
   state.nav = { kind: "samples", items: state.samples, index: state.samples.indexOf(name) };
   openNavItem(state.nav.index);
 });
@@ -1342,6 +1367,7 @@ zone.addEventListener("drop", (event) => {
   event.preventDefault();
   zone.classList.remove("over");
   const files = Array.from(event.dataTransfer.files);
+  if (files.length && !mayLeave()) return;
   if (files.length === 1) {
     state.nav = null;
     updateNavigator();
