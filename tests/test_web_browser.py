@@ -1215,3 +1215,32 @@ def test_a_model_threshold_between_slider_steps_is_used_exactly(browser, tmp_pat
         page.wait_for_function("() => document.getElementById('results').dataset.renderedThreshold === '0.4375'")
         assert not tab.errors, tab.errors
         tab.close()
+
+
+def test_ground_truth_is_read_by_the_library_rule_or_refused(browser, service, tmp_path: Path):
+    """A 0/1 label map is foreground where 1, as polypseg reads it; a file the browser cannot read
+    the same way is refused with polypseg's Dice, never shown with a wrong one."""
+    sample = SAMPLES[0]
+    truth = np.asarray(Image.open(MASKS / f"{sample.stem}.png").convert("L")) > 127
+    labels = tmp_path / "labels.png"
+    Image.fromarray(truth.astype(np.uint8)).save(labels)
+    tiff = tmp_path / "truth.tif"
+    Image.fromarray(truth.astype(np.uint8) * 255).save(tiff)
+    with BackgroundServer(create_app(service)) as url:
+        tab = Page(browser, url)
+        page = tab.page
+        tab.upload(sample)
+        tab.wait_for_result(sample.name)
+        page.set_input_files("#truth-input", str(labels))
+        page.wait_for_function(
+            "() => document.getElementById('status').textContent.includes('compared with labels.png')"
+        )
+        shown = tab.canvas_gray("view-mask") > 127
+        assert page.inner_text("#dice") == f"{2 * (shown & truth).sum() / (shown.sum() + truth.sum()):.3f}"
+        assert page.evaluate("state.result.truth.reduce((s, v) => s + v, 0)") == int(truth.sum())
+
+        page.set_input_files("#truth-input", str(tiff))
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('truth.tif')")
+        assert "polypseg's Dice" in page.inner_text("#status")
+        assert page.evaluate("state.result.truthName") == "labels.png"  # the refused file replaced nothing
+        tab.close()

@@ -196,20 +196,24 @@ function decodeFloat32(base64, count) {
   return values;
 }
 
-// A ground-truth mask file -> Uint8Array 0/1 at its own size (brightest channel > 127, as the library reads masks).
-async function decodeMaskBlob(blob, name) {
+// A mask file as the browser decodes it: the brightest colour channel of each pixel, 8 bits.
+async function maskPixels(blob, name) {
   const url = URL.createObjectURL(blob);
   try {
     const probe = await loadImage(url).catch(() => { throw new ApiError(`${name}: the browser cannot read this mask file`); });
     const { data, width, height } = await pixelsOf(url, probe.naturalWidth, probe.naturalHeight);
-    const mask = new Uint8Array(width * height);
-    for (let i = 0; i < mask.length; i++) {
-      mask[i] = Math.max(data[i * 4], data[i * 4 + 1], data[i * 4 + 2]) > 127 ? 1 : 0;
-    }
-    return { mask, width, height };
+    const values = new Uint8Array(width * height);
+    for (let i = 0; i < values.length; i++) values[i] = Math.max(data[i * 4], data[i * 4 + 1], data[i * 4 + 2]);
+    return { values, width, height };
   } finally {
     URL.revokeObjectURL(url);
   }
+}
+
+// A 0/255 mask file (a saved correction) -> Uint8Array 0/1 at its own size.
+async function decodeMaskBlob(blob, name) {
+  const { values, width, height } = await maskPixels(blob, name);
+  return { mask: values.map((v) => (v > 127 ? 1 : 0)), width, height };
 }
 
 // ------------------------------------------------------------------ analysis
@@ -244,11 +248,17 @@ async function analyse(source) {
   try {
     if (source.load) source = { name, ...(await source.load(job.signal)) };
     if (!current(job)) return;
-    const { blob } = source;
-    const form = new FormData();
-    form.append("file", blob, name);
-    const seg = await apiJson("/v1/segment?include_probability=true&probability_format=float32&include_image=true",
-      { method: "POST", body: form, signal: job.signal });
+    const { blob, truth } = source;
+    let truthNote = "";
+    let seg;
+    try {
+      seg = await segmentForPage(blob, name, truth, job.signal);
+    } catch (error) {
+      // A ground truth the server cannot use (unreadable, another size) leaves the image analysed without it.
+      if (!truth || isAbort(error) || !error.message.startsWith(`${uploadName(truth.name)}:`)) throw error;
+      truthNote = ` Ground truth not shown: ${error.message}`;
+      seg = await segmentForPage(blob, name, null, job.signal);
+    }
     if (!current(job)) return;
     const prob = decodeFloat32(seg.probability_f32_base64, seg.width * seg.height);
     const image = await loadImage(`data:image/jpeg;base64,${seg.image_jpeg_base64}`);
@@ -261,10 +271,9 @@ async function analyse(source) {
       truth: null, truthName: null, cam: null, camThreshold: null, camPending: null,
       mask: null, area: 0, seconds: seg.seconds,
     };
-    let truthNote = "";
-    if (source.truth) {
+    if (truth && !truthNote) {
       try {
-        await attachTruth(result, source.truth.blob, source.truth.name);
+        await attachTruth(result, truth.blob, truth.name, seg);
       } catch (error) {
         truthNote = ` Ground truth not shown: ${error.message}`;
       }
@@ -283,13 +292,59 @@ async function analyse(source) {
   }
 }
 
-async function attachTruth(result, blob, truthName) {
-  const truth = await decodeMaskBlob(blob, truthName);
-  if (truth.width !== result.width || truth.height !== result.height) {
-    throw new ApiError(`${truthName} is ${truth.width} × ${truth.height} px, the image ${result.width} × ${result.height} px`);
+const uploadName = (path) => path.split("/").pop();
+
+function checkTruthSize({ width, height }, result, truthName) {
+  if (width !== result.width || height !== result.height) {
+    throw new ApiError(`${truthName} is ${width} × ${height} px, the image ${result.width} × ${result.height} px`);
   }
-  result.truth = truth.mask;
-  result.truthName = truthName;
+}
+
+// The page's /v1/segment request: the exact probabilities and the image; with a ground truth, the
+// server's Dice and truth area too (the server reads the truth by polypseg's mask rule).
+async function segmentForPage(blob, name, truth, signal) {
+  const form = new FormData();
+  form.append("file", blob, name);
+  if (truth) form.append("mask", truth.blob, uploadName(truth.name));
+  return apiJson("/v1/segment?include_probability=true&probability_format=float32&include_image=true",
+    { method: "POST", body: form, signal });
+}
+
+// Ground truth is read by one rule, polypseg's (0/1 label maps, 16-bit files, TIFF...), which the
+// server applies. The page needs the pixels themselves to redraw Dice and outlines at every
+// threshold, and a browser decodes a mask file to 8 bits its own way; so the truth is shown only
+// when the page's pixels agree with the server's reading of the same file at the served threshold
+// (same polyp area, same Dice), and refused otherwise rather than shown with a wrong Dice.
+// served: the /v1/segment answer for this image and truth (threshold, truth_area_pixels, dice).
+async function attachTruth(result, blob, truthName, served) {
+  const { values, width, height } = await maskPixels(blob, truthName).catch((error) => {
+    throw new ApiError(`${error.message} (polypseg's Dice at ${thresholdText(served.threshold)}: ${served.dice.toFixed(3)})`);
+  });
+  checkTruthSize({ width, height }, result, truthName);
+  const cut = Math.fround(served.threshold);
+  const readings = [values.map((v) => (v > 127 ? 1 : 0))];
+  // A lossless 0/1 label map is foreground where 1 (polypseg's rule; the server's answer confirms it).
+  if (values.every((v) => v <= 1)) readings.push(values);
+  for (const truth of readings) {
+    let area = 0;
+    let predicted = 0;
+    let inter = 0;
+    for (let i = 0; i < truth.length; i++) {
+      const p = result.prob[i] >= cut ? 1 : 0;
+      area += truth[i];
+      predicted += p;
+      inter += p & truth[i];
+    }
+    const dice = area + predicted === 0 ? 1 : (2 * inter) / (area + predicted);
+    if (area === served.truth_area_pixels && Math.abs(dice - served.dice) < 1e-9) {
+      result.truth = truth;
+      result.truthName = truthName;
+      return;
+    }
+  }
+  throw new ApiError(`${truthName}: the browser reads this mask file differently from polypseg ` +
+    `(${served.truth_area_pixels.toLocaleString("en")} polyp pixels; Dice at ${thresholdText(served.threshold)}: ` +
+    `${served.dice.toFixed(3)}); save it as an 8-bit PNG of 0 and 255 to compare on the page`);
 }
 
 function showResult(result) {
@@ -1340,7 +1395,15 @@ $("truth-input").addEventListener("change", async (event) => {
   const r = state.result;
   if (!file || !r) return;
   try {
-    await attachTruth(r, file, file.name);
+    // a mask of another size is refused at once, without asking the server to segment the image again
+    const seen = await maskPixels(file, file.name).catch(() => null);
+    if (seen) checkTruthSize(seen, r, file.name);
+    const form = new FormData();
+    form.append("file", r.blob, r.name);
+    form.append("mask", file, file.name);
+    const served = await apiJson("/v1/segment?mask_format=rle", { method: "POST", body: form });
+    if (state.result !== r) return;
+    await attachTruth(r, file, file.name, served);
     if (state.result !== r) return;
     render();
     setStatus(`${r.name}: compared with ${file.name}.`, "ok");
