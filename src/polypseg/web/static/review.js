@@ -278,8 +278,7 @@ function reviewCanLeave() {
   if (!review.enabled) return true;
   if (review.note) saveNote();
   if (!editor.dirty || !editor.mask) return true;
-  if (!window.confirm(`The edits to ${editor.name}'s mask are not saved. Leave them unsaved?`)) return false;
-  return true;
+  return window.confirm(`The edits to ${editor.name}'s mask are not saved. Leave them unsaved?`);
 }
 
 // Called by app.js after every redraw: an untouched editor follows the slider's threshold.
