@@ -1078,6 +1078,9 @@ def test_a_new_image_starts_with_its_own_mask_and_an_empty_history(browser, serv
         page.keyboard.press("Control+z")
         np.testing.assert_array_equal(editor_mask(page), model)
         assert page.get_attribute("#editor", "data-dirty") == "false"
+        tab.set_threshold(0.3)  # an untouched editor follows the slider; that is no step to undo
+        page.wait_for_function("() => editor.threshold === 0.3")
+        assert page.evaluate("editor.undo.length") == 0 and page.is_disabled("#editor-undo")
 
         # back to case00 with its saved mask held on the way: nothing of case01 is shown or saved as case00's
         held = held_requests(page, "**/v1/reviews/case00.jpg/mask", "GET")

@@ -285,13 +285,14 @@ function reviewCanLeave() {
 function reviewOnRender() {
   const r = state.result;
   if (!review.enabled || !r || editor.name !== r.name || editor.loading || editor.dirty || editor.source === "saved") return;
-  if (editor.threshold !== r.threshold) startFromModel();
+  if (editor.threshold !== r.threshold) startFromModel({ undoable: false });  // following the slider is no edit
 }
 
-function startFromModel() {
+// The model's mask at the slider's threshold; `undoable`: the mask it replaces is kept in the history.
+function startFromModel({ undoable = true } = {}) {
   const r = state.result;
   if (!r || !r.mask) return;
-  if (editor.mask) pushUndo();
+  if (editor.mask && undoable) pushUndo();
   editor.mask = Uint8Array.from(r.mask);
   editor.source = "model";
   editor.threshold = r.threshold;
