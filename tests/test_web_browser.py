@@ -1020,3 +1020,230 @@ def test_quality_of_life(browser, service, tmp_path: Path):
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         assert not [e for e in tab.errors if "status of 401" not in e], tab.errors
         tab.context.close()
+
+
+# ----------------------------------------------------------------------------------- the editor keeps no one's edits by mistake
+
+
+def paint(page, start: tuple[int, int], end: tuple[int, int], width: int = 128) -> None:
+    """A brush stroke in the editor between two image pixels (x, y)."""
+    canvas = page.locator("#editor-canvas")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    scale = box["width"] / width
+    page.mouse.move(box["x"] + start[0] * scale, box["y"] + start[1] * scale)
+    page.mouse.down()
+    page.mouse.move(box["x"] + end[0] * scale, box["y"] + end[1] * scale, steps=4)
+    page.mouse.up()
+
+
+def wait_for_editor(page, name: str, source: str) -> None:
+    page.wait_for_function(
+        "([name, source]) => editor.name === name && editor.source === source && !editor.loading", arg=[name, source]
+    )
+
+
+def held_requests(page, pattern: str, method: str) -> list:
+    """Requests to ``pattern`` with ``method`` are held (not sent) until the test continues them."""
+    held: list = []
+    page.route(pattern, lambda route: held.append(route) if route.request.method == method else route.continue_())
+    return held
+
+
+def wait_until(page, condition: Callable[[], object]) -> None:
+    """Wait for a condition outside the page (a held request, the server's state), letting the page run."""
+    deadline = time.monotonic() + HANG_MS / 1000
+    while not condition():
+        assert time.monotonic() < deadline, "the state never came"
+        page.wait_for_timeout(20)
+
+
+def test_a_new_image_starts_with_its_own_mask_and_an_empty_history(browser, service, tmp_path: Path):
+    """Undo on a fresh image never brings back the previous image's mask; while an image's saved
+    correction loads, the editor shows no mask and its tools and Ctrl+S do nothing."""
+    review_dir = tmp_path / "review"
+    folder = write_synthetic_dataset(tmp_path / "study", n=2, size=(96, 128))
+    with reviewing(browser, service, review_dir, folder) as tab:
+        page = tab.page
+        wait_for_editor(page, "case00.jpg", "model")
+        paint(page, (10, 10), (100, 80))  # case00's mask, very unlike case01's
+        page.keyboard.press("Control+s")
+        wait_for_item(page, "case00.jpg", "mask corrected")
+        corrected = editor_mask(page)
+
+        page.keyboard.press("n")
+        wait_for_editor(page, "case01.jpg", "model")
+        model = editor_mask(page)
+        assert page.evaluate("editor.undo.length") == 0 and page.is_disabled("#editor-undo")
+        page.keyboard.press("Control+z")
+        np.testing.assert_array_equal(editor_mask(page), model)
+        assert page.get_attribute("#editor", "data-dirty") == "false"
+        tab.set_threshold(0.3)  # an untouched editor follows the slider; that is no step to undo
+        page.wait_for_function("() => editor.threshold === 0.3")
+        assert page.evaluate("editor.undo.length") == 0 and page.is_disabled("#editor-undo")
+
+        # back to case00 with its saved mask held on the way: nothing of case01 is shown or saved as case00's
+        held = held_requests(page, "**/v1/reviews/case00.jpg/mask", "GET")
+        page.keyboard.press("p")
+        tab.wait_for_result("case00.jpg")
+        wait_until(page, lambda: held)
+        assert page.evaluate("editor.name === 'case00.jpg' && editor.mask === null")
+        assert page.inner_text("#editor-state").startswith("Loading")
+        puts: list[str] = []
+        page.on("request", lambda request: puts.append(request.url) if request.method == "PUT" else None)
+        paint(page, (20, 60), (60, 60))
+        page.keyboard.press("Control+s")
+        page.click("#editor-save")
+        held[0].continue_()
+        wait_for_editor(page, "case00.jpg", "saved")
+        np.testing.assert_array_equal(editor_mask(page), corrected)
+        assert page.get_attribute("#editor", "data-dirty") == "false"
+        assert puts == []
+        assert not tab.errors, tab.errors
+        tab.close()
+
+
+def test_strokes_made_while_a_save_is_in_flight_stay_unsaved(browser, service, tmp_path: Path):
+    review_dir = tmp_path / "review"
+    folder = write_synthetic_dataset(tmp_path / "study", n=1, size=(96, 128))
+    with reviewing(browser, service, review_dir, folder) as tab:
+        page = tab.page
+        wait_for_editor(page, "case00.jpg", "model")
+        page.evaluate("() => setBrushSize(9)")
+        paint(page, (10, 10), (60, 10))
+        first = editor_mask(page)
+        held = held_requests(page, "**/v1/reviews/case00.jpg/mask?*", "PUT")
+        page.click("#editor-save")
+        wait_until(page, lambda: held)
+        paint(page, (10, 80), (60, 80))  # while the first stroke's mask is on its way
+        both = editor_mask(page)
+        held[0].continue_()
+        wait_for_item(page, "case00.jpg", "mask corrected")
+        np.testing.assert_array_equal(np.asarray(Image.open(review_dir / "masks" / "case00.png")) > 0, first)
+        assert page.get_attribute("#editor", "data-dirty") == "true"
+        assert "not saved" in page.inner_text("#editor-state")
+        np.testing.assert_array_equal(editor_mask(page), both)
+        assert not tab.errors, tab.errors
+        tab.close()
+
+
+def test_leaving_an_image_asks_about_unsaved_edits_and_keeps_the_note(browser, service, tmp_path: Path):
+    review_dir = tmp_path / "review"
+    folder = write_synthetic_dataset(tmp_path / "study", n=2, size=(96, 128))
+    with reviewing(browser, service, review_dir, folder) as tab:
+        page = tab.page
+        wait_for_editor(page, "case00.jpg", "model")
+        paint(page, (10, 10), (60, 10))
+        edited = editor_mask(page)
+        dialogs: list[str] = []
+
+        def answer(dialog, accept: bool) -> None:
+            dialogs.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+
+        # Next with unsaved edits asks; "cancel" stays on the image with the edits
+        page.once("dialog", lambda dialog: answer(dialog, False))
+        page.click("#nav-next")
+        assert dialogs and "case00.jpg" in dialogs[0]
+        assert page.evaluate("state.result.name") == "case00.jpg"
+        np.testing.assert_array_equal(editor_mask(page), edited)
+        # "OK" leaves them
+        page.once("dialog", lambda dialog: answer(dialog, True))
+        page.click(".review-item[data-name='case01.jpg']")
+        tab.wait_for_result("case01.jpg")
+        assert len(dialogs) == 2
+
+        # a note is saved while it is typed, and one typed just before a reload is not lost
+        url = f"{tab.base}/v1/reviews/case01.jpg"
+        page.fill("#review-note", "flat lesion at 3 o'clock")
+        wait_until(page, lambda: httpx.get(url).status_code == 200)
+        assert httpx.get(url).json()["note"] == "flat lesion at 3 o'clock"
+        page.fill("#review-note", "flat lesion at 4 o'clock")
+        page.reload(wait_until="networkidle")
+        wait_until(page, lambda: httpx.get(url).json()["note"] == "flat lesion at 4 o'clock")
+        assert len(dialogs) == 2  # no unsaved mask edits: the reload did not ask
+        tab.close()
+
+
+def test_the_page_reads_the_review_record_of_each_image_it_opens(browser, service, tmp_path: Path):
+    """A correction or verdict saved in another tab is what the page starts from, and a note sent
+    from this page keeps a verdict set elsewhere."""
+    review_dir = tmp_path / "review"
+    folder = write_synthetic_dataset(tmp_path / "study", n=2, size=(96, 128))
+    with reviewing(browser, service, review_dir, folder) as tab:
+        page = tab.page
+        wait_for_editor(page, "case00.jpg", "model")
+        elsewhere = np.zeros((96, 128), np.uint8)
+        elsewhere[20:40, 30:70] = 255
+        image = (folder / "images" / "case01.jpg").read_bytes()
+        api = f"{tab.base}/v1/reviews"
+        answer = httpx.put(
+            f"{api}/case01.jpg/mask",
+            files={"mask": ("case01.png", _png(elsewhere), "image/png"), "file": ("case01.jpg", image, "image/jpeg")},
+        )
+        assert answer.status_code == 200, answer.text
+        assert httpx.put(f"{api}/case00.jpg", json={"status": "reject"}).status_code == 200
+
+        page.fill("#review-note", "seen twice")  # on case00, whose verdict was set in the other tab
+        wait_until(page, lambda: httpx.get(f"{api}/case00.jpg").json()["note"] == "seen twice")
+        assert httpx.get(f"{api}/case00.jpg").json()["status"] == "reject"
+
+        page.focus("#zoom-reset")
+        page.keyboard.press("n")
+        wait_for_editor(page, "case01.jpg", "saved")
+        np.testing.assert_array_equal(editor_mask(page), elsewhere > 0)
+        wait_for_item(page, "case01.jpg", "mask corrected")
+        assert not tab.errors, tab.errors
+        tab.close()
+
+
+def test_a_model_threshold_between_slider_steps_is_used_exactly(browser, tmp_path: Path):
+    config = tiny_config(image_size=64)
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "tiny", create_model(config.model), config, threshold=0.4375)
+    with BackgroundServer(create_app(InferenceService.from_checkpoint(path, device="cpu"))) as url:
+        tab = Page(browser, url)
+        page = tab.page
+        assert "threshold 0.4375" in page.inner_text("#model-info")
+        tab.upload(SAMPLES[0])
+        tab.wait_for_result(SAMPLES[0].name)
+        assert page.inner_text("#threshold-value") == "0.4375"
+        assert page.get_attribute("#results", "data-rendered-threshold") == "0.4375"
+        served = httpx.post(f"{url}/v1/segment", files={"file": (SAMPLES[0].name, SAMPLES[0].read_bytes())}).json()
+        assert served["threshold"] == 0.4375 and tab.shown_area() == served["area_pixels"]
+        tab.wait_for_cam("0.4375")
+        assert tab.download("#download-mask").suggested_filename.endswith("_mask_t0.4375.png")
+        tab.set_threshold(0.6)
+        page.click("#threshold-reset")
+        page.wait_for_function("() => document.getElementById('results').dataset.renderedThreshold === '0.4375'")
+        assert not tab.errors, tab.errors
+        tab.close()
+
+
+def test_ground_truth_is_read_by_the_library_rule_or_refused(browser, service, tmp_path: Path):
+    """A 0/1 label map is foreground where 1, as polypseg reads it; a file the browser cannot read
+    the same way is refused with polypseg's Dice, never shown with a wrong one."""
+    sample = SAMPLES[0]
+    truth = np.asarray(Image.open(MASKS / f"{sample.stem}.png").convert("L")) > 127
+    labels = tmp_path / "labels.png"
+    Image.fromarray(truth.astype(np.uint8)).save(labels)
+    tiff = tmp_path / "truth.tif"
+    Image.fromarray(truth.astype(np.uint8) * 255).save(tiff)
+    with BackgroundServer(create_app(service)) as url:
+        tab = Page(browser, url)
+        page = tab.page
+        tab.upload(sample)
+        tab.wait_for_result(sample.name)
+        page.set_input_files("#truth-input", str(labels))
+        page.wait_for_function(
+            "() => document.getElementById('status').textContent.includes('compared with labels.png')"
+        )
+        shown = tab.canvas_gray("view-mask") > 127
+        assert page.inner_text("#dice") == f"{2 * (shown & truth).sum() / (shown.sum() + truth.sum()):.3f}"
+        assert page.evaluate("state.result.truth.reduce((s, v) => s + v, 0)") == int(truth.sum())
+
+        page.set_input_files("#truth-input", str(tiff))
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('truth.tif')")
+        assert "polypseg's Dice" in page.inner_text("#status")
+        assert page.evaluate("state.result.truthName") == "labels.png"  # the refused file replaced nothing
+        tab.close()

@@ -16,6 +16,7 @@ const state = {
   generation: 0,        // every new analysis increments it; late answers of older ones are dropped
   controller: null,     // AbortController of the analysis in flight
   modelThreshold: 0.5,
+  threshold: 0.5,       // in use: the model's own, exactly, until the slider is moved (see currentThreshold)
   modelLabel: "",
   samples: [],
   sampleMasks: new Set(),
@@ -74,6 +75,19 @@ function named(name, message) {
 
 const isAbort = (error) => error && error.name === "AbortError";
 
+// The threshold of the mask on screen. The slider moves in steps of 0.01, so it cannot hold a model
+// threshold such as 0.4375: the page keeps the exact value until the reviewer moves the slider.
+const currentThreshold = () => state.threshold;
+
+// Two decimals, or as many as the threshold needs (0.4375 stays 0.4375).
+function thresholdText(threshold) {
+  const two = threshold.toFixed(2);
+  return Math.abs(Number(two) - threshold) < 1e-9 ? two : String(Number(threshold.toFixed(6)));
+}
+
+// Whether the page may leave the image on screen (the review script asks about unsaved edits).
+const mayLeave = () => (typeof reviewCanLeave === "function" ? reviewCanLeave() : true);
+
 // ------------------------------------------------------------------ model info and samples
 
 function formatMetric(value) {
@@ -103,15 +117,16 @@ async function loadModelInfo() {
   const parts = [`${arch.arch || "model"} / ${arch.encoder || "?"}`];
   if (info.ensemble && info.ensemble.models > 1) parts.push(`${info.ensemble.models}-model ensemble`);
   parts.push(`${arch.input_size}px input`);
-  parts.push(`threshold ${Number(info.threshold).toFixed(2)}`);
+  parts.push(`threshold ${thresholdText(Number(info.threshold))}`);
   const dice = pickDice(info);
   if (dice) parts.push(dice);
   if (info.training && info.training.data) parts.push(`trained on ${info.training.data}`);
   state.modelLabel = parts.join(" · ");
   $("model-info").textContent = state.modelLabel;
   state.modelThreshold = Number(info.threshold);
+  state.threshold = state.modelThreshold;
   $("threshold").value = String(state.modelThreshold);
-  $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
+  $("threshold-value").textContent = thresholdText(state.threshold);
 }
 
 async function loadSamples() {
@@ -181,20 +196,24 @@ function decodeFloat32(base64, count) {
   return values;
 }
 
-// A ground-truth mask file -> Uint8Array 0/1 at its own size (brightest channel > 127, as the library reads masks).
-async function decodeMaskBlob(blob, name) {
+// A mask file as the browser decodes it: the brightest colour channel of each pixel, 8 bits.
+async function maskPixels(blob, name) {
   const url = URL.createObjectURL(blob);
   try {
     const probe = await loadImage(url).catch(() => { throw new ApiError(`${name}: the browser cannot read this mask file`); });
     const { data, width, height } = await pixelsOf(url, probe.naturalWidth, probe.naturalHeight);
-    const mask = new Uint8Array(width * height);
-    for (let i = 0; i < mask.length; i++) {
-      mask[i] = Math.max(data[i * 4], data[i * 4 + 1], data[i * 4 + 2]) > 127 ? 1 : 0;
-    }
-    return { mask, width, height };
+    const values = new Uint8Array(width * height);
+    for (let i = 0; i < values.length; i++) values[i] = Math.max(data[i * 4], data[i * 4 + 1], data[i * 4 + 2]);
+    return { values, width, height };
   } finally {
     URL.revokeObjectURL(url);
   }
+}
+
+// A 0/255 mask file (a saved correction) -> Uint8Array 0/1 at its own size.
+async function decodeMaskBlob(blob, name) {
+  const { values, width, height } = await maskPixels(blob, name);
+  return { mask: values.map((v) => (v > 127 ? 1 : 0)), width, height };
 }
 
 // ------------------------------------------------------------------ analysis
@@ -229,11 +248,17 @@ async function analyse(source) {
   try {
     if (source.load) source = { name, ...(await source.load(job.signal)) };
     if (!current(job)) return;
-    const { blob } = source;
-    const form = new FormData();
-    form.append("file", blob, name);
-    const seg = await apiJson("/v1/segment?include_probability=true&probability_format=float32&include_image=true",
-      { method: "POST", body: form, signal: job.signal });
+    const { blob, truth } = source;
+    let truthNote = "";
+    let seg;
+    try {
+      seg = await segmentForPage(blob, name, truth, job.signal);
+    } catch (error) {
+      // A ground truth the server cannot use (unreadable, another size) leaves the image analysed without it.
+      if (!truth || isAbort(error) || !error.message.startsWith(`${uploadName(truth.name)}:`)) throw error;
+      truthNote = ` Ground truth not shown: ${error.message}`;
+      seg = await segmentForPage(blob, name, null, job.signal);
+    }
     if (!current(job)) return;
     const prob = decodeFloat32(seg.probability_f32_base64, seg.width * seg.height);
     const image = await loadImage(`data:image/jpeg;base64,${seg.image_jpeg_base64}`);
@@ -246,10 +271,9 @@ async function analyse(source) {
       truth: null, truthName: null, cam: null, camThreshold: null, camPending: null,
       mask: null, area: 0, seconds: seg.seconds,
     };
-    let truthNote = "";
-    if (source.truth) {
+    if (truth && !truthNote) {
       try {
-        await attachTruth(result, source.truth.blob, source.truth.name);
+        await attachTruth(result, truth.blob, truth.name, seg);
       } catch (error) {
         truthNote = ` Ground truth not shown: ${error.message}`;
       }
@@ -268,13 +292,59 @@ async function analyse(source) {
   }
 }
 
-async function attachTruth(result, blob, truthName) {
-  const truth = await decodeMaskBlob(blob, truthName);
-  if (truth.width !== result.width || truth.height !== result.height) {
-    throw new ApiError(`${truthName} is ${truth.width} × ${truth.height} px, the image ${result.width} × ${result.height} px`);
+const uploadName = (path) => path.split("/").pop();
+
+function checkTruthSize({ width, height }, result, truthName) {
+  if (width !== result.width || height !== result.height) {
+    throw new ApiError(`${truthName} is ${width} × ${height} px, the image ${result.width} × ${result.height} px`);
   }
-  result.truth = truth.mask;
-  result.truthName = truthName;
+}
+
+// The page's /v1/segment request: the exact probabilities and the image; with a ground truth, the
+// server's Dice and truth area too (the server reads the truth by polypseg's mask rule).
+async function segmentForPage(blob, name, truth, signal) {
+  const form = new FormData();
+  form.append("file", blob, name);
+  if (truth) form.append("mask", truth.blob, uploadName(truth.name));
+  return apiJson("/v1/segment?include_probability=true&probability_format=float32&include_image=true",
+    { method: "POST", body: form, signal });
+}
+
+// Ground truth is read by one rule, polypseg's (0/1 label maps, 16-bit files, TIFF...), which the
+// server applies. The page needs the pixels themselves to redraw Dice and outlines at every
+// threshold, and a browser decodes a mask file to 8 bits its own way; so the truth is shown only
+// when the page's pixels agree with the server's reading of the same file at the served threshold
+// (same polyp area, same Dice), and refused otherwise rather than shown with a wrong Dice.
+// served: the /v1/segment answer for this image and truth (threshold, truth_area_pixels, dice).
+async function attachTruth(result, blob, truthName, served) {
+  const { values, width, height } = await maskPixels(blob, truthName).catch((error) => {
+    throw new ApiError(`${error.message} (polypseg's Dice at ${thresholdText(served.threshold)}: ${served.dice.toFixed(3)})`);
+  });
+  checkTruthSize({ width, height }, result, truthName);
+  const cut = Math.fround(served.threshold);
+  const readings = [values.map((v) => (v > 127 ? 1 : 0))];
+  // A lossless 0/1 label map is foreground where 1 (polypseg's rule; the server's answer confirms it).
+  if (values.every((v) => v <= 1)) readings.push(values);
+  for (const truth of readings) {
+    let area = 0;
+    let predicted = 0;
+    let inter = 0;
+    for (let i = 0; i < truth.length; i++) {
+      const p = result.prob[i] >= cut ? 1 : 0;
+      area += truth[i];
+      predicted += p;
+      inter += p & truth[i];
+    }
+    const dice = area + predicted === 0 ? 1 : (2 * inter) / (area + predicted);
+    if (area === served.truth_area_pixels && Math.abs(dice - served.dice) < 1e-9) {
+      result.truth = truth;
+      result.truthName = truthName;
+      return;
+    }
+  }
+  throw new ApiError(`${truthName}: the browser reads this mask file differently from polypseg ` +
+    `(${served.truth_area_pixels.toLocaleString("en")} polyp pixels; Dice at ${thresholdText(served.threshold)}: ` +
+    `${served.dice.toFixed(3)}); save it as an 8-bit PNG of 0 and 255 to compare on the page`);
 }
 
 function showResult(result) {
@@ -306,7 +376,7 @@ function requestExplain(delay = 0) {
   clearTimeout(explainTimer);
   const result = state.result;
   if (!result || state.explainUnavailable) return;
-  const threshold = Number($("threshold").value);
+  const threshold = currentThreshold();
   if (result.camThreshold === threshold && !result.camPending) return;
   result.camPending = threshold;
   updateCamCaption();
@@ -319,7 +389,7 @@ async function runExplain(result, threshold) {
   const form = new FormData();
   form.append("file", result.blob, result.name);
   try {
-    const cam = await apiJson(`/v1/explain?include_overlay=false&threshold=${threshold.toFixed(2)}`,
+    const cam = await apiJson(`/v1/explain?include_overlay=false&threshold=${thresholdText(threshold)}`,
       { method: "POST", body: form, signal: explainController.signal });
     if (state.result !== result || result.camPending !== threshold) return;  // superseded
     result.cam = { ...cam, heat: await decodeGrayPng(cam.heatmap_png_base64, cam.width, cam.height) };
@@ -341,7 +411,7 @@ function updateCamCaption() {
   const caption = $("cam-caption");
   const panel = $("cam-panel");
   if (!result) return;
-  const slider = Number($("threshold").value).toFixed(2);
+  const slider = thresholdText(currentThreshold());
   let text;
   if (result.camError) {
     text = `Grad-CAM unavailable: ${result.camError}`;
@@ -352,14 +422,14 @@ function updateCamCaption() {
     const models = cam.models && cam.models.length > 1 ? `mean of ${cam.models.length} fold models` :
       (result.nModels > 1 ? `fold ${cam.model_index} only` : "the model");
     text = cam.heatmap_max > 0
-      ? `Grad-CAM of the mask shown at threshold ${result.camThreshold.toFixed(2)} (${models}, final decoder block)`
-      : `Nothing to explain: the mask is empty at threshold ${result.camThreshold.toFixed(2)}`;
+      ? `Grad-CAM of the mask shown at threshold ${thresholdText(result.camThreshold)} (${models}, final decoder block)`
+      : `Nothing to explain: the mask is empty at threshold ${thresholdText(result.camThreshold)}`;
     if (result.camPending !== null && result.camPending !== undefined) {
-      text += ` — updating for ${result.camPending.toFixed(2)}…`;
+      text += ` — updating for ${thresholdText(result.camPending)}…`;
     }
   }
   caption.textContent = text;
-  panel.dataset.explainedThreshold = result.cam && !result.camError ? result.camThreshold.toFixed(2) : "";
+  panel.dataset.explainedThreshold = result.cam && !result.camError ? thresholdText(result.camThreshold) : "";
   panel.dataset.state = result.camError ? "error" : (result.camPending !== null && result.camPending !== undefined ? "updating" : "ready");
   $("view-cam").setAttribute("aria-label", `${text}. ${paletteWords()}`);
 }
@@ -503,7 +573,7 @@ function render() {
   const r = state.result;
   if (!r) return;
   const { width, height, prob } = r;
-  const threshold = Number($("threshold").value);
+  const threshold = currentThreshold();
   // The server's rule exactly: foreground where p >= threshold, both as float32.
   const cut = Math.fround(threshold);
   const mask = new Uint8Array(width * height);
@@ -562,7 +632,7 @@ function render() {
   const areaText = `${((100 * area) / total).toFixed(2)} % (${area.toLocaleString("en")} px)`;
   $("area").textContent = areaText;
   $("confidence").textContent = area ? r.confidence.toFixed(3) : "– (no polyp above threshold)";
-  const t = threshold.toFixed(2);
+  const t = thresholdText(threshold);
   $("outline-caption").textContent = showOverlay
     ? `Image, predicted outline and fill (${$("overlay-opacity").value} %)` : "Image (overlay off)";
   outline.setAttribute("aria-label", showOverlay
@@ -617,7 +687,7 @@ function renderTruth(radius) {
   renderDifference(inter, predicted - inter, actual - inter);
   $("truth-caption").dataset.truth = r.truthName;
   canvas.setAttribute("aria-label",
-    `${r.name}: ground truth ${r.truthName} outlined in yellow, prediction at threshold ${r.threshold.toFixed(2)} in blue; Dice ${r.dice.toFixed(3)}, IoU ${r.iou.toFixed(3)}`);
+    `${r.name}: ground truth ${r.truthName} outlined in yellow, prediction at threshold ${thresholdText(r.threshold)} in blue; Dice ${r.dice.toFixed(3)}, IoU ${r.iou.toFixed(3)}`);
 }
 
 // Where the prediction and the ground truth disagree: false positives (predicted, not in the truth)
@@ -646,9 +716,9 @@ function renderDifference(tp, fp, fn) {
   }
   ctx.putImageData(out, 0, 0);
   const fmt = (n) => n.toLocaleString("en");
-  $("diff-caption").textContent = `Errors at ${r.threshold.toFixed(2)}: false positives ${fmt(fp)} px (orange), ` +
+  $("diff-caption").textContent = `Errors at ${thresholdText(r.threshold)}: false positives ${fmt(fp)} px (orange), ` +
     `false negatives ${fmt(fn)} px (purple), agreement ${fmt(tp)} px (white)`;
-  canvas.setAttribute("aria-label", `Difference of the prediction at threshold ${r.threshold.toFixed(2)} and ` +
+  canvas.setAttribute("aria-label", `Difference of the prediction at threshold ${thresholdText(r.threshold)} and ` +
     `ground truth ${r.truthName} for ${r.name}: false positives in orange (${fmt(fp)} px), false negatives in purple ` +
     `(${fmt(fn)} px), agreement in white (${fmt(tp)} px)`);
   $("results").dataset.falsePositives = String(fp);
@@ -656,9 +726,9 @@ function renderDifference(tp, fp, fn) {
 }
 
 function setThreshold(value) {
-  const slider = $("threshold");
-  slider.value = String(value);
-  $("threshold-value").textContent = Number(slider.value).toFixed(2);
+  state.threshold = Number(value);
+  $("threshold").value = String(value);
+  $("threshold-value").textContent = thresholdText(state.threshold);
   render();
   requestExplain(250);
 }
@@ -668,7 +738,7 @@ function setThreshold(value) {
 function ensureRendered() {
   // A slider step waiting for the next animation frame is drawn now, so the file is the mask shown.
   const r = state.result;
-  if (r && r.threshold !== Number($("threshold").value)) {
+  if (r && r.threshold !== currentThreshold()) {
     cancelAnimationFrame(frame);
     render();
   }
@@ -744,13 +814,13 @@ $("download-mask").addEventListener("click", async () => {
   // The mask is copied at the click: the file is what this click saw, whatever the slider does next.
   const gray = new Uint8Array(r.mask.length);
   for (let i = 0; i < gray.length; i++) gray[i] = r.mask[i] ? 255 : 0;
-  const filename = `${stem(r.name)}_mask_t${r.threshold.toFixed(2)}.png`;
+  const filename = `${stem(r.name)}_mask_t${thresholdText(r.threshold)}.png`;
   saveBlob(await encodeGrayPng(gray, r.width, r.height), filename);
 });
 $("download-overlay").addEventListener("click", () => {
   ensureRendered();
   const r = state.result;
-  if (r) saveCanvas($("view-outline"), `${stem(r.name)}_overlay_t${r.threshold.toFixed(2)}.png`);
+  if (r) saveCanvas($("view-outline"), `${stem(r.name)}_overlay_t${thresholdText(r.threshold)}.png`);
 });
 
 // ------------------------------------------------------------------ measurements CSV
@@ -765,7 +835,7 @@ function recordMeasurement() {
     file: r.name,
     width: r.width,
     height: r.height,
-    threshold: r.threshold.toFixed(2),
+    threshold: thresholdText(r.threshold),
     area_pixels: r.area,
     area_percent: ((100 * r.area) / (r.width * r.height)).toFixed(4),
     mean_confidence: r.confidence === null ? "" : r.confidence.toFixed(4),
@@ -909,7 +979,11 @@ async function openNavItem(index) {
   }
 }
 
-const step = (delta) => { if (state.nav) openNavItem(state.nav.index + delta); };
+const step = (delta) => {
+  const nav = state.nav;
+  if (!nav || nav.index + delta < 0 || nav.index + delta >= nav.items.length || !mayLeave()) return;
+  openNavItem(nav.index + delta);
+};
 $("nav-prev").addEventListener("click", () => step(-1));
 $("nav-next").addEventListener("click", () => step(1));
 
@@ -1256,7 +1330,8 @@ followVideo();
 
 let frame = 0;
 $("threshold").addEventListener("input", () => {
-  $("threshold-value").textContent = Number($("threshold").value).toFixed(2);
+  state.threshold = Number($("threshold").value);
+  $("threshold-value").textContent = thresholdText(state.threshold);
   cancelAnimationFrame(frame);
   frame = requestAnimationFrame(render);
   requestExplain(400);  // Grad-CAM follows once the slider rests
@@ -1297,6 +1372,7 @@ function analyseFile(file, truthFile = null) {
 $("file-input").addEventListener("change", (event) => {
   const files = Array.from(event.target.files);
   event.target.value = "";
+  if (files.length && !mayLeave()) return;
   if (files.length === 1) {
     state.nav = null;
     updateNavigator();
@@ -1309,7 +1385,7 @@ $("folder-button").addEventListener("click", () => $("folder-input").click());
 $("folder-input").addEventListener("change", (event) => {
   const files = Array.from(event.target.files);
   event.target.value = "";
-  if (files.length) openFiles(files);
+  if (files.length && mayLeave()) openFiles(files);
 });
 
 $("truth-button").addEventListener("click", () => $("truth-input").click());
@@ -1319,7 +1395,15 @@ $("truth-input").addEventListener("change", async (event) => {
   const r = state.result;
   if (!file || !r) return;
   try {
-    await attachTruth(r, file, file.name);
+    // a mask of another size is refused at once, without asking the server to segment the image again
+    const seen = await maskPixels(file, file.name).catch(() => null);
+    if (seen) checkTruthSize(seen, r, file.name);
+    const form = new FormData();
+    form.append("file", r.blob, r.name);
+    form.append("mask", file, file.name);
+    const served = await apiJson("/v1/segment?mask_format=rle", { method: "POST", body: form });
+    if (state.result !== r) return;
+    await attachTruth(r, file, file.name, served);
     if (state.result !== r) return;
     render();
     setStatus(`${r.name}: compared with ${file.name}.`, "ok");
@@ -1331,6 +1415,10 @@ $("truth-input").addEventListener("change", async (event) => {
 $("sample-select").addEventListener("change", (event) => {
   const name = event.target.value;
   if (!name) return;
+  if (!mayLeave()) {
+    event.target.value = state.result && state.samples.includes(state.result.name) ? state.result.name : "";
+    return;
+  }
   state.nav = { kind: "samples", items: state.samples, index: state.samples.indexOf(name) };
   openNavItem(state.nav.index);
 });
@@ -1342,6 +1430,7 @@ zone.addEventListener("drop", (event) => {
   event.preventDefault();
   zone.classList.remove("over");
   const files = Array.from(event.dataTransfer.files);
+  if (files.length && !mayLeave()) return;
   if (files.length === 1) {
     state.nav = null;
     updateNavigator();

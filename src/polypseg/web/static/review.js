@@ -6,10 +6,14 @@
 const STATUS_LABELS = { accept: "accepted", reject: "rejected", needs_correction: "needs correction" };
 const MAX_UNDO = 50;
 
+const NOTE_DELAY_MS = 500;  // a note is saved once typing pauses this long
+
 const review = {
   enabled: false,
   records: new Map(),   // file name -> record of /v1/reviews
   summary: null,
+  note: null,           // {name, text} typed but not yet sent
+  noteTimer: 0,
 };
 
 // The mask editor's state: the mask being corrected, its history, the tool and the view.
@@ -18,6 +22,9 @@ const editor = {
   source: "",           // "model" (at editor.threshold) or "saved"
   threshold: null,
   dirty: false,
+  loading: false,       // the image's record or saved correction is still on its way
+  ticket: 0,            // every image shown increments it; late answers for an older one are dropped
+  edits: 0,             // every change of the mask increments it (a save clears "dirty" only if none came since)
   undo: [], redo: [],
   tool: "brush", size: 12,
   view: { scale: 1, x: 0, y: 0 },
@@ -33,14 +40,18 @@ const CLOSE_RADIUS_PX = 8;  // a click this close to the first vertex (on screen
 
 async function reviewInit(enabled) {
   review.enabled = enabled;  // the server keeps a review folder (GET /v1/health says so)
-  if (enabled) {
-    const body = await apiJson("/v1/reviews");
-    review.records = new Map(body.records.map((r) => [r.file, r]));
-    review.summary = body.summary;
-  }
+  if (enabled) await refreshRecords();
   $("review").hidden = !review.enabled;
   $("review-tools").hidden = !review.enabled;
   reviewOnNavigate();
+}
+
+// The server's records now: another tab or reviewer may have changed them since the page last looked.
+// (The whole list rather than GET /v1/reviews/{name}, which answers 404 for an image not yet reviewed.)
+async function refreshRecords() {
+  const body = await apiJson("/v1/reviews");
+  review.records = new Map(body.records.map((r) => [r.file, r]));
+  review.summary = body.summary;
 }
 
 function statusOf(name) {
@@ -80,7 +91,7 @@ function reviewOnNavigate() {
     button.dataset.name = name;
     if (state.nav.index === index) button.setAttribute("aria-current", "true");
     button.textContent = `${name} — ${statusOf(name)}`;
-    button.addEventListener("click", () => openNavItem(index));
+    button.addEventListener("click", () => { if (mayLeave()) openNavItem(index); });
     item.append(button);
     list.append(item);
   });
@@ -117,22 +128,21 @@ function showRecord() {
   let text = `${r.name}: ${statusOf(r.name)}`;
   if (record && record.updated) text += ` (updated ${record.updated})`;
   if (record && record.corrected && record.dice_vs_model !== null) {
-    text += `; Dice of the corrected mask vs the model's at ${record.threshold.toFixed(2)}: ${record.dice_vs_model.toFixed(3)}`;
+    text += `; Dice of the corrected mask vs the model's at ${thresholdText(record.threshold)}: ${record.dice_vs_model.toFixed(3)}`;
   }
   $("review-state").textContent = text;
   $("review").dataset.status = record && record.status ? record.status : "none";
 }
 
+// A verdict for the image on screen; the note goes with it only if it has unsent text (a null note
+// keeps the stored one, which another tab may have changed).
 async function putVerdict(status) {
   const r = state.result;
   if (!review.enabled || !r) return;
   const name = r.name;
+  const note = takeNote(name);
   try {
-    const record = await apiJson(`/v1/reviews/${encodeURIComponent(name)}`, {
-      method: "PUT",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ status, note: $("review-note").value }),
-    });
+    const record = await putRecord(name, { status, note });
     storeRecord(record);
     setStatus(`${name}: ${statusOf(name)}.`, "ok");
   } catch (error) {
@@ -140,65 +150,149 @@ async function putVerdict(status) {
   }
 }
 
-function currentStatus() {
+const putRecord = (name, body, options = {}) => apiJson(`/v1/reviews/${encodeURIComponent(name)}`, {
+  method: "PUT", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), ...options,
+});
+
+function noteTyped() {
   const r = state.result;
-  const record = r && review.records.get(r.name);
-  return record ? record.status : null;
+  if (!review.enabled || !r) return;
+  review.note = { name: r.name, text: $("review-note").value };
+  clearTimeout(review.noteTimer);
+  review.noteTimer = setTimeout(saveNote, NOTE_DELAY_MS);
+}
+
+// The unsent note text of `name` (null if none), now counted as sent.
+function takeNote(name) {
+  if (!review.note || review.note.name !== name) return null;
+  const { text } = review.note;
+  review.note = null;
+  clearTimeout(review.noteTimer);
+  return text;
+}
+
+// Send the unsent note. The API takes a verdict with every note, so the verdict sent is the server's
+// current one, read just before: a verdict set in another tab stays.
+async function saveNote() {
+  if (!review.note) return;
+  const { name } = review.note;
+  const note = takeNote(name);
+  try {
+    await refreshRecords();
+    const fresh = review.records.get(name);
+    const record = await putRecord(name, { status: fresh ? fresh.status : null, note });
+    storeRecord(record);
+  } catch (error) {
+    setStatus(named(name, `the note was not saved: ${error.message}`), "error");
+  }
 }
 
 // ------------------------------------------------------------------ the mask editor
 
-// Called by app.js when an image is shown: the editor starts from the saved correction, if any,
-// else from the model's mask at the slider's threshold.
+// Called by app.js when an image is shown. The editor forgets the previous image at once (its mask,
+// history and source), then starts from the saved correction, if any, else from the model's mask at
+// the slider's threshold. Until then it has no mask: tools, undo and save do nothing.
 async function reviewOnResult(result) {
   if (!review.enabled) return;
+  if (review.note && review.note.name !== result.name) saveNote();
   const unsaved = editor.dirty && editor.name && editor.name !== result.name ? editor.name : null;
+  const ticket = resetEditor(result);
   showRecord();
   if (unsaved) $("review-state").textContent += ` — the edits to ${unsaved}'s mask were not saved`;
-  editor.name = result.name;
-  editor.width = result.width;
-  editor.height = result.height;
-  editor.image = result.image;
-  editor.undo = [];
-  editor.redo = [];
-  editor.dirty = false;
-  editor.view = { scale: 1, x: 0, y: 0 };
-  editor.polygon = null;
-  const canvas = $("editor-canvas");
-  canvas.width = result.width;
-  canvas.height = result.height;
-  $("editor-overlay").setAttribute("viewBox", `0 0 ${result.width} ${result.height}`);
-  drawPolygonPreview();
+  const stale = () => editor.ticket !== ticket || state.result !== result;
+  try {
+    await refreshRecords();
+    if (stale()) return;
+    reviewOnNavigate();
+    showRecord();
+  } catch (error) {
+    if (stale()) return;
+    setStatus(named(result.name, `the review records could not be loaded: ${error.message}`), "error");
+  }
   const record = review.records.get(result.name);
   if (record && record.corrected) {
     try {
       const blob = await (await api(`/v1/reviews/${encodeURIComponent(result.name)}/mask`)).blob();
       const saved = await decodeMaskBlob(blob, `${result.name} (saved mask)`);
-      if (state.result !== result) return;
+      if (stale()) return;
       if (saved.width === result.width && saved.height === result.height) {
+        editor.loading = false;
         editor.mask = saved.mask;
         editor.source = "saved";
         drawEditor();
         return;
       }
     } catch (error) {
+      if (stale()) return;
       setStatus(named(result.name, `the saved mask could not be loaded: ${error.message}`), "error");
     }
   }
+  editor.loading = false;
   startFromModel();
+}
+
+// An empty editor for `result`; returns the ticket that answers for this image must carry.
+function resetEditor(result) {
+  editor.ticket += 1;
+  editor.edits += 1;
+  editor.name = result.name;
+  editor.width = result.width;
+  editor.height = result.height;
+  editor.image = result.image;
+  editor.mask = null;
+  editor.source = "";
+  editor.threshold = null;
+  editor.loading = true;
+  editor.undo = [];
+  editor.redo = [];
+  editor.dirty = false;
+  editor.stroke = null;
+  editor.view = { scale: 1, x: 0, y: 0 };
+  editor.polygon = null;
+  const canvas = $("editor-canvas");
+  canvas.width = result.width;  // also clears the previous image's drawing
+  canvas.height = result.height;
+  $("editor-overlay").setAttribute("viewBox", `0 0 ${result.width} ${result.height}`);
+  drawPolygonPreview();
+  delete $("editor").dataset.area;
+  $("editor").dataset.dirty = "false";
+  $("editor-state").textContent = `Loading the mask of ${result.name}…`;
+  $("editor-undo").disabled = true;
+  $("editor-redo").disabled = true;
+  applyEditorView();
+  return editor.ticket;
+}
+
+// The editor holds a mask of the image on screen: only then do tools, undo and save act.
+const editorReady = () =>
+  Boolean(review.enabled && editor.mask && !editor.loading && state.result && editor.name === state.result.name);
+
+function markEdited() {
+  editor.dirty = true;
+  editor.edits += 1;
+}
+
+// Before the page leaves the image on screen: unsent note text is sent, and unsaved mask edits are
+// kept unless the reviewer agrees to drop them. Returns whether to go on.
+function reviewCanLeave() {
+  if (!review.enabled) return true;
+  if (review.note) saveNote();
+  if (!editor.dirty || !editor.mask) return true;
+  return window.confirm(`The edits to ${editor.name}'s mask are not saved. Leave them unsaved?`);
 }
 
 // Called by app.js after every redraw: an untouched editor follows the slider's threshold.
 function reviewOnRender() {
   const r = state.result;
-  if (!review.enabled || !r || editor.name !== r.name || editor.dirty || editor.source === "saved") return;
-  if (editor.threshold !== r.threshold) startFromModel();
+  if (!review.enabled || !r || editor.name !== r.name || editor.loading || editor.dirty || editor.source === "saved") return;
+  if (editor.threshold !== r.threshold) startFromModel({ undoable: false });  // following the slider is no edit
 }
 
-function startFromModel() {
+// The model's mask at the slider's threshold; `undoable`: the mask it replaces is kept in the history.
+function startFromModel({ undoable = true } = {}) {
   const r = state.result;
   if (!r || !r.mask) return;
-  if (editor.mask) pushUndo();
+  if (editor.mask && undoable) pushUndo();
   editor.mask = Uint8Array.from(r.mask);
   editor.source = "model";
   editor.threshold = r.threshold;
@@ -213,18 +307,18 @@ function pushUndo(before = Uint8Array.from(editor.mask)) {
 }
 
 function undo() {
-  if (!editor.undo.length) return;
+  if (!editorReady() || !editor.undo.length) return;
   editor.redo.push(editor.mask);
   editor.mask = editor.undo.pop();
-  editor.dirty = true;
+  markEdited();
   drawEditor();
 }
 
 function redo() {
-  if (!editor.redo.length) return;
+  if (!editorReady() || !editor.redo.length) return;
   editor.undo.push(editor.mask);
   editor.mask = editor.redo.pop();
-  editor.dirty = true;
+  markEdited();
   drawEditor();
 }
 
@@ -247,7 +341,7 @@ function drawEditor() {
   }
   outlineOf(mask, width, height, 1, (j) => { data.data[j] = EDIT_RGB[0]; data.data[j + 1] = EDIT_RGB[1]; data.data[j + 2] = EDIT_RGB[2]; });
   ctx.putImageData(data, 0, 0);
-  const from = editor.source === "saved" ? "the saved correction" : `the model's mask at ${Number(editor.threshold).toFixed(2)}`;
+  const from = editor.source === "saved" ? "the saved correction" : `the model's mask at ${thresholdText(Number(editor.threshold))}`;
   $("editor-state").textContent =
     `${area.toLocaleString("en")} px (${((100 * area) / (width * height)).toFixed(2)} %), from ${from}` +
     (editor.dirty ? ", edited, not saved" : "");
@@ -401,6 +495,7 @@ function polygonClick(event) {
 // Fill the polygon (or, with the polygon eraser, remove it) as one undo step.
 function closePolygon() {
   const polygon = editor.polygon;
+  if (!editorReady()) return;
   if (!polygon || polygon.points.length < 3) {
     if (polygon) $("editor-polygon-hint").textContent = "A polygon needs at least 3 points.";
     return;
@@ -410,7 +505,7 @@ function closePolygon() {
   fillPolygon(polygon.points, polygon.erase ? 0 : 1);
   if (editor.mask.some((v, i) => v !== before[i])) {
     pushUndo(before);
-    editor.dirty = true;
+    markEdited();
   }
   drawPolygonPreview();
   drawEditor();
@@ -484,8 +579,9 @@ function editorResetView() {
 
 async function saveCorrection() {
   const r = state.result;
-  if (!review.enabled || !r || !editor.mask || editor.name !== r.name) return;
+  if (!editorReady()) return;
   const name = r.name;
+  const { ticket, edits } = editor;
   const gray = new Uint8Array(editor.mask.length);
   for (let i = 0; i < gray.length; i++) gray[i] = editor.mask[i] ? 255 : 0;
   const form = new FormData();
@@ -494,11 +590,13 @@ async function saveCorrection() {
   $("editor-save").disabled = true;
   try {
     const record = await apiJson(
-      `/v1/reviews/${encodeURIComponent(name)}/mask?threshold=${Number($("threshold").value).toFixed(2)}`,
+      `/v1/reviews/${encodeURIComponent(name)}/mask?threshold=${thresholdText(currentThreshold())}`,
       { method: "PUT", body: form });
-    if (editor.name === name) { editor.dirty = false; editor.source = "saved"; drawEditor(); }
+    // Edits made while the mask was on its way are not in the saved file: they stay unsaved.
+    const later = editor.ticket === ticket && editor.edits !== edits;
+    if (editor.ticket === ticket && !later) { editor.dirty = false; editor.source = "saved"; drawEditor(); }
     storeRecord(record);
-    setStatus(`${name}: corrected mask saved.`, "ok");
+    setStatus(`${name}: corrected mask saved${later ? "; the edits made since are not saved yet" : ""}.`, "ok");
   } catch (error) {
     setStatus(named(name, `the mask was not saved: ${error.message}`), "error");
   } finally {
@@ -520,7 +618,8 @@ async function exportReview(format) {
 for (const button of document.querySelectorAll("#review .verdict")) {
   button.addEventListener("click", () => putVerdict(button.dataset.status));
 }
-$("review-note").addEventListener("change", () => putVerdict(currentStatus()));
+$("review-note").addEventListener("input", noteTyped);
+$("review-note").addEventListener("change", saveNote);
 for (const button of document.querySelectorAll("#editor .tool")) {
   button.addEventListener("click", () => setTool(button.dataset.tool));
 }
@@ -528,7 +627,12 @@ $("editor-size").addEventListener("input", () => setBrushSize(Number($("editor-s
 $("editor-opacity").addEventListener("input", drawEditor);
 $("editor-undo").addEventListener("click", undo);
 $("editor-redo").addEventListener("click", redo);
-$("editor-from-model").addEventListener("click", () => { startFromModel(); editor.dirty = true; drawEditor(); });
+$("editor-from-model").addEventListener("click", () => {
+  if (!editorReady()) return;
+  startFromModel();
+  markEdited();
+  drawEditor();
+});
 $("editor-save").addEventListener("click", saveCorrection);
 $("editor-zoom-in").addEventListener("click", () => editorZoom(1.5));
 $("editor-zoom-out").addEventListener("click", () => editorZoom(1 / 1.5));
@@ -546,7 +650,7 @@ for (const format of ["csv", "json", "zip"]) {
   }, { passive: false });
   viewport.addEventListener("contextmenu", (event) => event.preventDefault());
   viewport.addEventListener("pointerdown", (event) => {
-    if (!editor.mask) return;
+    if (!editorReady()) return;
     viewport.setPointerCapture(event.pointerId);
     // Middle or right button, or the pan tool: pan. Otherwise the tool paints.
     if (event.button === 1 || event.button === 2 || editor.tool === "pan") {
@@ -559,7 +663,7 @@ for (const format of ["csv", "json", "zip"]) {
       const before = Uint8Array.from(editor.mask);
       if (fill(point[0], point[1])) {
         pushUndo(before);
-        editor.dirty = true;
+        markEdited();
         drawEditor();
       }
       return;
@@ -567,7 +671,7 @@ for (const format of ["csv", "json", "zip"]) {
     pushUndo();
     editor.stroke = { last: point };
     paintLine(point, point, editor.tool === "eraser" ? 0 : 1);
-    editor.dirty = true;
+    markEdited();
     drawEditor();
   });
   viewport.addEventListener("pointermove", (event) => {
@@ -585,10 +689,11 @@ for (const format of ["csv", "json", "zip"]) {
       drawPolygonPreview();
       return;
     }
-    if (!editor.stroke) return;
+    if (!editor.stroke || !editorReady()) return;
     const point = pixelAt(event);
     paintLine(editor.stroke.last, point, editor.tool === "eraser" ? 0 : 1);
     editor.stroke.last = point;
+    markEdited();
     drawEditor();
   });
   const stop = () => { editor.stroke = null; editor.pan = null; };
@@ -597,11 +702,11 @@ for (const format of ["csv", "json", "zip"]) {
   // Polygon vertices: the first click of a double-click adds one, the second (detail 2) none, and
   // the double-click closes the polygon.
   viewport.addEventListener("click", (event) => {
-    if (!editor.mask || !POLYGON_TOOLS.has(editor.tool) || event.button !== 0 || event.detail > 1) return;
+    if (!editorReady() || !POLYGON_TOOLS.has(editor.tool) || event.button !== 0 || event.detail > 1) return;
     polygonClick(event);
   });
   viewport.addEventListener("dblclick", (event) => {
-    if (editor.mask && POLYGON_TOOLS.has(editor.tool)) { event.preventDefault(); closePolygon(); }
+    if (editorReady() && POLYGON_TOOLS.has(editor.tool)) { event.preventDefault(); closePolygon(); }
   });
   viewport.addEventListener("pointerleave", () => {
     if (editor.polygon) { editor.polygon.pointer = null; drawPolygonPreview(); }
@@ -637,9 +742,17 @@ document.addEventListener("keydown", (event) => {
   if (handled) event.preventDefault();
 });
 
-// Edits not yet saved: the browser asks before the tab is closed or reloaded.
+// Before the tab is closed or reloaded: unsent note text is sent (keepalive outlives the page; the
+// verdict sent is the one the page last read from the server), and for unsaved mask edits the browser asks.
 window.addEventListener("beforeunload", (event) => {
-  if (review.enabled && editor.dirty) event.preventDefault();
+  if (!review.enabled) return;
+  if (review.note) {
+    const { name } = review.note;
+    const note = takeNote(name);
+    const record = review.records.get(name);
+    putRecord(name, { status: record ? record.status : null, note }, { keepalive: true }).catch(() => {});
+  }
+  if (editor.dirty && editor.mask) event.preventDefault();
 });
 
 setTool("brush");
