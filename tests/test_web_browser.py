@@ -30,7 +30,7 @@ from polypseg.data.sample_data import sample_dataset_path
 from polypseg.models.checkpoint import save_checkpoint
 from polypseg.models.factory import create_model
 from polypseg.web import encoding
-from polypseg.web.app import create_app
+from polypseg.web.app import WebSettings, create_app
 from polypseg.web.server import BackgroundServer
 from polypseg.web.service import InferenceService
 
@@ -88,18 +88,28 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> InferenceService:
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceService]:
+    """One running inference worker that every server of this module shares; stopped at the end."""
     config = tiny_config(image_size=64)
     torch.manual_seed(0)
     path = save_checkpoint(
         tmp_path_factory.mktemp("browser") / "tiny", create_model(config.model), config, threshold=0.5
     )
-    return InferenceService.from_checkpoint(path, device="cpu")
+    shared = InferenceService.from_checkpoint(path, device="cpu")
+    shared.start()
+    yield shared
+    shared.stop()
+
+
+def serving(service: InferenceService, settings: WebSettings | None = None) -> BackgroundServer:
+    """A server over the shared worker: it neither starts nor stops it, so a server that ends cannot
+    stop the worker under another one still in use."""
+    return BackgroundServer(create_app(service, settings, manage_service=False))
 
 
 @pytest.fixture(scope="module")
 def base(service: InferenceService):
-    with BackgroundServer(create_app(service)) as url:
+    with serving(service) as url:
         yield url
 
 
@@ -717,7 +727,7 @@ def reviewing(browser, service, review_dir: Path, folder: Path) -> Iterator[Page
     """A page served with ``--review-dir review_dir``, the image folder ``folder`` opened, its first image shown."""
     from polypseg.web.app import WebSettings
 
-    with BackgroundServer(create_app(service, WebSettings(review_dir=review_dir))) as url:
+    with serving(service, WebSettings(review_dir=review_dir)) as url:
         tab = Page(browser, url)
         tab.page.wait_for_selector("#review-tools", state="visible")
         tab.page.set_input_files("#folder-input", str(folder))
@@ -736,7 +746,7 @@ def test_review_tools_shown_when_the_review_script_loads_after_the_first_request
 
         context.route("**/static/review.js", late)
 
-    with BackgroundServer(create_app(service, WebSettings(review_dir=tmp_path / "review"))) as url:
+    with serving(service, WebSettings(review_dir=tmp_path / "review")) as url:
         tab = Page(browser, url, setup=slow_review_script)
         assert tab.page.is_visible("#review-tools") and tab.page.evaluate("() => review.enabled")
         assert not tab.errors, tab.errors
@@ -956,7 +966,7 @@ def test_quality_of_life(browser, service, tmp_path: Path):
     the token messages, and no sideways scrolling on a phone."""
     from polypseg.web.app import WebSettings
 
-    with BackgroundServer(create_app(service, WebSettings(token="s3cret"))) as url:
+    with serving(service, WebSettings(token="s3cret")) as url:
         tab = Page.__new__(Page)  # the page asks for the token before it is ready
         tab.context = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
         tab.context.set_default_timeout(HANG_MS)
@@ -1229,7 +1239,7 @@ def test_ground_truth_is_read_by_the_library_rule_or_refused(browser, service, t
     Image.fromarray(truth.astype(np.uint8)).save(labels)
     tiff = tmp_path / "truth.tif"
     Image.fromarray(truth.astype(np.uint8) * 255).save(tiff)
-    with BackgroundServer(create_app(service)) as url:
+    with serving(service) as url:
         tab = Page(browser, url)
         page = tab.page
         tab.upload(sample)
