@@ -85,7 +85,7 @@ def train_single_split(
         )
         require_training_part(train, data=data, n_test=len(held_out), n_val=len(val), test_list=test_list)
     replay = _replay_pairs(
-        config, run, split, held_out=cache.subset(test_stems + val), cache_dir=cache_dir, progress=progress
+        config, run, split, data=cache, held_out=test_stems + val, cache_dir=cache_dir, progress=progress
     )
     context = DistributedContext.from_env()
     if context.is_main:
@@ -138,13 +138,14 @@ def _replay_pairs(
     run: RunDir,
     split: dict[str, Any] | None,
     *,
-    held_out: CachedData,
+    data: CachedData,
+    held_out: Sequence[str],
     cache_dir: Path | str | None,
     progress: bool,
 ) -> _Replay | None:
     """The replay pairs of ``config.train`` (``None`` when off): the ones a resumed run saved in its
     ``split.json``, else ``replay_images`` stems of ``replay_data`` drawn with ``seed`` from those
-    that are none of the ``held_out`` pairs (test and inner validation) nor held out by ``--init``."""
+    that are none of ``data``'s ``held_out`` pairs (test and inner validation) nor held out by ``--init``."""
     train = config.train
     if train.replay_images == 0:
         return None
@@ -160,7 +161,8 @@ def _replay_pairs(
         stems = list(split["replay"])
         _check_stems(stems, cache.stems, f"{run.split_path}", root)
     else:
-        excluded = same_pairs(cache, held_out) | (set(cache.stems) & init_unseen_stems(config))
+        # the held-out pairs are copied only here, when a draw needs them
+        excluded = same_pairs(cache, data.subset(held_out)) | (set(cache.stems) & init_unseen_stems(config))
         if excluded:
             log.warning(
                 "replay: %d pair(s) of %s are held out (test, inner validation or never seen by --init) "
