@@ -256,8 +256,7 @@ def load_for_bench(
     if precision != "int8" or model.suffix == ".onnx":
         if model.suffix == ".onnx" and precision == "int8":
             precision = "auto"  # a quantized graph runs as it is
-            unused = "; --calibration was not used (this int8 model is already calibrated)" if calibration else ""
-            say(f"{backend}: timing the int8 model {model}{unused}")
+            say(f"{backend}: timing the int8 model {model}{_unused_calibration(calibration)}")
         return Predictor.from_checkpoint(model, device=device, backend=engine, precision=precision, cache_dir=cache_dir)
     from polypseg.models.checkpoint import find_checkpoints
 
@@ -265,8 +264,7 @@ def load_for_bench(
     for checkpoint in find_checkpoints(model):
         int8 = find_validated_int8(checkpoint, cache_dir) or int8_path_for(checkpoint)
         if int8.is_file():
-            unused = "; --calibration was not used (this int8 model is already calibrated)" if calibration else ""
-            say(f"{backend}: timing the existing int8 model {int8}{unused}")
+            say(f"{backend}: timing the existing int8 model {int8}{_unused_calibration(calibration)}")
         else:
             if calibration is None:
                 from polypseg.data.sample_data import sample_dataset_path
@@ -282,6 +280,11 @@ def load_for_bench(
     if engine == "openvino":
         return Predictor.from_openvino(int8_paths)
     return Predictor.from_onnx(int8_paths, device=device)
+
+
+def _unused_calibration(calibration: Path | str | None) -> str:
+    """The tail of the timing note when ``--calibration`` was given for an int8 model that already exists."""
+    return "; --calibration was not used (this int8 model is already calibrated)" if calibration else ""
 
 
 def check_calibration(calibration: Path | str | None) -> None:
