@@ -59,6 +59,15 @@ def save_tiny_checkpoint(folder: Path) -> Path:
     return save_checkpoint(folder / "best", create_model(config.model), config)
 
 
+def copy_into_folds(checkpoint: Path, run: Path, folds: int = 2) -> Path:
+    """A CV-shaped run folder ``run`` whose ``fold_K/best`` are copies of ``checkpoint`` (no summary)."""
+    for fold in range(folds):
+        (run / f"fold_{fold}").mkdir(parents=True)
+        for suffix in (".safetensors", ".json"):
+            (run / f"fold_{fold}" / f"best{suffix}").write_bytes(checkpoint.with_suffix(suffix).read_bytes())
+    return run
+
+
 def block_import(monkeypatch, module: str) -> None:
     """Make ``import module`` fail as on a machine without it (an optional extra not installed)."""
     import builtins

@@ -37,7 +37,7 @@ from PIL import Image
 
 from polypseg.core.io_utils import display_name, safe_stem
 
-from helpers import save_tiny_checkpoint
+from helpers import copy_into_folds, save_tiny_checkpoint
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 RNG = np.random.default_rng(0)
@@ -481,11 +481,7 @@ def test_explain_an_image_beside_a_masks_folder_uses_it(model: Path, tmp_path: P
 
 
 def test_explain_says_which_fold_explained(model: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    for fold in (0, 1):
-        (run / f"fold_{fold}").mkdir(parents=True)
-        for suffix in (".safetensors", ".json"):
-            (run / f"fold_{fold}" / f"best{suffix}").write_bytes(model.with_suffix(suffix).read_bytes())
+    run = copy_into_folds(model, tmp_path / "run")
     image = _save(tmp_path / "x.png", _rgb())
     code, output = _run(_args("explain", [image], run, tmp_path / "out"))
     assert code == 0, output

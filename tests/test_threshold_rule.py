@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import copy_into_folds
+
 RUN_THRESHOLD = 0.7  # the tiny checkpoint's own is 0.5
 
 
 @pytest.fixture()
 def run(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     """A 2-fold CV run folder of copies of the tiny checkpoint whose summary chose threshold 0.7."""
-    root = tmp_path / "run"
-    for fold in (0, 1):
-        (root / f"fold_{fold}").mkdir(parents=True)
-        for suffix in (".safetensors", ".json"):
-            (root / f"fold_{fold}" / f"best{suffix}").write_bytes(tiny_checkpoint.with_suffix(suffix).read_bytes())
+    root = copy_into_folds(tiny_checkpoint, tmp_path / "run")
     (root / "summary.json").write_text(json.dumps({"threshold": RUN_THRESHOLD}))
     return root
 
