@@ -56,12 +56,15 @@ def train_single_split(
     run = RunDir(out)
     validate_config(config)
     resolve_run_precision(config, device)
+    context = DistributedContext.from_env()
     saved = run.saved_settings()
     if saved is not None and saved.kind != TRAIN:
         raise RunError(
             f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out"
         )
-    if not resume and (saved is not None or run.history_path().is_file()):
+    # Only the main process judges a new start: under torchrun the others may find the settings it
+    # has just written for this very run (they stop with it when it refuses).
+    if not resume and context.is_main and (saved is not None or run.history_path().is_file()):
         raise RunError(f"{run.path} already holds a training run; pass --resume to continue it, or choose a new --out")
     if saved is not None:
         refuse_changed_settings(run.path, config_differences(saved.config, config))
@@ -87,7 +90,6 @@ def train_single_split(
     replay = _replay_pairs(
         config, run, split, data=cache, held_out=test_stems + val, cache_dir=cache_dir, progress=progress
     )
-    context = DistributedContext.from_env()
     if context.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         if saved is None:
