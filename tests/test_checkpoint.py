@@ -12,11 +12,12 @@ from polypseg.models.checkpoint import (
     load_training_state,
     read_metadata,
     save_checkpoint,
+    save_checkpoint_tensors,
     save_training_state,
 )
-from polypseg.models.factory import create_model
+from polypseg.models.factory import available_models, create_model
 
-from helpers import tiny_config
+from helpers import QUICK_ENCODER, tiny_config
 
 
 def test_round_trip_keeps_config_metrics_threshold(tmp_path):
@@ -31,6 +32,52 @@ def test_round_trip_keeps_config_metrics_threshold(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model(x))
+
+
+@pytest.mark.parametrize("arch", available_models())
+def test_every_architecture_loads_its_exact_tensors_with_nothing_left_unset(tmp_path, arch):
+    """Loading builds the model on the meta device and takes the file's tensors: every parameter
+    and buffer must hold them (none left on meta), in float32 even from a float16 file."""
+    config = tiny_config()
+    config.model.arch, config.model.encoder = arch, QUICK_ENCODER
+    torch.manual_seed(0)
+    model = create_model(config.model).eval()
+    state = {
+        name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in model.state_dict().items()
+    }
+    save_checkpoint_tensors(tmp_path / "best", state, config)
+    loaded = load_checkpoint(tmp_path / "best").model
+    tensors = dict(loaded.state_dict())
+    assert not any(tensor.is_meta for tensor in (*loaded.parameters(), *loaded.buffers()))
+    assert tensors.keys() == state.keys()
+    for name, tensor in tensors.items():
+        assert tensor.dtype == model.state_dict()[name].dtype, name
+        torch.testing.assert_close(tensor, state[name].to(tensor.dtype), rtol=0, atol=0)
+    assert all(p.requires_grad for p in loaded.parameters())
+
+
+def test_a_buffer_the_file_does_not_hold_gets_its_constructors_value(tmp_path, monkeypatch):
+    """A non-persistent buffer is not in the weights file, so the meta-device build cannot fill it:
+    the model is then built for real, and the buffer keeps the value its constructor gives it."""
+    import polypseg.models.factory as factory
+
+    config = tiny_config()
+    config.model.encoder = QUICK_ENCODER
+    model = create_model(config.model).eval()
+    save_checkpoint(tmp_path / "best", model, config)
+    real_create = factory.create_model
+
+    def with_buffer(*args, **kwargs):
+        built = real_create(*args, **kwargs)
+        built.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+        return built
+
+    monkeypatch.setattr(factory, "create_model", with_buffer)
+    loaded = load_checkpoint(tmp_path / "best").model
+    assert not loaded.scale.is_meta and loaded.scale.item() == 2.0
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
 
 
 def test_weights_file_holds_no_pickle(tmp_path):
