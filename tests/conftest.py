@@ -13,6 +13,7 @@ from helpers import save_tiny_checkpoint, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ENV = "POLYPSEG_SHARED_DATASETS"
+_CACHE_OWNER = "POLYPSEG_TEST_CACHE"  # the test run's cache folder, set by the process that made (and removes) it
 _CACHE_DIR: Path | None = None
 
 
@@ -29,8 +30,14 @@ def pytest_configure(config: pytest.Config) -> None:
     import tempfile
 
     global _CACHE_DIR
-    _CACHE_DIR = Path(tempfile.mkdtemp(prefix="polypseg-test-cache-"))
-    os.environ["POLYPSEG_CACHE"] = str(_CACHE_DIR)
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(_CACHE_OWNER):
+        # A worker: the folder its controller made, shared by all workers, so a model exported by one
+        # (the session's tiny checkpoint is the same file in every worker) is not exported again by
+        # another. Entries are keyed by content and written atomically, as for concurrent users.
+        os.environ["POLYPSEG_CACHE"] = os.environ[_CACHE_OWNER]
+    else:
+        _CACHE_DIR = Path(tempfile.mkdtemp(prefix="polypseg-test-cache-"))
+        os.environ["POLYPSEG_CACHE"] = os.environ[_CACHE_OWNER] = str(_CACHE_DIR)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -43,9 +43,10 @@ def write_synthetic_dataset(root: Path, n: int = 6, size: tuple[int, int] = (48,
     return root
 
 
-def save_tiny_checkpoint(folder: Path) -> Path:
+def save_tiny_checkpoint(folder: Path, encoder: str = "resnet18") -> Path:
     """A random (seed 0) 32-px U-Net/ResNet-18 with an 8-channel decoder saved as ``folder/best``;
-    returns the weights file. For tests of engines and inputs, where the weights do not matter."""
+    returns the weights file. For tests of engines and inputs, where the weights do not matter.
+    ``encoder=QUICK_ENCODER`` makes a 0.7 MB file instead of 45 MB, for tests that copy it many times."""
     import torch
 
     from polypseg.core.config import ModelConfig, TrainConfig
@@ -54,7 +55,7 @@ def save_tiny_checkpoint(folder: Path) -> Path:
 
     torch.manual_seed(0)
     config = RunConfig(
-        model=ModelConfig(encoder="resnet18", decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
+        model=ModelConfig(encoder=encoder, decoder_channels=(8, 8, 8, 8, 8)), train=TrainConfig(image_size=32)
     )
     return save_checkpoint(folder / "best", create_model(config.model), config)
 

@@ -37,7 +37,7 @@ from PIL import Image
 
 from polypseg.core.io_utils import display_name, safe_stem
 
-from helpers import copy_into_folds, save_tiny_checkpoint
+from helpers import QUICK_ENCODER, copy_into_folds, save_tiny_checkpoint
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 RNG = np.random.default_rng(0)
@@ -275,6 +275,12 @@ def _env(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same U-Net on a 0.2M-parameter encoder: the sidecar matrix writes a copy of it 100 times."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("small_model"), encoder=QUICK_ENCODER)
 
 
 @pytest.fixture(scope="module")
@@ -562,11 +568,11 @@ def _model_args(command: str, good: Path, weights: Path, out: Path) -> list[str]
 @pytest.mark.parametrize("layout", ["json_only", "embedded"])
 @pytest.mark.parametrize("edit", sorted(SIDECAR_EDITS))
 def test_bad_checkpoint_sidecar_is_the_one_line_of_a_corrupt_checkpoint(
-    command: str, layout: str, edit: str, model: Path, good: Path, tmp_path: Path
+    command: str, layout: str, edit: str, small_model: Path, good: Path, tmp_path: Path
 ) -> None:
     change, named = SIDECAR_EDITS[edit]
     make = _edit_sidecar if layout == "json_only" else _edit_embedded_sidecar
-    weights = make(model, tmp_path / "model", change)
+    weights = make(small_model, tmp_path / "model", change)
     code, output = _run(_model_args(command, good, weights, tmp_path / "out"))
     assert code == 2 and "Traceback" not in output, output
     (error,) = [line for line in _lines(output) if line.startswith("error:")]
