@@ -751,6 +751,19 @@ def test_precision_bf16_with_onnxruntime_applies_to_grad_cam_only(tiny_checkpoin
     assert info["precision"] == {"segmentation": "fp32", "explain": "bf16"}
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_an_exported_model_on_onnxruntime_refuses_bf16_that_would_apply_to_nothing(tmp_path: Path, backend: str):
+    """A checkpoint keeps bf16 for Grad-CAM (above); an exported model has no Grad-CAM, and onnxruntime
+    segments in fp32, so the request is refused by name before anything is loaded."""
+    from polypseg.inference.loading import PredictorError
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"never read: refused before loading")
+    expected = "precision bf16: onnxruntime computes in fp32, and model.onnx has no Grad-CAM for it to apply to"
+    with pytest.raises(PredictorError, match=re.escape(expected)):
+        InferenceService.from_checkpoint(model, device="cpu", backend=backend, precision="bf16")
+
+
 def test_cv_run_serves_the_fold_ensemble(tmp_path: Path):
     run = make_run(tmp_path / "run")
     service = InferenceService.from_checkpoint(run, device="cpu")

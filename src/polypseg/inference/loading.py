@@ -92,7 +92,7 @@ _RULES: tuple[_Rule, ...] = (
     ),
     (
         lambda r: engine_precision_problem(r.backend, r.precision) is not None,
-        _Refusal("precision bf16: onnxruntime computes in fp32; use backend 'openvino' or 'auto'"),
+        _Refusal("precision {precision}: {precision_problem}; use backend 'openvino' or 'auto'"),
     ),
     (lambda r: r.onnx_model and r.backend == "openvino", EngineChoice("openvino")),
     # an exported model runs as it is (never exported again, never int8 by choice), on OpenVINO where it can
@@ -138,7 +138,13 @@ def choose_engine(request: EngineRequest) -> EngineChoice:
         if condition(request):
             if isinstance(outcome, _Refusal):
                 raise PredictorError(
-                    outcome.message.format(model=request.model, device=request.device, backend=request.backend)
+                    outcome.message.format(
+                        model=request.model,
+                        device=request.device,
+                        backend=request.backend,
+                        precision=request.precision,
+                        precision_problem=engine_precision_problem(request.backend, request.precision),
+                    )
                 )
             return outcome if isinstance(outcome, EngineChoice) else outcome(request)
     raise AssertionError("the last rule always holds")  # pragma: no cover

@@ -158,6 +158,7 @@ class InferenceService:
         ``explain``. An ``.onnx`` file alone serves segmentation only. ``precision`` (auto, fp32,
         bf16) applies to segmentation (torch, openvino; onnxruntime computes in fp32) and to Grad-CAM alike.
         """
+        from polypseg.inference.loading import PredictorError, engine_precision_problem
         from polypseg.inference.predictor import Predictor
         from polypseg.models.checkpoint import find_checkpoints, load_checkpoint
         from polypseg.models.pretrained import resolve_model
@@ -165,6 +166,13 @@ class InferenceService:
         path = resolve_model(path)
         if Path(path).suffix == ".onnx" and backend == "torch":
             backend = "onnxruntime"  # an exported model has no torch weights to load
+        problem = engine_precision_problem(backend, precision)
+        if Path(path).suffix == ".onnx" and problem is not None:
+            # Checkpoints keep precision for Grad-CAM; an exported model has none, so it would apply to nothing.
+            raise PredictorError(
+                f"precision {precision}: {problem}, and {Path(path).name} has no Grad-CAM for it to apply to; "
+                "use backend 'openvino' or 'auto'"
+            )
         # onnxruntime segments in fp32 (int8 for a quantised model); precision is then Grad-CAM's alone
         segmentation_precision = "auto" if backend == "onnxruntime" else precision
         predictor = Predictor.from_checkpoint(
