@@ -359,6 +359,15 @@ def test_a_rerun_into_the_same_out_leaves_no_earlier_skipped_csv(
     assert again.exit_code == 0 and not (out / "skipped.csv").exists(), again.output
 
 
+def test_a_rerun_without_a_gallery_leaves_no_earlier_gallery(checkpoint: Path, dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ("--model", str(checkpoint), "--out", str(out), "--device", "cpu", "--deletion-steps", "0")
+    first = _invoke(str(dataset / "images" / "a.png"), *args)
+    assert first.exit_code == 0 and (out / "gallery.html").is_file(), first.output
+    again = _invoke(str(dataset / "images" / "a.png"), *args, "--no-gallery")
+    assert again.exit_code == 0 and not (out / "gallery.html").exists(), again.output
+
+
 def test_explain_names_a_model_evaluated_with_flip_tta(dataset: Path, tmp_path: Path) -> None:
     from polypseg.models.checkpoint import load_checkpoint, save_checkpoint
 

@@ -95,7 +95,9 @@ def register(app: typer.Typer) -> None:
             "npy", "--heatmap-format", help="npy (float32) or png16 (16-bit PNG, 65535 = 1)."
         ),
         gallery: bool = typer.Option(
-            True, "--gallery/--no-gallery", help="Write gallery.html (best, median, worst by Dice)."
+            True,
+            "--gallery/--no-gallery",
+            help="Write gallery.html (best, median, worst by Dice); --no-gallery removes one an earlier run left in --out.",
         ),
         fold: int | None = typer.Option(None, "--fold", help="Fold of a CV run folder (default: 0)."),
         topk: float = typer.Option(0.15, "--topk", help="Share of most salient pixels for top-k IoU."),

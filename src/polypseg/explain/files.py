@@ -206,6 +206,8 @@ def explain_files(
         _write_tables(out, records, summary, skips)
         if gallery and records:
             _write_gallery(run, model_note, records=records, panels=panels, skips=skips, report=report)
+        else:
+            (out / "gallery.html").unlink(missing_ok=True)  # as for the tables: no earlier run's page
     return summary
 
 
