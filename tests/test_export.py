@@ -209,6 +209,25 @@ def test_torchscript_exporter_fallback_agrees(exported: tuple[Path, Path], tmp_p
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_calibration_names_each_unreadable_image_once_and_uses_the_rest(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from polypseg.inference.export import _CalibrationReader
+
+    good, broken = tmp_path / "good.png", tmp_path / "broken.jpg"
+    Image.fromarray(_images(1)[0]).save(good)
+    broken.write_bytes(b"not a jpeg")
+    said: list[str] = []
+    reader = _CalibrationReader([good, broken, _images(1, seed=1)[0]], 32, "image", warn=said.append)
+    for _ in range(2):  # read again after a rewind: still named once
+        batch = reader.get_next()
+        assert batch is not None and batch["image"].shape == (2, 3, 32, 32)
+        assert reader.get_next() is None
+        reader.rewind()
+    assert reader.unreadable == ["broken.jpg"] and reader.files == ["good.png", "good.png"]
+    assert len(said) == 1 and "broken.jpg" in said[0] and said[0].startswith("calibration: ")
+
+
 def test_int8_quantization_validation_and_auto_choice(exported: tuple[Path, Path], tmp_path: Path) -> None:
     checkpoint, onnx_path = exported
     int8 = quantize_onnx_int8(onnx_path, int8_path_for(checkpoint), sample_dataset_path(), max_images=8)
@@ -217,6 +236,7 @@ def test_int8_quantization_validation_and_auto_choice(exported: tuple[Path, Path
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     meta = read_onnx_metadata(int8)
     assert meta["quantization"]["calibration_images"] == 8 and meta["quantization"]["dice_change"] is None
+    assert meta["quantization"]["calibration_unreadable"] == []
     predictor = Predictor.from_checkpoint(int8, device="cpu")
     fp32 = Predictor.from_checkpoint(onnx_path, device="cpu")
     image = _images(1)[0]
@@ -388,6 +408,21 @@ def test_export_writes_the_opset_asked_for_or_says_it_cannot(
     assert not (tmp_path / "opset20.onnx").exists() and not onnx_sidecar(tmp_path / "opset20.onnx").exists()
 
 
+def test_a_calibration_folder_with_no_readable_image_is_refused_before_exporting(tmp_path: Path) -> None:
+    from polypseg.inference import deploy
+
+    checkpoint = _save_tiny(tmp_path / "ckpt" / "tiny", seed=5)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    (calibration / "broken.jpg").write_bytes(b"not a jpeg")
+    said: list[str] = []
+    with pytest.raises(PolypsegError, match=f"no readable images in {calibration} to check the export on"):
+        deploy.export_checkpoints(
+            checkpoint, out=tmp_path / "m.onnx", int8=True, calibration=calibration, say=said.append
+        )
+    assert not (tmp_path / "m.onnx").exists() and any("broken.jpg" in line for line in said)
+
+
 def test_the_int8_dice_check_leaves_out_the_calibration_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Validating int8 on the images it was calibrated on would flatter it: those pairs are left out, and counted."""
     import functools
@@ -402,6 +437,7 @@ def test_the_int8_dice_check_leaves_out_the_calibration_images(tmp_path: Path, m
     calibration.mkdir()
     for name in ("case00.jpg", "case01.jpg"):  # copies: the same images under another folder
         shutil.copy(data / "images" / name, calibration / name)
+    (calibration / "broken.jpg").write_bytes(b"not a jpeg")  # named, and left out of the calibration
     said: list[str] = []
     [result] = deploy.export_checkpoints(
         checkpoint, out=tmp_path / "m.onnx", int8=True, calibration=calibration, validate=data, say=said.append
@@ -410,6 +446,9 @@ def test_the_int8_dice_check_leaves_out_the_calibration_images(tmp_path: Path, m
     validation = read_onnx_metadata(Path(result["int8"]))["quantization"]["validation"]
     assert validation["n"] == 2 and validation["calibration_excluded"] == 2 and validation["calibration_overlap"] == 0
     assert any("not the 2 calibration images" in line for line in said)
+    named = [line.split(": ")[0] for line in said if "broken.jpg" in line]
+    assert named == ["verification", "calibration"], said  # left out of both, and said once for each
+    assert any(line.endswith("calibrated on 2 images)") for line in said), said
 
     with pytest.raises(PolypsegError, match="--validate .*all 4 image/mask pairs are calibration images"):
         deploy.export_checkpoints(checkpoint, out=tmp_path / "all.onnx", int8=True, calibration=data, validate=data)

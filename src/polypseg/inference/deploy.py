@@ -42,11 +42,14 @@ def export_checkpoints(
     one dict per checkpoint (paths, verification differences, Dice change).
     """
     from polypseg.data.sample_data import sample_dataset_path
-    from polypseg.inference.export import collect_images
+    from polypseg.inference.export import ExportError, collect_images
 
     _check_options(fmt=fmt, int8=int8, dynamic_batch=dynamic_batch, calibration=calibration, validate=validate)
     checkpoints = _checkpoints_to_export(model, out)
-    real = collect_images(verify_images or calibration or sample_dataset_path())[:8]
+    source = verify_images or calibration or sample_dataset_path()
+    real = _readable_images(collect_images(source), 8, say=say)
+    if not real:
+        raise ExportError(f"no readable images in {source} to check the export on")
     results = []
     for checkpoint in checkpoints:
         result = _export_verified(
@@ -106,6 +109,24 @@ def _checkpoints_to_export(model: Path, out: Path | None) -> list[Path]:
     return checkpoints
 
 
+def _readable_images(paths: list[Path], limit: int, *, say: Callable[[str], None]) -> list[Path]:
+    """The first ``limit`` of ``paths`` that decode, each one that does not named to ``say`` (one bad
+    file in a calibration folder is left out, as the calibration itself leaves it out)."""
+    from polypseg.data.images import ImageReadError, read_image
+
+    readable = []
+    for path in paths:
+        if len(readable) == limit:
+            break
+        try:
+            read_image(path)
+        except ImageReadError as error:
+            say(f"verification: {error}; left out")
+            continue
+        readable.append(path)
+    return readable
+
+
 def _export_verified(
     checkpoint: Path,
     out: Path | None,
@@ -151,15 +172,16 @@ def _quantize(
 ) -> Path:
     """The static int8 (QDQ) model of ``onnx_path``, calibrated on ``calibration`` (default: the bundled sample)."""
     from polypseg.data.sample_data import sample_dataset_path
-    from polypseg.inference.export import int8_path_for, quantize_onnx_int8
+    from polypseg.inference.export import int8_path_for, quantize_onnx_int8, read_onnx_metadata
 
     source = calibration or sample_dataset_path()
     if calibration is None:
         say(f"calibrating on the bundled sample ({source}); pass --calibration DIR with your own images")
     target = int8_path_for(checkpoint) if out is None else out.with_suffix(".int8.onnx")
     step(f"quantizing {onnx_path} to int8")
-    int8_path = quantize_onnx_int8(onnx_path, target, source, max_images=calibration_count)
-    say(f"{int8_path}: int8 (static QDQ, calibrated on up to {calibration_count} images)")
+    int8_path = quantize_onnx_int8(onnx_path, target, source, max_images=calibration_count, warn=say)
+    used = read_onnx_metadata(int8_path)["quantization"]["calibration_images"]
+    say(f"{int8_path}: int8 (static QDQ, calibrated on {used} images)")
     return int8_path
 
 

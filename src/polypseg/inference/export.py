@@ -395,16 +395,26 @@ def collect_images(source: Path | str | Sequence[Any]) -> list[Any]:
 
 
 class _CalibrationReader:
-    """Feeds preprocessed images to onnxruntime's calibrator, a few at a time; skips unreadable files."""
+    """Feeds preprocessed images to onnxruntime's calibrator, a few at a time; skips unreadable files,
+    naming each to ``warn`` once (the calibrator reads the images more than once)."""
 
-    def __init__(self, images: Sequence[Any], size: int, input_name: str, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        images: Sequence[Any],
+        size: int,
+        input_name: str,
+        batch_size: int = 8,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self._images = list(images)
         self._size = size
         self._name = input_name
         self._batch_size = batch_size
+        self._warn = warn or log.warning
         self._position = 0
         self.used = 0
         self.files: list[str] = []  # the names of the image files calibrated on (arrays have none)
+        self.unreadable: list[str] = []  # the inputs that could not be read, by name
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         from polypseg.data.images import ImageReadError
@@ -419,7 +429,12 @@ class _CalibrationReader:
                 try:
                     arrays.append(load_input(item, i)[0])
                 except ImageReadError as error:
-                    log.warning("calibration: %s; skipped", error)
+                    name = (
+                        Path(item).name if isinstance(item, (str, Path)) else f"image {self._position - len(chunk) + i}"
+                    )
+                    if name not in self.unreadable:
+                        self.unreadable.append(name)
+                        self._warn(f"calibration: {error}; left out")
                     continue
                 if isinstance(item, (str, Path)):
                     self.files.append(Path(item).name)
@@ -438,12 +453,14 @@ def quantize_onnx_int8(
     calibration_images: Path | str | Sequence[Any],
     max_images: int = 64,
     per_channel: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Static int8 quantization (QDQ) calibrated on real images; writes ``out_path`` and its sidecar.
 
     ``calibration_images``: a folder, a dataset root or a list of paths/arrays; the first
     ``max_images`` are used (evenly spaced over the list). The sidecar names the image files calibrated
-    on (``quantization.calibration_files``), so that the Dice check can leave them out.
+    on (``quantization.calibration_files``), so that the Dice check can leave them out, and those that
+    could not be read (``calibration_unreadable``; each also said to ``warn``, by default the log).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -464,7 +481,7 @@ def quantize_onnx_int8(
     if len(images) > max_images:
         images = [images[int(i)] for i in np.linspace(0, len(images) - 1, max_images)]
     session = create_session(onnx_path)
-    reader = _CalibrationReader(images, int(meta["image_size"]), session.get_inputs()[0].name)
+    reader = _CalibrationReader(images, int(meta["image_size"]), session.get_inputs()[0].name, warn=warn)
     del session
 
     class Reader(CalibrationDataReader):
@@ -499,6 +516,7 @@ def quantize_onnx_int8(
         "calibration_images": reader.used,
         "calibration_source": str(calibration_images) if isinstance(calibration_images, (str, Path)) else "list",
         "calibration_files": sorted(set(reader.files)),  # what a Dice check must not validate on
+        "calibration_unreadable": reader.unreadable,
         "fp32_model": onnx_path.name,
         "dice_change": None,
     }
