@@ -218,13 +218,7 @@ def load_for_bench(
     Kvasir-SEG sample); ``openvino-int8`` runs that same int8 ONNX graph in OpenVINO. ``say`` hears which
     int8 file is timed and whether ``calibration`` was used for it (an existing int8 model is not recalibrated).
     """
-    from polypseg.inference.export import (
-        cached_onnx,
-        find_validated_int8,
-        int8_path_for,
-        quantize_onnx_int8,
-        read_onnx_metadata,
-    )
+    from polypseg.inference.export import read_onnx_metadata
 
     if backend not in BACKENDS:
         raise BenchError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}, all")
@@ -258,6 +252,24 @@ def load_for_bench(
             precision = "auto"  # a quantized graph runs as it is
             say(f"{backend}: timing the int8 model {model}{_unused_calibration(calibration)}")
         return Predictor.from_checkpoint(model, device=device, backend=engine, precision=precision, cache_dir=cache_dir)
+    int8_paths = _int8_models(model, backend, calibration, cache_dir=cache_dir, workdir=workdir, say=say)
+    if engine == "openvino":
+        return Predictor.from_openvino(int8_paths)
+    return Predictor.from_onnx(int8_paths, device=device)
+
+
+def _int8_models(
+    model: Path,
+    backend: str,
+    calibration: Path | str | None,
+    *,
+    cache_dir: Path | None,
+    workdir: Path,
+    say: Callable[[str], None],
+) -> list[Path]:
+    """Each checkpoint's int8 model to time: the validated or existing one, else one quantized into
+    ``workdir`` (calibrated on ``calibration``, default the bundled sample)."""
+    from polypseg.inference.export import cached_onnx, find_validated_int8, int8_path_for, quantize_onnx_int8
     from polypseg.models.checkpoint import find_checkpoints
 
     int8_paths = []
@@ -274,12 +286,11 @@ def load_for_bench(
                 cached_onnx(checkpoint, cache_dir),
                 workdir / f"{checkpoint.parent.name}-{checkpoint.stem}.int8.onnx",
                 calibration,
+                warn=say,
             )
             say(f"{backend}: timing {checkpoint} quantized to int8 here, calibrated on {calibration}")
         int8_paths.append(int8)
-    if engine == "openvino":
-        return Predictor.from_openvino(int8_paths)
-    return Predictor.from_onnx(int8_paths, device=device)
+    return int8_paths
 
 
 def _unused_calibration(calibration: Path | str | None) -> str:

@@ -164,7 +164,6 @@ def explain_files(
     """
     from polypseg.data.inputs import SkipLog, collect_inputs, one_line_warnings, prepare_output_folder
     from polypseg.explain.metrics import METRIC_KEYS, explanation_report
-    from polypseg.inference.loading import flip_tta_note
     from polypseg.models.pretrained import resolve_model
 
     options = _Options(
@@ -193,12 +192,7 @@ def explain_files(
             named = "; ".join(detail for _, _, detail in skips.entries) or "no inputs"
             raise PolypsegError(f"no input images to explain ({named})")
         prepare_output_folder(out)
-        model_note, model_fold = _model_note(model_path, checkpoint_path, fold)
-        say(model_note)
-        tta_note = flip_tta_note(checkpoint.config.to_dict(), "explain")
-        if tta_note:
-            say(tta_note)
-
+        model_note, model_fold = _say_model(model_path, checkpoint_path, checkpoint, fold, say)
         with _gradcam_driver(run, checkpoint_path) as driver:
             records, panels = _explain_items(run, driver, items, skips, warn=warn, progress=progress)
         report = explanation_report(records, keys=("dice", "iou", *METRIC_KEYS[1:]))
@@ -209,6 +203,21 @@ def explain_files(
         else:
             (out / "gallery.html").unlink(missing_ok=True)  # as for the tables: no earlier run's page
     return summary
+
+
+def _say_model(
+    model_path: Path, checkpoint_path: Path, checkpoint: Checkpoint, fold: int | None, say: Callable[[str], None]
+) -> tuple[str, int | None]:
+    """Say which model explains (and that explain has no flip TTA where the model was evaluated with
+    it); returns the model note and the fold explained."""
+    from polypseg.inference.loading import flip_tta_note
+
+    model_note, model_fold = _model_note(model_path, checkpoint_path, fold)
+    say(model_note)
+    tta_note = flip_tta_note(checkpoint.config.to_dict(), "explain")
+    if tta_note:
+        say(tta_note)
+    return model_note, model_fold
 
 
 def _load_run(out: Path, model_path: Path, options: _Options, *, fold: int | None) -> tuple[_Run, Path, Checkpoint]:

@@ -57,17 +57,7 @@ def train_single_split(
     validate_config(config)
     resolve_run_precision(config, device)
     context = DistributedContext.from_env()
-    saved = run.saved_settings()
-    if saved is not None and saved.kind != TRAIN:
-        raise RunError(
-            f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out"
-        )
-    # Only the main process judges a new start: under torchrun the others may find the settings it
-    # has just written for this very run (they stop with it when it refuses).
-    if not resume and context.is_main and (saved is not None or run.history_path().is_file()):
-        raise RunError(f"{run.path} already holds a training run; pass --resume to continue it, or choose a new --out")
-    if saved is not None:
-        refuse_changed_settings(run.path, config_differences(saved.config, config))
+    saved = _check_start(run, config, resume=resume, is_main=context.is_main)
     split = run.read_split() if resume else None
     if split is not None and split.get("data"):
         # Resuming reads the run's own data: --data omitted, or the same content elsewhere.
@@ -95,10 +85,7 @@ def train_single_split(
         if saved is None:
             run.write_settings(RunSettings(config=config, kind=TRAIN))
         if split is None:
-            record = {"data": str(Path(data).resolve()), "train": train, "val": val, "test": test_stems}
-            if replay is not None:
-                record.update(replay_data=replay.root, replay=replay.pairs.stems)
-            run.write_split(record)
+            run.write_split(_split_record(data, train, val, test_stems, replay))
     training_part = cache.subset(train)
     if replay is not None:
         training_part = training_part.concat(replay.pairs.renamed(REPLAY_PREFIX))
@@ -113,20 +100,49 @@ def train_single_split(
     )
     summary: dict[str, Any] = {"checkpoint": str(result.best_checkpoint), "best_epoch": result.best_epoch}
     if test_stems and context.is_main:
-        torch_device = resolve_device(device)
-        checkpoint = load_checkpoint(result.best_checkpoint, device=torch_device)
-        test = cache.subset(test_stems)
-        probs = predict_with_recipe(checkpoint.model, test.images, config.train, torch_device)
-        metric = evaluate_probabilities(probs, test.masks, test.stems)
-        summary["test"] = {
-            "n_images": len(test_stems),
-            **metric.compute(),
-            "per_image_dice_at_0.5": dict(
-                zip(test.stems, metric.per_image(0.5)["dice"].round(6).tolist(), strict=False)
-            ),
-        }
+        summary["test"] = _score_test(result.best_checkpoint, cache.subset(test_stems), config, device)
         atomic_write_json(run.test_metrics_path, summary["test"])
     return summary
+
+
+def _check_start(run: RunDir, config: RunConfig, *, resume: bool, is_main: bool) -> RunSettings | None:
+    """The run's saved settings; refuses a CV run's folder, a new start over a run, and changed settings."""
+    saved = run.saved_settings()
+    if saved is not None and saved.kind != TRAIN:
+        raise RunError(
+            f"{run.path} holds a cross-validation run (polypseg cv), not a single-split training; choose a new --out"
+        )
+    # Only the main process judges a new start: under torchrun the others may find the settings it
+    # has just written for this very run (they stop with it when it refuses).
+    if not resume and is_main and (saved is not None or run.history_path().is_file()):
+        raise RunError(f"{run.path} already holds a training run; pass --resume to continue it, or choose a new --out")
+    if saved is not None:
+        refuse_changed_settings(run.path, config_differences(saved.config, config))
+    return saved
+
+
+def _split_record(
+    data: Path | str, train: list[str], val: list[str], test: list[str], replay: _Replay | None
+) -> dict[str, Any]:
+    """What ``split.json`` holds: the data, the three parts and the replay pairs, if any."""
+    record: dict[str, Any] = {"data": str(Path(data).resolve()), "train": train, "val": val, "test": test}
+    if replay is not None:
+        record.update(replay_data=replay.root, replay=replay.pairs.stems)
+    return record
+
+
+def _score_test(checkpoint_path: Path, test: CachedData, config: RunConfig, device: str) -> dict[str, Any]:
+    """The best checkpoint's metrics on the held-out test images, scored once, as the recipe predicts."""
+    torch_device = resolve_device(device)
+    checkpoint = load_checkpoint(checkpoint_path, device=torch_device)
+    probs = predict_with_recipe(checkpoint.model, test.images, config.train, torch_device)
+    metric = evaluate_probabilities(probs, test.masks, test.stems)
+    per_image = metric.per_image(0.5)["dice"].round(6).tolist()
+    return {
+        "n_images": len(test.stems),
+        **metric.compute(),
+        "per_image_dice_at_0.5": dict(zip(test.stems, per_image, strict=False)),
+    }
 
 
 @dataclass(frozen=True)
