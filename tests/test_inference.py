@@ -273,3 +273,14 @@ def test_predict_model_size_matches_predict() -> None:
     assert mean.shape == (2, 32, 32) and std is not None and std.shape == (2, 32, 32)
     full = predictor.predict(images)
     np.testing.assert_allclose(mean[1], full[1].probability, atol=1e-6)  # already at the model's size
+
+
+def test_an_in_memory_model_is_given_its_input_size():
+    """A module does not carry the side it was trained at: a default of 256 ran the 352 px shipped model,
+    passed as ``load_checkpoint(...).model``, at 256 px without a word."""
+    from polypseg.explain import explain_images
+
+    with pytest.raises(TypeError, match="image_size"):
+        Predictor.from_model(_PixelModel(), device="cpu")
+    with pytest.raises(TypeError, match="image_size"):
+        explain_images(_PixelModel(), [np.zeros((8, 8, 3), np.uint8)])

@@ -476,7 +476,7 @@ def _resize_map(values: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def explain_images(
     model: nn.Module,
     images: Sequence[np.ndarray],
-    image_size: int = 256,
+    image_size: int,
     threshold: float = 0.5,
     layer: str | nn.Module = DEFAULT_LAYER,
     device: torch.device | str = "cpu",
@@ -486,7 +486,8 @@ def explain_images(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Grad-CAM heatmaps and foreground probabilities for RGB ``uint8 (H, W, 3)`` images.
 
-    Each image is resized to ``image_size`` for the model; both outputs come back as
+    Each image is resized to ``image_size`` for the model (the side it was trained at: a checkpoint's
+    ``config.train.image_size``; a module does not carry it, so there is no default); both outputs come back as
     ``float32 (H, W)`` arrays at that image's original size. ``precision``: see :mod:`polypseg.core.precision`
     (bf16 heatmaps correlate >= 0.99 with fp32 ones; tests/test_precision.py). Heatmaps are in [0, 1] with maximum 1
     (all zero where the predicted mask at ``threshold`` is empty); probabilities are

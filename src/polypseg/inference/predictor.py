@@ -168,7 +168,7 @@ class Predictor:
         cls,
         model: nn.Module | Sequence[nn.Module],
         *,
-        image_size: int = 256,
+        image_size: int,
         threshold: float = 0.5,
         device: str | torch.device = "auto",
         tta: bool = False,
@@ -178,6 +178,9 @@ class Predictor:
         precision: str = "auto",
     ) -> Predictor:
         """A torch predictor over in-memory model(s) returning logits (several = ensemble).
+
+        ``image_size`` is the side the models were trained at (a checkpoint's
+        ``config.train.image_size``; a module does not carry it, so there is no default).
 
         ``precision`` follows :mod:`polypseg.core.precision` (``auto``: bf16 on CUDA and on CPUs with native bf16).
         """
