@@ -18,6 +18,7 @@ from polypseg.core import io_utils
 from polypseg.data.check import check_dataset
 from polypseg.data.images import read_mask
 from polypseg.data.review import (
+    KEEP,
     BadMask,
     BadName,
     NameConflict,
@@ -67,6 +68,16 @@ def test_verdicts_and_notes_survive_a_restart(tmp_path: Path):
         reopened.get("case3.jpg")
     with pytest.raises(ReviewError, match="invalid status"):
         reopened.set_verdict("case1.jpg", status="maybe")
+
+
+def test_a_note_saved_alone_keeps_the_stored_verdict(tmp_path: Path):
+    store = ReviewStore(tmp_path / "review")
+    store.set_verdict("case1.jpg", status="accept")  # say, from another tab
+    kept = store.set_verdict("case1.jpg", status=KEEP, note="fine after all")
+    assert (kept.status, kept.note) == ("accept", "fine after all")
+    fresh = store.set_verdict("case2.jpg", status=KEEP, note="look again")  # no verdict yet
+    assert (fresh.status, fresh.note) == (None, "look again")
+    assert store.set_verdict("case1.jpg", status=None).status is None  # None still clears it
 
 
 @pytest.mark.parametrize(

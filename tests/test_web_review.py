@@ -93,6 +93,15 @@ def test_verdicts_round_trip_and_survive_a_restart(client: TestClient, service: 
     assert (record["status"], record["note"]) == ("needs_correction", "flat part missed")
 
 
+def test_a_note_sent_alone_keeps_the_verdict_and_null_clears_it(client: TestClient):
+    client.put("/v1/reviews/case3.png", json={"status": "reject"})
+    answer = client.put("/v1/reviews/case3.png", json={"note": "a second look"})
+    assert answer.status_code == 200 and (answer.json()["status"], answer.json()["note"]) == ("reject", "a second look")
+    cleared = client.put("/v1/reviews/case3.png", json={"status": None}).json()
+    assert (cleared["status"], cleared["note"]) == (None, "a second look")
+    assert_error(client.put("/v1/reviews/case3.png", json={}), 422, "invalid_parameter")
+
+
 def test_bad_verdicts_and_names(client: TestClient):
     assert_error(client.put("/v1/reviews/a.png", json={"status": "maybe"}), 422, "invalid_parameter")
     assert_error(

@@ -47,6 +47,7 @@ REVIEW_FORMAT = "polypseg-review-v1"
 REVIEW_FILE = "review.json"
 LOCK_FILE = ".review.lock"
 STATUSES = ("accept", "reject", "needs_correction")
+KEEP = "keep"  # set_verdict(status=KEEP): the stored verdict stays (a note saved alone)
 MAX_NOTE_CHARS = 4000
 MAX_NAME_CHARS = 200
 # Names Windows reserves in every folder (with any extension): refused so a review folder copies anywhere.
@@ -261,15 +262,17 @@ class ReviewStore:
     # ------------------------------------------------------------------ writing
 
     def set_verdict(self, name: str, *, status: str | None, note: str | None = None) -> ReviewRecord:
-        """Record ``status`` (one of :data:`STATUSES`, or ``None`` to clear it) and, when given, the note."""
+        """Record ``status`` (one of :data:`STATUSES`, ``None`` to clear it, or :data:`KEEP` to leave
+        the stored one, as a note saved on its own does) and, when given, the note."""
         check_name(name)
-        if status is not None and status not in STATUSES:
+        if status is not None and status not in (*STATUSES, KEEP):
             raise ReviewError(f"invalid status '{status}': choose {', '.join(STATUSES)}")
         if note is not None and len(note) > MAX_NOTE_CHARS:
             raise ReviewError(f"the note has {len(note)} characters, over the limit of {MAX_NOTE_CHARS}")
         with self._locked():
             record = self._records.get(name) or ReviewRecord(file=name, created=now_utc())
-            updated = ReviewRecord.from_dict({**asdict(record), "status": status, "updated": now_utc()})
+            kept = record.status if status == KEEP else status  # under the lock: another tab's verdict stays
+            updated = ReviewRecord.from_dict({**asdict(record), "status": kept, "updated": now_utc()})
             if note is not None:
                 updated.note = note
             self._commit(name, updated)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from polypseg.data.review import MAX_NOTE_CHARS, STATUSES, NotReviewed, ReviewStore, check_name
+from polypseg.data.review import KEEP, MAX_NOTE_CHARS, STATUSES, NotReviewed, ReviewError, ReviewStore, check_name
 from polypseg.web.api_errors import ApiError
 from polypseg.web.dependencies import TOKEN_REQUIRED, ReviewStoreDep, ServiceDep, SettingsDep
 from polypseg.web.routers.uploads import run_job
@@ -61,10 +61,17 @@ router = APIRouter(prefix="/v1", tags=["review"], dependencies=TOKEN_REQUIRED)
 
 
 class Verdict(BaseModel):
-    """A verdict on one image and a free-text note (``null`` note: keep the old one)."""
+    """A verdict on one image and a free-text note (``null`` note: keep the old one; no ``status``:
+    keep the stored verdict, so a note saved alone never undoes a verdict set elsewhere)."""
 
-    status: Status | None = Field(description=f"One of {', '.join(STATUSES)}; null clears the verdict.")
+    status: Status | None = Field(
+        None, description=f"One of {', '.join(STATUSES)}; null clears the verdict; left out, the verdict stays."
+    )
     note: str | None = Field(None, max_length=MAX_NOTE_CHARS, description="Free text; null keeps the stored note.")
+
+    def status_to_record(self) -> str | None:
+        """The status for :meth:`ReviewStore.set_verdict`: :data:`KEEP` where the request left it out."""
+        return self.status if "status" in self.model_fields_set else KEEP
 
 
 class ReviewOut(BaseModel):
@@ -133,7 +140,10 @@ async def get_review(name: str, store: ReviewStoreDep) -> dict[str, Any]:
 async def put_verdict(name: str, verdict: Verdict, store: ReviewStoreDep) -> dict[str, Any]:
     """Record a verdict (accept, reject, needs_correction) and a note for one image."""
     review = _require(store)
-    record = await run_in_threadpool(lambda: review.set_verdict(name, status=verdict.status, note=verdict.note))
+    status = verdict.status_to_record()
+    if status == KEEP and verdict.note is None:
+        raise ReviewError("nothing to record: give a status, a note or both")
+    record = await run_in_threadpool(lambda: review.set_verdict(name, status=status, note=verdict.note))
     return asdict(record)
 
 

@@ -171,16 +171,13 @@ function takeNote(name) {
   return text;
 }
 
-// Send the unsent note. The API takes a verdict with every note, so the verdict sent is the server's
-// current one, read just before: a verdict set in another tab stays.
+// Send the unsent note alone: the server keeps the stored verdict, so one set in another tab stays.
 async function saveNote() {
   if (!review.note) return;
   const { name } = review.note;
   const note = takeNote(name);
   try {
-    await refreshRecords();
-    const fresh = review.records.get(name);
-    const record = await putRecord(name, { status: fresh ? fresh.status : null, note });
+    const record = await putRecord(name, { note });
     storeRecord(record);
   } catch (error) {
     setStatus(named(name, `the note was not saved: ${error.message}`), "error");
@@ -742,15 +739,13 @@ document.addEventListener("keydown", (event) => {
   if (handled) event.preventDefault();
 });
 
-// Before the tab is closed or reloaded: unsent note text is sent (keepalive outlives the page; the
-// verdict sent is the one the page last read from the server), and for unsaved mask edits the browser asks.
+// Before the tab is closed or reloaded: unsent note text is sent alone (keepalive outlives the page;
+// the server keeps the stored verdict), and for unsaved mask edits the browser asks.
 window.addEventListener("beforeunload", (event) => {
   if (!review.enabled) return;
   if (review.note) {
     const { name } = review.note;
-    const note = takeNote(name);
-    const record = review.records.get(name);
-    putRecord(name, { status: record ? record.status : null, note }, { keepalive: true }).catch(() => {});
+    putRecord(name, { note: takeNote(name) }, { keepalive: true }).catch(() => {});
   }
   if (editor.dirty && editor.mask) event.preventDefault();
 });
