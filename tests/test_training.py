@@ -7,7 +7,7 @@ import torch
 
 from polypseg.core.config import ConfigError, TrainConfig
 from polypseg.data.cache import build_cache
-from polypseg.models.checkpoint import file_sha256, load_checkpoint
+from polypseg.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from polypseg.models.factory import create_model
 from polypseg.training import loop as training
 from polypseg.training.loop import lr_factor, train_model
@@ -162,6 +162,36 @@ def test_init_from_starts_from_the_trained_weights_and_records_them(tiny_data, t
     init = load_checkpoint(tmp_path / "refined" / "best").metadata["init"]
     assert init["from"] == refine.train.init_from
     assert init["weights_sha256"] == file_sha256(tmp_path / "first" / "best.safetensors")
+
+
+def test_a_resume_refuses_init_weights_that_changed_since_the_run_started(tiny_data, tmp_path, monkeypatch):
+    """``--init NAME`` is resolved again on resume: a file that changed behind the name (a shipped model
+    after an upgrade) would go on from other weights than the run's record says, so it is refused."""
+    monkeypatch.setattr(training, "STATE_EVERY_S", 0.0)
+    source = tiny_config(epochs=1, image_size=32)
+    source.model.encoder = QUICK_ENCODER
+    train_model(source, tiny_data, None, tmp_path / "source", device="cpu", progress=False)
+    refine = tiny_config(epochs=2, image_size=32)
+    refine.model.encoder = QUICK_ENCODER
+    refine.train.init_from = str(tmp_path / "source" / "best")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_one(record):
+        if record["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_model(
+            refine, tiny_data, None, tmp_path / "refined", device="cpu", progress=False, on_epoch=stop_after_one
+        )
+    torch.manual_seed(1)
+    replaced = tiny_config(epochs=1, image_size=32)
+    replaced.model.encoder = QUICK_ENCODER
+    save_checkpoint(tmp_path / "source" / "best", create_model(replaced.model), replaced)  # other weights, same name
+    with pytest.raises(ConfigError, match=r"--init .*source/best: its weights changed since this run started"):
+        train_model(refine, tiny_data, None, tmp_path / "refined", device="cpu", progress=False, resume=True)
 
 
 def test_init_from_refuses_another_architecture_and_a_cv_run(tiny_data, tmp_path):

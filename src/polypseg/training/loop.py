@@ -33,6 +33,7 @@ from polypseg.data.transforms import normalize
 from polypseg.models.checkpoint import (
     CheckpointError,
     TrainingStateError,
+    checkpoint_paths,
     file_sha256,
     load_checkpoint,
     load_training_state,
@@ -73,7 +74,6 @@ def load_initial_weights(model: nn.Module, config: RunConfig) -> dict[str, str] 
         source = load_checkpoint(checkpoint)
     except CheckpointError as error:
         raise ConfigError(f"{label}: {error}") from None
-    # The source's floating tensors may be fp16 (a shipped model): load_state_dict casts them.
     model.load_state_dict(source.model.state_dict(), strict=True)
     return {"from": spec, "weights": checkpoint.name, "weights_sha256": file_sha256(checkpoint)}
 
@@ -361,6 +361,7 @@ def _start_state(
     """The saved training state when resuming one (model, optimizer and EMA loaded into ``step_fn``), else epoch 0."""
     best_stem = run.best_checkpoint()
     if resume and training_state_exists(run.training_state()):
+        _check_same_init(best_stem, step_fn.init)
         saved = load_training_state(
             run.training_state(), step_fn.model, step_fn.optimizer, step_fn.ema, steps_per_epoch=steps_per_epoch
         )
@@ -378,6 +379,20 @@ def _start_state(
             f"{run.path} has no saved training state (it is saved every {STATE_EVERY_S:g} s): training starts again from epoch 1"
         )
     return TrainingState(0, [], BestCheckpoint(best_stem))
+
+
+def _check_same_init(best_stem: Path, init: dict[str, str] | None) -> None:
+    """A resumed run must go on from the ``--init`` weights it started from: a name (a shipped model,
+    say, after an upgrade) or path whose file has changed since is refused by its SHA-256."""
+    if init is None or not checkpoint_paths(best_stem)[0].is_file():
+        return
+    started = read_metadata(best_stem).get("init") or {}
+    if started.get("weights_sha256") not in (None, init["weights_sha256"]):
+        raise ConfigError(
+            f"--init {init['from']}: its weights changed since this run started (SHA-256 "
+            f"{started['weights_sha256'][:12]}..., now {init['weights_sha256'][:12]}...); resume with the file "
+            "it started from, or start a new --out"
+        )
 
 
 def _train_epoch(
