@@ -72,6 +72,20 @@ def test_existing_run_needs_resume(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+class _Interrupt(Exception):
+    """Stands for a kill at an epoch's end (the state of that epoch is saved)."""
+
+
+def _stop_after(epoch: int):
+    """An ``on_epoch`` callback that interrupts training once ``epoch`` has ended."""
+
+    def stop(record):
+        if record["epoch"] == epoch:
+            raise _Interrupt
+
+    return stop
+
+
 def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(training, "STATE_EVERY_S", 0.0)  # save state after every epoch
     config = tiny_config(epochs=3, image_size=32)
@@ -80,16 +94,9 @@ def test_interrupted_training_resumes_to_identical_weights(tiny_data, tmp_path, 
     config.train.precision = "fp32"  # bitwise comparison: oneDNN's bf16 kernels differ between CPUs
     train_model(config, tiny_data, None, tmp_path / "straight", device="cpu", progress=False)
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(record):
-        if record["epoch"] == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
+    with pytest.raises(_Interrupt):
         train_model(
-            config, tiny_data, None, tmp_path / "resumed", device="cpu", progress=False, on_epoch=stop_after_two
+            config, tiny_data, None, tmp_path / "resumed", device="cpu", progress=False, on_epoch=_stop_after(2)
         )
     assert json.loads((tmp_path / "resumed" / "last_state.json").read_text())["epoch"] == 2
     capsys.readouterr()
@@ -175,16 +182,9 @@ def test_a_resume_refuses_init_weights_that_changed_since_the_run_started(tiny_d
     refine.model.encoder = QUICK_ENCODER
     refine.train.init_from = str(tmp_path / "source" / "best")
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_one(record):
-        if record["epoch"] == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
+    with pytest.raises(_Interrupt):
         train_model(
-            refine, tiny_data, None, tmp_path / "refined", device="cpu", progress=False, on_epoch=stop_after_one
+            refine, tiny_data, None, tmp_path / "refined", device="cpu", progress=False, on_epoch=_stop_after(1)
         )
     torch.manual_seed(1)
     replaced = tiny_config(epochs=1, image_size=32)
