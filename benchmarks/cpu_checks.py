@@ -93,8 +93,8 @@ def _median_ms(step, repeats: int = 5) -> float:
 def upsample(rounds: int) -> None:
     from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock as SmpBlock
 
-    from polypseg.core.config import get_recipe
     from polypseg.core.devices import keep_freed_cpu_memory
+    from polypseg.core.recipes import get_recipe
     from polypseg.experiments.bench_train import TimedStep
 
     keep_freed_cpu_memory()  # as polypseg's training commands do
@@ -164,8 +164,8 @@ def openvino_shape(rounds: int) -> None:
 
 
 def fused_adam(rounds: int) -> None:
-    from polypseg.core.config import get_recipe
     from polypseg.core.devices import keep_freed_cpu_memory
+    from polypseg.core.recipes import get_recipe
     from polypseg.experiments.bench_train import TimedStep
 
     keep_freed_cpu_memory()  # as polypseg's training commands do
@@ -209,7 +209,7 @@ def _interleave(timers: dict, rounds: int, label: str, first: str, second: str) 
 
 _FAULTS = """
 import resource, sys, torch
-from polypseg.core.config import get_recipe
+from polypseg.core.recipes import get_recipe
 from polypseg.core.devices import keep_freed_cpu_memory
 from polypseg.experiments.bench_train import TimedStep
 keep_freed_cpu_memory()  # as polypseg's training commands do; a no-op where the environment chose malloc's settings
@@ -323,8 +323,8 @@ def profile(steps: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from polypseg.core.config import get_recipe
     from polypseg.core.devices import keep_freed_cpu_memory
+    from polypseg.core.recipes import get_recipe
     from polypseg.experiments.bench_train import TimedStep
 
     keep_freed_cpu_memory()  # as polypseg's training commands do
@@ -374,7 +374,7 @@ def _time_conv(layer: torch.nn.Conv2d, x: torch.Tensor, repeats: int) -> dict:
 def convs(repeats: int) -> None:
     import copy
 
-    from polypseg.core.config import get_recipe
+    from polypseg.core.recipes import get_recipe
     from polypseg.models.factory import create_model
 
     config = get_recipe("paper")
@@ -545,8 +545,8 @@ def contention(seconds: float, rounds: int, parts: str) -> None:
             "shipped model, end to end, batch 1, 256 px, medians of 12", infer_rounds, [], "images per s"
         )
     if "train" in parts:
-        from polypseg.core.config import get_recipe
         from polypseg.core.devices import keep_freed_cpu_memory
+        from polypseg.core.recipes import get_recipe
         from polypseg.experiments.bench_train import TimedStep
 
         keep_freed_cpu_memory()  # as polypseg's training commands do
@@ -566,7 +566,7 @@ def contention(seconds: float, rounds: int, parts: str) -> None:
 
 _STEP_WORKER = """
 import resource, sys, torch
-from polypseg.core.config import get_recipe
+from polypseg.core.recipes import get_recipe
 from polypseg.core.devices import keep_freed_cpu_memory
 from polypseg.experiments.bench_train import TimedStep
 kept = keep_freed_cpu_memory()  # as polypseg's training commands do, unless the environment chose malloc's settings

@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     keep_freed_cpu_memory()  # as the polypseg commands do
     if args.what == "train":
-        from polypseg.core.config import get_recipe
+        from polypseg.core.recipes import get_recipe
 
         variants = tuple(args.variants.split(","))
         rows = probed_training(

@@ -81,9 +81,9 @@ def score_model(model: Any, data: Path, stems: list[str]) -> tuple[dict[str, Any
     and the numeric precision used,
     evaluated as ``polypseg train`` evaluates its test images under the ``adapt`` recipe (at the
     shipped model's input size, its eval batch, TTA and precision)."""
-    from polypseg.core.config import get_recipe
     from polypseg.core.devices import resolve_device
     from polypseg.core.precision import resolve_precision
+    from polypseg.core.recipes import get_recipe
     from polypseg.data.cache import build_cache
     from polypseg.training.adapt import match_init_size
     from polypseg.training.evaluation import evaluate_probabilities

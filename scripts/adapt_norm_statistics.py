@@ -43,7 +43,7 @@ def recalibrate_norm_statistics(model: nn.Module, images: torch.Tensor) -> None:
 
 def corrected_images(data: Path, stems: list[str]) -> torch.Tensor:
     """The corrected frames at the size and normalisation the model is scored with, float32."""
-    from polypseg.core.config import get_recipe
+    from polypseg.core.recipes import get_recipe
     from polypseg.data.cache import build_cache
     from polypseg.inference.inferer import model_input
     from polypseg.training.adapt import match_init_size

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from polypseg.core.config import RunConfig, get_recipe
+from polypseg.core.config import RunConfig
+from polypseg.core.recipes import get_recipe
 
 TINY_MODEL = {"encoder": "resnet18", "decoder_channels": (16, 16, 16, 16, 16)}
 # For tests that train and save many times (resumes, kills): timm's LCNet-0.35 has 0.2M parameters and

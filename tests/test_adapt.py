@@ -9,7 +9,8 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from polypseg.core.config import ConfigError, get_recipe, validate_config
+from polypseg.core.config import ConfigError, validate_config
+from polypseg.core.recipes import get_recipe
 from polypseg.training.adapt import MAX_EPOCHS, MIN_EPOCHS, TARGET_STEPS, plan_for, scale_to_set_size
 
 from helpers import TINY_MODEL, write_synthetic_dataset

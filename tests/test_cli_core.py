@@ -77,7 +77,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 def test_resume_refuses_options_that_change_the_run(tmp_path):
     import json
 
-    from polypseg.core.config import get_recipe
+    from polypseg.core.recipes import get_recipe
 
     run = tmp_path / "r"
     run.mkdir()

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from polypseg.core.config import (
-    RECIPES,
-    WARM_RESTART_RECIPES,
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    get_recipe,
-    validate_config,
-)
+from polypseg.core.config import WARM_RESTART_RECIPES, ConfigError, RunConfig, apply_overrides, validate_config
+from polypseg.core.recipes import RECIPES, get_recipe
 from polypseg.errors import PolypsegError
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from polypseg.core import precision
-from polypseg.core.config import RunConfig, get_recipe
+from polypseg.core.config import RunConfig
+from polypseg.core.recipes import get_recipe
 from polypseg.data.augment import augment_batch
 from polypseg.data.transforms import normalize
 from polypseg.errors import PolypsegError

@@ -133,7 +133,7 @@ def test_report_of_a_run_trained_from_a_cache_file(tiny_cv_run: Path, tmp_path: 
 
 
 def test_report_errors_are_one_line(tmp_path: Path) -> None:
-    from polypseg.core.config import get_recipe
+    from polypseg.core.recipes import get_recipe
     from polypseg.core.runs import CV, RunDir, RunSettings
 
     with pytest.raises(ReportError, match="no config.json"):

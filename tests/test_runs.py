@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polypseg.core.config import ConfigError, get_recipe
+from polypseg.core.config import ConfigError
 from polypseg.core.io_utils import atomic_write_json, read_json
+from polypseg.core.recipes import get_recipe
 from polypseg.core.runs import CV, TRAIN, RunDir, RunError, RunSettings, fold_name, parse_fold_name
 from polypseg.data.splits import inner_validation_split
 

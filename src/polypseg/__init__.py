@@ -22,7 +22,7 @@ _LAZY = {
     "create_model": "polypseg.models.factory",
     "load_checkpoint": "polypseg.models.checkpoint",
     "save_checkpoint": "polypseg.models.checkpoint",
-    "get_recipe": "polypseg.core.config",
+    "get_recipe": "polypseg.core.recipes",
     "ModelConfig": "polypseg.core.config",
     "RunConfig": "polypseg.core.config",
     "TrainConfig": "polypseg.core.config",
@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names are resol
     from polypseg.core.config import ModelConfig as ModelConfig
     from polypseg.core.config import RunConfig as RunConfig
     from polypseg.core.config import TrainConfig as TrainConfig
-    from polypseg.core.config import get_recipe as get_recipe
+    from polypseg.core.recipes import get_recipe as get_recipe
     from polypseg.models.checkpoint import load_checkpoint as load_checkpoint
     from polypseg.models.checkpoint import save_checkpoint as save_checkpoint
     from polypseg.models.factory import create_model as create_model

@@ -14,7 +14,8 @@ from typing import Any
 import typer
 
 from polypseg.cli.common import UsageError
-from polypseg.core.config import RECIPES, ConfigError, RunConfig, apply_overrides, get_recipe, validate_config
+from polypseg.core.config import ConfigError, RunConfig, apply_overrides, validate_config
+from polypseg.core.recipes import RECIPES, get_recipe
 
 DATA_HELP = "Dataset folder (images/ + masks/, or CVC-ClinicDB's Original/ + 'Ground Truth/'). Default: the bundled 40-image Kvasir-SEG sample."
 

@@ -32,7 +32,8 @@ from polypseg.cli.options import (
     data_or_sample,
     say_init_size,
 )
-from polypseg.core.config import RunConfig, get_recipe
+from polypseg.core.config import RunConfig
+from polypseg.core.recipes import get_recipe
 
 DEMO_NOTE = (
     "note: a low score is expected here. The demo recipe is a smoke run (a few epochs from random init, "
