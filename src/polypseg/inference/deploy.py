@@ -47,7 +47,7 @@ def export_checkpoints(
     _check_options(fmt=fmt, int8=int8, dynamic_batch=dynamic_batch, calibration=calibration, validate=validate)
     checkpoints = _checkpoints_to_export(model, out)
     source = verify_images or calibration or sample_dataset_path()
-    real = _readable_images(collect_images(source), 8, say=say)
+    real = _verification_images(collect_images(source), 8, say=say)
     if not real:
         raise ExportError(f"no readable images in {source} to check the export on")
     results = []
@@ -109,22 +109,21 @@ def _checkpoints_to_export(model: Path, out: Path | None) -> list[Path]:
     return checkpoints
 
 
-def _readable_images(paths: list[Path], limit: int, *, say: Callable[[str], None]) -> list[Path]:
-    """The first ``limit`` of ``paths`` that decode, each one that does not named to ``say`` (one bad
-    file in a calibration folder is left out, as the calibration itself leaves it out)."""
+def _verification_images(paths: list[Path], limit: int, *, say: Callable[[str], None]) -> list[np.ndarray]:
+    """The first ``limit`` of ``paths`` that decode, decoded once for every checkpoint's check; each one
+    that does not is named to ``say`` (one bad file in a calibration folder is left out, as the
+    calibration itself leaves it out)."""
     from polypseg.data.images import ImageReadError, read_image
 
-    readable = []
+    decoded: list[np.ndarray] = []
     for path in paths:
-        if len(readable) == limit:
+        if len(decoded) == limit:
             break
         try:
-            read_image(path)
+            decoded.append(read_image(path))
         except ImageReadError as error:
             say(f"verification: {error}; left out")
-            continue
-        readable.append(path)
-    return readable
+    return decoded
 
 
 def _export_verified(
@@ -133,7 +132,7 @@ def _export_verified(
     *,
     opset: int | None,
     dynamic_batch: bool,
-    real: list[Path],
+    real: list[np.ndarray],
     say: Callable[[str], None],
     step: Callable[[str], None],
 ) -> dict[str, Any]:

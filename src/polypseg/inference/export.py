@@ -396,7 +396,7 @@ def collect_images(source: Path | str | Sequence[Any]) -> list[Any]:
 
 class _CalibrationReader:
     """Feeds preprocessed images to onnxruntime's calibrator, a few at a time; skips unreadable files,
-    naming each to ``warn`` once (the calibrator reads the images more than once)."""
+    naming each to ``warn`` once (also after a :meth:`rewind`)."""
 
     def __init__(
         self,
@@ -422,16 +422,15 @@ class _CalibrationReader:
         from polypseg.data.transforms import preprocess
 
         while self._position < len(self._images):
-            chunk = self._images[self._position : self._position + self._batch_size]
+            start = self._position
+            chunk = self._images[start : start + self._batch_size]
             self._position += len(chunk)
             arrays = []
-            for i, item in enumerate(chunk):
+            for i, item in enumerate(chunk, start):
                 try:
                     arrays.append(load_input(item, i)[0])
                 except ImageReadError as error:
-                    name = (
-                        Path(item).name if isinstance(item, (str, Path)) else f"image {self._position - len(chunk) + i}"
-                    )
+                    name = Path(item).name if isinstance(item, (str, Path)) else f"image {i}"
                     if name not in self.unreadable:
                         self.unreadable.append(name)
                         self._warn(f"calibration: {error}; left out")
