@@ -290,8 +290,7 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> Che
     _, digest = _embedded_sidecar(weights)
     config = config_from_metadata(metadata, weights)
     try:
-        # Built on the meta device: no random initialisation for the file's tensors to overwrite
-        # (a tenth to a fifth of a second for a ResNet U-Net, on every load).
+        # Built on the meta device: no random initialisation, on every load, for the file's tensors to overwrite.
         with torch.device("meta"):
             model = create_model(config.model)
     except Exception as error:  # noqa: BLE001 - a sidecar this version cannot build is a bad file
